@@ -1,0 +1,119 @@
+//! The crate's one error type.
+
+use std::fmt;
+
+/// What went wrong: every variant names the shapes involved.
+///
+/// Bad input to any function of the crate is reported through this type,
+/// never by a panic.
+///
+/// # Examples
+///
+/// ```
+/// use attn::{scaled_dot_product, Error};
+/// use ndarray::Array2;
+///
+/// let q = Array2::<f64>::zeros((2, 4));
+/// let k = Array2::<f64>::zeros((3, 5)); // d_k differs from the query's
+/// let v = Array2::<f64>::zeros((3, 2));
+/// let err = scaled_dot_product(&q, &k, &v).unwrap_err();
+/// assert!(matches!(err, Error::QueryKeyWidth { .. }));
+/// assert_eq!(
+///     err.to_string(),
+///     "query width d_k differs from key width: query [2, 4], key [3, 5]"
+/// );
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Error {
+    /// Queries and keys have different feature widths `d_k`.
+    QueryKeyWidth {
+        /// Shape of the queries.
+        query: Vec<usize>,
+        /// Shape of the keys.
+        key: Vec<usize>,
+    },
+    /// Keys and values hold a different number of positions `S`.
+    KeyValueLength {
+        /// Shape of the keys.
+        key: Vec<usize>,
+        /// Shape of the values.
+        value: Vec<usize>,
+    },
+    /// Batched inputs disagree on the batch size or on the number of heads.
+    BatchShape {
+        /// Shape of the queries.
+        query: Vec<usize>,
+        /// Shape of the keys.
+        key: Vec<usize>,
+        /// Shape of the values.
+        value: Vec<usize>,
+    },
+    /// Grouped-query attention needs the key/value heads to divide the query heads.
+    HeadGroups {
+        /// Number of query heads.
+        query_heads: usize,
+        /// Number of key/value heads.
+        kv_heads: usize,
+    },
+    /// A mask does not broadcast to the shape of the attention scores.
+    MaskShape {
+        /// Shape of the mask.
+        mask: Vec<usize>,
+        /// Shape of the scores it must broadcast to.
+        scores: Vec<usize>,
+    },
+    /// The score scale is zero, NaN or infinite.
+    InvalidScale {
+        /// The scale that was given.
+        scale: f64,
+    },
+    /// A width that must be positive is zero.
+    ZeroWidth {
+        /// Which width.
+        what: &'static str,
+        /// Shape of the array it belongs to.
+        shape: Vec<usize>,
+    },
+}
+
+/// `std::result::Result` with [`Error`] as its error.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::QueryKeyWidth { query, key } => write!(
+                f,
+                "query width d_k differs from key width: query {query:?}, key {key:?}"
+            ),
+            Error::KeyValueLength { key, value } => write!(
+                f,
+                "keys and values hold different numbers of positions: key {key:?}, value {value:?}"
+            ),
+            Error::BatchShape { query, key, value } => write!(
+                f,
+                "batch or head sizes disagree: query {query:?}, key {key:?}, value {value:?}"
+            ),
+            Error::HeadGroups {
+                query_heads,
+                kv_heads,
+            } => write!(
+                f,
+                "{kv_heads} key/value heads do not divide {query_heads} query heads"
+            ),
+            Error::MaskShape { mask, scores } => write!(
+                f,
+                "mask of shape {mask:?} does not broadcast to scores of shape {scores:?}"
+            ),
+            Error::InvalidScale { scale } => {
+                write!(f, "scale must be finite and non-zero, got {scale}")
+            }
+            Error::ZeroWidth { what, shape } => {
+                write!(f, "{what} is zero in shape {shape:?}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Error {}

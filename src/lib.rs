@@ -1,0 +1,49 @@
+//! Attention on [`ndarray`]: scaled dot-product `softmax(QKᵀ/√d_k)·V`, with masks,
+//! batches, heads and grouped-query attention, exact against PyTorch.
+//!
+//! # Quick start
+//!
+//! ```
+//! use attn::scaled_dot_product;
+//! use ndarray::array;
+//!
+//! // three tokens, d_k = 2
+//! let x = array![[1.0_f64, 0.0], [0.0, 1.0], [1.0, 1.0]];
+//! let out = scaled_dot_product(&x, &x, &x)?; // self-attention without projections
+//! assert_eq!(out.dim(), (3, 2));
+//! # Ok::<(), attn::Error>(())
+//! ```
+//!
+//! Options — a scale, masks, the weights, a step-by-step trace, batched and
+//! grouped-query inputs — live on [`ScaledDotProduct`]:
+//!
+//! ```
+//! use attn::{Mask, ScaledDotProduct};
+//! use ndarray::Array2;
+//!
+//! let q = Array2::<f32>::ones((4, 8));
+//! let out = ScaledDotProduct::new()
+//!     .with_mask(Mask::CausalTopLeft)
+//!     .forward_with_weights(&q, &q, &q)?;
+//! assert_eq!(out.weights[[0, 1]], 0.0); // the first token sees only itself
+//! # Ok::<(), attn::Error>(())
+//! ```
+#![warn(missing_docs)]
+
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
+mod element;
+mod error;
+mod mask;
+mod sdpa;
+mod softmax;
+
+pub use element::Element;
+pub use error::{Error, Result};
+pub use mask::Mask;
+pub use sdpa::{
+    attention_weights, scaled_dot_product, AttentionOutput, AttentionTrace, ScaledDotProduct,
+};
+pub use softmax::{softmax_rows, softmax_rows_in_place};

@@ -1,0 +1,186 @@
+//! Which keys each query may attend to.
+
+use ndarray::{
+    ArrayRef, ArrayRef2, ArrayView2, ArrayView4, ArrayViewD, Axis, Dimension, IxDyn, Zip,
+};
+
+use crate::{Element, Error, Result};
+
+/// A restriction on which keys each query attends to, or a bias on its scores.
+///
+/// Masks are given to [`ScaledDotProduct::with_mask`](crate::ScaledDotProduct::with_mask),
+/// which may be called several times: **all masks apply together**. A position is
+/// attended to only if every `Keep` mask and every causal mask allows it, and every
+/// `Bias` is added to its scaled score. So `CausalTopLeft` with a `Keep` padding
+/// mask attends to the keys that are both in the past and not padding.
+///
+/// A query row with no allowed key gets weights 0 and output 0, never NaN (as in
+/// PyTorch's `scaled_dot_product_attention`). Masked positions are never read: a NaN
+/// or a huge value there, in the keys, values or bias, changes nothing.
+///
+/// Explicit masks broadcast (NumPy rules, aligned on the right) to the scores' shape:
+/// `(L, S)` for 2-D inputs, `(batch, heads, L, S)` for batched ones. A mask of shape
+/// `(S,)` therefore applies one key-padding row to every query.
+///
+/// # Examples
+///
+/// ```
+/// use attn::{Mask, ScaledDotProduct};
+/// use ndarray::{array, Array2};
+///
+/// let q = Array2::<f64>::ones((3, 2));
+/// let v = array![[1.0], [2.0], [3.0]];
+/// let not_padding = array![true, true, false]; // key 2 is padding
+/// let out = ScaledDotProduct::new()
+///     .with_mask(Mask::CausalTopLeft)
+///     .with_mask(Mask::keep(&not_padding))
+///     .forward(&q, &q, &v)?;
+/// assert_eq!(out, array![[1.0], [1.5], [1.5]]);
+/// # Ok::<(), attn::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub enum Mask<'a, A> {
+    /// Boolean keep-mask: **`true` means the query may attend to the key** (PyTorch
+    /// SDPA's meaning); `false` positions get weight 0.
+    Keep(ArrayViewD<'a, bool>),
+    /// Additive bias, added to the scaled scores `QKᵀ·scale` before the softmax
+    /// (ALiBi, relative positions). `−∞` masks a position out.
+    Bias(ArrayViewD<'a, A>),
+    /// Causal, aligned top-left: query `i` attends to keys `j ≤ i` (PyTorch `is_causal`).
+    CausalTopLeft,
+    /// Causal, aligned bottom-right: query `i` attends to keys `j ≤ i + S − L`, so the
+    /// last query sees every key (what a KV cache needs when `L < S`). When `L > S`
+    /// the first `L − S` queries see no key and give output 0.
+    CausalBottomRight,
+}
+
+impl<'a, A> Mask<'a, A> {
+    /// A [`Mask::Keep`] from a boolean array of any dimension: `true` = may attend.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::Mask;
+    /// use ndarray::array;
+    ///
+    /// let allowed = array![[true, false], [true, true]];
+    /// let mask: Mask<'_, f32> = Mask::keep(&allowed);
+    /// assert!(matches!(mask, Mask::Keep(_)));
+    /// ```
+    pub fn keep<D: Dimension>(allowed: &'a ArrayRef<bool, D>) -> Self {
+        Mask::Keep(allowed.view().into_dyn())
+    }
+
+    /// A [`Mask::Bias`] from a float array of any dimension, added to the scaled scores.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::Mask;
+    /// use ndarray::array;
+    ///
+    /// let bias = array![[0.0_f64, -1.0], [-1.0, 0.0]];
+    /// assert!(matches!(Mask::bias(&bias), Mask::Bias(_)));
+    /// ```
+    pub fn bias<D: Dimension>(bias: &'a ArrayRef<A, D>) -> Self {
+        Mask::Bias(bias.view().into_dyn())
+    }
+}
+
+/// A mask broadcast to the 4-D scores shape `(batch, heads, L, S)`.
+#[derive(Debug, Clone)]
+pub(crate) enum Mask4<'a, A> {
+    Keep(ArrayView4<'a, bool>),
+    Bias(ArrayView4<'a, A>),
+    CausalTopLeft,
+    CausalBottomRight,
+}
+
+/// A mask for one `(L, S)` block of scores.
+#[derive(Debug, Clone)]
+pub(crate) enum Mask2<'a, A> {
+    Keep(ArrayView2<'a, bool>),
+    Bias(ArrayView2<'a, A>),
+    CausalTopLeft,
+    CausalBottomRight,
+}
+
+/// Broadcasts every mask to `scores` (the user's scores shape, 2-D or 4-D) and
+/// lifts it to 4-D.
+pub(crate) fn broadcast_all<'m, A>(
+    masks: &'m [Mask<'_, A>],
+    scores: &[usize],
+) -> Result<Vec<Mask4<'m, A>>> {
+    masks.iter().map(|m| broadcast(m, scores)).collect()
+}
+
+fn broadcast<'m, A>(mask: &'m Mask<'_, A>, scores: &[usize]) -> Result<Mask4<'m, A>> {
+    Ok(match mask {
+        Mask::Keep(m) => Mask4::Keep(broadcast_view(m, scores)?),
+        Mask::Bias(m) => Mask4::Bias(broadcast_view(m, scores)?),
+        Mask::CausalTopLeft => Mask4::CausalTopLeft,
+        Mask::CausalBottomRight => Mask4::CausalBottomRight,
+    })
+}
+
+fn broadcast_view<'m, T>(m: &'m ArrayViewD<'_, T>, scores: &[usize]) -> Result<ArrayView4<'m, T>> {
+    let shape_error = || Error::MaskShape {
+        mask: m.shape().to_vec(),
+        scores: scores.to_vec(),
+    };
+    let mut view = m.broadcast(IxDyn(scores)).ok_or_else(shape_error)?;
+    while view.ndim() < 4 {
+        view.insert_axis_inplace(Axis(0));
+    }
+    view.into_dimensionality().map_err(|_| shape_error())
+}
+
+impl<'a, A> Mask4<'a, A> {
+    /// The mask of the `(L, S)` block of batch `b`, head `h`.
+    pub(crate) fn block(&self, b: usize, h: usize) -> Mask2<'_, A> {
+        match self {
+            Mask4::Keep(m) => Mask2::Keep(m.index_axis(Axis(0), b).index_axis_move(Axis(0), h)),
+            Mask4::Bias(m) => Mask2::Bias(m.index_axis(Axis(0), b).index_axis_move(Axis(0), h)),
+            Mask4::CausalTopLeft => Mask2::CausalTopLeft,
+            Mask4::CausalBottomRight => Mask2::CausalBottomRight,
+        }
+    }
+}
+
+/// Whether causal masking lets query `i` of `l` see key `j` of `s`.
+pub(crate) fn causal_allows(bottom_right: bool, i: usize, j: usize, l: usize, s: usize) -> bool {
+    if bottom_right {
+        j + l <= i + s
+    } else {
+        j <= i
+    }
+}
+
+/// Applies masks to scaled scores: biases are added first, then every position
+/// some mask excludes is set to `−∞` (so nothing at a masked position survives).
+pub(crate) fn apply<A: Element>(masks: &[Mask2<'_, A>], scores: &mut ArrayRef2<A>) {
+    for mask in masks {
+        if let Mask2::Bias(bias) = mask {
+            scores.zip_mut_with(bias, |x, &b| *x += b);
+        }
+    }
+    let (l, s) = scores.dim();
+    for mask in masks {
+        match mask {
+            Mask2::Bias(_) => {}
+            Mask2::Keep(keep) => Zip::from(&mut *scores).and(keep).for_each(|x, &k| {
+                if !k {
+                    *x = A::neg_infinity();
+                }
+            }),
+            Mask2::CausalTopLeft | Mask2::CausalBottomRight => {
+                let bottom_right = matches!(mask, Mask2::CausalBottomRight);
+                for ((i, j), x) in scores.indexed_iter_mut() {
+                    if !causal_allows(bottom_right, i, j, l, s) {
+                        *x = A::neg_infinity();
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,649 @@
+//! Scaled dot-product attention, `softmax(QKᵀ/√d_k)·V`: the readable reference path.
+
+use ndarray::{
+    s, Array2, Array4, ArrayRef2, ArrayRef4, ArrayView2, ArrayView4, ArrayViewMut2, ArrayViewMut4,
+    Axis, Dimension, Ix2, Ix4,
+};
+
+use crate::mask::{self, Mask, Mask2, Mask4};
+use crate::softmax::softmax_rows;
+use crate::{Element, Error, Result};
+
+/// Scaled dot-product attention with options: a scale and any number of masks.
+///
+/// `softmax(QKᵀ·scale + bias)·V`, where `scale` defaults to `1/√d_k` and the
+/// masks (see [`Mask`]) all apply together. Build it with [`new`](Self::new) and
+/// the `with_*` calls, then call it on 2-D inputs with [`forward`](Self::forward)
+/// or on batched ones with [`forward_batched`](Self::forward_batched).
+///
+/// # Shapes
+///
+/// 2-D: `q: (L, d_k)`, `k: (S, d_k)`, `v: (S, d_v)` → `(L, d_v)`; weights `(L, S)`.
+///
+/// Batched: `q: (batch, heads, L, d_k)`, `k: (batch, kv_heads, S, d_k)`,
+/// `v: (batch, kv_heads, S, d_v)` → `(batch, heads, L, d_v)`. With fewer key/value
+/// heads than query heads (grouped-query attention) `kv_heads` must divide `heads`,
+/// and query head `h` uses key/value head `h / (heads / kv_heads)`, as PyTorch's
+/// `enable_gqa` does.
+///
+/// Inputs may be owned arrays, views, transposed views or slices with any strides.
+/// `L = 0` gives an empty output; `S = 0` gives zeros.
+///
+/// # Errors
+///
+/// Every call returns an [`Error`] rather than panicking when `d_k` differs between
+/// `q` and `k` ([`Error::QueryKeyWidth`]), `k` and `v` hold different numbers of
+/// positions ([`Error::KeyValueLength`]), batch or head sizes disagree
+/// ([`Error::BatchShape`], [`Error::HeadGroups`]), a mask does not broadcast
+/// ([`Error::MaskShape`]), the scale is zero or not finite ([`Error::InvalidScale`]),
+/// or `d_k = 0` ([`Error::ZeroWidth`]).
+///
+/// # Examples
+///
+/// ```
+/// use attn::{Mask, ScaledDotProduct};
+/// use ndarray::array;
+///
+/// let q = array![[1.0_f64, 0.0], [0.0, 1.0]];
+/// let k = array![[1.0, 0.0], [0.0, 1.0]];
+/// let v = array![[10.0, 0.0], [0.0, 10.0]];
+/// let attn = ScaledDotProduct::new().with_scale(100.0).with_mask(Mask::CausalTopLeft);
+/// let out = attn.forward_with_weights(&q, &k, &v)?;
+/// assert_eq!(out.weights.row(0), array![1.0, 0.0]); // query 0 sees key 0 only
+/// assert!((out.output[[1, 1]] - 10.0).abs() < 1e-12); // query 1 matches key 1
+/// # Ok::<(), attn::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct ScaledDotProduct<'m, A> {
+    scale: Option<A>,
+    masks: Vec<Mask<'m, A>>,
+}
+
+/// The output of attention together with the attention weights that made it.
+///
+/// # Shapes
+///
+/// 2-D (`D = Ix2`): `output: (L, d_v)`, `weights: (L, S)`. Batched (`D = Ix4`):
+/// `output: (batch, heads, L, d_v)`, `weights: (batch, heads, L, S)`.
+///
+/// # Examples
+///
+/// ```
+/// use ndarray::array;
+///
+/// let q = array![[0.0_f64, 1.0]];
+/// let kv = array![[1.0, 0.0], [0.0, 1.0]];
+/// let out = attn::ScaledDotProduct::new().forward_with_weights(&q, &kv, &kv)?;
+/// assert!((out.weights.sum() - 1.0).abs() < 1e-15);
+/// assert_eq!(out.output.dim(), (1, 2));
+/// # Ok::<(), attn::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionOutput<A, D: Dimension> {
+    /// `weights · V`.
+    pub output: ndarray::Array<A, D>,
+    /// The attention weights; each row sums to 1, or is all 0 where fully masked.
+    pub weights: ndarray::Array<A, D>,
+}
+
+/// Every intermediate of one attention call, for learners and for debugging.
+///
+/// # Shapes
+///
+/// `scores`, `scaled` and `weights` are `(L, S)`; `output` is `(L, d_v)`.
+///
+/// # Examples
+///
+/// ```
+/// use ndarray::array;
+///
+/// let x = array![[1.0_f64, 0.0], [1.0, 1.0]];
+/// let t = attn::ScaledDotProduct::new().trace(&x, &x, &x)?;
+/// assert_eq!(t.scores, array![[1.0, 1.0], [1.0, 2.0]]); // QKᵀ
+/// assert_eq!(t.scaled[[1, 1]], 2.0 / 2f64.sqrt()); // QKᵀ/√d_k
+/// assert_eq!(t.weights.row(0), array![0.5, 0.5]);
+/// # Ok::<(), attn::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionTrace<A> {
+    /// The raw scores `QKᵀ`.
+    pub scores: Array2<A>,
+    /// `QKᵀ·scale`, plus any bias, with `−∞` at every masked position.
+    pub scaled: Array2<A>,
+    /// `softmax(scaled)`, row-wise.
+    pub weights: Array2<A>,
+    /// `weights · V`.
+    pub output: Array2<A>,
+}
+
+/// A checked call: inputs lifted to 4-D, masks broadcast, scale resolved.
+struct Problem<'a, A> {
+    q: ArrayView4<'a, A>,
+    k: ArrayView4<'a, A>,
+    v: ArrayView4<'a, A>,
+    masks: Vec<Mask4<'a, A>>,
+    scale: A,
+}
+
+/// One head's intermediates.
+struct Head<A> {
+    scaled: Array2<A>,
+    weights: Array2<A>,
+}
+
+impl<A: Element> Default for ScaledDotProduct<'_, A> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<'m, A: Element> ScaledDotProduct<'m, A> {
+    /// Attention with the default scale `1/√d_k` and no mask.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::array;
+    ///
+    /// let x = array![[1.0_f32, 2.0]];
+    /// let out = attn::ScaledDotProduct::new().forward(&x, &x, &x)?;
+    /// assert_eq!(out, x); // a single key returns its value row
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn new() -> Self {
+        ScaledDotProduct {
+            scale: None,
+            masks: Vec::new(),
+        }
+    }
+
+    /// Multiplies the scores by `scale` instead of `1/√d_k`.
+    ///
+    /// The scale is checked when attention is computed: zero, NaN or infinity
+    /// is an [`Error::InvalidScale`] then.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::array;
+    ///
+    /// let q = array![[1.0_f64, 0.0]];
+    /// let kv = array![[1.0, 0.0], [0.0, 1.0]];
+    /// let w = attn::ScaledDotProduct::new().with_scale(2f64.ln()).weights(&q, &kv)?;
+    /// assert!((w[[0, 0]] - 2.0 / 3.0).abs() < 1e-15); // e^{ln 2} : e^0 = 2 : 1
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn with_scale(mut self, scale: A) -> Self {
+        self.scale = Some(scale);
+        self
+    }
+
+    /// Adds a mask; every mask given applies (see [`Mask`] for how they combine).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{Mask, ScaledDotProduct};
+    /// use ndarray::{array, Array2};
+    ///
+    /// let x = Array2::<f64>::ones((3, 2));
+    /// let w = ScaledDotProduct::new().with_mask(Mask::CausalTopLeft).weights(&x, &x)?;
+    /// assert_eq!(w.row(1), array![0.5, 0.5, 0.0]);
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn with_mask(mut self, mask: Mask<'m, A>) -> Self {
+        self.masks.push(mask);
+        self
+    }
+
+    /// Attention on 2-D inputs: `softmax(QKᵀ·scale)·V`.
+    ///
+    /// # Shapes
+    ///
+    /// `q: (L, d_k)`, `k: (S, d_k)`, `v: (S, d_v)` → `(L, d_v)`.
+    ///
+    /// # Errors
+    ///
+    /// See [`ScaledDotProduct`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::array;
+    ///
+    /// let q = array![[1.0_f64, 0.0]];
+    /// let k = array![[1.0, 0.0], [-1.0, 0.0]];
+    /// let v = array![[1.0], [0.0]];
+    /// let out = attn::ScaledDotProduct::new().with_scale(2f64.ln() / 2.0).forward(&q, &k, &v)?;
+    /// assert!((out[[0, 0]] - 2.0 / 3.0).abs() < 1e-15);
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn forward(
+        &self,
+        q: &ArrayRef2<A>,
+        k: &ArrayRef2<A>,
+        v: &ArrayRef2<A>,
+    ) -> Result<Array2<A>> {
+        let problem = self.check_2d(q, k, v)?;
+        let mut output = Array2::zeros((q.nrows(), v.ncols()));
+        problem.solve(Some(lift_mut(output.view_mut())), None);
+        Ok(output)
+    }
+
+    /// [`forward`](Self::forward), also returning the attention weights.
+    ///
+    /// # Shapes
+    ///
+    /// `q: (L, d_k)`, `k: (S, d_k)`, `v: (S, d_v)` → output `(L, d_v)`, weights `(L, S)`.
+    ///
+    /// # Errors
+    ///
+    /// See [`ScaledDotProduct`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::{array, Array2};
+    ///
+    /// let q = Array2::<f64>::zeros((2, 3));
+    /// let kv = Array2::<f64>::ones((4, 3));
+    /// let out = attn::ScaledDotProduct::new().forward_with_weights(&q, &kv, &kv)?;
+    /// assert_eq!(out.weights, Array2::from_elem((2, 4), 0.25));
+    /// assert_eq!(out.output, Array2::ones((2, 3)));
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn forward_with_weights(
+        &self,
+        q: &ArrayRef2<A>,
+        k: &ArrayRef2<A>,
+        v: &ArrayRef2<A>,
+    ) -> Result<AttentionOutput<A, Ix2>> {
+        let problem = self.check_2d(q, k, v)?;
+        let mut output = Array2::zeros((q.nrows(), v.ncols()));
+        let mut weights = Array2::zeros((q.nrows(), k.nrows()));
+        problem.solve(
+            Some(lift_mut(output.view_mut())),
+            Some(lift_mut(weights.view_mut())),
+        );
+        Ok(AttentionOutput { output, weights })
+    }
+
+    /// The attention weights alone: `softmax(QKᵀ·scale)`, masked.
+    ///
+    /// # Shapes
+    ///
+    /// `q: (L, d_k)`, `k: (S, d_k)` → `(L, S)`.
+    ///
+    /// # Errors
+    ///
+    /// See [`ScaledDotProduct`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::array;
+    ///
+    /// let q = array![[0.0_f32, 0.0]];
+    /// let k = array![[1.0, 2.0], [3.0, 4.0]];
+    /// let w = attn::ScaledDotProduct::new().weights(&q, &k)?;
+    /// assert_eq!(w, array![[0.5, 0.5]]);
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn weights(&self, q: &ArrayRef2<A>, k: &ArrayRef2<A>) -> Result<Array2<A>> {
+        let problem = self.check_2d(q, k, k)?;
+        let mut weights = Array2::zeros((q.nrows(), k.nrows()));
+        problem.solve(None, Some(lift_mut(weights.view_mut())));
+        Ok(weights)
+    }
+
+    /// Every step of one 2-D call: raw scores, scaled and masked scores, weights, output.
+    ///
+    /// The weights and output are those of [`forward_with_weights`](Self::forward_with_weights).
+    ///
+    /// # Shapes
+    ///
+    /// See [`AttentionTrace`].
+    ///
+    /// # Errors
+    ///
+    /// See [`ScaledDotProduct`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{Mask, ScaledDotProduct};
+    /// use ndarray::array;
+    ///
+    /// let x = array![[1.0_f64], [2.0]];
+    /// let t = ScaledDotProduct::new().with_mask(Mask::CausalTopLeft).trace(&x, &x, &x)?;
+    /// assert_eq!(t.scores, array![[1.0, 2.0], [2.0, 4.0]]);
+    /// assert_eq!(t.scaled[[0, 1]], f64::NEG_INFINITY);
+    /// assert_eq!(t.output[[0, 0]], 1.0);
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn trace(
+        &self,
+        q: &ArrayRef2<A>,
+        k: &ArrayRef2<A>,
+        v: &ArrayRef2<A>,
+    ) -> Result<AttentionTrace<A>> {
+        let problem = self.check_2d(q, k, v)?;
+        let masks = problem.block_masks(0, 0);
+        let head = attend_head(q.view(), k.view(), problem.scale, &masks);
+        let output = weighted_values(&head, v.view());
+        Ok(AttentionTrace {
+            scores: q.dot(&k.t()),
+            scaled: head.scaled,
+            weights: head.weights,
+            output,
+        })
+    }
+
+    /// Attention on batched, multi-head inputs, with grouped-query support.
+    ///
+    /// Masks broadcast to `(batch, heads, L, S)`.
+    ///
+    /// # Shapes
+    ///
+    /// `q: (batch, heads, L, d_k)`, `k: (batch, kv_heads, S, d_k)`,
+    /// `v: (batch, kv_heads, S, d_v)` → `(batch, heads, L, d_v)`.
+    ///
+    /// # Errors
+    ///
+    /// See [`ScaledDotProduct`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::Array4;
+    ///
+    /// let q = Array4::<f32>::ones((2, 8, 5, 16)); // 8 query heads
+    /// let kv = Array4::<f32>::ones((2, 2, 7, 16)); // 2 key/value heads
+    /// let out = attn::ScaledDotProduct::new().forward_batched(&q, &kv, &kv)?;
+    /// assert_eq!(out.dim(), (2, 8, 5, 16));
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn forward_batched(
+        &self,
+        q: &ArrayRef4<A>,
+        k: &ArrayRef4<A>,
+        v: &ArrayRef4<A>,
+    ) -> Result<Array4<A>> {
+        let problem = self.check_4d(q, k, v)?;
+        let (batch, heads, l, _) = q.dim();
+        let mut output = Array4::zeros((batch, heads, l, v.dim().3));
+        problem.solve(Some(output.view_mut()), None);
+        Ok(output)
+    }
+
+    /// [`forward_batched`](Self::forward_batched), also returning the weights of every head.
+    ///
+    /// # Shapes
+    ///
+    /// Output `(batch, heads, L, d_v)`, weights `(batch, heads, L, S)`.
+    ///
+    /// # Errors
+    ///
+    /// See [`ScaledDotProduct`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::Array4;
+    ///
+    /// let q = Array4::<f64>::zeros((1, 2, 3, 4));
+    /// let kv = Array4::<f64>::zeros((1, 2, 5, 4));
+    /// let out = attn::ScaledDotProduct::new().forward_batched_with_weights(&q, &kv, &kv)?;
+    /// assert_eq!(out.weights, Array4::from_elem((1, 2, 3, 5), 0.2));
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn forward_batched_with_weights(
+        &self,
+        q: &ArrayRef4<A>,
+        k: &ArrayRef4<A>,
+        v: &ArrayRef4<A>,
+    ) -> Result<AttentionOutput<A, Ix4>> {
+        let problem = self.check_4d(q, k, v)?;
+        let (batch, heads, l, _) = q.dim();
+        let mut output = Array4::zeros((batch, heads, l, v.dim().3));
+        let mut weights = Array4::zeros((batch, heads, l, k.dim().2));
+        problem.solve(Some(output.view_mut()), Some(weights.view_mut()));
+        Ok(AttentionOutput { output, weights })
+    }
+
+    fn resolve_scale(&self, d_k: usize) -> Result<A> {
+        match self.scale {
+            Some(scale) if scale.is_finite() && scale != A::zero() => Ok(scale),
+            Some(scale) => Err(Error::InvalidScale {
+                scale: scale.to_f64().unwrap_or(f64::NAN),
+            }),
+            None => Ok(A::from_f64(1.0 / (d_k as f64).sqrt())),
+        }
+    }
+
+    fn check_2d<'a>(
+        &'a self,
+        q: &'a ArrayRef2<A>,
+        k: &'a ArrayRef2<A>,
+        v: &'a ArrayRef2<A>,
+    ) -> Result<Problem<'a, A>> {
+        check_shapes(q.shape(), k.shape(), v.shape())?;
+        Ok(Problem {
+            q: lift(q.view()),
+            k: lift(k.view()),
+            v: lift(v.view()),
+            masks: mask::broadcast_all(&self.masks, &[q.nrows(), k.nrows()])?,
+            scale: self.resolve_scale(q.ncols())?,
+        })
+    }
+
+    fn check_4d<'a>(
+        &'a self,
+        q: &'a ArrayRef4<A>,
+        k: &'a ArrayRef4<A>,
+        v: &'a ArrayRef4<A>,
+    ) -> Result<Problem<'a, A>> {
+        check_shapes(q.shape(), k.shape(), v.shape())?;
+        let (batch, heads, l, d_k) = q.dim();
+        Ok(Problem {
+            q: q.view(),
+            k: k.view(),
+            v: v.view(),
+            masks: mask::broadcast_all(&self.masks, &[batch, heads, l, k.dim().2])?,
+            scale: self.resolve_scale(d_k)?,
+        })
+    }
+}
+
+impl<A: Element> Problem<'_, A> {
+    /// Writes the output and/or weights of every `(batch, head)` block.
+    fn solve(
+        &self,
+        mut output: Option<ArrayViewMut4<'_, A>>,
+        mut weights: Option<ArrayViewMut4<'_, A>>,
+    ) {
+        let (batch, heads, _, _) = self.q.dim();
+        let kv_heads = self.k.dim().1;
+        let group = heads.checked_div(kv_heads).unwrap_or(1);
+        for b in 0..batch {
+            for h in 0..heads {
+                let kv = h / group;
+                let masks = self.block_masks(b, h);
+                let head = attend_head(
+                    self.q.slice(s![b, h, .., ..]),
+                    self.k.slice(s![b, kv, .., ..]),
+                    self.scale,
+                    &masks,
+                );
+                if let Some(output) = &mut output {
+                    let values = weighted_values(&head, self.v.slice(s![b, kv, .., ..]));
+                    output.slice_mut(s![b, h, .., ..]).assign(&values);
+                }
+                if let Some(weights) = &mut weights {
+                    weights.slice_mut(s![b, h, .., ..]).assign(&head.weights);
+                }
+            }
+        }
+    }
+
+    fn block_masks(&self, b: usize, h: usize) -> Vec<Mask2<'_, A>> {
+        self.masks.iter().map(|m| m.block(b, h)).collect()
+    }
+}
+
+/// Attention on 2-D inputs with the default scale `1/√d_k` and no mask:
+/// `softmax(QKᵀ/√d_k)·V`.
+///
+/// For a scale, masks or the weights, use [`ScaledDotProduct`].
+///
+/// # Shapes
+///
+/// `q: (L, d_k)`, `k: (S, d_k)`, `v: (S, d_v)` → `(L, d_v)`; any strides.
+///
+/// # Errors
+///
+/// [`Error::QueryKeyWidth`] when `q` and `k` differ in `d_k`,
+/// [`Error::KeyValueLength`] when `k` and `v` differ in `S`, and
+/// [`Error::ZeroWidth`] when `d_k = 0`.
+///
+/// # Examples
+///
+/// ```
+/// use attn::scaled_dot_product;
+/// use ndarray::array;
+///
+/// let q = array![[1.0_f64, 0.0, 1.0, 0.0]];
+/// let k = array![[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]];
+/// let v = array![[1.0, 2.0], [3.0, 4.0]];
+/// let out = scaled_dot_product(&q, &k, &v)?; // scores [1, 0]: weights [e/(e+1), 1/(e+1)]
+/// let w0 = 1f64.exp() / (1f64.exp() + 1.0);
+/// assert!((out[[0, 0]] - (w0 * 1.0 + (1.0 - w0) * 3.0)).abs() < 1e-15);
+/// # Ok::<(), attn::Error>(())
+/// ```
+pub fn scaled_dot_product<A: Element>(
+    q: &ArrayRef2<A>,
+    k: &ArrayRef2<A>,
+    v: &ArrayRef2<A>,
+) -> Result<Array2<A>> {
+    ScaledDotProduct::new().forward(q, k, v)
+}
+
+/// The attention weights `softmax(QKᵀ/√d_k)` of 2-D inputs; every row sums to 1.
+///
+/// # Shapes
+///
+/// `q: (L, d_k)`, `k: (S, d_k)` → `(L, S)`.
+///
+/// # Errors
+///
+/// [`Error::QueryKeyWidth`] when `q` and `k` differ in `d_k`, and
+/// [`Error::ZeroWidth`] when `d_k = 0`.
+///
+/// # Examples
+///
+/// ```
+/// use attn::attention_weights;
+/// use ndarray::array;
+///
+/// let q = array![[2.0_f64, 0.0], [0.0, 0.0]];
+/// let k = array![[1.0, 0.0], [-1.0, 0.0]];
+/// let w = attention_weights(&q, &k)?;
+/// assert!((w.row(0).sum() - 1.0).abs() < 1e-15);
+/// assert_eq!(w.row(1), array![0.5, 0.5]);
+/// # Ok::<(), attn::Error>(())
+/// ```
+pub fn attention_weights<A: Element>(q: &ArrayRef2<A>, k: &ArrayRef2<A>) -> Result<Array2<A>> {
+    ScaledDotProduct::new().weights(q, k)
+}
+
+/// Checks the shapes of `q`, `k`, `v` (all 2-D, or all 4-D).
+fn check_shapes(q: &[usize], k: &[usize], v: &[usize]) -> Result<()> {
+    let n = q.len();
+    debug_assert!(n >= 2 && k.len() == n && v.len() == n);
+    if n == 4 {
+        if q[0] != k[0] || k[0] != v[0] || k[1] != v[1] {
+            return Err(Error::BatchShape {
+                query: q.to_vec(),
+                key: k.to_vec(),
+                value: v.to_vec(),
+            });
+        }
+        let (heads, kv_heads) = (q[1], k[1]);
+        let divides = if kv_heads == 0 {
+            heads == 0
+        } else {
+            heads % kv_heads == 0
+        };
+        if !divides {
+            return Err(Error::HeadGroups {
+                query_heads: heads,
+                kv_heads,
+            });
+        }
+    }
+    if q[n - 1] != k[n - 1] {
+        return Err(Error::QueryKeyWidth {
+            query: q.to_vec(),
+            key: k.to_vec(),
+        });
+    }
+    if k[n - 2] != v[n - 2] {
+        return Err(Error::KeyValueLength {
+            key: k.to_vec(),
+            value: v.to_vec(),
+        });
+    }
+    if q[n - 1] == 0 {
+        return Err(Error::ZeroWidth {
+            what: "query/key width d_k",
+            shape: q.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+/// Scaled, masked scores and weights of one head.
+fn attend_head<A: Element>(
+    q: ArrayView2<'_, A>,
+    k: ArrayView2<'_, A>,
+    scale: A,
+    masks: &[Mask2<'_, A>],
+) -> Head<A> {
+    // Scaling Q before the product keeps QKᵀ finite for huge inputs whose scaled
+    // scores are finite.
+    let mut scaled = q.mapv(|x| x * scale).dot(&k.t());
+    mask::apply(masks, &mut scaled);
+    let weights = softmax_rows(&scaled);
+    Head { scaled, weights }
+}
+
+/// `weights · V`, where positions with a `−∞` score are never read.
+///
+/// The matrix product is exact whenever `V` is finite. A row that comes out
+/// non-finite is summed again over its attended positions only, so a NaN or
+/// infinity in a masked-out value row cannot leak in through `0 · NaN`.
+fn weighted_values<A: Element>(head: &Head<A>, v: ArrayView2<'_, A>) -> Array2<A> {
+    let mut output = head.weights.dot(&v);
+    for (i, mut row) in output.rows_mut().into_iter().enumerate() {
+        if row.iter().all(|x| x.is_finite()) {
+            continue;
+        }
+        row.fill(A::zero());
+        for (j, value) in v.rows().into_iter().enumerate() {
+            if head.scaled[[i, j]] != A::neg_infinity() {
+                row.scaled_add(head.weights[[i, j]], &value);
+            }
+        }
+    }
+    output
+}
+
+/// A 2-D view as a `(1, 1, rows, cols)` view.
+fn lift<A>(x: ArrayView2<'_, A>) -> ArrayView4<'_, A> {
+    x.insert_axis(Axis(0)).insert_axis(Axis(0))
+}
+
+/// A mutable 2-D view as a `(1, 1, rows, cols)` view.
+fn lift_mut<A>(x: ArrayViewMut2<'_, A>) -> ArrayViewMut4<'_, A> {
+    x.insert_axis(Axis(0)).insert_axis(Axis(0))
+}
