@@ -68,6 +68,20 @@ pub enum Error {
         /// The scale that was given.
         scale: f64,
     },
+    /// An array does not have the shape its role needs (weights, biases, layer inputs).
+    Shape {
+        /// What the array is, e.g. `"W_K rows (key input width)"`.
+        what: &'static str,
+        /// The shape that fits.
+        expected: Vec<usize>,
+        /// The shape given.
+        found: Vec<usize>,
+    },
+    /// A layer or initialisation setting is invalid.
+    InvalidConfig {
+        /// What is wrong, in words.
+        reason: String,
+    },
     /// A width that must be positive is zero.
     ZeroWidth {
         /// Which width.
@@ -78,6 +92,17 @@ pub enum Error {
 }
 
 /// `std::result::Result` with [`Error`] as its error.
+///
+/// # Examples
+///
+/// ```
+/// use ndarray::{array, Array2};
+///
+/// fn attend(x: &Array2<f64>) -> attn::Result<Array2<f64>> {
+///     attn::scaled_dot_product(x, x, x)
+/// }
+/// assert!(attend(&array![[1.0, 2.0]]).is_ok());
+/// ```
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl fmt::Display for Error {
@@ -109,6 +134,12 @@ impl fmt::Display for Error {
             Error::InvalidScale { scale } => {
                 write!(f, "scale must be finite and non-zero, got {scale}")
             }
+            Error::Shape {
+                what,
+                expected,
+                found,
+            } => write!(f, "{what}: expected shape {expected:?}, found {found:?}"),
+            Error::InvalidConfig { reason } => write!(f, "invalid configuration: {reason}"),
             Error::ZeroWidth { what, shape } => {
                 write!(f, "{what} is zero in shape {shape:?}")
             }
@@ -117,3 +148,11 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+/// A reshape of a contiguous array to a shape of the same size cannot fail; should
+/// one, it is reported as an error rather than a panic.
+pub(crate) fn internal_reshape() -> Error {
+    Error::InvalidConfig {
+        reason: "internal reshape failed (please report this as a bug)".to_string(),
+    }
+}

@@ -34,15 +34,24 @@
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
+pub mod parameter_free;
+pub mod rng;
+
 mod element;
 mod error;
+mod init;
 mod mask;
+mod multi_head;
+mod projection;
 mod sdpa;
 mod softmax;
 
 pub use element::Element;
 pub use error::{Error, Result};
+pub use init::Init;
 pub use mask::Mask;
+pub use multi_head::{MultiHeadAttention, MultiHeadConfig, MultiHeadOutput, MultiHeadWeights};
+pub use projection::{ProjectionShape, QkvProjection};
 pub use sdpa::{
     attention_weights, scaled_dot_product, AttentionOutput, AttentionTrace, ScaledDotProduct,
 };

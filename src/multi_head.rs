@@ -1,0 +1,786 @@
+//! Multi-head attention: `concat(head₁ … head_h)·W_O + b_o`, with grouped-query heads.
+
+use ndarray::{
+    Array, Array1, Array2, Array3, ArrayRef2, ArrayRef3, ArrayView3, Axis, Dimension, Ix2, Ix3,
+};
+use rand::Rng;
+
+use crate::error::internal_reshape;
+use crate::projection::project;
+use crate::{rng, Element, Error, Init, Mask, Result, ScaledDotProduct};
+
+/// The sizes of a [`MultiHeadAttention`]: required ones in [`new`](Self::new),
+/// optional ones with `with_*`, then one call that checks them and builds.
+///
+/// # Examples
+///
+/// ```
+/// use attn::{Init, MultiHeadConfig};
+///
+/// let mha = MultiHeadConfig::new(64, 8).with_kv_heads(2).random::<f32>(Init::TorchMultihead, 0)?;
+/// assert_eq!(mha.config().head_dim(), 8);
+/// assert!(MultiHeadConfig::new(64, 6).random::<f32>(Init::TorchMultihead, 0).is_err()); // 6 ∤ 64
+/// # Ok::<(), attn::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MultiHeadConfig {
+    d_model: usize,
+    n_heads: usize,
+    kdim: Option<usize>,
+    vdim: Option<usize>,
+    n_kv_heads: Option<usize>,
+    bias: bool,
+}
+
+/// The weights of a [`MultiHeadAttention`], in the `(in, out)` layout:
+/// `Q = query·w_q + b_q`, `output = concat(heads)·w_o + b_o`.
+///
+/// # Shapes
+///
+/// `w_q: (d_model, d_model)`, `w_k: (kdim, kv_width)`, `w_v: (vdim, kv_width)`,
+/// `w_o: (d_model, d_model)`, where `kv_width = n_kv_heads · head_dim`; biases are as
+/// long as their weight's columns. PyTorch stores `(out, in)`: transpose its
+/// `q_proj_weight` (or the slices of `in_proj_weight`) and `out_proj.weight`.
+///
+/// # Examples
+///
+/// ```
+/// use attn::{MultiHeadConfig, MultiHeadWeights};
+/// use ndarray::Array2;
+///
+/// let eye = Array2::<f64>::eye(4);
+/// let weights = MultiHeadWeights {
+///     w_q: eye.clone(), w_k: eye.clone(), w_v: eye.clone(), w_o: eye,
+///     b_q: None, b_k: None, b_v: None, b_o: None,
+/// };
+/// let mha = MultiHeadConfig::new(4, 2).without_bias().with_weights(weights)?;
+/// assert_eq!(mha.weights().w_o.dim(), (4, 4));
+/// # Ok::<(), attn::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct MultiHeadWeights<A> {
+    /// Query projection `(d_model, d_model)`.
+    pub w_q: Array2<A>,
+    /// Key projection `(kdim, kv_width)`.
+    pub w_k: Array2<A>,
+    /// Value projection `(vdim, kv_width)`.
+    pub w_v: Array2<A>,
+    /// Output projection `(d_model, d_model)`.
+    pub w_o: Array2<A>,
+    /// Query bias `(d_model,)`.
+    pub b_q: Option<Array1<A>>,
+    /// Key bias `(kv_width,)`.
+    pub b_k: Option<Array1<A>>,
+    /// Value bias `(kv_width,)`.
+    pub b_v: Option<Array1<A>>,
+    /// Output bias `(d_model,)`.
+    pub b_o: Option<Array1<A>>,
+}
+
+/// Multi-head attention, as PyTorch's `nn.MultiheadAttention(batch_first=True)`,
+/// with grouped-query heads.
+///
+/// Each head `h` attends with `softmax(Q_h K_hᵀ/√head_dim)·V_h` on its slice of the
+/// projected queries, keys and values; the heads are concatenated and projected by
+/// `W_O`. With `n_kv_heads < n_heads`, query head `h` uses key/value head
+/// `h / (n_heads / n_kv_heads)`.
+///
+/// # Shapes
+///
+/// 2-D: `query: (L, d_model)`, `key: (S, kdim)`, `value: (S, vdim)` → `(L, d_model)`.
+/// Batched: the same with a leading batch axis. Masks broadcast to
+/// `(batch, n_heads, L, S)`, so an `(L, S)` or `(S,)` mask serves every head.
+///
+/// # Examples
+///
+/// ```
+/// use attn::{Init, Mask, MultiHeadConfig};
+/// use ndarray::Array2;
+///
+/// let mha = MultiHeadConfig::new(16, 4).random::<f64>(Init::TorchMultihead, 42)?;
+/// let x = Array2::from_shape_fn((5, 16), |(i, j)| (i as f64 - j as f64) / 10.0);
+/// let out = mha.forward_with_weights(&x, &x, &x, &[Mask::CausalTopLeft])?;
+/// assert_eq!(out.output.dim(), (5, 16));
+/// assert_eq!(out.head_weights.dim(), (4, 5, 5));
+/// assert_eq!(out.mean_weights[[0, 1]], 0.0);
+/// # Ok::<(), attn::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct MultiHeadAttention<A> {
+    config: MultiHeadConfig,
+    weights: MultiHeadWeights<A>,
+}
+
+/// The output of multi-head attention with the weights of every head and their mean
+/// (PyTorch's `need_weights` with and without `average_attn_weights`).
+///
+/// # Shapes
+///
+/// 2-D (`D = Ix2`): `output: (L, d_model)`, `head_weights: (n_heads, L, S)`,
+/// `mean_weights: (L, S)`. Batched (`D = Ix3`): each with a leading batch axis.
+///
+/// # Examples
+///
+/// ```
+/// use attn::{Init, MultiHeadConfig};
+/// use ndarray::Array2;
+///
+/// let mha = MultiHeadConfig::new(8, 2).random::<f32>(Init::XavierUniform, 1)?;
+/// let x = Array2::<f32>::ones((3, 8));
+/// let out = mha.forward_with_weights(&x, &x, &x, &[])?;
+/// assert_eq!(out.mean_weights, Array2::from_elem((3, 3), 1.0 / 3.0));
+/// # Ok::<(), attn::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct MultiHeadOutput<A, D: Dimension> {
+    /// `concat(heads)·W_O + b_o`.
+    pub output: Array<A, D>,
+    /// The attention weights of every head.
+    pub head_weights: Array<A, D::Larger>,
+    /// The weights averaged over heads.
+    pub mean_weights: Array<A, D>,
+}
+
+impl MultiHeadConfig {
+    /// `n_heads` heads over a model width `d_model`; keys and values `d_model` wide,
+    /// as many key/value heads as query heads, biases on.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let config = attn::MultiHeadConfig::new(768, 12);
+    /// assert_eq!(config.head_dim(), 64);
+    /// ```
+    pub fn new(d_model: usize, n_heads: usize) -> Self {
+        MultiHeadConfig {
+            d_model,
+            n_heads,
+            kdim: None,
+            vdim: None,
+            n_kv_heads: None,
+            bias: true,
+        }
+    }
+
+    /// Keys come from inputs `kdim` wide (PyTorch `kdim`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let config = attn::MultiHeadConfig::new(8, 2).with_kdim(5);
+    /// assert_eq!(config.kdim(), 5);
+    /// ```
+    pub fn with_kdim(mut self, kdim: usize) -> Self {
+        self.kdim = Some(kdim);
+        self
+    }
+
+    /// Values come from inputs `vdim` wide (PyTorch `vdim`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let config = attn::MultiHeadConfig::new(8, 2).with_vdim(7);
+    /// assert_eq!(config.vdim(), 7);
+    /// ```
+    pub fn with_vdim(mut self, vdim: usize) -> Self {
+        self.vdim = Some(vdim);
+        self
+    }
+
+    /// Grouped-query attention: `n_kv_heads` key/value heads, which must divide `n_heads`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let config = attn::MultiHeadConfig::new(64, 8).with_kv_heads(2);
+    /// assert_eq!(config.kv_width(), 16);
+    /// ```
+    pub fn with_kv_heads(mut self, n_kv_heads: usize) -> Self {
+        self.n_kv_heads = Some(n_kv_heads);
+        self
+    }
+
+    /// No biases in any projection.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{Init, MultiHeadConfig};
+    ///
+    /// let mha = MultiHeadConfig::new(8, 2).without_bias().random::<f64>(Init::XavierUniform, 0)?;
+    /// assert!(mha.weights().b_q.is_none());
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn without_bias(mut self) -> Self {
+        self.bias = false;
+        self
+    }
+
+    /// The model width.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(attn::MultiHeadConfig::new(8, 2).d_model(), 8);
+    /// ```
+    pub fn d_model(&self) -> usize {
+        self.d_model
+    }
+
+    /// The number of query heads.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(attn::MultiHeadConfig::new(8, 2).n_heads(), 2);
+    /// ```
+    pub fn n_heads(&self) -> usize {
+        self.n_heads
+    }
+
+    /// The number of key/value heads (`n_heads` unless set).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(attn::MultiHeadConfig::new(8, 4).n_kv_heads(), 4);
+    /// ```
+    pub fn n_kv_heads(&self) -> usize {
+        self.n_kv_heads.unwrap_or(self.n_heads)
+    }
+
+    /// The width of the key inputs (`d_model` unless set).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(attn::MultiHeadConfig::new(8, 4).kdim(), 8);
+    /// ```
+    pub fn kdim(&self) -> usize {
+        self.kdim.unwrap_or(self.d_model)
+    }
+
+    /// The width of the value inputs (`d_model` unless set).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(attn::MultiHeadConfig::new(8, 4).vdim(), 8);
+    /// ```
+    pub fn vdim(&self) -> usize {
+        self.vdim.unwrap_or(self.d_model)
+    }
+
+    /// The width of one head, `d_model / n_heads` (0 while `n_heads` is 0).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(attn::MultiHeadConfig::new(8, 4).head_dim(), 2);
+    /// ```
+    pub fn head_dim(&self) -> usize {
+        self.d_model.checked_div(self.n_heads).unwrap_or(0)
+    }
+
+    /// The width of the projected keys and values, `n_kv_heads · head_dim`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(attn::MultiHeadConfig::new(8, 4).with_kv_heads(2).kv_width(), 4);
+    /// ```
+    pub fn kv_width(&self) -> usize {
+        self.n_kv_heads() * self.head_dim()
+    }
+
+    fn check(&self) -> Result<()> {
+        let invalid = |reason: String| Err(Error::InvalidConfig { reason });
+        if self.d_model == 0 || self.n_heads == 0 {
+            return invalid(format!(
+                "d_model ({}) and n_heads ({}) must be positive",
+                self.d_model, self.n_heads
+            ));
+        }
+        if self.d_model % self.n_heads != 0 {
+            return invalid(format!(
+                "n_heads ({}) must divide d_model ({})",
+                self.n_heads, self.d_model
+            ));
+        }
+        if self.kdim() == 0 || self.vdim() == 0 {
+            return invalid(format!(
+                "kdim ({}) and vdim ({}) must be positive",
+                self.kdim(),
+                self.vdim()
+            ));
+        }
+        let kv = self.n_kv_heads();
+        if kv == 0 || self.n_heads % kv != 0 {
+            return invalid(format!(
+                "n_kv_heads ({kv}) must be positive and divide n_heads ({})",
+                self.n_heads
+            ));
+        }
+        Ok(())
+    }
+
+    /// Builds the layer with random weights reproducible from `seed` (see
+    /// [`rng::seeded`](crate::rng::seeded)); biases 0. `W_Q, W_K, W_V, W_O` are
+    /// drawn in that order. With [`Init::TorchMultihead`] the bounds are PyTorch's.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] when `d_model` or `n_heads` is 0, `n_heads` does not
+    /// divide `d_model`, `kdim` or `vdim` is 0, or `n_kv_heads` does not divide
+    /// `n_heads`; or when `init` is invalid.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{Init, MultiHeadConfig};
+    ///
+    /// let a = MultiHeadConfig::new(8, 2).random::<f64>(Init::TorchMultihead, 9)?;
+    /// let b = MultiHeadConfig::new(8, 2).random::<f64>(Init::TorchMultihead, 9)?;
+    /// assert_eq!(a, b);
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn random<A: Element>(self, init: Init, seed: u64) -> Result<MultiHeadAttention<A>> {
+        self.random_using(init, &mut rng::seeded(seed))
+    }
+
+    /// [`random`](Self::random) with the caller's generator.
+    ///
+    /// # Errors
+    ///
+    /// As [`random`](Self::random).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{Init, MultiHeadConfig};
+    ///
+    /// let mut rng = attn::rng::seeded(1);
+    /// let mha = MultiHeadConfig::new(8, 4).with_kdim(3).random_using::<f32, _>(Init::XavierNormal, &mut rng)?;
+    /// assert_eq!(mha.weights().w_k.dim(), (3, 8));
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn random_using<A: Element, R: Rng + ?Sized>(
+        self,
+        init: Init,
+        rng: &mut R,
+    ) -> Result<MultiHeadAttention<A>> {
+        self.check()?;
+        let (d, kv) = (self.d_model, self.kv_width());
+        let packed = init == Init::TorchMultihead && self.kdim() == d && self.vdim() == d;
+        let fans = |rows: usize, cols: usize| {
+            if packed {
+                (rows, d + 2 * kv)
+            } else {
+                (rows, cols)
+            }
+        };
+        let w_q = init.sample_with_fans((d, d), fans(d, d), rng)?;
+        let w_k = init.sample_with_fans((self.kdim(), kv), fans(self.kdim(), kv), rng)?;
+        let w_v = init.sample_with_fans((self.vdim(), kv), fans(self.vdim(), kv), rng)?;
+        let w_o = match init {
+            Init::TorchMultihead => {
+                let bound = 1.0 / (d as f64).sqrt();
+                Init::Uniform {
+                    low: -bound,
+                    high: bound,
+                }
+                .sample((d, d), rng)?
+            }
+            _ => init.sample((d, d), rng)?,
+        };
+        let zeros = |n: usize| self.bias.then(|| Array1::zeros(n));
+        self.with_weights(MultiHeadWeights {
+            w_q,
+            w_k,
+            w_v,
+            w_o,
+            b_q: zeros(d),
+            b_k: zeros(kv),
+            b_v: zeros(kv),
+            b_o: zeros(d),
+        })
+    }
+
+    /// Builds the layer from given weights.
+    ///
+    /// # Errors
+    ///
+    /// The configuration errors of [`random`](Self::random); [`Error::Shape`] when a
+    /// weight or bias does not have its shape (see [`MultiHeadWeights`]), or when
+    /// biases are given to a configuration [`without_bias`](Self::without_bias) or
+    /// missing from one with them.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{MultiHeadConfig, MultiHeadWeights};
+    /// use ndarray::Array2;
+    ///
+    /// let w = |r, c| Array2::<f64>::zeros((r, c));
+    /// let weights = MultiHeadWeights {
+    ///     w_q: w(4, 4), w_k: w(4, 2), w_v: w(4, 2), w_o: w(4, 4),
+    ///     b_q: None, b_k: None, b_v: None, b_o: None,
+    /// };
+    /// let config = MultiHeadConfig::new(4, 2).with_kv_heads(1).without_bias();
+    /// assert!(config.with_weights(weights).is_ok());
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn with_weights<A: Element>(
+        self,
+        weights: MultiHeadWeights<A>,
+    ) -> Result<MultiHeadAttention<A>> {
+        self.check()?;
+        let (d, kv) = (self.d_model, self.kv_width());
+        check_matrix("w_q", &weights.w_q, (d, d))?;
+        check_matrix("w_k", &weights.w_k, (self.kdim(), kv))?;
+        check_matrix("w_v", &weights.w_v, (self.vdim(), kv))?;
+        check_matrix("w_o", &weights.w_o, (d, d))?;
+        for (what, bias, len) in [
+            ("b_q", &weights.b_q, d),
+            ("b_k", &weights.b_k, kv),
+            ("b_v", &weights.b_v, kv),
+            ("b_o", &weights.b_o, d),
+        ] {
+            let found = bias.as_ref().map(|b| vec![b.len()]);
+            let expected = self.bias.then(|| vec![len]);
+            if found != expected {
+                return Err(Error::Shape {
+                    what: bias_role(what),
+                    expected: expected.unwrap_or_default(),
+                    found: found.unwrap_or_default(),
+                });
+            }
+        }
+        Ok(MultiHeadAttention {
+            config: self,
+            weights,
+        })
+    }
+}
+
+fn check_matrix<A>(what: &'static str, w: &Array2<A>, shape: (usize, usize)) -> Result<()> {
+    if w.dim() == shape {
+        Ok(())
+    } else {
+        Err(Error::Shape {
+            what: match what {
+                "w_q" => "w_q must be (d_model, d_model)",
+                "w_k" => "w_k must be (kdim, n_kv_heads·head_dim)",
+                "w_v" => "w_v must be (vdim, n_kv_heads·head_dim)",
+                _ => "w_o must be (d_model, d_model)",
+            },
+            expected: vec![shape.0, shape.1],
+            found: w.shape().to_vec(),
+        })
+    }
+}
+
+fn bias_role(what: &str) -> &'static str {
+    match what {
+        "b_q" => "b_q (shape [] means: no bias in this configuration)",
+        "b_k" => "b_k (shape [] means: no bias in this configuration)",
+        "b_v" => "b_v (shape [] means: no bias in this configuration)",
+        _ => "b_o (shape [] means: no bias in this configuration)",
+    }
+}
+
+impl<A: Element> MultiHeadAttention<A> {
+    /// The configuration this layer was built from.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{Init, MultiHeadConfig};
+    ///
+    /// let config = MultiHeadConfig::new(8, 2);
+    /// assert_eq!(config.random::<f32>(Init::XavierUniform, 0)?.config(), &config);
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn config(&self) -> &MultiHeadConfig {
+        &self.config
+    }
+
+    /// The layer's weights.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{Init, MultiHeadConfig};
+    ///
+    /// let mha = MultiHeadConfig::new(8, 2).random::<f32>(Init::XavierUniform, 0)?;
+    /// assert_eq!(mha.weights().w_q.dim(), (8, 8));
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn weights(&self) -> &MultiHeadWeights<A> {
+        &self.weights
+    }
+
+    /// Multi-head attention on 2-D inputs.
+    ///
+    /// # Shapes
+    ///
+    /// `query: (L, d_model)`, `key: (S, kdim)`, `value: (S, vdim)` → `(L, d_model)`;
+    /// masks broadcast to `(1, n_heads, L, S)`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Shape`] when an input is not as wide as its projection needs,
+    /// [`Error::KeyValueLength`] when `key` and `value` differ in `S`, and the mask
+    /// errors of [`ScaledDotProduct`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{Init, MultiHeadConfig};
+    /// use ndarray::Array2;
+    ///
+    /// let mha = MultiHeadConfig::new(8, 2).with_kdim(3).random::<f64>(Init::TorchMultihead, 0)?;
+    /// let query = Array2::<f64>::ones((1, 8)); // one CLS token
+    /// let tokens = Array2::<f64>::ones((10, 3));
+    /// let context = Array2::<f64>::ones((10, 8));
+    /// assert_eq!(mha.forward(&query, &tokens, &context, &[])?.dim(), (1, 8));
+    /// assert!(mha.forward(&query, &context, &context, &[]).is_err()); // keys must be 3 wide
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn forward(
+        &self,
+        query: &ArrayRef2<A>,
+        key: &ArrayRef2<A>,
+        value: &ArrayRef2<A>,
+        masks: &[Mask<'_, A>],
+    ) -> Result<Array2<A>> {
+        let out = self.forward_batched(
+            &batch_of_one(query),
+            &batch_of_one(key),
+            &batch_of_one(value),
+            masks,
+        )?;
+        Ok(out.index_axis_move(Axis(0), 0))
+    }
+
+    /// [`forward`](Self::forward), also returning the weights of every head and their mean.
+    ///
+    /// # Shapes
+    ///
+    /// Output `(L, d_model)`, head weights `(n_heads, L, S)`, mean weights `(L, S)`.
+    ///
+    /// # Errors
+    ///
+    /// As [`forward`](Self::forward).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{Init, MultiHeadConfig};
+    /// use ndarray::Array2;
+    ///
+    /// let mha = MultiHeadConfig::new(8, 4).random::<f64>(Init::TorchMultihead, 0)?;
+    /// let x = Array2::from_shape_fn((3, 8), |(i, j)| (i * j) as f64 / 8.0);
+    /// let out = mha.forward_with_weights(&x, &x, &x, &[])?;
+    /// for row in out.mean_weights.rows() {
+    ///     assert!((row.sum() - 1.0).abs() < 1e-12);
+    /// }
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn forward_with_weights(
+        &self,
+        query: &ArrayRef2<A>,
+        key: &ArrayRef2<A>,
+        value: &ArrayRef2<A>,
+        masks: &[Mask<'_, A>],
+    ) -> Result<MultiHeadOutput<A, Ix2>> {
+        let lift = |x: &ArrayRef2<A>| x.view().insert_axis(Axis(0)).to_owned();
+        let out =
+            self.forward_batched_with_weights(&lift(query), &lift(key), &lift(value), masks)?;
+        Ok(MultiHeadOutput {
+            output: out.output.index_axis_move(Axis(0), 0),
+            head_weights: out.head_weights.index_axis_move(Axis(0), 0),
+            mean_weights: out.mean_weights.index_axis_move(Axis(0), 0),
+        })
+    }
+
+    /// Multi-head attention on batched inputs.
+    ///
+    /// # Shapes
+    ///
+    /// `query: (B, L, d_model)`, `key: (B, S, kdim)`, `value: (B, S, vdim)` →
+    /// `(B, L, d_model)`; masks broadcast to `(B, n_heads, L, S)`.
+    ///
+    /// # Errors
+    ///
+    /// As [`forward`](Self::forward), and [`Error::BatchShape`] when the batch sizes differ.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{Init, Mask, MultiHeadConfig};
+    /// use ndarray::{array, Array3};
+    ///
+    /// let mha = MultiHeadConfig::new(8, 2).random::<f32>(Init::TorchMultihead, 0)?;
+    /// let x = Array3::<f32>::ones((2, 4, 8));
+    /// let lengths = array![[[[true, true, true, true]]], [[[true, true, false, false]]]]; // (B, 1, 1, S)
+    /// let out = mha.forward_batched(&x, &x, &x, &[Mask::keep(&lengths)])?;
+    /// assert_eq!(out.dim(), (2, 4, 8));
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn forward_batched(
+        &self,
+        query: &ArrayRef3<A>,
+        key: &ArrayRef3<A>,
+        value: &ArrayRef3<A>,
+        masks: &[Mask<'_, A>],
+    ) -> Result<Array3<A>> {
+        let (q, k, v) = self.split_heads(query, key, value)?;
+        let heads = attention(masks).forward_batched(&q, &k, &v)?;
+        self.merge_heads(heads)
+    }
+
+    /// [`forward_batched`](Self::forward_batched), also returning the weights.
+    ///
+    /// # Shapes
+    ///
+    /// Output `(B, L, d_model)`, head weights `(B, n_heads, L, S)`, mean weights `(B, L, S)`.
+    ///
+    /// # Errors
+    ///
+    /// As [`forward_batched`](Self::forward_batched).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{Init, MultiHeadConfig};
+    /// use ndarray::Array3;
+    ///
+    /// let mha = MultiHeadConfig::new(8, 2).random::<f64>(Init::TorchMultihead, 0)?;
+    /// let x = Array3::<f64>::ones((2, 4, 8));
+    /// let out = mha.forward_batched_with_weights(&x, &x, &x, &[])?;
+    /// assert_eq!(out.head_weights.dim(), (2, 2, 4, 4));
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn forward_batched_with_weights(
+        &self,
+        query: &ArrayRef3<A>,
+        key: &ArrayRef3<A>,
+        value: &ArrayRef3<A>,
+        masks: &[Mask<'_, A>],
+    ) -> Result<MultiHeadOutput<A, Ix3>> {
+        let (q, k, v) = self.split_heads(query, key, value)?;
+        let heads = attention(masks).forward_batched_with_weights(&q, &k, &v)?;
+        let n_heads = A::from_f64(self.config.n_heads as f64);
+        let mean_weights = heads.weights.sum_axis(Axis(1)) / n_heads;
+        Ok(MultiHeadOutput {
+            output: self.merge_heads(heads.output)?,
+            head_weights: heads.weights,
+            mean_weights,
+        })
+    }
+
+    /// Projects the inputs and splits them into `(B, heads, seq, head_dim)`.
+    fn split_heads(
+        &self,
+        query: &ArrayRef3<A>,
+        key: &ArrayRef3<A>,
+        value: &ArrayRef3<A>,
+    ) -> Result<(ndarray::Array4<A>, ndarray::Array4<A>, ndarray::Array4<A>)> {
+        let (b, l, _) = query.dim();
+        let (bk, s, _) = key.dim();
+        let (bv, sv, _) = value.dim();
+        if b != bk || b != bv {
+            return Err(Error::BatchShape {
+                query: query.shape().to_vec(),
+                key: key.shape().to_vec(),
+                value: value.shape().to_vec(),
+            });
+        }
+        if s != sv {
+            return Err(Error::KeyValueLength {
+                key: key.shape().to_vec(),
+                value: value.shape().to_vec(),
+            });
+        }
+        let w = &self.weights;
+        let (h, kv, hd) = (
+            self.config.n_heads,
+            self.config.n_kv_heads(),
+            self.config.head_dim(),
+        );
+        let q = project_3d("query width must be d_model", query, &w.w_q, w.b_q.as_ref())?;
+        let k = project_3d("key width must be kdim", key, &w.w_k, w.b_k.as_ref())?;
+        let v = project_3d("value width must be vdim", value, &w.w_v, w.b_v.as_ref())?;
+        Ok((
+            split(q, (b, l, h, hd)),
+            split(k, (b, s, kv, hd)),
+            split(v, (b, s, kv, hd)),
+        ))
+    }
+
+    /// `(B, heads, L, head_dim)` → `concat(heads)·W_O + b_o`, `(B, L, d_model)`.
+    fn merge_heads(&self, heads: ndarray::Array4<A>) -> Result<Array3<A>> {
+        let (b, _, l, _) = heads.dim();
+        let d = self.config.d_model;
+        let concat = heads.permuted_axes([0, 2, 1, 3]);
+        let concat = concat.as_standard_layout();
+        let concat = concat
+            .to_shape((b * l, d))
+            .map_err(|_| internal_reshape())?;
+        let out = project(
+            "concatenated heads",
+            &concat,
+            &self.weights.w_o,
+            self.weights.b_o.as_ref(),
+        )?;
+        out.into_shape_with_order((b, l, d))
+            .map_err(|_| internal_reshape())
+    }
+}
+
+/// A `(rows, cols)` array as a `(1, rows, cols)` view.
+fn batch_of_one<A>(x: &ArrayRef2<A>) -> ArrayView3<'_, A> {
+    x.view().insert_axis(Axis(0))
+}
+
+/// The core attention with the caller's masks.
+fn attention<'m, A: Element>(masks: &[Mask<'m, A>]) -> ScaledDotProduct<'m, A> {
+    masks
+        .iter()
+        .cloned()
+        .fold(ScaledDotProduct::new(), ScaledDotProduct::with_mask)
+}
+
+/// `x·w + b` for `x: (B, n, in)`, as `(B·n, out)`.
+fn project_3d<A: Element>(
+    what: &'static str,
+    x: &ArrayRef3<A>,
+    w: &Array2<A>,
+    b: Option<&Array1<A>>,
+) -> Result<Array2<A>> {
+    let (batch, n, width) = x.dim();
+    if width != w.nrows() {
+        return Err(Error::Shape {
+            what,
+            expected: vec![batch, n, w.nrows()],
+            found: x.shape().to_vec(),
+        });
+    }
+    let flat = x
+        .to_shape((batch * n, width))
+        .map_err(|_| internal_reshape())?;
+    project(what, &flat, w, b)
+}
+
+/// `(B·n, heads·head_dim)` → `(B, heads, n, head_dim)`.
+fn split<A: Element>(
+    x: Array2<A>,
+    (b, n, heads, hd): (usize, usize, usize, usize),
+) -> ndarray::Array4<A> {
+    let x = x.into_shape_with_order((b, n, heads, hd));
+    debug_assert!(x.is_ok(), "a projection has heads·head_dim columns");
+    x.map(|x| x.permuted_axes([0, 2, 1, 3]))
+        .unwrap_or_else(|_| ndarray::Array4::zeros((b, heads, n, hd)))
+}
