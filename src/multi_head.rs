@@ -714,9 +714,9 @@ impl<A: Element> MultiHeadAttention<A> {
         let k = project_3d("key width must be kdim", key, &w.w_k, w.b_k.as_ref())?;
         let v = project_3d("value width must be vdim", value, &w.w_v, w.b_v.as_ref())?;
         Ok((
-            split(q, (b, l, h, hd)),
-            split(k, (b, s, kv, hd)),
-            split(v, (b, s, kv, hd)),
+            split(q, (b, l, h, hd))?,
+            split(k, (b, s, kv, hd))?,
+            split(v, (b, s, kv, hd))?,
         ))
     }
 
@@ -778,9 +778,9 @@ fn project_3d<A: Element>(
 fn split<A: Element>(
     x: Array2<A>,
     (b, n, heads, hd): (usize, usize, usize, usize),
-) -> ndarray::Array4<A> {
-    let x = x.into_shape_with_order((b, n, heads, hd));
-    debug_assert!(x.is_ok(), "a projection has heads·head_dim columns");
-    x.map(|x| x.permuted_axes([0, 2, 1, 3]))
-        .unwrap_or_else(|_| ndarray::Array4::zeros((b, heads, n, hd)))
+) -> Result<ndarray::Array4<A>> {
+    let x = x
+        .into_shape_with_order((b, n, heads, hd))
+        .map_err(|_| internal_reshape())?;
+    Ok(x.permuted_axes([0, 2, 1, 3]))
 }
