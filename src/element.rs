@@ -2,6 +2,8 @@
 
 use ndarray::NdFloat;
 
+use crate::kernel::Dispatch;
+
 /// A floating-point element that attention is computed in: `f32` or `f64`.
 ///
 /// Every function of the crate is generic over this one bound. It is sealed:
@@ -18,7 +20,7 @@ use ndarray::NdFloat;
 /// assert_eq!(default_scale::<f32>(4), 0.5);
 /// assert_eq!(default_scale::<f64>(16), 0.25);
 /// ```
-pub trait Element: NdFloat + sealed::Sealed {
+pub trait Element: NdFloat + Dispatch + sealed::Sealed {
     /// The nearest value of this type to `x`.
     fn from_f64(x: f64) -> Self;
 }

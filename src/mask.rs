@@ -1,8 +1,6 @@
 //! Which keys each query may attend to.
 
-use ndarray::{
-    ArrayRef, ArrayRef2, ArrayView2, ArrayView4, ArrayViewD, Axis, Dimension, IxDyn, Zip,
-};
+use ndarray::{Array2, ArrayRef, ArrayView2, ArrayView4, ArrayViewD, Axis, Dimension, IxDyn};
 
 use crate::{Element, Error, Result};
 
@@ -147,39 +145,61 @@ impl<'a, A> Mask4<'a, A> {
     }
 }
 
-/// Whether causal masking lets query `i` of `l` see key `j` of `s`.
-pub(crate) fn causal_allows(bottom_right: bool, i: usize, j: usize, l: usize, s: usize) -> bool {
-    if bottom_right {
-        j + l <= i + s
+/// How many keys (the first ones) causal masking lets query `i` of `l` see, of `s`.
+pub(crate) fn causal_keys_seen(bottom_right: bool, i: usize, l: usize, s: usize) -> usize {
+    let seen = if bottom_right {
+        (i + 1 + s).saturating_sub(l)
     } else {
-        j <= i
-    }
+        i + 1
+    };
+    seen.min(s)
 }
 
 /// Applies masks to scaled scores: biases are added first, then every position
 /// some mask excludes is set to `−∞` (so nothing at a masked position survives).
-pub(crate) fn apply<A: Element>(masks: &[Mask2<'_, A>], scores: &mut ArrayRef2<A>) {
+pub(crate) fn apply<A: Element>(masks: &[Mask2<'_, A>], scores: &mut Array2<A>) {
+    let (l, s) = scores.dim();
+    let flat = scores.as_slice_mut();
+    debug_assert!(flat.is_some(), "scores are computed in standard layout");
+    if s == 0 {
+        return;
+    }
+    for (i, row) in flat.into_iter().flat_map(|x| x.chunks_mut(s)).enumerate() {
+        apply_row(masks, i, l, s, 0, row);
+    }
+}
+
+/// [`apply`] to the scores of query `i` (of `l`) against keys `j0 .. j0 + row.len()` (of `s`).
+pub(crate) fn apply_row<A: Element>(
+    masks: &[Mask2<'_, A>],
+    i: usize,
+    l: usize,
+    s: usize,
+    j0: usize,
+    row: &mut [A],
+) {
+    let keys = j0..j0 + row.len();
     for mask in masks {
         if let Mask2::Bias(bias) = mask {
-            scores.zip_mut_with(bias, |x, &b| *x += b);
+            for (x, &b) in row.iter_mut().zip(bias.slice(ndarray::s![i, keys.clone()])) {
+                *x += b;
+            }
         }
     }
-    let (l, s) = scores.dim();
     for mask in masks {
         match mask {
             Mask2::Bias(_) => {}
-            Mask2::Keep(keep) => Zip::from(&mut *scores).and(keep).for_each(|x, &k| {
-                if !k {
-                    *x = A::neg_infinity();
-                }
-            }),
-            Mask2::CausalTopLeft | Mask2::CausalBottomRight => {
-                let bottom_right = matches!(mask, Mask2::CausalBottomRight);
-                for ((i, j), x) in scores.indexed_iter_mut() {
-                    if !causal_allows(bottom_right, i, j, l, s) {
+            Mask2::Keep(keep) => {
+                for (x, &k) in row.iter_mut().zip(keep.slice(ndarray::s![i, keys.clone()])) {
+                    if !k {
                         *x = A::neg_infinity();
                     }
                 }
+            }
+            Mask2::CausalTopLeft | Mask2::CausalBottomRight => {
+                let seen = causal_keys_seen(matches!(mask, Mask2::CausalBottomRight), i, l, s);
+                let from = seen.saturating_sub(j0).min(row.len());
+                row[from..].fill(A::neg_infinity());
             }
         }
     }

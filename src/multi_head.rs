@@ -302,7 +302,7 @@ impl MultiHeadConfig {
                 self.d_model, self.n_heads
             ));
         }
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return invalid(format!(
                 "n_heads ({}) must divide d_model ({})",
                 self.n_heads, self.d_model
@@ -316,7 +316,7 @@ impl MultiHeadConfig {
             ));
         }
         let kv = self.n_kv_heads();
-        if kv == 0 || self.n_heads % kv != 0 {
+        if kv == 0 || !self.n_heads.is_multiple_of(kv) {
             return invalid(format!(
                 "n_kv_heads ({kv}) must be positive and divide n_heads ({})",
                 self.n_heads

@@ -5,6 +5,7 @@ use ndarray::{
     Axis, Dimension, Ix2, Ix4,
 };
 
+use crate::kernel::{self, Kernel, Parallelism};
 use crate::mask::{self, Mask, Mask2, Mask4};
 use crate::softmax::softmax_rows;
 use crate::{Element, Error, Result};
@@ -57,6 +58,8 @@ use crate::{Element, Error, Result};
 pub struct ScaledDotProduct<'m, A> {
     scale: Option<A>,
     masks: Vec<Mask<'m, A>>,
+    kernel: Kernel,
+    parallelism: Parallelism,
 }
 
 /// The output of attention together with the attention weights that made it.
@@ -117,12 +120,12 @@ pub struct AttentionTrace<A> {
 }
 
 /// A checked call: inputs lifted to 4-D, masks broadcast, scale resolved.
-struct Problem<'a, A> {
-    q: ArrayView4<'a, A>,
-    k: ArrayView4<'a, A>,
-    v: ArrayView4<'a, A>,
-    masks: Vec<Mask4<'a, A>>,
-    scale: A,
+pub(crate) struct Problem<'a, A> {
+    pub(crate) q: ArrayView4<'a, A>,
+    pub(crate) k: ArrayView4<'a, A>,
+    pub(crate) v: ArrayView4<'a, A>,
+    pub(crate) masks: Vec<Mask4<'a, A>>,
+    pub(crate) scale: A,
 }
 
 /// One head's intermediates.
@@ -154,6 +157,8 @@ impl<'m, A: Element> ScaledDotProduct<'m, A> {
         ScaledDotProduct {
             scale: None,
             masks: Vec::new(),
+            kernel: Kernel::Auto,
+            parallelism: Parallelism::Rayon,
         }
     }
 
@@ -196,6 +201,45 @@ impl<'m, A: Element> ScaledDotProduct<'m, A> {
         self
     }
 
+    /// Chooses the implementation of [`forward`](Self::forward) and
+    /// [`forward_batched`](Self::forward_batched) (default [`Kernel::Auto`]).
+    /// Calls that return weights always take the reference path, which computes them.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{Kernel, ScaledDotProduct};
+    /// use ndarray::Array2;
+    ///
+    /// let x = Array2::<f64>::eye(4);
+    /// let reference = ScaledDotProduct::new().with_kernel(Kernel::Plain).forward(&x, &x, &x)?;
+    /// let fused = ScaledDotProduct::new().with_kernel(Kernel::Fused).forward(&x, &x, &x)?;
+    /// assert!((&reference - &fused).iter().all(|d| d.abs() < 1e-15));
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn with_kernel(mut self, kernel: Kernel) -> Self {
+        self.kernel = kernel;
+        self
+    }
+
+    /// Chooses whether the fused kernel uses threads (default [`Parallelism::Rayon`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{Parallelism, ScaledDotProduct};
+    /// use ndarray::Array2;
+    ///
+    /// let x = Array2::<f32>::ones((512, 64));
+    /// let out = ScaledDotProduct::new().with_parallelism(Parallelism::Sequential).forward(&x, &x, &x)?;
+    /// assert_eq!(out, x);
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn with_parallelism(mut self, parallelism: Parallelism) -> Self {
+        self.parallelism = parallelism;
+        self
+    }
+
     /// Attention on 2-D inputs: `softmax(QKᵀ·scale)·V`.
     ///
     /// # Shapes
@@ -226,7 +270,12 @@ impl<'m, A: Element> ScaledDotProduct<'m, A> {
     ) -> Result<Array2<A>> {
         let problem = self.check_2d(q, k, v)?;
         let mut output = Array2::zeros((q.nrows(), v.ncols()));
-        problem.solve(Some(lift_mut(output.view_mut())), None);
+        kernel::forward(
+            &problem,
+            lift_mut(output.view_mut()),
+            self.kernel,
+            self.parallelism,
+        );
         Ok(output)
     }
 
@@ -372,7 +421,7 @@ impl<'m, A: Element> ScaledDotProduct<'m, A> {
         let problem = self.check_4d(q, k, v)?;
         let (batch, heads, l, _) = q.dim();
         let mut output = Array4::zeros((batch, heads, l, v.dim().3));
-        problem.solve(Some(output.view_mut()), None);
+        kernel::forward(&problem, output.view_mut(), self.kernel, self.parallelism);
         Ok(output)
     }
 
@@ -456,37 +505,52 @@ impl<'m, A: Element> ScaledDotProduct<'m, A> {
 }
 
 impl<A: Element> Problem<'_, A> {
-    /// Writes the output and/or weights of every `(batch, head)` block.
-    fn solve(
+    /// Writes the output and/or weights of every `(batch, head)` block, by the
+    /// reference path.
+    pub(crate) fn solve(
         &self,
         mut output: Option<ArrayViewMut4<'_, A>>,
         mut weights: Option<ArrayViewMut4<'_, A>>,
     ) {
         let (batch, heads, _, _) = self.q.dim();
-        let kv_heads = self.k.dim().1;
-        let group = heads.checked_div(kv_heads).unwrap_or(1);
         for b in 0..batch {
             for h in 0..heads {
-                let kv = h / group;
-                let masks = self.block_masks(b, h);
-                let head = attend_head(
-                    self.q.slice(s![b, h, .., ..]),
-                    self.k.slice(s![b, kv, .., ..]),
-                    self.scale,
-                    &masks,
+                self.solve_head(
+                    b,
+                    h,
+                    output.as_mut().map(|o| o.slice_mut(s![b, h, .., ..])),
+                    weights.as_mut().map(|w| w.slice_mut(s![b, h, .., ..])),
                 );
-                if let Some(output) = &mut output {
-                    let values = weighted_values(&head, self.v.slice(s![b, kv, .., ..]));
-                    output.slice_mut(s![b, h, .., ..]).assign(&values);
-                }
-                if let Some(weights) = &mut weights {
-                    weights.slice_mut(s![b, h, .., ..]).assign(&head.weights);
-                }
             }
         }
     }
 
-    fn block_masks(&self, b: usize, h: usize) -> Vec<Mask2<'_, A>> {
+    /// The reference path for head `h` of batch `b`.
+    pub(crate) fn solve_head(
+        &self,
+        b: usize,
+        h: usize,
+        output: Option<ArrayViewMut2<'_, A>>,
+        weights: Option<ArrayViewMut2<'_, A>>,
+    ) {
+        let group = self.q.dim().1.checked_div(self.k.dim().1).unwrap_or(1);
+        let kv = h / group;
+        let masks = self.block_masks(b, h);
+        let head = attend_head(
+            self.q.slice(s![b, h, .., ..]),
+            self.k.slice(s![b, kv, .., ..]),
+            self.scale,
+            &masks,
+        );
+        if let Some(mut output) = output {
+            output.assign(&weighted_values(&head, self.v.slice(s![b, kv, .., ..])));
+        }
+        if let Some(mut weights) = weights {
+            weights.assign(&head.weights);
+        }
+    }
+
+    pub(crate) fn block_masks(&self, b: usize, h: usize) -> Vec<Mask2<'_, A>> {
         self.masks.iter().map(|m| m.block(b, h)).collect()
     }
 }
@@ -572,7 +636,7 @@ fn check_shapes(q: &[usize], k: &[usize], v: &[usize]) -> Result<()> {
         let divides = if kv_heads == 0 {
             heads == 0
         } else {
-            heads % kv_heads == 0
+            heads.is_multiple_of(kv_heads)
         };
         if !divides {
             return Err(Error::HeadGroups {
@@ -612,6 +676,10 @@ fn attend_head<A: Element>(
     // Scaling Q before the product keeps QKᵀ finite for huge inputs whose scaled
     // scores are finite.
     let mut scaled = q.mapv(|x| x * scale).dot(&k.t());
+    if !scaled.is_standard_layout() {
+        // the product of transposed inputs comes out column-major
+        scaled = scaled.as_standard_layout().into_owned();
+    }
     mask::apply(masks, &mut scaled);
     let weights = softmax_rows(&scaled);
     Head { scaled, weights }

@@ -1,0 +1,235 @@
+//! The fused CPU kernel: attention without the `L × S` score matrix.
+//!
+//! For each `(batch, key/value head)` the keys and values are packed once; the
+//! query heads that share them are cut into blocks of rows, and the blocks run
+//! in parallel, each streaming over the keys with an online softmax
+//! ([`tiled`]). Problems too small to pay for packing go one row at a time
+//! ([`rowwise`]). Inputs that are not finite, or large enough that a score could
+//! overflow, take the reference path, which defines what happens then.
+
+mod dispatch;
+mod float;
+mod rowwise;
+mod tiled;
+
+use ndarray::{s, ArrayView2, ArrayViewMut2, ArrayViewMut4, Axis};
+use rayon::prelude::*;
+
+pub(crate) use dispatch::Dispatch;
+use tiled::{extent_of, Block, Extent, PackedKeys, PackedValues, Scratch, BR};
+
+use crate::mask::Mask2;
+use crate::sdpa::Problem;
+use crate::Element;
+
+/// Which implementation computes attention's output.
+///
+/// # Examples
+///
+/// ```
+/// use attn::{Kernel, ScaledDotProduct};
+/// use ndarray::Array2;
+///
+/// let x = Array2::from_shape_fn((300, 64), |(i, j)| ((i * 31 + j * 17) % 13) as f32 / 13.0);
+/// let fused = ScaledDotProduct::new().with_kernel(Kernel::Fused).forward(&x, &x, &x)?;
+/// let plain = ScaledDotProduct::new().with_kernel(Kernel::Plain).forward(&x, &x, &x)?;
+/// let diff = (&fused - &plain).iter().fold(0.0_f32, |m, d| m.max(d.abs()));
+/// assert!(diff < 1e-5);
+/// # Ok::<(), attn::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernel {
+    /// The fused kernel, row by row for tiny problems and tiled otherwise (default).
+    #[default]
+    Auto,
+    /// The readable reference path: the score matrix, its softmax, then the product.
+    Plain,
+    /// The tiled fused kernel at every size.
+    Fused,
+}
+
+/// Whether the fused kernel spreads its work over threads.
+///
+/// # Examples
+///
+/// ```
+/// use attn::{Parallelism, ScaledDotProduct};
+/// use ndarray::Array2;
+///
+/// let x = Array2::<f64>::ones((256, 32));
+/// let one_thread = ScaledDotProduct::new().with_parallelism(Parallelism::Sequential);
+/// assert_eq!(one_thread.forward(&x, &x, &x)?, ScaledDotProduct::new().forward(&x, &x, &x)?);
+/// # Ok::<(), attn::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Parallelism {
+    /// On the calling thread only.
+    Sequential,
+    /// Blocks of query rows over the current rayon thread pool (default): the global
+    /// pool, sized by `RAYON_NUM_THREADS` or the number of cores, or the pool of a
+    /// surrounding `ThreadPool::install`.
+    #[default]
+    Rayon,
+}
+
+/// Problems with at most this many `L·S·(d_k + d_v)` per head go row by row.
+const TINY: usize = 1 << 14;
+
+/// Writes attention's output for every head of `problem` into `out`, which is
+/// `(batch, heads, L, d_v)` in standard layout.
+pub(crate) fn forward<A: Element>(
+    problem: &Problem<'_, A>,
+    out: ArrayViewMut4<'_, A>,
+    kernel: Kernel,
+    parallelism: Parallelism,
+) {
+    let (batch, heads, l, d) = problem.q.dim();
+    let (_, kv_heads, s, _) = problem.k.dim();
+    let d_v = problem.v.dim().3;
+    if kernel == Kernel::Plain || !out.is_standard_layout() {
+        problem.solve(Some(out), None);
+        return;
+    }
+    if batch * heads * l * d_v == 0 {
+        return;
+    }
+    let Ok(mut flat) = out.into_shape_with_order((batch * heads, l, d_v)) else {
+        debug_assert!(false, "a standard-layout array reshapes");
+        return;
+    };
+    let mut head_outs: Vec<ArrayViewMut2<'_, A>> = flat.outer_iter_mut().collect();
+    let group = heads / kv_heads;
+    let tiny = kernel == Kernel::Auto && l * s * (d + d_v) <= TINY;
+    for b in 0..batch {
+        for kv in 0..kv_heads {
+            let first = b * heads + kv * group;
+            let outs = &mut head_outs[first..first + group];
+            let query_heads = kv * group..(kv + 1) * group;
+            if tiny {
+                attend_rowwise(problem, b, kv, query_heads, outs);
+            } else {
+                attend_tiled(problem, b, kv, query_heads, outs, parallelism);
+            }
+        }
+    }
+}
+
+fn attend_rowwise<A: Element>(
+    problem: &Problem<'_, A>,
+    b: usize,
+    kv: usize,
+    query_heads: std::ops::Range<usize>,
+    outs: &mut [ArrayViewMut2<'_, A>],
+) {
+    let (k, v) = (
+        problem.k.slice(s![b, kv, .., ..]),
+        problem.v.slice(s![b, kv, .., ..]),
+    );
+    let (keys, values) = (extent_of(&k), extent_of(&v));
+    for (h, out) in query_heads.zip(outs) {
+        let q = problem.q.slice(s![b, h, .., ..]);
+        let masks = problem.block_masks(b, h);
+        if fusable(&q, &masks, problem.scale, keys, values) {
+            rowwise::attend_head(q, k, v, &masks, problem.scale, out.view_mut());
+        } else {
+            problem.solve_head(b, h, Some(out.view_mut()), None);
+        }
+    }
+}
+
+/// One block of query rows and where its output goes.
+struct Task<'a, A> {
+    block: Block<'a, A>,
+    out: ArrayViewMut2<'a, A>,
+}
+
+fn attend_tiled<A: Element>(
+    problem: &Problem<'_, A>,
+    b: usize,
+    kv: usize,
+    query_heads: std::ops::Range<usize>,
+    outs: &mut [ArrayViewMut2<'_, A>],
+    parallelism: Parallelism,
+) {
+    let nr = A::tile_width();
+    let (k, v) = (
+        problem.k.slice(s![b, kv, .., ..]),
+        problem.v.slice(s![b, kv, .., ..]),
+    );
+    let (s, d) = k.dim();
+    let (keys, key_extent) = PackedKeys::pack(&k, nr);
+    let (values, value_extent) = PackedValues::pack(&v, nr);
+    let masks: Vec<Vec<Mask2<'_, A>>> = query_heads
+        .clone()
+        .map(|h| problem.block_masks(b, h))
+        .collect();
+    let mut tasks = Vec::new();
+    for ((h, out), masks) in query_heads.zip(outs.iter_mut()).zip(&masks) {
+        let q = problem.q.slice(s![b, h, .., ..]);
+        if !fusable(&q, masks, problem.scale, key_extent, value_extent) {
+            problem.solve_head(b, h, Some(out.view_mut()), None);
+            continue;
+        }
+        let l = q.nrows();
+        for (c, chunk) in out.axis_chunks_iter_mut(Axis(0), BR).enumerate() {
+            let first_row = c * BR;
+            let block = Block {
+                q: q.slice_move(s![first_row..first_row + chunk.nrows(), ..]),
+                first_row,
+                l,
+                s,
+                keys: &keys,
+                values: &values,
+                masks,
+                scale: problem.scale,
+            };
+            tasks.push(Task { block, out: chunk });
+        }
+    }
+    let col_tiles = v.ncols().div_ceil(nr);
+    match parallelism {
+        Parallelism::Sequential => {
+            let mut scratch = Scratch::new(d, col_tiles, nr);
+            for task in tasks {
+                A::attend_block(&task.block, &mut scratch, task.out);
+            }
+        }
+        Parallelism::Rayon => tasks.into_par_iter().for_each_init(
+            || Scratch::new(d, col_tiles, nr),
+            |scratch, task| A::attend_block(&task.block, scratch, task.out),
+        ),
+    }
+}
+
+/// Whether the fused kernels compute this head exactly as the reference path
+/// would: every input finite, no bias of NaN or `+∞`, and no score or running
+/// sum that could overflow.
+fn fusable<A: Element>(
+    q: &ArrayView2<'_, A>,
+    masks: &[Mask2<'_, A>],
+    scale: A,
+    keys: Extent<A>,
+    values: Extent<A>,
+) -> bool {
+    let queries = extent_of(q);
+    if !(queries.finite && keys.finite && values.finite) {
+        return false;
+    }
+    let f = |x: A| x.to_f64().unwrap_or(f64::INFINITY);
+    let limit = f(A::max_value()) / 4.0;
+    let score_bound = q.ncols() as f64 * f(queries.max_abs) * f(scale.abs()) * f(keys.max_abs);
+    let mut bias_bound = 0.0_f64;
+    for mask in masks {
+        if let Mask2::Bias(bias) = mask {
+            for &x in bias.iter() {
+                if x.is_nan() || x == A::infinity() {
+                    return false;
+                }
+                if x.is_finite() {
+                    bias_bound = bias_bound.max(f(x.abs()));
+                }
+            }
+        }
+    }
+    score_bound + bias_bound < limit && f(values.max_abs) * values.rows as f64 <= limit
+}

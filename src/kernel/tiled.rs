@@ -1,0 +1,392 @@
+//! The fused, tiled kernel: for a block of `BR` queries, stream the keys in blocks
+//! of `BC`, computing `S = Q·Kᵀ` with a register-blocked micro-kernel, updating a
+//! running maximum and sum per row (online softmax) and accumulating `P·V`, so the
+//! `L × S` scores never exist in memory.
+//!
+//! Everything here is safe Rust written for the autovectoriser: fixed-size arrays
+//! as register tiles, `as_chunks` views instead of indexing. The entry points are
+//! generic over the element, the tile width `NR` and how `a·b + c` is computed;
+//! [`super::dispatch`] compiles them once with AVX2+FMA enabled and once portably.
+
+use ndarray::{ArrayView2, ArrayViewMut2, Axis};
+
+use super::float::MulAdd;
+use crate::mask::{apply_row, causal_keys_seen, Mask2};
+use crate::Element;
+
+/// Rows of a register tile (queries in `S = Q·Kᵀ`, output rows in `O += P·V`).
+pub(crate) const MR: usize = 6;
+/// Query rows per block: a multiple of `MR`.
+pub(crate) const BR: usize = 16 * MR;
+/// Keys per block: a multiple of every `NR`.
+pub(crate) const BC: usize = 128;
+
+/// Keys packed for the micro-kernel: panels of `NR` keys, each stored `d × NR`
+/// (the `p`-th components of `NR` consecutive keys side by side), zero-padded to a
+/// multiple of `BC` keys.
+#[derive(Debug)]
+pub(crate) struct PackedKeys<A> {
+    data: Vec<A>,
+    d: usize,
+}
+
+/// Values packed for the micro-kernel: for each group of `NR` value columns, all
+/// keys' `NR` values in key order, zero-padded to a multiple of `BC` keys.
+#[derive(Debug)]
+pub(crate) struct PackedValues<A> {
+    data: Vec<A>,
+    s_pad: usize,
+    col_tiles: usize,
+}
+
+/// What is known of one head's keys and values while packing them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Extent<A> {
+    /// Every entry is finite.
+    pub(crate) finite: bool,
+    /// The largest absolute entry.
+    pub(crate) max_abs: A,
+    /// The number of rows.
+    pub(crate) rows: usize,
+}
+
+fn padded(n: usize, multiple: usize) -> usize {
+    n.div_ceil(multiple) * multiple
+}
+
+/// Whether `x` is finite, its largest absolute entry, and its number of rows.
+pub(crate) fn extent_of<A: Element>(x: &ArrayView2<'_, A>) -> Extent<A> {
+    x.fold(
+        Extent {
+            finite: true,
+            max_abs: A::zero(),
+            rows: x.nrows(),
+        },
+        |e, &v| Extent {
+            finite: e.finite && v.is_finite(),
+            max_abs: if v.abs() > e.max_abs {
+                v.abs()
+            } else {
+                e.max_abs
+            },
+            rows: e.rows,
+        },
+    )
+}
+
+impl<A: Element> PackedKeys<A> {
+    /// Packs `k: (S, d)` in panels of `nr` keys.
+    pub(crate) fn pack(k: &ArrayView2<'_, A>, nr: usize) -> (Self, Extent<A>) {
+        let (s, d) = k.dim();
+        let s_pad = padded(s, BC);
+        let mut data = vec![A::zero(); s_pad * d];
+        for (j, key) in k.outer_iter().enumerate() {
+            let (panel, lane) = (j / nr, j % nr);
+            let base = panel * d * nr + lane;
+            for (p, &x) in key.iter().enumerate() {
+                data[base + p * nr] = x;
+            }
+        }
+        (PackedKeys { data, d }, extent_of(k))
+    }
+}
+
+impl<A: Element> PackedValues<A> {
+    /// Packs `v: (S, d_v)` in column groups of `nr`.
+    pub(crate) fn pack(v: &ArrayView2<'_, A>, nr: usize) -> (Self, Extent<A>) {
+        let (s, dv) = v.dim();
+        let s_pad = padded(s, BC);
+        let col_tiles = dv.div_ceil(nr);
+        let mut data = vec![A::zero(); col_tiles * s_pad * nr];
+        for (j, value) in v.outer_iter().enumerate() {
+            for (c, &x) in value.iter().enumerate() {
+                data[((c / nr) * s_pad + j) * nr + c % nr] = x;
+            }
+        }
+        (
+            PackedValues {
+                data,
+                s_pad,
+                col_tiles,
+            },
+            extent_of(v),
+        )
+    }
+}
+
+/// One block of query rows of one head, with everything it attends over.
+pub struct Block<'a, A> {
+    /// The block's query rows, `(rows ≤ BR, d)`.
+    pub(crate) q: ArrayView2<'a, A>,
+    /// Index of the block's first row among the head's `l` queries.
+    pub(crate) first_row: usize,
+    /// Number of queries `L` of the head.
+    pub(crate) l: usize,
+    /// Number of keys `S`.
+    pub(crate) s: usize,
+    pub(crate) keys: &'a PackedKeys<A>,
+    pub(crate) values: &'a PackedValues<A>,
+    pub(crate) masks: &'a [Mask2<'a, A>],
+    pub(crate) scale: A,
+}
+
+/// Per-thread working memory of the kernel, sized for one block.
+pub struct Scratch<A> {
+    q: Vec<A>,
+    s: Vec<A>,
+    o: Vec<A>,
+    max: Vec<A>,
+    sum: Vec<A>,
+    alpha: Vec<A>,
+}
+
+impl<A: Element> Scratch<A> {
+    pub(crate) fn new(d: usize, col_tiles: usize, nr: usize) -> Self {
+        Scratch {
+            q: vec![A::zero(); BR * d],
+            s: vec![A::zero(); BR * BC],
+            o: vec![A::zero(); BR * col_tiles * nr],
+            max: vec![A::zero(); BR],
+            sum: vec![A::zero(); BR],
+            alpha: vec![A::zero(); BR],
+        }
+    }
+}
+
+/// The running-maximum update of the online softmax for one row.
+///
+/// Given the row's maximum so far and the maximum of a new block of scores,
+/// returns the new maximum, the shift to subtract from the block's scores before
+/// `exp`, and the factor `α = exp(m_old − shift)` that rescales what was summed
+/// so far. While the row has seen only `−∞` the shift is 0, so `−∞ − (−∞)` never
+/// reaches `exp`.
+#[inline(always)]
+pub(crate) fn rescale<A: Element, M: MulAdd>(m_old: A, m_block: A) -> (A, A, A) {
+    let m_new = if m_block > m_old { m_block } else { m_old };
+    let shift = if m_new == A::neg_infinity() {
+        A::zero()
+    } else {
+        m_new
+    };
+    (m_new, shift, A::exp_nonpositive::<M>(m_old - shift))
+}
+
+/// Computes one block of output rows into `out: (rows, d_v)`.
+#[inline(always)]
+pub(crate) fn attend_block<A: Element, M: MulAdd, const NR: usize>(
+    block: &Block<'_, A>,
+    scratch: &mut Scratch<A>,
+    mut out: ArrayViewMut2<'_, A>,
+) {
+    let rows = block.q.nrows();
+    let tiles = rows.div_ceil(MR);
+    let d = block.keys.d;
+    pack_queries::<A, NR>(block, &mut scratch.q);
+    scratch.o.fill(A::zero());
+    scratch.max.fill(A::neg_infinity());
+    scratch.sum.fill(A::zero());
+
+    let key_end = keys_needed(block);
+    for j0 in (0..key_end).step_by(BC) {
+        scores::<A, M, NR>(&scratch.q, block.keys, j0, tiles, d, &mut scratch.s);
+        mask_scores(block, j0, &mut scratch.s);
+        for i in 0..tiles * MR {
+            let row = &mut scratch.s[i * BC..(i + 1) * BC];
+            scratch.alpha[i] =
+                softmax_update::<A, M, NR>(row, &mut scratch.max[i], &mut scratch.sum[i]);
+        }
+        accumulate::<A, M, NR>(
+            &scratch.s,
+            &scratch.alpha,
+            block.values,
+            j0,
+            tiles,
+            &mut scratch.o,
+        );
+    }
+
+    let width = block.values.col_tiles * NR;
+    for (i, mut row) in out.axis_iter_mut(Axis(0)).enumerate() {
+        let total = scratch.sum[i];
+        let o = &scratch.o[i * width..(i + 1) * width];
+        for (x, &acc) in row.iter_mut().zip(o) {
+            *x = if total > A::zero() {
+                acc / total
+            } else {
+                A::zero()
+            };
+        }
+    }
+}
+
+/// How many keys (the first ones) any row of the block may attend to.
+fn keys_needed<A>(block: &Block<'_, A>) -> usize {
+    let last_row = block.first_row + block.q.nrows() - 1;
+    block.masks.iter().fold(block.s, |seen, mask| match mask {
+        Mask2::CausalTopLeft => seen.min(causal_keys_seen(false, last_row, block.l, block.s)),
+        Mask2::CausalBottomRight => seen.min(causal_keys_seen(true, last_row, block.l, block.s)),
+        _ => seen,
+    })
+}
+
+/// Packs the block's queries, times the scale, as `tiles × d × MR`.
+fn pack_queries<A: Element, const NR: usize>(block: &Block<'_, A>, q: &mut [A]) {
+    let d = block.keys.d;
+    q.fill(A::zero());
+    for (i, row) in block.q.outer_iter().enumerate() {
+        let base = (i / MR) * d * MR + i % MR;
+        for (p, &x) in row.iter().enumerate() {
+            q[base + p * MR] = x * block.scale;
+        }
+    }
+}
+
+/// `S = Q·Kᵀ` for keys `j0 .. j0 + BC`, into `s: (tiles·MR) × BC`.
+#[inline(always)]
+fn scores<A: Element, M: MulAdd, const NR: usize>(
+    q: &[A],
+    keys: &PackedKeys<A>,
+    j0: usize,
+    tiles: usize,
+    d: usize,
+    s: &mut [A],
+) {
+    let q_rows = q.as_chunks::<MR>().0;
+    let k_rows = keys.data.as_chunks::<NR>().0;
+    let s_rows = s.as_chunks_mut::<BC>().0;
+    for panel in 0..BC / NR {
+        let first = (j0 / NR + panel) * d;
+        let k_panel = &k_rows[first..first + d];
+        for t in 0..tiles {
+            let tile = score_tile::<A, M, NR>(&q_rows[t * d..(t + 1) * d], k_panel);
+            for (i, tile_row) in tile.iter().enumerate() {
+                s_rows[t * MR + i][panel * NR..(panel + 1) * NR].copy_from_slice(tile_row);
+            }
+        }
+    }
+}
+
+/// The register-blocked micro-kernel of `S = Q·Kᵀ`: an `MR × NR` tile summed over `d`.
+#[inline(always)]
+fn score_tile<A: Element, M: MulAdd, const NR: usize>(
+    q: &[[A; MR]],
+    k: &[[A; NR]],
+) -> [[A; NR]; MR] {
+    let mut acc = [[A::zero(); NR]; MR];
+    for (qp, kp) in q.iter().zip(k) {
+        for i in 0..MR {
+            for j in 0..NR {
+                acc[i][j] = M::mul_add(qp[i], kp[j], acc[i][j]);
+            }
+        }
+    }
+    acc
+}
+
+/// Applies padding, bias, keep and causal masks to the scores of keys `j0 ..`.
+fn mask_scores<A: Element>(block: &Block<'_, A>, j0: usize, s: &mut [A]) {
+    let s_rows = s.as_chunks_mut::<BC>().0;
+    let valid = block.s.saturating_sub(j0).min(BC);
+    for (i, row) in s_rows.iter_mut().enumerate() {
+        row[valid..].fill(A::neg_infinity());
+        if i < block.q.nrows() {
+            apply_row(
+                block.masks,
+                block.first_row + i,
+                block.l,
+                block.s,
+                j0,
+                &mut row[..valid],
+            );
+        }
+    }
+}
+
+/// Turns one row of scores into `exp(s − shift)` and updates the row's running
+/// maximum and sum; returns the factor that rescales the row's output so far.
+#[inline(always)]
+fn softmax_update<A: Element, M: MulAdd, const NR: usize>(
+    row: &mut [A],
+    max: &mut A,
+    sum: &mut A,
+) -> A {
+    let chunks = row.as_chunks_mut::<NR>().0;
+    let mut lane_max = [A::neg_infinity(); NR];
+    for chunk in chunks.iter() {
+        for c in 0..NR {
+            lane_max[c] = if chunk[c] > lane_max[c] {
+                chunk[c]
+            } else {
+                lane_max[c]
+            };
+        }
+    }
+    let block_max = lane_max
+        .iter()
+        .fold(A::neg_infinity(), |m, &x| if x > m { x } else { m });
+    let (m_new, shift, alpha) = rescale::<A, M>(*max, block_max);
+    let mut lane_sum = [A::zero(); NR];
+    for chunk in chunks.iter_mut() {
+        for c in 0..NR {
+            let p = A::exp_nonpositive::<M>(chunk[c] - shift);
+            chunk[c] = p;
+            lane_sum[c] += p;
+        }
+    }
+    *max = m_new;
+    *sum = *sum * alpha + lane_sum.iter().fold(A::zero(), |a, &b| a + b);
+    alpha
+}
+
+/// `O = α·O + P·V` for keys `j0 .. j0 + BC`.
+#[inline(always)]
+fn accumulate<A: Element, M: MulAdd, const NR: usize>(
+    p: &[A],
+    alpha: &[A],
+    values: &PackedValues<A>,
+    j0: usize,
+    tiles: usize,
+    o: &mut [A],
+) {
+    let p_rows = p.as_chunks::<BC>().0;
+    let v_rows = values.data.as_chunks::<NR>().0;
+    let o_tiles = o.as_chunks_mut::<NR>().0;
+    let col_tiles = values.col_tiles;
+    for ct in 0..col_tiles {
+        let first = ct * values.s_pad + j0;
+        let v_block: &[[A; NR]; BC] = v_rows[first..first + BC]
+            .try_into()
+            .expect("a packed value block holds BC keys");
+        for t in 0..tiles {
+            // this block's P·V is summed on its own, then added to the rescaled
+            // total: blocked summation keeps long rows accurate
+            let mut acc = [[A::zero(); NR]; MR];
+            let rows: [&[A; BC]; MR] = std::array::from_fn(|i| &p_rows[t * MR + i]);
+            value_tile::<A, M, NR>(&rows, v_block, &mut acc);
+            for (i, acc_row) in acc.iter().enumerate() {
+                let r = t * MR + i;
+                let o_row = &mut o_tiles[r * col_tiles + ct];
+                for c in 0..NR {
+                    o_row[c] = M::mul_add(o_row[c], alpha[r], acc_row[c]);
+                }
+            }
+        }
+    }
+}
+
+/// The register-blocked micro-kernel of `O += P·V`: an `MR × NR` tile summed over `BC` keys.
+#[inline(always)]
+fn value_tile<A: Element, M: MulAdd, const NR: usize>(
+    p: &[&[A; BC]; MR],
+    v: &[[A; NR]; BC],
+    acc: &mut [[A; NR]; MR],
+) {
+    for j in 0..BC {
+        for i in 0..MR {
+            let pij = p[i][j];
+            for c in 0..NR {
+                acc[i][c] = M::mul_add(pij, v[j][c], acc[i][c]);
+            }
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! The fused kernels against the reference path: FlashAttention's accuracy rule,
+//! masks, block edges, threads, and inputs that must take the reference path.
+
+mod common;
+
+use attn::{Kernel, Mask, Parallelism, ScaledDotProduct};
+use common::{max_abs_diff, pseudo_random, random2};
+use ndarray::{s, Array2, Array4};
+
+fn f32_of(x: &Array2<f64>) -> Array2<f32> {
+    x.mapv(|a| a as f32)
+}
+
+fn f64_of(x: &Array2<f32>) -> Array2<f64> {
+    x.mapv(f64::from)
+}
+
+/// FlashAttention's criterion: the fused f32 output's error against an f64
+/// reference is at most twice the plain f32 path's (plus one f32 rounding of the
+/// output, for cases the plain path gets exactly right).
+fn assert_accuracy(
+    l: usize,
+    s: usize,
+    d: usize,
+    masks: &[Mask<'_, f32>],
+    masks64: &[Mask<'_, f64>],
+    seed: u64,
+) {
+    let (q, k, v) = (
+        random2(l, d, seed),
+        random2(s, d, seed + 1),
+        random2(s, d.min(48), seed + 2),
+    );
+    let (q32, k32, v32) = (f32_of(&q), f32_of(&k), f32_of(&v));
+    let with = |kernel| {
+        masks.iter().cloned().fold(
+            ScaledDotProduct::new().with_kernel(kernel),
+            ScaledDotProduct::with_mask,
+        )
+    };
+    let reference = masks64
+        .iter()
+        .cloned()
+        .fold(
+            ScaledDotProduct::new().with_kernel(Kernel::Plain),
+            ScaledDotProduct::with_mask,
+        )
+        .forward(&f64_of(&q32), &f64_of(&k32), &f64_of(&v32))
+        .expect("valid");
+    let plain = with(Kernel::Plain)
+        .forward(&q32, &k32, &v32)
+        .expect("valid");
+    let fused = with(Kernel::Fused)
+        .forward(&q32, &k32, &v32)
+        .expect("valid");
+    let auto = with(Kernel::Auto).forward(&q32, &k32, &v32).expect("valid");
+    let e_plain = max_abs_diff(&f64_of(&plain), &reference);
+    let floor = f32::EPSILON as f64 * reference.iter().fold(1.0_f64, |m, x| m.max(x.abs()));
+    for (name, out) in [("fused", fused), ("auto", auto)] {
+        let e = max_abs_diff(&f64_of(&out), &reference);
+        assert!(
+            e <= 2.0 * e_plain + floor,
+            "L={l} S={s} d={d}: {name} error {e:e} > 2 × plain error {e_plain:e}"
+        );
+    }
+}
+
+#[test]
+fn flash_attention_accuracy_rule_over_sizes() {
+    let sizes = [1usize, 3, 97, 113, 1023, 1025, 4096];
+    let dims = [1usize, 3, 64, 80, 128];
+    for (n, &l) in sizes.iter().enumerate() {
+        for (m, &d) in dims.iter().enumerate() {
+            let s = sizes[(n + m + 1) % sizes.len()]; // L ≠ S
+            if l * s * d > 300_000_000 {
+                continue; // the largest products are covered at smaller d
+            }
+            assert_accuracy(l, s, d, &[], &[], (n * 10 + m) as u64);
+        }
+    }
+}
+
+#[test]
+fn accuracy_rule_with_masks() {
+    for (l, s) in [(200, 300), (300, 200), (97, 97), (1, 500)] {
+        let keep = Array2::from_shape_fn((l, s), |(i, j)| (i * 3 + j * 7) % 5 != 0);
+        let bias = random2(l, s, 7);
+        let bias32 = f32_of(&bias);
+        assert_accuracy(l, s, 64, &[Mask::CausalTopLeft], &[Mask::CausalTopLeft], 1);
+        assert_accuracy(
+            l,
+            s,
+            64,
+            &[Mask::CausalBottomRight],
+            &[Mask::CausalBottomRight],
+            2,
+        );
+        assert_accuracy(l, s, 32, &[Mask::keep(&keep)], &[Mask::keep(&keep)], 3);
+        assert_accuracy(l, s, 32, &[Mask::bias(&bias32)], &[Mask::bias(&bias)], 4);
+        assert_accuracy(
+            l,
+            s,
+            16,
+            &[
+                Mask::CausalBottomRight,
+                Mask::keep(&keep),
+                Mask::bias(&bias32),
+            ],
+            &[
+                Mask::CausalBottomRight,
+                Mask::keep(&keep),
+                Mask::bias(&bias),
+            ],
+            5,
+        );
+    }
+}
+
+/// Fused output in f64 equals the reference path to rounding, at block edges.
+#[test]
+fn f64_fused_equals_reference_at_block_edges() {
+    for l in [1, 5, 6, 7, 95, 96, 97, 193] {
+        for s in [1, 127, 128, 129, 300] {
+            let (q, k, v) = (random2(l, 24, 1), random2(s, 24, 2), random2(s, 17, 3));
+            let causal = ScaledDotProduct::new().with_mask(Mask::CausalBottomRight);
+            let plain = causal
+                .clone()
+                .with_kernel(Kernel::Plain)
+                .forward(&q, &k, &v)
+                .expect("valid");
+            let fused = causal
+                .with_kernel(Kernel::Fused)
+                .forward(&q, &k, &v)
+                .expect("valid");
+            let e = max_abs_diff(&plain, &fused);
+            assert!(e < 1e-14, "L={l} S={s}: {e:e}");
+        }
+    }
+}
+
+#[test]
+fn fully_masked_rows_are_zero_on_every_path() {
+    let (l, s) = (150, 260);
+    let (q, k, v) = (random2(l, 8, 4), random2(s, 8, 5), random2(s, 8, 6));
+    let mut keep = Array2::from_elem((l, s), true);
+    keep.row_mut(0).fill(false);
+    keep.row_mut(140).fill(false);
+    let mut bias = Array2::zeros((l, s));
+    bias.row_mut(70).fill(f64::NEG_INFINITY);
+    for kernel in [Kernel::Plain, Kernel::Fused, Kernel::Auto] {
+        let out = ScaledDotProduct::new()
+            .with_kernel(kernel)
+            .with_mask(Mask::keep(&keep))
+            .with_mask(Mask::bias(&bias))
+            .forward(&q, &k, &v)
+            .expect("valid");
+        for row in [0, 70, 140] {
+            assert!(
+                out.row(row).iter().all(|&x| x == 0.0),
+                "{kernel:?} row {row}"
+            );
+        }
+        assert!(out.iter().all(|x| x.is_finite()));
+    }
+    // L > S bottom-right: the first L − S queries see nothing
+    let short = random2(40, 8, 7);
+    let out = ScaledDotProduct::new()
+        .with_kernel(Kernel::Fused)
+        .with_mask(Mask::CausalBottomRight)
+        .forward(&random2(100, 8, 8), &short, &short)
+        .expect("valid");
+    assert!(out.slice(s![..60, ..]).iter().all(|&x| x == 0.0));
+    assert!(out.slice(s![60.., ..]).iter().all(|&x| x != 0.0));
+}
+
+#[test]
+fn huge_negative_bias_is_uniform_not_masked() {
+    let (q, k, v) = (random2(130, 8, 9), random2(140, 8, 10), random2(140, 4, 11));
+    let (q, k, v) = (f32_of(&q), f32_of(&k), f32_of(&v));
+    let bias = Array2::from_elem((130, 140), f32::MIN);
+    for kernel in [Kernel::Plain, Kernel::Fused] {
+        let out = ScaledDotProduct::new()
+            .with_kernel(kernel)
+            .with_mask(Mask::bias(&bias))
+            .forward(&q, &k, &v)
+            .expect("valid");
+        let mean = v.mean_axis(ndarray::Axis(0)).expect("non-empty");
+        for row in out.rows() {
+            for (x, m) in row.iter().zip(mean.iter()) {
+                assert!((x - m).abs() < 1e-5, "{kernel:?}: {x} vs mean {m}");
+            }
+        }
+    }
+}
+
+#[test]
+fn non_finite_inputs_take_the_reference_path() {
+    let (mut q, k, mut v) = (
+        random2(200, 16, 12),
+        random2(300, 16, 13),
+        random2(300, 8, 14),
+    );
+    q[[5, 3]] = f64::NAN;
+    v[[7, 2]] = f64::INFINITY;
+    let keep = Array2::from_shape_fn((200, 300), |(_, j)| j != 7);
+    let masked = |kernel| {
+        ScaledDotProduct::new()
+            .with_kernel(kernel)
+            .with_mask(Mask::keep(&keep))
+            .forward(&q, &k, &v)
+            .expect("valid")
+    };
+    let (plain, fused) = (masked(Kernel::Plain), masked(Kernel::Fused));
+    assert!(fused.row(5).iter().all(|x| x.is_nan()));
+    assert!(fused
+        .iter()
+        .enumerate()
+        .all(|(i, x)| i / 8 == 5 || x.is_finite()));
+    assert!(max_abs_diff(&plain, &fused) < 1e-14);
+    // scores that would overflow f32 inside the kernel
+    let big = f32_of(&random2(150, 4, 15)) * 1e19;
+    let out = ScaledDotProduct::new()
+        .with_kernel(Kernel::Fused)
+        .forward(&big, &big, &f32_of(&random2(150, 4, 16)))
+        .expect("valid");
+    let plain = ScaledDotProduct::new()
+        .with_kernel(Kernel::Plain)
+        .forward(&big, &big, &f32_of(&random2(150, 4, 16)))
+        .expect("valid");
+    assert!(
+        out.iter().any(|x| x.is_nan()),
+        "the math overflows: NaN, as in the reference"
+    );
+    assert_eq!(max_abs_diff(&f64_of(&out), &f64_of(&plain)), 0.0);
+}
+
+#[test]
+fn threads_do_not_change_a_bit() {
+    let q = pseudo_random(&[2, 4, 300, 64], 17).mapv(|x| x as f32);
+    let kv = pseudo_random(&[2, 2, 500, 64], 18).mapv(|x| x as f32);
+    let (q, kv): (Array4<f32>, Array4<f32>) = (
+        q.into_dimensionality().expect("4-D"),
+        kv.into_dimensionality().expect("4-D"),
+    );
+    let run = |parallelism| {
+        ScaledDotProduct::new()
+            .with_parallelism(parallelism)
+            .with_mask(Mask::CausalBottomRight)
+            .forward_batched(&q, &kv, &kv)
+            .expect("valid")
+    };
+    let sequential = run(Parallelism::Sequential);
+    assert_eq!(sequential, run(Parallelism::Rayon));
+    assert_eq!(sequential, run(Parallelism::Rayon), "repeated calls agree");
+    let two = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .expect("a pool");
+    assert_eq!(sequential, two.install(|| run(Parallelism::Rayon)));
+}
+
+#[test]
+fn batched_grouped_query_fused_equals_reference() {
+    let q: Array4<f64> = pseudo_random(&[2, 6, 130, 32], 19)
+        .into_dimensionality()
+        .expect("4-D");
+    let k: Array4<f64> = pseudo_random(&[2, 3, 150, 32], 20)
+        .into_dimensionality()
+        .expect("4-D");
+    let v: Array4<f64> = pseudo_random(&[2, 3, 150, 20], 21)
+        .into_dimensionality()
+        .expect("4-D");
+    let padding = Array4::from_shape_fn((2, 1, 1, 150), |(b, _, _, j)| j < 150 - 40 * b);
+    let run = |kernel| {
+        ScaledDotProduct::new()
+            .with_kernel(kernel)
+            .with_mask(Mask::keep(&padding))
+            .with_mask(Mask::CausalTopLeft)
+            .forward_batched(&q, &k, &v)
+            .expect("valid")
+    };
+    assert!(max_abs_diff(&run(Kernel::Plain), &run(Kernel::Fused)) < 1e-14);
+}
+
+#[test]
+fn strided_inputs_on_the_fused_path() {
+    let big = random2(400, 130, 22);
+    let q = big.slice(s![..;2, ..64]);
+    let k = big.t();
+    let k = k.slice(s![..;-1, 100..300]).reversed_axes(); // (200, 130) reversed rows
+    let v = big.slice(s![100..300;1, 1..;3]);
+    let fused = ScaledDotProduct::new()
+        .with_kernel(Kernel::Fused)
+        .forward(&q, &k.slice(s![.., ..64]), &v)
+        .expect("valid");
+    let owned = ScaledDotProduct::new()
+        .with_kernel(Kernel::Fused)
+        .forward(
+            &q.to_owned(),
+            &k.slice(s![.., ..64]).to_owned(),
+            &v.to_owned(),
+        )
+        .expect("valid");
+    assert_eq!(fused, owned);
+}
