@@ -4,7 +4,7 @@
 use ndarray::ArrayViewMut2;
 
 use super::float::{KernelFloat, Separate};
-use super::tiled::{self, Block, Scratch};
+use super::tiled::{self, Block, Portable, Scratch};
 
 /// An element type with a compiled tiled kernel (public only to bound
 /// [`crate::Element`]; the module is private).
@@ -49,7 +49,7 @@ impl Dispatch for f32 {
             unsafe { avx2::attend_block_f32(block, scratch, out) };
             return;
         }
-        tiled::attend_block::<f32, Separate, 8>(block, scratch, out);
+        tiled::attend_block::<f32, Separate, Portable<Separate>, 8>(block, scratch, out);
     }
 }
 
@@ -73,16 +73,18 @@ impl Dispatch for f64 {
             unsafe { avx2::attend_block_f64(block, scratch, out) };
             return;
         }
-        tiled::attend_block::<f64, Separate, 4>(block, scratch, out);
+        tiled::attend_block::<f64, Separate, Portable<Separate>, 4>(block, scratch, out);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use std::arch::x86_64::*;
+
     use ndarray::ArrayViewMut2;
 
     use super::super::float::Fused;
-    use super::super::tiled::{attend_block, Block, Scratch};
+    use super::super::tiled::{attend_block, Block, Scratch, Tiles, BC, MR};
 
     /// The tiled kernel for `f32`, 16-wide tiles, compiled for AVX2 and FMA.
     ///
@@ -95,7 +97,7 @@ mod avx2 {
         scratch: &mut Scratch<f32>,
         out: ArrayViewMut2<'_, f32>,
     ) {
-        attend_block::<f32, Fused, 16>(block, scratch, out);
+        attend_block::<f32, Fused, Avx2, 16>(block, scratch, out);
     }
 
     /// The tiled kernel for `f64`, 8-wide tiles, compiled for AVX2 and FMA.
@@ -109,6 +111,89 @@ mod avx2 {
         scratch: &mut Scratch<f64>,
         out: ArrayViewMut2<'_, f64>,
     ) {
-        attend_block::<f64, Fused, 8>(block, scratch, out);
+        attend_block::<f64, Fused, Avx2, 8>(block, scratch, out);
     }
+
+    /// Micro-kernels written with AVX2/FMA intrinsics: a tile row is two 256-bit
+    /// registers, so a 6 × 16 (f32) or 6 × 8 (f64) tile is 12 accumulators.
+    ///
+    /// Private to this module: its methods are only reached through the two
+    /// `#[target_feature]` functions above, so AVX2 and FMA are available.
+    struct Avx2;
+
+    /// One micro-kernel body for both element types: `$ty` is the element,
+    /// `$nr` the tile width, `$half` the lanes of one register.
+    macro_rules! avx2_tiles {
+        ($ty:ty, $nr:literal, $half:literal, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
+            impl Tiles<$ty, $nr> for Avx2 {
+                #[inline(always)]
+                fn score_tile(q: &[[$ty; MR]], k: &[[$ty; $nr]]) -> [[$ty; $nr]; MR] {
+                    // SAFETY: AVX2 and FMA are enabled (see `Avx2`); every load
+                    // reads, every store writes, one half of a `[$ty; $nr]`.
+                    unsafe {
+                        let mut acc = [[$zero(); 2]; MR];
+                        for (qp, kp) in q.iter().zip(k) {
+                            let k0 = $load(kp.as_ptr());
+                            let k1 = $load(kp.as_ptr().add($half));
+                            for i in 0..MR {
+                                let a = $splat(qp[i]);
+                                acc[i][0] = $fma(a, k0, acc[i][0]);
+                                acc[i][1] = $fma(a, k1, acc[i][1]);
+                            }
+                        }
+                        let mut out = [[0.0; $nr]; MR];
+                        for i in 0..MR {
+                            $store(out[i].as_mut_ptr(), acc[i][0]);
+                            $store(out[i].as_mut_ptr().add($half), acc[i][1]);
+                        }
+                        out
+                    }
+                }
+
+                #[inline(always)]
+                fn value_tile(p: &[&[$ty; BC]; MR], v: &[[$ty; $nr]; BC]) -> [[$ty; $nr]; MR] {
+                    // SAFETY: as in `score_tile`.
+                    unsafe {
+                        let mut acc = [[$zero(); 2]; MR];
+                        for j in 0..BC {
+                            let v0 = $load(v[j].as_ptr());
+                            let v1 = $load(v[j].as_ptr().add($half));
+                            for i in 0..MR {
+                                let a = $splat(p[i][j]);
+                                acc[i][0] = $fma(a, v0, acc[i][0]);
+                                acc[i][1] = $fma(a, v1, acc[i][1]);
+                            }
+                        }
+                        let mut out = [[0.0; $nr]; MR];
+                        for i in 0..MR {
+                            $store(out[i].as_mut_ptr(), acc[i][0]);
+                            $store(out[i].as_mut_ptr().add($half), acc[i][1]);
+                        }
+                        out
+                    }
+                }
+            }
+        };
+    }
+
+    avx2_tiles!(
+        f32,
+        16,
+        8,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_set1_ps,
+        _mm256_fmadd_ps
+    );
+    avx2_tiles!(
+        f64,
+        8,
+        4,
+        _mm256_setzero_pd,
+        _mm256_loadu_pd,
+        _mm256_storeu_pd,
+        _mm256_set1_pd,
+        _mm256_fmadd_pd
+    );
 }

@@ -51,7 +51,9 @@ impl KernelFloat for f32 {
         const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding and subtracting it rounds to an integer
         const LOWEST: f32 = -87.0; // e⁻⁸⁷ is just above the smallest normal f32
         let xc = if x < LOWEST { LOWEST } else { x };
-        let n = (xc * LOG2_E + ROUND) - ROUND;
+        // t = 1.5·2²³ + n: its low mantissa bits hold the integer n
+        let t = M::mul_add(xc, LOG2_E, ROUND);
+        let n = t - ROUND;
         let r = M::mul_add(n, -C2, M::mul_add(n, -C1, xc));
         // Taylor series of eʳ to degree 7: error below 6e-9 for |r| ≤ ln 2 / 2
         let mut p: f32 = 1.0 / 5040.0;
@@ -62,7 +64,9 @@ impl KernelFloat for f32 {
         p = M::mul_add(p, r, 0.5);
         p = M::mul_add(p, r, 1.0);
         p = M::mul_add(p, r, 1.0);
-        let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+        // 2ⁿ from the bits of t, with integer adds and shifts only (no float-to-int
+        // conversion): the shift keeps the low 9 bits, (n + 127) mod 2⁹
+        let two_n = f32::from_bits(t.to_bits().wrapping_add(127) << 23);
         if x < LOWEST {
             0.0
         } else {
@@ -80,7 +84,8 @@ impl KernelFloat for f64 {
         const ROUND: f64 = 6_755_399_441_055_744.0; // 1.5·2⁵²
         const LOWEST: f64 = -708.0; // e⁻⁷⁰⁸ is just above the smallest normal f64
         let xc = if x < LOWEST { LOWEST } else { x };
-        let n = (xc * LOG2_E + ROUND) - ROUND;
+        let t = M::mul_add(xc, LOG2_E, ROUND);
+        let n = t - ROUND;
         let r = M::mul_add(n, -C2, M::mul_add(n, -C1, xc));
         // Taylor series of eʳ to degree 13: error below 5e-18 for |r| ≤ ln 2 / 2
         const INV_FACTORIALS: [f64; 12] = [
@@ -103,7 +108,7 @@ impl KernelFloat for f64 {
         }
         p = M::mul_add(p, r, 1.0);
         p = M::mul_add(p, r, 1.0);
-        let two_n = f64::from_bits(((n as i64 + 1023) as u64) << 52);
+        let two_n = f64::from_bits(t.to_bits().wrapping_add(1023) << 52);
         if x < LOWEST {
             0.0
         } else {

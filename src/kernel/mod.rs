@@ -98,35 +98,57 @@ pub(crate) fn forward<A: Element>(
         return;
     };
     let mut head_outs: Vec<ArrayViewMut2<'_, A>> = flat.outer_iter_mut().collect();
+    // the query heads sharing key/value head (b, kv) are chunk b·kv_heads + kv
     let group = heads / kv_heads;
-    let tiny = kernel == Kernel::Auto && l * s * (d + d_v) <= TINY;
-    for b in 0..batch {
-        for kv in 0..kv_heads {
-            let first = b * heads + kv * group;
-            let outs = &mut head_outs[first..first + group];
-            let query_heads = kv * group..(kv + 1) * group;
-            if tiny {
-                attend_rowwise(problem, b, kv, query_heads, outs);
-            } else {
-                attend_tiled(problem, b, kv, query_heads, outs, parallelism);
-            }
+    let mut groups: Vec<KvGroup<'_, '_, A>> = head_outs
+        .chunks_mut(group)
+        .enumerate()
+        .map(|(i, outs)| KvGroup {
+            b: i / kv_heads,
+            kv: i % kv_heads,
+            outs,
+        })
+        .collect();
+    if kernel == Kernel::Auto && l * s * (d + d_v) <= TINY {
+        for g in &mut groups {
+            attend_rowwise(problem, g);
         }
+        return;
+    }
+    // pack as many key/value heads at a time as fit in PACKED_BYTES, and run all
+    // their blocks in one parallel region
+    let packed_bytes =
+        (s.div_ceil(tiled::BC) * tiled::BC * (d + d_v)).max(1) * std::mem::size_of::<A>();
+    let per_wave = (PACKED_BYTES / packed_bytes).max(1);
+    for wave in groups.chunks_mut(per_wave) {
+        attend_tiled(problem, wave, parallelism);
     }
 }
 
-fn attend_rowwise<A: Element>(
-    problem: &Problem<'_, A>,
+/// Extra memory the tiled kernel may use for packed keys and values at once.
+const PACKED_BYTES: usize = 8 << 20;
+
+/// The query heads that share one key/value head, and their outputs.
+struct KvGroup<'o, 'a, A> {
     b: usize,
     kv: usize,
-    query_heads: std::ops::Range<usize>,
-    outs: &mut [ArrayViewMut2<'_, A>],
-) {
+    outs: &'o mut [ArrayViewMut2<'a, A>],
+}
+
+impl<A> KvGroup<'_, '_, A> {
+    fn query_heads(&self) -> std::ops::Range<usize> {
+        self.kv * self.outs.len()..(self.kv + 1) * self.outs.len()
+    }
+}
+
+fn attend_rowwise<A: Element>(problem: &Problem<'_, A>, group: &mut KvGroup<'_, '_, A>) {
+    let (b, kv) = (group.b, group.kv);
     let (k, v) = (
         problem.k.slice(s![b, kv, .., ..]),
         problem.v.slice(s![b, kv, .., ..]),
     );
     let (keys, values) = (extent_of(&k), extent_of(&v));
-    for (h, out) in query_heads.zip(outs) {
+    for (h, out) in group.query_heads().zip(group.outs.iter_mut()) {
         let q = problem.q.slice(s![b, h, .., ..]);
         let masks = problem.block_masks(b, h);
         if fusable(&q, &masks, problem.scale, keys, values) {
@@ -143,50 +165,81 @@ struct Task<'a, A> {
     out: ArrayViewMut2<'a, A>,
 }
 
+/// Packed keys and values of one key/value head.
+struct Packed<A> {
+    keys: PackedKeys<A>,
+    values: PackedValues<A>,
+    key_extent: Extent<A>,
+    value_extent: Extent<A>,
+}
+
 fn attend_tiled<A: Element>(
     problem: &Problem<'_, A>,
-    b: usize,
-    kv: usize,
-    query_heads: std::ops::Range<usize>,
-    outs: &mut [ArrayViewMut2<'_, A>],
+    wave: &mut [KvGroup<'_, '_, A>],
     parallelism: Parallelism,
 ) {
     let nr = A::tile_width();
-    let (k, v) = (
-        problem.k.slice(s![b, kv, .., ..]),
-        problem.v.slice(s![b, kv, .., ..]),
-    );
-    let (s, d) = k.dim();
-    let (keys, key_extent) = PackedKeys::pack(&k, nr);
-    let (values, value_extent) = PackedValues::pack(&v, nr);
-    let masks: Vec<Vec<Mask2<'_, A>>> = query_heads
-        .clone()
-        .map(|h| problem.block_masks(b, h))
-        .collect();
-    let mut tasks = Vec::new();
-    for ((h, out), masks) in query_heads.zip(outs.iter_mut()).zip(&masks) {
-        let q = problem.q.slice(s![b, h, .., ..]);
-        if !fusable(&q, masks, problem.scale, key_extent, value_extent) {
-            problem.solve_head(b, h, Some(out.view_mut()), None);
-            continue;
+    let pack = |g: &KvGroup<'_, '_, A>| {
+        let (k, v) = (
+            problem.k.slice(s![g.b, g.kv, .., ..]),
+            problem.v.slice(s![g.b, g.kv, .., ..]),
+        );
+        let (keys, key_extent) = PackedKeys::pack(&k, nr);
+        let (values, value_extent) = PackedValues::pack(&v, nr);
+        Packed {
+            keys,
+            values,
+            key_extent,
+            value_extent,
         }
-        let l = q.nrows();
-        for (c, chunk) in out.axis_chunks_iter_mut(Axis(0), BR).enumerate() {
-            let first_row = c * BR;
-            let block = Block {
-                q: q.slice_move(s![first_row..first_row + chunk.nrows(), ..]),
-                first_row,
-                l,
-                s,
-                keys: &keys,
-                values: &values,
+    };
+    let packed: Vec<Packed<A>> = match parallelism {
+        Parallelism::Sequential => wave.iter().map(pack).collect(),
+        Parallelism::Rayon => wave.par_iter().map(pack).collect(),
+    };
+    let masks: Vec<Vec<Vec<Mask2<'_, A>>>> = wave
+        .iter()
+        .map(|g| {
+            g.query_heads()
+                .map(|h| problem.block_masks(g.b, h))
+                .collect()
+        })
+        .collect();
+    let (s, d) = (problem.k.dim().2, problem.k.dim().3);
+    let mut tasks = Vec::new();
+    for ((group, packed), masks) in wave.iter_mut().zip(&packed).zip(&masks) {
+        let b = group.b;
+        let query_heads = group.query_heads();
+        for ((h, out), masks) in query_heads.zip(group.outs.iter_mut()).zip(masks) {
+            let q = problem.q.slice(s![b, h, .., ..]);
+            if !fusable(
+                &q,
                 masks,
-                scale: problem.scale,
-            };
-            tasks.push(Task { block, out: chunk });
+                problem.scale,
+                packed.key_extent,
+                packed.value_extent,
+            ) {
+                problem.solve_head(b, h, Some(out.view_mut()), None);
+                continue;
+            }
+            let l = q.nrows();
+            for (c, chunk) in out.axis_chunks_iter_mut(Axis(0), BR).enumerate() {
+                let first_row = c * BR;
+                let block = Block {
+                    q: q.slice_move(s![first_row..first_row + chunk.nrows(), ..]),
+                    first_row,
+                    l,
+                    s,
+                    keys: &packed.keys,
+                    values: &packed.values,
+                    masks,
+                    scale: problem.scale,
+                };
+                tasks.push(Task { block, out: chunk });
+            }
         }
     }
-    let col_tiles = v.ncols().div_ceil(nr);
+    let col_tiles = problem.v.dim().3.div_ceil(nr);
     match parallelism {
         Parallelism::Sequential => {
             let mut scratch = Scratch::new(d, col_tiles, nr);

@@ -17,9 +17,9 @@ use crate::Element;
 /// Rows of a register tile (queries in `S = Q·Kᵀ`, output rows in `O += P·V`).
 pub(crate) const MR: usize = 6;
 /// Query rows per block: a multiple of `MR`.
-pub(crate) const BR: usize = 16 * MR;
+pub(crate) const BR: usize = 48;
 /// Keys per block: a multiple of every `NR`.
-pub(crate) const BC: usize = 128;
+pub(crate) const BC: usize = 256;
 
 /// Keys packed for the micro-kernel: panels of `NR` keys, each stored `d × NR`
 /// (the `p`-th components of `NR` consecutive keys side by side), zero-padded to a
@@ -56,22 +56,41 @@ fn padded(n: usize, multiple: usize) -> usize {
 
 /// Whether `x` is finite, its largest absolute entry, and its number of rows.
 pub(crate) fn extent_of<A: Element>(x: &ArrayView2<'_, A>) -> Extent<A> {
-    x.fold(
-        Extent {
-            finite: true,
-            max_abs: A::zero(),
-            rows: x.nrows(),
-        },
-        |e, &v| Extent {
-            finite: e.finite && v.is_finite(),
-            max_abs: if v.abs() > e.max_abs {
+    let mut lanes = [A::zero(); 8];
+    let mut nan = false;
+    let mut scan = |values: &[A]| {
+        let (chunks, rest) = values.as_chunks::<8>();
+        for chunk in chunks {
+            for (m, &v) in lanes.iter_mut().zip(chunk) {
+                let a = v.abs();
+                nan |= a.is_nan();
+                *m = if a > *m { a } else { *m };
+            }
+        }
+        for &v in rest {
+            nan |= v.is_nan();
+            lanes[0] = if v.abs() > lanes[0] {
                 v.abs()
             } else {
-                e.max_abs
-            },
-            rows: e.rows,
-        },
-    )
+                lanes[0]
+            };
+        }
+    };
+    match x.as_slice() {
+        Some(all) => scan(all),
+        None => x.rows().into_iter().for_each(|row| match row.as_slice() {
+            Some(row) => scan(row),
+            None => scan(&row.to_vec()),
+        }),
+    }
+    let max_abs = lanes
+        .iter()
+        .fold(A::zero(), |m, &a| if a > m { a } else { m });
+    Extent {
+        finite: !nan && max_abs.is_finite(),
+        max_abs,
+        rows: x.nrows(),
+    }
 }
 
 impl<A: Element> PackedKeys<A> {
@@ -99,8 +118,11 @@ impl<A: Element> PackedValues<A> {
         let col_tiles = dv.div_ceil(nr);
         let mut data = vec![A::zero(); col_tiles * s_pad * nr];
         for (j, value) in v.outer_iter().enumerate() {
-            for (c, &x) in value.iter().enumerate() {
-                data[((c / nr) * s_pad + j) * nr + c % nr] = x;
+            for (ct, columns) in value.axis_chunks_iter(Axis(0), nr).enumerate() {
+                let start = (ct * s_pad + j) * nr;
+                for (slot, &x) in data[start..start + columns.len()].iter_mut().zip(columns) {
+                    *slot = x;
+                }
             }
         }
         (
@@ -173,7 +195,7 @@ pub(crate) fn rescale<A: Element, M: MulAdd>(m_old: A, m_block: A) -> (A, A, A) 
 
 /// Computes one block of output rows into `out: (rows, d_v)`.
 #[inline(always)]
-pub(crate) fn attend_block<A: Element, M: MulAdd, const NR: usize>(
+pub(crate) fn attend_block<A: Element, M: MulAdd, T: Tiles<A, NR>, const NR: usize>(
     block: &Block<'_, A>,
     scratch: &mut Scratch<A>,
     mut out: ArrayViewMut2<'_, A>,
@@ -188,14 +210,14 @@ pub(crate) fn attend_block<A: Element, M: MulAdd, const NR: usize>(
 
     let key_end = keys_needed(block);
     for j0 in (0..key_end).step_by(BC) {
-        scores::<A, M, NR>(&scratch.q, block.keys, j0, tiles, d, &mut scratch.s);
+        scores::<A, T, NR>(&scratch.q, block.keys, j0, tiles, d, &mut scratch.s);
         mask_scores(block, j0, &mut scratch.s);
         for i in 0..tiles * MR {
             let row = &mut scratch.s[i * BC..(i + 1) * BC];
             scratch.alpha[i] =
                 softmax_update::<A, M, NR>(row, &mut scratch.max[i], &mut scratch.sum[i]);
         }
-        accumulate::<A, M, NR>(
+        accumulate::<A, M, T, NR>(
             &scratch.s,
             &scratch.alpha,
             block.values,
@@ -243,7 +265,7 @@ fn pack_queries<A: Element, const NR: usize>(block: &Block<'_, A>, q: &mut [A]) 
 
 /// `S = Q·Kᵀ` for keys `j0 .. j0 + BC`, into `s: (tiles·MR) × BC`.
 #[inline(always)]
-fn scores<A: Element, M: MulAdd, const NR: usize>(
+fn scores<A: Element, T: Tiles<A, NR>, const NR: usize>(
     q: &[A],
     keys: &PackedKeys<A>,
     j0: usize,
@@ -258,29 +280,12 @@ fn scores<A: Element, M: MulAdd, const NR: usize>(
         let first = (j0 / NR + panel) * d;
         let k_panel = &k_rows[first..first + d];
         for t in 0..tiles {
-            let tile = score_tile::<A, M, NR>(&q_rows[t * d..(t + 1) * d], k_panel);
+            let tile = T::score_tile(&q_rows[t * d..(t + 1) * d], k_panel);
             for (i, tile_row) in tile.iter().enumerate() {
                 s_rows[t * MR + i][panel * NR..(panel + 1) * NR].copy_from_slice(tile_row);
             }
         }
     }
-}
-
-/// The register-blocked micro-kernel of `S = Q·Kᵀ`: an `MR × NR` tile summed over `d`.
-#[inline(always)]
-fn score_tile<A: Element, M: MulAdd, const NR: usize>(
-    q: &[[A; MR]],
-    k: &[[A; NR]],
-) -> [[A; NR]; MR] {
-    let mut acc = [[A::zero(); NR]; MR];
-    for (qp, kp) in q.iter().zip(k) {
-        for i in 0..MR {
-            for j in 0..NR {
-                acc[i][j] = M::mul_add(qp[i], kp[j], acc[i][j]);
-            }
-        }
-    }
-    acc
 }
 
 /// Applies padding, bias, keep and causal masks to the scores of keys `j0 ..`.
@@ -340,7 +345,7 @@ fn softmax_update<A: Element, M: MulAdd, const NR: usize>(
 
 /// `O = α·O + P·V` for keys `j0 .. j0 + BC`.
 #[inline(always)]
-fn accumulate<A: Element, M: MulAdd, const NR: usize>(
+fn accumulate<A: Element, M: MulAdd, T: Tiles<A, NR>, const NR: usize>(
     p: &[A],
     alpha: &[A],
     values: &PackedValues<A>,
@@ -360,9 +365,8 @@ fn accumulate<A: Element, M: MulAdd, const NR: usize>(
         for t in 0..tiles {
             // this block's P·V is summed on its own, then added to the rescaled
             // total: blocked summation keeps long rows accurate
-            let mut acc = [[A::zero(); NR]; MR];
             let rows: [&[A; BC]; MR] = std::array::from_fn(|i| &p_rows[t * MR + i]);
-            value_tile::<A, M, NR>(&rows, v_block, &mut acc);
+            let acc = T::value_tile(&rows, v_block);
             for (i, acc_row) in acc.iter().enumerate() {
                 let r = t * MR + i;
                 let o_row = &mut o_tiles[r * col_tiles + ct];
@@ -374,19 +378,44 @@ fn accumulate<A: Element, M: MulAdd, const NR: usize>(
     }
 }
 
-/// The register-blocked micro-kernel of `O += P·V`: an `MR × NR` tile summed over `BC` keys.
-#[inline(always)]
-fn value_tile<A: Element, M: MulAdd, const NR: usize>(
-    p: &[&[A; BC]; MR],
-    v: &[[A; NR]; BC],
-    acc: &mut [[A; NR]; MR],
-) {
-    for j in 0..BC {
-        for i in 0..MR {
-            let pij = p[i][j];
-            for c in 0..NR {
-                acc[i][c] = M::mul_add(pij, v[j][c], acc[i][c]);
+/// The two register-blocked micro-kernels, `MR × NR` tiles kept in registers.
+pub trait Tiles<A, const NR: usize> {
+    /// A tile of `S = Q·Kᵀ`: `q` holds the `d` columns of `MR` queries, `k` the `d`
+    /// components of `NR` keys.
+    fn score_tile(q: &[[A; MR]], k: &[[A; NR]]) -> [[A; NR]; MR];
+    /// A tile of `P·V` over one block of keys: `p` holds `MR` rows of weights,
+    /// `v` `BC` rows of `NR` values.
+    fn value_tile(p: &[&[A; BC]; MR], v: &[[A; NR]; BC]) -> [[A; NR]; MR];
+}
+
+/// The micro-kernels as plain loops over arrays, for the autovectoriser.
+pub struct Portable<M>(std::marker::PhantomData<M>);
+
+impl<A: Element, M: MulAdd, const NR: usize> Tiles<A, NR> for Portable<M> {
+    #[inline(always)]
+    fn score_tile(q: &[[A; MR]], k: &[[A; NR]]) -> [[A; NR]; MR] {
+        let mut acc = [[A::zero(); NR]; MR];
+        for (qp, kp) in q.iter().zip(k) {
+            for i in 0..MR {
+                for j in 0..NR {
+                    acc[i][j] = M::mul_add(qp[i], kp[j], acc[i][j]);
+                }
             }
         }
+        acc
+    }
+
+    #[inline(always)]
+    fn value_tile(p: &[&[A; BC]; MR], v: &[[A; NR]; BC]) -> [[A; NR]; MR] {
+        let mut acc = [[A::zero(); NR]; MR];
+        for j in 0..BC {
+            for i in 0..MR {
+                let pij = p[i][j];
+                for c in 0..NR {
+                    acc[i][c] = M::mul_add(pij, v[j][c], acc[i][c]);
+                }
+            }
+        }
+        acc
     }
 }
