@@ -151,11 +151,15 @@ mod avx2 {
                 }
 
                 #[inline(always)]
-                fn value_tile(p: &[&[$ty; BC]; MR], v: &[[$ty; $nr]; BC]) -> [[$ty; $nr]; MR] {
+                fn value_tile(
+                    p: &[&[$ty; BC]; MR],
+                    v: &[[$ty; $nr]; BC],
+                    keys: usize,
+                ) -> [[$ty; $nr]; MR] {
                     // SAFETY: as in `score_tile`.
                     unsafe {
                         let mut acc = [[$zero(); 2]; MR];
-                        for j in 0..BC {
+                        for j in 0..keys.min(BC) {
                             let v0 = $load(v[j].as_ptr());
                             let v1 = $load(v[j].as_ptr().add($half));
                             for i in 0..MR {

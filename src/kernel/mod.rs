@@ -12,7 +12,7 @@ mod float;
 mod rowwise;
 mod tiled;
 
-use ndarray::{s, ArrayView2, ArrayViewMut2, ArrayViewMut4, Axis};
+use ndarray::{s, ArrayView2, ArrayView4, ArrayViewMut2, ArrayViewMut4, Axis};
 use rayon::prelude::*;
 
 pub(crate) use dispatch::Dispatch;
@@ -93,6 +93,13 @@ pub(crate) fn forward<A: Element>(
     if batch * heads * l * d_v == 0 {
         return;
     }
+    let tiny = kernel == Kernel::Auto && l * s * (d + d_v) <= TINY;
+    if tiny && batch * heads == 1 {
+        // one small head, the common 2-D call: no bookkeeping at all
+        let out = out.index_axis_move(Axis(0), 0).index_axis_move(Axis(0), 0);
+        attend_rowwise_head(problem, 0, 0, out);
+        return;
+    }
     let Ok(mut flat) = out.into_shape_with_order((batch * heads, l, d_v)) else {
         debug_assert!(false, "a standard-layout array reshapes");
         return;
@@ -109,9 +116,11 @@ pub(crate) fn forward<A: Element>(
             outs,
         })
         .collect();
-    if kernel == Kernel::Auto && l * s * (d + d_v) <= TINY {
+    if tiny {
         for g in &mut groups {
-            attend_rowwise(problem, g);
+            for (h, out) in g.query_heads().zip(g.outs.iter_mut()) {
+                attend_rowwise_head(problem, g.b, h, out.view_mut());
+            }
         }
         return;
     }
@@ -126,7 +135,7 @@ pub(crate) fn forward<A: Element>(
 }
 
 /// Extra memory the tiled kernel may use for packed keys and values at once.
-const PACKED_BYTES: usize = 8 << 20;
+const PACKED_BYTES: usize = 1 << 20;
 
 /// The query heads that share one key/value head, and their outputs.
 struct KvGroup<'o, 'a, A> {
@@ -141,21 +150,24 @@ impl<A> KvGroup<'_, '_, A> {
     }
 }
 
-fn attend_rowwise<A: Element>(problem: &Problem<'_, A>, group: &mut KvGroup<'_, '_, A>) {
-    let (b, kv) = (group.b, group.kv);
-    let (k, v) = (
-        problem.k.slice(s![b, kv, .., ..]),
-        problem.v.slice(s![b, kv, .., ..]),
+/// Head `h` of batch `b` row by row, or by the reference path if its inputs need it.
+fn attend_rowwise_head<A: Element>(
+    problem: &Problem<'_, A>,
+    b: usize,
+    h: usize,
+    out: ArrayViewMut2<'_, A>,
+) {
+    let kv = h / (problem.q.dim().1 / problem.k.dim().1);
+    let (q, k, v) = (
+        head_view(&problem.q, b, h),
+        head_view(&problem.k, b, kv),
+        head_view(&problem.v, b, kv),
     );
-    let (keys, values) = (extent_of(&k), extent_of(&v));
-    for (h, out) in group.query_heads().zip(group.outs.iter_mut()) {
-        let q = problem.q.slice(s![b, h, .., ..]);
-        let masks = problem.block_masks(b, h);
-        if fusable(&q, &masks, problem.scale, keys, values) {
-            rowwise::attend_head(q, k, v, &masks, problem.scale, out.view_mut());
-        } else {
-            problem.solve_head(b, h, Some(out.view_mut()), None);
-        }
+    let masks = problem.block_masks(b, h);
+    if fusable(&q, &masks, problem.scale, extent_of(&k), extent_of(&v)) {
+        rowwise::attend_head(q, k, v, &masks, problem.scale, out);
+    } else {
+        problem.solve_head(b, h, Some(out), None);
     }
 }
 
@@ -163,6 +175,11 @@ fn attend_rowwise<A: Element>(problem: &Problem<'_, A>, group: &mut KvGroup<'_, 
 struct Task<'a, A> {
     block: Block<'a, A>,
     out: ArrayViewMut2<'a, A>,
+}
+
+/// Head `h` of batch `b`.
+fn head_view<'a, A>(x: &ArrayView4<'a, A>, b: usize, h: usize) -> ArrayView2<'a, A> {
+    (*x).index_axis_move(Axis(0), b).index_axis_move(Axis(0), h)
 }
 
 /// Packed keys and values of one key/value head.
@@ -211,7 +228,7 @@ fn attend_tiled<A: Element>(
         let b = group.b;
         let query_heads = group.query_heads();
         for ((h, out), masks) in query_heads.zip(group.outs.iter_mut()).zip(masks) {
-            let q = problem.q.slice(s![b, h, .., ..]);
+            let q = head_view(&problem.q, b, h);
             if !fusable(
                 &q,
                 masks,

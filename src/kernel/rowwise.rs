@@ -15,31 +15,51 @@ pub(crate) fn attend_head<A: Element>(
     scale: A,
     mut out: ArrayViewMut2<'_, A>,
 ) {
-    let (l, s) = (q.nrows(), k.nrows());
-    let mut scores = vec![A::zero(); s];
-    for (i, (query, mut row_out)) in q.outer_iter().zip(out.outer_iter_mut()).enumerate() {
-        for (score, key) in scores.iter_mut().zip(k.outer_iter()) {
+    let (l, d) = q.dim();
+    let (s, d_v) = v.dim();
+    let (q, k, v) = (
+        q.as_standard_layout(),
+        k.as_standard_layout(),
+        v.as_standard_layout(),
+    );
+    let (Some(q), Some(k), Some(v)) = (q.as_slice(), k.as_slice(), v.as_slice()) else {
+        unreachable!("standard-layout arrays are slices")
+    };
+    // small heads keep their scratch on the stack
+    let mut on_stack = [A::zero(); 64];
+    let mut on_heap = Vec::new();
+    let buffer = if s + d_v <= on_stack.len() {
+        &mut on_stack[..s + d_v]
+    } else {
+        on_heap.resize(s + d_v, A::zero());
+        &mut on_heap[..]
+    };
+    let (scores, row) = buffer.split_at_mut(s);
+    for (i, query) in q.chunks_exact(d).enumerate() {
+        for (score, key) in scores.iter_mut().zip(k.chunks_exact(d)) {
             *score = query
                 .iter()
-                .zip(key.iter())
+                .zip(key)
                 .fold(A::zero(), |acc, (&a, &b)| acc + a * scale * b);
         }
-        apply_row(masks, i, l, s, 0, &mut scores);
+        apply_row(masks, i, l, s, 0, scores);
         let max = scores
             .iter()
             .fold(A::neg_infinity(), |m, &x| if x > m { x } else { m });
-        row_out.fill(A::zero());
-        if max == A::neg_infinity() {
-            continue;
-        }
-        let mut total = A::zero();
-        for (score, value) in scores.iter().zip(v.outer_iter()) {
-            let p = (*score - max).exp();
-            if p > A::zero() {
+        row.fill(A::zero());
+        if max != A::neg_infinity() {
+            let mut total = A::zero();
+            for (score, value) in scores.iter().zip(v.chunks_exact(d_v)) {
+                let p = (*score - max).exp();
                 total += p;
-                row_out.scaled_add(p, &value);
+                for (o, &x) in row.iter_mut().zip(value) {
+                    *o += p * x;
+                }
             }
+            row.iter_mut().for_each(|o| *o /= total);
         }
-        row_out.mapv_inplace(|x| x / total);
+        for (o, &x) in out.row_mut(i).iter_mut().zip(row.iter()) {
+            *o = x;
+        }
     }
 }

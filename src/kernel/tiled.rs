@@ -202,7 +202,6 @@ pub(crate) fn attend_block<A: Element, M: MulAdd, T: Tiles<A, NR>, const NR: usi
 ) {
     let rows = block.q.nrows();
     let tiles = rows.div_ceil(MR);
-    let d = block.keys.d;
     pack_queries::<A, NR>(block, &mut scratch.q);
     scratch.o.fill(A::zero());
     scratch.max.fill(A::neg_infinity());
@@ -210,21 +209,23 @@ pub(crate) fn attend_block<A: Element, M: MulAdd, T: Tiles<A, NR>, const NR: usi
 
     let key_end = keys_needed(block);
     for j0 in (0..key_end).step_by(BC) {
-        scores::<A, T, NR>(&scratch.q, block.keys, j0, tiles, d, &mut scratch.s);
-        mask_scores(block, j0, &mut scratch.s);
+        // the last block may be short: work on whole panels of its keys only
+        let keys = (key_end - j0).min(BC);
+        let width = keys.div_ceil(NR) * NR;
+        scores::<A, T, NR>(&scratch.q, block.keys, j0, width, tiles, &mut scratch.s);
+        mask_scores(block, j0, keys, width, &mut scratch.s);
         for i in 0..tiles * MR {
-            let row = &mut scratch.s[i * BC..(i + 1) * BC];
+            let row = &mut scratch.s[i * BC..i * BC + width];
             scratch.alpha[i] =
                 softmax_update::<A, M, NR>(row, &mut scratch.max[i], &mut scratch.sum[i]);
         }
-        accumulate::<A, M, T, NR>(
-            &scratch.s,
-            &scratch.alpha,
-            block.values,
-            j0,
+        let p = Weights {
+            p: &scratch.s,
+            alpha: &scratch.alpha,
+            keys,
             tiles,
-            &mut scratch.o,
-        );
+        };
+        accumulate::<A, M, T, NR>(&p, block.values, j0, &mut scratch.o);
     }
 
     let width = block.values.col_tiles * NR;
@@ -263,20 +264,21 @@ fn pack_queries<A: Element, const NR: usize>(block: &Block<'_, A>, q: &mut [A]) 
     }
 }
 
-/// `S = Q·Kᵀ` for keys `j0 .. j0 + BC`, into `s: (tiles·MR) × BC`.
+/// `S = Q·Kᵀ` for keys `j0 .. j0 + width`, into the rows of `s: (tiles·MR) × BC`.
 #[inline(always)]
 fn scores<A: Element, T: Tiles<A, NR>, const NR: usize>(
     q: &[A],
     keys: &PackedKeys<A>,
     j0: usize,
+    width: usize,
     tiles: usize,
-    d: usize,
     s: &mut [A],
 ) {
+    let d = keys.d;
     let q_rows = q.as_chunks::<MR>().0;
     let k_rows = keys.data.as_chunks::<NR>().0;
     let s_rows = s.as_chunks_mut::<BC>().0;
-    for panel in 0..BC / NR {
+    for panel in 0..width / NR {
         let first = (j0 / NR + panel) * d;
         let k_panel = &k_rows[first..first + d];
         for t in 0..tiles {
@@ -289,11 +291,17 @@ fn scores<A: Element, T: Tiles<A, NR>, const NR: usize>(
 }
 
 /// Applies padding, bias, keep and causal masks to the scores of keys `j0 ..`.
-fn mask_scores<A: Element>(block: &Block<'_, A>, j0: usize, s: &mut [A]) {
+fn mask_scores<A: Element>(
+    block: &Block<'_, A>,
+    j0: usize,
+    keys: usize,
+    width: usize,
+    s: &mut [A],
+) {
     let s_rows = s.as_chunks_mut::<BC>().0;
-    let valid = block.s.saturating_sub(j0).min(BC);
+    let valid = block.s.saturating_sub(j0).min(keys);
     for (i, row) in s_rows.iter_mut().enumerate() {
-        row[valid..].fill(A::neg_infinity());
+        row[valid..width].fill(A::neg_infinity());
         if i < block.q.nrows() {
             apply_row(
                 block.masks,
@@ -343,16 +351,30 @@ fn softmax_update<A: Element, M: MulAdd, const NR: usize>(
     alpha
 }
 
-/// `O = α·O + P·V` for keys `j0 .. j0 + BC`.
+/// One block's weights `P = exp(S − shift)`, row by row, and the factors `α` that
+/// rescale each row's output so far.
+struct Weights<'a, A> {
+    /// `(tiles·MR) × BC`, of which the first `keys` columns are in use.
+    p: &'a [A],
+    alpha: &'a [A],
+    keys: usize,
+    tiles: usize,
+}
+
+/// `O = α·O + P·V` for keys `j0 .. j0 + keys`.
 #[inline(always)]
 fn accumulate<A: Element, M: MulAdd, T: Tiles<A, NR>, const NR: usize>(
-    p: &[A],
-    alpha: &[A],
+    weights: &Weights<'_, A>,
     values: &PackedValues<A>,
     j0: usize,
-    tiles: usize,
     o: &mut [A],
 ) {
+    let Weights {
+        p,
+        alpha,
+        keys,
+        tiles,
+    } = *weights;
     let p_rows = p.as_chunks::<BC>().0;
     let v_rows = values.data.as_chunks::<NR>().0;
     let o_tiles = o.as_chunks_mut::<NR>().0;
@@ -366,7 +388,7 @@ fn accumulate<A: Element, M: MulAdd, T: Tiles<A, NR>, const NR: usize>(
             // this block's P·V is summed on its own, then added to the rescaled
             // total: blocked summation keeps long rows accurate
             let rows: [&[A; BC]; MR] = std::array::from_fn(|i| &p_rows[t * MR + i]);
-            let acc = T::value_tile(&rows, v_block);
+            let acc = T::value_tile(&rows, v_block, keys);
             for (i, acc_row) in acc.iter().enumerate() {
                 let r = t * MR + i;
                 let o_row = &mut o_tiles[r * col_tiles + ct];
@@ -383,9 +405,9 @@ pub trait Tiles<A, const NR: usize> {
     /// A tile of `S = Q·Kᵀ`: `q` holds the `d` columns of `MR` queries, `k` the `d`
     /// components of `NR` keys.
     fn score_tile(q: &[[A; MR]], k: &[[A; NR]]) -> [[A; NR]; MR];
-    /// A tile of `P·V` over one block of keys: `p` holds `MR` rows of weights,
-    /// `v` `BC` rows of `NR` values.
-    fn value_tile(p: &[&[A; BC]; MR], v: &[[A; NR]; BC]) -> [[A; NR]; MR];
+    /// A tile of `P·V` over the first `keys` (at most `BC`) keys of a block: `p`
+    /// holds `MR` rows of weights, `v` `BC` rows of `NR` values.
+    fn value_tile(p: &[&[A; BC]; MR], v: &[[A; NR]; BC], keys: usize) -> [[A; NR]; MR];
 }
 
 /// The micro-kernels as plain loops over arrays, for the autovectoriser.
@@ -406,9 +428,9 @@ impl<A: Element, M: MulAdd, const NR: usize> Tiles<A, NR> for Portable<M> {
     }
 
     #[inline(always)]
-    fn value_tile(p: &[&[A; BC]; MR], v: &[[A; NR]; BC]) -> [[A; NR]; MR] {
+    fn value_tile(p: &[&[A; BC]; MR], v: &[[A; NR]; BC], keys: usize) -> [[A; NR]; MR] {
         let mut acc = [[A::zero(); NR]; MR];
-        for j in 0..BC {
+        for j in 0..keys.min(BC) {
             for i in 0..MR {
                 let pij = p[i][j];
                 for c in 0..NR {

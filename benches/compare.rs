@@ -1,0 +1,276 @@
+//! One table, one run: attn's fused kernel, attn's plain path, a hand-written
+//! ndarray baseline and PyTorch's `scaled_dot_product_attention`, with 1 and 2
+//! threads. Run with `cargo bench --bench compare`; `-- --quick` for a short run.
+//!
+//! PyTorch is timed through `benches/torch_sdpa.py` with the Python named by
+//! `ATTN_TORCH_PYTHON` (default `python3`); without `torch` its column says so.
+//! Every time is the best of several calls (this machine is shared and noisy),
+//! and the contenders of one row run one right after another.
+
+use std::process::Command;
+use std::time::Instant;
+
+use attn::{Kernel, Mask, Parallelism, ScaledDotProduct};
+use ndarray::{s, Array2, Array4, Axis};
+use rayon::prelude::*;
+
+const HEADS: usize = 8;
+const DIM: usize = 64;
+
+fn best_seconds(min_seconds: f64, mut f: impl FnMut()) -> f64 {
+    f();
+    let (mut best, mut spent, mut runs) = (f64::INFINITY, 0.0, 0);
+    while runs < 3 || (spent < min_seconds && runs < 200) {
+        let t = Instant::now();
+        f();
+        let dt = t.elapsed().as_secs_f64();
+        best = best.min(dt);
+        spent += dt;
+        runs += 1;
+    }
+    best
+}
+
+fn inputs(n: usize, heads: usize, dim: usize) -> Array4<f32> {
+    let mut state = 0x2545_f491_4f6c_dd1d_u64 ^ (n * heads * dim) as u64;
+    Array4::from_shape_simple_fn((1, heads, n, dim), || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    })
+}
+
+/// What people write by hand: `Q·Kᵀ`, a row softmax, `·V`, head by head.
+fn handwritten(q: &Array4<f32>, k: &Array4<f32>, v: &Array4<f32>, threaded: bool) -> Array4<f32> {
+    let scale = 1.0 / (q.dim().3 as f32).sqrt();
+    let head = |h: usize| {
+        let pick = |x: &Array4<f32>| -> Array2<f32> { x.slice(s![0, h, .., ..]).to_owned() };
+        let (q, k, v) = (pick(q), pick(k), pick(v));
+        let mut scores = q.dot(&k.t()) * scale;
+        for mut row in scores.rows_mut() {
+            let max = row.fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            row.mapv_inplace(|x| (x - max).exp());
+            let sum = row.sum();
+            row /= sum;
+        }
+        scores.dot(&v)
+    };
+    let heads: Vec<Array2<f32>> = if threaded {
+        (0..q.dim().1).into_par_iter().map(head).collect()
+    } else {
+        (0..q.dim().1).map(head).collect()
+    };
+    let mut out = Array4::zeros(q.raw_dim());
+    for (h, o) in heads.iter().enumerate() {
+        out.slice_mut(s![0, h, .., ..]).assign(o);
+    }
+    out
+}
+
+fn torch_seconds(
+    python: &str,
+    n: usize,
+    threads: usize,
+    heads: usize,
+    dim: usize,
+    causal: bool,
+    min: f64,
+) -> Result<(f64, String), String> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/torch_sdpa.py");
+    let args = [
+        n.to_string(),
+        threads.to_string(),
+        heads.to_string(),
+        dim.to_string(),
+        "f32".to_string(),
+        if causal { "causal" } else { "none" }.to_string(),
+        min.to_string(),
+    ];
+    let out = Command::new(python)
+        .arg(script)
+        .args(&args)
+        .output()
+        .map_err(|e| format!("absent: cannot run {python}: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let mut words = text.split_whitespace();
+    match words.next().and_then(|w| w.parse::<f64>().ok()) {
+        Some(seconds) => Ok((seconds, words.collect::<Vec<_>>().join(" "))),
+        None if text.is_empty() => Err(format!(
+            "absent: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("no output")
+        )),
+        None => Err(text),
+    }
+}
+
+fn gflops(flops: f64, seconds: f64) -> String {
+    format!("{:.1}", flops / seconds / 1e9)
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let python = std::env::var("ATTN_TORCH_PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let min = if quick { 0.2 } else { 1.0 };
+    let sizes: &[usize] = if quick {
+        &[128, 512]
+    } else {
+        &[128, 512, 2048, 4096]
+    };
+    let mut torch_version = String::new();
+    let mut torch_absent = None;
+
+    println!("f32, batch 1, {HEADS} heads, head_dim {DIM}, self-attention; GFLOP/s = 4·N²·d·heads / time (causal: half)");
+    println!("best time of repeated calls; contenders of a row run back to back\n");
+    println!("| N | mask | threads | attn fused | attn plain | ndarray by hand | PyTorch SDPA | fused / PyTorch |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for causal in [false, true] {
+        for &n in sizes {
+            if causal && n < 2048 {
+                continue;
+            }
+            let (q, k, v) = (
+                inputs(n, HEADS, DIM),
+                inputs(n + 1, HEADS, DIM),
+                inputs(n + 2, HEADS, DIM),
+            );
+            let (k, v) = (
+                k.slice(s![.., .., ..n, ..]).to_owned(),
+                v.slice(s![.., .., ..n, ..]).to_owned(),
+            );
+            let flops = 4.0 * (n * n * DIM * HEADS) as f64 / if causal { 2.0 } else { 1.0 };
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("a thread pool");
+                let attn = |kernel| {
+                    let mut a = ScaledDotProduct::new()
+                        .with_kernel(kernel)
+                        .with_parallelism(Parallelism::Rayon);
+                    if causal {
+                        a = a.with_mask(Mask::CausalTopLeft);
+                    }
+                    a
+                };
+                let fused = pool.install(|| {
+                    best_seconds(min, || {
+                        drop(attn(Kernel::Fused).forward_batched(&q, &k, &v))
+                    })
+                });
+                let plain = if n <= 2048 {
+                    gflops(
+                        flops,
+                        pool.install(|| {
+                            best_seconds(min, || {
+                                drop(attn(Kernel::Plain).forward_batched(&q, &k, &v))
+                            })
+                        }),
+                    )
+                } else {
+                    "–".to_string()
+                };
+                let by_hand = if causal || n > 2048 {
+                    "–".to_string()
+                } else {
+                    gflops(
+                        flops,
+                        pool.install(|| {
+                            best_seconds(min, || drop(handwritten(&q, &k, &v, threads > 1)))
+                        }),
+                    )
+                };
+                let (torch, ratio) =
+                    match torch_seconds(&python, n, threads, HEADS, DIM, causal, min) {
+                        Ok((seconds, version)) => {
+                            torch_version = version;
+                            (gflops(flops, seconds), format!("{:.2}×", seconds / fused))
+                        }
+                        Err(why) => {
+                            torch_absent = Some(why);
+                            ("absent".to_string(), "–".to_string())
+                        }
+                    };
+                let mask = if causal { "causal" } else { "none" };
+                println!(
+                    "| {n} | {mask} | {threads} | {} | {plain} | {by_hand} | {torch} | {ratio} |",
+                    gflops(flops, fused)
+                );
+            }
+        }
+    }
+
+    // the tiny case: 3 tokens × 4 dimensions, one head, the plain 2-D call
+    let x = Array2::from_shape_fn((3, 4), |(i, j)| (i * 4 + j) as f32 / 12.0);
+    let per_call = |f: &dyn Fn()| {
+        let calls = 10_000;
+        best_seconds(min, || (0..calls).for_each(|_| f())) / calls as f64 * 1e6
+    };
+    let tiny = per_call(&|| drop(attn::scaled_dot_product(&x, &x, &x)));
+    let tiny_plain = per_call(&|| {
+        drop(
+            ScaledDotProduct::new()
+                .with_kernel(Kernel::Plain)
+                .forward(&x, &x, &x),
+        )
+    });
+    let tiny_torch = torch_seconds(&python, 3, 1, 1, 4, false, min)
+        .map(|(s, _)| format!("{:.2} µs", s * 1e6))
+        .unwrap_or_else(|_| "absent".to_string());
+    println!("\ntiny case (3 tokens × 4 dims, one head, `scaled_dot_product`): attn {tiny:.3} µs, attn plain {tiny_plain:.3} µs, PyTorch SDPA {tiny_torch}");
+
+    // one head through the plain 2-D call, as most users call it
+    let n = if quick { 512 } else { 2048 };
+    let q = inputs(n, 1, DIM)
+        .index_axis_move(Axis(0), 0)
+        .index_axis_move(Axis(0), 0);
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("a thread pool");
+        let t = pool.install(|| best_seconds(min, || drop(attn::scaled_dot_product(&q, &q, &q))));
+        println!(
+            "`scaled_dot_product` on one ({n}, {DIM}) head, {threads} thread(s): {} GFLOP/s",
+            gflops(4.0 * (n * n * DIM) as f64, t)
+        );
+    }
+
+    // f64 through the same kernel
+    let n = if quick { 512 } else { 2048 };
+    let q64 = inputs(n, HEADS, DIM).mapv(f64::from);
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("a thread pool");
+        let fused = pool.install(|| {
+            best_seconds(min, || {
+                drop(ScaledDotProduct::new().forward_batched(&q64, &q64, &q64))
+            })
+        });
+        let plain = pool.install(|| {
+            best_seconds(min, || {
+                drop(
+                    ScaledDotProduct::new()
+                        .with_kernel(Kernel::Plain)
+                        .forward_batched(&q64, &q64, &q64),
+                )
+            })
+        });
+        let flops = 4.0 * (n * n * DIM * HEADS) as f64;
+        println!(
+            "f64, N = {n}, {threads} thread(s): fused {} GFLOP/s, plain {} GFLOP/s",
+            gflops(flops, fused),
+            gflops(flops, plain)
+        );
+    }
+
+    match torch_absent {
+        Some(why) => println!("\nPyTorch: {why}"),
+        None => println!("\nPyTorch: {torch_version}"),
+    }
+}

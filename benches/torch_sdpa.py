@@ -1,0 +1,39 @@
+"""Times PyTorch's scaled_dot_product_attention for benches/compare.rs.
+
+Usage: python torch_sdpa.py N THREADS HEADS DIM DTYPE CAUSAL MIN_SECONDS
+Prints one line: the best seconds per call, or "absent: <reason>" when torch
+cannot be imported. Never a dependency of the crate; only the comparison runs it.
+"""
+import sys
+import time
+
+try:
+    import torch
+    import torch.nn.functional as F
+except Exception as e:  # torch not installed: the table says so
+    print(f"absent: {type(e).__name__}: {e}")
+    sys.exit(0)
+
+
+def main():
+    n, threads, heads, dim = (int(x) for x in sys.argv[1:5])
+    dtype = {"f32": torch.float32, "f64": torch.float64}[sys.argv[5]]
+    causal = sys.argv[6] == "causal"
+    min_seconds = float(sys.argv[7])
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, heads, n, dim, generator=g, dtype=dtype)
+    k = torch.randn(1, heads, n, dim, generator=g, dtype=dtype)
+    v = torch.randn(1, heads, n, dim, generator=g, dtype=dtype)
+    with torch.inference_mode():
+        F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        best, spent, runs = float("inf"), 0.0, 0
+        while runs < 3 or (spent < min_seconds and runs < 200):
+            t = time.perf_counter()
+            F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            dt = time.perf_counter() - t
+            best, spent, runs = min(best, dt), spent + dt, runs + 1
+    print(f"{best:.9f} torch {torch.__version__}")
+
+
+main()
