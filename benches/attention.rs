@@ -1,20 +1,82 @@
-//! End-to-end attention timings.
+//! Criterion benchmarks: the matrix products and the softmax the plain path is
+//! made of, and end-to-end attention, plain against fused, in f32 and f64.
+//!
+//! `cargo bench --bench attention`; throughput is reported in FLOP/s
+//! (`4·N²·d·heads` per attention call, `2·N²·d` per product, `N²` per softmax).
 
-use attn::scaled_dot_product;
+use std::time::Duration;
+
+use attn::{softmax_rows, Element, Kernel, ScaledDotProduct};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ndarray::Array2;
+use ndarray::{Array2, Array4};
 
-fn plain(c: &mut Criterion) {
-    let mut group = c.benchmark_group("sdpa_plain_f32_d64");
-    for n in [3usize, 128, 512] {
-        let x = Array2::from_shape_fn((n, 64), |(i, j)| ((i * 7 + j * 3) % 11) as f32 / 11.0 - 0.5);
-        group.throughput(Throughput::Elements((4 * n * n * 64) as u64));
-        group.bench_with_input(BenchmarkId::from_parameter(n), &x, |b, x| {
-            b.iter(|| scaled_dot_product(x, x, x).expect("shapes agree"))
+const HEADS: usize = 8;
+const DIM: usize = 64;
+
+fn filled<A: Element>(shape: (usize, usize), seed: usize) -> Array2<A> {
+    Array2::from_shape_fn(shape, |(i, j)| {
+        A::from_f64(((i * 31 + j * 17 + seed) % 97) as f64 / 97.0 - 0.5)
+    })
+}
+
+fn matmul_core(c: &mut Criterion) {
+    let mut group = c.benchmark_group("matmul_core_f32");
+    for n in [128usize, 512, 2048] {
+        let q = filled::<f32>((n, DIM), 1);
+        let p = filled::<f32>((n, n), 2);
+        group.throughput(Throughput::Elements((2 * n * n * DIM) as u64));
+        group.bench_with_input(BenchmarkId::new("q_kt", n), &n, |b, _| {
+            b.iter(|| q.dot(&q.t()))
+        });
+        group.bench_with_input(BenchmarkId::new("p_v", n), &n, |b, _| b.iter(|| p.dot(&q)));
+    }
+    group.finish();
+}
+
+fn softmax(c: &mut Criterion) {
+    let mut group = c.benchmark_group("softmax_rows_f32");
+    for n in [128usize, 512, 2048] {
+        let s = filled::<f32>((n, n), 3);
+        group.throughput(Throughput::Elements((n * n) as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(n), &s, |b, s| {
+            b.iter(|| softmax_rows(s))
         });
     }
     group.finish();
 }
 
-criterion_group!(benches, plain);
+fn end_to_end<A: Element>(c: &mut Criterion, name: &str, sizes: &[usize]) {
+    let mut group = c.benchmark_group(name);
+    for &n in sizes {
+        let heads = if n == 3 { 1 } else { HEADS };
+        let dim = if n == 3 { 4 } else { DIM };
+        let x = filled::<A>((heads * n, dim), 4)
+            .into_shape_with_order((1, heads, n, dim))
+            .expect("same size");
+        let x: Array4<A> = x;
+        if n >= 2048 {
+            group
+                .sample_size(10)
+                .measurement_time(Duration::from_secs(8));
+        }
+        group.throughput(Throughput::Elements((4 * n * n * dim * heads) as u64));
+        for (label, kernel) in [("fused", Kernel::Auto), ("plain", Kernel::Plain)] {
+            let attn = ScaledDotProduct::new().with_kernel(kernel);
+            group.bench_with_input(BenchmarkId::new(label, n), &x, |b, x| {
+                b.iter(|| attn.forward_batched(x, x, x).expect("shapes agree"))
+            });
+        }
+    }
+    group.finish();
+}
+
+fn attention_f32(c: &mut Criterion) {
+    end_to_end::<f32>(c, "sdpa_f32_8heads_d64", &[3, 128, 512, 2048, 4096]);
+}
+
+fn attention_f64(c: &mut Criterion) {
+    end_to_end::<f64>(c, "sdpa_f64_8heads_d64", &[3, 128, 512, 2048]);
+}
+
+criterion_group!(benches, matmul_core, softmax, attention_f32, attention_f64);
 criterion_main!(benches);

@@ -132,7 +132,21 @@ mod avx2 {
                     // reads, every store writes, one half of a `[$ty; $nr]`.
                     unsafe {
                         let mut acc = [[$zero(); 2]; MR];
-                        for (qp, kp) in q.iter().zip(k) {
+                        // two steps of the sum per trip: half the loop overhead
+                        let (q2, q_rest) = q.as_chunks::<2>();
+                        let (k2, k_rest) = k.as_chunks::<2>();
+                        for (qp, kp) in q2.iter().zip(k2) {
+                            for u in 0..2 {
+                                let k0 = $load(kp[u].as_ptr());
+                                let k1 = $load(kp[u].as_ptr().add($half));
+                                for i in 0..MR {
+                                    let a = $splat(qp[u][i]);
+                                    acc[i][0] = $fma(a, k0, acc[i][0]);
+                                    acc[i][1] = $fma(a, k1, acc[i][1]);
+                                }
+                            }
+                        }
+                        for (qp, kp) in q_rest.iter().zip(k_rest) {
                             let k0 = $load(kp.as_ptr());
                             let k1 = $load(kp.as_ptr().add($half));
                             for i in 0..MR {
@@ -155,11 +169,27 @@ mod avx2 {
                     p: &[&[$ty; BC]; MR],
                     v: &[[$ty; $nr]; BC],
                     keys: usize,
-                ) -> [[$ty; $nr]; MR] {
+                    alpha: &[$ty; MR],
+                    o: &mut [[$ty; $nr]; MR],
+                ) {
                     // SAFETY: as in `score_tile`.
                     unsafe {
                         let mut acc = [[$zero(); 2]; MR];
-                        for j in 0..keys.min(BC) {
+                        let keys = keys.min(BC);
+                        // two keys per trip: half the loop overhead
+                        for pair in 0..keys / 2 {
+                            for j in [2 * pair, 2 * pair + 1] {
+                                let v0 = $load(v[j].as_ptr());
+                                let v1 = $load(v[j].as_ptr().add($half));
+                                for i in 0..MR {
+                                    let a = $splat(p[i][j]);
+                                    acc[i][0] = $fma(a, v0, acc[i][0]);
+                                    acc[i][1] = $fma(a, v1, acc[i][1]);
+                                }
+                            }
+                        }
+                        if keys % 2 == 1 {
+                            let j = keys - 1;
                             let v0 = $load(v[j].as_ptr());
                             let v1 = $load(v[j].as_ptr().add($half));
                             for i in 0..MR {
@@ -168,12 +198,12 @@ mod avx2 {
                                 acc[i][1] = $fma(a, v1, acc[i][1]);
                             }
                         }
-                        let mut out = [[0.0; $nr]; MR];
                         for i in 0..MR {
-                            $store(out[i].as_mut_ptr(), acc[i][0]);
-                            $store(out[i].as_mut_ptr().add($half), acc[i][1]);
+                            let a = $splat(alpha[i]);
+                            let row = o[i].as_mut_ptr();
+                            $store(row, $fma($load(row), a, acc[i][0]));
+                            $store(row.add($half), $fma($load(row.add($half)), a, acc[i][1]));
                         }
-                        out
                     }
                 }
             }

@@ -56,19 +56,20 @@ fn padded(n: usize, multiple: usize) -> usize {
 
 /// Whether `x` is finite, its largest absolute entry, and its number of rows.
 pub(crate) fn extent_of<A: Element>(x: &ArrayView2<'_, A>) -> Extent<A> {
+    // `x − x` is 0 for finite x and NaN otherwise: summing it finds any
+    // non-finite entry with plain, vectorisable arithmetic
     let mut lanes = [A::zero(); 8];
-    let mut nan = false;
+    let mut poison = [A::zero(); 8];
     let mut scan = |values: &[A]| {
         let (chunks, rest) = values.as_chunks::<8>();
         for chunk in chunks {
-            for (m, &v) in lanes.iter_mut().zip(chunk) {
-                let a = v.abs();
-                nan |= a.is_nan();
-                *m = if a > *m { a } else { *m };
+            for ((m, p), &v) in lanes.iter_mut().zip(poison.iter_mut()).zip(chunk) {
+                *p += v - v;
+                *m = if v.abs() > *m { v.abs() } else { *m };
             }
         }
         for &v in rest {
-            nan |= v.is_nan();
+            poison[0] += v - v;
             lanes[0] = if v.abs() > lanes[0] {
                 v.abs()
             } else {
@@ -87,7 +88,7 @@ pub(crate) fn extent_of<A: Element>(x: &ArrayView2<'_, A>) -> Extent<A> {
         .iter()
         .fold(A::zero(), |m, &a| if a > m { a } else { m });
     Extent {
-        finite: !nan && max_abs.is_finite(),
+        finite: poison.iter().all(|&p| p == A::zero()) && max_abs.is_finite(),
         max_abs,
         rows: x.nrows(),
     }
@@ -228,16 +229,18 @@ pub(crate) fn attend_block<A: Element, M: MulAdd, T: Tiles<A, NR>, const NR: usi
         accumulate::<A, M, T, NR>(&p, block.values, j0, &mut scratch.o);
     }
 
-    let width = block.values.col_tiles * NR;
+    let o_tiles = scratch.o.as_chunks::<NR>().0;
     for (i, mut row) in out.axis_iter_mut(Axis(0)).enumerate() {
         let total = scratch.sum[i];
-        let o = &scratch.o[i * width..(i + 1) * width];
-        for (x, &acc) in row.iter_mut().zip(o) {
-            *x = if total > A::zero() {
-                acc / total
-            } else {
-                A::zero()
-            };
+        let inverse = if total > A::zero() {
+            A::one() / total
+        } else {
+            A::zero()
+        };
+        for (ct, columns) in row.axis_chunks_iter_mut(Axis(0), NR).enumerate() {
+            for (x, &o) in columns.into_iter().zip(&o_tiles[ct * BR + i]) {
+                *x = o * inverse;
+            }
         }
     }
 }
@@ -377,6 +380,7 @@ fn accumulate<A: Element, M: MulAdd, T: Tiles<A, NR>, const NR: usize>(
     } = *weights;
     let p_rows = p.as_chunks::<BC>().0;
     let v_rows = values.data.as_chunks::<NR>().0;
+    // O is stored column tile by column tile: `(col_tiles × BR) × NR`
     let o_tiles = o.as_chunks_mut::<NR>().0;
     let col_tiles = values.col_tiles;
     for ct in 0..col_tiles {
@@ -385,17 +389,15 @@ fn accumulate<A: Element, M: MulAdd, T: Tiles<A, NR>, const NR: usize>(
             .try_into()
             .expect("a packed value block holds BC keys");
         for t in 0..tiles {
-            // this block's P·V is summed on its own, then added to the rescaled
-            // total: blocked summation keeps long rows accurate
             let rows: [&[A; BC]; MR] = std::array::from_fn(|i| &p_rows[t * MR + i]);
-            let acc = T::value_tile(&rows, v_block, keys);
-            for (i, acc_row) in acc.iter().enumerate() {
-                let r = t * MR + i;
-                let o_row = &mut o_tiles[r * col_tiles + ct];
-                for c in 0..NR {
-                    o_row[c] = M::mul_add(o_row[c], alpha[r], acc_row[c]);
-                }
-            }
+            let first = ct * BR + t * MR;
+            let o_tile: &mut [[A; NR]; MR] = (&mut o_tiles[first..first + MR])
+                .try_into()
+                .expect("an output tile holds MR rows");
+            let alpha: &[A; MR] = alpha[t * MR..(t + 1) * MR]
+                .try_into()
+                .expect("MR factors per tile");
+            T::value_tile(&rows, v_block, keys, alpha, o_tile);
         }
     }
 }
@@ -405,9 +407,17 @@ pub trait Tiles<A, const NR: usize> {
     /// A tile of `S = Q·Kᵀ`: `q` holds the `d` columns of `MR` queries, `k` the `d`
     /// components of `NR` keys.
     fn score_tile(q: &[[A; MR]], k: &[[A; NR]]) -> [[A; NR]; MR];
-    /// A tile of `P·V` over the first `keys` (at most `BC`) keys of a block: `p`
-    /// holds `MR` rows of weights, `v` `BC` rows of `NR` values.
-    fn value_tile(p: &[&[A; BC]; MR], v: &[[A; NR]; BC], keys: usize) -> [[A; NR]; MR];
+    /// `O = α·O + P·V` on one tile, over the first `keys` (at most `BC`) keys of a
+    /// block: `p` holds `MR` rows of weights, `v` `BC` rows of `NR` values. The
+    /// block's product is summed on its own before it is added to the rescaled
+    /// total: blocked summation keeps long rows accurate.
+    fn value_tile(
+        p: &[&[A; BC]; MR],
+        v: &[[A; NR]; BC],
+        keys: usize,
+        alpha: &[A; MR],
+        o: &mut [[A; NR]; MR],
+    );
 }
 
 /// The micro-kernels as plain loops over arrays, for the autovectoriser.
@@ -428,7 +438,13 @@ impl<A: Element, M: MulAdd, const NR: usize> Tiles<A, NR> for Portable<M> {
     }
 
     #[inline(always)]
-    fn value_tile(p: &[&[A; BC]; MR], v: &[[A; NR]; BC], keys: usize) -> [[A; NR]; MR] {
+    fn value_tile(
+        p: &[&[A; BC]; MR],
+        v: &[[A; NR]; BC],
+        keys: usize,
+        alpha: &[A; MR],
+        o: &mut [[A; NR]; MR],
+    ) {
         let mut acc = [[A::zero(); NR]; MR];
         for j in 0..keys.min(BC) {
             for i in 0..MR {
@@ -438,6 +454,10 @@ impl<A: Element, M: MulAdd, const NR: usize> Tiles<A, NR> for Portable<M> {
                 }
             }
         }
-        acc
+        for i in 0..MR {
+            for c in 0..NR {
+                o[i][c] = M::mul_add(o[i][c], alpha[i], acc[i][c]);
+            }
+        }
     }
 }
