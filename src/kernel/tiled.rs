@@ -56,7 +56,7 @@ fn padded(n: usize, multiple: usize) -> usize {
 
 /// Whether `x` is finite, its largest absolute entry, and its number of rows.
 pub(crate) fn extent_of<A: Element>(x: &ArrayView2<'_, A>) -> Extent<A> {
-    // `x − x` is 0 for finite x and NaN otherwise: summing it finds any
+    // `0·x` is 0 for finite x and NaN otherwise: summing it finds any
     // non-finite entry with plain, vectorisable arithmetic
     let mut lanes = [A::zero(); 8];
     let mut poison = [A::zero(); 8];
@@ -64,12 +64,12 @@ pub(crate) fn extent_of<A: Element>(x: &ArrayView2<'_, A>) -> Extent<A> {
         let (chunks, rest) = values.as_chunks::<8>();
         for chunk in chunks {
             for ((m, p), &v) in lanes.iter_mut().zip(poison.iter_mut()).zip(chunk) {
-                *p += v - v;
+                *p += v * A::zero();
                 *m = if v.abs() > *m { v.abs() } else { *m };
             }
         }
         for &v in rest {
-            poison[0] += v - v;
+            poison[0] += v * A::zero();
             lanes[0] = if v.abs() > lanes[0] {
                 v.abs()
             } else {
