@@ -1,4 +1,11 @@
-//! Reproducible random generators.
+//! Reproducible random generators: the crate's own seeded stream, and NumPy's and
+//! PyTorch's, so that examples written for them give the same numbers here.
+
+mod numpy;
+mod torch;
+
+pub use numpy::NumpyRandom;
+pub use torch::TorchGenerator;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
