@@ -1,73 +1,83 @@
-//! Seed 003, "Tokyo is beautiful": self-attention over three tokens, step by step.
+//! Seed 003, "Tokyo is beautiful": self-attention over three tokens, step by step,
+//! with `W_Q, W_K, W_V` drawn exactly as the notebook draws them
+//! (`torch.manual_seed(42)`, then `torch.randn(4, 4)` three times).
 //!
-//! Run with `cargo run --release --example tokyo`.
+//! `cargo run --release --example tokyo [OUTPUT_DIR]`
 
-use attn::ScaledDotProduct;
+mod common;
+
+use attn::plot::{Figure, Heatmap};
+use attn::rng::TorchGenerator;
+use attn::{AttentionTrace, QkvProjection, ScaledDotProduct};
 use ndarray::{array, Array2};
 
-/// `torch.manual_seed(42); torch.randn(4, 4)` three times, as the seed's notebook draws them.
-#[allow(clippy::excessive_precision)] // the digits PyTorch prints
-fn torch_weights() -> [Array2<f32>; 3] {
-    let w_q = array![
-        [1.9269153, 1.4872841, 0.9007172, -2.1055210],
-        [0.6784185, -1.2345449, -0.0430675, -1.6046669],
-        [-0.7521353, 1.6487230, -0.3924786, -1.4036071],
-        [-0.7278813, -0.5594302, -0.7688389, 0.7624454]
-    ];
-    let w_k = array![
-        [1.6423169, -0.1595975, -0.4973975, 0.4395893],
-        [-0.7581311, 1.0783176, 0.8008006, 1.6806206],
-        [1.2791244, 1.2964228, 0.6104665, 1.3347378],
-        [-0.2316243, 0.0417595, -0.2515753, 0.8598585]
-    ];
-    let w_v = array![
-        [-1.3846737, -0.8712361, -0.2233659, 1.7173615],
-        [0.3188803, -0.4245190, 0.3057209, -0.7745925],
-        [-1.5575725, 0.9956361, -0.8797858, -0.6011420],
-        [-1.2741512, 2.1227851, -1.2346531, -0.4879139]
-    ];
-    [w_q, w_k, w_v]
+/// The tokens and every number of the demo.
+pub struct Tokyo {
+    pub tokens: [&'static str; 3],
+    pub x: Array2<f32>,
+    pub projection: QkvProjection<f32>,
+    pub trace: AttentionTrace<f32>,
 }
 
-fn print_table(title: &str, rows: &[&str], cols: &[String], m: &Array2<f32>) {
-    println!("{title}");
-    print!("{:>10}", "");
-    for c in cols {
-        print!("{c:>11}");
-    }
-    println!();
-    for (name, row) in rows.iter().zip(m.rows()) {
-        print!("{name:>10}");
-        for x in row {
-            print!("{x:>11.6}");
-        }
-        println!();
-    }
-    println!();
-}
-
-fn main() -> Result<(), attn::Error> {
+/// Computes the demo: `Q = xW_Q`, `K = xW_K`, `V = xW_V`, then attention.
+pub fn tokyo() -> attn::Result<Tokyo> {
     let tokens = ["Tokyo", "is", "beautiful"];
-    let x: Array2<f32> = array![
+    let x = array![
         [1.0, 0.5, 0.3, 0.2],
         [0.2, 0.1, 0.9, 0.7],
         [0.8, 0.3, 0.2, 0.4]
     ];
-    let [w_q, w_k, w_v] = torch_weights();
-    let (q, k, v) = (x.dot(&w_q), x.dot(&w_k), x.dot(&w_v));
-
-    let trace = ScaledDotProduct::new().trace(&q, &k, &v)?;
-
-    let dims: Vec<String> = (0..x.ncols()).map(|d| format!("dim {d}")).collect();
-    let keys: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
-    print_table("input embeddings x", &tokens, &dims, &x);
-    print_table("scores QKᵀ/√d_k", &tokens, &keys, &trace.scaled);
-    print_table(
-        "attention weights softmax(QKᵀ/√d_k)",
-        &tokens,
-        &keys,
-        &trace.weights,
+    let mut torch = TorchGenerator::manual_seed(42);
+    let (w_q, w_k, w_v) = (
+        torch.randn((4, 4)),
+        torch.randn((4, 4)),
+        torch.randn((4, 4)),
     );
-    print_table("output weights·V", &tokens, &dims, &trace.output);
+    let projection = QkvProjection::new(w_q, w_k, w_v)?;
+    let (q, k, v) = (
+        projection.query(&x)?,
+        projection.key(&x)?,
+        projection.value(&x)?,
+    );
+    let trace = ScaledDotProduct::new().trace(&q, &k, &v)?;
+    Ok(Tokyo {
+        tokens,
+        x,
+        projection,
+        trace,
+    })
+}
+
+#[allow(dead_code)]
+fn main() -> attn::Result<()> {
+    let demo = tokyo()?;
+    let dims = ["d0", "d1", "d2", "d3"];
+    let by_token = |title: &str, m: &Array2<f32>, cols: &[&str]| {
+        Heatmap::new(title, m)
+            .with_row_labels(demo.tokens)
+            .with_col_labels(cols.iter().copied())
+            .with_decimals(4)
+    };
+    let weight = |title: &str, m: &Array2<f32>| {
+        Heatmap::new(title, m)
+            .with_row_labels(["in0", "in1", "in2", "in3"])
+            .with_col_labels(dims)
+            .with_decimals(4)
+    };
+    println!("torch.manual_seed(42); W_Q, W_K, W_V = torch.randn(4, 4) three times\n");
+    common::show(&weight("W_Q", demo.projection.w_q()));
+    common::show(&weight("W_K", demo.projection.w_k()));
+    common::show(&weight("W_V", demo.projection.w_v()));
+    let panels = [
+        by_token("input embeddings x", &demo.x, &dims),
+        by_token("scores QKᵀ/√d_k", &demo.trace.scaled, &demo.tokens),
+        by_token("attention weights", &demo.trace.weights, &demo.tokens),
+        by_token("output weights·V", &demo.trace.output, &dims),
+    ];
+    for panel in &panels {
+        common::show(panel);
+    }
+    common::show_in_colour(&panels[2]);
+    common::save(&Figure::new(panels.to_vec()), "tokyo");
     Ok(())
 }

@@ -82,6 +82,11 @@ pub enum Error {
         /// What is wrong, in words.
         reason: String,
     },
+    /// A picture could not be drawn or written (feature `plot`).
+    Plot {
+        /// What went wrong, with the file's path.
+        reason: String,
+    },
     /// A width that must be positive is zero.
     ZeroWidth {
         /// Which width.
@@ -140,6 +145,7 @@ impl fmt::Display for Error {
                 found,
             } => write!(f, "{what}: expected shape {expected:?}, found {found:?}"),
             Error::InvalidConfig { reason } => write!(f, "invalid configuration: {reason}"),
+            Error::Plot { reason } => write!(f, "cannot draw the picture: {reason}"),
             Error::ZeroWidth { what, shape } => {
                 write!(f, "{what} is zero in shape {shape:?}")
             }

@@ -35,6 +35,8 @@
 struct ReadmeDoctests;
 
 pub mod parameter_free;
+#[cfg(feature = "plot")]
+pub mod plot;
 pub mod rng;
 
 mod element;
