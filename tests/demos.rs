@@ -54,3 +54,78 @@ fn tokyo_matches_the_notebook() {
         .collect();
     assert_eq!(tokens, demo.tokens);
 }
+
+#[allow(dead_code)]
+#[path = "../examples/four_words.rs"]
+mod four_words;
+
+#[test]
+fn four_words_matches_the_script() {
+    let file = golden("four_words.json");
+    let demo = four_words::four_words().expect("the demo runs");
+    assert_eq!(demo.words, array2(&file["words"]));
+    assert_eq!(demo.projection.w_q(), &array2(&file["w_q"]));
+    assert_eq!(demo.projection.w_k(), &array2(&file["w_k"]));
+    assert_eq!(demo.projection.w_v(), &array2(&file["w_v"]));
+    assert_eq!(demo.q, array2(&file["q"]));
+    assert_eq!(demo.k, array2(&file["k"]));
+    assert_eq!(demo.v, array2(&file["v"]));
+    assert_eq!(demo.scores, array2(&file["scores"]));
+    for (name, got, key) in [
+        (
+            "whole-matrix probs",
+            &demo.probs_whole_matrix,
+            "probs_whole_matrix",
+        ),
+        (
+            "whole-matrix attention",
+            &demo.attention_whole_matrix,
+            "attention_whole_matrix",
+        ),
+        ("row-wise probs", &demo.probs_rows, "probs_rows"),
+        ("row-wise attention", &demo.attention_rows, "attention_rows"),
+    ] {
+        assert_digits(name, got, &array2(&file[key]), 12);
+    }
+}
+
+#[allow(dead_code)]
+#[path = "../examples/feature_map.rs"]
+mod feature_map;
+
+#[test]
+fn feature_map_mixes_pixels_as_the_formula_says() {
+    let (x, out) = feature_map::feature_map().expect("the demo runs");
+    // o = X·Aᵀ with X = (C, N) and A = softmax(XᵀX), computed here directly
+    let flat = x.to_shape((2, 4)).expect("2×2×2").to_owned();
+    let s = flat.t().dot(&flat);
+    let a = attn::softmax_rows(&s);
+    assert!((&a - &out.weights).iter().all(|d| d.abs() < 1e-15));
+    let o = flat.dot(&a.t());
+    let got = out.output.to_shape((2, 4)).expect("2×2×2").to_owned();
+    assert!((&o - &got).iter().all(|d| d.abs() < 1e-15));
+    assert_eq!(feature_map::PIXELS.len(), 4);
+}
+
+#[allow(dead_code)]
+#[path = "../examples/cross_vit.rs"]
+mod cross_vit;
+
+#[test]
+fn cross_vit_exchange_has_the_papers_shapes() {
+    let exchange = cross_vit::cls_exchange().expect("the demo runs");
+    let shapes: Vec<Vec<usize>> = exchange.steps.iter().map(|(_, s)| s.clone()).collect();
+    assert_eq!(
+        shapes,
+        vec![
+            vec![145, 64],
+            vec![37, 128],
+            vec![1, 64],
+            vec![145, 64],
+            vec![1, 64],
+            vec![4, 1, 145],
+            vec![1, 128]
+        ]
+    );
+    assert!(exchange.new_cls.iter().all(|x| x.is_finite()));
+}
