@@ -1,4 +1,6 @@
 //! The demos' own code paths against the golden numbers of the seeds.
+// each example brings its own copy of examples/common
+#![allow(clippy::duplicate_mod)]
 
 mod common;
 
