@@ -131,3 +131,71 @@ fn cross_vit_exchange_has_the_papers_shapes() {
     );
     assert!(exchange.new_cls.iter().all(|x| x.is_finite()));
 }
+
+#[allow(dead_code)]
+#[path = "../examples/csv_attention.rs"]
+mod csv_attention;
+
+#[test]
+fn csv_attention_runs_the_seeds_pipeline_on_the_sample_files() {
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data");
+    let results = csv_attention::csv_attention(&data).expect("the sample files are valid");
+    assert_eq!(results.len(), 3);
+    for result in &results {
+        assert_eq!(result.attention.dim(), (30, 9));
+        assert_eq!(result.classes.iter().filter(|c| *c == "NORMAL").count(), 10);
+        assert_eq!(result.classes[10], "ERROR(A)");
+        assert_eq!(result.classes[29], "ERROR(B)");
+        for &v in &result.attention {
+            assert!(
+                ((v * 1e5).round() - v * 1e5).abs() < 1e-6,
+                "{v} is rounded to 5 decimals"
+            );
+        }
+    }
+}
+
+fn malformed(name: &str, text: &str) -> String {
+    let dir = std::env::temp_dir().join("attn-csv-tests");
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("a temp file");
+    match csv_attention::read_table(&path) {
+        Ok(_) => panic!("{name} should be refused"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn malformed_csv_errors_name_file_line_and_column() {
+    let e = malformed(
+        "ragged.csv",
+        "class,X0,X1,X2,X3\nNORMAL,1,2,3,4\nNORMAL,1,2,3\n",
+    );
+    assert!(
+        e.contains("ragged.csv")
+            && e.contains("line 3")
+            && e.contains("4 fields where the header has 5"),
+        "{e}"
+    );
+    let e = malformed(
+        "word.csv",
+        "class,X0,X1,X2,X3\nNORMAL,1,2,3,4\nNORMAL,1,two,3,4\n",
+    );
+    assert!(
+        e.contains("word.csv, line 3, column 3") && e.contains("\"two\" is not a number"),
+        "{e}"
+    );
+    let e = malformed("columns.csv", "class,X0,X1,X3\nNORMAL,1,2,3\n");
+    assert!(
+        e.contains("columns.csv, line 1") && e.contains("no column X2"),
+        "{e}"
+    );
+    let e = malformed("nan.csv", "class,X0,X1,X2,X3\nNORMAL,1,2,NaN,4\n");
+    assert!(
+        e.contains("column 4") && e.contains("not a finite number"),
+        "{e}"
+    );
+    let missing = csv_attention::read_table(std::path::Path::new("/nonexistent/attn.csv"));
+    assert!(missing.is_err_and(|e| e.to_string().contains("/nonexistent/attn.csv")));
+}

@@ -1,0 +1,248 @@
+//! Seed 002: attention whose data and weight matrices come from CSV files. The
+//! learning data are min–max normalised (×2), thresholded and used as the weights
+//! (`W_Q = value_dataᵀ`, `W_K = query_dataᵀ`, `W_V = key_dataᵀ`); each validation
+//! file (10 NORMAL, 10 ERROR(A), 10 ERROR(B) rows) goes through attention, and the
+//! result is written as CSV, rounded to 5 decimals, with each row's class.
+//!
+//! `cargo run --release --example csv_attention [OUTPUT_DIR]`
+
+mod common;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use attn::{QkvProjection, ScaledDotProduct};
+use ndarray::Array2;
+
+/// The feature columns every file must have.
+const FEATURES: [&str; 4] = ["X0", "X1", "X2", "X3"];
+
+/// A CSV file that cannot be used, with where and why.
+#[derive(Debug)]
+pub struct CsvError {
+    pub file: PathBuf,
+    pub line: Option<u64>,
+    pub column: Option<usize>,
+    pub reason: String,
+}
+
+impl fmt::Display for CsvError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ", line {line}")?;
+        }
+        if let Some(column) = self.column {
+            write!(f, ", column {column}")?;
+        }
+        write!(f, ": {}", self.reason)
+    }
+}
+
+impl std::error::Error for CsvError {}
+
+/// A table read from CSV: each row's class and its features `X0..X3`.
+pub struct Table {
+    pub classes: Vec<String>,
+    pub features: Array2<f64>,
+}
+
+/// Reads `class,X0..X3` (in any column order, other columns ignored).
+pub fn read_table(path: &Path) -> Result<Table, CsvError> {
+    let error = |line, column, reason: String| CsvError {
+        file: path.to_path_buf(),
+        line,
+        column,
+        reason,
+    };
+    let mut reader = csv::Reader::from_path(path).map_err(|e| error(None, None, e.to_string()))?;
+    let headers = reader
+        .headers()
+        .map_err(|e| error(Some(1), None, e.to_string()))?
+        .clone();
+    let find = |name: &str| headers.iter().position(|h| h.trim() == name);
+    let class_column = find("class");
+    let mut columns = Vec::new();
+    for name in FEATURES {
+        let at = find(name).ok_or_else(|| {
+            error(
+                Some(1),
+                None,
+                format!("no column {name} in the header {headers:?}"),
+            )
+        })?;
+        columns.push(at);
+    }
+    let (mut classes, mut values) = (Vec::new(), Vec::new());
+    for record in reader.records() {
+        let record = record.map_err(|e| {
+            let line = e.position().map(|p| p.line());
+            let reason = match e.kind() {
+                csv::ErrorKind::UnequalLengths {
+                    expected_len, len, ..
+                } => {
+                    format!("{len} fields where the header has {expected_len}")
+                }
+                _ => e.to_string(),
+            };
+            error(line, None, reason)
+        })?;
+        let line = record.position().map(|p| p.line());
+        for &at in &columns {
+            let field = record.get(at).unwrap_or("").trim();
+            let value: f64 = field
+                .parse()
+                .map_err(|_| error(line, Some(at + 1), format!("{field:?} is not a number")))?;
+            if !value.is_finite() {
+                return Err(error(
+                    line,
+                    Some(at + 1),
+                    format!("{field:?} is not a finite number"),
+                ));
+            }
+            values.push(value);
+        }
+        classes.push(
+            class_column
+                .and_then(|c| record.get(c))
+                .unwrap_or("")
+                .to_string(),
+        );
+    }
+    let features = Array2::from_shape_vec((classes.len(), FEATURES.len()), values)
+        .map_err(|e| error(None, None, e.to_string()))?;
+    Ok(Table { classes, features })
+}
+
+/// `(x − min) / (max − min) · 2` with the learning file's min and max.
+fn normalise(x: &Array2<f64>, (min, max): (f64, f64)) -> Array2<f64> {
+    x.mapv(|v| (v - min) / (max - min) * 2.0)
+}
+
+fn range(x: &Array2<f64>) -> (f64, f64) {
+    x.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
+        (lo.min(v), hi.max(v))
+    })
+}
+
+/// One validation file through attention.
+pub struct Attended {
+    pub name: &'static str,
+    pub classes: Vec<String>,
+    /// 30 × 9, rounded to 5 decimals.
+    pub attention: Array2<f64>,
+}
+
+/// Runs the seed's computation on the files in `data`.
+pub fn csv_attention(data: &Path) -> Result<Vec<Attended>, Box<dyn std::error::Error>> {
+    let files = [("btY1", "query"), ("snY2", "key"), ("gmY3", "value")];
+    let mut learned = Vec::new();
+    let mut ranges = Vec::new();
+    for (name, _) in files {
+        let table = read_table(&data.join(format!("learn_{name}.csv")))?;
+        let range = range(&table.features);
+        if range.0 >= range.1 {
+            return Err(format!(
+                "learn_{name}.csv: every value is {}, nothing to normalise",
+                range.0
+            )
+            .into());
+        }
+        // the seed's threshold for learning data: below 0.5 → 0, else squared
+        let w = normalise(&table.features, range).mapv(|v| if v < 0.5 { 0.0 } else { v * v });
+        learned.push(w);
+        ranges.push(range);
+    }
+    let [query, key, value] = [&learned[0], &learned[1], &learned[2]];
+    let projection = QkvProjection::new(
+        value.t().to_owned(),
+        query.t().to_owned(),
+        key.t().to_owned(),
+    )?;
+    let mut results = Vec::new();
+    for ((name, _), range) in files.into_iter().zip(ranges) {
+        let table = read_table(&data.join(format!("valid_{name}.csv")))?;
+        // the seed's threshold for validation data: below 0.3 → 0
+        let words = normalise(&table.features, range).mapv(|v| if v < 0.3 { 0.0 } else { v });
+        let attention = projection.self_attention(&words, &ScaledDotProduct::new())?;
+        results.push(Attended {
+            name,
+            classes: table.classes,
+            attention: attention.mapv(|v| (v * 1e5).round() / 1e5),
+        });
+    }
+    Ok(results)
+}
+
+/// Writes `class,A0..A8` rows.
+fn write_csv(path: &Path, result: &Attended) -> Result<(), Box<dyn std::error::Error>> {
+    let mut writer = csv::Writer::from_path(path)?;
+    let header: Vec<String> = std::iter::once("class".to_string())
+        .chain((0..result.attention.ncols()).map(|j| format!("A{j}")))
+        .collect();
+    writer.write_record(&header)?;
+    for (class, row) in result.classes.iter().zip(result.attention.rows()) {
+        let fields = std::iter::once(class.clone()).chain(row.iter().map(|v| format!("{v:.5}")));
+        writer.write_record(fields)?;
+    }
+    writer.flush()?;
+    Ok(())
+}
+
+#[allow(dead_code)]
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join("data");
+    let results = match csv_attention(&data) {
+        Ok(results) => results,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
+    let out = common::output_dir();
+    for result in &results {
+        let path = out.join(format!("attention_{}.csv", result.name));
+        write_csv(&path, result)?;
+        println!(
+            "---- {} ({} rows × {} values) → {}",
+            result.name,
+            result.attention.nrows(),
+            result.attention.ncols(),
+            path.display()
+        );
+        // the seed reads the classes apart by the signs of their blocks; here:
+        // each class's mean row, and the signs of its difference from NORMAL's
+        let mean_of = |class: &str| {
+            let rows: Vec<usize> = (0..result.classes.len())
+                .filter(|&i| result.classes[i] == class)
+                .collect();
+            result
+                .attention
+                .select(ndarray::Axis(0), &rows)
+                .mean_axis(ndarray::Axis(0))
+        };
+        let normal = mean_of("NORMAL");
+        for class in ["NORMAL", "ERROR(A)", "ERROR(B)"] {
+            let (Some(mean), Some(normal)) = (mean_of(class), normal.as_ref()) else {
+                continue;
+            };
+            let signs: String = (&mean - normal)
+                .iter()
+                .map(|&d| {
+                    if d > 1e-3 {
+                        '+'
+                    } else if d < -1e-3 {
+                        '-'
+                    } else {
+                        '0'
+                    }
+                })
+                .collect();
+            let means: Vec<String> = mean.iter().map(|m| format!("{m:8.4}")).collect();
+            println!("{class:>9} mean {}   vs NORMAL {signs}", means.join(""));
+        }
+    }
+    Ok(())
+}
