@@ -29,53 +29,39 @@ fn has_avx2_fma() -> bool {
     false
 }
 
-impl Dispatch for f32 {
-    fn tile_width() -> usize {
-        if has_avx2_fma() {
-            16
-        } else {
-            8
-        }
-    }
+/// `Dispatch` for one element type: its AVX2 entry point and tile widths.
+macro_rules! dispatch {
+    ($ty:ty, $avx2:ident, $avx2_width:literal, $portable_width:literal) => {
+        impl Dispatch for $ty {
+            fn tile_width() -> usize {
+                if has_avx2_fma() {
+                    $avx2_width
+                } else {
+                    $portable_width
+                }
+            }
 
-    fn attend_block(
-        block: &Block<'_, f32>,
-        scratch: &mut Scratch<f32>,
-        out: ArrayViewMut2<'_, f32>,
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2_fma() {
-            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-            unsafe { avx2::attend_block_f32(block, scratch, out) };
-            return;
+            fn attend_block(
+                block: &Block<'_, $ty>,
+                scratch: &mut Scratch<$ty>,
+                out: ArrayViewMut2<'_, $ty>,
+            ) {
+                #[cfg(target_arch = "x86_64")]
+                if has_avx2_fma() {
+                    // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+                    unsafe { avx2::$avx2(block, scratch, out) };
+                    return;
+                }
+                tiled::attend_block::<$ty, Separate, Portable<Separate>, $portable_width>(
+                    block, scratch, out,
+                );
+            }
         }
-        tiled::attend_block::<f32, Separate, Portable<Separate>, 8>(block, scratch, out);
-    }
+    };
 }
 
-impl Dispatch for f64 {
-    fn tile_width() -> usize {
-        if has_avx2_fma() {
-            8
-        } else {
-            4
-        }
-    }
-
-    fn attend_block(
-        block: &Block<'_, f64>,
-        scratch: &mut Scratch<f64>,
-        out: ArrayViewMut2<'_, f64>,
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2_fma() {
-            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-            unsafe { avx2::attend_block_f64(block, scratch, out) };
-            return;
-        }
-        tiled::attend_block::<f64, Separate, Portable<Separate>, 4>(block, scratch, out);
-    }
-}
+dispatch!(f32, attend_block_f32, 16, 8);
+dispatch!(f64, attend_block_f64, 8, 4);
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
