@@ -486,3 +486,27 @@ fn projected_widths_may_be_non_square() {
     assert_eq!(out, want);
     assert!(max_abs_diff(&out, &array2(&file["attention_rows"])) < 1e-12);
 }
+
+#[test]
+fn multi_head_fully_masked_row_gives_zero_weights_not_nan() {
+    // PyTorch's MultiheadAttention returns NaN here (pytorch/pytorch#160064)
+    let mha = MultiHeadConfig::new(8, 2)
+        .random::<f64>(Init::TorchMultihead, 3)
+        .expect("valid");
+    let x = random2(3, 8, 50);
+    let mut keep = Array2::from_elem((3, 3), true);
+    keep.row_mut(1).fill(false);
+    let out = mha
+        .forward_with_weights(&x, &x, &x, &[Mask::keep(&keep)])
+        .expect("valid");
+    assert!(out
+        .head_weights
+        .slice(s![.., 1, ..])
+        .iter()
+        .all(|&w| w == 0.0));
+    assert!(out.mean_weights.row(1).iter().all(|&w| w == 0.0));
+    // the row's attention is 0, so its output is the output bias alone
+    let bias = mha.weights().b_o.clone().expect("biases on");
+    assert_eq!(out.output.row(1), bias);
+    assert!(out.output.iter().all(|x| x.is_finite()));
+}

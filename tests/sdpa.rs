@@ -503,3 +503,25 @@ fn errors_are_send_sync_std_errors() {
     fn check<E: std::error::Error + Send + Sync + 'static>() {}
     check::<Error>();
 }
+
+#[test]
+fn minus_infinity_from_the_data_is_weight_zero_not_nan() {
+    // q·k_j = −∞ for key 1 (every product is −∞), finite for the others
+    let q = array![[1.0_f64, 2.0], [0.5, 1.0]];
+    let mut k = random2(4, 2, 51);
+    k.row_mut(1).fill(f64::NEG_INFINITY);
+    let v = random2(4, 3, 52);
+    for kernel in [attn::Kernel::Plain, attn::Kernel::Fused, attn::Kernel::Auto] {
+        let attn = ScaledDotProduct::new().with_kernel(kernel);
+        let out = attn.forward(&q, &k, &v).expect("valid");
+        let weights = attn.weights(&q, &k).expect("valid");
+        assert!(weights.column(1).iter().all(|&w| w == 0.0), "{kernel:?}");
+        assert!(out.iter().all(|x| x.is_finite()), "{kernel:?}: {out}");
+        // equal to attention over the other three keys
+        let others = [0, 2, 3];
+        let reduced = attn
+            .forward(&q, &k.select(Axis(0), &others), &v.select(Axis(0), &others))
+            .expect("valid");
+        assert!(max_abs_diff(&out, &reduced) < 1e-15, "{kernel:?}");
+    }
+}

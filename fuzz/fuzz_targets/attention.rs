@@ -1,0 +1,106 @@
+//! Fuzzes the main entry points with raw bytes: shapes (0 included), strides,
+//! masks, scale and the float bits of every input. Every call must return `Ok`
+//! or `Err`, never panic; and where the fused kernel and the reference path both
+//! answer, they must agree (NaN where the other has NaN).
+#![no_main]
+
+use attn::{Kernel, Mask, ScaledDotProduct};
+use libfuzzer_sys::fuzz_target;
+use ndarray::{Array2, Array4};
+
+/// Reads the fuzzer's bytes as small numbers and floats.
+struct Bytes<'a>(&'a [u8]);
+
+impl Bytes<'_> {
+    fn byte(&mut self) -> u8 {
+        match self.0.split_first() {
+            Some((&b, rest)) => {
+                self.0 = rest;
+                b
+            }
+            None => 0,
+        }
+    }
+
+    fn size(&mut self, max: u8) -> usize {
+        (self.byte() % (max + 1)) as usize
+    }
+
+    /// An f32 from raw bits (NaN, ±∞ and subnormals come up often), widened.
+    fn float(&mut self) -> f64 {
+        let bits = u32::from_le_bytes([self.byte(), self.byte(), self.byte(), self.byte()]);
+        if self.byte() % 4 == 0 {
+            f64::from(f32::from_bits(bits))
+        } else {
+            f64::from((bits % 2001) as i32 - 1000) / 250.0
+        }
+    }
+
+    fn matrix(&mut self, rows: usize, cols: usize) -> Array2<f64> {
+        Array2::from_shape_simple_fn((rows, cols), || self.float())
+    }
+}
+
+fn agree(fused: &Array2<f64>, plain: &Array2<f64>) {
+    assert_eq!(fused.dim(), plain.dim());
+    for (x, y) in fused.iter().zip(plain.iter()) {
+        let ok = (x.is_nan() && y.is_nan()) || x == y || (x - y).abs() <= 1e-9 * (1.0 + y.abs());
+        assert!(ok, "fused {x} vs reference {y}");
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut bytes = Bytes(data);
+    let (l, s, d, dv) = (
+        bytes.size(40),
+        bytes.size(40),
+        bytes.size(12),
+        bytes.size(6),
+    );
+    let flags = bytes.byte();
+    let q = bytes.matrix(l, d);
+    let k = bytes.matrix(s, d);
+    let v_rows = if flags & 1 == 0 { s } else { bytes.size(40) };
+    let v = bytes.matrix(v_rows, dv);
+    let keep = Array2::from_shape_simple_fn((l, s), || bytes.byte() % 5 != 0);
+    let bias = bytes.matrix(l, s);
+    let scale = if flags & 2 == 0 {
+        None
+    } else {
+        Some(bytes.float())
+    };
+    let build = |kernel| {
+        let mut attn = ScaledDotProduct::new().with_kernel(kernel);
+        if let Some(scale) = scale {
+            attn = attn.with_scale(scale);
+        }
+        if flags & 4 != 0 {
+            attn = attn.with_mask(Mask::keep(&keep));
+        }
+        if flags & 8 != 0 {
+            attn = attn.with_mask(Mask::bias(&bias));
+        }
+        match (flags >> 4) % 3 {
+            1 => attn.with_mask(Mask::CausalTopLeft),
+            2 => attn.with_mask(Mask::CausalBottomRight),
+            _ => attn,
+        }
+    };
+    let q_t = q.t().to_owned();
+    let plain = build(Kernel::Plain).forward(&q, &k, &v);
+    for kernel in [Kernel::Fused, Kernel::Auto] {
+        let fused = build(kernel).forward(&q_t.t(), &k, &v);
+        match (&fused, &plain) {
+            (Ok(f), Ok(p)) => agree(f, p),
+            (Err(a), Err(b)) => assert_eq!(a, b),
+            _ => panic!("one path failed and the other did not: {fused:?} vs {plain:?}"),
+        }
+    }
+    let _ = build(Kernel::Plain).forward_with_weights(&q, &k, &v);
+    // batched and grouped-query: heads from a byte, any of them may not divide
+    let (heads, kv_heads) = (1 + bytes.size(3), bytes.size(3));
+    let q4 = Array4::from_shape_fn((1, heads, l, d), |(_, _, i, j)| q[[i, j]]);
+    let k4 = Array4::from_shape_fn((1, kv_heads, s, d), |(_, _, i, j)| k[[i, j]]);
+    let v4 = Array4::from_shape_fn((1, kv_heads, v.nrows(), dv), |(_, _, i, j)| v[[i, j]]);
+    let _ = build(Kernel::Auto).forward_batched(&q4, &k4, &v4);
+});
