@@ -4,7 +4,9 @@
 //! answer, they must agree (NaN where the other has NaN).
 #![no_main]
 
-use attn::{Kernel, Mask, ScaledDotProduct};
+use attn::parameter_free::{cat, FeatureMapAttention};
+use attn::rng::{NumpyRandom, TorchGenerator};
+use attn::{Init, Kernel, Mask, MultiHeadConfig, ProjectionShape, QkvProjection, ScaledDotProduct};
 use libfuzzer_sys::fuzz_target;
 use ndarray::{Array2, Array4};
 
@@ -92,7 +94,7 @@ fuzz_target!(|data: &[u8]| {
         let fused = build(kernel).forward(&q_t.t(), &k, &v);
         match (&fused, &plain) {
             (Ok(f), Ok(p)) => agree(f, p),
-            (Err(a), Err(b)) => assert_eq!(a, b),
+            (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
             _ => panic!("one path failed and the other did not: {fused:?} vs {plain:?}"),
         }
     }
@@ -103,4 +105,42 @@ fuzz_target!(|data: &[u8]| {
     let k4 = Array4::from_shape_fn((1, kv_heads, s, d), |(_, _, i, j)| k[[i, j]]);
     let v4 = Array4::from_shape_fn((1, kv_heads, v.nrows(), dv), |(_, _, i, j)| v[[i, j]]);
     let _ = build(Kernel::Auto).forward_batched(&q4, &k4, &v4);
+    // the layers: sizes and counts from bytes, any of them invalid
+    let (d_model, n_heads, n_kv) = (bytes.size(12), bytes.size(4), bytes.size(4));
+    let config = MultiHeadConfig::new(d_model, n_heads)
+        .with_kv_heads(n_kv)
+        .with_kdim(d.max(1));
+    if let Ok(mha) = config.random::<f64>(Init::TorchMultihead, u64::from(flags)) {
+        let x = Array2::from_shape_fn((l, d_model), |(i, j)| {
+            q.get((i, j % d.max(1))).copied().unwrap_or(0.5)
+        });
+        let kv = Array2::from_shape_fn((s, d.max(1)), |(i, j)| {
+            k.get((i, j)).copied().unwrap_or(-0.5)
+        });
+        let _ = mha.forward_with_weights(&x, &kv, &kv, &[Mask::CausalBottomRight]);
+        let _ = mha.forward(&x, &x, &x, &[]);
+    }
+    let shape = ProjectionShape::new(d, bytes.size(6), dv).with_context(d, d);
+    if let Ok(projection) =
+        QkvProjection::<f64>::random(shape, Init::Normal { std: bytes.float() }, 7)
+    {
+        let _ = projection.cross_attention(&q, &k, &k, &ScaledDotProduct::new());
+        let _ = projection.self_attention(&k, &ScaledDotProduct::new());
+    }
+    let _ = cat(&q, &k, &v);
+    let map = ndarray::Array3::from_shape_fn((dv, 2, l.min(5)), |(c, h, w)| {
+        bytes.float() + (c + h + w) as f64
+    });
+    let _ = FeatureMapAttention::new()
+        .with_residual(bytes.float())
+        .forward(&map);
+    // the generators: any seed, any bound, small shapes
+    let high = i64::from(i32::from_le_bytes([
+        bytes.byte(),
+        bytes.byte(),
+        bytes.byte(),
+        bytes.byte(),
+    ]));
+    let _ = NumpyRandom::seed(u32::from(flags)).randint(high, bytes.size(20));
+    let _ = TorchGenerator::manual_seed(u64::from(flags)).randn((bytes.size(20), bytes.size(3)));
 });
