@@ -39,22 +39,26 @@ pub mod parameter_free;
 pub mod plot;
 pub mod rng;
 
+mod cache;
 mod element;
 mod error;
 mod init;
 mod kernel;
 mod mask;
 mod multi_head;
+mod position;
 mod projection;
 mod sdpa;
 mod softmax;
 
+pub use cache::KvCache;
 pub use element::Element;
 pub use error::{Error, Result};
 pub use init::Init;
 pub use kernel::{Kernel, Parallelism};
 pub use mask::Mask;
 pub use multi_head::{MultiHeadAttention, MultiHeadConfig, MultiHeadOutput, MultiHeadWeights};
+pub use position::{alibi_slopes, key_padding, rope, RopeLayout};
 pub use projection::{ProjectionShape, QkvProjection};
 pub use sdpa::{
     attention_weights, scaled_dot_product, AttentionOutput, AttentionTrace, ScaledDotProduct,

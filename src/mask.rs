@@ -50,6 +50,17 @@ pub enum Mask<'a, A> {
     /// last query sees every key (what a KV cache needs when `L < S`). When `L > S`
     /// the first `L − S` queries see no key and give output 0.
     CausalBottomRight,
+    /// Local causal attention over a window of `size` positions, aligned
+    /// bottom-right: query `i` sits at position `p = i + S − L` and sees keys
+    /// `p − size < j ≤ p` (itself and the `size − 1` before it). Computed on the
+    /// fly; the fused kernel skips key blocks outside every window. `size = 0` is
+    /// an [`Error::InvalidConfig`].
+    SlidingWindow(usize),
+    /// ALiBi (Press et al., 2022): adds `−slope·|p − j|` to the score of query `i`
+    /// (at position `p = i + S − L`) and key `j`, one slope per head (see
+    /// [`alibi_slopes`](crate::alibi_slopes)); a single slope serves every head.
+    /// Computed on the fly: no `L × S` bias is built.
+    Alibi(ndarray::ArrayView1<'a, A>),
 }
 
 impl<'a, A> Mask<'a, A> {
@@ -92,6 +103,9 @@ pub(crate) enum Mask4<'a, A> {
     Bias(ArrayView4<'a, A>),
     CausalTopLeft,
     CausalBottomRight,
+    SlidingWindow(usize),
+    /// One slope per head (length `heads`), or one for all (length 1).
+    Alibi(ndarray::ArrayView1<'a, A>),
 }
 
 /// A mask for one `(L, S)` block of scores.
@@ -101,6 +115,9 @@ pub(crate) enum Mask2<'a, A> {
     Bias(ArrayView2<'a, A>),
     CausalTopLeft,
     CausalBottomRight,
+    SlidingWindow(usize),
+    /// The head's slope.
+    Alibi(A),
 }
 
 /// Broadcasts every mask to `scores` (the user's scores shape, 2-D or 4-D) and
@@ -118,6 +135,22 @@ fn broadcast<'m, A>(mask: &'m Mask<'_, A>, scores: &[usize]) -> Result<Mask4<'m,
         Mask::Bias(m) => Mask4::Bias(broadcast_view(m, scores)?),
         Mask::CausalTopLeft => Mask4::CausalTopLeft,
         Mask::CausalBottomRight => Mask4::CausalBottomRight,
+        Mask::SlidingWindow(0) => {
+            return Err(Error::InvalidConfig {
+                reason: "a sliding window needs a size of at least 1".to_string(),
+            })
+        }
+        Mask::SlidingWindow(size) => Mask4::SlidingWindow(*size),
+        Mask::Alibi(slopes) => {
+            let heads = if scores.len() == 4 { scores[1] } else { 1 };
+            if slopes.len() != 1 && slopes.len() != heads {
+                return Err(Error::MaskShape {
+                    mask: slopes.shape().to_vec(),
+                    scores: scores.to_vec(),
+                });
+            }
+            Mask4::Alibi(slopes.view())
+        }
     })
 }
 
@@ -133,7 +166,7 @@ fn broadcast_view<'m, T>(m: &'m ArrayViewD<'_, T>, scores: &[usize]) -> Result<A
     view.into_dimensionality().map_err(|_| shape_error())
 }
 
-impl<'a, A> Mask4<'a, A> {
+impl<'a, A: Copy> Mask4<'a, A> {
     /// The mask of the `(L, S)` block of batch `b`, head `h`.
     pub(crate) fn block(&self, b: usize, h: usize) -> Mask2<'_, A> {
         match self {
@@ -141,8 +174,15 @@ impl<'a, A> Mask4<'a, A> {
             Mask4::Bias(m) => Mask2::Bias(m.index_axis(Axis(0), b).index_axis_move(Axis(0), h)),
             Mask4::CausalTopLeft => Mask2::CausalTopLeft,
             Mask4::CausalBottomRight => Mask2::CausalBottomRight,
+            Mask4::SlidingWindow(size) => Mask2::SlidingWindow(*size),
+            Mask4::Alibi(slopes) => Mask2::Alibi(slopes[if slopes.len() == 1 { 0 } else { h }]),
         }
     }
+}
+
+/// The first key a sliding window of `size` lets query `i` of `l` see, of `s`.
+pub(crate) fn window_start(size: usize, i: usize, l: usize, s: usize) -> usize {
+    causal_keys_seen(true, i, l, s).saturating_sub(size)
 }
 
 /// How many keys (the first ones) causal masking lets query `i` of `l` see, of `s`.
@@ -179,16 +219,27 @@ pub(crate) fn apply_row<A: Element>(
     row: &mut [A],
 ) {
     let keys = j0..j0 + row.len();
+    // position of query i among the keys (bottom-right alignment), may be negative
+    let position = i as i64 + s as i64 - l as i64;
     for mask in masks {
-        if let Mask2::Bias(bias) = mask {
-            for (x, &b) in row.iter_mut().zip(bias.slice(ndarray::s![i, keys.clone()])) {
-                *x += b;
+        match mask {
+            Mask2::Bias(bias) => {
+                for (x, &b) in row.iter_mut().zip(bias.slice(ndarray::s![i, keys.clone()])) {
+                    *x += b;
+                }
             }
+            Mask2::Alibi(slope) => {
+                for (x, j) in row.iter_mut().zip(keys.clone()) {
+                    let distance = A::from_f64((position - j as i64).unsigned_abs() as f64);
+                    *x -= *slope * distance;
+                }
+            }
+            _ => {}
         }
     }
     for mask in masks {
         match mask {
-            Mask2::Bias(_) => {}
+            Mask2::Bias(_) | Mask2::Alibi(_) => {}
             Mask2::Keep(keep) => {
                 for (x, &k) in row.iter_mut().zip(keep.slice(ndarray::s![i, keys.clone()])) {
                     if !k {
@@ -200,6 +251,15 @@ pub(crate) fn apply_row<A: Element>(
                 let seen = causal_keys_seen(matches!(mask, Mask2::CausalBottomRight), i, l, s);
                 let from = seen.saturating_sub(j0).min(row.len());
                 row[from..].fill(A::neg_infinity());
+            }
+            Mask2::SlidingWindow(size) => {
+                let seen = causal_keys_seen(true, i, l, s);
+                let from = seen.saturating_sub(j0).min(row.len());
+                row[from..].fill(A::neg_infinity());
+                let until = window_start(*size, i, l, s)
+                    .saturating_sub(j0)
+                    .min(row.len());
+                row[..until].fill(A::neg_infinity());
             }
         }
     }

@@ -7,7 +7,7 @@ use rand::Rng;
 
 use crate::error::internal_reshape;
 use crate::projection::project;
-use crate::{rng, Element, Error, Init, Mask, Result, ScaledDotProduct};
+use crate::{rng, Element, Error, Init, KvCache, Mask, Result, ScaledDotProduct};
 
 /// The sizes of a [`MultiHeadAttention`]: required ones in [`new`](Self::new),
 /// optional ones with `with_*`, then one call that checks them and builds.
@@ -679,6 +679,52 @@ impl<A: Element> MultiHeadAttention<A> {
             head_weights: heads.weights,
             mean_weights,
         })
+    }
+
+    /// Self-attention of new tokens with a [`KvCache`]: projects `x`, appends its
+    /// keys and values to the cache and attends causally to every cached position
+    /// (within the window of a sliding cache). A prompt fills the cache in one call;
+    /// each decoding step then passes its new token(s).
+    ///
+    /// # Shapes
+    ///
+    /// `x: (B, T, d_model)` → `(B, T, d_model)`; the cache holds
+    /// `(B, n_kv_heads, ·, head_dim)`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] when `kdim` or `vdim` differs from `d_model` (a
+    /// cache holds self-attention keys), [`Error::Shape`] when `x` or the cache does
+    /// not fit the layer.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{Init, KvCache, MultiHeadConfig};
+    /// use ndarray::Array3;
+    ///
+    /// let mha = MultiHeadConfig::new(16, 4).with_kv_heads(2).random::<f32>(Init::TorchMultihead, 0)?;
+    /// let mut cache = KvCache::new(1, 2, 4, 4);
+    /// let prompt = Array3::<f32>::ones((1, 6, 16));
+    /// mha.forward_cached(&prompt, &mut cache)?;
+    /// let next = mha.forward_cached(&Array3::ones((1, 1, 16)), &mut cache)?;
+    /// assert_eq!((next.dim(), cache.len()), ((1, 1, 16), 7));
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn forward_cached(&self, x: &ArrayRef3<A>, cache: &mut KvCache<A>) -> Result<Array3<A>> {
+        let d = self.config.d_model;
+        if self.config.kdim() != d || self.config.vdim() != d {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "a key/value cache holds self-attention keys: kdim ({}) and vdim ({}) must equal d_model ({d})",
+                    self.config.kdim(),
+                    self.config.vdim()
+                ),
+            });
+        }
+        let (q, k, v) = self.split_heads(x, x, x)?;
+        let heads = cache.attend(&q, &k, &v)?;
+        self.merge_heads(heads)
     }
 
     /// Projects the inputs and splits them into `(B, heads, seq, head_dim)`.

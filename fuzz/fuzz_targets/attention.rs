@@ -88,12 +88,19 @@ fuzz_target!(|data: &[u8]| {
             _ => attn,
         }
     };
+    // Scores of magnitude past ~1e12 carry a rounding error (an ulp of the score)
+    // that the softmax turns into O(1) changes of the weights: there the paths
+    // agree only to the rounding of the scores, which this check cannot see.
+    let largest = |m: &Array2<f64>| m.iter().fold(0.0_f64, |a, x| a.max(x.abs()));
+    let score_bound = d as f64 * largest(&q) * largest(&k) * scale.map_or(1.0, f64::abs);
+    let well_conditioned = !(score_bound.is_finite() && score_bound >= 1e12);
     let q_t = q.t().to_owned();
     let plain = build(Kernel::Plain).forward(&q, &k, &v);
     for kernel in [Kernel::Fused, Kernel::Auto] {
         let fused = build(kernel).forward(&q_t.t(), &k, &v);
         match (&fused, &plain) {
-            (Ok(f), Ok(p)) => agree(f, p),
+            (Ok(f), Ok(p)) if well_conditioned => agree(f, p),
+            (Ok(f), Ok(p)) => assert_eq!(f.dim(), p.dim()),
             (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
             _ => panic!("one path failed and the other did not: {fused:?} vs {plain:?}"),
         }

@@ -290,15 +290,24 @@ fn fusable<A: Element>(
     let score_bound = q.ncols() as f64 * f(queries.max_abs) * f(scale.abs()) * f(keys.max_abs);
     let mut bias_bound = 0.0_f64;
     for mask in masks {
-        if let Mask2::Bias(bias) = mask {
-            for &x in bias.iter() {
-                if x.is_nan() || x == A::infinity() {
-                    return false;
-                }
-                if x.is_finite() {
-                    bias_bound = bias_bound.max(f(x.abs()));
+        match mask {
+            Mask2::Bias(bias) => {
+                for &x in bias.iter() {
+                    if x.is_nan() || x == A::infinity() {
+                        return false;
+                    }
+                    if x.is_finite() {
+                        bias_bound = bias_bound.max(f(x.abs()));
+                    }
                 }
             }
+            Mask2::Alibi(slope) => {
+                if !slope.is_finite() {
+                    return false;
+                }
+                bias_bound += f(slope.abs()) * q.nrows().max(values.rows) as f64;
+            }
+            _ => {}
         }
     }
     score_bound + bias_bound < limit && f(values.max_abs) * values.rows as f64 <= limit

@@ -11,7 +11,7 @@
 use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 
 use super::float::MulAdd;
-use crate::mask::{apply_row, causal_keys_seen, Mask2};
+use crate::mask::{apply_row, causal_keys_seen, window_start, Mask2};
 use crate::Element;
 
 /// Rows of a register tile (queries in `S = Q·Kᵀ`, output rows in `O += P·V`).
@@ -209,7 +209,7 @@ pub(crate) fn attend_block<A: Element, M: MulAdd, T: Tiles<A, NR>, const NR: usi
     scratch.sum.fill(A::zero());
 
     let key_end = keys_needed(block);
-    for j0 in (0..key_end).step_by(BC) {
+    for j0 in (first_key_needed(block)..key_end).step_by(BC) {
         // the last block may be short: work on whole panels of its keys only
         let keys = (key_end - j0).min(BC);
         let width = keys.div_ceil(NR) * NR;
@@ -250,9 +250,22 @@ fn keys_needed<A>(block: &Block<'_, A>) -> usize {
     let last_row = block.first_row + block.q.nrows() - 1;
     block.masks.iter().fold(block.s, |seen, mask| match mask {
         Mask2::CausalTopLeft => seen.min(causal_keys_seen(false, last_row, block.l, block.s)),
-        Mask2::CausalBottomRight => seen.min(causal_keys_seen(true, last_row, block.l, block.s)),
+        Mask2::CausalBottomRight | Mask2::SlidingWindow(_) => {
+            seen.min(causal_keys_seen(true, last_row, block.l, block.s))
+        }
         _ => seen,
     })
+}
+
+/// The first key any row of the block may attend to, rounded down to a key block.
+fn first_key_needed<A>(block: &Block<'_, A>) -> usize {
+    let first = block.masks.iter().fold(0, |first, mask| match mask {
+        Mask2::SlidingWindow(size) => {
+            first.max(window_start(*size, block.first_row, block.l, block.s))
+        }
+        _ => first,
+    });
+    first / BC * BC
 }
 
 /// Packs the block's queries, times the scale, as `tiles × d × MR`.

@@ -1,0 +1,254 @@
+//! Step-by-step decoding with a key/value cache, position biases and mask builders.
+
+mod common;
+
+use attn::{
+    alibi_slopes, key_padding, rope, Init, Kernel, KvCache, Mask, MultiHeadConfig, RopeLayout,
+    ScaledDotProduct,
+};
+use common::{max_abs_diff, pseudo_random, random2};
+use ndarray::{concatenate, s, Array2, Array3, Array4, Axis};
+
+fn tokens(t: usize, d: usize, seed: u64) -> Array3<f64> {
+    pseudo_random(&[1, t, d], seed)
+        .into_dimensionality()
+        .expect("3-D")
+}
+
+/// Runs `x` through the cache in chunks (a prompt, then single steps), concatenated.
+fn in_steps(
+    mha: &attn::MultiHeadAttention<f64>,
+    x: &Array3<f64>,
+    prompt: usize,
+    cache: &mut KvCache<f64>,
+) -> Array3<f64> {
+    let t = x.dim().1;
+    let mut outs = vec![mha
+        .forward_cached(&x.slice(s![.., ..prompt, ..]), cache)
+        .expect("prompt")];
+    for i in prompt..t {
+        outs.push(
+            mha.forward_cached(&x.slice(s![.., i..i + 1, ..]), cache)
+                .expect("step"),
+        );
+    }
+    let views: Vec<_> = outs.iter().map(|o| o.view()).collect();
+    concatenate(Axis(1), &views).expect("same widths")
+}
+
+#[test]
+fn causal_full_pass_equals_prompt_then_steps() {
+    for kv_heads in [4, 2, 1] {
+        let mha = MultiHeadConfig::new(16, 4)
+            .with_kv_heads(kv_heads)
+            .random::<f64>(Init::TorchMultihead, 7)
+            .expect("valid");
+        let x = tokens(11, 16, kv_heads as u64);
+        let full = mha
+            .forward_batched(&x, &x, &x, &[Mask::CausalTopLeft])
+            .expect("valid");
+        for prompt in [1, 4, 11] {
+            let mut cache = KvCache::new(1, kv_heads, 4, 4);
+            let stepped = in_steps(&mha, &x, prompt, &mut cache);
+            assert_eq!(cache.len(), 11);
+            let e = max_abs_diff(&stepped, &full);
+            assert!(e < 1e-13, "kv_heads {kv_heads}, prompt {prompt}: {e:e}");
+        }
+    }
+}
+
+#[test]
+fn sliding_cache_equals_sliding_window_attention() {
+    let mha = MultiHeadConfig::new(8, 2)
+        .random::<f64>(Init::TorchMultihead, 8)
+        .expect("valid");
+    let x = tokens(13, 8, 9);
+    for window in [1, 3, 5, 20] {
+        let full = mha
+            .forward_batched(&x, &x, &x, &[Mask::SlidingWindow(window)])
+            .expect("valid");
+        for prompt in [1, 4, 9] {
+            let mut cache = KvCache::sliding(1, 2, 4, 4, window).expect("valid");
+            let stepped = in_steps(&mha, &x, prompt, &mut cache);
+            assert_eq!(cache.len(), window.min(13));
+            let e = max_abs_diff(&stepped, &full);
+            assert!(e < 1e-13, "window {window}, prompt {prompt}: {e:e}");
+        }
+    }
+}
+
+#[test]
+fn cache_errors() {
+    let mut cache = KvCache::<f32>::new(1, 2, 4, 4);
+    let wrong = Array4::<f32>::zeros((1, 3, 1, 4));
+    assert!(cache.append(&wrong, &wrong).is_err());
+    let q = Array4::<f32>::zeros((1, 3, 1, 4));
+    let kv = Array4::<f32>::zeros((1, 2, 1, 4));
+    assert!(
+        cache.attend(&q, &kv, &kv).is_err(),
+        "2 kv heads do not divide 3 query heads"
+    );
+    assert!(KvCache::<f32>::sliding(1, 1, 4, 4, 0).is_err());
+    let cross = MultiHeadConfig::new(8, 2)
+        .with_kdim(3)
+        .random::<f32>(Init::XavierUniform, 0)
+        .expect("valid");
+    assert!(cross
+        .forward_cached(&Array3::zeros((1, 2, 8)), &mut KvCache::new(1, 2, 4, 4))
+        .is_err());
+}
+
+#[test]
+fn sliding_window_mask_equals_its_materialised_keep_mask() {
+    for (l, s_len) in [(7, 7), (5, 300), (300, 300), (200, 140)] {
+        let (q, k, v) = (random2(l, 8, 1), random2(s_len, 8, 2), random2(s_len, 3, 3));
+        for window in [1, 4, 130] {
+            let keep = Array2::from_shape_fn((l, s_len), |(i, j)| {
+                let p = i as i64 + s_len as i64 - l as i64;
+                (j as i64) <= p && j as i64 > p - window as i64
+            });
+            let want = ScaledDotProduct::new()
+                .with_kernel(Kernel::Plain)
+                .with_mask(Mask::keep(&keep))
+                .forward(&q, &k, &v)
+                .expect("valid");
+            for kernel in [Kernel::Plain, Kernel::Fused, Kernel::Auto] {
+                let got = ScaledDotProduct::new()
+                    .with_kernel(kernel)
+                    .with_mask(Mask::SlidingWindow(window))
+                    .forward(&q, &k, &v)
+                    .expect("valid");
+                let e = max_abs_diff(&got, &want);
+                assert!(
+                    e < 1e-13,
+                    "L={l} S={s_len} window {window} {kernel:?}: {e:e}"
+                );
+            }
+        }
+    }
+    let x = random2(3, 2, 4);
+    assert!(ScaledDotProduct::new()
+        .with_mask(Mask::SlidingWindow(0))
+        .forward(&x, &x, &x)
+        .is_err());
+}
+
+#[test]
+fn alibi_equals_its_materialised_bias_per_head() {
+    let (heads, l, s_len) = (4, 150, 170);
+    let q: Array4<f64> = pseudo_random(&[2, heads, l, 16], 5)
+        .into_dimensionality()
+        .expect("4-D");
+    let k: Array4<f64> = pseudo_random(&[2, heads, s_len, 16], 6)
+        .into_dimensionality()
+        .expect("4-D");
+    let v: Array4<f64> = pseudo_random(&[2, heads, s_len, 5], 7)
+        .into_dimensionality()
+        .expect("4-D");
+    let slopes = ndarray::Array1::from(alibi_slopes(heads));
+    let bias = Array4::from_shape_fn((1, heads, l, s_len), |(_, h, i, j)| {
+        -slopes[h] * ((i as f64 + (s_len - l) as f64) - j as f64).abs()
+    });
+    let want = ScaledDotProduct::new()
+        .with_kernel(Kernel::Plain)
+        .with_mask(Mask::bias(&bias))
+        .with_mask(Mask::CausalBottomRight)
+        .forward_batched(&q, &k, &v)
+        .expect("valid");
+    for kernel in [Kernel::Plain, Kernel::Fused] {
+        let got = ScaledDotProduct::new()
+            .with_kernel(kernel)
+            .with_mask(Mask::Alibi(slopes.view()))
+            .with_mask(Mask::CausalBottomRight)
+            .forward_batched(&q, &k, &v)
+            .expect("valid");
+        let e = max_abs_diff(&got, &want);
+        assert!(e < 1e-13, "{kernel:?}: {e:e}");
+    }
+    let three = ndarray::Array1::from(vec![0.5, 0.25, 0.125]);
+    let err = ScaledDotProduct::new()
+        .with_mask(Mask::Alibi(three.view()))
+        .forward_batched(&q, &k, &v);
+    assert!(err.is_err(), "3 slopes for 4 heads");
+}
+
+#[test]
+fn alibi_slopes_follow_the_paper() {
+    assert_eq!(alibi_slopes(1), vec![2f64.powi(-8)]);
+    let eight = alibi_slopes(8);
+    assert_eq!(eight, (1..=8).map(|i| 2f64.powi(-i)).collect::<Vec<_>>());
+    // 12 heads: the 8 slopes of 8, then slopes 1, 3, 5, 7 of 16 (2^-0.5, 2^-1.5, …)
+    let twelve = alibi_slopes(12);
+    assert_eq!(twelve[..8], eight[..]);
+    for (k, &slope) in twelve[8..].iter().enumerate() {
+        assert!((slope - 2f64.powf(-0.5 - k as f64)).abs() < 1e-15);
+    }
+    assert!(alibi_slopes(0).is_empty());
+}
+
+#[test]
+fn rope_matches_the_rotation_formula() {
+    let x = random2(5, 8, 10);
+    let positions = [0, 1, 7, 100, 4096];
+    for layout in [RopeLayout::Interleaved, RopeLayout::HalfSplit] {
+        let got = rope(&x, &positions, 10_000.0, layout).expect("valid");
+        for (r, &p) in positions.iter().enumerate() {
+            for i in 0..4 {
+                let (a, b) = match layout {
+                    RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+                    RopeLayout::HalfSplit => (i, i + 4),
+                };
+                // (x_a + i·x_b) · e^{iθ}, θ = p · 10000^(−2i/8)
+                let theta = p as f64 / 10_000f64.powf(2.0 * i as f64 / 8.0);
+                let (re, im) = (x[[r, a]], x[[r, b]]);
+                assert!((got[[r, a]] - (re * theta.cos() - im * theta.sin())).abs() < 1e-12);
+                assert!((got[[r, b]] - (re * theta.sin() + im * theta.cos())).abs() < 1e-12);
+            }
+        }
+    }
+    // scores depend only on the distance between positions
+    let (q, k) = (random2(1, 8, 11), random2(1, 8, 12));
+    let score = |pq: usize, pk: usize| {
+        let rq = rope(&q, &[pq], 10_000.0, RopeLayout::HalfSplit).expect("valid");
+        let rk = rope(&k, &[pk], 10_000.0, RopeLayout::HalfSplit).expect("valid");
+        rq.row(0).dot(&rk.row(0))
+    };
+    assert!((score(10, 3) - score(107, 100)).abs() < 1e-12);
+    assert!(rope(
+        &random2(2, 3, 1),
+        &[0, 1],
+        10_000.0,
+        RopeLayout::Interleaved
+    )
+    .is_err());
+    assert!(rope(&x, &[0], 10_000.0, RopeLayout::Interleaved).is_err());
+    assert!(rope(&x, &positions, 1.0, RopeLayout::Interleaved).is_err());
+}
+
+#[test]
+fn key_padding_masks_each_sequence() {
+    let mask = key_padding(&[4, 2, 0], 4).expect("valid");
+    assert_eq!(mask.shape(), &[3, 1, 1, 4]);
+    assert_eq!(
+        mask.slice(s![1, 0, 0, ..]).to_vec(),
+        vec![true, true, false, false]
+    );
+    assert!(key_padding(&[5], 4).is_err());
+    // through multi-head attention: padded keys get no weight, the empty sequence gives 0
+    let mha = MultiHeadConfig::new(8, 2)
+        .without_bias()
+        .random::<f64>(Init::XavierUniform, 1)
+        .expect("valid");
+    let x: Array3<f64> = pseudo_random(&[3, 4, 8], 13)
+        .into_dimensionality()
+        .expect("3-D");
+    let out = mha
+        .forward_batched_with_weights(&x, &x, &x, &[Mask::keep(&mask)])
+        .expect("valid");
+    assert!(out
+        .head_weights
+        .slice(s![1, .., .., 2..])
+        .iter()
+        .all(|&w| w == 0.0));
+    assert!(out.output.slice(s![2, .., ..]).iter().all(|&o| o == 0.0));
+}
