@@ -90,6 +90,21 @@ fn torch_seconds(
     causal: bool,
     min: f64,
 ) -> Result<(f64, String), String> {
+    torch_seconds_with_queries(python, n, n, threads, heads, dim, causal, min)
+}
+
+/// PyTorch with `queries` query rows against `n` keys and values.
+#[allow(clippy::too_many_arguments)]
+fn torch_seconds_with_queries(
+    python: &str,
+    queries: usize,
+    n: usize,
+    threads: usize,
+    heads: usize,
+    dim: usize,
+    causal: bool,
+    min: f64,
+) -> Result<(f64, String), String> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/torch_sdpa.py");
     let args = [
         n.to_string(),
@@ -99,6 +114,7 @@ fn torch_seconds(
         "f32".to_string(),
         if causal { "causal" } else { "none" }.to_string(),
         min.to_string(),
+        queries.to_string(),
     ];
     let out = Command::new(python)
         .arg(script)
@@ -248,6 +264,31 @@ fn main() {
         println!(
             "`scaled_dot_product` on one ({n}, {DIM}) head, {threads} thread(s): {} GFLOP/s",
             gflops(4.0 * (n * n * DIM) as f64, t)
+        );
+    }
+
+    // a decoding step: one new query per head against 4096 cached keys and values
+    let cached = 4096;
+    let (past_k, past_v) = (inputs(cached, HEADS, DIM, 2), inputs(cached, HEADS, DIM, 3));
+    let step = inputs(1, HEADS, DIM, 1);
+    let decode = ScaledDotProduct::new().with_mask(attn::Mask::CausalBottomRight);
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("a thread pool");
+        let ours = pool.install(|| {
+            best_seconds(min, || {
+                drop(decode.forward_batched(&step, &past_k, &past_v))
+            })
+        });
+        let torch = torch_seconds_with_queries(&python, 1, cached, threads, HEADS, DIM, false, min)
+            .map(|(s, _)| format!("{:.1} µs ({:.2}× attn's time)", s * 1e6, s / ours))
+            .unwrap_or_else(|why| why);
+        println!(
+            "decode step (1 query × {HEADS} heads against {cached} cached, d = {DIM}), {threads} thread(s): attn {:.1} µs = {:.0} tokens/s, PyTorch SDPA {torch}",
+            ours * 1e6,
+            1.0 / ours
         );
     }
 

@@ -1,6 +1,8 @@
 """Times PyTorch's scaled_dot_product_attention for benches/compare.rs.
 
-Usage: python torch_sdpa.py N THREADS HEADS DIM DTYPE CAUSAL MIN_SECONDS
+Usage: python torch_sdpa.py N THREADS HEADS DIM DTYPE CAUSAL MIN_SECONDS [L]
+N keys and values; L queries (default N; L = 1 with CAUSAL "none" is a decoding
+step, which sees every key).
 Prints one line: the best seconds per call, or "absent: <reason>" when torch
 cannot be imported. Never a dependency of the crate; only the comparison runs it.
 """
@@ -20,9 +22,10 @@ def main():
     dtype = {"f32": torch.float32, "f64": torch.float64}[sys.argv[5]]
     causal = sys.argv[6] == "causal"
     min_seconds = float(sys.argv[7])
+    queries = int(sys.argv[8]) if len(sys.argv) > 8 else n
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, heads, n, dim, generator=g, dtype=dtype)
+    q = torch.randn(1, heads, queries, dim, generator=g, dtype=dtype)
     k = torch.randn(1, heads, n, dim, generator=g, dtype=dtype)
     v = torch.randn(1, heads, n, dim, generator=g, dtype=dtype)
     with torch.inference_mode():

@@ -195,6 +195,25 @@ pub(crate) fn causal_keys_seen(bottom_right: bool, i: usize, l: usize, s: usize)
     seen.min(s)
 }
 
+/// The keys causal and sliding-window masks leave query `i` (of `l`) in reach,
+/// of `s`: the others are masked whatever the rest of the masks say.
+pub(crate) fn keys_in_reach<A>(
+    masks: &[Mask2<'_, A>],
+    i: usize,
+    l: usize,
+    s: usize,
+) -> std::ops::Range<usize> {
+    masks.iter().fold(0..s, |reach, mask| match mask {
+        Mask2::CausalTopLeft => reach.start..reach.end.min(causal_keys_seen(false, i, l, s)),
+        Mask2::CausalBottomRight => reach.start..reach.end.min(causal_keys_seen(true, i, l, s)),
+        Mask2::SlidingWindow(size) => {
+            reach.start.max(window_start(*size, i, l, s))
+                ..reach.end.min(causal_keys_seen(true, i, l, s))
+        }
+        _ => reach,
+    })
+}
+
 /// Applies masks to scaled scores: biases are added first, then every position
 /// some mask excludes is set to `−∞` (so nothing at a masked position survives).
 pub(crate) fn apply<A: Element>(masks: &[Mask2<'_, A>], scores: &mut Array2<A>) {

@@ -540,6 +540,10 @@ fn check_bias<A>(what: &'static str, b: &Array1<A>, width: usize) -> Result<()> 
     }
 }
 
+/// Inputs of at most this many rows are projected row by row: a general matrix
+/// product would pack all of `W` for them.
+const FEW_ROWS: usize = 4;
+
 /// `x·w + b`, with `x`'s width checked against `w`'s rows.
 pub(crate) fn project<A: Element>(
     what: &'static str,
@@ -554,7 +558,18 @@ pub(crate) fn project<A: Element>(
             found: x.shape().to_vec(),
         });
     }
-    let mut out = x.dot(w);
+    let mut out = if x.nrows() <= FEW_ROWS {
+        // a decoding step: rows of W scaled and summed, W read once and never packed
+        let mut out = Array2::zeros((x.nrows(), w.ncols()));
+        for (mut out, x) in out.outer_iter_mut().zip(x.outer_iter()) {
+            for (&x, w) in x.iter().zip(w.outer_iter()) {
+                out.scaled_add(x, &w);
+            }
+        }
+        out
+    } else {
+        x.dot(w)
+    };
     if let Some(b) = b {
         out += b;
     }

@@ -331,3 +331,99 @@ fn row_by_row_path_equals_reference() {
         }
     }
 }
+
+/// Batched 4-D inputs from pseudo-random numbers.
+fn random4(shape: (usize, usize, usize, usize), seed: u64) -> Array4<f64> {
+    pseudo_random(&[shape.0, shape.1, shape.2, shape.3], seed)
+        .into_dimensionality()
+        .expect("4-D")
+}
+
+/// A few query rows against many keys (decoding) take the direct path: equal to
+/// the reference in f64 with grouped-query heads, every mask kind, key counts
+/// across its chunks and widths that are not a multiple of its lanes.
+#[test]
+fn decode_path_equals_reference() {
+    let slopes = ndarray::Array1::from(attn::alibi_slopes(8));
+    for (l, s, d, d_v) in [
+        (1, 4097, 64, 64),
+        (2, 300, 13, 40),
+        (3, 1000, 8, 5),
+        (4, 257, 70, 9),
+    ] {
+        let q = random4((2, 8, l, d), 40);
+        let (k, v) = (random4((2, 2, s, d), 41), random4((2, 2, s, d_v), 42));
+        let keep = Array2::from_shape_fn((l, s), |(i, j)| (i + 3 * j) % 7 != 2);
+        let bias = random2(l, s, 43);
+        let masks = [
+            vec![],
+            vec![Mask::CausalBottomRight],
+            vec![Mask::CausalTopLeft],
+            vec![Mask::SlidingWindow(100)],
+            vec![Mask::Alibi(slopes.view()), Mask::CausalBottomRight],
+            vec![Mask::keep(&keep), Mask::bias(&bias)],
+        ];
+        for m in &masks {
+            let with = |kernel| {
+                m.iter().cloned().fold(
+                    ScaledDotProduct::new().with_kernel(kernel),
+                    ScaledDotProduct::with_mask,
+                )
+            };
+            let auto = with(Kernel::Auto)
+                .forward_batched(&q, &k, &v)
+                .expect("valid");
+            let plain = with(Kernel::Plain)
+                .forward_batched(&q, &k, &v)
+                .expect("valid");
+            let e = max_abs_diff(&auto, &plain);
+            assert!(e < 1e-13, "L={l} S={s} d={d} masks {m:?}: {e:e}");
+        }
+    }
+}
+
+/// The direct path checks what it computed instead of scanning the inputs first:
+/// non-finite inputs it reads, and overflowing scores, end on the reference path;
+/// garbage at keys a mask excludes changes nothing.
+#[test]
+fn decode_path_non_finite_and_masked_garbage() {
+    let (l, s, d) = (1, 600, 32);
+    let q = random2(l, d, 50);
+    let (k, v) = (random2(s, d, 51), random2(s, d, 52));
+    let window = ScaledDotProduct::new().with_mask(Mask::SlidingWindow(64));
+    let clean = window.forward(&q, &k, &v).expect("valid");
+    let (mut k_bad, mut v_bad) = (k.clone(), v.clone());
+    k_bad[[3, 5]] = f64::NAN;
+    v_bad[[10, 0]] = f64::INFINITY;
+    assert_eq!(window.forward(&q, &k_bad, &v_bad).expect("valid"), clean);
+    for (k, v) in [(&k_bad, &v), (&k, &v_bad)] {
+        let everywhere = ScaledDotProduct::new();
+        let auto = everywhere.forward(&q, k, v).expect("valid");
+        let plain = everywhere
+            .clone()
+            .with_kernel(Kernel::Plain)
+            .forward(&q, k, v)
+            .expect("valid");
+        assert_eq!(auto.mapv(f64::is_nan), plain.mapv(f64::is_nan));
+        assert!(auto.iter().any(|x| !x.is_finite()));
+    }
+    let huge = k.mapv(|x| x * 1e300);
+    let auto = ScaledDotProduct::new()
+        .forward(&q, &huge, &v)
+        .expect("valid");
+    let plain = ScaledDotProduct::new()
+        .with_kernel(Kernel::Plain)
+        .forward(&q, &huge, &v)
+        .expect("valid");
+    assert!(max_abs_diff(&auto, &plain) < 1e-12);
+    let kt = k.t().to_owned();
+    let strided = ScaledDotProduct::new()
+        .forward(&q, &kt.t(), &v)
+        .expect("valid");
+    assert!(
+        max_abs_diff(
+            &strided,
+            &ScaledDotProduct::new().forward(&q, &k, &v).expect("valid")
+        ) < 1e-15
+    );
+}

@@ -3,6 +3,7 @@
 
 use ndarray::ArrayViewMut2;
 
+use super::direct::{self, Group, PortableDots};
 use super::float::{KernelFloat, Separate};
 use super::tiled::{self, Block, Portable, Scratch};
 
@@ -17,6 +18,11 @@ pub trait Dispatch: KernelFloat {
         scratch: &mut Scratch<Self>,
         out: ArrayViewMut2<'_, Self>,
     );
+    /// [`direct::attend_group`] with the best instruction set this CPU has.
+    fn attend_group(
+        group: &Group<'_, '_, Self>,
+        outs: &mut [ArrayViewMut2<'_, Self>],
+    ) -> Vec<usize>;
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -31,7 +37,7 @@ fn has_avx2_fma() -> bool {
 
 /// `Dispatch` for one element type: its AVX2 entry point and tile widths.
 macro_rules! dispatch {
-    ($ty:ty, $avx2:ident, $avx2_width:literal, $portable_width:literal) => {
+    ($ty:ty, $avx2:ident, $avx2_group:ident, $avx2_width:literal, $portable_width:literal) => {
         impl Dispatch for $ty {
             fn tile_width() -> usize {
                 if has_avx2_fma() {
@@ -56,12 +62,24 @@ macro_rules! dispatch {
                     block, scratch, out,
                 );
             }
+
+            fn attend_group(
+                group: &Group<'_, '_, $ty>,
+                outs: &mut [ArrayViewMut2<'_, $ty>],
+            ) -> Vec<usize> {
+                #[cfg(target_arch = "x86_64")]
+                if has_avx2_fma() {
+                    // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+                    return unsafe { avx2::$avx2_group(group, outs) };
+                }
+                direct::attend_group::<$ty, Separate, PortableDots<Separate>>(group, outs)
+            }
         }
     };
 }
 
-dispatch!(f32, attend_block_f32, 16, 8);
-dispatch!(f64, attend_block_f64, 8, 4);
+dispatch!(f32, attend_block_f32, attend_group_f32, 16, 8);
+dispatch!(f64, attend_block_f64, attend_group_f64, 8, 4);
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
@@ -69,6 +87,7 @@ mod avx2 {
 
     use ndarray::ArrayViewMut2;
 
+    use super::super::direct::{attend_group, Dots, Group, LANES};
     use super::super::float::Fused;
     use super::super::tiled::{attend_block, Block, Scratch, Tiles, BC, MR};
 
@@ -98,6 +117,32 @@ mod avx2 {
         out: ArrayViewMut2<'_, f64>,
     ) {
         attend_block::<f64, Fused, Avx2, 8>(block, scratch, out);
+    }
+
+    /// The direct path for `f32`, compiled for AVX2 and FMA.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn attend_group_f32(
+        group: &Group<'_, '_, f32>,
+        outs: &mut [ArrayViewMut2<'_, f32>],
+    ) -> Vec<usize> {
+        attend_group::<f32, Fused, Avx2>(group, outs)
+    }
+
+    /// The direct path for `f64`, compiled for AVX2 and FMA.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn attend_group_f64(
+        group: &Group<'_, '_, f64>,
+        outs: &mut [ArrayViewMut2<'_, f64>],
+    ) -> Vec<usize> {
+        attend_group::<f64, Fused, Avx2>(group, outs)
     }
 
     /// Micro-kernels written with AVX2/FMA intrinsics: a tile row is two 256-bit
@@ -195,6 +240,57 @@ mod avx2 {
             }
         };
     }
+
+    /// [`Dots`] for one element type: `$regs` registers of `$half` lanes hold `LANES`.
+    macro_rules! avx2_dots {
+        ($ty:ty, $regs:literal, $half:literal, $zero:ident, $load:ident, $store:ident, $fma:ident) => {
+            impl Dots<$ty> for Avx2 {
+                #[inline(always)]
+                fn dot4(q: &[[$ty; LANES]], k: &[&[[$ty; LANES]]; 4]) -> [[$ty; LANES]; 4] {
+                    // SAFETY: AVX2 and FMA are enabled (see `Avx2`); every load reads,
+                    // every store writes, one register's lanes of a `[$ty; LANES]`.
+                    unsafe {
+                        let mut acc = [[$zero(); $regs]; 4];
+                        for (p, x) in q.iter().enumerate() {
+                            for r in 0..$regs {
+                                let x = $load(x.as_ptr().add(r * $half));
+                                for u in 0..4 {
+                                    let y = $load(k[u][p].as_ptr().add(r * $half));
+                                    acc[u][r] = $fma(x, y, acc[u][r]);
+                                }
+                            }
+                        }
+                        let mut out = [[0.0; LANES]; 4];
+                        for u in 0..4 {
+                            for r in 0..$regs {
+                                $store(out[u].as_mut_ptr().add(r * $half), acc[u][r]);
+                            }
+                        }
+                        out
+                    }
+                }
+            }
+        };
+    }
+
+    avx2_dots!(
+        f32,
+        1,
+        8,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_fmadd_ps
+    );
+    avx2_dots!(
+        f64,
+        2,
+        4,
+        _mm256_setzero_pd,
+        _mm256_loadu_pd,
+        _mm256_storeu_pd,
+        _mm256_fmadd_pd
+    );
 
     avx2_tiles!(
         f32,

@@ -3,10 +3,12 @@
 //! For each `(batch, key/value head)` the keys and values are packed once; the
 //! query heads that share them are cut into blocks of rows, and the blocks run
 //! in parallel, each streaming over the keys with an online softmax
-//! ([`tiled`]). Problems too small to pay for packing go one row at a time
-//! ([`rowwise`]). Inputs that are not finite, or large enough that a score could
+//! ([`tiled`]). Heads with only a few query rows (decoding against a cache) read
+//! the keys and values where they lie ([`direct`]); problems too small for any of
+//! that go one row at a time ([`rowwise`]). Inputs that are not finite, or large enough that a score could
 //! overflow, take the reference path, which defines what happens then.
 
+mod direct;
 mod dispatch;
 mod float;
 mod rowwise;
@@ -39,7 +41,9 @@ use crate::Element;
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Kernel {
-    /// The fused kernel, row by row for tiny problems and tiled otherwise (default).
+    /// The fused kernel (default): tiled; for heads of at most four query rows
+    /// (decoding), direct over the unpacked keys and values; row by row for tiny
+    /// problems.
     #[default]
     Auto,
     /// The readable reference path: the score matrix, its softmax, then the product.
@@ -74,6 +78,9 @@ pub enum Parallelism {
 
 /// Problems with at most this many `L·S·(d_k + d_v)` per head go row by row.
 const TINY: usize = 1 << 14;
+/// Heads with at most this many query rows take the direct path: packing the keys
+/// and values would cost as much as attending to them.
+const FEW_ROWS: usize = 4;
 
 /// Writes attention's output for every head of `problem` into `out`, which is
 /// `(batch, heads, L, d_v)` in standard layout.
@@ -94,6 +101,7 @@ pub(crate) fn forward<A: Element>(
         return;
     }
     let tiny = kernel == Kernel::Auto && l * s * (d + d_v) <= TINY;
+    let direct = kernel == Kernel::Auto && l <= FEW_ROWS;
     if tiny && batch * heads == 1 {
         // one small head, the common 2-D call: no bookkeeping at all
         let out = out.index_axis_move(Axis(0), 0).index_axis_move(Axis(0), 0);
@@ -121,6 +129,14 @@ pub(crate) fn forward<A: Element>(
             for (h, out) in g.query_heads().zip(g.outs.iter_mut()) {
                 attend_rowwise_head(problem, g.b, h, out.view_mut());
             }
+        }
+        return;
+    }
+    if direct {
+        let attend = |g: &mut KvGroup<'_, '_, A>| attend_direct(problem, g.b, g.kv, g.outs);
+        match parallelism {
+            Parallelism::Rayon if groups.len() > 1 => groups.par_iter_mut().for_each(attend),
+            _ => groups.iter_mut().for_each(attend),
         }
         return;
     }
@@ -168,6 +184,35 @@ fn attend_rowwise_head<A: Element>(
         rowwise::attend_head(q, k, v, &masks, problem.scale, out);
     } else {
         problem.solve_head(b, h, Some(out), None);
+    }
+}
+
+/// The query heads of batch `b` that share key/value head `kv`, by the direct path,
+/// and those of them whose inputs need it by the reference path.
+fn attend_direct<A: Element>(
+    problem: &Problem<'_, A>,
+    b: usize,
+    kv: usize,
+    outs: &mut [ArrayViewMut2<'_, A>],
+) {
+    let heads = kv * outs.len()..(kv + 1) * outs.len();
+    let queries: Vec<ArrayView2<'_, A>> =
+        heads.clone().map(|h| head_view(&problem.q, b, h)).collect();
+    let masks: Vec<Vec<Mask2<'_, A>>> = heads.map(|h| problem.block_masks(b, h)).collect();
+    let (k, v) = (head_view(&problem.k, b, kv), head_view(&problem.v, b, kv));
+    let (k, v) = (k.as_standard_layout(), v.as_standard_layout());
+    let (Some(keys), Some(values)) = (k.as_slice(), v.as_slice()) else {
+        unreachable!("standard-layout arrays are slices")
+    };
+    let group = direct::Group {
+        queries: &queries,
+        masks: &masks,
+        keys,
+        values,
+        scale: problem.scale,
+    };
+    for h in A::attend_group(&group, outs) {
+        problem.solve_head(b, kv * outs.len() + h, Some(outs[h].view_mut()), None);
     }
 }
 

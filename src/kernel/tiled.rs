@@ -11,7 +11,7 @@
 use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 
 use super::float::MulAdd;
-use crate::mask::{apply_row, causal_keys_seen, window_start, Mask2};
+use crate::mask::{apply_row, keys_in_reach, Mask2};
 use crate::Element;
 
 /// Rows of a register tile (queries in `S = Q·Kᵀ`, output rows in `O += P·V`).
@@ -248,24 +248,12 @@ pub(crate) fn attend_block<A: Element, M: MulAdd, T: Tiles<A, NR>, const NR: usi
 /// How many keys (the first ones) any row of the block may attend to.
 fn keys_needed<A>(block: &Block<'_, A>) -> usize {
     let last_row = block.first_row + block.q.nrows() - 1;
-    block.masks.iter().fold(block.s, |seen, mask| match mask {
-        Mask2::CausalTopLeft => seen.min(causal_keys_seen(false, last_row, block.l, block.s)),
-        Mask2::CausalBottomRight | Mask2::SlidingWindow(_) => {
-            seen.min(causal_keys_seen(true, last_row, block.l, block.s))
-        }
-        _ => seen,
-    })
+    keys_in_reach(block.masks, last_row, block.l, block.s).end
 }
 
 /// The first key any row of the block may attend to, rounded down to a key block.
 fn first_key_needed<A>(block: &Block<'_, A>) -> usize {
-    let first = block.masks.iter().fold(0, |first, mask| match mask {
-        Mask2::SlidingWindow(size) => {
-            first.max(window_start(*size, block.first_row, block.l, block.s))
-        }
-        _ => first,
-    });
-    first / BC * BC
+    keys_in_reach(block.masks, block.first_row, block.l, block.s).start / BC * BC
 }
 
 /// Packs the block's queries, times the scale, as `tiles × d × MR`.
@@ -334,7 +322,7 @@ fn mask_scores<A: Element>(
 /// Turns one row of scores into `exp(s − shift)` and updates the row's running
 /// maximum and sum; returns the factor that rescales the row's output so far.
 #[inline(always)]
-fn softmax_update<A: Element, M: MulAdd, const NR: usize>(
+pub(crate) fn softmax_update<A: Element, M: MulAdd, const NR: usize>(
     row: &mut [A],
     max: &mut A,
     sum: &mut A,

@@ -1,0 +1,269 @@
+//! The direct path: a few query rows at a time, streaming over the keys and values
+//! where they lie, with no packing and no scan of the inputs beforehand. It serves
+//! decoding: one or a few new queries against a long cache, where packing the keys
+//! and scanning them would cost as much as attending to them.
+//!
+//! The query heads sharing one key/value head are cut into batches of [`ROWS`]
+//! rows; each batch makes one pass over the keys the masks leave in reach, in
+//! chunks of [`CHUNK`] keys with an online softmax, so a key or value row is read
+//! from memory once per batch and no `L × S` buffer exists.
+//!
+//! Instead of scanning the inputs first, the path checks what it computed: a NaN
+//! or `+∞` score after masking, or an output that is not finite, means the inputs
+//! were not finite or overflowed, and the head is left to the reference path.
+
+use ndarray::{ArrayView2, ArrayViewMut2};
+
+use super::float::MulAdd;
+use super::tiled::softmax_update;
+use crate::mask::{apply_row, keys_in_reach, Mask2};
+use crate::Element;
+
+/// Query rows attended together in one pass over the keys and values.
+pub(crate) const ROWS: usize = 8;
+/// Keys per step of the online softmax.
+const CHUNK: usize = 256;
+/// Lanes of the vectorised dot products and softmax passes.
+pub(crate) const LANES: usize = 8;
+
+/// The query heads that share one key/value head, with everything they attend over.
+pub struct Group<'g, 'p, A> {
+    /// Each query head's rows, `(l, d)`.
+    pub(crate) queries: &'g [ArrayView2<'p, A>],
+    /// Each query head's masks.
+    pub(crate) masks: &'g [Vec<Mask2<'p, A>>],
+    /// The keys `(s, d)` in row-major order.
+    pub(crate) keys: &'g [A],
+    /// The values `(s, d_v)` in row-major order.
+    pub(crate) values: &'g [A],
+    pub(crate) scale: A,
+}
+
+/// Per-batch working memory.
+struct Scratch<'s, A> {
+    /// Scaled queries, `rows × d`.
+    q: &'s mut [A],
+    /// Scores, then weights, of one chunk: `rows × chunk`.
+    s: &'s mut [A],
+    /// Running outputs and one chunk's products, `rows × d_v` each.
+    o: &'s mut [A],
+    acc: &'s mut [A],
+    max: [A; ROWS],
+    sum: [A; ROWS],
+}
+
+/// Writes the output of every query head of `group` into `outs` (one `(l, d_v)`
+/// array per head) and returns the heads whose inputs need the reference path.
+#[inline(always)]
+pub(crate) fn attend_group<A: Element, M: MulAdd, D: Dots<A>>(
+    group: &Group<'_, '_, A>,
+    outs: &mut [ArrayViewMut2<'_, A>],
+) -> Vec<usize> {
+    let Some(first) = group.queries.first() else {
+        return Vec::new();
+    };
+    let (l, d) = first.dim();
+    let d_v = outs.first().map_or(0, |o| o.ncols());
+    let s = group.keys.len().checked_div(d).unwrap_or(0);
+    let rows = group.queries.len() * l;
+    let batch = rows.min(ROWS);
+    let chunk = s.next_multiple_of(LANES).clamp(LANES, CHUNK);
+    let mut memory = vec![A::zero(); batch * (d + chunk + 2 * d_v)];
+    let (q, rest) = memory.split_at_mut(batch * d);
+    let (s, rest) = rest.split_at_mut(batch * chunk);
+    let (o, acc) = rest.split_at_mut(batch * d_v);
+    let mut scratch = Scratch {
+        q,
+        s,
+        o,
+        acc,
+        max: [A::neg_infinity(); ROWS],
+        sum: [A::zero(); ROWS],
+    };
+    let mut bad = Vec::new();
+    for first_row in (0..rows).step_by(ROWS) {
+        // row r of the batch is query row `i` of head `h`
+        let batch = rows.min(first_row + ROWS) - first_row;
+        let members: [(usize, usize); ROWS] =
+            std::array::from_fn(|r| ((first_row + r) / l, (first_row + r) % l));
+        let members = &members[..batch];
+        let finite = attend_batch::<A, M, D>(group, members, chunk, d_v, &mut scratch);
+        for (r, &(h, i)) in members.iter().enumerate() {
+            let total = scratch.sum[r];
+            let inverse = if total > A::zero() {
+                A::one() / total
+            } else {
+                A::zero()
+            };
+            let mut finite = finite;
+            for (x, &o) in outs[h].row_mut(i).iter_mut().zip(&scratch.o[r * d_v..]) {
+                *x = o * inverse;
+                finite &= x.is_finite();
+            }
+            if !finite && bad.last() != Some(&h) {
+                bad.push(h);
+            }
+        }
+    }
+    bad
+}
+
+/// One batch of query rows over the keys in their reach; `false` when a score was
+/// NaN or `+∞` after masking.
+#[inline(always)]
+fn attend_batch<A: Element, M: MulAdd, D: Dots<A>>(
+    group: &Group<'_, '_, A>,
+    members: &[(usize, usize)],
+    chunk: usize,
+    d_v: usize,
+    scratch: &mut Scratch<A>,
+) -> bool {
+    let (l, d) = group.queries[0].dim();
+    let s = group.keys.len().checked_div(d).unwrap_or(0);
+    let mut reach = s..0;
+    for (r, &(h, i)) in members.iter().enumerate() {
+        for (x, &y) in scratch.q[r * d..(r + 1) * d]
+            .iter_mut()
+            .zip(group.queries[h].row(i))
+        {
+            *x = y * group.scale;
+        }
+        let keys = keys_in_reach(&group.masks[h], i, l, s);
+        reach = reach.start.min(keys.start)..reach.end.max(keys.end);
+    }
+    scratch.o.fill(A::zero());
+    scratch.max.fill(A::neg_infinity());
+    scratch.sum.fill(A::zero());
+    let mut finite = true;
+    for j0 in (reach.start..reach.end).step_by(chunk) {
+        let n = chunk.min(reach.end - j0);
+        let keys = &group.keys[j0 * d..(j0 + n) * d];
+        scores::<A, M, D>(scratch.q, keys, d, members.len(), chunk, scratch.s);
+        let mut alpha = [A::zero(); ROWS];
+        for (r, &(h, i)) in members.iter().enumerate() {
+            let row = &mut scratch.s[r * chunk..(r + 1) * chunk];
+            apply_row(&group.masks[h], i, l, s, j0, &mut row[..n]);
+            row[n..].fill(A::neg_infinity());
+            // NaN or +∞ after masking: inputs the fused arithmetic cannot stand for
+            finite &= row.iter().all(|&x| x < A::infinity());
+            alpha[r] = softmax_update::<A, M, LANES>(row, &mut scratch.max[r], &mut scratch.sum[r]);
+        }
+        let values = &group.values[j0 * d_v..(j0 + n) * d_v];
+        accumulate::<A, M>(scratch, values, d_v, members.len(), chunk, &alpha);
+    }
+    finite
+}
+
+/// Scores of `rows` scaled queries against `keys` (row-major, `d` wide) into the
+/// rows of `s` (`chunk` apart), four keys at a time.
+#[inline(always)]
+fn scores<A: Element, M: MulAdd, D: Dots<A>>(
+    q: &[A],
+    keys: &[A],
+    d: usize,
+    rows: usize,
+    chunk: usize,
+    s: &mut [A],
+) {
+    if d == 0 {
+        s.fill(A::zero());
+        return;
+    }
+    let n = keys.len() / d;
+    for j in (0..n).step_by(4) {
+        // past the last key, repeat it and ignore the result
+        let k: [&[A]; 4] = std::array::from_fn(|u| {
+            let key = (j + u).min(n - 1);
+            &keys[key * d..(key + 1) * d]
+        });
+        let used = (n - j).min(4);
+        for r in 0..rows {
+            let dots = dot4::<A, M, D>(&q[r * d..(r + 1) * d], &k);
+            s[r * chunk + j..r * chunk + j + used].copy_from_slice(&dots[..used]);
+        }
+    }
+}
+
+/// `q · k[u]` for four keys.
+#[inline(always)]
+fn dot4<A: Element, M: MulAdd, D: Dots<A>>(q: &[A], k: &[&[A]; 4]) -> [A; 4] {
+    let (q_lanes, q_rest) = q.as_chunks::<LANES>();
+    let k_lanes: [&[[A; LANES]]; 4] =
+        std::array::from_fn(|u| &k[u].as_chunks::<LANES>().0[..q_lanes.len()]);
+    let acc = D::dot4(q_lanes, &k_lanes);
+    let tail = q_lanes.len() * LANES;
+    std::array::from_fn(|u| {
+        q_rest
+            .iter()
+            .zip(&k[u][tail..])
+            .fold(sum_lanes(&acc[u]), |t, (&x, &y)| M::mul_add(x, y, t))
+    })
+}
+
+/// The sums behind the scores: `LANES`-wide multiply-adds of a query with four keys.
+pub trait Dots<A> {
+    /// `Σₚ q[p] ⊙ k[u][p]` lane by lane, for each of the four keys `u` (the lanes
+    /// are summed afterwards); every `k[u]` is as long as `q`.
+    fn dot4(q: &[[A; LANES]], k: &[&[[A; LANES]]; 4]) -> [[A; LANES]; 4];
+}
+
+/// [`Dots`] as plain loops over arrays.
+pub struct PortableDots<M>(std::marker::PhantomData<M>);
+
+impl<A: Element, M: MulAdd> Dots<A> for PortableDots<M> {
+    #[inline(always)]
+    fn dot4(q: &[[A; LANES]], k: &[&[[A; LANES]]; 4]) -> [[A; LANES]; 4] {
+        let mut acc = [[A::zero(); LANES]; 4];
+        for (acc, k) in acc.iter_mut().zip(k) {
+            for (x, y) in q.iter().zip(*k) {
+                for c in 0..LANES {
+                    acc[c] = M::mul_add(x[c], y[c], acc[c]);
+                }
+            }
+        }
+        acc
+    }
+}
+
+/// The sum of the lanes, pairwise.
+#[inline(always)]
+fn sum_lanes<A: Element>(x: &[A; LANES]) -> A {
+    let half: [A; 4] = std::array::from_fn(|c| x[c] + x[c + 4]);
+    (half[0] + half[2]) + (half[1] + half[3])
+}
+
+/// `O = α·O + P·V` for one chunk: the chunk's product is summed on its own before
+/// it is added to the rescaled total (blocked summation, as in the tiled kernel).
+#[inline(always)]
+fn accumulate<A: Element, M: MulAdd>(
+    scratch: &mut Scratch<A>,
+    values: &[A],
+    d_v: usize,
+    rows: usize,
+    chunk: usize,
+    alpha: &[A; ROWS],
+) {
+    if d_v == 0 {
+        return;
+    }
+    let acc = &mut scratch.acc[..rows * d_v];
+    acc.fill(A::zero());
+    for (j, value) in values.chunks_exact(d_v).enumerate() {
+        for (r, acc) in acc.chunks_exact_mut(d_v).enumerate() {
+            let p = scratch.s[r * chunk + j];
+            for (a, &x) in acc.iter_mut().zip(value) {
+                *a = M::mul_add(p, x, *a);
+            }
+        }
+    }
+    for (r, (o, acc)) in scratch
+        .o
+        .chunks_exact_mut(d_v)
+        .zip(acc.chunks_exact(d_v))
+        .enumerate()
+    {
+        for (o, &a) in o.iter_mut().zip(acc) {
+            *o = M::mul_add(*o, alpha[r], a);
+        }
+    }
+}
