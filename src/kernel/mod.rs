@@ -41,7 +41,7 @@ use crate::Element;
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Kernel {
-    /// The fused kernel (default): tiled; for heads of at most four query rows
+    /// The fused kernel (default): tiled; for heads of at most eight query rows
     /// (decoding), direct over the unpacked keys and values; row by row for tiny
     /// problems.
     #[default]
@@ -80,7 +80,7 @@ pub enum Parallelism {
 const TINY: usize = 1 << 14;
 /// Heads with at most this many query rows take the direct path: packing the keys
 /// and values would cost as much as attending to them.
-const FEW_ROWS: usize = 4;
+const FEW_ROWS: usize = 8;
 
 /// Writes attention's output for every head of `problem` into `out`, which is
 /// `(batch, heads, L, d_v)` in standard layout.
@@ -144,13 +144,19 @@ pub(crate) fn forward<A: Element>(
     // their blocks in one parallel region
     let packed_bytes =
         (s.div_ceil(tiled::BC) * tiled::BC * (d + d_v)).max(1) * std::mem::size_of::<A>();
-    let per_wave = (PACKED_BYTES / packed_bytes).max(1);
+    // but at least one per thread: a head of few query rows is only one task
+    let threads = match parallelism {
+        Parallelism::Sequential => 1,
+        Parallelism::Rayon => rayon::current_num_threads(),
+    };
+    let per_wave = (PACKED_BYTES / packed_bytes).max(threads);
     for wave in groups.chunks_mut(per_wave) {
         attend_tiled(problem, wave, parallelism);
     }
 }
 
-/// Extra memory the tiled kernel may use for packed keys and values at once.
+/// Extra memory the tiled kernel may use for packed keys and values at once (or
+/// one key/value head per thread, if more).
 const PACKED_BYTES: usize = 1 << 20;
 
 /// The query heads that share one key/value head, and their outputs.
