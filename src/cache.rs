@@ -197,6 +197,12 @@ impl<A: Element> KvCache<A> {
     /// ```
     pub fn append(&mut self, k: &ArrayRef4<A>, v: &ArrayRef4<A>) -> Result<()> {
         self.check(k, v)?;
+        self.write(k, v);
+        Ok(())
+    }
+
+    /// [`append`](Self::append) of checked keys and values.
+    fn write(&mut self, k: &ArrayRef4<A>, v: &ArrayRef4<A>) {
         let t = k.dim().2;
         match self.window {
             None => {
@@ -228,7 +234,6 @@ impl<A: Element> KvCache<A> {
             }
         }
         self.seen += t;
-        Ok(())
     }
 
     /// Appends `k_new`, `v_new` and returns the new queries' attention over every
@@ -242,8 +247,9 @@ impl<A: Element> KvCache<A> {
     ///
     /// # Errors
     ///
-    /// [`Error::Shape`] when the new keys or values do not match the cache, and the
-    /// errors of [`ScaledDotProduct::forward_batched`].
+    /// [`Error::Shape`] when the new queries, keys or values do not match the cache
+    /// (the cache is then left as it was), and the errors of
+    /// [`ScaledDotProduct::forward_batched`].
     ///
     /// # Examples
     ///
@@ -266,10 +272,14 @@ impl<A: Element> KvCache<A> {
     ) -> Result<Array4<A>> {
         self.check(k_new, v_new)?;
         let t = q.dim().2;
-        if k_new.dim().2 != t {
-            return Err(Error::KeyValueLength {
-                key: k_new.shape().to_vec(),
-                value: q.shape().to_vec(),
+        let (b, kv_heads, _, d_k) = self.keys.dim();
+        let (qb, heads, _, qd) = q.dim();
+        // checked before anything is written: a failed call leaves the cache as it was
+        if k_new.dim().2 != t || qb != b || heads % kv_heads.max(1) != 0 || qd != d_k {
+            return Err(Error::Shape {
+                what: "new queries must be (batch, a multiple of kv_heads, as many positions as the new keys, d_k)",
+                expected: vec![b, heads.next_multiple_of(kv_heads.max(1)), k_new.dim().2, d_k],
+                found: q.shape().to_vec(),
             });
         }
         match self.window {
@@ -277,7 +287,7 @@ impl<A: Element> KvCache<A> {
             // its window; so are all positions of a cache that keeps everything
             Some(_) if t > 1 => self.attend_chunk_in_window(q, k_new, v_new),
             _ => {
-                self.append(k_new, v_new)?;
+                self.write(k_new, v_new);
                 ScaledDotProduct::new()
                     .with_mask(Mask::CausalBottomRight)
                     .forward_batched(q, &self.keys(), &self.values())
@@ -318,7 +328,7 @@ impl<A: Element> KvCache<A> {
         let out = ScaledDotProduct::new()
             .with_mask(Mask::keep(&keep))
             .forward_batched(q, &keys, &values)?;
-        self.append(k_new, v_new)?;
+        self.write(k_new, v_new);
         Ok(out)
     }
 }

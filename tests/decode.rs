@@ -88,6 +88,15 @@ fn cache_errors() {
         cache.attend(&q, &kv, &kv).is_err(),
         "2 kv heads do not divide 3 query heads"
     );
+    let two_positions = Array4::<f32>::zeros((1, 2, 2, 4));
+    let wide = Array4::<f32>::zeros((1, 2, 1, 5));
+    for q in [&two_positions, &wide] {
+        let Err(attn::Error::Shape { found, .. }) = cache.attend(q, &kv, &kv) else {
+            panic!("queries {:?} do not fit the new keys", q.shape());
+        };
+        assert_eq!(found, q.shape());
+    }
+    assert!(cache.is_empty(), "failed calls leave the cache as it was");
     assert!(KvCache::<f32>::sliding(1, 1, 4, 4, 0).is_err());
     let cross = MultiHeadConfig::new(8, 2)
         .with_kdim(3)
