@@ -8,6 +8,10 @@ mod common;
 #[path = "../examples/tokyo.rs"]
 mod tokyo;
 
+#[allow(dead_code)]
+#[path = "../examples/decode.rs"]
+mod decode;
+
 use common::{array2, golden};
 use ndarray::Array2;
 
@@ -198,4 +202,36 @@ fn malformed_csv_errors_name_file_line_and_column() {
     );
     let missing = csv_attention::read_table(std::path::Path::new("/nonexistent/attn.csv"));
     assert!(missing.is_err_and(|e| e.to_string().contains("/nonexistent/attn.csv")));
+}
+
+/// The decode demo: each step's weights are a distribution over exactly the cached
+/// positions, weights·V is the step's output, and prompt + steps equal causal
+/// attention over the whole sequence.
+#[test]
+fn decode_steps_match_causal_attention_and_their_weights() {
+    use ndarray::s;
+    let run = decode::decode().expect("the demo runs");
+    assert_eq!(run.cache.len(), decode::TOKENS.len());
+    assert_eq!(run.steps.len(), decode::TOKENS.len() - decode::PROMPT);
+    let values = run.cache.values();
+    for (n, step) in run.steps.iter().enumerate() {
+        let seen = decode::PROMPT + n + 1;
+        assert_eq!(step.weights.dim(), (decode::HEADS, seen));
+        for (h, row) in step.weights.outer_iter().enumerate() {
+            assert!((row.sum() - 1.0).abs() < 1e-6 && row.iter().all(|&w| w > 0.0));
+            let by_hand = row.dot(&values.slice(s![0, h, ..seen, ..]));
+            let output = step.output.slice(s![0, h, 0, ..]);
+            assert!(
+                (&by_hand - &output).iter().all(|d: &f32| d.abs() < 1e-6),
+                "step {n} head {h}"
+            );
+        }
+        let full = run.recomputed.slice(s![.., .., seen - 1..seen, ..]);
+        assert!(
+            (&step.output - &full).iter().all(|d| d.abs() < 1e-6),
+            "step {n}"
+        );
+    }
+    let prompt = run.recomputed.slice(s![.., .., ..decode::PROMPT, ..]);
+    assert!((&run.prompt - &prompt).iter().all(|d| d.abs() < 1e-6));
 }
