@@ -236,8 +236,15 @@ fn non_finite_inputs_take_the_reference_path() {
 
 #[test]
 fn threads_do_not_change_a_bit() {
-    let q = pseudo_random(&[2, 4, 300, 64], 17).mapv(|x| x as f32);
-    let kv = pseudo_random(&[2, 2, 500, 64], 18).mapv(|x| x as f32);
+    // 300 query rows take the tiled kernel, 3 the direct path (its 5000 keys in parts)
+    for (l, s) in [(300, 500), (3, 5000)] {
+        threads_do_not_change_a_bit_at(l, s);
+    }
+}
+
+fn threads_do_not_change_a_bit_at(l: usize, s: usize) {
+    let q = pseudo_random(&[2, 4, l, 64], 17).mapv(|x| x as f32);
+    let kv = pseudo_random(&[2, 2, s, 64], 18).mapv(|x| x as f32);
     let (q, kv): (Array4<f32>, Array4<f32>) = (
         q.into_dimensionality().expect("4-D"),
         kv.into_dimensionality().expect("4-D"),

@@ -12,6 +12,8 @@
 //! or `+∞` score after masking, or an output that is not finite, means the inputs
 //! were not finite or overflowed, and the head is left to the reference path.
 
+use std::ops::Range;
+
 use ndarray::{ArrayView2, ArrayViewMut2};
 
 use super::float::MulAdd;
@@ -23,6 +25,10 @@ use crate::Element;
 pub(crate) const ROWS: usize = 8;
 /// Keys per step of the online softmax.
 const CHUNK: usize = 256;
+/// Keys per part: a long cache is cut into parts of this many keys, which may run on
+/// different threads and are merged afterwards. The cut does not depend on the
+/// number of threads, so neither does the result.
+pub(crate) const PART: usize = 2048;
 /// Lanes of the vectorised dot products and softmax passes.
 pub(crate) const LANES: usize = 8;
 
@@ -52,18 +58,26 @@ struct Scratch<'s, A> {
     sum: [A; ROWS],
 }
 
-/// Writes the output of every query head of `group` into `outs` (one `(l, d_v)`
-/// array per head) and returns the heads whose inputs need the reference path.
+/// What one part of the keys contributes to every query row of a group: each
+/// row's running maximum and sum and its output before division by the sum.
+pub struct Partial<A> {
+    /// `rows × d_v`, rows ordered head by head.
+    o: Vec<A>,
+    max: Vec<A>,
+    sum: Vec<A>,
+    /// Whether the row's scores were all free of NaN and `+∞` after masking.
+    finite: Vec<bool>,
+}
+
+/// Attends every query row of `group` to the keys `part` (of those in each row's
+/// reach), `d_v` value columns.
 #[inline(always)]
-pub(crate) fn attend_group<A: Element, M: MulAdd, D: Dots<A>>(
+pub(crate) fn attend_part<A: Element, M: MulAdd, D: Dots<A>>(
     group: &Group<'_, '_, A>,
-    outs: &mut [ArrayViewMut2<'_, A>],
-) -> Vec<usize> {
-    let Some(first) = group.queries.first() else {
-        return Vec::new();
-    };
-    let (l, d) = first.dim();
-    let d_v = outs.first().map_or(0, |o| o.ncols());
+    d_v: usize,
+    part: Range<usize>,
+) -> Partial<A> {
+    let (l, d) = group.queries.first().map_or((0, 0), |q| q.dim());
     let s = group.keys.len().checked_div(d).unwrap_or(0);
     let rows = group.queries.len() * l;
     let batch = rows.min(ROWS);
@@ -80,40 +94,92 @@ pub(crate) fn attend_group<A: Element, M: MulAdd, D: Dots<A>>(
         max: [A::neg_infinity(); ROWS],
         sum: [A::zero(); ROWS],
     };
-    let mut bad = Vec::new();
+    let mut partial = Partial {
+        o: Vec::with_capacity(rows * d_v),
+        max: Vec::with_capacity(rows),
+        sum: Vec::with_capacity(rows),
+        finite: Vec::with_capacity(rows),
+    };
     for first_row in (0..rows).step_by(ROWS) {
         // row r of the batch is query row `i` of head `h`
         let batch = rows.min(first_row + ROWS) - first_row;
         let members: [(usize, usize); ROWS] =
             std::array::from_fn(|r| ((first_row + r) / l, (first_row + r) % l));
         let members = &members[..batch];
-        let finite = attend_batch::<A, M, D>(group, members, chunk, d_v, &mut scratch);
-        for (r, &(h, i)) in members.iter().enumerate() {
-            let total = scratch.sum[r];
+        let finite =
+            attend_batch::<A, M, D>(group, members, part.clone(), chunk, d_v, &mut scratch);
+        partial.o.extend_from_slice(&scratch.o[..batch * d_v]);
+        partial.max.extend_from_slice(&scratch.max[..batch]);
+        partial.sum.extend_from_slice(&scratch.sum[..batch]);
+        partial.finite.extend(std::iter::repeat_n(finite, batch));
+    }
+    partial
+}
+
+/// Merges the parts of a group, in order, into `outs` (one `(l, d_v)` array per
+/// query head) and returns the heads whose inputs need the reference path.
+pub(crate) fn finish<A: Element>(
+    parts: &[Partial<A>],
+    outs: &mut [ArrayViewMut2<'_, A>],
+) -> Vec<usize> {
+    let mut bad = Vec::new();
+    let Some(d_v) = outs.first().map(|o| o.ncols()) else {
+        return bad;
+    };
+    let mut row = vec![A::zero(); d_v];
+    let mut r = 0;
+    for (h, out) in outs.iter_mut().enumerate() {
+        for mut out in out.outer_iter_mut() {
+            let max = parts.iter().fold(
+                A::neg_infinity(),
+                |m, p| {
+                    if p.max[r] > m {
+                        p.max[r]
+                    } else {
+                        m
+                    }
+                },
+            );
+            let (mut total, mut finite) = (A::zero(), true);
+            row.fill(A::zero());
+            for p in parts {
+                // a part that saw only masked keys adds nothing; a lone part is not rescaled
+                let weight = if p.max[r] == A::neg_infinity() {
+                    A::zero()
+                } else {
+                    (p.max[r] - max).exp()
+                };
+                total += weight * p.sum[r];
+                for (x, &o) in row.iter_mut().zip(&p.o[r * d_v..(r + 1) * d_v]) {
+                    *x += weight * o;
+                }
+                finite &= p.finite[r];
+            }
             let inverse = if total > A::zero() {
                 A::one() / total
             } else {
                 A::zero()
             };
-            let mut finite = finite;
-            for (x, &o) in outs[h].row_mut(i).iter_mut().zip(&scratch.o[r * d_v..]) {
+            for (x, &o) in out.iter_mut().zip(&row) {
                 *x = o * inverse;
                 finite &= x.is_finite();
             }
             if !finite && bad.last() != Some(&h) {
                 bad.push(h);
             }
+            r += 1;
         }
     }
     bad
 }
 
-/// One batch of query rows over the keys in their reach; `false` when a score was
-/// NaN or `+∞` after masking.
+/// One batch of query rows over the keys of `part` in their reach; `false` when a
+/// score was NaN or `+∞` after masking.
 #[inline(always)]
 fn attend_batch<A: Element, M: MulAdd, D: Dots<A>>(
     group: &Group<'_, '_, A>,
     members: &[(usize, usize)],
+    part: Range<usize>,
     chunk: usize,
     d_v: usize,
     scratch: &mut Scratch<A>,
@@ -131,6 +197,7 @@ fn attend_batch<A: Element, M: MulAdd, D: Dots<A>>(
         let keys = keys_in_reach(&group.masks[h], i, l, s);
         reach = reach.start.min(keys.start)..reach.end.max(keys.end);
     }
+    let reach = reach.start.max(part.start)..reach.end.min(part.end);
     scratch.o.fill(A::zero());
     scratch.max.fill(A::neg_infinity());
     scratch.sum.fill(A::zero());

@@ -3,7 +3,9 @@
 
 use ndarray::ArrayViewMut2;
 
-use super::direct::{self, Group, PortableDots};
+use std::ops::Range;
+
+use super::direct::{self, Group, Partial, PortableDots};
 use super::float::{KernelFloat, Separate};
 use super::tiled::{self, Block, Portable, Scratch};
 
@@ -18,11 +20,8 @@ pub trait Dispatch: KernelFloat {
         scratch: &mut Scratch<Self>,
         out: ArrayViewMut2<'_, Self>,
     );
-    /// [`direct::attend_group`] with the best instruction set this CPU has.
-    fn attend_group(
-        group: &Group<'_, '_, Self>,
-        outs: &mut [ArrayViewMut2<'_, Self>],
-    ) -> Vec<usize>;
+    /// [`direct::attend_part`] with the best instruction set this CPU has.
+    fn attend_part(group: &Group<'_, '_, Self>, d_v: usize, part: Range<usize>) -> Partial<Self>;
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -63,23 +62,24 @@ macro_rules! dispatch {
                 );
             }
 
-            fn attend_group(
+            fn attend_part(
                 group: &Group<'_, '_, $ty>,
-                outs: &mut [ArrayViewMut2<'_, $ty>],
-            ) -> Vec<usize> {
+                d_v: usize,
+                part: Range<usize>,
+            ) -> Partial<$ty> {
                 #[cfg(target_arch = "x86_64")]
                 if has_avx2_fma() {
                     // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-                    return unsafe { avx2::$avx2_group(group, outs) };
+                    return unsafe { avx2::$avx2_group(group, d_v, part) };
                 }
-                direct::attend_group::<$ty, Separate, PortableDots<Separate>>(group, outs)
+                direct::attend_part::<$ty, Separate, PortableDots<Separate>>(group, d_v, part)
             }
         }
     };
 }
 
-dispatch!(f32, attend_block_f32, attend_group_f32, 16, 8);
-dispatch!(f64, attend_block_f64, attend_group_f64, 8, 4);
+dispatch!(f32, attend_block_f32, attend_part_f32, 16, 8);
+dispatch!(f64, attend_block_f64, attend_part_f64, 8, 4);
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
@@ -87,7 +87,9 @@ mod avx2 {
 
     use ndarray::ArrayViewMut2;
 
-    use super::super::direct::{attend_group, Dots, Group, LANES};
+    use std::ops::Range;
+
+    use super::super::direct::{attend_part, Dots, Group, Partial, LANES};
     use super::super::float::Fused;
     use super::super::tiled::{attend_block, Block, Scratch, Tiles, BC, MR};
 
@@ -125,11 +127,12 @@ mod avx2 {
     ///
     /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn attend_group_f32(
+    pub(super) unsafe fn attend_part_f32(
         group: &Group<'_, '_, f32>,
-        outs: &mut [ArrayViewMut2<'_, f32>],
-    ) -> Vec<usize> {
-        attend_group::<f32, Fused, Avx2>(group, outs)
+        d_v: usize,
+        part: Range<usize>,
+    ) -> Partial<f32> {
+        attend_part::<f32, Fused, Avx2>(group, d_v, part)
     }
 
     /// The direct path for `f64`, compiled for AVX2 and FMA.
@@ -138,11 +141,12 @@ mod avx2 {
     ///
     /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn attend_group_f64(
+    pub(super) unsafe fn attend_part_f64(
         group: &Group<'_, '_, f64>,
-        outs: &mut [ArrayViewMut2<'_, f64>],
-    ) -> Vec<usize> {
-        attend_group::<f64, Fused, Avx2>(group, outs)
+        d_v: usize,
+        part: Range<usize>,
+    ) -> Partial<f64> {
+        attend_part::<f64, Fused, Avx2>(group, d_v, part)
     }
 
     /// Micro-kernels written with AVX2/FMA intrinsics: a tile row is two 256-bit

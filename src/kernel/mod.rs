@@ -133,11 +133,7 @@ pub(crate) fn forward<A: Element>(
         return;
     }
     if direct {
-        let attend = |g: &mut KvGroup<'_, '_, A>| attend_direct(problem, g.b, g.kv, g.outs);
-        match parallelism {
-            Parallelism::Rayon if groups.len() > 1 => groups.par_iter_mut().for_each(attend),
-            _ => groups.iter_mut().for_each(attend),
-        }
+        attend_direct(problem, &mut groups, parallelism);
         return;
     }
     // pack as many key/value heads at a time as fit in PACKED_BYTES, and run all
@@ -193,33 +189,78 @@ fn attend_rowwise_head<A: Element>(
     }
 }
 
-/// The query heads of batch `b` that share key/value head `kv`, by the direct path,
-/// and those of them whose inputs need it by the reference path.
+/// Every group by the direct path, its keys cut into parts of [`direct::PART`]
+/// that run in parallel; heads whose inputs need it then by the reference path.
 fn attend_direct<A: Element>(
     problem: &Problem<'_, A>,
-    b: usize,
-    kv: usize,
-    outs: &mut [ArrayViewMut2<'_, A>],
+    groups: &mut [KvGroup<'_, '_, A>],
+    parallelism: Parallelism,
 ) {
-    let heads = kv * outs.len()..(kv + 1) * outs.len();
-    let queries: Vec<ArrayView2<'_, A>> =
-        heads.clone().map(|h| head_view(&problem.q, b, h)).collect();
-    let masks: Vec<Vec<Mask2<'_, A>>> = heads.map(|h| problem.block_masks(b, h)).collect();
-    let (k, v) = (head_view(&problem.k, b, kv), head_view(&problem.v, b, kv));
-    let (k, v) = (k.as_standard_layout(), v.as_standard_layout());
-    let (Some(keys), Some(values)) = (k.as_slice(), v.as_slice()) else {
-        unreachable!("standard-layout arrays are slices")
+    let s = problem.k.dim().2;
+    let d_v = problem.v.dim().3;
+    let inputs: Vec<DirectInputs<'_, A>> = groups
+        .iter()
+        .map(|g| {
+            let heads = g.query_heads();
+            let (k, v) = (
+                head_view(&problem.k, g.b, g.kv),
+                head_view(&problem.v, g.b, g.kv),
+            );
+            DirectInputs {
+                queries: heads
+                    .clone()
+                    .map(|h| head_view(&problem.q, g.b, h))
+                    .collect(),
+                masks: heads.map(|h| problem.block_masks(g.b, h)).collect(),
+                keys: standard(k),
+                values: standard(v),
+            }
+        })
+        .collect();
+    let parts = s.div_ceil(direct::PART).max(1);
+    let run = |task: usize| {
+        let (inputs, part) = (&inputs[task / parts], task % parts);
+        let (Some(keys), Some(values)) = (inputs.keys.as_slice(), inputs.values.as_slice()) else {
+            unreachable!("standard-layout arrays are slices")
+        };
+        let group = direct::Group {
+            queries: &inputs.queries,
+            masks: &inputs.masks,
+            keys,
+            values,
+            scale: problem.scale,
+        };
+        let first = part * direct::PART;
+        A::attend_part(&group, d_v, first..(first + direct::PART).min(s))
     };
-    let group = direct::Group {
-        queries: &queries,
-        masks: &masks,
-        keys,
-        values,
-        scale: problem.scale,
+    let tasks = 0..groups.len() * parts;
+    let partials: Vec<direct::Partial<A>> = match parallelism {
+        Parallelism::Sequential => tasks.map(run).collect(),
+        Parallelism::Rayon => tasks.into_par_iter().map(run).collect(),
     };
-    for h in A::attend_group(&group, outs) {
-        problem.solve_head(b, kv * outs.len() + h, Some(outs[h].view_mut()), None);
+    for (g, partials) in groups.iter_mut().zip(partials.chunks(parts)) {
+        let first_head = g.kv * g.outs.len();
+        for h in direct::finish(partials, g.outs) {
+            problem.solve_head(g.b, first_head + h, Some(g.outs[h].view_mut()), None);
+        }
     }
+}
+
+/// `x` itself if it is in standard layout, else a standard-layout copy.
+fn standard<A: Clone>(x: ArrayView2<'_, A>) -> ndarray::CowArray<'_, A, ndarray::Ix2> {
+    if x.is_standard_layout() {
+        x.into()
+    } else {
+        x.as_standard_layout().into_owned().into()
+    }
+}
+
+/// One group's inputs to the direct path, keys and values in standard layout.
+struct DirectInputs<'p, A> {
+    queries: Vec<ArrayView2<'p, A>>,
+    masks: Vec<Vec<Mask2<'p, A>>>,
+    keys: ndarray::CowArray<'p, A, ndarray::Ix2>,
+    values: ndarray::CowArray<'p, A, ndarray::Ix2>,
 }
 
 /// One block of query rows and where its output goes.
