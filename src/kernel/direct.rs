@@ -6,7 +6,10 @@
 //! The query heads sharing one key/value head are cut into batches of [`ROWS`]
 //! rows; each batch makes one pass over the keys the masks leave in reach, in
 //! chunks of [`CHUNK`] keys with an online softmax, so a key or value row is read
-//! from memory once per batch and no `L × S` buffer exists.
+//! from memory once per batch and no `L × S` buffer exists. Long caches are cut
+//! into parts of [`PART`] keys that run on different threads, each ending with
+//! its rows' maxima, sums and unscaled outputs, merged in order by [`finish`]
+//! (split-key decoding): a single key/value head still uses every thread.
 //!
 //! Instead of scanning the inputs first, the path checks what it computed: a NaN
 //! or `+∞` score after masking, or an output that is not finite, means the inputs
