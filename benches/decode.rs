@@ -34,7 +34,7 @@ fn full_cache(kv_heads: usize) -> KvCache<f32> {
 fn decode_step(c: &mut Criterion) {
     let mut group = c.benchmark_group("decode_f32_cache4096_8heads_d64");
     group.throughput(Throughput::Elements(1));
-    for kv_heads in [HEADS, 2] {
+    for kv_heads in [HEADS, 2, 1] {
         let mut cache = full_cache(kv_heads);
         let q = filled((1, HEADS, 1, DIM), 2);
         let kv = filled((1, kv_heads, 1, DIM), 3);
