@@ -8,7 +8,7 @@ use attn::parameter_free::{cat, FeatureMapAttention};
 use attn::rng::{NumpyRandom, TorchGenerator};
 use attn::{Init, Kernel, Mask, MultiHeadConfig, ProjectionShape, QkvProjection, ScaledDotProduct};
 use libfuzzer_sys::fuzz_target;
-use ndarray::{Array2, Array4};
+use ndarray::{concatenate, Array2, Array4, Axis};
 
 /// Reads the fuzzer's bytes as small numbers and floats.
 struct Bytes<'a>(&'a [u8]);
@@ -66,6 +66,17 @@ fuzz_target!(|data: &[u8]| {
     let v = bytes.matrix(v_rows, dv);
     let keep = Array2::from_shape_simple_fn((l, s), || bytes.byte() % 5 != 0);
     let bias = bytes.matrix(l, s);
+    // long keys: the keys, values and masks repeated 64 times, so that few query
+    // rows reach the decoding path (and its parts of 2048 keys)
+    let (k, v, keep, bias) = if flags & 64 != 0 {
+        let rows = |m: &Array2<f64>| concatenate(Axis(0), &vec![m.view(); 64]).expect("same widths");
+        let cols = |m: &Array2<f64>| concatenate(Axis(1), &vec![m.view(); 64]).expect("same heights");
+        let keep = concatenate(Axis(1), &vec![keep.view(); 64]).expect("same heights");
+        (rows(&k), rows(&v), keep, cols(&bias))
+    } else {
+        (k, v, keep, bias)
+    };
+    let s = k.nrows();
     let scale = if flags & 2 == 0 {
         None
     } else {
