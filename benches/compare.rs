@@ -136,6 +136,14 @@ fn torch_seconds_with_queries(
     }
 }
 
+/// A rayon pool of `threads` threads.
+fn pool_of(threads: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("a thread pool")
+}
+
 fn gflops(flops: f64, seconds: f64) -> String {
     format!("{:.1}", flops / seconds / 1e9)
 }
@@ -164,10 +172,7 @@ fn main() {
             let (q, k, v) = qkv(n);
             let flops = 4.0 * (n * n * DIM * HEADS) as f64 / if causal { 2.0 } else { 1.0 };
             for threads in [1, 2] {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .expect("a thread pool");
+                let pool = pool_of(threads);
                 let attn = |kernel| {
                     let mut a = ScaledDotProduct::new()
                         .with_kernel(kernel)
@@ -256,10 +261,7 @@ fn main() {
         .index_axis_move(Axis(0), 0)
         .index_axis_move(Axis(0), 0);
     for threads in [1, 2] {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .expect("a thread pool");
+        let pool = pool_of(threads);
         let t = pool.install(|| best_seconds(min, || drop(attn::scaled_dot_product(&q, &q, &q))));
         println!(
             "`scaled_dot_product` on one ({n}, {DIM}) head, {threads} thread(s): {} GFLOP/s",
@@ -273,10 +275,7 @@ fn main() {
     let step = inputs(1, HEADS, DIM, 1);
     let decode = ScaledDotProduct::new().with_mask(attn::Mask::CausalBottomRight);
     for threads in [1, 2] {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .expect("a thread pool");
+        let pool = pool_of(threads);
         let ours = pool.install(|| {
             best_seconds(min, || {
                 drop(decode.forward_batched(&step, &past_k, &past_v))
@@ -296,10 +295,7 @@ fn main() {
     let n = if quick { 512 } else { 2048 };
     let q64 = inputs(n, HEADS, DIM, 1).mapv(f64::from);
     for threads in [1, 2] {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .expect("a thread pool");
+        let pool = pool_of(threads);
         let fused = pool.install(|| {
             best_seconds(min, || {
                 drop(ScaledDotProduct::new().forward_batched(&q64, &q64, &q64))
