@@ -219,7 +219,7 @@ fn attend_batch<A: Element, M: MulAdd, D: Dots<A>>(
             alpha[r] = softmax_update::<A, M, LANES>(row, &mut scratch.max[r], &mut scratch.sum[r]);
         }
         let values = &group.values[j0 * d_v..(j0 + n) * d_v];
-        accumulate::<A, M>(scratch, values, d_v, members.len(), chunk, &alpha);
+        accumulate::<A, M, D>(scratch, values, d_v, members.len(), chunk, &alpha);
     }
     finite
 }
@@ -270,11 +270,16 @@ fn dot4<A: Element, M: MulAdd, D: Dots<A>>(q: &[A], k: &[&[A]; 4]) -> [A; 4] {
     })
 }
 
-/// The sums behind the scores: `LANES`-wide multiply-adds of a query with four keys.
+/// The register-blocked sums of the direct path.
 pub trait Dots<A> {
     /// `Σₚ q[p] ⊙ k[u][p]` lane by lane, for each of the four keys `u` (the lanes
     /// are summed afterwards); every `k[u]` is as long as `q`.
     fn dot4(q: &[[A; LANES]], k: &[&[[A; LANES]]; 4]) -> [[A; LANES]; 4];
+
+    /// `Σⱼ p[u][j] · values[j][c0 .. c0 + LANES]` for four rows of weights `p[u]`
+    /// over the keys `j` (`values` holds them row-major, `d_v` wide; every `p[u]`
+    /// has one weight per key).
+    fn value_rows(p: &[&[A]; 4], values: &[A], d_v: usize, c0: usize) -> [[A; LANES]; 4];
 }
 
 /// [`Dots`] as plain loops over arrays.
@@ -293,6 +298,20 @@ impl<A: Element, M: MulAdd> Dots<A> for PortableDots<M> {
         }
         acc
     }
+
+    #[inline(always)]
+    fn value_rows(p: &[&[A]; 4], values: &[A], d_v: usize, c0: usize) -> [[A; LANES]; 4] {
+        let mut acc = [[A::zero(); LANES]; 4];
+        for (j, value) in values.chunks_exact(d_v).enumerate() {
+            let v = &value[c0..c0 + LANES];
+            for (acc, p) in acc.iter_mut().zip(p) {
+                for c in 0..LANES {
+                    acc[c] = M::mul_add(p[j], v[c], acc[c]);
+                }
+            }
+        }
+        acc
+    }
 }
 
 /// The sum of the lanes, pairwise.
@@ -305,7 +324,7 @@ fn sum_lanes<A: Element>(x: &[A; LANES]) -> A {
 /// `O = α·O + P·V` for one chunk: the chunk's product is summed on its own before
 /// it is added to the rescaled total (blocked summation, as in the tiled kernel).
 #[inline(always)]
-fn accumulate<A: Element, M: MulAdd>(
+fn accumulate<A: Element, M: MulAdd, D: Dots<A>>(
     scratch: &mut Scratch<A>,
     values: &[A],
     d_v: usize,
@@ -317,11 +336,24 @@ fn accumulate<A: Element, M: MulAdd>(
         return;
     }
     let acc = &mut scratch.acc[..rows * d_v];
-    acc.fill(A::zero());
-    for (j, value) in values.chunks_exact(d_v).enumerate() {
-        for (r, acc) in acc.chunks_exact_mut(d_v).enumerate() {
-            let p = scratch.s[r * chunk + j];
-            for (a, &x) in acc.iter_mut().zip(value) {
+    let n = values.len() / d_v;
+    // four rows by LANES columns at a time in registers, the rest one by one
+    let (tiled_rows, tiled_cols) = (rows / 4 * 4, d_v / LANES * LANES);
+    for r0 in (0..tiled_rows).step_by(4) {
+        let p: [&[A]; 4] = std::array::from_fn(|u| &scratch.s[(r0 + u) * chunk..][..n]);
+        for c0 in (0..tiled_cols).step_by(LANES) {
+            let tile = D::value_rows(&p, values, d_v, c0);
+            for (u, tile) in tile.iter().enumerate() {
+                acc[(r0 + u) * d_v + c0..][..LANES].copy_from_slice(tile);
+            }
+        }
+    }
+    for (r, acc) in acc.chunks_exact_mut(d_v).enumerate() {
+        let first = if r < tiled_rows { tiled_cols } else { 0 };
+        let acc = &mut acc[first..];
+        acc.fill(A::zero());
+        for (value, &p) in values.chunks_exact(d_v).zip(&scratch.s[r * chunk..][..n]) {
+            for (a, &x) in acc.iter_mut().zip(&value[first..]) {
                 *a = M::mul_add(p, x, *a);
             }
         }

@@ -247,7 +247,7 @@ mod avx2 {
 
     /// [`Dots`] for one element type: `$regs` registers of `$half` lanes hold `LANES`.
     macro_rules! avx2_dots {
-        ($ty:ty, $regs:literal, $half:literal, $zero:ident, $load:ident, $store:ident, $fma:ident) => {
+        ($ty:ty, $regs:literal, $half:literal, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
             impl Dots<$ty> for Avx2 {
                 #[inline(always)]
                 fn dot4(q: &[[$ty; LANES]], k: &[&[[$ty; LANES]]; 4]) -> [[$ty; LANES]; 4] {
@@ -273,6 +273,40 @@ mod avx2 {
                         out
                     }
                 }
+
+                #[inline(always)]
+                fn value_rows(
+                    p: &[&[$ty]; 4],
+                    values: &[$ty],
+                    d_v: usize,
+                    c0: usize,
+                ) -> [[$ty; LANES]; 4] {
+                    // SAFETY: as in `dot4`; each value load reads one register's lanes
+                    // of a `[$ty; LANES]` taken from `values` with bounds checks.
+                    unsafe {
+                        let mut acc = [[$zero(); $regs]; 4];
+                        for (j, value) in values.chunks_exact(d_v).enumerate() {
+                            let v: &[$ty; LANES] = value[c0..c0 + LANES]
+                                .try_into()
+                                .expect("LANES value columns");
+                            let v: [_; $regs] =
+                                std::array::from_fn(|r| $load(v.as_ptr().add(r * $half)));
+                            for u in 0..4 {
+                                let a = $splat(p[u][j]);
+                                for r in 0..$regs {
+                                    acc[u][r] = $fma(a, v[r], acc[u][r]);
+                                }
+                            }
+                        }
+                        let mut out = [[0.0; LANES]; 4];
+                        for u in 0..4 {
+                            for r in 0..$regs {
+                                $store(out[u].as_mut_ptr().add(r * $half), acc[u][r]);
+                            }
+                        }
+                        out
+                    }
+                }
             }
         };
     }
@@ -284,6 +318,7 @@ mod avx2 {
         _mm256_setzero_ps,
         _mm256_loadu_ps,
         _mm256_storeu_ps,
+        _mm256_set1_ps,
         _mm256_fmadd_ps
     );
     avx2_dots!(
@@ -293,6 +328,7 @@ mod avx2 {
         _mm256_setzero_pd,
         _mm256_loadu_pd,
         _mm256_storeu_pd,
+        _mm256_set1_pd,
         _mm256_fmadd_pd
     );
 
