@@ -4,7 +4,7 @@
 mod common;
 
 use attn::{Kernel, Mask, Parallelism, ScaledDotProduct};
-use common::{max_abs_diff, pseudo_random, random2};
+use common::{max_abs_diff, pseudo_random, random2, random4};
 use ndarray::{s, Array2, Array4};
 
 fn f32_of(x: &Array2<f64>) -> Array2<f32> {
@@ -13,6 +13,17 @@ fn f32_of(x: &Array2<f64>) -> Array2<f32> {
 
 fn f64_of(x: &Array2<f32>) -> Array2<f64> {
     x.mapv(f64::from)
+}
+
+/// Attention through `kernel` with every one of `masks`.
+fn attention<'m, A: attn::Element>(
+    kernel: Kernel,
+    masks: &[Mask<'m, A>],
+) -> ScaledDotProduct<'m, A> {
+    masks.iter().cloned().fold(
+        ScaledDotProduct::new().with_kernel(kernel),
+        ScaledDotProduct::with_mask,
+    )
 }
 
 /// FlashAttention's criterion: the fused f32 output's error against an f64
@@ -32,19 +43,8 @@ fn assert_accuracy(
         random2(s, d.min(48), seed + 2),
     );
     let (q32, k32, v32) = (f32_of(&q), f32_of(&k), f32_of(&v));
-    let with = |kernel| {
-        masks.iter().cloned().fold(
-            ScaledDotProduct::new().with_kernel(kernel),
-            ScaledDotProduct::with_mask,
-        )
-    };
-    let reference = masks64
-        .iter()
-        .cloned()
-        .fold(
-            ScaledDotProduct::new().with_kernel(Kernel::Plain),
-            ScaledDotProduct::with_mask,
-        )
+    let with = |kernel| attention(kernel, masks);
+    let reference = attention(Kernel::Plain, masks64)
         .forward(&f64_of(&q32), &f64_of(&k32), &f64_of(&v32))
         .expect("valid");
     let plain = with(Kernel::Plain)
@@ -325,25 +325,13 @@ fn row_by_row_path_equals_reference() {
             vec![Mask::bias(&bias), Mask::keep(&keep)],
         ];
         for m in &masks {
-            let with = |kernel| {
-                m.iter().cloned().fold(
-                    ScaledDotProduct::new().with_kernel(kernel),
-                    ScaledDotProduct::with_mask,
-                )
-            };
+            let with = |kernel| attention(kernel, m);
             let auto = with(Kernel::Auto).forward(&q, &k, &v).expect("valid");
             let plain = with(Kernel::Plain).forward(&q, &k, &v).expect("valid");
             let e = max_abs_diff(&auto, &plain);
             assert!(e < 1e-14, "L={l} S={s} d={d}: {e:e}");
         }
     }
-}
-
-/// Batched 4-D inputs from pseudo-random numbers.
-fn random4(shape: (usize, usize, usize, usize), seed: u64) -> Array4<f64> {
-    pseudo_random(&[shape.0, shape.1, shape.2, shape.3], seed)
-        .into_dimensionality()
-        .expect("4-D")
 }
 
 /// A few query rows against many keys (decoding) take the direct path: equal to
@@ -371,12 +359,7 @@ fn decode_path_equals_reference() {
             vec![Mask::keep(&keep), Mask::bias(&bias)],
         ];
         for m in &masks {
-            let with = |kernel| {
-                m.iter().cloned().fold(
-                    ScaledDotProduct::new().with_kernel(kernel),
-                    ScaledDotProduct::with_mask,
-                )
-            };
+            let with = |kernel| attention(kernel, m);
             let auto = with(Kernel::Auto)
                 .forward_batched(&q, &k, &v)
                 .expect("valid");

@@ -4,7 +4,7 @@
 mod common;
 
 use attn::{attention_weights, scaled_dot_product, softmax_rows, Error, Mask, ScaledDotProduct};
-use common::{max_abs_diff, pseudo_random, random2, reference, RefCausal};
+use common::{max_abs_diff, random2, random4, reference, RefCausal};
 use ndarray::{array, s, Array2, Array4, Axis};
 
 const SIZES: [usize; 6] = [0, 1, 2, 5, 17, 33];
@@ -311,18 +311,12 @@ fn huge_inputs_with_a_matching_scale_stay_finite() {
     assert!(out.iter().all(|x| x.is_finite()));
 }
 
-fn heads(shape: (usize, usize, usize, usize), seed: u64) -> Array4<f64> {
-    pseudo_random(&[shape.0, shape.1, shape.2, shape.3], seed)
-        .into_dimensionality()
-        .expect("4-D")
-}
-
 #[test]
 fn batched_equals_each_head_alone_with_broadcast_masks() {
     let (q, k, v) = (
-        heads((2, 3, 5, 4), 40),
-        heads((2, 3, 6, 4), 41),
-        heads((2, 3, 6, 7), 42),
+        random4((2, 3, 5, 4), 40),
+        random4((2, 3, 6, 4), 41),
+        random4((2, 3, 6, 7), 42),
     );
     let per_batch_keep = Array4::from_shape_fn((2, 1, 5, 6), |(b, _, i, j)| (b + i + j) % 4 != 1);
     let bias = random2(5, 6, 43);
@@ -355,8 +349,8 @@ fn batched_equals_each_head_alone_with_broadcast_masks() {
 
 #[test]
 fn grouped_query_equals_repeated_kv_heads() {
-    let q = heads((2, 6, 4, 8), 44);
-    let (k, v) = (heads((2, 2, 5, 8), 45), heads((2, 2, 5, 3), 46));
+    let q = random4((2, 6, 4, 8), 44);
+    let (k, v) = (random4((2, 2, 5, 8), 45), random4((2, 2, 5, 3), 46));
     // query heads 0,1,2 use kv head 0; 3,4,5 use kv head 1 (PyTorch's repeat_interleave)
     let repeat = |x: &Array4<f64>| x.select(Axis(1), &[0, 0, 0, 1, 1, 1]);
     let attn = ScaledDotProduct::new().with_mask(Mask::CausalTopLeft);

@@ -1,7 +1,7 @@
 //! Shared test helpers: golden-file loading and a slow, obvious reference.
 #![allow(dead_code)]
 
-use ndarray::{Array2, ArrayD, ArrayView2, IxDyn};
+use ndarray::{Array2, Array4, ArrayD, ArrayView2, IxDyn};
 use serde_json::Value;
 
 /// Reads `tests/golden/NAME` (reference numbers from real PyTorch / NumPy).
@@ -159,4 +159,11 @@ pub fn random2(rows: usize, cols: usize, seed: u64) -> Array2<f64> {
     pseudo_random(&[rows, cols], seed)
         .into_dimensionality()
         .expect("2-D")
+}
+
+/// [`pseudo_random`] as a 4-D `(batch, heads, seq, dim)` array.
+pub fn random4(shape: (usize, usize, usize, usize), seed: u64) -> Array4<f64> {
+    pseudo_random(&[shape.0, shape.1, shape.2, shape.3], seed)
+        .into_dimensionality()
+        .expect("4-D")
 }
