@@ -81,21 +81,9 @@ fn handwritten(q: &Array4<f32>, k: &Array4<f32>, v: &Array4<f32>, threaded: bool
     out
 }
 
-fn torch_seconds(
-    python: &str,
-    n: usize,
-    threads: usize,
-    heads: usize,
-    dim: usize,
-    causal: bool,
-    min: f64,
-) -> Result<(f64, String), String> {
-    torch_seconds_with_queries(python, n, n, threads, heads, dim, causal, min)
-}
-
 /// PyTorch with `queries` query rows against `n` keys and values.
 #[allow(clippy::too_many_arguments)]
-fn torch_seconds_with_queries(
+fn torch_seconds(
     python: &str,
     queries: usize,
     n: usize,
@@ -205,7 +193,7 @@ fn main() {
                             best_seconds(per_round, || drop(handwritten(&q, &k, &v, threads > 1)))
                         }));
                     }
-                    match torch_seconds(&python, n, threads, HEADS, DIM, causal, per_round) {
+                    match torch_seconds(&python, n, n, threads, HEADS, DIM, causal, per_round) {
                         Ok((seconds, version)) => {
                             torch = torch.min(seconds);
                             torch_version = version;
@@ -250,7 +238,7 @@ fn main() {
                 .forward(&x, &x, &x),
         )
     });
-    let tiny_torch = torch_seconds(&python, 3, 1, 1, 4, false, min)
+    let tiny_torch = torch_seconds(&python, 3, 3, 1, 1, 4, false, min)
         .map(|(s, _)| format!("{:.2} µs", s * 1e6))
         .unwrap_or_else(|_| "absent".to_string());
     println!("\ntiny case (3 tokens × 4 dims, one head, `scaled_dot_product`): attn {tiny:.3} µs, attn plain {tiny_plain:.3} µs, PyTorch SDPA {tiny_torch}");
@@ -281,7 +269,7 @@ fn main() {
                 drop(decode.forward_batched(&step, &past_k, &past_v))
             })
         });
-        let torch = torch_seconds_with_queries(&python, 1, cached, threads, HEADS, DIM, false, min)
+        let torch = torch_seconds(&python, 1, cached, threads, HEADS, DIM, false, min)
             .map(|(s, _)| format!("{:.1} µs ({:.2}× attn's time)", s * 1e6, s / ours))
             .unwrap_or_else(|why| why);
         println!(
