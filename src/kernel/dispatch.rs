@@ -311,41 +311,31 @@ mod avx2 {
         };
     }
 
-    avx2_dots!(
-        f32,
-        1,
-        8,
-        _mm256_setzero_ps,
-        _mm256_loadu_ps,
-        _mm256_storeu_ps,
-        _mm256_set1_ps,
-        _mm256_fmadd_ps
-    );
-    avx2_dots!(
-        f64,
-        2,
-        4,
-        _mm256_setzero_pd,
-        _mm256_loadu_pd,
-        _mm256_storeu_pd,
-        _mm256_set1_pd,
-        _mm256_fmadd_pd
-    );
+    /// Both kernels' intrinsics for one element type: `$nr` columns per tile row,
+    /// `$half` lanes per register, `$regs` registers per `LANES`.
+    macro_rules! avx2_kernels {
+        ($ty:ty, $nr:literal, $half:literal, $regs:literal, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
+            avx2_tiles!($ty, $nr, $half, $zero, $load, $store, $splat, $fma);
+            avx2_dots!($ty, $regs, $half, $zero, $load, $store, $splat, $fma);
+        };
+    }
 
-    avx2_tiles!(
+    avx2_kernels!(
         f32,
         16,
         8,
+        1,
         _mm256_setzero_ps,
         _mm256_loadu_ps,
         _mm256_storeu_ps,
         _mm256_set1_ps,
         _mm256_fmadd_ps
     );
-    avx2_tiles!(
+    avx2_kernels!(
         f64,
         8,
         4,
+        2,
         _mm256_setzero_pd,
         _mm256_loadu_pd,
         _mm256_storeu_pd,
