@@ -45,6 +45,9 @@ pub struct Group<'g, 'p, A> {
     pub(crate) keys: &'g [A],
     /// The values `(s, d_v)` in row-major order.
     pub(crate) values: &'g [A],
+    /// Number of keys `s` (at least one) and value columns `d_v`.
+    pub(crate) s: usize,
+    pub(crate) d_v: usize,
     pub(crate) scale: A,
 }
 
@@ -73,18 +76,17 @@ pub struct Partial<A> {
 }
 
 /// Attends every query row of `group` to the keys `part` (of those in each row's
-/// reach), `d_v` value columns.
+/// reach).
 #[inline(always)]
 pub(crate) fn attend_part<A: Element, M: MulAdd, D: Dots<A>>(
     group: &Group<'_, '_, A>,
-    d_v: usize,
     part: Range<usize>,
 ) -> Partial<A> {
     let (l, d) = group.queries.first().map_or((0, 0), |q| q.dim());
-    let s = group.keys.len().checked_div(d).unwrap_or(0);
+    let d_v = group.d_v;
     let rows = group.queries.len() * l;
     let batch = rows.min(ROWS);
-    let chunk = s.next_multiple_of(LANES).clamp(LANES, CHUNK);
+    let chunk = group.s.next_multiple_of(LANES).min(CHUNK);
     let mut memory = vec![A::zero(); batch * (d + chunk + 2 * d_v)];
     let (q, rest) = memory.split_at_mut(batch * d);
     let (s, rest) = rest.split_at_mut(batch * chunk);
@@ -109,8 +111,7 @@ pub(crate) fn attend_part<A: Element, M: MulAdd, D: Dots<A>>(
         let members: [(usize, usize); ROWS] =
             std::array::from_fn(|r| ((first_row + r) / l, (first_row + r) % l));
         let members = &members[..batch];
-        let finite =
-            attend_batch::<A, M, D>(group, members, part.clone(), chunk, d_v, &mut scratch);
+        let finite = attend_batch::<A, M, D>(group, members, part.clone(), chunk, &mut scratch);
         partial.o.extend_from_slice(&scratch.o[..batch * d_v]);
         partial.max.extend_from_slice(&scratch.max[..batch]);
         partial.sum.extend_from_slice(&scratch.sum[..batch]);
@@ -184,11 +185,10 @@ fn attend_batch<A: Element, M: MulAdd, D: Dots<A>>(
     members: &[(usize, usize)],
     part: Range<usize>,
     chunk: usize,
-    d_v: usize,
     scratch: &mut Scratch<A>,
 ) -> bool {
     let (l, d) = group.queries[0].dim();
-    let s = group.keys.len().checked_div(d).unwrap_or(0);
+    let (s, d_v) = (group.s, group.d_v);
     let mut reach = s..0;
     for (r, &(h, i)) in members.iter().enumerate() {
         for (x, &y) in scratch.q[r * d..(r + 1) * d]
@@ -235,10 +235,6 @@ fn scores<A: Element, M: MulAdd, D: Dots<A>>(
     chunk: usize,
     s: &mut [A],
 ) {
-    if d == 0 {
-        s.fill(A::zero());
-        return;
-    }
     let n = keys.len() / d;
     for j in (0..n).step_by(4) {
         // past the last key, repeat it and ignore the result
@@ -332,9 +328,6 @@ fn accumulate<A: Element, M: MulAdd, D: Dots<A>>(
     chunk: usize,
     alpha: &[A; ROWS],
 ) {
-    if d_v == 0 {
-        return;
-    }
     let acc = &mut scratch.acc[..rows * d_v];
     let n = values.len() / d_v;
     // four rows by LANES columns at a time in registers, the rest one by one

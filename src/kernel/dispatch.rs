@@ -21,7 +21,7 @@ pub trait Dispatch: KernelFloat {
         out: ArrayViewMut2<'_, Self>,
     );
     /// [`direct::attend_part`] with the best instruction set this CPU has.
-    fn attend_part(group: &Group<'_, '_, Self>, d_v: usize, part: Range<usize>) -> Partial<Self>;
+    fn attend_part(group: &Group<'_, '_, Self>, part: Range<usize>) -> Partial<Self>;
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -62,17 +62,13 @@ macro_rules! dispatch {
                 );
             }
 
-            fn attend_part(
-                group: &Group<'_, '_, $ty>,
-                d_v: usize,
-                part: Range<usize>,
-            ) -> Partial<$ty> {
+            fn attend_part(group: &Group<'_, '_, $ty>, part: Range<usize>) -> Partial<$ty> {
                 #[cfg(target_arch = "x86_64")]
                 if has_avx2_fma() {
                     // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-                    return unsafe { avx2::$avx2_group(group, d_v, part) };
+                    return unsafe { avx2::$avx2_group(group, part) };
                 }
-                direct::attend_part::<$ty, Separate, PortableDots<Separate>>(group, d_v, part)
+                direct::attend_part::<$ty, Separate, PortableDots<Separate>>(group, part)
             }
         }
     };
@@ -129,10 +125,9 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn attend_part_f32(
         group: &Group<'_, '_, f32>,
-        d_v: usize,
         part: Range<usize>,
     ) -> Partial<f32> {
-        attend_part::<f32, Fused, Avx2>(group, d_v, part)
+        attend_part::<f32, Fused, Avx2>(group, part)
     }
 
     /// The direct path for `f64`, compiled for AVX2 and FMA.
@@ -143,10 +138,9 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn attend_part_f64(
         group: &Group<'_, '_, f64>,
-        d_v: usize,
         part: Range<usize>,
     ) -> Partial<f64> {
-        attend_part::<f64, Fused, Avx2>(group, d_v, part)
+        attend_part::<f64, Fused, Avx2>(group, part)
     }
 
     /// Micro-kernels written with AVX2/FMA intrinsics: a tile row is two 256-bit

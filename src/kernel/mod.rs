@@ -228,10 +228,12 @@ fn attend_direct<A: Element>(
             masks: &inputs.masks,
             keys,
             values,
+            s,
+            d_v,
             scale: problem.scale,
         };
         let first = part * direct::PART;
-        A::attend_part(&group, d_v, first..(first + direct::PART).min(s))
+        A::attend_part(&group, first..(first + direct::PART).min(s))
     };
     let tasks = 0..groups.len() * parts;
     let partials: Vec<direct::Partial<A>> = match parallelism {
