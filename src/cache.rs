@@ -271,9 +271,8 @@ impl<A: Element> KvCache<A> {
         v_new: &ArrayRef4<A>,
     ) -> Result<Array4<A>> {
         self.check(k_new, v_new)?;
-        let t = q.dim().2;
         let (b, kv_heads, _, d_k) = self.keys.dim();
-        let (qb, heads, _, qd) = q.dim();
+        let (qb, heads, t, qd) = q.dim();
         // checked before anything is written: a failed call leaves the cache as it was
         if k_new.dim().2 != t || qb != b || heads % kv_heads.max(1) != 0 || qd != d_k {
             return Err(Error::Shape {

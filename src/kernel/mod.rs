@@ -217,7 +217,7 @@ fn attend_direct<A: Element>(
             }
         })
         .collect();
-    let parts = s.div_ceil(direct::PART).max(1);
+    let parts = s.div_ceil(direct::PART); // S ≥ 1: smaller problems went row by row
     let run = |task: usize| {
         let (inputs, part) = (&inputs[task / parts], task % parts);
         let (Some(keys), Some(values)) = (inputs.keys.as_slice(), inputs.values.as_slice()) else {
@@ -241,7 +241,7 @@ fn attend_direct<A: Element>(
         Parallelism::Rayon => tasks.into_par_iter().map(run).collect(),
     };
     for (g, partials) in groups.iter_mut().zip(partials.chunks(parts)) {
-        let first_head = g.kv * g.outs.len();
+        let first_head = g.query_heads().start;
         for h in direct::finish(partials, g.outs) {
             problem.solve_head(g.b, first_head + h, Some(g.outs[h].view_mut()), None);
         }
