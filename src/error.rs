@@ -154,11 +154,3 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
-
-/// A reshape of a contiguous array to a shape of the same size cannot fail; should
-/// one, it is reported as an error rather than a panic.
-pub(crate) fn internal_reshape() -> Error {
-    Error::InvalidConfig {
-        reason: "internal reshape failed (please report this as a bug)".to_string(),
-    }
-}

@@ -34,33 +34,36 @@
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
-pub mod parameter_free;
+// Layers, from the bottom: `element`/`error` ← `core` (checked problem, masks,
+// softmax, reference path) ← `kernel` (fused paths) ← `sdpa` (the public
+// scaled dot-product API) ← `layers` and `decode`. Imports run down only.
+mod core;
+mod decode;
+mod element;
+mod error;
+mod kernel;
+mod layers;
 #[cfg(feature = "plot")]
 pub mod plot;
 pub mod rng;
-
-mod cache;
-mod element;
-mod error;
-mod init;
-mod kernel;
-mod mask;
-mod multi_head;
-mod position;
-mod projection;
 mod sdpa;
-mod softmax;
 
-pub use cache::KvCache;
+pub use crate::core::mask::Mask;
+pub use crate::core::softmax::{softmax_rows, softmax_rows_in_place};
+pub use decode::cache::KvCache;
+pub use decode::position::{alibi_slopes, key_padding, rope, RopeLayout};
 pub use element::Element;
 pub use error::{Error, Result};
-pub use init::Init;
+#[doc(hidden)]
+pub use kernel::{kernel_paths, KernelArch, KernelPaths};
 pub use kernel::{Kernel, Parallelism};
-pub use mask::Mask;
-pub use multi_head::{MultiHeadAttention, MultiHeadConfig, MultiHeadOutput, MultiHeadWeights};
-pub use position::{alibi_slopes, key_padding, rope, RopeLayout};
-pub use projection::{ProjectionShape, QkvProjection};
+pub use layers::init::Init;
+pub use layers::linear::Linear;
+pub use layers::multi_head::{
+    MultiHeadAttention, MultiHeadConfig, MultiHeadOutput, MultiHeadWeights, Projection,
+};
+pub use layers::parameter_free;
+pub use layers::projection::{ProjectionShape, QkvProjection};
 pub use sdpa::{
     attention_weights, scaled_dot_product, AttentionOutput, AttentionTrace, ScaledDotProduct,
 };
-pub use softmax::{softmax_rows, softmax_rows_in_place};

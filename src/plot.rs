@@ -10,7 +10,8 @@ use plotters::prelude::*;
 use plotters::style::colors::colormaps::ViridisRGB;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::{Element, Error, Result};
+use crate::element::Element;
+use crate::error::{Error, Result};
 
 /// One matrix drawn as a heatmap: a title, row and column labels, and each cell
 /// annotated with its value (like seaborn's `annot=True`), on a viridis scale

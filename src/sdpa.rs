@@ -1,14 +1,13 @@
 //! Scaled dot-product attention, `softmax(QKᵀ/√d_k)·V`: the readable reference path.
 
-use ndarray::{
-    s, Array2, Array4, ArrayRef2, ArrayRef4, ArrayView2, ArrayView4, ArrayViewMut2, ArrayViewMut4,
-    Axis, Dimension, Ix2, Ix4,
-};
+use ndarray::{Array2, Array4, ArrayRef2, ArrayRef4, Dimension, Ix2, Ix4};
 
+use crate::core::mask::Mask;
+use crate::core::problem::{lift_mut, Problem};
+use crate::core::reference::{attend_head, weighted_values};
+use crate::element::Element;
+use crate::error::Result;
 use crate::kernel::{self, Kernel, Parallelism};
-use crate::mask::{self, Mask, Mask2, Mask4};
-use crate::softmax::softmax_rows;
-use crate::{Element, Error, Result};
 
 /// Scaled dot-product attention with options: a scale and any number of masks.
 ///
@@ -117,21 +116,6 @@ pub struct AttentionTrace<A> {
     pub weights: Array2<A>,
     /// `weights · V`.
     pub output: Array2<A>,
-}
-
-/// A checked call: inputs lifted to 4-D, masks broadcast, scale resolved.
-pub(crate) struct Problem<'a, A> {
-    pub(crate) q: ArrayView4<'a, A>,
-    pub(crate) k: ArrayView4<'a, A>,
-    pub(crate) v: ArrayView4<'a, A>,
-    pub(crate) masks: Vec<Mask4<'a, A>>,
-    pub(crate) scale: A,
-}
-
-/// One head's intermediates.
-struct Head<A> {
-    scaled: Array2<A>,
-    weights: Array2<A>,
 }
 
 impl<A: Element> Default for ScaledDotProduct<'_, A> {
@@ -275,7 +259,7 @@ impl<'m, A: Element> ScaledDotProduct<'m, A> {
             lift_mut(output.view_mut()),
             self.kernel,
             self.parallelism,
-        );
+        )?;
         Ok(output)
     }
 
@@ -421,7 +405,7 @@ impl<'m, A: Element> ScaledDotProduct<'m, A> {
         let problem = self.check_4d(q, k, v)?;
         let (batch, heads, l, _) = q.dim();
         let mut output = Array4::zeros((batch, heads, l, v.dim().3));
-        kernel::forward(&problem, output.view_mut(), self.kernel, self.parallelism);
+        kernel::forward(&problem, output.view_mut(), self.kernel, self.parallelism)?;
         Ok(output)
     }
 
@@ -460,30 +444,13 @@ impl<'m, A: Element> ScaledDotProduct<'m, A> {
         Ok(AttentionOutput { output, weights })
     }
 
-    fn resolve_scale(&self, d_k: usize) -> Result<A> {
-        match self.scale {
-            Some(scale) if scale.is_finite() && scale != A::zero() => Ok(scale),
-            Some(scale) => Err(Error::InvalidScale {
-                scale: scale.to_f64().unwrap_or(f64::NAN),
-            }),
-            None => Ok(A::from_f64(1.0 / (d_k as f64).sqrt())),
-        }
-    }
-
     fn check_2d<'a>(
         &'a self,
         q: &'a ArrayRef2<A>,
         k: &'a ArrayRef2<A>,
         v: &'a ArrayRef2<A>,
     ) -> Result<Problem<'a, A>> {
-        check_shapes(q.shape(), k.shape(), v.shape())?;
-        Ok(Problem {
-            q: lift(q.view()),
-            k: lift(k.view()),
-            v: lift(v.view()),
-            masks: mask::broadcast_all(&self.masks, &[q.nrows(), k.nrows()])?,
-            scale: self.resolve_scale(q.ncols())?,
-        })
+        Problem::new_2d(q.view(), k.view(), v.view(), &self.masks, self.scale)
     }
 
     fn check_4d<'a>(
@@ -492,66 +459,7 @@ impl<'m, A: Element> ScaledDotProduct<'m, A> {
         k: &'a ArrayRef4<A>,
         v: &'a ArrayRef4<A>,
     ) -> Result<Problem<'a, A>> {
-        check_shapes(q.shape(), k.shape(), v.shape())?;
-        let (batch, heads, l, d_k) = q.dim();
-        Ok(Problem {
-            q: q.view(),
-            k: k.view(),
-            v: v.view(),
-            masks: mask::broadcast_all(&self.masks, &[batch, heads, l, k.dim().2])?,
-            scale: self.resolve_scale(d_k)?,
-        })
-    }
-}
-
-impl<A: Element> Problem<'_, A> {
-    /// Writes the output and/or weights of every `(batch, head)` block, by the
-    /// reference path.
-    pub(crate) fn solve(
-        &self,
-        mut output: Option<ArrayViewMut4<'_, A>>,
-        mut weights: Option<ArrayViewMut4<'_, A>>,
-    ) {
-        let (batch, heads, _, _) = self.q.dim();
-        for b in 0..batch {
-            for h in 0..heads {
-                self.solve_head(
-                    b,
-                    h,
-                    output.as_mut().map(|o| o.slice_mut(s![b, h, .., ..])),
-                    weights.as_mut().map(|w| w.slice_mut(s![b, h, .., ..])),
-                );
-            }
-        }
-    }
-
-    /// The reference path for head `h` of batch `b`.
-    pub(crate) fn solve_head(
-        &self,
-        b: usize,
-        h: usize,
-        output: Option<ArrayViewMut2<'_, A>>,
-        weights: Option<ArrayViewMut2<'_, A>>,
-    ) {
-        let group = self.q.dim().1.checked_div(self.k.dim().1).unwrap_or(1);
-        let kv = h / group;
-        let masks = self.block_masks(b, h);
-        let head = attend_head(
-            self.q.slice(s![b, h, .., ..]),
-            self.k.slice(s![b, kv, .., ..]),
-            self.scale,
-            &masks,
-        );
-        if let Some(mut output) = output {
-            output.assign(&weighted_values(&head, self.v.slice(s![b, kv, .., ..])));
-        }
-        if let Some(mut weights) = weights {
-            weights.assign(&head.weights);
-        }
-    }
-
-    pub(crate) fn block_masks(&self, b: usize, h: usize) -> Vec<Mask2<'_, A>> {
-        self.masks.iter().map(|m| m.block(b, h)).collect()
+        Problem::new_4d(q.view(), k.view(), v.view(), &self.masks, self.scale)
     }
 }
 
@@ -618,100 +526,4 @@ pub fn scaled_dot_product<A: Element>(
 /// ```
 pub fn attention_weights<A: Element>(q: &ArrayRef2<A>, k: &ArrayRef2<A>) -> Result<Array2<A>> {
     ScaledDotProduct::new().weights(q, k)
-}
-
-/// Checks the shapes of `q`, `k`, `v` (all 2-D, or all 4-D).
-fn check_shapes(q: &[usize], k: &[usize], v: &[usize]) -> Result<()> {
-    let n = q.len();
-    debug_assert!(n >= 2 && k.len() == n && v.len() == n);
-    if n == 4 {
-        if q[0] != k[0] || k[0] != v[0] || k[1] != v[1] {
-            return Err(Error::BatchShape {
-                query: q.to_vec(),
-                key: k.to_vec(),
-                value: v.to_vec(),
-            });
-        }
-        let (heads, kv_heads) = (q[1], k[1]);
-        let divides = if kv_heads == 0 {
-            heads == 0
-        } else {
-            heads.is_multiple_of(kv_heads)
-        };
-        if !divides {
-            return Err(Error::HeadGroups {
-                query_heads: heads,
-                kv_heads,
-            });
-        }
-    }
-    if q[n - 1] != k[n - 1] {
-        return Err(Error::QueryKeyWidth {
-            query: q.to_vec(),
-            key: k.to_vec(),
-        });
-    }
-    if k[n - 2] != v[n - 2] {
-        return Err(Error::KeyValueLength {
-            key: k.to_vec(),
-            value: v.to_vec(),
-        });
-    }
-    if q[n - 1] == 0 {
-        return Err(Error::ZeroWidth {
-            what: "query/key width d_k",
-            shape: q.to_vec(),
-        });
-    }
-    Ok(())
-}
-
-/// Scaled, masked scores and weights of one head.
-fn attend_head<A: Element>(
-    q: ArrayView2<'_, A>,
-    k: ArrayView2<'_, A>,
-    scale: A,
-    masks: &[Mask2<'_, A>],
-) -> Head<A> {
-    // Scaling Q before the product keeps QKᵀ finite for huge inputs whose scaled
-    // scores are finite.
-    let mut scaled = q.mapv(|x| x * scale).dot(&k.t());
-    if !scaled.is_standard_layout() {
-        // the product of transposed inputs comes out column-major
-        scaled = scaled.as_standard_layout().into_owned();
-    }
-    mask::apply(masks, &mut scaled);
-    let weights = softmax_rows(&scaled);
-    Head { scaled, weights }
-}
-
-/// `weights · V`, where positions with a `−∞` score are never read.
-///
-/// The matrix product is exact whenever `V` is finite. A row that comes out
-/// non-finite is summed again over its attended positions only, so a NaN or
-/// infinity in a masked-out value row cannot leak in through `0 · NaN`.
-fn weighted_values<A: Element>(head: &Head<A>, v: ArrayView2<'_, A>) -> Array2<A> {
-    let mut output = head.weights.dot(&v);
-    for (i, mut row) in output.rows_mut().into_iter().enumerate() {
-        if row.iter().all(|x| x.is_finite()) {
-            continue;
-        }
-        row.fill(A::zero());
-        for (j, value) in v.rows().into_iter().enumerate() {
-            if head.scaled[[i, j]] != A::neg_infinity() {
-                row.scaled_add(head.weights[[i, j]], &value);
-            }
-        }
-    }
-    output
-}
-
-/// A 2-D view as a `(1, 1, rows, cols)` view.
-fn lift<A>(x: ArrayView2<'_, A>) -> ArrayView4<'_, A> {
-    x.insert_axis(Axis(0)).insert_axis(Axis(0))
-}
-
-/// A mutable 2-D view as a `(1, 1, rows, cols)` view.
-fn lift_mut<A>(x: ArrayViewMut2<'_, A>) -> ArrayViewMut4<'_, A> {
-    x.insert_axis(Axis(0)).insert_axis(Axis(0))
 }

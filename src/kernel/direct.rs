@@ -3,11 +3,13 @@
 //! decoding: one or a few new queries against a long cache, where packing the keys
 //! and scanning them would cost as much as attending to them.
 //!
-//! The query heads sharing one key/value head are cut into batches of [`ROWS`]
-//! rows; each batch makes one pass over the keys the masks leave in reach, in
-//! chunks of [`CHUNK`] keys with an online softmax, so a key or value row is read
-//! from memory once per batch and no `L × S` buffer exists. Long caches are cut
-//! into parts of [`PART`] keys that run on different threads, each ending with
+//! The query heads sharing one key/value head are cut into batches of
+//! [`DIRECT_BATCH_ROWS`](super::params::DIRECT_BATCH_ROWS) rows; each batch makes one pass over the keys the masks
+//! leave in reach, in chunks of [`DIRECT_CHUNK`] keys with an online softmax, so a
+//! key or value row is read from memory once per batch and no `L × S` buffer
+//! exists. Long caches are cut into parts of
+//! [`DIRECT_PART`](super::params::DIRECT_PART) keys that run on
+//! different threads, each ending with
 //! its rows' maxima, sums and unscaled outputs, merged in order by [`finish`]
 //! (split-key decoding): a single key/value head still uses every thread.
 //!
@@ -19,24 +21,13 @@ use std::ops::Range;
 
 use ndarray::{ArrayView2, ArrayViewMut2};
 
-use super::float::MulAdd;
-use super::tiled::softmax_update;
-use crate::mask::{apply_row, keys_in_reach, Mask2};
-use crate::Element;
-
-/// Query rows attended together in one pass over the keys and values.
-pub(crate) const ROWS: usize = 8;
-/// Keys per step of the online softmax.
-const CHUNK: usize = 256;
-/// Keys per part: a long cache is cut into parts of this many keys, which may run on
-/// different threads and are merged afterwards. The cut does not depend on the
-/// number of threads, so neither does the result.
-pub(crate) const PART: usize = 2048;
-/// Lanes of the vectorised dot products and softmax passes.
-pub(crate) const LANES: usize = 8;
+use super::float::{KernelFloat, MulAdd, Separate};
+use super::online::{fold_max, inverse_total, part_weight, shift_of, softmax_update};
+use super::params::{DIRECT_BATCH_ROWS as ROWS, DIRECT_CHUNK, LANES};
+use crate::core::mask::{apply_row, keys_in_reach, Mask2};
 
 /// The query heads that share one key/value head, with everything they attend over.
-pub struct Group<'g, 'p, A> {
+pub(crate) struct Group<'g, 'p, A> {
     /// Each query head's rows, `(l, d)`.
     pub(crate) queries: &'g [ArrayView2<'p, A>],
     /// Each query head's masks.
@@ -66,7 +57,7 @@ struct Scratch<'s, A> {
 
 /// What one part of the keys contributes to every query row of a group: each
 /// row's running maximum and sum and its output before division by the sum.
-pub struct Partial<A> {
+pub(crate) struct Partial<A> {
     /// `rows × d_v`, rows ordered head by head.
     o: Vec<A>,
     max: Vec<A>,
@@ -78,7 +69,8 @@ pub struct Partial<A> {
 /// Attends every query row of `group` to the keys `part` (of those in each row's
 /// reach).
 #[inline(always)]
-pub(crate) fn attend_part<A: Element, M: MulAdd, D: Dots<A>>(
+pub(crate) fn attend_part<A: KernelFloat, M: MulAdd, D: Dots<A>>(
+    dots: D,
     group: &Group<'_, '_, A>,
     part: Range<usize>,
 ) -> Partial<A> {
@@ -86,7 +78,7 @@ pub(crate) fn attend_part<A: Element, M: MulAdd, D: Dots<A>>(
     let d_v = group.d_v;
     let rows = group.queries.len() * l;
     let batch = rows.min(ROWS);
-    let chunk = group.s.next_multiple_of(LANES).min(CHUNK);
+    let chunk = group.s.next_multiple_of(LANES).min(DIRECT_CHUNK);
     let mut memory = vec![A::zero(); batch * (d + chunk + 2 * d_v)];
     let (q, rest) = memory.split_at_mut(batch * d);
     let (s, rest) = rest.split_at_mut(batch * chunk);
@@ -111,7 +103,8 @@ pub(crate) fn attend_part<A: Element, M: MulAdd, D: Dots<A>>(
         let members: [(usize, usize); ROWS] =
             std::array::from_fn(|r| ((first_row + r) / l, (first_row + r) % l));
         let members = &members[..batch];
-        let finite = attend_batch::<A, M, D>(group, members, part.clone(), chunk, &mut scratch);
+        let finite =
+            attend_batch::<A, M, D>(dots, group, members, part.clone(), chunk, &mut scratch);
         partial.o.extend_from_slice(&scratch.o[..batch * d_v]);
         partial.max.extend_from_slice(&scratch.max[..batch]);
         partial.sum.extend_from_slice(&scratch.sum[..batch]);
@@ -122,7 +115,7 @@ pub(crate) fn attend_part<A: Element, M: MulAdd, D: Dots<A>>(
 
 /// Merges the parts of a group, in order, into `outs` (one `(l, d_v)` array per
 /// query head) and returns the heads whose inputs need the reference path.
-pub(crate) fn finish<A: Element>(
+pub(crate) fn finish<A: KernelFloat>(
     parts: &[Partial<A>],
     outs: &mut [ArrayViewMut2<'_, A>],
 ) -> Vec<usize> {
@@ -134,36 +127,21 @@ pub(crate) fn finish<A: Element>(
     let mut r = 0;
     for (h, out) in outs.iter_mut().enumerate() {
         for mut out in out.outer_iter_mut() {
-            let max = parts.iter().fold(
-                A::neg_infinity(),
-                |m, p| {
-                    if p.max[r] > m {
-                        p.max[r]
-                    } else {
-                        m
-                    }
-                },
-            );
+            let max = parts
+                .iter()
+                .fold(A::neg_infinity(), |m, p| fold_max(m, p.max[r]));
+            let shift = shift_of(max);
             let (mut total, mut finite) = (A::zero(), true);
             row.fill(A::zero());
             for p in parts {
-                // a part that saw only masked keys adds nothing; a lone part is not rescaled
-                let weight = if p.max[r] == A::neg_infinity() {
-                    A::zero()
-                } else {
-                    (p.max[r] - max).exp()
-                };
+                let weight = part_weight::<A, Separate>(p.max[r], shift);
                 total += weight * p.sum[r];
                 for (x, &o) in row.iter_mut().zip(&p.o[r * d_v..(r + 1) * d_v]) {
                     *x += weight * o;
                 }
                 finite &= p.finite[r];
             }
-            let inverse = if total > A::zero() {
-                A::one() / total
-            } else {
-                A::zero()
-            };
+            let inverse = inverse_total(total);
             for (x, &o) in out.iter_mut().zip(&row) {
                 *x = o * inverse;
                 finite &= x.is_finite();
@@ -180,7 +158,8 @@ pub(crate) fn finish<A: Element>(
 /// One batch of query rows over the keys of `part` in their reach; `false` when a
 /// score was NaN or `+∞` after masking.
 #[inline(always)]
-fn attend_batch<A: Element, M: MulAdd, D: Dots<A>>(
+fn attend_batch<A: KernelFloat, M: MulAdd, D: Dots<A>>(
+    dots: D,
     group: &Group<'_, '_, A>,
     members: &[(usize, usize)],
     part: Range<usize>,
@@ -208,7 +187,7 @@ fn attend_batch<A: Element, M: MulAdd, D: Dots<A>>(
     for j0 in (reach.start..reach.end).step_by(chunk) {
         let n = chunk.min(reach.end - j0);
         let keys = &group.keys[j0 * d..(j0 + n) * d];
-        scores::<A, M, D>(scratch.q, keys, d, members.len(), chunk, scratch.s);
+        scores::<A, M, D>(dots, scratch.q, keys, d, members.len(), chunk, scratch.s);
         let mut alpha = [A::zero(); ROWS];
         for (r, &(h, i)) in members.iter().enumerate() {
             let row = &mut scratch.s[r * chunk..(r + 1) * chunk];
@@ -219,7 +198,7 @@ fn attend_batch<A: Element, M: MulAdd, D: Dots<A>>(
             alpha[r] = softmax_update::<A, M, LANES>(row, &mut scratch.max[r], &mut scratch.sum[r]);
         }
         let values = &group.values[j0 * d_v..(j0 + n) * d_v];
-        accumulate::<A, M, D>(scratch, values, d_v, members.len(), chunk, &alpha);
+        accumulate::<A, M, D>(dots, scratch, values, d_v, members.len(), chunk, &alpha);
     }
     finite
 }
@@ -227,7 +206,8 @@ fn attend_batch<A: Element, M: MulAdd, D: Dots<A>>(
 /// Scores of `rows` scaled queries against `keys` (row-major, `d` wide) into the
 /// rows of `s` (`chunk` apart), four keys at a time.
 #[inline(always)]
-fn scores<A: Element, M: MulAdd, D: Dots<A>>(
+fn scores<A: KernelFloat, M: MulAdd, D: Dots<A>>(
+    dots: D,
     q: &[A],
     keys: &[A],
     d: usize,
@@ -244,19 +224,19 @@ fn scores<A: Element, M: MulAdd, D: Dots<A>>(
         });
         let used = (n - j).min(4);
         for r in 0..rows {
-            let dots = dot4::<A, M, D>(&q[r * d..(r + 1) * d], &k);
-            s[r * chunk + j..r * chunk + j + used].copy_from_slice(&dots[..used]);
+            let sums = dot4::<A, M, D>(dots, &q[r * d..(r + 1) * d], &k);
+            s[r * chunk + j..r * chunk + j + used].copy_from_slice(&sums[..used]);
         }
     }
 }
 
 /// `q · k[u]` for four keys.
 #[inline(always)]
-fn dot4<A: Element, M: MulAdd, D: Dots<A>>(q: &[A], k: &[&[A]; 4]) -> [A; 4] {
+fn dot4<A: KernelFloat, M: MulAdd, D: Dots<A>>(dots: D, q: &[A], k: &[&[A]; 4]) -> [A; 4] {
     let (q_lanes, q_rest) = q.as_chunks::<LANES>();
     let k_lanes: [&[[A; LANES]]; 4] =
         std::array::from_fn(|u| &k[u].as_chunks::<LANES>().0[..q_lanes.len()]);
-    let acc = D::dot4(q_lanes, &k_lanes);
+    let acc = dots.dot4(q_lanes, &k_lanes);
     let tail = q_lanes.len() * LANES;
     std::array::from_fn(|u| {
         q_rest
@@ -266,53 +246,22 @@ fn dot4<A: Element, M: MulAdd, D: Dots<A>>(q: &[A], k: &[&[A]; 4]) -> [A; 4] {
     })
 }
 
-/// The register-blocked sums of the direct path.
-pub trait Dots<A> {
+/// The register-blocked sums of the direct path; implemented in [`super::arch`]
+/// by a value that proves its instructions run.
+pub(crate) trait Dots<A>: Copy {
     /// `Σₚ q[p] ⊙ k[u][p]` lane by lane, for each of the four keys `u` (the lanes
     /// are summed afterwards); every `k[u]` is as long as `q`.
-    fn dot4(q: &[[A; LANES]], k: &[&[[A; LANES]]; 4]) -> [[A; LANES]; 4];
+    fn dot4(self, q: &[[A; LANES]], k: &[&[[A; LANES]]; 4]) -> [[A; LANES]; 4];
 
     /// `Σⱼ p[u][j] · values[j][c0 .. c0 + LANES]` for four rows of weights `p[u]`
     /// over the keys `j` (`values` holds them row-major, `d_v` wide; every `p[u]`
     /// has one weight per key).
-    fn value_rows(p: &[&[A]; 4], values: &[A], d_v: usize, c0: usize) -> [[A; LANES]; 4];
-}
-
-/// [`Dots`] as plain loops over arrays.
-pub struct PortableDots<M>(std::marker::PhantomData<M>);
-
-impl<A: Element, M: MulAdd> Dots<A> for PortableDots<M> {
-    #[inline(always)]
-    fn dot4(q: &[[A; LANES]], k: &[&[[A; LANES]]; 4]) -> [[A; LANES]; 4] {
-        let mut acc = [[A::zero(); LANES]; 4];
-        for (acc, k) in acc.iter_mut().zip(k) {
-            for (x, y) in q.iter().zip(*k) {
-                for c in 0..LANES {
-                    acc[c] = M::mul_add(x[c], y[c], acc[c]);
-                }
-            }
-        }
-        acc
-    }
-
-    #[inline(always)]
-    fn value_rows(p: &[&[A]; 4], values: &[A], d_v: usize, c0: usize) -> [[A; LANES]; 4] {
-        let mut acc = [[A::zero(); LANES]; 4];
-        for (j, value) in values.chunks_exact(d_v).enumerate() {
-            let v = &value[c0..c0 + LANES];
-            for (acc, p) in acc.iter_mut().zip(p) {
-                for c in 0..LANES {
-                    acc[c] = M::mul_add(p[j], v[c], acc[c]);
-                }
-            }
-        }
-        acc
-    }
+    fn value_rows(self, p: &[&[A]; 4], values: &[A], d_v: usize, c0: usize) -> [[A; LANES]; 4];
 }
 
 /// The sum of the lanes, pairwise.
 #[inline(always)]
-fn sum_lanes<A: Element>(x: &[A; LANES]) -> A {
+fn sum_lanes<A: KernelFloat>(x: &[A; LANES]) -> A {
     let half: [A; 4] = std::array::from_fn(|c| x[c] + x[c + 4]);
     (half[0] + half[2]) + (half[1] + half[3])
 }
@@ -320,7 +269,8 @@ fn sum_lanes<A: Element>(x: &[A; LANES]) -> A {
 /// `O = α·O + P·V` for one chunk: the chunk's product is summed on its own before
 /// it is added to the rescaled total (blocked summation, as in the tiled kernel).
 #[inline(always)]
-fn accumulate<A: Element, M: MulAdd, D: Dots<A>>(
+fn accumulate<A: KernelFloat, M: MulAdd, D: Dots<A>>(
+    dots: D,
     scratch: &mut Scratch<A>,
     values: &[A],
     d_v: usize,
@@ -335,7 +285,7 @@ fn accumulate<A: Element, M: MulAdd, D: Dots<A>>(
     for r0 in (0..tiled_rows).step_by(4) {
         let p: [&[A]; 4] = std::array::from_fn(|u| &scratch.s[(r0 + u) * chunk..][..n]);
         for c0 in (0..tiled_cols).step_by(LANES) {
-            let tile = D::value_rows(&p, values, d_v, c0);
+            let tile = dots.value_rows(&p, values, d_v, c0);
             for (u, tile) in tile.iter().enumerate() {
                 acc[(r0 + u) * d_v + c0..][..LANES].copy_from_slice(tile);
             }

@@ -3,20 +3,22 @@
 
 use ndarray::NdFloat;
 
+use crate::element::Element;
+
 /// How `a·b + c` is evaluated: one fused instruction, or a multiply and an add.
 ///
 /// The kernels are generic over this so that one body compiles both for CPUs
 /// with FMA (under `#[target_feature]`) and for the portable fallback, where
 /// `mul_add` would call a slow library function.
-pub trait MulAdd {
+pub(crate) trait MulAdd {
     fn mul_add<A: NdFloat>(a: A, b: A, c: A) -> A;
 }
 
 /// `a·b + c` in one rounding (`vfmadd` where the caller enables FMA).
-pub struct Fused;
+pub(crate) struct Fused;
 
 /// `a·b + c` as a multiply and an add.
-pub struct Separate;
+pub(crate) struct Separate;
 
 impl MulAdd for Fused {
     #[inline(always)]
@@ -32,9 +34,8 @@ impl MulAdd for Separate {
     }
 }
 
-/// An element type the fused kernel is written for (public only to bound
-/// [`crate::Element`]; the module is private).
-pub trait KernelFloat: NdFloat {
+/// An element type the fused kernels are written for.
+pub(crate) trait KernelFloat: Element {
     /// `eˣ` for `x ≤ 0` (and `x = −∞`), written so that a loop over it vectorises:
     /// no branches, no calls. Accurate to about one unit in the last place;
     /// results below the smallest normal number are 0.

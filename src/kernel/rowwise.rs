@@ -3,11 +3,13 @@
 
 use ndarray::{ArrayView2, ArrayViewMut2};
 
-use crate::mask::{apply_row, Mask2};
-use crate::Element;
+use super::float::{KernelFloat, Separate};
+use super::online::{inverse_total, softmax_update};
+use super::params::LANES;
+use crate::core::mask::{apply_row, Mask2};
 
 /// One head: `out = softmax(QKᵀ·scale + masks)·V`, for finite inputs.
-pub(crate) fn attend_head<A: Element>(
+pub(crate) fn attend_head<A: KernelFloat>(
     q: ArrayView2<'_, A>,
     k: ArrayView2<'_, A>,
     v: ArrayView2<'_, A>,
@@ -25,16 +27,17 @@ pub(crate) fn attend_head<A: Element>(
     let (Some(q), Some(k), Some(v)) = (q.as_slice(), k.as_slice(), v.as_slice()) else {
         unreachable!("standard-layout arrays are slices")
     };
-    // small heads keep their scratch on the stack
+    // the scores padded with −∞ to whole lanes; small heads keep them on the stack
+    let width = s.next_multiple_of(LANES);
     let mut on_stack = [A::zero(); 64];
     let mut on_heap = Vec::new();
-    let buffer = if s + d_v <= on_stack.len() {
-        &mut on_stack[..s + d_v]
+    let buffer = if width + d_v <= on_stack.len() {
+        &mut on_stack[..width + d_v]
     } else {
-        on_heap.resize(s + d_v, A::zero());
+        on_heap.resize(width + d_v, A::zero());
         &mut on_heap[..]
     };
-    let (scores, row) = buffer.split_at_mut(s);
+    let (scores, row) = buffer.split_at_mut(width);
     for (i, query) in q.chunks_exact(d).enumerate() {
         for (score, key) in scores.iter_mut().zip(k.chunks_exact(d)) {
             *score = query
@@ -42,24 +45,19 @@ pub(crate) fn attend_head<A: Element>(
                 .zip(key)
                 .fold(A::zero(), |acc, (&a, &b)| acc + a * scale * b);
         }
-        apply_row(masks, i, l, s, 0, scores);
-        let max = scores
-            .iter()
-            .fold(A::neg_infinity(), |m, &x| if x > m { x } else { m });
+        apply_row(masks, i, l, s, 0, &mut scores[..s]);
+        scores[s..].fill(A::neg_infinity());
+        let (mut max, mut total) = (A::neg_infinity(), A::zero());
+        softmax_update::<A, Separate, LANES>(scores, &mut max, &mut total);
         row.fill(A::zero());
-        if max != A::neg_infinity() {
-            let mut total = A::zero();
-            for (score, value) in scores.iter().zip(v.chunks_exact(d_v)) {
-                let p = (*score - max).exp();
-                total += p;
-                for (o, &x) in row.iter_mut().zip(value) {
-                    *o += p * x;
-                }
+        for (&p, value) in scores.iter().zip(v.chunks_exact(d_v)) {
+            for (o, &x) in row.iter_mut().zip(value) {
+                *o += p * x;
             }
-            row.iter_mut().for_each(|o| *o /= total);
         }
+        let inverse = inverse_total(total);
         for (o, &x) in out.row_mut(i).iter_mut().zip(row.iter()) {
-            *o = x;
+            *o = x * inverse;
         }
     }
 }

@@ -3,7 +3,7 @@
 use ndarray::{Array, Dimension, ShapeBuilder};
 use rand_mt::Mt;
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// NumPy's legacy `RandomState` (what `numpy.random.seed` and `numpy.random.rand`
 /// use): MT19937 seeded as NumPy seeds it, and NumPy's own sampling on top.

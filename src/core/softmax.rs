@@ -2,7 +2,7 @@
 
 use ndarray::{Array2, ArrayRef1, ArrayRef2};
 
-use crate::Element;
+use crate::element::Element;
 
 /// Softmax of every row: `softmax(x)ᵢⱼ = exp(xᵢⱼ − mᵢ) / Σₖ exp(xᵢₖ − mᵢ)`, `mᵢ = maxₖ xᵢₖ`.
 ///

@@ -1,12 +1,13 @@
-//! The seeds' attention forms without learned weights: CrossViT's `SA` and `CAT`
-//! (seed 001) and self-attention over an image feature map (seed 000, SAGAN).
+//! Attention without learned weights: CrossViT's parameter-free `SA` and `CAT`,
+//! and SAGAN-style self-attention over an image feature map.
 
 use ndarray::{
     Array, Array2, Array3, Array4, ArrayRef2, ArrayRef3, ArrayRef4, Axis, Dimension, Ix3, Ix4,
 };
 
-use crate::error::internal_reshape;
-use crate::{scaled_dot_product, Element, Error, Result, ScaledDotProduct};
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::sdpa::{scaled_dot_product, ScaledDotProduct};
 
 /// Parameter-free self-attention `SA(X) = softmax(XXᵀ/√d_x)·X`.
 ///
@@ -194,7 +195,9 @@ impl<A: Element> FeatureMapAttention<A> {
     pub fn forward(&self, x: &ArrayRef3<A>) -> Result<FeatureMapOutput<A, Ix3>> {
         let (c, h, w) = x.dim();
         check_channels(c, x.shape())?;
-        let pixels = x.to_shape((c, h * w)).map_err(|_| internal_reshape())?;
+        let pixels = x
+            .to_shape((c, h * w))
+            .expect("(C, H, W) holds C rows of H·W pixels");
         let tokens = pixels.t(); // (N, C): one row per pixel
         let attended = ScaledDotProduct::new()
             .with_scale(A::one())
@@ -203,7 +206,7 @@ impl<A: Element> FeatureMapAttention<A> {
         let o = attended.output.t();
         let mut output: Array3<A> = o
             .to_shape((c, h, w))
-            .map_err(|_| internal_reshape())?
+            .expect("(C, H·W) holds C maps of H × W")
             .into_owned();
         if let Some(gamma) = self.residual {
             output.zip_mut_with(x, |o, &x| *o = gamma * *o + x);

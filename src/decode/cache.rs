@@ -2,7 +2,10 @@
 
 use ndarray::{s, Array2, Array4, ArrayRef4, ArrayView4, Axis};
 
-use crate::{Element, Error, Mask, Result, ScaledDotProduct};
+use crate::core::mask::Mask;
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::sdpa::ScaledDotProduct;
 
 /// A key/value cache for incremental decoding, per batch and key/value head
 /// (grouped-query aware: it holds `kv_heads`, queries may have a multiple).
@@ -306,10 +309,11 @@ impl<A: Element> KvCache<A> {
         let window = self.window.unwrap_or(usize::MAX);
         let t = q.dim().2;
         let held = self.len;
+        // `check` made the new keys and values match the cache in every other axis
         let keys = ndarray::concatenate(Axis(2), &[self.keys(), k_new.view()])
-            .map_err(|_| crate::error::internal_reshape())?;
+            .expect("checked: new keys match the cache");
         let values = ndarray::concatenate(Axis(2), &[self.values(), v_new.view()])
-            .map_err(|_| crate::error::internal_reshape())?;
+            .expect("checked: new values match the cache");
         // the position of every key: held slots by ring arithmetic, then the new ones
         let position = |slot: usize| -> usize {
             if slot >= held {

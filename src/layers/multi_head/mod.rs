@@ -1,81 +1,25 @@
 //! Multi-head attention: `concat(head₁ … head_h)·W_O + b_o`, with grouped-query heads.
 
+mod config;
+mod weights;
+
 use ndarray::{
-    Array, Array1, Array2, Array3, ArrayRef2, ArrayRef3, ArrayView3, Axis, Dimension, Ix2, Ix3,
+    Array, Array1, Array2, Array3, Array4, ArrayRef2, ArrayRef3, ArrayView3, Axis, Dimension, Ix2,
+    Ix3,
 };
 use rand::Rng;
 
-use crate::error::internal_reshape;
-use crate::projection::project;
-use crate::{rng, Element, Error, Init, KvCache, Mask, Result, ScaledDotProduct};
+pub use config::MultiHeadConfig;
+pub use weights::{MultiHeadWeights, Projection};
 
-/// The sizes of a [`MultiHeadAttention`]: required ones in [`new`](Self::new),
-/// optional ones with `with_*`, then one call that checks them and builds.
-///
-/// # Examples
-///
-/// ```
-/// use attn::{Init, MultiHeadConfig};
-///
-/// let mha = MultiHeadConfig::new(64, 8).with_kv_heads(2).random::<f32>(Init::TorchMultihead, 0)?;
-/// assert_eq!(mha.config().head_dim(), 8);
-/// assert!(MultiHeadConfig::new(64, 6).random::<f32>(Init::TorchMultihead, 0).is_err()); // 6 ∤ 64
-/// # Ok::<(), attn::Error>(())
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MultiHeadConfig {
-    d_model: usize,
-    n_heads: usize,
-    kdim: Option<usize>,
-    vdim: Option<usize>,
-    n_kv_heads: Option<usize>,
-    bias: bool,
-}
-
-/// The weights of a [`MultiHeadAttention`], in the `(in, out)` layout:
-/// `Q = query·w_q + b_q`, `output = concat(heads)·w_o + b_o`.
-///
-/// # Shapes
-///
-/// `w_q: (d_model, d_model)`, `w_k: (kdim, kv_width)`, `w_v: (vdim, kv_width)`,
-/// `w_o: (d_model, d_model)`, where `kv_width = n_kv_heads · head_dim`; biases are as
-/// long as their weight's columns. PyTorch stores `(out, in)`: transpose its
-/// `q_proj_weight` (or the slices of `in_proj_weight`) and `out_proj.weight`.
-///
-/// # Examples
-///
-/// ```
-/// use attn::{MultiHeadConfig, MultiHeadWeights};
-/// use ndarray::Array2;
-///
-/// let eye = Array2::<f64>::eye(4);
-/// let weights = MultiHeadWeights {
-///     w_q: eye.clone(), w_k: eye.clone(), w_v: eye.clone(), w_o: eye,
-///     b_q: None, b_k: None, b_v: None, b_o: None,
-/// };
-/// let mha = MultiHeadConfig::new(4, 2).without_bias().with_weights(weights)?;
-/// assert_eq!(mha.weights().w_o.dim(), (4, 4));
-/// # Ok::<(), attn::Error>(())
-/// ```
-#[derive(Debug, Clone, PartialEq)]
-pub struct MultiHeadWeights<A> {
-    /// Query projection `(d_model, d_model)`.
-    pub w_q: Array2<A>,
-    /// Key projection `(kdim, kv_width)`.
-    pub w_k: Array2<A>,
-    /// Value projection `(vdim, kv_width)`.
-    pub w_v: Array2<A>,
-    /// Output projection `(d_model, d_model)`.
-    pub w_o: Array2<A>,
-    /// Query bias `(d_model,)`.
-    pub b_q: Option<Array1<A>>,
-    /// Key bias `(kv_width,)`.
-    pub b_k: Option<Array1<A>>,
-    /// Value bias `(kv_width,)`.
-    pub b_v: Option<Array1<A>>,
-    /// Output bias `(d_model,)`.
-    pub b_o: Option<Array1<A>>,
-}
+use super::init::Init;
+use super::linear::Linear;
+use crate::core::mask::Mask;
+use crate::decode::cache::KvCache;
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::rng;
+use crate::sdpa::ScaledDotProduct;
 
 /// Multi-head attention, as PyTorch's `nn.MultiheadAttention(batch_first=True)`,
 /// with grouped-query heads.
@@ -108,7 +52,8 @@ pub struct MultiHeadWeights<A> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct MultiHeadAttention<A> {
     config: MultiHeadConfig,
-    weights: MultiHeadWeights<A>,
+    /// `W_Q`, `W_K`, `W_V`, `W_O` with their biases, in the order of [`Projection::ALL`].
+    linears: [Linear<A>; 4],
 }
 
 /// The output of multi-head attention with the weights of every head and their mean
@@ -142,189 +87,6 @@ pub struct MultiHeadOutput<A, D: Dimension> {
 }
 
 impl MultiHeadConfig {
-    /// `n_heads` heads over a model width `d_model`; keys and values `d_model` wide,
-    /// as many key/value heads as query heads, biases on.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// let config = attn::MultiHeadConfig::new(768, 12);
-    /// assert_eq!(config.head_dim(), 64);
-    /// ```
-    pub fn new(d_model: usize, n_heads: usize) -> Self {
-        MultiHeadConfig {
-            d_model,
-            n_heads,
-            kdim: None,
-            vdim: None,
-            n_kv_heads: None,
-            bias: true,
-        }
-    }
-
-    /// Keys come from inputs `kdim` wide (PyTorch `kdim`).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// let config = attn::MultiHeadConfig::new(8, 2).with_kdim(5);
-    /// assert_eq!(config.kdim(), 5);
-    /// ```
-    pub fn with_kdim(mut self, kdim: usize) -> Self {
-        self.kdim = Some(kdim);
-        self
-    }
-
-    /// Values come from inputs `vdim` wide (PyTorch `vdim`).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// let config = attn::MultiHeadConfig::new(8, 2).with_vdim(7);
-    /// assert_eq!(config.vdim(), 7);
-    /// ```
-    pub fn with_vdim(mut self, vdim: usize) -> Self {
-        self.vdim = Some(vdim);
-        self
-    }
-
-    /// Grouped-query attention: `n_kv_heads` key/value heads, which must divide `n_heads`.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// let config = attn::MultiHeadConfig::new(64, 8).with_kv_heads(2);
-    /// assert_eq!(config.kv_width(), 16);
-    /// ```
-    pub fn with_kv_heads(mut self, n_kv_heads: usize) -> Self {
-        self.n_kv_heads = Some(n_kv_heads);
-        self
-    }
-
-    /// No biases in any projection.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use attn::{Init, MultiHeadConfig};
-    ///
-    /// let mha = MultiHeadConfig::new(8, 2).without_bias().random::<f64>(Init::XavierUniform, 0)?;
-    /// assert!(mha.weights().b_q.is_none());
-    /// # Ok::<(), attn::Error>(())
-    /// ```
-    pub fn without_bias(mut self) -> Self {
-        self.bias = false;
-        self
-    }
-
-    /// The model width.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert_eq!(attn::MultiHeadConfig::new(8, 2).d_model(), 8);
-    /// ```
-    pub fn d_model(&self) -> usize {
-        self.d_model
-    }
-
-    /// The number of query heads.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert_eq!(attn::MultiHeadConfig::new(8, 2).n_heads(), 2);
-    /// ```
-    pub fn n_heads(&self) -> usize {
-        self.n_heads
-    }
-
-    /// The number of key/value heads (`n_heads` unless set).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert_eq!(attn::MultiHeadConfig::new(8, 4).n_kv_heads(), 4);
-    /// ```
-    pub fn n_kv_heads(&self) -> usize {
-        self.n_kv_heads.unwrap_or(self.n_heads)
-    }
-
-    /// The width of the key inputs (`d_model` unless set).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert_eq!(attn::MultiHeadConfig::new(8, 4).kdim(), 8);
-    /// ```
-    pub fn kdim(&self) -> usize {
-        self.kdim.unwrap_or(self.d_model)
-    }
-
-    /// The width of the value inputs (`d_model` unless set).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert_eq!(attn::MultiHeadConfig::new(8, 4).vdim(), 8);
-    /// ```
-    pub fn vdim(&self) -> usize {
-        self.vdim.unwrap_or(self.d_model)
-    }
-
-    /// The width of one head, `d_model / n_heads` (0 while `n_heads` is 0).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert_eq!(attn::MultiHeadConfig::new(8, 4).head_dim(), 2);
-    /// ```
-    pub fn head_dim(&self) -> usize {
-        self.d_model.checked_div(self.n_heads).unwrap_or(0)
-    }
-
-    /// The width of the projected keys and values, `n_kv_heads · head_dim`.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert_eq!(attn::MultiHeadConfig::new(8, 4).with_kv_heads(2).kv_width(), 4);
-    /// ```
-    pub fn kv_width(&self) -> usize {
-        self.n_kv_heads() * self.head_dim()
-    }
-
-    fn check(&self) -> Result<()> {
-        let invalid = |reason: String| Err(Error::InvalidConfig { reason });
-        if self.d_model == 0 || self.n_heads == 0 {
-            return invalid(format!(
-                "d_model ({}) and n_heads ({}) must be positive",
-                self.d_model, self.n_heads
-            ));
-        }
-        if !self.d_model.is_multiple_of(self.n_heads) {
-            return invalid(format!(
-                "n_heads ({}) must divide d_model ({})",
-                self.n_heads, self.d_model
-            ));
-        }
-        if self.kdim() == 0 || self.vdim() == 0 {
-            return invalid(format!(
-                "kdim ({}) and vdim ({}) must be positive",
-                self.kdim(),
-                self.vdim()
-            ));
-        }
-        let kv = self.n_kv_heads();
-        if kv == 0 || !self.n_heads.is_multiple_of(kv) {
-            return invalid(format!(
-                "n_kv_heads ({kv}) must be positive and divide n_heads ({})",
-                self.n_heads
-            ));
-        }
-        Ok(())
-    }
-
     /// Builds the layer with random weights reproducible from `seed` (see
     /// [`rng::seeded`](crate::rng::seeded)); biases 0. `W_Q, W_K, W_V, W_O` are
     /// drawn in that order. With [`Init::TorchMultihead`] the bounds are PyTorch's.
@@ -371,7 +133,7 @@ impl MultiHeadConfig {
         rng: &mut R,
     ) -> Result<MultiHeadAttention<A>> {
         self.check()?;
-        let (d, kv) = (self.d_model, self.kv_width());
+        let (d, kv) = (self.d_model(), self.kv_width());
         let packed = init == Init::TorchMultihead && self.kdim() == d && self.vdim() == d;
         let fans = |rows: usize, cols: usize| {
             if packed {
@@ -394,7 +156,7 @@ impl MultiHeadConfig {
             }
             _ => init.sample((d, d), rng)?,
         };
-        let zeros = |n: usize| self.bias.then(|| Array1::zeros(n));
+        let zeros = |n: usize| self.has_bias().then(|| Array1::zeros(n));
         self.with_weights(MultiHeadWeights {
             w_q,
             w_k,
@@ -436,57 +198,10 @@ impl MultiHeadConfig {
         weights: MultiHeadWeights<A>,
     ) -> Result<MultiHeadAttention<A>> {
         self.check()?;
-        let (d, kv) = (self.d_model, self.kv_width());
-        check_matrix("w_q", &weights.w_q, (d, d))?;
-        check_matrix("w_k", &weights.w_k, (self.kdim(), kv))?;
-        check_matrix("w_v", &weights.w_v, (self.vdim(), kv))?;
-        check_matrix("w_o", &weights.w_o, (d, d))?;
-        for (what, bias, len) in [
-            ("b_q", &weights.b_q, d),
-            ("b_k", &weights.b_k, kv),
-            ("b_v", &weights.b_v, kv),
-            ("b_o", &weights.b_o, d),
-        ] {
-            let found = bias.as_ref().map(|b| vec![b.len()]);
-            let expected = self.bias.then(|| vec![len]);
-            if found != expected {
-                return Err(Error::Shape {
-                    what: bias_role(what),
-                    expected: expected.unwrap_or_default(),
-                    found: found.unwrap_or_default(),
-                });
-            }
-        }
         Ok(MultiHeadAttention {
+            linears: weights.into_linears(&self)?,
             config: self,
-            weights,
         })
-    }
-}
-
-fn check_matrix<A>(what: &'static str, w: &Array2<A>, shape: (usize, usize)) -> Result<()> {
-    if w.dim() == shape {
-        Ok(())
-    } else {
-        Err(Error::Shape {
-            what: match what {
-                "w_q" => "w_q must be (d_model, d_model)",
-                "w_k" => "w_k must be (kdim, n_kv_heads·head_dim)",
-                "w_v" => "w_v must be (vdim, n_kv_heads·head_dim)",
-                _ => "w_o must be (d_model, d_model)",
-            },
-            expected: vec![shape.0, shape.1],
-            found: w.shape().to_vec(),
-        })
-    }
-}
-
-fn bias_role(what: &str) -> &'static str {
-    match what {
-        "b_q" => "b_q (shape [] means: no bias in this configuration)",
-        "b_k" => "b_k (shape [] means: no bias in this configuration)",
-        "b_v" => "b_v (shape [] means: no bias in this configuration)",
-        _ => "b_o (shape [] means: no bias in this configuration)",
     }
 }
 
@@ -506,7 +221,8 @@ impl<A: Element> MultiHeadAttention<A> {
         &self.config
     }
 
-    /// The layer's weights.
+    /// A copy of the layer's weights (to borrow one projection, see
+    /// [`projection`](Self::projection)).
     ///
     /// # Examples
     ///
@@ -517,8 +233,31 @@ impl<A: Element> MultiHeadAttention<A> {
     /// assert_eq!(mha.weights().w_q.dim(), (8, 8));
     /// # Ok::<(), attn::Error>(())
     /// ```
-    pub fn weights(&self) -> &MultiHeadWeights<A> {
-        &self.weights
+    pub fn weights(&self) -> MultiHeadWeights<A> {
+        MultiHeadWeights::from_linears(&self.linears)
+    }
+
+    /// One of the layer's four projections.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{Init, MultiHeadConfig, Projection};
+    ///
+    /// let mha = MultiHeadConfig::new(8, 4).with_kv_heads(2).random::<f64>(Init::TorchMultihead, 0)?;
+    /// let w_v = mha.projection(Projection::Value);
+    /// assert_eq!((w_v.in_features(), w_v.out_features()), (8, 4));
+    /// assert_eq!(w_v.bias().map(|b| b.len()), Some(4));
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn projection(&self, which: Projection) -> &Linear<A> {
+        let [q, k, v, o] = &self.linears;
+        match which {
+            Projection::Query => q,
+            Projection::Key => k,
+            Projection::Value => v,
+            Projection::Output => o,
+        }
     }
 
     /// Multi-head attention on 2-D inputs.
@@ -672,7 +411,7 @@ impl<A: Element> MultiHeadAttention<A> {
     ) -> Result<MultiHeadOutput<A, Ix3>> {
         let (q, k, v) = self.split_heads(query, key, value)?;
         let heads = attention(masks).forward_batched_with_weights(&q, &k, &v)?;
-        let n_heads = A::from_f64(self.config.n_heads as f64);
+        let n_heads = A::from_f64(self.config.n_heads() as f64);
         let mean_weights = heads.weights.sum_axis(Axis(1)) / n_heads;
         Ok(MultiHeadOutput {
             output: self.merge_heads(heads.output)?,
@@ -712,7 +451,7 @@ impl<A: Element> MultiHeadAttention<A> {
     /// # Ok::<(), attn::Error>(())
     /// ```
     pub fn forward_cached(&self, x: &ArrayRef3<A>, cache: &mut KvCache<A>) -> Result<Array3<A>> {
-        let d = self.config.d_model;
+        let d = self.config.d_model();
         if self.config.kdim() != d || self.config.vdim() != d {
             return Err(Error::InvalidConfig {
                 reason: format!(
@@ -733,8 +472,8 @@ impl<A: Element> MultiHeadAttention<A> {
         query: &ArrayRef3<A>,
         key: &ArrayRef3<A>,
         value: &ArrayRef3<A>,
-    ) -> Result<(ndarray::Array4<A>, ndarray::Array4<A>, ndarray::Array4<A>)> {
-        let (b, l, _) = query.dim();
+    ) -> Result<(Array4<A>, Array4<A>, Array4<A>)> {
+        let b = query.dim().0;
         let (bk, s, _) = key.dim();
         let (bv, sv, _) = value.dim();
         if b != bk || b != bv {
@@ -750,39 +489,25 @@ impl<A: Element> MultiHeadAttention<A> {
                 value: value.shape().to_vec(),
             });
         }
-        let w = &self.weights;
-        let (h, kv, hd) = (
-            self.config.n_heads,
-            self.config.n_kv_heads(),
-            self.config.head_dim(),
-        );
-        let q = project_3d("query width must be d_model", query, &w.w_q, w.b_q.as_ref())?;
-        let k = project_3d("key width must be kdim", key, &w.w_k, w.b_k.as_ref())?;
-        let v = project_3d("value width must be vdim", value, &w.w_v, w.b_v.as_ref())?;
-        Ok((
-            split(q, (b, l, h, hd))?,
-            split(k, (b, s, kv, hd))?,
-            split(v, (b, s, kv, hd))?,
-        ))
+        let (h, kv) = (self.config.n_heads(), self.config.n_kv_heads());
+        let [w_q, w_k, w_v, _] = &self.linears;
+        let q = w_q.forward_batched_named("query width must be d_model", query)?;
+        let k = w_k.forward_batched_named("key width must be kdim", key)?;
+        let v = w_v.forward_batched_named("value width must be vdim", value)?;
+        let hd = self.config.head_dim();
+        Ok((split(q, h, hd), split(k, kv, hd), split(v, kv, hd)))
     }
 
     /// `(B, heads, L, head_dim)` → `concat(heads)·W_O + b_o`, `(B, L, d_model)`.
-    fn merge_heads(&self, heads: ndarray::Array4<A>) -> Result<Array3<A>> {
-        let (b, _, l, _) = heads.dim();
-        let d = self.config.d_model;
-        let concat = heads.permuted_axes([0, 2, 1, 3]);
-        let concat = concat.as_standard_layout();
-        let concat = concat
-            .to_shape((b * l, d))
-            .map_err(|_| internal_reshape())?;
-        let out = project(
-            "concatenated heads",
-            &concat,
-            &self.weights.w_o,
-            self.weights.b_o.as_ref(),
-        )?;
-        out.into_shape_with_order((b, l, d))
-            .map_err(|_| internal_reshape())
+    fn merge_heads(&self, heads: Array4<A>) -> Result<Array3<A>> {
+        let (b, h, l, hd) = heads.dim();
+        let concat = heads
+            .permuted_axes([0, 2, 1, 3])
+            .as_standard_layout()
+            .into_owned()
+            .into_shape_with_order((b, l, h * hd))
+            .expect("(B, L, heads, head_dim) holds B × L rows of heads·head_dim");
+        self.linears[3].forward_batched_named("concatenated heads", &concat)
     }
 }
 
@@ -799,34 +524,10 @@ fn attention<'m, A: Element>(masks: &[Mask<'m, A>]) -> ScaledDotProduct<'m, A> {
         .fold(ScaledDotProduct::new(), ScaledDotProduct::with_mask)
 }
 
-/// `x·w + b` for `x: (B, n, in)`, as `(B·n, out)`.
-fn project_3d<A: Element>(
-    what: &'static str,
-    x: &ArrayRef3<A>,
-    w: &Array2<A>,
-    b: Option<&Array1<A>>,
-) -> Result<Array2<A>> {
-    let (batch, n, width) = x.dim();
-    if width != w.nrows() {
-        return Err(Error::Shape {
-            what,
-            expected: vec![batch, n, w.nrows()],
-            found: x.shape().to_vec(),
-        });
-    }
-    let flat = x
-        .to_shape((batch * n, width))
-        .map_err(|_| internal_reshape())?;
-    project(what, &flat, w, b)
-}
-
-/// `(B·n, heads·head_dim)` → `(B, heads, n, head_dim)`.
-fn split<A: Element>(
-    x: Array2<A>,
-    (b, n, heads, hd): (usize, usize, usize, usize),
-) -> Result<ndarray::Array4<A>> {
-    let x = x
-        .into_shape_with_order((b, n, heads, hd))
-        .map_err(|_| internal_reshape())?;
-    Ok(x.permuted_axes([0, 2, 1, 3]))
+/// `(B, n, heads·head_dim)` → `(B, heads, n, head_dim)`.
+fn split<A: Element>(x: Array3<A>, heads: usize, head_dim: usize) -> Array4<A> {
+    let (b, n, _) = x.dim();
+    x.into_shape_with_order((b, n, heads, head_dim))
+        .expect("(B, n, heads·head_dim) holds B × n × heads rows of head_dim")
+        .permuted_axes([0, 2, 1, 3])
 }

@@ -3,7 +3,8 @@
 
 use ndarray::{Array2, Array4, ArrayRef2};
 
-use crate::{Element, Error, Result};
+use crate::element::Element;
+use crate::error::{Error, Result};
 
 /// ALiBi's per-head slopes (Press et al., 2022): for `n` a power of two, the
 /// geometric sequence `2^(−8/n), 2^(−16/n), …, 2^(−8)`; otherwise the slopes of

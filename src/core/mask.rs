@@ -2,7 +2,8 @@
 
 use ndarray::{Array2, ArrayRef, ArrayView2, ArrayView4, ArrayViewD, Axis, Dimension, IxDyn};
 
-use crate::{Element, Error, Result};
+use crate::element::Element;
+use crate::error::{Error, Result};
 
 /// A restriction on which keys each query attends to, or a bias on its scores.
 ///
@@ -218,13 +219,16 @@ pub(crate) fn keys_in_reach<A>(
 /// some mask excludes is set to `−∞` (so nothing at a masked position survives).
 pub(crate) fn apply<A: Element>(masks: &[Mask2<'_, A>], scores: &mut Array2<A>) {
     let (l, s) = scores.dim();
-    let flat = scores.as_slice_mut();
-    debug_assert!(flat.is_some(), "scores are computed in standard layout");
-    if s == 0 {
-        return;
-    }
-    for (i, row) in flat.into_iter().flat_map(|x| x.chunks_mut(s)).enumerate() {
-        apply_row(masks, i, l, s, 0, row);
+    for (i, mut row) in scores.rows_mut().into_iter().enumerate() {
+        match row.as_slice_mut() {
+            Some(row) => apply_row(masks, i, l, s, 0, row),
+            None => {
+                // a strided row (the product of transposed inputs): mask a copy
+                let mut copy = row.to_vec();
+                apply_row(masks, i, l, s, 0, &mut copy);
+                row.iter_mut().zip(copy).for_each(|(x, y)| *x = y);
+            }
+        }
     }
 }
 

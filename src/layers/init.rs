@@ -5,7 +5,8 @@ use ndarray_rand::rand_distr::{Normal, Uniform};
 use ndarray_rand::RandomExt;
 use rand::Rng;
 
-use crate::{Element, Error, Result};
+use crate::element::Element;
+use crate::error::{Error, Result};
 
 /// A distribution for random weight matrices of shape `(fan_in, fan_out)`.
 ///

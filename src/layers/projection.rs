@@ -4,11 +4,16 @@
 use ndarray::{Array1, Array2, ArrayRef2, Ix2};
 use rand::Rng;
 
-use crate::{rng, AttentionOutput, Element, Error, Init, Result, ScaledDotProduct};
+use super::init::Init;
+use super::linear::Linear;
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::rng;
+use crate::sdpa::{AttentionOutput, ScaledDotProduct};
 
 /// The widths of a [`QkvProjection`]: what goes in and what comes out.
 ///
-/// Row vectors throughout, as in the seeds: `W_Q: (query_in, d_k)`,
+/// Row vectors throughout, as in the rest of the crate: `W_Q: (query_in, d_k)`,
 /// `W_K: (key_in, d_k)`, `W_V: (value_in, d_v)`.
 ///
 /// # Examples
@@ -16,7 +21,7 @@ use crate::{rng, AttentionOutput, Element, Error, Init, Result, ScaledDotProduct
 /// ```
 /// use attn::ProjectionShape;
 ///
-/// let self_attn = ProjectionShape::new(4, 3, 3); // 4 → 3, as seed 004
+/// let self_attn = ProjectionShape::new(4, 3, 3); // 4-wide words → 3-wide queries, keys, values
 /// let cross = ProjectionShape::new(8, 16, 16).with_context(5, 7); // keys 5 wide, values 7
 /// assert_eq!(cross.key_in, 5);
 /// assert_eq!(self_attn.value_in, 4);
@@ -95,12 +100,9 @@ impl ProjectionShape {
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct QkvProjection<A> {
-    w_q: Array2<A>,
-    w_k: Array2<A>,
-    w_v: Array2<A>,
-    b_q: Option<Array1<A>>,
-    b_k: Option<Array1<A>>,
-    b_v: Option<Array1<A>>,
+    q: Linear<A>,
+    k: Linear<A>,
+    v: Linear<A>,
 }
 
 impl<A: Element> QkvProjection<A> {
@@ -137,12 +139,9 @@ impl<A: Element> QkvProjection<A> {
             });
         }
         Ok(QkvProjection {
-            w_q,
-            w_k,
-            w_v,
-            b_q: None,
-            b_k: None,
-            b_v: None,
+            q: Linear::new(w_q),
+            k: Linear::new(w_k),
+            v: Linear::new(w_v),
         })
     }
 
@@ -163,14 +162,12 @@ impl<A: Element> QkvProjection<A> {
     /// assert_eq!(proj.query(&array![[0.0, 0.0]])?, array![[1.0, 0.0]]);
     /// # Ok::<(), attn::Error>(())
     /// ```
-    pub fn with_biases(mut self, b_q: Array1<A>, b_k: Array1<A>, b_v: Array1<A>) -> Result<Self> {
-        check_bias("b_q must be d_k long", &b_q, self.w_q.ncols())?;
-        check_bias("b_k must be d_k long", &b_k, self.w_k.ncols())?;
-        check_bias("b_v must be d_v long", &b_v, self.w_v.ncols())?;
-        self.b_q = Some(b_q);
-        self.b_k = Some(b_k);
-        self.b_v = Some(b_v);
-        Ok(self)
+    pub fn with_biases(self, b_q: Array1<A>, b_k: Array1<A>, b_v: Array1<A>) -> Result<Self> {
+        Ok(QkvProjection {
+            q: self.q.with_bias_named("b_q must be d_k long", b_q)?,
+            k: self.k.with_bias_named("b_k must be d_k long", b_k)?,
+            v: self.v.with_bias_named("b_v must be d_v long", b_v)?,
+        })
     }
 
     /// Random weights, reproducible from `seed` on every platform (see
@@ -251,11 +248,11 @@ impl<A: Element> QkvProjection<A> {
     /// ```
     pub fn shape(&self) -> ProjectionShape {
         ProjectionShape {
-            query_in: self.w_q.nrows(),
-            key_in: self.w_k.nrows(),
-            value_in: self.w_v.nrows(),
-            d_k: self.w_q.ncols(),
-            d_v: self.w_v.ncols(),
+            query_in: self.q.in_features(),
+            key_in: self.k.in_features(),
+            value_in: self.v.in_features(),
+            d_k: self.q.out_features(),
+            d_v: self.v.out_features(),
         }
     }
 
@@ -271,7 +268,7 @@ impl<A: Element> QkvProjection<A> {
     /// # Ok::<(), attn::Error>(())
     /// ```
     pub fn w_q(&self) -> &Array2<A> {
-        &self.w_q
+        self.q.weight()
     }
 
     /// `W_K`, of shape `(key_in, d_k)`.
@@ -286,7 +283,7 @@ impl<A: Element> QkvProjection<A> {
     /// # Ok::<(), attn::Error>(())
     /// ```
     pub fn w_k(&self) -> &Array2<A> {
-        &self.w_k
+        self.k.weight()
     }
 
     /// `W_V`, of shape `(value_in, d_v)`.
@@ -301,7 +298,7 @@ impl<A: Element> QkvProjection<A> {
     /// # Ok::<(), attn::Error>(())
     /// ```
     pub fn w_v(&self) -> &Array2<A> {
-        &self.w_v
+        self.v.weight()
     }
 
     /// `Q = X·W_Q + b_q`.
@@ -324,12 +321,8 @@ impl<A: Element> QkvProjection<A> {
     /// # Ok::<(), attn::Error>(())
     /// ```
     pub fn query(&self, x: &ArrayRef2<A>) -> Result<Array2<A>> {
-        project(
-            "query input width must equal the rows of W_Q",
-            x,
-            &self.w_q,
-            self.b_q.as_ref(),
-        )
+        self.q
+            .forward_named("query input width must equal the rows of W_Q", x)
     }
 
     /// `K = X·W_K + b_k`.
@@ -352,12 +345,8 @@ impl<A: Element> QkvProjection<A> {
     /// # Ok::<(), attn::Error>(())
     /// ```
     pub fn key(&self, x: &ArrayRef2<A>) -> Result<Array2<A>> {
-        project(
-            "key input width must equal the rows of W_K",
-            x,
-            &self.w_k,
-            self.b_k.as_ref(),
-        )
+        self.k
+            .forward_named("key input width must equal the rows of W_K", x)
     }
 
     /// `V = X·W_V + b_v`.
@@ -380,12 +369,8 @@ impl<A: Element> QkvProjection<A> {
     /// # Ok::<(), attn::Error>(())
     /// ```
     pub fn value(&self, x: &ArrayRef2<A>) -> Result<Array2<A>> {
-        project(
-            "value input width must equal the rows of W_V",
-            x,
-            &self.w_v,
-            self.b_v.as_ref(),
-        )
+        self.v
+            .forward_named("value input width must equal the rows of W_V", x)
     }
 
     /// Self-attention: `softmax(XW_Q (XW_K)ᵀ/√d_k)·XW_V`, with the options of `attn`
@@ -526,52 +511,4 @@ impl<A: Element> QkvProjection<A> {
             &self.value(values_in)?,
         )
     }
-}
-
-fn check_bias<A>(what: &'static str, b: &Array1<A>, width: usize) -> Result<()> {
-    if b.len() == width {
-        Ok(())
-    } else {
-        Err(Error::Shape {
-            what,
-            expected: vec![width],
-            found: vec![b.len()],
-        })
-    }
-}
-
-/// Inputs of at most this many rows are projected row by row: a general matrix
-/// product would pack all of `W` for them.
-const FEW_ROWS: usize = 4;
-
-/// `x·w + b`, with `x`'s width checked against `w`'s rows.
-pub(crate) fn project<A: Element>(
-    what: &'static str,
-    x: &ArrayRef2<A>,
-    w: &Array2<A>,
-    b: Option<&Array1<A>>,
-) -> Result<Array2<A>> {
-    if x.ncols() != w.nrows() {
-        return Err(Error::Shape {
-            what,
-            expected: vec![x.nrows(), w.nrows()],
-            found: x.shape().to_vec(),
-        });
-    }
-    let mut out = if x.nrows() <= FEW_ROWS {
-        // a decoding step: rows of W scaled and summed, W read once and never packed
-        let mut out = Array2::zeros((x.nrows(), w.ncols()));
-        for (mut out, x) in out.outer_iter_mut().zip(x.outer_iter()) {
-            for (&x, w) in x.iter().zip(w.outer_iter()) {
-                out.scaled_add(x, &w);
-            }
-        }
-        out
-    } else {
-        x.dot(w)
-    };
-    if let Some(b) = b {
-        out += b;
-    }
-    Ok(out)
 }

@@ -1,0 +1,167 @@
+//! A checked attention call: shapes validated, inputs lifted to 4-D, masks
+//! broadcast, scale resolved.
+
+use ndarray::{ArrayView2, ArrayView4, ArrayViewMut2, ArrayViewMut4, Axis};
+
+use super::mask::{self, Mask, Mask2, Mask4};
+use crate::element::Element;
+use crate::error::{Error, Result};
+
+/// A checked call, `(batch, heads, L, d_k)` queries against
+/// `(batch, kv_heads, S, ·)` keys and values.
+pub(crate) struct Problem<'a, A> {
+    pub(crate) q: ArrayView4<'a, A>,
+    pub(crate) k: ArrayView4<'a, A>,
+    pub(crate) v: ArrayView4<'a, A>,
+    pub(crate) masks: Vec<Mask4<'a, A>>,
+    pub(crate) scale: A,
+}
+
+impl<'a, A: Element> Problem<'a, A> {
+    /// Checks a 2-D call (`q: (L, d_k)`, `k: (S, d_k)`, `v: (S, d_v)`).
+    pub(crate) fn new_2d(
+        q: ArrayView2<'a, A>,
+        k: ArrayView2<'a, A>,
+        v: ArrayView2<'a, A>,
+        masks: &'a [Mask<'_, A>],
+        scale: Option<A>,
+    ) -> Result<Self> {
+        check_shapes(q.shape(), k.shape(), v.shape())?;
+        Ok(Problem {
+            masks: mask::broadcast_all(masks, &[q.nrows(), k.nrows()])?,
+            scale: resolve_scale(scale, q.ncols())?,
+            q: lift(q),
+            k: lift(k),
+            v: lift(v),
+        })
+    }
+
+    /// Checks a batched call (`q: (batch, heads, L, d_k)`, `k: (batch, kv_heads, S, d_k)`,
+    /// `v: (batch, kv_heads, S, d_v)`).
+    pub(crate) fn new_4d(
+        q: ArrayView4<'a, A>,
+        k: ArrayView4<'a, A>,
+        v: ArrayView4<'a, A>,
+        masks: &'a [Mask<'_, A>],
+        scale: Option<A>,
+    ) -> Result<Self> {
+        check_shapes(q.shape(), k.shape(), v.shape())?;
+        let (batch, heads, l, d_k) = q.dim();
+        Ok(Problem {
+            masks: mask::broadcast_all(masks, &[batch, heads, l, k.dim().2])?,
+            scale: resolve_scale(scale, d_k)?,
+            q,
+            k,
+            v,
+        })
+    }
+}
+
+impl<A: Copy> Problem<'_, A> {
+    /// Query heads per key/value head.
+    pub(crate) fn group_size(&self) -> usize {
+        // kv_heads divides heads (checked), and is 0 only when heads is
+        self.q.dim().1.checked_div(self.k.dim().1).unwrap_or(1)
+    }
+
+    /// The key/value head that query head `h` attends with.
+    pub(crate) fn kv_head(&self, h: usize) -> usize {
+        h / self.group_size()
+    }
+
+    /// The query heads that share key/value head `kv`.
+    pub(crate) fn query_heads(&self, kv: usize) -> std::ops::Range<usize> {
+        let group = self.group_size();
+        kv * group..(kv + 1) * group
+    }
+
+    /// Query head `h` of batch `b`, `(L, d_k)`.
+    pub(crate) fn query(&self, b: usize, h: usize) -> ArrayView2<'_, A> {
+        head(&self.q, b, h)
+    }
+
+    /// Key/value head `kv` of batch `b`: keys `(S, d_k)` and values `(S, d_v)`.
+    pub(crate) fn keys_values(
+        &self,
+        b: usize,
+        kv: usize,
+    ) -> (ArrayView2<'_, A>, ArrayView2<'_, A>) {
+        (head(&self.k, b, kv), head(&self.v, b, kv))
+    }
+
+    /// The masks of query head `h` of batch `b`, one `(L, S)` block each.
+    pub(crate) fn block_masks(&self, b: usize, h: usize) -> Vec<Mask2<'_, A>> {
+        self.masks.iter().map(|m| m.block(b, h)).collect()
+    }
+}
+
+/// Head `h` of batch `b`.
+fn head<'v, A>(x: &'v ArrayView4<'_, A>, b: usize, h: usize) -> ArrayView2<'v, A> {
+    x.index_axis(Axis(0), b).index_axis_move(Axis(0), h)
+}
+
+/// The given scale, checked, or `1/√d_k`.
+fn resolve_scale<A: Element>(scale: Option<A>, d_k: usize) -> Result<A> {
+    match scale {
+        Some(scale) if scale.is_finite() && scale != A::zero() => Ok(scale),
+        Some(scale) => Err(Error::InvalidScale {
+            scale: scale.to_f64().unwrap_or(f64::NAN),
+        }),
+        None => Ok(A::from_f64(1.0 / (d_k as f64).sqrt())),
+    }
+}
+
+/// Checks the shapes of `q`, `k`, `v` (all 2-D, or all 4-D).
+fn check_shapes(q: &[usize], k: &[usize], v: &[usize]) -> Result<()> {
+    let n = q.len();
+    if n == 4 {
+        if q[0] != k[0] || k[0] != v[0] || k[1] != v[1] {
+            return Err(Error::BatchShape {
+                query: q.to_vec(),
+                key: k.to_vec(),
+                value: v.to_vec(),
+            });
+        }
+        let (heads, kv_heads) = (q[1], k[1]);
+        let divides = if kv_heads == 0 {
+            heads == 0
+        } else {
+            heads.is_multiple_of(kv_heads)
+        };
+        if !divides {
+            return Err(Error::HeadGroups {
+                query_heads: heads,
+                kv_heads,
+            });
+        }
+    }
+    if q[n - 1] != k[n - 1] {
+        return Err(Error::QueryKeyWidth {
+            query: q.to_vec(),
+            key: k.to_vec(),
+        });
+    }
+    if k[n - 2] != v[n - 2] {
+        return Err(Error::KeyValueLength {
+            key: k.to_vec(),
+            value: v.to_vec(),
+        });
+    }
+    if q[n - 1] == 0 {
+        return Err(Error::ZeroWidth {
+            what: "query/key width d_k",
+            shape: q.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+/// A 2-D view as a `(1, 1, rows, cols)` view.
+pub(crate) fn lift<A>(x: ArrayView2<'_, A>) -> ArrayView4<'_, A> {
+    x.insert_axis(Axis(0)).insert_axis(Axis(0))
+}
+
+/// A mutable 2-D view as a `(1, 1, rows, cols)` view.
+pub(crate) fn lift_mut<A>(x: ArrayViewMut2<'_, A>) -> ArrayViewMut4<'_, A> {
+    x.insert_axis(Axis(0)).insert_axis(Axis(0))
+}

@@ -1,0 +1,5 @@
+//! Decoding one or a few tokens at a time: the key/value cache, and where tokens
+//! are (rotary embeddings, ALiBi slopes, padding masks).
+
+pub(crate) mod cache;
+pub(crate) mod position;

@@ -1,0 +1,273 @@
+//! The micro-kernels written with AVX2/FMA intrinsics, as methods of a token that
+//! only run-time detection constructs: a tile row is two 256-bit registers, so a
+//! 6 × 16 (f32) or 6 × 8 (f64) tile is 12 accumulators.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use ndarray::ArrayViewMut2;
+
+use crate::kernel::direct::{attend_part, Dots, Group, Partial};
+use crate::kernel::float::Fused;
+use crate::kernel::params::{BC, LANES, MR};
+use crate::kernel::tiled::{attend_block, Block, Scratch, Tiles};
+
+/// Proof that the CPU has AVX2 and FMA: [`detect`](Self::detect) is the only way
+/// to make one, so the safe methods below may run their intrinsics.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Avx2 {
+    _detected: (),
+}
+
+impl Avx2 {
+    /// The token, if this CPU has AVX2 and FMA.
+    pub(crate) fn detect() -> Option<Self> {
+        (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+            .then_some(Avx2 { _detected: () })
+    }
+}
+
+/// The two kernels' entry points for one element type, compiled with AVX2 and FMA
+/// enabled so that the generic bodies inline the intrinsic micro-kernels.
+macro_rules! entry_points {
+    ($ty:ty, $nr:literal, $block:ident, $part:ident) => {
+        impl Avx2 {
+            /// [`attend_block`] for this element, `$nr`-wide tiles.
+            pub(crate) fn $block(
+                self,
+                block: &Block<'_, $ty>,
+                scratch: &mut Scratch<$ty>,
+                out: ArrayViewMut2<'_, $ty>,
+            ) {
+                /// # Safety
+                ///
+                /// The CPU must support AVX2 and FMA.
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn compiled(
+                    token: Avx2,
+                    block: &Block<'_, $ty>,
+                    scratch: &mut Scratch<$ty>,
+                    out: ArrayViewMut2<'_, $ty>,
+                ) {
+                    attend_block::<$ty, Fused, Avx2, $nr>(token, block, scratch, out);
+                }
+                // SAFETY: `self` exists, so the CPU has AVX2 and FMA.
+                unsafe { compiled(self, block, scratch, out) }
+            }
+
+            /// [`attend_part`] for this element.
+            pub(crate) fn $part(
+                self,
+                group: &Group<'_, '_, $ty>,
+                part: Range<usize>,
+            ) -> Partial<$ty> {
+                /// # Safety
+                ///
+                /// The CPU must support AVX2 and FMA.
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn compiled(
+                    token: Avx2,
+                    group: &Group<'_, '_, $ty>,
+                    part: Range<usize>,
+                ) -> Partial<$ty> {
+                    attend_part::<$ty, Fused, Avx2>(token, group, part)
+                }
+                // SAFETY: `self` exists, so the CPU has AVX2 and FMA.
+                unsafe { compiled(self, group, part) }
+            }
+        }
+    };
+}
+
+entry_points!(f32, 16, attend_block_f32, attend_part_f32);
+entry_points!(f64, 8, attend_block_f64, attend_part_f64);
+
+/// One micro-kernel body for both element types: `$ty` is the element,
+/// `$nr` the tile width, `$half` the lanes of one register.
+macro_rules! avx2_tiles {
+    ($ty:ty, $nr:literal, $half:literal, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
+        impl Tiles<$ty, $nr> for Avx2 {
+            #[inline(always)]
+            fn score_tile(self, q: &[[$ty; MR]], k: &[[$ty; $nr]]) -> [[$ty; $nr]; MR] {
+                // SAFETY: `self` is an `Avx2` token, so the CPU has AVX2 and FMA;
+                // every load reads, every store writes, one half of a `[$ty; $nr]`.
+                unsafe {
+                    let mut acc = [[$zero(); 2]; MR];
+                    // two steps of the sum per trip: half the loop overhead
+                    let (q2, q_rest) = q.as_chunks::<2>();
+                    let (k2, k_rest) = k.as_chunks::<2>();
+                    for (qp, kp) in q2.iter().zip(k2) {
+                        for u in 0..2 {
+                            let k0 = $load(kp[u].as_ptr());
+                            let k1 = $load(kp[u].as_ptr().add($half));
+                            for i in 0..MR {
+                                let a = $splat(qp[u][i]);
+                                acc[i][0] = $fma(a, k0, acc[i][0]);
+                                acc[i][1] = $fma(a, k1, acc[i][1]);
+                            }
+                        }
+                    }
+                    for (qp, kp) in q_rest.iter().zip(k_rest) {
+                        let k0 = $load(kp.as_ptr());
+                        let k1 = $load(kp.as_ptr().add($half));
+                        for i in 0..MR {
+                            let a = $splat(qp[i]);
+                            acc[i][0] = $fma(a, k0, acc[i][0]);
+                            acc[i][1] = $fma(a, k1, acc[i][1]);
+                        }
+                    }
+                    let mut out = [[0.0; $nr]; MR];
+                    for i in 0..MR {
+                        $store(out[i].as_mut_ptr(), acc[i][0]);
+                        $store(out[i].as_mut_ptr().add($half), acc[i][1]);
+                    }
+                    out
+                }
+            }
+
+            #[inline(always)]
+            fn value_tile(
+                self,
+                p: &[&[$ty; BC]; MR],
+                v: &[[$ty; $nr]; BC],
+                keys: usize,
+                alpha: &[$ty; MR],
+                o: &mut [[$ty; $nr]; MR],
+            ) {
+                // SAFETY: as in `score_tile`.
+                unsafe {
+                    let mut acc = [[$zero(); 2]; MR];
+                    let keys = keys.min(BC);
+                    // two keys per trip: half the loop overhead
+                    for pair in 0..keys / 2 {
+                        for j in [2 * pair, 2 * pair + 1] {
+                            let v0 = $load(v[j].as_ptr());
+                            let v1 = $load(v[j].as_ptr().add($half));
+                            for i in 0..MR {
+                                let a = $splat(p[i][j]);
+                                acc[i][0] = $fma(a, v0, acc[i][0]);
+                                acc[i][1] = $fma(a, v1, acc[i][1]);
+                            }
+                        }
+                    }
+                    if keys % 2 == 1 {
+                        let j = keys - 1;
+                        let v0 = $load(v[j].as_ptr());
+                        let v1 = $load(v[j].as_ptr().add($half));
+                        for i in 0..MR {
+                            let a = $splat(p[i][j]);
+                            acc[i][0] = $fma(a, v0, acc[i][0]);
+                            acc[i][1] = $fma(a, v1, acc[i][1]);
+                        }
+                    }
+                    for i in 0..MR {
+                        let a = $splat(alpha[i]);
+                        let row = o[i].as_mut_ptr();
+                        $store(row, $fma($load(row), a, acc[i][0]));
+                        $store(row.add($half), $fma($load(row.add($half)), a, acc[i][1]));
+                    }
+                }
+            }
+        }
+    };
+}
+
+/// [`Dots`] for one element type: `$regs` registers of `$half` lanes hold `LANES`.
+macro_rules! avx2_dots {
+    ($ty:ty, $regs:literal, $half:literal, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
+        impl Dots<$ty> for Avx2 {
+            #[inline(always)]
+            fn dot4(self, q: &[[$ty; LANES]], k: &[&[[$ty; LANES]]; 4]) -> [[$ty; LANES]; 4] {
+                // SAFETY: `self` is an `Avx2` token, so the CPU has AVX2 and FMA;
+                // every load reads, every store writes, one register's lanes of a
+                // `[$ty; LANES]`.
+                unsafe {
+                    let mut acc = [[$zero(); $regs]; 4];
+                    for (p, x) in q.iter().enumerate() {
+                        for r in 0..$regs {
+                            let x = $load(x.as_ptr().add(r * $half));
+                            for u in 0..4 {
+                                let y = $load(k[u][p].as_ptr().add(r * $half));
+                                acc[u][r] = $fma(x, y, acc[u][r]);
+                            }
+                        }
+                    }
+                    let mut out = [[0.0; LANES]; 4];
+                    for u in 0..4 {
+                        for r in 0..$regs {
+                            $store(out[u].as_mut_ptr().add(r * $half), acc[u][r]);
+                        }
+                    }
+                    out
+                }
+            }
+
+            #[inline(always)]
+            fn value_rows(
+                self,
+                p: &[&[$ty]; 4],
+                values: &[$ty],
+                d_v: usize,
+                c0: usize,
+            ) -> [[$ty; LANES]; 4] {
+                // SAFETY: as in `dot4`; each value load reads one register's lanes
+                // of a `[$ty; LANES]` taken from `values` with bounds checks.
+                unsafe {
+                    let mut acc = [[$zero(); $regs]; 4];
+                    for (j, value) in values.chunks_exact(d_v).enumerate() {
+                        let v: &[$ty; LANES] = value[c0..c0 + LANES]
+                            .try_into()
+                            .expect("LANES value columns");
+                        let v: [_; $regs] =
+                            std::array::from_fn(|r| $load(v.as_ptr().add(r * $half)));
+                        for u in 0..4 {
+                            let a = $splat(p[u][j]);
+                            for r in 0..$regs {
+                                acc[u][r] = $fma(a, v[r], acc[u][r]);
+                            }
+                        }
+                    }
+                    let mut out = [[0.0; LANES]; 4];
+                    for u in 0..4 {
+                        for r in 0..$regs {
+                            $store(out[u].as_mut_ptr().add(r * $half), acc[u][r]);
+                        }
+                    }
+                    out
+                }
+            }
+        }
+    };
+}
+
+/// Both kernels' intrinsics for one element type: `$nr` columns per tile row,
+/// `$half` lanes per register, `$regs` registers per `LANES`.
+macro_rules! avx2_kernels {
+    ($ty:ty, $nr:literal, $half:literal, $regs:literal, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
+        avx2_tiles!($ty, $nr, $half, $zero, $load, $store, $splat, $fma);
+        avx2_dots!($ty, $regs, $half, $zero, $load, $store, $splat, $fma);
+    };
+}
+
+avx2_kernels!(
+    f32,
+    16,
+    8,
+    1,
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    _mm256_storeu_ps,
+    _mm256_set1_ps,
+    _mm256_fmadd_ps
+);
+avx2_kernels!(
+    f64,
+    8,
+    4,
+    2,
+    _mm256_setzero_pd,
+    _mm256_loadu_pd,
+    _mm256_storeu_pd,
+    _mm256_set1_pd,
+    _mm256_fmadd_pd
+);

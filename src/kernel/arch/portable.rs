@@ -1,0 +1,81 @@
+//! The micro-kernels as plain loops over fixed-size arrays, for any CPU: the
+//! autovectoriser turns them into whatever the build's target allows.
+
+use crate::kernel::direct::Dots;
+use crate::kernel::float::{KernelFloat, MulAdd, Separate};
+use crate::kernel::params::{BC, LANES, MR};
+use crate::kernel::tiled::Tiles;
+
+/// The portable micro-kernels (`a·b + c` as a multiply and an add: without FMA
+/// in the target, `mul_add` would call a slow library function).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Portable;
+
+impl<A: KernelFloat, const NR: usize> Tiles<A, NR> for Portable {
+    #[inline(always)]
+    fn score_tile(self, q: &[[A; MR]], k: &[[A; NR]]) -> [[A; NR]; MR] {
+        let mut acc = [[A::zero(); NR]; MR];
+        for (qp, kp) in q.iter().zip(k) {
+            for i in 0..MR {
+                for j in 0..NR {
+                    acc[i][j] = Separate::mul_add(qp[i], kp[j], acc[i][j]);
+                }
+            }
+        }
+        acc
+    }
+
+    #[inline(always)]
+    fn value_tile(
+        self,
+        p: &[&[A; BC]; MR],
+        v: &[[A; NR]; BC],
+        keys: usize,
+        alpha: &[A; MR],
+        o: &mut [[A; NR]; MR],
+    ) {
+        let mut acc = [[A::zero(); NR]; MR];
+        for j in 0..keys.min(BC) {
+            for i in 0..MR {
+                let pij = p[i][j];
+                for c in 0..NR {
+                    acc[i][c] = Separate::mul_add(pij, v[j][c], acc[i][c]);
+                }
+            }
+        }
+        for i in 0..MR {
+            for c in 0..NR {
+                o[i][c] = Separate::mul_add(o[i][c], alpha[i], acc[i][c]);
+            }
+        }
+    }
+}
+
+impl<A: KernelFloat> Dots<A> for Portable {
+    #[inline(always)]
+    fn dot4(self, q: &[[A; LANES]], k: &[&[[A; LANES]]; 4]) -> [[A; LANES]; 4] {
+        let mut acc = [[A::zero(); LANES]; 4];
+        for (acc, k) in acc.iter_mut().zip(k) {
+            for (x, y) in q.iter().zip(*k) {
+                for c in 0..LANES {
+                    acc[c] = Separate::mul_add(x[c], y[c], acc[c]);
+                }
+            }
+        }
+        acc
+    }
+
+    #[inline(always)]
+    fn value_rows(self, p: &[&[A]; 4], values: &[A], d_v: usize, c0: usize) -> [[A; LANES]; 4] {
+        let mut acc = [[A::zero(); LANES]; 4];
+        for (j, value) in values.chunks_exact(d_v).enumerate() {
+            let v = &value[c0..c0 + LANES];
+            for (acc, p) in acc.iter_mut().zip(p) {
+                for c in 0..LANES {
+                    acc[c] = Separate::mul_add(p[j], v[c], acc[c]);
+                }
+            }
+        }
+        acc
+    }
+}

@@ -1,0 +1,61 @@
+//! Every tuning constant of the kernels, with the measurement that chose it.
+//!
+//! Changing one changes speed only, never results beyond rounding: the tests run
+//! sizes on both sides of each. Numbers are from the project's 2-core AMD EPYC
+//! (Zen 3, AVX2) machine, f32, head_dim 64, unless said otherwise.
+
+// ---- which path serves a head (`super::forward`) ----
+
+/// Heads with at most this many `L·S·(d_k + d_v)` go row by row
+/// ([`super::rowwise`]): packing costs more than it saves. A 3-token, 4-wide call
+/// takes 0.27 µs row by row; through the direct path it took 0.55 µs.
+pub(crate) const ROWWISE_MAX_WORK: usize = 1 << 14;
+
+/// Heads with at most this many query rows take the direct path
+/// ([`super::direct`]), which reads keys and values where they lie instead of
+/// packing them. At S = 4096 (8 heads, 2 threads) the tiled kernel took
+/// 4.6 / 4.6 / 5.0 / 5.2 ms for 1 / 4 / 8 / 12 query rows, the direct path
+/// 0.32 / 1.0 / 2.1 ms for 1 / 4 / 8: the crossover is near 10.
+pub(crate) const DIRECT_MAX_ROWS: usize = 8;
+
+// ---- the tiled kernel (`super::tiled`) ----
+
+/// Rows of a register tile (queries in `S = Q·Kᵀ`, output rows in `O += P·V`):
+/// 6 rows × two 256-bit registers = 12 accumulators of AVX2's 16 registers.
+pub(crate) const MR: usize = 6;
+
+/// Query rows per block, a multiple of [`MR`]: one block is one parallel task.
+pub(crate) const BR: usize = 48;
+
+/// Keys per block, a multiple of every tile width: long enough to amortise the
+/// rescale of the output (`O = α·O + P·V`) over many keys, short enough that a
+/// block's scores (`BR × BC`) stay in L1/L2. 256 was faster than 128 at every
+/// N ≥ 512; the last block computes only the key panels it needs, so N = 128
+/// does not pay for 256.
+pub(crate) const BC: usize = 256;
+
+/// Packed keys and values held at once: key/value heads are packed in waves of
+/// this many bytes (but at least one per thread), so a wave stays in L2. 8 MiB
+/// waves were slower than 1 MiB ones.
+pub(crate) const PACKED_BYTES: usize = 1 << 20;
+
+// ---- the direct (decoding) path (`super::direct`) ----
+
+/// Query rows attended together in one pass over the keys and values: every
+/// query head of a grouped-query group reads a key row once. Matches
+/// [`DIRECT_MAX_ROWS`], so one decoding step of one group is one pass.
+pub(crate) const DIRECT_BATCH_ROWS: usize = 8;
+
+/// Keys per step of the direct path's online softmax: a chunk's scores stay in L1.
+pub(crate) const DIRECT_CHUNK: usize = 256;
+
+/// Keys per part: a long cache is cut into parts of this many keys that may run
+/// on different threads and are merged afterwards (split-key decoding), so a
+/// single key/value head uses every thread. The cut does not depend on the
+/// number of threads, so neither does the result. With 1 key/value head and
+/// 4096 cached positions one step took 0.22 ms on 2 threads.
+pub(crate) const DIRECT_PART: usize = 2048;
+
+/// Lanes of the direct path's vectorised dot products and softmax passes
+/// (one AVX2 register of f32, two of f64).
+pub(crate) const LANES: usize = 8;

@@ -1,0 +1,234 @@
+//! How each path runs over the heads of a call and over threads, and where a head
+//! falls back to the reference path.
+
+use ndarray::{ArrayView2, ArrayViewMut2, Axis, CowArray, Ix2};
+use rayon::prelude::*;
+
+use super::arch::{Arch, KernelElement};
+use super::direct::{self, Group, Partial};
+use super::fusable::{extent_of, fusable, Extent};
+use super::options::Parallelism;
+use super::pack::{PackedKeys, PackedValues};
+use super::params::{BC, BR, DIRECT_PART, PACKED_BYTES};
+use super::report::{self, Path};
+use super::rowwise;
+use super::tiled::{Block, Scratch};
+use crate::core::mask::Mask2;
+use crate::core::problem::Problem;
+
+/// The query heads that share one key/value head, and their outputs.
+pub(crate) struct KvGroup<'o, 'a, A> {
+    pub(crate) b: usize,
+    pub(crate) kv: usize,
+    pub(crate) outs: &'o mut [ArrayViewMut2<'a, A>],
+}
+
+/// Head `h` of batch `b` row by row, or by the reference path if its inputs need it.
+pub(crate) fn rowwise_head<A: KernelElement>(
+    problem: &Problem<'_, A>,
+    b: usize,
+    h: usize,
+    out: ArrayViewMut2<'_, A>,
+) {
+    let q = problem.query(b, h);
+    let (k, v) = problem.keys_values(b, problem.kv_head(h));
+    let masks = problem.block_masks(b, h);
+    if fusable(&q, &masks, problem.scale, extent_of(&k), extent_of(&v)) {
+        report::count(Path::Rowwise, 1);
+        rowwise::attend_head(q, k, v, &masks, problem.scale, out);
+    } else {
+        report::count(Path::Reference, 1);
+        problem.solve_head(b, h, Some(out), None);
+    }
+}
+
+/// Every group by the direct path, its keys cut into parts of [`DIRECT_PART`]
+/// that run in parallel; heads whose inputs need it then by the reference path.
+pub(crate) fn direct<A: KernelElement>(
+    problem: &Problem<'_, A>,
+    arch: Arch,
+    groups: &mut [KvGroup<'_, '_, A>],
+    parallelism: Parallelism,
+) {
+    let s = problem.k.dim().2;
+    let d_v = problem.v.dim().3;
+    let inputs: Vec<DirectInputs<'_, A>> = groups
+        .iter()
+        .map(|g| {
+            let heads = problem.query_heads(g.kv);
+            let (k, v) = problem.keys_values(g.b, g.kv);
+            DirectInputs {
+                queries: heads.clone().map(|h| problem.query(g.b, h)).collect(),
+                masks: heads.map(|h| problem.block_masks(g.b, h)).collect(),
+                keys: standard(k),
+                values: standard(v),
+            }
+        })
+        .collect();
+    let parts = s.div_ceil(DIRECT_PART); // S ≥ 1: smaller problems went row by row
+    let run = |task: usize| {
+        let (inputs, part) = (&inputs[task / parts], task % parts);
+        let (Some(keys), Some(values)) = (inputs.keys.as_slice(), inputs.values.as_slice()) else {
+            unreachable!("standard-layout arrays are slices")
+        };
+        let group = Group {
+            queries: &inputs.queries,
+            masks: &inputs.masks,
+            keys,
+            values,
+            s,
+            d_v,
+            scale: problem.scale,
+        };
+        let first = part * DIRECT_PART;
+        A::attend_part(arch, &group, first..(first + DIRECT_PART).min(s))
+    };
+    let tasks = 0..groups.len() * parts;
+    let partials: Vec<Partial<A>> = match parallelism {
+        Parallelism::Sequential => tasks.map(run).collect(),
+        Parallelism::Rayon => tasks.into_par_iter().map(run).collect(),
+    };
+    report::arch_used(arch.kind());
+    for (g, partials) in groups.iter_mut().zip(partials.chunks(parts)) {
+        let first_head = problem.query_heads(g.kv).start;
+        let bad = direct::finish(partials, g.outs);
+        report::count(Path::Direct, g.outs.len() - bad.len());
+        report::count(Path::Reference, bad.len());
+        for h in bad {
+            problem.solve_head(g.b, first_head + h, Some(g.outs[h].view_mut()), None);
+        }
+    }
+}
+
+/// `x` itself if it is in standard layout, else a standard-layout copy.
+fn standard<A: Clone>(x: ArrayView2<'_, A>) -> CowArray<'_, A, Ix2> {
+    if x.is_standard_layout() {
+        x.into()
+    } else {
+        x.as_standard_layout().into_owned().into()
+    }
+}
+
+/// One group's inputs to the direct path, keys and values in standard layout.
+struct DirectInputs<'p, A> {
+    queries: Vec<ArrayView2<'p, A>>,
+    masks: Vec<Vec<Mask2<'p, A>>>,
+    keys: CowArray<'p, A, Ix2>,
+    values: CowArray<'p, A, Ix2>,
+}
+
+/// Every group by the tiled kernel, packing as many key/value heads at a time as
+/// fit in [`PACKED_BYTES`] (but at least one per thread: a head of few query rows
+/// is only one task) and running all their blocks in one parallel region.
+pub(crate) fn tiled<A: KernelElement>(
+    problem: &Problem<'_, A>,
+    arch: Arch,
+    groups: &mut [KvGroup<'_, '_, A>],
+    parallelism: Parallelism,
+) {
+    let (s, d, d_v) = (problem.k.dim().2, problem.k.dim().3, problem.v.dim().3);
+    let packed_bytes = (s.next_multiple_of(BC) * (d + d_v)).max(1) * std::mem::size_of::<A>();
+    let threads = match parallelism {
+        Parallelism::Sequential => 1,
+        Parallelism::Rayon => rayon::current_num_threads(),
+    };
+    let per_wave = (PACKED_BYTES / packed_bytes).max(threads);
+    report::arch_used(arch.kind());
+    for wave in groups.chunks_mut(per_wave) {
+        tiled_wave(problem, arch, wave, parallelism);
+    }
+}
+
+/// Packed keys and values of one key/value head, and what the pre-check needs of them.
+struct Packed<A> {
+    keys: PackedKeys<A>,
+    values: PackedValues<A>,
+    key_extent: Extent<A>,
+    value_extent: Extent<A>,
+}
+
+/// One block of query rows and where its output goes.
+struct Task<'a, A> {
+    block: Block<'a, A>,
+    out: ArrayViewMut2<'a, A>,
+}
+
+fn tiled_wave<A: KernelElement>(
+    problem: &Problem<'_, A>,
+    arch: Arch,
+    wave: &mut [KvGroup<'_, '_, A>],
+    parallelism: Parallelism,
+) {
+    let nr = A::tile_width(arch);
+    let pack = |g: &KvGroup<'_, '_, A>| {
+        let (k, v) = problem.keys_values(g.b, g.kv);
+        Packed {
+            keys: PackedKeys::pack(&k, nr),
+            values: PackedValues::pack(&v, nr),
+            key_extent: extent_of(&k),
+            value_extent: extent_of(&v),
+        }
+    };
+    let packed: Vec<Packed<A>> = match parallelism {
+        Parallelism::Sequential => wave.iter().map(pack).collect(),
+        Parallelism::Rayon => wave.par_iter().map(pack).collect(),
+    };
+    let masks: Vec<Vec<Vec<Mask2<'_, A>>>> = wave
+        .iter()
+        .map(|g| {
+            problem
+                .query_heads(g.kv)
+                .map(|h| problem.block_masks(g.b, h))
+                .collect()
+        })
+        .collect();
+    let s = problem.k.dim().2;
+    let mut tasks = Vec::new();
+    for ((group, packed), masks) in wave.iter_mut().zip(&packed).zip(&masks) {
+        let b = group.b;
+        let query_heads = problem.query_heads(group.kv);
+        for ((h, out), masks) in query_heads.zip(group.outs.iter_mut()).zip(masks) {
+            let q = problem.query(b, h);
+            if !fusable(
+                &q,
+                masks,
+                problem.scale,
+                packed.key_extent,
+                packed.value_extent,
+            ) {
+                report::count(Path::Reference, 1);
+                problem.solve_head(b, h, Some(out.view_mut()), None);
+                continue;
+            }
+            report::count(Path::Tiled, 1);
+            let l = q.nrows();
+            for (c, chunk) in out.axis_chunks_iter_mut(Axis(0), BR).enumerate() {
+                let first_row = c * BR;
+                let block = Block {
+                    q: q.slice_move(ndarray::s![first_row..first_row + chunk.nrows(), ..]),
+                    first_row,
+                    l,
+                    s,
+                    keys: &packed.keys,
+                    values: &packed.values,
+                    masks,
+                    scale: problem.scale,
+                };
+                tasks.push(Task { block, out: chunk });
+            }
+        }
+    }
+    let (d, col_tiles) = (problem.k.dim().3, problem.v.dim().3.div_ceil(nr));
+    match parallelism {
+        Parallelism::Sequential => {
+            let mut scratch = Scratch::new(d, col_tiles, nr);
+            for task in tasks {
+                A::attend_block(arch, &task.block, &mut scratch, task.out);
+            }
+        }
+        Parallelism::Rayon => tasks.into_par_iter().for_each_init(
+            || Scratch::new(d, col_tiles, nr),
+            |scratch, task| A::attend_block(arch, &task.block, scratch, task.out),
+        ),
+    }
+}

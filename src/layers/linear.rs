@@ -1,0 +1,235 @@
+//! A learned affine map `y = x·W + b`, the building block of every projection.
+
+use ndarray::{Array1, Array2, Array3, ArrayRef2, ArrayRef3};
+
+use crate::element::Element;
+use crate::error::{Error, Result};
+
+/// Inputs of at most this many rows are multiplied row by row: a general matrix
+/// product would pack all of `W` for them (a decoding step projects one token).
+const ROW_BY_ROW_MAX_ROWS: usize = 4;
+
+/// A linear layer `y = x·W + b` with the weight stored `(in, out)`, optional bias.
+///
+/// Row vectors throughout, as in the rest of the crate. PyTorch's `nn.Linear`
+/// stores its weight `(out, in)`: pass `weight.t()` of it.
+///
+/// # Shapes
+///
+/// `weight: (in, out)`, `bias: (out,)`; `x: (n, in)` → `(n, out)`, batched
+/// `(B, n, in)` → `(B, n, out)`.
+///
+/// # Examples
+///
+/// ```
+/// use attn::Linear;
+/// use ndarray::array;
+///
+/// let layer = Linear::new(array![[1.0_f64, 0.0, 2.0], [0.0, 1.0, 0.0]]) // 2 → 3
+///     .with_bias(array![0.5, 0.5, 0.5])?;
+/// assert_eq!(layer.forward(&array![[1.0, 2.0]])?, array![[1.5, 2.5, 2.5]]);
+/// assert!(layer.forward(&array![[1.0, 2.0, 3.0]]).is_err()); // 3 wide, not 2
+/// # Ok::<(), attn::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Linear<A> {
+    weight: Array2<A>,
+    bias: Option<Array1<A>>,
+}
+
+impl<A: Element> Linear<A> {
+    /// A layer without bias from its weight `(in, out)`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let layer = attn::Linear::new(ndarray::Array2::<f32>::eye(4));
+    /// assert_eq!((layer.in_features(), layer.out_features()), (4, 4));
+    /// assert!(layer.bias().is_none());
+    /// ```
+    pub fn new(weight: Array2<A>) -> Self {
+        Linear { weight, bias: None }
+    }
+
+    /// Adds a bias `(out,)`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Shape`] when the bias is not `out` long.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::Linear;
+    /// use ndarray::{Array1, Array2};
+    ///
+    /// let w = Array2::<f64>::zeros((3, 2));
+    /// assert!(Linear::new(w.clone()).with_bias(Array1::ones(2)).is_ok());
+    /// assert!(Linear::new(w).with_bias(Array1::ones(3)).is_err());
+    /// ```
+    pub fn with_bias(self, bias: Array1<A>) -> Result<Self> {
+        self.with_bias_named("bias must be as long as the weight has columns", bias)
+    }
+
+    /// [`with_bias`](Self::with_bias), naming the bias in the error.
+    pub(crate) fn with_bias_named(mut self, what: &'static str, bias: Array1<A>) -> Result<Self> {
+        if bias.len() != self.out_features() {
+            return Err(Error::Shape {
+                what,
+                expected: vec![self.out_features()],
+                found: vec![bias.len()],
+            });
+        }
+        self.bias = Some(bias);
+        Ok(self)
+    }
+
+    /// The weight, `(in, out)`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let layer = attn::Linear::new(ndarray::Array2::<f64>::zeros((5, 2)));
+    /// assert_eq!(layer.weight().dim(), (5, 2));
+    /// ```
+    pub fn weight(&self) -> &Array2<A> {
+        &self.weight
+    }
+
+    /// The bias, `(out,)`, if there is one.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::{array, Array2};
+    ///
+    /// let layer = attn::Linear::new(Array2::<f64>::eye(2)).with_bias(array![1.0, 2.0])?;
+    /// assert_eq!(layer.bias(), Some(&array![1.0, 2.0]));
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn bias(&self) -> Option<&Array1<A>> {
+        self.bias.as_ref()
+    }
+
+    /// The width of the inputs (rows of the weight).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(attn::Linear::new(ndarray::Array2::<f32>::zeros((7, 3))).in_features(), 7);
+    /// ```
+    pub fn in_features(&self) -> usize {
+        self.weight.nrows()
+    }
+
+    /// The width of the outputs (columns of the weight).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(attn::Linear::new(ndarray::Array2::<f32>::zeros((7, 3))).out_features(), 3);
+    /// ```
+    pub fn out_features(&self) -> usize {
+        self.weight.ncols()
+    }
+
+    /// `x·W + b`.
+    ///
+    /// # Shapes
+    ///
+    /// `x: (n, in)` → `(n, out)`; any strides.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Shape`] when `x` is not `in` wide.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::{array, Array2};
+    ///
+    /// let double = attn::Linear::new(Array2::<f64>::eye(2) * 2.0);
+    /// assert_eq!(double.forward(&array![[1.0, -1.0]])?, array![[2.0, -2.0]]);
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn forward(&self, x: &ArrayRef2<A>) -> Result<Array2<A>> {
+        self.forward_named("input width must equal the weight's rows (in_features)", x)
+    }
+
+    /// [`forward`](Self::forward) on a batch.
+    ///
+    /// # Shapes
+    ///
+    /// `x: (B, n, in)` → `(B, n, out)`; any strides.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Shape`] when `x` is not `in` wide.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::{Array2, Array3};
+    ///
+    /// let layer = attn::Linear::new(Array2::<f32>::ones((4, 2)));
+    /// let y = layer.forward_batched(&Array3::ones((3, 5, 4)))?;
+    /// assert_eq!(y, Array3::from_elem((3, 5, 2), 4.0));
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn forward_batched(&self, x: &ArrayRef3<A>) -> Result<Array3<A>> {
+        self.forward_batched_named("input width must equal the weight's rows (in_features)", x)
+    }
+
+    /// [`forward`](Self::forward), naming the input in the error.
+    pub(crate) fn forward_named(&self, what: &'static str, x: &ArrayRef2<A>) -> Result<Array2<A>> {
+        self.check_width(what, x.shape())?;
+        let mut out = if x.nrows() <= ROW_BY_ROW_MAX_ROWS {
+            // rows of W scaled and summed: W is read once and never packed
+            let mut out = Array2::zeros((x.nrows(), self.out_features()));
+            for (mut out, x) in out.outer_iter_mut().zip(x.outer_iter()) {
+                for (&x, w) in x.iter().zip(self.weight.outer_iter()) {
+                    out.scaled_add(x, &w);
+                }
+            }
+            out
+        } else {
+            x.dot(&self.weight)
+        };
+        if let Some(b) = &self.bias {
+            out += b;
+        }
+        Ok(out)
+    }
+
+    /// [`forward_batched`](Self::forward_batched), naming the input in the error.
+    pub(crate) fn forward_batched_named(
+        &self,
+        what: &'static str,
+        x: &ArrayRef3<A>,
+    ) -> Result<Array3<A>> {
+        self.check_width(what, x.shape())?;
+        // every position alike: one product over the (B·n, in) rows
+        let (batch, n, width) = x.dim();
+        let rows = x
+            .to_shape((batch * n, width))
+            .expect("(B, n, in) holds B·n rows of in");
+        let out = self.forward_named(what, &rows)?;
+        Ok(out
+            .into_shape_with_order((batch, n, self.out_features()))
+            .expect("(B·n, out) holds B rows of n × out"))
+    }
+
+    fn check_width(&self, what: &'static str, shape: &[usize]) -> Result<()> {
+        let width = shape[shape.len() - 1];
+        if width == self.in_features() {
+            return Ok(());
+        }
+        let mut expected = shape.to_vec();
+        expected[shape.len() - 1] = self.in_features();
+        Err(Error::Shape {
+            what,
+            expected,
+            found: shape.to_vec(),
+        })
+    }
+}

@@ -1,0 +1,182 @@
+//! The weights of a multi-head attention layer, and the names of its four
+//! projections.
+
+use ndarray::{Array1, Array2};
+
+use super::config::MultiHeadConfig;
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::layers::linear::Linear;
+
+/// The weights of a [`MultiHeadAttention`], in the `(in, out)` layout:
+/// `Q = query·w_q + b_q`, `output = concat(heads)·w_o + b_o`.
+///
+/// # Shapes
+///
+/// `w_q: (d_model, d_model)`, `w_k: (kdim, kv_width)`, `w_v: (vdim, kv_width)`,
+/// `w_o: (d_model, d_model)`, where `kv_width = n_kv_heads · head_dim`; biases are as
+/// long as their weight's columns. PyTorch stores `(out, in)`: transpose its
+/// `q_proj_weight` (or the slices of `in_proj_weight`) and `out_proj.weight`.
+///
+/// # Examples
+///
+/// ```
+/// use attn::{MultiHeadConfig, MultiHeadWeights};
+/// use ndarray::Array2;
+///
+/// let eye = Array2::<f64>::eye(4);
+/// let weights = MultiHeadWeights {
+///     w_q: eye.clone(), w_k: eye.clone(), w_v: eye.clone(), w_o: eye,
+///     b_q: None, b_k: None, b_v: None, b_o: None,
+/// };
+/// let mha = MultiHeadConfig::new(4, 2).without_bias().with_weights(weights)?;
+/// assert_eq!(mha.weights().w_o.dim(), (4, 4));
+/// # Ok::<(), attn::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct MultiHeadWeights<A> {
+    /// Query projection `(d_model, d_model)`.
+    pub w_q: Array2<A>,
+    /// Key projection `(kdim, kv_width)`.
+    pub w_k: Array2<A>,
+    /// Value projection `(vdim, kv_width)`.
+    pub w_v: Array2<A>,
+    /// Output projection `(d_model, d_model)`.
+    pub w_o: Array2<A>,
+    /// Query bias `(d_model,)`.
+    pub b_q: Option<Array1<A>>,
+    /// Key bias `(kv_width,)`.
+    pub b_k: Option<Array1<A>>,
+    /// Value bias `(kv_width,)`.
+    pub b_v: Option<Array1<A>>,
+    /// Output bias `(d_model,)`.
+    pub b_o: Option<Array1<A>>,
+}
+
+/// One of the four projections of a [`MultiHeadAttention`](crate::MultiHeadAttention).
+///
+/// # Examples
+///
+/// ```
+/// use attn::{Init, MultiHeadConfig, Projection};
+///
+/// let mha = MultiHeadConfig::new(8, 2).with_kdim(3).random::<f32>(Init::XavierUniform, 0)?;
+/// assert_eq!(mha.projection(Projection::Key).weight().dim(), (3, 8));
+/// assert_eq!(Projection::ALL.len(), 4);
+/// # Ok::<(), attn::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Projection {
+    /// `W_Q`, `b_q`: `(d_model, d_model)`.
+    Query,
+    /// `W_K`, `b_k`: `(kdim, n_kv_heads·head_dim)`.
+    Key,
+    /// `W_V`, `b_v`: `(vdim, n_kv_heads·head_dim)`.
+    Value,
+    /// `W_O`, `b_o`: `(d_model, d_model)`.
+    Output,
+}
+
+impl Projection {
+    /// The four projections, in the order `Q, K, V, O`.
+    pub const ALL: [Projection; 4] = [
+        Projection::Query,
+        Projection::Key,
+        Projection::Value,
+        Projection::Output,
+    ];
+
+    /// The shape of this projection's weight, `(in, out)`.
+    fn shape(self, config: &MultiHeadConfig) -> (usize, usize) {
+        let (d, kv) = (config.d_model(), config.kv_width());
+        match self {
+            Projection::Query | Projection::Output => (d, d),
+            Projection::Key => (config.kdim(), kv),
+            Projection::Value => (config.vdim(), kv),
+        }
+    }
+
+    /// How a wrong weight is named in an error.
+    fn weight_role(self) -> &'static str {
+        match self {
+            Projection::Query => "w_q must be (d_model, d_model)",
+            Projection::Key => "w_k must be (kdim, n_kv_heads·head_dim)",
+            Projection::Value => "w_v must be (vdim, n_kv_heads·head_dim)",
+            Projection::Output => "w_o must be (d_model, d_model)",
+        }
+    }
+
+    /// How a wrong or missing bias is named in an error.
+    fn bias_role(self) -> &'static str {
+        match self {
+            Projection::Query => "b_q (shape [] means: no bias in this configuration)",
+            Projection::Key => "b_k (shape [] means: no bias in this configuration)",
+            Projection::Value => "b_v (shape [] means: no bias in this configuration)",
+            Projection::Output => "b_o (shape [] means: no bias in this configuration)",
+        }
+    }
+}
+
+impl<A: Element> MultiHeadWeights<A> {
+    /// The weight and bias of one projection.
+    fn take(&mut self, which: Projection) -> (Array2<A>, Option<Array1<A>>) {
+        let (w, b) = match which {
+            Projection::Query => (&mut self.w_q, &mut self.b_q),
+            Projection::Key => (&mut self.w_k, &mut self.b_k),
+            Projection::Value => (&mut self.w_v, &mut self.b_v),
+            Projection::Output => (&mut self.w_o, &mut self.b_o),
+        };
+        (std::mem::replace(w, Array2::zeros((0, 0))), b.take())
+    }
+
+    /// Checks every weight and bias against `config` and makes the four layers,
+    /// in the order of [`Projection::ALL`].
+    pub(crate) fn into_linears(mut self, config: &MultiHeadConfig) -> Result<[Linear<A>; 4]> {
+        let mut linears = Vec::with_capacity(4);
+        for which in Projection::ALL {
+            let (w, b) = self.take(which);
+            let (rows, cols) = which.shape(config);
+            if w.dim() != (rows, cols) {
+                return Err(Error::Shape {
+                    what: which.weight_role(),
+                    expected: vec![rows, cols],
+                    found: w.shape().to_vec(),
+                });
+            }
+            let linear = Linear::new(w);
+            linears.push(match (b, config.has_bias()) {
+                (Some(b), true) => linear.with_bias_named(which.bias_role(), b)?,
+                (None, false) => linear,
+                (b, _) => {
+                    return Err(Error::Shape {
+                        what: which.bias_role(),
+                        expected: if config.has_bias() {
+                            vec![cols]
+                        } else {
+                            vec![]
+                        },
+                        found: b.map(|b| vec![b.len()]).unwrap_or_default(),
+                    })
+                }
+            });
+        }
+        let [q, k, v, o] = <[Linear<A>; 4]>::try_from(linears)
+            .unwrap_or_else(|_| unreachable!("one layer per projection"));
+        Ok([q, k, v, o])
+    }
+
+    /// The weights of four layers, in the order of [`Projection::ALL`].
+    pub(crate) fn from_linears(linears: &[Linear<A>; 4]) -> Self {
+        let [q, k, v, o] = linears;
+        MultiHeadWeights {
+            w_q: q.weight().clone(),
+            w_k: k.weight().clone(),
+            w_v: v.weight().clone(),
+            w_o: o.weight().clone(),
+            b_q: q.bias().cloned(),
+            b_k: k.bias().cloned(),
+            b_v: v.bias().cloned(),
+            b_o: o.bias().cloned(),
+        }
+    }
+}
