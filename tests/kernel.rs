@@ -3,9 +3,60 @@
 
 mod common;
 
-use attn::{Kernel, Mask, Parallelism, ScaledDotProduct};
+use attn::{kernel_paths, Kernel, KernelArch, KernelPaths, Mask, Parallelism, ScaledDotProduct};
 use common::{max_abs_diff, pseudo_random, random2, random4};
 use ndarray::{s, Array2, Array4};
+
+/// A path through the kernel, as [`kernel_paths`] counts it.
+#[derive(Debug, Clone, Copy)]
+enum Path {
+    Tiled,
+    Direct,
+    Rowwise,
+    Reference,
+}
+
+/// The instruction set the fused paths must run with in this process: what
+/// `ATTN_KERNEL_ARCH` allows of what the CPU has.
+fn expected_arch() -> KernelArch {
+    let cap = std::env::var("ATTN_KERNEL_ARCH").unwrap_or_default();
+    #[cfg(target_arch = "x86_64")]
+    if cap != "portable" && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        return KernelArch::Avx2;
+    }
+    let _ = cap;
+    KernelArch::Portable
+}
+
+/// Runs `f`, asserting that `path` computed all of its `heads` heads (and the
+/// fused paths ran with [`expected_arch`]).
+fn served_by<R>(path: Path, heads: usize, f: impl FnOnce() -> R) -> R {
+    let (result, paths) = kernel_paths(f);
+    let mut expected = KernelPaths::default();
+    match path {
+        Path::Tiled => expected.tiled = heads,
+        Path::Direct => expected.direct = heads,
+        Path::Rowwise => expected.rowwise = heads,
+        Path::Reference => expected.reference = heads,
+    }
+    expected.arch = paths.arch;
+    assert_eq!(
+        paths, expected,
+        "expected {heads} heads on the {path:?} path"
+    );
+    if matches!(path, Path::Tiled | Path::Direct) {
+        assert_eq!(paths.arch, Some(expected_arch()));
+    }
+    result
+}
+
+#[test]
+fn the_kernels_run_with_the_instruction_set_the_environment_allows() {
+    let x = Array2::<f32>::ones((256, 64));
+    let (_, paths) = kernel_paths(|| attn::scaled_dot_product(&x, &x, &x));
+    assert_eq!(paths.arch, Some(expected_arch()));
+    println!("kernel instruction set: {:?}", expected_arch());
+}
 
 fn f32_of(x: &Array2<f64>) -> Array2<f32> {
     x.mapv(|a| a as f32)
@@ -50,10 +101,17 @@ fn assert_accuracy(
     let plain = with(Kernel::Plain)
         .forward(&q32, &k32, &v32)
         .expect("valid");
-    let fused = with(Kernel::Fused)
-        .forward(&q32, &k32, &v32)
-        .expect("valid");
-    let auto = with(Kernel::Auto).forward(&q32, &k32, &v32).expect("valid");
+    let fused = served_by(Path::Tiled, 1, || {
+        with(Kernel::Fused).forward(&q32, &k32, &v32)
+    })
+    .expect("valid");
+    let (auto, paths) = kernel_paths(|| with(Kernel::Auto).forward(&q32, &k32, &v32));
+    let auto = auto.expect("valid");
+    assert_eq!(
+        (paths.reference, paths.tiled + paths.direct + paths.rowwise),
+        (0, 1),
+        "Auto takes a fused path: {paths:?}"
+    );
     let e_plain = max_abs_diff(&f64_of(&plain), &reference);
     let floor = f32::EPSILON as f64 * reference.iter().fold(1.0_f64, |m, x| m.max(x.abs()));
     for (name, out) in [("fused", fused), ("auto", auto)] {
@@ -128,10 +186,10 @@ fn f64_fused_equals_reference_at_block_edges() {
                 .with_kernel(Kernel::Plain)
                 .forward(&q, &k, &v)
                 .expect("valid");
-            let fused = causal
-                .with_kernel(Kernel::Fused)
-                .forward(&q, &k, &v)
-                .expect("valid");
+            let fused = served_by(Path::Tiled, 1, || {
+                causal.with_kernel(Kernel::Fused).forward(&q, &k, &v)
+            })
+            .expect("valid");
             let e = max_abs_diff(&plain, &fused);
             assert!(e < 1e-14, "L={l} S={s}: {e:e}");
         }
@@ -147,13 +205,19 @@ fn fully_masked_rows_are_zero_on_every_path() {
     keep.row_mut(140).fill(false);
     let mut bias = Array2::zeros((l, s));
     bias.row_mut(70).fill(f64::NEG_INFINITY);
-    for kernel in [Kernel::Plain, Kernel::Fused, Kernel::Auto] {
-        let out = ScaledDotProduct::new()
-            .with_kernel(kernel)
-            .with_mask(Mask::keep(&keep))
-            .with_mask(Mask::bias(&bias))
-            .forward(&q, &k, &v)
-            .expect("valid");
+    for (kernel, path) in [
+        (Kernel::Plain, Path::Reference),
+        (Kernel::Fused, Path::Tiled),
+        (Kernel::Auto, Path::Tiled),
+    ] {
+        let out = served_by(path, 1, || {
+            ScaledDotProduct::new()
+                .with_kernel(kernel)
+                .with_mask(Mask::keep(&keep))
+                .with_mask(Mask::bias(&bias))
+                .forward(&q, &k, &v)
+        })
+        .expect("valid");
         for row in [0, 70, 140] {
             assert!(
                 out.row(row).iter().all(|&x| x == 0.0),
@@ -164,11 +228,13 @@ fn fully_masked_rows_are_zero_on_every_path() {
     }
     // L > S bottom-right: the first L − S queries see nothing
     let short = random2(40, 8, 7);
-    let out = ScaledDotProduct::new()
-        .with_kernel(Kernel::Fused)
-        .with_mask(Mask::CausalBottomRight)
-        .forward(&random2(100, 8, 8), &short, &short)
-        .expect("valid");
+    let out = served_by(Path::Tiled, 1, || {
+        ScaledDotProduct::new()
+            .with_kernel(Kernel::Fused)
+            .with_mask(Mask::CausalBottomRight)
+            .forward(&random2(100, 8, 8), &short, &short)
+    })
+    .expect("valid");
     assert!(out.slice(s![..60, ..]).iter().all(|&x| x == 0.0));
     assert!(out.slice(s![60.., ..]).iter().all(|&x| x != 0.0));
 }
@@ -178,12 +244,15 @@ fn huge_negative_bias_is_uniform_not_masked() {
     let (q, k, v) = (random2(130, 8, 9), random2(140, 8, 10), random2(140, 4, 11));
     let (q, k, v) = (f32_of(&q), f32_of(&k), f32_of(&v));
     let bias = Array2::from_elem((130, 140), f32::MIN);
+    // a bias this large could overflow a running sum: the fused kernel hands it over
     for kernel in [Kernel::Plain, Kernel::Fused] {
-        let out = ScaledDotProduct::new()
-            .with_kernel(kernel)
-            .with_mask(Mask::bias(&bias))
-            .forward(&q, &k, &v)
-            .expect("valid");
+        let out = served_by(Path::Reference, 1, || {
+            ScaledDotProduct::new()
+                .with_kernel(kernel)
+                .with_mask(Mask::bias(&bias))
+                .forward(&q, &k, &v)
+        })
+        .expect("valid");
         let mean = v.mean_axis(ndarray::Axis(0)).expect("non-empty");
         for row in out.rows() {
             for (x, m) in row.iter().zip(mean.iter()) {
@@ -204,11 +273,13 @@ fn non_finite_inputs_take_the_reference_path() {
     v[[7, 2]] = f64::INFINITY;
     let keep = Array2::from_shape_fn((200, 300), |(_, j)| j != 7);
     let masked = |kernel| {
-        ScaledDotProduct::new()
-            .with_kernel(kernel)
-            .with_mask(Mask::keep(&keep))
-            .forward(&q, &k, &v)
-            .expect("valid")
+        served_by(Path::Reference, 1, || {
+            ScaledDotProduct::new()
+                .with_kernel(kernel)
+                .with_mask(Mask::keep(&keep))
+                .forward(&q, &k, &v)
+        })
+        .expect("valid")
     };
     let (plain, fused) = (masked(Kernel::Plain), masked(Kernel::Fused));
     assert!(fused.row(5).iter().all(|x| x.is_nan()));
@@ -219,10 +290,14 @@ fn non_finite_inputs_take_the_reference_path() {
     assert!(max_abs_diff(&plain, &fused) < 1e-14);
     // scores that would overflow f32 inside the kernel
     let big = f32_of(&random2(150, 4, 15)) * 1e19;
-    let out = ScaledDotProduct::new()
-        .with_kernel(Kernel::Fused)
-        .forward(&big, &big, &f32_of(&random2(150, 4, 16)))
-        .expect("valid");
+    let out = served_by(Path::Reference, 1, || {
+        ScaledDotProduct::new().with_kernel(Kernel::Fused).forward(
+            &big,
+            &big,
+            &f32_of(&random2(150, 4, 16)),
+        )
+    })
+    .expect("valid");
     let plain = ScaledDotProduct::new()
         .with_kernel(Kernel::Plain)
         .forward(&big, &big, &f32_of(&random2(150, 4, 16)))
@@ -237,12 +312,12 @@ fn non_finite_inputs_take_the_reference_path() {
 #[test]
 fn threads_do_not_change_a_bit() {
     // 300 query rows take the tiled kernel, 3 the direct path (its 5000 keys in parts)
-    for (l, s) in [(300, 500), (3, 5000)] {
-        threads_do_not_change_a_bit_at(l, s);
+    for (l, s, path) in [(300, 500, Path::Tiled), (3, 5000, Path::Direct)] {
+        threads_do_not_change_a_bit_at(l, s, path);
     }
 }
 
-fn threads_do_not_change_a_bit_at(l: usize, s: usize) {
+fn threads_do_not_change_a_bit_at(l: usize, s: usize, path: Path) {
     let q = pseudo_random(&[2, 4, l, 64], 17).mapv(|x| x as f32);
     let kv = pseudo_random(&[2, 2, s, 64], 18).mapv(|x| x as f32);
     let (q, kv): (Array4<f32>, Array4<f32>) = (
@@ -250,11 +325,13 @@ fn threads_do_not_change_a_bit_at(l: usize, s: usize) {
         kv.into_dimensionality().expect("4-D"),
     );
     let run = |parallelism| {
-        ScaledDotProduct::new()
-            .with_parallelism(parallelism)
-            .with_mask(Mask::CausalBottomRight)
-            .forward_batched(&q, &kv, &kv)
-            .expect("valid")
+        served_by(path, 8, || {
+            ScaledDotProduct::new()
+                .with_parallelism(parallelism)
+                .with_mask(Mask::CausalBottomRight)
+                .forward_batched(&q, &kv, &kv)
+        })
+        .expect("valid")
     };
     let sequential = run(Parallelism::Sequential);
     assert_eq!(sequential, run(Parallelism::Rayon));
@@ -278,15 +355,18 @@ fn batched_grouped_query_fused_equals_reference() {
         .into_dimensionality()
         .expect("4-D");
     let padding = Array4::from_shape_fn((2, 1, 1, 150), |(b, _, _, j)| j < 150 - 40 * b);
-    let run = |kernel| {
-        ScaledDotProduct::new()
-            .with_kernel(kernel)
-            .with_mask(Mask::keep(&padding))
-            .with_mask(Mask::CausalTopLeft)
-            .forward_batched(&q, &k, &v)
-            .expect("valid")
+    let run = |kernel, path| {
+        served_by(path, 12, || {
+            ScaledDotProduct::new()
+                .with_kernel(kernel)
+                .with_mask(Mask::keep(&padding))
+                .with_mask(Mask::CausalTopLeft)
+                .forward_batched(&q, &k, &v)
+        })
+        .expect("valid")
     };
-    assert!(max_abs_diff(&run(Kernel::Plain), &run(Kernel::Fused)) < 1e-14);
+    let plain = run(Kernel::Plain, Path::Reference);
+    assert!(max_abs_diff(&plain, &run(Kernel::Fused, Path::Tiled)) < 1e-14);
 }
 
 #[test]
@@ -296,10 +376,12 @@ fn strided_inputs_on_the_fused_path() {
     let k = big.t();
     let k = k.slice(s![..;-1, 100..300]).reversed_axes(); // (200, 130) reversed rows
     let v = big.slice(s![100..300;1, 1..;3]);
-    let fused = ScaledDotProduct::new()
-        .with_kernel(Kernel::Fused)
-        .forward(&q, &k.slice(s![.., ..64]), &v)
-        .expect("valid");
+    let fused = served_by(Path::Tiled, 1, || {
+        ScaledDotProduct::new()
+            .with_kernel(Kernel::Fused)
+            .forward(&q, &k.slice(s![.., ..64]), &v)
+    })
+    .expect("valid");
     let owned = ScaledDotProduct::new()
         .with_kernel(Kernel::Fused)
         .forward(
@@ -326,7 +408,8 @@ fn row_by_row_path_equals_reference() {
         ];
         for m in &masks {
             let with = |kernel| attention(kernel, m);
-            let auto = with(Kernel::Auto).forward(&q, &k, &v).expect("valid");
+            let auto = served_by(Path::Rowwise, 1, || with(Kernel::Auto).forward(&q, &k, &v))
+                .expect("valid");
             let plain = with(Kernel::Plain).forward(&q, &k, &v).expect("valid");
             let e = max_abs_diff(&auto, &plain);
             assert!(e < 1e-14, "L={l} S={s} d={d}: {e:e}");
@@ -360,9 +443,10 @@ fn decode_path_equals_reference() {
         ];
         for m in &masks {
             let with = |kernel| attention(kernel, m);
-            let auto = with(Kernel::Auto)
-                .forward_batched(&q, &k, &v)
-                .expect("valid");
+            let auto = served_by(Path::Direct, 16, || {
+                with(Kernel::Auto).forward_batched(&q, &k, &v)
+            })
+            .expect("valid");
             let plain = with(Kernel::Plain)
                 .forward_batched(&q, &k, &v)
                 .expect("valid");
@@ -381,14 +465,16 @@ fn decode_path_non_finite_and_masked_garbage() {
     let q = random2(l, d, 50);
     let (k, v) = (random2(s, d, 51), random2(s, d, 52));
     let window = ScaledDotProduct::new().with_mask(Mask::SlidingWindow(64));
-    let clean = window.forward(&q, &k, &v).expect("valid");
+    let clean = served_by(Path::Direct, 1, || window.forward(&q, &k, &v)).expect("valid");
     let (mut k_bad, mut v_bad) = (k.clone(), v.clone());
     k_bad[[3, 5]] = f64::NAN;
     v_bad[[10, 0]] = f64::INFINITY;
-    assert_eq!(window.forward(&q, &k_bad, &v_bad).expect("valid"), clean);
+    let windowed = served_by(Path::Direct, 1, || window.forward(&q, &k_bad, &v_bad));
+    assert_eq!(windowed.expect("valid"), clean);
     for (k, v) in [(&k_bad, &v), (&k, &v_bad)] {
         let everywhere = ScaledDotProduct::new();
-        let auto = everywhere.forward(&q, k, v).expect("valid");
+        // the direct path sees the non-finite result and hands the head over
+        let auto = served_by(Path::Reference, 1, || everywhere.forward(&q, k, v)).expect("valid");
         let plain = everywhere
             .clone()
             .with_kernel(Kernel::Plain)
@@ -397,10 +483,12 @@ fn decode_path_non_finite_and_masked_garbage() {
         assert_eq!(auto.mapv(f64::is_nan), plain.mapv(f64::is_nan));
         assert!(auto.iter().any(|x| !x.is_finite()));
     }
+    // scores near 1e301: finite in f64, so the direct path keeps them
     let huge = k.mapv(|x| x * 1e300);
-    let auto = ScaledDotProduct::new()
-        .forward(&q, &huge, &v)
-        .expect("valid");
+    let auto = served_by(Path::Direct, 1, || {
+        ScaledDotProduct::new().forward(&q, &huge, &v)
+    })
+    .expect("valid");
     let plain = ScaledDotProduct::new()
         .with_kernel(Kernel::Plain)
         .forward(&q, &huge, &v)

@@ -92,19 +92,21 @@ impl Arch {
 /// `ATTN_KERNEL_ARCH`, read once per process.
 fn cap() -> std::result::Result<Cap, String> {
     static CAP: OnceLock<std::result::Result<Cap, String>> = OnceLock::new();
-    CAP.get_or_init(|| {
-        let value = std::env::var("ATTN_KERNEL_ARCH").unwrap_or_default();
-        match value.trim().to_ascii_lowercase().as_str() {
-            "" | "avx512" => Ok(Cap::Avx512),
-            "avx2" => Ok(Cap::Avx2),
-            "portable" => Ok(Cap::Portable),
-            _ => Err(format!(
-                "ATTN_KERNEL_ARCH={value:?} is not an instruction set the kernels know: \
-                 use portable, avx2 or avx512, or leave it unset"
-            )),
-        }
-    })
-    .clone()
+    CAP.get_or_init(|| parse_cap(&std::env::var("ATTN_KERNEL_ARCH").unwrap_or_default()))
+        .clone()
+}
+
+/// What a value of `ATTN_KERNEL_ARCH` allows (empty: everything).
+fn parse_cap(value: &str) -> std::result::Result<Cap, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "" | "avx512" => Ok(Cap::Avx512),
+        "avx2" => Ok(Cap::Avx2),
+        "portable" => Ok(Cap::Portable),
+        _ => Err(format!(
+            "ATTN_KERNEL_ARCH={value:?} is not an instruction set the kernels know: \
+             use portable, avx2 or avx512, or leave it unset"
+        )),
+    }
 }
 
 /// An element type with compiled kernels: what the kernel bodies need of it, and
@@ -177,6 +179,19 @@ kernel_element!(f64, attend_block_f64, attend_part_f64, 8, 4);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cap_is_read_from_its_name() {
+        assert_eq!(parse_cap(""), Ok(Cap::Avx512));
+        assert_eq!(parse_cap("portable"), Ok(Cap::Portable));
+        assert_eq!(parse_cap(" AVX2 "), Ok(Cap::Avx2));
+        assert_eq!(parse_cap("avx512"), Ok(Cap::Avx512));
+        let err = parse_cap("sse9").unwrap_err();
+        assert!(
+            err.contains("\"sse9\"") && err.contains("portable, avx2 or avx512"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn detection_honours_the_cap() {
