@@ -4,7 +4,7 @@
 mod common;
 
 use attn::{kernel_paths, Kernel, KernelArch, KernelPaths, Mask, Parallelism, ScaledDotProduct};
-use common::{max_abs_diff, pseudo_random, random2, random4};
+use common::{assert_close, max_abs_diff, pseudo_random, random2, random4};
 use ndarray::{s, Array2, Array4};
 
 /// A path through the kernel, as [`kernel_paths`] counts it.
@@ -287,7 +287,9 @@ fn non_finite_inputs_take_the_reference_path() {
         .iter()
         .enumerate()
         .all(|(i, x)| i / 8 == 5 || x.is_finite()));
-    assert!(max_abs_diff(&plain, &fused) < 1e-14);
+    // NaN rows in both: compared with NaN equal to NaN
+    let e = max_abs_diff(&plain, &fused);
+    assert!(e < 1e-14, "{e:e}");
     // scores that would overflow f32 inside the kernel
     let big = f32_of(&random2(150, 4, 15)) * 1e19;
     let out = served_by(Path::Reference, 1, || {
@@ -366,7 +368,7 @@ fn batched_grouped_query_fused_equals_reference() {
         .expect("valid")
     };
     let plain = run(Kernel::Plain, Path::Reference);
-    assert!(max_abs_diff(&plain, &run(Kernel::Fused, Path::Tiled)) < 1e-14);
+    assert_close(&plain, &run(Kernel::Fused, Path::Tiled), 1e-14);
 }
 
 #[test]
@@ -493,7 +495,7 @@ fn decode_path_non_finite_and_masked_garbage() {
         .with_kernel(Kernel::Plain)
         .forward(&q, &huge, &v)
         .expect("valid");
-    assert!(max_abs_diff(&auto, &plain) < 1e-12);
+    assert_close(&auto, &plain, 1e-12);
     let kt = k.t().to_owned();
     let strided = ScaledDotProduct::new()
         .forward(&q, &kt.t(), &v)

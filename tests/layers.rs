@@ -8,7 +8,9 @@ use attn::{
     scaled_dot_product, Error, Init, Mask, MultiHeadConfig, MultiHeadWeights, ProjectionShape,
     QkvProjection, ScaledDotProduct,
 };
-use common::{array2, array_f64, golden, max_abs_diff, random2, reference, RefCausal};
+use common::{
+    array2, array_f64, assert_close, golden, max_abs_diff, random2, reference, RefCausal,
+};
 use ndarray::{array, s, Array1, Array2, Array3, Axis};
 use rand::Rng;
 
@@ -91,8 +93,8 @@ fn self_attention_is_core_attention_on_projected_inputs() {
         None,
         RefCausal::TopLeft,
     );
-    assert!(max_abs_diff(&got.output, &want_out) < 1e-13);
-    assert!(max_abs_diff(&got.weights, &want_w) < 1e-13);
+    assert_close(&got.output, &want_out, 1e-13);
+    assert_close(&got.weights, &want_w, 1e-13);
     assert!(
         max_abs_diff(
             &proj.self_attention(&x, &causal).expect("valid"),
@@ -116,8 +118,16 @@ fn cross_attention_with_one_query_is_a_row_of_full_attention() {
         .cross_attention_with_weights(&cls, &keys_in, &values_in, &none)
         .expect("valid");
     assert_eq!(one.output.dim(), (1, 5));
-    assert!(max_abs_diff(&one.output, &full.output.slice(s![2..3, ..]).to_owned()) < 1e-14);
-    assert!(max_abs_diff(&one.weights, &full.weights.slice(s![2..3, ..]).to_owned()) < 1e-14);
+    assert_close(
+        &one.output,
+        &full.output.slice(s![2..3, ..]).to_owned(),
+        1e-14,
+    );
+    assert_close(
+        &one.weights,
+        &full.weights.slice(s![2..3, ..]).to_owned(),
+        1e-14,
+    );
     assert!(matches!(
         proj.cross_attention(&cls, &values_in, &values_in, &none),
         Err(Error::Shape { .. })
@@ -329,8 +339,8 @@ fn grouped_query_heads_equal_repeated_kv_projections() {
     let b = full
         .forward_with_weights(&x, &x, &x, &[Mask::CausalTopLeft])
         .expect("valid");
-    assert!(max_abs_diff(&a.output, &b.output) < 1e-13);
-    assert!(max_abs_diff(&a.head_weights, &b.head_weights) < 1e-13);
+    assert_close(&a.output, &b.output, 1e-13);
+    assert_close(&a.head_weights, &b.head_weights, 1e-13);
 }
 
 #[test]
@@ -389,7 +399,7 @@ fn sa_and_cat_by_hand() {
     let e = (1.0 / 2f64.sqrt()).exp();
     let (p, r) = (e / (e + 1.0), 1.0 / (e + 1.0));
     let want = array![[p, r], [r, p]];
-    assert!(max_abs_diff(&sa(&x).expect("valid"), &want) < 1e-15);
+    assert_close(&sa(&x).expect("valid"), &want, 1e-15);
     // CAT(Q, K, V) = softmax(SA(Q)·SA(K)ᵀ/√d_k)·SA(V), step by step
     let q = array![[2.0, 0.0]];
     let k = array![[1.0, 1.0], [0.0, -1.0], [0.5, 0.5]];
@@ -436,14 +446,14 @@ fn feature_map_by_hand() {
     let o = Array3::from_shape_fn((2, 2, 2), |(c, h, w)| {
         (0..4).map(|m| px(c, m) * a[[h * 2 + w, m]]).sum()
     });
-    assert!(max_abs_diff(&out.weights, &a) < 1e-15);
-    assert!(max_abs_diff(&out.output, &o) < 1e-15);
+    assert_close(&out.weights, &a, 1e-15);
+    assert_close(&out.output, &o, 1e-15);
     let gamma = 0.3;
     let residual = FeatureMapAttention::new()
         .with_residual(gamma)
         .forward(&x)
         .expect("valid");
-    assert!(max_abs_diff(&residual.output, &(&o * gamma + &x)) < 1e-15);
+    assert_close(&residual.output, &(&o * gamma + &x), 1e-15);
     // batched equals each map alone; no channels is an error
     let batch = ndarray::stack(Axis(0), &[x.view(), (&x * 2.0).view()]).expect("same shapes");
     let both = FeatureMapAttention::new()
@@ -484,7 +494,7 @@ fn projected_widths_may_be_non_square() {
     )
     .expect("valid");
     assert_eq!(out, want);
-    assert!(max_abs_diff(&out, &array2(&file["attention_rows"])) < 1e-12);
+    assert_close(&out, &array2(&file["attention_rows"]), 1e-12);
 }
 
 #[test]

@@ -4,7 +4,7 @@
 mod common;
 
 use attn::{attention_weights, scaled_dot_product, softmax_rows, Error, Mask, ScaledDotProduct};
-use common::{max_abs_diff, random2, random4, reference, RefCausal};
+use common::{assert_close, max_abs_diff, random2, random4, reference, RefCausal};
 use ndarray::{array, s, Array2, Array4, Axis};
 
 const SIZES: [usize; 6] = [0, 1, 2, 5, 17, 33];
@@ -134,8 +134,8 @@ fn shifting_every_score_of_a_row_changes_nothing() {
         .with_mask(Mask::bias(&shift))
         .forward_with_weights(&q, &k, &v)
         .expect("valid");
-    assert!(max_abs_diff(&plain.weights, &shifted.weights) < 1e-13);
-    assert!(max_abs_diff(&plain.output, &shifted.output) < 1e-13);
+    assert_close(&plain.weights, &shifted.weights, 1e-13);
+    assert_close(&plain.output, &shifted.output, 1e-13);
 }
 
 #[test]
@@ -146,7 +146,7 @@ fn permuting_keys_with_values_changes_nothing() {
     let v_perm = v.select(Axis(0), &order);
     let a = scaled_dot_product(&q, &k, &v).expect("valid");
     let b = scaled_dot_product(&q, &k_perm, &v_perm).expect("valid");
-    assert!(max_abs_diff(&a, &b) < 1e-14);
+    assert_close(&a, &b, 1e-14);
 }
 
 #[test]
@@ -288,7 +288,7 @@ fn trace_shows_every_step_consistently() {
     let full = attn.forward_with_weights(&q, &k, &v).expect("valid");
     assert_eq!(t.weights, full.weights);
     assert_eq!(t.output, full.output);
-    assert!(max_abs_diff(&t.scores, &q.dot(&k.t())) < 1e-15);
+    assert_close(&t.scores, &q.dot(&k.t()), 1e-15);
     assert_eq!(t.weights, softmax_rows(&t.scaled));
     for ((i, j), &x) in t.scaled.indexed_iter() {
         if keep[[i, j]] {

@@ -141,6 +141,22 @@ pub fn max_abs_diff<D: ndarray::Dimension>(
         .fold(0.0, f64::max)
 }
 
+/// Asserts that `got` equals `want` entry by entry within `epsilon` (approx's
+/// `abs_diff_eq`, which also requires equal shapes), reporting the largest
+/// difference when it does not.
+#[track_caller]
+pub fn assert_close<D: ndarray::Dimension>(
+    got: &ndarray::Array<f64, D>,
+    want: &ndarray::Array<f64, D>,
+    epsilon: f64,
+) {
+    assert!(
+        approx::abs_diff_eq!(got, want, epsilon = epsilon),
+        "largest difference {:e} exceeds {epsilon:e}",
+        max_abs_diff(got, want)
+    );
+}
+
 /// A deterministic pseudo-random array in [-2, 2), from a simple LCG.
 pub fn pseudo_random(shape: &[usize], seed: u64) -> ArrayD<f64> {
     let mut state = seed
