@@ -85,7 +85,7 @@ entry_points!(f64, 8, attend_block_f64, attend_part_f64);
 /// One micro-kernel body for both element types: `$ty` is the element,
 /// `$nr` the tile width, `$half` the lanes of one register.
 macro_rules! avx2_tiles {
-    ($ty:ty, $nr:literal, $half:literal, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
+    ($ty:ty, $nr:literal, $half:literal, $reg:ident, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
         impl Tiles<$ty, $nr> for Avx2 {
             #[inline(always)]
             fn score_tile(self, q: &[[$ty; MR]], k: &[[$ty; $nr]]) -> [[$ty; $nr]; MR] {
@@ -97,24 +97,11 @@ macro_rules! avx2_tiles {
                     let (q2, q_rest) = q.as_chunks::<2>();
                     let (k2, k_rest) = k.as_chunks::<2>();
                     for (qp, kp) in q2.iter().zip(k2) {
-                        for u in 0..2 {
-                            let k0 = $load(kp[u].as_ptr());
-                            let k1 = $load(kp[u].as_ptr().add($half));
-                            for i in 0..MR {
-                                let a = $splat(qp[u][i]);
-                                acc[i][0] = $fma(a, k0, acc[i][0]);
-                                acc[i][1] = $fma(a, k1, acc[i][1]);
-                            }
-                        }
+                        rank1(&mut acc, qp[0], &kp[0]);
+                        rank1(&mut acc, qp[1], &kp[1]);
                     }
                     for (qp, kp) in q_rest.iter().zip(k_rest) {
-                        let k0 = $load(kp.as_ptr());
-                        let k1 = $load(kp.as_ptr().add($half));
-                        for i in 0..MR {
-                            let a = $splat(qp[i]);
-                            acc[i][0] = $fma(a, k0, acc[i][0]);
-                            acc[i][1] = $fma(a, k1, acc[i][1]);
-                        }
+                        rank1(&mut acc, *qp, kp);
                     }
                     let mut out = [[0.0; $nr]; MR];
                     for i in 0..MR {
@@ -136,29 +123,17 @@ macro_rules! avx2_tiles {
             ) {
                 // SAFETY: as in `score_tile`.
                 unsafe {
+                    let weights = |j: usize| std::array::from_fn(|i| p[i][j]);
                     let mut acc = [[$zero(); 2]; MR];
                     let keys = keys.min(BC);
                     // two keys per trip: half the loop overhead
                     for pair in 0..keys / 2 {
-                        for j in [2 * pair, 2 * pair + 1] {
-                            let v0 = $load(v[j].as_ptr());
-                            let v1 = $load(v[j].as_ptr().add($half));
-                            for i in 0..MR {
-                                let a = $splat(p[i][j]);
-                                acc[i][0] = $fma(a, v0, acc[i][0]);
-                                acc[i][1] = $fma(a, v1, acc[i][1]);
-                            }
-                        }
+                        let j = 2 * pair;
+                        rank1(&mut acc, weights(j), &v[j]);
+                        rank1(&mut acc, weights(j + 1), &v[j + 1]);
                     }
                     if keys % 2 == 1 {
-                        let j = keys - 1;
-                        let v0 = $load(v[j].as_ptr());
-                        let v1 = $load(v[j].as_ptr().add($half));
-                        for i in 0..MR {
-                            let a = $splat(p[i][j]);
-                            acc[i][0] = $fma(a, v0, acc[i][0]);
-                            acc[i][1] = $fma(a, v1, acc[i][1]);
-                        }
+                        rank1(&mut acc, weights(keys - 1), &v[keys - 1]);
                     }
                     for i in 0..MR {
                         let a = $splat(alpha[i]);
@@ -243,17 +218,39 @@ macro_rules! avx2_dots {
 /// Both kernels' intrinsics for one element type: `$nr` columns per tile row,
 /// `$half` lanes per register, `$regs` registers per `LANES`.
 macro_rules! avx2_kernels {
-    ($ty:ty, $nr:literal, $half:literal, $regs:literal, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
-        avx2_tiles!($ty, $nr, $half, $zero, $load, $store, $splat, $fma);
-        avx2_dots!($ty, $regs, $half, $zero, $load, $store, $splat, $fma);
+    ($module:ident, $ty:ty, $nr:literal, $half:literal, $regs:literal, $reg:ident, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
+        mod $module {
+            use super::*;
+
+            /// One rank-1 update of the tile: `acc[i] += a[i] · row` for every row `i`.
+            ///
+            /// # Safety
+            ///
+            /// The CPU must support AVX2 and FMA.
+            #[inline(always)]
+            unsafe fn rank1(acc: &mut [[$reg; 2]; MR], a: [$ty; MR], row: &[$ty; $nr]) {
+                let r0 = $load(row.as_ptr());
+                let r1 = $load(row.as_ptr().add($half));
+                for i in 0..MR {
+                    let s = $splat(a[i]);
+                    acc[i][0] = $fma(s, r0, acc[i][0]);
+                    acc[i][1] = $fma(s, r1, acc[i][1]);
+                }
+            }
+
+            avx2_tiles!($ty, $nr, $half, $reg, $zero, $load, $store, $splat, $fma);
+            avx2_dots!($ty, $regs, $half, $zero, $load, $store, $splat, $fma);
+        }
     };
 }
 
 avx2_kernels!(
+    f32s,
     f32,
     16,
     8,
     1,
+    __m256,
     _mm256_setzero_ps,
     _mm256_loadu_ps,
     _mm256_storeu_ps,
@@ -261,10 +258,12 @@ avx2_kernels!(
     _mm256_fmadd_ps
 );
 avx2_kernels!(
+    f64s,
     f64,
     8,
     4,
     2,
+    __m256d,
     _mm256_setzero_pd,
     _mm256_loadu_pd,
     _mm256_storeu_pd,
