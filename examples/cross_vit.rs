@@ -1,4 +1,4 @@
-//! Seed 001, cross-attention in CrossViT (arXiv 2103.14899): two branches of patch
+//! Cross-attention in CrossViT (arXiv 2103.14899): two branches of patch
 //! tokens of different sizes; the CLS token of the large-patch branch is the one
 //! query of a multi-head cross-attention over the small-patch branch. Then the
 //! cost claim: one query costs O(N), all-to-all attention O(N²), measured as N doubles.

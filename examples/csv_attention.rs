@@ -1,4 +1,4 @@
-//! Seed 002: attention whose data and weight matrices come from CSV files. The
+//! Attention whose data and weight matrices come from CSV files. The
 //! learning data are min–max normalised (×2), thresholded and used as the weights
 //! (`W_Q = value_dataᵀ`, `W_K = query_dataᵀ`, `W_V = key_dataᵀ`); each validation
 //! file (10 NORMAL, 10 ERROR(A), 10 ERROR(B) rows) goes through attention, and the
@@ -133,7 +133,7 @@ pub struct Attended {
     pub attention: Array2<f64>,
 }
 
-/// Runs the seed's computation on the files in `data`.
+/// Runs the whole pipeline on the files in `data`.
 pub fn csv_attention(data: &Path) -> Result<Vec<Attended>, Box<dyn std::error::Error>> {
     let files = [("btY1", "query"), ("snY2", "key"), ("gmY3", "value")];
     let mut learned = Vec::new();
@@ -148,7 +148,7 @@ pub fn csv_attention(data: &Path) -> Result<Vec<Attended>, Box<dyn std::error::E
             )
             .into());
         }
-        // the seed's threshold for learning data: below 0.5 → 0, else squared
+        // the threshold for learning data: below 0.5 → 0, else squared
         let w = normalise(&table.features, range).mapv(|v| if v < 0.5 { 0.0 } else { v * v });
         learned.push(w);
         ranges.push(range);
@@ -162,7 +162,7 @@ pub fn csv_attention(data: &Path) -> Result<Vec<Attended>, Box<dyn std::error::E
     let mut results = Vec::new();
     for ((name, _), range) in files.into_iter().zip(ranges) {
         let table = read_table(&data.join(format!("valid_{name}.csv")))?;
-        // the seed's threshold for validation data: below 0.3 → 0
+        // the threshold for validation data: below 0.3 → 0
         let words = normalise(&table.features, range).mapv(|v| if v < 0.3 { 0.0 } else { v });
         let attention = projection.self_attention(&words, &ScaledDotProduct::new())?;
         results.push(Attended {
@@ -212,7 +212,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             result.attention.ncols(),
             path.display()
         );
-        // the seed reads the classes apart by the signs of their blocks; here:
+        // the classes are told apart by the signs of their blocks; here:
         // each class's mean row, and the signs of its difference from NORMAL's
         let mean_of = |class: &str| {
             let rows: Vec<usize> = (0..result.classes.len())

@@ -1,4 +1,4 @@
-//! Seed 000, self-attention over an image feature map (SAGAN): a 2×2 map with 2
+//! Self-attention over an image feature map (SAGAN): a 2×2 map with 2
 //! channels, `S = XᵀX`, `A = softmax(S)` row by row, `o = X·Aᵀ`. It shows which
 //! input pixels each output pixel mixes, with real values instead of symbols.
 //!

@@ -1,4 +1,4 @@
-//! Seed 004, attention from scratch with four words: `W` drawn as the script draws
+//! Attention from scratch with four words: `W` drawn as the script draws
 //! it (`numpy.random.seed(42)`, `randint(3, size=(4, 3))` three times), every step
 //! printed, and the difference between the script's whole-matrix softmax and the
 //! row-wise softmax of real attention.

@@ -1,4 +1,4 @@
-//! Seed 003, "Tokyo is beautiful": self-attention over three tokens, step by step,
+//! "Tokyo is beautiful": self-attention over three tokens, step by step,
 //! with `W_Q, W_K, W_V` drawn exactly as the notebook draws them
 //! (`torch.manual_seed(42)`, then `torch.randn(4, 4)` three times).
 //!

@@ -74,7 +74,7 @@ pub fn cat<A: Element>(q: &ArrayRef2<A>, k: &ArrayRef2<A>, v: &ArrayRef2<A>) -> 
     scaled_dot_product(&sa(q)?, &sa(k)?, &sa(v)?)
 }
 
-/// Self-attention over the pixels of an image feature map, as in SAGAN (seed 000):
+/// Self-attention over the pixels of an image feature map, as in SAGAN:
 /// no projections and no scaling.
 ///
 /// The map `x: (C, H, W)` is read as `X: (C, N)` with `N = H·W` pixels (pixel
