@@ -29,7 +29,7 @@ mod rowwise;
 mod run;
 mod tiled;
 
-use ndarray::ArrayViewMut4;
+use ndarray::{ArrayViewMut4, Axis};
 
 pub use arch::KernelArch;
 pub use options::{Kernel, Parallelism};
@@ -99,6 +99,12 @@ fn choose_path<A: KernelElement>(
     }
     let rowwise = kernel == Kernel::Auto && l * s * (d + d_v) <= ROWWISE_MAX_WORK;
     let direct = kernel == Kernel::Auto && l <= DIRECT_MAX_ROWS;
+    if rowwise && batch * heads == 1 {
+        // one small head, the common 2-D call: no bookkeeping at all
+        let out = out.index_axis_move(Axis(0), 0).index_axis_move(Axis(0), 0);
+        run::rowwise_head(problem, 0, 0, out);
+        return Ok(());
+    }
     // one output per (batch, query head), in that order
     let outs = out
         .into_outer_iter_mut()

@@ -3,9 +3,8 @@
 
 use ndarray::{ArrayView2, ArrayViewMut2};
 
-use super::float::{KernelFloat, Separate};
-use super::online::{inverse_total, softmax_update};
-use super::params::LANES;
+use super::float::KernelFloat;
+use super::online::{exp_and_sum_with, inverse_total, row_max, shift_of};
 use crate::core::mask::{apply_row, Mask2};
 
 /// One head: `out = softmax(QKᵀ·scale + masks)·V`, for finite inputs.
@@ -27,17 +26,16 @@ pub(crate) fn attend_head<A: KernelFloat>(
     let (Some(q), Some(k), Some(v)) = (q.as_slice(), k.as_slice(), v.as_slice()) else {
         unreachable!("standard-layout arrays are slices")
     };
-    // the scores padded with −∞ to whole lanes; small heads keep them on the stack
-    let width = s.next_multiple_of(LANES);
+    // small heads keep their scratch on the stack
     let mut on_stack = [A::zero(); 64];
     let mut on_heap = Vec::new();
-    let buffer = if width + d_v <= on_stack.len() {
-        &mut on_stack[..width + d_v]
+    let buffer = if s + d_v <= on_stack.len() {
+        &mut on_stack[..s + d_v]
     } else {
-        on_heap.resize(width + d_v, A::zero());
+        on_heap.resize(s + d_v, A::zero());
         &mut on_heap[..]
     };
-    let (scores, row) = buffer.split_at_mut(width);
+    let (scores, row) = buffer.split_at_mut(s);
     for (i, query) in q.chunks_exact(d).enumerate() {
         for (score, key) in scores.iter_mut().zip(k.chunks_exact(d)) {
             *score = query
@@ -45,10 +43,11 @@ pub(crate) fn attend_head<A: KernelFloat>(
                 .zip(key)
                 .fold(A::zero(), |acc, (&a, &b)| acc + a * scale * b);
         }
-        apply_row(masks, i, l, s, 0, &mut scores[..s]);
-        scores[s..].fill(A::neg_infinity());
-        let (mut max, mut total) = (A::neg_infinity(), A::zero());
-        softmax_update::<A, Separate, LANES>(scores, &mut max, &mut total);
+        apply_row(masks, i, l, s, 0, scores);
+        // the whole row is one block: no running state to rescale; too short to
+        // vectorise, so the standard library's exp
+        let shift = shift_of(row_max::<A, 1>(scores));
+        let total = exp_and_sum_with::<A, 1>(scores, shift, A::exp);
         row.fill(A::zero());
         for (&p, value) in scores.iter().zip(v.chunks_exact(d_v)) {
             for (o, &x) in row.iter_mut().zip(value) {

@@ -132,37 +132,35 @@ impl<A: Element> MultiHeadWeights<A> {
     /// Checks every weight and bias against `config` and makes the four layers,
     /// in the order of [`Projection::ALL`].
     pub(crate) fn into_linears(mut self, config: &MultiHeadConfig) -> Result<[Linear<A>; 4]> {
-        let mut linears = Vec::with_capacity(4);
-        for which in Projection::ALL {
-            let (w, b) = self.take(which);
-            let (rows, cols) = which.shape(config);
-            if w.dim() != (rows, cols) {
-                return Err(Error::Shape {
-                    what: which.weight_role(),
-                    expected: vec![rows, cols],
-                    found: w.shape().to_vec(),
-                });
-            }
-            let linear = Linear::new(w);
-            linears.push(match (b, config.has_bias()) {
-                (Some(b), true) => linear.with_bias_named(which.bias_role(), b)?,
-                (None, false) => linear,
-                (b, _) => {
-                    return Err(Error::Shape {
-                        what: which.bias_role(),
-                        expected: if config.has_bias() {
-                            vec![cols]
-                        } else {
-                            vec![]
-                        },
-                        found: b.map(|b| vec![b.len()]).unwrap_or_default(),
-                    })
-                }
+        Ok([
+            self.linear(Projection::Query, config)?,
+            self.linear(Projection::Key, config)?,
+            self.linear(Projection::Value, config)?,
+            self.linear(Projection::Output, config)?,
+        ])
+    }
+
+    /// One projection's layer, its weight and bias checked against `config`.
+    fn linear(&mut self, which: Projection, config: &MultiHeadConfig) -> Result<Linear<A>> {
+        let (w, b) = self.take(which);
+        let (rows, cols) = which.shape(config);
+        if w.dim() != (rows, cols) {
+            return Err(Error::Shape {
+                what: which.weight_role(),
+                expected: vec![rows, cols],
+                found: w.shape().to_vec(),
             });
         }
-        let [q, k, v, o] = <[Linear<A>; 4]>::try_from(linears)
-            .unwrap_or_else(|_| unreachable!("one layer per projection"));
-        Ok([q, k, v, o])
+        let linear = Linear::new(w);
+        match (b, config.has_bias()) {
+            (Some(b), true) => linear.with_bias_named(which.bias_role(), b),
+            (None, false) => Ok(linear),
+            (b, has_bias) => Err(Error::Shape {
+                what: which.bias_role(),
+                expected: if has_bias { vec![cols] } else { vec![] },
+                found: b.map(|b| vec![b.len()]).unwrap_or_default(),
+            }),
+        }
     }
 
     /// The weights of four layers, in the order of [`Projection::ALL`].
