@@ -65,5 +65,6 @@ pub use layers::multi_head::{
 pub use layers::parameter_free;
 pub use layers::projection::{ProjectionShape, QkvProjection};
 pub use sdpa::{
-    attention_weights, scaled_dot_product, AttentionOutput, AttentionTrace, ScaledDotProduct,
+    attention_weights, scaled_dot_product, AttentionGradients, AttentionOutput, AttentionTrace,
+    ScaledDotProduct,
 };

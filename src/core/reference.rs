@@ -72,20 +72,32 @@ pub(crate) fn attend_head<A: Element>(
 }
 
 /// `weights · V`, where positions with a `−∞` score are never read.
-///
-/// The matrix product is exact whenever `V` is finite. A row that comes out
-/// non-finite is summed again over its attended positions only, so a NaN or
-/// infinity in a masked-out value row cannot leak in through `0 · NaN`.
 pub(crate) fn weighted_values<A: Element>(head: &Head<A>, v: ArrayView2<'_, A>) -> Array2<A> {
-    let mut output = head.weights.dot(&v);
-    for (i, mut row) in output.rows_mut().into_iter().enumerate() {
-        if row.iter().all(|x| x.is_finite()) {
+    masked_product(head.weights.view(), v, |i, j| {
+        head.scaled[[i, j]] != A::neg_infinity()
+    })
+}
+
+/// `coeffs · rows`, where the coefficient `(i, j)` is 0 unless `attended(i, j)`,
+/// and row `j` of `rows` is then never read.
+///
+/// The matrix product is exact whenever `rows` is finite. A result row that
+/// comes out non-finite is summed again over its attended positions only, so a
+/// NaN or infinity in a masked-out row cannot leak in through `0 · NaN`.
+pub(crate) fn masked_product<A: Element>(
+    coeffs: ArrayView2<'_, A>,
+    rows: ArrayView2<'_, A>,
+    attended: impl Fn(usize, usize) -> bool,
+) -> Array2<A> {
+    let mut output = coeffs.dot(&rows);
+    for (i, mut out) in output.rows_mut().into_iter().enumerate() {
+        if out.iter().all(|x| x.is_finite()) {
             continue;
         }
-        row.fill(A::zero());
-        for (j, value) in v.rows().into_iter().enumerate() {
-            if head.scaled[[i, j]] != A::neg_infinity() {
-                row.scaled_add(head.weights[[i, j]], &value);
+        out.fill(A::zero());
+        for (j, row) in rows.rows().into_iter().enumerate() {
+            if attended(i, j) {
+                out.scaled_add(coeffs[[i, j]], &row);
             }
         }
     }

@@ -31,11 +31,17 @@ fn leaves<'v>(v: &'v Value, out: &mut Vec<&'v Value>) {
     }
 }
 
-/// A nested JSON list of numbers as an array of any dimension.
+/// A nested JSON list of numbers as an array of any dimension (the strings
+/// `"-inf"` and `"inf"` stand for the infinities).
 pub fn array_f64(v: &Value) -> ArrayD<f64> {
     let mut flat = Vec::new();
     leaves(v, &mut flat);
-    let data = flat.iter().map(|x| x.as_f64().expect("a number")).collect();
+    let number = |x: &Value| match x.as_str() {
+        Some("-inf") => f64::NEG_INFINITY,
+        Some("inf") => f64::INFINITY,
+        _ => x.as_f64().expect("a number"),
+    };
+    let data = flat.iter().map(|x| number(x)).collect();
     ArrayD::from_shape_vec(IxDyn(&shape_of(v)), data).expect("a rectangular list")
 }
 

@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 
-/// The sizes of a [`MultiHeadAttention`]: required ones in [`new`](Self::new),
+/// The sizes of a [`MultiHeadAttention`](crate::MultiHeadAttention): required ones in [`new`](Self::new),
 /// optional ones with `with_*`, then one call that checks them and builds.
 ///
 /// # Examples

@@ -8,7 +8,7 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layers::linear::Linear;
 
-/// The weights of a [`MultiHeadAttention`], in the `(in, out)` layout:
+/// The weights of a [`MultiHeadAttention`](crate::MultiHeadAttention), in the `(in, out)` layout:
 /// `Q = query·w_q + b_q`, `output = concat(heads)·w_o + b_o`.
 ///
 /// # Shapes

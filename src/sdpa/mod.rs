@@ -1,6 +1,10 @@
 //! Scaled dot-product attention, `softmax(QKᵀ/√d_k)·V`: the readable reference path.
 
+mod backward;
+
 use ndarray::{Array2, Array4, ArrayRef2, ArrayRef4, Dimension, Ix2, Ix4};
+
+pub use backward::AttentionGradients;
 
 use crate::core::mask::Mask;
 use crate::core::problem::{lift_mut, Problem};
@@ -31,12 +35,12 @@ use crate::kernel::{self, Kernel, Parallelism};
 ///
 /// # Errors
 ///
-/// Every call returns an [`Error`] rather than panicking when `d_k` differs between
-/// `q` and `k` ([`Error::QueryKeyWidth`]), `k` and `v` hold different numbers of
-/// positions ([`Error::KeyValueLength`]), batch or head sizes disagree
-/// ([`Error::BatchShape`], [`Error::HeadGroups`]), a mask does not broadcast
-/// ([`Error::MaskShape`]), the scale is zero or not finite ([`Error::InvalidScale`]),
-/// or `d_k = 0` ([`Error::ZeroWidth`]).
+/// Every call returns an [`Error`](crate::Error) rather than panicking when `d_k` differs between
+/// `q` and `k` ([`Error::QueryKeyWidth`](crate::Error::QueryKeyWidth)), `k` and `v` hold different numbers of
+/// positions ([`Error::KeyValueLength`](crate::Error::KeyValueLength)), batch or head sizes disagree
+/// ([`Error::BatchShape`](crate::Error::BatchShape), [`Error::HeadGroups`](crate::Error::HeadGroups)), a mask does not broadcast
+/// ([`Error::MaskShape`](crate::Error::MaskShape)), the scale is zero or not finite ([`Error::InvalidScale`](crate::Error::InvalidScale)),
+/// or `d_k = 0` ([`Error::ZeroWidth`](crate::Error::ZeroWidth)).
 ///
 /// # Examples
 ///
@@ -149,7 +153,7 @@ impl<'m, A: Element> ScaledDotProduct<'m, A> {
     /// Multiplies the scores by `scale` instead of `1/√d_k`.
     ///
     /// The scale is checked when attention is computed: zero, NaN or infinity
-    /// is an [`Error::InvalidScale`] then.
+    /// is an [`Error::InvalidScale`](crate::Error::InvalidScale) then.
     ///
     /// # Examples
     ///
@@ -474,9 +478,9 @@ impl<'m, A: Element> ScaledDotProduct<'m, A> {
 ///
 /// # Errors
 ///
-/// [`Error::QueryKeyWidth`] when `q` and `k` differ in `d_k`,
-/// [`Error::KeyValueLength`] when `k` and `v` differ in `S`, and
-/// [`Error::ZeroWidth`] when `d_k = 0`.
+/// [`Error::QueryKeyWidth`](crate::Error::QueryKeyWidth) when `q` and `k` differ in `d_k`,
+/// [`Error::KeyValueLength`](crate::Error::KeyValueLength) when `k` and `v` differ in `S`, and
+/// [`Error::ZeroWidth`](crate::Error::ZeroWidth) when `d_k = 0`.
 ///
 /// # Examples
 ///
@@ -508,8 +512,8 @@ pub fn scaled_dot_product<A: Element>(
 ///
 /// # Errors
 ///
-/// [`Error::QueryKeyWidth`] when `q` and `k` differ in `d_k`, and
-/// [`Error::ZeroWidth`] when `d_k = 0`.
+/// [`Error::QueryKeyWidth`](crate::Error::QueryKeyWidth) when `q` and `k` differ in `d_k`, and
+/// [`Error::ZeroWidth`](crate::Error::ZeroWidth) when `d_k = 0`.
 ///
 /// # Examples
 ///

@@ -1,0 +1,171 @@
+//! Gradients through scaled dot-product attention: the backward pass.
+
+use ndarray::{Array, Array2, Array4, ArrayRef2, ArrayRef4, Axis, Dimension, Ix2, Ix4};
+
+use super::ScaledDotProduct;
+use crate::core::backward::Gradients;
+use crate::core::problem::{lift, Problem};
+use crate::element::Element;
+use crate::error::{Error, Result};
+
+/// The gradients of a loss with respect to attention's inputs `q`, `k` and `v`,
+/// given its gradient with respect to the output.
+///
+/// # Shapes
+///
+/// Each field has the shape of its input. 2-D (`D = Ix2`): `q: (L, d_k)`,
+/// `k: (S, d_k)`, `v: (S, d_v)`. Batched (`D = Ix4`): `q: (batch, heads, L, d_k)`,
+/// `k: (batch, kv_heads, S, d_k)`, `v: (batch, kv_heads, S, d_v)`; with grouped-query
+/// heads, `k` and `v` are summed over the query heads that share each key/value head.
+///
+/// # Examples
+///
+/// ```
+/// use attn::ScaledDotProduct;
+/// use ndarray::{array, Array2};
+///
+/// let x = array![[1.0_f64, 0.0], [0.0, 1.0]];
+/// let d_out = Array2::ones((2, 2)); // loss = sum of the output
+/// let g = ScaledDotProduct::new().backward(&x, &x, &x, &d_out)?;
+/// // every output row is a convex combination of V's rows: d(sum)/dV counts each key's weight
+/// assert!((g.v.sum() - 4.0).abs() < 1e-15);
+/// assert_eq!(g.q.dim(), (2, 2));
+/// # Ok::<(), attn::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionGradients<A, D: Dimension> {
+    /// `∂loss/∂q`.
+    pub q: Array<A, D>,
+    /// `∂loss/∂k`.
+    pub k: Array<A, D>,
+    /// `∂loss/∂v`.
+    pub v: Array<A, D>,
+}
+
+impl<A: Element> ScaledDotProduct<'_, A> {
+    /// The gradients of a loss with respect to `q`, `k` and `v`, given
+    /// `d_out = ∂loss/∂output` of [`forward`](Self::forward) with the same scale and
+    /// masks.
+    ///
+    /// With `P` the attention weights: `dV = Pᵀ·dO`, `dS = P ∘ (dO·Vᵀ − rowsum(dO ∘ O))`,
+    /// `dQ = scale·dS·K`, `dK = scale·dSᵀ·Q`. A query that sees no key gets a zero
+    /// gradient and contributes nothing to `dK` and `dV`; masked positions are never
+    /// read.
+    ///
+    /// Computed by the readable reference path, which holds one head's `L × S`
+    /// weights in memory at a time.
+    ///
+    /// # Shapes
+    ///
+    /// `q: (L, d_k)`, `k: (S, d_k)`, `v: (S, d_v)`, `d_out: (L, d_v)` → gradients
+    /// shaped like `q`, `k`, `v`.
+    ///
+    /// # Errors
+    ///
+    /// The errors of [`forward`](Self::forward), and [`Error::Shape`] when `d_out`
+    /// is not `(L, d_v)`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{Mask, ScaledDotProduct};
+    /// use ndarray::array;
+    ///
+    /// let q = array![[1.0_f64, 0.5], [0.0, 1.0]];
+    /// let kv = array![[1.0, 0.0], [0.0, 2.0]];
+    /// let d_out = array![[1.0, 0.0], [0.0, 1.0]];
+    /// let g = ScaledDotProduct::new().with_mask(Mask::CausalTopLeft).backward(&q, &kv, &kv, &d_out)?;
+    /// // the first query sees only the first key: its weight is 1 whatever q is
+    /// assert_eq!(g.q.row(0), array![0.0, 0.0]);
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn backward(
+        &self,
+        q: &ArrayRef2<A>,
+        k: &ArrayRef2<A>,
+        v: &ArrayRef2<A>,
+        d_out: &ArrayRef2<A>,
+    ) -> Result<AttentionGradients<A, Ix2>> {
+        let problem = self.check_2d(q, k, v)?;
+        check_d_out(d_out.shape(), &[q.nrows(), v.ncols()])?;
+        let grads = self.gradients(&problem, &lift(d_out.view()))?;
+        let head = |x: Array4<A>| -> Array2<A> {
+            x.index_axis_move(Axis(0), 0).index_axis_move(Axis(0), 0)
+        };
+        Ok(AttentionGradients {
+            q: head(grads.dq),
+            k: head(grads.dk),
+            v: head(grads.dv),
+        })
+    }
+
+    /// [`backward`](Self::backward) for batched, multi-head inputs, with
+    /// grouped-query support.
+    ///
+    /// # Shapes
+    ///
+    /// `q: (batch, heads, L, d_k)`, `k: (batch, kv_heads, S, d_k)`,
+    /// `v: (batch, kv_heads, S, d_v)`, `d_out: (batch, heads, L, d_v)` → gradients
+    /// shaped like `q`, `k`, `v`; `k` and `v` summed over the query heads that share
+    /// each key/value head.
+    ///
+    /// # Errors
+    ///
+    /// The errors of [`forward_batched`](Self::forward_batched), and
+    /// [`Error::Shape`] when `d_out` is not `(batch, heads, L, d_v)`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::Array4;
+    ///
+    /// let q = Array4::<f32>::ones((2, 4, 3, 8)); // 4 query heads
+    /// let kv = Array4::<f32>::ones((2, 2, 5, 8)); // share 2 key/value heads
+    /// let g = attn::ScaledDotProduct::new().backward_batched(&q, &kv, &kv, &Array4::ones((2, 4, 3, 8)))?;
+    /// assert_eq!((g.q.dim(), g.k.dim()), ((2, 4, 3, 8), (2, 2, 5, 8)));
+    /// // each of the 2 query heads of a group puts 3 rows × weight 1/5 on each key
+    /// assert!((g.v[[0, 0, 0, 0]] - 2.0 * 3.0 / 5.0).abs() < 1e-6);
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn backward_batched(
+        &self,
+        q: &ArrayRef4<A>,
+        k: &ArrayRef4<A>,
+        v: &ArrayRef4<A>,
+        d_out: &ArrayRef4<A>,
+    ) -> Result<AttentionGradients<A, Ix4>> {
+        let problem = self.check_4d(q, k, v)?;
+        let (batch, heads, l, _) = q.dim();
+        check_d_out(d_out.shape(), &[batch, heads, l, v.dim().3])?;
+        let grads = self.gradients(&problem, &d_out.view())?;
+        Ok(AttentionGradients {
+            q: grads.dq,
+            k: grads.dk,
+            v: grads.dv,
+        })
+    }
+
+    /// The gradients by the reference path, one head's `L × S` weights at a time
+    /// (the fused backward kernel is still to come: [`Kernel`](crate::Kernel) and
+    /// [`Parallelism`](crate::Parallelism) do not apply to it yet).
+    fn gradients(
+        &self,
+        problem: &Problem<'_, A>,
+        d_out: &ndarray::ArrayView4<'_, A>,
+    ) -> Result<Gradients<A>> {
+        Ok(problem.backward(d_out.view()))
+    }
+}
+
+/// Checks that `d_out` has the output's shape.
+fn check_d_out(d_out: &[usize], output: &[usize]) -> Result<()> {
+    if d_out == output {
+        Ok(())
+    } else {
+        Err(Error::Shape {
+            what: "d_out (the gradient of the loss by the output) must have the output's shape",
+            expected: output.to_vec(),
+            found: d_out.to_vec(),
+        })
+    }
+}

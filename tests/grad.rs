@@ -1,0 +1,290 @@
+//! Gradients through attention: PyTorch's autograd (`tests/golden/grad.json`),
+//! finite differences, and what masks do to them.
+
+mod common;
+
+use attn::{AttentionGradients, Error, Mask, ScaledDotProduct};
+use common::{array_bool, array_f64, golden, max_abs_diff, random2, random4};
+use ndarray::{Array1, Array2, Array4, ArrayD, Ix2};
+use serde_json::Value;
+
+/// A golden case's masks, as owned arrays that `Mask`s can borrow.
+struct Masks {
+    keep: Vec<ArrayD<bool>>,
+    bias: Vec<ArrayD<f64>>,
+    slopes: Vec<Array1<f64>>,
+    kinds: Vec<(String, Value)>,
+}
+
+impl Masks {
+    fn of(case: &Value) -> Self {
+        let mut masks = Masks {
+            keep: Vec::new(),
+            bias: Vec::new(),
+            slopes: Vec::new(),
+            kinds: Vec::new(),
+        };
+        for m in case["masks"].as_array().expect("a list of masks") {
+            let kind = m["kind"].as_str().expect("a kind").to_string();
+            match kind.as_str() {
+                "keep" => masks.keep.push(array_bool(&m["data"])),
+                "bias" => masks.bias.push(array_f64(&m["data"])),
+                "alibi" => masks.slopes.push(
+                    array_f64(&m["data"])
+                        .into_dimensionality()
+                        .expect("1-D slopes"),
+                ),
+                _ => {}
+            }
+            masks.kinds.push((kind, m["data"].clone()));
+        }
+        masks
+    }
+
+    /// The attention these masks configure, with the case's scale.
+    fn attention(&self, scale: &Value) -> ScaledDotProduct<'_, f64> {
+        let mut attn = ScaledDotProduct::new();
+        if let Some(scale) = scale.as_f64() {
+            attn = attn.with_scale(scale);
+        }
+        let (mut keep, mut bias, mut slopes) =
+            (self.keep.iter(), self.bias.iter(), self.slopes.iter());
+        for (kind, data) in &self.kinds {
+            attn = attn.with_mask(match kind.as_str() {
+                "keep" => Mask::keep(keep.next().expect("a keep mask")),
+                "bias" => Mask::bias(bias.next().expect("a bias")),
+                "alibi" => Mask::Alibi(slopes.next().expect("slopes").view()),
+                "causal_top_left" => Mask::CausalTopLeft,
+                "causal_bottom_right" => Mask::CausalBottomRight,
+                "sliding_window" => {
+                    Mask::SlidingWindow(data.as_u64().expect("a window size") as usize)
+                }
+                other => panic!("unknown mask kind {other}"),
+            });
+        }
+        attn
+    }
+}
+
+/// The largest difference relative to the largest reference gradient.
+fn relative_error(got: &ArrayD<f64>, want: &ArrayD<f64>) -> f64 {
+    let scale = want.iter().fold(1e-300_f64, |m, x| m.max(x.abs()));
+    max_abs_diff(got, want) / scale
+}
+
+#[test]
+fn every_golden_case_in_f64_to_1e_10() {
+    let file = golden("grad.json");
+    let cases = file["cases"].as_array().expect("cases");
+    assert_eq!(cases.len(), 17);
+    for case in cases {
+        let name = case["name"].as_str().expect("a name");
+        let masks = Masks::of(case);
+        let attn = masks.attention(&case["scale"]);
+        let [q, k, v, d_out] = ["q", "k", "v", "d_out"].map(|f| array_f64(&case[f]));
+        let grads: [ArrayD<f64>; 3] = if q.ndim() == 2 {
+            fn two(x: &ArrayD<f64>) -> ndarray::ArrayView2<'_, f64> {
+                x.view().into_dimensionality().expect("2-D")
+            }
+            let g = attn
+                .backward(&two(&q), &two(&k), &two(&v), &two(&d_out))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            [g.q.into_dyn(), g.k.into_dyn(), g.v.into_dyn()]
+        } else {
+            fn four(x: &ArrayD<f64>) -> ndarray::ArrayView4<'_, f64> {
+                x.view().into_dimensionality().expect("4-D")
+            }
+            let g = attn
+                .backward_batched(&four(&q), &four(&k), &four(&v), &four(&d_out))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            [g.q.into_dyn(), g.k.into_dyn(), g.v.into_dyn()]
+        };
+        for (grad, field) in grads.iter().zip(["dq", "dk", "dv"]) {
+            let e = relative_error(grad, &array_f64(&case[field]));
+            assert!(e <= 1e-10, "{name} {field}: relative error {e:e}");
+        }
+    }
+}
+
+#[test]
+fn f32_gradients_stay_within_float_rounding_of_the_golden_ones() {
+    let file = golden("grad.json");
+    for case in file["cases"].as_array().expect("cases") {
+        let name = case["name"].as_str().expect("a name");
+        if case["q"][0][0].is_array() || !case["masks"].as_array().expect("masks").is_empty() {
+            continue; // 2-D, unmasked cases: the masks are f64-typed in `Masks`
+        }
+        let [q, k, v, d_out] = ["q", "k", "v", "d_out"].map(|f| {
+            array_f64(&case[f])
+                .into_dimensionality::<Ix2>()
+                .expect("2-D")
+                .mapv(|x| x as f32)
+        });
+        let mut attn = ScaledDotProduct::new();
+        if let Some(scale) = case["scale"].as_f64() {
+            attn = attn.with_scale(scale as f32);
+        }
+        let g = attn.backward(&q, &k, &v, &d_out).expect("valid");
+        for (grad, field) in [g.q, g.k, g.v].iter().zip(["dq", "dk", "dv"]) {
+            let e = relative_error(&grad.mapv(f64::from).into_dyn(), &array_f64(&case[field]));
+            // a few f32 roundings of O(1) numbers through sums of up to 130 terms
+            assert!(e <= 2e-5, "{name} {field}: relative error {e:e}");
+        }
+    }
+}
+
+/// `sum(output · d_out)` for the 2-D call.
+fn loss(
+    attn: &ScaledDotProduct<'_, f64>,
+    q: &Array2<f64>,
+    k: &Array2<f64>,
+    v: &Array2<f64>,
+    d_out: &Array2<f64>,
+) -> f64 {
+    (&attn.forward(q, k, v).expect("valid") * d_out).sum()
+}
+
+/// Central differences of the loss by every entry of `x` (one of q, k, v).
+fn finite_difference(x: &Array2<f64>, mut loss_at: impl FnMut(&Array2<f64>) -> f64) -> Array2<f64> {
+    let h = 1e-6;
+    let mut grad = Array2::zeros(x.raw_dim());
+    for (idx, g) in grad.indexed_iter_mut() {
+        let (mut plus, mut minus) = (x.clone(), x.clone());
+        plus[idx] += h;
+        minus[idx] -= h;
+        *g = (loss_at(&plus) - loss_at(&minus)) / (2.0 * h);
+    }
+    grad
+}
+
+#[test]
+fn gradients_equal_finite_differences_with_every_mask() {
+    let (l, s, d, d_v) = (4, 6, 5, 3);
+    let (q, k, v, d_out) = (
+        random2(l, d, 1),
+        random2(s, d, 2),
+        random2(s, d_v, 3),
+        random2(l, d_v, 4),
+    );
+    let keep = Array2::from_shape_fn((l, s), |(i, j)| (i + 2 * j) % 5 != 1);
+    let bias = random2(l, s, 5);
+    let slopes = Array1::from(vec![0.3]);
+    let configs = [
+        ScaledDotProduct::new(),
+        ScaledDotProduct::new()
+            .with_scale(0.7)
+            .with_mask(Mask::CausalTopLeft),
+        ScaledDotProduct::new().with_mask(Mask::CausalBottomRight),
+        ScaledDotProduct::new()
+            .with_mask(Mask::keep(&keep))
+            .with_mask(Mask::bias(&bias)),
+        ScaledDotProduct::new().with_mask(Mask::SlidingWindow(2)),
+        ScaledDotProduct::new().with_mask(Mask::Alibi(slopes.view())),
+    ];
+    for attn in &configs {
+        let g = attn.backward(&q, &k, &v, &d_out).expect("valid");
+        let fd_q = finite_difference(&q, |x| loss(attn, x, &k, &v, &d_out));
+        let fd_k = finite_difference(&k, |x| loss(attn, &q, x, &v, &d_out));
+        let fd_v = finite_difference(&v, |x| loss(attn, &q, &k, x, &d_out));
+        for (name, got, want) in [("q", &g.q, &fd_q), ("k", &g.k, &fd_k), ("v", &g.v, &fd_v)] {
+            let e = max_abs_diff(got, want);
+            assert!(e < 1e-8, "{attn:?} d{name}: {e:e}");
+        }
+    }
+}
+
+#[test]
+fn batched_grouped_query_gradients_sum_the_heads_of_a_group() {
+    let (q, k, v, d_out) = (
+        random4((2, 6, 5, 4), 10),
+        random4((2, 3, 7, 4), 11),
+        random4((2, 3, 7, 3), 12),
+        random4((2, 6, 5, 3), 13),
+    );
+    let attn = ScaledDotProduct::new().with_mask(Mask::CausalBottomRight);
+    let g = attn.backward_batched(&q, &k, &v, &d_out).expect("valid");
+    // the same call with every key/value head repeated for its two query heads
+    let repeat = |x: &Array4<f64>| {
+        Array4::from_shape_fn((2, 6, x.dim().2, x.dim().3), |(b, h, i, j)| {
+            x[[b, h / 2, i, j]]
+        })
+    };
+    let full = attn
+        .backward_batched(&q, &repeat(&k), &repeat(&v), &d_out)
+        .expect("valid");
+    assert!(max_abs_diff(&g.q, &full.q) < 1e-15);
+    let summed = |x: &Array4<f64>| {
+        Array4::from_shape_fn((2, 3, x.dim().2, x.dim().3), |(b, h, i, j)| {
+            x[[b, 2 * h, i, j]] + x[[b, 2 * h + 1, i, j]]
+        })
+    };
+    assert!(max_abs_diff(&g.k, &summed(&full.k)) < 1e-15);
+    assert!(max_abs_diff(&g.v, &summed(&full.v)) < 1e-15);
+    // and each head alone is the 2-D call
+    let head = |x: &Array4<f64>, b: usize, h: usize| x.slice(ndarray::s![b, h, .., ..]).to_owned();
+    let one: AttentionGradients<f64, Ix2> = attn
+        .backward(
+            &head(&q, 1, 3),
+            &head(&k, 1, 1),
+            &head(&v, 1, 1),
+            &head(&d_out, 1, 3),
+        )
+        .expect("valid");
+    assert!(max_abs_diff(&one.q, &head(&g.q, 1, 3)) < 1e-15);
+}
+
+#[test]
+fn masked_garbage_and_unseen_queries_change_nothing() {
+    let (l, s) = (4, 5);
+    let (q, k, mut v, d_out) = (
+        random2(l, 3, 20),
+        random2(s, 3, 21),
+        random2(s, 2, 22),
+        random2(l, 2, 23),
+    );
+    let mut keep = Array2::from_elem((l, s), true);
+    keep.column_mut(4).fill(false); // key 4 is padding
+    keep.row_mut(2).fill(false); // query 2 sees nothing
+    let attn = ScaledDotProduct::new().with_mask(Mask::keep(&keep));
+    let clean = attn.backward(&q, &k, &v, &d_out).expect("valid");
+    let (mut k_bad, mut d_out_other) = (k.clone(), d_out.clone());
+    k_bad.row_mut(4).fill(f64::NAN);
+    v.row_mut(4).fill(f64::INFINITY);
+    d_out_other.row_mut(2).fill(1e6); // the unseen query's d_out reaches nothing
+    let dirty = attn.backward(&q, &k_bad, &v, &d_out_other).expect("valid");
+    // rows that met the garbage are summed again over the attended keys only:
+    // the same numbers, in another order
+    assert!(max_abs_diff(&dirty.q, &clean.q) < 1e-15);
+    assert_eq!(dirty.v, clean.v);
+    assert!(dirty.k.row(4).iter().all(|&x| x == 0.0)); // no query sees key 4
+    assert!(
+        max_abs_diff(
+            &dirty.k.slice(ndarray::s![..4, ..]).to_owned(),
+            &clean.k.slice(ndarray::s![..4, ..]).to_owned()
+        ) == 0.0
+    );
+    assert!(clean.q.row(2).iter().all(|&x| x == 0.0));
+}
+
+#[test]
+fn d_out_of_the_wrong_shape_is_an_error() {
+    let x = Array2::<f64>::ones((3, 4));
+    let err = ScaledDotProduct::new()
+        .backward(&x, &x, &x, &Array2::ones((3, 5)))
+        .unwrap_err();
+    assert!(matches!(err, Error::Shape { .. }), "{err}");
+    assert_eq!(
+        err.to_string(),
+        "d_out (the gradient of the loss by the output) must have the output's shape: expected shape [3, 4], found [3, 5]"
+    );
+    let q = Array4::<f64>::ones((1, 2, 3, 4));
+    let err = ScaledDotProduct::new()
+        .backward_batched(&q, &q, &q, &Array4::ones((1, 2, 4, 4)))
+        .unwrap_err();
+    assert!(matches!(err, Error::Shape { .. }));
+    // the forward's own checks come first
+    let err = ScaledDotProduct::new()
+        .backward(&x, &Array2::ones((3, 2)), &x, &x)
+        .unwrap_err();
+    assert!(matches!(err, Error::QueryKeyWidth { .. }));
+}
