@@ -58,9 +58,10 @@ pub use error::{Error, Result};
 pub use kernel::{kernel_paths, KernelArch, KernelPaths};
 pub use kernel::{Kernel, Parallelism};
 pub use layers::init::Init;
-pub use layers::linear::Linear;
+pub use layers::linear::{Linear, LinearGradients};
 pub use layers::multi_head::{
-    MultiHeadAttention, MultiHeadConfig, MultiHeadOutput, MultiHeadWeights, Projection,
+    MultiHeadAttention, MultiHeadConfig, MultiHeadGradients, MultiHeadOutput, MultiHeadWeights,
+    Projection,
 };
 pub use layers::parameter_free;
 pub use layers::projection::{ProjectionShape, QkvProjection};

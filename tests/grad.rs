@@ -288,3 +288,143 @@ fn d_out_of_the_wrong_shape_is_an_error() {
         .unwrap_err();
     assert!(matches!(err, Error::QueryKeyWidth { .. }));
 }
+
+/// A golden array as a 2-D array.
+fn array2_of(v: &Value) -> Array2<f64> {
+    array_f64(v).into_dimensionality().expect("2-D")
+}
+
+#[test]
+fn multi_head_gradients_match_torch_multihead_attention() {
+    use attn::{MultiHeadConfig, MultiHeadWeights};
+    use ndarray::{Array3, Ix1, Ix3};
+    let file = golden("grad.json");
+    for case in file["mha_cases"].as_array().expect("mha cases") {
+        let name = case["name"].as_str().expect("a name");
+        let d_model = case["d_model"].as_u64().expect("d_model") as usize;
+        let n_heads = case["n_heads"].as_u64().expect("n_heads") as usize;
+        let bias = |f: &str| {
+            Some(
+                array_f64(&case[f])
+                    .into_dimensionality::<Ix1>()
+                    .expect("1-D"),
+            )
+        };
+        let weights = MultiHeadWeights {
+            w_q: array2_of(&case["w_q"]),
+            w_k: array2_of(&case["w_k"]),
+            w_v: array2_of(&case["w_v"]),
+            w_o: array2_of(&case["w_o"]),
+            b_q: bias("b_q"),
+            b_k: bias("b_k"),
+            b_v: bias("b_v"),
+            b_o: bias("b_o"),
+        };
+        let mha = MultiHeadConfig::new(d_model, n_heads)
+            .with_weights(weights)
+            .expect("valid weights");
+        let three = |f: &str| -> Array3<f64> {
+            array_f64(&case[f])
+                .into_dimensionality::<Ix3>()
+                .expect("3-D")
+        };
+        let (x, d_out) = (three("x"), three("d_out"));
+        let keep = (!case["keep"].is_null()).then(|| array_bool(&case["keep"]));
+        let masks: Vec<Mask<'_, f64>> = keep.iter().map(|k| Mask::keep(k)).collect();
+        let out = mha.forward_batched(&x, &x, &x, &masks).expect("valid");
+        let e = max_abs_diff(&out.into_dyn(), &array_f64(&case["output"]));
+        assert!(e < 1e-12, "{name} output: {e:e}");
+        let g = mha
+            .backward_batched(&x, &x, &x, &masks, &d_out)
+            .expect("valid");
+        let grads = &case["grads"];
+        let d_x = &g.query + &g.key + &g.value;
+        let w = &g.weights;
+        let got: [(&str, ArrayD<f64>); 9] = [
+            ("x", d_x.into_dyn()),
+            ("w_q", w.w_q.clone().into_dyn()),
+            ("w_k", w.w_k.clone().into_dyn()),
+            ("w_v", w.w_v.clone().into_dyn()),
+            ("w_o", w.w_o.clone().into_dyn()),
+            ("b_q", w.b_q.clone().expect("bias").into_dyn()),
+            ("b_k", w.b_k.clone().expect("bias").into_dyn()),
+            ("b_v", w.b_v.clone().expect("bias").into_dyn()),
+            ("b_o", w.b_o.clone().expect("bias").into_dyn()),
+        ];
+        // relative to the largest gradient of the case: d b_k is exactly 0 in exact
+        // arithmetic (a shift of every key moves a row's scores alike), and the
+        // golden values there are PyTorch's rounding, around 1e-15
+        let largest = got
+            .iter()
+            .map(|(field, _)| array_f64(&grads[*field]).fold(0.0_f64, |m, x| m.max(x.abs())))
+            .fold(0.0_f64, f64::max);
+        for (field, grad) in &got {
+            let e = max_abs_diff(grad, &array_f64(&grads[*field])) / largest;
+            assert!(e <= 1e-10, "{name} d{field}: relative error {e:e}");
+        }
+    }
+}
+
+#[test]
+fn linear_gradients_equal_finite_differences() {
+    use attn::Linear;
+    let (x, w, b, d_y) = (
+        random2(5, 4, 30),
+        random2(4, 3, 31),
+        random2(1, 3, 32),
+        random2(5, 3, 33),
+    );
+    let bias = b.row(0).to_owned();
+    let layer = Linear::new(w.clone())
+        .with_bias(bias.clone())
+        .expect("valid");
+    let g = layer.backward(&x, &d_y).expect("valid");
+    let loss = |x: &Array2<f64>, w: &Array2<f64>, b: &Array1<f64>| {
+        let y = Linear::new(w.clone())
+            .with_bias(b.clone())
+            .expect("valid")
+            .forward(x)
+            .expect("valid");
+        (&y * &d_y).sum()
+    };
+    let fd_x = finite_difference(&x, |x| loss(x, &w, &bias));
+    let fd_w = finite_difference(&w, |w| loss(&x, w, &bias));
+    let fd_b = finite_difference(&b, |b| loss(&x, &w, &b.row(0).to_owned()));
+    assert!(max_abs_diff(&g.input, &fd_x) < 1e-8);
+    assert!(max_abs_diff(&g.weight, &fd_w) < 1e-8);
+    let d_b = g.bias.expect("a bias").insert_axis(ndarray::Axis(0));
+    assert!(max_abs_diff(&d_b, &fd_b) < 1e-8);
+    // batched: the rows of every batch together
+    let x3 = x.clone().into_shape_with_order((1, 5, 4)).expect("reshape");
+    let d_y3 = d_y
+        .clone()
+        .into_shape_with_order((1, 5, 3))
+        .expect("reshape");
+    let g3 = layer.backward_batched(&x3, &d_y3).expect("valid");
+    assert_eq!(g3.weight, g.weight);
+    assert!(layer.backward(&x, &random2(4, 3, 34)).is_err());
+    assert!(layer
+        .backward_batched(&x3, &d_y3.slice(ndarray::s![.., ..4, ..]))
+        .is_err());
+}
+
+#[test]
+fn multi_head_gradients_with_grouped_query_heads_equal_finite_differences() {
+    use attn::{Init, MultiHeadConfig};
+    let mha = MultiHeadConfig::new(8, 4)
+        .with_kv_heads(2)
+        .random::<f64>(Init::XavierUniform, 3)
+        .expect("valid");
+    let (x, d_out) = (random2(5, 8, 40), random2(5, 8, 41));
+    let g = mha
+        .backward(&x, &x, &x, &[Mask::CausalTopLeft], &d_out)
+        .expect("valid");
+    let loss = |x: &Array2<f64>| {
+        let out = mha.forward(x, x, x, &[Mask::CausalTopLeft]).expect("valid");
+        (&out * &d_out).sum()
+    };
+    let fd = finite_difference(&x, loss);
+    let d_x = &g.query + &g.key + &g.value;
+    let e = max_abs_diff(&d_x, &fd);
+    assert!(e < 1e-8, "{e:e}");
+}

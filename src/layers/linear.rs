@@ -1,6 +1,6 @@
 //! A learned affine map `y = x·W + b`, the building block of every projection.
 
-use ndarray::{Array1, Array2, Array3, ArrayRef2, ArrayRef3};
+use ndarray::{Array, Array1, Array2, Array3, ArrayRef2, ArrayRef3, Axis, Dimension, Ix2, Ix3};
 
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -35,6 +35,37 @@ const ROW_BY_ROW_MAX_ROWS: usize = 4;
 pub struct Linear<A> {
     weight: Array2<A>,
     bias: Option<Array1<A>>,
+}
+
+/// The gradients of a loss through a [`Linear`] layer, given the gradient by its
+/// output.
+///
+/// # Shapes
+///
+/// `input` like the layer's input (`(n, in)`, or `(B, n, in)` for `D = Ix3`),
+/// `weight: (in, out)`, `bias: (out,)` (present when the layer has a bias).
+///
+/// # Examples
+///
+/// ```
+/// use attn::Linear;
+/// use ndarray::array;
+///
+/// let layer = Linear::new(array![[2.0_f64], [3.0]]).with_bias(array![1.0])?; // y = 2a + 3b + 1
+/// let g = layer.backward(&array![[1.0, -1.0]], &array![[1.0]])?;
+/// assert_eq!(g.input, array![[2.0, 3.0]]);
+/// assert_eq!(g.weight, array![[1.0], [-1.0]]);
+/// assert_eq!(g.bias, Some(array![1.0]));
+/// # Ok::<(), attn::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinearGradients<A, D: Dimension> {
+    /// `∂loss/∂x = dY·Wᵀ`.
+    pub input: Array<A, D>,
+    /// `∂loss/∂W = xᵀ·dY`, summed over every row (and batch).
+    pub weight: Array2<A>,
+    /// `∂loss/∂b = Σ dY` over rows (and batch); `None` for a layer without bias.
+    pub bias: Option<Array1<A>>,
 }
 
 impl<A: Element> Linear<A> {
@@ -217,6 +248,109 @@ impl<A: Element> Linear<A> {
         Ok(out
             .into_shape_with_order((batch, n, self.out_features()))
             .expect("(B·n, out) holds B rows of n × out"))
+    }
+
+    /// The gradients of a loss by `x`, the weight and the bias, given
+    /// `d_y = ∂loss/∂y` at the output `y = x·W + b`.
+    ///
+    /// # Shapes
+    ///
+    /// `x: (n, in)`, `d_y: (n, out)` → see [`LinearGradients`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Shape`] when `x` is not `in` wide or `d_y` is not `(n, out)`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::{array, Array2};
+    ///
+    /// let layer = attn::Linear::new(Array2::<f64>::eye(2));
+    /// let g = layer.backward(&array![[1.0, 2.0], [3.0, 4.0]], &array![[1.0, 0.0], [0.0, 1.0]])?;
+    /// assert_eq!(g.weight, array![[1.0, 3.0], [2.0, 4.0]]); // xᵀ·dY
+    /// assert!(g.bias.is_none());
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn backward(
+        &self,
+        x: &ArrayRef2<A>,
+        d_y: &ArrayRef2<A>,
+    ) -> Result<LinearGradients<A, Ix2>> {
+        self.check_width(
+            "input width must equal the weight's rows (in_features)",
+            x.shape(),
+        )?;
+        let expected = [x.nrows(), self.out_features()];
+        if d_y.shape() != expected {
+            return Err(Error::Shape {
+                what: "d_y (the gradient of the loss by the output) must be (n, out_features)",
+                expected: expected.to_vec(),
+                found: d_y.shape().to_vec(),
+            });
+        }
+        Ok(LinearGradients {
+            input: d_y.dot(&self.weight.t()),
+            weight: x.t().dot(d_y),
+            bias: self.bias.as_ref().map(|_| d_y.sum_axis(Axis(0))),
+        })
+    }
+
+    /// [`backward`](Self::backward) on a batch: the weight's and bias's gradients
+    /// are summed over the batch.
+    ///
+    /// # Shapes
+    ///
+    /// `x: (B, n, in)`, `d_y: (B, n, out)` → `input: (B, n, in)`, `weight: (in, out)`,
+    /// `bias: (out,)`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Shape`] when `x` is not `in` wide or `d_y` is not `(B, n, out)`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::{Array2, Array3};
+    ///
+    /// let layer = attn::Linear::new(Array2::<f32>::ones((4, 2)));
+    /// let g = layer.backward_batched(&Array3::ones((3, 5, 4)), &Array3::ones((3, 5, 2)))?;
+    /// assert_eq!(g.weight, Array2::from_elem((4, 2), 15.0)); // 3 × 5 rows of ones
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn backward_batched(
+        &self,
+        x: &ArrayRef3<A>,
+        d_y: &ArrayRef3<A>,
+    ) -> Result<LinearGradients<A, Ix3>> {
+        let (batch, n, width) = x.dim();
+        let expected = [batch, n, self.out_features()];
+        if width == self.in_features() && d_y.shape() != expected {
+            return Err(Error::Shape {
+                what: "d_y (the gradient of the loss by the output) must be (B, n, out_features)",
+                expected: expected.to_vec(),
+                found: d_y.shape().to_vec(),
+            });
+        }
+        self.check_width(
+            "input width must equal the weight's rows (in_features)",
+            x.shape(),
+        )?;
+        // every position alike: one product over the (B·n) rows
+        let rows = |a: &ArrayRef3<A>, cols: usize| {
+            a.to_shape((batch * n, cols))
+                .expect("(B, n, c) holds B·n rows of c")
+                .into_owned()
+        };
+        let g = self.backward(&rows(x, width), &rows(d_y, self.out_features()))?;
+        Ok(LinearGradients {
+            input: g
+                .input
+                .into_shape_with_order((batch, n, width))
+                .expect("(B·n, in) holds B rows of n × in"),
+            weight: g.weight,
+            bias: g.bias,
+        })
     }
 
     fn check_width(&self, what: &'static str, shape: &[usize]) -> Result<()> {

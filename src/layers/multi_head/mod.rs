@@ -1,5 +1,6 @@
 //! Multi-head attention: `concat(head₁ … head_h)·W_O + b_o`, with grouped-query heads.
 
+mod backward;
 mod config;
 mod weights;
 
@@ -9,6 +10,7 @@ use ndarray::{
 };
 use rand::Rng;
 
+pub use backward::MultiHeadGradients;
 pub use config::MultiHeadConfig;
 pub use weights::{MultiHeadWeights, Projection};
 
@@ -500,14 +502,7 @@ impl<A: Element> MultiHeadAttention<A> {
 
     /// `(B, heads, L, head_dim)` → `concat(heads)·W_O + b_o`, `(B, L, d_model)`.
     fn merge_heads(&self, heads: Array4<A>) -> Result<Array3<A>> {
-        let (b, h, l, hd) = heads.dim();
-        let concat = heads
-            .permuted_axes([0, 2, 1, 3])
-            .as_standard_layout()
-            .into_owned()
-            .into_shape_with_order((b, l, h * hd))
-            .expect("(B, L, heads, head_dim) holds B × L rows of heads·head_dim");
-        self.linears[3].forward_batched_named("concatenated heads", &concat)
+        self.linears[3].forward_batched_named("concatenated heads", &concat(heads))
     }
 }
 
@@ -522,6 +517,17 @@ fn attention<'m, A: Element>(masks: &[Mask<'m, A>]) -> ScaledDotProduct<'m, A> {
         .iter()
         .cloned()
         .fold(ScaledDotProduct::new(), ScaledDotProduct::with_mask)
+}
+
+/// `(B, heads, n, head_dim)` → `(B, n, heads·head_dim)`: the heads side by side.
+fn concat<A: Element>(heads: Array4<A>) -> Array3<A> {
+    let (b, h, n, hd) = heads.dim();
+    heads
+        .permuted_axes([0, 2, 1, 3])
+        .as_standard_layout()
+        .into_owned()
+        .into_shape_with_order((b, n, h * hd))
+        .expect("(B, n, heads, head_dim) holds B × n rows of heads·head_dim")
 }
 
 /// `(B, n, heads·head_dim)` → `(B, heads, n, head_dim)`.
