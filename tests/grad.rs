@@ -252,16 +252,16 @@ fn masked_garbage_and_unseen_queries_change_nothing() {
     v.row_mut(4).fill(f64::INFINITY);
     d_out_other.row_mut(2).fill(1e6); // the unseen query's d_out reaches nothing
     let dirty = attn.backward(&q, &k_bad, &v, &d_out_other).expect("valid");
-    // rows that met the garbage are summed again over the attended keys only:
-    // the same numbers, in another order
+    // the garbage sends the head to the reference path (the fused one checks its
+    // inputs first): the same numbers, to rounding
     assert!(max_abs_diff(&dirty.q, &clean.q) < 1e-15);
-    assert_eq!(dirty.v, clean.v);
+    assert!(max_abs_diff(&dirty.v, &clean.v) < 1e-15);
     assert!(dirty.k.row(4).iter().all(|&x| x == 0.0)); // no query sees key 4
     assert!(
         max_abs_diff(
             &dirty.k.slice(ndarray::s![..4, ..]).to_owned(),
             &clean.k.slice(ndarray::s![..4, ..]).to_owned()
-        ) == 0.0
+        ) < 1e-15
     );
     assert!(clean.q.row(2).iter().all(|&x| x == 0.0));
 }

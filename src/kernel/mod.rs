@@ -17,6 +17,7 @@
 //! path ran.
 
 mod arch;
+mod backward;
 mod direct;
 mod float;
 mod fusable;
@@ -29,7 +30,7 @@ mod rowwise;
 mod run;
 mod tiled;
 
-use ndarray::{ArrayViewMut4, Axis};
+use ndarray::{ArrayView4, ArrayViewMut4, Axis};
 
 pub use arch::KernelArch;
 pub use options::{Kernel, Parallelism};
@@ -40,6 +41,7 @@ use params::{DIRECT_MAX_ROWS, ROWWISE_MAX_WORK};
 use report::Path;
 use run::KvGroup;
 
+use crate::core::backward::Gradients;
 use crate::core::problem::Problem;
 use crate::element::{Element, PerElement};
 use crate::error::Result;
@@ -57,27 +59,63 @@ pub(crate) fn forward<A: Element>(
     kernel: Kernel,
     parallelism: Parallelism,
 ) -> Result<()> {
-    (A::select(Forward).0)(problem, out, kernel, parallelism)
+    (A::select(Entries).forward)(problem, out, kernel, parallelism)
 }
 
-/// [`forward`] for one element type.
-struct ForwardFn<A>(
-    for<'p, 'o> fn(&Problem<'p, A>, ArrayViewMut4<'o, A>, Kernel, Parallelism) -> Result<()>,
-);
+/// The gradients of every head of `problem` given `d_out = ∂loss/∂output`,
+/// `(batch, heads, L, d_v)`: by the fused backward pass, or the reference path
+/// for [`Kernel::Plain`].
+pub(crate) fn backward<A: Element>(
+    problem: &Problem<'_, A>,
+    d_out: ArrayView4<'_, A>,
+    kernel: Kernel,
+    parallelism: Parallelism,
+) -> Gradients<A> {
+    (A::select(Entries).backward)(problem, d_out, kernel, parallelism)
+}
 
-/// Picks [`forward`]'s compiled body for the element type.
-struct Forward;
+/// The kernel's entry points compiled for one element type.
+struct EntryPoints<A> {
+    forward:
+        for<'p, 'o> fn(&Problem<'p, A>, ArrayViewMut4<'o, A>, Kernel, Parallelism) -> Result<()>,
+    backward:
+        for<'p, 'd> fn(&Problem<'p, A>, ArrayView4<'d, A>, Kernel, Parallelism) -> Gradients<A>,
+}
 
-impl PerElement for Forward {
-    type Output<A: Element> = ForwardFn<A>;
+/// Picks the entry points for the element type.
+struct Entries;
 
-    fn f32(self) -> ForwardFn<f32> {
-        ForwardFn(choose_path::<f32>)
+impl PerElement for Entries {
+    type Output<A: Element> = EntryPoints<A>;
+
+    fn f32(self) -> EntryPoints<f32> {
+        EntryPoints {
+            forward: choose_path::<f32>,
+            backward: choose_backward::<f32>,
+        }
     }
 
-    fn f64(self) -> ForwardFn<f64> {
-        ForwardFn(choose_path::<f64>)
+    fn f64(self) -> EntryPoints<f64> {
+        EntryPoints {
+            forward: choose_path::<f64>,
+            backward: choose_backward::<f64>,
+        }
     }
+}
+
+/// The backward pass by the path `kernel` asks for.
+fn choose_backward<A: KernelElement>(
+    problem: &Problem<'_, A>,
+    d_out: ArrayView4<'_, A>,
+    kernel: Kernel,
+    parallelism: Parallelism,
+) -> Gradients<A> {
+    if kernel == Kernel::Plain {
+        let (batch, heads, _, _) = problem.q.dim();
+        report::count(Path::Reference, batch * heads);
+        return problem.backward(d_out);
+    }
+    backward::backward(problem, d_out, parallelism)
 }
 
 /// Chooses the path for every head and runs it.

@@ -59,3 +59,14 @@ pub(crate) const DIRECT_PART: usize = 2048;
 /// Lanes of the direct path's vectorised dot products and softmax passes
 /// (one AVX2 register of f32, two of f64).
 pub(crate) const LANES: usize = 8;
+
+// ---- the fused backward pass (`super::backward`) ----
+
+/// Query rows per block of the backward pass: the block's `dQ`, scaled queries and
+/// `dO` stay in L1 across a key block.
+pub(crate) const BACKWARD_QUERIES: usize = 64;
+
+/// Keys per block of the backward pass: a block's `P` and `dS` (`64 × 128` each,
+/// 32 KiB in f32) stay in L2, and each product is large enough for the matrix
+/// product to run near its speed.
+pub(crate) const BACKWARD_KEYS: usize = 128;

@@ -13,7 +13,8 @@ use super::arch::KernelArch;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct KernelPaths {
     /// Heads computed by the reference path: [`Kernel::Plain`](crate::Kernel::Plain),
-    /// and every head whose inputs the fused paths hand over (non-finite, overflow).
+    /// and every head whose inputs the fused paths hand over (non-finite, overflow),
+    /// forward or backward.
     pub reference: usize,
     /// Heads computed by the tiled kernel.
     pub tiled: usize,
@@ -21,6 +22,8 @@ pub struct KernelPaths {
     pub direct: usize,
     /// Heads computed row by row.
     pub rowwise: usize,
+    /// Heads whose gradients the fused backward pass computed.
+    pub backward: usize,
     /// The instruction set of the last call that ran the tiled or direct path.
     pub arch: Option<KernelArch>,
 }
@@ -32,6 +35,7 @@ pub(crate) enum Path {
     Tiled,
     Direct,
     Rowwise,
+    FusedBackward,
 }
 
 thread_local! {
@@ -81,6 +85,7 @@ pub(crate) fn count(path: Path, heads: usize) {
                 Path::Tiled => paths.tiled += heads,
                 Path::Direct => paths.direct += heads,
                 Path::Rowwise => paths.rowwise += heads,
+                Path::FusedBackward => paths.backward += heads,
             }
             record.set(Some(paths));
         }

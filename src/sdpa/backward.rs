@@ -7,6 +7,7 @@ use crate::core::backward::Gradients;
 use crate::core::problem::{lift, Problem};
 use crate::element::Element;
 use crate::error::{Error, Result};
+use crate::kernel;
 
 /// The gradients of a loss with respect to attention's inputs `q`, `k` and `v`,
 /// given its gradient with respect to the output.
@@ -52,8 +53,10 @@ impl<A: Element> ScaledDotProduct<'_, A> {
     /// gradient and contributes nothing to `dK` and `dV`; masked positions are never
     /// read.
     ///
-    /// Computed by the readable reference path, which holds one head's `L × S`
-    /// weights in memory at a time.
+    /// Computed by the fused backward pass (FlashAttention-2's: no `L × S` weights in
+    /// memory, heads in parallel), or by the readable reference path with
+    /// [`Kernel::Plain`](crate::Kernel::Plain), for inputs that are not finite or
+    /// could overflow, as the forward does.
     ///
     /// # Shapes
     ///
@@ -145,15 +148,17 @@ impl<A: Element> ScaledDotProduct<'_, A> {
         })
     }
 
-    /// The gradients by the reference path, one head's `L × S` weights at a time
-    /// (the fused backward kernel is still to come: [`Kernel`](crate::Kernel) and
-    /// [`Parallelism`](crate::Parallelism) do not apply to it yet).
     fn gradients(
         &self,
         problem: &Problem<'_, A>,
         d_out: &ndarray::ArrayView4<'_, A>,
     ) -> Result<Gradients<A>> {
-        Ok(problem.backward(d_out.view()))
+        Ok(kernel::backward(
+            problem,
+            d_out.view(),
+            self.kernel,
+            self.parallelism,
+        ))
     }
 }
 

@@ -1,0 +1,217 @@
+//! The fused backward pass against the reference backward: sizes across its
+//! blocks, every mask, grouped-query heads, strides, threads, FlashAttention's
+//! accuracy rule, and inputs that must take the reference path.
+
+mod common;
+
+use attn::{kernel_paths, Kernel, Mask, Parallelism, ScaledDotProduct};
+use common::{max_abs_diff, random2, random4};
+use ndarray::{s, Array1, Array2, Array4};
+
+/// Attention through `kernel` with every one of `masks`.
+fn attention<'m>(kernel: Kernel, masks: &[Mask<'m, f64>]) -> ScaledDotProduct<'m, f64> {
+    masks.iter().cloned().fold(
+        ScaledDotProduct::new().with_kernel(kernel),
+        ScaledDotProduct::with_mask,
+    )
+}
+
+/// Runs `f`, asserting that the fused backward pass computed all `heads` heads
+/// (`fused`), or the reference path did.
+fn backward_by<R>(fused: bool, heads: usize, f: impl FnOnce() -> R) -> R {
+    let (result, paths) = kernel_paths(f);
+    let (want_fused, want_reference) = if fused { (heads, 0) } else { (0, heads) };
+    assert_eq!(
+        (
+            paths.backward,
+            paths.reference,
+            paths.tiled + paths.direct + paths.rowwise
+        ),
+        (want_fused, want_reference, 0),
+        "{paths:?}"
+    );
+    result
+}
+
+#[test]
+fn fused_equals_reference_across_block_edges_and_masks() {
+    let slopes = Array1::from(vec![0.25]);
+    for (l, s) in [
+        (1, 1),
+        (1, 200),
+        (63, 129),
+        (64, 128),
+        (65, 127),
+        (130, 300),
+        (300, 70),
+    ] {
+        for (d, d_v) in [(8, 8), (33, 5)] {
+            let (q, k, v, d_out) = (
+                random2(l, d, 1),
+                random2(s, d, 2),
+                random2(s, d_v, 3),
+                random2(l, d_v, 4),
+            );
+            let keep = Array2::from_shape_fn((l, s), |(i, j)| (i + 3 * j) % 7 != 2);
+            let bias = random2(l, s, 5);
+            let masks = [
+                vec![],
+                vec![Mask::CausalTopLeft],
+                vec![Mask::CausalBottomRight],
+                vec![Mask::SlidingWindow(50)],
+                vec![Mask::Alibi(slopes.view()), Mask::CausalBottomRight],
+                vec![Mask::keep(&keep), Mask::bias(&bias)],
+            ];
+            for m in &masks {
+                let fused = backward_by(true, 1, || {
+                    attention(Kernel::Auto, m).backward(&q, &k, &v, &d_out)
+                })
+                .expect("valid");
+                let plain = backward_by(false, 1, || {
+                    attention(Kernel::Plain, m).backward(&q, &k, &v, &d_out)
+                })
+                .expect("valid");
+                for (name, a, b) in [
+                    ("q", &fused.q, &plain.q),
+                    ("k", &fused.k, &plain.k),
+                    ("v", &fused.v, &plain.v),
+                ] {
+                    let e = max_abs_diff(a, b);
+                    assert!(e < 1e-12, "L={l} S={s} d={d} {m:?} d{name}: {e:e}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_batched_grouped_query_and_strided_inputs_equal_reference() {
+    let q = random4((2, 6, 70, 16), 10);
+    let (k, v) = (random4((2, 3, 150, 16), 11), random4((2, 3, 150, 12), 12));
+    let d_out = random4((2, 6, 70, 12), 13);
+    let padding = Array4::from_shape_fn((2, 1, 1, 150), |(b, _, _, j)| j < 150 - 60 * b);
+    let masks = [Mask::keep(&padding), Mask::CausalBottomRight];
+    let fused = backward_by(true, 12, || {
+        attention(Kernel::Fused, &masks).backward_batched(&q, &k, &v, &d_out)
+    })
+    .expect("valid");
+    let plain = attention(Kernel::Plain, &masks)
+        .backward_batched(&q, &k, &v, &d_out)
+        .expect("valid");
+    assert!(max_abs_diff(&fused.q, &plain.q) < 1e-12);
+    assert!(max_abs_diff(&fused.k, &plain.k) < 1e-12);
+    assert!(max_abs_diff(&fused.v, &plain.v) < 1e-12);
+    // transposed and stepped views equal owned copies
+    let big = random2(400, 90, 14);
+    let (qs, kt) = (big.slice(s![..;3, ..40]), big.t());
+    let ks = kt.slice(s![10..50, ..;2]).reversed_axes(); // (200, 40), strided
+    let vs = big.slice(s![100..300, 1..;7]);
+    let d_out = random2(qs.nrows(), vs.ncols(), 15);
+    let attn = ScaledDotProduct::new().with_mask(Mask::CausalBottomRight);
+    let strided = attn.backward(&qs, &ks, &vs, &d_out).expect("valid");
+    let owned = attn
+        .backward(&qs.to_owned(), &ks.to_owned(), &vs.to_owned(), &d_out)
+        .expect("valid");
+    assert_eq!(strided, owned);
+}
+
+#[test]
+fn fused_f32_meets_flash_attention_accuracy_rule() {
+    for (l, s, d) in [(200, 300, 64), (513, 129, 32)] {
+        let (q, k, v, d_out) = (
+            random2(l, d, 20),
+            random2(s, d, 21),
+            random2(s, d, 22),
+            random2(l, d, 23),
+        );
+        let f32_of = |x: &Array2<f64>| x.mapv(|a| a as f32);
+        let f64_of = |x: &Array2<f32>| x.mapv(f64::from);
+        let (q32, k32, v32, g32) = (f32_of(&q), f32_of(&k), f32_of(&v), f32_of(&d_out));
+        let reference = ScaledDotProduct::new()
+            .with_kernel(Kernel::Plain)
+            .with_mask(Mask::CausalBottomRight)
+            .backward(&f64_of(&q32), &f64_of(&k32), &f64_of(&v32), &f64_of(&g32))
+            .expect("valid");
+        let run = |kernel| {
+            ScaledDotProduct::new()
+                .with_kernel(kernel)
+                .with_mask(Mask::CausalBottomRight)
+                .backward(&q32, &k32, &v32, &g32)
+                .expect("valid")
+        };
+        let (plain, fused) = (run(Kernel::Plain), run(Kernel::Fused));
+        for (name, p, f, r) in [
+            ("q", &plain.q, &fused.q, &reference.q),
+            ("k", &plain.k, &fused.k, &reference.k),
+            ("v", &plain.v, &fused.v, &reference.v),
+        ] {
+            let e_plain = max_abs_diff(&f64_of(p), r);
+            let e_fused = max_abs_diff(&f64_of(f), r);
+            let floor = f32::EPSILON as f64 * r.iter().fold(1.0_f64, |m, x| m.max(x.abs()));
+            assert!(
+                e_fused <= 2.0 * e_plain + floor,
+                "L={l} S={s} d{name}: fused {e_fused:e} > 2 × plain {e_plain:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn threads_do_not_change_a_bit_of_the_gradients() {
+    let q = random4((1, 4, 150, 32), 30).mapv(|x| x as f32);
+    let kv = random4((1, 2, 200, 32), 31).mapv(|x| x as f32);
+    let d_out = random4((1, 4, 150, 32), 32).mapv(|x| x as f32);
+    let run = |parallelism| {
+        ScaledDotProduct::new()
+            .with_parallelism(parallelism)
+            .with_mask(Mask::CausalBottomRight)
+            .backward_batched(&q, &kv, &kv, &d_out)
+            .expect("valid")
+    };
+    let sequential = run(Parallelism::Sequential);
+    assert_eq!(sequential, run(Parallelism::Rayon));
+    let two = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .expect("a pool");
+    assert_eq!(sequential, two.install(|| run(Parallelism::Rayon)));
+}
+
+#[test]
+fn non_finite_or_overflowing_inputs_take_the_reference_path() {
+    let (q, k, v, mut d_out) = (
+        random2(70, 8, 40),
+        random2(90, 8, 41),
+        random2(90, 4, 42),
+        random2(70, 4, 43),
+    );
+    let mut q_bad = q.clone();
+    q_bad[[3, 2]] = f64::NAN;
+    let attn = ScaledDotProduct::new();
+    let bad = backward_by(false, 1, || attn.backward(&q_bad, &k, &v, &d_out)).expect("valid");
+    assert!(bad.q.row(3).iter().all(|x| x.is_nan()));
+    assert!(bad.q.row(4).iter().all(|x| x.is_finite()));
+    d_out[[5, 1]] = f64::INFINITY;
+    backward_by(false, 1, || attn.backward(&q, &k, &v, &d_out)).expect("valid");
+    // scores near 1e301 are finite in f64 and no product can overflow: fused (their
+    // rounding errors exceed 1, so the two paths' softmax may differ: the values
+    // are not compared, as in the fuzz harness)
+    let huge = k.mapv(|x| x * 1e300);
+    let d_out = random2(70, 4, 44);
+    let fused = backward_by(true, 1, || attn.backward(&q, &huge, &v, &d_out)).expect("valid");
+    assert!(fused
+        .q
+        .iter()
+        .chain(&fused.k)
+        .chain(&fused.v)
+        .all(|x| x.is_finite()));
+    // but f32 keys of 1e37 could overflow the scores: the reference path
+    let big32 = k.mapv(|x| (x * 1e37) as f32);
+    let (q32, v32, g32) = (
+        q.mapv(|x| x as f32),
+        v.mapv(|x| x as f32),
+        d_out.mapv(|x| x as f32),
+    );
+    let attn32 = ScaledDotProduct::new();
+    backward_by(false, 1, || attn32.backward(&q32, &big32, &v32, &g32)).expect("valid");
+}
