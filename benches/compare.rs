@@ -81,7 +81,8 @@ fn handwritten(q: &Array4<f32>, k: &Array4<f32>, v: &Array4<f32>, threaded: bool
     out
 }
 
-/// PyTorch with `queries` query rows against `n` keys and values.
+/// PyTorch with `queries` query rows against `n` keys and values: its forward,
+/// or its backward alone.
 #[allow(clippy::too_many_arguments)]
 fn torch_seconds(
     python: &str,
@@ -93,6 +94,35 @@ fn torch_seconds(
     causal: bool,
     min: f64,
 ) -> Result<(f64, String), String> {
+    torch_run(
+        python,
+        &[queries, n, threads, heads, dim],
+        causal,
+        min,
+        false,
+    )
+}
+
+/// PyTorch's `out.backward(d_out)` for `n` queries, keys and values (forward not timed).
+fn torch_backward_seconds(
+    python: &str,
+    n: usize,
+    threads: usize,
+    causal: bool,
+    min: f64,
+) -> Result<(f64, String), String> {
+    torch_run(python, &[n, n, threads, HEADS, DIM], causal, min, true)
+}
+
+/// Runs `benches/torch_sdpa.py` for `[queries, n, threads, heads, dim]`.
+fn torch_run(
+    python: &str,
+    sizes: &[usize; 5],
+    causal: bool,
+    min: f64,
+    backward: bool,
+) -> Result<(f64, String), String> {
+    let [queries, n, threads, heads, dim] = *sizes;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/torch_sdpa.py");
     let args = [
         n.to_string(),
@@ -103,6 +133,7 @@ fn torch_seconds(
         if causal { "causal" } else { "none" }.to_string(),
         min.to_string(),
         queries.to_string(),
+        if backward { "backward" } else { "forward" }.to_string(),
     ];
     let out = Command::new(python)
         .arg(script)
@@ -308,6 +339,43 @@ fn main() {
 
     // peak memory of the fused path at N = 16384: nothing grows with N² (the
     // scores would be 8 GiB per call in f32)
+    // the backward pass: gradients of q, k, v from d_out (forward not timed for
+    // PyTorch; attn's backward runs its own forward pass inside)
+    println!("\nbackward, f32, {HEADS} heads, head_dim {DIM}: GFLOP/s = 10·N²·d·heads / time (causal: half); FMA peak 117 GFLOP/s per core\n");
+    println!("| N | mask | threads | attn backward | PyTorch backward | attn / PyTorch | attn, % of FMA peak |");
+    println!("|---|---|---|---|---|---|---|");
+    let backward_sizes: &[usize] = if quick { &[512] } else { &[512, 2048] };
+    for &n in backward_sizes {
+        let (q, k, v) = qkv(n);
+        let d_out = inputs(n, HEADS, DIM, 4);
+        for causal in [false, true] {
+            let attn = if causal {
+                ScaledDotProduct::new().with_mask(Mask::CausalTopLeft)
+            } else {
+                ScaledDotProduct::new()
+            };
+            let flops = 10.0 * (n * n * DIM * HEADS) as f64 / if causal { 2.0 } else { 1.0 };
+            for threads in [1, 2] {
+                let pool = pool_of(threads);
+                let ours = pool.install(|| {
+                    best_seconds(min, || drop(attn.backward_batched(&q, &k, &v, &d_out)))
+                });
+                let torch = torch_backward_seconds(&python, n, threads, causal, min);
+                let (torch_cell, ratio) = match &torch {
+                    Ok((s, _)) => (gflops(flops, *s), format!("{:.2}×", s / ours)),
+                    Err(why) => (why.clone(), "–".to_string()),
+                };
+                let peak = 117.0 * threads as f64;
+                println!(
+                    "| {n} | {} | {threads} | {} | {torch_cell} | {ratio} | {:.0} % |",
+                    if causal { "causal" } else { "none" },
+                    gflops(flops, ours),
+                    100.0 * flops / ours / 1e9 / peak
+                );
+            }
+        }
+    }
+
     if !quick {
         let n = 16384;
         let (q, k, v) = qkv(n);

@@ -9,86 +9,54 @@
 //! 2. per key block: `P = exp(S − lse)` (0 where masked), `dV += Pᵀ·dO`,
 //!    `dP = dO·Vᵀ`, `dS = P ∘ (dP − D)`, `dQ += dS·K`, `dK += dSᵀ·Q·scale`.
 //!
-//! Block products are general matrix products on views. Heads run in parallel,
-//! each with its own `dK` and `dV`, summed over the query heads of a key/value
-//! head in head order, so the result does not depend on the number of threads.
-//! Heads whose inputs are not finite, or could overflow, take the reference path.
+//! Block products are general matrix products on views; the rest is compiled per
+//! instruction set in [`super::arch`]. [`super::run::backward`] runs the heads in
+//! parallel, each with its own `dK` and `dV`, summed over the query heads of a
+//! key/value head in head order, so the result does not depend on the number of
+//! threads; heads whose inputs are not finite, or could overflow, take the
+//! reference path.
 //!
 //! [`BACKWARD_QUERIES`]: super::params::BACKWARD_QUERIES
 //! [`BACKWARD_KEYS`]: super::params::BACKWARD_KEYS
 
 use ndarray::linalg::general_mat_mul;
 use ndarray::{s, Array2, ArrayView2, ArrayViewMut2, Axis};
-use rayon::prelude::*;
 
-use super::float::{KernelFloat, Separate};
-use super::fusable::{extent_of, fusable};
+use super::float::{KernelFloat, MulAdd};
 use super::online::{inverse_total, softmax_update};
-use super::options::Parallelism;
 use super::params::{BACKWARD_KEYS as BK, BACKWARD_QUERIES as BQ, LANES};
-use super::report::{self, Path};
-use crate::core::backward::Gradients;
 use crate::core::mask::{apply_row, keys_in_reach, Mask2};
-use crate::core::problem::Problem;
 
 /// One query head's gradients: `dq` for the head, `dk` and `dv` for its
 /// key/value head (to be summed with the other query heads of its group).
-struct HeadGradients<A> {
-    dq: Array2<A>,
-    dk: Array2<A>,
-    dv: Array2<A>,
+pub(crate) struct HeadGradients<A> {
+    pub(crate) dq: Array2<A>,
+    pub(crate) dk: Array2<A>,
+    pub(crate) dv: Array2<A>,
 }
 
-/// The gradients of every head of `problem` given `d_out`, `(batch, heads, L, d_v)`.
-pub(crate) fn backward<A: KernelFloat>(
-    problem: &Problem<'_, A>,
-    d_out: ndarray::ArrayView4<'_, A>,
-    parallelism: Parallelism,
-) -> Gradients<A> {
-    let (batch, heads, _, _) = problem.q.dim();
-    let run = |task: usize| {
-        let (b, h) = (task / heads, task % heads);
-        let d_out = d_out.index_axis(Axis(0), b).index_axis_move(Axis(0), h);
-        head_backward(problem, b, h, d_out)
-    };
-    let tasks = 0..batch * heads;
-    let per_head: Vec<(HeadGradients<A>, Path)> = match parallelism {
-        Parallelism::Sequential => tasks.map(run).collect(),
-        Parallelism::Rayon => tasks.into_par_iter().map(run).collect(),
-    };
-    let mut grads = Gradients::zeros(problem);
-    for (task, (head, path)) in per_head.into_iter().enumerate() {
-        report::count(path, 1);
-        let (b, h) = (task / heads, task % heads);
-        let kv = problem.kv_head(h);
-        grads.dq.slice_mut(s![b, h, .., ..]).assign(&head.dq);
-        grads
-            .dk
-            .slice_mut(s![b, kv, .., ..])
-            .zip_mut_with(&head.dk, |a, &x| *a += x);
-        grads
-            .dv
-            .slice_mut(s![b, kv, .., ..])
-            .zip_mut_with(&head.dv, |a, &x| *a += x);
-    }
-    grads
+/// One query head whose inputs the fused pass may take (checked by the caller).
+pub(crate) struct HeadInputs<'h, 'p, A> {
+    pub(crate) q: ArrayView2<'p, A>,
+    pub(crate) k: ArrayView2<'p, A>,
+    pub(crate) v: ArrayView2<'p, A>,
+    pub(crate) d_out: ArrayView2<'p, A>,
+    pub(crate) masks: &'h [Mask2<'p, A>],
+    pub(crate) scale: A,
 }
 
-/// Query head `h` of batch `b`, fused if its inputs allow, else by the reference path.
-fn head_backward<A: KernelFloat>(
-    problem: &Problem<'_, A>,
-    b: usize,
-    h: usize,
-    d_out: ArrayView2<'_, A>,
-) -> (HeadGradients<A>, Path) {
-    let q = problem.query(b, h);
-    let (k, v) = problem.keys_values(b, problem.kv_head(h));
-    let masks = problem.block_masks(b, h);
-    let finite = extent_of(&d_out).finite;
-    if !(finite && fusable(&q, &masks, problem.scale, extent_of(&k), extent_of(&v))) {
-        let (dq, dk, dv) = problem.backward_head(b, h, d_out);
-        return (HeadGradients { dq, dk, dv }, Path::Reference);
-    }
+/// The gradients of one query head by the fused pass; `M` says how `a·b + c` is
+/// computed (the caller compiles it for its instruction set).
+#[inline(always)]
+pub(crate) fn head<A: KernelFloat, M: MulAdd>(inputs: &HeadInputs<'_, '_, A>) -> HeadGradients<A> {
+    let HeadInputs {
+        q,
+        k,
+        v,
+        d_out,
+        masks,
+        scale,
+    } = *inputs;
     let mut grads = HeadGradients {
         dq: Array2::zeros(q.raw_dim()),
         dk: Array2::zeros(k.raw_dim()),
@@ -97,23 +65,22 @@ fn head_backward<A: KernelFloat>(
     let head = Head {
         k,
         v,
-        masks: &masks,
+        masks,
         l: q.nrows(),
     };
     let mut scratch = BlockScratch::new(v.ncols());
     for (c, dq) in grads.dq.axis_chunks_iter_mut(Axis(0), BQ).enumerate() {
         let rows = c * BQ..c * BQ + dq.nrows();
-        let q_block = q.slice(s![rows.clone(), ..]).mapv(|x| x * problem.scale);
-        let d_out = d_out.slice(s![rows.clone(), ..]);
+        let q_block = q.slice(s![rows.clone(), ..]).mapv(|x| x * scale);
         let queries = Queries {
             first: rows.start,
             q: q_block.view(),
-            d_out,
+            d_out: d_out.slice(s![rows, ..]),
         };
-        head.query_block(&queries, &mut scratch, dq, &mut grads.dk, &mut grads.dv);
+        head.query_block::<M>(&queries, &mut scratch, dq, &mut grads.dk, &mut grads.dv);
     }
-    grads.dq.mapv_inplace(|x| x * problem.scale);
-    (grads, Path::FusedBackward)
+    grads.dq.mapv_inplace(|x| x * scale);
+    grads
 }
 
 /// What one query head attends over.
@@ -160,6 +127,7 @@ impl<A: KernelFloat> BlockScratch<A> {
 
 impl<A: KernelFloat> Head<'_, '_, A> {
     /// The keys any row of the block may see, cut into key blocks.
+    #[inline(always)]
     fn key_blocks(&self, queries: &Queries<'_, A>) -> impl Iterator<Item = std::ops::Range<usize>> {
         let s = self.k.nrows();
         let last = queries.first + queries.q.nrows() - 1;
@@ -170,6 +138,7 @@ impl<A: KernelFloat> Head<'_, '_, A> {
 
     /// `S = (Q·scale)·Kᵀ` for keys `keys`, masked, into the first rows and
     /// columns of `s`.
+    #[inline(always)]
     fn scores(&self, queries: &Queries<'_, A>, keys: &std::ops::Range<usize>, s: &mut Array2<A>) {
         let rows = queries.q.nrows();
         let mut block = s.slice_mut(s![..rows, ..keys.len()]);
@@ -192,7 +161,8 @@ impl<A: KernelFloat> Head<'_, '_, A> {
 
     /// Both passes of one query block: `dq` is the block's rows of `dQ`
     /// (unscaled); `dk` and `dv` the head's, accumulated.
-    fn query_block(
+    #[inline(always)]
+    fn query_block<M: MulAdd>(
         &self,
         queries: &Queries<'_, A>,
         scratch: &mut BlockScratch<A>,
@@ -201,14 +171,14 @@ impl<A: KernelFloat> Head<'_, '_, A> {
         dv: &mut Array2<A>,
     ) {
         let rows = queries.q.nrows();
-        self.forward(queries, scratch);
+        self.forward::<M>(queries, scratch);
         for keys in self.key_blocks(queries) {
             let n = keys.len();
             self.scores(queries, &keys, &mut scratch.p);
             let mut p = scratch.p.slice_mut(s![..rows, ..n]);
             for (i, mut row) in p.outer_iter_mut().enumerate() {
                 let lse = scratch.lse[i];
-                row.mapv_inplace(|x| A::exp_nonpositive::<Separate>(x - lse));
+                row.mapv_inplace(|x| A::exp_nonpositive::<M>(x - lse));
             }
             let p = p.view();
             // dV += Pᵀ·dO
@@ -231,7 +201,8 @@ impl<A: KernelFloat> Head<'_, '_, A> {
 
     /// The forward pass of one query block: each row's log-sum-exp and
     /// `D = rowsum(dO ∘ O)`, into `scratch`.
-    fn forward(&self, queries: &Queries<'_, A>, scratch: &mut BlockScratch<A>) {
+    #[inline(always)]
+    fn forward<M: MulAdd>(&self, queries: &Queries<'_, A>, scratch: &mut BlockScratch<A>) {
         let rows = queries.q.nrows();
         let mut max = [A::neg_infinity(); BQ];
         let mut sum = [A::zero(); BQ];
@@ -244,7 +215,7 @@ impl<A: KernelFloat> Head<'_, '_, A> {
                 let row = row
                     .as_slice_mut()
                     .expect("a row of a standard-layout block");
-                let alpha = softmax_update::<A, Separate, LANES>(row, &mut max[i], &mut sum[i]);
+                let alpha = softmax_update::<A, M, LANES>(row, &mut max[i], &mut sum[i]);
                 scratch.o.row_mut(i).mapv_inplace(|x| x * alpha);
             }
             let v = self.v.slice(s![keys, ..]);

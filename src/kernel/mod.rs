@@ -65,21 +65,31 @@ pub(crate) fn forward<A: Element>(
 /// The gradients of every head of `problem` given `d_out = ∂loss/∂output`,
 /// `(batch, heads, L, d_v)`: by the fused backward pass, or the reference path
 /// for [`Kernel::Plain`].
+///
+/// # Errors
+///
+/// As [`forward`].
 pub(crate) fn backward<A: Element>(
     problem: &Problem<'_, A>,
     d_out: ArrayView4<'_, A>,
     kernel: Kernel,
     parallelism: Parallelism,
-) -> Gradients<A> {
+) -> Result<Gradients<A>> {
     (A::select(Entries).backward)(problem, d_out, kernel, parallelism)
 }
 
+/// [`forward`] compiled for one element type.
+type ForwardFn<A> =
+    for<'p, 'o> fn(&Problem<'p, A>, ArrayViewMut4<'o, A>, Kernel, Parallelism) -> Result<()>;
+
+/// [`backward`] compiled for one element type.
+type BackwardFn<A> =
+    for<'p, 'd> fn(&Problem<'p, A>, ArrayView4<'d, A>, Kernel, Parallelism) -> Result<Gradients<A>>;
+
 /// The kernel's entry points compiled for one element type.
 struct EntryPoints<A> {
-    forward:
-        for<'p, 'o> fn(&Problem<'p, A>, ArrayViewMut4<'o, A>, Kernel, Parallelism) -> Result<()>,
-    backward:
-        for<'p, 'd> fn(&Problem<'p, A>, ArrayView4<'d, A>, Kernel, Parallelism) -> Gradients<A>,
+    forward: ForwardFn<A>,
+    backward: BackwardFn<A>,
 }
 
 /// Picks the entry points for the element type.
@@ -109,13 +119,13 @@ fn choose_backward<A: KernelElement>(
     d_out: ArrayView4<'_, A>,
     kernel: Kernel,
     parallelism: Parallelism,
-) -> Gradients<A> {
+) -> Result<Gradients<A>> {
     if kernel == Kernel::Plain {
         let (batch, heads, _, _) = problem.q.dim();
         report::count(Path::Reference, batch * heads);
-        return problem.backward(d_out);
+        return Ok(problem.backward(d_out));
     }
-    backward::backward(problem, d_out, parallelism)
+    Ok(run::backward(problem, Arch::detect()?, d_out, parallelism))
 }
 
 /// Chooses the path for every head and runs it.

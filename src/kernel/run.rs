@@ -5,6 +5,7 @@ use ndarray::{ArrayView2, ArrayViewMut2, Axis, CowArray, Ix2};
 use rayon::prelude::*;
 
 use super::arch::{Arch, KernelElement};
+use super::backward::{HeadGradients, HeadInputs};
 use super::direct::{self, Group, Partial};
 use super::fusable::{extent_of, fusable, Extent};
 use super::options::Parallelism;
@@ -13,6 +14,7 @@ use super::params::{BC, BR, DIRECT_PART, PACKED_BYTES};
 use super::report::{self, Path};
 use super::rowwise;
 use super::tiled::{Block, Scratch};
+use crate::core::backward::Gradients;
 use crate::core::mask::Mask2;
 use crate::core::problem::Problem;
 
@@ -231,4 +233,67 @@ fn tiled_wave<A: KernelElement>(
             |scratch, task| A::attend_block(arch, &task.block, scratch, task.out),
         ),
     }
+}
+
+/// The gradients of every head of `problem` given `d_out`, `(batch, heads, L, d_v)`,
+/// by the fused backward pass; heads whose inputs need it by the reference path.
+pub(crate) fn backward<A: KernelElement>(
+    problem: &Problem<'_, A>,
+    arch: Arch,
+    d_out: ndarray::ArrayView4<'_, A>,
+    parallelism: Parallelism,
+) -> Gradients<A> {
+    let (batch, heads, _, _) = problem.q.dim();
+    let run = |task: usize| {
+        let (b, h) = (task / heads, task % heads);
+        let d_out = d_out.index_axis(Axis(0), b).index_axis_move(Axis(0), h);
+        head_backward(problem, arch, b, h, d_out)
+    };
+    let tasks = 0..batch * heads;
+    let per_head: Vec<(HeadGradients<A>, Path)> = match parallelism {
+        Parallelism::Sequential => tasks.map(run).collect(),
+        Parallelism::Rayon => tasks.into_par_iter().map(run).collect(),
+    };
+    let mut grads = Gradients::zeros(problem);
+    for (task, (head, path)) in per_head.into_iter().enumerate() {
+        report::count(path, 1);
+        let (b, h) = (task / heads, task % heads);
+        let kv = problem.kv_head(h);
+        grads
+            .dq
+            .slice_mut(ndarray::s![b, h, .., ..])
+            .assign(&head.dq);
+        let mut dk = grads.dk.slice_mut(ndarray::s![b, kv, .., ..]);
+        dk.zip_mut_with(&head.dk, |a, &x| *a += x);
+        let mut dv = grads.dv.slice_mut(ndarray::s![b, kv, .., ..]);
+        dv.zip_mut_with(&head.dv, |a, &x| *a += x);
+    }
+    grads
+}
+
+/// Query head `h` of batch `b`, fused if its inputs allow, else by the reference path.
+fn head_backward<A: KernelElement>(
+    problem: &Problem<'_, A>,
+    arch: Arch,
+    b: usize,
+    h: usize,
+    d_out: ArrayView2<'_, A>,
+) -> (HeadGradients<A>, Path) {
+    let q = problem.query(b, h);
+    let (k, v) = problem.keys_values(b, problem.kv_head(h));
+    let masks = problem.block_masks(b, h);
+    let finite = extent_of(&d_out).finite;
+    if !(finite && fusable(&q, &masks, problem.scale, extent_of(&k), extent_of(&v))) {
+        let (dq, dk, dv) = problem.backward_head(b, h, d_out);
+        return (HeadGradients { dq, dk, dv }, Path::Reference);
+    }
+    let inputs = HeadInputs {
+        q,
+        k,
+        v,
+        d_out,
+        masks: &masks,
+        scale: problem.scale,
+    };
+    (A::backward_head(arch, &inputs), Path::FusedBackward)
 }

@@ -153,12 +153,7 @@ impl<A: Element> ScaledDotProduct<'_, A> {
         problem: &Problem<'_, A>,
         d_out: &ndarray::ArrayView4<'_, A>,
     ) -> Result<Gradients<A>> {
-        Ok(kernel::backward(
-            problem,
-            d_out.view(),
-            self.kernel,
-            self.parallelism,
-        ))
+        kernel::backward(problem, d_out.view(), self.kernel, self.parallelism)
     }
 }
 

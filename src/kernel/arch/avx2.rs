@@ -7,6 +7,7 @@ use std::ops::Range;
 
 use ndarray::ArrayViewMut2;
 
+use crate::kernel::backward::{self, HeadGradients, HeadInputs};
 use crate::kernel::direct::{attend_part, Dots, Group, Partial};
 use crate::kernel::float::Fused;
 use crate::kernel::params::{BC, LANES, MR};
@@ -27,10 +28,10 @@ impl Avx2 {
     }
 }
 
-/// The two kernels' entry points for one element type, compiled with AVX2 and FMA
+/// The kernels' entry points for one element type, compiled with AVX2 and FMA
 /// enabled so that the generic bodies inline the intrinsic micro-kernels.
 macro_rules! entry_points {
-    ($ty:ty, $nr:literal, $block:ident, $part:ident) => {
+    ($ty:ty, $nr:literal, $block:ident, $part:ident, $backward:ident) => {
         impl Avx2 {
             /// [`attend_block`] for this element, `$nr`-wide tiles.
             pub(crate) fn $block(
@@ -75,12 +76,25 @@ macro_rules! entry_points {
                 // SAFETY: `self` exists, so the CPU has AVX2 and FMA.
                 unsafe { compiled(self, group, part) }
             }
+
+            /// [`backward::head`] for this element.
+            pub(crate) fn $backward(self, inputs: &HeadInputs<'_, '_, $ty>) -> HeadGradients<$ty> {
+                /// # Safety
+                ///
+                /// The CPU must support AVX2 and FMA.
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn compiled(inputs: &HeadInputs<'_, '_, $ty>) -> HeadGradients<$ty> {
+                    backward::head::<$ty, Fused>(inputs)
+                }
+                // SAFETY: `self` exists, so the CPU has AVX2 and FMA.
+                unsafe { compiled(inputs) }
+            }
         }
     };
 }
 
-entry_points!(f32, 16, attend_block_f32, attend_part_f32);
-entry_points!(f64, 8, attend_block_f64, attend_part_f64);
+entry_points!(f32, 16, attend_block_f32, attend_part_f32, backward_f32);
+entry_points!(f64, 8, attend_block_f64, attend_part_f64, backward_f64);
 
 /// One micro-kernel body for both element types: `$ty` is the element,
 /// `$nr` the tile width, `$half` the lanes of one register.

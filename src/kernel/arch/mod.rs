@@ -27,6 +27,7 @@ use ndarray::ArrayViewMut2;
 
 pub(crate) use portable::Portable;
 
+use super::backward::{self, HeadGradients, HeadInputs};
 use super::direct::{self, Group, Partial};
 use super::float::{KernelFloat, Separate};
 use super::tiled::{self, Block, Scratch};
@@ -125,11 +126,14 @@ pub(crate) trait KernelElement: Element + KernelFloat {
 
     /// [`direct::attend_part`] compiled for `arch`.
     fn attend_part(arch: Arch, group: &Group<'_, '_, Self>, part: Range<usize>) -> Partial<Self>;
+
+    /// [`backward::head`] compiled for `arch`.
+    fn backward_head(arch: Arch, inputs: &HeadInputs<'_, '_, Self>) -> HeadGradients<Self>;
 }
 
 /// [`KernelElement`] for one element type: its AVX2 entry points and tile widths.
 macro_rules! kernel_element {
-    ($ty:ty, $avx2_block:ident, $avx2_part:ident, $avx2_width:literal, $portable_width:literal) => {
+    ($ty:ty, $avx2_block:ident, $avx2_part:ident, $avx2_backward:ident, $avx2_width:literal, $portable_width:literal) => {
         impl KernelElement for $ty {
             fn tile_width(arch: Arch) -> usize {
                 match arch {
@@ -169,12 +173,20 @@ macro_rules! kernel_element {
                     Arch::Avx2(token) => token.$avx2_part(group, part),
                 }
             }
+
+            fn backward_head(arch: Arch, inputs: &HeadInputs<'_, '_, $ty>) -> HeadGradients<$ty> {
+                match arch {
+                    Arch::Portable => backward::head::<$ty, Separate>(inputs),
+                    #[cfg(target_arch = "x86_64")]
+                    Arch::Avx2(token) => token.$avx2_backward(inputs),
+                }
+            }
         }
     };
 }
 
-kernel_element!(f32, attend_block_f32, attend_part_f32, 16, 8);
-kernel_element!(f64, attend_block_f64, attend_part_f64, 8, 4);
+kernel_element!(f32, attend_block_f32, attend_part_f32, backward_f32, 16, 8);
+kernel_element!(f64, attend_block_f64, attend_part_f64, backward_f64, 8, 4);
 
 #[cfg(test)]
 mod tests {
