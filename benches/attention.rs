@@ -1,12 +1,14 @@
 //! Criterion benchmarks: the matrix products and the softmax the plain path is
-//! made of, and end-to-end attention, plain against fused, in f32 and f64.
+//! made of, end-to-end attention, plain against fused, in f32 and f64, and the
+//! backward pass, fused against plain.
 //!
 //! `cargo bench --bench attention`; throughput is reported in FLOP/s
-//! (`4·N²·d·heads` per attention call, `2·N²·d` per product, `N²` per softmax).
+//! (`4·N²·d·heads` per attention call, `10·N²·d·heads` per backward pass (causal:
+//! half), `2·N²·d` per product, `N²` per softmax).
 
 use std::time::Duration;
 
-use attn::{softmax_rows, Element, Kernel, ScaledDotProduct};
+use attn::{softmax_rows, Element, Kernel, Mask, ScaledDotProduct};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ndarray::{Array2, Array4};
 
@@ -78,5 +80,57 @@ fn attention_f64(c: &mut Criterion) {
     end_to_end::<f64>(c, "sdpa_f64_8heads_d64", &[3, 128, 512, 2048]);
 }
 
-criterion_group!(benches, matmul_core, softmax, attention_f32, attention_f64);
+/// The gradients of q, k and v (the fused pass includes its own forward pass).
+fn backward_f32(c: &mut Criterion) {
+    let mut group = c.benchmark_group("backward_f32_8heads_d64");
+    for n in [512usize, 2048] {
+        let x = |seed| -> Array4<f32> {
+            filled::<f32>((HEADS * n, DIM), seed)
+                .into_shape_with_order((1, HEADS, n, DIM))
+                .expect("same size")
+        };
+        let (q, d_out) = (x(5), x(6));
+        if n >= 2048 {
+            group
+                .sample_size(10)
+                .measurement_time(Duration::from_secs(10));
+        }
+        for causal in [false, true] {
+            let flops = 10 * n * n * DIM * HEADS / if causal { 2 } else { 1 };
+            group.throughput(Throughput::Elements(flops as u64));
+            let mask = if causal { "causal" } else { "none" };
+            let kernels: &[_] = if n >= 2048 {
+                &[("fused", Kernel::Auto)] // the plain path holds 8 × N² weights
+            } else {
+                &[("fused", Kernel::Auto), ("plain", Kernel::Plain)]
+            };
+            for &(label, kernel) in kernels {
+                let mut attn = ScaledDotProduct::new().with_kernel(kernel);
+                if causal {
+                    attn = attn.with_mask(Mask::CausalTopLeft);
+                }
+                group.bench_with_input(
+                    BenchmarkId::new(format!("{label}_{mask}"), n),
+                    &q,
+                    |b, q| {
+                        b.iter(|| {
+                            attn.backward_batched(q, q, q, &d_out)
+                                .expect("shapes agree")
+                        })
+                    },
+                );
+            }
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    matmul_core,
+    softmax,
+    attention_f32,
+    attention_f64,
+    backward_f32
+);
 criterion_main!(benches);
