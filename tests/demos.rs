@@ -1,4 +1,5 @@
-//! The demos' own code paths against the golden numbers of the seeds.
+//! The demos' own code paths against the golden numbers of the notebooks they
+//! reproduce, and the training demo against what it promises.
 // each example brings its own copy of examples/common
 #![allow(clippy::duplicate_mod)]
 
@@ -234,4 +235,29 @@ fn decode_steps_match_causal_attention_and_their_weights() {
     }
     let prompt = run.recomputed.slice(s![.., .., ..decode::PROMPT, ..]);
     assert!((&run.prompt - &prompt).iter().all(|d| d.abs() < 1e-6));
+}
+
+#[allow(dead_code)]
+#[path = "../examples/learn_attention.rs"]
+mod learn_attention;
+
+/// The training demo learns: its loss falls by more than 10× and attention goes
+/// from uniform to sharp on the pair that holds the answer.
+#[test]
+fn learn_attention_learns_associative_recall() {
+    let run = learn_attention::train(300, 7).expect("valid shapes");
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+    let (first, last) = (mean(&run.losses[..10]), mean(&run.losses[290..]));
+    assert!(first > 10.0 * last, "loss {first} → {last}");
+    let before = learn_attention::mean_weight_on_answer(&run.before, &run.eval);
+    let after = learn_attention::mean_weight_on_answer(&run.after, &run.eval);
+    assert!(
+        (before - 1.0 / 6.0).abs() < 0.01,
+        "before training: {before}"
+    );
+    assert!(after > 0.9, "after training: {after}");
+    // every evaluation row is a distribution over the six pairs
+    for row in run.after.weights.rows() {
+        assert!((row.sum() - 1.0).abs() < 1e-12);
+    }
 }

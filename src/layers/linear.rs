@@ -1,6 +1,9 @@
 //! A learned affine map `y = x·W + b`, the building block of every projection.
 
-use ndarray::{Array, Array1, Array2, Array3, ArrayRef2, ArrayRef3, Axis, Dimension, Ix2, Ix3};
+use ndarray::{
+    Array, Array1, Array2, Array3, ArrayRef2, ArrayRef3, ArrayViewMut1, ArrayViewMut2, Axis,
+    Dimension, Ix2, Ix3,
+};
 
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -140,6 +143,40 @@ impl<A: Element> Linear<A> {
     /// ```
     pub fn bias(&self) -> Option<&Array1<A>> {
         self.bias.as_ref()
+    }
+
+    /// The weight, to change in place (a training step); its shape stays.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::{array, Array2};
+    ///
+    /// let mut layer = attn::Linear::new(Array2::<f64>::zeros((1, 1)));
+    /// layer.weight_mut().fill(2.0);
+    /// assert_eq!(layer.forward(&array![[3.0]])?, array![[6.0]]);
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn weight_mut(&mut self) -> ArrayViewMut2<'_, A> {
+        self.weight.view_mut()
+    }
+
+    /// The bias, to change in place, if there is one; its shape stays.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::{array, Array2};
+    ///
+    /// let mut layer = attn::Linear::new(Array2::<f64>::eye(1)).with_bias(array![0.0])?;
+    /// if let Some(mut b) = layer.bias_mut() {
+    ///     b[0] = 1.0;
+    /// }
+    /// assert_eq!(layer.forward(&array![[3.0]])?, array![[4.0]]);
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn bias_mut(&mut self) -> Option<ArrayViewMut1<'_, A>> {
+        self.bias.as_mut().map(|b| b.view_mut())
     }
 
     /// The width of the inputs (rows of the weight).

@@ -10,8 +10,15 @@ use plotters::prelude::*;
 use plotters::style::colors::colormaps::ViridisRGB;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
+mod curve;
+mod output;
+
+pub use curve::Curve;
+
+use output::{plot_error, register_system_font, with_path};
+
 use crate::element::Element;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// One matrix drawn as a heatmap: a title, row and column labels, and each cell
 /// annotated with its value (like seaborn's `annot=True`), on a viridis scale
@@ -36,6 +43,8 @@ pub struct Heatmap {
     rows: Vec<String>,
     cols: Vec<String>,
     decimals: usize,
+    /// The values the colour scale spans; the data's own range when `None`.
+    scale: Option<(f64, f64)>,
 }
 
 impl Heatmap {
@@ -56,6 +65,7 @@ impl Heatmap {
             cols: (0..values.ncols()).map(|j| j.to_string()).collect(),
             values,
             decimals: 2,
+            scale: None,
         }
     }
 
@@ -99,6 +109,25 @@ impl Heatmap {
         self
     }
 
+    /// Colours the scale from `low` to `high` instead of the data's own range: give
+    /// attention weights `(0.0, 1.0)`, and panels that compare one quantity the same
+    /// range, so that nearly uniform weights look nearly uniform.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::plot::Heatmap;
+    /// use ndarray::array;
+    ///
+    /// let uniform = array![[0.34_f64, 0.33, 0.33]];
+    /// let map = Heatmap::new("weights", &uniform).with_range(0.0, 1.0);
+    /// assert_eq!(map.values(), &uniform);
+    /// ```
+    pub fn with_range(mut self, low: f64, high: f64) -> Self {
+        self.scale = (low.is_finite() && high.is_finite() && low < high).then_some((low, high));
+        self
+    }
+
     /// The title.
     ///
     /// # Examples
@@ -124,6 +153,9 @@ impl Heatmap {
 
     /// The finite range of the values, `(0, 1)` when there is none.
     fn range(&self) -> (f64, f64) {
+        if let Some(scale) = self.scale {
+            return scale;
+        }
         let finite = self.values.iter().filter(|x| x.is_finite());
         let (lo, hi) = finite.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
             (lo.min(x), hi.max(x))
@@ -273,7 +305,7 @@ impl Figure {
     ///
     /// # Errors
     ///
-    /// [`Error::Plot`] when the file cannot be written.
+    /// [`Error::Plot`](crate::Error::Plot) when the file cannot be written.
     ///
     /// # Examples
     ///
@@ -295,7 +327,7 @@ impl Figure {
     ///
     /// # Errors
     ///
-    /// [`Error::Plot`] when no font is found or the file cannot be written; the SVG
+    /// [`Error::Plot`](crate::Error::Plot) when no font is found or the file cannot be written; the SVG
     /// has the same picture.
     ///
     /// # Examples
@@ -429,51 +461,4 @@ fn draw_panel<DB: DrawingBackend>(
         tick,
     ))?;
     Ok(())
-}
-
-fn plot_error<E: std::error::Error + Send + Sync>(e: DrawingAreaErrorKind<E>) -> Error {
-    Error::Plot {
-        reason: e.to_string(),
-    }
-}
-
-fn with_path(e: Error, path: &Path) -> Error {
-    match e {
-        Error::Plot { reason } => Error::Plot {
-            reason: format!("{}: {reason}", path.display()),
-        },
-        other => other,
-    }
-}
-
-/// Registers a TrueType font as "sans-serif" for PNG text, once.
-fn register_system_font() -> Result<()> {
-    use std::sync::OnceLock;
-    static FONT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-    FONT.get_or_init(|| {
-        let candidates = std::env::var("ATTN_FONT").into_iter().chain(
-            [
-                "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-                "/usr/share/fonts/TTF/DejaVuSans.ttf",
-                "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-                "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
-                "/Library/Fonts/Arial.ttf",
-                "C:\\Windows\\Fonts\\arial.ttf",
-            ]
-            .map(String::from),
-        );
-        for path in candidates {
-            if let Ok(bytes) = std::fs::read(&path) {
-                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                for style in [FontStyle::Normal, FontStyle::Bold] {
-                    plotters::style::register_font("sans-serif", style, bytes)
-                        .map_err(|_| format!("{path} is not a font plotters can read"))?;
-                }
-                return Ok(());
-            }
-        }
-        Err("no TrueType font found for PNG text (set ATTN_FONT to a .ttf file)".to_string())
-    })
-    .clone()
-    .map_err(|reason| Error::Plot { reason })
 }
