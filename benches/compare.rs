@@ -341,9 +341,10 @@ fn main() {
     // scores would be 8 GiB per call in f32)
     // the backward pass: gradients of q, k, v from d_out (forward not timed for
     // PyTorch; attn's backward runs its own forward pass inside)
-    println!("\nbackward, f32, {HEADS} heads, head_dim {DIM}: GFLOP/s = 10·N²·d·heads / time (causal: half); FMA peak 117 GFLOP/s per core\n");
-    println!("| N | mask | threads | attn backward | PyTorch backward | attn / PyTorch | attn, % of FMA peak |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("\nbackward, f32, {HEADS} heads, head_dim {DIM}: GFLOP/s = 10·N²·d·heads / time (causal: half); FMA peak 117 GFLOP/s per core");
+    println!("\"kept\": `backward_batched_with_lse` from `forward_batched_with_lse` (forward not timed, as for PyTorch); \"alone\": `backward_batched`, which runs the forward again\n");
+    println!("| N | mask | threads | attn kept | attn alone | PyTorch backward | kept / PyTorch | kept, % of FMA peak |");
+    println!("|---|---|---|---|---|---|---|---|");
     let backward_sizes: &[usize] = if quick { &[512] } else { &[512, 2048] };
     for &n in backward_sizes {
         let (q, k, v) = qkv(n);
@@ -355,22 +356,31 @@ fn main() {
                 ScaledDotProduct::new()
             };
             let flops = 10.0 * (n * n * DIM * HEADS) as f64 / if causal { 2.0 } else { 1.0 };
+            let forward = attn
+                .forward_batched_with_lse(&q, &k, &v)
+                .expect("valid shapes");
             for threads in [1, 2] {
                 let pool = pool_of(threads);
-                let ours = pool.install(|| {
+                let kept = pool.install(|| {
+                    best_seconds(min, || {
+                        drop(attn.backward_batched_with_lse(&q, &k, &v, &forward, &d_out))
+                    })
+                });
+                let alone = pool.install(|| {
                     best_seconds(min, || drop(attn.backward_batched(&q, &k, &v, &d_out)))
                 });
                 let torch = torch_backward_seconds(&python, n, threads, causal, min);
                 let (torch_cell, ratio) = match &torch {
-                    Ok((s, _)) => (gflops(flops, *s), format!("{:.2}×", s / ours)),
+                    Ok((s, _)) => (gflops(flops, *s), format!("{:.2}×", s / kept)),
                     Err(why) => (why.clone(), "–".to_string()),
                 };
                 let peak = 117.0 * threads as f64;
                 println!(
-                    "| {n} | {} | {threads} | {} | {torch_cell} | {ratio} | {:.0} % |",
+                    "| {n} | {} | {threads} | {} | {} | {torch_cell} | {ratio} | {:.0} % |",
                     if causal { "causal" } else { "none" },
-                    gflops(flops, ours),
-                    100.0 * flops / ours / 1e9 / peak
+                    gflops(flops, kept),
+                    gflops(flops, alone),
+                    100.0 * flops / kept / 1e9 / peak
                 );
             }
         }

@@ -66,6 +66,6 @@ pub use layers::multi_head::{
 pub use layers::parameter_free;
 pub use layers::projection::{ProjectionShape, QkvProjection};
 pub use sdpa::{
-    attention_weights, scaled_dot_product, AttentionGradients, AttentionOutput, AttentionTrace,
-    ScaledDotProduct,
+    attention_weights, merge_attention, scaled_dot_product, AttentionGradients, AttentionLse,
+    AttentionOutput, AttentionTrace, ScaledDotProduct,
 };

@@ -215,3 +215,119 @@ fn non_finite_or_overflowing_inputs_take_the_reference_path() {
     let attn32 = ScaledDotProduct::new();
     backward_by(false, 1, || attn32.backward(&q32, &big32, &v32, &g32)).expect("valid");
 }
+
+/// `ln Σⱼ exp(scaled score)` over the keys row `i` sees, by hand (`−∞` for none).
+fn lse_by_hand(q: &Array2<f64>, k: &Array2<f64>, keep: &Array2<bool>) -> Array1<f64> {
+    let scale = 1.0 / (q.ncols() as f64).sqrt();
+    Array1::from_shape_fn(q.nrows(), |i| {
+        let total: f64 = (0..k.nrows())
+            .filter(|&j| keep[[i, j]])
+            .map(|j| (q.row(i).dot(&k.row(j)) * scale).exp())
+            .sum();
+        total.ln()
+    })
+}
+
+#[test]
+fn forward_with_lse_keeps_each_rows_log_sum_exp() {
+    let (l, s) = (70, 150);
+    let (q, k, v) = (random2(l, 8, 50), random2(s, 8, 51), random2(s, 5, 52));
+    let mut keep = Array2::from_shape_fn((l, s), |(i, j)| (i + 2 * j) % 5 != 3);
+    keep.row_mut(7).fill(false); // a row that sees nothing
+    let want = lse_by_hand(&q, &k, &keep);
+    for (kernel, fused) in [(Kernel::Auto, true), (Kernel::Plain, false)] {
+        let attn = ScaledDotProduct::new()
+            .with_kernel(kernel)
+            .with_mask(Mask::keep(&keep));
+        let out = backward_by(fused, 1, || attn.forward_with_lse(&q, &k, &v)).expect("valid");
+        assert_eq!(out.lse[7], f64::NEG_INFINITY, "{kernel:?}");
+        assert!(out.output.row(7).iter().all(|&x| x == 0.0));
+        assert!(max_abs_diff(&out.lse, &want) < 1e-12, "{kernel:?}");
+        let plain = attn
+            .clone()
+            .with_kernel(Kernel::Plain)
+            .forward(&q, &k, &v)
+            .expect("valid");
+        assert!(max_abs_diff(&out.output, &plain) < 1e-14, "{kernel:?}");
+    }
+}
+
+#[test]
+fn three_key_shards_merge_to_attention_over_all_keys() {
+    let (l, s) = (40, 300);
+    let (q, k, v) = (random2(l, 16, 60), random2(s, 16, 61), random2(s, 7, 62));
+    let mut keep = Array2::from_shape_fn((l, s), |(i, j)| (3 * i + j) % 7 != 0);
+    keep.slice_mut(s![5, ..100]).fill(false); // row 5 sees nothing in the first shard
+    keep.row_mut(9).fill(false); // row 9 sees nothing anywhere
+    let shards = [0..100, 100..220, 220..300];
+    let parts: Vec<_> = shards
+        .iter()
+        .map(|keys| {
+            let keep = keep.slice(s![.., keys.clone()]).to_owned();
+            ScaledDotProduct::new()
+                .with_mask(Mask::keep(&keep))
+                .forward_with_lse(
+                    &q,
+                    &k.slice(s![keys.clone(), ..]),
+                    &v.slice(s![keys.clone(), ..]),
+                )
+                .expect("valid")
+        })
+        .collect();
+    let merged = attn::merge_attention(&parts).expect("same shapes");
+    let all = ScaledDotProduct::new()
+        .with_mask(Mask::keep(&keep))
+        .forward_with_lse(&q, &k, &v)
+        .expect("valid");
+    assert!(max_abs_diff(&merged.output, &all.output) < 1e-14);
+    assert!(max_abs_diff(&merged.lse, &all.lse) < 1e-12);
+    assert_eq!(merged.lse[9], f64::NEG_INFINITY);
+    assert!(merged.output.row(9).iter().all(|&x| x == 0.0));
+    // errors: no parts, parts that do not fit each other
+    assert!(attn::merge_attention::<f64, ndarray::Ix2>(&[]).is_err());
+    let mut odd = parts[1].clone();
+    odd.lse = Array1::zeros(l + 1);
+    assert!(attn::merge_attention(&[parts[0].clone(), odd]).is_err());
+}
+
+#[test]
+fn backward_from_the_kept_forward_equals_the_backward_that_recomputes_it() {
+    let q = random4((2, 4, 90, 16), 70);
+    let (k, v) = (random4((2, 2, 140, 16), 71), random4((2, 2, 140, 6), 72));
+    let d_out = random4((2, 4, 90, 6), 73);
+    let slopes = Array1::from(vec![0.5, 0.25, 0.125, 0.0625]);
+    let masks = [Mask::Alibi(slopes.view()), Mask::CausalBottomRight];
+    let attn = attention(Kernel::Auto, &masks);
+    let forward = attn.forward_batched_with_lse(&q, &k, &v).expect("valid");
+    let kept = backward_by(true, 8, || {
+        attn.backward_batched_with_lse(&q, &k, &v, &forward, &d_out)
+    })
+    .expect("valid");
+    let again = attn.backward_batched(&q, &k, &v, &d_out).expect("valid");
+    assert!(max_abs_diff(&kept.q, &again.q) < 1e-13);
+    assert!(max_abs_diff(&kept.k, &again.k) < 1e-13);
+    assert!(max_abs_diff(&kept.v, &again.v) < 1e-13);
+    // 2-D, and a kept forward of the wrong shape
+    let (q2, k2, v2, g2) = (
+        random2(30, 8, 74),
+        random2(50, 8, 75),
+        random2(50, 3, 76),
+        random2(30, 3, 77),
+    );
+    let f2 = attn_2d().forward_with_lse(&q2, &k2, &v2).expect("valid");
+    let kept = attn_2d()
+        .backward_with_lse(&q2, &k2, &v2, &f2, &g2)
+        .expect("valid");
+    let again = attn_2d().backward(&q2, &k2, &v2, &g2).expect("valid");
+    assert!(max_abs_diff(&kept.k, &again.k) < 1e-13);
+    let mut wrong = f2.clone();
+    wrong.lse = Array1::zeros(29);
+    let err = attn_2d()
+        .backward_with_lse(&q2, &k2, &v2, &wrong, &g2)
+        .unwrap_err();
+    assert!(matches!(err, attn::Error::Shape { .. }), "{err}");
+}
+
+fn attn_2d() -> ScaledDotProduct<'static, f64> {
+    ScaledDotProduct::new().with_mask(Mask::CausalTopLeft)
+}

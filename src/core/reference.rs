@@ -2,12 +2,19 @@
 //! the product with `V`. It defines what every input does (masks, `−∞`, NaN,
 //! empty sizes); the fused kernels are checked against it and fall back to it.
 
-use ndarray::{s, Array2, ArrayView2, ArrayViewMut2, ArrayViewMut4};
+use ndarray::{s, Array1, Array2, Array3, Array4, ArrayView2, ArrayViewMut2, ArrayViewMut4};
 
 use super::mask::{self, Mask2};
 use super::problem::Problem;
 use super::softmax::softmax_rows;
 use crate::element::Element;
+
+/// What a forward pass keeps for the backward: its output `(batch, heads, L, d_v)`
+/// and each row's log-sum-exp `(batch, heads, L)` (`−∞` for a row that sees no key).
+pub(crate) struct Saved<A> {
+    pub(crate) output: Array4<A>,
+    pub(crate) lse: Array3<A>,
+}
 
 /// One head's scaled, masked scores and their weights.
 pub(crate) struct Head<A> {
@@ -53,6 +60,43 @@ impl<A: Element> Problem<'_, A> {
         if let Some(mut weights) = weights {
             weights.assign(&head.weights);
         }
+    }
+}
+
+impl<A: Element> Problem<'_, A> {
+    /// Every head's output and log-sum-exp per row, by the reference path.
+    pub(crate) fn forward_lse(&self) -> Saved<A> {
+        let (batch, heads, l, _) = self.q.dim();
+        let mut saved = Saved {
+            output: Array4::zeros((batch, heads, l, self.v.dim().3)),
+            lse: Array3::zeros((batch, heads, l)),
+        };
+        for b in 0..batch {
+            for h in 0..heads {
+                let (output, lse) = self.forward_lse_head(b, h);
+                saved.output.slice_mut(s![b, h, .., ..]).assign(&output);
+                saved.lse.slice_mut(s![b, h, ..]).assign(&lse);
+            }
+        }
+        saved
+    }
+
+    /// Head `h` of batch `b`: its output and each row's log-sum-exp of the scaled,
+    /// masked scores (`−∞` for a row that sees no key, NaN where a score is).
+    pub(crate) fn forward_lse_head(&self, b: usize, h: usize) -> (Array2<A>, Array1<A>) {
+        let (k, v) = self.keys_values(b, self.kv_head(h));
+        let head = attend_head(self.query(b, h), k, self.scale, &self.block_masks(b, h));
+        let lse = head.scaled.rows().into_iter().map(|row| {
+            let max = row.fold(
+                A::neg_infinity(),
+                |m, &x| if x > m || x.is_nan() { x } else { m },
+            );
+            if max == A::neg_infinity() || !max.is_finite() {
+                return max;
+            }
+            max + row.fold(A::zero(), |t, &x| t + (x - max).exp()).ln()
+        });
+        (weighted_values(&head, v), lse.collect())
     }
 }
 

@@ -20,7 +20,7 @@
 //! [`BACKWARD_KEYS`]: super::params::BACKWARD_KEYS
 
 use ndarray::linalg::general_mat_mul;
-use ndarray::{s, Array2, ArrayView2, ArrayViewMut2, Axis};
+use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis};
 
 use super::float::{KernelFloat, MulAdd};
 use super::online::{inverse_total, softmax_update};
@@ -40,46 +40,83 @@ pub(crate) struct HeadInputs<'h, 'p, A> {
     pub(crate) q: ArrayView2<'p, A>,
     pub(crate) k: ArrayView2<'p, A>,
     pub(crate) v: ArrayView2<'p, A>,
-    pub(crate) d_out: ArrayView2<'p, A>,
     pub(crate) masks: &'h [Mask2<'p, A>],
     pub(crate) scale: A,
+}
+
+/// What the backward pass needs of the forward: `d_out = ∂loss/∂output`, and
+/// the forward's output and log-sum-exp per row when it kept them (else the pass
+/// runs the forward again).
+#[derive(Clone, Copy)]
+pub(crate) struct Upstream<'a, A> {
+    pub(crate) d_out: ArrayView2<'a, A>,
+    pub(crate) saved: Option<(ArrayView2<'a, A>, ArrayView1<'a, A>)>,
+}
+
+/// One query head's output and each row's log-sum-exp (`−∞` for a row that sees
+/// no key) by the fused forward of the backward pass.
+#[inline(always)]
+pub(crate) fn forward_head<A: KernelFloat, M: MulAdd>(
+    inputs: &HeadInputs<'_, '_, A>,
+) -> (Array2<A>, Array1<A>) {
+    let l = inputs.q.nrows();
+    let (head, mut scratch) = (Head::of(inputs), BlockScratch::new(inputs.v.ncols()));
+    let mut output = Array2::zeros((l, inputs.v.ncols()));
+    let mut lse = Array1::zeros(l);
+    for (c, mut out) in output.axis_chunks_iter_mut(Axis(0), BQ).enumerate() {
+        let rows = c * BQ..c * BQ + out.nrows();
+        let q_block = inputs
+            .q
+            .slice(s![rows.clone(), ..])
+            .mapv(|x| x * inputs.scale);
+        let queries = Queries {
+            first: rows.start,
+            q: q_block.view(),
+        };
+        head.forward::<M>(&queries, &mut scratch);
+        out.assign(&scratch.o.slice(s![..rows.len(), ..]));
+        for (x, &y) in lse.slice_mut(s![rows]).iter_mut().zip(&scratch.lse) {
+            *x = if y == A::infinity() {
+                A::neg_infinity()
+            } else {
+                y
+            };
+        }
+    }
+    (output, lse)
 }
 
 /// The gradients of one query head by the fused pass; `M` says how `a·b + c` is
 /// computed (the caller compiles it for its instruction set).
 #[inline(always)]
-pub(crate) fn head<A: KernelFloat, M: MulAdd>(inputs: &HeadInputs<'_, '_, A>) -> HeadGradients<A> {
-    let HeadInputs {
-        q,
-        k,
-        v,
-        d_out,
-        masks,
-        scale,
-    } = *inputs;
+pub(crate) fn head<A: KernelFloat, M: MulAdd>(
+    inputs: &HeadInputs<'_, '_, A>,
+    upstream: Upstream<'_, A>,
+) -> HeadGradients<A> {
+    let (q, k, v) = (inputs.q, inputs.k, inputs.v);
     let mut grads = HeadGradients {
         dq: Array2::zeros(q.raw_dim()),
         dk: Array2::zeros(k.raw_dim()),
         dv: Array2::zeros(v.raw_dim()),
     };
-    let head = Head {
-        k,
-        v,
-        masks,
-        l: q.nrows(),
-    };
-    let mut scratch = BlockScratch::new(v.ncols());
-    for (c, dq) in grads.dq.axis_chunks_iter_mut(Axis(0), BQ).enumerate() {
+    let (head, mut scratch) = (Head::of(inputs), BlockScratch::new(v.ncols()));
+    let HeadGradients { dq: d_q, dk, dv } = &mut grads;
+    for (c, dq) in d_q.axis_chunks_iter_mut(Axis(0), BQ).enumerate() {
         let rows = c * BQ..c * BQ + dq.nrows();
-        let q_block = q.slice(s![rows.clone(), ..]).mapv(|x| x * scale);
+        let q_block = q.slice(s![rows.clone(), ..]).mapv(|x| x * inputs.scale);
         let queries = Queries {
             first: rows.start,
             q: q_block.view(),
-            d_out: d_out.slice(s![rows, ..]),
         };
-        head.query_block::<M>(&queries, &mut scratch, dq, &mut grads.dk, &mut grads.dv);
+        let upstream = Upstream {
+            d_out: upstream.d_out.slice_move(s![rows.clone(), ..]),
+            saved: upstream
+                .saved
+                .map(|(o, lse)| (o.slice_move(s![rows.clone(), ..]), lse.slice_move(s![rows]))),
+        };
+        head.query_block::<M>(&queries, upstream, &mut scratch, dq, (dk, dv));
     }
-    grads.dq.mapv_inplace(|x| x * scale);
+    grads.dq.mapv_inplace(|x| x * inputs.scale);
     grads
 }
 
@@ -92,12 +129,11 @@ struct Head<'h, 'p, A> {
     l: usize,
 }
 
-/// One block of query rows: the queries times the scale, and their `dO`.
+/// One block of query rows, times the scale.
 struct Queries<'a, A> {
     /// Index of the block's first row among the head's queries.
     first: usize,
     q: ArrayView2<'a, A>,
-    d_out: ArrayView2<'a, A>,
 }
 
 /// Working memory for one query block, reused across blocks.
@@ -125,7 +161,16 @@ impl<A: KernelFloat> BlockScratch<A> {
     }
 }
 
-impl<A: KernelFloat> Head<'_, '_, A> {
+impl<'h, 'p, A: KernelFloat> Head<'h, 'p, A> {
+    fn of(inputs: &HeadInputs<'h, 'p, A>) -> Self {
+        Head {
+            k: inputs.k,
+            v: inputs.v,
+            masks: inputs.masks,
+            l: inputs.q.nrows(),
+        }
+    }
+
     /// The keys any row of the block may see, cut into key blocks.
     #[inline(always)]
     fn key_blocks(&self, queries: &Queries<'_, A>) -> impl Iterator<Item = std::ops::Range<usize>> {
@@ -159,19 +204,42 @@ impl<A: KernelFloat> Head<'_, '_, A> {
         }
     }
 
-    /// Both passes of one query block: `dq` is the block's rows of `dQ`
-    /// (unscaled); `dk` and `dv` the head's, accumulated.
+    /// One query block: the forward's log-sum-exp and output (kept, or computed
+    /// again), then the gradients; `dq` is the block's rows of `dQ` (unscaled),
+    /// `dk` and `dv` the head's, accumulated.
     #[inline(always)]
     fn query_block<M: MulAdd>(
         &self,
         queries: &Queries<'_, A>,
+        upstream: Upstream<'_, A>,
         scratch: &mut BlockScratch<A>,
         mut dq: ArrayViewMut2<'_, A>,
-        dk: &mut Array2<A>,
-        dv: &mut Array2<A>,
+        (dk, dv): (&mut Array2<A>, &mut Array2<A>),
     ) {
         let rows = queries.q.nrows();
-        self.forward::<M>(queries, scratch);
+        let d_out = upstream.d_out;
+        match upstream.saved {
+            Some((o, lse)) => {
+                scratch.o.slice_mut(s![..rows, ..]).assign(&o);
+                for (x, &y) in scratch.lse.iter_mut().zip(&lse) {
+                    // the pass below needs +∞ where no key is seen (weights 0)
+                    *x = if y == A::neg_infinity() {
+                        A::infinity()
+                    } else {
+                        y
+                    };
+                }
+            }
+            None => self.forward::<M>(queries, scratch),
+        }
+        // D = rowsum(dO ∘ O)
+        for (i, d) in scratch.d.iter_mut().take(rows).enumerate() {
+            *d = d_out
+                .row(i)
+                .iter()
+                .zip(scratch.o.row(i))
+                .fold(A::zero(), |t, (&g, &o)| t + g * o);
+        }
         for keys in self.key_blocks(queries) {
             let n = keys.len();
             self.scores(queries, &keys, &mut scratch.p);
@@ -183,11 +251,11 @@ impl<A: KernelFloat> Head<'_, '_, A> {
             let p = p.view();
             // dV += Pᵀ·dO
             let mut dv_block = dv.slice_mut(s![keys.clone(), ..]);
-            general_mat_mul(A::one(), &p.t(), &queries.d_out, A::one(), &mut dv_block);
+            general_mat_mul(A::one(), &p.t(), &d_out, A::one(), &mut dv_block);
             // dP = dO·Vᵀ, then dS = P ∘ (dP − D)
             let mut ds = scratch.ds.slice_mut(s![..rows, ..n]);
             let v = self.v.slice(s![keys.clone(), ..]);
-            general_mat_mul(A::one(), &queries.d_out, &v.t(), A::zero(), &mut ds);
+            general_mat_mul(A::one(), &d_out, &v.t(), A::zero(), &mut ds);
             for ((mut ds, p), &d) in ds.outer_iter_mut().zip(p.outer_iter()).zip(&scratch.d) {
                 ds.zip_mut_with(&p, |x, &p| *x = p * (*x - d));
             }
@@ -199,8 +267,9 @@ impl<A: KernelFloat> Head<'_, '_, A> {
         }
     }
 
-    /// The forward pass of one query block: each row's log-sum-exp and
-    /// `D = rowsum(dO ∘ O)`, into `scratch`.
+    /// The forward pass of one query block: each row's output and log-sum-exp
+    /// (`+∞` for a row that sees no key, so that every weight of the backward is 0),
+    /// into `scratch`.
     #[inline(always)]
     fn forward<M: MulAdd>(&self, queries: &Queries<'_, A>, scratch: &mut BlockScratch<A>) {
         let rows = queries.q.nrows();
@@ -224,18 +293,12 @@ impl<A: KernelFloat> Head<'_, '_, A> {
         }
         for i in 0..rows {
             let inverse = inverse_total(sum[i]);
-            // a row that sees no key: lse = +∞ makes every weight of pass 2 zero
+            scratch.o.row_mut(i).mapv_inplace(|x| x * inverse);
             scratch.lse[i] = if sum[i] > A::zero() {
                 max[i] + sum[i].ln()
             } else {
                 A::infinity()
             };
-            scratch.d[i] = queries
-                .d_out
-                .row(i)
-                .iter()
-                .zip(scratch.o.row(i))
-                .fold(A::zero(), |t, (&g, &o)| t + g * o * inverse);
         }
     }
 }

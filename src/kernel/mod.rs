@@ -43,6 +43,7 @@ use run::KvGroup;
 
 use crate::core::backward::Gradients;
 use crate::core::problem::Problem;
+use crate::core::reference::Saved;
 use crate::element::{Element, PerElement};
 use crate::error::Result;
 
@@ -62,9 +63,23 @@ pub(crate) fn forward<A: Element>(
     (A::select(Entries).forward)(problem, out, kernel, parallelism)
 }
 
+/// The output and each row's log-sum-exp of every head of `problem`: by the
+/// fused forward of the backward pass, or the reference path for [`Kernel::Plain`].
+///
+/// # Errors
+///
+/// As [`forward`].
+pub(crate) fn forward_lse<A: Element>(
+    problem: &Problem<'_, A>,
+    kernel: Kernel,
+    parallelism: Parallelism,
+) -> Result<Saved<A>> {
+    (A::select(Entries).forward_lse)(problem, kernel, parallelism)
+}
+
 /// The gradients of every head of `problem` given `d_out = ∂loss/∂output`,
-/// `(batch, heads, L, d_v)`: by the fused backward pass, or the reference path
-/// for [`Kernel::Plain`].
+/// `(batch, heads, L, d_v)`, and what the forward kept, if it did: by the fused
+/// backward pass, or the reference path for [`Kernel::Plain`].
 ///
 /// # Errors
 ///
@@ -72,23 +87,33 @@ pub(crate) fn forward<A: Element>(
 pub(crate) fn backward<A: Element>(
     problem: &Problem<'_, A>,
     d_out: ArrayView4<'_, A>,
+    saved: Option<&Saved<A>>,
     kernel: Kernel,
     parallelism: Parallelism,
 ) -> Result<Gradients<A>> {
-    (A::select(Entries).backward)(problem, d_out, kernel, parallelism)
+    (A::select(Entries).backward)(problem, d_out, saved, kernel, parallelism)
 }
 
 /// [`forward`] compiled for one element type.
 type ForwardFn<A> =
     for<'p, 'o> fn(&Problem<'p, A>, ArrayViewMut4<'o, A>, Kernel, Parallelism) -> Result<()>;
 
+/// [`forward_lse`] compiled for one element type.
+type ForwardLseFn<A> = for<'p> fn(&Problem<'p, A>, Kernel, Parallelism) -> Result<Saved<A>>;
+
 /// [`backward`] compiled for one element type.
-type BackwardFn<A> =
-    for<'p, 'd> fn(&Problem<'p, A>, ArrayView4<'d, A>, Kernel, Parallelism) -> Result<Gradients<A>>;
+type BackwardFn<A> = for<'p, 'd, 's> fn(
+    &Problem<'p, A>,
+    ArrayView4<'d, A>,
+    Option<&'s Saved<A>>,
+    Kernel,
+    Parallelism,
+) -> Result<Gradients<A>>;
 
 /// The kernel's entry points compiled for one element type.
 struct EntryPoints<A> {
     forward: ForwardFn<A>,
+    forward_lse: ForwardLseFn<A>,
     backward: BackwardFn<A>,
 }
 
@@ -101,6 +126,7 @@ impl PerElement for Entries {
     fn f32(self) -> EntryPoints<f32> {
         EntryPoints {
             forward: choose_path::<f32>,
+            forward_lse: choose_forward_lse::<f32>,
             backward: choose_backward::<f32>,
         }
     }
@@ -108,15 +134,31 @@ impl PerElement for Entries {
     fn f64(self) -> EntryPoints<f64> {
         EntryPoints {
             forward: choose_path::<f64>,
+            forward_lse: choose_forward_lse::<f64>,
             backward: choose_backward::<f64>,
         }
     }
+}
+
+/// The forward with log-sum-exp by the path `kernel` asks for.
+fn choose_forward_lse<A: KernelElement>(
+    problem: &Problem<'_, A>,
+    kernel: Kernel,
+    parallelism: Parallelism,
+) -> Result<Saved<A>> {
+    if kernel == Kernel::Plain {
+        let (batch, heads, _, _) = problem.q.dim();
+        report::count(Path::Reference, batch * heads);
+        return Ok(problem.forward_lse());
+    }
+    Ok(run::forward_lse(problem, Arch::detect()?, parallelism))
 }
 
 /// The backward pass by the path `kernel` asks for.
 fn choose_backward<A: KernelElement>(
     problem: &Problem<'_, A>,
     d_out: ArrayView4<'_, A>,
+    saved: Option<&Saved<A>>,
     kernel: Kernel,
     parallelism: Parallelism,
 ) -> Result<Gradients<A>> {
@@ -125,7 +167,13 @@ fn choose_backward<A: KernelElement>(
         report::count(Path::Reference, batch * heads);
         return Ok(problem.backward(d_out));
     }
-    Ok(run::backward(problem, Arch::detect()?, d_out, parallelism))
+    Ok(run::backward(
+        problem,
+        Arch::detect()?,
+        d_out,
+        saved,
+        parallelism,
+    ))
 }
 
 /// Chooses the path for every head and runs it.

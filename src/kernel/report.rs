@@ -22,7 +22,8 @@ pub struct KernelPaths {
     pub direct: usize,
     /// Heads computed row by row.
     pub rowwise: usize,
-    /// Heads whose gradients the fused backward pass computed.
+    /// Heads the fused backward pass's kernels computed: gradients, or the forward
+    /// that keeps each row's log-sum-exp.
     pub backward: usize,
     /// The instruction set of the last call that ran the tiled or direct path.
     pub arch: Option<KernelArch>,

@@ -1,11 +1,11 @@
 //! How each path runs over the heads of a call and over threads, and where a head
 //! falls back to the reference path.
 
-use ndarray::{ArrayView2, ArrayViewMut2, Axis, CowArray, Ix2};
+use ndarray::{Array3, Array4, ArrayView2, ArrayView4, ArrayViewMut2, Axis, CowArray, Ix2};
 use rayon::prelude::*;
 
 use super::arch::{Arch, KernelElement};
-use super::backward::{HeadGradients, HeadInputs};
+use super::backward::{HeadGradients, HeadInputs, Upstream};
 use super::direct::{self, Group, Partial};
 use super::fusable::{extent_of, fusable, Extent};
 use super::options::Parallelism;
@@ -17,6 +17,7 @@ use super::tiled::{Block, Scratch};
 use crate::core::backward::Gradients;
 use crate::core::mask::Mask2;
 use crate::core::problem::Problem;
+use crate::core::reference::Saved;
 
 /// The query heads that share one key/value head, and their outputs.
 pub(crate) struct KvGroup<'o, 'a, A> {
@@ -235,19 +236,74 @@ fn tiled_wave<A: KernelElement>(
     }
 }
 
+/// The output and each row's log-sum-exp of every head, by the fused forward of
+/// the backward pass; heads whose inputs need it by the reference path.
+pub(crate) fn forward_lse<A: KernelElement>(
+    problem: &Problem<'_, A>,
+    arch: Arch,
+    parallelism: Parallelism,
+) -> Saved<A> {
+    let (batch, heads, l, _) = problem.q.dim();
+    let run = |task: usize| {
+        let (b, h) = (task / heads, task % heads);
+        let q = problem.query(b, h);
+        let (k, v) = problem.keys_values(b, problem.kv_head(h));
+        let masks = problem.block_masks(b, h);
+        if !fusable(&q, &masks, problem.scale, extent_of(&k), extent_of(&v)) {
+            return (problem.forward_lse_head(b, h), Path::Reference);
+        }
+        let inputs = HeadInputs {
+            q,
+            k,
+            v,
+            masks: &masks,
+            scale: problem.scale,
+        };
+        (A::forward_head(arch, &inputs), Path::FusedBackward)
+    };
+    let per_head: Vec<_> = match parallelism {
+        Parallelism::Sequential => (0..batch * heads).map(run).collect(),
+        Parallelism::Rayon => (0..batch * heads).into_par_iter().map(run).collect(),
+    };
+    let mut saved = Saved {
+        output: Array4::zeros((batch, heads, l, problem.v.dim().3)),
+        lse: Array3::zeros((batch, heads, l)),
+    };
+    for (task, ((output, lse), path)) in per_head.into_iter().enumerate() {
+        report::count(path, 1);
+        let (b, h) = (task / heads, task % heads);
+        saved
+            .output
+            .slice_mut(ndarray::s![b, h, .., ..])
+            .assign(&output);
+        saved.lse.slice_mut(ndarray::s![b, h, ..]).assign(&lse);
+    }
+    saved
+}
+
 /// The gradients of every head of `problem` given `d_out`, `(batch, heads, L, d_v)`,
-/// by the fused backward pass; heads whose inputs need it by the reference path.
+/// and the forward's output and log-sum-exp if it kept them, by the fused backward
+/// pass; heads whose inputs need it by the reference path.
 pub(crate) fn backward<A: KernelElement>(
     problem: &Problem<'_, A>,
     arch: Arch,
-    d_out: ndarray::ArrayView4<'_, A>,
+    d_out: ArrayView4<'_, A>,
+    saved: Option<&Saved<A>>,
     parallelism: Parallelism,
 ) -> Gradients<A> {
     let (batch, heads, _, _) = problem.q.dim();
     let run = |task: usize| {
         let (b, h) = (task / heads, task % heads);
-        let d_out = d_out.index_axis(Axis(0), b).index_axis_move(Axis(0), h);
-        head_backward(problem, arch, b, h, d_out)
+        let upstream = Upstream {
+            d_out: d_out.index_axis(Axis(0), b).index_axis_move(Axis(0), h),
+            saved: saved.map(|s| {
+                (
+                    s.output.slice(ndarray::s![b, h, .., ..]),
+                    s.lse.slice(ndarray::s![b, h, ..]),
+                )
+            }),
+        };
+        head_backward(problem, arch, b, h, upstream)
     };
     let tasks = 0..batch * heads;
     let per_head: Vec<(HeadGradients<A>, Path)> = match parallelism {
@@ -277,23 +333,25 @@ fn head_backward<A: KernelElement>(
     arch: Arch,
     b: usize,
     h: usize,
-    d_out: ArrayView2<'_, A>,
+    upstream: Upstream<'_, A>,
 ) -> (HeadGradients<A>, Path) {
     let q = problem.query(b, h);
     let (k, v) = problem.keys_values(b, problem.kv_head(h));
     let masks = problem.block_masks(b, h);
-    let finite = extent_of(&d_out).finite;
+    let finite = extent_of(&upstream.d_out).finite;
     if !(finite && fusable(&q, &masks, problem.scale, extent_of(&k), extent_of(&v))) {
-        let (dq, dk, dv) = problem.backward_head(b, h, d_out);
+        let (dq, dk, dv) = problem.backward_head(b, h, upstream.d_out);
         return (HeadGradients { dq, dk, dv }, Path::Reference);
     }
     let inputs = HeadInputs {
         q,
         k,
         v,
-        d_out,
         masks: &masks,
         scale: problem.scale,
     };
-    (A::backward_head(arch, &inputs), Path::FusedBackward)
+    (
+        A::backward_head(arch, &inputs, upstream),
+        Path::FusedBackward,
+    )
 }

@@ -2,9 +2,11 @@
 
 use ndarray::{Array, Array2, Array4, ArrayRef2, ArrayRef4, Axis, Dimension, Ix2, Ix4};
 
+use super::lse::AttentionLse;
 use super::ScaledDotProduct;
 use crate::core::backward::Gradients;
 use crate::core::problem::{lift, Problem};
+use crate::core::reference::Saved;
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::kernel;
@@ -148,13 +150,155 @@ impl<A: Element> ScaledDotProduct<'_, A> {
         })
     }
 
+    /// [`backward`](Self::backward) from what
+    /// [`forward_with_lse`](Self::forward_with_lse) kept: the pass does not run the
+    /// forward again (FlashAttention's backward), which saves about a third of its
+    /// work. `forward` must come from the same inputs, scale and masks.
+    ///
+    /// # Shapes
+    ///
+    /// As [`backward`](Self::backward); `forward.output: (L, d_v)`, `forward.lse: (L,)`.
+    ///
+    /// # Errors
+    ///
+    /// As [`backward`](Self::backward), and [`Error::Shape`] when `forward` does not
+    /// have the output's shapes.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::ScaledDotProduct;
+    /// use ndarray::array;
+    ///
+    /// let (q, kv) = (array![[1.0_f64, 0.5]], array![[1.0, 0.0], [0.0, 2.0]]);
+    /// let attn = ScaledDotProduct::new();
+    /// let forward = attn.forward_with_lse(&q, &kv, &kv)?;
+    /// let d_out = array![[1.0, -1.0]];
+    /// let saved = attn.backward_with_lse(&q, &kv, &kv, &forward, &d_out)?;
+    /// let again = attn.backward(&q, &kv, &kv, &d_out)?;
+    /// assert!((&saved.q - &again.q).iter().all(|d| d.abs() < 1e-15));
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn backward_with_lse(
+        &self,
+        q: &ArrayRef2<A>,
+        k: &ArrayRef2<A>,
+        v: &ArrayRef2<A>,
+        forward: &AttentionLse<A, Ix2>,
+        d_out: &ArrayRef2<A>,
+    ) -> Result<AttentionGradients<A, Ix2>> {
+        let problem = self.check_2d(q, k, v)?;
+        let output = [q.nrows(), v.ncols()];
+        check_d_out(d_out.shape(), &output)?;
+        check_forward(forward.output.shape(), forward.lse.shape(), &output)?;
+        let lift4 = |x: &Array2<A>| {
+            x.view()
+                .insert_axis(Axis(0))
+                .insert_axis(Axis(0))
+                .to_owned()
+        };
+        let saved = Saved {
+            output: lift4(&forward.output),
+            lse: forward
+                .lse
+                .view()
+                .insert_axis(Axis(0))
+                .insert_axis(Axis(0))
+                .to_owned(),
+        };
+        let grads = kernel::backward(
+            &problem,
+            lift(d_out.view()),
+            Some(&saved),
+            self.kernel,
+            self.parallelism,
+        )?;
+        let head = |x: Array4<A>| -> Array2<A> {
+            x.index_axis_move(Axis(0), 0).index_axis_move(Axis(0), 0)
+        };
+        Ok(AttentionGradients {
+            q: head(grads.dq),
+            k: head(grads.dk),
+            v: head(grads.dv),
+        })
+    }
+
+    /// [`backward_batched`](Self::backward_batched) from what
+    /// [`forward_batched_with_lse`](Self::forward_batched_with_lse) kept.
+    ///
+    /// # Shapes
+    ///
+    /// As [`backward_batched`](Self::backward_batched); `forward.output:
+    /// (batch, heads, L, d_v)`, `forward.lse: (batch, heads, L)`.
+    ///
+    /// # Errors
+    ///
+    /// As [`backward_batched`](Self::backward_batched), and [`Error::Shape`] when
+    /// `forward` does not have the output's shapes.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::Array4;
+    ///
+    /// let q = Array4::from_shape_fn((1, 2, 3, 4), |(_, h, i, j)| (h + i * j) as f64 / 10.0);
+    /// let attn = attn::ScaledDotProduct::new();
+    /// let forward = attn.forward_batched_with_lse(&q, &q, &q)?;
+    /// let g = attn.backward_batched_with_lse(&q, &q, &q, &forward, &Array4::ones((1, 2, 3, 4)))?;
+    /// assert_eq!(g.k.dim(), (1, 2, 3, 4));
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn backward_batched_with_lse(
+        &self,
+        q: &ArrayRef4<A>,
+        k: &ArrayRef4<A>,
+        v: &ArrayRef4<A>,
+        forward: &AttentionLse<A, Ix4>,
+        d_out: &ArrayRef4<A>,
+    ) -> Result<AttentionGradients<A, Ix4>> {
+        let problem = self.check_4d(q, k, v)?;
+        let (batch, heads, l, _) = q.dim();
+        let output = [batch, heads, l, v.dim().3];
+        check_d_out(d_out.shape(), &output)?;
+        check_forward(forward.output.shape(), forward.lse.shape(), &output)?;
+        let saved = Saved {
+            output: forward.output.clone(),
+            lse: forward.lse.clone(),
+        };
+        let grads = kernel::backward(
+            &problem,
+            d_out.view(),
+            Some(&saved),
+            self.kernel,
+            self.parallelism,
+        )?;
+        Ok(AttentionGradients {
+            q: grads.dq,
+            k: grads.dk,
+            v: grads.dv,
+        })
+    }
+
     fn gradients(
         &self,
         problem: &Problem<'_, A>,
         d_out: &ndarray::ArrayView4<'_, A>,
     ) -> Result<Gradients<A>> {
-        kernel::backward(problem, d_out.view(), self.kernel, self.parallelism)
+        kernel::backward(problem, d_out.view(), None, self.kernel, self.parallelism)
     }
+}
+
+/// Checks that a kept forward has the output's shape and one lse per row.
+fn check_forward(output: &[usize], lse: &[usize], expected: &[usize]) -> Result<()> {
+    let rows = &expected[..expected.len() - 1];
+    if output == expected && lse == rows {
+        return Ok(());
+    }
+    Err(Error::Shape {
+        what: "the kept forward's output and lse must have the output's shape and its rows",
+        expected: [expected, rows].concat(),
+        found: [output, lse].concat(),
+    })
 }
 
 /// Checks that `d_out` has the output's shape.

@@ -1,10 +1,12 @@
 //! Scaled dot-product attention, `softmax(QKᵀ/√d_k)·V`: the readable reference path.
 
 mod backward;
+mod lse;
 
 use ndarray::{Array2, Array4, ArrayRef2, ArrayRef4, Dimension, Ix2, Ix4};
 
 pub use backward::AttentionGradients;
+pub use lse::{merge_attention, AttentionLse};
 
 use crate::core::mask::Mask;
 use crate::core::problem::{lift_mut, Problem};

@@ -7,7 +7,9 @@ use std::ops::Range;
 
 use ndarray::ArrayViewMut2;
 
-use crate::kernel::backward::{self, HeadGradients, HeadInputs};
+use ndarray::{Array1, Array2};
+
+use crate::kernel::backward::{self, HeadGradients, HeadInputs, Upstream};
 use crate::kernel::direct::{attend_part, Dots, Group, Partial};
 use crate::kernel::float::Fused;
 use crate::kernel::params::{BC, LANES, MR};
@@ -31,7 +33,7 @@ impl Avx2 {
 /// The kernels' entry points for one element type, compiled with AVX2 and FMA
 /// enabled so that the generic bodies inline the intrinsic micro-kernels.
 macro_rules! entry_points {
-    ($ty:ty, $nr:literal, $block:ident, $part:ident, $backward:ident) => {
+    ($ty:ty, $nr:literal, $block:ident, $part:ident, $backward:ident, $forward:ident) => {
         impl Avx2 {
             /// [`attend_block`] for this element, `$nr`-wide tiles.
             pub(crate) fn $block(
@@ -78,13 +80,36 @@ macro_rules! entry_points {
             }
 
             /// [`backward::head`] for this element.
-            pub(crate) fn $backward(self, inputs: &HeadInputs<'_, '_, $ty>) -> HeadGradients<$ty> {
+            pub(crate) fn $backward(
+                self,
+                inputs: &HeadInputs<'_, '_, $ty>,
+                upstream: Upstream<'_, $ty>,
+            ) -> HeadGradients<$ty> {
                 /// # Safety
                 ///
                 /// The CPU must support AVX2 and FMA.
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn compiled(inputs: &HeadInputs<'_, '_, $ty>) -> HeadGradients<$ty> {
-                    backward::head::<$ty, Fused>(inputs)
+                unsafe fn compiled(
+                    inputs: &HeadInputs<'_, '_, $ty>,
+                    upstream: Upstream<'_, $ty>,
+                ) -> HeadGradients<$ty> {
+                    backward::head::<$ty, Fused>(inputs, upstream)
+                }
+                // SAFETY: `self` exists, so the CPU has AVX2 and FMA.
+                unsafe { compiled(inputs, upstream) }
+            }
+
+            /// [`backward::forward_head`] for this element.
+            pub(crate) fn $forward(
+                self,
+                inputs: &HeadInputs<'_, '_, $ty>,
+            ) -> (Array2<$ty>, Array1<$ty>) {
+                /// # Safety
+                ///
+                /// The CPU must support AVX2 and FMA.
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn compiled(inputs: &HeadInputs<'_, '_, $ty>) -> (Array2<$ty>, Array1<$ty>) {
+                    backward::forward_head::<$ty, Fused>(inputs)
                 }
                 // SAFETY: `self` exists, so the CPU has AVX2 and FMA.
                 unsafe { compiled(inputs) }
@@ -93,8 +118,22 @@ macro_rules! entry_points {
     };
 }
 
-entry_points!(f32, 16, attend_block_f32, attend_part_f32, backward_f32);
-entry_points!(f64, 8, attend_block_f64, attend_part_f64, backward_f64);
+entry_points!(
+    f32,
+    16,
+    attend_block_f32,
+    attend_part_f32,
+    backward_f32,
+    forward_lse_f32
+);
+entry_points!(
+    f64,
+    8,
+    attend_block_f64,
+    attend_part_f64,
+    backward_f64,
+    forward_lse_f64
+);
 
 /// One micro-kernel body for both element types: `$ty` is the element,
 /// `$nr` the tile width, `$half` the lanes of one register.

@@ -27,7 +27,9 @@ use ndarray::ArrayViewMut2;
 
 pub(crate) use portable::Portable;
 
-use super::backward::{self, HeadGradients, HeadInputs};
+use ndarray::{Array1, Array2};
+
+use super::backward::{self, HeadGradients, HeadInputs, Upstream};
 use super::direct::{self, Group, Partial};
 use super::float::{KernelFloat, Separate};
 use super::tiled::{self, Block, Scratch};
@@ -128,12 +130,19 @@ pub(crate) trait KernelElement: Element + KernelFloat {
     fn attend_part(arch: Arch, group: &Group<'_, '_, Self>, part: Range<usize>) -> Partial<Self>;
 
     /// [`backward::head`] compiled for `arch`.
-    fn backward_head(arch: Arch, inputs: &HeadInputs<'_, '_, Self>) -> HeadGradients<Self>;
+    fn backward_head(
+        arch: Arch,
+        inputs: &HeadInputs<'_, '_, Self>,
+        upstream: Upstream<'_, Self>,
+    ) -> HeadGradients<Self>;
+
+    /// [`backward::forward_head`] compiled for `arch`.
+    fn forward_head(arch: Arch, inputs: &HeadInputs<'_, '_, Self>) -> (Array2<Self>, Array1<Self>);
 }
 
 /// [`KernelElement`] for one element type: its AVX2 entry points and tile widths.
 macro_rules! kernel_element {
-    ($ty:ty, $avx2_block:ident, $avx2_part:ident, $avx2_backward:ident, $avx2_width:literal, $portable_width:literal) => {
+    ($ty:ty, $avx2_block:ident, $avx2_part:ident, $avx2_backward:ident, $avx2_forward:ident, $avx2_width:literal, $portable_width:literal) => {
         impl KernelElement for $ty {
             fn tile_width(arch: Arch) -> usize {
                 match arch {
@@ -174,19 +183,50 @@ macro_rules! kernel_element {
                 }
             }
 
-            fn backward_head(arch: Arch, inputs: &HeadInputs<'_, '_, $ty>) -> HeadGradients<$ty> {
+            fn backward_head(
+                arch: Arch,
+                inputs: &HeadInputs<'_, '_, $ty>,
+                upstream: Upstream<'_, $ty>,
+            ) -> HeadGradients<$ty> {
                 match arch {
-                    Arch::Portable => backward::head::<$ty, Separate>(inputs),
+                    Arch::Portable => backward::head::<$ty, Separate>(inputs, upstream),
                     #[cfg(target_arch = "x86_64")]
-                    Arch::Avx2(token) => token.$avx2_backward(inputs),
+                    Arch::Avx2(token) => token.$avx2_backward(inputs, upstream),
+                }
+            }
+
+            fn forward_head(
+                arch: Arch,
+                inputs: &HeadInputs<'_, '_, $ty>,
+            ) -> (Array2<$ty>, Array1<$ty>) {
+                match arch {
+                    Arch::Portable => backward::forward_head::<$ty, Separate>(inputs),
+                    #[cfg(target_arch = "x86_64")]
+                    Arch::Avx2(token) => token.$avx2_forward(inputs),
                 }
             }
         }
     };
 }
 
-kernel_element!(f32, attend_block_f32, attend_part_f32, backward_f32, 16, 8);
-kernel_element!(f64, attend_block_f64, attend_part_f64, backward_f64, 8, 4);
+kernel_element!(
+    f32,
+    attend_block_f32,
+    attend_part_f32,
+    backward_f32,
+    forward_lse_f32,
+    16,
+    8
+);
+kernel_element!(
+    f64,
+    attend_block_f64,
+    attend_part_f64,
+    backward_f64,
+    forward_lse_f64,
+    8,
+    4
+);
 
 #[cfg(test)]
 mod tests {

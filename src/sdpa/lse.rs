@@ -1,0 +1,223 @@
+//! Attention that keeps each query row's log-sum-exp: for a backward pass that
+//! need not run the forward again, and for attention computed over shards of the
+//! keys and merged.
+
+use ndarray::{Array, Array2, ArrayRef2, ArrayRef4, Axis, Dimension, Ix2, Ix4, Zip};
+
+use super::ScaledDotProduct;
+use crate::core::problem::Problem;
+use crate::core::reference::Saved;
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::kernel;
+
+/// Attention's output with each query row's log-sum-exp of its scaled, masked
+/// scores, `lse = ln Σⱼ exp(sⱼ)` (`−∞` for a row that sees no key).
+///
+/// With it, [`ScaledDotProduct::backward_with_lse`] skips the forward pass the plain
+/// backward runs again, and [`merge_attention`] joins attention computed over
+/// separate shards of the keys.
+///
+/// # Shapes
+///
+/// 2-D (`D = Ix2`): `output: (L, d_v)`, `lse: (L,)`. Batched (`D = Ix4`):
+/// `output: (batch, heads, L, d_v)`, `lse: (batch, heads, L)`.
+///
+/// # Examples
+///
+/// ```
+/// use ndarray::array;
+///
+/// let q = array![[0.0_f64, 0.0]];
+/// let kv = array![[1.0, 2.0], [3.0, 4.0]];
+/// let out = attn::ScaledDotProduct::new().forward_with_lse(&q, &kv, &kv)?;
+/// assert_eq!(out.output, array![[2.0, 3.0]]);
+/// assert!((out.lse[0] - 2f64.ln()).abs() < 1e-15); // two scores of 0
+/// # Ok::<(), attn::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionLse<A, D: Dimension> {
+    /// `softmax(S)·V`.
+    pub output: Array<A, D>,
+    /// `ln Σⱼ exp(Sᵢⱼ)` for every query row `i`.
+    pub lse: Array<A, D::Smaller>,
+}
+
+impl<A: Element> ScaledDotProduct<'_, A> {
+    /// [`forward`](Self::forward), also returning each row's log-sum-exp.
+    ///
+    /// # Shapes
+    ///
+    /// `q: (L, d_k)`, `k: (S, d_k)`, `v: (S, d_v)` → output `(L, d_v)`, lse `(L,)`.
+    ///
+    /// # Errors
+    ///
+    /// As [`forward`](Self::forward).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{Mask, ScaledDotProduct};
+    /// use ndarray::array;
+    ///
+    /// let x = array![[1.0_f64, 0.0], [0.0, 1.0]];
+    /// let out = ScaledDotProduct::new().with_mask(Mask::CausalTopLeft).forward_with_lse(&x, &x, &x)?;
+    /// assert_eq!(out.output.row(0), x.row(0)); // the first row sees one key
+    /// assert!((out.lse[0] - 1.0 / 2f64.sqrt()).abs() < 1e-15); // ln exp(its one score)
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn forward_with_lse(
+        &self,
+        q: &ArrayRef2<A>,
+        k: &ArrayRef2<A>,
+        v: &ArrayRef2<A>,
+    ) -> Result<AttentionLse<A, Ix2>> {
+        let saved = self.saved(&self.check_2d(q, k, v)?)?;
+        Ok(AttentionLse {
+            output: saved
+                .output
+                .index_axis_move(Axis(0), 0)
+                .index_axis_move(Axis(0), 0),
+            lse: saved
+                .lse
+                .index_axis_move(Axis(0), 0)
+                .index_axis_move(Axis(0), 0),
+        })
+    }
+
+    /// [`forward_batched`](Self::forward_batched), also returning each row's
+    /// log-sum-exp.
+    ///
+    /// # Shapes
+    ///
+    /// `q: (batch, heads, L, d_k)`, `k: (batch, kv_heads, S, d_k)`,
+    /// `v: (batch, kv_heads, S, d_v)` → output `(batch, heads, L, d_v)`, lse
+    /// `(batch, heads, L)`.
+    ///
+    /// # Errors
+    ///
+    /// As [`forward_batched`](Self::forward_batched).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::Array4;
+    ///
+    /// let q = Array4::<f32>::zeros((2, 4, 3, 8));
+    /// let kv = Array4::<f32>::ones((2, 2, 5, 8));
+    /// let out = attn::ScaledDotProduct::new().forward_batched_with_lse(&q, &kv, &kv)?;
+    /// assert_eq!(out.lse.dim(), (2, 4, 3));
+    /// assert!((out.lse[[1, 3, 2]] - 5f32.ln()).abs() < 1e-6);
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn forward_batched_with_lse(
+        &self,
+        q: &ArrayRef4<A>,
+        k: &ArrayRef4<A>,
+        v: &ArrayRef4<A>,
+    ) -> Result<AttentionLse<A, Ix4>> {
+        let saved = self.saved(&self.check_4d(q, k, v)?)?;
+        Ok(AttentionLse {
+            output: saved.output,
+            lse: saved.lse,
+        })
+    }
+
+    fn saved(&self, problem: &Problem<'_, A>) -> Result<Saved<A>> {
+        kernel::forward_lse(problem, self.kernel, self.parallelism)
+    }
+}
+
+/// Joins attention computed over separate shards of the keys (each part holds
+/// the same queries against its own keys, with its own output and log-sum-exp)
+/// into attention over all the keys: with `m = maxₚ lseₚ`,
+/// `output = Σₚ exp(lseₚ − m)·outputₚ / Σₚ exp(lseₚ − m)` and
+/// `lse = m + ln Σₚ exp(lseₚ − m)`, row by row. A row that sees no key in any
+/// part gets output 0 and `lse = −∞`.
+///
+/// This is how one attention is split over threads or machines (ring or
+/// sequence-parallel attention): each shard of keys and values stays where it is.
+///
+/// # Shapes
+///
+/// Every part has the same shapes; the result has them too.
+///
+/// # Errors
+///
+/// [`Error::InvalidConfig`] when `parts` is empty, [`Error::Shape`] when the parts'
+/// shapes differ or a part's `lse` does not fit its output.
+///
+/// # Examples
+///
+/// ```
+/// use attn::{merge_attention, ScaledDotProduct};
+/// use ndarray::{array, s};
+///
+/// let q = array![[0.5_f64, -1.0]];
+/// let kv = array![[1.0, 2.0], [3.0, 4.0], [-1.0, 0.5]];
+/// let attn = ScaledDotProduct::new();
+/// let first = attn.forward_with_lse(&q, &kv.slice(s![..2, ..]), &kv.slice(s![..2, ..]))?;
+/// let rest = attn.forward_with_lse(&q, &kv.slice(s![2.., ..]), &kv.slice(s![2.., ..]))?;
+/// let merged = merge_attention(&[first, rest])?;
+/// let all = attn.forward_with_lse(&q, &kv, &kv)?;
+/// assert!((&merged.output - &all.output).iter().all(|d| d.abs() < 1e-15));
+/// assert!((merged.lse[0] - all.lse[0]).abs() < 1e-15);
+/// # Ok::<(), attn::Error>(())
+/// ```
+pub fn merge_attention<A: Element, D: Dimension>(
+    parts: &[AttentionLse<A, D>],
+) -> Result<AttentionLse<A, D>> {
+    let first = parts.first().ok_or_else(|| Error::InvalidConfig {
+        reason: "merge_attention needs at least one part".to_string(),
+    })?;
+    for part in parts {
+        if part.output.shape() != first.output.shape()
+            || part.lse.shape() != &first.output.shape()[..first.output.ndim() - 1]
+        {
+            return Err(Error::Shape {
+                what: "every part of a merge must have the first part's output shape, and lse its rows",
+                expected: [first.output.shape(), &first.output.shape()[..first.output.ndim() - 1]].concat(),
+                found: [part.output.shape(), part.lse.shape()].concat(),
+            });
+        }
+    }
+    let width = first.output.shape()[first.output.ndim() - 1];
+    let rows = first.lse.len();
+    // every part as (rows, width) and (rows,)
+    let flat = |part: &AttentionLse<A, D>| {
+        let output = part
+            .output
+            .to_shape((rows, width))
+            .expect("an output holds its rows of width")
+            .into_owned();
+        let lse: Vec<A> = part.lse.iter().copied().collect();
+        (output, lse)
+    };
+    let parts: Vec<(Array2<A>, Vec<A>)> = parts.iter().map(flat).collect();
+    let mut output = Array2::zeros((rows, width));
+    let mut lse = vec![A::neg_infinity(); rows];
+    for (r, (mut out, lse)) in output.outer_iter_mut().zip(&mut lse).enumerate() {
+        let max = parts
+            .iter()
+            .fold(A::neg_infinity(), |m, (_, l)| m.max(l[r]));
+        if max == A::neg_infinity() {
+            continue; // no part saw a key: output 0, lse −∞
+        }
+        let mut total = A::zero();
+        for (part_out, part_lse) in &parts {
+            let weight = (part_lse[r] - max).exp();
+            total += weight;
+            Zip::from(&mut out)
+                .and(part_out.row(r))
+                .for_each(|o, &x| *o += weight * x);
+        }
+        out.mapv_inplace(|x| x / total);
+        *lse = max + total.ln();
+    }
+    Ok(AttentionLse {
+        output: output
+            .into_shape_with_order(first.output.raw_dim())
+            .expect("rows × width is the output's shape"),
+        lse: Array::from_shape_vec(first.lse.raw_dim(), lse).expect("one lse per row"),
+    })
+}
