@@ -144,11 +144,13 @@ impl<A: Element> MultiHeadAttention<A> {
         }
         let attn = attention(masks);
         let [w_q, w_k, w_v, w_o] = &self.linears;
-        // forward again to the concatenated heads, then back through each step
-        let heads = concat(attn.forward_batched(&q, &k, &v)?);
+        // forward again to the concatenated heads (keeping each row's log-sum-exp
+        // for the attention's backward), then back through each step
+        let forward = attn.forward_batched_with_lse(&q, &k, &v)?;
+        let heads = concat(forward.output.clone());
         let g_o = w_o.backward_batched(&heads, d_out)?;
         let d_heads = split(g_o.input, self.config.n_heads(), self.config.head_dim());
-        let g = attn.backward_batched(&q, &k, &v, &d_heads)?;
+        let g = attn.backward_batched_with_lse(&q, &k, &v, &forward, &d_heads)?;
         let g_q = w_q.backward_batched(query, &concat(g.q))?;
         let g_k = w_k.backward_batched(key, &concat(g.k))?;
         let g_v = w_v.backward_batched(value, &concat(g.v))?;
