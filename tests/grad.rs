@@ -428,3 +428,92 @@ fn multi_head_gradients_with_grouped_query_heads_equal_finite_differences() {
     let e = max_abs_diff(&d_x, &fd);
     assert!(e < 1e-8, "{e:e}");
 }
+
+#[test]
+fn bias_gradients_equal_finite_differences_and_sum_over_broadcast_axes() {
+    let (l, s) = (4, 6);
+    let (q, k, v, d_out) = (
+        random2(l, 3, 80),
+        random2(s, 3, 81),
+        random2(s, 2, 82),
+        random2(l, 2, 83),
+    );
+    let full = random2(l, s, 84);
+    let per_key = random2(1, s, 85).row(0).to_owned(); // (S,): the same for every query
+    let loss_with = |full: &Array2<f64>, per_key: &Array1<f64>| {
+        let attn = ScaledDotProduct::new()
+            .with_mask(Mask::CausalBottomRight)
+            .with_mask(Mask::bias(full))
+            .with_mask(Mask::bias(per_key));
+        loss(&attn, &q, &k, &v, &d_out)
+    };
+    let attn = ScaledDotProduct::new()
+        .with_mask(Mask::CausalBottomRight)
+        .with_mask(Mask::bias(&full))
+        .with_mask(Mask::bias(&per_key));
+    for kernel in [attn::Kernel::Auto, attn::Kernel::Plain] {
+        let g = attn
+            .clone()
+            .with_kernel(kernel)
+            .backward(&q, &k, &v, &d_out)
+            .expect("valid");
+        assert_eq!(g.bias.len(), 2);
+        assert_eq!(
+            (g.bias[0].shape(), g.bias[1].shape()),
+            (&[l, s][..], &[s][..])
+        );
+        let fd_full = finite_difference(&full, |b| loss_with(b, &per_key));
+        let per_key2 = per_key.clone().insert_axis(ndarray::Axis(0));
+        let fd_key = finite_difference(&per_key2, |b| loss_with(&full, &b.row(0).to_owned()));
+        let got_full: Array2<f64> = g.bias[0].clone().into_dimensionality().expect("2-D");
+        let got_key = g.bias[1]
+            .clone()
+            .insert_axis(ndarray::Axis(0))
+            .into_dimensionality::<Ix2>()
+            .expect("2-D");
+        assert!(max_abs_diff(&got_full, &fd_full) < 1e-8, "{kernel:?}");
+        assert!(max_abs_diff(&got_key, &fd_key) < 1e-8, "{kernel:?}");
+        // masked positions (above the causal diagonal) get no gradient
+        assert_eq!(got_full[[0, s - 1]], 0.0);
+    }
+}
+
+#[test]
+fn batched_bias_gradients_fused_equal_reference() {
+    use ndarray::Array3;
+    let q = random4((2, 4, 70, 8), 90);
+    let (k, v) = (random4((2, 2, 140, 8), 91), random4((2, 2, 140, 5), 92));
+    let d_out = random4((2, 4, 70, 5), 93);
+    let per_batch = random4((2, 1, 70, 140), 94); // broadcast over heads
+    let per_head: Array3<f64> = common::pseudo_random(&[4, 1, 140], 95)
+        .into_dimensionality()
+        .expect("3-D"); // broadcast over batch and queries
+                        // a zero bias of the scores' full shape changes nothing; its gradient is dS
+    let zero = Array4::<f64>::zeros((2, 4, 70, 140));
+    let run = |kernel| {
+        ScaledDotProduct::new()
+            .with_kernel(kernel)
+            .with_mask(Mask::bias(&per_batch))
+            .with_mask(Mask::CausalTopLeft)
+            .with_mask(Mask::bias(&per_head))
+            .with_mask(Mask::bias(&zero))
+            .backward_batched(&q, &k, &v, &d_out)
+            .expect("valid")
+    };
+    let (fused, plain) = (run(attn::Kernel::Fused), run(attn::Kernel::Plain));
+    assert_eq!(fused.bias[0].shape(), &[2, 1, 70, 140]);
+    assert_eq!(fused.bias[1].shape(), &[4, 1, 140]);
+    for (f, p) in fused.bias.iter().zip(&plain.bias) {
+        assert!(max_abs_diff(f, p) < 1e-12);
+    }
+    // each broadcast bias's gradient is dS summed over the axes it broadcasts along
+    let d_s = &fused.bias[2]; // (2, 4, 70, 140)
+    let over_heads = d_s.sum_axis(ndarray::Axis(1)).insert_axis(ndarray::Axis(1));
+    assert!(max_abs_diff(&fused.bias[0], &over_heads.into_dyn()) < 1e-12);
+    let over_batch_and_rows = d_s
+        .sum_axis(ndarray::Axis(0))
+        .sum_axis(ndarray::Axis(1))
+        .insert_axis(ndarray::Axis(1));
+    assert!(max_abs_diff(&fused.bias[1], &over_batch_and_rows.into_dyn()) < 1e-12);
+    assert!(d_s.iter().any(|&x| x != 0.0));
+}

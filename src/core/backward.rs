@@ -14,18 +14,20 @@
 //! to `dK` and `dV`. With grouped-query heads, `dK` and `dV` of a key/value head
 //! are summed over the query heads that share it.
 
-use ndarray::{Array2, Array4, ArrayView2, ArrayView4, Axis};
+use ndarray::{s, Array2, Array4, ArrayView2, ArrayView4, ArrayViewMut2, Axis};
 
 use super::problem::Problem;
 use super::reference::{attend_head, masked_product};
 use crate::element::Element;
 
 /// The gradients of one call: `dq` shaped like the queries, `dk` and `dv` like
-/// the keys and values, all `(batch, heads, ·, ·)`.
+/// the keys and values, all `(batch, heads, ·, ·)`, and one per bias mask, in the
+/// bias's shape lifted to 4-D.
 pub(crate) struct Gradients<A> {
     pub(crate) dq: Array4<A>,
     pub(crate) dk: Array4<A>,
     pub(crate) dv: Array4<A>,
+    pub(crate) bias: Vec<Array4<A>>,
 }
 
 impl<A: Element> Gradients<A> {
@@ -35,7 +37,49 @@ impl<A: Element> Gradients<A> {
             dq: Array4::zeros(problem.q.raw_dim()),
             dk: Array4::zeros(problem.k.raw_dim()),
             dv: Array4::zeros(problem.v.raw_dim()),
+            bias: problem
+                .bias_shapes
+                .iter()
+                .map(|&s| Array4::zeros(s))
+                .collect(),
         }
+    }
+}
+
+/// Adds one head's `dS` block (rows from `first_row`, keys from `first_key`) to
+/// a bias gradient's block for that head: rows or keys the bias broadcasts over
+/// (its size 1 there) are summed.
+pub(crate) fn add_bias_gradient<A: Element>(
+    mut target: ArrayViewMut2<'_, A>,
+    d_s: ArrayView2<'_, A>,
+    first_row: usize,
+    first_key: usize,
+) {
+    let (rows, keys) = target.dim();
+    for (i, row) in d_s.outer_iter().enumerate() {
+        let ti = if rows == 1 { 0 } else { first_row + i };
+        for (j, &x) in row.iter().enumerate() {
+            let tj = if keys == 1 { 0 } else { first_key + j };
+            target[[ti, tj]] += x;
+        }
+    }
+}
+
+impl<A: Element> Problem<'_, A> {
+    /// Bias gradient `m`'s block for head `h` of batch `b`: `(L or 1, S or 1)`.
+    pub(crate) fn bias_gradient_of<'g>(
+        &self,
+        grads: &'g mut [Array4<A>],
+        m: usize,
+        b: usize,
+        h: usize,
+    ) -> ArrayViewMut2<'g, A> {
+        let shape = self.bias_shapes[m];
+        let (gb, gh) = (
+            if shape[0] == 1 { 0 } else { b },
+            if shape[1] == 1 { 0 } else { h },
+        );
+        grads[m].slice_mut(s![gb, gh, .., ..])
     }
 }
 
@@ -49,7 +93,11 @@ impl<A: Element> Problem<'_, A> {
             for h in 0..heads {
                 let kv = self.kv_head(h);
                 let d_out = d_out.index_axis(Axis(0), b).index_axis_move(Axis(0), h);
-                let (dq, dk, dv) = self.backward_head(b, h, d_out);
+                let (dq, dk, dv, d_s) = self.backward_head(b, h, d_out);
+                for m in 0..self.bias_shapes.len() {
+                    let target = self.bias_gradient_of(&mut grads.bias, m, b, h);
+                    add_bias_gradient(target, d_s.view(), 0, 0);
+                }
                 grads
                     .dq
                     .index_axis_mut(Axis(0), b)
@@ -73,13 +121,14 @@ impl<A: Element> Problem<'_, A> {
         grads
     }
 
-    /// `(dq, dk, dv)` of query head `h` of batch `b` alone.
+    /// `(dq, dk, dv, dS)` of query head `h` of batch `b` alone (`dS`, the
+    /// gradient by the scaled, biased scores, is that of every bias).
     pub(crate) fn backward_head(
         &self,
         b: usize,
         h: usize,
         d_out: ArrayView2<'_, A>,
-    ) -> (Array2<A>, Array2<A>, Array2<A>) {
+    ) -> (Array2<A>, Array2<A>, Array2<A>, Array2<A>) {
         let q = self.query(b, h);
         let (k, v) = self.keys_values(b, self.kv_head(h));
         let head = attend_head(q, k, self.scale, &self.block_masks(b, h));
@@ -98,6 +147,6 @@ impl<A: Element> Problem<'_, A> {
         }
         let dq = masked_product(d_s.view(), k, seen) * self.scale;
         let dk = masked_product(d_s.t(), q, |j, i| seen(i, j)) * self.scale;
-        (dq, dk, dv)
+        (dq, dk, dv, d_s)
     }
 }

@@ -15,6 +15,10 @@ pub(crate) struct Problem<'a, A> {
     pub(crate) v: ArrayView4<'a, A>,
     pub(crate) masks: Vec<Mask4<'a, A>>,
     pub(crate) scale: A,
+    /// The shape of every [`Mask::Bias`], in order, lifted to 4-D with leading 1s:
+    /// where a bias has 1 and the scores more, it is broadcast (and its gradient
+    /// summed).
+    pub(crate) bias_shapes: Vec<[usize; 4]>,
 }
 
 impl<'a, A: Element> Problem<'a, A> {
@@ -29,6 +33,7 @@ impl<'a, A: Element> Problem<'a, A> {
         check_shapes(q.shape(), k.shape(), v.shape())?;
         Ok(Problem {
             masks: mask::broadcast_all(masks, &[q.nrows(), k.nrows()])?,
+            bias_shapes: bias_shapes(masks),
             scale: resolve_scale(scale, q.ncols())?,
             q: lift(q),
             k: lift(k),
@@ -49,6 +54,7 @@ impl<'a, A: Element> Problem<'a, A> {
         let (batch, heads, l, d_k) = q.dim();
         Ok(Problem {
             masks: mask::broadcast_all(masks, &[batch, heads, l, k.dim().2])?,
+            bias_shapes: bias_shapes(masks),
             scale: resolve_scale(scale, d_k)?,
             q,
             k,
@@ -93,6 +99,23 @@ impl<A: Copy> Problem<'_, A> {
     pub(crate) fn block_masks(&self, b: usize, h: usize) -> Vec<Mask2<'_, A>> {
         self.masks.iter().map(|m| m.block(b, h)).collect()
     }
+}
+
+/// The shape of every bias of `masks`, lifted to 4-D with leading 1s (a mask that
+/// broadcasts has at most 4 axes).
+fn bias_shapes<A>(masks: &[Mask<'_, A>]) -> Vec<[usize; 4]> {
+    masks
+        .iter()
+        .filter_map(|m| match m {
+            Mask::Bias(bias) => {
+                let mut shape = [1; 4];
+                let n = bias.ndim().min(4);
+                shape[4 - n..].copy_from_slice(&bias.shape()[bias.ndim() - n..]);
+                Some(shape)
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// Head `h` of batch `b`.

@@ -25,6 +25,7 @@ use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis};
 use super::float::{KernelFloat, MulAdd};
 use super::online::{inverse_total, softmax_update};
 use super::params::{BACKWARD_KEYS as BK, BACKWARD_QUERIES as BQ, LANES};
+use crate::core::backward::add_bias_gradient;
 use crate::core::mask::{apply_row, keys_in_reach, Mask2};
 
 /// One query head's gradients: `dq` for the head, `dk` and `dv` for its
@@ -33,6 +34,8 @@ pub(crate) struct HeadGradients<A> {
     pub(crate) dq: Array2<A>,
     pub(crate) dk: Array2<A>,
     pub(crate) dv: Array2<A>,
+    /// This head's part of every bias's gradient, `(L or 1, S or 1)`.
+    pub(crate) bias: Vec<Array2<A>>,
 }
 
 /// One query head whose inputs the fused pass may take (checked by the caller).
@@ -42,6 +45,8 @@ pub(crate) struct HeadInputs<'h, 'p, A> {
     pub(crate) v: ArrayView2<'p, A>,
     pub(crate) masks: &'h [Mask2<'p, A>],
     pub(crate) scale: A,
+    /// The shape of this head's part of every bias's gradient, `(L or 1, S or 1)`.
+    pub(crate) bias_shapes: &'h [(usize, usize)],
 }
 
 /// What the backward pass needs of the forward: `d_out = ∂loss/∂output`, and
@@ -98,9 +103,19 @@ pub(crate) fn head<A: KernelFloat, M: MulAdd>(
         dq: Array2::zeros(q.raw_dim()),
         dk: Array2::zeros(k.raw_dim()),
         dv: Array2::zeros(v.raw_dim()),
+        bias: inputs
+            .bias_shapes
+            .iter()
+            .map(|&s| Array2::zeros(s))
+            .collect(),
     };
     let (head, mut scratch) = (Head::of(inputs), BlockScratch::new(v.ncols()));
-    let HeadGradients { dq: d_q, dk, dv } = &mut grads;
+    let HeadGradients {
+        dq: d_q,
+        dk,
+        dv,
+        bias,
+    } = &mut grads;
     for (c, dq) in d_q.axis_chunks_iter_mut(Axis(0), BQ).enumerate() {
         let rows = c * BQ..c * BQ + dq.nrows();
         let q_block = q.slice(s![rows.clone(), ..]).mapv(|x| x * inputs.scale);
@@ -114,7 +129,8 @@ pub(crate) fn head<A: KernelFloat, M: MulAdd>(
                 .saved
                 .map(|(o, lse)| (o.slice_move(s![rows.clone(), ..]), lse.slice_move(s![rows]))),
         };
-        head.query_block::<M>(&queries, upstream, &mut scratch, dq, (dk, dv));
+        let out = BlockGradients { dq, dk, dv, bias };
+        head.query_block::<M>(&queries, upstream, &mut scratch, out);
     }
     grads.dq.mapv_inplace(|x| x * inputs.scale);
     grads
@@ -127,6 +143,15 @@ struct Head<'h, 'p, A> {
     masks: &'h [Mask2<'p, A>],
     /// The number of queries `L` of the head.
     l: usize,
+}
+
+/// Where one query block's gradients go: its rows of `dQ`, the head's `dK`, `dV`
+/// and parts of the bias gradients.
+struct BlockGradients<'g, A> {
+    dq: ArrayViewMut2<'g, A>,
+    dk: &'g mut Array2<A>,
+    dv: &'g mut Array2<A>,
+    bias: &'g mut [Array2<A>],
 }
 
 /// One block of query rows, times the scale.
@@ -213,9 +238,14 @@ impl<'h, 'p, A: KernelFloat> Head<'h, 'p, A> {
         queries: &Queries<'_, A>,
         upstream: Upstream<'_, A>,
         scratch: &mut BlockScratch<A>,
-        mut dq: ArrayViewMut2<'_, A>,
-        (dk, dv): (&mut Array2<A>, &mut Array2<A>),
+        out: BlockGradients<'_, A>,
     ) {
+        let BlockGradients {
+            mut dq,
+            dk,
+            dv,
+            bias,
+        } = out;
         let rows = queries.q.nrows();
         let d_out = upstream.d_out;
         match upstream.saved {
@@ -258,6 +288,10 @@ impl<'h, 'p, A: KernelFloat> Head<'h, 'p, A> {
             general_mat_mul(A::one(), &d_out, &v.t(), A::zero(), &mut ds);
             for ((mut ds, p), &d) in ds.outer_iter_mut().zip(p.outer_iter()).zip(&scratch.d) {
                 ds.zip_mut_with(&p, |x, &p| *x = p * (*x - d));
+            }
+            // dS is the gradient by every bias added to the scores
+            for target in bias.iter_mut() {
+                add_bias_gradient(target.view_mut(), ds.view(), queries.first, keys.start);
             }
             // dQ += dS·K, dK += dSᵀ·(Q·scale)
             let k = self.k.slice(s![keys.clone(), ..]);

@@ -14,7 +14,7 @@ use super::params::{BC, BR, DIRECT_PART, PACKED_BYTES};
 use super::report::{self, Path};
 use super::rowwise;
 use super::tiled::{Block, Scratch};
-use crate::core::backward::Gradients;
+use crate::core::backward::{add_bias_gradient, Gradients};
 use crate::core::mask::Mask2;
 use crate::core::problem::Problem;
 use crate::core::reference::Saved;
@@ -258,6 +258,7 @@ pub(crate) fn forward_lse<A: KernelElement>(
             v,
             masks: &masks,
             scale: problem.scale,
+            bias_shapes: &[],
         };
         (A::forward_head(arch, &inputs), Path::FusedBackward)
     };
@@ -323,6 +324,10 @@ pub(crate) fn backward<A: KernelElement>(
         dk.zip_mut_with(&head.dk, |a, &x| *a += x);
         let mut dv = grads.dv.slice_mut(ndarray::s![b, kv, .., ..]);
         dv.zip_mut_with(&head.dv, |a, &x| *a += x);
+        for (m, part) in head.bias.iter().enumerate() {
+            let mut target = problem.bias_gradient_of(&mut grads.bias, m, b, h);
+            target.zip_mut_with(part, |a, &x| *a += x);
+        }
     }
     grads
 }
@@ -338,10 +343,21 @@ fn head_backward<A: KernelElement>(
     let q = problem.query(b, h);
     let (k, v) = problem.keys_values(b, problem.kv_head(h));
     let masks = problem.block_masks(b, h);
+    // this head's part of every bias gradient: (L or 1, S or 1)
+    let bias_shapes: Vec<(usize, usize)> =
+        problem.bias_shapes.iter().map(|s| (s[2], s[3])).collect();
     let finite = extent_of(&upstream.d_out).finite;
     if !(finite && fusable(&q, &masks, problem.scale, extent_of(&k), extent_of(&v))) {
-        let (dq, dk, dv) = problem.backward_head(b, h, upstream.d_out);
-        return (HeadGradients { dq, dk, dv }, Path::Reference);
+        let (dq, dk, dv, d_s) = problem.backward_head(b, h, upstream.d_out);
+        let bias = bias_shapes
+            .iter()
+            .map(|&shape| {
+                let mut part = ndarray::Array2::zeros(shape);
+                add_bias_gradient(part.view_mut(), d_s.view(), 0, 0);
+                part
+            })
+            .collect();
+        return (HeadGradients { dq, dk, dv, bias }, Path::Reference);
     }
     let inputs = HeadInputs {
         q,
@@ -349,6 +365,7 @@ fn head_backward<A: KernelElement>(
         v,
         masks: &masks,
         scale: problem.scale,
+        bias_shapes: &bias_shapes,
     };
     (
         A::backward_head(arch, &inputs, upstream),

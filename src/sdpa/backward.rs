@@ -1,10 +1,13 @@
 //! Gradients through scaled dot-product attention: the backward pass.
 
-use ndarray::{Array, Array2, Array4, ArrayRef2, ArrayRef4, Axis, Dimension, Ix2, Ix4};
+use ndarray::{
+    Array, Array2, Array4, ArrayD, ArrayRef2, ArrayRef4, Axis, Dimension, Ix2, Ix4, IxDyn,
+};
 
 use super::lse::AttentionLse;
 use super::ScaledDotProduct;
 use crate::core::backward::Gradients;
+use crate::core::mask::Mask;
 use crate::core::problem::{lift, Problem};
 use crate::core::reference::Saved;
 use crate::element::Element;
@@ -43,6 +46,9 @@ pub struct AttentionGradients<A, D: Dimension> {
     pub k: Array<A, D>,
     /// `∂loss/∂v`.
     pub v: Array<A, D>,
+    /// `∂loss/∂bias` for every [`Mask::Bias`](crate::Mask::Bias) given, in order, each
+    /// shaped like its bias: summed over the axes the bias is broadcast along.
+    pub bias: Vec<ArrayD<A>>,
 }
 
 impl<A: Element> ScaledDotProduct<'_, A> {
@@ -98,6 +104,7 @@ impl<A: Element> ScaledDotProduct<'_, A> {
             x.index_axis_move(Axis(0), 0).index_axis_move(Axis(0), 0)
         };
         Ok(AttentionGradients {
+            bias: self.bias_gradients(grads.bias),
             q: head(grads.dq),
             k: head(grads.dk),
             v: head(grads.dv),
@@ -144,6 +151,7 @@ impl<A: Element> ScaledDotProduct<'_, A> {
         check_d_out(d_out.shape(), &[batch, heads, l, v.dim().3])?;
         let grads = self.gradients(&problem, &d_out.view())?;
         Ok(AttentionGradients {
+            bias: self.bias_gradients(grads.bias),
             q: grads.dq,
             k: grads.dk,
             v: grads.dv,
@@ -217,6 +225,7 @@ impl<A: Element> ScaledDotProduct<'_, A> {
             x.index_axis_move(Axis(0), 0).index_axis_move(Axis(0), 0)
         };
         Ok(AttentionGradients {
+            bias: self.bias_gradients(grads.bias),
             q: head(grads.dq),
             k: head(grads.dk),
             v: head(grads.dv),
@@ -273,10 +282,27 @@ impl<A: Element> ScaledDotProduct<'_, A> {
             self.parallelism,
         )?;
         Ok(AttentionGradients {
+            bias: self.bias_gradients(grads.bias),
             q: grads.dq,
             k: grads.dk,
             v: grads.dv,
         })
+    }
+
+    /// Each bias's gradient in the shape of that bias.
+    fn bias_gradients(&self, grads: Vec<Array4<A>>) -> Vec<ArrayD<A>> {
+        let shapes = self.masks.iter().filter_map(|m| match m {
+            Mask::Bias(bias) => Some(bias.shape().to_vec()),
+            _ => None,
+        });
+        grads
+            .into_iter()
+            .zip(shapes)
+            .map(|(g, shape)| {
+                g.into_shape_with_order(IxDyn(&shape))
+                    .expect("a bias's shape lifted to 4-D holds as many entries")
+            })
+            .collect()
     }
 
     fn gradients(
