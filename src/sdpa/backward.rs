@@ -6,7 +6,6 @@ use ndarray::{
 
 use super::lse::AttentionLse;
 use super::ScaledDotProduct;
-use crate::core::backward::Gradients;
 use crate::core::mask::Mask;
 use crate::core::problem::{lift, Problem};
 use crate::core::reference::Saved;
@@ -99,16 +98,11 @@ impl<A: Element> ScaledDotProduct<'_, A> {
     ) -> Result<AttentionGradients<A, Ix2>> {
         let problem = self.check_2d(q, k, v)?;
         check_d_out(d_out.shape(), &[q.nrows(), v.ncols()])?;
-        let grads = self.gradients(&problem, &lift(d_out.view()))?;
-        let head = |x: Array4<A>| -> Array2<A> {
-            x.index_axis_move(Axis(0), 0).index_axis_move(Axis(0), 0)
-        };
-        Ok(AttentionGradients {
-            bias: self.bias_gradients(grads.bias),
-            q: head(grads.dq),
-            k: head(grads.dk),
-            v: head(grads.dv),
-        })
+        Ok(first_head(self.gradients(
+            &problem,
+            lift(d_out.view()),
+            None,
+        )?))
     }
 
     /// [`backward`](Self::backward) for batched, multi-head inputs, with
@@ -149,13 +143,7 @@ impl<A: Element> ScaledDotProduct<'_, A> {
         let problem = self.check_4d(q, k, v)?;
         let (batch, heads, l, _) = q.dim();
         check_d_out(d_out.shape(), &[batch, heads, l, v.dim().3])?;
-        let grads = self.gradients(&problem, &d_out.view())?;
-        Ok(AttentionGradients {
-            bias: self.bias_gradients(grads.bias),
-            q: grads.dq,
-            k: grads.dk,
-            v: grads.dv,
-        })
+        self.gradients(&problem, d_out.view(), None)
     }
 
     /// [`backward`](Self::backward) from what
@@ -214,22 +202,11 @@ impl<A: Element> ScaledDotProduct<'_, A> {
                 .insert_axis(Axis(0))
                 .to_owned(),
         };
-        let grads = kernel::backward(
+        Ok(first_head(self.gradients(
             &problem,
             lift(d_out.view()),
             Some(&saved),
-            self.kernel,
-            self.parallelism,
-        )?;
-        let head = |x: Array4<A>| -> Array2<A> {
-            x.index_axis_move(Axis(0), 0).index_axis_move(Axis(0), 0)
-        };
-        Ok(AttentionGradients {
-            bias: self.bias_gradients(grads.bias),
-            q: head(grads.dq),
-            k: head(grads.dk),
-            v: head(grads.dv),
-        })
+        )?))
     }
 
     /// [`backward_batched`](Self::backward_batched) from what
@@ -274,19 +251,7 @@ impl<A: Element> ScaledDotProduct<'_, A> {
             output: forward.output.clone(),
             lse: forward.lse.clone(),
         };
-        let grads = kernel::backward(
-            &problem,
-            d_out.view(),
-            Some(&saved),
-            self.kernel,
-            self.parallelism,
-        )?;
-        Ok(AttentionGradients {
-            bias: self.bias_gradients(grads.bias),
-            q: grads.dq,
-            k: grads.dk,
-            v: grads.dv,
-        })
+        self.gradients(&problem, d_out.view(), Some(&saved))
     }
 
     /// Each bias's gradient in the shape of that bias.
@@ -305,12 +270,32 @@ impl<A: Element> ScaledDotProduct<'_, A> {
             .collect()
     }
 
+    /// The gradients of every head, and of every bias, by the path the kernel
+    /// choice asks for.
     fn gradients(
         &self,
         problem: &Problem<'_, A>,
-        d_out: &ndarray::ArrayView4<'_, A>,
-    ) -> Result<Gradients<A>> {
-        kernel::backward(problem, d_out.view(), None, self.kernel, self.parallelism)
+        d_out: ndarray::ArrayView4<'_, A>,
+        saved: Option<&Saved<A>>,
+    ) -> Result<AttentionGradients<A, Ix4>> {
+        let grads = kernel::backward(problem, d_out, saved, self.kernel, self.parallelism)?;
+        Ok(AttentionGradients {
+            bias: self.bias_gradients(grads.bias),
+            q: grads.dq,
+            k: grads.dk,
+            v: grads.dv,
+        })
+    }
+}
+
+/// The gradients of a 2-D call, lifted to `(1, 1, ·, ·)`, as 2-D arrays.
+fn first_head<A>(grads: AttentionGradients<A, Ix4>) -> AttentionGradients<A, Ix2> {
+    let head = |x: Array4<A>| x.index_axis_move(Axis(0), 0).index_axis_move(Axis(0), 0);
+    AttentionGradients {
+        q: head(grads.q),
+        k: head(grads.k),
+        v: head(grads.v),
+        bias: grads.bias,
     }
 }
 
