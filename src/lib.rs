@@ -64,7 +64,7 @@ pub use layers::multi_head::{
     Projection,
 };
 pub use layers::parameter_free;
-pub use layers::projection::{ProjectionShape, QkvProjection};
+pub use layers::projection::{ProjectionShape, QkvGradients, QkvProjection};
 pub use sdpa::{
     attention_weights, merge_attention, scaled_dot_product, AttentionGradients, AttentionLse,
     AttentionOutput, AttentionTrace, ScaledDotProduct,

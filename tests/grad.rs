@@ -517,3 +517,94 @@ fn batched_bias_gradients_fused_equal_reference() {
     assert!(max_abs_diff(&fused.bias[1], &over_batch_and_rows.into_dyn()) < 1e-12);
     assert!(d_s.iter().any(|&x| x != 0.0));
 }
+
+#[test]
+fn projection_gradients_equal_finite_differences() {
+    use attn::{ProjectionShape, QkvProjection};
+    let (w_q, w_k, w_v) = (random2(4, 3, 100), random2(5, 3, 101), random2(6, 2, 102));
+    let (b_q, b_k, b_v) = (random2(1, 3, 103), random2(1, 3, 104), random2(1, 2, 105));
+    let make = |w_q: &Array2<f64>, w_k: &Array2<f64>, w_v: &Array2<f64>| {
+        QkvProjection::new(w_q.clone(), w_k.clone(), w_v.clone())
+            .expect("valid")
+            .with_biases(
+                b_q.row(0).to_owned(),
+                b_k.row(0).to_owned(),
+                b_v.row(0).to_owned(),
+            )
+            .expect("valid")
+    };
+    let (x, keys_in, values_in) = (random2(3, 4, 106), random2(7, 5, 107), random2(7, 6, 108));
+    let d_out = random2(3, 2, 109);
+    let causal = ScaledDotProduct::new().with_mask(Mask::CausalBottomRight);
+    let loss_of =
+        |proj: &QkvProjection<f64>, x: &Array2<f64>, keys: &Array2<f64>, values: &Array2<f64>| {
+            let out = proj
+                .cross_attention(x, keys, values, &causal)
+                .expect("valid");
+            (&out * &d_out).sum()
+        };
+    let proj = make(&w_q, &w_k, &w_v);
+    assert_eq!(
+        proj.shape(),
+        ProjectionShape::new(4, 3, 2).with_context(5, 6)
+    );
+    let g = proj
+        .cross_attention_backward(&x, &keys_in, &values_in, &causal, &d_out)
+        .expect("valid");
+    let checks = [
+        (
+            "x",
+            g.query_in.clone(),
+            finite_difference(&x, |x| loss_of(&proj, x, &keys_in, &values_in)),
+        ),
+        (
+            "keys_in",
+            g.key_in.clone(),
+            finite_difference(&keys_in, |k| loss_of(&proj, &x, k, &values_in)),
+        ),
+        (
+            "values_in",
+            g.value_in.clone(),
+            finite_difference(&values_in, |v| loss_of(&proj, &x, &keys_in, v)),
+        ),
+        (
+            "w_q",
+            g.w_q.clone(),
+            finite_difference(&w_q, |w| {
+                loss_of(&make(w, &w_k, &w_v), &x, &keys_in, &values_in)
+            }),
+        ),
+        (
+            "w_k",
+            g.w_k.clone(),
+            finite_difference(&w_k, |w| {
+                loss_of(&make(&w_q, w, &w_v), &x, &keys_in, &values_in)
+            }),
+        ),
+        (
+            "w_v",
+            g.w_v.clone(),
+            finite_difference(&w_v, |w| {
+                loss_of(&make(&w_q, &w_k, w), &x, &keys_in, &values_in)
+            }),
+        ),
+    ];
+    for (name, got, want) in &checks {
+        let e = max_abs_diff(got, want);
+        assert!(e < 1e-8, "d{name}: {e:e}");
+    }
+    // b_v's gradient is d_out's columns summed: each output row's weights sum to 1
+    let b_v = g.b_v.expect("biases given");
+    assert!(max_abs_diff(&b_v, &d_out.sum_axis(ndarray::Axis(0))) < 1e-12);
+    assert!(g.b_q.is_some() && g.b_k.is_some());
+    // self-attention: x's gradient is the sum of the three
+    let square = QkvProjection::new(random2(4, 3, 110), random2(4, 3, 111), random2(4, 2, 112))
+        .expect("valid");
+    let s = square
+        .self_attention_backward(&x, &causal, &d_out)
+        .expect("valid");
+    let fd = finite_difference(&x, |x| {
+        (&square.self_attention(x, &causal).expect("valid") * &d_out).sum()
+    });
+    assert!(max_abs_diff(&(&s.query_in + &s.key_in + &s.value_in), &fd) < 1e-8);
+}

@@ -4,6 +4,10 @@
 use ndarray::{Array1, Array2, ArrayRef2, Ix2};
 use rand::Rng;
 
+mod backward;
+
+pub use backward::QkvGradients;
+
 use super::init::Init;
 use super::linear::Linear;
 use crate::element::Element;
