@@ -28,6 +28,24 @@
 //! assert_eq!(out.weights[[0, 1]], 0.0); // the first token sees only itself
 //! # Ok::<(), attn::Error>(())
 //! ```
+//!
+//! Training takes gradients: [`ScaledDotProduct::backward`] (and, from a forward
+//! that kept each row's log-sum-exp, [`ScaledDotProduct::backward_with_lse`]), and
+//! the layers' own: [`Linear::backward`], [`QkvProjection::self_attention_backward`],
+//! [`MultiHeadAttention::backward`].
+//!
+//! ```
+//! use attn::ScaledDotProduct;
+//! use ndarray::Array2;
+//!
+//! let x = Array2::from_shape_fn((4, 8), |(i, j)| ((i + j) % 3) as f64);
+//! let attn = ScaledDotProduct::new();
+//! let forward = attn.forward_with_lse(&x, &x, &x)?;
+//! let d_out = &forward.output * 2.0; // loss = sum(output²)
+//! let grads = attn.backward_with_lse(&x, &x, &x, &forward, &d_out)?;
+//! assert_eq!(grads.k.dim(), (4, 8));
+//! # Ok::<(), attn::Error>(())
+//! ```
 #![warn(missing_docs)]
 
 #[cfg(doctest)]
