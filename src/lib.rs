@@ -66,6 +66,10 @@ pub mod plot;
 pub mod rng;
 mod sdpa;
 
+/// The `ndarray` this crate is built on (0.17): arrays from `attn::ndarray` are
+/// always the types attn's functions take, whatever else a program depends on.
+pub use ndarray;
+
 pub use crate::core::mask::Mask;
 pub use crate::core::softmax::{softmax_rows, softmax_rows_in_place};
 pub use decode::cache::KvCache;

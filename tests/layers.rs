@@ -287,6 +287,32 @@ fn multi_head_config_errors() {
         mha.forward(&Array2::zeros((3, 7)), &x, &x, &[]),
         Err(Error::Shape { .. })
     ));
+    // a 2-D call's errors name the caller's shapes, not the batch of one it runs as
+    let err = mha
+        .forward(&Array2::zeros((3, 4)), &x, &x, &[])
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "query width must be d_model: expected shape [3, 8], found [3, 4]"
+    );
+    let err = mha
+        .forward_with_weights(&x, &x, &Array2::zeros((4, 8)), &[])
+        .unwrap_err();
+    assert_eq!(
+        err,
+        Error::KeyValueLength {
+            key: vec![3, 8],
+            value: vec![4, 8]
+        }
+    );
+    let err = mha
+        .backward(&x, &x, &x, &[], &Array2::zeros((3, 5)))
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .ends_with("expected shape [3, 8], found [3, 5]"),
+        "{err}"
+    );
     assert!(matches!(
         mha.forward(&x, &x, &Array2::zeros((4, 8)), &[]),
         Err(Error::KeyValueLength { .. })

@@ -3,7 +3,7 @@
 use ndarray::{Array, ArrayRef2, ArrayRef3, Axis, Dimension, Ix2, Ix3};
 
 use super::weights::MultiHeadWeights;
-use super::{attention, batch_of_one, concat, split, MultiHeadAttention};
+use super::{attention, batch_of_one, concat, in_callers_shapes, split, MultiHeadAttention};
 use crate::core::mask::Mask;
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -84,13 +84,15 @@ impl<A: Element> MultiHeadAttention<A> {
         masks: &[Mask<'_, A>],
         d_out: &ArrayRef2<A>,
     ) -> Result<MultiHeadGradients<A, Ix2>> {
-        let g = self.backward_batched(
-            &batch_of_one(query),
-            &batch_of_one(key),
-            &batch_of_one(value),
-            masks,
-            &batch_of_one(d_out),
-        )?;
+        let g = self
+            .backward_batched(
+                &batch_of_one(query),
+                &batch_of_one(key),
+                &batch_of_one(value),
+                masks,
+                &batch_of_one(d_out),
+            )
+            .map_err(in_callers_shapes)?;
         Ok(MultiHeadGradients {
             query: g.query.index_axis_move(Axis(0), 0),
             key: g.key.index_axis_move(Axis(0), 0),

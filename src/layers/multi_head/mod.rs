@@ -296,12 +296,14 @@ impl<A: Element> MultiHeadAttention<A> {
         value: &ArrayRef2<A>,
         masks: &[Mask<'_, A>],
     ) -> Result<Array2<A>> {
-        let out = self.forward_batched(
-            &batch_of_one(query),
-            &batch_of_one(key),
-            &batch_of_one(value),
-            masks,
-        )?;
+        let out = self
+            .forward_batched(
+                &batch_of_one(query),
+                &batch_of_one(key),
+                &batch_of_one(value),
+                masks,
+            )
+            .map_err(in_callers_shapes)?;
         Ok(out.index_axis_move(Axis(0), 0))
     }
 
@@ -337,8 +339,9 @@ impl<A: Element> MultiHeadAttention<A> {
         masks: &[Mask<'_, A>],
     ) -> Result<MultiHeadOutput<A, Ix2>> {
         let lift = |x: &ArrayRef2<A>| x.view().insert_axis(Axis(0)).to_owned();
-        let out =
-            self.forward_batched_with_weights(&lift(query), &lift(key), &lift(value), masks)?;
+        let out = self
+            .forward_batched_with_weights(&lift(query), &lift(key), &lift(value), masks)
+            .map_err(in_callers_shapes)?;
         Ok(MultiHeadOutput {
             output: out.output.index_axis_move(Axis(0), 0),
             head_weights: out.head_weights.index_axis_move(Axis(0), 0),
@@ -503,6 +506,31 @@ impl<A: Element> MultiHeadAttention<A> {
     /// `(B, heads, L, head_dim)` → `concat(heads)·W_O + b_o`, `(B, L, d_model)`.
     fn merge_heads(&self, heads: Array4<A>) -> Result<Array3<A>> {
         self.linears[3].forward_batched_named("concatenated heads", &concat(heads))
+    }
+}
+
+/// An error of a 2-D call, which runs as a batch of one, in the caller's shapes:
+/// without the batch axis the caller never made.
+fn in_callers_shapes(e: Error) -> Error {
+    let drop_batch = |shape: Vec<usize>| match shape.split_first() {
+        Some((1, rest)) if rest.len() == 2 => rest.to_vec(),
+        _ => shape,
+    };
+    match e {
+        Error::Shape {
+            what,
+            expected,
+            found,
+        } => Error::Shape {
+            what,
+            expected: drop_batch(expected),
+            found: drop_batch(found),
+        },
+        Error::KeyValueLength { key, value } => Error::KeyValueLength {
+            key: drop_batch(key),
+            value: drop_batch(value),
+        },
+        other => other,
     }
 }
 
