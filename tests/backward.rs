@@ -5,7 +5,7 @@
 mod common;
 
 use attn::{kernel_paths, Kernel, Mask, Parallelism, ScaledDotProduct};
-use common::{max_abs_diff, random2, random4};
+use common::{every_mask_kind, max_abs_diff, random2, random4};
 use ndarray::{s, Array1, Array2, Array4};
 
 /// Attention through `kernel` with every one of `masks`.
@@ -54,14 +54,7 @@ fn fused_equals_reference_across_block_edges_and_masks() {
             );
             let keep = Array2::from_shape_fn((l, s), |(i, j)| (i + 3 * j) % 7 != 2);
             let bias = random2(l, s, 5);
-            let masks = [
-                vec![],
-                vec![Mask::CausalTopLeft],
-                vec![Mask::CausalBottomRight],
-                vec![Mask::SlidingWindow(50)],
-                vec![Mask::Alibi(slopes.view()), Mask::CausalBottomRight],
-                vec![Mask::keep(&keep), Mask::bias(&bias)],
-            ];
+            let masks = every_mask_kind(&keep, &bias, &slopes, 50);
             for m in &masks {
                 let fused = backward_by(true, 1, || {
                     attention(Kernel::Auto, m).backward(&q, &k, &v, &d_out)

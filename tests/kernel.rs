@@ -4,7 +4,7 @@
 mod common;
 
 use attn::{kernel_paths, Kernel, KernelArch, KernelPaths, Mask, Parallelism, ScaledDotProduct};
-use common::{assert_close, max_abs_diff, pseudo_random, random2, random4};
+use common::{assert_close, every_mask_kind, max_abs_diff, pseudo_random, random2, random4};
 use ndarray::{s, Array2, Array4};
 
 /// A path through the kernel, as [`kernel_paths`] counts it.
@@ -435,14 +435,7 @@ fn decode_path_equals_reference() {
         let (k, v) = (random4((2, 2, s, d), 41), random4((2, 2, s, d_v), 42));
         let keep = Array2::from_shape_fn((l, s), |(i, j)| (i + 3 * j) % 7 != 2);
         let bias = random2(l, s, 43);
-        let masks = [
-            vec![],
-            vec![Mask::CausalBottomRight],
-            vec![Mask::CausalTopLeft],
-            vec![Mask::SlidingWindow(100)],
-            vec![Mask::Alibi(slopes.view()), Mask::CausalBottomRight],
-            vec![Mask::keep(&keep), Mask::bias(&bias)],
-        ];
+        let masks = every_mask_kind(&keep, &bias, &slopes, 100);
         for m in &masks {
             let with = |kernel| attention(kernel, m);
             let auto = served_by(Path::Direct, 16, || {

@@ -140,6 +140,12 @@ impl PerElement for Entries {
     }
 }
 
+/// Counts every head of `problem` as served by the reference path ([`Kernel::Plain`]).
+fn count_all_reference<A>(problem: &Problem<'_, A>) {
+    let (batch, heads, _, _) = problem.q.dim();
+    report::count(Path::Reference, batch * heads);
+}
+
 /// The forward with log-sum-exp by the path `kernel` asks for.
 fn choose_forward_lse<A: KernelElement>(
     problem: &Problem<'_, A>,
@@ -147,8 +153,7 @@ fn choose_forward_lse<A: KernelElement>(
     parallelism: Parallelism,
 ) -> Result<Saved<A>> {
     if kernel == Kernel::Plain {
-        let (batch, heads, _, _) = problem.q.dim();
-        report::count(Path::Reference, batch * heads);
+        count_all_reference(problem);
         return Ok(problem.forward_lse());
     }
     Ok(run::forward_lse(problem, Arch::detect()?, parallelism))
@@ -163,8 +168,7 @@ fn choose_backward<A: KernelElement>(
     parallelism: Parallelism,
 ) -> Result<Gradients<A>> {
     if kernel == Kernel::Plain {
-        let (batch, heads, _, _) = problem.q.dim();
-        report::count(Path::Reference, batch * heads);
+        count_all_reference(problem);
         return Ok(problem.backward(d_out));
     }
     Ok(run::backward(
@@ -186,7 +190,7 @@ fn choose_path<A: KernelElement>(
     let (batch, heads, l, d) = problem.q.dim();
     let (s, d_v) = (problem.k.dim().2, problem.v.dim().3);
     if kernel == Kernel::Plain {
-        report::count(Path::Reference, batch * heads);
+        count_all_reference(problem);
         problem.solve(Some(out), None);
         return Ok(());
     }

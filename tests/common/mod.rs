@@ -163,6 +163,25 @@ pub fn assert_close<D: ndarray::Dimension>(
     );
 }
 
+/// One set of masks per kind the kernels take: none, both causal alignments, a
+/// sliding window of `window`, ALiBi with causal, and a keep-mask with a bias.
+pub fn every_mask_kind<'m>(
+    keep: &'m Array2<bool>,
+    bias: &'m Array2<f64>,
+    slopes: &'m ndarray::Array1<f64>,
+    window: usize,
+) -> Vec<Vec<attn::Mask<'m, f64>>> {
+    use attn::Mask;
+    vec![
+        vec![],
+        vec![Mask::CausalTopLeft],
+        vec![Mask::CausalBottomRight],
+        vec![Mask::SlidingWindow(window)],
+        vec![Mask::Alibi(slopes.view()), Mask::CausalBottomRight],
+        vec![Mask::keep(keep), Mask::bias(bias)],
+    ]
+}
+
 /// A deterministic pseudo-random array in [-2, 2), from a simple LCG.
 pub fn pseudo_random(shape: &[usize], seed: u64) -> ArrayD<f64> {
     let mut state = seed
