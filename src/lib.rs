@@ -73,7 +73,8 @@ pub use ndarray;
 pub use crate::core::mask::Mask;
 pub use crate::core::softmax::{softmax_rows, softmax_rows_in_place};
 pub use decode::cache::KvCache;
-pub use decode::position::{alibi_slopes, key_padding, rope, RopeLayout};
+pub use decode::position::{alibi_slopes, key_padding, RelativeBuckets};
+pub use decode::rope::{rope, Rope, RopeLayout, RopeScaling};
 pub use element::Element;
 pub use error::{Error, Result};
 #[doc(hidden)]
@@ -82,8 +83,8 @@ pub use kernel::{Kernel, Parallelism};
 pub use layers::init::Init;
 pub use layers::linear::{Linear, LinearGradients};
 pub use layers::multi_head::{
-    MultiHeadAttention, MultiHeadConfig, MultiHeadGradients, MultiHeadOutput, MultiHeadWeights,
-    Projection,
+    Causality, MultiHeadAttention, MultiHeadConfig, MultiHeadGradients, MultiHeadOutput,
+    MultiHeadWeights, PositionEncoding, Projection,
 };
 pub use layers::parameter_free;
 pub use layers::projection::{ProjectionShape, QkvGradients, QkvProjection};

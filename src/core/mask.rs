@@ -95,6 +95,22 @@ impl<'a, A> Mask<'a, A> {
     pub fn bias<D: Dimension>(bias: &'a ArrayRef<A, D>) -> Self {
         Mask::Bias(bias.view().into_dyn())
     }
+
+    /// The same mask, borrowed for a shorter time (array views do not shorten
+    /// their lifetime by themselves), so it can join masks of a narrower scope.
+    pub(crate) fn reborrow<'b>(&self) -> Mask<'b, A>
+    where
+        'a: 'b,
+    {
+        match self {
+            Mask::Keep(m) => Mask::Keep(m.clone().reborrow()),
+            Mask::Bias(m) => Mask::Bias(m.clone().reborrow()),
+            Mask::CausalTopLeft => Mask::CausalTopLeft,
+            Mask::CausalBottomRight => Mask::CausalBottomRight,
+            Mask::SlidingWindow(size) => Mask::SlidingWindow(*size),
+            Mask::Alibi(slopes) => Mask::Alibi((*slopes).reborrow()),
+        }
+    }
 }
 
 /// A mask broadcast to the 4-D scores shape `(batch, heads, L, S)`.

@@ -1,7 +1,7 @@
-//! Where tokens are: ALiBi slopes, rotary position embeddings, and masks built
-//! from sequence lengths and windows.
+//! Where tokens are: ALiBi slopes, T5's relative position buckets, and masks
+//! built from sequence lengths.
 
-use ndarray::{Array2, Array4, ArrayRef2};
+use ndarray::{Array3, Array4, ArrayRef2};
 
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -32,89 +32,6 @@ pub fn alibi_slopes(n: usize) -> Vec<f64> {
     slopes
 }
 
-/// How rotary embeddings pair up the features of a head.
-///
-/// # Examples
-///
-/// ```
-/// use attn::RopeLayout;
-///
-/// assert_ne!(RopeLayout::Interleaved, RopeLayout::HalfSplit);
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RopeLayout {
-    /// Features `(2i, 2i + 1)` rotate together (RoFormer's formula).
-    Interleaved,
-    /// Features `(i, i + d/2)` rotate together (GPT-NeoX, LLaMA as in Hugging Face).
-    HalfSplit,
-}
-
-/// Rotary position embeddings (RoPE): rotates each pair of features of row `r`
-/// by the angle `positions[r] · base^(−2i/d)` for pair `i`.
-///
-/// Apply it to queries and keys (not values) with their absolute positions, so
-/// keys in a [`KvCache`](crate::KvCache) keep the rotation of where they were.
-///
-/// # Shapes
-///
-/// `x: (n, d)` with `d` even, `positions.len() == n` → `(n, d)`.
-///
-/// # Errors
-///
-/// [`Error::Shape`] when `positions` has not one entry per row,
-/// [`Error::InvalidConfig`] when `d` is odd or `base` is not finite and above 1.
-///
-/// # Examples
-///
-/// ```
-/// use attn::{rope, RopeLayout};
-/// use ndarray::array;
-///
-/// let x = array![[1.0_f64, 0.0], [1.0, 0.0]];
-/// let r = rope(&x, &[0, 1], 10_000.0, RopeLayout::Interleaved)?;
-/// assert_eq!(r.row(0), x.row(0)); // position 0: no rotation
-/// assert!((r[[1, 0]] - 1f64.cos()).abs() < 1e-15 && (r[[1, 1]] - 1f64.sin()).abs() < 1e-15);
-/// # Ok::<(), attn::Error>(())
-/// ```
-pub fn rope<A: Element>(
-    x: &ArrayRef2<A>,
-    positions: &[usize],
-    base: f64,
-    layout: RopeLayout,
-) -> Result<Array2<A>> {
-    let (n, d) = x.dim();
-    if positions.len() != n {
-        return Err(Error::Shape {
-            what: "rope positions: one per row",
-            expected: vec![n],
-            found: vec![positions.len()],
-        });
-    }
-    if d % 2 != 0 || !(base.is_finite() && base > 1.0) {
-        return Err(Error::InvalidConfig {
-            reason: format!(
-                "rope needs an even width and a finite base above 1, got width {d} and base {base}"
-            ),
-        });
-    }
-    let half = d / 2;
-    let mut out = x.to_owned();
-    for (mut row, &position) in out.rows_mut().into_iter().zip(positions) {
-        for i in 0..half {
-            let angle = position as f64 * base.powf(-2.0 * i as f64 / d as f64);
-            let (sin, cos) = (A::from_f64(angle.sin()), A::from_f64(angle.cos()));
-            let (a, b) = match layout {
-                RopeLayout::Interleaved => (2 * i, 2 * i + 1),
-                RopeLayout::HalfSplit => (i, i + half),
-            };
-            let (x0, x1) = (row[a], row[b]);
-            row[a] = x0 * cos - x1 * sin;
-            row[b] = x0 * sin + x1 * cos;
-        }
-    }
-    Ok(out)
-}
-
 /// A key-padding keep-mask from sequence lengths: batch `b` may attend to its
 /// first `lengths[b]` keys of `s`. Shaped `(batch, 1, 1, S)` so it broadcasts over
 /// heads and queries in [`ScaledDotProduct::forward_batched`](crate::ScaledDotProduct::forward_batched)
@@ -142,4 +59,128 @@ pub fn key_padding(lengths: &[usize], s: usize) -> Result<Array4<bool>> {
         (lengths.len(), 1, 1, s),
         |(b, _, _, j)| j < lengths[b],
     ))
+}
+
+/// T5's relative position buckets: the distance `j − i` from query `i` to key `j`
+/// falls in one of `num_buckets` buckets, exact for short distances and
+/// logarithmic up to `max_distance` (beyond, the last bucket); bidirectional
+/// (encoder) buckets give the sign half of them. A learned table of one bias per
+/// bucket and head becomes the additive bias of every head's scores
+/// ([`bias`](Self::bias)), given to attention as a [`Mask::Bias`](crate::Mask::Bias).
+///
+/// # Examples
+///
+/// ```
+/// use attn::RelativeBuckets;
+///
+/// let encoder = RelativeBuckets { num_buckets: 32, max_distance: 128, bidirectional: true };
+/// assert_eq!(encoder.bucket(0), 0);
+/// assert_eq!(encoder.bucket(3), 16 + 3); // keys after the query use the upper half
+/// assert_eq!(encoder.bucket(-1000), 15); // far away: the last bucket of its half
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelativeBuckets {
+    /// The number of buckets (the table's rows): `relative_attention_num_buckets`.
+    pub num_buckets: usize,
+    /// Distances from here on share the last bucket: `relative_attention_max_distance`.
+    pub max_distance: usize,
+    /// Encoder self-attention (`true`): keys before and after the query have
+    /// their own buckets. Decoder (`false`): only keys before the query count.
+    pub bidirectional: bool,
+}
+
+impl RelativeBuckets {
+    /// The bucket of the distance `key − query` (Hugging Face's
+    /// `_relative_position_bucket`, its logarithm in f32 as there).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let decoder = attn::RelativeBuckets { num_buckets: 8, max_distance: 20, bidirectional: false };
+    /// assert_eq!(decoder.bucket(5), 0); // later keys: bucket 0 (the causal mask hides them)
+    /// assert_eq!(decoder.bucket(-2), 2);
+    /// ```
+    pub fn bucket(&self, relative: i64) -> usize {
+        let mut buckets = self.num_buckets;
+        let mut offset = 0;
+        let distance = if self.bidirectional {
+            buckets /= 2;
+            if relative > 0 {
+                offset = buckets;
+            }
+            relative.unsigned_abs()
+        } else {
+            (-relative.min(0)) as u64
+        };
+        let max_exact = (buckets / 2) as u64;
+        if distance < max_exact {
+            return offset + distance as usize;
+        }
+        let log_ratio = (distance as f32 / max_exact as f32).ln()
+            / (self.max_distance as f64 / max_exact as f64).ln() as f32;
+        let large = max_exact as usize + (log_ratio * (buckets as u64 - max_exact) as f32) as usize;
+        offset + large.min(buckets - 1)
+    }
+
+    /// The bias of every head, `bias[h, i, j] = table[bucket(j − pᵢ), h]` for
+    /// queries at positions `pᵢ = first_query + i` and keys at `0..keys`.
+    ///
+    /// # Shapes
+    ///
+    /// `table: (num_buckets, heads)` (T5's `relative_attention_bias.weight`) →
+    /// `(heads, queries, keys)`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Shape`] when the table has not `num_buckets` rows;
+    /// [`Error::InvalidConfig`] when `num_buckets` is below 2 (4 when
+    /// bidirectional) or `max_distance` not above the exact range.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{Mask, RelativeBuckets, ScaledDotProduct};
+    /// use ndarray::{Array2, Array4};
+    ///
+    /// let buckets = RelativeBuckets { num_buckets: 8, max_distance: 20, bidirectional: true };
+    /// let table = Array2::from_shape_fn((8, 2), |(b, h)| (b * 2 + h) as f64 / 10.0);
+    /// let bias = buckets.bias(&table, 0, 5, 5)?;
+    /// assert_eq!(bias.dim(), (2, 5, 5));
+    /// let x = Array4::<f64>::ones((1, 2, 5, 4));
+    /// let out = ScaledDotProduct::new().with_scale(1.0).with_mask(Mask::bias(&bias)).forward_batched(&x, &x, &x)?;
+    /// assert_eq!(out.dim(), (1, 2, 5, 4));
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn bias<A: Element>(
+        &self,
+        table: &ArrayRef2<A>,
+        first_query: usize,
+        queries: usize,
+        keys: usize,
+    ) -> Result<Array3<A>> {
+        let half = if self.bidirectional { 2 } else { 1 };
+        let exact = self.num_buckets / half / 2;
+        if exact == 0 || self.max_distance <= exact {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "relative buckets need at least {} buckets and max_distance above the {exact} exact ones, got {} buckets and max_distance {}",
+                    2 * half,
+                    self.num_buckets,
+                    self.max_distance
+                ),
+            });
+        }
+        let (rows, heads) = table.dim();
+        if rows != self.num_buckets {
+            return Err(Error::Shape {
+                what: "relative position table: (num_buckets, heads)",
+                expected: vec![self.num_buckets, heads],
+                found: vec![rows, heads],
+            });
+        }
+        Ok(Array3::from_shape_fn(
+            (heads, queries, keys),
+            |(h, i, j)| table[[self.bucket(j as i64 - (first_query + i) as i64), h]],
+        ))
+    }
 }

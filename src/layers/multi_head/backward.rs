@@ -3,7 +3,9 @@
 use ndarray::{Array, ArrayRef2, ArrayRef3, Axis, Dimension, Ix2, Ix3};
 
 use super::weights::MultiHeadWeights;
-use super::{attention, batch_of_one, concat, in_callers_shapes, split, MultiHeadAttention};
+use super::{
+    batch_of_one, concat, in_callers_shapes, in_order, split, MultiHeadAttention, PositionEncoding,
+};
 use crate::core::mask::Mask;
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -134,7 +136,7 @@ impl<A: Element> MultiHeadAttention<A> {
         masks: &[Mask<'_, A>],
         d_out: &ArrayRef3<A>,
     ) -> Result<MultiHeadGradients<A, Ix3>> {
-        let (q, k, v) = self.split_heads(query, key, value)?;
+        let heads = self.project(query, key, value)?;
         let (b, l, _) = query.dim();
         let expected = [b, l, self.config.d_model()];
         if d_out.shape() != expected {
@@ -144,15 +146,21 @@ impl<A: Element> MultiHeadAttention<A> {
                 found: d_out.shape().to_vec(),
             });
         }
-        let attn = attention(masks);
+        let slopes = self.slopes();
+        let attn = self.attention(masks, &slopes);
         let [w_q, w_k, w_v, w_o] = &self.linears;
         // forward again to the concatenated heads (keeping each row's log-sum-exp
         // for the attention's backward), then back through each step
-        let forward = attn.forward_batched_with_lse(&q, &k, &v)?;
-        let heads = concat(forward.output.clone());
-        let g_o = w_o.backward_batched(&heads, d_out)?;
+        let (q, k, v) = (&heads.q, &heads.k, &heads.v);
+        let forward = attn.forward_batched_with_lse(q, k, v)?;
+        let g_o = w_o.backward_batched(&concat(forward.output.clone()), d_out)?;
         let d_heads = split(g_o.input, self.config.n_heads(), self.config.head_dim());
-        let g = attn.backward_batched_with_lse(&q, &k, &v, &forward, &d_heads)?;
+        let mut g = attn.backward_batched_with_lse(q, k, v, &forward, &d_heads)?;
+        // rotary embeddings are rotations: their gradient rotates back
+        if let PositionEncoding::Rope(rope) = self.config.positions() {
+            rope.apply_transpose(&mut g.q, &in_order(b, l))?;
+            rope.apply_transpose(&mut g.k, &in_order(b, key.dim().1))?;
+        }
         let g_q = w_q.backward_batched(query, &concat(g.q))?;
         let g_k = w_k.backward_batched(key, &concat(g.k))?;
         let g_v = w_v.backward_batched(value, &concat(g.v))?;

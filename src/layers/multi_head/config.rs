@@ -1,6 +1,105 @@
-//! The sizes of a multi-head attention layer.
+//! The sizes and settings of a multi-head attention layer, and the names of its
+//! four projections.
 
+use crate::decode::rope::Rope;
 use crate::error::{Error, Result};
+
+/// Which keys each query of a layer may see, whatever the call's masks add.
+///
+/// # Examples
+///
+/// ```
+/// use attn::{Causality, MultiHeadConfig};
+///
+/// let mistral = MultiHeadConfig::new(32, 4).with_causality(Causality::SlidingWindow(4096));
+/// assert_eq!(mistral.causality(), Causality::SlidingWindow(4096));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Causality {
+    /// Every query sees every key (encoders: BERT, ViT, T5's encoder; cross-attention).
+    None,
+    /// Query `i` sees keys up to its own position, aligned bottom-right
+    /// ([`Mask::CausalBottomRight`](crate::Mask::CausalBottomRight)): decoders.
+    Causal,
+    /// Causal within a window: each query sees itself and the `size − 1` positions
+    /// before it ([`Mask::SlidingWindow`](crate::Mask::SlidingWindow)): Mistral.
+    SlidingWindow(usize),
+}
+
+/// How a layer tells tokens apart by position, inside the attention.
+///
+/// Absolute position embeddings added before the layer (GPT-2, BERT, ViT) need
+/// nothing here; T5's learned relative bias is a per-call
+/// [`Mask::Bias`](crate::Mask::Bias) built by [`RelativeBuckets`](crate::RelativeBuckets).
+///
+/// # Examples
+///
+/// ```
+/// use attn::{MultiHeadConfig, PositionEncoding, Rope};
+///
+/// let llama = MultiHeadConfig::new(64, 8).with_positions(PositionEncoding::Rope(Rope::new(500_000.0)));
+/// assert!(matches!(llama.positions(), PositionEncoding::Rope(_)));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PositionEncoding {
+    /// Nothing inside the layer.
+    None,
+    /// Rotary embeddings on the projected queries and keys, at each token's position.
+    Rope(Rope),
+    /// ALiBi with the standard slopes of `n_heads` heads
+    /// ([`alibi_slopes`](crate::alibi_slopes)): Bloom, MPT.
+    Alibi,
+}
+
+/// One of the four projections of a [`MultiHeadAttention`](crate::MultiHeadAttention).
+///
+/// # Examples
+///
+/// ```
+/// use attn::{Init, MultiHeadConfig, Projection};
+///
+/// let mha = MultiHeadConfig::new(8, 2).with_kdim(3).random::<f32>(Init::XavierUniform, 0)?;
+/// assert_eq!(mha.projection(Projection::Key).weight().dim(), (3, 8));
+/// assert_eq!(Projection::ALL.len(), 4);
+/// # Ok::<(), attn::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Projection {
+    /// `W_Q`, `b_q`: `(d_model, n_heads·head_dim)`.
+    Query,
+    /// `W_K`, `b_k`: `(kdim, n_kv_heads·head_dim)`.
+    Key,
+    /// `W_V`, `b_v`: `(vdim, n_kv_heads·head_dim)`.
+    Value,
+    /// `W_O`, `b_o`: `(n_heads·head_dim, d_model)`.
+    Output,
+}
+
+impl Projection {
+    /// The four projections, in the order `Q, K, V, O`.
+    pub const ALL: [Projection; 4] = [
+        Projection::Query,
+        Projection::Key,
+        Projection::Value,
+        Projection::Output,
+    ];
+
+    /// This projection's place in [`ALL`](Self::ALL).
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The shape of this projection's weight in `config`, `(in, out)`.
+    pub(crate) fn shape(self, config: &MultiHeadConfig) -> (usize, usize) {
+        let (d, inner, kv) = (config.d_model(), config.inner_dim(), config.kv_width());
+        match self {
+            Projection::Query => (d, inner),
+            Projection::Key => (config.kdim(), kv),
+            Projection::Value => (config.vdim(), kv),
+            Projection::Output => (inner, d),
+        }
+    }
+}
 
 /// The sizes of a [`MultiHeadAttention`](crate::MultiHeadAttention): required ones in [`new`](Self::new),
 /// optional ones with `with_*`, then one call that checks them and builds.
@@ -15,19 +114,25 @@ use crate::error::{Error, Result};
 /// assert!(MultiHeadConfig::new(64, 6).random::<f32>(Init::TorchMultihead, 0).is_err()); // 6 ∤ 64
 /// # Ok::<(), attn::Error>(())
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MultiHeadConfig {
     d_model: usize,
     n_heads: usize,
     kdim: Option<usize>,
     vdim: Option<usize>,
     n_kv_heads: Option<usize>,
-    bias: bool,
+    head_dim: Option<usize>,
+    /// Which projections have a bias, in the order of [`Projection::ALL`].
+    biases: [bool; 4],
+    scale: Option<f64>,
+    causality: Causality,
+    positions: PositionEncoding,
 }
 
 impl MultiHeadConfig {
     /// `n_heads` heads over a model width `d_model`; keys and values `d_model` wide,
-    /// as many key/value heads as query heads, biases on.
+    /// as many key/value heads as query heads, heads `d_model / n_heads` wide,
+    /// biases on, scale `1/√head_dim`, no causal mask, no positions.
     ///
     /// # Examples
     ///
@@ -42,7 +147,11 @@ impl MultiHeadConfig {
             kdim: None,
             vdim: None,
             n_kv_heads: None,
-            bias: true,
+            head_dim: None,
+            biases: [true; 4],
+            scale: None,
+            causality: Causality::None,
+            positions: PositionEncoding::None,
         }
     }
 
@@ -96,9 +205,129 @@ impl MultiHeadConfig {
     /// assert!(mha.weights().b_q.is_none());
     /// # Ok::<(), attn::Error>(())
     /// ```
-    pub fn without_bias(mut self) -> Self {
-        self.bias = false;
+    pub fn without_bias(self) -> Self {
+        self.with_bias_on(&[])
+    }
+
+    /// Biases on exactly these projections (Qwen2: query, key and value but not
+    /// output; Whisper: all but key).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{MultiHeadConfig, Projection::*};
+    ///
+    /// let qwen2 = MultiHeadConfig::new(48, 6).with_bias_on(&[Query, Key, Value]);
+    /// assert!(qwen2.has_bias_on(Key) && !qwen2.has_bias_on(Output));
+    /// ```
+    pub fn with_bias_on(mut self, projections: &[Projection]) -> Self {
+        self.biases = [false; 4];
+        for p in projections {
+            self.biases[p.index()] = true;
+        }
         self
+    }
+
+    /// Heads `head_dim` wide, whatever `d_model / n_heads` is (T5, Llama 3 variants):
+    /// queries project to `n_heads · head_dim` features and `W_O` back to `d_model`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let t5 = attn::MultiHeadConfig::new(32, 4).with_head_dim(16);
+    /// assert_eq!((t5.head_dim(), t5.inner_dim()), (16, 64));
+    /// ```
+    pub fn with_head_dim(mut self, head_dim: usize) -> Self {
+        self.head_dim = Some(head_dim);
+        self
+    }
+
+    /// The factor on `QKᵀ` instead of `1/√head_dim` (T5: 1).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(attn::MultiHeadConfig::new(32, 4).with_scale(1.0).scale(), 1.0);
+    /// ```
+    pub fn with_scale(mut self, scale: f64) -> Self {
+        self.scale = Some(scale);
+        self
+    }
+
+    /// Which keys each query sees (decoders are causal).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{Causality, MultiHeadConfig};
+    /// assert_eq!(MultiHeadConfig::new(8, 2).causality(), Causality::None);
+    /// ```
+    pub fn with_causality(mut self, causality: Causality) -> Self {
+        self.causality = causality;
+        self
+    }
+
+    /// How the layer encodes positions (rotary embeddings, ALiBi).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{MultiHeadConfig, PositionEncoding};
+    /// assert_eq!(MultiHeadConfig::new(8, 2).positions(), PositionEncoding::None);
+    /// ```
+    pub fn with_positions(mut self, positions: PositionEncoding) -> Self {
+        self.positions = positions;
+        self
+    }
+
+    /// Whether projection `which` has a bias.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{MultiHeadConfig, Projection};
+    /// assert!(MultiHeadConfig::new(8, 2).has_bias_on(Projection::Output));
+    /// ```
+    pub fn has_bias_on(&self, which: Projection) -> bool {
+        self.biases[which.index()]
+    }
+
+    /// The factor on `QKᵀ`: `1/√head_dim` unless [`with_scale`](Self::with_scale).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(attn::MultiHeadConfig::new(8, 2).scale(), 0.5);
+    /// ```
+    pub fn scale(&self) -> f64 {
+        self.scale
+            .unwrap_or_else(|| 1.0 / (self.head_dim() as f64).sqrt())
+    }
+
+    /// Which keys each query sees.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{Causality, MultiHeadConfig};
+    /// let gpt2 = MultiHeadConfig::new(32, 4).with_causality(Causality::Causal);
+    /// assert_eq!(gpt2.causality(), Causality::Causal);
+    /// ```
+    pub fn causality(&self) -> Causality {
+        self.causality
+    }
+
+    /// How the layer encodes positions.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{MultiHeadConfig, PositionEncoding};
+    /// let bloom = MultiHeadConfig::new(48, 6).with_positions(PositionEncoding::Alibi);
+    /// assert_eq!(bloom.positions(), PositionEncoding::Alibi);
+    /// ```
+    pub fn positions(&self) -> PositionEncoding {
+        self.positions
     }
 
     /// The model width.
@@ -112,8 +341,8 @@ impl MultiHeadConfig {
         self.d_model
     }
 
-    /// Whether the projections have biases (`true` unless
-    /// [`without_bias`](Self::without_bias)).
+    /// Whether any projection has a bias (`true` unless
+    /// [`without_bias`](Self::without_bias) or [`with_bias_on`](Self::with_bias_on)`(&[])`).
     ///
     /// # Examples
     ///
@@ -122,7 +351,7 @@ impl MultiHeadConfig {
     /// assert!(!attn::MultiHeadConfig::new(8, 2).without_bias().has_bias());
     /// ```
     pub fn has_bias(&self) -> bool {
-        self.bias
+        self.biases.contains(&true)
     }
 
     /// The number of query heads.
@@ -169,7 +398,8 @@ impl MultiHeadConfig {
         self.vdim.unwrap_or(self.d_model)
     }
 
-    /// The width of one head, `d_model / n_heads` (0 while `n_heads` is 0).
+    /// The width of one head: as set by [`with_head_dim`](Self::with_head_dim), else
+    /// `d_model / n_heads` (0 while `n_heads` is 0).
     ///
     /// # Examples
     ///
@@ -177,7 +407,20 @@ impl MultiHeadConfig {
     /// assert_eq!(attn::MultiHeadConfig::new(8, 4).head_dim(), 2);
     /// ```
     pub fn head_dim(&self) -> usize {
-        self.d_model.checked_div(self.n_heads).unwrap_or(0)
+        self.head_dim
+            .unwrap_or_else(|| self.d_model.checked_div(self.n_heads).unwrap_or(0))
+    }
+
+    /// The width of the projected queries and of the concatenated heads,
+    /// `n_heads · head_dim` (`d_model` unless [`with_head_dim`](Self::with_head_dim)).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(attn::MultiHeadConfig::new(8, 4).inner_dim(), 8);
+    /// ```
+    pub fn inner_dim(&self) -> usize {
+        self.n_heads * self.head_dim()
     }
 
     /// The width of the projected keys and values, `n_kv_heads · head_dim`.
@@ -204,11 +447,15 @@ impl MultiHeadConfig {
                 self.d_model, self.n_heads
             ));
         }
-        if !self.d_model.is_multiple_of(self.n_heads) {
-            return invalid(format!(
-                "n_heads ({}) must divide d_model ({})",
-                self.n_heads, self.d_model
-            ));
+        match self.head_dim {
+            None if !self.d_model.is_multiple_of(self.n_heads) => {
+                return invalid(format!(
+                    "n_heads ({}) must divide d_model ({}), or set head_dim",
+                    self.n_heads, self.d_model
+                ))
+            }
+            Some(0) => return invalid("head_dim must be positive".to_string()),
+            _ => {}
         }
         if self.kdim() == 0 || self.vdim() == 0 {
             return invalid(format!(
@@ -224,6 +471,17 @@ impl MultiHeadConfig {
                 self.n_heads
             ));
         }
-        Ok(())
+        if let Some(scale) = self.scale {
+            if !(scale.is_finite() && scale != 0.0) {
+                return invalid(format!("scale must be finite and non-zero, got {scale}"));
+            }
+        }
+        if self.causality == Causality::SlidingWindow(0) {
+            return invalid("a sliding window needs a size of at least 1".to_string());
+        }
+        match self.positions {
+            PositionEncoding::Rope(rope) => rope.check(self.head_dim()),
+            PositionEncoding::None | PositionEncoding::Alibi => Ok(()),
+        }
     }
 }

@@ -1,35 +1,46 @@
 //! Multi-head attention: `concat(head₁ … head_h)·W_O + b_o`, with grouped-query heads.
 
 mod backward;
+mod cached;
 mod config;
+mod forward;
 mod weights;
 
 use ndarray::{
-    Array, Array1, Array2, Array3, Array4, ArrayRef2, ArrayRef3, ArrayView3, Axis, Dimension, Ix2,
-    Ix3,
+    Array, Array1, Array2, Array3, Array4, ArrayRef2, ArrayRef3, ArrayRef4, ArrayView3, Axis,
+    Dimension,
 };
 use rand::Rng;
 
 pub use backward::MultiHeadGradients;
-pub use config::MultiHeadConfig;
-pub use weights::{MultiHeadWeights, Projection};
+pub use config::{Causality, MultiHeadConfig, PositionEncoding, Projection};
+pub use weights::MultiHeadWeights;
 
 use super::init::Init;
 use super::linear::Linear;
 use crate::core::mask::Mask;
-use crate::decode::cache::KvCache;
+use crate::decode::position::alibi_slopes;
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::rng;
 use crate::sdpa::ScaledDotProduct;
 
-/// Multi-head attention, as PyTorch's `nn.MultiheadAttention(batch_first=True)`,
-/// with grouped-query heads.
+/// Multi-head attention, as PyTorch's `nn.MultiheadAttention(batch_first=True)`
+/// and the attention blocks of Hugging Face models (Llama, Mistral, Qwen2, GPT-2,
+/// GPT-NeoX, Bloom, BERT, ViT, BART, T5): grouped-query heads, any head width,
+/// biases per projection, a scale, a causal or sliding-window pattern, and rotary
+/// or ALiBi positions, all set on its [`MultiHeadConfig`].
 ///
-/// Each head `h` attends with `softmax(Q_h K_hᵀ/√head_dim)·V_h` on its slice of the
-/// projected queries, keys and values; the heads are concatenated and projected by
-/// `W_O`. With `n_kv_heads < n_heads`, query head `h` uses key/value head
-/// `h / (n_heads / n_kv_heads)`.
+/// Each head `h` attends with `softmax(Q_h K_hᵀ·scale)·V_h` on its slice of the
+/// projected (and, with RoPE, rotated) queries, keys and values; the heads are
+/// concatenated and projected by `W_O`. With `n_kv_heads < n_heads`, query head
+/// `h` uses key/value head `h / (n_heads / n_kv_heads)`.
+///
+/// Masks: **`true` = may attend**, as in PyTorch's `scaled_dot_product_attention`,
+/// **the opposite of `nn.MultiheadAttention`'s `key_padding_mask` and boolean
+/// `attn_mask`** (there `true` = masked out): negate those (`mask.mapv(|m| !m)`).
+/// Hugging Face's `attention_mask` (1 = real token) means what ours means; pass it
+/// to [`forward_padded`](Self::forward_padded) as is.
 ///
 /// # Shapes
 ///
@@ -96,8 +107,10 @@ impl MultiHeadConfig {
     /// # Errors
     ///
     /// [`Error::InvalidConfig`] when `d_model` or `n_heads` is 0, `n_heads` does not
-    /// divide `d_model`, `kdim` or `vdim` is 0, or `n_kv_heads` does not divide
-    /// `n_heads`; or when `init` is invalid.
+    /// divide `d_model` (and no head width is set), `kdim` or `vdim` is 0,
+    /// `n_kv_heads` does not divide `n_heads`, the scale is 0 or not finite, a
+    /// sliding window is 0, the rotary settings do not fit the head (see
+    /// [`Rope::check`](crate::Rope::check)); or when `init` is invalid.
     ///
     /// # Examples
     ///
@@ -135,39 +148,44 @@ impl MultiHeadConfig {
         rng: &mut R,
     ) -> Result<MultiHeadAttention<A>> {
         self.check()?;
-        let (d, kv) = (self.d_model(), self.kv_width());
+        let (d, inner, kv) = (self.d_model(), self.inner_dim(), self.kv_width());
         let packed = init == Init::TorchMultihead && self.kdim() == d && self.vdim() == d;
-        let fans = |rows: usize, cols: usize| {
-            if packed {
-                (rows, d + 2 * kv)
-            } else {
-                (rows, cols)
-            }
-        };
-        let w_q = init.sample_with_fans((d, d), fans(d, d), rng)?;
-        let w_k = init.sample_with_fans((self.kdim(), kv), fans(self.kdim(), kv), rng)?;
-        let w_v = init.sample_with_fans((self.vdim(), kv), fans(self.vdim(), kv), rng)?;
-        let w_o = match init {
-            Init::TorchMultihead => {
-                let bound = 1.0 / (d as f64).sqrt();
-                Init::Uniform {
-                    low: -bound,
-                    high: bound,
+        let sample = |which: Projection, rng: &mut R| {
+            let shape = which.shape(&self);
+            match (which, init) {
+                // PyTorch: out_proj is a Linear with its own bounds
+                (Projection::Output, Init::TorchMultihead) => {
+                    let bound = 1.0 / (inner as f64).sqrt();
+                    Init::Uniform {
+                        low: -bound,
+                        high: bound,
+                    }
+                    .sample(shape, rng)
                 }
-                .sample((d, d), rng)?
+                // one packed in_proj_weight (inner + 2·kv, d): its fans
+                _ if packed => init.sample_with_fans(shape, (shape.0, inner + 2 * kv), rng),
+                _ => init.sample(shape, rng),
             }
-            _ => init.sample((d, d), rng)?,
         };
-        let zeros = |n: usize| self.has_bias().then(|| Array1::zeros(n));
+        let [w_q, w_k, w_v, w_o] = [
+            sample(Projection::Query, rng)?,
+            sample(Projection::Key, rng)?,
+            sample(Projection::Value, rng)?,
+            sample(Projection::Output, rng)?,
+        ];
+        let zeros = |which: Projection| {
+            self.has_bias_on(which)
+                .then(|| Array1::zeros(which.shape(&self).1))
+        };
         self.with_weights(MultiHeadWeights {
             w_q,
             w_k,
             w_v,
             w_o,
-            b_q: zeros(d),
-            b_k: zeros(kv),
-            b_v: zeros(kv),
-            b_o: zeros(d),
+            b_q: zeros(Projection::Query),
+            b_k: zeros(Projection::Key),
+            b_v: zeros(Projection::Value),
+            b_o: zeros(Projection::Output),
         })
     }
 
@@ -176,9 +194,9 @@ impl MultiHeadConfig {
     /// # Errors
     ///
     /// The configuration errors of [`random`](Self::random); [`Error::Shape`] when a
-    /// weight or bias does not have its shape (see [`MultiHeadWeights`]), or when
-    /// biases are given to a configuration [`without_bias`](Self::without_bias) or
-    /// missing from one with them.
+    /// weight or bias does not have its shape (see [`MultiHeadWeights`]), or when a
+    /// bias is given to a projection without one (see
+    /// [`with_bias_on`](Self::with_bias_on)) or missing from one with one.
     ///
     /// # Examples
     ///
@@ -261,139 +279,53 @@ impl<A: Element> MultiHeadAttention<A> {
             Projection::Output => o,
         }
     }
+}
 
-    /// Multi-head attention on 2-D inputs.
+/// The projected heads of one call: queries, keys and values split per head
+/// (and rotated, with rotary embeddings), as the layer's attention takes them.
+///
+/// # Shapes
+///
+/// `q: (B, n_heads, L, head_dim)`, `k` and `v: (B, n_kv_heads, S, head_dim)`.
+///
+/// # Examples
+///
+/// ```
+/// use attn::{Init, MultiHeadConfig, ScaledDotProduct};
+/// use ndarray::Array3;
+///
+/// let mha = MultiHeadConfig::new(8, 4).with_kv_heads(2).random::<f64>(Init::XavierUniform, 0)?;
+/// let x = Array3::from_shape_fn((1, 3, 8), |(_, i, j)| (i + j) as f64 / 10.0);
+/// let heads = mha.project(&x, &x, &x)?;
+/// assert_eq!((heads.q.dim(), heads.k.dim()), ((1, 4, 3, 2), (1, 2, 3, 2)));
+/// // a custom step between projections and output, here plain attention
+/// let mixed = ScaledDotProduct::new().forward_batched(&heads.q, &heads.k, &heads.v)?;
+/// assert_eq!(mha.output(&mixed)?, mha.forward_batched(&x, &x, &x, &[])?);
+/// # Ok::<(), attn::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct QkvHeads<A> {
+    /// Queries per head.
+    pub q: Array4<A>,
+    /// Keys per key/value head.
+    pub k: Array4<A>,
+    /// Values per key/value head.
+    pub v: Array4<A>,
+}
+
+impl<A: Element> MultiHeadAttention<A> {
+    /// Projects the inputs and splits them into heads, rotating queries and keys
+    /// at positions `0..L` and `0..S` when the layer has rotary embeddings: the
+    /// first half of [`forward_batched`](Self::forward_batched), for a custom step
+    /// before [`output`](Self::output).
     ///
     /// # Shapes
     ///
-    /// `query: (L, d_model)`, `key: (S, kdim)`, `value: (S, vdim)` → `(L, d_model)`;
-    /// masks broadcast to `(1, n_heads, L, S)`.
+    /// As [`forward_batched`](Self::forward_batched) → see [`QkvHeads`].
     ///
     /// # Errors
     ///
-    /// [`Error::Shape`] when an input is not as wide as its projection needs,
-    /// [`Error::KeyValueLength`] when `key` and `value` differ in `S`, and the mask
-    /// errors of [`ScaledDotProduct`].
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use attn::{Init, MultiHeadConfig};
-    /// use ndarray::Array2;
-    ///
-    /// let mha = MultiHeadConfig::new(8, 2).with_kdim(3).random::<f64>(Init::TorchMultihead, 0)?;
-    /// let query = Array2::<f64>::ones((1, 8)); // one CLS token
-    /// let tokens = Array2::<f64>::ones((10, 3));
-    /// let context = Array2::<f64>::ones((10, 8));
-    /// assert_eq!(mha.forward(&query, &tokens, &context, &[])?.dim(), (1, 8));
-    /// assert!(mha.forward(&query, &context, &context, &[]).is_err()); // keys must be 3 wide
-    /// # Ok::<(), attn::Error>(())
-    /// ```
-    pub fn forward(
-        &self,
-        query: &ArrayRef2<A>,
-        key: &ArrayRef2<A>,
-        value: &ArrayRef2<A>,
-        masks: &[Mask<'_, A>],
-    ) -> Result<Array2<A>> {
-        let out = self
-            .forward_batched(
-                &batch_of_one(query),
-                &batch_of_one(key),
-                &batch_of_one(value),
-                masks,
-            )
-            .map_err(in_callers_shapes)?;
-        Ok(out.index_axis_move(Axis(0), 0))
-    }
-
-    /// [`forward`](Self::forward), also returning the weights of every head and their mean.
-    ///
-    /// # Shapes
-    ///
-    /// Output `(L, d_model)`, head weights `(n_heads, L, S)`, mean weights `(L, S)`.
-    ///
-    /// # Errors
-    ///
-    /// As [`forward`](Self::forward).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use attn::{Init, MultiHeadConfig};
-    /// use ndarray::Array2;
-    ///
-    /// let mha = MultiHeadConfig::new(8, 4).random::<f64>(Init::TorchMultihead, 0)?;
-    /// let x = Array2::from_shape_fn((3, 8), |(i, j)| (i * j) as f64 / 8.0);
-    /// let out = mha.forward_with_weights(&x, &x, &x, &[])?;
-    /// for row in out.mean_weights.rows() {
-    ///     assert!((row.sum() - 1.0).abs() < 1e-12);
-    /// }
-    /// # Ok::<(), attn::Error>(())
-    /// ```
-    pub fn forward_with_weights(
-        &self,
-        query: &ArrayRef2<A>,
-        key: &ArrayRef2<A>,
-        value: &ArrayRef2<A>,
-        masks: &[Mask<'_, A>],
-    ) -> Result<MultiHeadOutput<A, Ix2>> {
-        let lift = |x: &ArrayRef2<A>| x.view().insert_axis(Axis(0)).to_owned();
-        let out = self
-            .forward_batched_with_weights(&lift(query), &lift(key), &lift(value), masks)
-            .map_err(in_callers_shapes)?;
-        Ok(MultiHeadOutput {
-            output: out.output.index_axis_move(Axis(0), 0),
-            head_weights: out.head_weights.index_axis_move(Axis(0), 0),
-            mean_weights: out.mean_weights.index_axis_move(Axis(0), 0),
-        })
-    }
-
-    /// Multi-head attention on batched inputs.
-    ///
-    /// # Shapes
-    ///
-    /// `query: (B, L, d_model)`, `key: (B, S, kdim)`, `value: (B, S, vdim)` →
-    /// `(B, L, d_model)`; masks broadcast to `(B, n_heads, L, S)`.
-    ///
-    /// # Errors
-    ///
-    /// As [`forward`](Self::forward), and [`Error::BatchShape`] when the batch sizes differ.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use attn::{Init, Mask, MultiHeadConfig};
-    /// use ndarray::{array, Array3};
-    ///
-    /// let mha = MultiHeadConfig::new(8, 2).random::<f32>(Init::TorchMultihead, 0)?;
-    /// let x = Array3::<f32>::ones((2, 4, 8));
-    /// let lengths = array![[[[true, true, true, true]]], [[[true, true, false, false]]]]; // (B, 1, 1, S)
-    /// let out = mha.forward_batched(&x, &x, &x, &[Mask::keep(&lengths)])?;
-    /// assert_eq!(out.dim(), (2, 4, 8));
-    /// # Ok::<(), attn::Error>(())
-    /// ```
-    pub fn forward_batched(
-        &self,
-        query: &ArrayRef3<A>,
-        key: &ArrayRef3<A>,
-        value: &ArrayRef3<A>,
-        masks: &[Mask<'_, A>],
-    ) -> Result<Array3<A>> {
-        let (q, k, v) = self.split_heads(query, key, value)?;
-        let heads = attention(masks).forward_batched(&q, &k, &v)?;
-        self.merge_heads(heads)
-    }
-
-    /// [`forward_batched`](Self::forward_batched), also returning the weights.
-    ///
-    /// # Shapes
-    ///
-    /// Output `(B, L, d_model)`, head weights `(B, n_heads, L, S)`, mean weights `(B, L, S)`.
-    ///
-    /// # Errors
-    ///
-    /// As [`forward_batched`](Self::forward_batched).
+    /// The input errors of [`forward_batched`](Self::forward_batched).
     ///
     /// # Examples
     ///
@@ -401,83 +333,65 @@ impl<A: Element> MultiHeadAttention<A> {
     /// use attn::{Init, MultiHeadConfig};
     /// use ndarray::Array3;
     ///
-    /// let mha = MultiHeadConfig::new(8, 2).random::<f64>(Init::TorchMultihead, 0)?;
-    /// let x = Array3::<f64>::ones((2, 4, 8));
-    /// let out = mha.forward_batched_with_weights(&x, &x, &x, &[])?;
-    /// assert_eq!(out.head_weights.dim(), (2, 2, 4, 4));
+    /// let t5 = MultiHeadConfig::new(4, 2).with_head_dim(3).random::<f32>(Init::XavierUniform, 0)?;
+    /// let heads = t5.project(&Array3::ones((1, 5, 4)), &Array3::ones((1, 6, 4)), &Array3::ones((1, 6, 4)))?;
+    /// assert_eq!(heads.v.dim(), (1, 2, 6, 3));
     /// # Ok::<(), attn::Error>(())
     /// ```
-    pub fn forward_batched_with_weights(
+    pub fn project(
         &self,
         query: &ArrayRef3<A>,
         key: &ArrayRef3<A>,
         value: &ArrayRef3<A>,
-        masks: &[Mask<'_, A>],
-    ) -> Result<MultiHeadOutput<A, Ix3>> {
-        let (q, k, v) = self.split_heads(query, key, value)?;
-        let heads = attention(masks).forward_batched_with_weights(&q, &k, &v)?;
-        let n_heads = A::from_f64(self.config.n_heads() as f64);
-        let mean_weights = heads.weights.sum_axis(Axis(1)) / n_heads;
-        Ok(MultiHeadOutput {
-            output: self.merge_heads(heads.output)?,
-            head_weights: heads.weights,
-            mean_weights,
-        })
+    ) -> Result<QkvHeads<A>> {
+        let (b, l, _) = query.dim();
+        let s = key.dim().1;
+        self.project_at(query, key, value, &in_order(b, l), &in_order(b, s))
     }
 
-    /// Self-attention of new tokens with a [`KvCache`]: projects `x`, appends its
-    /// keys and values to the cache and attends causally to every cached position
-    /// (within the window of a sliding cache). A prompt fills the cache in one call;
-    /// each decoding step then passes its new token(s).
+    /// Concatenates attention's heads and projects them by `W_O` (+ `b_o`): the
+    /// second half of [`forward_batched`](Self::forward_batched).
     ///
     /// # Shapes
     ///
-    /// `x: (B, T, d_model)` → `(B, T, d_model)`; the cache holds
-    /// `(B, n_kv_heads, ·, head_dim)`.
+    /// `heads: (B, n_heads, L, head_dim)` → `(B, L, d_model)`.
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] when `kdim` or `vdim` differs from `d_model` (a
-    /// cache holds self-attention keys), [`Error::Shape`] when `x` or the cache does
-    /// not fit the layer.
+    /// [`Error::Shape`] when `heads` is not `(B, n_heads, L, head_dim)`.
     ///
     /// # Examples
     ///
     /// ```
-    /// use attn::{Init, KvCache, MultiHeadConfig};
-    /// use ndarray::Array3;
+    /// use attn::{Init, MultiHeadConfig};
+    /// use ndarray::Array4;
     ///
-    /// let mha = MultiHeadConfig::new(16, 4).with_kv_heads(2).random::<f32>(Init::TorchMultihead, 0)?;
-    /// let mut cache = KvCache::new(1, 2, 4, 4);
-    /// let prompt = Array3::<f32>::ones((1, 6, 16));
-    /// mha.forward_cached(&prompt, &mut cache)?;
-    /// let next = mha.forward_cached(&Array3::ones((1, 1, 16)), &mut cache)?;
-    /// assert_eq!((next.dim(), cache.len()), ((1, 1, 16), 7));
+    /// let mha = MultiHeadConfig::new(8, 2).random::<f64>(Init::XavierUniform, 0)?;
+    /// assert_eq!(mha.output(&Array4::zeros((1, 2, 3, 4)))?.dim(), (1, 3, 8));
+    /// assert!(mha.output(&Array4::zeros((1, 4, 3, 2))).is_err()); // 4 heads of 2, not 2 of 4
     /// # Ok::<(), attn::Error>(())
     /// ```
-    pub fn forward_cached(&self, x: &ArrayRef3<A>, cache: &mut KvCache<A>) -> Result<Array3<A>> {
-        let d = self.config.d_model();
-        if self.config.kdim() != d || self.config.vdim() != d {
-            return Err(Error::InvalidConfig {
-                reason: format!(
-                    "a key/value cache holds self-attention keys: kdim ({}) and vdim ({}) must equal d_model ({d})",
-                    self.config.kdim(),
-                    self.config.vdim()
-                ),
+    pub fn output(&self, heads: &ArrayRef4<A>) -> Result<Array3<A>> {
+        let (b, h, l, hd) = heads.dim();
+        if (h, hd) != (self.config.n_heads(), self.config.head_dim()) {
+            return Err(Error::Shape {
+                what: "heads must be (B, n_heads, L, head_dim)",
+                expected: vec![b, self.config.n_heads(), l, self.config.head_dim()],
+                found: heads.shape().to_vec(),
             });
         }
-        let (q, k, v) = self.split_heads(x, x, x)?;
-        let heads = cache.attend(&q, &k, &v)?;
-        self.merge_heads(heads)
+        self.merge_heads(heads.to_owned())
     }
 
-    /// Projects the inputs and splits them into `(B, heads, seq, head_dim)`.
-    fn split_heads(
+    /// [`project`](Self::project) with the positions of every query and key.
+    fn project_at(
         &self,
         query: &ArrayRef3<A>,
         key: &ArrayRef3<A>,
         value: &ArrayRef3<A>,
-    ) -> Result<(Array4<A>, Array4<A>, Array4<A>)> {
+        query_positions: &ArrayRef2<usize>,
+        key_positions: &ArrayRef2<usize>,
+    ) -> Result<QkvHeads<A>> {
         let b = query.dim().0;
         let (bk, s, _) = key.dim();
         let (bv, sv, _) = value.dim();
@@ -494,18 +408,64 @@ impl<A: Element> MultiHeadAttention<A> {
                 value: value.shape().to_vec(),
             });
         }
-        let (h, kv) = (self.config.n_heads(), self.config.n_kv_heads());
+        let (h, kv, hd) = (
+            self.config.n_heads(),
+            self.config.n_kv_heads(),
+            self.config.head_dim(),
+        );
         let [w_q, w_k, w_v, _] = &self.linears;
         let q = w_q.forward_batched_named("query width must be d_model", query)?;
         let k = w_k.forward_batched_named("key width must be kdim", key)?;
         let v = w_v.forward_batched_named("value width must be vdim", value)?;
-        let hd = self.config.head_dim();
-        Ok((split(q, h, hd), split(k, kv, hd), split(v, kv, hd)))
+        let (mut q, mut k) = (split(q, h, hd), split(k, kv, hd));
+        if let PositionEncoding::Rope(rope) = self.config.positions() {
+            rope.apply(&mut q, query_positions)?;
+            rope.apply(&mut k, key_positions)?;
+        }
+        Ok(QkvHeads {
+            q,
+            k,
+            v: split(v, kv, hd),
+        })
     }
 
     /// `(B, heads, L, head_dim)` → `concat(heads)·W_O + b_o`, `(B, L, d_model)`.
     fn merge_heads(&self, heads: Array4<A>) -> Result<Array3<A>> {
         self.linears[3].forward_batched_named("concatenated heads", &concat(heads))
+    }
+
+    /// The ALiBi slopes of the layer's heads (empty without ALiBi); the masks of
+    /// [`attention`](Self::attention) borrow them.
+    fn slopes(&self) -> Array1<A> {
+        match self.config.positions() {
+            PositionEncoding::Alibi => alibi_slopes(self.config.n_heads())
+                .into_iter()
+                .map(A::from_f64)
+                .collect(),
+            PositionEncoding::None | PositionEncoding::Rope(_) => Array1::zeros(0),
+        }
+    }
+
+    /// The layer's attention: its scale, causal pattern and ALiBi, then the
+    /// call's masks.
+    fn attention<'m, 'a: 'm>(
+        &self,
+        masks: &[Mask<'a, A>],
+        slopes: &'m Array1<A>,
+    ) -> ScaledDotProduct<'m, A> {
+        let mut attention = ScaledDotProduct::new().with_scale(A::from_f64(self.config.scale()));
+        attention = match self.config.causality() {
+            Causality::None => attention,
+            Causality::Causal => attention.with_mask(Mask::CausalBottomRight),
+            Causality::SlidingWindow(size) => attention.with_mask(Mask::SlidingWindow(size)),
+        };
+        if !slopes.is_empty() {
+            attention = attention.with_mask(Mask::Alibi(slopes.view()));
+        }
+        for mask in masks {
+            attention = attention.with_mask(mask.reborrow());
+        }
+        attention
     }
 }
 
@@ -539,12 +499,9 @@ fn batch_of_one<A>(x: &ArrayRef2<A>) -> ArrayView3<'_, A> {
     x.view().insert_axis(Axis(0))
 }
 
-/// The core attention with the caller's masks.
-fn attention<'m, A: Element>(masks: &[Mask<'m, A>]) -> ScaledDotProduct<'m, A> {
-    masks
-        .iter()
-        .cloned()
-        .fold(ScaledDotProduct::new(), ScaledDotProduct::with_mask)
+/// Positions `0..n` for every batch row.
+fn in_order(batch: usize, n: usize) -> Array2<usize> {
+    Array2::from_shape_fn((batch, n), |(_, i)| i)
 }
 
 /// `(B, heads, n, head_dim)` → `(B, n, heads·head_dim)`: the heads side by side.

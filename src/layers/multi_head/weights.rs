@@ -1,9 +1,8 @@
-//! The weights of a multi-head attention layer, and the names of its four
-//! projections.
+//! The weights of a multi-head attention layer.
 
 use ndarray::{Array1, Array2};
 
-use super::config::MultiHeadConfig;
+use super::config::{MultiHeadConfig, Projection};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layers::linear::Linear;
@@ -13,9 +12,10 @@ use crate::layers::linear::Linear;
 ///
 /// # Shapes
 ///
-/// `w_q: (d_model, d_model)`, `w_k: (kdim, kv_width)`, `w_v: (vdim, kv_width)`,
-/// `w_o: (d_model, d_model)`, where `kv_width = n_kv_heads · head_dim`; biases are as
-/// long as their weight's columns. PyTorch stores `(out, in)`: transpose its
+/// `w_q: (d_model, inner_dim)`, `w_k: (kdim, kv_width)`, `w_v: (vdim, kv_width)`,
+/// `w_o: (inner_dim, d_model)`, where `inner_dim = n_heads · head_dim` (`d_model`
+/// unless the head width is set) and `kv_width = n_kv_heads · head_dim`; biases are
+/// as long as their weight's columns. PyTorch stores `(out, in)`: transpose its
 /// `q_proj_weight` (or the slices of `in_proj_weight`) and `out_proj.weight`.
 ///
 /// # Examples
@@ -35,15 +35,15 @@ use crate::layers::linear::Linear;
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct MultiHeadWeights<A> {
-    /// Query projection `(d_model, d_model)`.
+    /// Query projection `(d_model, inner_dim)`.
     pub w_q: Array2<A>,
     /// Key projection `(kdim, kv_width)`.
     pub w_k: Array2<A>,
     /// Value projection `(vdim, kv_width)`.
     pub w_v: Array2<A>,
-    /// Output projection `(d_model, d_model)`.
+    /// Output projection `(inner_dim, d_model)`.
     pub w_o: Array2<A>,
-    /// Query bias `(d_model,)`.
+    /// Query bias `(inner_dim,)`.
     pub b_q: Option<Array1<A>>,
     /// Key bias `(kv_width,)`.
     pub b_k: Option<Array1<A>>,
@@ -53,56 +53,14 @@ pub struct MultiHeadWeights<A> {
     pub b_o: Option<Array1<A>>,
 }
 
-/// One of the four projections of a [`MultiHeadAttention`](crate::MultiHeadAttention).
-///
-/// # Examples
-///
-/// ```
-/// use attn::{Init, MultiHeadConfig, Projection};
-///
-/// let mha = MultiHeadConfig::new(8, 2).with_kdim(3).random::<f32>(Init::XavierUniform, 0)?;
-/// assert_eq!(mha.projection(Projection::Key).weight().dim(), (3, 8));
-/// assert_eq!(Projection::ALL.len(), 4);
-/// # Ok::<(), attn::Error>(())
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Projection {
-    /// `W_Q`, `b_q`: `(d_model, d_model)`.
-    Query,
-    /// `W_K`, `b_k`: `(kdim, n_kv_heads·head_dim)`.
-    Key,
-    /// `W_V`, `b_v`: `(vdim, n_kv_heads·head_dim)`.
-    Value,
-    /// `W_O`, `b_o`: `(d_model, d_model)`.
-    Output,
-}
-
 impl Projection {
-    /// The four projections, in the order `Q, K, V, O`.
-    pub const ALL: [Projection; 4] = [
-        Projection::Query,
-        Projection::Key,
-        Projection::Value,
-        Projection::Output,
-    ];
-
-    /// The shape of this projection's weight, `(in, out)`.
-    fn shape(self, config: &MultiHeadConfig) -> (usize, usize) {
-        let (d, kv) = (config.d_model(), config.kv_width());
-        match self {
-            Projection::Query | Projection::Output => (d, d),
-            Projection::Key => (config.kdim(), kv),
-            Projection::Value => (config.vdim(), kv),
-        }
-    }
-
     /// How a wrong weight is named in an error.
     fn weight_role(self) -> &'static str {
         match self {
-            Projection::Query => "w_q must be (d_model, d_model)",
+            Projection::Query => "w_q must be (d_model, n_heads·head_dim)",
             Projection::Key => "w_k must be (kdim, n_kv_heads·head_dim)",
             Projection::Value => "w_v must be (vdim, n_kv_heads·head_dim)",
-            Projection::Output => "w_o must be (d_model, d_model)",
+            Projection::Output => "w_o must be (n_heads·head_dim, d_model)",
         }
     }
 
@@ -152,7 +110,7 @@ impl<A: Element> MultiHeadWeights<A> {
             });
         }
         let linear = Linear::new(w);
-        match (b, config.has_bias()) {
+        match (b, config.has_bias_on(which)) {
             (Some(b), true) => linear.with_bias_named(which.bias_role(), b),
             (None, false) => Ok(linear),
             (b, has_bias) => Err(Error::Shape {

@@ -1,0 +1,211 @@
+//! Multi-head attention one or a few tokens at a time, with a key/value cache.
+
+use ndarray::{Array2, Array3, Array4, ArrayRef2, ArrayRef3, Ix3};
+
+use super::forward::positions_of;
+use super::{Causality, MultiHeadAttention, MultiHeadOutput};
+use crate::core::mask::Mask;
+use crate::decode::cache::KvCache;
+use crate::element::Element;
+use crate::error::{Error, Result};
+
+impl<A: Element> MultiHeadAttention<A> {
+    /// An empty cache for this layer's keys and values: `batch` rows of
+    /// `n_kv_heads` heads, sliding if the layer has a sliding window.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{Causality, Init, MultiHeadConfig};
+    ///
+    /// let mistral = MultiHeadConfig::new(32, 4).with_kv_heads(1)
+    ///     .with_causality(Causality::SlidingWindow(3))
+    ///     .random::<f32>(Init::XavierUniform, 0)?;
+    /// assert_eq!(mistral.new_cache(2).window(), Some(3));
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn new_cache(&self, batch: usize) -> KvCache<A> {
+        let (kv, hd) = (self.config.n_kv_heads(), self.config.head_dim());
+        match self.config.causality() {
+            Causality::SlidingWindow(window) if window > 0 => {
+                KvCache::sliding(batch, kv, hd, hd, window).expect("a window of at least 1")
+            }
+            _ => KvCache::new(batch, kv, hd, hd),
+        }
+    }
+
+    /// Self-attention of new tokens with a [`KvCache`]: projects `x`, appends its
+    /// keys and values to the cache and attends causally to every cached position
+    /// (within the window of a sliding cache or layer). A prompt fills the cache
+    /// in one call; each decoding step then passes its new token(s). Rotary
+    /// embeddings rotate each token at its row's position (see
+    /// [`KvCache::positions`]). The cache makes attention causal whatever the
+    /// layer's [`Causality`].
+    ///
+    /// # Shapes
+    ///
+    /// `x: (B, T, d_model)` → `(B, T, d_model)`; the cache holds
+    /// `(B, n_kv_heads, ·, head_dim)`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] when `kdim` or `vdim` differs from `d_model` (a
+    /// cache holds self-attention keys), [`Error::Shape`] when `x` or the cache does
+    /// not fit the layer.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{Init, KvCache, MultiHeadConfig};
+    /// use ndarray::Array3;
+    ///
+    /// let mha = MultiHeadConfig::new(16, 4).with_kv_heads(2).random::<f32>(Init::TorchMultihead, 0)?;
+    /// let mut cache = KvCache::new(1, 2, 4, 4);
+    /// let prompt = Array3::<f32>::ones((1, 6, 16));
+    /// mha.forward_cached(&prompt, &mut cache)?;
+    /// let next = mha.forward_cached(&Array3::ones((1, 1, 16)), &mut cache)?;
+    /// assert_eq!((next.dim(), cache.len()), ((1, 1, 16), 7));
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn forward_cached(&self, x: &ArrayRef3<A>, cache: &mut KvCache<A>) -> Result<Array3<A>> {
+        let (b, t, _) = x.dim();
+        Ok(self
+            .cached(x, &Array2::from_elem((b, t), true), cache, false)?
+            .output)
+    }
+
+    /// [`forward_cached`](Self::forward_cached) for a batch whose rows are padded
+    /// (generation pads on the left): `real[[b, t]]` says whether new token `t` of
+    /// row `b` is a real token (Hugging Face's `attention_mask` for the new tokens).
+    /// Padding keys are never attended to and do not advance their row's
+    /// position, so each row gives the numbers of its sequence alone.
+    ///
+    /// # Shapes
+    ///
+    /// `x: (B, T, d_model)`, `real: (B, T)` → `(B, T, d_model)`.
+    ///
+    /// # Errors
+    ///
+    /// As [`forward_cached`](Self::forward_cached), and [`Error::Shape`] when `real`
+    /// is not `(B, T)`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{Causality, Init, MultiHeadConfig, PositionEncoding, Rope};
+    /// use ndarray::{array, Array3};
+    ///
+    /// let llama = MultiHeadConfig::new(16, 4).with_kv_heads(2)
+    ///     .with_causality(Causality::Causal)
+    ///     .with_positions(PositionEncoding::Rope(Rope::new(500_000.0)))
+    ///     .random::<f32>(Init::XavierUniform, 0)?;
+    /// let mut cache = llama.new_cache(2);
+    /// let prompt = Array3::<f32>::ones((2, 3, 16));
+    /// llama.forward_cached_padded(&prompt, &array![[true, true, true], [false, true, true]], &mut cache)?;
+    /// llama.forward_cached_padded(&Array3::ones((2, 1, 16)), &array![[true], [true]], &mut cache)?;
+    /// assert_eq!(cache.positions(), &[4, 3]);
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn forward_cached_padded(
+        &self,
+        x: &ArrayRef3<A>,
+        real: &ArrayRef2<bool>,
+        cache: &mut KvCache<A>,
+    ) -> Result<Array3<A>> {
+        Ok(self.cached(x, real, cache, false)?.output)
+    }
+
+    /// [`forward_cached_padded`](Self::forward_cached_padded), also returning the
+    /// step's attention weights over the keys it saw (the cached positions, oldest
+    /// first, then the new ones; see [`KvCache::attend_padded`]).
+    ///
+    /// # Shapes
+    ///
+    /// Output `(B, T, d_model)`, head weights `(B, n_heads, T, S)`, mean weights `(B, T, S)`.
+    ///
+    /// # Errors
+    ///
+    /// As [`forward_cached_padded`](Self::forward_cached_padded).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{Init, MultiHeadConfig};
+    /// use ndarray::{array, Array3};
+    ///
+    /// let gpt2 = MultiHeadConfig::new(8, 2).random::<f64>(Init::XavierUniform, 0)?;
+    /// let mut cache = gpt2.new_cache(1);
+    /// gpt2.forward_cached_padded(&Array3::ones((1, 4, 8)), &array![[true; 4]], &mut cache)?;
+    /// let step = gpt2.forward_cached_padded_with_weights(&Array3::ones((1, 1, 8)), &array![[true]], &mut cache)?;
+    /// assert_eq!(step.head_weights.dim(), (1, 2, 1, 5));
+    /// assert!((step.mean_weights.sum() - 1.0).abs() < 1e-12);
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn forward_cached_padded_with_weights(
+        &self,
+        x: &ArrayRef3<A>,
+        real: &ArrayRef2<bool>,
+        cache: &mut KvCache<A>,
+    ) -> Result<MultiHeadOutput<A, Ix3>> {
+        self.cached(x, real, cache, true)
+    }
+
+    /// One cached step, with or without the weights.
+    fn cached(
+        &self,
+        x: &ArrayRef3<A>,
+        real: &ArrayRef2<bool>,
+        cache: &mut KvCache<A>,
+        weights: bool,
+    ) -> Result<MultiHeadOutput<A, Ix3>> {
+        let config = &self.config;
+        let d = config.d_model();
+        if config.kdim() != d || config.vdim() != d {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "a key/value cache holds self-attention keys: kdim ({}) and vdim ({}) must equal d_model ({d})",
+                    config.kdim(),
+                    config.vdim()
+                ),
+            });
+        }
+        let (b, t, _) = x.dim();
+        if real.dim() != (b, t) || cache.positions().len() != b {
+            return Err(Error::Shape {
+                what: "real (which new tokens are not padding) must be (B, T), B the cache's batch",
+                expected: vec![cache.positions().len(), t],
+                found: real.shape().to_vec(),
+            });
+        }
+        // each row continues from its own count of real tokens
+        let mut positions = positions_of(real);
+        for (mut row, &start) in positions.rows_mut().into_iter().zip(cache.positions()) {
+            row += start;
+        }
+        let mut heads = self.project_at(x, x, x, &positions, &positions)?;
+        // the cache attends with the default scale 1/√head_dim: fold another into q
+        let default = 1.0 / (config.head_dim() as f64).sqrt();
+        if config.scale() != default {
+            heads.q *= A::from_f64(config.scale() / default);
+        }
+        let slopes = self.slopes();
+        let mut masks = Vec::new();
+        if !slopes.is_empty() {
+            masks.push(Mask::Alibi(slopes.view()));
+        }
+        if let Causality::SlidingWindow(size) = config.causality() {
+            if cache.window() != Some(size) {
+                masks.push(Mask::SlidingWindow(size));
+            }
+        }
+        let (output, head_weights) = if weights {
+            let step =
+                cache.attend_padded_with_weights(&heads.q, &heads.k, &heads.v, real, &masks)?;
+            (step.output, step.weights)
+        } else {
+            let out = cache.attend_padded(&heads.q, &heads.k, &heads.v, real, &masks)?;
+            (out, Array4::zeros((0, 0, 0, 0)))
+        };
+        self.finish(output, head_weights)
+    }
+}
