@@ -94,6 +94,31 @@ pub enum Error {
         /// Shape of the array it belongs to.
         shape: Vec<usize>,
     },
+    /// A weights file or tensor cannot be used: a missing name (the message lists
+    /// what the file has under the same prefix), a dtype attn does not read, or
+    /// data that does not fit the header.
+    Tensor {
+        /// The tensor's name.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A tensor in a weights file does not have the shape the layer needs.
+    TensorShape {
+        /// The tensor's name.
+        name: String,
+        /// The shape the layer's configuration needs.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        found: Vec<usize>,
+    },
+    /// A file cannot be read or parsed (safetensors, `config.json`).
+    File {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// `std::result::Result` with [`Error`] as its error.
@@ -149,6 +174,16 @@ impl fmt::Display for Error {
             Error::ZeroWidth { what, shape } => {
                 write!(f, "{what} is zero in shape {shape:?}")
             }
+            Error::Tensor { name, reason } => write!(f, "tensor {name:?}: {reason}"),
+            Error::TensorShape {
+                name,
+                expected,
+                found,
+            } => write!(
+                f,
+                "tensor {name:?}: expected shape {expected:?}, found {found:?}"
+            ),
+            Error::File { path, reason } => write!(f, "cannot use {path}: {reason}"),
         }
     }
 }

@@ -54,13 +54,15 @@ struct ReadmeDoctests;
 
 // Layers, from the bottom: `element`/`error` ← `core` (checked problem, masks,
 // softmax, reference path) ← `kernel` (fused paths) ← `sdpa` (the public
-// scaled dot-product API) ← `layers` and `decode`. Imports run down only.
+// scaled dot-product API) ← `decode` ← `layers` ← `load` (weights files).
+// Imports run down only.
 mod core;
 mod decode;
 mod element;
 mod error;
 mod kernel;
 mod layers;
+mod load;
 #[cfg(feature = "plot")]
 pub mod plot;
 pub mod rng;
@@ -84,10 +86,14 @@ pub use layers::init::Init;
 pub use layers::linear::{Linear, LinearGradients};
 pub use layers::multi_head::{
     Causality, MultiHeadAttention, MultiHeadConfig, MultiHeadGradients, MultiHeadOutput,
-    MultiHeadWeights, PositionEncoding, Projection,
+    MultiHeadWeights, PositionEncoding, Projection, QkvHeads,
 };
 pub use layers::parameter_free;
 pub use layers::projection::{ProjectionShape, QkvGradients, QkvProjection};
+pub use load::hf::HfModel;
+pub use load::layout::Layout;
+pub use load::safetensors::SafeTensors;
+pub use load::StateDict;
 pub use sdpa::{
     attention_weights, merge_attention, scaled_dot_product, AttentionGradients, AttentionLse,
     AttentionOutput, AttentionTrace, ScaledDotProduct,

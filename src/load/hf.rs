@@ -1,0 +1,414 @@
+//! Hugging Face checkpoints: `config.json` mapped to attention settings.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::layout::Layout;
+use super::safetensors::SafeTensors;
+use crate::decode::position::RelativeBuckets;
+use crate::decode::rope::{Rope, RopeScaling};
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::layers::multi_head::{
+    Causality, MultiHeadAttention, MultiHeadConfig, PositionEncoding, Projection,
+};
+
+/// The model types whose `config.json` maps onto attn's attention.
+const KNOWN: &str = "llama, mistral, qwen2, gpt2, gpt_neox, bloom, bert, roberta, vit, bart, t5";
+
+/// A Hugging Face checkpoint as `save_pretrained` writes it: `config.json` and
+/// `model.safetensors`. Gives each attention block's [`MultiHeadConfig`]
+/// (sizes, grouped-query heads, head width, biases, scale, causal or sliding
+/// window, RoPE with its scaling, ALiBi), its [`Layout`], and the layer loaded
+/// from the file.
+///
+/// Model types: llama, mistral, qwen2, gpt2, gpt_neox, bloom, bert, roberta,
+/// vit, bart, t5. Whether a block is causal follows the model type and, for
+/// encoder–decoder models, the module's name (`decoder` self-attention is
+/// causal; cross-attention, `encoder_attn` / `EncDecAttention`, is not). For
+/// anything else, build a [`MultiHeadConfig`] by hand and call
+/// [`MultiHeadConfig::load`] with a [`Layout`].
+///
+/// # Examples
+///
+/// ```no_run
+/// use attn::HfModel;
+///
+/// let model = HfModel::open("tiny-llama")?; // a folder from save_pretrained
+/// let layer = model.attention::<f32>("model.layers.0.self_attn")?;
+/// println!("{} heads of {}", layer.config().n_heads(), layer.config().head_dim());
+/// # Ok::<(), attn::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct HfModel {
+    config: Value,
+    model_type: String,
+    tensors: SafeTensors,
+}
+
+impl HfModel {
+    /// Reads `dir/config.json` and `dir/model.safetensors`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::File`] when either cannot be read or parsed, or `config.json` has
+    /// no `model_type`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert!(attn::HfModel::open("no/such/folder").is_err());
+    /// ```
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let path = dir.join("config.json");
+        let json = std::fs::read_to_string(&path).map_err(|e| Error::File {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Self::from_parts(&json, SafeTensors::open(dir.join("model.safetensors"))?)
+    }
+
+    /// A checkpoint from the text of its `config.json` and its weights.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::File`] when the text is not JSON or has no `model_type`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let header = br#"{}"#;
+    /// # let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    /// # bytes.extend_from_slice(header);
+    /// let weights = attn::SafeTensors::from_bytes(bytes)?; // an empty file
+    /// let model = attn::HfModel::from_parts(r#"{"model_type": "gpt2", "n_embd": 8, "n_head": 2}"#, weights)?;
+    /// assert_eq!(model.config("transformer.h.0.attn")?.d_model(), 8);
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn from_parts(config_json: &str, tensors: SafeTensors) -> Result<Self> {
+        let config: Value = serde_json::from_str(config_json).map_err(|e| Error::File {
+            path: "config.json".to_string(),
+            reason: format!("not JSON: {e}"),
+        })?;
+        let model_type = config["model_type"]
+            .as_str()
+            .ok_or_else(|| Error::File {
+                path: "config.json".to_string(),
+                reason: "no \"model_type\"".to_string(),
+            })?
+            .to_string();
+        Ok(HfModel {
+            config,
+            model_type,
+            tensors,
+        })
+    }
+
+    /// The `model_type` of `config.json`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let header = br#"{}"#;
+    /// # let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    /// # bytes.extend_from_slice(header);
+    /// # let weights = attn::SafeTensors::from_bytes(bytes)?;
+    /// let model = attn::HfModel::from_parts(r#"{"model_type": "bert"}"#, weights)?;
+    /// assert_eq!(model.model_type(), "bert");
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn model_type(&self) -> &str {
+        &self.model_type
+    }
+
+    /// The weights file.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let header = br#"{}"#;
+    /// # let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    /// # bytes.extend_from_slice(header);
+    /// # let weights = attn::SafeTensors::from_bytes(bytes)?;
+    /// let model = attn::HfModel::from_parts(r#"{"model_type": "bert"}"#, weights)?;
+    /// assert!(attn::StateDict::<f32>::names(model.tensors()).is_empty());
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn tensors(&self) -> &SafeTensors {
+        &self.tensors
+    }
+
+    /// The attention block at `module` (its state-dict prefix, e.g.
+    /// `model.layers.0.self_attn`), loaded from the file.
+    ///
+    /// # Errors
+    ///
+    /// The errors of [`config`](Self::config), [`layout`](Self::layout) and
+    /// [`MultiHeadConfig::load`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let header = br#"{}"#;
+    /// # let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    /// # bytes.extend_from_slice(header);
+    /// # let weights = attn::SafeTensors::from_bytes(bytes)?;
+    /// let model = attn::HfModel::from_parts(r#"{"model_type": "gpt2", "n_embd": 8, "n_head": 2}"#, weights)?;
+    /// let err = model.attention::<f32>("transformer.h.0.attn").unwrap_err();
+    /// assert!(err.to_string().contains("transformer.h.0.attn.c_attn.weight"));
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn attention<A: Element>(&self, module: &str) -> Result<MultiHeadAttention<A>> {
+        self.config(module)?
+            .load(&self.tensors, module, &self.layout()?)
+    }
+
+    /// Where the model keeps its attention weights.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for a model type attn does not map.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let header = br#"{}"#;
+    /// # let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    /// # bytes.extend_from_slice(header);
+    /// # let weights = attn::SafeTensors::from_bytes(bytes)?;
+    /// let model = attn::HfModel::from_parts(r#"{"model_type": "bloom"}"#, weights)?;
+    /// assert_eq!(model.layout()?, attn::Layout::bloom());
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn layout(&self) -> Result<Layout> {
+        Ok(match self.model_type.as_str() {
+            "llama" | "mistral" | "qwen2" => Layout::llama(),
+            "gpt2" => Layout::gpt2(),
+            "gpt_neox" | "bloom" => Layout::bloom(),
+            "bert" | "roberta" => Layout::bert(),
+            "vit" => Layout::vit(),
+            "bart" => Layout::bart(),
+            "t5" => Layout::t5(),
+            other => return Err(self.unknown(other)),
+        })
+    }
+
+    /// The configuration of the attention block at `module`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for a model type attn does not map, a missing
+    /// or non-numeric size, a RoPE type other than default, linear or llama3.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{Causality, Projection};
+    /// # let header = br#"{}"#;
+    /// # let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    /// # bytes.extend_from_slice(header);
+    /// # let weights = attn::SafeTensors::from_bytes(bytes)?;
+    ///
+    /// let json = r#"{"model_type": "qwen2", "hidden_size": 48, "num_attention_heads": 6,
+    ///                "num_key_value_heads": 2, "rope_theta": 1000000.0}"#;
+    /// let config = attn::HfModel::from_parts(json, weights)?.config("model.layers.0.self_attn")?;
+    /// assert_eq!((config.n_kv_heads(), config.causality()), (2, Causality::Causal));
+    /// assert!(config.has_bias_on(Projection::Key) && !config.has_bias_on(Projection::Output));
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn config(&self, module: &str) -> Result<MultiHeadConfig> {
+        use Projection::{Key, Output, Query, Value as V};
+        let kind = self.model_type.as_str();
+        let decoder_self = module.contains("decoder")
+            && !module.contains("encoder_attn")
+            && !module.contains("EncDecAttention");
+        let heads_key = match kind {
+            "bart" if decoder_self || module.contains("encoder_attn") => "decoder_attention_heads",
+            "bart" => "encoder_attention_heads",
+            _ => "num_attention_heads",
+        };
+        let d_model = self.size(&["hidden_size", "n_embd", "d_model"])?;
+        let n_heads = self.size(&[heads_key, "n_head", "num_heads"])?;
+        let mut config = MultiHeadConfig::new(d_model, n_heads);
+        if let Some(kv) = self.optional_size("num_key_value_heads")? {
+            config = config.with_kv_heads(kv);
+        }
+        if let Some(head_dim) = self
+            .optional_size("head_dim")?
+            .or(self.optional_size("d_kv")?)
+        {
+            config = config.with_head_dim(head_dim);
+        }
+        let flag = |key: &str, default: bool| self.config[key].as_bool().unwrap_or(default);
+        config = match kind {
+            "llama" | "mistral" => {
+                if flag("attention_bias", false) {
+                    config
+                } else {
+                    config.without_bias()
+                }
+            }
+            "qwen2" => config.with_bias_on(&[Query, Key, V]),
+            "gpt_neox" if !flag("attention_bias", true) => config.without_bias(),
+            "vit" if !flag("qkv_bias", true) => config.with_bias_on(&[Output]),
+            "t5" => config.without_bias().with_scale(1.0),
+            "gpt2" | "gpt_neox" | "bloom" | "bert" | "roberta" | "vit" | "bart" => config,
+            other => return Err(self.unknown(other)),
+        };
+        let causal = match kind {
+            "bert" | "roberta" | "vit" => false,
+            "bart" | "t5" => decoder_self,
+            _ => true,
+        };
+        let window = match kind {
+            "mistral" => self.optional_size("sliding_window")?,
+            "qwen2" if flag("use_sliding_window", false) => self.optional_size("sliding_window")?,
+            _ => None,
+        };
+        config = config.with_causality(match (causal, window) {
+            (false, _) => Causality::None,
+            (true, None) => Causality::Causal,
+            (true, Some(w)) => Causality::SlidingWindow(w),
+        });
+        Ok(match kind {
+            "llama" | "mistral" | "qwen2" | "gpt_neox" => {
+                config.with_positions(PositionEncoding::Rope(self.rope(config.head_dim())?))
+            }
+            "bloom" => config.with_positions(PositionEncoding::Alibi),
+            _ => config,
+        })
+    }
+
+    /// T5's relative position buckets for the self-attention block at `module`
+    /// (bidirectional in the encoder), `None` for other models and for
+    /// cross-attention. The table is `{module}.relative_attention_bias.weight`
+    /// in the first block of each stack; later blocks reuse the first's bias.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let header = br#"{}"#;
+    /// # let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    /// # bytes.extend_from_slice(header);
+    /// # let weights = attn::SafeTensors::from_bytes(bytes)?;
+    /// let json = r#"{"model_type": "t5", "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128}"#;
+    /// let model = attn::HfModel::from_parts(json, weights)?;
+    /// let buckets = model.relative_buckets("encoder.block.0.layer.0.SelfAttention").expect("t5");
+    /// assert!(buckets.bidirectional);
+    /// assert!(model.relative_buckets("decoder.block.0.layer.1.EncDecAttention").is_none());
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn relative_buckets(&self, module: &str) -> Option<RelativeBuckets> {
+        if self.model_type != "t5" || module.contains("EncDecAttention") {
+            return None;
+        }
+        let size =
+            |key: &str, default: usize| self.config[key].as_u64().map_or(default, |n| n as usize);
+        Some(RelativeBuckets {
+            num_buckets: size("relative_attention_num_buckets", 32),
+            max_distance: size("relative_attention_max_distance", 128),
+            bidirectional: !module.contains("decoder"),
+        })
+    }
+
+    /// The rotary settings: transformers 5's `rope_parameters`, or 4's top-level
+    /// `rope_theta` / `rope_scaling` / `partial_rotary_factor` (GPT-NeoX:
+    /// `rotary_pct`, `rotary_emb_base`).
+    fn rope(&self, head_dim: usize) -> Result<Rope> {
+        let c = &self.config;
+        let params = c.get("rope_parameters").filter(|p| p.is_object());
+        let scaling = c.get("rope_scaling").filter(|p| p.is_object());
+        let field = |key: &str| {
+            params
+                .and_then(|p| p.get(key))
+                .or_else(|| scaling.and_then(|p| p.get(key)))
+                .or_else(|| c.get(key))
+                .filter(|v| !v.is_null())
+        };
+        let number = |key: &str| -> Result<Option<f64>> {
+            field(key)
+                .map(|v| {
+                    v.as_f64().ok_or_else(|| Error::InvalidConfig {
+                        reason: format!("config.json: {key} must be a number, got {v}"),
+                    })
+                })
+                .transpose()
+        };
+        let theta = match number("rope_theta")? {
+            Some(theta) => theta,
+            None => number("rotary_emb_base")?.unwrap_or(10_000.0),
+        };
+        let mut rope = Rope::new(theta);
+        if let Some(fraction) = number("partial_rotary_factor")?.or(number("rotary_pct")?) {
+            rope = rope.with_rotary_dim((head_dim as f64 * fraction) as usize);
+        }
+        let kind = field("rope_type")
+            .or_else(|| field("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let required = |key: &str| -> Result<f64> {
+            number(key)?.ok_or_else(|| Error::InvalidConfig {
+                reason: format!("config.json: rope_type {kind:?} needs {key}"),
+            })
+        };
+        let scaling = match kind {
+            "default" => RopeScaling::None,
+            "linear" => RopeScaling::Linear {
+                factor: required("factor")?,
+            },
+            "llama3" => RopeScaling::Llama3 {
+                factor: required("factor")?,
+                low_freq_factor: required("low_freq_factor")?,
+                high_freq_factor: required("high_freq_factor")?,
+                original_max_position_embeddings: required("original_max_position_embeddings")?
+                    as usize,
+            },
+            other => {
+                return Err(Error::InvalidConfig {
+                    reason: format!(
+                        "config.json: rope_type {other:?} is not supported (default, linear, llama3 are)"
+                    ),
+                })
+            }
+        };
+        Ok(rope.with_scaling(scaling))
+    }
+
+    /// The first of `keys` that is present, as a size.
+    fn size(&self, keys: &[&str]) -> Result<usize> {
+        for key in keys {
+            if let Some(n) = self.optional_size(key)? {
+                return Ok(n);
+            }
+        }
+        Err(Error::InvalidConfig {
+            reason: format!(
+                "config.json ({}): none of {keys:?} is given",
+                self.model_type
+            ),
+        })
+    }
+
+    /// `key` as a size, `None` when absent or null.
+    fn optional_size(&self, key: &str) -> Result<Option<usize>> {
+        match &self.config[key] {
+            Value::Null => Ok(None),
+            v => v
+                .as_u64()
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| Error::InvalidConfig {
+                    reason: format!("config.json: {key} must be a non-negative integer, got {v}"),
+                }),
+        }
+    }
+
+    fn unknown(&self, model_type: &str) -> Error {
+        Error::InvalidConfig {
+            reason: format!(
+                "model_type {model_type:?} is not mapped (attn maps {KNOWN}); build a MultiHeadConfig and call MultiHeadConfig::load with a Layout"
+            ),
+        }
+    }
+}
