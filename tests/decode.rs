@@ -261,3 +261,106 @@ fn key_padding_masks_each_sequence() {
         .all(|&w| w == 0.0));
     assert!(out.output.slice(s![2, .., ..]).iter().all(|&o| o == 0.0));
 }
+
+/// A left-padded row decoded through the cache gives the numbers of its sequence
+/// decoded alone: full and sliding caches, rotary positions per row, prompts and
+/// chunks of several tokens.
+#[test]
+fn left_padded_rows_decode_as_their_sequences_alone() {
+    use attn::{Causality, PositionEncoding, Rope};
+    let rope = PositionEncoding::Rope(Rope::new(1e4));
+    for causality in [Causality::Causal, Causality::SlidingWindow(3)] {
+        let mha = MultiHeadConfig::new(8, 4)
+            .with_kv_heads(2)
+            .with_causality(causality)
+            .with_positions(rope)
+            .random::<f64>(Init::XavierUniform, 21)
+            .expect("valid");
+        let seq = tokens(7, 8, 22);
+        let junk = tokens(2, 8, 23);
+        let padded = concatenate(Axis(1), &[junk.view(), seq.view()]).expect("same width");
+        let both = concatenate(Axis(0), &[padded.view(), padded.view()]).expect("same shape");
+        // row 0: two padding tokens then the sequence; row 1: nine real tokens
+        let real = Array2::from_shape_fn((2, 9), |(b, t)| b == 1 || t >= 2);
+        let chunks = [(0, 4), (4, 5), (5, 7), (7, 9)];
+        let mut cache = mha.new_cache(2);
+        let mut alone_cache = mha.new_cache(1);
+        for (n, &(from, to)) in chunks.iter().enumerate() {
+            let step = mha
+                .forward_cached_padded_with_weights(
+                    &both.slice(s![.., from..to, ..]),
+                    &real.slice(s![.., from..to]),
+                    &mut cache,
+                )
+                .expect("valid");
+            // the same tokens alone: without the padding
+            let (a, b) = (from.max(2) - 2, to - 2);
+            let alone = mha
+                .forward_cached(&seq.slice(s![.., a..b, ..]), &mut alone_cache)
+                .expect("valid");
+            let ours = step.output.slice(s![0..1, from.max(2) - from.., ..]);
+            let e = max_abs_diff(&ours.to_owned(), &alone);
+            assert!(e < 1e-13, "{causality:?}, chunk {n}: {e:e}");
+            // each real row's weights sum to 1 (none on padding: see the equality above)
+            let sums = step.head_weights.sum_axis(Axis(3));
+            for ((b, _, i), &total) in sums.indexed_iter() {
+                if real[[b, from + i]] {
+                    assert!(
+                        (total - 1.0).abs() < 1e-12,
+                        "{causality:?}: row sums {total}"
+                    );
+                }
+            }
+        }
+        assert_eq!(cache.positions(), &[7, 9]);
+        assert_eq!(cache.positions_seen(), 9);
+        let padding_keys = cache.real().mapv(|r| !r);
+        assert_eq!(padding_keys.row(1).iter().filter(|&&p| p).count(), 0);
+    }
+}
+
+#[test]
+fn sliding_cache_keys_come_in_position_order() {
+    let mut cache = KvCache::<f64>::sliding(1, 1, 1, 1, 3).expect("valid");
+    for p in 0..8_usize {
+        let x = Array4::from_elem((1, 1, 1, 1), p as f64);
+        cache.attend(&x, &x, &x).expect("valid");
+        let held: Vec<f64> = cache.keys().iter().copied().collect();
+        let want: Vec<f64> = (p.saturating_sub(2)..=p).map(|q| q as f64).collect();
+        assert_eq!(held, want, "after position {p}");
+        assert_eq!(cache.values().iter().copied().collect::<Vec<_>>(), want);
+    }
+    // a chunk larger than the window keeps its last three
+    let chunk = Array4::from_shape_fn((1, 1, 5, 1), |(_, _, t, _)| 100.0 + t as f64);
+    cache.attend(&chunk, &chunk, &chunk).expect("valid");
+    assert_eq!(
+        cache.keys().iter().copied().collect::<Vec<_>>(),
+        vec![102.0, 103.0, 104.0]
+    );
+}
+
+#[test]
+fn padded_attend_errors_leave_the_cache_as_it_was() {
+    let mut cache = KvCache::<f32>::new(2, 1, 2, 2);
+    let x = Array4::<f32>::ones((2, 1, 3, 2));
+    cache
+        .attend_padded(&x, &x, &x, &Array2::from_elem((2, 3), true), &[])
+        .expect("valid");
+    let before = cache.clone();
+    let wrong_real = Array2::from_elem((2, 2), true);
+    assert!(matches!(
+        cache.attend_padded(&x, &x, &x, &wrong_real, &[]),
+        Err(attn::Error::Shape { .. })
+    ));
+    let bad_mask = Array2::from_elem((3, 5), true);
+    assert!(cache
+        .attend_padded(
+            &x,
+            &x,
+            &x,
+            &Array2::from_elem((2, 3), true),
+            &[Mask::keep(&bad_mask)]
+        )
+        .is_err());
+    assert_eq!(cache, before);
+}

@@ -608,3 +608,38 @@ fn projection_gradients_equal_finite_differences() {
     });
     assert!(max_abs_diff(&(&s.query_in + &s.key_in + &s.value_in), &fd) < 1e-8);
 }
+
+/// Gradients through the layer's own settings: rotary embeddings (rotated back
+/// in the backward), ALiBi, a sliding window, a head width of its own, a scale
+/// and biases on some projections.
+#[test]
+fn multi_head_gradients_through_rope_alibi_and_scale_equal_finite_differences() {
+    use attn::{Causality, Init, MultiHeadConfig, PositionEncoding, Projection, Rope, RopeLayout};
+    let configs = [
+        MultiHeadConfig::new(8, 4)
+            .with_kv_heads(2)
+            .with_head_dim(4)
+            .with_scale(0.3)
+            .with_bias_on(&[Projection::Query, Projection::Key])
+            .with_causality(Causality::Causal)
+            .with_positions(PositionEncoding::Rope(
+                Rope::new(50.0)
+                    .with_rotary_dim(2)
+                    .with_layout(RopeLayout::Interleaved),
+            )),
+        MultiHeadConfig::new(8, 4)
+            .with_causality(Causality::SlidingWindow(3))
+            .with_positions(PositionEncoding::Alibi),
+    ];
+    for (n, config) in configs.into_iter().enumerate() {
+        let mha = config
+            .random::<f64>(Init::XavierUniform, 50)
+            .expect("valid");
+        let (x, d_out) = (random2(6, 8, 51), random2(6, 8, 52));
+        let g = mha.backward(&x, &x, &x, &[], &d_out).expect("valid");
+        let loss = |x: &Array2<f64>| (&mha.forward(x, x, x, &[]).expect("valid") * &d_out).sum();
+        let fd = finite_difference(&x, loss);
+        let e = max_abs_diff(&(&g.query + &g.key + &g.value), &fd);
+        assert!(e < 1e-8, "config {n}: {e:e}");
+    }
+}

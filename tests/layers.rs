@@ -246,6 +246,27 @@ fn multi_head_config_errors() {
         MultiHeadConfig::new(8, 4).with_kv_heads(0),
         MultiHeadConfig::new(8, 4).with_kdim(0),
         MultiHeadConfig::new(8, 4).with_vdim(0),
+        MultiHeadConfig::new(8, 4).with_head_dim(0),
+        MultiHeadConfig::new(8, 4).with_scale(0.0),
+        MultiHeadConfig::new(8, 4).with_scale(f64::NAN),
+        MultiHeadConfig::new(8, 4).with_causality(attn::Causality::SlidingWindow(0)),
+        // rotary settings that do not fit a head of 2
+        MultiHeadConfig::new(8, 4).with_positions(attn::PositionEncoding::Rope(
+            attn::Rope::new(1e4).with_rotary_dim(4),
+        )),
+        MultiHeadConfig::new(8, 4)
+            .with_positions(attn::PositionEncoding::Rope(attn::Rope::new(0.5))),
+        MultiHeadConfig::new(8, 4).with_positions(attn::PositionEncoding::Rope(
+            attn::Rope::new(1e4).with_scaling(attn::RopeScaling::Linear { factor: 0.0 }),
+        )),
+        MultiHeadConfig::new(8, 4).with_positions(attn::PositionEncoding::Rope(
+            attn::Rope::new(1e4).with_scaling(attn::RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 4.0,
+                high_freq_factor: 1.0,
+                original_max_position_embeddings: 512,
+            }),
+        )),
     ];
     for config in cases {
         let err = config.random::<f32>(Init::XavierUniform, 0).unwrap_err();
@@ -545,4 +566,161 @@ fn multi_head_fully_masked_row_gives_zero_weights_not_nan() {
     let bias = mha.weights().b_o.clone().expect("biases on");
     assert_eq!(out.output.row(1), bias);
     assert!(out.output.iter().all(|x| x.is_finite()));
+}
+
+/// A layer with its own head width (T5), a scale, biases on some projections, and
+/// each setting doing what it says: checked against attention by hand on the
+/// layer's own weights.
+#[test]
+fn head_dim_scale_and_biases_per_projection() {
+    use attn::{Projection, ScaledDotProduct};
+    let config = MultiHeadConfig::new(6, 2)
+        .with_head_dim(5)
+        .with_kv_heads(1)
+        .with_scale(0.7)
+        .with_bias_on(&[Projection::Query, Projection::Output]);
+    let mha = config.random::<f64>(Init::XavierUniform, 4).expect("valid");
+    let w = mha.weights();
+    assert_eq!(
+        (w.w_q.dim(), w.w_k.dim(), w.w_o.dim()),
+        ((6, 10), (6, 5), (10, 6))
+    );
+    assert!(w.b_q.is_some() && w.b_k.is_none() && w.b_v.is_none() && w.b_o.is_some());
+    let x = common::random2(4, 6, 5);
+    let got = mha.forward(&x, &x, &x, &[]).expect("valid");
+    let q = x.dot(&w.w_q) + w.b_q.as_ref().expect("bias");
+    let (k, v) = (x.dot(&w.w_k), x.dot(&w.w_v));
+    let heads: Vec<Array2<f64>> = (0..2)
+        .map(|h| {
+            let qh = q.slice(ndarray::s![.., h * 5..(h + 1) * 5]);
+            ScaledDotProduct::new()
+                .with_scale(0.7)
+                .forward(&qh, &k, &v)
+                .expect("valid")
+        })
+        .collect();
+    let views: Vec<_> = heads.iter().map(|h| h.view()).collect();
+    let want = ndarray::concatenate(ndarray::Axis(1), &views)
+        .expect("same rows")
+        .dot(&w.w_o)
+        + w.b_o.as_ref().expect("bias");
+    let e = common::max_abs_diff(&got, &want);
+    assert!(e < 1e-14, "{e:e}");
+}
+
+/// Rotary embeddings in the layer equal `rope` applied by hand to the projected
+/// heads at positions 0, 1, …; ALiBi in the layer equals `Mask::Alibi` with the
+/// standard slopes.
+#[test]
+fn rope_and_alibi_in_the_layer_equal_their_manual_forms() {
+    use attn::{rope, Causality, PositionEncoding, Rope, RopeLayout, ScaledDotProduct};
+    let x = common::random2(5, 8, 6).insert_axis(ndarray::Axis(0));
+    for layout in [RopeLayout::HalfSplit, RopeLayout::Interleaved] {
+        let base = MultiHeadConfig::new(8, 2).with_causality(Causality::Causal);
+        let plain = base.random::<f64>(Init::XavierUniform, 8).expect("valid");
+        let rotary = base
+            .with_positions(PositionEncoding::Rope(Rope::new(100.0).with_layout(layout)))
+            .with_weights(plain.weights())
+            .expect("same shapes");
+        let heads = plain.project(&x, &x, &x).expect("valid");
+        let mut rotated = heads.clone();
+        for which in [0, 1] {
+            for h in 0..2 {
+                let target = if which == 0 {
+                    &mut rotated.q
+                } else {
+                    &mut rotated.k
+                };
+                let source = if which == 0 { &heads.q } else { &heads.k };
+                let r = rope(
+                    &source.slice(ndarray::s![0, h, .., ..]),
+                    &[0, 1, 2, 3, 4],
+                    100.0,
+                    layout,
+                )
+                .expect("valid");
+                target.slice_mut(ndarray::s![0, h, .., ..]).assign(&r);
+            }
+        }
+        assert_eq!(rotary.project(&x, &x, &x).expect("valid"), rotated);
+        let by_hand = ScaledDotProduct::new()
+            .with_mask(Mask::CausalBottomRight)
+            .forward_batched(&rotated.q, &rotated.k, &rotated.v)
+            .expect("valid");
+        let e = common::max_abs_diff(
+            &rotary.forward_batched(&x, &x, &x, &[]).expect("valid"),
+            &plain.output(&by_hand).expect("valid"),
+        );
+        assert!(e < 1e-14, "{layout:?}: {e:e}");
+    }
+    let alibi = MultiHeadConfig::new(8, 4)
+        .with_causality(Causality::Causal)
+        .with_positions(PositionEncoding::Alibi)
+        .random::<f64>(Init::XavierUniform, 9)
+        .expect("valid");
+    let slopes = ndarray::Array1::from(attn::alibi_slopes(4));
+    let heads = alibi.project(&x, &x, &x).expect("valid");
+    let by_hand = ScaledDotProduct::new()
+        .with_mask(Mask::CausalTopLeft)
+        .with_mask(Mask::Alibi(slopes.view()))
+        .forward_batched(&heads.q, &heads.k, &heads.v)
+        .expect("valid");
+    let e = common::max_abs_diff(
+        &alibi.forward_batched(&x, &x, &x, &[]).expect("valid"),
+        &alibi.output(&by_hand).expect("valid"),
+    );
+    assert!(e < 1e-14, "alibi: {e:e}");
+}
+
+/// A padded row gives the numbers of its sequence alone, left or right padded,
+/// with rotary embeddings, ALiBi or a sliding window.
+#[test]
+fn padded_rows_equal_their_sequences_alone() {
+    use attn::{Causality, PositionEncoding, Rope};
+    let configs = [
+        MultiHeadConfig::new(8, 4)
+            .with_kv_heads(2)
+            .with_causality(Causality::Causal)
+            .with_positions(PositionEncoding::Rope(Rope::new(1e4).with_rotary_dim(1))),
+        MultiHeadConfig::new(8, 4)
+            .with_kv_heads(2)
+            .with_causality(Causality::Causal)
+            .with_positions(PositionEncoding::Rope(Rope::new(1e4))),
+        MultiHeadConfig::new(8, 4)
+            .with_causality(Causality::Causal)
+            .with_positions(PositionEncoding::Alibi),
+        MultiHeadConfig::new(8, 2).with_causality(Causality::SlidingWindow(2)),
+        MultiHeadConfig::new(8, 2),
+    ];
+    let seq = common::random2(4, 8, 11);
+    for (n, config) in configs.into_iter().enumerate() {
+        let Ok(mha) = config.random::<f64>(Init::XavierUniform, 12) else {
+            assert_eq!(n, 0, "only the odd rotary width is invalid");
+            continue;
+        };
+        let alone = mha
+            .forward(&seq, &seq, &seq, &[])
+            .expect("valid")
+            .insert_axis(ndarray::Axis(0));
+        let junk = common::random2(3, 8, 13);
+        for left in [true, false] {
+            let parts = if left {
+                [junk.view(), seq.view()]
+            } else {
+                [seq.view(), junk.view()]
+            };
+            let padded = ndarray::concatenate(ndarray::Axis(0), &parts)
+                .expect("same width")
+                .insert_axis(ndarray::Axis(0));
+            let real = Array2::from_shape_fn((1, 7), |(_, t)| if left { t >= 3 } else { t < 4 });
+            let out = mha.forward_padded(&padded, &real, &[]).expect("valid");
+            let rows = if left {
+                ndarray::s![.., 3.., ..]
+            } else {
+                ndarray::s![.., ..4, ..]
+            };
+            let e = common::max_abs_diff(&out.slice(rows).to_owned(), &alone);
+            assert!(e < 1e-14, "config {n}, left {left}: {e:e}");
+        }
+    }
 }

@@ -2,7 +2,7 @@
 
 use ndarray::{s, Array2, Array4, ArrayRef2, ArrayRef4, ArrayView2, ArrayView4, Axis};
 
-use crate::core::mask::Mask;
+use crate::core::mask::{broadcast_all, Mask};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::sdpa::{AttentionOutput, ScaledDotProduct};
@@ -470,6 +470,12 @@ impl<A: Element> KvCache<A> {
         if let (Some(window), true) = (self.window, t > 1) {
             return self.chunk_in_window(window, q, k_new, v_new, real, masks, weights);
         }
+        // the masks must fit the keys this step will see, before any is written
+        let keys_seen = match self.window {
+            Some(window) => (self.len + t).min(window),
+            None => self.len + t,
+        };
+        broadcast_all(masks, &[b, heads, t, keys_seen])?;
         // one new position in a ring: after writing it, every held slot is within
         // its window; so are all positions of a cache that keeps everything
         self.write(k_new, v_new, real.view());

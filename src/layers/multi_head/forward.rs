@@ -19,7 +19,7 @@ impl<A: Element> MultiHeadAttention<A> {
     ///
     /// [`Error::Shape`] when an input is not as wide as its projection needs,
     /// [`Error::KeyValueLength`] when `key` and `value` differ in `S`, and the mask
-    /// errors of [`ScaledDotProduct`].
+    /// errors of [`ScaledDotProduct`](crate::ScaledDotProduct).
     ///
     /// # Examples
     ///
