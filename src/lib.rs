@@ -62,6 +62,7 @@ mod element;
 mod error;
 mod kernel;
 mod layers;
+#[cfg(feature = "load")]
 mod load;
 #[cfg(feature = "plot")]
 pub mod plot;
@@ -90,10 +91,8 @@ pub use layers::multi_head::{
 };
 pub use layers::parameter_free;
 pub use layers::projection::{ProjectionShape, QkvGradients, QkvProjection};
-pub use load::hf::HfModel;
-pub use load::layout::Layout;
-pub use load::safetensors::SafeTensors;
-pub use load::StateDict;
+#[cfg(feature = "load")]
+pub use load::{hf::HfModel, layout::Layout, safetensors::SafeTensors, StateDict};
 pub use sdpa::{
     attention_weights, merge_attention, scaled_dot_product, AttentionGradients, AttentionLse,
     AttentionOutput, AttentionTrace, ScaledDotProduct,

@@ -1,6 +1,6 @@
 //! Which keys each query may attend to.
 
-use ndarray::{Array2, ArrayRef, ArrayView2, ArrayView4, ArrayViewD, Axis, Dimension, IxDyn};
+use ndarray::{Array, Array2, ArrayRef, ArrayView2, ArrayView4, Axis, CowArray, Dimension, IxDyn};
 
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -40,11 +40,16 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone)]
 pub enum Mask<'a, A> {
     /// Boolean keep-mask: **`true` means the query may attend to the key** (PyTorch
-    /// SDPA's meaning); `false` positions get weight 0.
-    Keep(ArrayViewD<'a, bool>),
+    /// SDPA's meaning, and Hugging Face's `attention_mask`); `false` positions get
+    /// weight 0. **PyTorch's `nn.MultiheadAttention` means the opposite** with its
+    /// `key_padding_mask` and boolean `attn_mask` (`true` = may not attend):
+    /// negate those. Borrowed ([`keep`](Self::keep)) or owned
+    /// ([`keep_owned`](Self::keep_owned)).
+    Keep(CowArray<'a, bool, IxDyn>),
     /// Additive bias, added to the scaled scores `QKᵀ·scale` before the softmax
-    /// (ALiBi, relative positions). `−∞` masks a position out.
-    Bias(ArrayViewD<'a, A>),
+    /// (ALiBi, relative positions). `−∞` masks a position out. Borrowed
+    /// ([`bias`](Self::bias)) or owned ([`bias_owned`](Self::bias_owned)).
+    Bias(CowArray<'a, A, IxDyn>),
     /// Causal, aligned top-left: query `i` attends to keys `j ≤ i` (PyTorch `is_causal`).
     CausalTopLeft,
     /// Causal, aligned bottom-right: query `i` attends to keys `j ≤ i + S − L`, so the
@@ -60,7 +65,8 @@ pub enum Mask<'a, A> {
     /// ALiBi (Press et al., 2022): adds `−slope·|p − j|` to the score of query `i`
     /// (at position `p = i + S − L`) and key `j`, one slope per head (see
     /// [`alibi_slopes`](crate::alibi_slopes)); a single slope serves every head.
-    /// Computed on the fly: no `L × S` bias is built.
+    /// Computed on the fly: no `L × S` bias is built. A layer that owns its slopes:
+    /// [`PositionEncoding::Alibi`](crate::PositionEncoding::Alibi).
     Alibi(ndarray::ArrayView1<'a, A>),
 }
 
@@ -78,7 +84,47 @@ impl<'a, A> Mask<'a, A> {
     /// assert!(matches!(mask, Mask::Keep(_)));
     /// ```
     pub fn keep<D: Dimension>(allowed: &'a ArrayRef<bool, D>) -> Self {
-        Mask::Keep(allowed.view().into_dyn())
+        Mask::Keep(allowed.view().into_dyn().into())
+    }
+
+    /// A [`Mask::Keep`] that owns its array, so the mask (and a
+    /// [`ScaledDotProduct`](crate::ScaledDotProduct) holding it) borrows nothing
+    /// and can be stored in a struct.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{Mask, ScaledDotProduct};
+    /// use ndarray::{array, Array2};
+    ///
+    /// struct Model {
+    ///     attention: ScaledDotProduct<'static, f64>,
+    /// }
+    /// let model = Model {
+    ///     attention: ScaledDotProduct::new().with_mask(Mask::keep_owned(array![true, true, false])),
+    /// };
+    /// let x = Array2::<f64>::eye(3);
+    /// let w = model.attention.forward_with_weights(&x, &x, &x)?.weights;
+    /// assert_eq!(w.column(2).sum(), 0.0);
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn keep_owned<D: Dimension>(allowed: Array<bool, D>) -> Mask<'static, A> {
+        Mask::Keep(allowed.into_dyn().into())
+    }
+
+    /// A [`Mask::Bias`] that owns its array (see [`keep_owned`](Self::keep_owned)).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::Mask;
+    /// use ndarray::array;
+    ///
+    /// let mask = Mask::bias_owned(array![[0.0_f32, -1.0]]);
+    /// assert!(matches!(mask, Mask::Bias(_)));
+    /// ```
+    pub fn bias_owned<D: Dimension>(bias: Array<A, D>) -> Mask<'static, A> {
+        Mask::Bias(bias.into_dyn().into())
     }
 
     /// A [`Mask::Bias`] from a float array of any dimension, added to the scaled scores.
@@ -93,18 +139,16 @@ impl<'a, A> Mask<'a, A> {
     /// assert!(matches!(Mask::bias(&bias), Mask::Bias(_)));
     /// ```
     pub fn bias<D: Dimension>(bias: &'a ArrayRef<A, D>) -> Self {
-        Mask::Bias(bias.view().into_dyn())
+        Mask::Bias(bias.view().into_dyn().into())
     }
 
-    /// The same mask, borrowed for a shorter time (array views do not shorten
-    /// their lifetime by themselves), so it can join masks of a narrower scope.
-    pub(crate) fn reborrow<'b>(&self) -> Mask<'b, A>
-    where
-        'a: 'b,
-    {
+    /// The same mask borrowing its arrays for a shorter time (array views do
+    /// not shorten their lifetime by themselves), so it can join masks of a
+    /// narrower scope. Nothing is copied.
+    pub(crate) fn reborrow(&self) -> Mask<'_, A> {
         match self {
-            Mask::Keep(m) => Mask::Keep(m.clone().reborrow()),
-            Mask::Bias(m) => Mask::Bias(m.clone().reborrow()),
+            Mask::Keep(m) => Mask::Keep(m.view().into()),
+            Mask::Bias(m) => Mask::Bias(m.view().into()),
             Mask::CausalTopLeft => Mask::CausalTopLeft,
             Mask::CausalBottomRight => Mask::CausalBottomRight,
             Mask::SlidingWindow(size) => Mask::SlidingWindow(*size),
@@ -171,7 +215,10 @@ fn broadcast<'m, A>(mask: &'m Mask<'_, A>, scores: &[usize]) -> Result<Mask4<'m,
     })
 }
 
-fn broadcast_view<'m, T>(m: &'m ArrayViewD<'_, T>, scores: &[usize]) -> Result<ArrayView4<'m, T>> {
+fn broadcast_view<'m, T>(
+    m: &'m CowArray<'_, T, IxDyn>,
+    scores: &[usize],
+) -> Result<ArrayView4<'m, T>> {
     let shape_error = || Error::MaskShape {
         mask: m.shape().to_vec(),
         scores: scores.to_vec(),

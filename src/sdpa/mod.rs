@@ -288,7 +288,7 @@ impl<'m, A: Element> ScaledDotProduct<'m, A> {
     /// let kv = Array2::<f64>::ones((4, 3));
     /// let out = attn::ScaledDotProduct::new().forward_with_weights(&q, &kv, &kv)?;
     /// assert_eq!(out.weights, Array2::from_elem((2, 4), 0.25));
-    /// assert_eq!(out.output, Array2::ones((2, 3)));
+    /// assert_eq!(out.output, Array2::<f64>::ones((2, 3)));
     /// # Ok::<(), attn::Error>(())
     /// ```
     pub fn forward_with_weights(

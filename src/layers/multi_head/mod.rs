@@ -448,9 +448,9 @@ impl<A: Element> MultiHeadAttention<A> {
 
     /// The layer's attention: its scale, causal pattern and ALiBi, then the
     /// call's masks.
-    fn attention<'m, 'a: 'm>(
+    fn attention<'m>(
         &self,
-        masks: &[Mask<'a, A>],
+        masks: &'m [Mask<'_, A>],
         slopes: &'m Array1<A>,
     ) -> ScaledDotProduct<'m, A> {
         let mut attention = ScaledDotProduct::new().with_scale(A::from_f64(self.config.scale()));

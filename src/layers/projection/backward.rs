@@ -133,7 +133,7 @@ impl<A: Element> QkvProjection<A> {
     /// let causal = ScaledDotProduct::new().with_mask(Mask::CausalTopLeft);
     /// let g = proj.self_attention_backward(&x, &causal, &array![[1.0, 0.0], [0.0, 0.0]])?;
     /// // the first token sees only itself: its output is its value, whatever W_Q is
-    /// assert_eq!(g.w_q, Array2::zeros((2, 2)));
+    /// assert_eq!(g.w_q, Array2::<f64>::zeros((2, 2)));
     /// # Ok::<(), attn::Error>(())
     /// ```
     pub fn self_attention_backward(

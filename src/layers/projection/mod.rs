@@ -268,7 +268,7 @@ impl<A: Element> QkvProjection<A> {
     /// use ndarray::Array2;
     ///
     /// let proj = attn::QkvProjection::new(Array2::<f64>::eye(3), Array2::eye(3), Array2::eye(3))?;
-    /// assert_eq!(proj.w_q(), &Array2::eye(3));
+    /// assert_eq!(proj.w_q(), &Array2::<f64>::eye(3));
     /// # Ok::<(), attn::Error>(())
     /// ```
     pub fn w_q(&self) -> &Array2<A> {
