@@ -46,9 +46,17 @@
 //! assert_eq!(grads.k.dim(), (4, 8));
 //! # Ok::<(), attn::Error>(())
 //! ```
+//!
+//! Real models: [`MultiHeadAttention`] takes the settings of Llama, Mistral,
+//! Qwen2, GPT-2, GPT-NeoX, Bloom, BERT, ViT, BART and T5 on its
+//! [`MultiHeadConfig`] (grouped-query heads, head width, biases per projection,
+//! scale, [`Causality`], [`PositionEncoding`]: [`Rope`] or ALiBi), decodes a
+//! padded batch with a [`KvCache`], and loads its weights from a checkpoint with
+//! `HfModel` or `MultiHeadConfig::load` (feature `load`, on by default).
 #![warn(missing_docs)]
 
-#[cfg(doctest)]
+// the README loads a checkpoint: its examples need the `load` feature
+#[cfg(all(doctest, feature = "load"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
