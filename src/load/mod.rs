@@ -1,6 +1,7 @@
 //! Weights from files: safetensors, the layouts models store their attention
 //! in, and Hugging Face `config.json`.
 
+mod block;
 pub(crate) mod hf;
 pub(crate) mod layout;
 pub(crate) mod safetensors;

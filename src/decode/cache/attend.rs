@@ -1,0 +1,248 @@
+//! Attention of new tokens over a key/value cache: causal, padded, windowed.
+
+use ndarray::{Array2, Array4, ArrayRef2, ArrayRef4, ArrayView4, Axis};
+
+use super::KvCache;
+use crate::core::mask::{broadcast_all, Mask};
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::sdpa::{AttentionOutput, ScaledDotProduct};
+
+/// What one step of attention over the cache returns: the output, and the
+/// weights when asked for.
+type Step<A> = (Array4<A>, Option<Array4<A>>);
+
+impl<A: Element> KvCache<A> {
+    /// Appends `k_new`, `v_new` and returns the new queries' attention over every
+    /// cached position: bottom-right causal, within the window of a sliding cache.
+    ///
+    /// # Shapes
+    ///
+    /// `q: (batch, heads, T, d_k)` with `kv_heads` dividing `heads`,
+    /// `k_new: (batch, kv_heads, T, d_k)`, `v_new: (batch, kv_heads, T, d_v)` →
+    /// `(batch, heads, T, d_v)`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Shape`] when the new queries, keys or values do not match the cache
+    /// (the cache is then left as it was), and the errors of
+    /// [`ScaledDotProduct::forward_batched`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::Array4;
+    ///
+    /// let mut cache = attn::KvCache::<f32>::sliding(1, 1, 4, 4, 2)?;
+    /// for _ in 0..5 {
+    ///     let x = Array4::<f32>::ones((1, 1, 1, 4));
+    ///     cache.attend(&x, &x, &x)?;
+    /// }
+    /// assert_eq!((cache.len(), cache.positions_seen()), (2, 5));
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn attend(
+        &mut self,
+        q: &ArrayRef4<A>,
+        k_new: &ArrayRef4<A>,
+        v_new: &ArrayRef4<A>,
+    ) -> Result<Array4<A>> {
+        let (b, _, t, _) = q.dim();
+        let real = Array2::from_elem((b, t), true);
+        Ok(self.step(q, k_new, v_new, &real, &[], false)?.0)
+    }
+
+    /// [`attend`](Self::attend) for a batch whose rows have padding: `real[[b, t]]`
+    /// says whether new token `t` of row `b` is a real token (Hugging Face's
+    /// `attention_mask`, 1 = real). No query attends to a padding key, so a
+    /// left-padded row gives the numbers of its sequence alone; a padding query
+    /// sees no real key before it and gives output 0. `masks` apply too (ALiBi, a
+    /// bias); they broadcast to `(batch, heads, T, S)`, where the `S` keys are the
+    /// held positions, oldest first, then the new ones (for a sliding cache and
+    /// `T > 1`, the held positions before this step's).
+    ///
+    /// # Shapes
+    ///
+    /// As [`attend`](Self::attend), and `real: (batch, T)`.
+    ///
+    /// # Errors
+    ///
+    /// As [`attend`](Self::attend), and [`Error::Shape`] when `real` is not
+    /// `(batch, T)`; the cache is then left as it was.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::KvCache;
+    /// use ndarray::{array, s, Array4};
+    ///
+    /// // row 1 is row 0's last two tokens, left-padded
+    /// let x = Array4::from_shape_fn((1, 1, 3, 2), |(_, _, t, j)| (t * 2 + j) as f64 / 5.0);
+    /// let padded = ndarray::concatenate(ndarray::Axis(0), &[x.view(), x.view()])?;
+    /// let mut cache = KvCache::<f64>::new(2, 1, 2, 2);
+    /// let out = cache.attend_padded(&padded, &padded, &padded, &array![[true; 3], [false, true, true]], &[])?;
+    /// let mut alone = KvCache::<f64>::new(1, 1, 2, 2);
+    /// let tail = x.slice(s![.., .., 1.., ..]);
+    /// let expected = alone.attend(&tail, &tail, &tail)?;
+    /// assert!((&out.slice(s![1.., .., 1.., ..]) - &expected).iter().all(|e| e.abs() < 1e-15));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn attend_padded(
+        &mut self,
+        q: &ArrayRef4<A>,
+        k_new: &ArrayRef4<A>,
+        v_new: &ArrayRef4<A>,
+        real: &ArrayRef2<bool>,
+        masks: &[Mask<'_, A>],
+    ) -> Result<Array4<A>> {
+        Ok(self.step(q, k_new, v_new, real, masks, false)?.0)
+    }
+
+    /// [`attend_padded`](Self::attend_padded), also returning the step's attention
+    /// weights over the keys it saw (for pictures of decoding).
+    ///
+    /// # Shapes
+    ///
+    /// Output `(batch, heads, T, d_v)`, weights `(batch, heads, T, S)` with `S`
+    /// as in [`attend_padded`](Self::attend_padded).
+    ///
+    /// # Errors
+    ///
+    /// As [`attend_padded`](Self::attend_padded).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::{array, Array4};
+    ///
+    /// let mut cache = attn::KvCache::<f32>::new(1, 1, 2, 2);
+    /// let x = Array4::<f32>::ones((1, 1, 4, 2));
+    /// let step = cache.attend_padded_with_weights(&x, &x, &x, &array![[true; 4]], &[])?;
+    /// assert_eq!(step.weights.dim(), (1, 1, 4, 4));
+    /// assert_eq!(step.weights[[0, 0, 3, 0]], 0.25);
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn attend_padded_with_weights(
+        &mut self,
+        q: &ArrayRef4<A>,
+        k_new: &ArrayRef4<A>,
+        v_new: &ArrayRef4<A>,
+        real: &ArrayRef2<bool>,
+        masks: &[Mask<'_, A>],
+    ) -> Result<AttentionOutput<A, ndarray::Ix4>> {
+        let (output, weights) = self.step(q, k_new, v_new, real, masks, true)?;
+        Ok(AttentionOutput {
+            output,
+            weights: weights.expect("asked for the weights"),
+        })
+    }
+
+    /// One step: checks everything before writing, attends, appends.
+    fn step(
+        &mut self,
+        q: &ArrayRef4<A>,
+        k_new: &ArrayRef4<A>,
+        v_new: &ArrayRef4<A>,
+        real: &ArrayRef2<bool>,
+        masks: &[Mask<'_, A>],
+        weights: bool,
+    ) -> Result<Step<A>> {
+        self.check(k_new, v_new)?;
+        let (b, kv_heads, _, d_k) = self.keys.dim();
+        let (qb, heads, t, qd) = q.dim();
+        // checked before anything is written: a failed call leaves the cache as it was
+        if k_new.dim().2 != t || qb != b || heads % kv_heads.max(1) != 0 || qd != d_k {
+            return Err(Error::Shape {
+                what: "new queries must be (batch, a multiple of kv_heads, as many positions as the new keys, d_k)",
+                expected: vec![b, heads.next_multiple_of(kv_heads.max(1)), k_new.dim().2, d_k],
+                found: q.shape().to_vec(),
+            });
+        }
+        if real.dim() != (b, t) {
+            return Err(Error::Shape {
+                what: "real (which new tokens are not padding) must be (batch, new tokens)",
+                expected: vec![b, t],
+                found: real.shape().to_vec(),
+            });
+        }
+        if let (Some(window), true) = (self.window, t > 1) {
+            return self.chunk_in_window(window, q, k_new, v_new, real, masks, weights);
+        }
+        // the masks must fit the keys this step will see, before any is written
+        let keys_seen = match self.window {
+            Some(window) => (self.len + t).min(window),
+            None => self.len + t,
+        };
+        broadcast_all(masks, &[b, heads, t, keys_seen])?;
+        // one new position in a ring: after writing it, every held slot is within
+        // its window; so are all positions of a cache that keeps everything
+        self.write(k_new, v_new, real.view());
+        let keep = self
+            .real()
+            .to_owned()
+            .insert_axis(Axis(1))
+            .insert_axis(Axis(1));
+        let padded = keep.iter().any(|&r| !r);
+        let mut attention = ScaledDotProduct::new().with_mask(Mask::CausalBottomRight);
+        if padded {
+            attention = attention.with_mask(Mask::keep(&keep));
+        }
+        for mask in masks {
+            attention = attention.with_mask(mask.reborrow());
+        }
+        run(&attention, q, self.keys(), self.values(), weights)
+    }
+
+    /// Several new positions in a sliding cache: attend over the held slots and the
+    /// new positions together (one copy of the window), masked by position, then
+    /// keep the newest.
+    #[allow(clippy::too_many_arguments)]
+    fn chunk_in_window(
+        &mut self,
+        window: usize,
+        q: &ArrayRef4<A>,
+        k_new: &ArrayRef4<A>,
+        v_new: &ArrayRef4<A>,
+        real: &ArrayRef2<bool>,
+        masks: &[Mask<'_, A>],
+        weights: bool,
+    ) -> Result<Step<A>> {
+        let (b, _, t, _) = q.dim();
+        let held = self.len;
+        // `check` made the new keys and values match the cache in every other axis
+        let keys = ndarray::concatenate(Axis(2), &[self.keys(), k_new.view()])
+            .expect("checked: new keys match the cache");
+        let values = ndarray::concatenate(Axis(2), &[self.values(), v_new.view()])
+            .expect("checked: new values match the cache");
+        let flags = ndarray::concatenate(Axis(1), &[self.real(), real.view()])
+            .expect("checked: one flag per row and new token");
+        // key j sits at position seen − held + j; new query i at seen + i
+        let keep = Array4::from_shape_fn((b, 1, t, held + t), |(row, _, i, j)| {
+            let (query, key) = (held + i, j);
+            flags[[row, j]] && key <= query && key + window > query
+        });
+        let mut attention = ScaledDotProduct::new().with_mask(Mask::keep(&keep));
+        for mask in masks {
+            attention = attention.with_mask(mask.reborrow());
+        }
+        let out = run(&attention, q, keys.view(), values.view(), weights)?;
+        self.write(k_new, v_new, real.view());
+        Ok(out)
+    }
+}
+
+/// The step's attention, with or without its weights.
+fn run<A: Element>(
+    attention: &ScaledDotProduct<'_, A>,
+    q: &ArrayRef4<A>,
+    keys: ArrayView4<'_, A>,
+    values: ArrayView4<'_, A>,
+    weights: bool,
+) -> Result<Step<A>> {
+    if weights {
+        let out = attention.forward_batched_with_weights(q, &keys, &values)?;
+        Ok((out.output, Some(out.weights)))
+    } else {
+        Ok((attention.forward_batched(q, &keys, &values)?, None))
+    }
+}
