@@ -1,11 +1,17 @@
-//! The element types attention works on.
+//! The element types attention works on: those it computes in, and those its
+//! inputs and outputs may be stored in.
 
-use ndarray::NdFloat;
+use std::fmt::Debug;
+
+use half::{bf16, f16};
+use ndarray::{Array, ArrayView, CowArray, Dimension, NdFloat};
 
 /// A floating-point element that attention is computed in: `f32` or `f64`.
 ///
-/// Every function of the crate is generic over this one bound. It is sealed:
-/// the fast kernels are written for exactly these two types.
+/// The layers, gradients and rotary embeddings are generic over this bound;
+/// scaled dot-product attention and the key/value cache take any [`Storage`]
+/// type, half precision included. It is sealed: the fast kernels are written
+/// for exactly these two types.
 ///
 /// # Examples
 ///
@@ -18,7 +24,7 @@ use ndarray::NdFloat;
 /// assert_eq!(default_scale::<f32>(4), 0.5);
 /// assert_eq!(default_scale::<f64>(16), 0.25);
 /// ```
-pub trait Element: NdFloat + sealed::Sealed {
+pub trait Element: NdFloat + Storage<Compute = Self> + sealed::Sealed {
     /// The nearest value of this type to `x`.
     fn from_f64(x: f64) -> Self;
 
@@ -62,8 +68,108 @@ impl Element for f64 {
     }
 }
 
+/// A type attention's inputs and outputs may be stored in: `f32` and `f64`
+/// (computed in themselves), and `half::bf16` and `half::f16` (computed in
+/// `f32`: scores, softmax and accumulation, with the output rounded once to the
+/// half type, as PyTorch does).
+///
+/// [`ScaledDotProduct`](crate::ScaledDotProduct)'s forward calls,
+/// [`scaled_dot_product`](crate::scaled_dot_product),
+/// [`attention_weights`](crate::attention_weights) and
+/// [`KvCache`](crate::KvCache) take any of them (a half cache holds half the bytes
+/// of an `f32` one). Layers, gradients, traces and RoPE take [`Element`]s:
+/// convert half weights to `f32` for those.
+///
+/// # Examples
+///
+/// ```
+/// use attn::Storage;
+/// use half::bf16;
+///
+/// assert_eq!(bf16::from_f32(1.5).to_compute(), 1.5_f32);
+/// assert_eq!(<bf16 as Storage>::from_compute(1.0 / 3.0), bf16::from_f32(1.0 / 3.0));
+/// ```
+pub trait Storage: Copy + Send + Sync + Debug + PartialEq + 'static + sealed::Sealed {
+    /// What attention on this type is computed in.
+    type Compute: Element;
+
+    /// The value in the compute type (exact).
+    fn to_compute(self) -> Self::Compute;
+
+    /// The nearest value of this type (round to nearest even).
+    fn from_compute(x: Self::Compute) -> Self;
+
+    /// An array in the compute type: the same array for `f32` and `f64`, a
+    /// converted copy for the half types.
+    #[doc(hidden)]
+    fn compute<D: Dimension>(x: ArrayView<'_, Self, D>) -> CowArray<'_, Self::Compute, D>;
+
+    /// An array of the compute type in this type: the same array for `f32` and
+    /// `f64`, rounded for the half types.
+    #[doc(hidden)]
+    fn store<D: Dimension>(x: Array<Self::Compute, D>) -> Array<Self, D>;
+}
+
+/// `f32` and `f64` are stored as they are computed.
+macro_rules! native {
+    ($t:ty) => {
+        impl Storage for $t {
+            type Compute = $t;
+
+            fn to_compute(self) -> $t {
+                self
+            }
+
+            fn from_compute(x: $t) -> $t {
+                x
+            }
+
+            fn compute<D: Dimension>(x: ArrayView<'_, $t, D>) -> CowArray<'_, $t, D> {
+                x.into()
+            }
+
+            fn store<D: Dimension>(x: Array<$t, D>) -> Array<$t, D> {
+                x
+            }
+        }
+    };
+}
+
+native!(f32);
+native!(f64);
+
+/// The half types are computed in `f32`.
+macro_rules! half {
+    ($t:ty) => {
+        impl Storage for $t {
+            type Compute = f32;
+
+            fn to_compute(self) -> f32 {
+                self.to_f32()
+            }
+
+            fn from_compute(x: f32) -> $t {
+                <$t>::from_f32(x)
+            }
+
+            fn compute<D: Dimension>(x: ArrayView<'_, $t, D>) -> CowArray<'_, f32, D> {
+                x.mapv(<$t>::to_f32).into()
+            }
+
+            fn store<D: Dimension>(x: Array<f32, D>) -> Array<$t, D> {
+                x.mapv(<$t>::from_f32)
+            }
+        }
+    };
+}
+
+half!(bf16);
+half!(f16);
+
 mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for f64 {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for half::f16 {}
 }

@@ -86,7 +86,7 @@ pub use crate::core::softmax::{softmax_rows, softmax_rows_in_place};
 pub use decode::cache::KvCache;
 pub use decode::position::{alibi_slopes, key_padding, RelativeBuckets};
 pub use decode::rope::{rope, Rope, RopeLayout, RopeScaling};
-pub use element::Element;
+pub use element::{Element, Storage};
 pub use error::{Error, Result};
 #[doc(hidden)]
 pub use kernel::{kernel_paths, KernelArch, KernelPaths};

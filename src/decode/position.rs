@@ -3,7 +3,7 @@
 
 use ndarray::{Array3, Array4, ArrayRef2};
 
-use crate::element::Element;
+use crate::element::Storage;
 use crate::error::{Error, Result};
 
 /// ALiBi's per-head slopes (Press et al., 2022): for `n` a power of two, the
@@ -151,7 +151,7 @@ impl RelativeBuckets {
     /// assert_eq!(out.dim(), (1, 2, 5, 4));
     /// # Ok::<(), attn::Error>(())
     /// ```
-    pub fn bias<A: Element>(
+    pub fn bias<A: Storage>(
         &self,
         table: &ArrayRef2<A>,
         first_query: usize,

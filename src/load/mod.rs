@@ -11,7 +11,7 @@ use std::hash::BuildHasher;
 
 use ndarray::ArrayD;
 
-use crate::element::Element;
+use crate::element::Storage;
 use crate::error::Result;
 
 /// Named tensors to load a layer from: a [`SafeTensors`](crate::SafeTensors)
@@ -44,7 +44,7 @@ pub trait StateDict<A> {
     fn names(&self) -> Vec<String>;
 }
 
-impl<A: Element, S: BuildHasher> StateDict<A> for HashMap<String, ArrayD<A>, S> {
+impl<A: Storage, S: BuildHasher> StateDict<A> for HashMap<String, ArrayD<A>, S> {
     fn tensor(&self, name: &str) -> Result<Option<ArrayD<A>>> {
         Ok(self.get(name).cloned())
     }

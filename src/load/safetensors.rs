@@ -7,12 +7,13 @@ use ndarray::{ArrayD, IxDyn};
 use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 
 use super::StateDict;
-use crate::element::Element;
+use crate::element::{Element, Storage};
 use crate::error::{Error, Result};
 
 /// A [safetensors](https://huggingface.co/docs/safetensors) file read into
 /// memory (what `save_pretrained` writes as `model.safetensors`). Tensors in
-/// f32, f64, f16 or bf16 are read as the caller's element type.
+/// f32, f64, f16 or bf16 are read as the caller's element type (any
+/// [`Storage`](crate::Storage) type: a bf16 tensor read as bf16 stays exact).
 ///
 /// # Examples
 ///
@@ -108,7 +109,7 @@ impl SafeTensors {
             .map(|info| (format!("{:?}", info.dtype), info.shape.clone()))
     }
 
-    fn read<A: Element>(&self, name: &str, info: &TensorInfo) -> Result<ArrayD<A>> {
+    fn read<A: Storage>(&self, name: &str, info: &TensorInfo) -> Result<ArrayD<A>> {
         let (start, end) = info.data_offsets;
         let data = &self.bytes[self.data_start + start..self.data_start + end];
         let values: Vec<A> = match info.dtype {
@@ -131,13 +132,16 @@ impl SafeTensors {
 }
 
 /// Little-endian values of `N` bytes each, as `A`.
-fn decode<A: Element, const N: usize>(data: &[u8], value: impl Fn([u8; N]) -> f64) -> Vec<A> {
+fn decode<A: Storage, const N: usize>(data: &[u8], value: impl Fn([u8; N]) -> f64) -> Vec<A> {
     data.chunks_exact(N)
-        .map(|chunk| A::from_f64(value(chunk.try_into().expect("chunks of N bytes"))))
+        .map(|chunk| {
+            let x = value(chunk.try_into().expect("chunks of N bytes"));
+            A::from_compute(<A::Compute as Element>::from_f64(x))
+        })
         .collect()
 }
 
-impl<A: Element> StateDict<A> for SafeTensors {
+impl<A: Storage> StateDict<A> for SafeTensors {
     fn tensor(&self, name: &str) -> Result<Option<ArrayD<A>>> {
         self.metadata
             .info(name)

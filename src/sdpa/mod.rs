@@ -1,6 +1,7 @@
 //! Scaled dot-product attention, `softmax(QKᵀ/√d_k)·V`: the readable reference path.
 
 mod backward;
+mod compute;
 mod lse;
 
 use ndarray::{Array2, Array4, ArrayRef2, ArrayRef4, Dimension, Ix2, Ix4};
@@ -9,11 +10,10 @@ pub use backward::AttentionGradients;
 pub use lse::{merge_attention, AttentionLse};
 
 use crate::core::mask::Mask;
-use crate::core::problem::{lift_mut, Problem};
 use crate::core::reference::{attend_head, weighted_values};
-use crate::element::Element;
+use crate::element::{Element, Storage};
 use crate::error::Result;
-use crate::kernel::{self, Kernel, Parallelism};
+use crate::kernel::{Kernel, Parallelism};
 
 /// Scaled dot-product attention with options: a scale and any number of masks.
 ///
@@ -124,13 +124,13 @@ pub struct AttentionTrace<A> {
     pub output: Array2<A>,
 }
 
-impl<A: Element> Default for ScaledDotProduct<'_, A> {
+impl<A: Storage> Default for ScaledDotProduct<'_, A> {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl<'m, A: Element> ScaledDotProduct<'m, A> {
+impl<'m, A: Storage> ScaledDotProduct<'m, A> {
     /// Attention with the default scale `1/√d_k` and no mask.
     ///
     /// # Examples
@@ -258,15 +258,15 @@ impl<'m, A: Element> ScaledDotProduct<'m, A> {
         k: &ArrayRef2<A>,
         v: &ArrayRef2<A>,
     ) -> Result<Array2<A>> {
-        let problem = self.check_2d(q, k, v)?;
-        let mut output = Array2::zeros((q.nrows(), v.ncols()));
-        kernel::forward(
-            &problem,
-            lift_mut(output.view_mut()),
-            self.kernel,
-            self.parallelism,
-        )?;
-        Ok(output)
+        let (q, k, v) = (
+            A::compute(q.view()),
+            A::compute(k.view()),
+            A::compute(v.view()),
+        );
+        let slopes = self.slopes_in_compute();
+        Ok(A::store(
+            self.in_compute(&slopes).forward_compute(&q, &k, &v)?,
+        ))
     }
 
     /// [`forward`](Self::forward), also returning the attention weights.
@@ -297,14 +297,19 @@ impl<'m, A: Element> ScaledDotProduct<'m, A> {
         k: &ArrayRef2<A>,
         v: &ArrayRef2<A>,
     ) -> Result<AttentionOutput<A, Ix2>> {
-        let problem = self.check_2d(q, k, v)?;
-        let mut output = Array2::zeros((q.nrows(), v.ncols()));
-        let mut weights = Array2::zeros((q.nrows(), k.nrows()));
-        problem.solve(
-            Some(lift_mut(output.view_mut())),
-            Some(lift_mut(weights.view_mut())),
+        let (q, k, v) = (
+            A::compute(q.view()),
+            A::compute(k.view()),
+            A::compute(v.view()),
         );
-        Ok(AttentionOutput { output, weights })
+        let slopes = self.slopes_in_compute();
+        let out = self
+            .in_compute(&slopes)
+            .forward_with_weights_compute(&q, &k, &v)?;
+        Ok(AttentionOutput {
+            output: A::store(out.output),
+            weights: A::store(out.weights),
+        })
     }
 
     /// The attention weights alone: `softmax(QKᵀ·scale)`, masked.
@@ -329,12 +334,97 @@ impl<'m, A: Element> ScaledDotProduct<'m, A> {
     /// # Ok::<(), attn::Error>(())
     /// ```
     pub fn weights(&self, q: &ArrayRef2<A>, k: &ArrayRef2<A>) -> Result<Array2<A>> {
-        let problem = self.check_2d(q, k, k)?;
-        let mut weights = Array2::zeros((q.nrows(), k.nrows()));
-        problem.solve(None, Some(lift_mut(weights.view_mut())));
-        Ok(weights)
+        let (q, k) = (A::compute(q.view()), A::compute(k.view()));
+        let slopes = self.slopes_in_compute();
+        Ok(A::store(self.in_compute(&slopes).weights_compute(&q, &k)?))
     }
 
+    /// Attention on batched, multi-head inputs, with grouped-query support.
+    ///
+    /// Masks broadcast to `(batch, heads, L, S)`.
+    ///
+    /// # Shapes
+    ///
+    /// `q: (batch, heads, L, d_k)`, `k: (batch, kv_heads, S, d_k)`,
+    /// `v: (batch, kv_heads, S, d_v)` → `(batch, heads, L, d_v)`.
+    ///
+    /// # Errors
+    ///
+    /// See [`ScaledDotProduct`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::Array4;
+    ///
+    /// let q = Array4::<f32>::ones((2, 8, 5, 16)); // 8 query heads
+    /// let kv = Array4::<f32>::ones((2, 2, 7, 16)); // 2 key/value heads
+    /// let out = attn::ScaledDotProduct::new().forward_batched(&q, &kv, &kv)?;
+    /// assert_eq!(out.dim(), (2, 8, 5, 16));
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn forward_batched(
+        &self,
+        q: &ArrayRef4<A>,
+        k: &ArrayRef4<A>,
+        v: &ArrayRef4<A>,
+    ) -> Result<Array4<A>> {
+        let (q, k, v) = (
+            A::compute(q.view()),
+            A::compute(k.view()),
+            A::compute(v.view()),
+        );
+        let slopes = self.slopes_in_compute();
+        Ok(A::store(
+            self.in_compute(&slopes)
+                .forward_batched_compute(&q, &k, &v)?,
+        ))
+    }
+
+    /// [`forward_batched`](Self::forward_batched), also returning the weights of every head.
+    ///
+    /// # Shapes
+    ///
+    /// Output `(batch, heads, L, d_v)`, weights `(batch, heads, L, S)`.
+    ///
+    /// # Errors
+    ///
+    /// See [`ScaledDotProduct`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::Array4;
+    ///
+    /// let q = Array4::<f64>::zeros((1, 2, 3, 4));
+    /// let kv = Array4::<f64>::zeros((1, 2, 5, 4));
+    /// let out = attn::ScaledDotProduct::new().forward_batched_with_weights(&q, &kv, &kv)?;
+    /// assert_eq!(out.weights, Array4::from_elem((1, 2, 3, 5), 0.2));
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn forward_batched_with_weights(
+        &self,
+        q: &ArrayRef4<A>,
+        k: &ArrayRef4<A>,
+        v: &ArrayRef4<A>,
+    ) -> Result<AttentionOutput<A, Ix4>> {
+        let (q, k, v) = (
+            A::compute(q.view()),
+            A::compute(k.view()),
+            A::compute(v.view()),
+        );
+        let slopes = self.slopes_in_compute();
+        let out = self
+            .in_compute(&slopes)
+            .forward_batched_with_weights_compute(&q, &k, &v)?;
+        Ok(AttentionOutput {
+            output: A::store(out.output),
+            weights: A::store(out.weights),
+        })
+    }
+}
+
+impl<A: Element> ScaledDotProduct<'_, A> {
     /// Every step of one 2-D call: raw scores, scaled and masked scores, weights, output.
     ///
     /// The weights and output are those of [`forward_with_weights`](Self::forward_with_weights).
@@ -377,96 +467,6 @@ impl<'m, A: Element> ScaledDotProduct<'m, A> {
             output,
         })
     }
-
-    /// Attention on batched, multi-head inputs, with grouped-query support.
-    ///
-    /// Masks broadcast to `(batch, heads, L, S)`.
-    ///
-    /// # Shapes
-    ///
-    /// `q: (batch, heads, L, d_k)`, `k: (batch, kv_heads, S, d_k)`,
-    /// `v: (batch, kv_heads, S, d_v)` → `(batch, heads, L, d_v)`.
-    ///
-    /// # Errors
-    ///
-    /// See [`ScaledDotProduct`].
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use ndarray::Array4;
-    ///
-    /// let q = Array4::<f32>::ones((2, 8, 5, 16)); // 8 query heads
-    /// let kv = Array4::<f32>::ones((2, 2, 7, 16)); // 2 key/value heads
-    /// let out = attn::ScaledDotProduct::new().forward_batched(&q, &kv, &kv)?;
-    /// assert_eq!(out.dim(), (2, 8, 5, 16));
-    /// # Ok::<(), attn::Error>(())
-    /// ```
-    pub fn forward_batched(
-        &self,
-        q: &ArrayRef4<A>,
-        k: &ArrayRef4<A>,
-        v: &ArrayRef4<A>,
-    ) -> Result<Array4<A>> {
-        let problem = self.check_4d(q, k, v)?;
-        let (batch, heads, l, _) = q.dim();
-        let mut output = Array4::zeros((batch, heads, l, v.dim().3));
-        kernel::forward(&problem, output.view_mut(), self.kernel, self.parallelism)?;
-        Ok(output)
-    }
-
-    /// [`forward_batched`](Self::forward_batched), also returning the weights of every head.
-    ///
-    /// # Shapes
-    ///
-    /// Output `(batch, heads, L, d_v)`, weights `(batch, heads, L, S)`.
-    ///
-    /// # Errors
-    ///
-    /// See [`ScaledDotProduct`].
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use ndarray::Array4;
-    ///
-    /// let q = Array4::<f64>::zeros((1, 2, 3, 4));
-    /// let kv = Array4::<f64>::zeros((1, 2, 5, 4));
-    /// let out = attn::ScaledDotProduct::new().forward_batched_with_weights(&q, &kv, &kv)?;
-    /// assert_eq!(out.weights, Array4::from_elem((1, 2, 3, 5), 0.2));
-    /// # Ok::<(), attn::Error>(())
-    /// ```
-    pub fn forward_batched_with_weights(
-        &self,
-        q: &ArrayRef4<A>,
-        k: &ArrayRef4<A>,
-        v: &ArrayRef4<A>,
-    ) -> Result<AttentionOutput<A, Ix4>> {
-        let problem = self.check_4d(q, k, v)?;
-        let (batch, heads, l, _) = q.dim();
-        let mut output = Array4::zeros((batch, heads, l, v.dim().3));
-        let mut weights = Array4::zeros((batch, heads, l, k.dim().2));
-        problem.solve(Some(output.view_mut()), Some(weights.view_mut()));
-        Ok(AttentionOutput { output, weights })
-    }
-
-    fn check_2d<'a>(
-        &'a self,
-        q: &'a ArrayRef2<A>,
-        k: &'a ArrayRef2<A>,
-        v: &'a ArrayRef2<A>,
-    ) -> Result<Problem<'a, A>> {
-        Problem::new_2d(q.view(), k.view(), v.view(), &self.masks, self.scale)
-    }
-
-    fn check_4d<'a>(
-        &'a self,
-        q: &'a ArrayRef4<A>,
-        k: &'a ArrayRef4<A>,
-        v: &'a ArrayRef4<A>,
-    ) -> Result<Problem<'a, A>> {
-        Problem::new_4d(q.view(), k.view(), v.view(), &self.masks, self.scale)
-    }
 }
 
 /// Attention on 2-D inputs with the default scale `1/√d_k` and no mask:
@@ -498,7 +498,7 @@ impl<'m, A: Element> ScaledDotProduct<'m, A> {
 /// assert!((out[[0, 0]] - (w0 * 1.0 + (1.0 - w0) * 3.0)).abs() < 1e-15);
 /// # Ok::<(), attn::Error>(())
 /// ```
-pub fn scaled_dot_product<A: Element>(
+pub fn scaled_dot_product<A: Storage>(
     q: &ArrayRef2<A>,
     k: &ArrayRef2<A>,
     v: &ArrayRef2<A>,
@@ -530,6 +530,6 @@ pub fn scaled_dot_product<A: Element>(
 /// assert_eq!(w.row(1), array![0.5, 0.5]);
 /// # Ok::<(), attn::Error>(())
 /// ```
-pub fn attention_weights<A: Element>(q: &ArrayRef2<A>, k: &ArrayRef2<A>) -> Result<Array2<A>> {
+pub fn attention_weights<A: Storage>(q: &ArrayRef2<A>, k: &ArrayRef2<A>) -> Result<Array2<A>> {
     ScaledDotProduct::new().weights(q, k)
 }

@@ -4,7 +4,7 @@ use ndarray::{Array2, Array4, ArrayRef2, ArrayRef4, ArrayView4, Axis};
 
 use super::KvCache;
 use crate::core::mask::{broadcast_all, Mask};
-use crate::element::Element;
+use crate::element::Storage;
 use crate::error::{Error, Result};
 use crate::sdpa::{AttentionOutput, ScaledDotProduct};
 
@@ -12,7 +12,7 @@ use crate::sdpa::{AttentionOutput, ScaledDotProduct};
 /// weights when asked for.
 type Step<A> = (Array4<A>, Option<Array4<A>>);
 
-impl<A: Element> KvCache<A> {
+impl<A: Storage> KvCache<A> {
     /// Appends `k_new`, `v_new` and returns the new queries' attention over every
     /// cached position: bottom-right causal, within the window of a sliding cache.
     ///
@@ -232,7 +232,7 @@ impl<A: Element> KvCache<A> {
 }
 
 /// The step's attention, with or without its weights.
-fn run<A: Element>(
+fn run<A: Storage>(
     attention: &ScaledDotProduct<'_, A>,
     q: &ArrayRef4<A>,
     keys: ArrayView4<'_, A>,

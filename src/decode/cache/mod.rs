@@ -5,7 +5,7 @@ mod attend;
 
 use ndarray::{s, Array2, Array4, ArrayRef4, ArrayView2, ArrayView4};
 
-use crate::element::Element;
+use crate::element::{Element, Storage};
 use crate::error::{Error, Result};
 
 /// A key/value cache for incremental decoding, per batch and key/value head
@@ -62,7 +62,7 @@ pub struct KvCache<A> {
     pub(super) window: Option<usize>,
 }
 
-impl<A: Element> KvCache<A> {
+impl<A: Storage> KvCache<A> {
     /// An empty cache that keeps every position.
     ///
     /// # Examples
@@ -73,8 +73,8 @@ impl<A: Element> KvCache<A> {
     /// ```
     pub fn new(batch: usize, kv_heads: usize, d_k: usize, d_v: usize) -> Self {
         KvCache {
-            keys: Array4::zeros((batch, kv_heads, 0, d_k)),
-            values: Array4::zeros((batch, kv_heads, 0, d_v)),
+            keys: Array4::from_elem((batch, kv_heads, 0, d_k), zero()),
+            values: Array4::from_elem((batch, kv_heads, 0, d_v), zero()),
             real: Array2::from_elem((batch, 0), true),
             positions: vec![0; batch],
             len: 0,
@@ -111,8 +111,8 @@ impl<A: Element> KvCache<A> {
         }
         // every slot twice, `window` apart: the held run is contiguous
         Ok(KvCache {
-            keys: Array4::zeros((batch, kv_heads, 2 * window, d_k)),
-            values: Array4::zeros((batch, kv_heads, 2 * window, d_v)),
+            keys: Array4::from_elem((batch, kv_heads, 2 * window, d_k), zero()),
+            values: Array4::from_elem((batch, kv_heads, 2 * window, d_v), zero()),
             real: Array2::from_elem((batch, 2 * window), true),
             window: Some(window),
             ..Self::new(batch, kv_heads, d_k, d_v)
@@ -313,10 +313,15 @@ impl<A: Element> KvCache<A> {
     }
 }
 
+/// Zero in any storage type.
+fn zero<A: Storage>() -> A {
+    A::from_compute(<A::Compute as Element>::from_f64(0.0))
+}
+
 /// `x` with room for `capacity` positions, its first `len` copied.
-fn grown<A: Element>(x: &Array4<A>, len: usize, capacity: usize) -> Array4<A> {
+fn grown<A: Storage>(x: &Array4<A>, len: usize, capacity: usize) -> Array4<A> {
     let (b, h, _, d) = x.dim();
-    let mut bigger = Array4::zeros((b, h, capacity, d));
+    let mut bigger = Array4::from_elem((b, h, capacity, d), zero());
     bigger
         .slice_mut(s![.., .., ..len, ..])
         .assign(&x.slice(s![.., .., ..len, ..]));

@@ -1,0 +1,140 @@
+//! The forward calls in the compute type (`f32`, `f64`), and the way there from
+//! any storage type: inputs, masks and scale converted (nothing is copied for
+//! `f32` and `f64`), outputs rounded back.
+
+use ndarray::{Array2, Array4, ArrayRef2, ArrayRef4, CowArray, Ix1, Ix2, Ix4};
+
+use super::{AttentionOutput, ScaledDotProduct};
+use crate::core::mask::Mask;
+use crate::core::problem::{lift_mut, Problem};
+use crate::element::{Element, Storage};
+use crate::error::Result;
+use crate::kernel;
+
+impl<'m, A: Storage> ScaledDotProduct<'m, A> {
+    /// The slopes of every ALiBi mask, in the compute type (borrowed for `f32`
+    /// and `f64`); [`in_compute`](Self::in_compute) borrows them.
+    pub(super) fn slopes_in_compute(&self) -> Vec<CowArray<'_, A::Compute, Ix1>> {
+        self.masks
+            .iter()
+            .filter_map(|mask| match mask {
+                Mask::Alibi(slopes) => Some(A::compute(slopes.view())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The same attention in the compute type.
+    pub(super) fn in_compute<'s>(
+        &'s self,
+        slopes: &'s [CowArray<'s, A::Compute, Ix1>],
+    ) -> ScaledDotProduct<'s, A::Compute> {
+        let mut alibi = slopes.iter();
+        ScaledDotProduct {
+            scale: self.scale.map(A::to_compute),
+            masks: self
+                .masks
+                .iter()
+                .map(|mask| match mask {
+                    Mask::Keep(keep) => Mask::Keep(keep.view().into()),
+                    Mask::Bias(bias) => Mask::Bias(A::compute(bias.view())),
+                    Mask::CausalTopLeft => Mask::CausalTopLeft,
+                    Mask::CausalBottomRight => Mask::CausalBottomRight,
+                    Mask::SlidingWindow(size) => Mask::SlidingWindow(*size),
+                    Mask::Alibi(_) => {
+                        Mask::Alibi(alibi.next().expect("one slope array per ALiBi mask").view())
+                    }
+                })
+                .collect(),
+            kernel: self.kernel,
+            parallelism: self.parallelism,
+        }
+    }
+}
+
+impl<'m, A: Element> ScaledDotProduct<'m, A> {
+    pub(super) fn forward_compute(
+        &self,
+        q: &ArrayRef2<A>,
+        k: &ArrayRef2<A>,
+        v: &ArrayRef2<A>,
+    ) -> Result<Array2<A>> {
+        let problem = self.check_2d(q, k, v)?;
+        let mut output = Array2::zeros((q.nrows(), v.ncols()));
+        kernel::forward(
+            &problem,
+            lift_mut(output.view_mut()),
+            self.kernel,
+            self.parallelism,
+        )?;
+        Ok(output)
+    }
+
+    pub(super) fn forward_with_weights_compute(
+        &self,
+        q: &ArrayRef2<A>,
+        k: &ArrayRef2<A>,
+        v: &ArrayRef2<A>,
+    ) -> Result<AttentionOutput<A, Ix2>> {
+        let problem = self.check_2d(q, k, v)?;
+        let mut output = Array2::zeros((q.nrows(), v.ncols()));
+        let mut weights = Array2::zeros((q.nrows(), k.nrows()));
+        problem.solve(
+            Some(lift_mut(output.view_mut())),
+            Some(lift_mut(weights.view_mut())),
+        );
+        Ok(AttentionOutput { output, weights })
+    }
+
+    pub(super) fn weights_compute(&self, q: &ArrayRef2<A>, k: &ArrayRef2<A>) -> Result<Array2<A>> {
+        let problem = self.check_2d(q, k, k)?;
+        let mut weights = Array2::zeros((q.nrows(), k.nrows()));
+        problem.solve(None, Some(lift_mut(weights.view_mut())));
+        Ok(weights)
+    }
+
+    pub(super) fn forward_batched_compute(
+        &self,
+        q: &ArrayRef4<A>,
+        k: &ArrayRef4<A>,
+        v: &ArrayRef4<A>,
+    ) -> Result<Array4<A>> {
+        let problem = self.check_4d(q, k, v)?;
+        let (batch, heads, l, _) = q.dim();
+        let mut output = Array4::zeros((batch, heads, l, v.dim().3));
+        kernel::forward(&problem, output.view_mut(), self.kernel, self.parallelism)?;
+        Ok(output)
+    }
+
+    pub(super) fn forward_batched_with_weights_compute(
+        &self,
+        q: &ArrayRef4<A>,
+        k: &ArrayRef4<A>,
+        v: &ArrayRef4<A>,
+    ) -> Result<AttentionOutput<A, Ix4>> {
+        let problem = self.check_4d(q, k, v)?;
+        let (batch, heads, l, _) = q.dim();
+        let mut output = Array4::zeros((batch, heads, l, v.dim().3));
+        let mut weights = Array4::zeros((batch, heads, l, k.dim().2));
+        problem.solve(Some(output.view_mut()), Some(weights.view_mut()));
+        Ok(AttentionOutput { output, weights })
+    }
+
+    pub(super) fn check_2d<'a>(
+        &'a self,
+        q: &'a ArrayRef2<A>,
+        k: &'a ArrayRef2<A>,
+        v: &'a ArrayRef2<A>,
+    ) -> Result<Problem<'a, A>> {
+        Problem::new_2d(q.view(), k.view(), v.view(), &self.masks, self.scale)
+    }
+
+    pub(super) fn check_4d<'a>(
+        &'a self,
+        q: &'a ArrayRef4<A>,
+        k: &'a ArrayRef4<A>,
+        v: &'a ArrayRef4<A>,
+    ) -> Result<Problem<'a, A>> {
+        Problem::new_4d(q.view(), k.view(), v.view(), &self.masks, self.scale)
+    }
+}
