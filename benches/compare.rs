@@ -10,7 +10,7 @@
 use std::process::Command;
 use std::time::Instant;
 
-use attn::{Kernel, Mask, Parallelism, ScaledDotProduct};
+use attn::{Element, Kernel, Mask, Parallelism, ScaledDotProduct, Storage};
 use ndarray::{s, Array2, Array4, Axis};
 use rayon::prelude::*;
 
@@ -114,10 +114,23 @@ fn torch_backward_seconds(
     torch_run(python, &[n, n, threads, HEADS, DIM], causal, min, true)
 }
 
-/// Runs `benches/torch_sdpa.py` for `[queries, n, threads, heads, dim]`.
+/// Runs `benches/torch_sdpa.py` for `[queries, n, threads, heads, dim]` in f32.
 fn torch_run(
     python: &str,
     sizes: &[usize; 5],
+    causal: bool,
+    min: f64,
+    backward: bool,
+) -> Result<(f64, String), String> {
+    torch_run_in(python, sizes, "f32", causal, min, backward)
+}
+
+/// Runs `benches/torch_sdpa.py` for `[queries, n, threads, heads, dim]` in `dtype`
+/// (`f32`, `f64`, `bf16`, `f16`).
+fn torch_run_in(
+    python: &str,
+    sizes: &[usize; 5],
+    dtype: &str,
     causal: bool,
     min: f64,
     backward: bool,
@@ -129,7 +142,7 @@ fn torch_run(
         threads.to_string(),
         heads.to_string(),
         dim.to_string(),
-        "f32".to_string(),
+        dtype.to_string(),
         if causal { "causal" } else { "none" }.to_string(),
         min.to_string(),
         queries.to_string(),
@@ -310,32 +323,20 @@ fn main() {
         );
     }
 
-    // f64 through the same kernel
-    let n = if quick { 512 } else { 2048 };
-    let q64 = inputs(n, HEADS, DIM, 1).mapv(f64::from);
-    for threads in [1, 2] {
-        let pool = pool_of(threads);
-        let fused = pool.install(|| {
-            best_seconds(min, || {
-                drop(ScaledDotProduct::new().forward_batched(&q64, &q64, &q64))
-            })
-        });
-        let plain = pool.install(|| {
-            best_seconds(min, || {
-                drop(
-                    ScaledDotProduct::new()
-                        .with_kernel(Kernel::Plain)
-                        .forward_batched(&q64, &q64, &q64),
-                )
-            })
-        });
-        let flops = 4.0 * (n * n * DIM * HEADS) as f64;
-        println!(
-            "f64, N = {n}, {threads} thread(s): fused {} GFLOP/s, plain {} GFLOP/s",
-            gflops(flops, fused),
-            gflops(flops, plain)
-        );
-    }
+    // every element type against PyTorch in the same type
+    println!("\nby element type, {HEADS} heads, head_dim {DIM}, unmasked; prefill in GFLOP/s (4·N²·d·heads / time), decode in µs per step (1 query against 4096 cached)");
+    println!("half types: inputs and outputs in the half type, computed in f32\n");
+    println!("| dtype | case | threads | attn | PyTorch SDPA | attn speed / PyTorch |");
+    println!("|---|---|---|---|---|---|");
+    let prefill: &[usize] = if quick {
+        &[128, 512]
+    } else {
+        &[128, 512, 2048]
+    };
+    dtype_rows::<half::bf16>("bf16", &python, min, prefill);
+    dtype_rows::<half::f16>("f16", &python, min, prefill);
+    dtype_rows::<f64>("f64", &python, min, prefill);
+    dtype_rows::<f32>("f32", &python, min, prefill);
 
     // peak memory of the fused path at N = 16384: nothing grows with N² (the
     // scores would be 8 GiB per call in f32)
@@ -407,6 +408,60 @@ fn main() {
     match torch_absent {
         Some(why) => println!("\nPyTorch: {why}"),
         None => println!("\nPyTorch: {torch_version}"),
+    }
+}
+
+/// Prefill rows (`n` queries, keys and values) and a decoding step in one element
+/// type, against PyTorch in the same type.
+fn dtype_rows<H: Storage>(name: &str, python: &str, min: f64, prefill: &[usize]) {
+    let to = |x: Array4<f32>| {
+        x.mapv(|v| H::from_compute(<H::Compute as Element>::from_f64(f64::from(v))))
+    };
+    let cases = prefill
+        .iter()
+        .map(|&n| (n, n))
+        .chain(std::iter::once((1, 4096)));
+    for (queries, n) in cases {
+        let (q, k, v) = (
+            to(inputs(queries, HEADS, DIM, 1)),
+            to(inputs(n, HEADS, DIM, 2)),
+            to(inputs(n, HEADS, DIM, 3)),
+        );
+        // unmasked: the decoding step's one query sees every key
+        let attn = ScaledDotProduct::new();
+        for threads in [1, 2] {
+            let pool = pool_of(threads);
+            let ours =
+                pool.install(|| best_seconds(min, || drop(attn.forward_batched(&q, &k, &v))));
+            let torch = torch_run_in(
+                python,
+                &[queries, n, threads, HEADS, DIM],
+                name,
+                false,
+                min,
+                false,
+            );
+            let flops = 4.0 * (queries * n * DIM * HEADS) as f64;
+            let (case, shown): (String, Box<dyn Fn(f64) -> String>) = if queries == 1 {
+                (
+                    format!("decode S = {n}"),
+                    Box::new(|t: f64| format!("{:.0} µs", t * 1e6)),
+                )
+            } else {
+                (
+                    format!("prefill N = {n}"),
+                    Box::new(move |t: f64| gflops(flops, t)),
+                )
+            };
+            let (torch_cell, ratio) = match torch {
+                Ok((t, _)) => (shown(t), format!("{:.2}×", t / ours)),
+                Err(why) => (why, "–".to_string()),
+            };
+            println!(
+                "| {name} | {case} | {threads} | {} | {torch_cell} | {ratio} |",
+                shown(ours)
+            );
+        }
     }
 }
 

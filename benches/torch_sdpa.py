@@ -20,7 +20,12 @@ except Exception as e:  # torch not installed: the table says so
 
 def main():
     n, threads, heads, dim = (int(x) for x in sys.argv[1:5])
-    dtype = {"f32": torch.float32, "f64": torch.float64}[sys.argv[5]]
+    dtype = {
+        "f32": torch.float32,
+        "f64": torch.float64,
+        "bf16": torch.bfloat16,
+        "f16": torch.float16,
+    }[sys.argv[5]]
     causal = sys.argv[6] == "causal"
     min_seconds = float(sys.argv[7])
     queries = int(sys.argv[8]) if len(sys.argv) > 8 else n

@@ -3,6 +3,7 @@
 
 use std::fmt::Debug;
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use ndarray::{Array, ArrayView, CowArray, Dimension, NdFloat};
 
@@ -153,11 +154,29 @@ macro_rules! half {
             }
 
             fn compute<D: Dimension>(x: ArrayView<'_, $t, D>) -> CowArray<'_, f32, D> {
-                x.mapv(<$t>::to_f32).into()
+                // contiguous: the half crate's vectorised conversion (F16C where the
+                // CPU has it, detected at run time)
+                match x.as_slice() {
+                    Some(src) => {
+                        let mut dst = vec![0.0; src.len()];
+                        src.convert_to_f32_slice(&mut dst);
+                        Array::from_shape_vec(x.raw_dim(), dst)
+                            .expect("one value per element")
+                            .into()
+                    }
+                    None => x.mapv(<$t>::to_f32).into(),
+                }
             }
 
             fn store<D: Dimension>(x: Array<f32, D>) -> Array<$t, D> {
-                x.mapv(<$t>::from_f32)
+                match x.as_slice() {
+                    Some(src) => {
+                        let mut dst = vec![<$t>::ZERO; src.len()];
+                        dst.convert_from_f32_slice(src);
+                        Array::from_shape_vec(x.raw_dim(), dst).expect("one value per element")
+                    }
+                    None => x.mapv(<$t>::from_f32),
+                }
             }
         }
     };
