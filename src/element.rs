@@ -109,6 +109,31 @@ pub trait Storage: Copy + Send + Sync + Debug + PartialEq + 'static + sealed::Se
     /// `f64`, rounded for the half types.
     #[doc(hidden)]
     fn store<D: Dimension>(x: Array<Self::Compute, D>) -> Array<Self, D>;
+
+    /// Calls the arm of `switch` written for this kind of type: computed in
+    /// itself, or half precision (how generic code reaches the kernels that read
+    /// half-precision keys and values where they lie).
+    #[doc(hidden)]
+    fn select_storage<S: PerStorage>(switch: S) -> S::Output<Self>;
+}
+
+/// Half-precision storage: `bf16` and `f16`, computed in `f32`.
+#[doc(hidden)]
+pub trait Half: Storage<Compute = f32> {
+    /// `dst[i] = src[i]` in f32 (exact); the slices are equally long.
+    fn widen(src: &[Self], dst: &mut [f32]);
+}
+
+/// Something written once for the types computed in themselves and once for the
+/// half types; [`Storage::select_storage`] picks the arm.
+#[doc(hidden)]
+pub trait PerStorage {
+    /// What each arm gives, for storage type `A`.
+    type Output<A: Storage>;
+    /// The `f32` and `f64` arm.
+    fn native<A: Element>(self) -> Self::Output<A>;
+    /// The `bf16` and `f16` arm.
+    fn half<H: Half>(self) -> Self::Output<H>;
 }
 
 /// `f32` and `f64` are stored as they are computed.
@@ -132,6 +157,10 @@ macro_rules! native {
             fn store<D: Dimension>(x: Array<$t, D>) -> Array<$t, D> {
                 x
             }
+
+            fn select_storage<S: PerStorage>(switch: S) -> S::Output<$t> {
+                switch.native::<$t>()
+            }
         }
     };
 }
@@ -154,12 +183,11 @@ macro_rules! half {
             }
 
             fn compute<D: Dimension>(x: ArrayView<'_, $t, D>) -> CowArray<'_, f32, D> {
-                // contiguous: the half crate's vectorised conversion (F16C where the
-                // CPU has it, detected at run time)
+                // contiguous: one vectorised pass
                 match x.as_slice() {
                     Some(src) => {
                         let mut dst = vec![0.0; src.len()];
-                        src.convert_to_f32_slice(&mut dst);
+                        <$t as Half>::widen(src, &mut dst);
                         Array::from_shape_vec(x.raw_dim(), dst)
                             .expect("one value per element")
                             .into()
@@ -178,12 +206,80 @@ macro_rules! half {
                     None => x.mapv(<$t>::from_f32),
                 }
             }
+
+            fn select_storage<S: PerStorage>(switch: S) -> S::Output<$t> {
+                switch.half::<$t>()
+            }
         }
     };
 }
 
 half!(bf16);
 half!(f16);
+
+impl Half for bf16 {
+    #[inline(always)]
+    fn widen(src: &[bf16], dst: &mut [f32]) {
+        // the upper half of an f32's bits: a shift (vectorised where inlined)
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = f32::from_bits(u32::from(s.to_bits()) << 16);
+        }
+    }
+}
+
+impl Half for f16 {
+    #[inline(always)]
+    fn widen(src: &[f16], dst: &mut [f32]) {
+        // branch-free, so that it vectorises where it is inlined: the exponent and
+        // mantissa moved into an f32's places and scaled by 2^112 (exact for
+        // normal and subnormal values alike), infinities and NaNs given the f32
+        // exponent, then the sign
+        const SCALE: f32 = f32::from_bits(0x7780_0000); // 2^112
+        for (d, s) in dst.iter_mut().zip(src) {
+            let bits = u32::from(s.to_bits());
+            let magnitude = bits & 0x7fff;
+            let finite = f32::from_bits(magnitude << 13) * SCALE;
+            let special = f32::from_bits((magnitude << 13) | 0x7f80_0000);
+            let value = if magnitude >= 0x7c00 { special } else { finite };
+            *d = f32::from_bits(value.to_bits() | ((bits & 0x8000) << 16));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn widening_is_exact_for_every_half_value() {
+        let every = |to_f32: fn(u16) -> f32, widen: fn(&[u16], &mut [f32])| {
+            let bits: Vec<u16> = (0..=u16::MAX).collect();
+            let mut got = vec![0.0; bits.len()];
+            widen(&bits, &mut got);
+            for (&b, &g) in bits.iter().zip(&got) {
+                let want = to_f32(b);
+                assert!(
+                    g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                    "{b:#06x}: {g} vs {want}"
+                );
+            }
+        };
+        every(
+            |b| f16::from_bits(b).to_f32(),
+            |src, dst| {
+                let src: Vec<f16> = src.iter().map(|&b| f16::from_bits(b)).collect();
+                f16::widen(&src, dst)
+            },
+        );
+        every(
+            |b| bf16::from_bits(b).to_f32(),
+            |src, dst| {
+                let src: Vec<bf16> = src.iter().map(|&b| bf16::from_bits(b)).collect();
+                bf16::widen(&src, dst)
+            },
+        );
+    }
+}
 
 mod sealed {
     pub trait Sealed {}

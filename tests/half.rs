@@ -313,3 +313,91 @@ fn the_contract_compiles_and_runs() -> attn::Result<()> {
     sliding.attend(&x, &x, &x)?;
     Ok(())
 }
+
+/// A decoding step over half-precision keys and values takes the direct path,
+/// which reads them where they lie (asserted through the path counter), and
+/// agrees with the same step over f32 copies of them to the f32 path's accuracy
+/// before rounding: at most one rounding step apart.
+#[test]
+fn half_decoding_reads_keys_and_values_where_they_lie() {
+    fn check<H: Half>() {
+        let (heads, kv_heads, s_len, d) = (8, 2, 700, 64);
+        let q = to_half::<H, _>(
+            &pseudo_random(&[2, heads, 1, d], 40)
+                .into_dimensionality()
+                .expect("4-D"),
+        );
+        let k = to_half::<H, _>(
+            &pseudo_random(&[2, kv_heads, s_len, d], 41)
+                .into_dimensionality()
+                .expect("4-D"),
+        );
+        let v = to_half::<H, _>(
+            &pseudo_random(&[2, kv_heads, s_len, d], 42)
+                .into_dimensionality()
+                .expect("4-D"),
+        );
+        let keep = Array2::from_shape_fn((1, s_len), |(_, j)| j % 7 != 3);
+        let slopes = to_half::<H, _>(&Array1::from(vec![
+            0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08,
+        ]));
+        let masks: Vec<Vec<Mask<'_, H>>> = vec![
+            vec![],
+            vec![Mask::keep(&keep), Mask::Alibi(slopes.view())],
+            vec![Mask::SlidingWindow(100)],
+        ];
+        for masks in masks {
+            let attn = masks
+                .iter()
+                .cloned()
+                .fold(ScaledDotProduct::new(), ScaledDotProduct::with_mask);
+            let (out, paths) =
+                attn::kernel_paths(|| attn.forward_batched(&q, &k, &v).expect("valid"));
+            assert_eq!(
+                (paths.direct, paths.reference, paths.tiled),
+                (16, 0, 0),
+                "{} {masks:?}",
+                H::NAME
+            );
+            // the same step with f32 keys and values (and masks), through the f32 direct path
+            let f32_masks: Vec<Mask<'_, f32>> = masks
+                .iter()
+                .map(|m| match m {
+                    Mask::Keep(keep) => Mask::Keep(keep.clone()),
+                    Mask::SlidingWindow(w) => Mask::SlidingWindow(*w),
+                    _ => Mask::CausalBottomRight, // one query: sees every key either way
+                })
+                .collect();
+            let slopes32 = slopes.mapv(|x| x.to_compute());
+            let mut f32_attn = f32_masks
+                .into_iter()
+                .fold(ScaledDotProduct::new(), ScaledDotProduct::with_mask);
+            if masks.iter().any(|m| matches!(m, Mask::Alibi(_))) {
+                f32_attn = f32_attn.with_mask(Mask::Alibi(slopes32.view()));
+            }
+            let wide = |x: &Array4<H>| x.mapv(|h| h.to_compute());
+            let want = f32_attn
+                .forward_batched(&wide(&q), &wide(&k), &wide(&v))
+                .expect("valid");
+            for (a, b) in out.iter().zip(want.iter()) {
+                let (a, b) = (f64::from(a.to_compute()), f64::from(*b));
+                assert!((a - b).abs() <= H::ulp(b) + 1e-6, "{}: {a} vs {b}", H::NAME);
+            }
+        }
+        // a non-finite key sends its heads to the reference path, in f32
+        let mut k = k.clone();
+        k[[1, 0, 5, 0]] = H::from_compute(f32::INFINITY);
+        let (out, paths) = attn::kernel_paths(|| {
+            ScaledDotProduct::new()
+                .forward_batched(&q, &k, &v)
+                .expect("valid")
+        });
+        assert_eq!((paths.direct, paths.reference), (12, 4), "{}", H::NAME);
+        assert!(out
+            .slice(s![0, .., .., ..])
+            .iter()
+            .all(|x| x.to_compute().is_finite()));
+    }
+    check::<bf16>();
+    check::<f16>();
+}

@@ -16,26 +16,109 @@
 //! Instead of scanning the inputs first, the path checks what it computed: a NaN
 //! or `+∞` score after masking, or an output that is not finite, means the inputs
 //! were not finite or overflowed, and the head is left to the reference path.
+//!
+//! Keys and values stored in half precision are read as they lie and widened to
+//! `f32` one chunk at a time ([`Rows`]), so a decoding step reads half the bytes.
 
 use std::ops::Range;
 
 use ndarray::{ArrayView2, ArrayViewMut2};
 
+use std::marker::PhantomData;
+
 use super::float::{KernelFloat, MulAdd, Separate};
 use super::online::{fold_max, inverse_total, part_weight, shift_of, softmax_update};
-use super::params::{DIRECT_BATCH_ROWS as ROWS, DIRECT_CHUNK, LANES};
+use super::params::{DIRECT_BATCH_ROWS as ROWS, DIRECT_CHUNK, LANES, WIDEN_CHUNK};
 use crate::core::mask::{apply_row, keys_in_reach, Mask2};
+use crate::element::Half;
+
+/// Rows of keys or values as the kernel's float `A`: the stored slice itself, or
+/// half-precision rows widened into a buffer chunk by chunk.
+pub(crate) trait Rows<A>: Copy + Send + Sync {
+    /// Whether [`rows`](Self::rows) needs its buffer.
+    const WIDENS: bool;
+
+    /// Elements `from..to` of the row-major rows, as `A`.
+    fn rows<'b>(self, from: usize, to: usize, buffer: &'b mut [A]) -> &'b [A]
+    where
+        Self: 'b;
+}
+
+impl<A: Copy + Send + Sync> Rows<A> for &[A] {
+    const WIDENS: bool = false;
+
+    #[inline(always)]
+    fn rows<'b>(self, from: usize, to: usize, _: &'b mut [A]) -> &'b [A]
+    where
+        Self: 'b,
+    {
+        &self[from..to]
+    }
+}
+
+/// Half-precision rows, widened to `f32` as they are read.
+#[derive(Clone, Copy)]
+pub(crate) struct Widen<'s, H>(pub(crate) &'s [H]);
+
+impl<H: Half> Rows<f32> for Widen<'_, H> {
+    const WIDENS: bool = true;
+
+    #[inline(always)]
+    fn rows<'b>(self, from: usize, to: usize, buffer: &'b mut [f32]) -> &'b [f32]
+    where
+        Self: 'b,
+    {
+        let out = &mut buffer[..to - from];
+        H::widen(&self.0[from..to], out);
+        out
+    }
+}
+
+/// How keys and values stored as [`Elem`](Self::Elem) are read by a kernel
+/// computing in `A`: [`Native`] or [`Widening`].
+pub(crate) trait Source<A> {
+    /// The stored element.
+    type Elem: Copy + Send + Sync;
+    /// The rows of a slice of it.
+    type Rows<'s>: Rows<A>;
+
+    fn rows(slice: &[Self::Elem]) -> Self::Rows<'_>;
+}
+
+/// Keys and values stored as the kernel computes.
+pub(crate) struct Native<A>(PhantomData<A>);
+
+impl<A: Copy + Send + Sync + 'static> Source<A> for Native<A> {
+    type Elem = A;
+    type Rows<'s> = &'s [A];
+
+    fn rows(slice: &[A]) -> &[A] {
+        slice
+    }
+}
+
+/// Keys and values stored in half precision, for a kernel computing in `f32`.
+pub(crate) struct Widening<H>(PhantomData<H>);
+
+impl<H: Half> Source<f32> for Widening<H> {
+    type Elem = H;
+    type Rows<'s> = Widen<'s, H>;
+
+    fn rows(slice: &[H]) -> Widen<'_, H> {
+        Widen(slice)
+    }
+}
 
 /// The query heads that share one key/value head, with everything they attend over.
-pub(crate) struct Group<'g, 'p, A> {
+pub(crate) struct Group<'g, 'p, A, R> {
     /// Each query head's rows, `(l, d)`.
     pub(crate) queries: &'g [ArrayView2<'p, A>],
     /// Each query head's masks.
     pub(crate) masks: &'g [Vec<Mask2<'p, A>>],
     /// The keys `(s, d)` in row-major order.
-    pub(crate) keys: &'g [A],
+    pub(crate) keys: R,
     /// The values `(s, d_v)` in row-major order.
-    pub(crate) values: &'g [A],
+    pub(crate) values: R,
     /// Number of keys `s` (at least one) and value columns `d_v`.
     pub(crate) s: usize,
     pub(crate) d_v: usize,
@@ -69,16 +152,17 @@ pub(crate) struct Partial<A> {
 /// Attends every query row of `group` to the keys `part` (of those in each row's
 /// reach).
 #[inline(always)]
-pub(crate) fn attend_part<A: KernelFloat, M: MulAdd, D: Dots<A>>(
+pub(crate) fn attend_part<A: KernelFloat, M: MulAdd, D: Dots<A>, R: Rows<A>>(
     dots: D,
-    group: &Group<'_, '_, A>,
+    group: &Group<'_, '_, A, R>,
     part: Range<usize>,
 ) -> Partial<A> {
     let (l, d) = group.queries.first().map_or((0, 0), |q| q.dim());
     let d_v = group.d_v;
     let rows = group.queries.len() * l;
     let batch = rows.min(ROWS);
-    let chunk = group.s.next_multiple_of(LANES).min(DIRECT_CHUNK);
+    let longest = if R::WIDENS { WIDEN_CHUNK } else { DIRECT_CHUNK };
+    let chunk = group.s.next_multiple_of(LANES).min(longest);
     let mut memory = vec![A::zero(); batch * (d + chunk + 2 * d_v)];
     let (q, rest) = memory.split_at_mut(batch * d);
     let (s, rest) = rest.split_at_mut(batch * chunk);
@@ -91,6 +175,9 @@ pub(crate) fn attend_part<A: KernelFloat, M: MulAdd, D: Dots<A>>(
         max: [A::neg_infinity(); ROWS],
         sum: [A::zero(); ROWS],
     };
+    // widened chunks of keys and values (none when they are read where they lie)
+    let widened = |width: usize| vec![A::zero(); if R::WIDENS { chunk * width } else { 0 }];
+    let (mut key_rows, mut value_rows) = (widened(d), widened(d_v));
     let mut partial = Partial {
         o: Vec::with_capacity(rows * d_v),
         max: Vec::with_capacity(rows),
@@ -103,8 +190,16 @@ pub(crate) fn attend_part<A: KernelFloat, M: MulAdd, D: Dots<A>>(
         let members: [(usize, usize); ROWS] =
             std::array::from_fn(|r| ((first_row + r) / l, (first_row + r) % l));
         let members = &members[..batch];
-        let finite =
-            attend_batch::<A, M, D>(dots, group, members, part.clone(), chunk, &mut scratch);
+        let buffers = (&mut key_rows[..], &mut value_rows[..]);
+        let finite = attend_batch::<A, M, D, R>(
+            dots,
+            group,
+            members,
+            part.clone(),
+            chunk,
+            &mut scratch,
+            buffers,
+        );
         partial.o.extend_from_slice(&scratch.o[..batch * d_v]);
         partial.max.extend_from_slice(&scratch.max[..batch]);
         partial.sum.extend_from_slice(&scratch.sum[..batch]);
@@ -158,13 +253,14 @@ pub(crate) fn finish<A: KernelFloat>(
 /// One batch of query rows over the keys of `part` in their reach; `false` when a
 /// score was NaN or `+∞` after masking.
 #[inline(always)]
-fn attend_batch<A: KernelFloat, M: MulAdd, D: Dots<A>>(
+fn attend_batch<A: KernelFloat, M: MulAdd, D: Dots<A>, R: Rows<A>>(
     dots: D,
-    group: &Group<'_, '_, A>,
+    group: &Group<'_, '_, A, R>,
     members: &[(usize, usize)],
     part: Range<usize>,
     chunk: usize,
     scratch: &mut Scratch<A>,
+    (key_rows, value_rows): (&mut [A], &mut [A]),
 ) -> bool {
     let (l, d) = group.queries[0].dim();
     let (s, d_v) = (group.s, group.d_v);
@@ -186,7 +282,7 @@ fn attend_batch<A: KernelFloat, M: MulAdd, D: Dots<A>>(
     let mut finite = true;
     for j0 in (reach.start..reach.end).step_by(chunk) {
         let n = chunk.min(reach.end - j0);
-        let keys = &group.keys[j0 * d..(j0 + n) * d];
+        let keys = group.keys.rows(j0 * d, (j0 + n) * d, key_rows);
         scores::<A, M, D>(dots, scratch.q, keys, d, members.len(), chunk, scratch.s);
         let mut alpha = [A::zero(); ROWS];
         for (r, &(h, i)) in members.iter().enumerate() {
@@ -197,7 +293,7 @@ fn attend_batch<A: KernelFloat, M: MulAdd, D: Dots<A>>(
             finite &= row.iter().all(|&x| x < A::infinity());
             alpha[r] = softmax_update::<A, M, LANES>(row, &mut scratch.max[r], &mut scratch.sum[r]);
         }
-        let values = &group.values[j0 * d_v..(j0 + n) * d_v];
+        let values = group.values.rows(j0 * d_v, (j0 + n) * d_v, value_rows);
         accumulate::<A, M, D>(dots, scratch, values, d_v, members.len(), chunk, &alpha);
     }
     finite
@@ -266,6 +362,9 @@ fn sum_lanes<A: KernelFloat>(x: &[A; LANES]) -> A {
     (half[0] + half[2]) + (half[1] + half[3])
 }
 
+/// Column blocks of [`LANES`] summed together in registers for a single row.
+const TILE_BLOCKS: usize = 8;
+
 /// `O = α·O + P·V` for one chunk: the chunk's product is summed on its own before
 /// it is added to the rescaled total (blocked summation, as in the tiled kernel).
 #[inline(always)]
@@ -291,12 +390,42 @@ fn accumulate<A: KernelFloat, M: MulAdd, D: Dots<A>>(
             }
         }
     }
-    for (r, acc) in acc.chunks_exact_mut(d_v).enumerate() {
-        let first = if r < tiled_rows { tiled_cols } else { 0 };
-        let acc = &mut acc[first..];
+    // the rows left (all of them for one or two query heads of a key/value head,
+    // as in decoding without grouped queries): each row's sums in registers,
+    // TILE_BLOCKS × LANES columns at a time, so no sum waits on the last one's store
+    for r in tiled_rows..rows {
+        let p = &scratch.s[r * chunk..][..n];
+        let acc = &mut acc[r * d_v..(r + 1) * d_v];
+        let mut c0 = 0;
+        while c0 + TILE_BLOCKS * LANES <= tiled_cols {
+            let mut tile = [[A::zero(); LANES]; TILE_BLOCKS];
+            for (value, &p) in values.chunks_exact(d_v).zip(p) {
+                let value: &[[A; LANES]] = value[c0..c0 + TILE_BLOCKS * LANES].as_chunks().0;
+                for (t, v) in tile.iter_mut().zip(value) {
+                    for (t, &v) in t.iter_mut().zip(v) {
+                        *t = M::mul_add(p, v, *t);
+                    }
+                }
+            }
+            acc[c0..c0 + TILE_BLOCKS * LANES].copy_from_slice(tile.as_flattened());
+            c0 += TILE_BLOCKS * LANES;
+        }
+        if c0 < d_v {
+            let acc = &mut acc[c0..];
+            acc.fill(A::zero());
+            for (value, &p) in values.chunks_exact(d_v).zip(p) {
+                for (a, &x) in acc.iter_mut().zip(&value[c0..]) {
+                    *a = M::mul_add(p, x, *a);
+                }
+            }
+        }
+    }
+    // the columns past the 4-row tiles
+    for (r, acc) in acc.chunks_exact_mut(d_v).enumerate().take(tiled_rows) {
+        let acc = &mut acc[tiled_cols..];
         acc.fill(A::zero());
         for (value, &p) in values.chunks_exact(d_v).zip(&scratch.s[r * chunk..][..n]) {
-            for (a, &x) in acc.iter_mut().zip(&value[first..]) {
+            for (a, &x) in acc.iter_mut().zip(&value[tiled_cols..]) {
                 *a = M::mul_add(p, x, *a);
             }
         }

@@ -30,7 +30,7 @@ mod rowwise;
 mod run;
 mod tiled;
 
-use ndarray::{ArrayView4, ArrayViewMut4, Axis};
+use ndarray::{ArrayView4, ArrayViewMut2, ArrayViewMut4, Axis};
 
 pub use arch::KernelArch;
 pub use options::{Kernel, Parallelism};
@@ -44,7 +44,7 @@ use run::KvGroup;
 use crate::core::backward::Gradients;
 use crate::core::problem::Problem;
 use crate::core::reference::Saved;
-use crate::element::{Element, PerElement};
+use crate::element::{Element, Half, PerElement};
 use crate::error::Result;
 
 /// Writes attention's output for every head of `problem` into `out`,
@@ -140,6 +140,58 @@ impl PerElement for Entries {
     }
 }
 
+/// Writes attention's output for every head of `problem` into `out` by the
+/// direct path, reading the keys and values `stored` in half precision where they
+/// lie (the problem's own keys and values give only the shapes). `false`, with
+/// nothing written, when the call is not the direct path's: many query rows, or
+/// small enough to go row by row (those convert their inputs, at little cost).
+///
+/// # Errors
+///
+/// As [`forward`].
+pub(crate) fn forward_half_direct<H: Half>(
+    problem: &Problem<'_, f32>,
+    stored: (ArrayView4<'_, H>, ArrayView4<'_, H>),
+    out: ArrayViewMut4<'_, f32>,
+    kernel: Kernel,
+    parallelism: Parallelism,
+) -> Result<bool> {
+    let (batch, heads, l, d) = problem.q.dim();
+    let (s, d_v) = (problem.k.dim().2, problem.v.dim().3);
+    let direct = kernel == Kernel::Auto
+        && l <= DIRECT_MAX_ROWS
+        && l * s * (d + d_v) > ROWWISE_MAX_WORK
+        && batch * heads * l * d_v > 0;
+    if !direct {
+        return Ok(false);
+    }
+    let arch = Arch::detect()?;
+    let mut outs: Vec<_> = out
+        .into_outer_iter_mut()
+        .flat_map(|heads| heads.into_outer_iter_mut())
+        .collect();
+    let mut groups = kv_groups(problem, &mut outs);
+    run::direct_half(problem, stored, arch, &mut groups, parallelism);
+    Ok(true)
+}
+
+/// The outputs `outs` (one per batch and query head, in that order) grouped by
+/// the key/value head they attend with: group `b·kv_heads + kv`.
+fn kv_groups<'o, 'a, A: Copy>(
+    problem: &Problem<'_, A>,
+    outs: &'o mut [ArrayViewMut2<'a, A>],
+) -> Vec<KvGroup<'o, 'a, A>> {
+    let kv_heads = problem.k.dim().1;
+    outs.chunks_mut(problem.group_size())
+        .enumerate()
+        .map(|(i, outs)| KvGroup {
+            b: i / kv_heads,
+            kv: i % kv_heads,
+            outs,
+        })
+        .collect()
+}
+
 /// Counts every head of `problem` as served by the reference path ([`Kernel::Plain`]).
 fn count_all_reference<A>(problem: &Problem<'_, A>) {
     let (batch, heads, _, _) = problem.q.dim();
@@ -217,17 +269,7 @@ fn choose_path<A: KernelElement>(
     }
     let arch = Arch::detect()?;
     let mut outs: Vec<_> = outs.collect();
-    // the query heads sharing key/value head (b, kv) are chunk b·kv_heads + kv
-    let kv_heads = problem.k.dim().1;
-    let mut groups: Vec<KvGroup<'_, '_, A>> = outs
-        .chunks_mut(problem.group_size())
-        .enumerate()
-        .map(|(i, outs)| KvGroup {
-            b: i / kv_heads,
-            kv: i % kv_heads,
-            outs,
-        })
-        .collect();
+    let mut groups = kv_groups(problem, &mut outs);
     if direct {
         run::direct(problem, arch, &mut groups, parallelism);
     } else {

@@ -49,6 +49,11 @@ pub(crate) const DIRECT_BATCH_ROWS: usize = 8;
 /// Keys per step of the direct path's online softmax: a chunk's scores stay in L1.
 pub(crate) const DIRECT_CHUNK: usize = 256;
 
+/// Keys per step when keys and values are stored in half precision and widened
+/// to f32 for the step: the widened rows (`WIDEN_CHUNK × d` floats each for keys
+/// and values, 16 KiB each at d = 64) stay in L1 until they are used.
+pub(crate) const WIDEN_CHUNK: usize = 64;
+
 /// Keys per part: a long cache is cut into parts of this many keys that may run
 /// on different threads and are merged afterwards (split-key decoding), so a
 /// single key/value head uses every thread. The cut does not depend on the

@@ -1,12 +1,12 @@
 //! How each path runs over the heads of a call and over threads, and where a head
 //! falls back to the reference path.
 
-use ndarray::{Array3, Array4, ArrayView2, ArrayView4, ArrayViewMut2, Axis, CowArray, Ix2};
+use ndarray::{s, Array3, Array4, ArrayView2, ArrayView4, ArrayViewMut2, Axis, CowArray, Ix2};
 use rayon::prelude::*;
 
 use super::arch::{Arch, KernelElement};
 use super::backward::{HeadGradients, HeadInputs, Upstream};
-use super::direct::{self, Group, Partial};
+use super::direct::{self, Group, Native, Partial, Source, Widening};
 use super::fusable::{extent_of, fusable, Extent};
 use super::options::Parallelism;
 use super::pack::{PackedKeys, PackedValues};
@@ -17,7 +17,8 @@ use super::tiled::{Block, Scratch};
 use crate::core::backward::{add_bias_gradient, Gradients};
 use crate::core::mask::Mask2;
 use crate::core::problem::Problem;
-use crate::core::reference::Saved;
+use crate::core::reference::{attend_head, weighted_values, Saved};
+use crate::element::Half;
 
 /// The query heads that share one key/value head, and their outputs.
 pub(crate) struct KvGroup<'o, 'a, A> {
@@ -53,18 +54,62 @@ pub(crate) fn direct<A: KernelElement>(
     groups: &mut [KvGroup<'_, '_, A>],
     parallelism: Parallelism,
 ) {
-    let s = problem.k.dim().2;
-    let d_v = problem.v.dim().3;
-    let inputs: Vec<DirectInputs<'_, A>> = groups
+    let stored = (problem.k, problem.v);
+    direct_over::<A, Native<A>>(problem, stored, arch, groups, parallelism, |b, h, out| {
+        problem.solve_head(b, h, Some(out), None)
+    });
+}
+
+/// [`direct`] over keys and values stored in half precision, read where they lie
+/// and widened chunk by chunk (the problem's own keys and values only give the
+/// shapes). A head whose inputs need the reference path gets its keys and values
+/// widened whole.
+pub(crate) fn direct_half<H: Half>(
+    problem: &Problem<'_, f32>,
+    (k, v): (ArrayView4<'_, H>, ArrayView4<'_, H>),
+    arch: Arch,
+    groups: &mut [KvGroup<'_, '_, f32>],
+    parallelism: Parallelism,
+) {
+    let stored = (k, v);
+    direct_over::<f32, Widening<H>>(
+        problem,
+        stored,
+        arch,
+        groups,
+        parallelism,
+        |b, h, mut out| {
+            let kv = problem.kv_head(h);
+            let widened = |x: &ArrayView4<'_, H>| x.slice(s![b, kv, .., ..]).mapv(H::to_compute);
+            let (keys, values) = (widened(&k), widened(&v));
+            let masks = problem.block_masks(b, h);
+            let head = attend_head(problem.query(b, h), keys.view(), problem.scale, &masks);
+            out.assign(&weighted_values(&head, values.view()));
+        },
+    );
+}
+
+/// The direct path over keys and values stored as `S`; `fallback(b, h, out)`
+/// computes a head whose inputs the fused arithmetic cannot stand for.
+fn direct_over<A: KernelElement, S: Source<A>>(
+    problem: &Problem<'_, A>,
+    (k, v): (ArrayView4<'_, S::Elem>, ArrayView4<'_, S::Elem>),
+    arch: Arch,
+    groups: &mut [KvGroup<'_, '_, A>],
+    parallelism: Parallelism,
+    fallback: impl Fn(usize, usize, ArrayViewMut2<'_, A>),
+) {
+    let s = k.dim().2;
+    let d_v = v.dim().3;
+    let inputs: Vec<DirectInputs<'_, A, S::Elem>> = groups
         .iter()
         .map(|g| {
             let heads = problem.query_heads(g.kv);
-            let (k, v) = problem.keys_values(g.b, g.kv);
             DirectInputs {
                 queries: heads.clone().map(|h| problem.query(g.b, h)).collect(),
                 masks: heads.map(|h| problem.block_masks(g.b, h)).collect(),
-                keys: standard(k),
-                values: standard(v),
+                keys: standard(k.slice_move(s![g.b, g.kv, .., ..])),
+                values: standard(v.slice_move(s![g.b, g.kv, .., ..])),
             }
         })
         .collect();
@@ -77,8 +122,8 @@ pub(crate) fn direct<A: KernelElement>(
         let group = Group {
             queries: &inputs.queries,
             masks: &inputs.masks,
-            keys,
-            values,
+            keys: S::rows(keys),
+            values: S::rows(values),
             s,
             d_v,
             scale: problem.scale,
@@ -98,7 +143,7 @@ pub(crate) fn direct<A: KernelElement>(
         report::count(Path::Direct, g.outs.len() - bad.len());
         report::count(Path::Reference, bad.len());
         for h in bad {
-            problem.solve_head(g.b, first_head + h, Some(g.outs[h].view_mut()), None);
+            fallback(g.b, first_head + h, g.outs[h].view_mut());
         }
     }
 }
@@ -112,12 +157,13 @@ fn standard<A: Clone>(x: ArrayView2<'_, A>) -> CowArray<'_, A, Ix2> {
     }
 }
 
-/// One group's inputs to the direct path, keys and values in standard layout.
-struct DirectInputs<'p, A> {
+/// One group's inputs to the direct path, keys and values (stored as `S`) in
+/// standard layout.
+struct DirectInputs<'p, A, S> {
     queries: Vec<ArrayView2<'p, A>>,
     masks: Vec<Vec<Mask2<'p, A>>>,
-    keys: CowArray<'p, A, Ix2>,
-    values: CowArray<'p, A, Ix2>,
+    keys: CowArray<'p, S, Ix2>,
+    values: CowArray<'p, S, Ix2>,
 }
 
 /// Every group by the tiled kernel, packing as many key/value heads at a time as

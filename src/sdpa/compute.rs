@@ -2,12 +2,12 @@
 //! any storage type: inputs, masks and scale converted (nothing is copied for
 //! `f32` and `f64`), outputs rounded back.
 
-use ndarray::{Array2, Array4, ArrayRef2, ArrayRef4, CowArray, Ix1, Ix2, Ix4};
+use ndarray::{Array2, Array4, ArrayRef2, ArrayRef4, ArrayView1, CowArray, Ix1, Ix2, Ix4};
 
 use super::{AttentionOutput, ScaledDotProduct};
 use crate::core::mask::Mask;
 use crate::core::problem::{lift_mut, Problem};
-use crate::element::{Element, Storage};
+use crate::element::{Element, Half, PerStorage, Storage};
 use crate::error::Result;
 use crate::kernel;
 
@@ -50,6 +50,67 @@ impl<'m, A: Storage> ScaledDotProduct<'m, A> {
             parallelism: self.parallelism,
         }
     }
+}
+
+/// A batched call over half-precision inputs by the direct path, which reads the
+/// keys and values where they lie: `None` when the call is not the direct
+/// path's (then its inputs are converted to `f32`).
+pub(super) type DecodeFn<A> = for<'s, 'm, 'x> fn(
+    &'s ScaledDotProduct<'m, A>,
+    &'x ArrayRef4<A>,
+    &'x ArrayRef4<A>,
+    &'x ArrayRef4<A>,
+) -> Result<Option<Array4<A>>>;
+
+/// [`DecodeFn`] where the storage type has one: the half types.
+pub(super) struct HalfDecode;
+
+impl PerStorage for HalfDecode {
+    type Output<A: Storage> = Option<DecodeFn<A>>;
+
+    fn native<A: Element>(self) -> Option<DecodeFn<A>> {
+        None
+    }
+
+    fn half<H: Half>(self) -> Option<DecodeFn<H>> {
+        Some(decode_half::<H>)
+    }
+}
+
+fn decode_half<H: Half>(
+    attn: &ScaledDotProduct<'_, H>,
+    q: &ArrayRef4<H>,
+    k: &ArrayRef4<H>,
+    v: &ArrayRef4<H>,
+) -> Result<Option<Array4<H>>> {
+    let q32 = H::compute(q.view());
+    let slopes = attn.slopes_in_compute();
+    let attn = attn.in_compute(&slopes);
+    // the checks need the shapes of the keys and values, not their values
+    let zero = [0.0_f32];
+    let zero = ArrayView1::from(&zero[..]);
+    let shaped = |dim| {
+        zero.broadcast(dim)
+            .expect("one value broadcasts to any shape")
+    };
+    let problem = Problem::new_4d(
+        q32.view(),
+        shaped(k.raw_dim()),
+        shaped(v.raw_dim()),
+        &attn.masks,
+        attn.scale,
+    )?;
+    let (batch, heads, l, _) = q.dim();
+    let mut out = Array4::zeros((batch, heads, l, v.dim().3));
+    let stored = (k.view(), v.view());
+    let served = kernel::forward_half_direct(
+        &problem,
+        stored,
+        out.view_mut(),
+        attn.kernel,
+        attn.parallelism,
+    )?;
+    Ok(served.then(|| H::store(out)))
 }
 
 impl<'m, A: Element> ScaledDotProduct<'m, A> {

@@ -369,6 +369,12 @@ impl<'m, A: Storage> ScaledDotProduct<'m, A> {
         k: &ArrayRef4<A>,
         v: &ArrayRef4<A>,
     ) -> Result<Array4<A>> {
+        // half-precision decoding reads the keys and values where they lie
+        if let Some(decode) = A::select_storage(compute::HalfDecode) {
+            if let Some(out) = decode(self, q, k, v)? {
+                return Ok(out);
+            }
+        }
         let (q, k, v) = (
             A::compute(q.view()),
             A::compute(k.view()),

@@ -10,7 +10,7 @@ use ndarray::ArrayViewMut2;
 use ndarray::{Array1, Array2};
 
 use crate::kernel::backward::{self, HeadGradients, HeadInputs, Upstream};
-use crate::kernel::direct::{attend_part, Dots, Group, Partial};
+use crate::kernel::direct::{attend_part, Dots, Group, Partial, Rows};
 use crate::kernel::float::Fused;
 use crate::kernel::params::{BC, LANES, MR};
 use crate::kernel::tiled::{attend_block, Block, Scratch, Tiles};
@@ -59,21 +59,21 @@ macro_rules! entry_points {
             }
 
             /// [`attend_part`] for this element.
-            pub(crate) fn $part(
+            pub(crate) fn $part<R: Rows<$ty>>(
                 self,
-                group: &Group<'_, '_, $ty>,
+                group: &Group<'_, '_, $ty, R>,
                 part: Range<usize>,
             ) -> Partial<$ty> {
                 /// # Safety
                 ///
                 /// The CPU must support AVX2 and FMA.
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn compiled(
+                unsafe fn compiled<R: Rows<$ty>>(
                     token: Avx2,
-                    group: &Group<'_, '_, $ty>,
+                    group: &Group<'_, '_, $ty, R>,
                     part: Range<usize>,
                 ) -> Partial<$ty> {
-                    attend_part::<$ty, Fused, Avx2>(token, group, part)
+                    attend_part::<$ty, Fused, Avx2, R>(token, group, part)
                 }
                 // SAFETY: `self` exists, so the CPU has AVX2 and FMA.
                 unsafe { compiled(self, group, part) }

@@ -30,7 +30,7 @@ pub(crate) use portable::Portable;
 use ndarray::{Array1, Array2};
 
 use super::backward::{self, HeadGradients, HeadInputs, Upstream};
-use super::direct::{self, Group, Partial};
+use super::direct::{self, Group, Partial, Rows};
 use super::float::{KernelFloat, Separate};
 use super::tiled::{self, Block, Scratch};
 use crate::element::Element;
@@ -127,7 +127,11 @@ pub(crate) trait KernelElement: Element + KernelFloat {
     );
 
     /// [`direct::attend_part`] compiled for `arch`.
-    fn attend_part(arch: Arch, group: &Group<'_, '_, Self>, part: Range<usize>) -> Partial<Self>;
+    fn attend_part<R: Rows<Self>>(
+        arch: Arch,
+        group: &Group<'_, '_, Self, R>,
+        part: Range<usize>,
+    ) -> Partial<Self>;
 
     /// [`backward::head`] compiled for `arch`.
     fn backward_head(
@@ -169,14 +173,14 @@ macro_rules! kernel_element {
                 }
             }
 
-            fn attend_part(
+            fn attend_part<R: Rows<$ty>>(
                 arch: Arch,
-                group: &Group<'_, '_, $ty>,
+                group: &Group<'_, '_, $ty, R>,
                 part: Range<usize>,
             ) -> Partial<$ty> {
                 match arch {
                     Arch::Portable => {
-                        direct::attend_part::<$ty, Separate, Portable>(Portable, group, part)
+                        direct::attend_part::<$ty, Separate, Portable, R>(Portable, group, part)
                     }
                     #[cfg(target_arch = "x86_64")]
                     Arch::Avx2(token) => token.$avx2_part(group, part),
