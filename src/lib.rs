@@ -53,6 +53,10 @@
 //! scale, [`Causality`], [`PositionEncoding`]: [`Rope`] or ALiBi), decodes a
 //! padded batch with a [`KvCache`], and loads its weights from a checkpoint with
 //! `HfModel` or `MultiHeadConfig::load` (feature `load`, on by default).
+//!
+//! Half precision: `half::bf16` and `half::f16` inputs (any [`Storage`] type)
+//! go through [`scaled_dot_product`], [`ScaledDotProduct`]'s forward calls and
+//! [`KvCache`], computed in f32 and rounded once.
 #![warn(missing_docs)]
 
 // the README loads a checkpoint: its examples need the `load` feature
@@ -80,6 +84,9 @@ mod sdpa;
 /// The `ndarray` this crate is built on (0.17): arrays from `attn::ndarray` are
 /// always the types attn's functions take, whatever else a program depends on.
 pub use ndarray;
+
+/// The `half` crate whose `bf16` and `f16` attention takes (see [`Storage`]).
+pub use half;
 
 pub use crate::core::mask::Mask;
 pub use crate::core::softmax::{softmax_rows, softmax_rows_in_place};
