@@ -120,6 +120,9 @@ pub trait Storage: Copy + Send + Sync + Debug + PartialEq + 'static + sealed::Se
 /// Half-precision storage: `bf16` and `f16`, computed in `f32`.
 #[doc(hidden)]
 pub trait Half: Storage<Compute = f32> {
+    /// `bf16` (the upper half of an f32's bits) rather than `f16` (IEEE binary16).
+    const BF16: bool;
+
     /// `dst[i] = src[i]` in f32 (exact); the slices are equally long.
     fn widen(src: &[Self], dst: &mut [f32]);
 }
@@ -218,6 +221,8 @@ half!(bf16);
 half!(f16);
 
 impl Half for bf16 {
+    const BF16: bool = true;
+
     #[inline(always)]
     fn widen(src: &[bf16], dst: &mut [f32]) {
         // the upper half of an f32's bits: a shift (vectorised where inlined)
@@ -228,6 +233,8 @@ impl Half for bf16 {
 }
 
 impl Half for f16 {
+    const BF16: bool = false;
+
     #[inline(always)]
     fn widen(src: &[f16], dst: &mut [f32]) {
         // branch-free, so that it vectorises where it is inlined: the exponent and

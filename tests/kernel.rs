@@ -21,7 +21,11 @@ enum Path {
 fn expected_arch() -> KernelArch {
     let cap = std::env::var("ATTN_KERNEL_ARCH").unwrap_or_default();
     #[cfg(target_arch = "x86_64")]
-    if cap != "portable" && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+    if cap != "portable"
+        && is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+    {
         return KernelArch::Avx2;
     }
     let _ = cap;

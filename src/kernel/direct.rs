@@ -33,8 +33,8 @@ use crate::core::mask::{apply_row, keys_in_reach, Mask2};
 use crate::element::Half;
 
 /// Rows of keys or values as the kernel's float `A`: the stored slice itself, or
-/// half-precision rows widened into a buffer chunk by chunk.
-pub(crate) trait Rows<A>: Copy + Send + Sync {
+/// half-precision rows widened to `f32` as they are read.
+pub(crate) trait Rows<A: KernelFloat>: Copy + Send + Sync {
     /// Whether [`rows`](Self::rows) needs its buffer.
     const WIDENS: bool;
 
@@ -42,9 +42,76 @@ pub(crate) trait Rows<A>: Copy + Send + Sync {
     fn rows<'b>(self, from: usize, to: usize, buffer: &'b mut [A]) -> &'b [A]
     where
         Self: 'b;
+
+    /// The scores of the batch's scaled queries against the keys of `chunk`,
+    /// into `scratch.s`: the micro-kernels over [`rows`](Self::rows).
+    #[inline(always)]
+    fn scores<M: MulAdd, D: Dots<A> + HalfDots>(
+        self,
+        dots: D,
+        scratch: &mut Scratch<A>,
+        chunk: &Chunk,
+        buffer: &mut [A],
+    ) {
+        let (keys, d) = (&chunk.keys, chunk.width);
+        let stored = self.rows(keys.start * d, keys.end * d, buffer);
+        scores::<A, M, D>(
+            dots,
+            scratch.q,
+            stored,
+            d,
+            chunk.rows,
+            chunk.stride,
+            scratch.s,
+        );
+    }
+
+    /// `O = α·O + P·V` over the value rows of `chunk`: the micro-kernels over
+    /// [`rows`](Self::rows).
+    #[inline(always)]
+    fn accumulate<M: MulAdd, D: Dots<A> + HalfDots>(
+        self,
+        dots: D,
+        scratch: &mut Scratch<A>,
+        chunk: &Chunk,
+        alpha: &[A; ROWS],
+        buffer: &mut [A],
+    ) {
+        let (keys, d_v) = (&chunk.keys, chunk.width);
+        let stored = self.rows(keys.start * d_v, keys.end * d_v, buffer);
+        accumulate::<A, M, D>(dots, scratch, stored, d_v, chunk.rows, chunk.stride, alpha);
+    }
 }
 
-impl<A: Copy + Send + Sync> Rows<A> for &[A] {
+/// The keys (or value rows) of one step of a batch of query rows.
+pub(crate) struct Chunk {
+    keys: Range<usize>,
+    /// Elements per key or value row.
+    width: usize,
+    /// Query rows in the batch.
+    rows: usize,
+    /// Distance between the batch's rows of scores.
+    stride: usize,
+}
+
+/// Micro-kernels over half-precision rows, widened to f32 in registers as they
+/// are loaded; implemented in [`super::arch`].
+pub(crate) trait HalfDots: Copy {
+    /// `Σₚ q[p] ⊙ k[u][p]` lane by lane, for each of four keys `u`, as [`Dots::dot4`].
+    fn dot4_half<H: Half>(self, q: &[[f32; LANES]], k: &[&[[H; LANES]]; 4]) -> [[f32; LANES]; 4];
+
+    /// `Σⱼ p[j] · values[j][c0 .. c0 + TILE_BLOCKS·LANES]` for one row of
+    /// weights `p` (`values` row-major, `d_v` wide, one row per weight).
+    fn value_row_half<H: Half>(
+        self,
+        p: &[f32],
+        values: &[H],
+        d_v: usize,
+        c0: usize,
+    ) -> [[f32; LANES]; TILE_BLOCKS];
+}
+
+impl<A: KernelFloat + Sync> Rows<A> for &[A] {
     const WIDENS: bool = false;
 
     #[inline(always)]
@@ -72,11 +139,82 @@ impl<H: Half> Rows<f32> for Widen<'_, H> {
         H::widen(&self.0[from..to], out);
         out
     }
+
+    /// Widened in registers as the dot products load them, four keys at a time.
+    #[inline(always)]
+    fn scores<M: MulAdd, D: Dots<f32> + HalfDots>(
+        self,
+        dots: D,
+        scratch: &mut Scratch<f32>,
+        chunk: &Chunk,
+        buffer: &mut [f32],
+    ) {
+        let (keys, d) = (&chunk.keys, chunk.width);
+        if !d.is_multiple_of(LANES) {
+            let stored = self.rows(keys.start * d, keys.end * d, buffer);
+            return scores::<f32, M, D>(
+                dots,
+                scratch.q,
+                stored,
+                d,
+                chunk.rows,
+                chunk.stride,
+                scratch.s,
+            );
+        }
+        let n = keys.len();
+        let stored = &self.0[keys.start * d..keys.end * d];
+        for j in (0..n).step_by(4) {
+            // past the last key, repeat it and ignore the result
+            let k: [&[[H; LANES]]; 4] = std::array::from_fn(|u| {
+                let key = (j + u).min(n - 1);
+                stored[key * d..(key + 1) * d].as_chunks().0
+            });
+            let used = (n - j).min(4);
+            for r in 0..chunk.rows {
+                let q: &[[f32; LANES]] = scratch.q[r * d..(r + 1) * d].as_chunks().0;
+                let acc = dots.dot4_half(q, &k);
+                let row = &mut scratch.s[r * chunk.stride + j..][..used];
+                for (x, acc) in row.iter_mut().zip(&acc) {
+                    *x = sum_lanes(acc);
+                }
+            }
+        }
+    }
+
+    /// One to three query rows (decoding without grouped queries): each row's
+    /// sums in registers, the values widened as they are loaded; four or more
+    /// rows share chunks widened once.
+    #[inline(always)]
+    fn accumulate<M: MulAdd, D: Dots<f32> + HalfDots>(
+        self,
+        dots: D,
+        scratch: &mut Scratch<f32>,
+        chunk: &Chunk,
+        alpha: &[f32; ROWS],
+        buffer: &mut [f32],
+    ) {
+        let (keys, d_v, rows) = (&chunk.keys, chunk.width, chunk.rows);
+        let block = TILE_BLOCKS * LANES;
+        if rows >= 4 || !d_v.is_multiple_of(block) {
+            let stored = self.rows(keys.start * d_v, keys.end * d_v, buffer);
+            return accumulate::<f32, M, D>(dots, scratch, stored, d_v, rows, chunk.stride, alpha);
+        }
+        let stored = &self.0[keys.start * d_v..keys.end * d_v];
+        for r in 0..rows {
+            let p = &scratch.s[r * chunk.stride..][..keys.len()];
+            for c0 in (0..d_v).step_by(block) {
+                let tile = dots.value_row_half(p, stored, d_v, c0);
+                scratch.acc[r * d_v + c0..][..block].copy_from_slice(tile.as_flattened());
+            }
+        }
+        fold_in::<f32, M>(scratch, d_v, rows, alpha);
+    }
 }
 
 /// How keys and values stored as [`Elem`](Self::Elem) are read by a kernel
 /// computing in `A`: [`Native`] or [`Widening`].
-pub(crate) trait Source<A> {
+pub(crate) trait Source<A: KernelFloat> {
     /// The stored element.
     type Elem: Copy + Send + Sync;
     /// The rows of a slice of it.
@@ -88,7 +226,7 @@ pub(crate) trait Source<A> {
 /// Keys and values stored as the kernel computes.
 pub(crate) struct Native<A>(PhantomData<A>);
 
-impl<A: Copy + Send + Sync + 'static> Source<A> for Native<A> {
+impl<A: KernelFloat + Sync> Source<A> for Native<A> {
     type Elem = A;
     type Rows<'s> = &'s [A];
 
@@ -126,7 +264,7 @@ pub(crate) struct Group<'g, 'p, A, R> {
 }
 
 /// Per-batch working memory.
-struct Scratch<'s, A> {
+pub(crate) struct Scratch<'s, A> {
     /// Scaled queries, `rows × d`.
     q: &'s mut [A],
     /// Scores, then weights, of one chunk: `rows × chunk`.
@@ -152,7 +290,7 @@ pub(crate) struct Partial<A> {
 /// Attends every query row of `group` to the keys `part` (of those in each row's
 /// reach).
 #[inline(always)]
-pub(crate) fn attend_part<A: KernelFloat, M: MulAdd, D: Dots<A>, R: Rows<A>>(
+pub(crate) fn attend_part<A: KernelFloat, M: MulAdd, D: Dots<A> + HalfDots, R: Rows<A>>(
     dots: D,
     group: &Group<'_, '_, A, R>,
     part: Range<usize>,
@@ -253,7 +391,7 @@ pub(crate) fn finish<A: KernelFloat>(
 /// One batch of query rows over the keys of `part` in their reach; `false` when a
 /// score was NaN or `+∞` after masking.
 #[inline(always)]
-fn attend_batch<A: KernelFloat, M: MulAdd, D: Dots<A>, R: Rows<A>>(
+fn attend_batch<A: KernelFloat, M: MulAdd, D: Dots<A> + HalfDots, R: Rows<A>>(
     dots: D,
     group: &Group<'_, '_, A, R>,
     members: &[(usize, usize)],
@@ -282,8 +420,13 @@ fn attend_batch<A: KernelFloat, M: MulAdd, D: Dots<A>, R: Rows<A>>(
     let mut finite = true;
     for j0 in (reach.start..reach.end).step_by(chunk) {
         let n = chunk.min(reach.end - j0);
-        let keys = group.keys.rows(j0 * d, (j0 + n) * d, key_rows);
-        scores::<A, M, D>(dots, scratch.q, keys, d, members.len(), chunk, scratch.s);
+        let at = |width| Chunk {
+            keys: j0..j0 + n,
+            width,
+            rows: members.len(),
+            stride: chunk,
+        };
+        group.keys.scores::<M, D>(dots, scratch, &at(d), key_rows);
         let mut alpha = [A::zero(); ROWS];
         for (r, &(h, i)) in members.iter().enumerate() {
             let row = &mut scratch.s[r * chunk..(r + 1) * chunk];
@@ -293,8 +436,9 @@ fn attend_batch<A: KernelFloat, M: MulAdd, D: Dots<A>, R: Rows<A>>(
             finite &= row.iter().all(|&x| x < A::infinity());
             alpha[r] = softmax_update::<A, M, LANES>(row, &mut scratch.max[r], &mut scratch.sum[r]);
         }
-        let values = group.values.rows(j0 * d_v, (j0 + n) * d_v, value_rows);
-        accumulate::<A, M, D>(dots, scratch, values, d_v, members.len(), chunk, &alpha);
+        group
+            .values
+            .accumulate::<M, D>(dots, scratch, &at(d_v), &alpha, value_rows);
     }
     finite
 }
@@ -363,7 +507,7 @@ fn sum_lanes<A: KernelFloat>(x: &[A; LANES]) -> A {
 }
 
 /// Column blocks of [`LANES`] summed together in registers for a single row.
-const TILE_BLOCKS: usize = 8;
+pub(crate) const TILE_BLOCKS: usize = 8;
 
 /// `O = α·O + P·V` for one chunk: the chunk's product is summed on its own before
 /// it is added to the rescaled total (blocked summation, as in the tiled kernel).
@@ -430,10 +574,21 @@ fn accumulate<A: KernelFloat, M: MulAdd, D: Dots<A>>(
             }
         }
     }
+    fold_in::<A, M>(scratch, d_v, rows, alpha);
+}
+
+/// `O = α·O + acc` for the batch's rows: a chunk's products join the total.
+#[inline(always)]
+fn fold_in<A: KernelFloat, M: MulAdd>(
+    scratch: &mut Scratch<A>,
+    d_v: usize,
+    rows: usize,
+    alpha: &[A; ROWS],
+) {
     for (r, (o, acc)) in scratch
         .o
         .chunks_exact_mut(d_v)
-        .zip(acc.chunks_exact(d_v))
+        .zip(scratch.acc[..rows * d_v].chunks_exact(d_v))
         .enumerate()
     {
         for (o, &a) in o.iter_mut().zip(acc) {

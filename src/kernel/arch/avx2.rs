@@ -9,13 +9,14 @@ use ndarray::ArrayViewMut2;
 
 use ndarray::{Array1, Array2};
 
+use crate::element::Half;
 use crate::kernel::backward::{self, HeadGradients, HeadInputs, Upstream};
-use crate::kernel::direct::{attend_part, Dots, Group, Partial, Rows};
+use crate::kernel::direct::{attend_part, Dots, Group, HalfDots, Partial, Rows, TILE_BLOCKS};
 use crate::kernel::float::Fused;
 use crate::kernel::params::{BC, LANES, MR};
 use crate::kernel::tiled::{attend_block, Block, Scratch, Tiles};
 
-/// Proof that the CPU has AVX2 and FMA: [`detect`](Self::detect) is the only way
+/// Proof that the CPU has AVX2, FMA and F16C: [`detect`](Self::detect) is the only way
 /// to make one, so the safe methods below may run their intrinsics.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Avx2 {
@@ -23,10 +24,13 @@ pub(crate) struct Avx2 {
 }
 
 impl Avx2 {
-    /// The token, if this CPU has AVX2 and FMA.
+    /// The token, if this CPU has AVX2, FMA and F16C (every AVX2 CPU of AMD's
+    /// and Intel's has F16C).
     pub(crate) fn detect() -> Option<Self> {
-        (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-            .then_some(Avx2 { _detected: () })
+        (is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c"))
+        .then_some(Avx2 { _detected: () })
     }
 }
 
@@ -45,7 +49,7 @@ macro_rules! entry_points {
                 /// # Safety
                 ///
                 /// The CPU must support AVX2 and FMA.
-                #[target_feature(enable = "avx2,fma")]
+                #[target_feature(enable = "avx2,fma,f16c")]
                 unsafe fn compiled(
                     token: Avx2,
                     block: &Block<'_, $ty>,
@@ -67,7 +71,7 @@ macro_rules! entry_points {
                 /// # Safety
                 ///
                 /// The CPU must support AVX2 and FMA.
-                #[target_feature(enable = "avx2,fma")]
+                #[target_feature(enable = "avx2,fma,f16c")]
                 unsafe fn compiled<R: Rows<$ty>>(
                     token: Avx2,
                     group: &Group<'_, '_, $ty, R>,
@@ -88,7 +92,7 @@ macro_rules! entry_points {
                 /// # Safety
                 ///
                 /// The CPU must support AVX2 and FMA.
-                #[target_feature(enable = "avx2,fma")]
+                #[target_feature(enable = "avx2,fma,f16c")]
                 unsafe fn compiled(
                     inputs: &HeadInputs<'_, '_, $ty>,
                     upstream: Upstream<'_, $ty>,
@@ -107,7 +111,7 @@ macro_rules! entry_points {
                 /// # Safety
                 ///
                 /// The CPU must support AVX2 and FMA.
-                #[target_feature(enable = "avx2,fma")]
+                #[target_feature(enable = "avx2,fma,f16c")]
                 unsafe fn compiled(inputs: &HeadInputs<'_, '_, $ty>) -> (Array2<$ty>, Array1<$ty>) {
                     backward::forward_head::<$ty, Fused>(inputs)
                 }
@@ -323,3 +327,70 @@ avx2_kernels!(
     _mm256_set1_pd,
     _mm256_fmadd_pd
 );
+
+/// Eight half-precision values at `src` widened to f32 in one register.
+///
+/// # Safety
+///
+/// The CPU must support AVX2 and F16C, and `src` must point to eight readable
+/// values.
+#[inline(always)]
+unsafe fn widen8<H: Half>(src: *const H) -> __m256 {
+    let raw = _mm_loadu_si128(src.cast());
+    if H::BF16 {
+        // bf16 is the upper half of an f32's bits
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
+    } else {
+        _mm256_cvtph_ps(raw)
+    }
+}
+
+impl HalfDots for Avx2 {
+    #[inline(always)]
+    fn dot4_half<H: Half>(self, q: &[[f32; LANES]], k: &[&[[H; LANES]]; 4]) -> [[f32; LANES]; 4] {
+        // SAFETY: `self` is an `Avx2` token, so the CPU has AVX2, FMA and F16C;
+        // every load reads eight values of a `[_; LANES]` (LANES = 8), every store
+        // writes one `[f32; LANES]`.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for (p, x) in q.iter().enumerate() {
+                let x = _mm256_loadu_ps(x.as_ptr());
+                for u in 0..4 {
+                    acc[u] = _mm256_fmadd_ps(x, widen8(k[u][p].as_ptr()), acc[u]);
+                }
+            }
+            let mut out = [[0.0; LANES]; 4];
+            for u in 0..4 {
+                _mm256_storeu_ps(out[u].as_mut_ptr(), acc[u]);
+            }
+            out
+        }
+    }
+
+    #[inline(always)]
+    fn value_row_half<H: Half>(
+        self,
+        p: &[f32],
+        values: &[H],
+        d_v: usize,
+        c0: usize,
+    ) -> [[f32; LANES]; TILE_BLOCKS] {
+        // SAFETY: as in `dot4_half`; each load reads eight values of a slice of
+        // `TILE_BLOCKS · LANES` taken from `values` with bounds checks.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); TILE_BLOCKS];
+            for (value, &p) in values.chunks_exact(d_v).zip(p) {
+                let v = &value[c0..c0 + TILE_BLOCKS * LANES];
+                let a = _mm256_set1_ps(p);
+                for (b, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(a, widen8(v.as_ptr().add(b * LANES)), *acc);
+                }
+            }
+            let mut out = [[0.0; LANES]; TILE_BLOCKS];
+            for (out, acc) in out.iter_mut().zip(&acc) {
+                _mm256_storeu_ps(out.as_mut_ptr(), *acc);
+            }
+            out
+        }
+    }
+}

@@ -2,7 +2,7 @@
 //!
 //! Each kernel body is written once, generic over its micro-kernels
 //! ([`Tiles`](super::tiled::Tiles), [`Dots`](super::direct::Dots)), and compiled
-//! here twice: with AVX2 and FMA intrinsics ([`avx2`]), and as plain loops for
+//! here twice: with AVX2, FMA and F16C intrinsics ([`avx2`]), and as plain loops for
 //! any CPU ([`portable`]). [`Arch::detect`] chooses at the start of a call.
 //!
 //! Soundness is carried by a type: the AVX2 micro-kernels are methods of the
@@ -43,7 +43,7 @@ use crate::error::{Error, Result};
 pub enum KernelArch {
     /// Plain loops, for any CPU.
     Portable,
-    /// AVX2 and FMA intrinsics (x86-64).
+    /// AVX2, FMA and F16C intrinsics (x86-64).
     Avx2,
 }
 
@@ -257,7 +257,11 @@ mod tests {
             assert_eq!(arch.kind(), KernelArch::Portable);
         }
         #[cfg(target_arch = "x86_64")]
-        if cap >= Cap::Avx2 && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if cap >= Cap::Avx2
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
             assert_eq!(arch.kind(), KernelArch::Avx2);
         }
     }

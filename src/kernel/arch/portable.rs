@@ -1,7 +1,8 @@
 //! The micro-kernels as plain loops over fixed-size arrays, for any CPU: the
 //! autovectoriser turns them into whatever the build's target allows.
 
-use crate::kernel::direct::Dots;
+use crate::element::Half;
+use crate::kernel::direct::{Dots, HalfDots, TILE_BLOCKS};
 use crate::kernel::float::{KernelFloat, MulAdd, Separate};
 use crate::kernel::params::{BC, LANES, MR};
 use crate::kernel::tiled::Tiles;
@@ -73,6 +74,44 @@ impl<A: KernelFloat> Dots<A> for Portable {
             for (acc, p) in acc.iter_mut().zip(p) {
                 for c in 0..LANES {
                     acc[c] = Separate::mul_add(p[j], v[c], acc[c]);
+                }
+            }
+        }
+        acc
+    }
+}
+
+impl HalfDots for Portable {
+    #[inline(always)]
+    fn dot4_half<H: Half>(self, q: &[[f32; LANES]], k: &[&[[H; LANES]]; 4]) -> [[f32; LANES]; 4] {
+        let mut acc = [[0.0; LANES]; 4];
+        for (acc, k) in acc.iter_mut().zip(k) {
+            for (x, y) in q.iter().zip(*k) {
+                let mut y32 = [0.0; LANES];
+                H::widen(y, &mut y32);
+                for c in 0..LANES {
+                    acc[c] = Separate::mul_add(x[c], y32[c], acc[c]);
+                }
+            }
+        }
+        acc
+    }
+
+    #[inline(always)]
+    fn value_row_half<H: Half>(
+        self,
+        p: &[f32],
+        values: &[H],
+        d_v: usize,
+        c0: usize,
+    ) -> [[f32; LANES]; TILE_BLOCKS] {
+        let mut acc = [[0.0; LANES]; TILE_BLOCKS];
+        for (value, &p) in values.chunks_exact(d_v).zip(p) {
+            let mut v32 = [0.0; TILE_BLOCKS * LANES];
+            H::widen(&value[c0..c0 + TILE_BLOCKS * LANES], &mut v32);
+            for (acc, v) in acc.iter_mut().zip(v32.as_chunks::<LANES>().0) {
+                for c in 0..LANES {
+                    acc[c] = Separate::mul_add(p, v[c], acc[c]);
                 }
             }
         }
