@@ -1,6 +1,7 @@
 //! Criterion benchmark of step-by-step decoding: one new token per step against a
-//! key/value cache of 4096 positions, 8 heads, head_dim 64, f32, against
-//! recomputing full causal attention over all 4096 tokens each step.
+//! key/value cache of 4096 positions, 8 heads, head_dim 64, in f32 and in the half
+//! types (a bf16 or f16 cache), against recomputing full causal attention over all
+//! 4096 tokens each step.
 //!
 //! `cargo bench --bench decode`; throughput is reported in tokens per second
 //! (one token per call). The cache is a sliding one with a window of 4096, filled
@@ -8,7 +9,8 @@
 
 use std::time::Duration;
 
-use attn::{Init, KvCache, Mask, MultiHeadConfig, ScaledDotProduct};
+use attn::half::{bf16, f16};
+use attn::{Element, Init, KvCache, Mask, MultiHeadConfig, ScaledDotProduct, Storage};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ndarray::{Array3, Array4};
 
@@ -16,14 +18,15 @@ const CACHED: usize = 4096;
 const HEADS: usize = 8;
 const DIM: usize = 64;
 
-fn filled(shape: (usize, usize, usize, usize), seed: usize) -> Array4<f32> {
+fn filled<A: Storage>(shape: (usize, usize, usize, usize), seed: usize) -> Array4<A> {
     Array4::from_shape_fn(shape, |(_, h, i, j)| {
-        ((h * 13 + i * 31 + j * 17 + seed) % 97) as f32 / 97.0 - 0.5
+        let x = ((h * 13 + i * 31 + j * 17 + seed) % 97) as f64 / 97.0 - 0.5;
+        A::from_compute(<A::Compute as Element>::from_f64(x))
     })
 }
 
 /// A sliding cache of `CACHED` positions with `kv_heads` heads, full.
-fn full_cache(kv_heads: usize) -> KvCache<f32> {
+fn full_cache<A: Storage>(kv_heads: usize) -> KvCache<A> {
     let mut cache =
         KvCache::sliding(1, kv_heads, DIM, DIM, CACHED).expect("a window of 4096 is valid");
     let past = filled((1, kv_heads, CACHED, DIM), 1);
@@ -35,13 +38,15 @@ fn decode_step(c: &mut Criterion) {
     let mut group = c.benchmark_group("decode_f32_cache4096_8heads_d64");
     group.throughput(Throughput::Elements(1));
     for kv_heads in [HEADS, 2, 1] {
-        let mut cache = full_cache(kv_heads);
-        let q = filled((1, HEADS, 1, DIM), 2);
-        let kv = filled((1, kv_heads, 1, DIM), 3);
+        let mut cache = full_cache::<f32>(kv_heads);
+        let q = filled::<f32>((1, HEADS, 1, DIM), 2);
+        let kv = filled::<f32>((1, kv_heads, 1, DIM), 3);
         group.bench_function(BenchmarkId::new("cache_step_kv_heads", kv_heads), |b| {
             b.iter(|| cache.attend(&q, &kv, &kv).expect("shapes fit the cache"))
         });
     }
+    half_steps::<bf16>(&mut group, "bf16_cache_step_kv_heads");
+    half_steps::<f16>(&mut group, "f16_cache_step_kv_heads");
 
     let d_model = HEADS * DIM;
     let mha = MultiHeadConfig::new(d_model, HEADS)
@@ -58,7 +63,7 @@ fn decode_step(c: &mut Criterion) {
         b.iter(|| mha.forward_cached(&token, &mut cache).expect("fits"))
     });
 
-    let x = filled((1, HEADS, CACHED, DIM), 4);
+    let x = filled::<f32>((1, HEADS, CACHED, DIM), 4);
     let causal = ScaledDotProduct::new().with_mask(Mask::CausalTopLeft);
     group
         .sample_size(10)
@@ -67,6 +72,21 @@ fn decode_step(c: &mut Criterion) {
         b.iter(|| causal.forward_batched(&x, &x, &x).expect("shapes agree"))
     });
     group.finish();
+}
+
+/// One step over a half-precision cache, 8 and 2 key/value heads.
+fn half_steps<H: Storage>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+) {
+    for kv_heads in [HEADS, 2] {
+        let mut cache = full_cache::<H>(kv_heads);
+        let q = filled::<H>((1, HEADS, 1, DIM), 2);
+        let kv = filled::<H>((1, kv_heads, 1, DIM), 3);
+        group.bench_function(BenchmarkId::new(name, kv_heads), |b| {
+            b.iter(|| cache.attend(&q, &kv, &kv).expect("shapes fit the cache"))
+        });
+    }
 }
 
 criterion_group!(benches, decode_step);
