@@ -37,19 +37,19 @@ fn tokyo_matches_the_notebook() {
     assert_eq!(f(&demo.x), array2(&file["x"]));
     assert_digits(
         "scores",
-        &f(&demo.trace.scaled),
+        &f(&demo.heads[0].scaled),
         &array2(&file["scores"]),
         6,
     );
     assert_digits(
         "weights",
-        &f(&demo.trace.weights),
+        &f(&demo.heads[0].weights),
         &array2(&file["weights"]),
         6,
     );
     assert_digits(
         "output",
-        &f(&demo.trace.output),
+        &f(&demo.heads[0].output),
         &array2(&file["output"]),
         6,
     );
@@ -60,6 +60,76 @@ fn tokyo_matches_the_notebook() {
         .map(|t| t.as_str().expect("a token").to_string())
         .collect();
     assert_eq!(tokens, demo.tokens);
+    assert_eq!(demo.output, demo.heads[0].output);
+}
+
+/// The notebook's exercises as flags: more tokens, a wider model, several heads,
+/// another seed; the defaults stay the notebook's.
+#[test]
+fn tokyo_takes_the_notebooks_exercises_as_flags() {
+    let args = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
+    let (options, rest) =
+        tokyo::Options::parse(args("--tokens 6 out --d-model 8 --heads 2 --seed 7"))
+            .expect("valid flags");
+    assert_eq!(
+        options,
+        tokyo::Options {
+            tokens: 6,
+            d_model: 8,
+            heads: 2,
+            seed: 7
+        }
+    );
+    assert_eq!(rest, vec!["out".to_string()]);
+    assert_eq!(
+        tokyo::Options::parse(args("")).expect("none").0,
+        tokyo::Options::default()
+    );
+    for bad in [
+        "--tokens 11",
+        "--tokens 0",
+        "--heads 3 --d-model 8",
+        "--seed x",
+        "--colour red",
+        "--heads",
+    ] {
+        assert!(tokyo::Options::parse(args(bad)).is_err(), "{bad}");
+    }
+    let demo = tokyo::run(options).expect("runs");
+    assert_eq!(
+        demo.tokens,
+        ["Tokyo", "is", "beautiful", "in", "the", "spring"]
+    );
+    assert_eq!(
+        (demo.x.dim(), demo.output.dim(), demo.heads.len()),
+        ((6, 8), (6, 8), 2)
+    );
+    // each head attends on its 4 columns; the mean is the heads' average
+    for head in &demo.heads {
+        assert_eq!(head.output.dim(), (6, 4));
+        for row in head.weights.rows() {
+            assert!((row.sum() - 1.0).abs() < 1e-6);
+        }
+    }
+    let mean = (&demo.heads[0].weights + &demo.heads[1].weights) / 2.0;
+    assert_eq!(demo.mean_weights, mean);
+    // head 1's output is attention on the second half of Q, K, V
+    let (q, k, v) = (
+        demo.projection.query(&demo.x).expect("fits"),
+        demo.projection.key(&demo.x).expect("fits"),
+        demo.projection.value(&demo.x).expect("fits"),
+    );
+    let half = ndarray::s![.., 4..];
+    let want =
+        attn::scaled_dot_product(&q.slice(half), &k.slice(half), &v.slice(half)).expect("fits");
+    let gap = (&demo.output.slice(half) - &want)
+        .iter()
+        .fold(0.0_f32, |m, d| m.max(d.abs()));
+    assert!(gap < 1e-5, "{gap:e}");
+    // the seed changes the weights; the same seed repeats them
+    let other = tokyo::run(tokyo::Options { seed: 8, ..options }).expect("runs");
+    assert_ne!(other.projection.w_q(), demo.projection.w_q());
+    assert_eq!(tokyo::run(options).expect("runs").output, demo.output);
 }
 
 #[allow(dead_code)]

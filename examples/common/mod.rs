@@ -7,16 +7,24 @@ use std::path::PathBuf;
 
 use attn::plot::{Figure, Heatmap};
 
-/// Where pictures go: the first command-line argument, or `target/attn-plots/`.
+/// Where pictures go: the first command-line argument that is not a `--flag` or a
+/// flag's value, or `target/attn-plots/`.
 pub fn output_dir() -> PathBuf {
-    let dir = std::env::args()
-        .nth(1)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("target")
-                .join("attn-plots")
-        });
+    let mut args = std::env::args().skip(1);
+    let mut chosen = None;
+    while let Some(arg) = args.next() {
+        if arg.starts_with("--") {
+            args.next(); // the flag's value
+        } else {
+            chosen = Some(PathBuf::from(arg));
+            break;
+        }
+    }
+    let dir = chosen.unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("target")
+            .join("attn-plots")
+    });
     if let Err(e) = std::fs::create_dir_all(&dir) {
         eprintln!("cannot create {}: {e}", dir.display());
     }
