@@ -1,6 +1,20 @@
 //! Attention on [`ndarray`]: scaled dot-product `softmax(QKᵀ/√d_k)·V`, with masks,
 //! batches, heads and grouped-query attention, exact against PyTorch.
 //!
+//! # Which type for which task
+//!
+//! | task | types |
+//! |---|---|
+//! | attention on Q, K, V you have | [`scaled_dot_product`], [`ScaledDotProduct`] ([`Mask`], [`AttentionOutput`], [`AttentionTrace`]) |
+//! | one head with its own `W_Q`, `W_K`, `W_V` | [`QkvProjection`] |
+//! | a multi-head layer, a model's attention block | [`MultiHeadConfig`] → [`MultiHeadAttention`] ([`Causality`], [`PositionEncoding`], [`Rope`], [`RelativeBuckets`]) |
+//! | weights from a checkpoint (feature `load`) | `HfModel`, `MultiHeadConfig::load` with a `Layout`, `SafeTensors` |
+//! | generation, a token at a time | [`KvCache`], [`MultiHeadAttention::new_cache`] |
+//! | training | `backward` on each of the above ([`AttentionGradients`], [`MultiHeadGradients`]), [`Linear`] |
+//! | half precision | `half::bf16`, `half::f16` ([`Storage`]) through [`ScaledDotProduct`] and [`KvCache`] |
+//! | pictures (feature `plot`) | `plot::Heatmap`, `plot::Figure` |
+//! | PyTorch/NumPy-identical random weights | [`rng`], [`Init`] |
+//!
 //! # Quick start
 //!
 //! ```
