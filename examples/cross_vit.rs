@@ -2,14 +2,19 @@
 //! tokens of different sizes; the CLS token of the large-patch branch is the one
 //! query of a multi-head cross-attention over the small-patch branch. Then the
 //! cost claim: one query costs O(N), all-to-all attention O(N²), measured as N doubles.
+//! The picture shows where the CLS token looks: each head's weights over the 12 × 12
+//! grid of small patches, on one colour scale (`cross_vit.svg`/`.png`).
 //!
-//! `cargo run --release --example cross_vit`
+//! `cargo run --release --example cross_vit [OUTPUT_DIR]`
+
+mod common;
 
 use std::time::Instant;
 
+use attn::plot::{Figure, Heatmap};
 use attn::rng::seeded;
 use attn::{Init, MultiHeadConfig};
-use ndarray::{concatenate, s, Array2, Axis};
+use ndarray::{concatenate, s, Array2, Array3, Axis};
 use rand::Rng;
 
 /// Tokens of one branch: a CLS row followed by one row per patch.
@@ -18,10 +23,26 @@ fn branch(patches: usize, dim: usize, seed: u64) -> Array2<f32> {
     Array2::from_shape_simple_fn((patches + 1, dim), || rng.random_range(-1.0..1.0))
 }
 
+/// The small branch's patches per side: a 96 × 96 image in 8 × 8 patches.
+pub const GRID: usize = 12;
+
 /// Every step of the CLS exchange, with the shapes along the way.
 pub struct Exchange {
     pub steps: Vec<(String, Vec<usize>)>,
     pub new_cls: Array2<f32>,
+    /// Each head's weights over the keys `[f(CLS); 144 small patches]`, `(heads, 1, 145)`.
+    pub weights: Array3<f32>,
+}
+
+impl Exchange {
+    /// Head `h`'s weights over the small patches, laid out as the image's grid.
+    pub fn patch_grid(&self, h: usize) -> Array2<f32> {
+        self.weights
+            .slice(s![h, 0, 1..])
+            .to_owned()
+            .into_shape_with_order((GRID, GRID))
+            .expect("144 patches make a 12 × 12 grid")
+    }
 }
 
 /// The large branch's CLS token cross-attends to the small branch's tokens.
@@ -71,7 +92,11 @@ pub fn cls_exchange() -> attn::Result<Exchange> {
         "g(output) + CLS: the new large CLS".into(),
         new_cls.shape().to_vec(),
     ));
-    Ok(Exchange { steps, new_cls })
+    Ok(Exchange {
+        steps,
+        new_cls,
+        weights: out.head_weights,
+    })
 }
 
 fn shape_error() -> attn::Error {
@@ -97,6 +122,33 @@ fn main() -> attn::Result<()> {
     for (step, shape) in &exchange.steps {
         println!("{step:<52} {shape:?}");
     }
+    // where the CLS token looks, head by head, on one colour scale
+    let heads = exchange.weights.dim().0;
+    let top = exchange
+        .weights
+        .slice(s![.., .., 1..])
+        .fold(0.0_f32, |m, &w| m.max(w));
+    let panels: Vec<Heatmap> = (0..heads)
+        .map(|h| {
+            let own = exchange.weights[[h, 0, 0]];
+            Heatmap::new(
+                &format!("head {h}: CLS over the 12×12 small patches (itself: {own:.3})"),
+                &exchange.patch_grid(h),
+            )
+            .with_row_labels((0..GRID).map(|r| format!("row {r}")))
+            .with_col_labels((0..GRID).map(|c| c.to_string()))
+            .with_decimals(3)
+            .with_range(0.0, f64::from(top))
+        })
+        .collect();
+    println!(
+        "\nthe CLS query's weights over the small patches, per head (uniform would be {:.4}):",
+        1.0 / 145.0
+    );
+    for panel in &panels {
+        common::show_in_colour(panel);
+    }
+    common::save(&Figure::new(panels), "cross_vit");
 
     println!("\nOne query (CLS) against N tokens vs all N tokens against each other, d_model 64, 4 heads:");
     println!(

@@ -205,6 +205,14 @@ fn cross_vit_exchange_has_the_papers_shapes() {
         ]
     );
     assert!(exchange.new_cls.iter().all(|x| x.is_finite()));
+    // the picture's grids: each head's 144 patch weights, plus its weight on itself, sum to 1
+    for h in 0..4 {
+        let grid = exchange.patch_grid(h);
+        assert_eq!(grid.dim(), (12, 12));
+        assert_eq!(grid[[1, 0]], exchange.weights[[h, 0, 1 + 12]]);
+        let total = grid.sum() + exchange.weights[[h, 0, 0]];
+        assert!((total - 1.0).abs() < 1e-5, "{total}");
+    }
 }
 
 #[allow(dead_code)]
