@@ -4,6 +4,15 @@
 //! file (10 NORMAL, 10 ERROR(A), 10 ERROR(B) rows) goes through attention, and the
 //! result is written as CSV, rounded to 5 decimals, with each row's class.
 //!
+//! What the output means: each row of `attention_*.csv` is one validation sample:
+//! `class` is its label, and `A0`…`A8` are the nine values of its attention output
+//! (nine, because `W_V` is a learning file transposed and each learning file has nine
+//! rows). The printed summary gives each class's mean row, and its *signature*: for
+//! each column, `+` where the class's mean is above NORMAL's, `-` where below, `0`
+//! within 0.001. Classes with different signatures are told apart by the signs of
+//! their blocks, as the original spreadsheet does. The picture draws the three class
+//! means of each file on one colour scale (`csv_attention.svg`/`.png`).
+//!
 //! `cargo run --release --example csv_attention [OUTPUT_DIR]`
 
 mod common;
@@ -11,8 +20,12 @@ mod common;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use attn::plot::{Figure, Heatmap};
 use attn::{QkvProjection, ScaledDotProduct};
-use ndarray::Array2;
+use ndarray::{Array2, Axis};
+
+/// The classes of the validation files, in their order.
+pub const CLASSES: [&str; 3] = ["NORMAL", "ERROR(A)", "ERROR(B)"];
 
 /// The feature columns every file must have.
 const FEATURES: [&str; 4] = ["X0", "X1", "X2", "X3"];
@@ -174,6 +187,34 @@ pub fn csv_attention(data: &Path) -> Result<Vec<Attended>, Box<dyn std::error::E
     Ok(results)
 }
 
+impl Attended {
+    /// Each class's mean row, in the order of [`CLASSES`] (`3 × 9`).
+    pub fn class_means(&self) -> Array2<f64> {
+        let mut means = Array2::zeros((CLASSES.len(), self.attention.ncols()));
+        for (mut row, class) in means.rows_mut().into_iter().zip(CLASSES) {
+            let members: Vec<usize> = (0..self.classes.len())
+                .filter(|&i| self.classes[i] == class)
+                .collect();
+            if let Some(mean) = self.attention.select(Axis(0), &members).mean_axis(Axis(0)) {
+                row.assign(&mean);
+            }
+        }
+        means
+    }
+}
+
+/// Per column, `+` where `mean` is above `normal`, `-` where below, `0` within 0.001.
+pub fn signature(mean: &[f64], normal: &[f64]) -> String {
+    mean.iter()
+        .zip(normal)
+        .map(|(m, n)| match m - n {
+            d if d > 1e-3 => '+',
+            d if d < -1e-3 => '-',
+            _ => '0',
+        })
+        .collect()
+}
+
 /// Writes `class,A0..A8` rows.
 fn write_csv(path: &Path, result: &Attended) -> Result<(), Box<dyn std::error::Error>> {
     let mut writer = csv::Writer::from_path(path)?;
@@ -212,37 +253,38 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             result.attention.ncols(),
             path.display()
         );
-        // the classes are told apart by the signs of their blocks; here:
         // each class's mean row, and the signs of its difference from NORMAL's
-        let mean_of = |class: &str| {
-            let rows: Vec<usize> = (0..result.classes.len())
-                .filter(|&i| result.classes[i] == class)
-                .collect();
-            result
-                .attention
-                .select(ndarray::Axis(0), &rows)
-                .mean_axis(ndarray::Axis(0))
-        };
-        let normal = mean_of("NORMAL");
-        for class in ["NORMAL", "ERROR(A)", "ERROR(B)"] {
-            let (Some(mean), Some(normal)) = (mean_of(class), normal.as_ref()) else {
-                continue;
-            };
-            let signs: String = (&mean - normal)
-                .iter()
-                .map(|&d| {
-                    if d > 1e-3 {
-                        '+'
-                    } else if d < -1e-3 {
-                        '-'
-                    } else {
-                        '0'
-                    }
-                })
-                .collect();
-            let means: Vec<String> = mean.iter().map(|m| format!("{m:8.4}")).collect();
-            println!("{class:>9} mean {}   vs NORMAL {signs}", means.join(""));
+        let means = result.class_means();
+        let normal = means.row(0).to_vec();
+        for (class, mean) in CLASSES.iter().zip(means.rows()) {
+            let shown: Vec<String> = mean.iter().map(|m| format!("{m:8.4}")).collect();
+            let signs = signature(&mean.to_vec(), &normal);
+            println!("{class:>9} mean {}   vs NORMAL {signs}", shown.join(""));
         }
     }
+    println!(
+        "\nA0..A8: the nine values of each sample's attention output; the signature marks, per\n\
+         column, a class mean above (+), below (-) or within 0.001 (0) of NORMAL's."
+    );
+    // the three class means of every file, on one colour scale
+    let all: Vec<Array2<f64>> = results.iter().map(Attended::class_means).collect();
+    let (low, high) = all
+        .iter()
+        .flatten()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &x| {
+            (l.min(x), h.max(x))
+        });
+    let panels: Vec<Heatmap> = results
+        .iter()
+        .zip(&all)
+        .map(|(result, means)| {
+            Heatmap::new(&format!("{}: mean attention per class", result.name), means)
+                .with_row_labels(CLASSES)
+                .with_col_labels((0..means.ncols()).map(|j| format!("A{j}")))
+                .with_decimals(2)
+                .with_range(low, high)
+        })
+        .collect();
+    common::save(&Figure::new(panels), "csv_attention");
     Ok(())
 }

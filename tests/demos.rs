@@ -229,6 +229,19 @@ fn csv_attention_runs_the_seeds_pipeline_on_the_sample_files() {
         assert_eq!(result.classes.iter().filter(|c| *c == "NORMAL").count(), 10);
         assert_eq!(result.classes[10], "ERROR(A)");
         assert_eq!(result.classes[29], "ERROR(B)");
+        // the picture's rows: each class's mean, NORMAL's signature all zeros
+        let means = result.class_means();
+        let by_hand = result
+            .attention
+            .slice(ndarray::s![10..20, ..])
+            .mean_axis(ndarray::Axis(0));
+        assert_eq!(means.row(1).to_owned(), by_hand.expect("ten rows"));
+        let normal = means.row(0).to_vec();
+        assert_eq!(csv_attention::signature(&normal, &normal), "000000000");
+        assert_eq!(
+            csv_attention::signature(&[1.0, 0.0, 0.5], &[0.5, 0.5, 0.5]),
+            "+-0"
+        );
         for &v in &result.attention {
             assert!(
                 ((v * 1e5).round() - v * 1e5).abs() < 1e-6,
