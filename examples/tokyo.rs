@@ -15,7 +15,7 @@
 
 mod common;
 
-use attn::plot::{Figure, Heatmap};
+use attn::plot::{Colormap, Figure, Heatmap};
 use attn::rng::TorchGenerator;
 use attn::{AttentionTrace, QkvProjection, ScaledDotProduct};
 use ndarray::{array, concatenate, s, Array2, Axis};
@@ -206,28 +206,32 @@ fn main() -> attn::Result<()> {
     common::show(&weight("W_Q", demo.projection.w_q()));
     common::show(&weight("W_K", demo.projection.w_k()));
     common::show(&weight("W_V", demo.projection.w_v()));
-    let mut panels = vec![by_token("input embeddings x", &demo.x, &dims)];
+    // the notebook's seaborn colour scales: YlGnBu, OrRd, Blues (weights on one
+    // scale, [0, 1], so that panels compare), Greens
+    let weights = |title: &str, m: &Array2<f32>| {
+        by_token(title, m, &demo.tokens)
+            .with_range(0.0, 1.0)
+            .with_colormap(Colormap::Blues)
+    };
+    let mut panels =
+        vec![by_token("input embeddings x", &demo.x, &dims).with_colormap(Colormap::YlGnBu)];
     if demo.heads.len() == 1 {
         let head = &demo.heads[0];
-        panels.push(by_token("scores QKᵀ/√d_k", &head.scaled, &demo.tokens));
-        panels
-            .push(by_token("attention weights", &head.weights, &demo.tokens).with_range(0.0, 1.0));
+        let scores = by_token("scores QKᵀ/√d_k", &head.scaled, &demo.tokens);
+        panels.push(scores.with_colormap(Colormap::OrRd));
+        panels.push(weights("attention weights", &head.weights));
     } else {
         for (h, head) in demo.heads.iter().enumerate() {
-            panels.push(by_token(
-                &format!("head {h} weights"),
-                &head.weights,
-                &demo.tokens,
-            ));
+            panels.push(weights(&format!("head {h} weights"), &head.weights));
         }
         let title = format!("mean of {} heads", demo.heads.len());
-        panels.push(by_token(&title, &demo.mean_weights, &demo.tokens).with_range(0.0, 1.0));
+        panels.push(weights(&title, &demo.mean_weights));
     }
-    panels.push(by_token("output weights·V", &demo.output, &dims));
+    let output = by_token("output weights·V", &demo.output, &dims);
+    panels.push(output.with_colormap(Colormap::Greens));
     for panel in &panels {
         common::show(panel);
     }
-    // weights on one scale, [0, 1], so that panels compare
     common::show_in_colour(&panels[panels.len() - 2]);
     common::save(&Figure::new(panels), "tokyo");
     Ok(())

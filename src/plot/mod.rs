@@ -7,12 +7,13 @@ use std::path::Path;
 use ndarray::{Array2, ArrayRef2};
 use plotters::coord::Shift;
 use plotters::prelude::*;
-use plotters::style::colors::colormaps::ViridisRGB;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
+mod colormap;
 mod curve;
 mod output;
 
+pub use colormap::Colormap;
 pub use curve::Curve;
 
 use output::{plot_error, register_system_font, with_path};
@@ -45,6 +46,7 @@ pub struct Heatmap {
     decimals: usize,
     /// The values the colour scale spans; the data's own range when `None`.
     scale: Option<(f64, f64)>,
+    colormap: Colormap,
 }
 
 impl Heatmap {
@@ -66,6 +68,7 @@ impl Heatmap {
             values,
             decimals: 2,
             scale: None,
+            colormap: Colormap::Viridis,
         }
     }
 
@@ -126,6 +129,32 @@ impl Heatmap {
     pub fn with_range(mut self, low: f64, high: f64) -> Self {
         self.scale = (low.is_finite() && high.is_finite() && low < high).then_some((low, high));
         self
+    }
+
+    /// Colours the cells with `colormap` (viridis unless set).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::plot::{Colormap, Heatmap};
+    /// let map = Heatmap::new("x", &ndarray::Array2::<f64>::eye(2)).with_colormap(Colormap::OrRd);
+    /// assert_eq!(map.colormap(), Colormap::OrRd);
+    /// ```
+    pub fn with_colormap(mut self, colormap: Colormap) -> Self {
+        self.colormap = colormap;
+        self
+    }
+
+    /// The colour scale.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let map = attn::plot::Heatmap::new("x", &ndarray::Array2::<f64>::eye(2));
+    /// assert_eq!(map.colormap(), attn::plot::Colormap::Viridis);
+    /// ```
+    pub fn colormap(&self) -> Colormap {
+        self.colormap
     }
 
     /// The title.
@@ -196,8 +225,12 @@ impl Heatmap {
     /// ```
     pub fn to_terminal(&self) -> String {
         self.render(|x, cell, lo, hi| {
-            let RGBColor(r, g, b) = colour(x, lo, hi);
-            let ink = if is_dark(x, lo, hi) { 255 } else { 0 };
+            let RGBColor(r, g, b) = colour(self.colormap, x, lo, hi);
+            let ink = if is_dark(self.colormap, x, lo, hi) {
+                255
+            } else {
+                0
+            };
             format!(
                 " \x1b[48;2;{r};{g};{b}m\x1b[38;2;{ink};{ink};{ink}m{x:>cell$.prec$}\x1b[0m",
                 prec = self.decimals
@@ -370,16 +403,17 @@ fn panel_height(h: &Heatmap) -> u32 {
     h.values.nrows() as u32 * CELL + TITLE_BAND + BOTTOM_BAND
 }
 
-fn colour(x: f64, lo: f64, hi: f64) -> RGBColor {
+fn colour(map: Colormap, x: f64, lo: f64, hi: f64) -> RGBColor {
     if !x.is_finite() {
         return RGBColor(200, 200, 200);
     }
-    ViridisRGB::get_color(((x - lo) / (hi - lo)).clamp(0.0, 1.0) as f32)
+    let (r, g, b) = map.colour((x - lo) / (hi - lo));
+    RGBColor(r, g, b)
 }
 
-/// Viridis is dark in its lower half: white text there, black above.
-fn is_dark(x: f64, lo: f64, hi: f64) -> bool {
-    x.is_finite() && (x - lo) / (hi - lo) < 0.55
+/// White text on dark cells, black on light ones.
+fn is_dark(map: Colormap, x: f64, lo: f64, hi: f64) -> bool {
+    x.is_finite() && map.dark((x - lo) / (hi - lo))
 }
 
 fn draw_panel<DB: DrawingBackend>(
@@ -422,9 +456,13 @@ fn draw_panel<DB: DrawingBackend>(
         let (x0, y0) = (left + cell * j as i32, top + cell * i as i32);
         area.draw(&Rectangle::new(
             [(x0, y0), (x0 + cell, y0 + cell)],
-            colour(x, lo, hi).filled(),
+            colour(h.colormap, x, lo, hi).filled(),
         ))?;
-        let ink = if is_dark(x, lo, hi) { WHITE } else { BLACK };
+        let ink = if is_dark(h.colormap, x, lo, hi) {
+            WHITE
+        } else {
+            BLACK
+        };
         let text = format!("{x:.prec$}", prec = h.decimals);
         let style = ("sans-serif", 13).into_font().color(&ink).pos(centred);
         area.draw(&Text::new(text, (x0 + cell / 2, y0 + cell / 2), style))?;
@@ -442,7 +480,7 @@ fn draw_panel<DB: DrawingBackend>(
         let y1 = bar_top + bar_height * (s + 1) / steps;
         area.draw(&Rectangle::new(
             [(bar_x, y0), (bar_x + 16, y1)],
-            colour(lo + t * (hi - lo), lo, hi).filled(),
+            colour(h.colormap, lo + t * (hi - lo), lo, hi).filled(),
         ))?;
     }
     let tick = ("sans-serif", 12)
@@ -450,15 +488,15 @@ fn draw_panel<DB: DrawingBackend>(
         .color(&BLACK)
         .pos(Pos::new(HPos::Left, VPos::Center));
     let legend_text = |v: f64| format!("{v:.prec$}", prec = h.decimals);
-    area.draw(&Text::new(
-        legend_text(hi),
-        (bar_x + 20, bar_top + 6),
-        tick.clone(),
-    ))?;
-    area.draw(&Text::new(
-        legend_text(lo),
-        (bar_x + 20, bar_top + bar_height - 6),
-        tick,
-    ))?;
+    // five ticks, ends included
+    for k in 0..=4 {
+        let t = k as f64 / 4.0;
+        let y = bar_top + bar_height - ((bar_height - 12) as f64 * t) as i32 - 6;
+        area.draw(&Text::new(
+            legend_text(lo + t * (hi - lo)),
+            (bar_x + 20, y),
+            tick.clone(),
+        ))?;
+    }
     Ok(())
 }
