@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 /// A [safetensors](https://huggingface.co/docs/safetensors) file read into
 /// memory (what `save_pretrained` writes as `model.safetensors`). Tensors in
 /// f32, f64, f16 or bf16 are read as the caller's element type (any
-/// [`Storage`](crate::Storage) type: a bf16 tensor read as bf16 stays exact).
+/// `Storage` type: a bf16 tensor read as bf16 stays exact).
 ///
 /// # Examples
 ///

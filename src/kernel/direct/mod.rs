@@ -1,0 +1,221 @@
+//! The direct path: a few query rows at a time, streaming over the keys and values
+//! where they lie, with no packing and no scan of the inputs beforehand. It serves
+//! decoding: one or a few new queries against a long cache, where packing the keys
+//! and scanning them would cost as much as attending to them.
+//!
+//! The query heads sharing one key/value head are cut into batches of
+//! [`DIRECT_BATCH_ROWS`](super::params::DIRECT_BATCH_ROWS) rows; each batch makes one pass over the keys the masks
+//! leave in reach, in chunks of [`DIRECT_CHUNK`] keys with an online softmax, so a
+//! key or value row is read from memory once per batch and no `L × S` buffer
+//! exists. Long caches are cut into parts of
+//! [`DIRECT_PART`](super::params::DIRECT_PART) keys that run on
+//! different threads, each ending with
+//! its rows' maxima, sums and unscaled outputs, merged in order by [`finish`]
+//! (split-key decoding): a single key/value head still uses every thread.
+//!
+//! Instead of scanning the inputs first, the path checks what it computed: a NaN
+//! or `+∞` score after masking, or an output that is not finite, means the inputs
+//! were not finite or overflowed, and the head is left to the reference path.
+//!
+//! Keys and values stored in half precision are read as they lie and widened to
+//! `f32` as they are loaded ([`Rows`], in `rows.rs`), so a decoding step reads half
+//! the bytes. The steps of one chunk (scores, value sums) are in `steps.rs`.
+
+mod rows;
+mod steps;
+
+use std::ops::Range;
+
+use ndarray::{ArrayView2, ArrayViewMut2};
+
+pub(crate) use rows::{Native, Rows, Source, Widening};
+pub(crate) use steps::{Dots, HalfDots, TILE_BLOCKS};
+
+use super::float::{KernelFloat, MulAdd, Separate};
+use super::online::{fold_max, inverse_total, part_weight, shift_of, softmax_update};
+use super::params::{DIRECT_BATCH_ROWS as ROWS, DIRECT_CHUNK, LANES, WIDEN_CHUNK};
+use crate::core::mask::{apply_row, keys_in_reach, Mask2};
+use steps::{Chunk, Scratch};
+
+/// The query heads that share one key/value head, with everything they attend over.
+pub(crate) struct Group<'g, 'p, A, R> {
+    /// Each query head's rows, `(l, d)`.
+    pub(crate) queries: &'g [ArrayView2<'p, A>],
+    /// Each query head's masks.
+    pub(crate) masks: &'g [Vec<Mask2<'p, A>>],
+    /// The keys `(s, d)` in row-major order.
+    pub(crate) keys: R,
+    /// The values `(s, d_v)` in row-major order.
+    pub(crate) values: R,
+    /// Number of keys `s` (at least one) and value columns `d_v`.
+    pub(crate) s: usize,
+    pub(crate) d_v: usize,
+    pub(crate) scale: A,
+}
+
+/// What one part of the keys contributes to every query row of a group: each
+/// row's running maximum and sum and its output before division by the sum.
+pub(crate) struct Partial<A> {
+    /// `rows × d_v`, rows ordered head by head.
+    o: Vec<A>,
+    max: Vec<A>,
+    sum: Vec<A>,
+    /// Whether the row's scores were all free of NaN and `+∞` after masking.
+    finite: Vec<bool>,
+}
+
+/// Attends every query row of `group` to the keys `part` (of those in each row's
+/// reach).
+#[inline(always)]
+pub(crate) fn attend_part<A: KernelFloat, M: MulAdd, D: Dots<A> + HalfDots, R: Rows<A>>(
+    dots: D,
+    group: &Group<'_, '_, A, R>,
+    part: Range<usize>,
+) -> Partial<A> {
+    let (l, d) = group.queries.first().map_or((0, 0), |q| q.dim());
+    let d_v = group.d_v;
+    let rows = group.queries.len() * l;
+    let batch = rows.min(ROWS);
+    let longest = if R::WIDENS { WIDEN_CHUNK } else { DIRECT_CHUNK };
+    let chunk = group.s.next_multiple_of(LANES).min(longest);
+    let mut memory = vec![A::zero(); batch * (d + chunk + 2 * d_v)];
+    let (q, rest) = memory.split_at_mut(batch * d);
+    let (s, rest) = rest.split_at_mut(batch * chunk);
+    let (o, acc) = rest.split_at_mut(batch * d_v);
+    let mut scratch = Scratch {
+        q,
+        s,
+        o,
+        acc,
+        max: [A::neg_infinity(); ROWS],
+        sum: [A::zero(); ROWS],
+    };
+    // widened chunks of keys and values (none when they are read where they lie)
+    let widened = |width: usize| vec![A::zero(); if R::WIDENS { chunk * width } else { 0 }];
+    let (mut key_rows, mut value_rows) = (widened(d), widened(d_v));
+    let mut partial = Partial {
+        o: Vec::with_capacity(rows * d_v),
+        max: Vec::with_capacity(rows),
+        sum: Vec::with_capacity(rows),
+        finite: Vec::with_capacity(rows),
+    };
+    for first_row in (0..rows).step_by(ROWS) {
+        // row r of the batch is query row `i` of head `h`
+        let batch = rows.min(first_row + ROWS) - first_row;
+        let members: [(usize, usize); ROWS] =
+            std::array::from_fn(|r| ((first_row + r) / l, (first_row + r) % l));
+        let members = &members[..batch];
+        let buffers = (&mut key_rows[..], &mut value_rows[..]);
+        let finite = attend_batch::<A, M, D, R>(
+            dots,
+            group,
+            members,
+            part.clone(),
+            chunk,
+            &mut scratch,
+            buffers,
+        );
+        partial.o.extend_from_slice(&scratch.o[..batch * d_v]);
+        partial.max.extend_from_slice(&scratch.max[..batch]);
+        partial.sum.extend_from_slice(&scratch.sum[..batch]);
+        partial.finite.extend(std::iter::repeat_n(finite, batch));
+    }
+    partial
+}
+
+/// Merges the parts of a group, in order, into `outs` (one `(l, d_v)` array per
+/// query head) and returns the heads whose inputs need the reference path.
+pub(crate) fn finish<A: KernelFloat>(
+    parts: &[Partial<A>],
+    outs: &mut [ArrayViewMut2<'_, A>],
+) -> Vec<usize> {
+    let mut bad = Vec::new();
+    let Some(d_v) = outs.first().map(|o| o.ncols()) else {
+        return bad;
+    };
+    let mut row = vec![A::zero(); d_v];
+    let mut r = 0;
+    for (h, out) in outs.iter_mut().enumerate() {
+        for mut out in out.outer_iter_mut() {
+            let max = parts
+                .iter()
+                .fold(A::neg_infinity(), |m, p| fold_max(m, p.max[r]));
+            let shift = shift_of(max);
+            let (mut total, mut finite) = (A::zero(), true);
+            row.fill(A::zero());
+            for p in parts {
+                let weight = part_weight::<A, Separate>(p.max[r], shift);
+                total += weight * p.sum[r];
+                for (x, &o) in row.iter_mut().zip(&p.o[r * d_v..(r + 1) * d_v]) {
+                    *x += weight * o;
+                }
+                finite &= p.finite[r];
+            }
+            let inverse = inverse_total(total);
+            for (x, &o) in out.iter_mut().zip(&row) {
+                *x = o * inverse;
+                finite &= x.is_finite();
+            }
+            if !finite && bad.last() != Some(&h) {
+                bad.push(h);
+            }
+            r += 1;
+        }
+    }
+    bad
+}
+
+/// One batch of query rows over the keys of `part` in their reach; `false` when a
+/// score was NaN or `+∞` after masking.
+#[inline(always)]
+fn attend_batch<A: KernelFloat, M: MulAdd, D: Dots<A> + HalfDots, R: Rows<A>>(
+    dots: D,
+    group: &Group<'_, '_, A, R>,
+    members: &[(usize, usize)],
+    part: Range<usize>,
+    chunk: usize,
+    scratch: &mut Scratch<A>,
+    (key_rows, value_rows): (&mut [A], &mut [A]),
+) -> bool {
+    let (l, d) = group.queries[0].dim();
+    let (s, d_v) = (group.s, group.d_v);
+    let mut reach = s..0;
+    for (r, &(h, i)) in members.iter().enumerate() {
+        for (x, &y) in scratch.q[r * d..(r + 1) * d]
+            .iter_mut()
+            .zip(group.queries[h].row(i))
+        {
+            *x = y * group.scale;
+        }
+        let keys = keys_in_reach(&group.masks[h], i, l, s);
+        reach = reach.start.min(keys.start)..reach.end.max(keys.end);
+    }
+    let reach = reach.start.max(part.start)..reach.end.min(part.end);
+    scratch.o.fill(A::zero());
+    scratch.max.fill(A::neg_infinity());
+    scratch.sum.fill(A::zero());
+    let mut finite = true;
+    for j0 in (reach.start..reach.end).step_by(chunk) {
+        let n = chunk.min(reach.end - j0);
+        let at = |width| Chunk {
+            keys: j0..j0 + n,
+            width,
+            rows: members.len(),
+            stride: chunk,
+        };
+        group.keys.scores::<M, D>(dots, scratch, &at(d), key_rows);
+        let mut alpha = [A::zero(); ROWS];
+        for (r, &(h, i)) in members.iter().enumerate() {
+            let row = &mut scratch.s[r * chunk..(r + 1) * chunk];
+            apply_row(&group.masks[h], i, l, s, j0, &mut row[..n]);
+            row[n..].fill(A::neg_infinity());
+            // NaN or +∞ after masking: inputs the fused arithmetic cannot stand for
+            finite &= row.iter().all(|&x| x < A::infinity());
+            alpha[r] = softmax_update::<A, M, LANES>(row, &mut scratch.max[r], &mut scratch.sum[r]);
+        }
+        group
+            .values
+            .accumulate::<M, D>(dots, scratch, &at(d_v), &alpha, value_rows);
+    }
+    finite
+}

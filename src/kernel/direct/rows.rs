@@ -1,0 +1,198 @@
+//! Where the direct path reads keys and values from: the stored slice itself, or
+//! half-precision rows widened to `f32` as they are loaded.
+
+use std::marker::PhantomData;
+
+use super::steps::{
+    accumulate, fold_in, scores, sum_lanes, Chunk, Dots, HalfDots, Scratch, TILE_BLOCKS,
+};
+use crate::element::Half;
+use crate::kernel::float::{KernelFloat, MulAdd};
+use crate::kernel::params::{DIRECT_BATCH_ROWS as ROWS, LANES};
+
+/// Rows of keys or values as the kernel's float `A`: the stored slice itself, or
+/// half-precision rows widened to `f32` as they are read.
+pub(crate) trait Rows<A: KernelFloat>: Copy + Send + Sync {
+    /// Whether [`rows`](Self::rows) needs its buffer.
+    const WIDENS: bool;
+
+    /// Elements `from..to` of the row-major rows, as `A`.
+    fn rows<'b>(self, from: usize, to: usize, buffer: &'b mut [A]) -> &'b [A]
+    where
+        Self: 'b;
+
+    /// The scores of the batch's scaled queries against the keys of `chunk`,
+    /// into `scratch.s`: the micro-kernels over [`rows`](Self::rows).
+    #[inline(always)]
+    fn scores<M: MulAdd, D: Dots<A> + HalfDots>(
+        self,
+        dots: D,
+        scratch: &mut Scratch<A>,
+        chunk: &Chunk,
+        buffer: &mut [A],
+    ) {
+        let (keys, d) = (&chunk.keys, chunk.width);
+        let stored = self.rows(keys.start * d, keys.end * d, buffer);
+        scores::<A, M, D>(
+            dots,
+            scratch.q,
+            stored,
+            d,
+            chunk.rows,
+            chunk.stride,
+            scratch.s,
+        );
+    }
+
+    /// `O = α·O + P·V` over the value rows of `chunk`: the micro-kernels over
+    /// [`rows`](Self::rows).
+    #[inline(always)]
+    fn accumulate<M: MulAdd, D: Dots<A> + HalfDots>(
+        self,
+        dots: D,
+        scratch: &mut Scratch<A>,
+        chunk: &Chunk,
+        alpha: &[A; ROWS],
+        buffer: &mut [A],
+    ) {
+        let (keys, d_v) = (&chunk.keys, chunk.width);
+        let stored = self.rows(keys.start * d_v, keys.end * d_v, buffer);
+        accumulate::<A, M, D>(dots, scratch, stored, d_v, chunk.rows, chunk.stride, alpha);
+    }
+}
+
+impl<A: KernelFloat + Sync> Rows<A> for &[A] {
+    const WIDENS: bool = false;
+
+    #[inline(always)]
+    fn rows<'b>(self, from: usize, to: usize, _: &'b mut [A]) -> &'b [A]
+    where
+        Self: 'b,
+    {
+        &self[from..to]
+    }
+}
+
+/// Half-precision rows, widened to `f32` as they are read.
+#[derive(Clone, Copy)]
+pub(crate) struct Widen<'s, H>(pub(crate) &'s [H]);
+
+impl<H: Half> Rows<f32> for Widen<'_, H> {
+    const WIDENS: bool = true;
+
+    #[inline(always)]
+    fn rows<'b>(self, from: usize, to: usize, buffer: &'b mut [f32]) -> &'b [f32]
+    where
+        Self: 'b,
+    {
+        let out = &mut buffer[..to - from];
+        H::widen(&self.0[from..to], out);
+        out
+    }
+
+    /// Widened in registers as the dot products load them, four keys at a time.
+    #[inline(always)]
+    fn scores<M: MulAdd, D: Dots<f32> + HalfDots>(
+        self,
+        dots: D,
+        scratch: &mut Scratch<f32>,
+        chunk: &Chunk,
+        buffer: &mut [f32],
+    ) {
+        let (keys, d) = (&chunk.keys, chunk.width);
+        if !d.is_multiple_of(LANES) {
+            let stored = self.rows(keys.start * d, keys.end * d, buffer);
+            return scores::<f32, M, D>(
+                dots,
+                scratch.q,
+                stored,
+                d,
+                chunk.rows,
+                chunk.stride,
+                scratch.s,
+            );
+        }
+        let n = keys.len();
+        let stored = &self.0[keys.start * d..keys.end * d];
+        for j in (0..n).step_by(4) {
+            // past the last key, repeat it and ignore the result
+            let k: [&[[H; LANES]]; 4] = std::array::from_fn(|u| {
+                let key = (j + u).min(n - 1);
+                stored[key * d..(key + 1) * d].as_chunks().0
+            });
+            let used = (n - j).min(4);
+            for r in 0..chunk.rows {
+                let q: &[[f32; LANES]] = scratch.q[r * d..(r + 1) * d].as_chunks().0;
+                let acc = dots.dot4_half(q, &k);
+                let row = &mut scratch.s[r * chunk.stride + j..][..used];
+                for (x, acc) in row.iter_mut().zip(&acc) {
+                    *x = sum_lanes(acc);
+                }
+            }
+        }
+    }
+
+    /// One to three query rows (decoding without grouped queries): each row's
+    /// sums in registers, the values widened as they are loaded; four or more
+    /// rows share chunks widened once.
+    #[inline(always)]
+    fn accumulate<M: MulAdd, D: Dots<f32> + HalfDots>(
+        self,
+        dots: D,
+        scratch: &mut Scratch<f32>,
+        chunk: &Chunk,
+        alpha: &[f32; ROWS],
+        buffer: &mut [f32],
+    ) {
+        let (keys, d_v, rows) = (&chunk.keys, chunk.width, chunk.rows);
+        let block = TILE_BLOCKS * LANES;
+        if rows >= 4 || !d_v.is_multiple_of(block) {
+            let stored = self.rows(keys.start * d_v, keys.end * d_v, buffer);
+            return accumulate::<f32, M, D>(dots, scratch, stored, d_v, rows, chunk.stride, alpha);
+        }
+        let stored = &self.0[keys.start * d_v..keys.end * d_v];
+        for r in 0..rows {
+            let p = &scratch.s[r * chunk.stride..][..keys.len()];
+            for c0 in (0..d_v).step_by(block) {
+                let tile = dots.value_row_half(p, stored, d_v, c0);
+                scratch.acc[r * d_v + c0..][..block].copy_from_slice(tile.as_flattened());
+            }
+        }
+        fold_in::<f32, M>(scratch, d_v, rows, alpha);
+    }
+}
+
+/// How keys and values stored as [`Elem`](Self::Elem) are read by a kernel
+/// computing in `A`: [`Native`] or [`Widening`].
+pub(crate) trait Source<A: KernelFloat> {
+    /// The stored element.
+    type Elem: Copy + Send + Sync;
+    /// The rows of a slice of it.
+    type Rows<'s>: Rows<A>;
+
+    fn rows(slice: &[Self::Elem]) -> Self::Rows<'_>;
+}
+
+/// Keys and values stored as the kernel computes.
+pub(crate) struct Native<A>(PhantomData<A>);
+
+impl<A: KernelFloat + Sync> Source<A> for Native<A> {
+    type Elem = A;
+    type Rows<'s> = &'s [A];
+
+    fn rows(slice: &[A]) -> &[A] {
+        slice
+    }
+}
+
+/// Keys and values stored in half precision, for a kernel computing in `f32`.
+pub(crate) struct Widening<H>(PhantomData<H>);
+
+impl<H: Half> Source<f32> for Widening<H> {
+    type Elem = H;
+    type Rows<'s> = Widen<'s, H>;
+
+    fn rows(slice: &[H]) -> Widen<'_, H> {
+        Widen(slice)
+    }
+}
