@@ -139,6 +139,7 @@ fn main() -> attn::Result<()> {
             .with_col_labels((0..GRID).map(|c| c.to_string()))
             .with_decimals(3)
             .with_range(0.0, f64::from(top))
+            .with_axis_titles("patch row", "patch column")
         })
         .collect();
     println!(

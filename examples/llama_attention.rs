@@ -200,7 +200,8 @@ pub fn run() -> attn::Result<Run> {
             .with_row_labels((0..c.n_heads()).map(|h| format!("head {h}")))
             .with_col_labels(keys)
             .with_decimals(2)
-            .with_range(0.0, 1.0);
+            .with_range(0.0, 1.0)
+            .with_axis_titles("head", "key (position: token)");
         common::show(&map);
         panels.push(map);
     }

@@ -212,12 +212,14 @@ fn main() -> attn::Result<()> {
         by_token(title, m, &demo.tokens)
             .with_range(0.0, 1.0)
             .with_colormap(Colormap::Blues)
+            .with_axis_titles("query", "key")
     };
     let mut panels =
         vec![by_token("input embeddings x", &demo.x, &dims).with_colormap(Colormap::YlGnBu)];
     if demo.heads.len() == 1 {
         let head = &demo.heads[0];
-        let scores = by_token("scores QKᵀ/√d_k", &head.scaled, &demo.tokens);
+        let scores = by_token("scores QKᵀ/√d_k", &head.scaled, &demo.tokens)
+            .with_axis_titles("query", "key");
         panels.push(scores.with_colormap(Colormap::OrRd));
         panels.push(weights("attention weights", &head.weights));
     } else {

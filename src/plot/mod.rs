@@ -47,6 +47,8 @@ pub struct Heatmap {
     /// The values the colour scale spans; the data's own range when `None`.
     scale: Option<(f64, f64)>,
     colormap: Colormap,
+    /// What the rows and the columns are (`query`, `key`), drawn beside them.
+    axis_titles: Option<(String, String)>,
 }
 
 impl Heatmap {
@@ -69,6 +71,7 @@ impl Heatmap {
             decimals: 2,
             scale: None,
             colormap: Colormap::Viridis,
+            axis_titles: None,
         }
     }
 
@@ -143,6 +146,40 @@ impl Heatmap {
     pub fn with_colormap(mut self, colormap: Colormap) -> Self {
         self.colormap = colormap;
         self
+    }
+
+    /// Names what the rows and the columns are (for attention weights: `"query"`
+    /// and `"key"`), drawn beside the row labels and below the column labels.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::plot::{Figure, Heatmap};
+    ///
+    /// let plain = Heatmap::new("w", &ndarray::Array2::<f64>::eye(2));
+    /// let named = plain.clone().with_axis_titles("query", "key");
+    /// assert_eq!(named.axis_titles(), Some(("query", "key")));
+    /// // the titles take a band of their own on each side they name
+    /// let (w0, h0) = Figure::new(vec![plain]).size();
+    /// let (w1, h1) = Figure::new(vec![named]).size();
+    /// assert!(w1 > w0 && h1 > h0);
+    /// ```
+    pub fn with_axis_titles(mut self, rows: &str, cols: &str) -> Self {
+        self.axis_titles = Some((rows.to_string(), cols.to_string()));
+        self
+    }
+
+    /// What the rows and the columns are, if named.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(attn::plot::Heatmap::new("w", &ndarray::Array2::<f64>::eye(2)).axis_titles(), None);
+    /// ```
+    pub fn axis_titles(&self) -> Option<(&str, &str)> {
+        self.axis_titles
+            .as_ref()
+            .map(|(r, c)| (r.as_str(), c.as_str()))
     }
 
     /// The colour scale.
@@ -388,19 +425,79 @@ impl Figure {
         for panel in &self.panels {
             let width = panel_width(panel);
             let area = root.clone().shrink((x, 0), (width, panel_height(panel)));
-            draw_panel(&area, panel).map_err(plot_error)?;
+            match &panel.axis_titles {
+                None => draw_panel(&area, panel).map_err(plot_error)?,
+                Some((rows, cols)) => {
+                    let band = AXIS_BAND as i32;
+                    let (w, h) = area.dim_in_pixel();
+                    let inner = area
+                        .clone()
+                        .shrink((band, 0), (w - AXIS_BAND, h - AXIS_BAND));
+                    draw_panel(&inner, panel).map_err(plot_error)?;
+                    draw_axis_titles(&area, panel, rows, cols).map_err(plot_error)?;
+                }
+            }
             x += width as i32;
         }
         Ok(())
     }
 }
 
+/// The band an axis title takes, left of the row labels and below the column labels.
+const AXIS_BAND: u32 = 24;
+
 fn panel_width(h: &Heatmap) -> u32 {
-    h.values.ncols() as u32 * CELL + LEFT_BAND + LEGEND_BAND
+    let titles = if h.axis_titles.is_some() {
+        AXIS_BAND
+    } else {
+        0
+    };
+    h.values.ncols() as u32 * CELL + LEFT_BAND + LEGEND_BAND + titles
 }
 
 fn panel_height(h: &Heatmap) -> u32 {
-    h.values.nrows() as u32 * CELL + TITLE_BAND + BOTTOM_BAND
+    let titles = if h.axis_titles.is_some() {
+        AXIS_BAND
+    } else {
+        0
+    };
+    h.values.nrows() as u32 * CELL + TITLE_BAND + BOTTOM_BAND + titles
+}
+
+/// The row title upright along the rows, the column title centred below the columns.
+fn draw_axis_titles<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    h: &Heatmap,
+    rows: &str,
+    cols: &str,
+) -> std::result::Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    let (n_rows, n_cols) = h.values.dim();
+    let cell = CELL as i32;
+    let font = ("sans-serif", 15)
+        .into_font()
+        .style(FontStyle::Italic)
+        .color(&BLACK);
+    let centred = Pos::new(HPos::Center, VPos::Center);
+    let middle_of_rows = TITLE_BAND as i32 + cell * n_rows as i32 / 2;
+    // just left of the widest row label (about 8 pixels a character at 14 points)
+    let widest = h.rows.iter().map(|r| r.chars().count()).max().unwrap_or(0) as i32;
+    let x = ((AXIS_BAND + LEFT_BAND) as i32 - 16 - 8 * widest).max(AXIS_BAND as i32 / 2);
+    area.draw(&Text::new(
+        rows.to_string(),
+        (x, middle_of_rows),
+        font.clone()
+            .transform(FontTransform::Rotate270)
+            .pos(centred),
+    ))?;
+    let middle_of_cols = (AXIS_BAND + LEFT_BAND) as i32 + cell * n_cols as i32 / 2;
+    let below_labels =
+        (TITLE_BAND + BOTTOM_BAND) as i32 + cell * n_rows as i32 + AXIS_BAND as i32 / 2 - 4;
+    area.draw(&Text::new(
+        cols.to_string(),
+        (middle_of_cols, below_labels),
+        font.pos(centred),
+    ))?;
+    Ok(())
 }
 
 fn colour(map: Colormap, x: f64, lo: f64, hi: f64) -> RGBColor {
