@@ -147,7 +147,9 @@ fn main() -> attn::Result<()> {
                 .enumerate()
                 .map(|(i, t)| format!("{i}:{t}")),
         )
-        .with_decimals(3);
+        .with_decimals(3)
+        .with_range(0.0, 1.0)
+        .with_axis_titles("head", "cached position: token");
         common::show(&map);
         panels.push(map);
     }

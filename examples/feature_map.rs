@@ -43,7 +43,9 @@ fn main() -> attn::Result<()> {
     )
     .with_row_labels(PIXELS)
     .with_col_labels(PIXELS)
-    .with_decimals(3);
+    .with_decimals(3)
+    .with_range(0.0, 1.0)
+    .with_axis_titles("output pixel", "input pixel");
     common::show(&weights);
     println!("each output pixel is a weighted mix of all input pixels:");
     for (n, row) in out.weights.rows().into_iter().enumerate() {

@@ -130,6 +130,20 @@ fn main() -> attn::Result<()> {
         "attention normalises each query's row on its own, so every row of weights sums to 1.\n"
     );
     common::show_in_colour(&rows);
-    common::save(&Figure::new(vec![whole, rows]), "four_words");
+    // the picture: both on one scale, [0, 1], titles that fit their panels
+    let picture = |map: Heatmap, title: &str| {
+        let values = map.values().clone();
+        Heatmap::new(title, &values)
+            .with_row_labels(names)
+            .with_col_labels(names)
+            .with_decimals(7)
+            .with_range(0.0, 1.0)
+            .with_axis_titles("query", "key")
+    };
+    let panels = vec![
+        picture(whole, "whole-matrix softmax (the script)"),
+        picture(rows, "row-wise softmax (attention)"),
+    ];
+    common::save(&Figure::new(panels), "four_words");
     Ok(())
 }

@@ -291,6 +291,7 @@ fn main() -> attn::Result<()> {
             .with_col_labels(cols.clone())
             .with_decimals(2)
             .with_range(0.0, 1.0)
+            .with_axis_titles("example (its answer)", "key")
     };
     let before = panel("attention before training", &run.before);
     let after = panel("after training", &run.after);

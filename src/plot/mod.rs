@@ -452,7 +452,19 @@ fn panel_width(h: &Heatmap) -> u32 {
     } else {
         0
     };
-    h.values.ncols() as u32 * CELL + LEFT_BAND + LEGEND_BAND + titles
+    h.values.ncols() as u32 * CELL + LEFT_BAND + legend_band(h) + titles
+}
+
+/// The colour bar and its tick labels: wide enough for the longest label (the
+/// ticks are drawn 34 pixels right of the cells, about 8 pixels a character).
+fn legend_band(h: &Heatmap) -> u32 {
+    let (lo, hi) = h.range();
+    let longest = [lo, hi]
+        .iter()
+        .map(|&v| drawn_number(v, h.decimals).chars().count())
+        .max()
+        .unwrap_or(0) as u32;
+    LEGEND_BAND.max(44 + 8 * longest)
 }
 
 fn panel_height(h: &Heatmap) -> u32 {
@@ -508,6 +520,12 @@ fn colour(map: Colormap, x: f64, lo: f64, hi: f64) -> RGBColor {
     RGBColor(r, g, b)
 }
 
+/// A number as a picture shows it: the true minus sign (U+2212), level with the
+/// digits, where the hyphen would sit small and high.
+fn drawn_number(x: f64, decimals: usize) -> String {
+    format!("{x:.decimals$}").replace('-', "\u{2212}")
+}
+
 /// White text on dark cells, black on light ones.
 fn is_dark(map: Colormap, x: f64, lo: f64, hi: f64) -> bool {
     x.is_finite() && map.dark((x - lo) / (hi - lo))
@@ -560,8 +578,8 @@ fn draw_panel<DB: DrawingBackend>(
         } else {
             BLACK
         };
-        let text = format!("{x:.prec$}", prec = h.decimals);
-        let style = ("sans-serif", 13).into_font().color(&ink).pos(centred);
+        let text = drawn_number(x, h.decimals);
+        let style = ("monospace", 13).into_font().color(&ink).pos(centred);
         area.draw(&Text::new(text, (x0 + cell / 2, y0 + cell / 2), style))?;
     }
     // the legend: the colour scale from the smallest to the largest value
@@ -580,11 +598,11 @@ fn draw_panel<DB: DrawingBackend>(
             colour(h.colormap, lo + t * (hi - lo), lo, hi).filled(),
         ))?;
     }
-    let tick = ("sans-serif", 12)
+    let tick = ("monospace", 12)
         .into_font()
         .color(&BLACK)
         .pos(Pos::new(HPos::Left, VPos::Center));
-    let legend_text = |v: f64| format!("{v:.prec$}", prec = h.decimals);
+    let legend_text = |v: f64| drawn_number(v, h.decimals);
     // five ticks, ends included
     for k in 0..=4 {
         let t = k as f64 / 4.0;
@@ -596,4 +614,29 @@ fn draw_panel<DB: DrawingBackend>(
         ))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_colour_bar_is_as_wide_as_its_longest_label() {
+        let x = ndarray::array![[-1234.5_f64, 1.0]];
+        let (short, long) = (
+            Heatmap::new("x", &x).with_decimals(0),
+            Heatmap::new("x", &x).with_decimals(7),
+        );
+        // "−1234.5000000": 13 characters, 8 pixels each, after the 44 of the bar
+        assert_eq!(legend_band(&long), 44 + 8 * 13);
+        assert_eq!(legend_band(&short), LEGEND_BAND);
+        assert!(panel_width(&long) > panel_width(&short));
+    }
+
+    #[test]
+    fn pictures_draw_numbers_with_a_true_minus_sign() {
+        assert_eq!(drawn_number(-0.5, 3), "\u{2212}0.500");
+        assert_eq!(drawn_number(2.25, 1), "2.2");
+        assert_eq!(drawn_number(0.0, 2), "0.00");
+    }
 }

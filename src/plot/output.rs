@@ -22,7 +22,9 @@ pub(crate) fn with_path(e: Error, path: &Path) -> Error {
     }
 }
 
-/// Registers a TrueType font as "sans-serif" for PNG text, once.
+/// Registers a TrueType font as "sans-serif" for PNG text, once, and its
+/// monospaced sibling (where there is one) as "monospace", for numbers: its
+/// digits are all one width, so the columns of a cell's digits stay even.
 pub(crate) fn register_system_font() -> Result<()> {
     use std::sync::OnceLock;
     static FONT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
@@ -41,10 +43,17 @@ pub(crate) fn register_system_font() -> Result<()> {
         for path in candidates {
             if let Ok(bytes) = std::fs::read(&path) {
                 let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                for style in [FontStyle::Normal, FontStyle::Bold] {
+                for style in [FontStyle::Normal, FontStyle::Bold, FontStyle::Italic] {
                     plotters::style::register_font("sans-serif", style, bytes)
                         .map_err(|_| format!("{path} is not a font plotters can read"))?;
                 }
+                let mono = path.replace("DejaVuSans.ttf", "DejaVuSansMono.ttf");
+                let mono: &'static [u8] = match std::fs::read(&mono) {
+                    Ok(mono) if mono.len() > 1000 => Box::leak(mono.into_boxed_slice()),
+                    _ => bytes,
+                };
+                plotters::style::register_font("monospace", FontStyle::Normal, mono)
+                    .map_err(|_| format!("{path} is not a font plotters can read"))?;
                 return Ok(());
             }
         }
