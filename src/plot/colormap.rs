@@ -87,3 +87,17 @@ impl Colormap {
         y < 128.0
     }
 }
+
+/// The colour of `x` on `map` over `lo..hi`; grey for values that are not finite.
+pub(super) fn colour(map: Colormap, x: f64, lo: f64, hi: f64) -> RGBColor {
+    if !x.is_finite() {
+        return RGBColor(200, 200, 200);
+    }
+    let (r, g, b) = map.colour((x - lo) / (hi - lo));
+    RGBColor(r, g, b)
+}
+
+/// White text on dark cells, black on light ones.
+pub(super) fn is_dark(map: Colormap, x: f64, lo: f64, hi: f64) -> bool {
+    x.is_finite() && map.dark((x - lo) / (hi - lo))
+}

@@ -1,0 +1,327 @@
+//! A row of heatmaps as one picture: the layout of each panel (cells, labels,
+//! axis titles, colour bar) and the SVG and PNG files.
+
+use std::path::Path;
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+
+use super::colormap::{colour, is_dark};
+use super::heatmap::Heatmap;
+use super::output::{plot_error, register_system_font, with_path};
+use crate::error::Result;
+
+/// A row of heatmaps side by side, written as one picture.
+///
+/// # Examples
+///
+/// ```
+/// use attn::plot::{Figure, Heatmap};
+/// use ndarray::array;
+///
+/// let dir = std::env::temp_dir().join("attn-doc-figure");
+/// std::fs::create_dir_all(&dir)?;
+/// let figure = Figure::new(vec![
+///     Heatmap::new("scores", &array![[1.0_f64, -1.0], [0.5, 0.0]]),
+///     Heatmap::new("weights", &array![[0.88_f64, 0.12], [0.62, 0.38]]),
+/// ]);
+/// figure.save_svg(dir.join("panels.svg"))?;
+/// assert!(std::fs::read_to_string(dir.join("panels.svg"))?.contains("weights"));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Figure {
+    panels: Vec<Heatmap>,
+}
+
+/// Pixels per cell, and the bands around the cells of a panel.
+const CELL: u32 = 64;
+const TITLE_BAND: u32 = 44;
+const LEFT_BAND: u32 = 96;
+const BOTTOM_BAND: u32 = 44;
+const LEGEND_BAND: u32 = 84;
+
+impl Figure {
+    /// The panels, left to right.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let figure = attn::plot::Figure::new(vec![attn::plot::Heatmap::new("a", &ndarray::Array2::<f64>::eye(2))]);
+    /// assert_eq!(figure.size(), (2 * 64 + 96 + 84, 2 * 64 + 44 + 44));
+    /// ```
+    pub fn new(panels: Vec<Heatmap>) -> Self {
+        Figure { panels }
+    }
+
+    /// Width and height of the picture in pixels.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let figure = attn::plot::Figure::new(vec![]);
+    /// assert_eq!(figure.size(), (1, 1));
+    /// ```
+    pub fn size(&self) -> (u32, u32) {
+        let widths = self.panels.iter().map(panel_width).sum::<u32>();
+        let height = self.panels.iter().map(panel_height).max().unwrap_or(1);
+        (widths.max(1), height)
+    }
+
+    /// Writes the figure as SVG (text stays text: no font is needed).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Plot`](crate::Error::Plot) when the file cannot be written.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let path = std::env::temp_dir().join("attn-doc-eye.svg");
+    /// attn::plot::Figure::new(vec![attn::plot::Heatmap::new("eye", &ndarray::Array2::<f64>::eye(2))]).save_svg(&path)?;
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn save_svg(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let root = SVGBackend::new(path, self.size()).into_drawing_area();
+        self.draw(&root)
+            .and_then(|_| root.present().map_err(plot_error))
+            .map_err(|e| with_path(e, path))
+    }
+
+    /// Writes the figure as PNG. The text needs a TrueType font: `ATTN_FONT`
+    /// (a path) if set, else DejaVu Sans or Liberation Sans where the system has them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Plot`](crate::Error::Plot) when no font is found or the file cannot be written; the SVG
+    /// has the same picture.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let path = std::env::temp_dir().join("attn-doc-eye.png");
+    /// let figure = attn::plot::Figure::new(vec![attn::plot::Heatmap::new("eye", &ndarray::Array2::<f64>::eye(2))]);
+    /// match figure.save_png(&path) {
+    ///     Ok(()) => assert!(path.exists()),
+    ///     Err(e) => println!("no PNG here: {e}"),
+    /// }
+    /// ```
+    pub fn save_png(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        register_system_font()?;
+        let root = BitMapBackend::new(path, self.size()).into_drawing_area();
+        self.draw(&root)
+            .and_then(|_| root.present().map_err(plot_error))
+            .map_err(|e| with_path(e, path))
+    }
+
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
+        root.fill(&WHITE).map_err(plot_error)?;
+        let mut x = 0;
+        for panel in &self.panels {
+            let width = panel_width(panel);
+            let area = root.clone().shrink((x, 0), (width, panel_height(panel)));
+            match &panel.axis_titles {
+                None => draw_panel(&area, panel).map_err(plot_error)?,
+                Some((rows, cols)) => {
+                    let band = AXIS_BAND as i32;
+                    let (w, h) = area.dim_in_pixel();
+                    let inner = area
+                        .clone()
+                        .shrink((band, 0), (w - AXIS_BAND, h - AXIS_BAND));
+                    draw_panel(&inner, panel).map_err(plot_error)?;
+                    draw_axis_titles(&area, panel, rows, cols).map_err(plot_error)?;
+                }
+            }
+            x += width as i32;
+        }
+        Ok(())
+    }
+}
+
+/// The band an axis title takes, left of the row labels and below the column labels.
+const AXIS_BAND: u32 = 24;
+
+fn panel_width(h: &Heatmap) -> u32 {
+    let titles = if h.axis_titles.is_some() {
+        AXIS_BAND
+    } else {
+        0
+    };
+    h.values.ncols() as u32 * CELL + LEFT_BAND + legend_band(h) + titles
+}
+
+/// The colour bar and its tick labels: wide enough for the longest label (the
+/// ticks are drawn 34 pixels right of the cells, about 8 pixels a character).
+fn legend_band(h: &Heatmap) -> u32 {
+    let (lo, hi) = h.range();
+    let longest = [lo, hi]
+        .iter()
+        .map(|&v| drawn_number(v, h.decimals).chars().count())
+        .max()
+        .unwrap_or(0) as u32;
+    LEGEND_BAND.max(44 + 8 * longest)
+}
+
+fn panel_height(h: &Heatmap) -> u32 {
+    let titles = if h.axis_titles.is_some() {
+        AXIS_BAND
+    } else {
+        0
+    };
+    h.values.nrows() as u32 * CELL + TITLE_BAND + BOTTOM_BAND + titles
+}
+
+/// The row title upright along the rows, the column title centred below the columns.
+fn draw_axis_titles<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    h: &Heatmap,
+    rows: &str,
+    cols: &str,
+) -> std::result::Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    let (n_rows, n_cols) = h.values.dim();
+    let cell = CELL as i32;
+    let font = ("sans-serif", 15)
+        .into_font()
+        .style(FontStyle::Italic)
+        .color(&BLACK);
+    let centred = Pos::new(HPos::Center, VPos::Center);
+    let middle_of_rows = TITLE_BAND as i32 + cell * n_rows as i32 / 2;
+    // just left of the widest row label (about 8 pixels a character at 14 points)
+    let widest = h.rows.iter().map(|r| r.chars().count()).max().unwrap_or(0) as i32;
+    let x = ((AXIS_BAND + LEFT_BAND) as i32 - 16 - 8 * widest).max(AXIS_BAND as i32 / 2);
+    area.draw(&Text::new(
+        rows.to_string(),
+        (x, middle_of_rows),
+        font.clone()
+            .transform(FontTransform::Rotate270)
+            .pos(centred),
+    ))?;
+    let middle_of_cols = (AXIS_BAND + LEFT_BAND) as i32 + cell * n_cols as i32 / 2;
+    let below_labels =
+        (TITLE_BAND + BOTTOM_BAND) as i32 + cell * n_rows as i32 + AXIS_BAND as i32 / 2 - 4;
+    area.draw(&Text::new(
+        cols.to_string(),
+        (middle_of_cols, below_labels),
+        font.pos(centred),
+    ))?;
+    Ok(())
+}
+
+/// A number as a picture shows it: the true minus sign (U+2212), level with the
+/// digits, where the hyphen would sit small and high.
+fn drawn_number(x: f64, decimals: usize) -> String {
+    format!("{x:.decimals$}").replace('-', "\u{2212}")
+}
+
+fn draw_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    h: &Heatmap,
+) -> std::result::Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    let (lo, hi) = h.range();
+    let (rows, cols) = h.values.dim();
+    let (left, top, cell) = (LEFT_BAND as i32, TITLE_BAND as i32, CELL as i32);
+    let centred = Pos::new(HPos::Center, VPos::Center);
+    let title = ("sans-serif", 18)
+        .into_font()
+        .style(FontStyle::Bold)
+        .color(&BLACK)
+        .pos(centred);
+    area.draw(&Text::new(
+        h.title.clone(),
+        (left + cell * cols as i32 / 2, top / 2),
+        title,
+    ))?;
+    let label = ("sans-serif", 14).into_font().color(&BLACK);
+    for (i, name) in h.rows.iter().enumerate() {
+        let y = top + cell * i as i32 + cell / 2;
+        area.draw(&Text::new(
+            name.clone(),
+            (left - 8, y),
+            label.clone().pos(Pos::new(HPos::Right, VPos::Center)),
+        ))?;
+    }
+    for (j, name) in h.cols.iter().enumerate() {
+        let x = left + cell * j as i32 + cell / 2;
+        let y = top + cell * rows as i32 + 14;
+        area.draw(&Text::new(
+            name.clone(),
+            (x, y),
+            label.clone().pos(Pos::new(HPos::Center, VPos::Top)),
+        ))?;
+    }
+    for ((i, j), &x) in h.values.indexed_iter() {
+        let (x0, y0) = (left + cell * j as i32, top + cell * i as i32);
+        area.draw(&Rectangle::new(
+            [(x0, y0), (x0 + cell, y0 + cell)],
+            colour(h.colormap, x, lo, hi).filled(),
+        ))?;
+        let ink = if is_dark(h.colormap, x, lo, hi) {
+            WHITE
+        } else {
+            BLACK
+        };
+        let text = drawn_number(x, h.decimals);
+        let style = ("monospace", 13).into_font().color(&ink).pos(centred);
+        area.draw(&Text::new(text, (x0 + cell / 2, y0 + cell / 2), style))?;
+    }
+    // the legend: the colour scale from the smallest to the largest value
+    let (bar_x, bar_top, bar_height) = (
+        left + cell * cols as i32 + 14,
+        top,
+        (cell * rows as i32).max(40),
+    );
+    let steps = 64;
+    for s in 0..steps {
+        let t = 1.0 - (s as f64 + 0.5) / steps as f64;
+        let y0 = bar_top + bar_height * s / steps;
+        let y1 = bar_top + bar_height * (s + 1) / steps;
+        area.draw(&Rectangle::new(
+            [(bar_x, y0), (bar_x + 16, y1)],
+            colour(h.colormap, lo + t * (hi - lo), lo, hi).filled(),
+        ))?;
+    }
+    let tick = ("monospace", 12)
+        .into_font()
+        .color(&BLACK)
+        .pos(Pos::new(HPos::Left, VPos::Center));
+    let legend_text = |v: f64| drawn_number(v, h.decimals);
+    // five ticks, ends included
+    for k in 0..=4 {
+        let t = k as f64 / 4.0;
+        let y = bar_top + bar_height - ((bar_height - 12) as f64 * t) as i32 - 6;
+        area.draw(&Text::new(
+            legend_text(lo + t * (hi - lo)),
+            (bar_x + 20, y),
+            tick.clone(),
+        ))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_colour_bar_is_as_wide_as_its_longest_label() {
+        let x = ndarray::array![[-1234.5_f64, 1.0]];
+        let (short, long) = (
+            Heatmap::new("x", &x).with_decimals(0),
+            Heatmap::new("x", &x).with_decimals(7),
+        );
+        // "−1234.5000000": 13 characters, 8 pixels each, after the 44 of the bar
+        assert_eq!(legend_band(&long), 44 + 8 * 13);
+        assert_eq!(legend_band(&short), LEGEND_BAND);
+        assert!(panel_width(&long) > panel_width(&short));
+    }
+
+    #[test]
+    fn pictures_draw_numbers_with_a_true_minus_sign() {
+        assert_eq!(drawn_number(-0.5, 3), "\u{2212}0.500");
+        assert_eq!(drawn_number(2.25, 1), "2.2");
+        assert_eq!(drawn_number(0.0, 2), "0.00");
+    }
+}
