@@ -156,20 +156,11 @@ pub(crate) fn forward_half_direct<H: Half>(
     kernel: Kernel,
     parallelism: Parallelism,
 ) -> Result<bool> {
-    let (batch, heads, l, d) = problem.q.dim();
-    let (s, d_v) = (problem.k.dim().2, problem.v.dim().3);
-    let direct = kernel == Kernel::Auto
-        && l <= DIRECT_MAX_ROWS
-        && l * s * (d + d_v) > ROWWISE_MAX_WORK
-        && batch * heads * l * d_v > 0;
-    if !direct {
+    if route(problem, kernel) != Route::Direct {
         return Ok(false);
     }
     let arch = Arch::detect()?;
-    let mut outs: Vec<_> = out
-        .into_outer_iter_mut()
-        .flat_map(|heads| heads.into_outer_iter_mut())
-        .collect();
+    let mut outs: Vec<_> = per_head(out).collect();
     let mut groups = kv_groups(problem, &mut outs);
     run::direct_half(problem, stored, arch, &mut groups, parallelism);
     Ok(true)
@@ -239,41 +230,67 @@ fn choose_path<A: KernelElement>(
     kernel: Kernel,
     parallelism: Parallelism,
 ) -> Result<()> {
-    let (batch, heads, l, d) = problem.q.dim();
-    let (s, d_v) = (problem.k.dim().2, problem.v.dim().3);
-    if kernel == Kernel::Plain {
-        count_all_reference(problem);
-        problem.solve(Some(out), None);
-        return Ok(());
-    }
-    if batch * heads * l * d_v == 0 {
-        return Ok(());
-    }
-    let rowwise = kernel == Kernel::Auto && l * s * (d + d_v) <= ROWWISE_MAX_WORK;
-    let direct = kernel == Kernel::Auto && l <= DIRECT_MAX_ROWS;
-    if rowwise && batch * heads == 1 {
-        // one small head, the common 2-D call: no bookkeeping at all
-        let out = out.index_axis_move(Axis(0), 0).index_axis_move(Axis(0), 0);
-        run::rowwise_head(problem, 0, 0, out);
-        return Ok(());
-    }
-    // one output per (batch, query head), in that order
-    let outs = out
-        .into_outer_iter_mut()
-        .flat_map(|heads| heads.into_outer_iter_mut());
-    if rowwise {
-        for (i, out) in outs.enumerate() {
-            run::rowwise_head(problem, i / heads, i % heads, out);
+    let heads = problem.q.dim().1;
+    match route(problem, kernel) {
+        Route::Reference => {
+            count_all_reference(problem);
+            problem.solve(Some(out), None);
         }
-        return Ok(());
-    }
-    let arch = Arch::detect()?;
-    let mut outs: Vec<_> = outs.collect();
-    let mut groups = kv_groups(problem, &mut outs);
-    if direct {
-        run::direct(problem, arch, &mut groups, parallelism);
-    } else {
-        run::tiled(problem, arch, &mut groups, parallelism);
+        Route::Nothing => {}
+        Route::Rowwise if problem.q.dim().0 * heads == 1 => {
+            // one small head, the common 2-D call: no bookkeeping at all
+            let out = out.index_axis_move(Axis(0), 0).index_axis_move(Axis(0), 0);
+            run::rowwise_head(problem, 0, 0, out);
+        }
+        Route::Rowwise => {
+            for (i, out) in per_head(out).enumerate() {
+                run::rowwise_head(problem, i / heads, i % heads, out);
+            }
+        }
+        route => {
+            let arch = Arch::detect()?;
+            let mut outs: Vec<_> = per_head(out).collect();
+            let mut groups = kv_groups(problem, &mut outs);
+            if route == Route::Direct {
+                run::direct(problem, arch, &mut groups, parallelism);
+            } else {
+                run::tiled(problem, arch, &mut groups, parallelism);
+            }
+        }
     }
     Ok(())
+}
+
+/// How a forward call runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// [`Kernel::Plain`]: the reference path.
+    Reference,
+    /// No output to compute.
+    Nothing,
+    /// Small enough to go row by row.
+    Rowwise,
+    /// A few query rows against many keys: the direct path.
+    Direct,
+    /// Everything else: the tiled kernel.
+    Tiled,
+}
+
+/// The route of `problem` under `kernel`.
+fn route<A>(problem: &Problem<'_, A>, kernel: Kernel) -> Route {
+    let (batch, heads, l, d) = problem.q.dim();
+    let (s, d_v) = (problem.k.dim().2, problem.v.dim().3);
+    match kernel {
+        Kernel::Plain => Route::Reference,
+        _ if batch * heads * l * d_v == 0 => Route::Nothing,
+        Kernel::Auto if l * s * (d + d_v) <= ROWWISE_MAX_WORK => Route::Rowwise,
+        Kernel::Auto if l <= DIRECT_MAX_ROWS => Route::Direct,
+        _ => Route::Tiled,
+    }
+}
+
+/// One output per (batch, query head), in that order.
+fn per_head<'o, A>(out: ArrayViewMut4<'o, A>) -> impl Iterator<Item = ArrayViewMut2<'o, A>> {
+    out.into_outer_iter_mut()
+        .flat_map(|heads| heads.into_outer_iter_mut())
 }
