@@ -31,17 +31,7 @@ pub(crate) trait Rows<A: KernelFloat>: Copy + Send + Sync {
         chunk: &Chunk,
         buffer: &mut [A],
     ) {
-        let (keys, d) = (&chunk.keys, chunk.width);
-        let stored = self.rows(keys.start * d, keys.end * d, buffer);
-        scores::<A, M, D>(
-            dots,
-            scratch.q,
-            stored,
-            d,
-            chunk.rows,
-            chunk.stride,
-            scratch.s,
-        );
+        scores_over_rows::<A, M, D, Self>(self, dots, scratch, chunk, buffer);
     }
 
     /// `O = α·O + P·V` over the value rows of `chunk`: the micro-kernels over
@@ -55,10 +45,39 @@ pub(crate) trait Rows<A: KernelFloat>: Copy + Send + Sync {
         alpha: &[A; ROWS],
         buffer: &mut [A],
     ) {
-        let (keys, d_v) = (&chunk.keys, chunk.width);
-        let stored = self.rows(keys.start * d_v, keys.end * d_v, buffer);
-        accumulate::<A, M, D>(dots, scratch, stored, d_v, chunk.rows, chunk.stride, alpha);
+        accumulate_over_rows::<A, M, D, Self>(self, dots, scratch, chunk, alpha, buffer);
     }
+}
+
+/// [`Rows::scores`] by the micro-kernels over the rows as `A` (borrowed, or
+/// widened into `buffer`).
+#[inline(always)]
+fn scores_over_rows<A: KernelFloat, M: MulAdd, D: Dots<A>, R: Rows<A>>(
+    rows: R,
+    dots: D,
+    scratch: &mut Scratch<A>,
+    chunk: &Chunk,
+    buffer: &mut [A],
+) {
+    let (keys, d) = (&chunk.keys, chunk.width);
+    let stored = rows.rows(keys.start * d, keys.end * d, buffer);
+    let (batch, stride) = (chunk.rows, chunk.stride);
+    scores::<A, M, D>(dots, scratch.q, stored, d, batch, stride, scratch.s);
+}
+
+/// [`Rows::accumulate`] by the micro-kernels over the rows as `A`.
+#[inline(always)]
+fn accumulate_over_rows<A: KernelFloat, M: MulAdd, D: Dots<A>, R: Rows<A>>(
+    rows: R,
+    dots: D,
+    scratch: &mut Scratch<A>,
+    chunk: &Chunk,
+    alpha: &[A; ROWS],
+    buffer: &mut [A],
+) {
+    let (keys, d_v) = (&chunk.keys, chunk.width);
+    let stored = rows.rows(keys.start * d_v, keys.end * d_v, buffer);
+    accumulate::<A, M, D>(dots, scratch, stored, d_v, chunk.rows, chunk.stride, alpha);
 }
 
 impl<A: KernelFloat + Sync> Rows<A> for &[A] {
@@ -101,16 +120,7 @@ impl<H: Half> Rows<f32> for Widen<'_, H> {
     ) {
         let (keys, d) = (&chunk.keys, chunk.width);
         if !d.is_multiple_of(LANES) {
-            let stored = self.rows(keys.start * d, keys.end * d, buffer);
-            return scores::<f32, M, D>(
-                dots,
-                scratch.q,
-                stored,
-                d,
-                chunk.rows,
-                chunk.stride,
-                scratch.s,
-            );
+            return scores_over_rows::<f32, M, D, Self>(self, dots, scratch, chunk, buffer);
         }
         let n = keys.len();
         let stored = &self.0[keys.start * d..keys.end * d];
@@ -147,8 +157,9 @@ impl<H: Half> Rows<f32> for Widen<'_, H> {
         let (keys, d_v, rows) = (&chunk.keys, chunk.width, chunk.rows);
         let block = TILE_BLOCKS * LANES;
         if rows >= 4 || !d_v.is_multiple_of(block) {
-            let stored = self.rows(keys.start * d_v, keys.end * d_v, buffer);
-            return accumulate::<f32, M, D>(dots, scratch, stored, d_v, rows, chunk.stride, alpha);
+            return accumulate_over_rows::<f32, M, D, Self>(
+                self, dots, scratch, chunk, alpha, buffer,
+            );
         }
         let stored = &self.0[keys.start * d_v..keys.end * d_v];
         for r in 0..rows {
