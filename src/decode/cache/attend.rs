@@ -177,14 +177,10 @@ impl<A: Storage> KvCache<A> {
         // one new position in a ring: after writing it, every held slot is within
         // its window; so are all positions of a cache that keeps everything
         self.write(k_new, v_new, real.view());
-        let keep = self
-            .real()
-            .to_owned()
-            .insert_axis(Axis(1))
-            .insert_axis(Axis(1));
-        let padded = keep.iter().any(|&r| !r);
+        // the held flags as a (batch, 1, 1, S) view: a mask only where there is padding
+        let keep = self.real().insert_axis(Axis(1)).insert_axis(Axis(1));
         let mut attention = ScaledDotProduct::new().with_mask(Mask::CausalBottomRight);
-        if padded {
+        if keep.iter().any(|&r| !r) {
             attention = attention.with_mask(Mask::keep(&keep));
         }
         for mask in masks {
