@@ -21,12 +21,20 @@ enum Path {
 fn expected_arch() -> KernelArch {
     let cap = std::env::var("ATTN_KERNEL_ARCH").unwrap_or_default();
     #[cfg(target_arch = "x86_64")]
-    if cap != "portable"
-        && is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-        && is_x86_feature_detected!("f16c")
     {
-        return KernelArch::Avx2;
+        let avx2 = is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c");
+        let avx512 = avx2
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512dq");
+        match cap.as_str() {
+            "" | "avx512" if avx512 => return KernelArch::Avx512,
+            "" | "avx512" | "avx2" if avx2 => return KernelArch::Avx2,
+            _ => {}
+        }
     }
     let _ = cap;
     KernelArch::Portable

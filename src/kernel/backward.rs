@@ -24,7 +24,7 @@ use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis};
 
 use super::float::{KernelFloat, MulAdd};
 use super::online::{inverse_total, softmax_update};
-use super::params::{BACKWARD_KEYS as BK, BACKWARD_QUERIES as BQ, LANES};
+use super::params::{BACKWARD_KEYS as BK, BACKWARD_QUERIES as BQ, SOFTMAX_LANES};
 use crate::core::backward::add_bias_gradient;
 use crate::core::mask::{apply_row, keys_in_reach, Mask2};
 
@@ -318,7 +318,7 @@ impl<'h, 'p, A: KernelFloat> Head<'h, 'p, A> {
                 let row = row
                     .as_slice_mut()
                     .expect("a row of a standard-layout block");
-                let alpha = softmax_update::<A, M, LANES>(row, &mut max[i], &mut sum[i]);
+                let alpha = softmax_update::<A, M, SOFTMAX_LANES>(row, &mut max[i], &mut sum[i]);
                 scratch.o.row_mut(i).mapv_inplace(|x| x * alpha);
             }
             let v = self.v.slice(s![keys, ..]);

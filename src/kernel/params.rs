@@ -61,9 +61,16 @@ pub(crate) const WIDEN_CHUNK: usize = 64;
 /// 4096 cached positions one step took 0.22 ms on 2 threads.
 pub(crate) const DIRECT_PART: usize = 2048;
 
-/// Lanes of the direct path's vectorised dot products and softmax passes
-/// (one AVX2 register of f32, two of f64).
+/// Lanes of the direct path's vectorised dot products (one AVX2 register of f32,
+/// two of f64).
 pub(crate) const LANES: usize = 8;
+
+/// Lanes of the softmax passes (maximum, `exp` and sum) over a row of scores in
+/// the direct path and the backward pass. With 8, the compiler left the `exp`
+/// polynomial scalar in the direct path; with 16 it vectorises: a bf16 decoding
+/// step (8 heads, 4096 cached, Zen 4) went from 320 to 255 µs, f32 from 450 to
+/// 370 µs.
+pub(crate) const SOFTMAX_LANES: usize = 16;
 
 // ---- the fused backward pass (`super::backward`) ----
 

@@ -3,18 +3,11 @@
 //! 6 × 16 (f32) or 6 × 8 (f64) tile is 12 accumulators.
 
 use std::arch::x86_64::*;
-use std::ops::Range;
-
-use ndarray::ArrayViewMut2;
-
-use ndarray::{Array1, Array2};
 
 use crate::element::Half;
-use crate::kernel::backward::{self, HeadGradients, HeadInputs, Upstream};
-use crate::kernel::direct::{attend_part, Dots, Group, HalfDots, Partial, Rows, TILE_BLOCKS};
-use crate::kernel::float::Fused;
+use crate::kernel::direct::{Dots, HalfDots, TILE_BLOCKS};
 use crate::kernel::params::{BC, LANES, MR};
-use crate::kernel::tiled::{attend_block, Block, Scratch, Tiles};
+use crate::kernel::tiled::Tiles;
 
 /// Proof that the CPU has AVX2, FMA and F16C: [`detect`](Self::detect) is the only way
 /// to make one, so the safe methods below may run their intrinsics.
@@ -34,110 +27,8 @@ impl Avx2 {
     }
 }
 
-/// The kernels' entry points for one element type, compiled with AVX2 and FMA
-/// enabled so that the generic bodies inline the intrinsic micro-kernels.
-macro_rules! entry_points {
-    ($ty:ty, $nr:literal, $block:ident, $part:ident, $backward:ident, $forward:ident) => {
-        impl Avx2 {
-            /// [`attend_block`] for this element, `$nr`-wide tiles.
-            pub(crate) fn $block(
-                self,
-                block: &Block<'_, $ty>,
-                scratch: &mut Scratch<$ty>,
-                out: ArrayViewMut2<'_, $ty>,
-            ) {
-                /// # Safety
-                ///
-                /// The CPU must support AVX2 and FMA.
-                #[target_feature(enable = "avx2,fma,f16c")]
-                unsafe fn compiled(
-                    token: Avx2,
-                    block: &Block<'_, $ty>,
-                    scratch: &mut Scratch<$ty>,
-                    out: ArrayViewMut2<'_, $ty>,
-                ) {
-                    attend_block::<$ty, Fused, Avx2, $nr>(token, block, scratch, out);
-                }
-                // SAFETY: `self` exists, so the CPU has AVX2 and FMA.
-                unsafe { compiled(self, block, scratch, out) }
-            }
-
-            /// [`attend_part`] for this element.
-            pub(crate) fn $part<R: Rows<$ty>>(
-                self,
-                group: &Group<'_, '_, $ty, R>,
-                part: Range<usize>,
-            ) -> Partial<$ty> {
-                /// # Safety
-                ///
-                /// The CPU must support AVX2 and FMA.
-                #[target_feature(enable = "avx2,fma,f16c")]
-                unsafe fn compiled<R: Rows<$ty>>(
-                    token: Avx2,
-                    group: &Group<'_, '_, $ty, R>,
-                    part: Range<usize>,
-                ) -> Partial<$ty> {
-                    attend_part::<$ty, Fused, Avx2, R>(token, group, part)
-                }
-                // SAFETY: `self` exists, so the CPU has AVX2 and FMA.
-                unsafe { compiled(self, group, part) }
-            }
-
-            /// [`backward::head`] for this element.
-            pub(crate) fn $backward(
-                self,
-                inputs: &HeadInputs<'_, '_, $ty>,
-                upstream: Upstream<'_, $ty>,
-            ) -> HeadGradients<$ty> {
-                /// # Safety
-                ///
-                /// The CPU must support AVX2 and FMA.
-                #[target_feature(enable = "avx2,fma,f16c")]
-                unsafe fn compiled(
-                    inputs: &HeadInputs<'_, '_, $ty>,
-                    upstream: Upstream<'_, $ty>,
-                ) -> HeadGradients<$ty> {
-                    backward::head::<$ty, Fused>(inputs, upstream)
-                }
-                // SAFETY: `self` exists, so the CPU has AVX2 and FMA.
-                unsafe { compiled(inputs, upstream) }
-            }
-
-            /// [`backward::forward_head`] for this element.
-            pub(crate) fn $forward(
-                self,
-                inputs: &HeadInputs<'_, '_, $ty>,
-            ) -> (Array2<$ty>, Array1<$ty>) {
-                /// # Safety
-                ///
-                /// The CPU must support AVX2 and FMA.
-                #[target_feature(enable = "avx2,fma,f16c")]
-                unsafe fn compiled(inputs: &HeadInputs<'_, '_, $ty>) -> (Array2<$ty>, Array1<$ty>) {
-                    backward::forward_head::<$ty, Fused>(inputs)
-                }
-                // SAFETY: `self` exists, so the CPU has AVX2 and FMA.
-                unsafe { compiled(inputs) }
-            }
-        }
-    };
-}
-
-entry_points!(
-    f32,
-    16,
-    attend_block_f32,
-    attend_part_f32,
-    backward_f32,
-    forward_lse_f32
-);
-entry_points!(
-    f64,
-    8,
-    attend_block_f64,
-    attend_part_f64,
-    backward_f64,
-    forward_lse_f64
-);
+compiled!(Avx2, "avx2,fma,f16c", f32, 16);
+compiled!(Avx2, "avx2,fma,f16c", f64, 8);
 
 /// One micro-kernel body for both element types: `$ty` is the element,
 /// `$nr` the tile width, `$half` the lanes of one register.
@@ -206,10 +97,10 @@ macro_rules! avx2_tiles {
 
 /// [`Dots`] for one element type: `$regs` registers of `$half` lanes hold `LANES`.
 macro_rules! avx2_dots {
-    ($ty:ty, $regs:literal, $half:literal, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
+    ($ty:ty, $regs:literal, $half:literal, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident, $add:ident, $sum4:ident) => {
         impl Dots<$ty> for Avx2 {
             #[inline(always)]
-            fn dot4(self, q: &[[$ty; LANES]], k: &[&[[$ty; LANES]]; 4]) -> [[$ty; LANES]; 4] {
+            fn dot4(self, q: &[[$ty; LANES]], k: &[&[[$ty; LANES]]; 4]) -> [$ty; 4] {
                 // SAFETY: `self` is an `Avx2` token, so the CPU has AVX2 and FMA;
                 // every load reads, every store writes, one register's lanes of a
                 // `[$ty; LANES]`.
@@ -224,13 +115,15 @@ macro_rules! avx2_dots {
                             }
                         }
                     }
-                    let mut out = [[0.0; LANES]; 4];
+                    // (loops, not closures: a closure does not inherit the
+                    // caller's target features, and its intrinsics are calls)
+                    let mut folded = [$zero(); 4];
                     for u in 0..4 {
                         for r in 0..$regs {
-                            $store(out[u].as_mut_ptr().add(r * $half), acc[u][r]);
+                            folded[u] = $add(folded[u], acc[u][r]);
                         }
                     }
-                    out
+                    $sum4(folded)
                 }
             }
 
@@ -250,8 +143,11 @@ macro_rules! avx2_dots {
                         let v: &[$ty; LANES] = value[c0..c0 + LANES]
                             .try_into()
                             .expect("LANES value columns");
-                        let v: [_; $regs] =
-                            std::array::from_fn(|r| $load(v.as_ptr().add(r * $half)));
+                        let mut loaded = [$zero(); $regs];
+                        for r in 0..$regs {
+                            loaded[r] = $load(v.as_ptr().add(r * $half));
+                        }
+                        let v = loaded;
                         for u in 0..4 {
                             let a = $splat(p[u][j]);
                             for r in 0..$regs {
@@ -275,7 +171,7 @@ macro_rules! avx2_dots {
 /// Both kernels' intrinsics for one element type: `$nr` columns per tile row,
 /// `$half` lanes per register, `$regs` registers per `LANES`.
 macro_rules! avx2_kernels {
-    ($module:ident, $ty:ty, $nr:literal, $half:literal, $regs:literal, $reg:ident, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
+    ($module:ident, $ty:ty, $nr:literal, $half:literal, $regs:literal, $reg:ident, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident, $add:ident, $sum4:ident) => {
         mod $module {
             use super::*;
 
@@ -296,7 +192,7 @@ macro_rules! avx2_kernels {
             }
 
             avx2_tiles!($ty, $nr, $half, $reg, $zero, $load, $store, $splat, $fma);
-            avx2_dots!($ty, $regs, $half, $zero, $load, $store, $splat, $fma);
+            avx2_dots!($ty, $regs, $half, $zero, $load, $store, $splat, $fma, $add, $sum4);
         }
     };
 }
@@ -312,7 +208,9 @@ avx2_kernels!(
     _mm256_loadu_ps,
     _mm256_storeu_ps,
     _mm256_set1_ps,
-    _mm256_fmadd_ps
+    _mm256_fmadd_ps,
+    _mm256_add_ps,
+    sum4_ps
 );
 avx2_kernels!(
     f64s,
@@ -325,8 +223,40 @@ avx2_kernels!(
     _mm256_loadu_pd,
     _mm256_storeu_pd,
     _mm256_set1_pd,
-    _mm256_fmadd_pd
+    _mm256_fmadd_pd,
+    _mm256_add_pd,
+    sum4_pd
 );
+
+/// The sums of the lanes of four registers: `[Σ a[0], Σ a[1], Σ a[2], Σ a[3]]`.
+///
+/// # Safety
+///
+/// The CPU must support AVX.
+#[inline(always)]
+pub(super) unsafe fn sum4_ps(a: [__m256; 4]) -> [f32; 4] {
+    // pairs, then fours, within each 128-bit half; then the halves
+    let h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+    let mut out = [0.0; 4];
+    _mm_storeu_ps(out.as_mut_ptr(), s);
+    out
+}
+
+/// [`sum4_ps`] for f64.
+///
+/// # Safety
+///
+/// The CPU must support AVX.
+#[inline(always)]
+pub(super) unsafe fn sum4_pd(a: [__m256d; 4]) -> [f64; 4] {
+    let (h01, h23) = (_mm256_hadd_pd(a[0], a[1]), _mm256_hadd_pd(a[2], a[3]));
+    let low = _mm256_permute2f128_pd::<0x20>(h01, h23);
+    let high = _mm256_permute2f128_pd::<0x31>(h01, h23);
+    let mut out = [0.0; 4];
+    _mm256_storeu_pd(out.as_mut_ptr(), _mm256_add_pd(low, high));
+    out
+}
 
 /// Eight half-precision values at `src` widened to f32 in one register.
 ///
@@ -335,7 +265,7 @@ avx2_kernels!(
 /// The CPU must support AVX2 and F16C, and `src` must point to eight readable
 /// values.
 #[inline(always)]
-unsafe fn widen8<H: Half>(src: *const H) -> __m256 {
+pub(super) unsafe fn widen8<H: Half>(src: *const H) -> __m256 {
     let raw = _mm_loadu_si128(src.cast());
     if H::BF16 {
         // bf16 is the upper half of an f32's bits
@@ -347,10 +277,9 @@ unsafe fn widen8<H: Half>(src: *const H) -> __m256 {
 
 impl HalfDots for Avx2 {
     #[inline(always)]
-    fn dot4_half<H: Half>(self, q: &[[f32; LANES]], k: &[&[[H; LANES]]; 4]) -> [[f32; LANES]; 4] {
+    fn dot4_half<H: Half>(self, q: &[[f32; LANES]], k: &[&[[H; LANES]]; 4]) -> [f32; 4] {
         // SAFETY: `self` is an `Avx2` token, so the CPU has AVX2, FMA and F16C;
-        // every load reads eight values of a `[_; LANES]` (LANES = 8), every store
-        // writes one `[f32; LANES]`.
+        // every load reads eight values of a `[_; LANES]` (LANES = 8).
         unsafe {
             let mut acc = [_mm256_setzero_ps(); 4];
             for (p, x) in q.iter().enumerate() {
@@ -359,11 +288,7 @@ impl HalfDots for Avx2 {
                     acc[u] = _mm256_fmadd_ps(x, widen8(k[u][p].as_ptr()), acc[u]);
                 }
             }
-            let mut out = [[0.0; LANES]; 4];
-            for u in 0..4 {
-                _mm256_storeu_ps(out[u].as_mut_ptr(), acc[u]);
-            }
-            out
+            sum4_ps(acc)
         }
     }
 

@@ -2,22 +2,28 @@
 //!
 //! Each kernel body is written once, generic over its micro-kernels
 //! ([`Tiles`](super::tiled::Tiles), [`Dots`](super::direct::Dots)), and compiled
-//! here twice: with AVX2, FMA and F16C intrinsics ([`avx2`]), and as plain loops for
-//! any CPU ([`portable`]). [`Arch::detect`] chooses at the start of a call.
+//! here three times: with AVX-512 intrinsics ([`avx512`]: 512-bit registers, twice
+//! as wide tiles), with AVX2, FMA and F16C intrinsics ([`avx2`]), and as plain
+//! loops for any CPU ([`portable`]). [`Arch::detect`] chooses the best the CPU has
+//! at the start of a call.
 //!
-//! Soundness is carried by a type: the AVX2 micro-kernels are methods of the
-//! token [`Avx2`](avx2::Avx2), which only run-time detection can construct, so no
-//! safe function can execute an AVX2 instruction on a CPU that lacks it.
+//! Soundness is carried by types: the micro-kernels of an instruction set are
+//! methods of its token ([`Avx2`](avx2::Avx2), [`Avx512`](avx512::Avx512)),
+//! which only run-time detection can construct, so no safe function can execute
+//! an instruction the CPU lacks.
 //!
 //! `ATTN_KERNEL_ARCH` caps the instruction set, for tests and diagnostics:
 //! `portable`, `avx2` or `avx512` (the default: the best the CPU has). A cap above
-//! what the CPU has runs the best the CPU has; a cap above what the kernels are
-//! written for runs the best they have (there are no AVX-512 kernels yet, so
-//! `avx512` runs AVX2). Any other value is an [`Error::InvalidConfig`] from every
-//! call that would use the fused kernels.
+//! what the CPU has runs the best the CPU has. Any other value is an
+//! [`Error::InvalidConfig`] from every call that would use the fused kernels.
 
 #[cfg(target_arch = "x86_64")]
+#[macro_use]
+mod compiled;
+#[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod portable;
 
 use std::ops::Range;
@@ -45,15 +51,19 @@ pub enum KernelArch {
     Portable,
     /// AVX2, FMA and F16C intrinsics (x86-64).
     Avx2,
+    /// AVX-512 (F, BW, VL, DQ) intrinsics, with AVX2, FMA and F16C (x86-64).
+    Avx512,
 }
 
-/// The instruction set of one call, detected at its start; the AVX2 variant
+/// The instruction set of one call, detected at its start; each x86-64 variant
 /// holds the token that proves the CPU has it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Arch {
     Portable,
     #[cfg(target_arch = "x86_64")]
     Avx2(avx2::Avx2),
+    #[cfg(target_arch = "x86_64")]
+    Avx512(avx512::Avx512),
 }
 
 /// What `ATTN_KERNEL_ARCH` allows, lowest first.
@@ -73,6 +83,12 @@ impl Arch {
     pub(crate) fn detect() -> Result<Arch> {
         let cap = cap().map_err(|reason| Error::InvalidConfig { reason })?;
         #[cfg(target_arch = "x86_64")]
+        if cap >= Cap::Avx512 {
+            if let Some(token) = avx512::Avx512::detect() {
+                return Ok(Arch::Avx512(token));
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
         if cap >= Cap::Avx2 {
             if let Some(token) = avx2::Avx2::detect() {
                 return Ok(Arch::Avx2(token));
@@ -88,6 +104,8 @@ impl Arch {
             Arch::Portable => KernelArch::Portable,
             #[cfg(target_arch = "x86_64")]
             Arch::Avx2(_) => KernelArch::Avx2,
+            #[cfg(target_arch = "x86_64")]
+            Arch::Avx512(_) => KernelArch::Avx512,
         }
     }
 }
@@ -112,8 +130,78 @@ fn parse_cap(value: &str) -> std::result::Result<Cap, String> {
     }
 }
 
-/// An element type with compiled kernels: what the kernel bodies need of it, and
-/// its entry points for each instruction set.
+/// The kernel bodies compiled for one instruction set (`Self`, a token proving
+/// the CPU has it) and one element type.
+pub(crate) trait Compiled<A: KernelFloat>: Copy {
+    /// Columns of a register tile (keys in `S`, value columns in `O`).
+    const TILE_WIDTH: usize;
+
+    /// [`tiled::attend_block`] with `TILE_WIDTH`-wide tiles.
+    fn attend_block(
+        self,
+        block: &Block<'_, A>,
+        scratch: &mut Scratch<A>,
+        out: ArrayViewMut2<'_, A>,
+    );
+
+    /// [`direct::attend_part`].
+    fn attend_part<R: Rows<A>>(self, group: &Group<'_, '_, A, R>, part: Range<usize>)
+        -> Partial<A>;
+
+    /// [`backward::head`].
+    fn backward_head(
+        self,
+        inputs: &HeadInputs<'_, '_, A>,
+        upstream: Upstream<'_, A>,
+    ) -> HeadGradients<A>;
+
+    /// [`backward::forward_head`].
+    fn forward_head(self, inputs: &HeadInputs<'_, '_, A>) -> (Array2<A>, Array1<A>);
+}
+
+/// The portable bodies, for any CPU (`a·b + c` as a multiply and an add).
+macro_rules! portable {
+    ($ty:ty, $nr:literal) => {
+        impl Compiled<$ty> for Portable {
+            const TILE_WIDTH: usize = $nr;
+
+            fn attend_block(
+                self,
+                block: &Block<'_, $ty>,
+                scratch: &mut Scratch<$ty>,
+                out: ArrayViewMut2<'_, $ty>,
+            ) {
+                tiled::attend_block::<$ty, Separate, Portable, $nr>(self, block, scratch, out)
+            }
+
+            fn attend_part<R: Rows<$ty>>(
+                self,
+                group: &Group<'_, '_, $ty, R>,
+                part: Range<usize>,
+            ) -> Partial<$ty> {
+                direct::attend_part::<$ty, Separate, Portable, R>(self, group, part)
+            }
+
+            fn backward_head(
+                self,
+                inputs: &HeadInputs<'_, '_, $ty>,
+                upstream: Upstream<'_, $ty>,
+            ) -> HeadGradients<$ty> {
+                backward::head::<$ty, Separate>(inputs, upstream)
+            }
+
+            fn forward_head(self, inputs: &HeadInputs<'_, '_, $ty>) -> (Array2<$ty>, Array1<$ty>) {
+                backward::forward_head::<$ty, Separate>(inputs)
+            }
+        }
+    };
+}
+
+portable!(f32, 8);
+portable!(f64, 4);
+
+/// An element type with compiled kernels for every instruction set: each call
+/// runs the bodies compiled for `arch`.
 pub(crate) trait KernelElement: Element + KernelFloat {
     /// Columns of a register tile (keys in `S`, value columns in `O`) under `arch`.
     fn tile_width(arch: Arch) -> usize;
@@ -144,16 +232,31 @@ pub(crate) trait KernelElement: Element + KernelFloat {
     fn forward_head(arch: Arch, inputs: &HeadInputs<'_, '_, Self>) -> (Array2<Self>, Array1<Self>);
 }
 
-/// [`KernelElement`] for one element type: its AVX2 entry points and tile widths.
+/// Runs `$call` with `$token` bound to the token of `$arch`.
+macro_rules! on_arch {
+    ($arch:expr, $token:ident => $call:expr) => {
+        match $arch {
+            Arch::Portable => {
+                let $token = Portable;
+                $call
+            }
+            #[cfg(target_arch = "x86_64")]
+            Arch::Avx2($token) => $call,
+            #[cfg(target_arch = "x86_64")]
+            Arch::Avx512($token) => $call,
+        }
+    };
+}
+
+/// [`KernelElement`] for an element type that every token compiles.
 macro_rules! kernel_element {
-    ($ty:ty, $avx2_block:ident, $avx2_part:ident, $avx2_backward:ident, $avx2_forward:ident, $avx2_width:literal, $portable_width:literal) => {
+    ($ty:ty) => {
         impl KernelElement for $ty {
             fn tile_width(arch: Arch) -> usize {
-                match arch {
-                    Arch::Portable => $portable_width,
-                    #[cfg(target_arch = "x86_64")]
-                    Arch::Avx2(_) => $avx2_width,
+                fn width<T: Compiled<$ty>>(_: T) -> usize {
+                    T::TILE_WIDTH
                 }
+                on_arch!(arch, token => width(token))
             }
 
             fn attend_block(
@@ -162,15 +265,7 @@ macro_rules! kernel_element {
                 scratch: &mut Scratch<$ty>,
                 out: ArrayViewMut2<'_, $ty>,
             ) {
-                match arch {
-                    Arch::Portable => {
-                        tiled::attend_block::<$ty, Separate, Portable, $portable_width>(
-                            Portable, block, scratch, out,
-                        )
-                    }
-                    #[cfg(target_arch = "x86_64")]
-                    Arch::Avx2(token) => token.$avx2_block(block, scratch, out),
-                }
+                on_arch!(arch, token => token.attend_block(block, scratch, out))
             }
 
             fn attend_part<R: Rows<$ty>>(
@@ -178,13 +273,7 @@ macro_rules! kernel_element {
                 group: &Group<'_, '_, $ty, R>,
                 part: Range<usize>,
             ) -> Partial<$ty> {
-                match arch {
-                    Arch::Portable => {
-                        direct::attend_part::<$ty, Separate, Portable, R>(Portable, group, part)
-                    }
-                    #[cfg(target_arch = "x86_64")]
-                    Arch::Avx2(token) => token.$avx2_part(group, part),
-                }
+                on_arch!(arch, token => token.attend_part(group, part))
             }
 
             fn backward_head(
@@ -192,45 +281,21 @@ macro_rules! kernel_element {
                 inputs: &HeadInputs<'_, '_, $ty>,
                 upstream: Upstream<'_, $ty>,
             ) -> HeadGradients<$ty> {
-                match arch {
-                    Arch::Portable => backward::head::<$ty, Separate>(inputs, upstream),
-                    #[cfg(target_arch = "x86_64")]
-                    Arch::Avx2(token) => token.$avx2_backward(inputs, upstream),
-                }
+                on_arch!(arch, token => token.backward_head(inputs, upstream))
             }
 
             fn forward_head(
                 arch: Arch,
                 inputs: &HeadInputs<'_, '_, $ty>,
             ) -> (Array2<$ty>, Array1<$ty>) {
-                match arch {
-                    Arch::Portable => backward::forward_head::<$ty, Separate>(inputs),
-                    #[cfg(target_arch = "x86_64")]
-                    Arch::Avx2(token) => token.$avx2_forward(inputs),
-                }
+                on_arch!(arch, token => token.forward_head(inputs))
             }
         }
     };
 }
 
-kernel_element!(
-    f32,
-    attend_block_f32,
-    attend_part_f32,
-    backward_f32,
-    forward_lse_f32,
-    16,
-    8
-);
-kernel_element!(
-    f64,
-    attend_block_f64,
-    attend_part_f64,
-    backward_f64,
-    forward_lse_f64,
-    8,
-    4
-);
+kernel_element!(f32);
+kernel_element!(f64);
 
 #[cfg(test)]
 mod tests {
@@ -253,16 +318,44 @@ mod tests {
     fn detection_honours_the_cap() {
         let arch = Arch::detect().expect("ATTN_KERNEL_ARCH is valid in tests");
         let cap = cap().expect("valid");
-        if cap == Cap::Portable {
-            assert_eq!(arch.kind(), KernelArch::Portable);
-        }
+        let mut best = Cap::Portable;
         #[cfg(target_arch = "x86_64")]
-        if cap >= Cap::Avx2
-            && is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
         {
-            assert_eq!(arch.kind(), KernelArch::Avx2);
+            if avx2::Avx2::detect().is_some() {
+                best = Cap::Avx2;
+            }
+            if avx512::Avx512::detect().is_some() {
+                best = Cap::Avx512;
+            }
         }
+        let expected = match cap.min(best) {
+            Cap::Portable => KernelArch::Portable,
+            Cap::Avx2 => KernelArch::Avx2,
+            Cap::Avx512 => KernelArch::Avx512,
+        };
+        assert_eq!(arch.kind(), expected);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn each_token_needs_its_instruction_sets() {
+        let has = |features: &[&str]| {
+            features.iter().all(|f| match *f {
+                "avx2" => is_x86_feature_detected!("avx2"),
+                "fma" => is_x86_feature_detected!("fma"),
+                "f16c" => is_x86_feature_detected!("f16c"),
+                "avx512f" => is_x86_feature_detected!("avx512f"),
+                "avx512bw" => is_x86_feature_detected!("avx512bw"),
+                "avx512vl" => is_x86_feature_detected!("avx512vl"),
+                _ => is_x86_feature_detected!("avx512dq"),
+            })
+        };
+        let avx2 = ["avx2", "fma", "f16c"];
+        let avx512 = ["avx512f", "avx512bw", "avx512vl", "avx512dq"];
+        assert_eq!(avx2::Avx2::detect().is_some(), has(&avx2));
+        assert_eq!(
+            avx512::Avx512::detect().is_some(),
+            has(&avx2) && has(&avx512)
+        );
     }
 }

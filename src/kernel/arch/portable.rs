@@ -2,7 +2,7 @@
 //! autovectoriser turns them into whatever the build's target allows.
 
 use crate::element::Half;
-use crate::kernel::direct::{Dots, HalfDots, TILE_BLOCKS};
+use crate::kernel::direct::{sum_lanes, Dots, HalfDots, TILE_BLOCKS};
 use crate::kernel::float::{KernelFloat, MulAdd, Separate};
 use crate::kernel::params::{BC, LANES, MR};
 use crate::kernel::tiled::Tiles;
@@ -54,7 +54,7 @@ impl<A: KernelFloat, const NR: usize> Tiles<A, NR> for Portable {
 
 impl<A: KernelFloat> Dots<A> for Portable {
     #[inline(always)]
-    fn dot4(self, q: &[[A; LANES]], k: &[&[[A; LANES]]; 4]) -> [[A; LANES]; 4] {
+    fn dot4(self, q: &[[A; LANES]], k: &[&[[A; LANES]]; 4]) -> [A; 4] {
         let mut acc = [[A::zero(); LANES]; 4];
         for (acc, k) in acc.iter_mut().zip(k) {
             for (x, y) in q.iter().zip(*k) {
@@ -63,7 +63,7 @@ impl<A: KernelFloat> Dots<A> for Portable {
                 }
             }
         }
-        acc
+        acc.map(|acc| sum_lanes(&acc))
     }
 
     #[inline(always)]
@@ -83,7 +83,7 @@ impl<A: KernelFloat> Dots<A> for Portable {
 
 impl HalfDots for Portable {
     #[inline(always)]
-    fn dot4_half<H: Half>(self, q: &[[f32; LANES]], k: &[&[[H; LANES]]; 4]) -> [[f32; LANES]; 4] {
+    fn dot4_half<H: Half>(self, q: &[[f32; LANES]], k: &[&[[H; LANES]]; 4]) -> [f32; 4] {
         let mut acc = [[0.0; LANES]; 4];
         for (acc, k) in acc.iter_mut().zip(k) {
             for (x, y) in q.iter().zip(*k) {
@@ -94,7 +94,7 @@ impl HalfDots for Portable {
                 }
             }
         }
-        acc
+        acc.map(|acc| sum_lanes(&acc))
     }
 
     #[inline(always)]

@@ -29,11 +29,11 @@ use std::ops::Range;
 use ndarray::{ArrayView2, ArrayViewMut2};
 
 pub(crate) use rows::{Native, Rows, Source, Widening};
-pub(crate) use steps::{Dots, HalfDots, TILE_BLOCKS};
+pub(crate) use steps::{sum_lanes, Dots, HalfDots, TILE_BLOCKS};
 
 use super::float::{KernelFloat, MulAdd, Separate};
 use super::online::{fold_max, inverse_total, part_weight, shift_of, softmax_update};
-use super::params::{DIRECT_BATCH_ROWS as ROWS, DIRECT_CHUNK, LANES, WIDEN_CHUNK};
+use super::params::{DIRECT_BATCH_ROWS as ROWS, DIRECT_CHUNK, LANES, SOFTMAX_LANES, WIDEN_CHUNK};
 use crate::core::mask::{apply_row, keys_in_reach, Mask2};
 use steps::{Chunk, Scratch};
 
@@ -211,7 +211,11 @@ fn attend_batch<A: KernelFloat, M: MulAdd, D: Dots<A> + HalfDots, R: Rows<A>>(
             row[n..].fill(A::neg_infinity());
             // NaN or +∞ after masking: inputs the fused arithmetic cannot stand for
             finite &= row.iter().all(|&x| x < A::infinity());
-            alpha[r] = softmax_update::<A, M, LANES>(row, &mut scratch.max[r], &mut scratch.sum[r]);
+            alpha[r] = softmax_update::<A, M, SOFTMAX_LANES>(
+                row,
+                &mut scratch.max[r],
+                &mut scratch.sum[r],
+            );
         }
         group
             .values

@@ -3,9 +3,7 @@
 
 use std::marker::PhantomData;
 
-use super::steps::{
-    accumulate, fold_in, scores, sum_lanes, Chunk, Dots, HalfDots, Scratch, TILE_BLOCKS,
-};
+use super::steps::{accumulate, fold_in, scores, Chunk, Dots, HalfDots, Scratch, TILE_BLOCKS};
 use crate::element::Half;
 use crate::kernel::float::{KernelFloat, MulAdd};
 use crate::kernel::params::{DIRECT_BATCH_ROWS as ROWS, LANES};
@@ -133,11 +131,8 @@ impl<H: Half> Rows<f32> for Widen<'_, H> {
             let used = (n - j).min(4);
             for r in 0..chunk.rows {
                 let q: &[[f32; LANES]] = scratch.q[r * d..(r + 1) * d].as_chunks().0;
-                let acc = dots.dot4_half(q, &k);
-                let row = &mut scratch.s[r * chunk.stride + j..][..used];
-                for (x, acc) in row.iter_mut().zip(&acc) {
-                    *x = sum_lanes(acc);
-                }
+                let sums = dots.dot4_half(q, &k);
+                scratch.s[r * chunk.stride + j..][..used].copy_from_slice(&sums[..used]);
             }
         }
     }

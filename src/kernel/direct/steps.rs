@@ -64,22 +64,23 @@ fn dot4<A: KernelFloat, M: MulAdd, D: Dots<A>>(dots: D, q: &[A], k: &[&[A]; 4]) 
     let (q_lanes, q_rest) = q.as_chunks::<LANES>();
     let k_lanes: [&[[A; LANES]]; 4] =
         std::array::from_fn(|u| &k[u].as_chunks::<LANES>().0[..q_lanes.len()]);
-    let acc = dots.dot4(q_lanes, &k_lanes);
+    let sums = dots.dot4(q_lanes, &k_lanes);
     let tail = q_lanes.len() * LANES;
     std::array::from_fn(|u| {
         q_rest
             .iter()
             .zip(&k[u][tail..])
-            .fold(sum_lanes(&acc[u]), |t, (&x, &y)| M::mul_add(x, y, t))
+            .fold(sums[u], |t, (&x, &y)| M::mul_add(x, y, t))
     })
 }
 
 /// The register-blocked sums of the direct path; implemented in [`crate::kernel::arch`]
 /// by a value that proves its instructions run.
 pub(crate) trait Dots<A>: Copy {
-    /// `Σₚ q[p] ⊙ k[u][p]` lane by lane, for each of the four keys `u` (the lanes
-    /// are summed afterwards); every `k[u]` is as long as `q`.
-    fn dot4(self, q: &[[A; LANES]], k: &[&[[A; LANES]]; 4]) -> [[A; LANES]; 4];
+    /// `Σₚ q[p] · k[u][p]` (every lane of every block) for each of the four keys
+    /// `u`; every `k[u]` is as long as `q`. The sums are reduced in registers:
+    /// lanes stored and read back one by one would stall on store forwarding.
+    fn dot4(self, q: &[[A; LANES]], k: &[&[[A; LANES]]; 4]) -> [A; 4];
 
     /// `Σⱼ p[u][j] · values[j][c0 .. c0 + LANES]` for four rows of weights `p[u]`
     /// over the keys `j` (`values` holds them row-major, `d_v` wide; every `p[u]`
@@ -90,8 +91,8 @@ pub(crate) trait Dots<A>: Copy {
 /// Micro-kernels over half-precision rows, widened to f32 in registers as they
 /// are loaded; implemented in [`crate::kernel::arch`].
 pub(crate) trait HalfDots: Copy {
-    /// `Σₚ q[p] ⊙ k[u][p]` lane by lane, for each of four keys `u`, as [`Dots::dot4`].
-    fn dot4_half<H: Half>(self, q: &[[f32; LANES]], k: &[&[[H; LANES]]; 4]) -> [[f32; LANES]; 4];
+    /// `Σₚ q[p] · k[u][p]` for each of four keys `u`, as [`Dots::dot4`].
+    fn dot4_half<H: Half>(self, q: &[[f32; LANES]], k: &[&[[H; LANES]]; 4]) -> [f32; 4];
 
     /// `Σⱼ p[j] · values[j][c0 .. c0 + TILE_BLOCKS·LANES]` for one row of
     /// weights `p` (`values` row-major, `d_v` wide, one row per weight).
@@ -106,7 +107,7 @@ pub(crate) trait HalfDots: Copy {
 
 /// The sum of the lanes, pairwise.
 #[inline(always)]
-pub(super) fn sum_lanes<A: KernelFloat>(x: &[A; LANES]) -> A {
+pub(crate) fn sum_lanes<A: KernelFloat>(x: &[A; LANES]) -> A {
     let half: [A; 4] = std::array::from_fn(|c| x[c] + x[c + 4]);
     (half[0] + half[2]) + (half[1] + half[3])
 }

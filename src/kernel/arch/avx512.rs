@@ -1,0 +1,334 @@
+//! The micro-kernels written with AVX-512 intrinsics, as methods of a token that
+//! only run-time detection constructs: a tile row is two 512-bit registers, so a
+//! 6 × 32 (f32) or 6 × 16 (f64) tile is 12 accumulators, twice the columns of
+//! the AVX2 tiles for the same number of instructions; each query's broadcast is
+//! folded into its FMA (`{1to16}`). Half-precision rows are widened sixteen
+//! values at a time.
+
+use std::arch::x86_64::*;
+
+use super::avx2::{sum4_pd, sum4_ps, widen8, Avx2};
+use crate::element::Half;
+use crate::kernel::direct::{Dots, HalfDots, TILE_BLOCKS};
+use crate::kernel::params::{BC, LANES, MR};
+use crate::kernel::tiled::Tiles;
+
+/// Proof that the CPU has AVX-512 F, BW, VL and DQ as well as AVX2, FMA and F16C:
+/// [`detect`](Self::detect) is the only way to make one, so the safe methods
+/// below may run their intrinsics.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Avx512 {
+    /// Every AVX-512 CPU has AVX2, FMA and F16C: the kernels this token does not
+    /// widen run on those.
+    avx2: Avx2,
+}
+
+impl Avx512 {
+    /// The token, if this CPU has AVX-512 F, BW, VL and DQ, AVX2, FMA and F16C.
+    pub(crate) fn detect() -> Option<Self> {
+        let avx512 = is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512dq");
+        let avx2 = Avx2::detect()?;
+        avx512.then_some(Avx512 { avx2 })
+    }
+}
+
+compiled!(
+    Avx512,
+    "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c",
+    f32,
+    32
+);
+compiled!(
+    Avx512,
+    "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c",
+    f64,
+    16
+);
+
+/// The tile micro-kernels for one element type: `$nr` columns per tile row in two
+/// registers of `$lanes` lanes.
+macro_rules! avx512_tiles {
+    ($module:ident, $ty:ty, $nr:literal, $lanes:literal, $reg:ident, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
+        mod $module {
+            use super::*;
+
+            /// One rank-1 update of the tile: `acc[i] += a[i] · row` for every row `i`.
+            ///
+            /// # Safety
+            ///
+            /// The CPU must support AVX-512 F.
+            #[inline(always)]
+            unsafe fn rank1(acc: &mut [[$reg; 2]; MR], a: [$ty; MR], row: &[$ty; $nr]) {
+                let r0 = $load(row.as_ptr());
+                let r1 = $load(row.as_ptr().add($lanes));
+                for i in 0..MR {
+                    let s = $splat(a[i]);
+                    acc[i][0] = $fma(s, r0, acc[i][0]);
+                    acc[i][1] = $fma(s, r1, acc[i][1]);
+                }
+            }
+
+            impl Tiles<$ty, $nr> for Avx512 {
+                #[inline(always)]
+                fn score_tile(self, q: &[[$ty; MR]], k: &[[$ty; $nr]]) -> [[$ty; $nr]; MR] {
+                    // SAFETY: `self` is an `Avx512` token, so the CPU has AVX-512 F;
+                    // every load reads, every store writes, one half of a `[$ty; $nr]`.
+                    unsafe {
+                        let mut acc = [[$zero(); 2]; MR];
+                        for (qp, kp) in q.iter().zip(k) {
+                            rank1(&mut acc, *qp, kp);
+                        }
+                        let mut out = [[0.0; $nr]; MR];
+                        for i in 0..MR {
+                            $store(out[i].as_mut_ptr(), acc[i][0]);
+                            $store(out[i].as_mut_ptr().add($lanes), acc[i][1]);
+                        }
+                        out
+                    }
+                }
+
+                #[inline(always)]
+                fn value_tile(
+                    self,
+                    p: &[&[$ty; BC]; MR],
+                    v: &[[$ty; $nr]; BC],
+                    keys: usize,
+                    alpha: &[$ty; MR],
+                    o: &mut [[$ty; $nr]; MR],
+                ) {
+                    // SAFETY: as in `score_tile`.
+                    unsafe {
+                        let mut acc = [[$zero(); 2]; MR];
+                        for (j, v) in v.iter().enumerate().take(keys.min(BC)) {
+                            rank1(&mut acc, std::array::from_fn(|i| p[i][j]), v);
+                        }
+                        for i in 0..MR {
+                            let a = $splat(alpha[i]);
+                            let row = o[i].as_mut_ptr();
+                            $store(row, $fma($load(row), a, acc[i][0]));
+                            $store(row.add($lanes), $fma($load(row.add($lanes)), a, acc[i][1]));
+                        }
+                    }
+                }
+            }
+        }
+    };
+}
+
+avx512_tiles!(
+    f32s,
+    f32,
+    32,
+    16,
+    __m512,
+    _mm512_setzero_ps,
+    _mm512_loadu_ps,
+    _mm512_storeu_ps,
+    _mm512_set1_ps,
+    _mm512_fmadd_ps
+);
+avx512_tiles!(
+    f64s,
+    f64,
+    16,
+    8,
+    __m512d,
+    _mm512_setzero_pd,
+    _mm512_loadu_pd,
+    _mm512_storeu_pd,
+    _mm512_set1_pd,
+    _mm512_fmadd_pd
+);
+
+impl Dots<f32> for Avx512 {
+    /// Two blocks of [`LANES`] in one register, folded to one block at the end.
+    #[inline(always)]
+    fn dot4(self, q: &[[f32; LANES]], k: &[&[[f32; LANES]]; 4]) -> [f32; 4] {
+        // SAFETY: `self` is an `Avx512` token, so the CPU has AVX-512 F and DQ
+        // and AVX2/FMA; each 512-bit load reads blocks `2p` and `2p + 1` of a
+        // slice with at least `2p + 2` blocks (every `k[u]` is as long as `q`),
+        // each 256-bit load one block, each store one `[f32; LANES]`.
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let pairs = q.len() / 2;
+            for p in 0..pairs {
+                let x = _mm512_loadu_ps(q.as_ptr().add(2 * p).cast());
+                for u in 0..4 {
+                    let y = _mm512_loadu_ps(k[u].as_ptr().add(2 * p).cast());
+                    acc[u] = _mm512_fmadd_ps(x, y, acc[u]);
+                }
+            }
+            // (loops, not closures: a closure does not inherit the caller's target
+            // features, and its intrinsics would be calls)
+            let mut sums = [_mm256_setzero_ps(); 4];
+            for u in 0..4 {
+                sums[u] = fold_halves(acc[u]);
+                if q.len() % 2 == 1 {
+                    let last = q.len() - 1;
+                    let x = _mm256_loadu_ps(q[last].as_ptr());
+                    sums[u] = _mm256_fmadd_ps(x, _mm256_loadu_ps(k[u][last].as_ptr()), sums[u]);
+                }
+            }
+            sum4_ps(sums)
+        }
+    }
+
+    #[inline(always)]
+    fn value_rows(
+        self,
+        p: &[&[f32]; 4],
+        values: &[f32],
+        d_v: usize,
+        c0: usize,
+    ) -> [[f32; LANES]; 4] {
+        self.avx2.value_rows(p, values, d_v, c0)
+    }
+}
+
+impl Dots<f64> for Avx512 {
+    /// One block of [`LANES`] per register (the AVX2 kernel needs two).
+    #[inline(always)]
+    fn dot4(self, q: &[[f64; LANES]], k: &[&[[f64; LANES]]; 4]) -> [f64; 4] {
+        // SAFETY: `self` is an `Avx512` token, so the CPU has AVX-512 F; every
+        // load reads, every store writes, one `[f64; LANES]`.
+        unsafe {
+            let mut acc = [_mm512_setzero_pd(); 4];
+            for (p, x) in q.iter().enumerate() {
+                let x = _mm512_loadu_pd(x.as_ptr());
+                for u in 0..4 {
+                    acc[u] = _mm512_fmadd_pd(x, _mm512_loadu_pd(k[u][p].as_ptr()), acc[u]);
+                }
+            }
+            let mut sums = [_mm256_setzero_pd(); 4];
+            for u in 0..4 {
+                let x = acc[u];
+                sums[u] = _mm256_add_pd(_mm512_castpd512_pd256(x), _mm512_extractf64x4_pd::<1>(x));
+            }
+            sum4_pd(sums)
+        }
+    }
+
+    #[inline(always)]
+    fn value_rows(
+        self,
+        p: &[&[f64]; 4],
+        values: &[f64],
+        d_v: usize,
+        c0: usize,
+    ) -> [[f64; LANES]; 4] {
+        // SAFETY: as in `dot4`; each value load reads one `[f64; LANES]` taken from
+        // `values` with bounds checks.
+        unsafe {
+            let mut acc = [_mm512_setzero_pd(); 4];
+            for (j, value) in values.chunks_exact(d_v).enumerate() {
+                let v: &[f64; LANES] = value[c0..c0 + LANES]
+                    .try_into()
+                    .expect("LANES value columns");
+                let v = _mm512_loadu_pd(v.as_ptr());
+                for u in 0..4 {
+                    acc[u] = _mm512_fmadd_pd(_mm512_set1_pd(p[u][j]), v, acc[u]);
+                }
+            }
+            let mut out = [[0.0; LANES]; 4];
+            for u in 0..4 {
+                _mm512_storeu_pd(out[u].as_mut_ptr(), acc[u]);
+            }
+            out
+        }
+    }
+}
+
+/// The two 8-lane halves of `x` added lane by lane.
+///
+/// # Safety
+///
+/// The CPU must support AVX-512 F and DQ.
+#[inline(always)]
+unsafe fn fold_halves(x: __m512) -> __m256 {
+    _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps::<1>(x))
+}
+
+/// Sixteen half-precision values at `src` widened to f32 in one register.
+///
+/// # Safety
+///
+/// The CPU must support AVX-512 F and BW, and `src` must point to sixteen
+/// readable values.
+#[inline(always)]
+unsafe fn widen16<H: Half>(src: *const H) -> __m512 {
+    let raw = _mm256_loadu_si256(src.cast());
+    if H::BF16 {
+        // bf16 is the upper half of an f32's bits
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+    } else {
+        _mm512_cvtph_ps(raw)
+    }
+}
+
+impl HalfDots for Avx512 {
+    /// Two blocks of [`LANES`] per register, folded to one block at the end.
+    #[inline(always)]
+    fn dot4_half<H: Half>(self, q: &[[f32; LANES]], k: &[&[[H; LANES]]; 4]) -> [f32; 4] {
+        // SAFETY: `self` is an `Avx512` token, so the CPU has AVX-512 F, BW and
+        // DQ and AVX2/FMA/F16C; each 512-bit load or widening reads blocks `2p`
+        // and `2p + 1` of a slice with at least `2p + 2` blocks (every `k[u]` is
+        // as long as `q`), each 256-bit load or widening one block.
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let pairs = q.len() / 2;
+            for p in 0..pairs {
+                let x = _mm512_loadu_ps(q.as_ptr().add(2 * p).cast());
+                for u in 0..4 {
+                    let y = widen16(k[u].as_ptr().add(2 * p).cast::<H>());
+                    acc[u] = _mm512_fmadd_ps(x, y, acc[u]);
+                }
+            }
+            // (loops, not closures: a closure does not inherit the caller's target
+            // features, and its intrinsics would be calls)
+            let mut sums = [_mm256_setzero_ps(); 4];
+            for u in 0..4 {
+                sums[u] = fold_halves(acc[u]);
+                if q.len() % 2 == 1 {
+                    let last = q.len() - 1;
+                    let x = _mm256_loadu_ps(q[last].as_ptr());
+                    sums[u] = _mm256_fmadd_ps(x, widen8(k[u][last].as_ptr()), sums[u]);
+                }
+            }
+            sum4_ps(sums)
+        }
+    }
+
+    #[inline(always)]
+    fn value_row_half<H: Half>(
+        self,
+        p: &[f32],
+        values: &[H],
+        d_v: usize,
+        c0: usize,
+    ) -> [[f32; LANES]; TILE_BLOCKS] {
+        const REGS: usize = TILE_BLOCKS * LANES / 16;
+        const { assert!((TILE_BLOCKS * LANES).is_multiple_of(16)) };
+        // SAFETY: as in `dot4_half`; each widening reads sixteen values of a slice
+        // of `TILE_BLOCKS · LANES` taken from `values` with bounds checks, each
+        // store writes sixteen of the `TILE_BLOCKS · LANES` floats of `out`.
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); REGS];
+            for (value, &p) in values.chunks_exact(d_v).zip(p) {
+                let v = &value[c0..c0 + TILE_BLOCKS * LANES];
+                let a = _mm512_set1_ps(p);
+                for (b, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_fmadd_ps(a, widen16(v.as_ptr().add(b * 16)), *acc);
+                }
+            }
+            let mut out = [[0.0; LANES]; TILE_BLOCKS];
+            let flat = out.as_flattened_mut();
+            for (b, acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(flat.as_mut_ptr().add(b * 16), *acc);
+            }
+            out
+        }
+    }
+}
