@@ -3,7 +3,9 @@
 //! are not finite, or large enough that a score or a running sum could overflow,
 //! go to the reference path, which defines what happens then.
 
-use ndarray::ArrayView2;
+use std::borrow::Cow;
+
+use ndarray::{ArrayView1, ArrayView2};
 
 use super::online::fold_max;
 use crate::core::mask::Mask2;
@@ -22,35 +24,64 @@ pub(crate) struct Extent<A> {
 
 /// Whether `x` is finite, its largest absolute entry, and its number of rows.
 pub(crate) fn extent_of<A: Element>(x: &ArrayView2<'_, A>) -> Extent<A> {
-    // `0·x` is 0 for finite x and NaN otherwise: summing it finds any
-    // non-finite entry with plain, vectorisable arithmetic
-    let mut lanes = [A::zero(); 8];
-    let mut poison = [A::zero(); 8];
-    let mut scan = |values: &[A]| {
+    let mut scan = Scan::new();
+    for row in x.outer_iter() {
+        scan.add(&row_slice(row));
+    }
+    scan.extent(x.nrows())
+}
+
+/// A row as a slice: borrowed where it is contiguous, copied where it is not.
+pub(crate) fn row_slice<A: Clone>(row: ArrayView1<'_, A>) -> Cow<'_, [A]> {
+    match row.to_slice() {
+        Some(row) => Cow::Borrowed(row),
+        None => Cow::Owned(row.to_vec()),
+    }
+}
+
+/// An [`Extent`] gathered slice by slice, so that a pass that reads the rows for
+/// another reason (packing) finds it on the way.
+pub(crate) struct Scan<A> {
+    /// The largest absolute entry so far, lane by lane.
+    lanes: [A; 8],
+    /// `Σ 0·x` lane by lane: 0 while every entry is finite, NaN after any other.
+    poison: [A; 8],
+}
+
+impl<A: Element> Scan<A> {
+    pub(crate) fn new() -> Self {
+        Scan {
+            lanes: [A::zero(); 8],
+            poison: [A::zero(); 8],
+        }
+    }
+
+    /// Takes in the entries of `values`.
+    #[inline(always)]
+    pub(crate) fn add(&mut self, values: &[A]) {
+        // `0·x` is 0 for finite x and NaN otherwise: summing it finds any
+        // non-finite entry with plain, vectorisable arithmetic
         let (chunks, rest) = values.as_chunks::<8>();
         for chunk in chunks {
-            for ((m, p), &v) in lanes.iter_mut().zip(poison.iter_mut()).zip(chunk) {
+            for ((m, p), &v) in self.lanes.iter_mut().zip(&mut self.poison).zip(chunk) {
                 *p += v * A::zero();
                 *m = fold_max(*m, v.abs());
             }
         }
         for &v in rest {
-            poison[0] += v * A::zero();
-            lanes[0] = fold_max(lanes[0], v.abs());
+            self.poison[0] += v * A::zero();
+            self.lanes[0] = fold_max(self.lanes[0], v.abs());
         }
-    };
-    match x.as_slice() {
-        Some(all) => scan(all),
-        None => x.rows().into_iter().for_each(|row| match row.as_slice() {
-            Some(row) => scan(row),
-            None => scan(&row.to_vec()),
-        }),
     }
-    let max_abs = lanes.iter().fold(A::zero(), |m, &a| fold_max(m, a));
-    Extent {
-        finite: poison.iter().all(|&p| p == A::zero()) && max_abs.is_finite(),
-        max_abs,
-        rows: x.nrows(),
+
+    /// The extent of everything added, `rows` rows.
+    pub(crate) fn extent(&self, rows: usize) -> Extent<A> {
+        let max_abs = self.lanes.iter().fold(A::zero(), |m, &a| fold_max(m, a));
+        Extent {
+            finite: self.poison.iter().all(|&p| p == A::zero()) && max_abs.is_finite(),
+            max_abs,
+            rows,
+        }
     }
 }
 

@@ -1,8 +1,9 @@
 //! Keys and values packed for the tiled kernel's micro-kernels, once per
 //! key/value head.
 
-use ndarray::{ArrayView2, Axis};
+use ndarray::ArrayView2;
 
+use super::fusable::{row_slice, Extent, Scan};
 use super::params::BC;
 use crate::element::Element;
 
@@ -25,40 +26,48 @@ pub(crate) struct PackedValues<A> {
 }
 
 impl<A: Element> PackedKeys<A> {
-    /// Packs `k: (S, d)` in panels of `nr` keys.
-    pub(crate) fn pack(k: &ArrayView2<'_, A>, nr: usize) -> Self {
+    /// Packs `k: (S, d)` in panels of `nr` keys, and finds the keys' extent on
+    /// the way.
+    pub(crate) fn pack(k: &ArrayView2<'_, A>, nr: usize) -> (Self, Extent<A>) {
         let (s, d) = k.dim();
-        let mut data = vec![A::zero(); s.next_multiple_of(BC) * d];
+        // the kernel reads whole panels of the keys it needs, never past the last
+        let mut data = vec![A::zero(); s.next_multiple_of(nr) * d];
+        let mut scan = Scan::new();
         for (j, key) in k.outer_iter().enumerate() {
             let (panel, lane) = (j / nr, j % nr);
             let base = panel * d * nr + lane;
+            let key = row_slice(key);
+            scan.add(&key);
             for (p, &x) in key.iter().enumerate() {
                 data[base + p * nr] = x;
             }
         }
-        PackedKeys { data, d }
+        (PackedKeys { data, d }, scan.extent(s))
     }
 }
 
 impl<A: Element> PackedValues<A> {
-    /// Packs `v: (S, d_v)` in column groups of `nr`.
-    pub(crate) fn pack(v: &ArrayView2<'_, A>, nr: usize) -> Self {
+    /// Packs `v: (S, d_v)` in column groups of `nr`, and finds the values' extent
+    /// on the way.
+    pub(crate) fn pack(v: &ArrayView2<'_, A>, nr: usize) -> (Self, Extent<A>) {
         let (s, dv) = v.dim();
         let s_pad = s.next_multiple_of(BC);
         let col_tiles = dv.div_ceil(nr);
         let mut data = vec![A::zero(); col_tiles * s_pad * nr];
+        let mut scan = Scan::new();
         for (j, value) in v.outer_iter().enumerate() {
-            for (ct, columns) in value.axis_chunks_iter(Axis(0), nr).enumerate() {
+            let value = row_slice(value);
+            scan.add(&value);
+            for (ct, columns) in value.chunks(nr).enumerate() {
                 let start = (ct * s_pad + j) * nr;
-                for (slot, &x) in data[start..start + columns.len()].iter_mut().zip(columns) {
-                    *slot = x;
-                }
+                data[start..start + columns.len()].copy_from_slice(columns);
             }
         }
-        PackedValues {
+        let packed = PackedValues {
             data,
             s_pad,
             col_tiles,
-        }
+        };
+        (packed, scan.extent(s))
     }
 }

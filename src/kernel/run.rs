@@ -211,11 +211,13 @@ fn tiled_wave<A: KernelElement>(
     let nr = A::tile_width(arch);
     let pack = |g: &KvGroup<'_, '_, A>| {
         let (k, v) = problem.keys_values(g.b, g.kv);
+        let (keys, key_extent) = PackedKeys::pack(&k, nr);
+        let (values, value_extent) = PackedValues::pack(&v, nr);
         Packed {
-            keys: PackedKeys::pack(&k, nr),
-            values: PackedValues::pack(&v, nr),
-            key_extent: extent_of(&k),
-            value_extent: extent_of(&v),
+            keys,
+            values,
+            key_extent,
+            value_extent,
         }
     };
     let packed: Vec<Packed<A>> = match parallelism {
