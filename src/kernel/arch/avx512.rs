@@ -2,8 +2,8 @@
 //! only run-time detection constructs: a tile row is two 512-bit registers, so a
 //! 6 × 32 (f32) or 6 × 16 (f64) tile is 12 accumulators, twice the columns of
 //! the AVX2 tiles for the same number of instructions; each query's broadcast is
-//! folded into its FMA (`{1to16}`). bf16 rows are widened sixteen values at a
-//! time.
+//! folded into its FMA (`{1to16}`). Half-precision rows are widened sixteen
+//! values at a time.
 
 use std::arch::x86_64::*;
 
@@ -251,30 +251,34 @@ unsafe fn fold_halves(x: __m512) -> __m256 {
     _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps::<1>(x))
 }
 
-/// Sixteen bf16 values at `src` widened to f32 in one register (bf16 is the
-/// upper half of an f32's bits).
+/// Sixteen half-precision values at `src` widened to f32 in one register.
 ///
 /// # Safety
 ///
 /// The CPU must support AVX-512 F and BW, and `src` must point to sixteen
-/// readable bf16 values.
+/// readable values.
 #[inline(always)]
-unsafe fn widen16_bf16<H: Half>(src: *const H) -> __m512 {
+unsafe fn widen16<H: Half>(src: *const H) -> __m512 {
     let raw = _mm256_loadu_si256(src.cast());
-    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+    if H::BF16 {
+        // bf16 is the upper half of an f32's bits
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+    } else {
+        _mm512_cvtph_ps(raw)
+    }
 }
 
-/// bf16 rows are widened sixteen values at a time (a 512-bit zero extension and
-/// shift); f16 rows through the AVX2 kernels, eight at a time: on Zen 4 the
-/// 512-bit `vcvtph2ps` made an f16 decoding step slower (254–268 µs against
-/// 238–247 µs, 8 heads, 4096 cached).
+/// Rows are widened sixteen values at a time, except the f16 value rows: those go
+/// through the AVX2 kernel, eight at a time (the same sums in the same order): on
+/// Zen 4 the 512-bit `vcvtph2ps` there made an f16 decoding step slower.
+///
+/// The dot products sum in the order of [`Dots::dot4`] for f32 (pairs of blocks,
+/// then the halves), so that half-precision keys give the bits their f32
+/// widening gives.
 impl HalfDots for Avx512 {
     /// Two blocks of [`LANES`] per register, folded to one block at the end.
     #[inline(always)]
     fn dot4_half<H: Half>(self, q: &[[f32; LANES]], k: &[&[[H; LANES]]; 4]) -> [f32; 4] {
-        if !H::BF16 {
-            return self.avx2.dot4_half(q, k);
-        }
         // SAFETY: `self` is an `Avx512` token, so the CPU has AVX-512 F, BW and
         // DQ and AVX2/FMA/F16C; each 512-bit load or widening reads blocks `2p`
         // and `2p + 1` of a slice with at least `2p + 2` blocks (every `k[u]` is
@@ -285,7 +289,7 @@ impl HalfDots for Avx512 {
             for p in 0..pairs {
                 let x = _mm512_loadu_ps(q.as_ptr().add(2 * p).cast());
                 for u in 0..4 {
-                    let y = widen16_bf16(k[u].as_ptr().add(2 * p).cast::<H>());
+                    let y = widen16(k[u].as_ptr().add(2 * p).cast::<H>());
                     acc[u] = _mm512_fmadd_ps(x, y, acc[u]);
                 }
             }
@@ -326,7 +330,7 @@ impl HalfDots for Avx512 {
                 let v = &value[c0..c0 + TILE_BLOCKS * LANES];
                 let a = _mm512_set1_ps(p);
                 for (b, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm512_fmadd_ps(a, widen16_bf16(v.as_ptr().add(b * 16)), *acc);
+                    *acc = _mm512_fmadd_ps(a, widen16(v.as_ptr().add(b * 16)), *acc);
                 }
             }
             let mut out = [[0.0; LANES]; TILE_BLOCKS];
