@@ -134,7 +134,7 @@ impl Curve {
         Ok(())
     }
 
-    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
+    pub(super) fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
         let lo = self.values.iter().fold(0.0_f64, |m, &x| m.min(x));
         let hi = self.values.iter().fold(lo, |m, &x| m.max(x));
         let hi = if hi > lo {
@@ -168,4 +168,4 @@ impl Curve {
 }
 
 /// Width and height of a curve's picture, in pixels.
-const SIZE: (u32, u32) = (720, 420);
+pub(super) const SIZE: (u32, u32) = (720, 420);

@@ -117,7 +117,7 @@ impl Figure {
             .map_err(|e| with_path(e, path))
     }
 
-    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
+    pub(super) fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
         root.fill(&WHITE).map_err(plot_error)?;
         let mut x = 0;
         for panel in &self.panels {
@@ -150,7 +150,7 @@ fn panel_width(h: &Heatmap) -> u32 {
     } else {
         0
     };
-    h.values.ncols() as u32 * CELL + LEFT_BAND + legend_band(h) + titles
+    h.values.ncols() as u32 * cell_width(h) + LEFT_BAND + legend_band(h) + titles
 }
 
 /// The colour bar and its tick labels: wide enough for the longest label (the
@@ -163,6 +163,18 @@ fn legend_band(h: &Heatmap) -> u32 {
         .max()
         .unwrap_or(0) as u32;
     LEGEND_BAND.max(44 + 8 * longest)
+}
+
+/// Pixels across a cell: [`CELL`], or wider where a cell's number needs it (the
+/// numbers are drawn about 8 pixels a character, with 4 pixels either side).
+fn cell_width(h: &Heatmap) -> u32 {
+    let longest = h
+        .values
+        .iter()
+        .map(|&v| drawn_number(v, h.decimals).chars().count())
+        .max()
+        .unwrap_or(0) as u32;
+    CELL.max(8 * longest + 8)
 }
 
 fn panel_height(h: &Heatmap) -> u32 {
@@ -182,7 +194,7 @@ fn draw_axis_titles<DB: DrawingBackend>(
     cols: &str,
 ) -> std::result::Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     let (n_rows, n_cols) = h.values.dim();
-    let cell = CELL as i32;
+    let (cell, cell_x) = (CELL as i32, cell_width(h) as i32);
     let font = ("sans-serif", 15)
         .into_font()
         .style(FontStyle::Italic)
@@ -199,7 +211,7 @@ fn draw_axis_titles<DB: DrawingBackend>(
             .transform(FontTransform::Rotate270)
             .pos(centred),
     ))?;
-    let middle_of_cols = (AXIS_BAND + LEFT_BAND) as i32 + cell * n_cols as i32 / 2;
+    let middle_of_cols = (AXIS_BAND + LEFT_BAND) as i32 + cell_x * n_cols as i32 / 2;
     let below_labels =
         (TITLE_BAND + BOTTOM_BAND) as i32 + cell * n_rows as i32 + AXIS_BAND as i32 / 2 - 4;
     area.draw(&Text::new(
@@ -223,6 +235,7 @@ fn draw_panel<DB: DrawingBackend>(
     let (lo, hi) = h.range();
     let (rows, cols) = h.values.dim();
     let (left, top, cell) = (LEFT_BAND as i32, TITLE_BAND as i32, CELL as i32);
+    let cell_x = cell_width(h) as i32;
     let centred = Pos::new(HPos::Center, VPos::Center);
     let title = ("sans-serif", 18)
         .into_font()
@@ -231,7 +244,7 @@ fn draw_panel<DB: DrawingBackend>(
         .pos(centred);
     area.draw(&Text::new(
         h.title.clone(),
-        (left + cell * cols as i32 / 2, top / 2),
+        (left + cell_x * cols as i32 / 2, top / 2),
         title,
     ))?;
     let label = ("sans-serif", 14).into_font().color(&BLACK);
@@ -244,7 +257,7 @@ fn draw_panel<DB: DrawingBackend>(
         ))?;
     }
     for (j, name) in h.cols.iter().enumerate() {
-        let x = left + cell * j as i32 + cell / 2;
+        let x = left + cell_x * j as i32 + cell_x / 2;
         let y = top + cell * rows as i32 + 14;
         area.draw(&Text::new(
             name.clone(),
@@ -253,9 +266,9 @@ fn draw_panel<DB: DrawingBackend>(
         ))?;
     }
     for ((i, j), &x) in h.values.indexed_iter() {
-        let (x0, y0) = (left + cell * j as i32, top + cell * i as i32);
+        let (x0, y0) = (left + cell_x * j as i32, top + cell * i as i32);
         area.draw(&Rectangle::new(
-            [(x0, y0), (x0 + cell, y0 + cell)],
+            [(x0, y0), (x0 + cell_x, y0 + cell)],
             colour(h.colormap, x, lo, hi).filled(),
         ))?;
         let ink = if is_dark(h.colormap, x, lo, hi) {
@@ -265,11 +278,11 @@ fn draw_panel<DB: DrawingBackend>(
         };
         let text = drawn_number(x, h.decimals);
         let style = ("monospace", 13).into_font().color(&ink).pos(centred);
-        area.draw(&Text::new(text, (x0 + cell / 2, y0 + cell / 2), style))?;
+        area.draw(&Text::new(text, (x0 + cell_x / 2, y0 + cell / 2), style))?;
     }
     // the legend: the colour scale from the smallest to the largest value
     let (bar_x, bar_top, bar_height) = (
-        left + cell * cols as i32 + 14,
+        left + cell_x * cols as i32 + 14,
         top,
         (cell * rows as i32).max(40),
     );

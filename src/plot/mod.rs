@@ -5,6 +5,8 @@
 mod colormap;
 mod curve;
 mod figure;
+#[cfg(test)]
+mod fits;
 mod heatmap;
 mod output;
 
