@@ -5,6 +5,7 @@ use std::path::Path;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
+use super::figure::drawn_number;
 use super::output::{plot_error, register_system_font, with_path};
 use crate::error::{Error, Result};
 
@@ -143,6 +144,8 @@ impl Curve {
             lo + 1.0
         };
         let last = (self.values.len() - 1).max(1) as f64;
+        // enough decimals to tell about ten ticks apart
+        let decimals = (-((hi - lo) / 10.0).log10().floor()).clamp(0.0, 6.0) as usize;
         root.fill(&WHITE).map_err(plot_error)?;
         let mut chart = ChartBuilder::on(root)
             .caption(&self.title, ("sans-serif", 20))
@@ -156,6 +159,7 @@ impl Curve {
             .x_desc(&self.x_label)
             .y_desc(&self.y_label)
             .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| drawn_number(*y, decimals))
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(plot_error)?;

@@ -195,10 +195,7 @@ fn draw_axis_titles<DB: DrawingBackend>(
 ) -> std::result::Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     let (n_rows, n_cols) = h.values.dim();
     let (cell, cell_x) = (CELL as i32, cell_width(h) as i32);
-    let font = ("sans-serif", 15)
-        .into_font()
-        .style(FontStyle::Italic)
-        .color(&BLACK);
+    let font = sans(15.0, FontStyle::Italic).color(&BLACK);
     let centred = Pos::new(HPos::Center, VPos::Center);
     let middle_of_rows = TITLE_BAND as i32 + cell * n_rows as i32 / 2;
     // just left of the widest row label (about 8 pixels a character at 14 points)
@@ -222,9 +219,16 @@ fn draw_axis_titles<DB: DrawingBackend>(
     Ok(())
 }
 
+/// The sans-serif font in `style`, its face looked up by that style (plotters'
+/// `FontDesc::style` changes the style but keeps the face it was made with, so a
+/// bold title would be set in the regular face).
+pub(super) fn sans(size: f64, style: FontStyle) -> FontDesc<'static> {
+    FontDesc::new(FontFamily::Name("sans-serif"), size, style)
+}
+
 /// A number as a picture shows it: the true minus sign (U+2212), level with the
 /// digits, where the hyphen would sit small and high.
-fn drawn_number(x: f64, decimals: usize) -> String {
+pub(super) fn drawn_number(x: f64, decimals: usize) -> String {
     format!("{x:.decimals$}").replace('-', "\u{2212}")
 }
 
@@ -237,11 +241,7 @@ fn draw_panel<DB: DrawingBackend>(
     let (left, top, cell) = (LEFT_BAND as i32, TITLE_BAND as i32, CELL as i32);
     let cell_x = cell_width(h) as i32;
     let centred = Pos::new(HPos::Center, VPos::Center);
-    let title = ("sans-serif", 18)
-        .into_font()
-        .style(FontStyle::Bold)
-        .color(&BLACK)
-        .pos(centred);
+    let title = sans(18.0, FontStyle::Bold).color(&BLACK).pos(centred);
     area.draw(&Text::new(
         h.title.clone(),
         (left + cell_x * cols as i32 / 2, top / 2),

@@ -381,3 +381,19 @@ fn a_loss_curve_text_fits() {
     let wrong = misfits(size, &texts);
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
+
+#[test]
+fn titles_are_set_in_the_bold_face() {
+    if register_system_font().is_err() {
+        return;
+    }
+    let width = |style: FontStyle| {
+        let ((x0, _), (x1, _)) = super::figure::sans(18.0, style)
+            .layout_box("attention weights")
+            .expect("the registered font lays out the text");
+        x1 - x0
+    };
+    let (regular, bold) = (width(FontStyle::Normal), width(FontStyle::Bold));
+    // DejaVu Sans Bold sets the same text wider than the regular face
+    assert!(bold > regular, "bold {bold} px, regular {regular} px");
+}

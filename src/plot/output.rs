@@ -22,9 +22,10 @@ pub(crate) fn with_path(e: Error, path: &Path) -> Error {
     }
 }
 
-/// Registers a TrueType font as "sans-serif" for PNG text, once, and its
-/// monospaced sibling (where there is one) as "monospace", for numbers: its
-/// digits are all one width, so the columns of a cell's digits stay even.
+/// Registers a TrueType font as "sans-serif" for PNG text, once, with its bold
+/// and oblique faces (titles, axis titles) and its monospaced sibling as
+/// "monospace", for numbers (its digits are all one width, so the columns of a
+/// cell's digits stay even), where the family has them.
 pub(crate) fn register_system_font() -> Result<()> {
     use std::sync::OnceLock;
     static FONT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
@@ -42,18 +43,39 @@ pub(crate) fn register_system_font() -> Result<()> {
         );
         for path in candidates {
             if let Ok(bytes) = std::fs::read(&path) {
-                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                for style in [FontStyle::Normal, FontStyle::Bold, FontStyle::Italic] {
-                    plotters::style::register_font("sans-serif", style, bytes)
+                let regular: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                // a sibling file in the same family where there is one (DejaVu's
+                // names), else the regular face
+                let sibling = |name: &str| -> &'static [u8] {
+                    match std::fs::read(path.replace("DejaVuSans.ttf", name)) {
+                        Ok(bytes) if path.ends_with("DejaVuSans.ttf") && bytes.len() > 1000 => {
+                            Box::leak(bytes.into_boxed_slice())
+                        }
+                        _ => regular,
+                    }
+                };
+                let faces = [
+                    ("sans-serif", FontStyle::Normal, regular),
+                    (
+                        "sans-serif",
+                        FontStyle::Bold,
+                        sibling("DejaVuSans-Bold.ttf"),
+                    ),
+                    (
+                        "sans-serif",
+                        FontStyle::Italic,
+                        sibling("DejaVuSans-Oblique.ttf"),
+                    ),
+                    (
+                        "monospace",
+                        FontStyle::Normal,
+                        sibling("DejaVuSansMono.ttf"),
+                    ),
+                ];
+                for (family, style, bytes) in faces {
+                    plotters::style::register_font(family, style, bytes)
                         .map_err(|_| format!("{path} is not a font plotters can read"))?;
                 }
-                let mono = path.replace("DejaVuSans.ttf", "DejaVuSansMono.ttf");
-                let mono: &'static [u8] = match std::fs::read(&mono) {
-                    Ok(mono) if mono.len() > 1000 => Box::leak(mono.into_boxed_slice()),
-                    _ => bytes,
-                };
-                plotters::style::register_font("monospace", FontStyle::Normal, mono)
-                    .map_err(|_| format!("{path} is not a font plotters can read"))?;
                 return Ok(());
             }
         }
