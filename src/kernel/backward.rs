@@ -9,8 +9,10 @@
 //! 2. per key block: `P = exp(S − lse)` (0 where masked), `dV += Pᵀ·dO`,
 //!    `dP = dO·Vᵀ`, `dS = P ∘ (dP − D)`, `dQ += dS·K`, `dK += dSᵀ·Q·scale`.
 //!
-//! Block products are general matrix products on views; the rest is compiled per
-//! instruction set in [`super::arch`]. [`super::run::backward`] runs the heads in
+//! Block products run on the forward's micro-kernels ([`super::gemm`]): the keys
+//! and values are packed once per head, a query block's rows once per block, a
+//! key block's `P` and `dS` once each; everything is compiled per instruction
+//! set in [`super::arch`]. [`super::run::backward`] runs the heads in
 //! parallel, each with its own `dK` and `dV`, summed over the query heads of a
 //! key/value head in head order, so the result does not depend on the number of
 //! threads; heads whose inputs are not finite, or could overflow, take the
@@ -19,14 +21,18 @@
 //! [`BACKWARD_QUERIES`]: super::params::BACKWARD_QUERIES
 //! [`BACKWARD_KEYS`]: super::params::BACKWARD_KEYS
 
-use ndarray::linalg::general_mat_mul;
-use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis};
+use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, CowArray, Ix2};
 
 use super::float::{KernelFloat, MulAdd};
+use super::gemm::{product, Panels, Target};
 use super::online::{inverse_total, softmax_update};
-use super::params::{BACKWARD_KEYS as BK, BACKWARD_QUERIES as BQ, SOFTMAX_LANES};
+use super::params::{BACKWARD_KEYS as BK, BACKWARD_QUERIES as BQ, MR, SOFTMAX_LANES};
+use super::tiled::Tiles;
 use crate::core::backward::add_bias_gradient;
 use crate::core::mask::{apply_row, keys_in_reach, Mask2};
+
+// every key block starts a panel of keys, for the widest tiles (32 keys)
+const _: () = assert!(BK.is_multiple_of(32));
 
 /// One query head's gradients: `dq` for the head, `dk` and `dv` for its
 /// key/value head (to be summed with the other query heads of its group).
@@ -61,24 +67,19 @@ pub(crate) struct Upstream<'a, A> {
 /// One query head's output and each row's log-sum-exp (`−∞` for a row that sees
 /// no key) by the fused forward of the backward pass.
 #[inline(always)]
-pub(crate) fn forward_head<A: KernelFloat, M: MulAdd>(
+pub(crate) fn forward_head<A: KernelFloat, M: MulAdd, T: Tiles<A, NR>, const NR: usize>(
+    tiles: T,
     inputs: &HeadInputs<'_, '_, A>,
 ) -> (Array2<A>, Array1<A>) {
     let l = inputs.q.nrows();
-    let (head, mut scratch) = (Head::of(inputs), BlockScratch::new(inputs.v.ncols()));
+    let head = Head::<A, NR>::of(inputs, true);
+    let mut scratch = BlockScratch::new(inputs.v.ncols(), NR);
     let mut output = Array2::zeros((l, inputs.v.ncols()));
     let mut lse = Array1::zeros(l);
     for (c, mut out) in output.axis_chunks_iter_mut(Axis(0), BQ).enumerate() {
         let rows = c * BQ..c * BQ + out.nrows();
-        let q_block = inputs
-            .q
-            .slice(s![rows.clone(), ..])
-            .mapv(|x| x * inputs.scale);
-        let queries = Queries {
-            first: rows.start,
-            q: q_block.view(),
-        };
-        head.forward::<M>(&queries, &mut scratch);
+        let queries = Queries::of::<A, NR>(inputs, rows.clone(), &mut scratch);
+        head.forward::<M, T>(tiles, &queries, &mut scratch);
         out.assign(&scratch.o.slice(s![..rows.len(), ..]));
         for (x, &y) in lse.slice_mut(s![rows]).iter_mut().zip(&scratch.lse) {
             *x = if y == A::infinity() {
@@ -92,9 +93,11 @@ pub(crate) fn forward_head<A: KernelFloat, M: MulAdd>(
 }
 
 /// The gradients of one query head by the fused pass; `M` says how `a·b + c` is
-/// computed (the caller compiles it for its instruction set).
+/// computed and `tiles` are the micro-kernels (the caller compiles them for its
+/// instruction set).
 #[inline(always)]
-pub(crate) fn head<A: KernelFloat, M: MulAdd>(
+pub(crate) fn head<A: KernelFloat, M: MulAdd, T: Tiles<A, NR>, const NR: usize>(
+    tiles: T,
     inputs: &HeadInputs<'_, '_, A>,
     upstream: Upstream<'_, A>,
 ) -> HeadGradients<A> {
@@ -109,7 +112,8 @@ pub(crate) fn head<A: KernelFloat, M: MulAdd>(
             .map(|&s| Array2::zeros(s))
             .collect(),
     };
-    let (head, mut scratch) = (Head::of(inputs), BlockScratch::new(v.ncols()));
+    let head = Head::<A, NR>::of(inputs, upstream.saved.is_none());
+    let mut scratch = BlockScratch::new(v.ncols(), NR);
     let HeadGradients {
         dq: d_q,
         dk,
@@ -118,11 +122,7 @@ pub(crate) fn head<A: KernelFloat, M: MulAdd>(
     } = &mut grads;
     for (c, dq) in d_q.axis_chunks_iter_mut(Axis(0), BQ).enumerate() {
         let rows = c * BQ..c * BQ + dq.nrows();
-        let q_block = q.slice(s![rows.clone(), ..]).mapv(|x| x * inputs.scale);
-        let queries = Queries {
-            first: rows.start,
-            q: q_block.view(),
-        };
+        let queries = Queries::of::<A, NR>(inputs, rows.clone(), &mut scratch);
         let upstream = Upstream {
             d_out: upstream.d_out.slice_move(s![rows.clone(), ..]),
             saved: upstream
@@ -130,19 +130,28 @@ pub(crate) fn head<A: KernelFloat, M: MulAdd>(
                 .map(|(o, lse)| (o.slice_move(s![rows.clone(), ..]), lse.slice_move(s![rows]))),
         };
         let out = BlockGradients { dq, dk, dv, bias };
-        head.query_block::<M>(&queries, upstream, &mut scratch, out);
+        head.query_block::<M, T>(tiles, &queries, upstream, &mut scratch, out);
     }
     grads.dq.mapv_inplace(|x| x * inputs.scale);
     grads
 }
 
-/// What one query head attends over.
-struct Head<'h, 'p, A> {
-    k: ArrayView2<'p, A>,
-    v: ArrayView2<'p, A>,
+/// What one query head attends over, its keys and values packed for the
+/// products.
+struct Head<'h, 'p, A, const NR: usize> {
     masks: &'h [Mask2<'p, A>],
-    /// The number of queries `L` of the head.
+    /// The number of queries `L` and keys `S` of the head, and the widths.
     l: usize,
+    s: usize,
+    d: usize,
+    d_v: usize,
+    /// `Kᵀ` and `Vᵀ` in panels of `NR` keys (for `S = Q·Kᵀ`, `dP = dO·Vᵀ`), and
+    /// `K` and `V` in panels of `NR` columns (for `dQ = dS·K` and, when the
+    /// forward runs again, `O = P·V`).
+    keys_t: Panels<A>,
+    values_t: Panels<A>,
+    keys: Panels<A>,
+    values: Panels<A>,
 }
 
 /// Where one query block's gradients go: its rows of `dQ`, the head's `dK`, `dV`
@@ -154,11 +163,34 @@ struct BlockGradients<'g, A> {
     bias: &'g mut [Array2<A>],
 }
 
-/// One block of query rows, times the scale.
-struct Queries<'a, A> {
-    /// Index of the block's first row among the head's queries.
+/// One block of query rows, times the scale (packed into the scratch's panels).
+struct Queries {
+    /// Index of the block's first row among the head's queries, and its rows.
     first: usize,
-    q: ArrayView2<'a, A>,
+    rows: usize,
+}
+
+impl Queries {
+    /// Rows `rows` of the head's queries times the scale, packed as the left
+    /// operand of `S = Q·Kᵀ` and the right one of `dK = dSᵀ·Q`.
+    fn of<A: KernelFloat, const NR: usize>(
+        inputs: &HeadInputs<'_, '_, A>,
+        rows: std::ops::Range<usize>,
+        scratch: &mut BlockScratch<A>,
+    ) -> Self {
+        let d = inputs.q.ncols();
+        let q = inputs
+            .q
+            .slice(s![rows.clone(), ..])
+            .mapv(|x| x * inputs.scale);
+        let q = q.as_slice().expect("a fresh array is standard");
+        scratch.q_rows.pack_lines::<MR>(q, d, rows.len(), d);
+        scratch.q_cols.pack_steps::<NR>(q, d, d, rows.len());
+        Queries {
+            first: rows.start,
+            rows: rows.len(),
+        }
+    }
 }
 
 /// Working memory for one query block, reused across blocks.
@@ -172,59 +204,119 @@ struct BlockScratch<A> {
     /// Each row's log-sum-exp and `D = rowsum(dO ∘ O)`.
     lse: Vec<A>,
     d: Vec<A>,
+    /// The block's scaled queries and `dO` as left and right operands.
+    q_rows: Panels<A>,
+    q_cols: Panels<A>,
+    d_out_rows: Panels<A>,
+    d_out_cols: Panels<A>,
+    /// `P` (forward), `Pᵀ`, `dS` and `dSᵀ` of one key block as left operands.
+    p_rows: Panels<A>,
+    p_t: Panels<A>,
+    ds_rows: Panels<A>,
+    ds_t: Panels<A>,
 }
 
 impl<A: KernelFloat> BlockScratch<A> {
-    fn new(d_v: usize) -> Self {
+    fn new(d_v: usize, nr: usize) -> Self {
         BlockScratch {
             p: Array2::zeros((BQ, BK)),
             ds: Array2::zeros((BQ, BK)),
             o: Array2::zeros((BQ, d_v)),
             lse: vec![A::zero(); BQ],
             d: vec![A::zero(); BQ],
+            q_rows: Panels::new(MR),
+            q_cols: Panels::new(nr),
+            d_out_rows: Panels::new(MR),
+            d_out_cols: Panels::new(nr),
+            p_rows: Panels::new(MR),
+            p_t: Panels::new(MR),
+            ds_rows: Panels::new(MR),
+            ds_t: Panels::new(MR),
         }
     }
 }
 
-impl<'h, 'p, A: KernelFloat> Head<'h, 'p, A> {
-    fn of(inputs: &HeadInputs<'h, 'p, A>) -> Self {
-        Head {
-            k: inputs.k,
-            v: inputs.v,
+/// A standard-layout copy of `x` where it is not one already.
+fn standard<A: Clone>(x: ArrayView2<'_, A>) -> CowArray<'_, A, Ix2> {
+    if x.is_standard_layout() {
+        CowArray::from(x)
+    } else {
+        CowArray::from(x.as_standard_layout().into_owned())
+    }
+}
+
+impl<'h, 'p, A: KernelFloat, const NR: usize> Head<'h, 'p, A, NR> {
+    /// The head, its keys and values packed (`V` by columns only when the
+    /// forward runs again).
+    fn of(inputs: &HeadInputs<'h, 'p, A>, forward: bool) -> Self {
+        let ((s, d), d_v) = (inputs.k.dim(), inputs.v.ncols());
+        let (k, v) = (standard(inputs.k), standard(inputs.v));
+        let (k, v) = (
+            k.as_slice().expect("standard layout"),
+            v.as_slice().expect("standard layout"),
+        );
+        let mut head = Head {
             masks: inputs.masks,
             l: inputs.q.nrows(),
+            s,
+            d,
+            d_v,
+            keys_t: Panels::new(NR),
+            values_t: Panels::new(NR),
+            keys: Panels::new(NR),
+            values: Panels::new(NR),
+        };
+        head.keys_t.pack_lines::<NR>(k, d, s, d);
+        head.values_t.pack_lines::<NR>(v, d_v, s, d_v);
+        head.keys.pack_steps::<NR>(k, d, d, s);
+        if forward {
+            head.values.pack_steps::<NR>(v, d_v, d_v, s);
         }
+        head
     }
 
-    /// The keys any row of the block may see, cut into key blocks.
+    /// The keys any row of the block may see, cut into key blocks (the first
+    /// starting at a multiple of `BK`, so that each starts a panel of keys).
     #[inline(always)]
-    fn key_blocks(&self, queries: &Queries<'_, A>) -> impl Iterator<Item = std::ops::Range<usize>> {
-        let s = self.k.nrows();
-        let last = queries.first + queries.q.nrows() - 1;
-        let start = keys_in_reach(self.masks, queries.first, self.l, s).start;
-        let end = keys_in_reach(self.masks, last, self.l, s).end;
+    fn key_blocks(&self, queries: &Queries) -> impl Iterator<Item = std::ops::Range<usize>> {
+        let last = queries.first + queries.rows - 1;
+        let start = keys_in_reach(self.masks, queries.first, self.l, self.s).start / BK * BK;
+        let end = keys_in_reach(self.masks, last, self.l, self.s).end;
         (start..end).step_by(BK).map(move |j| j..(j + BK).min(end))
     }
 
     /// `S = (Q·scale)·Kᵀ` for keys `keys`, masked, into the first rows and
-    /// columns of `s`.
+    /// columns of `scratch.p`.
     #[inline(always)]
-    fn scores(&self, queries: &Queries<'_, A>, keys: &std::ops::Range<usize>, s: &mut Array2<A>) {
-        let rows = queries.q.nrows();
-        let mut block = s.slice_mut(s![..rows, ..keys.len()]);
-        let k = self.k.slice(s![keys.clone(), ..]);
-        general_mat_mul(A::one(), &queries.q, &k.t(), A::zero(), &mut block);
-        for (i, mut row) in block.outer_iter_mut().enumerate() {
-            let row = row
-                .as_slice_mut()
-                .expect("a row of a standard-layout block");
+    fn scores<T: Tiles<A, NR>>(
+        &self,
+        tiles: T,
+        queries: &Queries,
+        keys: &std::ops::Range<usize>,
+        scratch: &mut BlockScratch<A>,
+    ) {
+        let c = scratch.p.as_slice_mut().expect("standard layout");
+        let target = Target {
+            c: &mut *c,
+            stride: BK,
+            add: false,
+        };
+        product(
+            tiles,
+            &scratch.q_rows,
+            &self.keys_t,
+            0..self.d,
+            keys.clone(),
+            target,
+        );
+        for (i, row) in c.chunks_exact_mut(BK).take(queries.rows).enumerate() {
             apply_row(
                 self.masks,
                 queries.first + i,
                 self.l,
-                self.k.nrows(),
+                self.s,
                 keys.start,
-                row,
+                &mut row[..keys.len()],
             );
         }
     }
@@ -233,9 +325,10 @@ impl<'h, 'p, A: KernelFloat> Head<'h, 'p, A> {
     /// again), then the gradients; `dq` is the block's rows of `dQ` (unscaled),
     /// `dk` and `dv` the head's, accumulated.
     #[inline(always)]
-    fn query_block<M: MulAdd>(
+    fn query_block<M: MulAdd, T: Tiles<A, NR>>(
         &self,
-        queries: &Queries<'_, A>,
+        tiles: T,
+        queries: &Queries,
         upstream: Upstream<'_, A>,
         scratch: &mut BlockScratch<A>,
         out: BlockGradients<'_, A>,
@@ -246,8 +339,8 @@ impl<'h, 'p, A: KernelFloat> Head<'h, 'p, A> {
             dv,
             bias,
         } = out;
-        let rows = queries.q.nrows();
-        let d_out = upstream.d_out;
+        let (rows, d, d_v) = (queries.rows, self.d, self.d_v);
+        let d_out = standard(upstream.d_out);
         match upstream.saved {
             Some((o, lse)) => {
                 scratch.o.slice_mut(s![..rows, ..]).assign(&o);
@@ -260,7 +353,7 @@ impl<'h, 'p, A: KernelFloat> Head<'h, 'p, A> {
                     };
                 }
             }
-            None => self.forward::<M>(queries, scratch),
+            None => self.forward::<M, T>(tiles, queries, scratch),
         }
         // D = rowsum(dO ∘ O)
         for (i, d) in scratch.d.iter_mut().take(rows).enumerate() {
@@ -270,34 +363,85 @@ impl<'h, 'p, A: KernelFloat> Head<'h, 'p, A> {
                 .zip(scratch.o.row(i))
                 .fold(A::zero(), |t, (&g, &o)| t + g * o);
         }
+        let d_out = d_out.as_slice().expect("standard layout");
+        scratch.d_out_rows.pack_lines::<MR>(d_out, d_v, rows, d_v);
+        scratch.d_out_cols.pack_steps::<NR>(d_out, d_v, d_v, rows);
+        let dq = dq.as_slice_mut().expect("rows of a standard-layout array");
+        let dk = dk.as_slice_mut().expect("standard layout");
+        let dv = dv.as_slice_mut().expect("standard layout");
         for keys in self.key_blocks(queries) {
             let n = keys.len();
-            self.scores(queries, &keys, &mut scratch.p);
-            let mut p = scratch.p.slice_mut(s![..rows, ..n]);
-            for (i, mut row) in p.outer_iter_mut().enumerate() {
-                let lse = scratch.lse[i];
-                row.mapv_inplace(|x| A::exp_nonpositive::<M>(x - lse));
+            self.scores(tiles, queries, &keys, scratch);
+            let p = scratch.p.as_slice_mut().expect("standard layout");
+            for (row, &lse) in p.chunks_exact_mut(BK).zip(&scratch.lse).take(rows) {
+                for x in &mut row[..n] {
+                    *x = A::exp_nonpositive::<M>(*x - lse);
+                }
             }
-            let p = p.view();
             // dV += Pᵀ·dO
-            let mut dv_block = dv.slice_mut(s![keys.clone(), ..]);
-            general_mat_mul(A::one(), &p.t(), &d_out, A::one(), &mut dv_block);
+            scratch.p_t.pack_steps::<MR>(p, BK, n, rows);
+            let target = Target {
+                c: &mut dv[keys.start * d_v..],
+                stride: d_v,
+                add: true,
+            };
+            product(
+                tiles,
+                &scratch.p_t,
+                &scratch.d_out_cols,
+                0..rows,
+                0..d_v,
+                target,
+            );
             // dP = dO·Vᵀ, then dS = P ∘ (dP − D)
-            let mut ds = scratch.ds.slice_mut(s![..rows, ..n]);
-            let v = self.v.slice(s![keys.clone(), ..]);
-            general_mat_mul(A::one(), &d_out, &v.t(), A::zero(), &mut ds);
-            for ((mut ds, p), &d) in ds.outer_iter_mut().zip(p.outer_iter()).zip(&scratch.d) {
-                ds.zip_mut_with(&p, |x, &p| *x = p * (*x - d));
+            let ds = scratch.ds.as_slice_mut().expect("standard layout");
+            let target = Target {
+                c: &mut *ds,
+                stride: BK,
+                add: false,
+            };
+            product(
+                tiles,
+                &scratch.d_out_rows,
+                &self.values_t,
+                0..d_v,
+                keys.clone(),
+                target,
+            );
+            let p_rows = p.chunks_exact(BK).zip(&scratch.d);
+            for (ds, (p, &d)) in ds.chunks_exact_mut(BK).zip(p_rows).take(rows) {
+                for (x, &p) in ds[..n].iter_mut().zip(&p[..n]) {
+                    *x = p * (*x - d);
+                }
             }
             // dS is the gradient by every bias added to the scores
+            let ds_view = scratch.ds.slice(s![..rows, ..n]);
             for target in bias.iter_mut() {
-                add_bias_gradient(target.view_mut(), ds.view(), queries.first, keys.start);
+                add_bias_gradient(target.view_mut(), ds_view, queries.first, keys.start);
             }
             // dQ += dS·K, dK += dSᵀ·(Q·scale)
-            let k = self.k.slice(s![keys.clone(), ..]);
-            general_mat_mul(A::one(), &ds, &k, A::one(), &mut dq);
-            let mut dk_block = dk.slice_mut(s![keys, ..]);
-            general_mat_mul(A::one(), &ds.t(), &queries.q, A::one(), &mut dk_block);
+            let ds = scratch.ds.as_slice().expect("standard layout");
+            scratch.ds_rows.pack_lines::<MR>(ds, BK, rows, n);
+            scratch.ds_t.pack_steps::<MR>(ds, BK, n, rows);
+            let target = Target {
+                c: &mut *dq,
+                stride: d,
+                add: true,
+            };
+            product(
+                tiles,
+                &scratch.ds_rows,
+                &self.keys,
+                keys.clone(),
+                0..d,
+                target,
+            );
+            let target = Target {
+                c: &mut dk[keys.start * d..],
+                stride: d,
+                add: true,
+            };
+            product(tiles, &scratch.ds_t, &scratch.q_cols, 0..rows, 0..d, target);
         }
     }
 
@@ -305,25 +449,39 @@ impl<'h, 'p, A: KernelFloat> Head<'h, 'p, A> {
     /// (`+∞` for a row that sees no key, so that every weight of the backward is 0),
     /// into `scratch`.
     #[inline(always)]
-    fn forward<M: MulAdd>(&self, queries: &Queries<'_, A>, scratch: &mut BlockScratch<A>) {
-        let rows = queries.q.nrows();
+    fn forward<M: MulAdd, T: Tiles<A, NR>>(
+        &self,
+        tiles: T,
+        queries: &Queries,
+        scratch: &mut BlockScratch<A>,
+    ) {
+        let rows = queries.rows;
         let mut max = [A::neg_infinity(); BQ];
         let mut sum = [A::zero(); BQ];
         scratch.o.fill(A::zero());
         for keys in self.key_blocks(queries) {
             let n = keys.len();
-            self.scores(queries, &keys, &mut scratch.p);
-            let mut p = scratch.p.slice_mut(s![..rows, ..n]);
-            for (i, mut row) in p.outer_iter_mut().enumerate() {
-                let row = row
-                    .as_slice_mut()
-                    .expect("a row of a standard-layout block");
-                let alpha = softmax_update::<A, M, SOFTMAX_LANES>(row, &mut max[i], &mut sum[i]);
+            self.scores(tiles, queries, &keys, scratch);
+            let p = scratch.p.as_slice_mut().expect("standard layout");
+            for (i, row) in p.chunks_exact_mut(BK).take(rows).enumerate() {
+                let alpha =
+                    softmax_update::<A, M, SOFTMAX_LANES>(&mut row[..n], &mut max[i], &mut sum[i]);
                 scratch.o.row_mut(i).mapv_inplace(|x| x * alpha);
             }
-            let v = self.v.slice(s![keys, ..]);
-            let mut o = scratch.o.slice_mut(s![..rows, ..]);
-            general_mat_mul(A::one(), &p.view(), &v, A::one(), &mut o);
+            scratch.p_rows.pack_lines::<MR>(p, BK, rows, n);
+            let target = Target {
+                c: scratch.o.as_slice_mut().expect("standard layout"),
+                stride: self.d_v,
+                add: true,
+            };
+            product(
+                tiles,
+                &scratch.p_rows,
+                &self.values,
+                keys,
+                0..self.d_v,
+                target,
+            );
         }
         for i in 0..rows {
             let inverse = inverse_total(sum[i]);

@@ -21,6 +21,7 @@ mod backward;
 mod direct;
 mod float;
 mod fusable;
+mod gemm;
 mod online;
 mod options;
 mod pack;

@@ -71,15 +71,15 @@ macro_rules! compiled {
                 #[doc = concat!("The CPU must support ", $features, ".")]
                 #[target_feature(enable = $features)]
                 unsafe fn compiled(
+                    token: $token,
                     inputs: &$crate::kernel::backward::HeadInputs<'_, '_, $ty>,
                     upstream: $crate::kernel::backward::Upstream<'_, $ty>,
                 ) -> $crate::kernel::backward::HeadGradients<$ty> {
-                    $crate::kernel::backward::head::<$ty, $crate::kernel::float::Fused>(
-                        inputs, upstream,
-                    )
+                    use $crate::kernel::{backward::head, float::Fused};
+                    head::<$ty, Fused, $token, $nr>(token, inputs, upstream)
                 }
                 // SAFETY: `self` exists, so the CPU has the instruction sets.
-                unsafe { compiled(inputs, upstream) }
+                unsafe { compiled(self, inputs, upstream) }
             }
 
             fn forward_head(
@@ -91,14 +91,14 @@ macro_rules! compiled {
                 #[doc = concat!("The CPU must support ", $features, ".")]
                 #[target_feature(enable = $features)]
                 unsafe fn compiled(
+                    token: $token,
                     inputs: &$crate::kernel::backward::HeadInputs<'_, '_, $ty>,
                 ) -> (ndarray::Array2<$ty>, ndarray::Array1<$ty>) {
-                    $crate::kernel::backward::forward_head::<$ty, $crate::kernel::float::Fused>(
-                        inputs,
-                    )
+                    use $crate::kernel::{backward::forward_head, float::Fused};
+                    forward_head::<$ty, Fused, $token, $nr>(token, inputs)
                 }
                 // SAFETY: `self` exists, so the CPU has the instruction sets.
-                unsafe { compiled(inputs) }
+                unsafe { compiled(self, inputs) }
             }
         }
     };

@@ -187,11 +187,11 @@ macro_rules! portable {
                 inputs: &HeadInputs<'_, '_, $ty>,
                 upstream: Upstream<'_, $ty>,
             ) -> HeadGradients<$ty> {
-                backward::head::<$ty, Separate>(inputs, upstream)
+                backward::head::<$ty, Separate, Portable, $nr>(self, inputs, upstream)
             }
 
             fn forward_head(self, inputs: &HeadInputs<'_, '_, $ty>) -> (Array2<$ty>, Array1<$ty>) {
-                backward::forward_head::<$ty, Separate>(inputs)
+                backward::forward_head::<$ty, Separate, Portable, $nr>(self, inputs)
             }
         }
     };

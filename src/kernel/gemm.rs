@@ -1,0 +1,248 @@
+//! Matrix products on the forward's micro-kernels, for the backward pass: each
+//! operand packed once into the panels [`Tiles::score_tile`] reads, and reused
+//! by every product that needs it (the keys and values once per head, a query
+//! block's rows once per block), where a general matrix product would pack both
+//! operands on every call.
+//!
+//! `C = A·B` with `A: (m, depth)` packed in panels of [`MR`] rows and
+//! `B: (depth, n)` in panels of `NR` columns; each panel holds its `depth`
+//! steps one after another (`[[_; MR]; depth]`, `[[_; NR]; depth]`), as the
+//! tiled forward packs its queries and keys.
+
+use std::ops::Range;
+
+use super::params::MR;
+use super::tiled::Tiles;
+use crate::element::Element;
+
+/// An operand packed in panels of `width` lines (rows of `A`, columns of `B`),
+/// each panel `depth` steps of `width` values, zero-padded to whole panels.
+#[derive(Debug)]
+pub(crate) struct Panels<A> {
+    data: Vec<A>,
+    /// Lines in use, and the depth of each.
+    lines: usize,
+    depth: usize,
+    width: usize,
+}
+
+impl<A: Element> Panels<A> {
+    /// Room for panels of `width` lines.
+    pub(crate) fn new(width: usize) -> Self {
+        Panels {
+            data: Vec::new(),
+            lines: 0,
+            depth: 0,
+            width,
+        }
+    }
+
+    /// Sizes the panels for `lines × depth`, zeroed.
+    fn reset(&mut self, lines: usize, depth: usize) {
+        self.lines = lines;
+        self.depth = depth;
+        self.data.clear();
+        self.data
+            .resize(lines.div_ceil(self.width) * self.width * depth, A::zero());
+    }
+
+    /// Packs `lines` lines of `depth` values each, line `l` at
+    /// `src[l·stride ..][.. depth]` (rows of `A`; or columns of `B` stored as
+    /// the rows of `Bᵀ`), `W` (the panel width) lines at a time.
+    #[inline(always)]
+    pub(crate) fn pack_lines<const W: usize>(
+        &mut self,
+        src: &[A],
+        stride: usize,
+        lines: usize,
+        depth: usize,
+    ) {
+        debug_assert_eq!(W, self.width);
+        self.reset(lines, depth);
+        let panels = self.data.as_chunks_mut::<W>().0.chunks_exact_mut(depth);
+        for (panel, out) in panels.enumerate() {
+            let first = panel * W;
+            let used = W.min(lines - first);
+            if used == W {
+                let rows: [&[A]; W] =
+                    std::array::from_fn(|i| &src[(first + i) * stride..][..depth]);
+                for (p, step) in out.iter_mut().enumerate() {
+                    *step = std::array::from_fn(|i| rows[i][p]);
+                }
+            } else {
+                for i in 0..used {
+                    let row = &src[(first + i) * stride..][..depth];
+                    for (step, &x) in out.iter_mut().zip(row) {
+                        step[i] = x;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Packs `lines` lines of `depth` values each, stored the other way: step
+    /// `p` of every line at `src[p·stride ..][.. lines]` (columns of `A` stored
+    /// as the rows of `Aᵀ`; or the rows of `B`).
+    #[inline(always)]
+    pub(crate) fn pack_steps<const W: usize>(
+        &mut self,
+        src: &[A],
+        stride: usize,
+        lines: usize,
+        depth: usize,
+    ) {
+        debug_assert_eq!(W, self.width);
+        self.reset(lines, depth);
+        let steps = self.data.as_chunks_mut::<W>().0;
+        for p in 0..depth {
+            let (whole, rest) = src[p * stride..][..lines].as_chunks::<W>();
+            for (panel, chunk) in whole.iter().enumerate() {
+                steps[panel * depth + p] = *chunk;
+            }
+            if !rest.is_empty() {
+                let out = &mut steps[whole.len() * depth + p];
+                out[..rest.len()].copy_from_slice(rest);
+            }
+        }
+    }
+
+    /// Panel `panel`'s steps `steps`, as the micro-kernels read them.
+    #[inline(always)]
+    fn panel<const W: usize>(&self, panel: usize, steps: &Range<usize>) -> &[[A; W]] {
+        debug_assert_eq!(W, self.width);
+        let all = self.data.as_chunks::<W>().0;
+        &all[panel * self.depth + steps.start..panel * self.depth + steps.end]
+    }
+}
+
+/// Where a product goes: a row-major matrix (`stride` apart) whose first
+/// `rows × cols` entries it writes, or adds to.
+pub(crate) struct Target<'c, A> {
+    pub(crate) c: &'c mut [A],
+    pub(crate) stride: usize,
+    pub(crate) add: bool,
+}
+
+/// `C (=|+=) A·B` over the steps `steps` of both operands, for the columns of
+/// `B` in `cols` (a range of whole `NR` panels at its start): `a` packed in
+/// panels of [`MR`], `b` in panels of `NR`; `C`'s column 0 is `cols.start`.
+#[inline(always)]
+pub(crate) fn product<A: Element, T: Tiles<A, NR>, const NR: usize>(
+    tiles: T,
+    a: &Panels<A>,
+    b: &Panels<A>,
+    steps: Range<usize>,
+    cols: Range<usize>,
+    target: Target<'_, A>,
+) {
+    debug_assert!(cols.start.is_multiple_of(NR) && steps.end <= a.depth.min(b.depth));
+    let Target { c, stride, add } = target;
+    let a_steps = 0..steps.len();
+    let first_panel = cols.start / NR;
+    // one panel of B stays in L1 while every panel of A passes it
+    for cp in 0..cols.len().div_ceil(NR) {
+        let width = NR.min(cols.len() - cp * NR);
+        let b_panel = b.panel::<NR>(first_panel + cp, &steps);
+        for t in 0..a.lines.div_ceil(MR) {
+            let rows = MR.min(a.lines - t * MR);
+            let tile = tiles.score_tile(a.panel::<MR>(t, &a_steps), b_panel);
+            for (i, tile_row) in tile.iter().enumerate().take(rows) {
+                let at = (t * MR + i) * stride + cp * NR;
+                match (<&mut [A; NR]>::try_from(&mut c[at..at + width]), add) {
+                    // a whole tile row: fixed length, so the sum vectorises
+                    (Ok(row), true) => {
+                        for j in 0..NR {
+                            row[j] += tile_row[j];
+                        }
+                    }
+                    (Ok(row), false) => *row = *tile_row,
+                    (Err(_), true) => {
+                        for (x, &y) in c[at..at + width].iter_mut().zip(tile_row) {
+                            *x += y;
+                        }
+                    }
+                    (Err(_), false) => c[at..at + width].copy_from_slice(&tile_row[..width]),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::arch::Portable;
+    use ndarray::Array2;
+
+    fn matrix(rows: usize, cols: usize, seed: usize) -> Array2<f64> {
+        Array2::from_shape_fn((rows, cols), |(i, j)| {
+            ((i * 31 + j * 17 + seed * 7) % 23) as f64 / 7.0 - 1.5
+        })
+    }
+
+    /// Every way of packing, against `a.dot(&b)`, at sizes off the panel widths.
+    #[test]
+    fn products_of_packed_panels_equal_the_plain_product() {
+        const NR: usize = 8;
+        for (m, depth, n) in [
+            (1, 1, 1),
+            (5, 3, 7),
+            (6, 64, 16),
+            (13, 17, 24),
+            (64, 128, 40),
+        ] {
+            let (a, b) = (matrix(m, depth, 1), matrix(depth, n, 2));
+            let want = a.dot(&b);
+            let at = a.t().as_standard_layout().to_owned();
+            let bt = b.t().as_standard_layout().to_owned();
+            let a_flat = a.as_slice().expect("standard");
+            let b_flat = b.as_slice().expect("standard");
+            let mut left = [Panels::new(MR), Panels::new(MR)];
+            left[0].pack_lines::<MR>(a_flat, depth, m, depth);
+            left[1].pack_steps::<MR>(at.as_slice().expect("standard"), m, m, depth);
+            let mut right = [Panels::new(NR), Panels::new(NR)];
+            right[0].pack_steps::<NR>(b_flat, n, n, depth);
+            right[1].pack_lines::<NR>(bt.as_slice().expect("standard"), depth, n, depth);
+            for a in &left {
+                for b in &right {
+                    let mut c = vec![1.0; m * n];
+                    let target = Target {
+                        c: &mut c,
+                        stride: n,
+                        add: true,
+                    };
+                    product::<f64, Portable, NR>(Portable, a, b, 0..depth, 0..n, target);
+                    for ((i, j), &w) in want.indexed_iter() {
+                        let got = c[i * n + j] - 1.0;
+                        assert!((got - w).abs() < 1e-12, "{m}×{depth}×{n} at ({i}, {j})");
+                    }
+                }
+            }
+            // a range of steps and of column panels
+            if depth > 3 && n > NR {
+                let steps = 2..depth - 1;
+                let want = a
+                    .slice(ndarray::s![.., steps.clone()])
+                    .dot(&b.slice(ndarray::s![steps.clone(), NR..]));
+                let mut sub = Panels::new(MR);
+                let a_part = a.slice(ndarray::s![.., steps.clone()]).to_owned();
+                sub.pack_lines::<MR>(
+                    a_part.as_slice().expect("standard"),
+                    steps.len(),
+                    m,
+                    steps.len(),
+                );
+                let mut c = vec![0.0; m * (n - NR)];
+                let target = Target {
+                    c: &mut c,
+                    stride: n - NR,
+                    add: false,
+                };
+                product::<f64, Portable, NR>(Portable, &sub, &right[0], steps, NR..n, target);
+                for ((i, j), &w) in want.indexed_iter() {
+                    assert!((c[i * (n - NR) + j] - w).abs() < 1e-12);
+                }
+            }
+        }
+    }
+}
