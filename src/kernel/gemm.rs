@@ -37,6 +37,11 @@ impl<A: Element> Panels<A> {
         }
     }
 
+    /// The packed values: panel after panel, each `depth` steps of `width`.
+    pub(crate) fn into_data(self) -> Vec<A> {
+        self.data
+    }
+
     /// Sizes the panels for `lines × depth`, zeroed.
     fn reset(&mut self, lines: usize, depth: usize) {
         self.lines = lines;

@@ -4,6 +4,7 @@
 use ndarray::ArrayView2;
 
 use super::fusable::{row_slice, Extent, Scan};
+use super::gemm::Panels;
 use super::params::BC;
 use crate::element::Element;
 
@@ -30,18 +31,20 @@ impl<A: Element> PackedKeys<A> {
     /// the way.
     pub(crate) fn pack(k: &ArrayView2<'_, A>, nr: usize) -> (Self, Extent<A>) {
         let (s, d) = k.dim();
-        // the kernel reads whole panels of the keys it needs, never past the last
-        let mut data = vec![A::zero(); s.next_multiple_of(nr) * d];
+        let k = k.as_standard_layout();
+        let k = k.as_slice().expect("standard layout");
         let mut scan = Scan::new();
-        for (j, key) in k.outer_iter().enumerate() {
-            let (panel, lane) = (j / nr, j % nr);
-            let base = panel * d * nr + lane;
-            let key = row_slice(key);
-            scan.add(&key);
-            for (p, &x) in key.iter().enumerate() {
-                data[base + p * nr] = x;
-            }
+        scan.add(k);
+        // the kernel reads whole panels of the keys it needs, never past the last
+        let mut panels = Panels::new(nr);
+        match nr {
+            4 => panels.pack_lines::<4>(k, d, s, d),
+            8 => panels.pack_lines::<8>(k, d, s, d),
+            16 => panels.pack_lines::<16>(k, d, s, d),
+            32 => panels.pack_lines::<32>(k, d, s, d),
+            _ => unreachable!("tile widths are 4, 8, 16 or 32"),
         }
+        let data = panels.into_data();
         (PackedKeys { data, d }, scan.extent(s))
     }
 }
