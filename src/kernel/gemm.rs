@@ -151,22 +151,22 @@ pub(crate) fn product<A: Element, T: Tiles<A, NR>, const NR: usize>(
         for t in 0..a.lines.div_ceil(MR) {
             let rows = MR.min(a.lines - t * MR);
             let tile = tiles.score_tile(a.panel::<MR>(t, &a_steps), b_panel);
-            for (i, tile_row) in tile.iter().enumerate().take(rows) {
-                let at = (t * MR + i) * stride + cp * NR;
-                match (<&mut [A; NR]>::try_from(&mut c[at..at + width]), add) {
-                    // a whole tile row: fixed length, so the sum vectorises
-                    (Ok(row), true) => {
-                        for j in 0..NR {
-                            row[j] += tile_row[j];
-                        }
+            let c_rows = c[t * MR * stride + cp * NR..].chunks_mut(stride);
+            if width == NR {
+                // whole tile rows: fixed length, so the sums vectorise
+                for (row, tile_row) in c_rows.zip(&tile).take(rows) {
+                    let row: &mut [A; NR] = (&mut row[..NR]).try_into().expect("NR columns");
+                    *row = if add {
+                        std::array::from_fn(|j| row[j] + tile_row[j])
+                    } else {
+                        *tile_row
+                    };
+                }
+            } else {
+                for (row, tile_row) in c_rows.zip(&tile).take(rows) {
+                    for (x, &y) in row[..width].iter_mut().zip(tile_row) {
+                        *x = if add { *x + y } else { y };
                     }
-                    (Ok(row), false) => *row = *tile_row,
-                    (Err(_), true) => {
-                        for (x, &y) in c[at..at + width].iter_mut().zip(tile_row) {
-                            *x += y;
-                        }
-                    }
-                    (Err(_), false) => c[at..at + width].copy_from_slice(&tile_row[..width]),
                 }
             }
         }
