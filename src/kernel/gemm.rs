@@ -140,7 +140,7 @@ pub(crate) fn product<A: Element, T: Tiles<A, NR>, const NR: usize>(
     cols: Range<usize>,
     target: Target<'_, A>,
 ) {
-    debug_assert!(cols.start.is_multiple_of(NR) && steps.end <= a.depth.min(b.depth));
+    debug_assert!(cols.start.is_multiple_of(NR) && steps.len() <= a.depth && steps.end <= b.depth);
     let Target { c, stride, add } = target;
     let a_steps = 0..steps.len();
     let first_panel = cols.start / NR;
