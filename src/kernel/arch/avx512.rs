@@ -147,33 +147,9 @@ impl Dots<f32> for Avx512 {
     /// Two blocks of [`LANES`] in one register, folded to one block at the end.
     #[inline(always)]
     fn dot4(self, q: &[[f32; LANES]], k: &[&[[f32; LANES]]; 4]) -> [f32; 4] {
-        // SAFETY: `self` is an `Avx512` token, so the CPU has AVX-512 F and DQ
-        // and AVX2/FMA; each 512-bit load reads blocks `2p` and `2p + 1` of a
-        // slice with at least `2p + 2` blocks (every `k[u]` is as long as `q`),
-        // each 256-bit load one block, each store one `[f32; LANES]`.
-        unsafe {
-            let mut acc = [_mm512_setzero_ps(); 4];
-            let pairs = q.len() / 2;
-            for p in 0..pairs {
-                let x = _mm512_loadu_ps(q.as_ptr().add(2 * p).cast());
-                for u in 0..4 {
-                    let y = _mm512_loadu_ps(k[u].as_ptr().add(2 * p).cast());
-                    acc[u] = _mm512_fmadd_ps(x, y, acc[u]);
-                }
-            }
-            // (loops, not closures: a closure does not inherit the caller's target
-            // features, and its intrinsics would be calls)
-            let mut sums = [_mm256_setzero_ps(); 4];
-            for u in 0..4 {
-                sums[u] = fold_halves(acc[u]);
-                if q.len() % 2 == 1 {
-                    let last = q.len() - 1;
-                    let x = _mm256_loadu_ps(q[last].as_ptr());
-                    sums[u] = _mm256_fmadd_ps(x, _mm256_loadu_ps(k[u][last].as_ptr()), sums[u]);
-                }
-            }
-            sum4_ps(sums)
-        }
+        // SAFETY: `self` is an `Avx512` token, so the CPU has AVX-512 F, BW and
+        // DQ and AVX2/FMA/F16C.
+        unsafe { dot4_pairs(q, k) }
     }
 
     #[inline(always)]
@@ -251,6 +227,81 @@ unsafe fn fold_halves(x: __m512) -> __m256 {
     _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps::<1>(x))
 }
 
+/// An element the direct path's dot products load, as f32: sixteen values into a
+/// 512-bit register, or eight into a 256-bit one.
+trait Widens: Copy {
+    /// # Safety
+    ///
+    /// The CPU must support AVX-512 F and BW and F16C, and `src` must point to
+    /// sixteen readable values.
+    unsafe fn load16(src: *const Self) -> __m512;
+
+    /// # Safety
+    ///
+    /// The CPU must support AVX2 and F16C, and `src` must point to eight
+    /// readable values.
+    unsafe fn load8(src: *const Self) -> __m256;
+}
+
+impl Widens for f32 {
+    #[inline(always)]
+    unsafe fn load16(src: *const f32) -> __m512 {
+        _mm512_loadu_ps(src)
+    }
+
+    #[inline(always)]
+    unsafe fn load8(src: *const f32) -> __m256 {
+        _mm256_loadu_ps(src)
+    }
+}
+
+impl<H: Half> Widens for H {
+    #[inline(always)]
+    unsafe fn load16(src: *const H) -> __m512 {
+        widen16(src)
+    }
+
+    #[inline(always)]
+    unsafe fn load8(src: *const H) -> __m256 {
+        widen8(src)
+    }
+}
+
+/// `Σₚ q[p] · k[u][p]` for four keys, two blocks of [`LANES`] per 512-bit
+/// register, the halves folded and the lanes summed at the end: the same order
+/// for f32 keys and for half-precision keys widened as they are loaded, so both
+/// give the same bits.
+///
+/// # Safety
+///
+/// The CPU must support AVX-512 F, BW and DQ, AVX2, FMA and F16C. Every `k[u]`
+/// is as long as `q`: each 512-bit load reads blocks `2p` and `2p + 1` of a
+/// slice with at least `2p + 2` blocks, each 256-bit load the last block.
+#[inline(always)]
+unsafe fn dot4_pairs<E: Widens>(q: &[[f32; LANES]], k: &[&[[E; LANES]]; 4]) -> [f32; 4] {
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let pairs = q.len() / 2;
+    for p in 0..pairs {
+        let x = _mm512_loadu_ps(q.as_ptr().add(2 * p).cast());
+        for u in 0..4 {
+            let y = E::load16(k[u].as_ptr().add(2 * p).cast::<E>());
+            acc[u] = _mm512_fmadd_ps(x, y, acc[u]);
+        }
+    }
+    // (loops, not closures: a closure does not inherit the caller's target
+    // features, and its intrinsics would be calls)
+    let mut sums = [_mm256_setzero_ps(); 4];
+    for u in 0..4 {
+        sums[u] = fold_halves(acc[u]);
+        if q.len() % 2 == 1 {
+            let last = q.len() - 1;
+            let x = _mm256_loadu_ps(q[last].as_ptr());
+            sums[u] = _mm256_fmadd_ps(x, E::load8(k[u][last].as_ptr()), sums[u]);
+        }
+    }
+    sum4_ps(sums)
+}
+
 /// Sixteen half-precision values at `src` widened to f32 in one register.
 ///
 /// # Safety
@@ -279,33 +330,8 @@ impl HalfDots for Avx512 {
     /// Two blocks of [`LANES`] per register, folded to one block at the end.
     #[inline(always)]
     fn dot4_half<H: Half>(self, q: &[[f32; LANES]], k: &[&[[H; LANES]]; 4]) -> [f32; 4] {
-        // SAFETY: `self` is an `Avx512` token, so the CPU has AVX-512 F, BW and
-        // DQ and AVX2/FMA/F16C; each 512-bit load or widening reads blocks `2p`
-        // and `2p + 1` of a slice with at least `2p + 2` blocks (every `k[u]` is
-        // as long as `q`), each 256-bit load or widening one block.
-        unsafe {
-            let mut acc = [_mm512_setzero_ps(); 4];
-            let pairs = q.len() / 2;
-            for p in 0..pairs {
-                let x = _mm512_loadu_ps(q.as_ptr().add(2 * p).cast());
-                for u in 0..4 {
-                    let y = widen16(k[u].as_ptr().add(2 * p).cast::<H>());
-                    acc[u] = _mm512_fmadd_ps(x, y, acc[u]);
-                }
-            }
-            // (loops, not closures: a closure does not inherit the caller's target
-            // features, and its intrinsics would be calls)
-            let mut sums = [_mm256_setzero_ps(); 4];
-            for u in 0..4 {
-                sums[u] = fold_halves(acc[u]);
-                if q.len() % 2 == 1 {
-                    let last = q.len() - 1;
-                    let x = _mm256_loadu_ps(q[last].as_ptr());
-                    sums[u] = _mm256_fmadd_ps(x, widen8(k[u][last].as_ptr()), sums[u]);
-                }
-            }
-            sum4_ps(sums)
-        }
+        // SAFETY: as in `dot4`.
+        unsafe { dot4_pairs(q, k) }
     }
 
     #[inline(always)]
