@@ -1,13 +1,13 @@
 //! The micro-kernels written with AVX2/FMA intrinsics, as methods of a token that
 //! only run-time detection constructs: a tile row is two 256-bit registers, so a
-//! 6 × 16 (f32) or 6 × 8 (f64) tile is 12 accumulators.
+//! 6 × 16 (f32) or 6 × 8 (f64) tile is 12 accumulators (the tiles'
+//! body is `two_register_tiles!`, shared with the AVX-512 kernels).
 
 use std::arch::x86_64::*;
 
 use crate::element::Half;
 use crate::kernel::direct::{Dots, HalfDots, TILE_BLOCKS};
-use crate::kernel::params::{BC, LANES, MR};
-use crate::kernel::tiled::Tiles;
+use crate::kernel::params::LANES;
 
 /// Proof that the CPU has AVX2, FMA and F16C: [`detect`](Self::detect) is the only way
 /// to make one, so the safe methods below may run their intrinsics.
@@ -29,71 +29,6 @@ impl Avx2 {
 
 compiled!(Avx2, "avx2,fma,f16c", f32, 16);
 compiled!(Avx2, "avx2,fma,f16c", f64, 8);
-
-/// One micro-kernel body for both element types: `$ty` is the element,
-/// `$nr` the tile width, `$half` the lanes of one register.
-macro_rules! avx2_tiles {
-    ($ty:ty, $nr:literal, $half:literal, $reg:ident, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
-        impl Tiles<$ty, $nr> for Avx2 {
-            #[inline(always)]
-            fn score_tile(self, q: &[[$ty; MR]], k: &[[$ty; $nr]]) -> [[$ty; $nr]; MR] {
-                // SAFETY: `self` is an `Avx2` token, so the CPU has AVX2 and FMA;
-                // every load reads, every store writes, one half of a `[$ty; $nr]`.
-                unsafe {
-                    let mut acc = [[$zero(); 2]; MR];
-                    // two steps of the sum per trip: half the loop overhead
-                    let (q2, q_rest) = q.as_chunks::<2>();
-                    let (k2, k_rest) = k.as_chunks::<2>();
-                    for (qp, kp) in q2.iter().zip(k2) {
-                        rank1(&mut acc, qp[0], &kp[0]);
-                        rank1(&mut acc, qp[1], &kp[1]);
-                    }
-                    for (qp, kp) in q_rest.iter().zip(k_rest) {
-                        rank1(&mut acc, *qp, kp);
-                    }
-                    let mut out = [[0.0; $nr]; MR];
-                    for i in 0..MR {
-                        $store(out[i].as_mut_ptr(), acc[i][0]);
-                        $store(out[i].as_mut_ptr().add($half), acc[i][1]);
-                    }
-                    out
-                }
-            }
-
-            #[inline(always)]
-            fn value_tile(
-                self,
-                p: &[&[$ty; BC]; MR],
-                v: &[[$ty; $nr]; BC],
-                keys: usize,
-                alpha: &[$ty; MR],
-                o: &mut [[$ty; $nr]; MR],
-            ) {
-                // SAFETY: as in `score_tile`.
-                unsafe {
-                    let weights = |j: usize| std::array::from_fn(|i| p[i][j]);
-                    let mut acc = [[$zero(); 2]; MR];
-                    let keys = keys.min(BC);
-                    // two keys per trip: half the loop overhead
-                    for pair in 0..keys / 2 {
-                        let j = 2 * pair;
-                        rank1(&mut acc, weights(j), &v[j]);
-                        rank1(&mut acc, weights(j + 1), &v[j + 1]);
-                    }
-                    if keys % 2 == 1 {
-                        rank1(&mut acc, weights(keys - 1), &v[keys - 1]);
-                    }
-                    for i in 0..MR {
-                        let a = $splat(alpha[i]);
-                        let row = o[i].as_mut_ptr();
-                        $store(row, $fma($load(row), a, acc[i][0]));
-                        $store(row.add($half), $fma($load(row.add($half)), a, acc[i][1]));
-                    }
-                }
-            }
-        }
-    };
-}
 
 /// [`Dots`] for one element type: `$regs` registers of `$half` lanes hold `LANES`.
 macro_rules! avx2_dots {
@@ -168,42 +103,38 @@ macro_rules! avx2_dots {
     };
 }
 
-/// Both kernels' intrinsics for one element type: `$nr` columns per tile row,
-/// `$half` lanes per register, `$regs` registers per `LANES`.
-macro_rules! avx2_kernels {
-    ($module:ident, $ty:ty, $nr:literal, $half:literal, $regs:literal, $reg:ident, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident, $add:ident, $sum4:ident) => {
-        mod $module {
-            use super::*;
-
-            /// One rank-1 update of the tile: `acc[i] += a[i] · row` for every row `i`.
-            ///
-            /// # Safety
-            ///
-            /// The CPU must support AVX2 and FMA.
-            #[inline(always)]
-            unsafe fn rank1(acc: &mut [[$reg; 2]; MR], a: [$ty; MR], row: &[$ty; $nr]) {
-                let r0 = $load(row.as_ptr());
-                let r1 = $load(row.as_ptr().add($half));
-                for i in 0..MR {
-                    let s = $splat(a[i]);
-                    acc[i][0] = $fma(s, r0, acc[i][0]);
-                    acc[i][1] = $fma(s, r1, acc[i][1]);
-                }
-            }
-
-            avx2_tiles!($ty, $nr, $half, $reg, $zero, $load, $store, $splat, $fma);
-            avx2_dots!($ty, $regs, $half, $zero, $load, $store, $splat, $fma, $add, $sum4);
-        }
-    };
-}
-
-avx2_kernels!(
+two_register_tiles!(
+    Avx2,
+    "AVX2 and FMA",
     f32s,
     f32,
     16,
     8,
-    1,
     __m256,
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    _mm256_storeu_ps,
+    _mm256_set1_ps,
+    _mm256_fmadd_ps
+);
+two_register_tiles!(
+    Avx2,
+    "AVX2 and FMA",
+    f64s,
+    f64,
+    8,
+    4,
+    __m256d,
+    _mm256_setzero_pd,
+    _mm256_loadu_pd,
+    _mm256_storeu_pd,
+    _mm256_set1_pd,
+    _mm256_fmadd_pd
+);
+avx2_dots!(
+    f32,
+    1,
+    8,
     _mm256_setzero_ps,
     _mm256_loadu_ps,
     _mm256_storeu_ps,
@@ -212,13 +143,10 @@ avx2_kernels!(
     _mm256_add_ps,
     sum4_ps
 );
-avx2_kernels!(
-    f64s,
+avx2_dots!(
     f64,
-    8,
-    4,
     2,
-    __m256d,
+    4,
     _mm256_setzero_pd,
     _mm256_loadu_pd,
     _mm256_storeu_pd,

@@ -10,8 +10,7 @@ use std::arch::x86_64::*;
 use super::avx2::{sum4_pd, sum4_ps, widen8, Avx2};
 use crate::element::Half;
 use crate::kernel::direct::{Dots, HalfDots, TILE_BLOCKS};
-use crate::kernel::params::{BC, LANES, MR};
-use crate::kernel::tiled::Tiles;
+use crate::kernel::params::LANES;
 
 /// Proof that the CPU has AVX-512 F, BW, VL and DQ as well as AVX2, FMA and F16C:
 /// [`detect`](Self::detect) is the only way to make one, so the safe methods
@@ -48,77 +47,9 @@ compiled!(
     16
 );
 
-/// The tile micro-kernels for one element type: `$nr` columns per tile row in two
-/// registers of `$lanes` lanes.
-macro_rules! avx512_tiles {
-    ($module:ident, $ty:ty, $nr:literal, $lanes:literal, $reg:ident, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
-        mod $module {
-            use super::*;
-
-            /// One rank-1 update of the tile: `acc[i] += a[i] · row` for every row `i`.
-            ///
-            /// # Safety
-            ///
-            /// The CPU must support AVX-512 F.
-            #[inline(always)]
-            unsafe fn rank1(acc: &mut [[$reg; 2]; MR], a: [$ty; MR], row: &[$ty; $nr]) {
-                let r0 = $load(row.as_ptr());
-                let r1 = $load(row.as_ptr().add($lanes));
-                for i in 0..MR {
-                    let s = $splat(a[i]);
-                    acc[i][0] = $fma(s, r0, acc[i][0]);
-                    acc[i][1] = $fma(s, r1, acc[i][1]);
-                }
-            }
-
-            impl Tiles<$ty, $nr> for Avx512 {
-                #[inline(always)]
-                fn score_tile(self, q: &[[$ty; MR]], k: &[[$ty; $nr]]) -> [[$ty; $nr]; MR] {
-                    // SAFETY: `self` is an `Avx512` token, so the CPU has AVX-512 F;
-                    // every load reads, every store writes, one half of a `[$ty; $nr]`.
-                    unsafe {
-                        let mut acc = [[$zero(); 2]; MR];
-                        for (qp, kp) in q.iter().zip(k) {
-                            rank1(&mut acc, *qp, kp);
-                        }
-                        let mut out = [[0.0; $nr]; MR];
-                        for i in 0..MR {
-                            $store(out[i].as_mut_ptr(), acc[i][0]);
-                            $store(out[i].as_mut_ptr().add($lanes), acc[i][1]);
-                        }
-                        out
-                    }
-                }
-
-                #[inline(always)]
-                fn value_tile(
-                    self,
-                    p: &[&[$ty; BC]; MR],
-                    v: &[[$ty; $nr]; BC],
-                    keys: usize,
-                    alpha: &[$ty; MR],
-                    o: &mut [[$ty; $nr]; MR],
-                ) {
-                    // SAFETY: as in `score_tile`.
-                    unsafe {
-                        let mut acc = [[$zero(); 2]; MR];
-                        for (j, v) in v.iter().enumerate().take(keys.min(BC)) {
-                            rank1(&mut acc, std::array::from_fn(|i| p[i][j]), v);
-                        }
-                        for i in 0..MR {
-                            let a = $splat(alpha[i]);
-                            let row = o[i].as_mut_ptr();
-                            $store(row, $fma($load(row), a, acc[i][0]));
-                            $store(row.add($lanes), $fma($load(row.add($lanes)), a, acc[i][1]));
-                        }
-                    }
-                }
-            }
-        }
-    };
-}
-
-avx512_tiles!(
+two_register_tiles!(
+    Avx512,
+    "AVX-512 F",
     f32s,
     f32,
     32,
@@ -130,7 +61,9 @@ avx512_tiles!(
     _mm512_set1_ps,
     _mm512_fmadd_ps
 );
-avx512_tiles!(
+two_register_tiles!(
+    Avx512,
+    "AVX-512 F",
     f64s,
     f64,
     16,

@@ -1,4 +1,5 @@
-//! The macro that compiles the kernel bodies for one x86-64 token.
+//! The macros the x86-64 tokens share: the kernel bodies compiled for a token,
+//! and the register tiles.
 
 /// [`Compiled`] for a token whose instruction sets are `$features`: each body is
 /// compiled inside a `#[target_feature]` function so that it inlines the token's
@@ -99,6 +100,96 @@ macro_rules! compiled {
                 }
                 // SAFETY: `self` exists, so the CPU has the instruction sets.
                 unsafe { compiled(self, inputs) }
+            }
+        }
+    };
+}
+
+/// The tile micro-kernels of an x86-64 token for one element type, written once:
+/// a tile row is two registers of `$lanes` lanes (`$nr = 2 · $lanes` columns),
+/// so an `MR × $nr` tile is `2·MR` accumulators; `$features` names what the
+/// token proves.
+macro_rules! two_register_tiles {
+    ($token:ty, $features:literal, $module:ident, $ty:ty, $nr:literal, $lanes:literal, $reg:ident, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
+        mod $module {
+            use super::*;
+            use $crate::kernel::params::{BC, MR};
+            use $crate::kernel::tiled::Tiles;
+
+            /// One rank-1 update of the tile: `acc[i] += a[i] · row` for every row `i`.
+            ///
+            /// # Safety
+            ///
+            #[doc = concat!("The CPU must support ", $features, ".")]
+            #[inline(always)]
+            unsafe fn rank1(acc: &mut [[$reg; 2]; MR], a: [$ty; MR], row: &[$ty; $nr]) {
+                let r0 = $load(row.as_ptr());
+                let r1 = $load(row.as_ptr().add($lanes));
+                for i in 0..MR {
+                    let s = $splat(a[i]);
+                    acc[i][0] = $fma(s, r0, acc[i][0]);
+                    acc[i][1] = $fma(s, r1, acc[i][1]);
+                }
+            }
+
+            impl Tiles<$ty, $nr> for $token {
+                #[inline(always)]
+                fn score_tile(self, q: &[[$ty; MR]], k: &[[$ty; $nr]]) -> [[$ty; $nr]; MR] {
+                    // SAFETY: `self` is the token, so the CPU has the instruction
+                    // sets; every load reads, every store writes, one half of a
+                    // `[$ty; $nr]`.
+                    unsafe {
+                        let mut acc = [[$zero(); 2]; MR];
+                        // two steps of the sum per trip: half the loop overhead
+                        let (q2, q_rest) = q.as_chunks::<2>();
+                        let (k2, k_rest) = k.as_chunks::<2>();
+                        for (qp, kp) in q2.iter().zip(k2) {
+                            rank1(&mut acc, qp[0], &kp[0]);
+                            rank1(&mut acc, qp[1], &kp[1]);
+                        }
+                        for (qp, kp) in q_rest.iter().zip(k_rest) {
+                            rank1(&mut acc, *qp, kp);
+                        }
+                        let mut out = [[0.0; $nr]; MR];
+                        for i in 0..MR {
+                            $store(out[i].as_mut_ptr(), acc[i][0]);
+                            $store(out[i].as_mut_ptr().add($lanes), acc[i][1]);
+                        }
+                        out
+                    }
+                }
+
+                #[inline(always)]
+                fn value_tile(
+                    self,
+                    p: &[&[$ty; BC]; MR],
+                    v: &[[$ty; $nr]; BC],
+                    keys: usize,
+                    alpha: &[$ty; MR],
+                    o: &mut [[$ty; $nr]; MR],
+                ) {
+                    // SAFETY: as in `score_tile`.
+                    unsafe {
+                        let weights = |j: usize| std::array::from_fn(|i| p[i][j]);
+                        let mut acc = [[$zero(); 2]; MR];
+                        let keys = keys.min(BC);
+                        // two keys per trip: half the loop overhead
+                        for pair in 0..keys / 2 {
+                            let j = 2 * pair;
+                            rank1(&mut acc, weights(j), &v[j]);
+                            rank1(&mut acc, weights(j + 1), &v[j + 1]);
+                        }
+                        if keys % 2 == 1 {
+                            rank1(&mut acc, weights(keys - 1), &v[keys - 1]);
+                        }
+                        for i in 0..MR {
+                            let a = $splat(alpha[i]);
+                            let row = o[i].as_mut_ptr();
+                            $store(row, $fma($load(row), a, acc[i][0]));
+                            $store(row.add($lanes), $fma($load(row.add($lanes)), a, acc[i][1]));
+                        }
+                    }
+                }
             }
         }
     };
