@@ -26,24 +26,45 @@ pub(crate) struct PackedValues<A> {
     pub(crate) col_tiles: usize,
 }
 
+/// One key/value head packed for the tiled kernel, with the extents of its keys
+/// and values that the pre-check needs.
+pub(crate) struct PackedHead<A> {
+    pub(crate) keys: PackedKeys<A>,
+    pub(crate) values: PackedValues<A>,
+    pub(crate) key_extent: Extent<A>,
+    pub(crate) value_extent: Extent<A>,
+}
+
+/// Packs one key/value head for tiles `NR` wide; [`super::arch`] compiles it per
+/// instruction set, so the transposition of the keys runs with its vectors.
+#[inline(always)]
+pub(crate) fn pack_head<A: Element, const NR: usize>(
+    k: &ArrayView2<'_, A>,
+    v: &ArrayView2<'_, A>,
+) -> PackedHead<A> {
+    let (keys, key_extent) = PackedKeys::pack::<NR>(k);
+    let (values, value_extent) = PackedValues::pack(v, NR);
+    PackedHead {
+        keys,
+        values,
+        key_extent,
+        value_extent,
+    }
+}
+
 impl<A: Element> PackedKeys<A> {
     /// Packs `k: (S, d)` in panels of `nr` keys, and finds the keys' extent on
     /// the way.
-    pub(crate) fn pack(k: &ArrayView2<'_, A>, nr: usize) -> (Self, Extent<A>) {
+    #[inline(always)]
+    pub(crate) fn pack<const NR: usize>(k: &ArrayView2<'_, A>) -> (Self, Extent<A>) {
         let (s, d) = k.dim();
         let k = k.as_standard_layout();
         let k = k.as_slice().expect("standard layout");
         let mut scan = Scan::new();
         scan.add(k);
         // the kernel reads whole panels of the keys it needs, never past the last
-        let mut panels = Panels::new(nr);
-        match nr {
-            4 => panels.pack_lines::<4>(k, d, s, d),
-            8 => panels.pack_lines::<8>(k, d, s, d),
-            16 => panels.pack_lines::<16>(k, d, s, d),
-            32 => panels.pack_lines::<32>(k, d, s, d),
-            _ => unreachable!("tile widths are 4, 8, 16 or 32"),
-        }
+        let mut panels = Panels::new(NR);
+        panels.pack_lines::<NR>(k, d, s, d);
         let data = panels.into_data();
         (PackedKeys { data, d }, scan.extent(s))
     }
@@ -52,6 +73,7 @@ impl<A: Element> PackedKeys<A> {
 impl<A: Element> PackedValues<A> {
     /// Packs `v: (S, d_v)` in column groups of `nr`, and finds the values' extent
     /// on the way.
+    #[inline(always)]
     pub(crate) fn pack(v: &ArrayView2<'_, A>, nr: usize) -> (Self, Extent<A>) {
         let (s, dv) = v.dim();
         let s_pad = s.next_multiple_of(BC);

@@ -7,9 +7,9 @@ use rayon::prelude::*;
 use super::arch::{Arch, KernelElement};
 use super::backward::{HeadGradients, HeadInputs, Upstream};
 use super::direct::{self, Group, Native, Partial, Source, Widening};
-use super::fusable::{extent_of, fusable, Extent};
+use super::fusable::{extent_of, fusable};
 use super::options::Parallelism;
-use super::pack::{PackedKeys, PackedValues};
+use super::pack::PackedHead;
 use super::params::{BC, BR, DIRECT_PART, PACKED_BYTES};
 use super::report::{self, Path};
 use super::rowwise;
@@ -188,14 +188,6 @@ pub(crate) fn tiled<A: KernelElement>(
     }
 }
 
-/// Packed keys and values of one key/value head, and what the pre-check needs of them.
-struct Packed<A> {
-    keys: PackedKeys<A>,
-    values: PackedValues<A>,
-    key_extent: Extent<A>,
-    value_extent: Extent<A>,
-}
-
 /// One block of query rows and where its output goes.
 struct Task<'a, A> {
     block: Block<'a, A>,
@@ -211,16 +203,9 @@ fn tiled_wave<A: KernelElement>(
     let nr = A::tile_width(arch);
     let pack = |g: &KvGroup<'_, '_, A>| {
         let (k, v) = problem.keys_values(g.b, g.kv);
-        let (keys, key_extent) = PackedKeys::pack(&k, nr);
-        let (values, value_extent) = PackedValues::pack(&v, nr);
-        Packed {
-            keys,
-            values,
-            key_extent,
-            value_extent,
-        }
+        A::pack_head(arch, &k, &v)
     };
-    let packed: Vec<Packed<A>> = match parallelism {
+    let packed: Vec<PackedHead<A>> = match parallelism {
         Parallelism::Sequential => wave.iter().map(pack).collect(),
         Parallelism::Rayon => wave.par_iter().map(pack).collect(),
     };

@@ -62,6 +62,25 @@ macro_rules! compiled {
                 unsafe { compiled(self, group, part) }
             }
 
+            fn pack_head(
+                self,
+                k: &ndarray::ArrayView2<'_, $ty>,
+                v: &ndarray::ArrayView2<'_, $ty>,
+            ) -> $crate::kernel::pack::PackedHead<$ty> {
+                /// # Safety
+                ///
+                #[doc = concat!("The CPU must support ", $features, ".")]
+                #[target_feature(enable = $features)]
+                unsafe fn compiled(
+                    k: &ndarray::ArrayView2<'_, $ty>,
+                    v: &ndarray::ArrayView2<'_, $ty>,
+                ) -> $crate::kernel::pack::PackedHead<$ty> {
+                    $crate::kernel::pack::pack_head::<$ty, $nr>(k, v)
+                }
+                // SAFETY: `self` exists, so the CPU has the instruction sets.
+                unsafe { compiled(k, v) }
+            }
+
             fn backward_head(
                 self,
                 inputs: &$crate::kernel::backward::HeadInputs<'_, '_, $ty>,

@@ -29,7 +29,7 @@ mod portable;
 use std::ops::Range;
 use std::sync::OnceLock;
 
-use ndarray::ArrayViewMut2;
+use ndarray::{ArrayView2, ArrayViewMut2};
 
 pub(crate) use portable::Portable;
 
@@ -38,6 +38,7 @@ use ndarray::{Array1, Array2};
 use super::backward::{self, HeadGradients, HeadInputs, Upstream};
 use super::direct::{self, Group, Partial, Rows};
 use super::float::{KernelFloat, Separate};
+use super::pack::{self, PackedHead};
 use super::tiled::{self, Block, Scratch};
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -148,6 +149,9 @@ pub(crate) trait Compiled<A: KernelFloat>: Copy {
     fn attend_part<R: Rows<A>>(self, group: &Group<'_, '_, A, R>, part: Range<usize>)
         -> Partial<A>;
 
+    /// [`pack::pack_head`] for `TILE_WIDTH`-wide tiles.
+    fn pack_head(self, k: &ArrayView2<'_, A>, v: &ArrayView2<'_, A>) -> PackedHead<A>;
+
     /// [`backward::head`].
     fn backward_head(
         self,
@@ -180,6 +184,14 @@ macro_rules! portable {
                 part: Range<usize>,
             ) -> Partial<$ty> {
                 direct::attend_part::<$ty, Separate, Portable, R>(self, group, part)
+            }
+
+            fn pack_head(
+                self,
+                k: &ArrayView2<'_, $ty>,
+                v: &ArrayView2<'_, $ty>,
+            ) -> PackedHead<$ty> {
+                pack::pack_head::<$ty, $nr>(k, v)
             }
 
             fn backward_head(
@@ -220,6 +232,13 @@ pub(crate) trait KernelElement: Element + KernelFloat {
         group: &Group<'_, '_, Self, R>,
         part: Range<usize>,
     ) -> Partial<Self>;
+
+    /// [`pack::pack_head`] compiled for `arch`.
+    fn pack_head(
+        arch: Arch,
+        k: &ArrayView2<'_, Self>,
+        v: &ArrayView2<'_, Self>,
+    ) -> PackedHead<Self>;
 
     /// [`backward::head`] compiled for `arch`.
     fn backward_head(
@@ -274,6 +293,14 @@ macro_rules! kernel_element {
                 part: Range<usize>,
             ) -> Partial<$ty> {
                 on_arch!(arch, token => token.attend_part(group, part))
+            }
+
+            fn pack_head(
+                arch: Arch,
+                k: &ArrayView2<'_, $ty>,
+                v: &ArrayView2<'_, $ty>,
+            ) -> PackedHead<$ty> {
+                on_arch!(arch, token => token.pack_head(k, v))
             }
 
             fn backward_head(
