@@ -5,12 +5,11 @@ use ndarray::ArrayView2;
 
 use super::fusable::{row_slice, Extent, Scan};
 use super::gemm::Panels;
-use super::params::BC;
 use crate::element::Element;
 
 /// Keys packed for the micro-kernel: panels of `NR` keys, each stored `d × NR`
 /// (the `p`-th components of `NR` consecutive keys side by side), zero-padded to a
-/// multiple of `BC` keys.
+/// whole panel.
 #[derive(Debug)]
 pub(crate) struct PackedKeys<A> {
     pub(crate) data: Vec<A>,
@@ -18,11 +17,12 @@ pub(crate) struct PackedKeys<A> {
 }
 
 /// Values packed for the micro-kernel: for each group of `NR` value columns, all
-/// keys' `NR` values in key order, zero-padded to a multiple of `BC` keys.
+/// keys' `NR` values in key order (the columns past `d_v` zero).
 #[derive(Debug)]
 pub(crate) struct PackedValues<A> {
     pub(crate) data: Vec<A>,
-    pub(crate) s_pad: usize,
+    /// Keys per column group.
+    pub(crate) s: usize,
     pub(crate) col_tiles: usize,
 }
 
@@ -76,23 +76,18 @@ impl<A: Element> PackedValues<A> {
     #[inline(always)]
     pub(crate) fn pack(v: &ArrayView2<'_, A>, nr: usize) -> (Self, Extent<A>) {
         let (s, dv) = v.dim();
-        let s_pad = s.next_multiple_of(BC);
         let col_tiles = dv.div_ceil(nr);
-        let mut data = vec![A::zero(); col_tiles * s_pad * nr];
+        let mut data = vec![A::zero(); col_tiles * s * nr];
         let mut scan = Scan::new();
         for (j, value) in v.outer_iter().enumerate() {
             let value = row_slice(value);
             scan.add(&value);
             for (ct, columns) in value.chunks(nr).enumerate() {
-                let start = (ct * s_pad + j) * nr;
+                let start = (ct * s + j) * nr;
                 data[start..start + columns.len()].copy_from_slice(columns);
             }
         }
-        let packed = PackedValues {
-            data,
-            s_pad,
-            col_tiles,
-        };
+        let packed = PackedValues { data, s, col_tiles };
         (packed, scan.extent(s))
     }
 }

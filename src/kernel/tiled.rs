@@ -220,10 +220,8 @@ fn accumulate<A: KernelFloat, T: Tiles<A, NR>, const NR: usize>(
     let o_tiles = o.as_chunks_mut::<NR>().0;
     let col_tiles = values.col_tiles;
     for ct in 0..col_tiles {
-        let first = ct * values.s_pad + j0;
-        let v_block: &[[A; NR]; BC] = v_rows[first..first + BC]
-            .try_into()
-            .expect("a packed value block holds BC keys");
+        let first = ct * values.s + j0;
+        let v_block = &v_rows[first..first + keys];
         for t in 0..tile_rows {
             let rows: [&[A; BC]; MR] = std::array::from_fn(|i| &p_rows[t * MR + i]);
             let first = ct * BR + t * MR;
@@ -233,7 +231,7 @@ fn accumulate<A: KernelFloat, T: Tiles<A, NR>, const NR: usize>(
             let alpha: &[A; MR] = alpha[t * MR..(t + 1) * MR]
                 .try_into()
                 .expect("MR factors per tile");
-            tiles.value_tile(&rows, v_block, keys, alpha, o_tile);
+            tiles.value_tile(&rows, v_block, alpha, o_tile);
         }
     }
 }
@@ -244,16 +242,9 @@ pub(crate) trait Tiles<A, const NR: usize>: Copy {
     /// A tile of `S = Q·Kᵀ`: `q` holds the `d` columns of `MR` queries, `k` the `d`
     /// components of `NR` keys.
     fn score_tile(self, q: &[[A; MR]], k: &[[A; NR]]) -> [[A; NR]; MR];
-    /// `O = α·O + P·V` on one tile, over the first `keys` (at most `BC`) keys of a
-    /// block: `p` holds `MR` rows of weights, `v` `BC` rows of `NR` values. The
+    /// `O = α·O + P·V` on one tile, over the keys of a block: `p` holds `MR` rows
+    /// of weights, `v` one row of `NR` values per key (at most `BC`). The
     /// block's product is summed on its own before it is added to the rescaled
     /// total: blocked summation keeps long rows accurate.
-    fn value_tile(
-        self,
-        p: &[&[A; BC]; MR],
-        v: &[[A; NR]; BC],
-        keys: usize,
-        alpha: &[A; MR],
-        o: &mut [[A; NR]; MR],
-    );
+    fn value_tile(self, p: &[&[A; BC]; MR], v: &[[A; NR]], alpha: &[A; MR], o: &mut [[A; NR]; MR]);
 }

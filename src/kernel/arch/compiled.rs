@@ -182,8 +182,7 @@ macro_rules! two_register_tiles {
                 fn value_tile(
                     self,
                     p: &[&[$ty; BC]; MR],
-                    v: &[[$ty; $nr]; BC],
-                    keys: usize,
+                    v: &[[$ty; $nr]],
                     alpha: &[$ty; MR],
                     o: &mut [[$ty; $nr]; MR],
                 ) {
@@ -191,15 +190,16 @@ macro_rules! two_register_tiles {
                     unsafe {
                         let weights = |j: usize| std::array::from_fn(|i| p[i][j]);
                         let mut acc = [[$zero(); 2]; MR];
-                        let keys = keys.min(BC);
+                        let v = &v[..v.len().min(BC)];
                         // two keys per trip: half the loop overhead
-                        for pair in 0..keys / 2 {
+                        let (pairs, last) = v.as_chunks::<2>();
+                        for (pair, rows) in pairs.iter().enumerate() {
                             let j = 2 * pair;
-                            rank1(&mut acc, weights(j), &v[j]);
-                            rank1(&mut acc, weights(j + 1), &v[j + 1]);
+                            rank1(&mut acc, weights(j), &rows[0]);
+                            rank1(&mut acc, weights(j + 1), &rows[1]);
                         }
-                        if keys % 2 == 1 {
-                            rank1(&mut acc, weights(keys - 1), &v[keys - 1]);
+                        if let [row] = last {
+                            rank1(&mut acc, weights(v.len() - 1), row);
                         }
                         for i in 0..MR {
                             let a = $splat(alpha[i]);

@@ -27,20 +27,13 @@ impl<A: KernelFloat, const NR: usize> Tiles<A, NR> for Portable {
     }
 
     #[inline(always)]
-    fn value_tile(
-        self,
-        p: &[&[A; BC]; MR],
-        v: &[[A; NR]; BC],
-        keys: usize,
-        alpha: &[A; MR],
-        o: &mut [[A; NR]; MR],
-    ) {
+    fn value_tile(self, p: &[&[A; BC]; MR], v: &[[A; NR]], alpha: &[A; MR], o: &mut [[A; NR]; MR]) {
         let mut acc = [[A::zero(); NR]; MR];
-        for j in 0..keys.min(BC) {
+        for (j, v) in v.iter().enumerate().take(BC) {
             for i in 0..MR {
                 let pij = p[i][j];
                 for c in 0..NR {
-                    acc[i][c] = Separate::mul_add(pij, v[j][c], acc[i][c]);
+                    acc[i][c] = Separate::mul_add(pij, v[c], acc[i][c]);
                 }
             }
         }
