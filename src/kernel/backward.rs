@@ -24,8 +24,9 @@
 use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, CowArray, Ix2};
 
 use super::float::{KernelFloat, MulAdd};
-use super::gemm::{product, Panels, Target};
+use super::gemm::{product, Target};
 use super::online::{inverse_total, softmax_update};
+use super::pack::Panels;
 use super::params::{BACKWARD_KEYS as BK, BACKWARD_QUERIES as BQ, MR, SOFTMAX_LANES};
 use super::tiled::Tiles;
 use crate::core::backward::add_bias_gradient;

@@ -5,120 +5,16 @@
 //! operands on every call.
 //!
 //! `C = A·B` with `A: (m, depth)` packed in panels of [`MR`] rows and
-//! `B: (depth, n)` in panels of `NR` columns; each panel holds its `depth`
-//! steps one after another (`[[_; MR]; depth]`, `[[_; NR]; depth]`), as the
-//! tiled forward packs its queries and keys.
+//! `B: (depth, n)` in panels of `NR` columns ([`Panels`], in `pack.rs`); each
+//! panel holds its `depth` steps one after another (`[[_; MR]; depth]`,
+//! `[[_; NR]; depth]`), as the tiled forward packs its queries and keys.
 
 use std::ops::Range;
 
+use super::pack::Panels;
 use super::params::MR;
 use super::tiled::Tiles;
 use crate::element::Element;
-
-/// An operand packed in panels of `width` lines (rows of `A`, columns of `B`),
-/// each panel `depth` steps of `width` values, zero-padded to whole panels.
-#[derive(Debug)]
-pub(crate) struct Panels<A> {
-    data: Vec<A>,
-    /// Lines in use, and the depth of each.
-    lines: usize,
-    depth: usize,
-    width: usize,
-}
-
-impl<A: Element> Panels<A> {
-    /// Room for panels of `width` lines.
-    pub(crate) fn new(width: usize) -> Self {
-        Panels {
-            data: Vec::new(),
-            lines: 0,
-            depth: 0,
-            width,
-        }
-    }
-
-    /// The packed values: panel after panel, each `depth` steps of `width`.
-    pub(crate) fn into_data(self) -> Vec<A> {
-        self.data
-    }
-
-    /// Sizes the panels for `lines × depth`, zeroed.
-    fn reset(&mut self, lines: usize, depth: usize) {
-        self.lines = lines;
-        self.depth = depth;
-        self.data.clear();
-        self.data
-            .resize(lines.div_ceil(self.width) * self.width * depth, A::zero());
-    }
-
-    /// Packs `lines` lines of `depth` values each, line `l` at
-    /// `src[l·stride ..][.. depth]` (rows of `A`; or columns of `B` stored as
-    /// the rows of `Bᵀ`), `W` (the panel width) lines at a time.
-    #[inline(always)]
-    pub(crate) fn pack_lines<const W: usize>(
-        &mut self,
-        src: &[A],
-        stride: usize,
-        lines: usize,
-        depth: usize,
-    ) {
-        debug_assert_eq!(W, self.width);
-        self.reset(lines, depth);
-        let panels = self.data.as_chunks_mut::<W>().0.chunks_exact_mut(depth);
-        for (panel, out) in panels.enumerate() {
-            let first = panel * W;
-            let used = W.min(lines - first);
-            if used == W {
-                let rows: [&[A]; W] =
-                    std::array::from_fn(|i| &src[(first + i) * stride..][..depth]);
-                for (p, step) in out.iter_mut().enumerate() {
-                    *step = std::array::from_fn(|i| rows[i][p]);
-                }
-            } else {
-                for i in 0..used {
-                    let row = &src[(first + i) * stride..][..depth];
-                    for (step, &x) in out.iter_mut().zip(row) {
-                        step[i] = x;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Packs `lines` lines of `depth` values each, stored the other way: step
-    /// `p` of every line at `src[p·stride ..][.. lines]` (columns of `A` stored
-    /// as the rows of `Aᵀ`; or the rows of `B`).
-    #[inline(always)]
-    pub(crate) fn pack_steps<const W: usize>(
-        &mut self,
-        src: &[A],
-        stride: usize,
-        lines: usize,
-        depth: usize,
-    ) {
-        debug_assert_eq!(W, self.width);
-        self.reset(lines, depth);
-        let steps = self.data.as_chunks_mut::<W>().0;
-        for p in 0..depth {
-            let (whole, rest) = src[p * stride..][..lines].as_chunks::<W>();
-            for (panel, chunk) in whole.iter().enumerate() {
-                steps[panel * depth + p] = *chunk;
-            }
-            if !rest.is_empty() {
-                let out = &mut steps[whole.len() * depth + p];
-                out[..rest.len()].copy_from_slice(rest);
-            }
-        }
-    }
-
-    /// Panel `panel`'s steps `steps`, as the micro-kernels read them.
-    #[inline(always)]
-    fn panel<const W: usize>(&self, panel: usize, steps: &Range<usize>) -> &[[A; W]] {
-        debug_assert_eq!(W, self.width);
-        let all = self.data.as_chunks::<W>().0;
-        &all[panel * self.depth + steps.start..panel * self.depth + steps.end]
-    }
-}
 
 /// Where a product goes: a row-major matrix (`stride` apart) whose first
 /// `rows × cols` entries it writes, or adds to.

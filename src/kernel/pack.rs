@@ -1,10 +1,12 @@
-//! Keys and values packed for the tiled kernel's micro-kernels, once per
-//! key/value head.
+//! Operands packed for the micro-kernels: keys and values once per key/value head
+//! for the tiled kernel, and [`Panels`], the packing of any operand of the
+//! backward's block products (`gemm.rs`).
+
+use std::ops::Range;
 
 use ndarray::ArrayView2;
 
 use super::fusable::{row_slice, Extent, Scan};
-use super::gemm::Panels;
 use crate::element::Element;
 
 /// Keys packed for the micro-kernel: panels of `NR` keys, each stored `d × NR`
@@ -89,5 +91,110 @@ impl<A: Element> PackedValues<A> {
         }
         let packed = PackedValues { data, s, col_tiles };
         (packed, scan.extent(s))
+    }
+}
+
+/// An operand packed in panels of `width` lines (rows of `A`, columns of `B`),
+/// each panel `depth` steps of `width` values, zero-padded to whole panels.
+#[derive(Debug)]
+pub(crate) struct Panels<A> {
+    data: Vec<A>,
+    /// Lines in use, and the depth of each.
+    pub(crate) lines: usize,
+    pub(crate) depth: usize,
+    width: usize,
+}
+
+impl<A: Element> Panels<A> {
+    /// Room for panels of `width` lines.
+    pub(crate) fn new(width: usize) -> Self {
+        Panels {
+            data: Vec::new(),
+            lines: 0,
+            depth: 0,
+            width,
+        }
+    }
+
+    /// The packed values: panel after panel, each `depth` steps of `width`.
+    pub(crate) fn into_data(self) -> Vec<A> {
+        self.data
+    }
+
+    /// Sizes the panels for `lines × depth`, zeroed.
+    fn reset(&mut self, lines: usize, depth: usize) {
+        self.lines = lines;
+        self.depth = depth;
+        self.data.clear();
+        self.data
+            .resize(lines.div_ceil(self.width) * self.width * depth, A::zero());
+    }
+
+    /// Packs `lines` lines of `depth` values each, line `l` at
+    /// `src[l·stride ..][.. depth]` (rows of `A`; or columns of `B` stored as
+    /// the rows of `Bᵀ`), `W` (the panel width) lines at a time.
+    #[inline(always)]
+    pub(crate) fn pack_lines<const W: usize>(
+        &mut self,
+        src: &[A],
+        stride: usize,
+        lines: usize,
+        depth: usize,
+    ) {
+        debug_assert_eq!(W, self.width);
+        self.reset(lines, depth);
+        let panels = self.data.as_chunks_mut::<W>().0.chunks_exact_mut(depth);
+        for (panel, out) in panels.enumerate() {
+            let first = panel * W;
+            let used = W.min(lines - first);
+            if used == W {
+                let rows: [&[A]; W] =
+                    std::array::from_fn(|i| &src[(first + i) * stride..][..depth]);
+                for (p, step) in out.iter_mut().enumerate() {
+                    *step = std::array::from_fn(|i| rows[i][p]);
+                }
+            } else {
+                for i in 0..used {
+                    let row = &src[(first + i) * stride..][..depth];
+                    for (step, &x) in out.iter_mut().zip(row) {
+                        step[i] = x;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Packs `lines` lines of `depth` values each, stored the other way: step
+    /// `p` of every line at `src[p·stride ..][.. lines]` (columns of `A` stored
+    /// as the rows of `Aᵀ`; or the rows of `B`).
+    #[inline(always)]
+    pub(crate) fn pack_steps<const W: usize>(
+        &mut self,
+        src: &[A],
+        stride: usize,
+        lines: usize,
+        depth: usize,
+    ) {
+        debug_assert_eq!(W, self.width);
+        self.reset(lines, depth);
+        let steps = self.data.as_chunks_mut::<W>().0;
+        for p in 0..depth {
+            let (whole, rest) = src[p * stride..][..lines].as_chunks::<W>();
+            for (panel, chunk) in whole.iter().enumerate() {
+                steps[panel * depth + p] = *chunk;
+            }
+            if !rest.is_empty() {
+                let out = &mut steps[whole.len() * depth + p];
+                out[..rest.len()].copy_from_slice(rest);
+            }
+        }
+    }
+
+    /// Panel `panel`'s steps `steps`, as the micro-kernels read them.
+    #[inline(always)]
+    pub(crate) fn panel<const W: usize>(&self, panel: usize, steps: &Range<usize>) -> &[[A; W]] {
+        debug_assert_eq!(W, self.width);
+        let all = self.data.as_chunks::<W>().0;
+        &all[panel * self.depth + steps.start..panel * self.depth + steps.end]
     }
 }
