@@ -32,7 +32,7 @@ pub(crate) fn extent_of<A: Element>(x: &ArrayView2<'_, A>) -> Extent<A> {
 }
 
 /// A row as a slice: borrowed where it is contiguous, copied where it is not.
-pub(crate) fn row_slice<A: Clone>(row: ArrayView1<'_, A>) -> Cow<'_, [A]> {
+fn row_slice<A: Clone>(row: ArrayView1<'_, A>) -> Cow<'_, [A]> {
     match row.to_slice() {
         Some(row) => Cow::Borrowed(row),
         None => Cow::Owned(row.to_vec()),

@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use ndarray::ArrayView2;
 
-use super::fusable::{row_slice, Extent, Scan};
+use super::fusable::{Extent, Scan};
 use crate::element::Element;
 
 /// Keys packed for the micro-kernel: panels of `NR` keys, each stored `d × NR`
@@ -45,7 +45,7 @@ pub(crate) fn pack_head<A: Element, const NR: usize>(
     v: &ArrayView2<'_, A>,
 ) -> PackedHead<A> {
     let (keys, key_extent) = PackedKeys::pack::<NR>(k);
-    let (values, value_extent) = PackedValues::pack(v, NR);
+    let (values, value_extent) = PackedValues::pack::<NR>(v);
     PackedHead {
         keys,
         values,
@@ -73,23 +73,22 @@ impl<A: Element> PackedKeys<A> {
 }
 
 impl<A: Element> PackedValues<A> {
-    /// Packs `v: (S, d_v)` in column groups of `nr`, and finds the values' extent
-    /// on the way.
+    /// Packs `v: (S, d_v)` in column groups of `NR` (panels of `NR` value
+    /// columns, each `S` steps deep), and finds the values' extent on the way.
     #[inline(always)]
-    pub(crate) fn pack(v: &ArrayView2<'_, A>, nr: usize) -> (Self, Extent<A>) {
-        let (s, dv) = v.dim();
-        let col_tiles = dv.div_ceil(nr);
-        let mut data = vec![A::zero(); col_tiles * s * nr];
+    pub(crate) fn pack<const NR: usize>(v: &ArrayView2<'_, A>) -> (Self, Extent<A>) {
+        let (s, d_v) = v.dim();
+        let v = v.as_standard_layout();
+        let v = v.as_slice().expect("standard layout");
         let mut scan = Scan::new();
-        for (j, value) in v.outer_iter().enumerate() {
-            let value = row_slice(value);
-            scan.add(&value);
-            for (ct, columns) in value.chunks(nr).enumerate() {
-                let start = (ct * s + j) * nr;
-                data[start..start + columns.len()].copy_from_slice(columns);
-            }
-        }
-        let packed = PackedValues { data, s, col_tiles };
+        scan.add(v);
+        let mut panels = Panels::new(NR);
+        panels.pack_steps::<NR>(v, d_v, d_v, s);
+        let packed = PackedValues {
+            data: panels.into_data(),
+            s,
+            col_tiles: d_v.div_ceil(NR),
+        };
         (packed, scan.extent(s))
     }
 }
