@@ -47,10 +47,11 @@ pub(crate) fn register_system_font() -> Result<()> {
                 // a sibling file in the same family where there is one (DejaVu's
                 // names), else the regular face
                 let sibling = |name: &str| -> &'static [u8] {
-                    match std::fs::read(path.replace("DejaVuSans.ttf", name)) {
-                        Ok(bytes) if path.ends_with("DejaVuSans.ttf") && bytes.len() > 1000 => {
-                            Box::leak(bytes.into_boxed_slice())
-                        }
+                    let Some(dir) = path.strip_suffix("DejaVuSans.ttf") else {
+                        return regular;
+                    };
+                    match std::fs::read(format!("{dir}{name}")) {
+                        Ok(bytes) if bytes.len() > 1000 => Box::leak(bytes.into_boxed_slice()),
                         _ => regular,
                     }
                 };
