@@ -157,24 +157,22 @@ fn panel_width(h: &Heatmap) -> u32 {
 /// ticks are drawn 34 pixels right of the cells, about 8 pixels a character).
 fn legend_band(h: &Heatmap) -> u32 {
     let (lo, hi) = h.range();
-    let longest = [lo, hi]
-        .iter()
+    LEGEND_BAND.max(44 + 8 * longest_number(h, &[lo, hi]))
+}
+
+/// Characters in the longest of `values` as the picture draws them.
+fn longest_number<'v>(h: &Heatmap, values: impl IntoIterator<Item = &'v f64>) -> u32 {
+    values
+        .into_iter()
         .map(|&v| drawn_number(v, h.decimals).chars().count())
         .max()
-        .unwrap_or(0) as u32;
-    LEGEND_BAND.max(44 + 8 * longest)
+        .unwrap_or(0) as u32
 }
 
 /// Pixels across a cell: [`CELL`], or wider where a cell's number needs it (the
 /// numbers are drawn about 8 pixels a character, with 4 pixels either side).
 fn cell_width(h: &Heatmap) -> u32 {
-    let longest = h
-        .values
-        .iter()
-        .map(|&v| drawn_number(v, h.decimals).chars().count())
-        .max()
-        .unwrap_or(0) as u32;
-    CELL.max(8 * longest + 8)
+    CELL.max(8 * longest_number(h, &h.values) + 8)
 }
 
 fn panel_height(h: &Heatmap) -> u32 {

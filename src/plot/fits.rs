@@ -179,18 +179,26 @@ fn misfits(size: (u32, u32), texts: &[TextBox]) -> Vec<String> {
     wrong
 }
 
-/// Asserts that every text of `figure` fits; `None` where this system has no
-/// font for PNG text (there is no PNG to check then).
-fn assert_fits(figure: &Figure) -> Option<usize> {
+/// Asserts that every text `draw` puts on a `size` picture fits, and returns the
+/// texts; `None` where this system has no font for PNG text (there is no PNG to
+/// check then).
+fn assert_drawn_fits(
+    size: (u32, u32),
+    draw: impl FnOnce(&DrawingArea<Recorder, Shift>) -> crate::Result<()>,
+) -> Option<Vec<TextBox>> {
     if let Err(e) = register_system_font() {
         eprintln!("no font, no PNG text to measure: {e}");
         return None;
     }
-    let size = figure.size();
-    let texts = texts_of(size, |root| figure.draw(root));
+    let texts = texts_of(size, draw);
     let wrong = misfits(size, &texts);
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
-    Some(texts.len())
+    Some(texts)
+}
+
+/// [`assert_drawn_fits`] for a figure.
+fn assert_fits(figure: &Figure) {
+    assert_drawn_fits(figure.size(), |root| figure.draw(root));
 }
 
 fn ramp(rows: usize, cols: usize, lo: f64, hi: f64) -> Array2<f64> {
@@ -370,16 +378,11 @@ fn long_negative_numbers_fit() {
 
 #[test]
 fn a_loss_curve_text_fits() {
-    if register_system_font().is_err() {
-        return;
-    }
     let values: Vec<f64> = (0..300).map(|i| 2.3 * (-(i as f64) / 60.0).exp()).collect();
     let curve = Curve::new("training loss", &values).with_axes("step", "cross-entropy");
-    let size = super::curve::SIZE;
-    let texts = texts_of(size, |root| curve.draw(root));
-    assert!(texts.len() > 5, "{texts:?}");
-    let wrong = misfits(size, &texts);
-    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    if let Some(texts) = assert_drawn_fits(super::curve::SIZE, |root| curve.draw(root)) {
+        assert!(texts.len() > 5, "{texts:?}");
+    }
 }
 
 #[test]
