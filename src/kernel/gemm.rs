@@ -81,27 +81,54 @@ mod tests {
         })
     }
 
+    /// A panels buffer packed again keeps no value of the earlier pack in the
+    /// lanes past its last line.
+    #[test]
+    fn packing_again_leaves_the_padding_zero() {
+        let (big, small) = (matrix(12, 9, 3), matrix(7, 5, 4));
+        for by_lines in [true, false] {
+            let mut panels = Panels::new(MR);
+            for x in [&big, &small] {
+                let (lines, depth) = x.dim();
+                let t = x.t().as_standard_layout().to_owned();
+                if by_lines {
+                    panels.pack_lines::<MR>(x.as_slice().expect("standard"), depth, lines, depth);
+                } else {
+                    panels.pack_steps::<MR>(t.as_slice().expect("standard"), lines, lines, depth);
+                }
+            }
+            // 7 lines: the second panel holds one, its other five lanes are padding
+            for step in panels.panel::<MR>(1, &(0..5)) {
+                assert_eq!(step[1..], [0.0; MR - 1], "by lines: {by_lines}");
+            }
+        }
+    }
+
     /// Every way of packing, against `a.dot(&b)`, at sizes off the panel widths.
     #[test]
     fn products_of_packed_panels_equal_the_plain_product() {
         const NR: usize = 8;
-        for (m, depth, n) in [
+        // the same panels packed again and again, smaller after larger: values
+        // left over from a larger pack must not leak into the padding
+        let mut left = [Panels::new(MR), Panels::new(MR)];
+        let mut right = [Panels::new(NR), Panels::new(NR)];
+        let sizes = [
             (1, 1, 1),
             (5, 3, 7),
             (6, 64, 16),
             (13, 17, 24),
             (64, 128, 40),
-        ] {
+            (13, 17, 20),
+        ];
+        for (m, depth, n) in sizes {
             let (a, b) = (matrix(m, depth, 1), matrix(depth, n, 2));
             let want = a.dot(&b);
             let at = a.t().as_standard_layout().to_owned();
             let bt = b.t().as_standard_layout().to_owned();
             let a_flat = a.as_slice().expect("standard");
             let b_flat = b.as_slice().expect("standard");
-            let mut left = [Panels::new(MR), Panels::new(MR)];
             left[0].pack_lines::<MR>(a_flat, depth, m, depth);
             left[1].pack_steps::<MR>(at.as_slice().expect("standard"), m, m, depth);
-            let mut right = [Panels::new(NR), Panels::new(NR)];
             right[0].pack_steps::<NR>(b_flat, n, n, depth);
             right[1].pack_lines::<NR>(bt.as_slice().expect("standard"), depth, n, depth);
             for a in &left {

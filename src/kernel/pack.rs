@@ -120,13 +120,22 @@ impl<A: Element> Panels<A> {
         self.data
     }
 
-    /// Sizes the panels for `lines × depth`, zeroed.
+    /// Sizes the panels for `lines × depth`, with the lanes past the last line
+    /// zero: the packers write every other value, so a buffer used again (the
+    /// backward packs into the same panels for every block) is not zeroed first.
     fn reset(&mut self, lines: usize, depth: usize) {
         self.lines = lines;
         self.depth = depth;
-        self.data.clear();
-        self.data
-            .resize(lines.div_ceil(self.width) * self.width * depth, A::zero());
+        let w = self.width;
+        let panels = lines.div_ceil(w);
+        self.data.resize(panels * w * depth, A::zero());
+        let used = lines - (panels.max(1) - 1) * w;
+        if panels > 0 && used < w {
+            let last = &mut self.data[(panels - 1) * w * depth..];
+            for step in last.chunks_exact_mut(w) {
+                step[used..].fill(A::zero());
+            }
+        }
     }
 
     /// Packs `lines` lines of `depth` values each, line `l` at
