@@ -14,6 +14,8 @@ use attn::{Element, Kernel, Mask, Parallelism, ScaledDotProduct, Storage};
 use ndarray::{s, Array2, Array4, Axis};
 use rayon::prelude::*;
 
+mod peak;
+
 const HEADS: usize = 8;
 const DIM: usize = 64;
 /// Rounds of all contenders per table row.
@@ -191,11 +193,14 @@ fn main() {
     };
     let mut torch_version = String::new();
     let mut torch_absent = None;
+    let peak = peak::f32_fma_peak_gflops();
+    println!("host: {}", peak::host());
+    println!("f32 FMA peak, measured: {peak:.1} GFLOP/s per core (f64: half)\n");
 
     println!("f32, batch 1, {HEADS} heads, head_dim {DIM}, self-attention; GFLOP/s = 4·N²·d·heads / time (causal: half)");
     println!("best time over {ROUNDS} rounds of repeated calls; each round runs every contender of the row back to back\n");
-    println!("| N | mask | threads | attn fused | attn plain | ndarray by hand | PyTorch SDPA | fused / PyTorch |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| N | mask | threads | attn fused | attn plain | ndarray by hand | PyTorch SDPA | fused / PyTorch | fused, % of FMA peak |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for causal in [false, true] {
         for &n in sizes {
             if causal && n < 2048 {
@@ -259,10 +264,11 @@ fn main() {
                 };
                 let mask = if causal { "causal" } else { "none" };
                 println!(
-                    "| {n} | {mask} | {threads} | {} | {} | {} | {torch_shown} | {ratio} |",
+                    "| {n} | {mask} | {threads} | {} | {} | {} | {torch_shown} | {ratio} | {:.0} % |",
                     shown(fused),
                     shown(plain),
-                    shown(by_hand)
+                    shown(by_hand),
+                    100.0 * flops / fused / 1e9 / (peak * threads as f64)
                 );
             }
         }
@@ -326,23 +332,23 @@ fn main() {
     // every element type against PyTorch in the same type
     println!("\nby element type, {HEADS} heads, head_dim {DIM}, unmasked; prefill in GFLOP/s (4·N²·d·heads / time), decode in µs per step (1 query against 4096 cached)");
     println!("half types: inputs and outputs in the half type, computed in f32\n");
-    println!("| dtype | case | threads | attn | PyTorch SDPA | attn speed / PyTorch |");
-    println!("|---|---|---|---|---|---|");
+    println!("| dtype | case | threads | attn | PyTorch SDPA | attn speed / PyTorch | attn, % of FMA peak |");
+    println!("|---|---|---|---|---|---|---|");
     let prefill: &[usize] = if quick {
         &[128, 512]
     } else {
         &[128, 512, 2048]
     };
-    dtype_rows::<half::bf16>("bf16", &python, min, prefill);
-    dtype_rows::<half::f16>("f16", &python, min, prefill);
-    dtype_rows::<f64>("f64", &python, min, prefill);
-    dtype_rows::<f32>("f32", &python, min, prefill);
+    dtype_rows::<half::bf16>("bf16", &python, min, prefill, peak);
+    dtype_rows::<half::f16>("f16", &python, min, prefill, peak);
+    dtype_rows::<f64>("f64", &python, min, prefill, peak);
+    dtype_rows::<f32>("f32", &python, min, prefill, peak);
 
     // peak memory of the fused path at N = 16384: nothing grows with N² (the
     // scores would be 8 GiB per call in f32)
     // the backward pass: gradients of q, k, v from d_out (forward not timed for
     // PyTorch; attn's backward runs its own forward pass inside)
-    println!("\nbackward, f32, {HEADS} heads, head_dim {DIM}: GFLOP/s = 10·N²·d·heads / time (causal: half); FMA peak 117 GFLOP/s per core");
+    println!("\nbackward, f32, {HEADS} heads, head_dim {DIM}: GFLOP/s = 10·N²·d·heads / time (causal: half)");
     println!("\"kept\": `backward_batched_with_lse` from `forward_batched_with_lse` (forward not timed, as for PyTorch); \"alone\": `backward_batched`, which runs the forward again\n");
     println!("| N | mask | threads | attn kept | attn alone | PyTorch backward | kept / PyTorch | kept, % of FMA peak |");
     println!("|---|---|---|---|---|---|---|---|");
@@ -375,13 +381,12 @@ fn main() {
                     Ok((s, _)) => (gflops(flops, *s), format!("{:.2}×", s / kept)),
                     Err(why) => (why.clone(), "–".to_string()),
                 };
-                let peak = 117.0 * threads as f64;
                 println!(
                     "| {n} | {} | {threads} | {} | {} | {torch_cell} | {ratio} | {:.0} % |",
                     if causal { "causal" } else { "none" },
                     gflops(flops, kept),
                     gflops(flops, alone),
-                    100.0 * flops / kept / 1e9 / peak
+                    100.0 * flops / kept / 1e9 / (peak * threads as f64)
                 );
             }
         }
@@ -413,7 +418,10 @@ fn main() {
 
 /// Prefill rows (`n` queries, keys and values) and a decoding step in one element
 /// type, against PyTorch in the same type.
-fn dtype_rows<H: Storage>(name: &str, python: &str, min: f64, prefill: &[usize]) {
+///
+/// `peak` is the f32 FMA peak of one core; an f64 lane is half as fast.
+fn dtype_rows<H: Storage>(name: &str, python: &str, min: f64, prefill: &[usize], peak: f64) {
+    let peak = peak / (std::mem::size_of::<H::Compute>() / 4) as f64;
     let to = |x: Array4<f32>| {
         x.mapv(|v| H::from_compute(<H::Compute as Element>::from_f64(f64::from(v))))
     };
@@ -457,8 +465,17 @@ fn dtype_rows<H: Storage>(name: &str, python: &str, min: f64, prefill: &[usize])
                 Ok((t, _)) => (shown(t), format!("{:.2}×", t / ours)),
                 Err(why) => (why, "–".to_string()),
             };
+            // a decoding step is bound by memory, not by the FMAs
+            let of_peak = if queries == 1 {
+                "–".to_string()
+            } else {
+                format!(
+                    "{:.0} %",
+                    100.0 * flops / ours / 1e9 / (peak * threads as f64)
+                )
+            };
             println!(
-                "| {name} | {case} | {threads} | {} | {torch_cell} | {ratio} |",
+                "| {name} | {case} | {threads} | {} | {torch_cell} | {ratio} | {of_peak} |",
                 shown(ours)
             );
         }
