@@ -57,6 +57,50 @@ fn causal_full_pass_equals_prompt_then_steps() {
     }
 }
 
+/// A layer with its own scale (T5's 1, or any other) decodes through its cache
+/// with that scale: prompt then steps equal the full causal pass, with ALiBi and
+/// with a sliding window, and a cache at the default scale does not.
+#[test]
+fn cached_layer_attends_with_its_scale() {
+    use attn::{Causality, PositionEncoding};
+    let settings = [
+        (Causality::Causal, PositionEncoding::None),
+        (Causality::Causal, PositionEncoding::Alibi),
+        (Causality::SlidingWindow(3), PositionEncoding::None),
+    ];
+    for scale in [1.0, 0.3] {
+        for (causality, positions) in settings {
+            let mha = MultiHeadConfig::new(8, 2)
+                .with_scale(scale)
+                .with_causality(causality)
+                .with_positions(positions)
+                .random::<f64>(Init::XavierUniform, 31)
+                .expect("valid");
+            let x = tokens(9, 8, 32);
+            let full = mha.forward_batched(&x, &x, &x, &[]).expect("valid");
+            for prompt in [1, 5] {
+                let mut cache = mha.new_cache(1);
+                let stepped = in_steps(&mha, &x, prompt, &mut cache);
+                let e = max_abs_diff(&stepped, &full);
+                assert!(
+                    e < 1e-13,
+                    "scale {scale}, {causality:?}, {positions:?}: {e:e}"
+                );
+            }
+            // the same steps over a cache at 1/√head_dim give other numbers
+            let mut default = match causality {
+                Causality::SlidingWindow(w) => KvCache::sliding(1, 2, 4, 4, w).expect("valid"),
+                _ => KvCache::new(1, 2, 4, 4),
+            };
+            let e = max_abs_diff(&in_steps(&mha, &x, 1, &mut default), &full);
+            assert!(
+                e > 1e-3,
+                "scale {scale}: the cache's scale made no difference"
+            );
+        }
+    }
+}
+
 #[test]
 fn sliding_cache_equals_sliding_window_attention() {
     let mha = MultiHeadConfig::new(8, 2)

@@ -126,11 +126,19 @@ fn head<'v, A>(x: &'v ArrayView4<'_, A>, b: usize, h: usize) -> ArrayView2<'v, A
 /// The given scale, checked, or `1/√d_k`.
 fn resolve_scale<A: Element>(scale: Option<A>, d_k: usize) -> Result<A> {
     match scale {
-        Some(scale) if scale.is_finite() && scale != A::zero() => Ok(scale),
-        Some(scale) => Err(Error::InvalidScale {
-            scale: scale.to_f64().unwrap_or(f64::NAN),
-        }),
+        Some(scale) => check_scale(scale),
         None => Ok(A::from_f64(1.0 / (d_k as f64).sqrt())),
+    }
+}
+
+/// `scale` if it is finite and non-zero, else [`Error::InvalidScale`].
+pub(crate) fn check_scale<A: Element>(scale: A) -> Result<A> {
+    if scale.is_finite() && scale != A::zero() {
+        Ok(scale)
+    } else {
+        Err(Error::InvalidScale {
+            scale: scale.to_f64().unwrap_or(f64::NAN),
+        })
     }
 }
 

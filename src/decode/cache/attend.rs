@@ -4,6 +4,7 @@ use ndarray::{Array2, Array4, ArrayRef2, ArrayRef4, ArrayView4, Axis};
 
 use super::KvCache;
 use crate::core::mask::{broadcast_all, Mask};
+use crate::core::problem::check_scale;
 use crate::element::Storage;
 use crate::error::{Error, Result};
 use crate::sdpa::{AttentionOutput, ScaledDotProduct};
@@ -148,6 +149,9 @@ impl<A: Storage> KvCache<A> {
         weights: bool,
     ) -> Result<Step<A>> {
         self.check(k_new, v_new)?;
+        if let Some(scale) = self.scale {
+            check_scale(scale.to_compute())?;
+        }
         let (b, kv_heads, _, d_k) = self.keys.dim();
         let (qb, heads, t, qd) = q.dim();
         // checked before anything is written: a failed call leaves the cache as it was
@@ -179,7 +183,7 @@ impl<A: Storage> KvCache<A> {
         self.write(k_new, v_new, real.view());
         // the held flags as a (batch, 1, 1, S) view: a mask only where there is padding
         let keep = self.real().insert_axis(Axis(1)).insert_axis(Axis(1));
-        let mut attention = ScaledDotProduct::new().with_mask(Mask::CausalBottomRight);
+        let mut attention = self.attention().with_mask(Mask::CausalBottomRight);
         if keep.iter().any(|&r| !r) {
             attention = attention.with_mask(Mask::keep(&keep));
         }
@@ -217,7 +221,7 @@ impl<A: Storage> KvCache<A> {
             let (query, key) = (held + i, j);
             flags[[row, j]] && key <= query && key + window > query
         });
-        let mut attention = ScaledDotProduct::new().with_mask(Mask::keep(&keep));
+        let mut attention = self.attention().with_mask(Mask::keep(&keep));
         for mask in masks {
             attention = attention.with_mask(mask.reborrow());
         }

@@ -7,6 +7,7 @@ use ndarray::{s, Array2, Array4, ArrayRef4, ArrayView2, ArrayView4};
 
 use crate::element::{Element, Storage};
 use crate::error::{Error, Result};
+use crate::sdpa::ScaledDotProduct;
 
 /// A key/value cache for incremental decoding, per batch and key/value head
 /// (grouped-query aware: it holds `kv_heads`, queries may have a multiple).
@@ -60,6 +61,8 @@ pub struct KvCache<A> {
     /// Positions appended in all.
     pub(super) seen: usize,
     pub(super) window: Option<usize>,
+    /// The scores' scale; `None`: `1/√d_k`.
+    pub(super) scale: Option<A>,
 }
 
 impl<A: Storage> KvCache<A> {
@@ -80,6 +83,7 @@ impl<A: Storage> KvCache<A> {
             len: 0,
             seen: 0,
             window: None,
+            scale: None,
         }
     }
 
@@ -170,6 +174,44 @@ impl<A: Storage> KvCache<A> {
     /// ```
     pub fn positions(&self) -> &[usize] {
         &self.positions
+    }
+
+    /// Every step multiplies its scores by `scale` instead of `1/√d_k` (T5
+    /// attends unscaled: `scale = 1`). A layer's
+    /// [`new_cache`](crate::MultiHeadAttention::new_cache) gives its cache the
+    /// layer's scale. The scale is checked by each step, before anything is
+    /// written: zero, NaN or infinity make it [`Error::InvalidScale`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use ndarray::array;
+    ///
+    /// // two keys, unscaled: weights softmax([0, 2]) for the second query
+    /// let mut cache = attn::KvCache::<f64>::new(1, 1, 2, 1).with_scale(1.0);
+    /// let q = array![[[[1.0, 1.0], [1.0, 1.0]]]];
+    /// let k = array![[[[0.0, 0.0], [1.0, 1.0]]]];
+    /// let v = array![[[[0.0], [1.0]]]];
+    /// let out = cache.attend(&q, &k, &v)?;
+    /// let expected = 2f64.exp() / (1.0 + 2f64.exp());
+    /// assert!((out[[0, 0, 1, 0]] - expected).abs() < 1e-15);
+    ///
+    /// let mut zero = attn::KvCache::<f64>::new(1, 1, 2, 1).with_scale(0.0);
+    /// assert!(matches!(zero.attend(&q, &k, &v), Err(attn::Error::InvalidScale { .. })));
+    /// assert!(zero.is_empty());
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn with_scale(mut self, scale: A) -> Self {
+        self.scale = Some(scale);
+        self
+    }
+
+    /// The attention of one step: the cache's scale, no masks yet.
+    pub(super) fn attention<'m>(&self) -> ScaledDotProduct<'m, A> {
+        match self.scale {
+            Some(scale) => ScaledDotProduct::new().with_scale(scale),
+            None => ScaledDotProduct::new(),
+        }
     }
 
     /// The window of a sliding cache.

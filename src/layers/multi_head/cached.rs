@@ -4,7 +4,6 @@ use ndarray::{Array2, Array3, Array4, ArrayRef2, ArrayRef3, Ix3};
 
 use super::forward::positions_of;
 use super::{Causality, MultiHeadAttention, MultiHeadOutput};
-use crate::core::mask::Mask;
 use crate::decode::cache::KvCache;
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -26,12 +25,13 @@ impl<A: Element> MultiHeadAttention<A> {
     /// ```
     pub fn new_cache(&self, batch: usize) -> KvCache<A> {
         let (kv, hd) = (self.config.n_kv_heads(), self.config.head_dim());
-        match self.config.causality() {
+        let cache = match self.config.causality() {
             Causality::SlidingWindow(window) if window > 0 => {
                 KvCache::sliding(batch, kv, hd, hd, window).expect("a window of at least 1")
             }
             _ => KvCache::new(batch, kv, hd, hd),
-        }
+        };
+        cache.with_scale(A::from_f64(self.config.scale()))
     }
 
     /// Self-attention of new tokens with a [`KvCache`]: projects `x`, appends its
@@ -40,7 +40,8 @@ impl<A: Element> MultiHeadAttention<A> {
     /// in one call; each decoding step then passes its new token(s). Rotary
     /// embeddings rotate each token at its row's position (see
     /// [`KvCache::positions`]). The cache makes attention causal whatever the
-    /// layer's [`Causality`].
+    /// layer's [`Causality`], and scales the scores by the cache's scale: make it
+    /// with [`new_cache`](Self::new_cache) to use the layer's.
     ///
     /// # Shapes
     ///
@@ -182,22 +183,9 @@ impl<A: Element> MultiHeadAttention<A> {
         for (mut row, &start) in positions.rows_mut().into_iter().zip(cache.positions()) {
             row += start;
         }
-        let mut heads = self.project_at(x, x, x, &positions, &positions)?;
-        // the cache attends with the default scale 1/√head_dim: fold another into q
-        let default = 1.0 / (config.head_dim() as f64).sqrt();
-        if config.scale() != default {
-            heads.q *= A::from_f64(config.scale() / default);
-        }
+        let heads = self.project_at(x, x, x, &positions, &positions)?;
         let slopes = self.slopes();
-        let mut masks = Vec::new();
-        if !slopes.is_empty() {
-            masks.push(Mask::Alibi(slopes.view()));
-        }
-        if let Causality::SlidingWindow(size) = config.causality() {
-            if cache.window() != Some(size) {
-                masks.push(Mask::SlidingWindow(size));
-            }
-        }
+        let masks = self.layer_masks(&slopes, Some(cache));
         let (output, head_weights) = if weights {
             let step =
                 cache.attend_padded_with_weights(&heads.q, &heads.k, &heads.v, real, &masks)?;
