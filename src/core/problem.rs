@@ -8,11 +8,13 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 
 /// A checked call, `(batch, heads, L, d_k)` queries against
-/// `(batch, kv_heads, S, ·)` keys and values.
-pub(crate) struct Problem<'a, A> {
+/// `(batch, kv_heads, S, ·)` keys and values. The keys and values are stored as
+/// `KV`: the compute type `A` itself, or a half type that the direct path widens
+/// as it reads.
+pub(crate) struct Problem<'a, A, KV = A> {
     pub(crate) q: ArrayView4<'a, A>,
-    pub(crate) k: ArrayView4<'a, A>,
-    pub(crate) v: ArrayView4<'a, A>,
+    pub(crate) k: ArrayView4<'a, KV>,
+    pub(crate) v: ArrayView4<'a, KV>,
     pub(crate) masks: Vec<Mask4<'a, A>>,
     pub(crate) scale: A,
     /// The shape of every [`Mask::Bias`], in order, lifted to 4-D with leading 1s:
@@ -40,13 +42,15 @@ impl<'a, A: Element> Problem<'a, A> {
             v: lift(v),
         })
     }
+}
 
+impl<'a, A: Element, KV> Problem<'a, A, KV> {
     /// Checks a batched call (`q: (batch, heads, L, d_k)`, `k: (batch, kv_heads, S, d_k)`,
     /// `v: (batch, kv_heads, S, d_v)`).
     pub(crate) fn new_4d(
         q: ArrayView4<'a, A>,
-        k: ArrayView4<'a, A>,
-        v: ArrayView4<'a, A>,
+        k: ArrayView4<'a, KV>,
+        v: ArrayView4<'a, KV>,
         masks: &'a [Mask<'_, A>],
         scale: Option<A>,
     ) -> Result<Self> {
@@ -63,7 +67,7 @@ impl<'a, A: Element> Problem<'a, A> {
     }
 }
 
-impl<A: Copy> Problem<'_, A> {
+impl<A: Copy, KV> Problem<'_, A, KV> {
     /// Query heads per key/value head.
     pub(crate) fn group_size(&self) -> usize {
         // kv_heads divides heads (checked), and is 0 only when heads is
@@ -91,7 +95,7 @@ impl<A: Copy> Problem<'_, A> {
         &self,
         b: usize,
         kv: usize,
-    ) -> (ArrayView2<'_, A>, ArrayView2<'_, A>) {
+    ) -> (ArrayView2<'_, KV>, ArrayView2<'_, KV>) {
         (head(&self.k, b, kv), head(&self.v, b, kv))
     }
 

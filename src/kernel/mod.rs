@@ -151,8 +151,7 @@ impl PerElement for Entries {
 ///
 /// As [`forward`].
 pub(crate) fn forward_half_direct<H: Half>(
-    problem: &Problem<'_, f32>,
-    stored: (ArrayView4<'_, H>, ArrayView4<'_, H>),
+    problem: &Problem<'_, f32, H>,
     out: ArrayViewMut4<'_, f32>,
     kernel: Kernel,
     parallelism: Parallelism,
@@ -163,14 +162,14 @@ pub(crate) fn forward_half_direct<H: Half>(
     let arch = Arch::detect()?;
     let mut outs: Vec<_> = per_head(out).collect();
     let mut groups = kv_groups(problem, &mut outs);
-    run::direct_half(problem, stored, arch, &mut groups, parallelism);
+    run::direct_half(problem, arch, &mut groups, parallelism);
     Ok(true)
 }
 
 /// The outputs `outs` (one per batch and query head, in that order) grouped by
 /// the key/value head they attend with: group `b·kv_heads + kv`.
-fn kv_groups<'o, 'a, A: Copy>(
-    problem: &Problem<'_, A>,
+fn kv_groups<'o, 'a, A: Copy, KV>(
+    problem: &Problem<'_, A, KV>,
     outs: &'o mut [ArrayViewMut2<'a, A>],
 ) -> Vec<KvGroup<'o, 'a, A>> {
     let kv_heads = problem.k.dim().1;
@@ -278,7 +277,7 @@ enum Route {
 }
 
 /// The route of `problem` under `kernel`.
-fn route<A>(problem: &Problem<'_, A>, kernel: Kernel) -> Route {
+fn route<A, KV>(problem: &Problem<'_, A, KV>, kernel: Kernel) -> Route {
     let (batch, heads, l, d) = problem.q.dim();
     let (s, d_v) = (problem.k.dim().2, problem.v.dim().3);
     match kernel {

@@ -54,51 +54,41 @@ pub(crate) fn direct<A: KernelElement>(
     groups: &mut [KvGroup<'_, '_, A>],
     parallelism: Parallelism,
 ) {
-    let stored = (problem.k, problem.v);
-    direct_over::<A, Native<A>>(problem, stored, arch, groups, parallelism, |b, h, out| {
+    direct_over::<A, Native<A>>(problem, arch, groups, parallelism, |b, h, out| {
         problem.solve_head(b, h, Some(out), None)
     });
 }
 
 /// [`direct`] over keys and values stored in half precision, read where they lie
-/// and widened chunk by chunk (the problem's own keys and values only give the
-/// shapes). A head whose inputs need the reference path gets its keys and values
-/// widened whole.
+/// and widened chunk by chunk. A head whose inputs need the reference path gets
+/// its keys and values widened whole.
 pub(crate) fn direct_half<H: Half>(
-    problem: &Problem<'_, f32>,
-    (k, v): (ArrayView4<'_, H>, ArrayView4<'_, H>),
+    problem: &Problem<'_, f32, H>,
     arch: Arch,
     groups: &mut [KvGroup<'_, '_, f32>],
     parallelism: Parallelism,
 ) {
-    let stored = (k, v);
-    direct_over::<f32, Widening<H>>(
-        problem,
-        stored,
-        arch,
-        groups,
-        parallelism,
-        |b, h, mut out| {
-            let kv = problem.kv_head(h);
-            let widened = |x: &ArrayView4<'_, H>| x.slice(s![b, kv, .., ..]).mapv(H::to_compute);
-            let (keys, values) = (widened(&k), widened(&v));
-            let masks = problem.block_masks(b, h);
-            let head = attend_head(problem.query(b, h), keys.view(), problem.scale, &masks);
-            out.assign(&weighted_values(&head, values.view()));
-        },
-    );
+    let (k, v) = (problem.k, problem.v);
+    direct_over::<f32, Widening<H>>(problem, arch, groups, parallelism, |b, h, mut out| {
+        let kv = problem.kv_head(h);
+        let widened = |x: &ArrayView4<'_, H>| x.slice(s![b, kv, .., ..]).mapv(H::to_compute);
+        let (keys, values) = (widened(&k), widened(&v));
+        let masks = problem.block_masks(b, h);
+        let head = attend_head(problem.query(b, h), keys.view(), problem.scale, &masks);
+        out.assign(&weighted_values(&head, values.view()));
+    });
 }
 
 /// The direct path over keys and values stored as `S`; `fallback(b, h, out)`
 /// computes a head whose inputs the fused arithmetic cannot stand for.
 fn direct_over<A: KernelElement, S: Source<A>>(
-    problem: &Problem<'_, A>,
-    (k, v): (ArrayView4<'_, S::Elem>, ArrayView4<'_, S::Elem>),
+    problem: &Problem<'_, A, S::Elem>,
     arch: Arch,
     groups: &mut [KvGroup<'_, '_, A>],
     parallelism: Parallelism,
     fallback: impl Fn(usize, usize, ArrayViewMut2<'_, A>),
 ) {
+    let (k, v) = (problem.k, problem.v);
     let s = k.dim().2;
     let d_v = v.dim().3;
     let inputs: Vec<DirectInputs<'_, A, S::Elem>> = groups

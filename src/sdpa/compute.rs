@@ -2,7 +2,7 @@
 //! any storage type: inputs, masks and scale converted (nothing is copied for
 //! `f32` and `f64`), outputs rounded back.
 
-use ndarray::{Array2, Array4, ArrayRef2, ArrayRef4, ArrayView1, CowArray, Ix1, Ix2, Ix4};
+use ndarray::{Array2, Array4, ArrayRef2, ArrayRef4, CowArray, Ix1, Ix2, Ix4};
 
 use super::{AttentionOutput, ScaledDotProduct};
 use crate::core::mask::Mask;
@@ -86,30 +86,12 @@ fn decode_half<H: Half>(
     let q32 = H::compute(q.view());
     let slopes = attn.slopes_in_compute();
     let attn = attn.in_compute(&slopes);
-    // the checks need the shapes of the keys and values, not their values
-    let zero = [0.0_f32];
-    let zero = ArrayView1::from(&zero[..]);
-    let shaped = |dim| {
-        zero.broadcast(dim)
-            .expect("one value broadcasts to any shape")
-    };
-    let problem = Problem::new_4d(
-        q32.view(),
-        shaped(k.raw_dim()),
-        shaped(v.raw_dim()),
-        &attn.masks,
-        attn.scale,
-    )?;
+    // the keys and values stay in the half type: the direct path widens them as it reads
+    let problem = Problem::new_4d(q32.view(), k.view(), v.view(), &attn.masks, attn.scale)?;
     let (batch, heads, l, _) = q.dim();
     let mut out = Array4::zeros((batch, heads, l, v.dim().3));
-    let stored = (k.view(), v.view());
-    let served = kernel::forward_half_direct(
-        &problem,
-        stored,
-        out.view_mut(),
-        attn.kernel,
-        attn.parallelism,
-    )?;
+    let served =
+        kernel::forward_half_direct(&problem, out.view_mut(), attn.kernel, attn.parallelism)?;
     Ok(served.then(|| H::store(out)))
 }
 
