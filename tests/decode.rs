@@ -59,7 +59,7 @@ fn causal_full_pass_equals_prompt_then_steps() {
 
 /// A layer with its own scale (T5's 1, or any other) decodes through its cache
 /// with that scale: prompt then steps equal the full causal pass, with ALiBi and
-/// with a sliding window, and a cache at the default scale does not.
+/// with a sliding window; a cache at another scale is refused.
 #[test]
 fn cached_layer_attends_with_its_scale() {
     use attn::{Causality, PositionEncoding};
@@ -87,16 +87,22 @@ fn cached_layer_attends_with_its_scale() {
                     "scale {scale}, {causality:?}, {positions:?}: {e:e}"
                 );
             }
-            // the same steps over a cache at 1/√head_dim give other numbers
-            let mut default = match causality {
+            // a cache at 1/√head_dim (0.5 here) is refused, and left as it was
+            let mut default = KvCache::new(1, 2, 4, 4);
+            let refused = mha.forward_cached(&x, &mut default);
+            assert!(
+                matches!(&refused, Err(attn::Error::InvalidConfig { reason }) if reason.contains("new_cache")),
+                "{refused:?}"
+            );
+            assert!(default.is_empty());
+            // the same cache made at the layer's scale attends as the layer does
+            let mut rescaled = match causality {
                 Causality::SlidingWindow(w) => KvCache::sliding(1, 2, 4, 4, w).expect("valid"),
                 _ => KvCache::new(1, 2, 4, 4),
-            };
-            let e = max_abs_diff(&in_steps(&mha, &x, 1, &mut default), &full);
-            assert!(
-                e > 1e-3,
-                "scale {scale}: the cache's scale made no difference"
-            );
+            }
+            .with_scale(scale);
+            let e = max_abs_diff(&in_steps(&mha, &x, 1, &mut rescaled), &full);
+            assert!(e < 1e-13, "scale {scale}: {e:e}");
         }
     }
 }

@@ -206,6 +206,21 @@ impl<A: Storage> KvCache<A> {
         self
     }
 
+    /// The factor on the scores of every step: the one given to
+    /// [`with_scale`](Self::with_scale), else `1/√d_k`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(attn::KvCache::<f64>::new(1, 1, 4, 4).scale(), 0.5);
+    /// assert_eq!(attn::KvCache::<f64>::new(1, 1, 4, 4).with_scale(1.0).scale(), 1.0);
+    /// ```
+    pub fn scale(&self) -> A {
+        let d_k = self.keys.dim().3;
+        self.scale
+            .unwrap_or_else(|| A::from_compute(A::Compute::from_f64(1.0 / (d_k as f64).sqrt())))
+    }
+
     /// The attention of one step: the cache's scale, no masks yet.
     pub(super) fn attention<'m>(&self) -> ScaledDotProduct<'m, A> {
         match self.scale {

@@ -40,8 +40,8 @@ impl<A: Element> MultiHeadAttention<A> {
     /// in one call; each decoding step then passes its new token(s). Rotary
     /// embeddings rotate each token at its row's position (see
     /// [`KvCache::positions`]). The cache makes attention causal whatever the
-    /// layer's [`Causality`], and scales the scores by the cache's scale: make it
-    /// with [`new_cache`](Self::new_cache) to use the layer's.
+    /// layer's [`Causality`]; its scale must be the layer's, as
+    /// [`new_cache`](Self::new_cache) makes it.
     ///
     /// # Shapes
     ///
@@ -51,8 +51,9 @@ impl<A: Element> MultiHeadAttention<A> {
     /// # Errors
     ///
     /// [`Error::InvalidConfig`] when `kdim` or `vdim` differs from `d_model` (a
-    /// cache holds self-attention keys), [`Error::Shape`] when `x` or the cache does
-    /// not fit the layer.
+    /// cache holds self-attention keys) or the cache's [scale](KvCache::scale) is
+    /// not the layer's, [`Error::Shape`] when `x` or the cache does not fit the
+    /// layer; the cache is then left as it was.
     ///
     /// # Examples
     ///
@@ -167,6 +168,15 @@ impl<A: Element> MultiHeadAttention<A> {
                     "a key/value cache holds self-attention keys: kdim ({}) and vdim ({}) must equal d_model ({d})",
                     config.kdim(),
                     config.vdim()
+                ),
+            });
+        }
+        let scale = A::from_f64(config.scale());
+        if cache.scale() != scale {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "the cache scales scores by {}, the layer by {scale}: make the cache with the layer's new_cache (or KvCache::with_scale)",
+                    cache.scale()
                 ),
             });
         }
