@@ -125,6 +125,11 @@ pub trait Half: Storage<Compute = f32> {
 
     /// `dst[i] = src[i]` in f32 (exact); the slices are equally long.
     fn widen(src: &[Self], dst: &mut [f32]);
+
+    /// `x` as `bf16` values when this type is `bf16`, `None` for `f16`: how the
+    /// kernels with bf16 dot products reach bf16 inputs from code generic over
+    /// the half type.
+    fn as_bf16<D: Dimension>(x: ArrayView<'_, Self, D>) -> Option<ArrayView<'_, bf16, D>>;
 }
 
 /// Something written once for the types computed in themselves and once for the
@@ -230,6 +235,10 @@ impl Half for bf16 {
             *d = f32::from_bits(u32::from(s.to_bits()) << 16);
         }
     }
+
+    fn as_bf16<D: Dimension>(x: ArrayView<'_, bf16, D>) -> Option<ArrayView<'_, bf16, D>> {
+        Some(x)
+    }
 }
 
 impl Half for f16 {
@@ -250,6 +259,10 @@ impl Half for f16 {
             let value = if magnitude >= 0x7c00 { special } else { finite };
             *d = f32::from_bits(value.to_bits() | ((bits & 0x8000) << 16));
         }
+    }
+
+    fn as_bf16<D: Dimension>(_: ArrayView<'_, f16, D>) -> Option<ArrayView<'_, bf16, D>> {
+        None
     }
 }
 

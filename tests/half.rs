@@ -17,6 +17,15 @@ trait Half: Storage<Compute = f32> {
     fn ulp(x: f64) -> f64;
 }
 
+/// Attention with every one of `masks`.
+fn with_masks<'a, T: Storage>(
+    masks: impl IntoIterator<Item = Mask<'a, T>>,
+) -> ScaledDotProduct<'a, T> {
+    masks
+        .into_iter()
+        .fold(ScaledDotProduct::new(), ScaledDotProduct::with_mask)
+}
+
 impl Half for bf16 {
     const NAME: &'static str = "bf16";
     fn ulp(x: f64) -> f64 {
@@ -92,10 +101,7 @@ fn masks_and_sizes<H: Half>() {
         let (q64, k64, v64) = (to_f64(&q), to_f64(&k), to_f64(&v));
         for (masks, causal) in cases {
             let names = format!("{l}x{s_len}x{d} {masks:?}");
-            let attn = masks
-                .iter()
-                .cloned()
-                .fold(ScaledDotProduct::new(), ScaledDotProduct::with_mask);
+            let attn = with_masks(masks.iter().cloned());
             let got = to_f64(&attn.forward(&q, &k, &v).expect("valid"));
             // the reference sees the same half values, every mask spelled out
             let mut bias64 = Array2::<f64>::zeros((l, s_len));
@@ -349,10 +355,7 @@ fn half_decoding_reads_keys_and_values_where_they_lie() {
             vec![Mask::SlidingWindow(100)],
         ];
         for masks in masks {
-            let attn = masks
-                .iter()
-                .cloned()
-                .fold(ScaledDotProduct::new(), ScaledDotProduct::with_mask);
+            let attn = with_masks(masks.iter().cloned());
             let (out, paths) =
                 attn::kernel_paths(|| attn.forward_batched(&q, &k, &v).expect("valid"));
             assert_eq!(
@@ -371,9 +374,7 @@ fn half_decoding_reads_keys_and_values_where_they_lie() {
                 })
                 .collect();
             let slopes32 = slopes.mapv(|x| x.to_compute());
-            let mut f32_attn = f32_masks
-                .into_iter()
-                .fold(ScaledDotProduct::new(), ScaledDotProduct::with_mask);
+            let mut f32_attn = with_masks(f32_masks);
             if masks.iter().any(|m| matches!(m, Mask::Alibi(_))) {
                 f32_attn = f32_attn.with_mask(Mask::Alibi(slopes32.view()));
             }
@@ -409,5 +410,110 @@ fn half_decoding_reads_keys_and_values_where_they_lie() {
     for kv_heads in [2, 8] {
         check::<bf16>(kv_heads);
         check::<f16>(kv_heads);
+    }
+}
+
+/// The instruction set a bf16 call with many query rows must run with: the bf16
+/// dot products where the CPU has AVX512_BF16 and `ATTN_KERNEL_ARCH` allows
+/// them, else whatever the f32 kernel runs with.
+fn expected_bf16_prefill_arch() -> attn::KernelArch {
+    let (_, paths) = attn::kernel_paths(|| {
+        attn::scaled_dot_product(
+            &Array2::<f32>::ones((64, 64)),
+            &Array2::ones((64, 64)),
+            &Array2::ones((64, 64)),
+        )
+    });
+    let f32_arch = paths.arch.expect("the tiled kernel ran");
+    let cap = std::env::var("ATTN_KERNEL_ARCH").unwrap_or_default();
+    #[cfg(target_arch = "x86_64")]
+    if f32_arch == attn::KernelArch::Avx512
+        && is_x86_feature_detected!("avx512bf16")
+        && matches!(cap.as_str(), "" | "avx512bf16")
+    {
+        return attn::KernelArch::Avx512Bf16;
+    }
+    let _ = cap;
+    f32_arch
+}
+
+/// bf16 calls with many query rows take the tiled kernel, which reads the bf16
+/// keys as they are (scores by bf16 dot products where the CPU has them; the
+/// path that ran is asserted), and agree with the same call over f32 copies of
+/// the inputs to the f32 kernel's accuracy before rounding: at most one rounding
+/// step apart. Odd head sizes pad the last pair; grouped-query heads share their
+/// packed keys; a head with a NaN key goes to the reference path alone.
+#[test]
+fn bf16_prefill_reads_its_keys_as_bf16() {
+    let arch = expected_bf16_prefill_arch();
+    println!("bf16 prefill instruction set: {arch:?}");
+    let random = |shape: [usize; 4], seed| -> Array4<bf16> {
+        to_half(
+            &pseudo_random(&shape, seed)
+                .into_dimensionality()
+                .expect("4-D"),
+        )
+    };
+    for (heads, kv_heads, l, s_len, d, d_v) in [
+        (4, 2, 200, 300, 64, 64),
+        (2, 1, 50, 77, 33, 20),
+        (3, 3, 20, 600, 1, 3),
+        (1, 1, 9, 2100, 128, 64),
+    ] {
+        let q = random([2, heads, l, d], 50);
+        let k = random([2, kv_heads, s_len, d], 51);
+        let v = random([2, kv_heads, s_len, d_v], 52);
+        let keep = Array2::from_shape_fn((l, s_len), |(i, j)| (i + 2 * j) % 9 != 4);
+        let bias = to_half::<bf16, _>(&common::random2(l, s_len, 53).mapv(|b| b / 2.0));
+        let masks: Vec<Vec<Mask<'_, bf16>>> = vec![
+            vec![],
+            vec![Mask::CausalBottomRight],
+            vec![Mask::keep(&keep), Mask::bias(&bias)],
+        ];
+        for masks in masks {
+            let name = format!("{heads}/{kv_heads} heads, {l}x{s_len}x{d} {masks:?}");
+            let attn = with_masks(masks.iter().cloned());
+            let (out, paths) =
+                attn::kernel_paths(|| attn.forward_batched(&q, &k, &v).expect("valid"));
+            assert_eq!(
+                (paths.tiled, paths.reference, paths.arch),
+                (2 * heads, 0, Some(arch)),
+                "{name}"
+            );
+            let wide = |x: &Array4<bf16>| x.mapv(|h| h.to_compute());
+            let bias32 = bias.mapv(|x| x.to_compute());
+            let f32_masks: Vec<Mask<'_, f32>> = masks
+                .iter()
+                .map(|m| match m {
+                    Mask::Keep(keep) => Mask::Keep(keep.clone()),
+                    Mask::Bias(_) => Mask::bias(&bias32),
+                    _ => Mask::CausalBottomRight,
+                })
+                .collect();
+            let want = with_masks(f32_masks)
+                .forward_batched(&wide(&q), &wide(&k), &wide(&v))
+                .expect("valid");
+            for (a, b) in out.iter().zip(want.iter()) {
+                let (a, b) = (f64::from(a.to_compute()), f64::from(*b));
+                assert!((a - b).abs() <= bf16::ulp(b) + 1e-6, "{name}: {a} vs {b}");
+            }
+        }
+        let mut k = k.clone();
+        k[[1, 0, s_len / 2, 0]] = bf16::NAN;
+        let (out, paths) = attn::kernel_paths(|| {
+            ScaledDotProduct::new()
+                .forward_batched(&q, &k, &v)
+                .expect("valid")
+        });
+        let group = heads / kv_heads;
+        assert_eq!((paths.tiled, paths.reference), (2 * heads - group, group));
+        assert!(out
+            .slice(s![0, .., .., ..])
+            .iter()
+            .all(|x| x.to_compute().is_finite()));
+        assert!(out
+            .slice(s![1, ..group, .., ..])
+            .iter()
+            .all(|x| x.to_compute().is_nan()));
     }
 }

@@ -31,8 +31,9 @@ fn expected_arch() -> KernelArch {
             && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512dq");
         match cap.as_str() {
-            "" | "avx512" if avx512 => return KernelArch::Avx512,
-            "" | "avx512" | "avx2" if avx2 => return KernelArch::Avx2,
+            // bf16 dot products serve only bf16 keys (tests/half.rs)
+            "" | "avx512bf16" | "avx512" if avx512 => return KernelArch::Avx512,
+            "" | "avx512bf16" | "avx512" | "avx2" if avx2 => return KernelArch::Avx2,
             _ => {}
         }
     }

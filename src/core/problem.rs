@@ -32,7 +32,7 @@ impl<'a, A: Element> Problem<'a, A> {
         masks: &'a [Mask<'_, A>],
         scale: Option<A>,
     ) -> Result<Self> {
-        check_shapes(q.shape(), k.shape(), v.shape())?;
+        check_2d(q.shape(), k.shape(), v.shape(), masks)?;
         Ok(Problem {
             masks: mask::broadcast_all(masks, &[q.nrows(), k.nrows()])?,
             bias_shapes: bias_shapes(masks),
@@ -67,7 +67,7 @@ impl<'a, A: Element, KV> Problem<'a, A, KV> {
     }
 }
 
-impl<A: Copy, KV> Problem<'_, A, KV> {
+impl<'a, A: Copy, KV> Problem<'a, A, KV> {
     /// Query heads per key/value head.
     pub(crate) fn group_size(&self) -> usize {
         // kv_heads divides heads (checked), and is 0 only when heads is
@@ -97,6 +97,24 @@ impl<A: Copy, KV> Problem<'_, A, KV> {
         kv: usize,
     ) -> (ArrayView2<'_, KV>, ArrayView2<'_, KV>) {
         (head(&self.k, b, kv), head(&self.v, b, kv))
+    }
+
+    /// The same call over keys `k` and values `v` of the same shapes, stored as
+    /// `KV2` (the same values seen through another type).
+    pub(crate) fn with_keys_values<KV2>(
+        &self,
+        k: ArrayView4<'a, KV2>,
+        v: ArrayView4<'a, KV2>,
+    ) -> Problem<'a, A, KV2> {
+        debug_assert_eq!((k.dim(), v.dim()), (self.k.dim(), self.v.dim()));
+        Problem {
+            q: self.q,
+            k,
+            v,
+            masks: self.masks.clone(),
+            scale: self.scale,
+            bias_shapes: self.bias_shapes.clone(),
+        }
     }
 
     /// The masks of query head `h` of batch `b`, one `(L, S)` block each.
@@ -144,6 +162,20 @@ pub(crate) fn check_scale<A: Element>(scale: A) -> Result<A> {
             scale: scale.to_f64().unwrap_or(f64::NAN),
         })
     }
+}
+
+/// Checks the shapes of a 2-D call (`q: (L, d_k)`, `k: (S, d_k)`, `v: (S, d_v)`)
+/// and that every mask fits its `(L, S)` scores: the errors of a 2-D call, for
+/// calls that then run it batched.
+pub(crate) fn check_2d<A>(
+    q: &[usize],
+    k: &[usize],
+    v: &[usize],
+    masks: &[Mask<'_, A>],
+) -> Result<()> {
+    check_shapes(q, k, v)?;
+    mask::broadcast_all(masks, &[q[0], k[0]])?;
+    Ok(())
 }
 
 /// Checks the shapes of `q`, `k`, `v` (all 2-D, or all 4-D).

@@ -142,10 +142,10 @@ impl PerElement for Entries {
 }
 
 /// Writes attention's output for every head of `problem` into `out` by the
-/// direct path, reading the keys and values `stored` in half precision where they
-/// lie (the problem's own keys and values give only the shapes). `false`, with
-/// nothing written, when the call is not the direct path's: many query rows, or
-/// small enough to go row by row (those convert their inputs, at little cost).
+/// direct path, reading the problem's half-precision keys and values where they
+/// lie. `false`, with nothing written, when the call is not the direct path's:
+/// many query rows, or small enough to go row by row (those convert their
+/// inputs, at little cost).
 ///
 /// # Errors
 ///
@@ -164,6 +164,41 @@ pub(crate) fn forward_half_direct<H: Half>(
     let mut groups = kv_groups(problem, &mut outs);
     run::direct_half(problem, arch, &mut groups, parallelism);
     Ok(true)
+}
+
+/// Writes attention's output for every head of `problem` into `out` by the tiled
+/// kernel with bf16 dot products, packing the problem's bf16 keys as they
+/// are. `false`, with nothing written, when the call is not the tiled kernel's,
+/// the keys are not bf16, or the CPU (or `ATTN_KERNEL_ARCH`) does not allow
+/// AVX512_BF16: then the inputs are converted to f32 for the f32 kernel.
+///
+/// # Errors
+///
+/// As [`forward`].
+pub(crate) fn forward_half_tiled<H: Half>(
+    problem: &Problem<'_, f32, H>,
+    out: ArrayViewMut4<'_, f32>,
+    kernel: Kernel,
+    parallelism: Parallelism,
+) -> Result<bool> {
+    let (Some(k), Some(v)) = (H::as_bf16(problem.k), H::as_bf16(problem.v)) else {
+        return Ok(false);
+    };
+    if route(problem, kernel) != Route::Tiled {
+        return Ok(false);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(dots) = Arch::detect()?.bf16_dots() {
+        let problem = problem.with_keys_values(k, v);
+        let mut outs: Vec<_> = per_head(out).collect();
+        let mut groups = kv_groups(&problem, &mut outs);
+        run::tiled(&problem, dots, &mut groups, parallelism, |b, h, out| {
+            run::widened_reference(&problem, b, h, out)
+        });
+        return Ok(true);
+    }
+    let _ = (k, v, out, parallelism); // no bf16 dot products off x86-64
+    Ok(false)
 }
 
 /// The outputs `outs` (one per batch and query head, in that order) grouped by
@@ -254,7 +289,9 @@ fn choose_path<A: KernelElement>(
             if route == Route::Direct {
                 run::direct(problem, arch, &mut groups, parallelism);
             } else {
-                run::tiled(problem, arch, &mut groups, parallelism);
+                run::tiled(problem, arch, &mut groups, parallelism, |b, h, out| {
+                    problem.solve_head(b, h, Some(out), None)
+                });
             }
         }
     }

@@ -4,18 +4,105 @@
 
 use std::ops::Range;
 
-use ndarray::ArrayView2;
+use half::bf16;
+use ndarray::{ArrayView1, ArrayView2};
 
 use super::fusable::{Extent, Scan};
 use crate::element::Element;
 
-/// Keys packed for the micro-kernel: panels of `NR` keys, each stored `d × NR`
-/// (the `p`-th components of `NR` consecutive keys side by side), zero-padded to a
-/// whole panel.
+/// Keys packed for the micro-kernel: panels of `NR` keys, each stored
+/// `depth × NR` (the `p`-th entries of `NR` consecutive keys side by side),
+/// zero-padded to a whole panel. An entry `K` is one component (`K = A`) or a
+/// pair of them ([`Bf16Pair`]).
 #[derive(Debug)]
-pub(crate) struct PackedKeys<A> {
-    pub(crate) data: Vec<A>,
-    pub(crate) d: usize,
+pub(crate) struct PackedKeys<K> {
+    pub(crate) data: Vec<K>,
+    /// Entries per key.
+    pub(crate) depth: usize,
+}
+
+/// What the score micro-kernel reads of each query and key: one component of the
+/// element type itself, or a pair of components ([`Bf16Pair`]) for the kernels
+/// whose instructions multiply and add two products at a time.
+pub(crate) trait Entry<A>: Copy + Send + Sync {
+    /// The entry of zero components: the padding.
+    fn zero() -> Self;
+
+    /// Entries per query or key of `d` components.
+    fn depth(d: usize) -> usize;
+
+    /// The entries of one query, `write(p, entry)` for each `p < depth(d)`; the
+    /// scale is multiplied in where the entry can hold it.
+    fn pack_query(row: ArrayView1<'_, A>, scale: A, write: impl FnMut(usize, Self));
+
+    /// The factor the scores of queries packed with `scale` still need: `None`
+    /// where the packed queries carry it.
+    fn scale_after(scale: A) -> Option<A>;
+}
+
+impl<A: Element> Entry<A> for A {
+    fn zero() -> A {
+        A::zero()
+    }
+
+    fn depth(d: usize) -> usize {
+        d
+    }
+
+    #[inline(always)]
+    fn pack_query(row: ArrayView1<'_, A>, scale: A, mut write: impl FnMut(usize, A)) {
+        for (p, &x) in row.iter().enumerate() {
+            write(p, x * scale);
+        }
+    }
+
+    fn scale_after(_: A) -> Option<A> {
+        None
+    }
+}
+
+/// Two consecutive components of a query or key in bf16, the first in the low 16
+/// bits: the operand of `vdpbf16ps`, which adds both products to an f32 lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(transparent)]
+pub(crate) struct Bf16Pair(pub(crate) u32);
+
+impl Bf16Pair {
+    fn new(first: bf16, second: bf16) -> Self {
+        Bf16Pair(u32::from(first.to_bits()) | (u32::from(second.to_bits()) << 16))
+    }
+
+    /// Components `2p` and `2p + 1` of `row` (zero past its end).
+    #[inline(always)]
+    fn of(row: &[bf16], p: usize) -> Self {
+        let at = |i: usize| row.get(i).copied().unwrap_or(bf16::ZERO);
+        Bf16Pair::new(at(2 * p), at(2 * p + 1))
+    }
+}
+
+/// Queries are widened from bf16 to f32 before they reach the kernel (exactly),
+/// and narrowed back here (exactly again); the scale cannot ride in a bf16 query
+/// without rounding it, so the scores are scaled in f32.
+impl Entry<f32> for Bf16Pair {
+    fn zero() -> Self {
+        Bf16Pair(0)
+    }
+
+    fn depth(d: usize) -> usize {
+        d.div_ceil(2)
+    }
+
+    #[inline(always)]
+    fn pack_query(row: ArrayView1<'_, f32>, _: f32, mut write: impl FnMut(usize, Self)) {
+        let narrow = |i: usize| row.get(i).map_or(bf16::ZERO, |&x| bf16::from_f32(x));
+        for p in 0..Self::depth(row.len()) {
+            write(p, Bf16Pair::new(narrow(2 * p), narrow(2 * p + 1)));
+        }
+    }
+
+    fn scale_after(scale: f32) -> Option<f32> {
+        Some(scale)
+    }
 }
 
 /// Values packed for the micro-kernel: for each group of `NR` value columns, all
@@ -29,9 +116,9 @@ pub(crate) struct PackedValues<A> {
 }
 
 /// One key/value head packed for the tiled kernel, with the extents of its keys
-/// and values that the pre-check needs.
-pub(crate) struct PackedHead<A> {
-    pub(crate) keys: PackedKeys<A>,
+/// and values that the pre-check needs; its keys are packed as entries `K`.
+pub(crate) struct PackedHead<A, K = A> {
+    pub(crate) keys: PackedKeys<K>,
     pub(crate) values: PackedValues<A>,
     pub(crate) key_extent: Extent<A>,
     pub(crate) value_extent: Extent<A>,
@@ -68,7 +155,57 @@ impl<A: Element> PackedKeys<A> {
         let mut panels = Panels::new(NR);
         panels.pack_lines::<NR>(k, d, s, d);
         let data = panels.into_data();
-        (PackedKeys { data, d }, scan.extent(s))
+        (PackedKeys { data, depth: d }, scan.extent(s))
+    }
+}
+
+/// Packs one key/value head stored in bf16 for tiles `NR` wide, the keys as
+/// [`Bf16Pair`]s and the values widened to f32.
+#[inline(always)]
+pub(crate) fn pack_head_bf16<const NR: usize>(
+    k: &ArrayView2<'_, bf16>,
+    v: &ArrayView2<'_, bf16>,
+) -> PackedHead<f32, Bf16Pair> {
+    let (keys, key_extent) = PackedKeys::pack_pairs::<NR>(k);
+    let (values, value_extent) = PackedValues::pack::<NR>(&v.mapv(bf16::to_f32).view());
+    PackedHead {
+        keys,
+        values,
+        key_extent,
+        value_extent,
+    }
+}
+
+impl PackedKeys<Bf16Pair> {
+    /// Packs `k: (S, d)` in panels of `NR` keys, each step a pair of components,
+    /// and finds the keys' extent (in f32) on the way.
+    #[inline(always)]
+    fn pack_pairs<const NR: usize>(k: &ArrayView2<'_, bf16>) -> (Self, Extent<f32>) {
+        let (s, d) = k.dim();
+        let k = k.as_standard_layout();
+        let k = k.as_slice().expect("standard layout");
+        let mut scan = Scan::new();
+        let mut wide = vec![0.0; d];
+        let depth = Bf16Pair::depth(d);
+        let mut data = vec![[Bf16Pair(0); NR]; s.div_ceil(NR) * depth];
+        for (panel, steps) in data.chunks_exact_mut(depth.max(1)).enumerate() {
+            for (i, key) in k
+                .chunks_exact(d.max(1))
+                .skip(panel * NR)
+                .take(NR)
+                .enumerate()
+            {
+                for (w, x) in wide.iter_mut().zip(key) {
+                    *w = x.to_f32();
+                }
+                scan.add(&wide);
+                for (p, step) in steps.iter_mut().enumerate() {
+                    step[i] = Bf16Pair::of(key, p);
+                }
+            }
+        }
+        let data = data.into_flattened();
+        (PackedKeys { data, depth }, scan.extent(s))
     }
 }
 

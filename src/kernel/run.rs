@@ -4,12 +4,13 @@
 use ndarray::{s, Array3, Array4, ArrayView2, ArrayView4, ArrayViewMut2, Axis, CowArray, Ix2};
 use rayon::prelude::*;
 
-use super::arch::{Arch, KernelElement};
+use super::arch::{Arch, KernelElement, TiledKernel};
 use super::backward::{HeadGradients, HeadInputs, Upstream};
 use super::direct::{self, Group, Native, Partial, Source, Widening};
+use super::float::KernelFloat;
 use super::fusable::{extent_of, fusable};
 use super::options::Parallelism;
-use super::pack::PackedHead;
+use super::pack::{Entry, PackedHead};
 use super::params::{BC, BR, DIRECT_PART, PACKED_BYTES};
 use super::report::{self, Path};
 use super::rowwise;
@@ -68,15 +69,25 @@ pub(crate) fn direct_half<H: Half>(
     groups: &mut [KvGroup<'_, '_, f32>],
     parallelism: Parallelism,
 ) {
-    let (k, v) = (problem.k, problem.v);
-    direct_over::<f32, Widening<H>>(problem, arch, groups, parallelism, |b, h, mut out| {
-        let kv = problem.kv_head(h);
-        let widened = |x: &ArrayView4<'_, H>| x.slice(s![b, kv, .., ..]).mapv(H::to_compute);
-        let (keys, values) = (widened(&k), widened(&v));
-        let masks = problem.block_masks(b, h);
-        let head = attend_head(problem.query(b, h), keys.view(), problem.scale, &masks);
-        out.assign(&weighted_values(&head, values.view()));
+    direct_over::<f32, Widening<H>>(problem, arch, groups, parallelism, |b, h, out| {
+        widened_reference(problem, b, h, out)
     });
+}
+
+/// Head `h` of batch `b` by the reference path, its keys and values stored in
+/// half precision widened whole.
+pub(crate) fn widened_reference<H: Half>(
+    problem: &Problem<'_, f32, H>,
+    b: usize,
+    h: usize,
+    mut out: ArrayViewMut2<'_, f32>,
+) {
+    let kv = problem.kv_head(h);
+    let widened = |x: &ArrayView4<'_, H>| x.slice(s![b, kv, .., ..]).mapv(H::to_compute);
+    let (keys, values) = (widened(&problem.k), widened(&problem.v));
+    let masks = problem.block_masks(b, h);
+    let head = attend_head(problem.query(b, h), keys.view(), problem.scale, &masks);
+    out.assign(&weighted_values(&head, values.view()));
 }
 
 /// The direct path over keys and values stored as `S`; `fallback(b, h, out)`
@@ -156,46 +167,52 @@ struct DirectInputs<'p, A, S> {
     values: CowArray<'p, S, Ix2>,
 }
 
-/// Every group by the tiled kernel, packing as many key/value heads at a time as
-/// fit in [`PACKED_BYTES`] (but at least one per thread: a head of few query rows
-/// is only one task) and running all their blocks in one parallel region.
-pub(crate) fn tiled<A: KernelElement>(
-    problem: &Problem<'_, A>,
-    arch: Arch,
+/// Every group by the tiled kernel `kernel`, packing as many key/value heads at
+/// a time as fit in [`PACKED_BYTES`] (but at least one per thread: a head of few
+/// query rows is only one task) and running all their blocks in one parallel
+/// region; `fallback(b, h, out)` computes a head whose inputs the fused
+/// arithmetic cannot stand for.
+pub(crate) fn tiled<A: KernelFloat, KV: Sync, T: TiledKernel<A, KV>>(
+    problem: &Problem<'_, A, KV>,
+    kernel: T,
     groups: &mut [KvGroup<'_, '_, A>],
     parallelism: Parallelism,
+    fallback: impl Fn(usize, usize, ArrayViewMut2<'_, A>),
 ) {
     let (s, d, d_v) = (problem.k.dim().2, problem.k.dim().3, problem.v.dim().3);
-    let packed_bytes = (s.next_multiple_of(BC) * (d + d_v)).max(1) * std::mem::size_of::<A>();
+    let key_bytes = T::Entry::depth(d) * std::mem::size_of::<T::Entry>();
+    let packed_bytes =
+        (s.next_multiple_of(BC) * (key_bytes + d_v * std::mem::size_of::<A>())).max(1);
     let threads = match parallelism {
         Parallelism::Sequential => 1,
         Parallelism::Rayon => rayon::current_num_threads(),
     };
     let per_wave = (PACKED_BYTES / packed_bytes).max(threads);
-    report::arch_used(arch.kind());
+    report::arch_used(kernel.kind());
     for wave in groups.chunks_mut(per_wave) {
-        tiled_wave(problem, arch, wave, parallelism);
+        tiled_wave(problem, kernel, wave, parallelism, &fallback);
     }
 }
 
 /// One block of query rows and where its output goes.
-struct Task<'a, A> {
-    block: Block<'a, A>,
+struct Task<'a, A, K> {
+    block: Block<'a, A, K>,
     out: ArrayViewMut2<'a, A>,
 }
 
-fn tiled_wave<A: KernelElement>(
-    problem: &Problem<'_, A>,
-    arch: Arch,
+fn tiled_wave<A: KernelFloat, KV: Sync, T: TiledKernel<A, KV>>(
+    problem: &Problem<'_, A, KV>,
+    kernel: T,
     wave: &mut [KvGroup<'_, '_, A>],
     parallelism: Parallelism,
+    fallback: &impl Fn(usize, usize, ArrayViewMut2<'_, A>),
 ) {
-    let nr = A::tile_width(arch);
+    let nr = kernel.tile_width();
     let pack = |g: &KvGroup<'_, '_, A>| {
         let (k, v) = problem.keys_values(g.b, g.kv);
-        A::pack_head(arch, &k, &v)
+        kernel.pack_head(&k, &v)
     };
-    let packed: Vec<PackedHead<A>> = match parallelism {
+    let packed: Vec<PackedHead<A, T::Entry>> = match parallelism {
         Parallelism::Sequential => wave.iter().map(pack).collect(),
         Parallelism::Rayon => wave.par_iter().map(pack).collect(),
     };
@@ -223,7 +240,7 @@ fn tiled_wave<A: KernelElement>(
                 packed.value_extent,
             ) {
                 report::count(Path::Reference, 1);
-                problem.solve_head(b, h, Some(out.view_mut()), None);
+                fallback(b, h, out.view_mut());
                 continue;
             }
             report::count(Path::Tiled, 1);
@@ -249,12 +266,12 @@ fn tiled_wave<A: KernelElement>(
         Parallelism::Sequential => {
             let mut scratch = Scratch::new(d, col_tiles, nr);
             for task in tasks {
-                A::attend_block(arch, &task.block, &mut scratch, task.out);
+                kernel.attend_block(&task.block, &mut scratch, task.out);
             }
         }
         Parallelism::Rayon => tasks.into_par_iter().for_each_init(
             || Scratch::new(d, col_tiles, nr),
-            |scratch, task| A::attend_block(arch, &task.block, scratch, task.out),
+            |scratch, task| kernel.attend_block(&task.block, scratch, task.out),
         ),
     }
 }

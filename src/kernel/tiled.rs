@@ -5,19 +5,22 @@
 //!
 //! Everything here is safe Rust: fixed-size arrays as register tiles, `as_chunks`
 //! views instead of indexing. The body is generic over the element, the tile
-//! width `NR`, how `a·b + c` is computed and the micro-kernels ([`Tiles`]);
-//! [`super::arch`] compiles it once per instruction set.
+//! width `NR`, how `a·b + c` is computed, the micro-kernels ([`Tiles`],
+//! [`KeyTiles`]) and the entries queries and keys are packed as ([`Entry`]: one
+//! component, or a pair for bf16 dot products); [`super::arch`] compiles it once
+//! per instruction set.
 
 use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 
 use super::float::{KernelFloat, MulAdd};
 use super::online::{inverse_total, softmax_update};
-use super::pack::{PackedKeys, PackedValues};
+use super::pack::{Entry, PackedKeys, PackedValues};
 use super::params::{BC, BR, MR};
 use crate::core::mask::{apply_row, keys_in_reach, Mask2};
 
-/// One block of query rows of one head, with everything it attends over.
-pub(crate) struct Block<'a, A> {
+/// One block of query rows of one head, with everything it attends over; its
+/// keys are packed as entries `K`.
+pub(crate) struct Block<'a, A, K = A> {
     /// The block's query rows, `(rows ≤ BR, d)`.
     pub(crate) q: ArrayView2<'a, A>,
     /// Index of the block's first row among the head's `l` queries.
@@ -26,15 +29,16 @@ pub(crate) struct Block<'a, A> {
     pub(crate) l: usize,
     /// Number of keys `S`.
     pub(crate) s: usize,
-    pub(crate) keys: &'a PackedKeys<A>,
+    pub(crate) keys: &'a PackedKeys<K>,
     pub(crate) values: &'a PackedValues<A>,
     pub(crate) masks: &'a [Mask2<'a, A>],
     pub(crate) scale: A,
 }
 
-/// Per-thread working memory of the kernel, sized for one block.
-pub(crate) struct Scratch<A> {
-    q: Vec<A>,
+/// Per-thread working memory of the kernel, sized for one block; its queries are
+/// packed as entries `K`.
+pub(crate) struct Scratch<A, K = A> {
+    q: Vec<K>,
     s: Vec<A>,
     o: Vec<A>,
     max: Vec<A>,
@@ -42,10 +46,11 @@ pub(crate) struct Scratch<A> {
     alpha: Vec<A>,
 }
 
-impl<A: KernelFloat> Scratch<A> {
+impl<A: KernelFloat, K: Entry<A>> Scratch<A, K> {
+    /// For queries of `d` components.
     pub(crate) fn new(d: usize, col_tiles: usize, nr: usize) -> Self {
         Scratch {
-            q: vec![A::zero(); BR * d],
+            q: vec![K::zero(); BR * K::depth(d)],
             s: vec![A::zero(); BR * BC],
             o: vec![A::zero(); BR * col_tiles * nr],
             max: vec![A::zero(); BR],
@@ -57,12 +62,17 @@ impl<A: KernelFloat> Scratch<A> {
 
 /// Computes one block of output rows into `out: (rows, d_v)`.
 #[inline(always)]
-pub(crate) fn attend_block<A: KernelFloat, M: MulAdd, T: Tiles<A, NR>, const NR: usize>(
+pub(crate) fn attend_block<A, M, T, K, const NR: usize>(
     tiles: T,
-    block: &Block<'_, A>,
-    scratch: &mut Scratch<A>,
+    block: &Block<'_, A, K>,
+    scratch: &mut Scratch<A, K>,
     mut out: ArrayViewMut2<'_, A>,
-) {
+) where
+    A: KernelFloat,
+    M: MulAdd,
+    T: Tiles<A, NR> + KeyTiles<A, K, NR>,
+    K: Entry<A>,
+{
     let rows = block.q.nrows();
     let tile_rows = rows.div_ceil(MR);
     pack_queries(block, &mut scratch.q);
@@ -80,7 +90,8 @@ pub(crate) fn attend_block<A: KernelFloat, M: MulAdd, T: Tiles<A, NR>, const NR:
             width,
             tile_rows,
         };
-        scores(tiles, &scratch.q, block.keys, panels, &mut scratch.s);
+        let scale = K::scale_after(block.scale);
+        scores(tiles, &scratch.q, block.keys, panels, scale, &mut scratch.s);
         mask_scores(block, j0, keys, width, &mut scratch.s);
         for i in 0..tile_rows * MR {
             let row = &mut scratch.s[i * BC..i * BC + width];
@@ -108,25 +119,24 @@ pub(crate) fn attend_block<A: KernelFloat, M: MulAdd, T: Tiles<A, NR>, const NR:
 }
 
 /// How many keys (the first ones) any row of the block may attend to.
-fn keys_needed<A>(block: &Block<'_, A>) -> usize {
+fn keys_needed<A, K>(block: &Block<'_, A, K>) -> usize {
     let last_row = block.first_row + block.q.nrows() - 1;
     keys_in_reach(block.masks, last_row, block.l, block.s).end
 }
 
 /// The first key any row of the block may attend to, rounded down to a key block.
-fn first_key_needed<A>(block: &Block<'_, A>) -> usize {
+fn first_key_needed<A, K>(block: &Block<'_, A, K>) -> usize {
     keys_in_reach(block.masks, block.first_row, block.l, block.s).start / BC * BC
 }
 
-/// Packs the block's queries, times the scale, as `tile_rows × d × MR`.
-fn pack_queries<A: KernelFloat>(block: &Block<'_, A>, q: &mut [A]) {
-    let d = block.keys.d;
-    q.fill(A::zero());
+/// Packs the block's queries (times the scale, where the entries hold it) as
+/// `tile_rows × depth × MR` entries.
+fn pack_queries<A: KernelFloat, K: Entry<A>>(block: &Block<'_, A, K>, q: &mut [K]) {
+    let depth = block.keys.depth;
+    q.fill(K::zero());
     for (i, row) in block.q.outer_iter().enumerate() {
-        let base = (i / MR) * d * MR + i % MR;
-        for (p, &x) in row.iter().enumerate() {
-            q[base + p * MR] = x * block.scale;
-        }
+        let base = (i / MR) * depth * MR + i % MR;
+        K::pack_query(row, block.scale, |p, x| q[base + p * MR] = x);
     }
 }
 
@@ -139,34 +149,44 @@ struct Panels {
     tile_rows: usize,
 }
 
-/// `S = Q·Kᵀ` for the keys of `panels`, into the rows of `s: (tile_rows·MR) × BC`.
+/// `S = Q·Kᵀ` for the keys of `panels`, into the rows of `s: (tile_rows·MR) × BC`,
+/// times `scale` where the packed queries do not carry it.
 #[inline(always)]
-fn scores<A: KernelFloat, T: Tiles<A, NR>, const NR: usize>(
+fn scores<A: KernelFloat, K, T: KeyTiles<A, K, NR>, const NR: usize>(
     tiles: T,
-    q: &[A],
-    keys: &PackedKeys<A>,
+    q: &[K],
+    keys: &PackedKeys<K>,
     panels: Panels,
+    scale: Option<A>,
     s: &mut [A],
 ) {
-    let d = keys.d;
+    let depth = keys.depth;
     let q_rows = q.as_chunks::<MR>().0;
     let k_rows = keys.data.as_chunks::<NR>().0;
     let s_rows = s.as_chunks_mut::<BC>().0;
     for panel in 0..panels.width / NR {
-        let first = (panels.j0 / NR + panel) * d;
-        let k_panel = &k_rows[first..first + d];
+        let first = (panels.j0 / NR + panel) * depth;
+        let k_panel = &k_rows[first..first + depth];
         for t in 0..panels.tile_rows {
-            let tile = tiles.score_tile(&q_rows[t * d..(t + 1) * d], k_panel);
+            let tile = tiles.key_tile(&q_rows[t * depth..(t + 1) * depth], k_panel);
             for (i, tile_row) in tile.iter().enumerate() {
-                s_rows[t * MR + i][panel * NR..(panel + 1) * NR].copy_from_slice(tile_row);
+                let row = &mut s_rows[t * MR + i][panel * NR..(panel + 1) * NR];
+                match scale {
+                    None => row.copy_from_slice(tile_row),
+                    Some(scale) => {
+                        for (x, &dot) in row.iter_mut().zip(tile_row) {
+                            *x = dot * scale;
+                        }
+                    }
+                }
             }
         }
     }
 }
 
 /// Applies padding, bias, keep and causal masks to the scores of keys `j0 ..`.
-fn mask_scores<A: KernelFloat>(
-    block: &Block<'_, A>,
+fn mask_scores<A: KernelFloat, K>(
+    block: &Block<'_, A, K>,
     j0: usize,
     keys: usize,
     width: usize,
@@ -247,4 +267,18 @@ pub(crate) trait Tiles<A, const NR: usize>: Copy {
     /// block's product is summed on its own before it is added to the rescaled
     /// total: blocked summation keeps long rows accurate.
     fn value_tile(self, p: &[&[A; BC]; MR], v: &[[A; NR]], alpha: &[A; MR], o: &mut [[A; NR]; MR]);
+}
+
+/// The score micro-kernel over queries and keys packed as entries `K`: a tile of
+/// `S = Q·Kᵀ` from the `depth` entries of `MR` queries and `NR` keys. For
+/// `K = A` it is [`Tiles::score_tile`].
+pub(crate) trait KeyTiles<A, K, const NR: usize>: Copy {
+    fn key_tile(self, q: &[[K; MR]], k: &[[K; NR]]) -> [[A; NR]; MR];
+}
+
+impl<A, T: Tiles<A, NR>, const NR: usize> KeyTiles<A, A, NR> for T {
+    #[inline(always)]
+    fn key_tile(self, q: &[[A; MR]], k: &[[A; NR]]) -> [[A; NR]; MR] {
+        self.score_tile(q, k)
+    }
 }

@@ -52,32 +52,33 @@ impl<'m, A: Storage> ScaledDotProduct<'m, A> {
     }
 }
 
-/// A batched call over half-precision inputs by the direct path, which reads the
-/// keys and values where they lie: `None` when the call is not the direct
-/// path's (then its inputs are converted to `f32`).
-pub(super) type DecodeFn<A> = for<'s, 'm, 'x> fn(
+/// A batched call over half-precision inputs by a path that reads the keys and
+/// values in their stored type: the direct path (a few query rows), or the
+/// tiled kernel with bf16 dot products (bf16 keys, AVX512_BF16). `None` when
+/// neither serves the call (then its inputs are converted to `f32`).
+pub(super) type HalfFn<A> = for<'s, 'm, 'x> fn(
     &'s ScaledDotProduct<'m, A>,
     &'x ArrayRef4<A>,
     &'x ArrayRef4<A>,
     &'x ArrayRef4<A>,
 ) -> Result<Option<Array4<A>>>;
 
-/// [`DecodeFn`] where the storage type has one: the half types.
-pub(super) struct HalfDecode;
+/// [`HalfFn`] where the storage type has one: the half types.
+pub(super) struct HalfNative;
 
-impl PerStorage for HalfDecode {
-    type Output<A: Storage> = Option<DecodeFn<A>>;
+impl PerStorage for HalfNative {
+    type Output<A: Storage> = Option<HalfFn<A>>;
 
-    fn native<A: Element>(self) -> Option<DecodeFn<A>> {
+    fn native<A: Element>(self) -> Option<HalfFn<A>> {
         None
     }
 
-    fn half<H: Half>(self) -> Option<DecodeFn<H>> {
-        Some(decode_half::<H>)
+    fn half<H: Half>(self) -> Option<HalfFn<H>> {
+        Some(half_native::<H>)
     }
 }
 
-fn decode_half<H: Half>(
+fn half_native<H: Half>(
     attn: &ScaledDotProduct<'_, H>,
     q: &ArrayRef4<H>,
     k: &ArrayRef4<H>,
@@ -86,12 +87,13 @@ fn decode_half<H: Half>(
     let q32 = H::compute(q.view());
     let slopes = attn.slopes_in_compute();
     let attn = attn.in_compute(&slopes);
-    // the keys and values stay in the half type: the direct path widens them as it reads
+    // the keys and values stay in the half type: the paths read them as they are
     let problem = Problem::new_4d(q32.view(), k.view(), v.view(), &attn.masks, attn.scale)?;
     let (batch, heads, l, _) = q.dim();
     let mut out = Array4::zeros((batch, heads, l, v.dim().3));
-    let served =
-        kernel::forward_half_direct(&problem, out.view_mut(), attn.kernel, attn.parallelism)?;
+    let (kernel, parallelism) = (attn.kernel, attn.parallelism);
+    let served = kernel::forward_half_direct(&problem, out.view_mut(), kernel, parallelism)?
+        || kernel::forward_half_tiled(&problem, out.view_mut(), kernel, parallelism)?;
     Ok(served.then(|| H::store(out)))
 }
 

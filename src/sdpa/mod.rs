@@ -4,12 +4,13 @@ mod backward;
 mod compute;
 mod lse;
 
-use ndarray::{Array2, Array4, ArrayRef2, ArrayRef4, Dimension, Ix2, Ix4};
+use ndarray::{Array2, Array4, ArrayRef2, ArrayRef4, Axis, Dimension, Ix2, Ix4};
 
 pub use backward::AttentionGradients;
 pub use lse::{merge_attention, AttentionLse};
 
 use crate::core::mask::Mask;
+use crate::core::problem::{check_2d, lift};
 use crate::core::reference::{attend_head, weighted_values};
 use crate::element::{Element, Storage};
 use crate::error::Result;
@@ -258,6 +259,16 @@ impl<'m, A: Storage> ScaledDotProduct<'m, A> {
         k: &ArrayRef2<A>,
         v: &ArrayRef2<A>,
     ) -> Result<Array2<A>> {
+        // half precision: the batched call's paths, for the batched call's numbers
+        // (and a 2-D call's errors)
+        if let Some(half) = A::select_storage(compute::HalfNative) {
+            check_2d(q.shape(), k.shape(), v.shape(), &self.masks)?;
+            let (q4, k4, v4) = (lift(q.view()), lift(k.view()), lift(v.view()));
+            if let Some(out) = half(self, &q4, &k4, &v4)? {
+                let out = out.index_axis_move(Axis(0), 0).index_axis_move(Axis(0), 0);
+                return Ok(out);
+            }
+        }
         let (q, k, v) = (
             A::compute(q.view()),
             A::compute(k.view()),
@@ -369,9 +380,9 @@ impl<'m, A: Storage> ScaledDotProduct<'m, A> {
         k: &ArrayRef4<A>,
         v: &ArrayRef4<A>,
     ) -> Result<Array4<A>> {
-        // half-precision decoding reads the keys and values where they lie
-        if let Some(decode) = A::select_storage(compute::HalfDecode) {
-            if let Some(out) = decode(self, q, k, v)? {
+        // half-precision keys and values are read where they lie where a path can
+        if let Some(half) = A::select_storage(compute::HalfNative) {
+            if let Some(out) = half(self, q, k, v)? {
                 return Ok(out);
             }
         }

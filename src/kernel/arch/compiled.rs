@@ -30,6 +30,7 @@ macro_rules! compiled {
                         $ty,
                         $crate::kernel::float::Fused,
                         $token,
+                        $ty,
                         $nr,
                     >(token, block, scratch, out);
                 }

@@ -12,10 +12,14 @@
 //! which only run-time detection can construct, so no safe function can execute
 //! an instruction the CPU lacks.
 //!
+//! Keys stored in bf16 have one more level where the CPU has AVX512_BF16
+//! ([`avx512bf16`]): the tiled kernel's scores by bf16 dot products.
+//!
 //! `ATTN_KERNEL_ARCH` caps the instruction set, for tests and diagnostics:
-//! `portable`, `avx2` or `avx512` (the default: the best the CPU has). A cap above
-//! what the CPU has runs the best the CPU has. Any other value is an
-//! [`Error::InvalidConfig`] from every call that would use the fused kernels.
+//! `portable`, `avx2`, `avx512` or `avx512bf16` (the default: the best the CPU
+//! has). A cap above what the CPU has runs the best the CPU has. Any other value
+//! is an [`Error::InvalidConfig`] from every call that would use the fused
+//! kernels.
 
 #[cfg(target_arch = "x86_64")]
 #[macro_use]
@@ -24,6 +28,8 @@ mod compiled;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512bf16;
 mod portable;
 
 use std::ops::Range;
@@ -38,7 +44,7 @@ use ndarray::{Array1, Array2};
 use super::backward::{self, HeadGradients, HeadInputs, Upstream};
 use super::direct::{self, Group, Partial, Rows};
 use super::float::{KernelFloat, Separate};
-use super::pack::{self, PackedHead};
+use super::pack::{self, Entry, PackedHead};
 use super::tiled::{self, Block, Scratch};
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -54,6 +60,9 @@ pub enum KernelArch {
     Avx2,
     /// AVX-512 (F, BW, VL, DQ) intrinsics, with AVX2, FMA and F16C (x86-64).
     Avx512,
+    /// AVX-512 with AVX512_BF16: the tiled kernel's scores of bf16 keys by bf16
+    /// dot products (x86-64; only calls whose keys are bf16 run it).
+    Avx512Bf16,
 }
 
 /// The instruction set of one call, detected at its start; each x86-64 variant
@@ -73,6 +82,7 @@ enum Cap {
     Portable,
     Avx2,
     Avx512,
+    Avx512Bf16,
 }
 
 impl Arch {
@@ -99,6 +109,18 @@ impl Arch {
         Ok(Arch::Portable)
     }
 
+    /// The tiled kernel with bf16 dot products, where the CPU has AVX512_BF16
+    /// and `ATTN_KERNEL_ARCH` allows it.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn bf16_dots(self) -> Option<avx512bf16::Avx512Bf16> {
+        match self {
+            Arch::Avx512(token) if cap().is_ok_and(|cap| cap >= Cap::Avx512Bf16) => {
+                avx512bf16::Avx512Bf16::detect(token)
+            }
+            _ => None,
+        }
+    }
+
     /// Which instruction set this is.
     pub(crate) fn kind(self) -> KernelArch {
         match self {
@@ -121,13 +143,71 @@ fn cap() -> std::result::Result<Cap, String> {
 /// What a value of `ATTN_KERNEL_ARCH` allows (empty: everything).
 fn parse_cap(value: &str) -> std::result::Result<Cap, String> {
     match value.trim().to_ascii_lowercase().as_str() {
-        "" | "avx512" => Ok(Cap::Avx512),
+        "" | "avx512bf16" => Ok(Cap::Avx512Bf16),
+        "avx512" => Ok(Cap::Avx512),
         "avx2" => Ok(Cap::Avx2),
         "portable" => Ok(Cap::Portable),
         _ => Err(format!(
             "ATTN_KERNEL_ARCH={value:?} is not an instruction set the kernels know: \
-             use portable, avx2 or avx512, or leave it unset"
+             use portable, avx2, avx512 or avx512bf16, or leave it unset"
         )),
+    }
+}
+
+/// What the tiled kernel runs with over keys and values stored as `KV`: how a
+/// key/value head is packed, and the block body, compiled for one instruction
+/// set. [`Arch`] is one for keys in the compute type; [`Avx512Bf16`] one for
+/// bf16 keys.
+///
+/// [`Avx512Bf16`]: avx512bf16::Avx512Bf16
+pub(crate) trait TiledKernel<A, KV>: Copy + Send + Sync {
+    /// How queries and keys are packed for the score micro-kernel.
+    type Entry: Entry<A>;
+
+    /// The instruction set, as [`kernel_paths`](crate::kernel_paths) reports it.
+    fn kind(self) -> KernelArch;
+
+    /// Columns of a register tile (keys in `S`, value columns in `O`).
+    fn tile_width(self) -> usize;
+
+    /// [`pack::pack_head`] (or its bf16 form) for this kernel's tiles.
+    fn pack_head(
+        self,
+        k: &ArrayView2<'_, KV>,
+        v: &ArrayView2<'_, KV>,
+    ) -> PackedHead<A, Self::Entry>;
+
+    /// [`tiled::attend_block`] for this kernel.
+    fn attend_block(
+        self,
+        block: &Block<'_, A, Self::Entry>,
+        scratch: &mut Scratch<A, Self::Entry>,
+        out: ArrayViewMut2<'_, A>,
+    );
+}
+
+impl<A: KernelElement> TiledKernel<A, A> for Arch {
+    type Entry = A;
+
+    fn kind(self) -> KernelArch {
+        Arch::kind(self)
+    }
+
+    fn tile_width(self) -> usize {
+        A::tile_width(self)
+    }
+
+    fn pack_head(self, k: &ArrayView2<'_, A>, v: &ArrayView2<'_, A>) -> PackedHead<A> {
+        A::pack_head(self, k, v)
+    }
+
+    fn attend_block(
+        self,
+        block: &Block<'_, A>,
+        scratch: &mut Scratch<A>,
+        out: ArrayViewMut2<'_, A>,
+    ) {
+        A::attend_block(self, block, scratch, out)
     }
 }
 
@@ -175,7 +255,7 @@ macro_rules! portable {
                 scratch: &mut Scratch<$ty>,
                 out: ArrayViewMut2<'_, $ty>,
             ) {
-                tiled::attend_block::<$ty, Separate, Portable, $nr>(self, block, scratch, out)
+                tiled::attend_block::<$ty, Separate, Portable, $ty, $nr>(self, block, scratch, out)
             }
 
             fn attend_part<R: Rows<$ty>>(
@@ -330,13 +410,14 @@ mod tests {
 
     #[test]
     fn the_cap_is_read_from_its_name() {
-        assert_eq!(parse_cap(""), Ok(Cap::Avx512));
+        assert_eq!(parse_cap(""), Ok(Cap::Avx512Bf16));
+        assert_eq!(parse_cap("avx512bf16"), Ok(Cap::Avx512Bf16));
         assert_eq!(parse_cap("portable"), Ok(Cap::Portable));
         assert_eq!(parse_cap(" AVX2 "), Ok(Cap::Avx2));
         assert_eq!(parse_cap("avx512"), Ok(Cap::Avx512));
         let err = parse_cap("sse9").unwrap_err();
         assert!(
-            err.contains("\"sse9\"") && err.contains("portable, avx2 or avx512"),
+            err.contains("\"sse9\"") && err.contains("portable, avx2, avx512 or avx512bf16"),
             "{err}"
         );
     }
@@ -358,9 +439,20 @@ mod tests {
         let expected = match cap.min(best) {
             Cap::Portable => KernelArch::Portable,
             Cap::Avx2 => KernelArch::Avx2,
-            Cap::Avx512 => KernelArch::Avx512,
+            // the bf16 dot products serve only bf16 keys: `bf16_dots`
+            Cap::Avx512 | Cap::Avx512Bf16 => KernelArch::Avx512,
         };
         assert_eq!(arch.kind(), expected);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn bf16_dot_products_need_the_cpu_and_the_cap() {
+        let arch = Arch::detect().expect("ATTN_KERNEL_ARCH is valid in tests");
+        let allowed = cap().expect("valid") >= Cap::Avx512Bf16
+            && avx512::Avx512::detect().is_some()
+            && is_x86_feature_detected!("avx512bf16");
+        assert_eq!(arch.bf16_dots().is_some(), allowed);
     }
 
     #[cfg(target_arch = "x86_64")]
