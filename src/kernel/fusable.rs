@@ -7,7 +7,6 @@ use std::borrow::Cow;
 
 use ndarray::{ArrayView1, ArrayView2};
 
-use super::online::fold_max;
 use crate::core::mask::Mask2;
 use crate::element::Element;
 
@@ -25,8 +24,9 @@ pub(crate) struct Extent<A> {
 /// Whether `x` is finite, its largest absolute entry, and its number of rows.
 pub(crate) fn extent_of<A: Element>(x: &ArrayView2<'_, A>) -> Extent<A> {
     let mut scan = Scan::new();
-    for row in x.outer_iter() {
-        scan.add(&row_slice(row));
+    match x.as_slice_memory_order() {
+        Some(all) => scan.add(all),
+        None => x.outer_iter().for_each(|row| scan.add(&row_slice(row))),
     }
     scan.extent(x.nrows())
 }
@@ -42,43 +42,54 @@ fn row_slice<A: Clone>(row: ArrayView1<'_, A>) -> Cow<'_, [A]> {
 /// An [`Extent`] gathered slice by slice, so that a pass that reads the rows for
 /// another reason (packing) finds it on the way.
 pub(crate) struct Scan<A> {
-    /// The largest absolute entry so far, lane by lane.
-    lanes: [A; 8],
-    /// `Σ 0·x` lane by lane: 0 while every entry is finite, NaN after any other.
-    poison: [A; 8],
+    /// The largest absolute entry so far, lane by lane; NaN once any entry was.
+    lanes: [A; SCAN_LANES],
+}
+
+/// Lanes of a [`Scan`]: enough independent maxima that their latency does not
+/// bound the pass.
+const SCAN_LANES: usize = 16;
+
+/// The larger of `m` and `x`, NaN once either is: a NaN `m` stays, since no `x`
+/// compares greater than it.
+#[inline(always)]
+fn sticky_max<A: Element>(m: A, x: A) -> A {
+    if x > m || x.is_nan() {
+        x
+    } else {
+        m
+    }
 }
 
 impl<A: Element> Scan<A> {
     pub(crate) fn new() -> Self {
         Scan {
-            lanes: [A::zero(); 8],
-            poison: [A::zero(); 8],
+            lanes: [A::zero(); SCAN_LANES],
         }
     }
 
     /// Takes in the entries of `values`.
     #[inline(always)]
     pub(crate) fn add(&mut self, values: &[A]) {
-        // `0·x` is 0 for finite x and NaN otherwise: summing it finds any
-        // non-finite entry with plain, vectorisable arithmetic
-        let (chunks, rest) = values.as_chunks::<8>();
+        // one maximum of |x| finds both the extent and any non-finite entry
+        // (∞ is the largest, NaN sticks); the lanes in a local, not behind
+        // `self`, so that the compiler keeps them in registers
+        let (chunks, rest) = values.as_chunks::<SCAN_LANES>();
+        let mut lanes = self.lanes;
         for chunk in chunks {
-            for ((m, p), &v) in self.lanes.iter_mut().zip(&mut self.poison).zip(chunk) {
-                *p += v * A::zero();
-                *m = fold_max(*m, v.abs());
-            }
+            lanes = std::array::from_fn(|i| sticky_max(lanes[i], chunk[i].abs()));
         }
-        for &v in rest {
-            self.poison[0] += v * A::zero();
-            self.lanes[0] = fold_max(self.lanes[0], v.abs());
+        for (m, &x) in lanes.iter_mut().zip(rest) {
+            *m = sticky_max(*m, x.abs());
         }
+        self.lanes = lanes;
     }
 
     /// The extent of everything added, `rows` rows.
     pub(crate) fn extent(&self, rows: usize) -> Extent<A> {
-        let max_abs = self.lanes.iter().fold(A::zero(), |m, &a| fold_max(m, a));
+        let max_abs = self.lanes.iter().fold(A::zero(), |m, &a| sticky_max(m, a));
         Extent {
-            finite: self.poison.iter().all(|&p| p == A::zero()) && max_abs.is_finite(),
+            finite: max_abs.is_finite(),
             max_abs,
             rows,
         }
@@ -128,4 +139,39 @@ pub(crate) fn fusable<A: Element>(
         }
     }
     score_bound + bias_bound < limit && f(values.max_abs) * values.rows as f64 <= limit
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{s, Array2};
+
+    #[test]
+    fn a_scan_finds_the_extent_and_every_non_finite_entry() {
+        // every position of a 5 x 7 head (lanes and tail), every kind of entry,
+        // contiguous and not (a view of 7 of 8 columns scans row by row)
+        for at in 0..35 {
+            for (bad, finite) in [
+                (f64::NAN, false),
+                (f64::INFINITY, false),
+                (-f64::INFINITY, false),
+                (-9.0, true),
+            ] {
+                let mut x = Array2::from_shape_fn((5, 8), |(i, j)| (i * 7 + j) as f64 / 10.0 - 1.0);
+                x[(at / 7, at % 7)] = bad;
+                let strided = x.slice(s![.., ..7]);
+                let contiguous = strided.to_owned();
+                for extent in [extent_of(&strided), extent_of(&contiguous.view())] {
+                    assert_eq!(extent.finite, finite, "{bad} at {at}");
+                    if finite {
+                        assert_eq!((extent.max_abs, extent.rows), (9.0, 5));
+                    }
+                }
+            }
+        }
+        let x = Array2::from_shape_fn((3, 40), |(i, j)| -((i * 40 + j) as f32));
+        let extent = extent_of(&x.view());
+        assert!(extent.finite);
+        assert_eq!(extent.max_abs, 119.0);
+    }
 }
