@@ -3,10 +3,37 @@
 
 use std::marker::PhantomData;
 
-use super::steps::{accumulate, fold_in, scores, Chunk, Dots, HalfDots, Scratch, TILE_BLOCKS};
+use super::steps::{
+    accumulate, fold_in, scores, store_scores, Chunk, Dots, HalfDots, Scratch, TILE_BLOCKS,
+};
 use crate::element::Half;
 use crate::kernel::float::{KernelFloat, MulAdd};
 use crate::kernel::params::{DIRECT_BATCH_ROWS as ROWS, LANES};
+
+/// How many rows ahead of the one being read the half-precision paths ask for
+/// keys and values: on an Intel Xeon (Emerald Rapids-class) host the hardware
+/// prefetchers alone left a bf16 decoding step ~12 % slower (16 and 8, 32, 64
+/// rows measured alike; the same hint made the f32 step slower, so it has none).
+pub(crate) const PREFETCH_ROWS: usize = 16;
+
+/// Asks the CPU to bring the cache lines holding `len` values from `start` into
+/// its caches, `PREFETCH_ROWS` rows of `width` values ahead; a hint, which never
+/// faults, so the rows past the end of the slice are harmless.
+#[inline(always)]
+pub(crate) fn prefetch_ahead<H: Half>(start: *const H, len: usize, width: usize) {
+    let ahead = start.wrapping_add(PREFETCH_ROWS * width);
+    for offset in (0..len).step_by(64 / std::mem::size_of::<H>()) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a prefetch reads nothing the program can observe and never
+        // faults; SSE is part of every x86-64 CPU.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(offset).cast());
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (ahead, offset);
+    }
+}
 
 /// Rows of keys or values as the kernel's float `A`: the stored slice itself, or
 /// half-precision rows widened to `f32` as they are read.
@@ -123,6 +150,7 @@ impl<H: Half> Rows<f32> for Widen<'_, H> {
         let n = keys.len();
         let stored = &self.0[keys.start * d..keys.end * d];
         for j in (0..n).step_by(4) {
+            prefetch_ahead(stored[j * d..].as_ptr(), 4 * d, d);
             // past the last key, repeat it and ignore the result
             let k: [&[[H; LANES]]; 4] = std::array::from_fn(|u| {
                 let key = (j + u).min(n - 1);
@@ -132,7 +160,7 @@ impl<H: Half> Rows<f32> for Widen<'_, H> {
             for r in 0..chunk.rows {
                 let q: &[[f32; LANES]] = scratch.q[r * d..(r + 1) * d].as_chunks().0;
                 let sums = dots.dot4_half(q, &k);
-                scratch.s[r * chunk.stride + j..][..used].copy_from_slice(&sums[..used]);
+                store_scores(&mut scratch.s[r * chunk.stride + j..], &sums, used);
             }
         }
     }
