@@ -6,7 +6,7 @@
 use std::arch::x86_64::*;
 
 use crate::element::Half;
-use crate::kernel::direct::{prefetch_ahead, Dots, HalfDots, TILE_BLOCKS};
+use crate::kernel::direct::{Dots, HalfDots, Prefetch, TILE_BLOCKS};
 use crate::kernel::params::LANES;
 
 /// Proof that the CPU has AVX2, FMA and F16C: [`detect`](Self::detect) is the only way
@@ -232,9 +232,10 @@ impl HalfDots for Avx2 {
         // `TILE_BLOCKS · LANES` taken from `values` with bounds checks.
         unsafe {
             let mut acc = [_mm256_setzero_ps(); TILE_BLOCKS];
+            let prefetch = Prefetch::for_this_cpu();
             for (value, &p) in values.chunks_exact(d_v).zip(p) {
                 let v = &value[c0..c0 + TILE_BLOCKS * LANES];
-                prefetch_ahead(v.as_ptr(), v.len(), d_v);
+                prefetch.ahead(v.as_ptr(), v.len(), d_v);
                 let a = _mm256_set1_ps(p);
                 for (b, acc) in acc.iter_mut().enumerate() {
                     *acc = _mm256_fmadd_ps(a, widen8(v.as_ptr().add(b * LANES)), *acc);

@@ -9,7 +9,7 @@ use std::arch::x86_64::*;
 
 use super::avx2::{sum4_pd, sum4_ps, widen8, Avx2};
 use crate::element::Half;
-use crate::kernel::direct::{prefetch_ahead, Dots, HalfDots, TILE_BLOCKS};
+use crate::kernel::direct::{Dots, HalfDots, Prefetch, TILE_BLOCKS};
 use crate::kernel::params::LANES;
 
 /// Proof that the CPU has AVX-512 F, BW, VL and DQ as well as AVX2, FMA and F16C:
@@ -285,9 +285,10 @@ impl HalfDots for Avx512 {
         // store writes sixteen of the `TILE_BLOCKS · LANES` floats of `out`.
         unsafe {
             let mut acc = [_mm512_setzero_ps(); REGS];
+            let prefetch = Prefetch::for_this_cpu();
             for (value, &p) in values.chunks_exact(d_v).zip(p) {
                 let v = &value[c0..c0 + TILE_BLOCKS * LANES];
-                prefetch_ahead(v.as_ptr(), v.len(), d_v);
+                prefetch.ahead(v.as_ptr(), v.len(), d_v);
                 let a = _mm512_set1_ps(p);
                 for (b, acc) in acc.iter_mut().enumerate() {
                     *acc = _mm512_fmadd_ps(a, widen16(v.as_ptr().add(b * 16)), *acc);

@@ -28,7 +28,7 @@ use std::ops::Range;
 
 use ndarray::{ArrayView2, ArrayViewMut2};
 
-pub(crate) use rows::{prefetch_ahead, Native, Rows, Source, Widening};
+pub(crate) use rows::{Native, Prefetch, Rows, Source, Widening};
 pub(crate) use steps::{sum_lanes, Dots, HalfDots, TILE_BLOCKS};
 
 use super::float::{KernelFloat, MulAdd, Separate};

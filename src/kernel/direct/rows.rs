@@ -2,6 +2,7 @@
 //! half-precision rows widened to `f32` as they are loaded.
 
 use std::marker::PhantomData;
+use std::sync::OnceLock;
 
 use super::steps::{
     accumulate, fold_in, scores, store_scores, Chunk, Dots, HalfDots, Scratch, TILE_BLOCKS,
@@ -11,27 +12,55 @@ use crate::kernel::float::{KernelFloat, MulAdd};
 use crate::kernel::params::{DIRECT_BATCH_ROWS as ROWS, LANES};
 
 /// How many rows ahead of the one being read the half-precision paths ask for
-/// keys and values: on an Intel Xeon (Emerald Rapids-class) host the hardware
-/// prefetchers alone left a bf16 decoding step ~12 % slower (16 and 8, 32, 64
-/// rows measured alike; the same hint made the f32 step slower, so it has none).
-pub(crate) const PREFETCH_ROWS: usize = 16;
+/// keys and values, on the CPUs where that helps ([`Prefetch`]).
+const PREFETCH_ROWS: usize = 16;
 
-/// Asks the CPU to bring the cache lines holding `len` values from `start` into
-/// its caches, `PREFETCH_ROWS` rows of `width` values ahead; a hint, which never
-/// faults, so the rows past the end of the slice are harmless.
-#[inline(always)]
-pub(crate) fn prefetch_ahead<H: Half>(start: *const H, len: usize, width: usize) {
-    let ahead = start.wrapping_add(PREFETCH_ROWS * width);
-    for offset in (0..len).step_by(64 / std::mem::size_of::<H>()) {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: a prefetch reads nothing the program can observe and never
-        // faults; SSE is part of every x86-64 CPU.
-        unsafe {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(offset).cast());
+/// Software prefetching of the half-precision keys and values of a decoding
+/// step, on Intel CPUs only: on the Intel Xeon host of 2026-12-03 (AMX,
+/// AVX512_FP16) the hardware prefetchers alone left a bf16 or f16 step 12-20 %
+/// slower (8, 16, 32 and 64 rows ahead measured alike; the f32 step was slower
+/// with the hint, so it has none); on AMD Zen 4, prefetching 1-4 KiB ahead made
+/// an earlier version of the half step slower.
+#[derive(Clone, Copy)]
+pub(crate) struct Prefetch(bool);
+
+impl Prefetch {
+    /// Whether this CPU prefetches: its vendor is Intel.
+    pub(crate) fn for_this_cpu() -> Self {
+        static INTEL: OnceLock<bool> = OnceLock::new();
+        Prefetch(*INTEL.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
+                #[allow(unused_unsafe)]
+                let id = unsafe { std::arch::x86_64::__cpuid(0) };
+                [id.ebx, id.edx, id.ecx] == [0x756e_6547, 0x4965_6e69, 0x6c65_746e]
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            false
+        }))
+    }
+
+    /// Asks the CPU to bring the cache lines holding `len` values from `start`
+    /// into its caches, `PREFETCH_ROWS` rows of `width` values ahead; a hint,
+    /// which never faults, so rows past the end of the slice are harmless.
+    #[inline(always)]
+    pub(crate) fn ahead<H: Half>(self, start: *const H, len: usize, width: usize) {
+        if !self.0 {
+            return;
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = (ahead, offset);
+        let ahead = start.wrapping_add(PREFETCH_ROWS * width);
+        for offset in (0..len).step_by(64 / std::mem::size_of::<H>()) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: a prefetch reads nothing the program can observe and never
+            // faults; SSE is part of every x86-64 CPU.
+            unsafe {
+                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(offset).cast());
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (ahead, offset);
+        }
     }
 }
 
@@ -149,8 +178,9 @@ impl<H: Half> Rows<f32> for Widen<'_, H> {
         }
         let n = keys.len();
         let stored = &self.0[keys.start * d..keys.end * d];
+        let prefetch = Prefetch::for_this_cpu();
         for j in (0..n).step_by(4) {
-            prefetch_ahead(stored[j * d..].as_ptr(), 4 * d, d);
+            prefetch.ahead(stored[j * d..].as_ptr(), 4 * d, d);
             // past the last key, repeat it and ignore the result
             let k: [&[[H; LANES]]; 4] = std::array::from_fn(|u| {
                 let key = (j + u).min(n - 1);
