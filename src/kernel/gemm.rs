@@ -85,7 +85,7 @@ mod tests {
     /// lanes past its last line.
     #[test]
     fn packing_again_leaves_the_padding_zero() {
-        let (big, small) = (matrix(12, 9, 3), matrix(7, 5, 4));
+        let (big, small) = (matrix(2 * MR, 9, 3), matrix(MR + 1, 5, 4));
         for by_lines in [true, false] {
             let mut panels = Panels::new(MR);
             for x in [&big, &small] {
@@ -97,7 +97,7 @@ mod tests {
                     panels.pack_steps::<MR>(t.as_slice().expect("standard"), lines, lines, depth);
                 }
             }
-            // 7 lines: the second panel holds one, its other five lanes are padding
+            // MR + 1 lines: the second panel holds one, its other lanes are padding
             for step in panels.panel::<MR>(1, &(0..5)) {
                 assert_eq!(step[1..], [0.0; MR - 1], "by lines: {by_lines}");
             }

@@ -1,7 +1,8 @@
 //! The micro-kernels written with AVX2/FMA intrinsics, as methods of a token that
-//! only run-time detection constructs: a tile row is two 256-bit registers, so a
-//! 6 × 16 (f32) or 6 × 8 (f64) tile is 12 accumulators (the tiles'
-//! body is `two_register_tiles!`, shared with the AVX-512 kernels).
+//! only run-time detection constructs: a tile row is two 256-bit registers, and a
+//! 12 × 16 (f32) or 12 × 8 (f64) tile is summed as two halves of 6 rows, 12
+//! accumulators each (the tiles' body is `two_register_tiles!`, shared with the
+//! AVX-512 kernels).
 
 use std::arch::x86_64::*;
 
@@ -110,6 +111,7 @@ two_register_tiles!(
     f32,
     16,
     8,
+    6,
     __m256,
     _mm256_setzero_ps,
     _mm256_loadu_ps,
@@ -124,6 +126,7 @@ two_register_tiles!(
     f64,
     8,
     4,
+    6,
     __m256d,
     _mm256_setzero_pd,
     _mm256_loadu_pd,

@@ -1,7 +1,7 @@
 //! The micro-kernels written with AVX-512 intrinsics, as methods of a token that
 //! only run-time detection constructs: a tile row is two 512-bit registers, so a
-//! 6 × 32 (f32) or 6 × 16 (f64) tile is 12 accumulators, twice the columns of
-//! the AVX2 tiles for the same number of instructions; each query's broadcast is
+//! 12 × 32 (f32) or 12 × 16 (f64) tile is 24 accumulators of the 32 registers, in
+//! one pass (AVX2 needs two for half the columns); each query's broadcast is
 //! folded into its FMA (`{1to16}`). Half-precision rows are widened sixteen
 //! values at a time.
 
@@ -54,6 +54,7 @@ two_register_tiles!(
     f32,
     32,
     16,
+    12,
     __m512,
     _mm512_setzero_ps,
     _mm512_loadu_ps,
@@ -68,6 +69,7 @@ two_register_tiles!(
     f64,
     16,
     8,
+    12,
     __m512d,
     _mm512_setzero_pd,
     _mm512_loadu_pd,

@@ -126,57 +126,72 @@ macro_rules! compiled {
 }
 
 /// The tile micro-kernels of an x86-64 token for one element type, written once:
-/// a tile row is two registers of `$lanes` lanes (`$nr = 2 · $lanes` columns),
-/// so an `MR × $nr` tile is `2·MR` accumulators; `$features` names what the
-/// token proves.
+/// a tile row is two registers of `$lanes` lanes (`$nr = 2 · $lanes` columns), and
+/// the `MR` rows of a tile are summed `$rows` at a time (`2·$rows` accumulators:
+/// all of `MR` with AVX-512's 32 registers, half of it with AVX2's 16, which then
+/// reads each step of the keys or values twice); `$features` names what the token
+/// proves.
 macro_rules! two_register_tiles {
-    ($token:ty, $features:literal, $module:ident, $ty:ty, $nr:literal, $lanes:literal, $reg:ident, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
+    ($token:ty, $features:literal, $module:ident, $ty:ty, $nr:literal, $lanes:literal, $rows:literal, $reg:ident, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
         mod $module {
             use super::*;
             use $crate::kernel::params::{BC, MR};
             use $crate::kernel::tiled::Tiles;
 
-            /// One rank-1 update of the tile: `acc[i] += a[i] · row` for every row `i`.
+            /// Rows summed in registers at a time.
+            const ROWS: usize = $rows;
+            const _: () = assert!(MR % ROWS == 0);
+
+            /// One rank-1 update of `ROWS` rows of the tile: `acc[i] += a[i] · row`.
             ///
             /// # Safety
             ///
             #[doc = concat!("The CPU must support ", $features, ".")]
             #[inline(always)]
-            unsafe fn rank1(acc: &mut [[$reg; 2]; MR], a: [$ty; MR], row: &[$ty; $nr]) {
+            unsafe fn rank1(acc: &mut [[$reg; 2]; ROWS], a: &[$ty; ROWS], row: &[$ty; $nr]) {
                 let r0 = $load(row.as_ptr());
                 let r1 = $load(row.as_ptr().add($lanes));
-                for i in 0..MR {
+                for i in 0..ROWS {
                     let s = $splat(a[i]);
                     acc[i][0] = $fma(s, r0, acc[i][0]);
                     acc[i][1] = $fma(s, r1, acc[i][1]);
                 }
             }
 
+            /// Rows `first .. first + ROWS` of a step of `MR` values.
+            #[inline(always)]
+            fn part(step: &[$ty; MR], first: usize) -> &[$ty; ROWS] {
+                step[first..first + ROWS].try_into().expect("ROWS values")
+            }
+
             impl Tiles<$ty, $nr> for $token {
                 #[inline(always)]
                 fn score_tile(self, q: &[[$ty; MR]], k: &[[$ty; $nr]]) -> [[$ty; $nr]; MR] {
+                    let mut out = [[0.0; $nr]; MR];
                     // SAFETY: `self` is the token, so the CPU has the instruction
                     // sets; every load reads, every store writes, one half of a
                     // `[$ty; $nr]`.
                     unsafe {
-                        let mut acc = [[$zero(); 2]; MR];
-                        // two steps of the sum per trip: half the loop overhead
-                        let (q2, q_rest) = q.as_chunks::<2>();
-                        let (k2, k_rest) = k.as_chunks::<2>();
-                        for (qp, kp) in q2.iter().zip(k2) {
-                            rank1(&mut acc, qp[0], &kp[0]);
-                            rank1(&mut acc, qp[1], &kp[1]);
+                        for first in (0..MR).step_by(ROWS) {
+                            let mut acc = [[$zero(); 2]; ROWS];
+                            // two steps of the sum per trip: half the loop overhead
+                            let (q2, q_rest) = q.as_chunks::<2>();
+                            let (k2, k_rest) = k.as_chunks::<2>();
+                            for (qp, kp) in q2.iter().zip(k2) {
+                                rank1(&mut acc, part(&qp[0], first), &kp[0]);
+                                rank1(&mut acc, part(&qp[1], first), &kp[1]);
+                            }
+                            for (qp, kp) in q_rest.iter().zip(k_rest) {
+                                rank1(&mut acc, part(qp, first), kp);
+                            }
+                            for i in 0..ROWS {
+                                let row = out[first + i].as_mut_ptr();
+                                $store(row, acc[i][0]);
+                                $store(row.add($lanes), acc[i][1]);
+                            }
                         }
-                        for (qp, kp) in q_rest.iter().zip(k_rest) {
-                            rank1(&mut acc, *qp, kp);
-                        }
-                        let mut out = [[0.0; $nr]; MR];
-                        for i in 0..MR {
-                            $store(out[i].as_mut_ptr(), acc[i][0]);
-                            $store(out[i].as_mut_ptr().add($lanes), acc[i][1]);
-                        }
-                        out
                     }
+                    out
                 }
 
                 #[inline(always)]
@@ -187,26 +202,28 @@ macro_rules! two_register_tiles {
                     alpha: &[$ty; MR],
                     o: &mut [[$ty; $nr]; MR],
                 ) {
+                    let v = &v[..v.len().min(BC)];
                     // SAFETY: as in `score_tile`.
                     unsafe {
-                        let weights = |j: usize| std::array::from_fn(|i| p[i][j]);
-                        let mut acc = [[$zero(); 2]; MR];
-                        let v = &v[..v.len().min(BC)];
-                        // two keys per trip: half the loop overhead
-                        let (pairs, last) = v.as_chunks::<2>();
-                        for (pair, rows) in pairs.iter().enumerate() {
-                            let j = 2 * pair;
-                            rank1(&mut acc, weights(j), &rows[0]);
-                            rank1(&mut acc, weights(j + 1), &rows[1]);
-                        }
-                        if let [row] = last {
-                            rank1(&mut acc, weights(v.len() - 1), row);
-                        }
-                        for i in 0..MR {
-                            let a = $splat(alpha[i]);
-                            let row = o[i].as_mut_ptr();
-                            $store(row, $fma($load(row), a, acc[i][0]));
-                            $store(row.add($lanes), $fma($load(row.add($lanes)), a, acc[i][1]));
+                        for first in (0..MR).step_by(ROWS) {
+                            let weights = |j: usize| std::array::from_fn(|i| p[first + i][j]);
+                            let mut acc = [[$zero(); 2]; ROWS];
+                            // two keys per trip: half the loop overhead
+                            let (pairs, last) = v.as_chunks::<2>();
+                            for (pair, rows) in pairs.iter().enumerate() {
+                                let j = 2 * pair;
+                                rank1(&mut acc, &weights(j), &rows[0]);
+                                rank1(&mut acc, &weights(j + 1), &rows[1]);
+                            }
+                            if let [row] = last {
+                                rank1(&mut acc, &weights(v.len() - 1), row);
+                            }
+                            for i in 0..ROWS {
+                                let a = $splat(alpha[first + i]);
+                                let row = o[first + i].as_mut_ptr();
+                                $store(row, $fma($load(row), a, acc[i][0]));
+                                $store(row.add($lanes), $fma($load(row.add($lanes)), a, acc[i][1]));
+                            }
                         }
                     }
                 }
