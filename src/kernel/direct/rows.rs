@@ -4,9 +4,7 @@
 use std::marker::PhantomData;
 use std::sync::OnceLock;
 
-use super::steps::{
-    accumulate, fold_in, scores, store_scores, Chunk, Dots, HalfDots, Scratch, TILE_BLOCKS,
-};
+use super::steps::{accumulate, fold_in, scores, Chunk, Dots, HalfDots, Scratch, TILE_BLOCKS};
 use crate::element::Half;
 use crate::kernel::float::{KernelFloat, MulAdd};
 use crate::kernel::params::{DIRECT_BATCH_ROWS as ROWS, LANES};
@@ -190,7 +188,7 @@ impl<H: Half> Rows<f32> for Widen<'_, H> {
             for r in 0..chunk.rows {
                 let q: &[[f32; LANES]] = scratch.q[r * d..(r + 1) * d].as_chunks().0;
                 let sums = dots.dot4_half(q, &k);
-                store_scores(&mut scratch.s[r * chunk.stride + j..], &sums, used);
+                scratch.s[r * chunk.stride + j..][..used].copy_from_slice(&sums[..used]);
             }
         }
     }

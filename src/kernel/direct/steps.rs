@@ -53,19 +53,8 @@ pub(super) fn scores<A: KernelFloat, M: MulAdd, D: Dots<A>>(
         let used = (n - j).min(4);
         for r in 0..rows {
             let sums = dot4::<A, M, D>(dots, &q[r * d..(r + 1) * d], &k);
-            store_scores(&mut s[r * chunk + j..], &sums, used);
+            s[r * chunk + j..r * chunk + j + used].copy_from_slice(&sums[..used]);
         }
-    }
-}
-
-/// The first `used` of four scores into the start of `s`: a fixed-size copy for
-/// four (a copy of a length known only at run time is a call to `memcpy`, 6 % of
-/// an f32 decoding step).
-#[inline(always)]
-pub(super) fn store_scores<A: Copy>(s: &mut [A], sums: &[A; 4], used: usize) {
-    match s.first_chunk_mut::<4>() {
-        Some(four) if used == 4 => *four = *sums,
-        _ => s[..used].copy_from_slice(&sums[..used]),
     }
 }
 
