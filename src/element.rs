@@ -25,6 +25,10 @@ use ndarray::{Array, ArrayView, CowArray, Dimension, NdFloat};
 /// assert_eq!(default_scale::<f32>(4), 0.5);
 /// assert_eq!(default_scale::<f64>(16), 0.25);
 /// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a type attn computes in: layers, gradients and loaded weights are f32 or f64",
+    note = "for half-precision weights, load the layer as f32 (bf16 and f16 widen exactly); attention itself, `scaled_dot_product` and `KvCache<bf16>`, takes bf16 and f16 storage"
+)]
 pub trait Element: NdFloat + Storage<Compute = Self> + sealed::Sealed {
     /// The nearest value of this type to `x`.
     fn from_f64(x: f64) -> Self;

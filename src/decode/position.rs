@@ -74,9 +74,10 @@ pub fn key_padding(lengths: &[usize], s: usize) -> Result<Array4<bool>> {
 /// use attn::RelativeBuckets;
 ///
 /// let encoder = RelativeBuckets { num_buckets: 32, max_distance: 128, bidirectional: true };
-/// assert_eq!(encoder.bucket(0), 0);
-/// assert_eq!(encoder.bucket(3), 16 + 3); // keys after the query use the upper half
-/// assert_eq!(encoder.bucket(-1000), 15); // far away: the last bucket of its half
+/// assert_eq!(encoder.bucket(0)?, 0);
+/// assert_eq!(encoder.bucket(3)?, 16 + 3); // keys after the query use the upper half
+/// assert_eq!(encoder.bucket(-1000)?, 15); // far away: the last bucket of its half
+/// # Ok::<(), attn::Error>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RelativeBuckets {
@@ -93,14 +94,57 @@ impl RelativeBuckets {
     /// The bucket of the distance `key − query` (Hugging Face's
     /// `_relative_position_bucket`, its logarithm in f32 as there).
     ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] when `num_buckets` is below 2 (4 when
+    /// bidirectional) or `max_distance` not above the exact range.
+    ///
     /// # Examples
     ///
     /// ```
     /// let decoder = attn::RelativeBuckets { num_buckets: 8, max_distance: 20, bidirectional: false };
-    /// assert_eq!(decoder.bucket(5), 0); // later keys: bucket 0 (the causal mask hides them)
-    /// assert_eq!(decoder.bucket(-2), 2);
+    /// assert_eq!(decoder.bucket(5)?, 0); // later keys: bucket 0 (the causal mask hides them)
+    /// assert_eq!(decoder.bucket(-2)?, 2);
+    /// assert!(attn::RelativeBuckets { num_buckets: 0, ..decoder }.bucket(-2).is_err());
+    /// # Ok::<(), attn::Error>(())
     /// ```
-    pub fn bucket(&self, relative: i64) -> usize {
+    pub fn bucket(&self, relative: i64) -> Result<usize> {
+        self.check()?;
+        Ok(self.checked_bucket(relative))
+    }
+
+    /// Whether the buckets can be computed: at least one exact bucket per half,
+    /// and `max_distance` beyond them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming the sizes.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let t5 = attn::RelativeBuckets { num_buckets: 32, max_distance: 128, bidirectional: true };
+    /// assert!(t5.check().is_ok());
+    /// assert!(attn::RelativeBuckets { max_distance: 8, ..t5 }.check().is_err());
+    /// ```
+    pub fn check(&self) -> Result<()> {
+        let half = if self.bidirectional { 2 } else { 1 };
+        let exact = self.num_buckets / half / 2;
+        if exact == 0 || self.max_distance <= exact {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "relative buckets need at least {} buckets and max_distance above the {exact} exact ones, got {} buckets and max_distance {}",
+                    2 * half,
+                    self.num_buckets,
+                    self.max_distance
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// [`bucket`](Self::bucket) of checked buckets.
+    fn checked_bucket(&self, relative: i64) -> usize {
         let mut buckets = self.num_buckets;
         let mut offset = 0;
         let distance = if self.bidirectional {
@@ -158,18 +202,7 @@ impl RelativeBuckets {
         queries: usize,
         keys: usize,
     ) -> Result<Array3<A>> {
-        let half = if self.bidirectional { 2 } else { 1 };
-        let exact = self.num_buckets / half / 2;
-        if exact == 0 || self.max_distance <= exact {
-            return Err(Error::InvalidConfig {
-                reason: format!(
-                    "relative buckets need at least {} buckets and max_distance above the {exact} exact ones, got {} buckets and max_distance {}",
-                    2 * half,
-                    self.num_buckets,
-                    self.max_distance
-                ),
-            });
-        }
+        self.check()?;
         let (rows, heads) = table.dim();
         if rows != self.num_buckets {
             return Err(Error::Shape {
@@ -178,9 +211,22 @@ impl RelativeBuckets {
                 found: vec![rows, heads],
             });
         }
+        let last_query = first_query.checked_add(queries);
+        let count = [heads, queries, keys]
+            .iter()
+            .try_fold(1usize, |n, &x| n.checked_mul(x))
+            .filter(|&n| n <= isize::MAX as usize / std::mem::size_of::<A>().max(1));
+        let in_range = |n: Option<usize>| n.is_some_and(|n| i64::try_from(n).is_ok());
+        if !in_range(last_query) || !in_range(Some(keys)) || count.is_none() {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "a relative bias of {heads} heads for {queries} queries from position {first_query} over {keys} keys does not fit in memory"
+                ),
+            });
+        }
         Ok(Array3::from_shape_fn(
             (heads, queries, keys),
-            |(h, i, j)| table[[self.bucket(j as i64 - (first_query + i) as i64), h]],
+            |(h, i, j)| table[[self.checked_bucket(j as i64 - (first_query + i) as i64), h]],
         ))
     }
 }

@@ -180,11 +180,15 @@ impl Queries {
         scratch: &mut BlockScratch<A>,
     ) -> Self {
         let d = inputs.q.ncols();
-        let q = inputs
+        // row by row whatever the view's strides (`mapv` would keep a
+        // column-major view's order)
+        let q: Vec<A> = inputs
             .q
             .slice(s![rows.clone(), ..])
-            .mapv(|x| x * inputs.scale);
-        let q = q.as_slice().expect("a fresh array is standard");
+            .iter()
+            .map(|&x| x * inputs.scale)
+            .collect();
+        let q = &q[..];
         scratch.q_rows.pack_lines::<MR>(q, d, rows.len(), d);
         scratch.q_cols.pack_steps::<NR>(q, d, d, rows.len());
         Queries {

@@ -115,41 +115,34 @@ impl<A: Element, D: StateDict<A>> Block<'_, A, D> {
         }
     }
 
-    /// The tensor `suffix`, or `None`; its shape checked when present.
+    /// The tensor `suffix`, or `None`; its shape checked before it is decoded
+    /// (from a file's header) and again after.
     fn optional(&self, suffix: &str, shape: &[usize]) -> Result<Option<ArrayD<A>>> {
         let name = self.name(suffix);
+        let mismatch = |found: &[usize]| Error::TensorShape {
+            name: name.clone(),
+            expected: shape.to_vec(),
+            found: found.to_vec(),
+        };
+        match self.dict.shape(&name)? {
+            None => return Ok(None),
+            Some(found) if found != shape => return Err(mismatch(&found)),
+            Some(_) => {}
+        }
         match self.dict.tensor(&name)? {
-            Some(t) if t.shape() != shape => Err(Error::TensorShape {
-                name,
-                expected: shape.to_vec(),
-                found: t.shape().to_vec(),
-            }),
+            Some(t) if t.shape() != shape => Err(mismatch(t.shape())),
             found => Ok(found),
         }
     }
 
     /// The tensor `suffix`, which must be there with this shape.
     fn required(&self, suffix: &str, shape: &[usize]) -> Result<ArrayD<A>> {
-        self.optional(suffix, shape)?.ok_or_else(|| {
-            let names = self.dict.names();
-            let near: Vec<&str> = names
-                .iter()
-                .filter(|n| n.starts_with(self.prefix))
-                .take(12)
-                .map(String::as_str)
-                .collect();
-            Error::Tensor {
-                name: self.name(suffix),
-                reason: format!(
-                    "not in the weights; under {:?} there are: {}",
-                    self.prefix,
-                    if near.is_empty() {
-                        "none".to_string()
-                    } else {
-                        near.join(", ")
-                    }
-                ),
-            }
+        self.optional(suffix, shape)?.ok_or_else(|| Error::Tensor {
+            name: self.name(suffix),
+            reason: format!(
+                "not in the weights; {}",
+                nearest_names(&self.dict.names(), self.prefix)
+            ),
         })
     }
 
@@ -192,7 +185,7 @@ impl<A: Element, D: StateDict<A>> Block<'_, A, D> {
         let c = self.config;
         let (d, inner, kv) = (c.d_model(), c.inner_dim(), c.kv_width());
         let [q, k, v] = if c.kdim() == d && c.vdim() == d {
-            let packed = matrix(self.required("in_proj_weight", &[inner + 2 * kv, d])?);
+            let packed = matrix(self.required("in_proj_weight", &[c.fused_width(), d])?);
             rows_split(&packed, &[inner, kv, kv])
         } else {
             [
@@ -210,7 +203,7 @@ impl<A: Element, D: StateDict<A>> Block<'_, A, D> {
             .expect("three projections")
         };
         let qkv = [Projection::Query, Projection::Key, Projection::Value];
-        let biases = self.bias("in_proj_bias", &qkv, inner + 2 * kv)?;
+        let biases = self.bias("in_proj_bias", &qkv, c.fused_width())?;
         let [b_q, b_k, b_v] = split_bias(biases, &[inner, kv, kv]);
         let (w_o, b_o) = self.linear("out_proj", Projection::Output);
         Ok(MultiHeadWeights {
@@ -234,10 +227,10 @@ impl<A: Element, D: StateDict<A>> Block<'_, A, D> {
                     .to_string(),
             });
         }
-        let fused = matrix(self.required(&format!("{qkv}.weight"), &[d, inner + 2 * kv])?);
+        let fused = matrix(self.required(&format!("{qkv}.weight"), &[d, c.fused_width()])?);
         let [w_q, w_k, w_v] = rows_split(&fused.reversed_axes(), &[inner, kv, kv]).map(transposed);
         let all = [Projection::Query, Projection::Key, Projection::Value];
-        let biases = self.bias(&format!("{qkv}.bias"), &all, inner + 2 * kv)?;
+        let biases = self.bias(&format!("{qkv}.bias"), &all, c.fused_width())?;
         let [b_q, b_k, b_v] = split_bias(biases, &[inner, kv, kv]);
         let w_o = matrix(self.required(&format!("{output}.weight"), &[inner, d])?);
         let b_o = self.bias(&format!("{output}.bias"), &[Projection::Output], d)?;
@@ -264,7 +257,8 @@ impl<A: Element, D: StateDict<A>> Block<'_, A, D> {
                 ),
             });
         }
-        let fused = matrix(self.required(&format!("{qkv}.weight"), &[3 * h * hd, d])?);
+        // one key and value head per query head: the fused width is 3·h·hd
+        let fused = matrix(self.required(&format!("{qkv}.weight"), &[c.fused_width(), d])?);
         // rows (head, role, feature) → one (h·hd, d) block per role
         let per_role = |role: usize| {
             let mut w = Array2::zeros((h * hd, d));
@@ -276,7 +270,7 @@ impl<A: Element, D: StateDict<A>> Block<'_, A, D> {
             transposed(w)
         };
         let all = [Projection::Query, Projection::Key, Projection::Value];
-        let bias = self.bias(&format!("{qkv}.bias"), &all, 3 * h * hd)?;
+        let bias = self.bias(&format!("{qkv}.bias"), &all, c.fused_width())?;
         let bias_of = |role: usize| {
             bias.as_ref()
                 .map(|b| Array1::from_shape_fn(h * hd, |i| b[(3 * (i / hd) + role) * hd + i % hd]))
@@ -293,6 +287,70 @@ impl<A: Element, D: StateDict<A>> Block<'_, A, D> {
             b_o: b_o?,
         })
     }
+}
+
+/// What a file has under `prefix` (up to 12 names), or where `prefix` is
+/// nothing's, the module paths nearest to it.
+pub(crate) fn nearest_names(names: &[String], prefix: &str) -> String {
+    let under: Vec<&str> = names
+        .iter()
+        .filter(|n| prefix.is_empty() || is_under(n, prefix))
+        .take(12)
+        .map(String::as_str)
+        .collect();
+    if !under.is_empty() {
+        return format!("under {prefix:?} there are: {}", under.join(", "));
+    }
+    // every module path: a name without its last part
+    let modules = names
+        .iter()
+        .filter_map(|n| n.rsplit_once('.').map(|(module, _)| module));
+    format!(
+        "nothing is under {prefix:?}; {}",
+        nearest(modules, prefix, "modules")
+    )
+}
+
+/// Whether tensor `name` belongs to module `prefix`.
+pub(crate) fn is_under(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix)
+        .is_some_and(|rest| rest.starts_with('.'))
+}
+
+/// The five of `candidates` nearest to `target` by edit distance, in words:
+/// "the nearest {what} are …".
+pub(crate) fn nearest<'a>(
+    candidates: impl Iterator<Item = &'a str>,
+    target: &str,
+    what: &str,
+) -> String {
+    let mut all: Vec<&str> = candidates.collect();
+    all.sort_unstable();
+    all.dedup();
+    all.sort_by_cached_key(|c| (edit_distance(c, target), c.len()));
+    if all.is_empty() {
+        return format!("the file holds no {what}");
+    }
+    let near: Vec<String> = all.iter().take(5).map(|c| format!("{c:?}")).collect();
+    format!("the nearest {what} are {}", near.join(", "))
+}
+
+/// Levenshtein distance in characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let next = (diagonal + usize::from(ca != cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            diagonal = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
 }
 
 /// A checked 2-D tensor.

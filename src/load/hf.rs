@@ -4,8 +4,10 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use super::block::{is_under, nearest};
 use super::layout::Layout;
 use super::safetensors::SafeTensors;
+use super::StateDict;
 use crate::decode::position::RelativeBuckets;
 use crate::decode::rope::{Rope, RopeScaling};
 use crate::element::Element;
@@ -43,6 +45,8 @@ const KNOWN: &str = "llama, mistral, qwen2, gpt2, gpt_neox, bloom, bert, roberta
 #[derive(Debug)]
 pub struct HfModel {
     config: Value,
+    /// Where `config.json` was read from, for its errors.
+    config_path: String,
     model_type: String,
     tensors: SafeTensors,
 }
@@ -63,11 +67,19 @@ impl HfModel {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         let path = dir.join("config.json");
+        let config_path = path.display().to_string();
         let json = std::fs::read_to_string(&path).map_err(|e| Error::File {
-            path: path.display().to_string(),
+            path: config_path.clone(),
             reason: e.to_string(),
         })?;
-        Self::from_parts(&json, SafeTensors::open(dir.join("model.safetensors"))?)
+        // config.json first: its errors are about it, whatever the weights hold
+        let (config, model_type) = parse_config(&json, &config_path)?;
+        Ok(HfModel {
+            config,
+            config_path,
+            model_type,
+            tensors: SafeTensors::open(dir.join("model.safetensors"))?,
+        })
     }
 
     /// A checkpoint from the text of its `config.json` and its weights.
@@ -88,22 +100,56 @@ impl HfModel {
     /// # Ok::<(), attn::Error>(())
     /// ```
     pub fn from_parts(config_json: &str, tensors: SafeTensors) -> Result<Self> {
-        let config: Value = serde_json::from_str(config_json).map_err(|e| Error::File {
-            path: "config.json".to_string(),
-            reason: format!("not JSON: {e}"),
-        })?;
-        let model_type = config["model_type"]
-            .as_str()
-            .ok_or_else(|| Error::File {
-                path: "config.json".to_string(),
-                reason: "no \"model_type\"".to_string(),
-            })?
-            .to_string();
+        let config_path = "config.json".to_string();
+        let (config, model_type) = parse_config(config_json, &config_path)?;
         Ok(HfModel {
             config,
+            config_path,
             model_type,
             tensors,
         })
+    }
+
+    /// The state-dict prefixes of the file's attention blocks, in the order of
+    /// their layers (`model.layers.2` before `model.layers.10`): each one a
+    /// module to pass to [`attention`](Self::attention).
+    ///
+    /// # Errors
+    ///
+    /// The errors of [`layout`](Self::layout).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let header = br#"{"transformer.h.0.attn.c_attn.weight":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},
+    /// #   "transformer.h.10.attn.c_attn.weight":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},
+    /// #   "transformer.h.2.attn.c_attn.weight":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}"#;
+    /// # let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    /// # bytes.extend_from_slice(header);
+    /// let weights = attn::SafeTensors::from_bytes(bytes)?;
+    /// let model = attn::HfModel::from_parts(r#"{"model_type": "gpt2", "n_embd": 8, "n_head": 2}"#, weights)?;
+    /// assert_eq!(
+    ///     model.attention_modules()?,
+    ///     ["transformer.h.0.attn", "transformer.h.2.attn", "transformer.h.10.attn"]
+    /// );
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn attention_modules(&self) -> Result<Vec<String>> {
+        let marker = format!(".{}", self.layout()?.marker());
+        let mut modules: Vec<String> = StateDict::<f32>::names(&self.tensors)
+            .iter()
+            .filter_map(|name| name.strip_suffix(&marker).map(str::to_string))
+            .collect();
+        // numbers in the path compare as numbers
+        modules.sort_by_cached_key(|m| {
+            m.split('.')
+                .map(|part| match part.parse::<u64>() {
+                    Ok(n) => (n, String::new()),
+                    Err(_) => (u64::MAX, part.to_string()),
+                })
+                .collect::<Vec<_>>()
+        });
+        Ok(modules)
     }
 
     /// The `model_type` of `config.json`.
@@ -141,7 +187,11 @@ impl HfModel {
     }
 
     /// The attention block at `module` (its state-dict prefix, e.g.
-    /// `model.layers.0.self_attn`), loaded from the file.
+    /// `model.layers.0.self_attn`; [`attention_modules`](Self::attention_modules)
+    /// lists them), loaded from the file. Layers compute in `f32` or `f64`: a
+    /// bf16 or f16 checkpoint loads exactly as `f32`; attention over half
+    /// precision is [`scaled_dot_product`](crate::scaled_dot_product) or a
+    /// `KvCache<bf16>` on the projected heads ([`project`](MultiHeadAttention::project)).
     ///
     /// # Errors
     ///
@@ -157,12 +207,23 @@ impl HfModel {
     /// # let weights = attn::SafeTensors::from_bytes(bytes)?;
     /// let model = attn::HfModel::from_parts(r#"{"model_type": "gpt2", "n_embd": 8, "n_head": 2}"#, weights)?;
     /// let err = model.attention::<f32>("transformer.h.0.attn").unwrap_err();
-    /// assert!(err.to_string().contains("transformer.h.0.attn.c_attn.weight"));
+    /// assert!(err.to_string().contains("nothing under this prefix"));
     /// # Ok::<(), attn::Error>(())
     /// ```
     pub fn attention<A: Element>(&self, module: &str) -> Result<MultiHeadAttention<A>> {
-        self.config(module)?
-            .load(&self.tensors, module, &self.layout()?)
+        let config = self.config(module)?;
+        let names = StateDict::<f32>::names(&self.tensors);
+        if !names.iter().any(|name| is_under(name, module)) {
+            let modules = self.attention_modules()?;
+            return Err(Error::Tensor {
+                name: module.to_string(),
+                reason: format!(
+                    "the weights have nothing under this prefix; {} (HfModel::attention_modules lists them all)",
+                    nearest(modules.iter().map(String::as_str), module, "attention blocks")
+                ),
+            });
+        }
+        config.load(&self.tensors, module, &self.layout()?)
     }
 
     /// Where the model keeps its attention weights.
@@ -286,6 +347,12 @@ impl HfModel {
     /// cross-attention. The table is `{module}.relative_attention_bias.weight`
     /// in the first block of each stack; later blocks reuse the first's bias.
     ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] when `relative_attention_num_buckets` or
+    /// `relative_attention_max_distance` is not a non-negative integer, or the
+    /// two do not make buckets ([`RelativeBuckets::check`]).
+    ///
     /// # Examples
     ///
     /// ```
@@ -295,22 +362,28 @@ impl HfModel {
     /// # let weights = attn::SafeTensors::from_bytes(bytes)?;
     /// let json = r#"{"model_type": "t5", "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128}"#;
     /// let model = attn::HfModel::from_parts(json, weights)?;
-    /// let buckets = model.relative_buckets("encoder.block.0.layer.0.SelfAttention").expect("t5");
+    /// let buckets = model.relative_buckets("encoder.block.0.layer.0.SelfAttention")?.expect("t5");
     /// assert!(buckets.bidirectional);
-    /// assert!(model.relative_buckets("decoder.block.0.layer.1.EncDecAttention").is_none());
+    /// assert!(model.relative_buckets("decoder.block.0.layer.1.EncDecAttention")?.is_none());
     /// # Ok::<(), attn::Error>(())
     /// ```
-    pub fn relative_buckets(&self, module: &str) -> Option<RelativeBuckets> {
+    pub fn relative_buckets(&self, module: &str) -> Result<Option<RelativeBuckets>> {
         if self.model_type != "t5" || module.contains("EncDecAttention") {
-            return None;
+            return Ok(None);
         }
-        let size =
-            |key: &str, default: usize| self.config[key].as_u64().map_or(default, |n| n as usize);
-        Some(RelativeBuckets {
-            num_buckets: size("relative_attention_num_buckets", 32),
-            max_distance: size("relative_attention_max_distance", 128),
+        let buckets = RelativeBuckets {
+            num_buckets: self
+                .optional_size("relative_attention_num_buckets")?
+                .unwrap_or(32),
+            max_distance: self
+                .optional_size("relative_attention_max_distance")?
+                .unwrap_or(128),
             bidirectional: !module.contains("decoder"),
-        })
+        };
+        buckets.check().map_err(|e| Error::InvalidConfig {
+            reason: format!("{}: {e}", self.config_path),
+        })?;
+        Ok(Some(buckets))
     }
 
     /// The rotary settings: transformers 5's `rope_parameters`, or 4's top-level
@@ -331,7 +404,7 @@ impl HfModel {
             field(key)
                 .map(|v| {
                     v.as_f64().ok_or_else(|| Error::InvalidConfig {
-                        reason: format!("config.json: {key} must be a number, got {v}"),
+                        reason: format!("{}: {key} must be a number, got {v}", self.config_path),
                     })
                 })
                 .transpose()
@@ -342,6 +415,14 @@ impl HfModel {
         };
         let mut rope = Rope::new(theta);
         if let Some(fraction) = number("partial_rotary_factor")?.or(number("rotary_pct")?) {
+            if !(fraction > 0.0 && fraction <= 1.0) {
+                return Err(Error::InvalidConfig {
+                    reason: format!(
+                        "{}: the rotary fraction must be in (0, 1], got {fraction}",
+                        self.config_path
+                    ),
+                });
+            }
             rope = rope.with_rotary_dim((head_dim as f64 * fraction) as usize);
         }
         let kind = field("rope_type")
@@ -350,7 +431,7 @@ impl HfModel {
             .unwrap_or("default");
         let required = |key: &str| -> Result<f64> {
             number(key)?.ok_or_else(|| Error::InvalidConfig {
-                reason: format!("config.json: rope_type {kind:?} needs {key}"),
+                reason: format!("{}: rope_type {kind:?} needs {key}", self.config_path),
             })
         };
         let scaling = match kind {
@@ -362,13 +443,22 @@ impl HfModel {
                 factor: required("factor")?,
                 low_freq_factor: required("low_freq_factor")?,
                 high_freq_factor: required("high_freq_factor")?,
-                original_max_position_embeddings: required("original_max_position_embeddings")?
-                    as usize,
+                original_max_position_embeddings: field("original_max_position_embeddings")
+                    .and_then(Value::as_u64)
+                    .filter(|&n| n > 0)
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or_else(|| Error::InvalidConfig {
+                        reason: format!(
+                            "{}: rope_type \"llama3\" needs original_max_position_embeddings, a positive integer",
+                            self.config_path
+                        ),
+                    })?,
             },
             other => {
                 return Err(Error::InvalidConfig {
                     reason: format!(
-                        "config.json: rope_type {other:?} is not supported (default, linear, llama3 are)"
+                        "{}: rope_type {other:?} is not supported (default, linear, llama3 are)",
+                        self.config_path
                     ),
                 })
             }
@@ -385,8 +475,8 @@ impl HfModel {
         }
         Err(Error::InvalidConfig {
             reason: format!(
-                "config.json ({}): none of {keys:?} is given",
-                self.model_type
+                "{} ({}): none of {keys:?} is given",
+                self.config_path, self.model_type
             ),
         })
     }
@@ -399,7 +489,10 @@ impl HfModel {
                 .as_u64()
                 .map(|n| Some(n as usize))
                 .ok_or_else(|| Error::InvalidConfig {
-                    reason: format!("config.json: {key} must be a non-negative integer, got {v}"),
+                    reason: format!(
+                        "{}: {key} must be a non-negative integer, got {v}",
+                        self.config_path
+                    ),
                 }),
         }
     }
@@ -411,4 +504,20 @@ impl HfModel {
             ),
         }
     }
+}
+
+/// `config.json`'s value and its `model_type`.
+fn parse_config(json: &str, path: &str) -> Result<(Value, String)> {
+    let file_error = |reason: String| Error::File {
+        path: path.to_string(),
+        reason,
+    };
+    let config: Value =
+        serde_json::from_str(json).map_err(|e| file_error(format!("not JSON: {e}")))?;
+    let model_type = config
+        .get("model_type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| file_error("no \"model_type\" string".to_string()))?
+        .to_string();
+    Ok((config, model_type))
 }

@@ -167,3 +167,17 @@ impl Layout {
         }
     }
 }
+
+impl Layout {
+    /// The name, after the block's prefix, of the one weight every block in this
+    /// layout has (how a file's attention blocks are found).
+    pub(crate) fn marker(&self) -> String {
+        match self {
+            Layout::Separate { query, .. } => format!("{query}.weight"),
+            Layout::TorchMultihead => "out_proj.weight".to_string(),
+            Layout::Conv1d { qkv, .. } | Layout::FusedPerHead { qkv, .. } => {
+                format!("{qkv}.weight")
+            }
+        }
+    }
+}

@@ -40,6 +40,18 @@ pub trait StateDict<A> {
     /// as `A` (its dtype, its data).
     fn tensor(&self, name: &str) -> Result<Option<ArrayD<A>>>;
 
+    /// The shape of the tensor called `name`, or `None` when there is none:
+    /// what a loader compares before it decodes anything. The default decodes
+    /// the tensor; a file overrides it with the shape its header gives.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Tensor`](crate::Error::Tensor) when it exists but cannot be
+    /// read as `A`.
+    fn shape(&self, name: &str) -> Result<Option<Vec<usize>>> {
+        Ok(self.tensor(name)?.map(|t| t.shape().to_vec()))
+    }
+
     /// Every tensor's name, sorted (error messages list the near ones).
     fn names(&self) -> Vec<String>;
 }
@@ -47,6 +59,10 @@ pub trait StateDict<A> {
 impl<A: Storage, S: BuildHasher> StateDict<A> for HashMap<String, ArrayD<A>, S> {
     fn tensor(&self, name: &str) -> Result<Option<ArrayD<A>>> {
         Ok(self.get(name).cloned())
+    }
+
+    fn shape(&self, name: &str) -> Result<Option<Vec<usize>>> {
+        Ok(self.get(name).map(|t| t.shape().to_vec()))
     }
 
     fn names(&self) -> Vec<String> {

@@ -109,36 +109,114 @@ impl SafeTensors {
             .map(|info| (format!("{:?}", info.dtype), info.shape.clone()))
     }
 
-    fn read<A: Storage>(&self, name: &str, info: &TensorInfo) -> Result<ArrayD<A>> {
+    /// The stored shape of `name`, checked: its element count fits in memory
+    /// and its bytes are exactly those its dtype and shape need.
+    fn checked_shape(&self, name: &str, info: &TensorInfo) -> Result<Vec<usize>> {
+        let unusable = |reason: String| Error::Tensor {
+            name: name.to_string(),
+            reason,
+        };
+        // ndarray's limit: the product of the non-zero axes fits in an isize
+        let addressable = info
+            .shape
+            .iter()
+            .try_fold(1usize, |n, &axis| n.checked_mul(axis.max(1)))
+            .filter(|&n| n <= isize::MAX as usize);
+        let elements = info.shape.iter().try_fold(1usize, |n, &a| n.checked_mul(a));
+        let (Some(_), Some(elements)) = (addressable, elements) else {
+            return Err(unusable(format!(
+                "shape {:?} has more elements than memory can address",
+                info.shape
+            )));
+        };
         let (start, end) = info.data_offsets;
-        let data = &self.bytes[self.data_start + start..self.data_start + end];
-        let values: Vec<A> = match info.dtype {
+        let bytes = elements.checked_mul(value_bytes(name, info.dtype)?);
+        if bytes != end.checked_sub(start) {
+            return Err(unusable(format!(
+                "shape {:?} of {:?} needs {} bytes, the header gives {start}..{end}",
+                info.shape,
+                info.dtype,
+                bytes.map_or("too many".to_string(), |b| b.to_string())
+            )));
+        }
+        Ok(info.shape.clone())
+    }
+
+    fn read<A: Storage>(&self, name: &str, info: &TensorInfo) -> Result<ArrayD<A>> {
+        let shape = self.checked_shape(name, info)?;
+        let (start, end) = info.data_offsets;
+        let data = self
+            .data_start
+            .checked_add(start)
+            .zip(self.data_start.checked_add(end))
+            .and_then(|(from, to)| self.bytes.get(from..to))
+            .ok_or_else(|| Error::Tensor {
+                name: name.to_string(),
+                reason: format!("data {start}..{end} lies outside the file"),
+            })?;
+        let decoded = match info.dtype {
             Dtype::F32 => decode(data, |b: [u8; 4]| f32::from_le_bytes(b) as f64),
             Dtype::F64 => decode(data, f64::from_le_bytes),
             Dtype::F16 => decode(data, |b: [u8; 2]| f16::from_le_bytes(b).to_f64()),
             Dtype::BF16 => decode(data, |b: [u8; 2]| bf16::from_le_bytes(b).to_f64()),
-            other => {
-                return Err(Error::Tensor {
-                    name: name.to_string(),
-                    reason: format!(
-                        "dtype {other:?}: attention weights are read from F32, F64, F16 or BF16"
-                    ),
-                })
-            }
+            other => return Err(unreadable(name, other)),
         };
-        Ok(ArrayD::from_shape_vec(IxDyn(&info.shape), values)
-            .expect("the header's offsets were checked against the shape"))
+        let values = decoded.map_err(|(index, x)| Error::Tensor {
+            name: name.to_string(),
+            reason: format!(
+                "element {index} ({x:e}) overflows {}: load it as a wider type",
+                std::any::type_name::<A>()
+                    .rsplit("::")
+                    .next()
+                    .unwrap_or("the target type")
+            ),
+        })?;
+        ArrayD::from_shape_vec(IxDyn(&shape), values).map_err(|e| Error::Tensor {
+            name: name.to_string(),
+            reason: format!("shape {shape:?}: {e}"),
+        })
     }
 }
 
-/// Little-endian values of `N` bytes each, as `A`.
-fn decode<A: Storage, const N: usize>(data: &[u8], value: impl Fn([u8; N]) -> f64) -> Vec<A> {
-    data.chunks_exact(N)
-        .map(|chunk| {
-            let x = value(chunk.try_into().expect("chunks of N bytes"));
-            A::from_compute(<A::Compute as Element>::from_f64(x))
-        })
-        .collect()
+fn is_finite<E: Element>(x: E) -> bool {
+    x.is_finite()
+}
+
+/// The bytes of one value of a dtype attn reads.
+fn value_bytes(name: &str, dtype: Dtype) -> Result<usize> {
+    match dtype {
+        Dtype::F64 => Ok(8),
+        Dtype::F32 => Ok(4),
+        Dtype::F16 | Dtype::BF16 => Ok(2),
+        other => Err(unreadable(name, other)),
+    }
+}
+
+fn unreadable(name: &str, dtype: Dtype) -> Error {
+    Error::Tensor {
+        name: name.to_string(),
+        reason: format!("dtype {dtype:?}: attention weights are read from F32, F64, F16 or BF16"),
+    }
+}
+
+/// Little-endian values of `N` bytes each, as `A`; `Err((index, value))` for the
+/// first finite value that becomes infinite in `A` (f32 above 65 504 as f16).
+fn decode<A: Storage, const N: usize>(
+    data: &[u8],
+    value: impl Fn([u8; N]) -> f64,
+) -> std::result::Result<Vec<A>, (usize, f64)> {
+    let mut values = Vec::with_capacity(data.len() / N);
+    for (index, chunk) in data.chunks_exact(N).enumerate() {
+        let mut bytes = [0; N];
+        bytes.copy_from_slice(chunk);
+        let x = value(bytes);
+        let stored = A::from_compute(<A::Compute as Element>::from_f64(x));
+        if x.is_finite() && !is_finite(stored.to_compute()) {
+            return Err((index, x));
+        }
+        values.push(stored);
+    }
+    Ok(values)
 }
 
 impl<A: Storage> StateDict<A> for SafeTensors {
@@ -146,6 +224,13 @@ impl<A: Storage> StateDict<A> for SafeTensors {
         self.metadata
             .info(name)
             .map(|info| self.read(name, info))
+            .transpose()
+    }
+
+    fn shape(&self, name: &str) -> Result<Option<Vec<usize>>> {
+        self.metadata
+            .info(name)
+            .map(|info| self.checked_shape(name, info))
             .transpose()
     }
 

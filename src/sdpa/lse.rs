@@ -170,7 +170,21 @@ pub fn merge_attention<A: Element, D: Dimension>(
     let first = parts.first().ok_or_else(|| Error::InvalidConfig {
         reason: "merge_attention needs at least one part".to_string(),
     })?;
+    if first.output.ndim() == 0 {
+        return Err(Error::Shape {
+            what: "a merge's outputs must have at least one axis: (…, rows, width)",
+            expected: vec![1],
+            found: vec![],
+        });
+    }
     for part in parts {
+        if let Some(bad) = part.lse.iter().find(|l| l.is_nan() || **l == A::infinity()) {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "merge_attention: a log-sum-exp is {bad:?}; each must be finite or −∞ (a row that saw no key)"
+                ),
+            });
+        }
         if part.output.shape() != first.output.shape()
             || part.lse.shape() != &first.output.shape()[..first.output.ndim() - 1]
         {

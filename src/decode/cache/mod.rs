@@ -63,6 +63,9 @@ pub struct KvCache<A> {
     pub(super) window: Option<usize>,
     /// The scores' scale; `None`: `1/√d_k`.
     pub(super) scale: Option<A>,
+    /// Why the sizes given to [`new`](Self::new) cannot make a cache (every call
+    /// that writes returns it); nothing is allocated then.
+    pub(super) fault: Option<Error>,
 }
 
 impl<A: Storage> KvCache<A> {
@@ -75,16 +78,7 @@ impl<A: Storage> KvCache<A> {
     /// assert!(cache.is_empty());
     /// ```
     pub fn new(batch: usize, kv_heads: usize, d_k: usize, d_v: usize) -> Self {
-        KvCache {
-            keys: Array4::from_elem((batch, kv_heads, 0, d_k), zero()),
-            values: Array4::from_elem((batch, kv_heads, 0, d_v), zero()),
-            real: Array2::from_elem((batch, 0), true),
-            positions: vec![0; batch],
-            len: 0,
-            seen: 0,
-            window: None,
-            scale: None,
-        }
+        Self::of_sizes([batch, kv_heads, d_k, d_v], None)
     }
 
     /// An empty cache that keeps the last `window` positions: each query attends to
@@ -92,13 +86,15 @@ impl<A: Storage> KvCache<A> {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] when `window` is 0.
+    /// [`Error::InvalidConfig`] when `window` or a size is 0, or the cache's
+    /// `batch · kv_heads · 2·window · d` values cannot be addressed.
     ///
     /// # Examples
     ///
     /// ```
     /// let cache = attn::KvCache::<f32>::sliding(1, 1, 4, 4, 128)?;
     /// assert_eq!(cache.window(), Some(128));
+    /// assert!(attn::KvCache::<f32>::sliding(1, 1, 4, 4, usize::MAX / 2).is_err());
     /// # Ok::<(), attn::Error>(())
     /// ```
     pub fn sliding(
@@ -108,19 +104,34 @@ impl<A: Storage> KvCache<A> {
         d_v: usize,
         window: usize,
     ) -> Result<Self> {
-        if window == 0 {
-            return Err(Error::InvalidConfig {
-                reason: "a sliding cache needs a window of at least 1".to_string(),
-            });
+        let mut cache = Self::of_sizes([batch, kv_heads, d_k, d_v], Some(window));
+        match cache.fault.take() {
+            Some(fault) => Err(fault),
+            None => Ok(cache),
         }
+    }
+
+    /// A cache of these sizes, or an empty one holding why they cannot make one.
+    pub(crate) fn of_sizes(sizes: [usize; 4], window: Option<usize>) -> Self {
+        let [batch, kv_heads, d_k, d_v] = sizes;
         // every slot twice, `window` apart: the held run is contiguous
-        Ok(KvCache {
-            keys: Array4::from_elem((batch, kv_heads, 2 * window, d_k), zero()),
-            values: Array4::from_elem((batch, kv_heads, 2 * window, d_v), zero()),
-            real: Array2::from_elem((batch, 2 * window), true),
-            window: Some(window),
-            ..Self::new(batch, kv_heads, d_k, d_v)
-        })
+        let slots = window.map_or(Some(0), |w| w.checked_mul(2));
+        let fault = check_sizes::<A>(sizes, window, slots).err();
+        let (batch, kv_heads, d_k, d_v, slots) = match (&fault, slots) {
+            (None, Some(slots)) => (batch, kv_heads, d_k, d_v, slots),
+            _ => (0, 0, 0, 0, 0),
+        };
+        KvCache {
+            keys: Array4::from_elem((batch, kv_heads, slots, d_k), zero()),
+            values: Array4::from_elem((batch, kv_heads, slots, d_v), zero()),
+            real: Array2::from_elem((batch, slots), true),
+            positions: vec![0; batch],
+            len: 0,
+            seen: 0,
+            window,
+            scale: None,
+            fault,
+        }
     }
 
     /// Positions held.
@@ -286,17 +297,36 @@ impl<A: Storage> KvCache<A> {
         self.real.slice(s![.., start..start + self.len])
     }
 
+    /// Whether the sizes it was made with make a cache.
+    pub(crate) fn usable(&self) -> Result<()> {
+        self.fault.clone().map_or(Ok(()), Err)
+    }
+
+    /// New keys and values fit the cache, and the cache can grow to hold them.
     pub(super) fn check(&self, k: &ArrayRef4<A>, v: &ArrayRef4<A>) -> Result<()> {
+        self.usable()?;
         let (b, h, _, d_k) = self.keys.dim();
         let d_v = self.values.dim().3;
-        let (kb, kh, kt, kd) = k.dim();
-        let (vb, vh, vt, vd) = v.dim();
-        if (kb, kh, kd) != (b, h, d_k) || (vb, vh, vd) != (b, h, d_v) || kt != vt {
+        let t = k.dim().2;
+        if k.dim() != (b, h, t, d_k) {
             return Err(Error::Shape {
-                what: "new keys and values must match the cache (batch, kv_heads, ·, d) and each other's length",
-                expected: vec![b, h, kt, d_k, b, h, kt, d_v],
-                found: [k.shape(), v.shape()].concat(),
+                what: "new keys must be (the cache's batch, kv_heads, T, d_k)",
+                expected: vec![b, h, t, d_k],
+                found: k.shape().to_vec(),
             });
+        }
+        if v.dim() != (b, h, t, d_v) {
+            return Err(Error::Shape {
+                what: "new values must be (the cache's batch, kv_heads, T of the new keys, d_v)",
+                expected: vec![b, h, t, d_v],
+                found: v.shape().to_vec(),
+            });
+        }
+        if self.window.is_none() {
+            let held = self.len.checked_add(t);
+            check_sizes::<A>([b, h, d_k, d_v], None, held)?;
+            // growth doubles: its capacity must fit too
+            check_sizes::<A>([b, h, d_k, d_v], None, held.and_then(|n| n.checked_mul(2)))?;
         }
         Ok(())
     }
@@ -368,6 +398,40 @@ impl<A: Storage> KvCache<A> {
         }
         self.seen += t;
     }
+}
+
+/// Sizes that make a cache: each at least 1, and `batch · kv_heads · slots · d`
+/// values (and `batch · slots` flags) addressable.
+fn check_sizes<A>(sizes: [usize; 4], window: Option<usize>, slots: Option<usize>) -> Result<()> {
+    let [batch, kv_heads, d_k, d_v] = sizes;
+    let named = || match window {
+        Some(w) => format!(
+            "KvCache::sliding(batch {batch}, kv_heads {kv_heads}, d_k {d_k}, d_v {d_v}, window {w})"
+        ),
+        None => format!("KvCache::new(batch {batch}, kv_heads {kv_heads}, d_k {d_k}, d_v {d_v})"),
+    };
+    if sizes.contains(&0) || window == Some(0) {
+        return Err(Error::InvalidConfig {
+            reason: format!("{}: every size must be at least 1", named()),
+        });
+    }
+    let limit = isize::MAX as usize / std::mem::size_of::<A>().max(1);
+    let values = |d: usize| {
+        [batch, kv_heads, d]
+            .iter()
+            .try_fold(slots?.max(1), |n, &x| n.checked_mul(x))
+            .filter(|&n| n <= limit)
+    };
+    if values(d_k).is_none() || values(d_v).is_none() {
+        return Err(Error::InvalidConfig {
+            reason: format!(
+                "{}: {} positions of keys and values do not fit in memory",
+                named(),
+                slots.map_or("so many".to_string(), |n| n.to_string())
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Zero in any storage type.

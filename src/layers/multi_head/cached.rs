@@ -25,13 +25,12 @@ impl<A: Element> MultiHeadAttention<A> {
     /// ```
     pub fn new_cache(&self, batch: usize) -> KvCache<A> {
         let (kv, hd) = (self.config.n_kv_heads(), self.config.head_dim());
-        let cache = match self.config.causality() {
-            Causality::SlidingWindow(window) if window > 0 => {
-                KvCache::sliding(batch, kv, hd, hd, window).expect("a window of at least 1")
-            }
-            _ => KvCache::new(batch, kv, hd, hd),
+        let window = match self.config.causality() {
+            Causality::SlidingWindow(window) => Some(window),
+            Causality::None | Causality::Causal => None,
         };
-        cache.with_scale(A::from_f64(self.config.scale()))
+        // sizes that cannot make a cache (a batch of 0) are reported by its first step
+        KvCache::of_sizes([batch, kv, hd, hd], window).with_scale(A::from_f64(self.config.scale()))
     }
 
     /// Self-attention of new tokens with a [`KvCache`]: projects `x`, appends its
@@ -180,11 +179,27 @@ impl<A: Element> MultiHeadAttention<A> {
                 ),
             });
         }
+        cache.usable()?;
         let (b, t, _) = x.dim();
-        if real.dim() != (b, t) || cache.positions().len() != b {
+        let (cache_b, cache_kv, _, cache_hd) = cache.keys().dim();
+        if (cache_kv, cache_hd) != (config.n_kv_heads(), config.head_dim()) {
             return Err(Error::Shape {
-                what: "real (which new tokens are not padding) must be (B, T), B the cache's batch",
-                expected: vec![cache.positions().len(), t],
+                what: "the cache must hold (B, n_kv_heads, ·, head_dim) of this layer: make it with the layer's new_cache",
+                expected: vec![cache_b, config.n_kv_heads(), cache.len(), config.head_dim()],
+                found: cache.keys().shape().to_vec(),
+            });
+        }
+        if b != cache_b {
+            return Err(Error::Shape {
+                what: "x must be (B, T, d_model), B the cache's batch",
+                expected: vec![cache_b, t, d],
+                found: x.shape().to_vec(),
+            });
+        }
+        if real.dim() != (b, t) {
+            return Err(Error::Shape {
+                what: "real (which new tokens are not padding) must be (B, T) of x",
+                expected: vec![b, t],
                 found: real.shape().to_vec(),
             });
         }

@@ -420,7 +420,8 @@ impl MultiHeadConfig {
     /// assert_eq!(attn::MultiHeadConfig::new(8, 4).inner_dim(), 8);
     /// ```
     pub fn inner_dim(&self) -> usize {
-        self.n_heads * self.head_dim()
+        // saturates where the sizes do not fit; `check` refuses those
+        self.n_heads.saturating_mul(self.head_dim())
     }
 
     /// The width of the projected keys and values, `n_kv_heads · head_dim`.
@@ -431,7 +432,55 @@ impl MultiHeadConfig {
     /// assert_eq!(attn::MultiHeadConfig::new(8, 4).with_kv_heads(2).kv_width(), 4);
     /// ```
     pub fn kv_width(&self) -> usize {
-        self.n_kv_heads() * self.head_dim()
+        self.n_kv_heads().saturating_mul(self.head_dim())
+    }
+
+    /// The width of the fused query, key and value projections,
+    /// `inner_dim + 2 · kv_width` (checked by [`check`](Self::check)).
+    pub(crate) fn fused_width(&self) -> usize {
+        self.inner_dim()
+            .saturating_add(self.kv_width().saturating_mul(2))
+    }
+
+    /// Every width and weight of the layer fits in memory's addresses (sizes
+    /// come from files: no product may wrap).
+    fn check_extents(&self) -> Result<()> {
+        let (d, hd) = (self.d_model, self.head_dim());
+        let widths = (
+            self.n_heads.checked_mul(hd),
+            self.n_kv_heads().checked_mul(hd),
+        );
+        let (Some(inner), Some(kv)) = widths else {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "n_heads ({}) or n_kv_heads ({}) × head_dim ({hd}) overflows",
+                    self.n_heads,
+                    self.n_kv_heads()
+                ),
+            });
+        };
+        // the largest element is 8 bytes: every weight's bytes must be addressable
+        let limit = isize::MAX as usize / 8;
+        let sizes = [
+            kv.checked_mul(2).and_then(|two| two.checked_add(inner)),
+            inner.checked_mul(3),
+            d.checked_mul(inner),
+            self.kdim().checked_mul(kv),
+            self.vdim().checked_mul(kv),
+            d.checked_mul(inner.max(kv).saturating_mul(3)),
+        ];
+        if sizes.iter().any(|n| n.is_none_or(|n| n > limit)) {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "the weights of d_model {d}, kdim {}, vdim {}, {} heads and {} key/value heads of {hd} do not fit in memory",
+                    self.kdim(),
+                    self.vdim(),
+                    self.n_heads,
+                    self.n_kv_heads()
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Checks the sizes.
@@ -471,6 +520,7 @@ impl MultiHeadConfig {
                 self.n_heads
             ));
         }
+        self.check_extents()?;
         if let Some(scale) = self.scale {
             if !(scale.is_finite() && scale != 0.0) {
                 return invalid(format!("scale must be finite and non-zero, got {scale}"));
