@@ -157,10 +157,21 @@ impl fmt::Display for Error {
                 f,
                 "{kv_heads} key/value heads do not divide {query_heads} query heads"
             ),
-            Error::MaskShape { mask, scores } => write!(
-                f,
-                "mask of shape {mask:?} does not broadcast to scores of shape {scores:?}"
-            ),
+            Error::MaskShape { mask, scores } => {
+                write!(
+                    f,
+                    "mask of shape {mask:?} does not broadcast to scores of shape {scores:?}"
+                )?;
+                if let ([b, s], [batch, _, _, keys]) = (&mask[..], &scores[..]) {
+                    if (b, s) == (batch, keys) {
+                        write!(
+                            f,
+                            " (a (B, S) key-padding mask: Mask::key_padding applies it as (B, 1, 1, S))"
+                        )?;
+                    }
+                }
+                Ok(())
+            }
             Error::InvalidScale { scale } => {
                 write!(f, "scale must be finite and non-zero, got {scale}")
             }

@@ -87,6 +87,47 @@ impl<'a, A> Mask<'a, A> {
         Mask::Keep(allowed.view().into_dyn().into())
     }
 
+    /// A key-padding [`Mask::Keep`] from a `(B, S)` array, **`true` = a real
+    /// token** (Hugging Face's `attention_mask`), applied as `(B, 1, 1, S)`:
+    /// batch row `b`'s queries, in every head, attend to its real keys only.
+    /// PyTorch's `key_padding_mask` means the opposite (`True` = padding): pass
+    /// its negation, `Mask::key_padding(&m.mapv(|pad| !pad))`. (A `(B, S)` array
+    /// given to [`keep`](Self::keep) would broadcast as `(L, S)`, rows of
+    /// queries, not of the batch.) No copy: a view with two axes inserted.
+    ///
+    /// # Shapes
+    ///
+    /// `real: (B, S)` for batched scores `(B, heads, L, S)`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::{Mask, ScaledDotProduct};
+    /// use ndarray::{array, Array4};
+    ///
+    /// // two sequences of two keys; the second key of batch row 0 is padding
+    /// let real = array![[true, false], [true, true]];
+    /// let x = Array4::<f64>::from_shape_fn((2, 1, 2, 2), |(b, _, i, j)| (b + i + j) as f64);
+    /// let attention = ScaledDotProduct::new().with_mask(Mask::key_padding(&real));
+    /// let w = attention.forward_batched_with_weights(&x, &x, &x)?.weights;
+    /// assert_eq!(w[[0, 0, 1, 0]], 1.0); // batch 0, query 1: only its real key
+    ///
+    /// // the same as the (B, 1, 1, S) keep-mask
+    /// let expanded = real.clone().into_shape_with_order((2, 1, 1, 2))?;
+    /// let same = ScaledDotProduct::new().with_mask(Mask::keep(&expanded));
+    /// assert_eq!(same.forward_batched_with_weights(&x, &x, &x)?.weights, w);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn key_padding(real: &'a ndarray::ArrayRef2<bool>) -> Self {
+        Mask::Keep(
+            real.view()
+                .insert_axis(Axis(1))
+                .insert_axis(Axis(1))
+                .into_dyn()
+                .into(),
+        )
+    }
+
     /// A [`Mask::Keep`] that owns its array, so the mask (and a
     /// [`ScaledDotProduct`](crate::ScaledDotProduct) holding it) borrows nothing
     /// and can be stored in a struct.

@@ -185,7 +185,7 @@ impl<A: Element, D: StateDict<A>> Block<'_, A, D> {
         let c = self.config;
         let (d, inner, kv) = (c.d_model(), c.inner_dim(), c.kv_width());
         let [q, k, v] = if c.kdim() == d && c.vdim() == d {
-            let packed = matrix(self.required("in_proj_weight", &[c.fused_width(), d])?);
+            let packed = matrix(self.required("in_proj_weight", &[fused_width(c), d])?);
             rows_split(&packed, &[inner, kv, kv])
         } else {
             [
@@ -203,7 +203,7 @@ impl<A: Element, D: StateDict<A>> Block<'_, A, D> {
             .expect("three projections")
         };
         let qkv = [Projection::Query, Projection::Key, Projection::Value];
-        let biases = self.bias("in_proj_bias", &qkv, c.fused_width())?;
+        let biases = self.bias("in_proj_bias", &qkv, fused_width(c))?;
         let [b_q, b_k, b_v] = split_bias(biases, &[inner, kv, kv]);
         let (w_o, b_o) = self.linear("out_proj", Projection::Output);
         Ok(MultiHeadWeights {
@@ -227,10 +227,10 @@ impl<A: Element, D: StateDict<A>> Block<'_, A, D> {
                     .to_string(),
             });
         }
-        let fused = matrix(self.required(&format!("{qkv}.weight"), &[d, c.fused_width()])?);
+        let fused = matrix(self.required(&format!("{qkv}.weight"), &[d, fused_width(c)])?);
         let [w_q, w_k, w_v] = rows_split(&fused.reversed_axes(), &[inner, kv, kv]).map(transposed);
         let all = [Projection::Query, Projection::Key, Projection::Value];
-        let biases = self.bias(&format!("{qkv}.bias"), &all, c.fused_width())?;
+        let biases = self.bias(&format!("{qkv}.bias"), &all, fused_width(c))?;
         let [b_q, b_k, b_v] = split_bias(biases, &[inner, kv, kv]);
         let w_o = matrix(self.required(&format!("{output}.weight"), &[inner, d])?);
         let b_o = self.bias(&format!("{output}.bias"), &[Projection::Output], d)?;
@@ -258,7 +258,7 @@ impl<A: Element, D: StateDict<A>> Block<'_, A, D> {
             });
         }
         // one key and value head per query head: the fused width is 3·h·hd
-        let fused = matrix(self.required(&format!("{qkv}.weight"), &[c.fused_width(), d])?);
+        let fused = matrix(self.required(&format!("{qkv}.weight"), &[fused_width(c), d])?);
         // rows (head, role, feature) → one (h·hd, d) block per role
         let per_role = |role: usize| {
             let mut w = Array2::zeros((h * hd, d));
@@ -270,7 +270,7 @@ impl<A: Element, D: StateDict<A>> Block<'_, A, D> {
             transposed(w)
         };
         let all = [Projection::Query, Projection::Key, Projection::Value];
-        let bias = self.bias(&format!("{qkv}.bias"), &all, c.fused_width())?;
+        let bias = self.bias(&format!("{qkv}.bias"), &all, fused_width(c))?;
         let bias_of = |role: usize| {
             bias.as_ref()
                 .map(|b| Array1::from_shape_fn(h * hd, |i| b[(3 * (i / hd) + role) * hd + i % hd]))
@@ -287,6 +287,12 @@ impl<A: Element, D: StateDict<A>> Block<'_, A, D> {
             b_o: b_o?,
         })
     }
+}
+
+/// The width of the fused query, key and value projections,
+/// `inner_dim + 2 · kv_width` (its sum checked by the configuration's check).
+fn fused_width(c: &MultiHeadConfig) -> usize {
+    c.inner_dim().saturating_add(c.kv_width().saturating_mul(2))
 }
 
 /// What a file has under `prefix` (up to 12 names), or where `prefix` is

@@ -214,6 +214,11 @@ impl<H: Half> Widens for H {
 /// slice with at least `2p + 2` blocks, each 256-bit load the last block.
 #[inline(always)]
 unsafe fn dot4_pairs<E: Widens>(q: &[[f32; LANES]], k: &[&[[E; LANES]]; 4]) -> [f32; 4] {
+    debug_assert!(
+        k.iter().all(|k| k.len() >= q.len()),
+        "dot4_pairs: every key holds at least the query's {} blocks",
+        q.len()
+    );
     let mut acc = [_mm512_setzero_ps(); 4];
     let pairs = q.len() / 2;
     for p in 0..pairs {

@@ -435,13 +435,6 @@ impl MultiHeadConfig {
         self.n_kv_heads().saturating_mul(self.head_dim())
     }
 
-    /// The width of the fused query, key and value projections,
-    /// `inner_dim + 2 · kv_width` (checked by [`check`](Self::check)).
-    pub(crate) fn fused_width(&self) -> usize {
-        self.inner_dim()
-            .saturating_add(self.kv_width().saturating_mul(2))
-    }
-
     /// Every width and weight of the layer fits in memory's addresses (sizes
     /// come from files: no product may wrap).
     fn check_extents(&self) -> Result<()> {
