@@ -177,7 +177,7 @@ impl<A: Element, D: StateDict<A>> Block<'_, A, D> {
         let (rows, cols) = which.shape(self.config);
         let weight = self
             .required(&format!("{module}.weight"), &[cols, rows])
-            .map(|w| matrix(w).reversed_axes().as_standard_layout().into_owned());
+            .map(|w| transposed(matrix(w)));
         (weight, self.bias(&format!("{module}.bias"), &[which], cols))
     }
 
@@ -369,9 +369,10 @@ fn vector<A>(t: ArrayD<A>) -> Array1<A> {
     t.into_dimensionality::<Ix1>().expect("shape checked: 1-D")
 }
 
-/// `(out, in)` → `(in, out)`, in standard layout.
+/// `(out, in)` → `(in, out)`, the same buffer (column-major).
 fn transposed<A: Element>(w: Array2<A>) -> Array2<A> {
-    w.reversed_axes().as_standard_layout().into_owned()
+    // the same buffer read column-major: no second copy of a large weight
+    w.reversed_axes()
 }
 
 /// Consecutive row blocks of these heights.
