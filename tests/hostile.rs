@@ -308,3 +308,16 @@ fn a_batch_of_padding_rows_ported_from_pytorch() {
         .unwrap_err();
     assert!(reason(&err).contains("Mask::key_padding"), "{err}");
 }
+
+#[test]
+fn config_flags_must_be_booleans() {
+    let json =
+        r#"{"model_type":"llama","hidden_size":8,"num_attention_heads":2,"attention_bias":"yes"}"#;
+    let empty = SafeTensors::from_bytes(file(&[])).expect("valid");
+    let model = HfModel::from_parts(json, empty).expect("valid JSON");
+    let err = model.config("model.layers.0.self_attn").unwrap_err();
+    assert!(
+        reason(&err).contains("attention_bias must be true or false"),
+        "{err}"
+    );
+}

@@ -5,6 +5,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::block::{is_under, nearest};
+use super::families::{family, known, Biases, Causal, Family, Heads, Positions, Window};
 use super::layout::Layout;
 use super::safetensors::SafeTensors;
 use super::StateDict;
@@ -12,12 +13,7 @@ use crate::decode::position::RelativeBuckets;
 use crate::decode::rope::{Rope, RopeScaling};
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::layers::multi_head::{
-    Causality, MultiHeadAttention, MultiHeadConfig, PositionEncoding, Projection,
-};
-
-/// The model types whose `config.json` maps onto attn's attention.
-const KNOWN: &str = "llama, mistral, qwen2, gpt2, gpt_neox, bloom, bert, roberta, vit, bart, t5";
+use crate::layers::multi_head::{Causality, MultiHeadAttention, MultiHeadConfig, PositionEncoding};
 
 /// A Hugging Face checkpoint as `save_pretrained` writes it: `config.json` and
 /// `model.safetensors`. Gives each attention block's [`MultiHeadConfig`]
@@ -244,16 +240,7 @@ impl HfModel {
     /// # Ok::<(), attn::Error>(())
     /// ```
     pub fn layout(&self) -> Result<Layout> {
-        Ok(match self.model_type.as_str() {
-            "llama" | "mistral" | "qwen2" => Layout::llama(),
-            "gpt2" => Layout::gpt2(),
-            "gpt_neox" | "bloom" => Layout::bloom(),
-            "bert" | "roberta" => Layout::bert(),
-            "vit" => Layout::vit(),
-            "bart" => Layout::bart(),
-            "t5" => Layout::t5(),
-            other => return Err(self.unknown(other)),
-        })
+        Ok((self.family()?.layout)())
     }
 
     /// The configuration of the attention block at `module`.
@@ -280,15 +267,16 @@ impl HfModel {
     /// # Ok::<(), attn::Error>(())
     /// ```
     pub fn config(&self, module: &str) -> Result<MultiHeadConfig> {
-        use Projection::{Key, Output, Query, Value as V};
-        let kind = self.model_type.as_str();
+        let family = self.family()?;
         let decoder_self = module.contains("decoder")
             && !module.contains("encoder_attn")
             && !module.contains("EncDecAttention");
-        let heads_key = match kind {
-            "bart" if decoder_self || module.contains("encoder_attn") => "decoder_attention_heads",
-            "bart" => "encoder_attention_heads",
-            _ => "num_attention_heads",
+        let heads_key = match family.heads {
+            Heads::EncoderDecoder if decoder_self || module.contains("encoder_attn") => {
+                "decoder_attention_heads"
+            }
+            Heads::EncoderDecoder => "encoder_attention_heads",
+            Heads::Shared => "num_attention_heads",
         };
         let d_model = self.size(&["hidden_size", "n_embd", "d_model"])?;
         let n_heads = self.size(&[heads_key, "n_head", "num_heads"])?;
@@ -302,43 +290,48 @@ impl HfModel {
         {
             config = config.with_head_dim(head_dim);
         }
-        let flag = |key: &str, default: bool| self.config[key].as_bool().unwrap_or(default);
-        config = match kind {
-            "llama" | "mistral" => {
-                if flag("attention_bias", false) {
+        config = match family.biases {
+            Biases::All => config,
+            Biases::None => config.without_bias(),
+            Biases::Only(on) => config.with_bias_on(on),
+            Biases::Flag {
+                key,
+                default,
+                otherwise,
+            } => {
+                if self.flag(key, default)? {
                     config
                 } else {
-                    config.without_bias()
+                    config.with_bias_on(otherwise)
                 }
             }
-            "qwen2" => config.with_bias_on(&[Query, Key, V]),
-            "gpt_neox" if !flag("attention_bias", true) => config.without_bias(),
-            "vit" if !flag("qkv_bias", true) => config.with_bias_on(&[Output]),
-            "t5" => config.without_bias().with_scale(1.0),
-            "gpt2" | "gpt_neox" | "bloom" | "bert" | "roberta" | "vit" | "bart" => config,
-            other => return Err(self.unknown(other)),
         };
-        let causal = match kind {
-            "bert" | "roberta" | "vit" => false,
-            "bart" | "t5" => decoder_self,
-            _ => true,
+        if let Some(scale) = family.scale {
+            config = config.with_scale(scale);
+        }
+        let causal = match family.causal {
+            Causal::Always => true,
+            Causal::Never => false,
+            Causal::DecoderSelf => decoder_self,
         };
-        let window = match kind {
-            "mistral" => self.optional_size("sliding_window")?,
-            "qwen2" if flag("use_sliding_window", false) => self.optional_size("sliding_window")?,
-            _ => None,
+        let window = match family.window {
+            Window::Always => self.optional_size("sliding_window")?,
+            Window::WhenFlagged if self.flag("use_sliding_window", false)? => {
+                self.optional_size("sliding_window")?
+            }
+            Window::WhenFlagged | Window::None => None,
         };
         config = config.with_causality(match (causal, window) {
             (false, _) => Causality::None,
             (true, None) => Causality::Causal,
             (true, Some(w)) => Causality::SlidingWindow(w),
         });
-        Ok(match kind {
-            "llama" | "mistral" | "qwen2" | "gpt_neox" => {
+        Ok(match family.positions {
+            Positions::Rope => {
                 config.with_positions(PositionEncoding::Rope(self.rope(config.head_dim())?))
             }
-            "bloom" => config.with_positions(PositionEncoding::Alibi),
-            _ => config,
+            Positions::Alibi => config.with_positions(PositionEncoding::Alibi),
+            Positions::None => config,
         })
     }
 
@@ -368,7 +361,7 @@ impl HfModel {
     /// # Ok::<(), attn::Error>(())
     /// ```
     pub fn relative_buckets(&self, module: &str) -> Result<Option<RelativeBuckets>> {
-        if self.model_type != "t5" || module.contains("EncDecAttention") {
+        if !self.family()?.relative_buckets || module.contains("EncDecAttention") {
             return Ok(None);
         }
         let buckets = RelativeBuckets {
@@ -497,11 +490,28 @@ impl HfModel {
         }
     }
 
-    fn unknown(&self, model_type: &str) -> Error {
-        Error::InvalidConfig {
+    /// The family of the model's type.
+    fn family(&self) -> Result<&'static Family> {
+        family(&self.model_type).ok_or_else(|| Error::InvalidConfig {
             reason: format!(
-                "model_type {model_type:?} is not mapped (attn maps {KNOWN}); build a MultiHeadConfig and call MultiHeadConfig::load with a Layout"
+                "model_type {:?} is not mapped (attn maps {}); build a MultiHeadConfig and call MultiHeadConfig::load with a Layout",
+                self.model_type,
+                known()
             ),
+        })
+    }
+
+    /// The flag `key`, `default` when absent or null.
+    fn flag(&self, key: &str, default: bool) -> Result<bool> {
+        match &self.config[key] {
+            Value::Null => Ok(default),
+            Value::Bool(flag) => Ok(*flag),
+            other => Err(Error::InvalidConfig {
+                reason: format!(
+                    "{}: {key} must be true or false, got {other}",
+                    self.config_path
+                ),
+            }),
         }
     }
 }

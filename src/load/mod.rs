@@ -2,6 +2,7 @@
 //! in, and Hugging Face `config.json`.
 
 mod block;
+mod families;
 pub(crate) mod hf;
 pub(crate) mod layout;
 pub(crate) mod safetensors;
