@@ -72,6 +72,7 @@
 //! go through [`scaled_dot_product`], [`ScaledDotProduct`]'s forward calls and
 //! [`KvCache`], computed in f32 and rounded once.
 #![warn(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 // the README loads a checkpoint: its examples need the `load` feature
 #[cfg(all(doctest, feature = "load"))]

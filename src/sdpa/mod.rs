@@ -1,4 +1,7 @@
-//! Scaled dot-product attention, `softmax(QKᵀ/√d_k)·V`: the readable reference path.
+//! Scaled dot-product attention, `softmax(QKᵀ/√d_k)·V`: the public calls. Each
+//! checks its arguments, converts half-precision storage where the kernel needs
+//! it, and hands the problem to `kernel` (which runs the fused paths, or the
+//! readable reference path of `core::reference`).
 
 mod backward;
 mod compute;
