@@ -1,8 +1,11 @@
 //! Which keys each query may attend to.
 
-use ndarray::{Array, Array2, ArrayRef, ArrayView2, ArrayView4, Axis, CowArray, Dimension, IxDyn};
+use ndarray::{
+    Array, Array2, ArrayRef, ArrayView, ArrayView1, ArrayView4, Axis, CowArray, Dimension, Ix1,
+    Ix2, Ix4, IxDyn,
+};
 
-use crate::element::Element;
+use crate::element::{Element, Storage};
 use crate::error::{Error, Result};
 
 /// A restriction on which keys each query attends to, or a bias on its scores.
@@ -196,31 +199,74 @@ impl<'a, A> Mask<'a, A> {
             Mask::Alibi(slopes) => Mask::Alibi((*slopes).reborrow()),
         }
     }
+
+    /// The shape of a [`Mask::Bias`]'s array, `None` for other masks.
+    pub(crate) fn bias_shape(&self) -> Option<&[usize]> {
+        match self {
+            Mask::Bias(bias) => Some(bias.shape()),
+            _ => None,
+        }
+    }
+}
+
+/// The slopes of every ALiBi mask of `masks`, in the compute type (borrowed for
+/// `f32` and `f64`): what [`in_compute`] borrows.
+pub(crate) fn slopes_in_compute<'s, A: Storage>(
+    masks: &'s [Mask<'_, A>],
+) -> Vec<CowArray<'s, A::Compute, Ix1>> {
+    masks
+        .iter()
+        .filter_map(|mask| match mask {
+            Mask::Alibi(slopes) => Some(A::compute(slopes.view())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `masks` in the compute type: biases converted (borrowed for `f32` and `f64`),
+/// ALiBi masks borrowing their [`slopes_in_compute`], in order.
+pub(crate) fn in_compute<'s, A: Storage>(
+    masks: &'s [Mask<'_, A>],
+    slopes: &'s [CowArray<'s, A::Compute, Ix1>],
+) -> Vec<Mask<'s, A::Compute>> {
+    let mut alibi = slopes.iter();
+    masks
+        .iter()
+        .map(|mask| match mask {
+            Mask::Keep(keep) => Mask::Keep(keep.view().into()),
+            Mask::Bias(bias) => Mask::Bias(A::compute(bias.view())),
+            Mask::CausalTopLeft => Mask::CausalTopLeft,
+            Mask::CausalBottomRight => Mask::CausalBottomRight,
+            Mask::SlidingWindow(size) => Mask::SlidingWindow(*size),
+            Mask::Alibi(_) => Mask::Alibi(
+                alibi
+                    .next()
+                    .expect("slopes_in_compute gives one slope array per ALiBi mask")
+                    .view(),
+            ),
+        })
+        .collect()
+}
+
+/// A [`Mask`] as the kernel reads it: its arrays broadcast to `D`, the scores of
+/// a whole call ([`Mask4`]) or of one head ([`Mask2`]). Borrowed, never copied.
+#[derive(Debug, Clone)]
+pub(crate) enum Shaped<'a, A, D: Dimension> {
+    Keep(ArrayView<'a, bool, D>),
+    Bias(ArrayView<'a, A, D>),
+    CausalTopLeft,
+    CausalBottomRight,
+    SlidingWindow(usize),
+    /// One slope per head (length `heads`) or one for all (length 1); one
+    /// head's block holds its own slope (length 1).
+    Alibi(ArrayView1<'a, A>),
 }
 
 /// A mask broadcast to the 4-D scores shape `(batch, heads, L, S)`.
-#[derive(Debug, Clone)]
-pub(crate) enum Mask4<'a, A> {
-    Keep(ArrayView4<'a, bool>),
-    Bias(ArrayView4<'a, A>),
-    CausalTopLeft,
-    CausalBottomRight,
-    SlidingWindow(usize),
-    /// One slope per head (length `heads`), or one for all (length 1).
-    Alibi(ndarray::ArrayView1<'a, A>),
-}
+pub(crate) type Mask4<'a, A> = Shaped<'a, A, Ix4>;
 
 /// A mask for one `(L, S)` block of scores.
-#[derive(Debug, Clone)]
-pub(crate) enum Mask2<'a, A> {
-    Keep(ArrayView2<'a, bool>),
-    Bias(ArrayView2<'a, A>),
-    CausalTopLeft,
-    CausalBottomRight,
-    SlidingWindow(usize),
-    /// The head's slope.
-    Alibi(A),
-}
+pub(crate) type Mask2<'a, A> = Shaped<'a, A, Ix2>;
 
 /// Broadcasts every mask to `scores` (the user's scores shape, 2-D or 4-D) and
 /// lifts it to 4-D.
@@ -233,16 +279,16 @@ pub(crate) fn broadcast_all<'m, A>(
 
 fn broadcast<'m, A>(mask: &'m Mask<'_, A>, scores: &[usize]) -> Result<Mask4<'m, A>> {
     Ok(match mask {
-        Mask::Keep(m) => Mask4::Keep(broadcast_view(m, scores)?),
-        Mask::Bias(m) => Mask4::Bias(broadcast_view(m, scores)?),
-        Mask::CausalTopLeft => Mask4::CausalTopLeft,
-        Mask::CausalBottomRight => Mask4::CausalBottomRight,
+        Mask::Keep(m) => Shaped::Keep(broadcast_view(m, scores)?),
+        Mask::Bias(m) => Shaped::Bias(broadcast_view(m, scores)?),
+        Mask::CausalTopLeft => Shaped::CausalTopLeft,
+        Mask::CausalBottomRight => Shaped::CausalBottomRight,
         Mask::SlidingWindow(0) => {
             return Err(Error::InvalidConfig {
                 reason: "a sliding window needs a size of at least 1".to_string(),
             })
         }
-        Mask::SlidingWindow(size) => Mask4::SlidingWindow(*size),
+        Mask::SlidingWindow(size) => Shaped::SlidingWindow(*size),
         Mask::Alibi(slopes) => {
             let heads = if scores.len() == 4 { scores[1] } else { 1 };
             if slopes.len() != 1 && slopes.len() != heads {
@@ -251,7 +297,7 @@ fn broadcast<'m, A>(mask: &'m Mask<'_, A>, scores: &[usize]) -> Result<Mask4<'m,
                     scores: scores.to_vec(),
                 });
             }
-            Mask4::Alibi(slopes.view())
+            Shaped::Alibi(slopes.view())
         }
     })
 }
@@ -275,12 +321,43 @@ impl<'a, A: Copy> Mask4<'a, A> {
     /// The mask of the `(L, S)` block of batch `b`, head `h`.
     pub(crate) fn block(&self, b: usize, h: usize) -> Mask2<'_, A> {
         match self {
-            Mask4::Keep(m) => Mask2::Keep(m.index_axis(Axis(0), b).index_axis_move(Axis(0), h)),
-            Mask4::Bias(m) => Mask2::Bias(m.index_axis(Axis(0), b).index_axis_move(Axis(0), h)),
-            Mask4::CausalTopLeft => Mask2::CausalTopLeft,
-            Mask4::CausalBottomRight => Mask2::CausalBottomRight,
-            Mask4::SlidingWindow(size) => Mask2::SlidingWindow(*size),
-            Mask4::Alibi(slopes) => Mask2::Alibi(slopes[if slopes.len() == 1 { 0 } else { h }]),
+            Shaped::Keep(m) => Shaped::Keep(m.index_axis(Axis(0), b).index_axis_move(Axis(0), h)),
+            Shaped::Bias(m) => Shaped::Bias(m.index_axis(Axis(0), b).index_axis_move(Axis(0), h)),
+            Shaped::CausalTopLeft => Shaped::CausalTopLeft,
+            Shaped::CausalBottomRight => Shaped::CausalBottomRight,
+            Shaped::SlidingWindow(size) => Shaped::SlidingWindow(*size),
+            Shaped::Alibi(slopes) => {
+                let h = if slopes.len() == 1 { 0 } else { h };
+                Shaped::Alibi(slopes.slice(ndarray::s![h..h + 1]))
+            }
+        }
+    }
+}
+
+impl<A: Element> Mask2<'_, A> {
+    /// How far this mask can raise a score of a head with `rows` queries or keys
+    /// (the larger), or `None` when it holds a NaN or `+∞` (the fused kernels
+    /// then leave the head to the reference path).
+    pub(crate) fn bias_bound(&self, rows: usize) -> Option<f64> {
+        let f = |x: A| x.to_f64().unwrap_or(f64::INFINITY);
+        match self {
+            Shaped::Bias(bias) => bias.iter().try_fold(0.0_f64, |bound, &x| {
+                if x.is_nan() || x == A::infinity() {
+                    None
+                } else if x.is_finite() {
+                    Some(bound.max(f(x.abs())))
+                } else {
+                    Some(bound)
+                }
+            }),
+            Shaped::Alibi(slope) => {
+                let slope = slope[0];
+                slope.is_finite().then(|| f(slope.abs()) * rows as f64)
+            }
+            Shaped::Keep(_)
+            | Shaped::CausalTopLeft
+            | Shaped::CausalBottomRight
+            | Shaped::SlidingWindow(_) => Some(0.0),
         }
     }
 }
@@ -356,9 +433,10 @@ pub(crate) fn apply_row<A: Element>(
                 }
             }
             Mask2::Alibi(slope) => {
+                let slope = slope[0];
                 for (x, j) in row.iter_mut().zip(keys.clone()) {
                     let distance = A::from_f64((position - j as i64).unsigned_abs() as f64);
-                    *x -= *slope * distance;
+                    *x -= slope * distance;
                 }
             }
             _ => {}

@@ -128,14 +128,12 @@ impl<'a, A: Copy, KV> Problem<'a, A, KV> {
 fn bias_shapes<A>(masks: &[Mask<'_, A>]) -> Vec<[usize; 4]> {
     masks
         .iter()
-        .filter_map(|m| match m {
-            Mask::Bias(bias) => {
-                let mut shape = [1; 4];
-                let n = bias.ndim().min(4);
-                shape[4 - n..].copy_from_slice(&bias.shape()[bias.ndim() - n..]);
-                Some(shape)
-            }
-            _ => None,
+        .filter_map(Mask::bias_shape)
+        .map(|bias| {
+            let mut shape = [1; 4];
+            let n = bias.len().min(4);
+            shape[4 - n..].copy_from_slice(&bias[bias.len() - n..]);
+            shape
         })
         .collect()
 }

@@ -113,31 +113,13 @@ pub(crate) fn fusable<A: Element>(
     let f = |x: A| x.to_f64().unwrap_or(f64::INFINITY);
     let limit = f(A::max_value()) / 4.0;
     let score_bound = q.ncols() as f64 * f(queries.max_abs) * f(scale.abs()) * f(keys.max_abs);
-    let mut bias_bound = 0.0_f64;
-    for mask in masks {
-        match mask {
-            Mask2::Bias(bias) => {
-                for &x in bias.iter() {
-                    if x.is_nan() || x == A::infinity() {
-                        return false;
-                    }
-                    if x.is_finite() {
-                        bias_bound = bias_bound.max(f(x.abs()));
-                    }
-                }
-            }
-            Mask2::Alibi(slope) => {
-                if !slope.is_finite() {
-                    return false;
-                }
-                bias_bound += f(slope.abs()) * q.nrows().max(values.rows) as f64;
-            }
-            Mask2::Keep(_)
-            | Mask2::CausalTopLeft
-            | Mask2::CausalBottomRight
-            | Mask2::SlidingWindow(_) => {}
-        }
-    }
+    let rows = q.nrows().max(values.rows);
+    let Some(bias_bound) = masks
+        .iter()
+        .try_fold(0.0, |sum, mask| Some(sum + mask.bias_bound(rows)?))
+    else {
+        return false;
+    };
     score_bound + bias_bound < limit && f(values.max_abs) * values.rows as f64 <= limit
 }
 

@@ -256,15 +256,12 @@ impl<A: Element> ScaledDotProduct<'_, A> {
 
     /// Each bias's gradient in the shape of that bias.
     fn bias_gradients(&self, grads: Vec<Array4<A>>) -> Vec<ArrayD<A>> {
-        let shapes = self.masks.iter().filter_map(|m| match m {
-            Mask::Bias(bias) => Some(bias.shape().to_vec()),
-            _ => None,
-        });
+        let shapes = self.masks.iter().filter_map(Mask::bias_shape);
         grads
             .into_iter()
             .zip(shapes)
             .map(|(g, shape)| {
-                g.into_shape_with_order(IxDyn(&shape))
+                g.into_shape_with_order(IxDyn(shape))
                     .expect("a bias's shape lifted to 4-D holds as many entries")
             })
             .collect()

@@ -5,7 +5,7 @@
 use ndarray::{Array2, Array4, ArrayRef2, ArrayRef4, CowArray, Ix1, Ix2, Ix4};
 
 use super::{AttentionOutput, ScaledDotProduct};
-use crate::core::mask::Mask;
+use crate::core::mask;
 use crate::core::problem::{lift_mut, Problem};
 use crate::element::{Element, Half, PerStorage, Storage};
 use crate::error::Result;
@@ -15,13 +15,7 @@ impl<'m, A: Storage> ScaledDotProduct<'m, A> {
     /// The slopes of every ALiBi mask, in the compute type (borrowed for `f32`
     /// and `f64`); [`in_compute`](Self::in_compute) borrows them.
     pub(super) fn slopes_in_compute(&self) -> Vec<CowArray<'_, A::Compute, Ix1>> {
-        self.masks
-            .iter()
-            .filter_map(|mask| match mask {
-                Mask::Alibi(slopes) => Some(A::compute(slopes.view())),
-                _ => None,
-            })
-            .collect()
+        mask::slopes_in_compute(&self.masks)
     }
 
     /// The same attention in the compute type.
@@ -29,23 +23,9 @@ impl<'m, A: Storage> ScaledDotProduct<'m, A> {
         &'s self,
         slopes: &'s [CowArray<'s, A::Compute, Ix1>],
     ) -> ScaledDotProduct<'s, A::Compute> {
-        let mut alibi = slopes.iter();
         ScaledDotProduct {
             scale: self.scale.map(A::to_compute),
-            masks: self
-                .masks
-                .iter()
-                .map(|mask| match mask {
-                    Mask::Keep(keep) => Mask::Keep(keep.view().into()),
-                    Mask::Bias(bias) => Mask::Bias(A::compute(bias.view())),
-                    Mask::CausalTopLeft => Mask::CausalTopLeft,
-                    Mask::CausalBottomRight => Mask::CausalBottomRight,
-                    Mask::SlidingWindow(size) => Mask::SlidingWindow(*size),
-                    Mask::Alibi(_) => {
-                        Mask::Alibi(alibi.next().expect("one slope array per ALiBi mask").view())
-                    }
-                })
-                .collect(),
+            masks: mask::in_compute(&self.masks, slopes),
             kernel: self.kernel,
             parallelism: self.parallelism,
         }
