@@ -13,6 +13,18 @@ use crate::sdpa::{AttentionOutput, ScaledDotProduct};
 /// weights when asked for.
 type Step<A> = (Array4<A>, Option<Array4<A>>);
 
+/// What a step attends with, beside the cache's causal order: the scores' scale
+/// (`None`: `1/√d_k`) and a window. A call on the cache itself uses the cache's
+/// own ([`KvCache::with_scale`], and the window its ring already keeps); a
+/// layer passes its own, so each setting has one home: the caller's.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settings<A> {
+    pub(crate) scale: Option<A>,
+    /// The positions a query sees, itself included; a mask where the cache holds
+    /// more than this.
+    pub(crate) window: Option<usize>,
+}
+
 impl<A: Storage> KvCache<A> {
     /// Appends `k_new`, `v_new` and returns the new queries' attention over every
     /// cached position: bottom-right causal, within the window of a sliding cache.
@@ -50,7 +62,7 @@ impl<A: Storage> KvCache<A> {
     ) -> Result<Array4<A>> {
         let (b, _, t, _) = q.dim();
         let real = Array2::from_elem((b, t), true);
-        Ok(self.step(q, k_new, v_new, &real, &[], false)?.0)
+        Ok(self.step(self.own(), q, k_new, v_new, &real, &[], false)?.0)
     }
 
     /// [`attend`](Self::attend) for a batch whose rows have padding: `real[[b, t]]`
@@ -96,7 +108,9 @@ impl<A: Storage> KvCache<A> {
         real: &ArrayRef2<bool>,
         masks: &[Mask<'_, A>],
     ) -> Result<Array4<A>> {
-        Ok(self.step(q, k_new, v_new, real, masks, false)?.0)
+        Ok(self
+            .step(self.own(), q, k_new, v_new, real, masks, false)?
+            .0)
     }
 
     /// [`attend_padded`](Self::attend_padded), also returning the step's attention
@@ -131,16 +145,27 @@ impl<A: Storage> KvCache<A> {
         real: &ArrayRef2<bool>,
         masks: &[Mask<'_, A>],
     ) -> Result<AttentionOutput<A, ndarray::Ix4>> {
-        let (output, weights) = self.step(q, k_new, v_new, real, masks, true)?;
+        let (output, weights) = self.step(self.own(), q, k_new, v_new, real, masks, true)?;
         Ok(AttentionOutput {
             output,
             weights: weights.expect("asked for the weights"),
         })
     }
 
-    /// One step: checks everything before writing, attends, appends.
-    fn step(
+    /// The cache's own settings: its scale, and no window beyond its ring.
+    fn own(&self) -> Settings<A> {
+        Settings {
+            scale: self.scale,
+            window: None,
+        }
+    }
+
+    /// One step with the caller's `settings`: checks everything before writing,
+    /// attends, appends.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn step(
         &mut self,
+        settings: Settings<A>,
         q: &ArrayRef4<A>,
         k_new: &ArrayRef4<A>,
         v_new: &ArrayRef4<A>,
@@ -149,9 +174,17 @@ impl<A: Storage> KvCache<A> {
         weights: bool,
     ) -> Result<Step<A>> {
         self.check(k_new, v_new)?;
-        if let Some(scale) = self.scale {
+        if let Some(scale) = settings.scale {
             check_scale(scale.to_compute())?;
         }
+        // a window the ring does not already keep is a mask
+        let window = settings
+            .window
+            .filter(|&w| self.window != Some(w))
+            .map(Mask::SlidingWindow);
+        let masks: Vec<Mask<'_, A>> = masks.iter().map(Mask::reborrow).chain(window).collect();
+        let masks = &masks[..];
+
         let (b, kv_heads, _, d_k) = self.keys.dim();
         let (qb, heads, t, qd) = q.dim();
         // checked before anything is written: a failed call leaves the cache as it was
@@ -170,7 +203,16 @@ impl<A: Storage> KvCache<A> {
             });
         }
         if let (Some(window), true) = (self.window, t > 1) {
-            return self.chunk_in_window(window, q, k_new, v_new, real, masks, weights);
+            return self.chunk_in_window(
+                window,
+                settings.scale,
+                q,
+                k_new,
+                v_new,
+                real,
+                masks,
+                weights,
+            );
         }
         // the masks must fit the keys this step will see, before any is written
         let keys_seen = match self.window {
@@ -183,7 +225,7 @@ impl<A: Storage> KvCache<A> {
         self.write(k_new, v_new, real.view());
         // the held flags as a (batch, 1, 1, S) view: a mask only where there is padding
         let keep = self.real().insert_axis(Axis(1)).insert_axis(Axis(1));
-        let mut attention = self.attention().with_mask(Mask::CausalBottomRight);
+        let mut attention = scaled(settings.scale).with_mask(Mask::CausalBottomRight);
         if keep.iter().any(|&r| !r) {
             attention = attention.with_mask(Mask::keep(&keep));
         }
@@ -200,6 +242,7 @@ impl<A: Storage> KvCache<A> {
     fn chunk_in_window(
         &mut self,
         window: usize,
+        scale: Option<A>,
         q: &ArrayRef4<A>,
         k_new: &ArrayRef4<A>,
         v_new: &ArrayRef4<A>,
@@ -221,13 +264,21 @@ impl<A: Storage> KvCache<A> {
             let (query, key) = (held + i, j);
             flags[[row, j]] && key <= query && key + window > query
         });
-        let mut attention = self.attention().with_mask(Mask::keep(&keep));
+        let mut attention = scaled(scale).with_mask(Mask::keep(&keep));
         for mask in masks {
             attention = attention.with_mask(mask.reborrow());
         }
         let out = run(&attention, q, keys.view(), values.view(), weights)?;
         self.write(k_new, v_new, real.view());
         Ok(out)
+    }
+}
+
+/// Attention at `scale` (`None`: `1/√d_k`), no masks yet.
+fn scaled<'m, A: Storage>(scale: Option<A>) -> ScaledDotProduct<'m, A> {
+    match scale {
+        Some(scale) => ScaledDotProduct::new().with_scale(scale),
+        None => ScaledDotProduct::new(),
     }
 }
 

@@ -3,11 +3,12 @@
 
 mod attend;
 
+pub(crate) use attend::Settings;
+
 use ndarray::{s, Array2, Array4, ArrayRef4, ArrayView2, ArrayView4};
 
 use crate::element::{Element, Storage};
 use crate::error::{Error, Result};
-use crate::sdpa::ScaledDotProduct;
 
 /// A key/value cache for incremental decoding, per batch and key/value head
 /// (grouped-query aware: it holds `kv_heads`, queries may have a multiple).
@@ -230,14 +231,6 @@ impl<A: Storage> KvCache<A> {
         let d_k = self.keys.dim().3;
         self.scale
             .unwrap_or_else(|| A::from_compute(A::Compute::from_f64(1.0 / (d_k as f64).sqrt())))
-    }
-
-    /// The attention of one step: the cache's scale, no masks yet.
-    pub(super) fn attention<'m>(&self) -> ScaledDotProduct<'m, A> {
-        match self.scale {
-            Some(scale) => ScaledDotProduct::new().with_scale(scale),
-            None => ScaledDotProduct::new(),
-        }
     }
 
     /// The window of a sliding cache.

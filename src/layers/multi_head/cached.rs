@@ -4,7 +4,8 @@ use ndarray::{Array2, Array3, Array4, ArrayRef2, ArrayRef3, Ix3};
 
 use super::forward::positions_of;
 use super::{Causality, MultiHeadAttention, MultiHeadOutput};
-use crate::decode::cache::KvCache;
+use crate::core::mask::Mask;
+use crate::decode::cache::{KvCache, Settings};
 use crate::element::Element;
 use crate::error::{Error, Result};
 
@@ -39,8 +40,10 @@ impl<A: Element> MultiHeadAttention<A> {
     /// in one call; each decoding step then passes its new token(s). Rotary
     /// embeddings rotate each token at its row's position (see
     /// [`KvCache::positions`]). The cache makes attention causal whatever the
-    /// layer's [`Causality`]; its scale must be the layer's, as
-    /// [`new_cache`](Self::new_cache) makes it.
+    /// layer's [`Causality`]; the layer's scale and window apply whatever the
+    /// cache's own (a sliding cache's ring narrower than the layer's window keeps
+    /// attention within the ring). [`new_cache`](Self::new_cache) makes the
+    /// cache that fits.
     ///
     /// # Shapes
     ///
@@ -50,9 +53,9 @@ impl<A: Element> MultiHeadAttention<A> {
     /// # Errors
     ///
     /// [`Error::InvalidConfig`] when `kdim` or `vdim` differs from `d_model` (a
-    /// cache holds self-attention keys) or the cache's [scale](KvCache::scale) is
-    /// not the layer's, [`Error::Shape`] when `x` or the cache does not fit the
-    /// layer; the cache is then left as it was.
+    /// cache holds self-attention keys) or the cache's sizes cannot make a cache,
+    /// [`Error::Shape`] when `x` or the cache does not fit the layer; the cache
+    /// is then left as it was.
     ///
     /// # Examples
     ///
@@ -170,15 +173,6 @@ impl<A: Element> MultiHeadAttention<A> {
                 ),
             });
         }
-        let scale = A::from_f64(config.scale());
-        if cache.scale() != scale {
-            return Err(Error::InvalidConfig {
-                reason: format!(
-                    "the cache scales scores by {}, the layer by {scale}: make the cache with the layer's new_cache (or KvCache::with_scale)",
-                    cache.scale()
-                ),
-            });
-        }
         cache.usable()?;
         let (b, t, _) = x.dim();
         let (cache_b, cache_kv, _, cache_hd) = cache.keys().dim();
@@ -210,15 +204,25 @@ impl<A: Element> MultiHeadAttention<A> {
         }
         let heads = self.project_at(x, x, x, &positions, &positions)?;
         let slopes = self.slopes();
-        let masks = self.layer_masks(&slopes, Some(cache));
-        let (output, head_weights) = if weights {
-            let step =
-                cache.attend_padded_with_weights(&heads.q, &heads.k, &heads.v, real, &masks)?;
-            (step.output, step.weights)
-        } else {
-            let out = cache.attend_padded(&heads.q, &heads.k, &heads.v, real, &masks)?;
-            (out, Array4::zeros((0, 0, 0, 0)))
+        // the cache is causal itself; the layer's scale and window apply, whatever
+        // the cache's own (a ring narrower than the window keeps it narrower)
+        let settings = Settings {
+            scale: Some(A::from_f64(config.scale())),
+            window: match config.causality() {
+                Causality::SlidingWindow(w) => Some(w),
+                Causality::None | Causality::Causal => None,
+            },
         };
-        self.finish(output, head_weights)
+        let alibi: Vec<Mask<'_, A>> = (!slopes.is_empty())
+            .then(|| Mask::Alibi(slopes.view()))
+            .into_iter()
+            .collect();
+        let (output, head_weights) = cache.step(
+            settings, &heads.q, &heads.k, &heads.v, real, &alibi, weights,
+        )?;
+        self.finish(
+            output,
+            head_weights.unwrap_or_else(|| Array4::zeros((0, 0, 0, 0))),
+        )
     }
 }

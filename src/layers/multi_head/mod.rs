@@ -18,7 +18,6 @@ pub use weights::MultiHeadWeights;
 use super::init::Init;
 use super::linear::Linear;
 use crate::core::mask::Mask;
-use crate::decode::cache::KvCache;
 use crate::decode::position::alibi_slopes;
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -300,19 +299,12 @@ impl<A: Element> MultiHeadAttention<A> {
     }
 
     /// The masks of the layer's own configuration: its causal pattern and ALiBi
-    /// (borrowing `slopes`). Over a `cache`, which is causal itself (and windowed
-    /// when it slides), only what the cache does not already apply.
-    fn layer_masks<'m>(
-        &self,
-        slopes: &'m Array1<A>,
-        cache: Option<&KvCache<A>>,
-    ) -> Vec<Mask<'m, A>> {
+    /// (borrowing `slopes`).
+    fn layer_masks<'m>(&self, slopes: &'m Array1<A>) -> Vec<Mask<'m, A>> {
         let mut masks = Vec::with_capacity(2);
         match self.config.causality() {
             Causality::None => {}
-            Causality::Causal if cache.is_some() => {}
             Causality::Causal => masks.push(Mask::CausalBottomRight),
-            Causality::SlidingWindow(size) if cache.and_then(KvCache::window) == Some(size) => {}
             Causality::SlidingWindow(size) => masks.push(Mask::SlidingWindow(size)),
         }
         if !slopes.is_empty() {
@@ -329,7 +321,7 @@ impl<A: Element> MultiHeadAttention<A> {
         slopes: &'m Array1<A>,
     ) -> ScaledDotProduct<'m, A> {
         let mut attention = ScaledDotProduct::new().with_scale(A::from_f64(self.config.scale()));
-        for mask in self.layer_masks(slopes, None) {
+        for mask in self.layer_masks(slopes) {
             attention = attention.with_mask(mask);
         }
         for mask in masks {
