@@ -317,6 +317,20 @@ fn broadcast_view<'m, T>(
     view.into_dimensionality().map_err(|_| shape_error())
 }
 
+impl<A, D: Dimension> Shaped<'_, A, D> {
+    /// The same mask, borrowing for a shorter time.
+    pub(crate) fn reborrow(&self) -> Shaped<'_, A, D> {
+        match self {
+            Shaped::Keep(m) => Shaped::Keep(m.view()),
+            Shaped::Bias(m) => Shaped::Bias(m.view()),
+            Shaped::CausalTopLeft => Shaped::CausalTopLeft,
+            Shaped::CausalBottomRight => Shaped::CausalBottomRight,
+            Shaped::SlidingWindow(size) => Shaped::SlidingWindow(*size),
+            Shaped::Alibi(slopes) => Shaped::Alibi(slopes.view()),
+        }
+    }
+}
+
 impl<'a, A: Copy> Mask4<'a, A> {
     /// The mask of the `(L, S)` block of batch `b`, head `h`.
     pub(crate) fn block(&self, b: usize, h: usize) -> Mask2<'_, A> {

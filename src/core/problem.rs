@@ -3,7 +3,7 @@
 
 use ndarray::{ArrayView2, ArrayView4, ArrayViewMut2, ArrayViewMut4, Axis};
 
-use super::mask::{self, Mask, Mask2, Mask4};
+use super::mask::{self, Mask, Mask2, Mask4, Shaped};
 use crate::element::Element;
 use crate::error::{Error, Result};
 
@@ -101,17 +101,17 @@ impl<'a, A: Copy, KV> Problem<'a, A, KV> {
 
     /// The same call over keys `k` and values `v` of the same shapes, stored as
     /// `KV2` (the same values seen through another type).
-    pub(crate) fn with_keys_values<KV2>(
-        &self,
-        k: ArrayView4<'a, KV2>,
-        v: ArrayView4<'a, KV2>,
-    ) -> Problem<'a, A, KV2> {
+    pub(crate) fn with_keys_values<'b, KV2>(
+        &'b self,
+        k: ArrayView4<'b, KV2>,
+        v: ArrayView4<'b, KV2>,
+    ) -> Problem<'b, A, KV2> {
         debug_assert_eq!((k.dim(), v.dim()), (self.k.dim(), self.v.dim()));
         Problem {
-            q: self.q,
+            q: self.q.view(),
             k,
             v,
-            masks: self.masks.clone(),
+            masks: self.masks.iter().map(Shaped::reborrow).collect(),
             scale: self.scale,
             bias_shapes: self.bias_shapes.clone(),
         }

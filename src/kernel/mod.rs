@@ -141,64 +141,53 @@ impl PerElement for Entries {
     }
 }
 
-/// Writes attention's output for every head of `problem` into `out` by the
-/// direct path, reading the problem's half-precision keys and values where they
-/// lie. `false`, with nothing written, when the call is not the direct path's:
-/// many query rows, or small enough to go row by row (those convert their
-/// inputs, at little cost).
+/// Writes attention's output for every head of `problem`, whose keys and values
+/// are stored in half precision, into `out`, by one [`Plan`]: the direct path
+/// reads them where they lie; the tiled path packs bf16 keys as pairs for the
+/// bf16 dot products where the CPU (and `ATTN_KERNEL_ARCH`) has AVX512_BF16;
+/// every other plan widens them to `f32` once, here, and runs as `f32` does.
 ///
 /// # Errors
 ///
 /// As [`forward`].
-pub(crate) fn forward_half_direct<H: Half>(
+pub(crate) fn forward_half<H: Half>(
     problem: &Problem<'_, f32, H>,
     out: ArrayViewMut4<'_, f32>,
     kernel: Kernel,
     parallelism: Parallelism,
-) -> Result<bool> {
-    if route(problem, kernel) != Route::Direct {
-        return Ok(false);
+) -> Result<()> {
+    let plan = Plan::of(problem, kernel)?;
+    match plan {
+        Plan::Direct(arch) => {
+            let mut outs: Vec<_> = per_head(out).collect();
+            let mut groups = kv_groups(problem, &mut outs);
+            run::direct_half(problem, arch, &mut groups, parallelism);
+            return Ok(());
+        }
+        #[cfg(target_arch = "x86_64")]
+        Plan::Tiled(arch) => {
+            let keys = (H::as_bf16(problem.k), H::as_bf16(problem.v));
+            if let ((Some(k), Some(v)), Some(dots)) = (keys, arch.bf16_dots()) {
+                let problem = problem.with_keys_values(k, v);
+                let mut outs: Vec<_> = per_head(out).collect();
+                let mut groups = kv_groups(&problem, &mut outs);
+                run::tiled(&problem, dots, &mut groups, parallelism, |b, h, out| {
+                    run::widened_reference(&problem, b, h, out)
+                });
+                return Ok(());
+            }
+        }
+        _ => {}
     }
-    let arch = Arch::detect()?;
-    let mut outs: Vec<_> = per_head(out).collect();
-    let mut groups = kv_groups(problem, &mut outs);
-    run::direct_half(problem, arch, &mut groups, parallelism);
-    Ok(true)
-}
-
-/// Writes attention's output for every head of `problem` into `out` by the tiled
-/// kernel with bf16 dot products, packing the problem's bf16 keys as they
-/// are. `false`, with nothing written, when the call is not the tiled kernel's,
-/// the keys are not bf16, or the CPU (or `ATTN_KERNEL_ARCH`) does not allow
-/// AVX512_BF16: then the inputs are converted to f32 for the f32 kernel.
-///
-/// # Errors
-///
-/// As [`forward`].
-pub(crate) fn forward_half_tiled<H: Half>(
-    problem: &Problem<'_, f32, H>,
-    out: ArrayViewMut4<'_, f32>,
-    kernel: Kernel,
-    parallelism: Parallelism,
-) -> Result<bool> {
-    let (Some(k), Some(v)) = (H::as_bf16(problem.k), H::as_bf16(problem.v)) else {
-        return Ok(false);
-    };
-    if route(problem, kernel) != Route::Tiled {
-        return Ok(false);
-    }
-    #[cfg(target_arch = "x86_64")]
-    if let Some(dots) = Arch::detect()?.bf16_dots() {
-        let problem = problem.with_keys_values(k, v);
-        let mut outs: Vec<_> = per_head(out).collect();
-        let mut groups = kv_groups(&problem, &mut outs);
-        run::tiled(&problem, dots, &mut groups, parallelism, |b, h, out| {
-            run::widened_reference(&problem, b, h, out)
-        });
-        return Ok(true);
-    }
-    let _ = (k, v, out, parallelism); // no bf16 dot products off x86-64
-    Ok(false)
+    // every other plan reads f32 keys and values
+    let (k, v) = (H::compute(problem.k), H::compute(problem.v));
+    run_plan(
+        &problem.with_keys_values(k.view(), v.view()),
+        plan,
+        out,
+        parallelism,
+    );
+    Ok(())
 }
 
 /// The outputs `outs` (one per batch and query head, in that order) grouped by
@@ -258,49 +247,60 @@ fn choose_backward<A: KernelElement>(
     ))
 }
 
-/// Chooses the path for every head and runs it.
+/// Plans the call and runs it.
 fn choose_path<A: KernelElement>(
     problem: &Problem<'_, A>,
     out: ArrayViewMut4<'_, A>,
     kernel: Kernel,
     parallelism: Parallelism,
 ) -> Result<()> {
+    run_plan(problem, Plan::of(problem, kernel)?, out, parallelism);
+    Ok(())
+}
+
+/// Runs every head of `problem` as `plan` says.
+fn run_plan<A: KernelElement>(
+    problem: &Problem<'_, A>,
+    plan: Plan,
+    out: ArrayViewMut4<'_, A>,
+    parallelism: Parallelism,
+) {
     let heads = problem.q.dim().1;
-    match route(problem, kernel) {
-        Route::Reference => {
+    match plan {
+        Plan::Reference => {
             count_all_reference(problem);
             problem.solve(Some(out), None);
         }
-        Route::Nothing => {}
-        Route::Rowwise if problem.q.dim().0 * heads == 1 => {
+        Plan::Nothing => {}
+        Plan::Rowwise if problem.q.dim().0 * heads == 1 => {
             // one small head, the common 2-D call: no bookkeeping at all
             let out = out.index_axis_move(Axis(0), 0).index_axis_move(Axis(0), 0);
             run::rowwise_head(problem, 0, 0, out);
         }
-        Route::Rowwise => {
+        Plan::Rowwise => {
             for (i, out) in per_head(out).enumerate() {
                 run::rowwise_head(problem, i / heads, i % heads, out);
             }
         }
-        route => {
-            let arch = Arch::detect()?;
+        Plan::Direct(arch) => {
             let mut outs: Vec<_> = per_head(out).collect();
             let mut groups = kv_groups(problem, &mut outs);
-            if route == Route::Direct {
-                run::direct(problem, arch, &mut groups, parallelism);
-            } else {
-                run::tiled(problem, arch, &mut groups, parallelism, |b, h, out| {
-                    problem.solve_head(b, h, Some(out), None)
-                });
-            }
+            run::direct(problem, arch, &mut groups, parallelism);
+        }
+        Plan::Tiled(arch) => {
+            let mut outs: Vec<_> = per_head(out).collect();
+            let mut groups = kv_groups(problem, &mut outs);
+            run::tiled(problem, arch, &mut groups, parallelism, |b, h, out| {
+                problem.solve_head(b, h, Some(out), None)
+            });
         }
     }
-    Ok(())
 }
 
-/// How a forward call runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Route {
+/// How a forward call runs, decided once: the route, and for the fused paths
+/// the instruction set, detected once.
+#[derive(Debug, Clone, Copy)]
+enum Plan {
     /// [`Kernel::Plain`]: the reference path.
     Reference,
     /// No output to compute.
@@ -308,21 +308,27 @@ enum Route {
     /// Small enough to go row by row.
     Rowwise,
     /// A few query rows against many keys: the direct path.
-    Direct,
+    Direct(Arch),
     /// Everything else: the tiled kernel.
-    Tiled,
+    Tiled(Arch),
 }
 
-/// The route of `problem` under `kernel`.
-fn route<A, KV>(problem: &Problem<'_, A, KV>, kernel: Kernel) -> Route {
-    let (batch, heads, l, d) = problem.q.dim();
-    let (s, d_v) = (problem.k.dim().2, problem.v.dim().3);
-    match kernel {
-        Kernel::Plain => Route::Reference,
-        _ if batch * heads * l * d_v == 0 => Route::Nothing,
-        Kernel::Auto if l * s * (d + d_v) <= ROWWISE_MAX_WORK => Route::Rowwise,
-        Kernel::Auto if l <= DIRECT_MAX_ROWS => Route::Direct,
-        _ => Route::Tiled,
+impl Plan {
+    /// The plan of `problem` under `kernel`.
+    ///
+    /// # Errors
+    ///
+    /// As [`forward`], for the fused paths.
+    fn of<A, KV>(problem: &Problem<'_, A, KV>, kernel: Kernel) -> Result<Self> {
+        let (batch, heads, l, d) = problem.q.dim();
+        let (s, d_v) = (problem.k.dim().2, problem.v.dim().3);
+        Ok(match kernel {
+            Kernel::Plain => Plan::Reference,
+            _ if batch * heads * l * d_v == 0 => Plan::Nothing,
+            Kernel::Auto if l * s * (d + d_v) <= ROWWISE_MAX_WORK => Plan::Rowwise,
+            Kernel::Auto if l <= DIRECT_MAX_ROWS => Plan::Direct(Arch::detect()?),
+            _ => Plan::Tiled(Arch::detect()?),
+        })
     }
 }
 

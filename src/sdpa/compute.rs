@@ -32,16 +32,15 @@ impl<'m, A: Storage> ScaledDotProduct<'m, A> {
     }
 }
 
-/// A batched call over half-precision inputs by a path that reads the keys and
-/// values in their stored type: the direct path (a few query rows), or the
-/// tiled kernel with bf16 dot products (bf16 keys, AVX512_BF16). `None` when
-/// neither serves the call (then its inputs are converted to `f32`).
+/// A batched call over half-precision inputs: the queries widened to `f32`, the
+/// keys and values given to the kernel as they are stored (its plan reads them
+/// where they lie, or widens them).
 pub(super) type HalfFn<A> = for<'s, 'm, 'x> fn(
     &'s ScaledDotProduct<'m, A>,
     &'x ArrayRef4<A>,
     &'x ArrayRef4<A>,
     &'x ArrayRef4<A>,
-) -> Result<Option<Array4<A>>>;
+) -> Result<Array4<A>>;
 
 /// [`HalfFn`] where the storage type has one: the half types.
 pub(super) struct HalfNative;
@@ -63,7 +62,7 @@ fn half_native<H: Half>(
     q: &ArrayRef4<H>,
     k: &ArrayRef4<H>,
     v: &ArrayRef4<H>,
-) -> Result<Option<Array4<H>>> {
+) -> Result<Array4<H>> {
     let q32 = H::compute(q.view());
     let slopes = attn.slopes_in_compute();
     let attn = attn.in_compute(&slopes);
@@ -72,9 +71,8 @@ fn half_native<H: Half>(
     let (batch, heads, l, _) = q.dim();
     let mut out = Array4::zeros((batch, heads, l, v.dim().3));
     let (kernel, parallelism) = (attn.kernel, attn.parallelism);
-    let served = kernel::forward_half_direct(&problem, out.view_mut(), kernel, parallelism)?
-        || kernel::forward_half_tiled(&problem, out.view_mut(), kernel, parallelism)?;
-    Ok(served.then(|| H::store(out)))
+    kernel::forward_half(&problem, out.view_mut(), kernel, parallelism)?;
+    Ok(H::store(out))
 }
 
 impl<'m, A: Element> ScaledDotProduct<'m, A> {

@@ -262,15 +262,13 @@ impl<'m, A: Storage> ScaledDotProduct<'m, A> {
         k: &ArrayRef2<A>,
         v: &ArrayRef2<A>,
     ) -> Result<Array2<A>> {
-        // half precision: the batched call's paths, for the batched call's numbers
+        // half precision: the batched call's plan, for the batched call's numbers
         // (and a 2-D call's errors)
         if let Some(half) = A::select_storage(compute::HalfNative) {
             check_2d(q.shape(), k.shape(), v.shape(), &self.masks)?;
             let (q4, k4, v4) = (lift(q.view()), lift(k.view()), lift(v.view()));
-            if let Some(out) = half(self, &q4, &k4, &v4)? {
-                let out = out.index_axis_move(Axis(0), 0).index_axis_move(Axis(0), 0);
-                return Ok(out);
-            }
+            let out = half(self, &q4, &k4, &v4)?;
+            return Ok(out.index_axis_move(Axis(0), 0).index_axis_move(Axis(0), 0));
         }
         let (q, k, v) = (
             A::compute(q.view()),
@@ -383,11 +381,9 @@ impl<'m, A: Storage> ScaledDotProduct<'m, A> {
         k: &ArrayRef4<A>,
         v: &ArrayRef4<A>,
     ) -> Result<Array4<A>> {
-        // half-precision keys and values are read where they lie where a path can
+        // half precision: keys and values go to the kernel as they are stored
         if let Some(half) = A::select_storage(compute::HalfNative) {
-            if let Some(out) = half(self, q, k, v)? {
-                return Ok(out);
-            }
+            return half(self, q, k, v);
         }
         let (q, k, v) = (
             A::compute(q.view()),
