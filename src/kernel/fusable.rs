@@ -7,6 +7,7 @@ use std::borrow::Cow;
 
 use ndarray::{ArrayView1, ArrayView2};
 
+use super::params::SCAN_LANES;
 use crate::core::mask::Mask2;
 use crate::element::Element;
 
@@ -45,10 +46,6 @@ pub(crate) struct Scan<A> {
     /// The largest absolute entry so far, lane by lane; NaN once any entry was.
     lanes: [A; SCAN_LANES],
 }
-
-/// Lanes of a [`Scan`]: enough independent maxima that their latency does not
-/// bound the pass.
-const SCAN_LANES: usize = 16;
 
 /// The larger of `m` and `x`, NaN once either is: a NaN `m` stays, since no `x`
 /// compares greater than it.

@@ -70,6 +70,22 @@ pub(crate) const DIRECT_PART: usize = 2048;
 /// two of f64).
 pub(crate) const LANES: usize = 8;
 
+/// Column blocks of [`LANES`] that the direct path's value products sum together
+/// in registers for a single row (64 f32 columns: one head of 64 in one pass).
+pub(crate) const TILE_BLOCKS: usize = 8;
+
+/// How many rows ahead of the one being read the half-precision direct path
+/// asks for keys and values, on the CPUs where that helps (Intel: see
+/// `direct::Prefetch`). On the Intel Xeon host of 2026-12-03, 8, 16, 32 and 64
+/// rows ahead measured alike (a bf16/f16 step 355-432 -> 310-336 µs).
+pub(crate) const PREFETCH_ROWS: usize = 16;
+
+/// Lanes of the finiteness pre-check (`fusable::Scan`): enough independent
+/// NaN-sticky maxima that their latency does not bound the pass (that scan,
+/// replacing per-lane sums, took Zen 4's f32 N = 128 prefill from 66.7-67.5 to
+/// 68.9-69.8 GFLOP/s on 2026-12-02; 16 lanes is one AVX-512 register of f32).
+pub(crate) const SCAN_LANES: usize = 16;
+
 /// Lanes of the softmax passes (maximum, `exp` and sum) over a row of scores in
 /// the direct path and the backward pass. With 8, the compiler left the `exp`
 /// polynomial scalar in the direct path; with 16 it vectorises: a bf16 decoding

@@ -7,8 +7,8 @@
 use std::arch::x86_64::*;
 
 use crate::element::Half;
-use crate::kernel::direct::{Dots, HalfDots, Prefetch, TILE_BLOCKS};
-use crate::kernel::params::LANES;
+use crate::kernel::direct::{Dots, HalfDots, Prefetch};
+use crate::kernel::params::{LANES, TILE_BLOCKS};
 
 /// Proof that the CPU has AVX2, FMA and F16C: [`detect`](Self::detect) is the only way
 /// to make one, so the safe methods below may run their intrinsics.

@@ -9,8 +9,8 @@ use std::arch::x86_64::*;
 
 use super::avx2::{sum4_pd, sum4_ps, widen8, Avx2};
 use crate::element::Half;
-use crate::kernel::direct::{Dots, HalfDots, Prefetch, TILE_BLOCKS};
-use crate::kernel::params::LANES;
+use crate::kernel::direct::{Dots, HalfDots, Prefetch};
+use crate::kernel::params::{LANES, TILE_BLOCKS};
 
 /// Proof that the CPU has AVX-512 F, BW, VL and DQ as well as AVX2, FMA and F16C:
 /// [`detect`](Self::detect) is the only way to make one, so the safe methods

@@ -30,6 +30,7 @@ mod avx2;
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod avx512bf16;
+pub(crate) mod cpu;
 mod portable;
 
 use std::ops::Range;

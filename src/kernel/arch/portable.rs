@@ -2,9 +2,9 @@
 //! autovectoriser turns them into whatever the build's target allows.
 
 use crate::element::Half;
-use crate::kernel::direct::{sum_lanes, Dots, HalfDots, TILE_BLOCKS};
+use crate::kernel::direct::{sum_lanes, Dots, HalfDots};
 use crate::kernel::float::{KernelFloat, MulAdd, Separate};
-use crate::kernel::params::{BC, LANES, MR};
+use crate::kernel::params::{BC, LANES, MR, TILE_BLOCKS};
 use crate::kernel::tiled::Tiles;
 
 /// The portable micro-kernels (`a·b + c` as a multiply and an add: without FMA

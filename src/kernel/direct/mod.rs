@@ -29,7 +29,7 @@ use std::ops::Range;
 use ndarray::{ArrayView2, ArrayViewMut2};
 
 pub(crate) use rows::{Native, Prefetch, Rows, Source, Widening};
-pub(crate) use steps::{sum_lanes, Dots, HalfDots, TILE_BLOCKS};
+pub(crate) use steps::{sum_lanes, Dots, HalfDots};
 
 use super::float::{KernelFloat, MulAdd, Separate};
 use super::online::{fold_max, inverse_total, part_weight, shift_of, softmax_update};

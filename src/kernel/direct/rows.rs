@@ -2,16 +2,12 @@
 //! half-precision rows widened to `f32` as they are loaded.
 
 use std::marker::PhantomData;
-use std::sync::OnceLock;
 
-use super::steps::{accumulate, fold_in, scores, Chunk, Dots, HalfDots, Scratch, TILE_BLOCKS};
+use super::steps::{accumulate, fold_in, scores, Chunk, Dots, HalfDots, Scratch};
 use crate::element::Half;
+use crate::kernel::arch::cpu::is_intel;
 use crate::kernel::float::{KernelFloat, MulAdd};
-use crate::kernel::params::{DIRECT_BATCH_ROWS as ROWS, LANES};
-
-/// How many rows ahead of the one being read the half-precision paths ask for
-/// keys and values, on the CPUs where that helps ([`Prefetch`]).
-const PREFETCH_ROWS: usize = 16;
+use crate::kernel::params::{DIRECT_BATCH_ROWS as ROWS, LANES, PREFETCH_ROWS, TILE_BLOCKS};
 
 /// Software prefetching of the half-precision keys and values of a decoding
 /// step, on Intel CPUs only: on the Intel Xeon host of 2026-12-03 (AMX,
@@ -25,18 +21,7 @@ pub(crate) struct Prefetch(bool);
 impl Prefetch {
     /// Whether this CPU prefetches: its vendor is Intel.
     pub(crate) fn for_this_cpu() -> Self {
-        static INTEL: OnceLock<bool> = OnceLock::new();
-        Prefetch(*INTEL.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            {
-                // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
-                #[allow(unused_unsafe)]
-                let id = unsafe { std::arch::x86_64::__cpuid(0) };
-                [id.ebx, id.edx, id.ecx] == [0x756e_6547, 0x4965_6e69, 0x6c65_746e]
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            false
-        }))
+        Prefetch(is_intel())
     }
 
     /// Asks the CPU to bring the cache lines holding `len` values from `start`

@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use crate::element::Half;
 use crate::kernel::float::{KernelFloat, MulAdd};
-use crate::kernel::params::{DIRECT_BATCH_ROWS as ROWS, LANES};
+use crate::kernel::params::{DIRECT_BATCH_ROWS as ROWS, LANES, TILE_BLOCKS};
 
 /// Per-batch working memory.
 pub(crate) struct Scratch<'s, A> {
@@ -111,9 +111,6 @@ pub(crate) fn sum_lanes<A: KernelFloat>(x: &[A; LANES]) -> A {
     let half: [A; 4] = std::array::from_fn(|c| x[c] + x[c + 4]);
     (half[0] + half[2]) + (half[1] + half[3])
 }
-
-/// Column blocks of [`LANES`] summed together in registers for a single row.
-pub(crate) const TILE_BLOCKS: usize = 8;
 
 /// `O = α·O + P·V` for one chunk: the chunk's product is summed on its own before
 /// it is added to the rescaled total (blocked summation, as in the tiled kernel).
