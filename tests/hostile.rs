@@ -174,6 +174,12 @@ fn cache_sizes_are_checked() {
     let err = KvCache::<f32>::sliding(1, 1, 4, 4, usize::MAX / 2).unwrap_err();
     assert!(reason(&err).contains("KvCache::sliding"), "{err}");
     assert!(KvCache::<f32>::sliding(1, 0, 4, 4, 8).is_err());
+    // addressable, but more than any machine has (32 TiB): refused by the
+    // allocator, not an abort
+    if std::fs::read_to_string("/proc/sys/vm/overcommit_memory").is_ok_and(|m| m.trim() != "1") {
+        let err = KvCache::<f32>::sliding(1, 1, 4, 4, 1 << 40).unwrap_err();
+        assert!(reason(&err).contains("cannot be allocated"), "{err}");
+    }
     // `new` keeps its signature: a size that cannot make a cache is reported by
     // the first call that writes, naming the constructor's arguments
     let q = Array4::<f32>::zeros((1, 1, 1, 4));

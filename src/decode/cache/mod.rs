@@ -114,19 +114,19 @@ impl<A: Storage> KvCache<A> {
 
     /// A cache of these sizes, or an empty one holding why they cannot make one.
     pub(crate) fn of_sizes(sizes: [usize; 4], window: Option<usize>) -> Self {
-        let [batch, kv_heads, d_k, d_v] = sizes;
         // every slot twice, `window` apart: the held run is contiguous
         let slots = window.map_or(Some(0), |w| w.checked_mul(2));
-        let fault = check_sizes::<A>(sizes, window, slots).err();
-        let (batch, kv_heads, d_k, d_v, slots) = match (&fault, slots) {
-            (None, Some(slots)) => (batch, kv_heads, d_k, d_v, slots),
-            _ => (0, 0, 0, 0, 0),
+        let storage = check_sizes::<A>(sizes, window, slots)
+            .and_then(|()| Arrays::allocate(sizes, slots.unwrap_or(0), window));
+        let (storage, fault) = match storage {
+            Ok(storage) => (storage, None),
+            Err(fault) => (Arrays::empty(), Some(fault)),
         };
         KvCache {
-            keys: Array4::from_elem((batch, kv_heads, slots, d_k), zero()),
-            values: Array4::from_elem((batch, kv_heads, slots, d_v), zero()),
-            real: Array2::from_elem((batch, slots), true),
-            positions: vec![0; batch],
+            keys: storage.keys,
+            values: storage.values,
+            real: storage.real,
+            positions: storage.positions,
             len: 0,
             seen: 0,
             window,
@@ -425,6 +425,61 @@ fn check_sizes<A>(sizes: [usize; 4], window: Option<usize>, slots: Option<usize>
         });
     }
     Ok(())
+}
+
+/// A cache's arrays, allocated only where the allocator can give them (a size
+/// that passes the address checks may still be more than the machine has).
+struct Arrays<A> {
+    keys: Array4<A>,
+    values: Array4<A>,
+    real: Array2<bool>,
+    positions: Vec<usize>,
+}
+
+impl<A: Storage> Arrays<A> {
+    fn empty() -> Self {
+        Arrays {
+            keys: Array4::from_elem((0, 0, 0, 0), zero()),
+            values: Array4::from_elem((0, 0, 0, 0), zero()),
+            real: Array2::from_elem((0, 0), true),
+            positions: Vec::new(),
+        }
+    }
+
+    /// Arrays of `slots` positions for checked `sizes`.
+    fn allocate(sizes: [usize; 4], slots: usize, window: Option<usize>) -> Result<Self> {
+        let [batch, kv_heads, d_k, d_v] = sizes;
+        let refused = || {
+            Error::InvalidConfig {
+            reason: format!(
+                "KvCache of batch {batch}, kv_heads {kv_heads}, d_k {d_k}, d_v {d_v}{}: the memory cannot be allocated",
+                window.map_or(String::new(), |w| format!(", window {w}"))
+            ),
+        }
+        };
+        // `check_sizes` made every product below addressable
+        let keys = filled(batch * kv_heads * slots * d_k, zero()).ok_or_else(refused)?;
+        let values = filled(batch * kv_heads * slots * d_v, zero()).ok_or_else(refused)?;
+        let real = filled(batch * slots, true).ok_or_else(refused)?;
+        let positions = filled(batch, 0).ok_or_else(refused)?;
+        let shape_error = |_| refused();
+        Ok(Arrays {
+            keys: Array4::from_shape_vec((batch, kv_heads, slots, d_k), keys)
+                .map_err(shape_error)?,
+            values: Array4::from_shape_vec((batch, kv_heads, slots, d_v), values)
+                .map_err(shape_error)?,
+            real: Array2::from_shape_vec((batch, slots), real).map_err(shape_error)?,
+            positions,
+        })
+    }
+}
+
+/// `n` copies of `value`, or `None` where the allocator refuses the memory.
+fn filled<T: Clone>(n: usize, value: T) -> Option<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).ok()?;
+    v.resize(n, value);
+    Some(v)
 }
 
 /// Zero in any storage type.
