@@ -297,7 +297,7 @@ fn fused_width(c: &MultiHeadConfig) -> usize {
 
 /// What a file has under `prefix` (up to 12 names), or where `prefix` is
 /// nothing's, the module paths nearest to it.
-pub(crate) fn nearest_names(names: &[String], prefix: &str) -> String {
+fn nearest_names(names: &[String], prefix: &str) -> String {
     let under: Vec<&str> = names
         .iter()
         .filter(|n| prefix.is_empty() || is_under(n, prefix))

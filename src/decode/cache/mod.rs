@@ -316,10 +316,9 @@ impl<A: Storage> KvCache<A> {
             });
         }
         if self.window.is_none() {
-            let held = self.len.checked_add(t);
-            check_sizes::<A>([b, h, d_k, d_v], None, held)?;
-            // growth doubles: its capacity must fit too
-            check_sizes::<A>([b, h, d_k, d_v], None, held.and_then(|n| n.checked_mul(2)))?;
+            // growth doubles the capacity: twice what will be held must fit
+            let capacity = self.len.checked_add(t).and_then(|n| n.checked_mul(2));
+            check_sizes::<A>([b, h, d_k, d_v], None, capacity)?;
         }
         Ok(())
     }
