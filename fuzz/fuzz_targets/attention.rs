@@ -8,40 +8,11 @@ use attn::parameter_free::{cat, FeatureMapAttention};
 use attn::rng::{NumpyRandom, TorchGenerator};
 use attn::{Init, Kernel, Mask, MultiHeadConfig, ProjectionShape, QkvProjection, ScaledDotProduct};
 use libfuzzer_sys::fuzz_target;
+
+#[path = "bytes.rs"]
+mod bytes;
+use bytes::Bytes;
 use ndarray::{concatenate, Array2, Array4, Axis};
-
-/// Reads the fuzzer's bytes as small numbers and floats.
-struct Bytes<'a>(&'a [u8]);
-
-impl Bytes<'_> {
-    fn byte(&mut self) -> u8 {
-        match self.0.split_first() {
-            Some((&b, rest)) => {
-                self.0 = rest;
-                b
-            }
-            None => 0,
-        }
-    }
-
-    fn size(&mut self, max: u8) -> usize {
-        (self.byte() % (max + 1)) as usize
-    }
-
-    /// An f32 from raw bits (NaN, ±∞ and subnormals come up often), widened.
-    fn float(&mut self) -> f64 {
-        let bits = u32::from_le_bytes([self.byte(), self.byte(), self.byte(), self.byte()]);
-        if self.byte() % 4 == 0 {
-            f64::from(f32::from_bits(bits))
-        } else {
-            f64::from((bits % 2001) as i32 - 1000) / 250.0
-        }
-    }
-
-    fn matrix(&mut self, rows: usize, cols: usize) -> Array2<f64> {
-        Array2::from_shape_simple_fn((rows, cols), || self.float())
-    }
-}
 
 fn agree(fused: &Array2<f64>, plain: &Array2<f64>) {
     assert_eq!(fused.dim(), plain.dim());
@@ -69,8 +40,10 @@ fuzz_target!(|data: &[u8]| {
     // long keys: the keys, values and masks repeated 64 times, so that few query
     // rows reach the decoding path (and its parts of 2048 keys)
     let (k, v, keep, bias) = if flags & 64 != 0 {
-        let rows = |m: &Array2<f64>| concatenate(Axis(0), &vec![m.view(); 64]).expect("same widths");
-        let cols = |m: &Array2<f64>| concatenate(Axis(1), &vec![m.view(); 64]).expect("same heights");
+        let rows =
+            |m: &Array2<f64>| concatenate(Axis(0), &vec![m.view(); 64]).expect("same widths");
+        let cols =
+            |m: &Array2<f64>| concatenate(Axis(1), &vec![m.view(); 64]).expect("same heights");
         let keep = concatenate(Axis(1), &vec![keep.view(); 64]).expect("same heights");
         (rows(&k), rows(&v), keep, cols(&bias))
     } else {

@@ -15,6 +15,10 @@
 
 use attn::{HfModel, Layout, MultiHeadAttention, MultiHeadConfig, Projection, SafeTensors};
 use libfuzzer_sys::fuzz_target;
+
+#[path = "bytes.rs"]
+mod bytes;
+use bytes::Bytes;
 use ndarray::{Array2, Array3};
 
 const MODEL_TYPES: [&str; 11] = [
@@ -38,28 +42,19 @@ fn module_of(model_type: &str) -> &'static str {
 
 /// Edge values as JSON text.
 const EDGES: [&str; 12] = [
-    "0", "-1", "4294967296", "18446744073709551615", "1e400", "null", "\"8\"", "2", "4", "8",
-    "0.5", "true",
+    "0",
+    "-1",
+    "4294967296",
+    "18446744073709551615",
+    "1e400",
+    "null",
+    "\"8\"",
+    "2",
+    "4",
+    "8",
+    "0.5",
+    "true",
 ];
-
-/// Reads the fuzzer's bytes as small choices.
-struct Bytes<'a>(&'a [u8]);
-
-impl Bytes<'_> {
-    fn byte(&mut self) -> u8 {
-        match self.0.split_first() {
-            Some((&b, rest)) => {
-                self.0 = rest;
-                b
-            }
-            None => 0,
-        }
-    }
-
-    fn pick<'t>(&mut self, items: &[&'t str]) -> &'t str {
-        items[self.byte() as usize % items.len()]
-    }
-}
 
 /// A safetensors file: 8-byte header length, the JSON header, the data.
 fn safetensors(tensors: &[(String, &str, Vec<usize>, Vec<u8>)]) -> Vec<u8> {
@@ -136,7 +131,9 @@ fn run(layer: &MultiHeadAttention<f32>) {
     if d > 512 {
         return;
     }
-    let x = Array3::from_shape_fn((2, 3, d), |(b, t, i)| ((b + 2 * t + 3 * i) % 7) as f32 - 3.0);
+    let x = Array3::from_shape_fn((2, 3, d), |(b, t, i)| {
+        ((b + 2 * t + 3 * i) % 7) as f32 - 3.0
+    });
     let x2 = x.index_axis(ndarray::Axis(0), 0);
     let _ = layer.forward(&x2, &x2, &x2, &[]);
     let real = Array2::from_shape_fn((2, 3), |(b, t)| b == 0 || t > 0);

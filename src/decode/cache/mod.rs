@@ -396,12 +396,7 @@ impl<A: Storage> KvCache<A> {
 /// values (and `batch · slots` flags) addressable.
 fn check_sizes<A>(sizes: [usize; 4], window: Option<usize>, slots: Option<usize>) -> Result<()> {
     let [batch, kv_heads, d_k, d_v] = sizes;
-    let named = || match window {
-        Some(w) => format!(
-            "KvCache::sliding(batch {batch}, kv_heads {kv_heads}, d_k {d_k}, d_v {d_v}, window {w})"
-        ),
-        None => format!("KvCache::new(batch {batch}, kv_heads {kv_heads}, d_k {d_k}, d_v {d_v})"),
-    };
+    let named = || constructor(sizes, window);
     if sizes.contains(&0) || window == Some(0) {
         return Err(Error::InvalidConfig {
             reason: format!("{}: every size must be at least 1", named()),
@@ -426,6 +421,17 @@ fn check_sizes<A>(sizes: [usize; 4], window: Option<usize>, slots: Option<usize>
     Ok(())
 }
 
+/// The call that made a cache of these sizes, for its errors.
+fn constructor(sizes: [usize; 4], window: Option<usize>) -> String {
+    let [batch, kv_heads, d_k, d_v] = sizes;
+    match window {
+        Some(w) => format!(
+            "KvCache::sliding(batch {batch}, kv_heads {kv_heads}, d_k {d_k}, d_v {d_v}, window {w})"
+        ),
+        None => format!("KvCache::new(batch {batch}, kv_heads {kv_heads}, d_k {d_k}, d_v {d_v})"),
+    }
+}
+
 /// A cache's arrays, allocated only where the allocator can give them (a size
 /// that passes the address checks may still be more than the machine has).
 struct Arrays<A> {
@@ -448,13 +454,11 @@ impl<A: Storage> Arrays<A> {
     /// Arrays of `slots` positions for checked `sizes`.
     fn allocate(sizes: [usize; 4], slots: usize, window: Option<usize>) -> Result<Self> {
         let [batch, kv_heads, d_k, d_v] = sizes;
-        let refused = || {
-            Error::InvalidConfig {
+        let refused = || Error::InvalidConfig {
             reason: format!(
-                "KvCache of batch {batch}, kv_heads {kv_heads}, d_k {d_k}, d_v {d_v}{}: the memory cannot be allocated",
-                window.map_or(String::new(), |w| format!(", window {w}"))
+                "{}: the memory cannot be allocated",
+                constructor(sizes, window)
             ),
-        }
         };
         // `check_sizes` made every product below addressable
         let keys = filled(batch * kv_heads * slots * d_k, zero()).ok_or_else(refused)?;

@@ -3,7 +3,7 @@
 use ndarray::{Array2, Array3, Array4, ArrayRef2, ArrayRef3, Ix3};
 
 use super::forward::positions_of;
-use super::{Causality, MultiHeadAttention, MultiHeadOutput};
+use super::{alibi, MultiHeadAttention, MultiHeadOutput};
 use crate::core::mask::Mask;
 use crate::decode::cache::{KvCache, Settings};
 use crate::element::Element;
@@ -26,12 +26,9 @@ impl<A: Element> MultiHeadAttention<A> {
     /// ```
     pub fn new_cache(&self, batch: usize) -> KvCache<A> {
         let (kv, hd) = (self.config.n_kv_heads(), self.config.head_dim());
-        let window = match self.config.causality() {
-            Causality::SlidingWindow(window) => Some(window),
-            Causality::None | Causality::Causal => None,
-        };
         // sizes that cannot make a cache (a batch of 0) are reported by its first step
-        KvCache::of_sizes([batch, kv, hd, hd], window).with_scale(A::from_f64(self.config.scale()))
+        KvCache::of_sizes([batch, kv, hd, hd], self.config.causality().window())
+            .with_scale(A::from_f64(self.config.scale()))
     }
 
     /// Self-attention of new tokens with a [`KvCache`]: projects `x`, appends its
@@ -40,7 +37,7 @@ impl<A: Element> MultiHeadAttention<A> {
     /// in one call; each decoding step then passes its new token(s). Rotary
     /// embeddings rotate each token at its row's position (see
     /// [`KvCache::positions`]). The cache makes attention causal whatever the
-    /// layer's [`Causality`]; the layer's scale and window apply whatever the
+    /// layer's [`Causality`](crate::Causality); the layer's scale and window apply whatever the
     /// cache's own (a sliding cache's ring narrower than the layer's window keeps
     /// attention within the ring). [`new_cache`](Self::new_cache) makes the
     /// cache that fits.
@@ -208,15 +205,9 @@ impl<A: Element> MultiHeadAttention<A> {
         // the cache's own (a ring narrower than the window keeps it narrower)
         let settings = Settings {
             scale: Some(A::from_f64(config.scale())),
-            window: match config.causality() {
-                Causality::SlidingWindow(w) => Some(w),
-                Causality::None | Causality::Causal => None,
-            },
+            window: config.causality().window(),
         };
-        let alibi: Vec<Mask<'_, A>> = (!slopes.is_empty())
-            .then(|| Mask::Alibi(slopes.view()))
-            .into_iter()
-            .collect();
+        let alibi: Vec<Mask<'_, A>> = alibi(&slopes).into_iter().collect();
         let (output, head_weights) = cache.step(
             settings, &heads.q, &heads.k, &heads.v, real, &alibi, weights,
         )?;

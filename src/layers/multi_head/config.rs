@@ -26,6 +26,16 @@ pub enum Causality {
     SlidingWindow(usize),
 }
 
+impl Causality {
+    /// The window of [`SlidingWindow`](Self::SlidingWindow), `None` otherwise.
+    pub(crate) fn window(self) -> Option<usize> {
+        match self {
+            Causality::SlidingWindow(size) => Some(size),
+            Causality::None | Causality::Causal => None,
+        }
+    }
+}
+
 /// How a layer tells tokens apart by position, inside the attention.
 ///
 /// Absolute position embeddings added before the layer (GPT-2, BERT, ViT) need

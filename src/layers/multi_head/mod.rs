@@ -307,9 +307,7 @@ impl<A: Element> MultiHeadAttention<A> {
             Causality::Causal => masks.push(Mask::CausalBottomRight),
             Causality::SlidingWindow(size) => masks.push(Mask::SlidingWindow(size)),
         }
-        if !slopes.is_empty() {
-            masks.push(Mask::Alibi(slopes.view()));
-        }
+        masks.extend(alibi(slopes));
         masks
     }
 
@@ -329,6 +327,11 @@ impl<A: Element> MultiHeadAttention<A> {
         }
         attention
     }
+}
+
+/// The ALiBi mask of a layer's `slopes`, none where it has none.
+fn alibi<A>(slopes: &Array1<A>) -> Option<Mask<'_, A>> {
+    (!slopes.is_empty()).then(|| Mask::Alibi(slopes.view()))
 }
 
 /// An error of a 2-D call, which runs as a batch of one, in the caller's shapes:

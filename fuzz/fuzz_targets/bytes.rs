@@ -1,0 +1,43 @@
+//! The fuzzer's bytes read as small choices, sizes and floats: shared by the
+//! fuzz targets (each uses part of it).
+#![allow(dead_code)]
+
+use ndarray::Array2;
+
+/// Reads the fuzzer's bytes as small numbers and floats.
+pub struct Bytes<'a>(pub &'a [u8]);
+
+impl Bytes<'_> {
+    pub fn byte(&mut self) -> u8 {
+        match self.0.split_first() {
+            Some((&b, rest)) => {
+                self.0 = rest;
+                b
+            }
+            None => 0,
+        }
+    }
+
+    pub fn size(&mut self, max: u8) -> usize {
+        (self.byte() % (max + 1)) as usize
+    }
+
+    /// An f32 from raw bits (NaN, ±∞ and subnormals come up often), widened.
+    pub fn float(&mut self) -> f64 {
+        let bits = u32::from_le_bytes([self.byte(), self.byte(), self.byte(), self.byte()]);
+        if self.byte() % 4 == 0 {
+            f64::from(f32::from_bits(bits))
+        } else {
+            f64::from((bits % 2001) as i32 - 1000) / 250.0
+        }
+    }
+
+    pub fn matrix(&mut self, rows: usize, cols: usize) -> Array2<f64> {
+        Array2::from_shape_simple_fn((rows, cols), || self.float())
+    }
+
+    /// One of `items`.
+    pub fn pick<'t>(&mut self, items: &[&'t str]) -> &'t str {
+        items[self.byte() as usize % items.len()]
+    }
+}
