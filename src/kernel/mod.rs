@@ -23,6 +23,7 @@ mod float;
 mod fusable;
 mod gemm;
 mod online;
+mod ops;
 mod options;
 mod pack;
 mod params;
@@ -37,6 +38,8 @@ pub use arch::KernelArch;
 pub use options::{Kernel, Parallelism};
 pub use report::{kernel_paths, KernelPaths};
 
+#[cfg(target_arch = "x86_64")]
+use arch::Avx512Bf16;
 use arch::{Arch, KernelElement};
 use params::{DIRECT_MAX_ROWS, ROWWISE_MAX_WORK};
 use report::Path;
@@ -156,37 +159,32 @@ pub(crate) fn forward_half<H: Half>(
     kernel: Kernel,
     parallelism: Parallelism,
 ) -> Result<()> {
-    let plan = Plan::of(problem, kernel)?;
+    let plan = Plan::of(problem, kernel)?.for_half::<H>();
     match plan {
         Plan::Direct(arch) => {
             let mut outs: Vec<_> = per_head(out).collect();
             let mut groups = kv_groups(problem, &mut outs);
             run::direct_half(problem, arch, &mut groups, parallelism);
-            return Ok(());
         }
         #[cfg(target_arch = "x86_64")]
-        Plan::Tiled(arch) => {
-            let keys = (H::as_bf16(problem.k), H::as_bf16(problem.v));
-            if let ((Some(k), Some(v)), Some(dots)) = (keys, arch.bf16_dots()) {
-                let problem = problem.with_keys_values(k, v);
-                let mut outs: Vec<_> = per_head(out).collect();
-                let mut groups = kv_groups(&problem, &mut outs);
-                run::tiled(&problem, dots, &mut groups, parallelism, |b, h, out| {
-                    run::widened_reference(&problem, b, h, out)
-                });
-                return Ok(());
-            }
+        Plan::TiledBf16Pairs(dots) => {
+            let (Some(k), Some(v)) = (H::as_bf16(problem.k), H::as_bf16(problem.v)) else {
+                unreachable!("the plan has pairs only for bf16 keys and values")
+            };
+            let problem = problem.with_keys_values(k, v);
+            let mut outs: Vec<_> = per_head(out).collect();
+            let mut groups = kv_groups(&problem, &mut outs);
+            run::tiled(&problem, dots, &mut groups, parallelism, |b, h, out| {
+                run::widened_reference(&problem, b, h, out)
+            });
         }
-        _ => {}
+        // every other plan reads f32 keys and values
+        _ => {
+            let (k, v) = (H::compute(problem.k), H::compute(problem.v));
+            let problem = problem.with_keys_values(k.view(), v.view());
+            run_plan(&problem, plan, out, parallelism);
+        }
     }
-    // every other plan reads f32 keys and values
-    let (k, v) = (H::compute(problem.k), H::compute(problem.v));
-    run_plan(
-        &problem.with_keys_values(k.view(), v.view()),
-        plan,
-        out,
-        parallelism,
-    );
     Ok(())
 }
 
@@ -294,6 +292,8 @@ fn run_plan<A: KernelElement>(
                 problem.solve_head(b, h, Some(out), None)
             });
         }
+        #[cfg(target_arch = "x86_64")]
+        Plan::TiledBf16Pairs(_) => unreachable!("planned for bf16 keys only, by forward_half"),
     }
 }
 
@@ -311,6 +311,10 @@ enum Plan {
     Direct(Arch),
     /// Everything else: the tiled kernel.
     Tiled(Arch),
+    /// The tiled kernel over bf16 keys packed as pairs, scored by bf16 dot
+    /// products (AVX512_BF16).
+    #[cfg(target_arch = "x86_64")]
+    TiledBf16Pairs(Avx512Bf16),
 }
 
 impl Plan {
@@ -329,6 +333,16 @@ impl Plan {
             Kernel::Auto if l <= DIRECT_MAX_ROWS => Plan::Direct(Arch::detect()?),
             _ => Plan::Tiled(Arch::detect()?),
         })
+    }
+
+    /// This plan for keys and values stored as `H`: the tiled kernel takes bf16
+    /// keys as pairs where the CPU (and `ATTN_KERNEL_ARCH`) has AVX512_BF16.
+    fn for_half<H: Half>(self) -> Self {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Plan::Tiled(arch) if H::BF16 => arch.bf16_dots().map_or(self, Plan::TiledBf16Pairs),
+            _ => self,
+        }
     }
 }
 

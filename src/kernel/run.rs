@@ -4,11 +4,12 @@
 use ndarray::{s, Array3, Array4, ArrayView2, ArrayView4, ArrayViewMut2, Axis, CowArray, Ix2};
 use rayon::prelude::*;
 
-use super::arch::{Arch, KernelElement, TiledKernel};
+use super::arch::{Arch, Dispatch, KernelElement, Op};
 use super::backward::{HeadGradients, HeadInputs, Upstream};
 use super::direct::{self, Group, Native, Partial, Source, Widening};
 use super::float::KernelFloat;
 use super::fusable::{extent_of, fusable};
+use super::ops::{AttendBlock, AttendPart, BackwardHead, ForwardHead, PackHead, TileWidth};
 use super::options::Parallelism;
 use super::pack::{Entry, PackedHead};
 use super::params::{BC, BR, DIRECT_PART, PACKED_BYTES};
@@ -130,14 +131,18 @@ fn direct_over<A: KernelElement, S: Source<A>>(
             scale: problem.scale,
         };
         let first = part * DIRECT_PART;
-        A::attend_part(arch, &group, first..(first + DIRECT_PART).min(s))
+        let part = first..(first + DIRECT_PART).min(s);
+        arch.dispatch(AttendPart {
+            group: &group,
+            part,
+        })
     };
     let tasks = 0..groups.len() * parts;
     let partials: Vec<Partial<A>> = match parallelism {
         Parallelism::Sequential => tasks.map(run).collect(),
         Parallelism::Rayon => tasks.into_par_iter().map(run).collect(),
     };
-    report::arch_used(arch.kind());
+    report::arch_used(Dispatch::<A>::kind(arch));
     for (g, partials) in groups.iter_mut().zip(partials.chunks(parts)) {
         let first_head = problem.query_heads(g.kv).start;
         let bad = direct::finish(partials, g.outs);
@@ -167,20 +172,27 @@ struct DirectInputs<'p, A, S> {
     values: CowArray<'p, S, Ix2>,
 }
 
-/// Every group by the tiled kernel `kernel`, packing as many key/value heads at
+/// Every group by the tiled kernel, with the micro-kernels `kernel` dispatches
+/// to (over keys packed as entries `K`), packing as many key/value heads at
 /// a time as fit in [`PACKED_BYTES`] (but at least one per thread: a head of few
 /// query rows is only one task) and running all their blocks in one parallel
 /// region; `fallback(b, h, out)` computes a head whose inputs the fused
 /// arithmetic cannot stand for.
-pub(crate) fn tiled<A: KernelFloat, KV: Sync, T: TiledKernel<A, KV>>(
+pub(crate) fn tiled<A, KV, K, D>(
     problem: &Problem<'_, A, KV>,
-    kernel: T,
+    kernel: D,
     groups: &mut [KvGroup<'_, '_, A>],
     parallelism: Parallelism,
     fallback: impl Fn(usize, usize, ArrayViewMut2<'_, A>),
-) {
+) where
+    A: KernelFloat,
+    KV: Sync,
+    K: Entry<A>,
+    D: Dispatch<A, K>,
+    for<'v, 'a> PackHead<'v, 'a, KV>: Op<A, K, Output = PackedHead<A, K>>,
+{
     let (s, d, d_v) = (problem.k.dim().2, problem.k.dim().3, problem.v.dim().3);
-    let key_bytes = T::Entry::depth(d) * std::mem::size_of::<T::Entry>();
+    let key_bytes = K::depth(d) * std::mem::size_of::<K>();
     let packed_bytes =
         (s.next_multiple_of(BC) * (key_bytes + d_v * std::mem::size_of::<A>())).max(1);
     let threads = match parallelism {
@@ -200,19 +212,25 @@ struct Task<'a, A, K> {
     out: ArrayViewMut2<'a, A>,
 }
 
-fn tiled_wave<A: KernelFloat, KV: Sync, T: TiledKernel<A, KV>>(
+fn tiled_wave<A, KV, K, D>(
     problem: &Problem<'_, A, KV>,
-    kernel: T,
+    kernel: D,
     wave: &mut [KvGroup<'_, '_, A>],
     parallelism: Parallelism,
     fallback: &impl Fn(usize, usize, ArrayViewMut2<'_, A>),
-) {
-    let nr = kernel.tile_width();
+) where
+    A: KernelFloat,
+    KV: Sync,
+    K: Entry<A>,
+    D: Dispatch<A, K>,
+    for<'v, 'a> PackHead<'v, 'a, KV>: Op<A, K, Output = PackedHead<A, K>>,
+{
+    let nr = kernel.dispatch(TileWidth);
     let pack = |g: &KvGroup<'_, '_, A>| {
         let (k, v) = problem.keys_values(g.b, g.kv);
-        kernel.pack_head(&k, &v)
+        kernel.dispatch(PackHead { k: &k, v: &v })
     };
-    let packed: Vec<PackedHead<A, T::Entry>> = match parallelism {
+    let packed: Vec<PackedHead<A, K>> = match parallelism {
         Parallelism::Sequential => wave.iter().map(pack).collect(),
         Parallelism::Rayon => wave.par_iter().map(pack).collect(),
     };
@@ -266,12 +284,22 @@ fn tiled_wave<A: KernelFloat, KV: Sync, T: TiledKernel<A, KV>>(
         Parallelism::Sequential => {
             let mut scratch = Scratch::new(d, col_tiles, nr);
             for task in tasks {
-                kernel.attend_block(&task.block, &mut scratch, task.out);
+                kernel.dispatch(AttendBlock {
+                    block: &task.block,
+                    scratch: &mut scratch,
+                    out: task.out,
+                });
             }
         }
         Parallelism::Rayon => tasks.into_par_iter().for_each_init(
             || Scratch::new(d, col_tiles, nr),
-            |scratch, task| kernel.attend_block(&task.block, scratch, task.out),
+            |scratch, task| {
+                kernel.dispatch(AttendBlock {
+                    block: &task.block,
+                    scratch,
+                    out: task.out,
+                })
+            },
         ),
     }
 }
@@ -300,7 +328,8 @@ pub(crate) fn forward_lse<A: KernelElement>(
             scale: problem.scale,
             bias_shapes: &[],
         };
-        (A::forward_head(arch, &inputs), Path::FusedBackward)
+        let forward = arch.dispatch(ForwardHead { inputs: &inputs });
+        (forward, Path::FusedBackward)
     };
     let per_head: Vec<_> = match parallelism {
         Parallelism::Sequential => (0..batch * heads).map(run).collect(),
@@ -407,8 +436,9 @@ fn head_backward<A: KernelElement>(
         scale: problem.scale,
         bias_shapes: &bias_shapes,
     };
-    (
-        A::backward_head(arch, &inputs, upstream),
-        Path::FusedBackward,
-    )
+    let gradients = arch.dispatch(BackwardHead {
+        inputs: &inputs,
+        upstream,
+    });
+    (gradients, Path::FusedBackward)
 }

@@ -28,8 +28,18 @@ impl Avx2 {
     }
 }
 
-compiled!(Avx2, "avx2,fma,f16c", f32, 16);
-compiled!(Avx2, "avx2,fma,f16c", f64, 8);
+/// Tile widths: two 256-bit registers per tile row, the AVX-512 tiles' shape, so
+/// a 12-row tile sums as two halves of 6 rows in 12 accumulators of AVX2's 16
+/// registers (the other four hold a key row and a broadcast query). The width
+/// follows from the register count; no other was measured on an AVX2 host.
+impl Avx2 {
+    /// Columns of an f32 tile.
+    pub(crate) const F32_TILE: usize = 16;
+    /// Columns of an f64 tile.
+    pub(crate) const F64_TILE: usize = 8;
+}
+
+trampoline!(Avx2, "avx2,fma,f16c");
 
 /// [`Dots`] for one element type: `$regs` registers of `$half` lanes hold `LANES`.
 macro_rules! avx2_dots {
@@ -109,7 +119,7 @@ two_register_tiles!(
     "AVX2 and FMA",
     f32s,
     f32,
-    16,
+    Avx2::F32_TILE,
     8,
     6,
     __m256,
@@ -124,7 +134,7 @@ two_register_tiles!(
     "AVX2 and FMA",
     f64s,
     f64,
-    8,
+    Avx2::F64_TILE,
     4,
     6,
     __m256d,

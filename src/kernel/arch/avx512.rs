@@ -34,25 +34,26 @@ impl Avx512 {
     }
 }
 
-compiled!(
-    Avx512,
-    "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c",
-    f32,
-    32
-);
-compiled!(
-    Avx512,
-    "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c",
-    f64,
-    16
-);
+/// Tile widths: two 512-bit registers per tile row, so a 12-row tile is 24
+/// accumulators of AVX-512's 32 registers, in one pass. Chosen on Zen 4
+/// (2026-11-25, `benches/log/2026-11-25-zen4-avx512-kernels.md`): f32 prefill
+/// at N = 2048 ran 94 GFLOP/s with these tiles, 89 with AVX2's 16 columns and
+/// 83 with four registers per row (64 columns); f64 46 against AVX2's 29.
+impl Avx512 {
+    /// Columns of an f32 tile.
+    pub(crate) const F32_TILE: usize = 32;
+    /// Columns of an f64 tile.
+    pub(crate) const F64_TILE: usize = 16;
+}
+
+trampoline!(Avx512, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c");
 
 two_register_tiles!(
     Avx512,
     "AVX-512 F",
     f32s,
     f32,
-    32,
+    Avx512::F32_TILE,
     16,
     12,
     __m512,
@@ -67,7 +68,7 @@ two_register_tiles!(
     "AVX-512 F",
     f64s,
     f64,
-    16,
+    Avx512::F64_TILE,
     8,
     12,
     __m512d,

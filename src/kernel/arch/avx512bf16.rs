@@ -12,18 +12,18 @@
 
 use std::arch::x86_64::*;
 
-use half::bf16;
-use ndarray::{ArrayView2, ArrayViewMut2};
-
 use super::avx512::Avx512;
-use super::{KernelArch, TiledKernel};
+use super::{Dispatch, KernelArch, Op, Token};
+use crate::element::Half;
+use crate::kernel::direct::{Dots, HalfDots};
 use crate::kernel::float::Fused;
-use crate::kernel::pack::{self, Bf16Pair, PackedHead};
-use crate::kernel::params::{BC, MR};
-use crate::kernel::tiled::{self, Block, KeyTiles, Scratch, Tiles};
+use crate::kernel::pack::Bf16Pair;
+use crate::kernel::params::{BC, LANES, MR, TILE_BLOCKS};
+use crate::kernel::tiled::{KeyTiles, Tiles};
 
-/// Tile width: two 512-bit registers of f32 scores, as the f32 AVX-512 tiles.
-const NR: usize = 32;
+/// Tile width: two 512-bit registers of f32 scores, as the f32 AVX-512 tiles
+/// (the direct path's micro-kernels are [`Avx512`]'s).
+const NR: usize = Avx512::F32_TILE;
 
 /// Proof that the CPU has AVX512_BF16 as well as everything [`Avx512`] proves:
 /// [`detect`](Self::detect) is the only way to make one.
@@ -90,57 +90,58 @@ impl KeyTiles<f32, Bf16Pair, NR> for Avx512Bf16 {
     }
 }
 
-impl TiledKernel<f32, bf16> for Avx512Bf16 {
-    type Entry = Bf16Pair;
+impl Dots<f32> for Avx512Bf16 {
+    #[inline(always)]
+    fn dot4(self, q: &[[f32; LANES]], k: &[&[[f32; LANES]]; 4]) -> [f32; 4] {
+        self.avx512.dot4(q, k)
+    }
 
+    #[inline(always)]
+    fn value_rows(
+        self,
+        p: &[&[f32]; 4],
+        values: &[f32],
+        d_v: usize,
+        c0: usize,
+    ) -> [[f32; LANES]; 4] {
+        self.avx512.value_rows(p, values, d_v, c0)
+    }
+}
+
+impl HalfDots for Avx512Bf16 {
+    #[inline(always)]
+    fn dot4_half<H: Half>(self, q: &[[f32; LANES]], k: &[&[[H; LANES]]; 4]) -> [f32; 4] {
+        self.avx512.dot4_half(q, k)
+    }
+
+    #[inline(always)]
+    fn value_row_half<H: Half>(
+        self,
+        p: &[f32],
+        values: &[H],
+        d_v: usize,
+        c0: usize,
+    ) -> [[f32; LANES]; TILE_BLOCKS] {
+        self.avx512.value_row_half(p, values, d_v, c0)
+    }
+}
+
+impl Token<f32, NR> for Avx512Bf16 {
+    type MulAdd = Fused;
+}
+
+trampoline!(
+    Avx512Bf16,
+    "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c"
+);
+
+impl Dispatch<f32, Bf16Pair> for Avx512Bf16 {
     fn kind(self) -> KernelArch {
         KernelArch::Avx512Bf16
     }
 
-    fn tile_width(self) -> usize {
-        NR
-    }
-
-    fn pack_head(
-        self,
-        k: &ArrayView2<'_, bf16>,
-        v: &ArrayView2<'_, bf16>,
-    ) -> PackedHead<f32, Bf16Pair> {
-        /// # Safety
-        ///
-        /// The CPU must support AVX-512 F, BW, VL and DQ, AVX512_BF16, AVX2, FMA
-        /// and F16C.
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")]
-        unsafe fn compiled(
-            k: &ArrayView2<'_, bf16>,
-            v: &ArrayView2<'_, bf16>,
-        ) -> PackedHead<f32, Bf16Pair> {
-            pack::pack_head_bf16::<NR>(k, v)
-        }
-        // SAFETY: `self` exists, so the CPU has the instruction sets.
-        unsafe { compiled(k, v) }
-    }
-
-    fn attend_block(
-        self,
-        block: &Block<'_, f32, Bf16Pair>,
-        scratch: &mut Scratch<f32, Bf16Pair>,
-        out: ArrayViewMut2<'_, f32>,
-    ) {
-        /// # Safety
-        ///
-        /// The CPU must support AVX-512 F, BW, VL and DQ, AVX512_BF16, AVX2, FMA
-        /// and F16C.
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")]
-        unsafe fn compiled(
-            token: Avx512Bf16,
-            block: &Block<'_, f32, Bf16Pair>,
-            scratch: &mut Scratch<f32, Bf16Pair>,
-            out: ArrayViewMut2<'_, f32>,
-        ) {
-            tiled::attend_block::<f32, Fused, Avx512Bf16, Bf16Pair, NR>(token, block, scratch, out);
-        }
-        // SAFETY: `self` exists, so the CPU has the instruction sets.
-        unsafe { compiled(self, block, scratch, out) }
+    #[inline]
+    fn dispatch<O: Op<f32, Bf16Pair>>(self, op: O) -> O::Output {
+        self.vectorize::<f32, Bf16Pair, O, NR>(op)
     }
 }

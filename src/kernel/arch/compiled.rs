@@ -1,125 +1,36 @@
-//! The macros the x86-64 tokens share: the kernel bodies compiled for a token,
-//! and the register tiles.
+//! The macros the x86-64 tokens share: the trampoline that compiles an operation
+//! for a token, and the register tiles.
 
-/// [`Compiled`] for a token whose instruction sets are `$features`: each body is
-/// compiled inside a `#[target_feature]` function so that it inlines the token's
-/// intrinsic micro-kernels, and called only through the token, which proves the
-/// CPU has those instruction sets.
-macro_rules! compiled {
-    ($token:ty, $features:literal, $ty:ty, $nr:literal) => {
-        impl $crate::kernel::arch::Compiled<$ty> for $token {
-            const TILE_WIDTH: usize = $nr;
-
-            fn attend_block(
-                self,
-                block: &$crate::kernel::tiled::Block<'_, $ty>,
-                scratch: &mut $crate::kernel::tiled::Scratch<$ty>,
-                out: ndarray::ArrayViewMut2<'_, $ty>,
-            ) {
-                /// # Safety
-                ///
-                #[doc = concat!("The CPU must support ", $features, ".")]
+/// The one trampoline of a token whose instruction sets are `$features`:
+/// `token.vectorize(op)` runs `op` inside a `#[target_feature]` function, so the
+/// whole operation (its `run` is `#[inline(always)]`) is compiled with those
+/// instruction sets and inlines the token's intrinsic micro-kernels. Only the
+/// token can call it, and only run-time detection makes a token.
+macro_rules! trampoline {
+    ($token:ty, $features:literal) => {
+        impl $token {
+            /// Runs `op` with this token's micro-kernels in tiles `NR` wide,
+            #[doc = concat!("compiled with ", $features, ".")]
+            #[inline]
+            pub(crate) fn vectorize<A, K, O, const NR: usize>(self, op: O) -> O::Output
+            where
+                A: $crate::kernel::float::KernelFloat,
+                O: $crate::kernel::arch::Op<A, K>,
+                Self:
+                    $crate::kernel::arch::Token<A, NR> + $crate::kernel::tiled::KeyTiles<A, K, NR>,
+            {
                 #[target_feature(enable = $features)]
-                unsafe fn compiled(
-                    token: $token,
-                    block: &$crate::kernel::tiled::Block<'_, $ty>,
-                    scratch: &mut $crate::kernel::tiled::Scratch<$ty>,
-                    out: ndarray::ArrayViewMut2<'_, $ty>,
-                ) {
-                    $crate::kernel::tiled::attend_block::<
-                        $ty,
-                        $crate::kernel::float::Fused,
-                        $token,
-                        $ty,
-                        $nr,
-                    >(token, block, scratch, out);
+                fn compiled<A, K, O, T, const NR: usize>(token: T, op: O) -> O::Output
+                where
+                    A: $crate::kernel::float::KernelFloat,
+                    O: $crate::kernel::arch::Op<A, K>,
+                    T: $crate::kernel::arch::Token<A, NR>
+                        + $crate::kernel::tiled::KeyTiles<A, K, NR>,
+                {
+                    op.run::<T, NR>(token)
                 }
                 // SAFETY: `self` exists, so the CPU has the instruction sets.
-                unsafe { compiled(self, block, scratch, out) }
-            }
-
-            fn attend_part<R: $crate::kernel::direct::Rows<$ty>>(
-                self,
-                group: &$crate::kernel::direct::Group<'_, '_, $ty, R>,
-                part: std::ops::Range<usize>,
-            ) -> $crate::kernel::direct::Partial<$ty> {
-                /// # Safety
-                ///
-                #[doc = concat!("The CPU must support ", $features, ".")]
-                #[target_feature(enable = $features)]
-                unsafe fn compiled<R: $crate::kernel::direct::Rows<$ty>>(
-                    token: $token,
-                    group: &$crate::kernel::direct::Group<'_, '_, $ty, R>,
-                    part: std::ops::Range<usize>,
-                ) -> $crate::kernel::direct::Partial<$ty> {
-                    $crate::kernel::direct::attend_part::<
-                        $ty,
-                        $crate::kernel::float::Fused,
-                        $token,
-                        R,
-                    >(token, group, part)
-                }
-                // SAFETY: `self` exists, so the CPU has the instruction sets.
-                unsafe { compiled(self, group, part) }
-            }
-
-            fn pack_head(
-                self,
-                k: &ndarray::ArrayView2<'_, $ty>,
-                v: &ndarray::ArrayView2<'_, $ty>,
-            ) -> $crate::kernel::pack::PackedHead<$ty> {
-                /// # Safety
-                ///
-                #[doc = concat!("The CPU must support ", $features, ".")]
-                #[target_feature(enable = $features)]
-                unsafe fn compiled(
-                    k: &ndarray::ArrayView2<'_, $ty>,
-                    v: &ndarray::ArrayView2<'_, $ty>,
-                ) -> $crate::kernel::pack::PackedHead<$ty> {
-                    $crate::kernel::pack::pack_head::<$ty, $nr>(k, v)
-                }
-                // SAFETY: `self` exists, so the CPU has the instruction sets.
-                unsafe { compiled(k, v) }
-            }
-
-            fn backward_head(
-                self,
-                inputs: &$crate::kernel::backward::HeadInputs<'_, '_, $ty>,
-                upstream: $crate::kernel::backward::Upstream<'_, $ty>,
-            ) -> $crate::kernel::backward::HeadGradients<$ty> {
-                /// # Safety
-                ///
-                #[doc = concat!("The CPU must support ", $features, ".")]
-                #[target_feature(enable = $features)]
-                unsafe fn compiled(
-                    token: $token,
-                    inputs: &$crate::kernel::backward::HeadInputs<'_, '_, $ty>,
-                    upstream: $crate::kernel::backward::Upstream<'_, $ty>,
-                ) -> $crate::kernel::backward::HeadGradients<$ty> {
-                    use $crate::kernel::{backward::head, float::Fused};
-                    head::<$ty, Fused, $token, $nr>(token, inputs, upstream)
-                }
-                // SAFETY: `self` exists, so the CPU has the instruction sets.
-                unsafe { compiled(self, inputs, upstream) }
-            }
-
-            fn forward_head(
-                self,
-                inputs: &$crate::kernel::backward::HeadInputs<'_, '_, $ty>,
-            ) -> (ndarray::Array2<$ty>, ndarray::Array1<$ty>) {
-                /// # Safety
-                ///
-                #[doc = concat!("The CPU must support ", $features, ".")]
-                #[target_feature(enable = $features)]
-                unsafe fn compiled(
-                    token: $token,
-                    inputs: &$crate::kernel::backward::HeadInputs<'_, '_, $ty>,
-                ) -> (ndarray::Array2<$ty>, ndarray::Array1<$ty>) {
-                    use $crate::kernel::{backward::forward_head, float::Fused};
-                    forward_head::<$ty, Fused, $token, $nr>(token, inputs)
-                }
-                // SAFETY: `self` exists, so the CPU has the instruction sets.
-                unsafe { compiled(self, inputs) }
+                unsafe { compiled::<A, K, O, Self, NR>(self, op) }
             }
         }
     };
@@ -132,7 +43,7 @@ macro_rules! compiled {
 /// reads each step of the keys or values twice); `$features` names what the token
 /// proves.
 macro_rules! two_register_tiles {
-    ($token:ty, $features:literal, $module:ident, $ty:ty, $nr:literal, $lanes:literal, $rows:literal, $reg:ident, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
+    ($token:ty, $features:literal, $module:ident, $ty:ty, $nr:expr, $lanes:literal, $rows:literal, $reg:ident, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
         mod $module {
             use super::*;
             use $crate::kernel::params::{BC, MR};
@@ -164,7 +75,11 @@ macro_rules! two_register_tiles {
                 step[first..first + ROWS].try_into().expect("ROWS values")
             }
 
-            impl Tiles<$ty, $nr> for $token {
+            impl $crate::kernel::arch::Token<$ty, { $nr }> for $token {
+                type MulAdd = $crate::kernel::float::Fused;
+            }
+
+            impl Tiles<$ty, { $nr }> for $token {
                 #[inline(always)]
                 fn score_tile(self, q: &[[$ty; MR]], k: &[[$ty; $nr]]) -> [[$ty; $nr]; MR] {
                     let mut out = [[0.0; $nr]; MR];

@@ -1,19 +1,22 @@
 //! The instruction sets the kernels are compiled for, chosen once per call.
 //!
-//! Each kernel body is written once, generic over its micro-kernels
-//! ([`Tiles`](super::tiled::Tiles), [`Dots`](super::direct::Dots)), and compiled
-//! here three times: with AVX-512 intrinsics ([`avx512`]: 512-bit registers, twice
-//! as wide tiles), with AVX2, FMA and F16C intrinsics ([`avx2`]), and as plain
-//! loops for any CPU ([`portable`]). [`Arch::detect`] chooses the best the CPU has
-//! at the start of a call.
+//! Each kernel body is written once, generic over a [`Token`]: the micro-kernels
+//! of one instruction set ([`Tiles`], [`Dots`], [`HalfDots`]) and its tile width.
+//! A body is wrapped as an [`Op`] ([`super::ops`]); [`Dispatch::dispatch`] runs
+//! it with the token [`Arch::detect`] chose, through that token's one trampoline
+//! (`vectorize`: a `#[target_feature]` function, pulp's shape), so the body is
+//! compiled three times: with AVX-512 intrinsics ([`avx512`]: 512-bit registers,
+//! twice as wide tiles), with AVX2, FMA and F16C intrinsics ([`avx2`]), and as
+//! plain loops for any CPU ([`portable`]). Each token states its tile widths
+//! (`F32_TILE`, `F64_TILE`) with the measurement that chose them.
 //!
-//! Soundness is carried by types: the micro-kernels of an instruction set are
-//! methods of its token ([`Avx2`](avx2::Avx2), [`Avx512`](avx512::Avx512)),
-//! which only run-time detection can construct, so no safe function can execute
-//! an instruction the CPU lacks.
+//! Soundness is carried by types: only run-time detection constructs a token,
+//! and only a token can call its trampoline, so no safe function can execute an
+//! instruction the CPU lacks.
 //!
 //! Keys stored in bf16 have one more level where the CPU has AVX512_BF16
-//! ([`avx512bf16`]): the tiled kernel's scores by bf16 dot products.
+//! ([`avx512bf16`]): the tiled kernel's scores by bf16 dot products, a token
+//! that dispatches operations over keys packed as bf16 pairs.
 //!
 //! `ATTN_KERNEL_ARCH` caps the instruction set, for tests and diagnostics:
 //! `portable`, `avx2`, `avx512` or `avx512bf16` (the default: the best the CPU
@@ -33,20 +36,15 @@ mod avx512bf16;
 pub(crate) mod cpu;
 mod portable;
 
-use std::ops::Range;
 use std::sync::OnceLock;
 
-use ndarray::{ArrayView2, ArrayViewMut2};
-
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx512bf16::Avx512Bf16;
 pub(crate) use portable::Portable;
 
-use ndarray::{Array1, Array2};
-
-use super::backward::{self, HeadGradients, HeadInputs, Upstream};
-use super::direct::{self, Group, Partial, Rows};
-use super::float::{KernelFloat, Separate};
-use super::pack::{self, Entry, PackedHead};
-use super::tiled::{self, Block, Scratch};
+use super::direct::{Dots, HalfDots};
+use super::float::{KernelFloat, MulAdd};
+use super::tiled::{KeyTiles, Tiles};
 use crate::element::Element;
 use crate::error::{Error, Result};
 
@@ -113,7 +111,7 @@ impl Arch {
     /// The tiled kernel with bf16 dot products, where the CPU has AVX512_BF16
     /// and `ATTN_KERNEL_ARCH` allows it.
     #[cfg(target_arch = "x86_64")]
-    pub(crate) fn bf16_dots(self) -> Option<avx512bf16::Avx512Bf16> {
+    pub(crate) fn bf16_dots(self) -> Option<Avx512Bf16> {
         match self {
             Arch::Avx512(token) if cap().is_ok_and(|cap| cap >= Cap::Avx512Bf16) => {
                 avx512bf16::Avx512Bf16::detect(token)
@@ -155,255 +153,84 @@ fn parse_cap(value: &str) -> std::result::Result<Cap, String> {
     }
 }
 
-/// What the tiled kernel runs with over keys and values stored as `KV`: how a
-/// key/value head is packed, and the block body, compiled for one instruction
-/// set. [`Arch`] is one for keys in the compute type; [`Avx512Bf16`] one for
-/// bf16 keys.
-///
-/// [`Avx512Bf16`]: avx512bf16::Avx512Bf16
-pub(crate) trait TiledKernel<A, KV>: Copy + Send + Sync {
-    /// How queries and keys are packed for the score micro-kernel.
-    type Entry: Entry<A>;
+/// The micro-kernels of one instruction set for element `A` in tiles `NR`
+/// columns wide: what every kernel body is written against. Each token
+/// implements it once per element type, `NR` being the token's tile width for
+/// that type (its `F32_TILE` / `F64_TILE`).
+pub(crate) trait Token<A: KernelFloat, const NR: usize>:
+    Tiles<A, NR> + Dots<A> + HalfDots + Send + Sync
+{
+    /// How `a·b + c` is computed: one fused instruction where the instruction
+    /// set has FMA, a multiply and an add where it may not.
+    type MulAdd: MulAdd;
+}
 
+/// One operation of the kernels ([`super::ops`]), written once generic over the
+/// token: `run` is `#[inline(always)]` in every implementation, so the token's
+/// trampoline compiles the whole body with its instruction sets. `K` is how the
+/// operation's queries and keys are packed ([`Entry`](super::pack::Entry)): the
+/// element itself, or bf16 pairs.
+pub(crate) trait Op<A: KernelFloat, K = A> {
+    /// What the operation gives.
+    type Output;
+
+    /// The operation with `token`'s micro-kernels.
+    fn run<T: Token<A, NR> + KeyTiles<A, K, NR>, const NR: usize>(self, token: T) -> Self::Output;
+}
+
+/// What runs an [`Op`]: [`Arch`] for queries and keys packed in the element type
+/// (every instruction set), [`Avx512Bf16`](avx512bf16::Avx512Bf16) for bf16
+/// keys packed as pairs.
+pub(crate) trait Dispatch<A: KernelFloat, K = A>: Copy + Send + Sync {
     /// The instruction set, as [`kernel_paths`](crate::kernel_paths) reports it.
     fn kind(self) -> KernelArch;
 
-    /// Columns of a register tile (keys in `S`, value columns in `O`).
-    fn tile_width(self) -> usize;
-
-    /// [`pack::pack_head`] (or its bf16 form) for this kernel's tiles.
-    fn pack_head(
-        self,
-        k: &ArrayView2<'_, KV>,
-        v: &ArrayView2<'_, KV>,
-    ) -> PackedHead<A, Self::Entry>;
-
-    /// [`tiled::attend_block`] for this kernel.
-    fn attend_block(
-        self,
-        block: &Block<'_, A, Self::Entry>,
-        scratch: &mut Scratch<A, Self::Entry>,
-        out: ArrayViewMut2<'_, A>,
-    );
+    /// Runs `op` compiled for this instruction set: inside the token's one
+    /// `#[target_feature]` trampoline, with the token's tile width.
+    fn dispatch<O: Op<A, K>>(self, op: O) -> O::Output;
 }
 
-impl<A: KernelElement> TiledKernel<A, A> for Arch {
-    type Entry = A;
-
+impl<A: KernelElement> Dispatch<A> for Arch {
     fn kind(self) -> KernelArch {
         Arch::kind(self)
     }
 
-    fn tile_width(self) -> usize {
-        A::tile_width(self)
-    }
-
-    fn pack_head(self, k: &ArrayView2<'_, A>, v: &ArrayView2<'_, A>) -> PackedHead<A> {
-        A::pack_head(self, k, v)
-    }
-
-    fn attend_block(
-        self,
-        block: &Block<'_, A>,
-        scratch: &mut Scratch<A>,
-        out: ArrayViewMut2<'_, A>,
-    ) {
-        A::attend_block(self, block, scratch, out)
+    #[inline]
+    fn dispatch<O: Op<A>>(self, op: O) -> O::Output {
+        A::dispatch(self, op)
     }
 }
 
-/// The kernel bodies compiled for one instruction set (`Self`, a token proving
-/// the CPU has it) and one element type.
-pub(crate) trait Compiled<A: KernelFloat>: Copy {
-    /// Columns of a register tile (keys in `S`, value columns in `O`).
-    const TILE_WIDTH: usize;
-
-    /// [`tiled::attend_block`] with `TILE_WIDTH`-wide tiles.
-    fn attend_block(
-        self,
-        block: &Block<'_, A>,
-        scratch: &mut Scratch<A>,
-        out: ArrayViewMut2<'_, A>,
-    );
-
-    /// [`direct::attend_part`].
-    fn attend_part<R: Rows<A>>(self, group: &Group<'_, '_, A, R>, part: Range<usize>)
-        -> Partial<A>;
-
-    /// [`pack::pack_head`] for `TILE_WIDTH`-wide tiles.
-    fn pack_head(self, k: &ArrayView2<'_, A>, v: &ArrayView2<'_, A>) -> PackedHead<A>;
-
-    /// [`backward::head`].
-    fn backward_head(
-        self,
-        inputs: &HeadInputs<'_, '_, A>,
-        upstream: Upstream<'_, A>,
-    ) -> HeadGradients<A>;
-
-    /// [`backward::forward_head`].
-    fn forward_head(self, inputs: &HeadInputs<'_, '_, A>) -> (Array2<A>, Array1<A>);
-}
-
-/// The portable bodies, for any CPU (`a·b + c` as a multiply and an add).
-macro_rules! portable {
-    ($ty:ty, $nr:literal) => {
-        impl Compiled<$ty> for Portable {
-            const TILE_WIDTH: usize = $nr;
-
-            fn attend_block(
-                self,
-                block: &Block<'_, $ty>,
-                scratch: &mut Scratch<$ty>,
-                out: ArrayViewMut2<'_, $ty>,
-            ) {
-                tiled::attend_block::<$ty, Separate, Portable, $ty, $nr>(self, block, scratch, out)
-            }
-
-            fn attend_part<R: Rows<$ty>>(
-                self,
-                group: &Group<'_, '_, $ty, R>,
-                part: Range<usize>,
-            ) -> Partial<$ty> {
-                direct::attend_part::<$ty, Separate, Portable, R>(self, group, part)
-            }
-
-            fn pack_head(
-                self,
-                k: &ArrayView2<'_, $ty>,
-                v: &ArrayView2<'_, $ty>,
-            ) -> PackedHead<$ty> {
-                pack::pack_head::<$ty, $nr>(k, v)
-            }
-
-            fn backward_head(
-                self,
-                inputs: &HeadInputs<'_, '_, $ty>,
-                upstream: Upstream<'_, $ty>,
-            ) -> HeadGradients<$ty> {
-                backward::head::<$ty, Separate, Portable, $nr>(self, inputs, upstream)
-            }
-
-            fn forward_head(self, inputs: &HeadInputs<'_, '_, $ty>) -> (Array2<$ty>, Array1<$ty>) {
-                backward::forward_head::<$ty, Separate, Portable, $nr>(self, inputs)
-            }
-        }
-    };
-}
-
-portable!(f32, 8);
-portable!(f64, 4);
-
-/// An element type with compiled kernels for every instruction set: each call
-/// runs the bodies compiled for `arch`.
+/// An element type with a tile width on every token: [`Dispatch`] for [`Arch`].
+/// Stable Rust cannot compute a const generic from a type parameter, so each
+/// element type writes out its match from instruction set to token and width.
 pub(crate) trait KernelElement: Element + KernelFloat {
-    /// Columns of a register tile (keys in `S`, value columns in `O`) under `arch`.
-    fn tile_width(arch: Arch) -> usize;
-
-    /// [`tiled::attend_block`] compiled for `arch`.
-    fn attend_block(
-        arch: Arch,
-        block: &Block<'_, Self>,
-        scratch: &mut Scratch<Self>,
-        out: ArrayViewMut2<'_, Self>,
-    );
-
-    /// [`direct::attend_part`] compiled for `arch`.
-    fn attend_part<R: Rows<Self>>(
-        arch: Arch,
-        group: &Group<'_, '_, Self, R>,
-        part: Range<usize>,
-    ) -> Partial<Self>;
-
-    /// [`pack::pack_head`] compiled for `arch`.
-    fn pack_head(
-        arch: Arch,
-        k: &ArrayView2<'_, Self>,
-        v: &ArrayView2<'_, Self>,
-    ) -> PackedHead<Self>;
-
-    /// [`backward::head`] compiled for `arch`.
-    fn backward_head(
-        arch: Arch,
-        inputs: &HeadInputs<'_, '_, Self>,
-        upstream: Upstream<'_, Self>,
-    ) -> HeadGradients<Self>;
-
-    /// [`backward::forward_head`] compiled for `arch`.
-    fn forward_head(arch: Arch, inputs: &HeadInputs<'_, '_, Self>) -> (Array2<Self>, Array1<Self>);
+    /// Runs `op` with the token of `arch` and its tile width for this type.
+    fn dispatch<O: Op<Self>>(arch: Arch, op: O) -> O::Output;
 }
 
-/// Runs `$call` with `$token` bound to the token of `$arch`.
-macro_rules! on_arch {
-    ($arch:expr, $token:ident => $call:expr) => {
-        match $arch {
-            Arch::Portable => {
-                let $token = Portable;
-                $call
-            }
-            #[cfg(target_arch = "x86_64")]
-            Arch::Avx2($token) => $call,
-            #[cfg(target_arch = "x86_64")]
-            Arch::Avx512($token) => $call,
-        }
-    };
-}
-
-/// [`KernelElement`] for an element type that every token compiles.
+/// [`KernelElement`] for `$ty`, whose tiles are `$width` wide on each token.
 macro_rules! kernel_element {
-    ($ty:ty) => {
+    ($ty:ty, $width:ident) => {
         impl KernelElement for $ty {
-            fn tile_width(arch: Arch) -> usize {
-                fn width<T: Compiled<$ty>>(_: T) -> usize {
-                    T::TILE_WIDTH
+            #[inline]
+            fn dispatch<O: Op<$ty>>(arch: Arch, op: O) -> O::Output {
+                match arch {
+                    Arch::Portable => op.run::<Portable, { Portable::$width }>(Portable),
+                    #[cfg(target_arch = "x86_64")]
+                    Arch::Avx2(token) => token.vectorize::<$ty, $ty, O, { avx2::Avx2::$width }>(op),
+                    #[cfg(target_arch = "x86_64")]
+                    Arch::Avx512(token) => {
+                        token.vectorize::<$ty, $ty, O, { avx512::Avx512::$width }>(op)
+                    }
                 }
-                on_arch!(arch, token => width(token))
-            }
-
-            fn attend_block(
-                arch: Arch,
-                block: &Block<'_, $ty>,
-                scratch: &mut Scratch<$ty>,
-                out: ArrayViewMut2<'_, $ty>,
-            ) {
-                on_arch!(arch, token => token.attend_block(block, scratch, out))
-            }
-
-            fn attend_part<R: Rows<$ty>>(
-                arch: Arch,
-                group: &Group<'_, '_, $ty, R>,
-                part: Range<usize>,
-            ) -> Partial<$ty> {
-                on_arch!(arch, token => token.attend_part(group, part))
-            }
-
-            fn pack_head(
-                arch: Arch,
-                k: &ArrayView2<'_, $ty>,
-                v: &ArrayView2<'_, $ty>,
-            ) -> PackedHead<$ty> {
-                on_arch!(arch, token => token.pack_head(k, v))
-            }
-
-            fn backward_head(
-                arch: Arch,
-                inputs: &HeadInputs<'_, '_, $ty>,
-                upstream: Upstream<'_, $ty>,
-            ) -> HeadGradients<$ty> {
-                on_arch!(arch, token => token.backward_head(inputs, upstream))
-            }
-
-            fn forward_head(
-                arch: Arch,
-                inputs: &HeadInputs<'_, '_, $ty>,
-            ) -> (Array2<$ty>, Array1<$ty>) {
-                on_arch!(arch, token => token.forward_head(inputs))
             }
         }
     };
 }
 
-kernel_element!(f32);
-kernel_element!(f64);
+kernel_element!(f32, F32_TILE);
+kernel_element!(f64, F64_TILE);
 
 #[cfg(test)]
 mod tests {

@@ -1,6 +1,7 @@
 //! The micro-kernels as plain loops over fixed-size arrays, for any CPU: the
 //! autovectoriser turns them into whatever the build's target allows.
 
+use super::Token;
 use crate::element::Half;
 use crate::kernel::direct::{sum_lanes, Dots, HalfDots};
 use crate::kernel::float::{KernelFloat, MulAdd, Separate};
@@ -11,6 +12,19 @@ use crate::kernel::tiled::Tiles;
 /// in the target, `mul_add` would call a slow library function).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Portable;
+
+/// Tile widths: 32 bytes of a tile row, what the autovectoriser fills with one
+/// 256-bit or two 128-bit registers; it needs no trampoline (nothing to enable).
+impl Portable {
+    /// Columns of an f32 tile.
+    pub(crate) const F32_TILE: usize = 8;
+    /// Columns of an f64 tile.
+    pub(crate) const F64_TILE: usize = 4;
+}
+
+impl<A: KernelFloat, const NR: usize> Token<A, NR> for Portable {
+    type MulAdd = Separate;
+}
 
 impl<A: KernelFloat, const NR: usize> Tiles<A, NR> for Portable {
     #[inline(always)]

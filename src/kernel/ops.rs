@@ -1,0 +1,124 @@
+//! Every operation a token runs: one struct per kernel body, holding its
+//! arguments, whose [`Op::run`] calls the body with the token's micro-kernels,
+//! tile width and multiply-add. [`Dispatch::dispatch`](super::arch::Dispatch)
+//! compiles each for the instruction set of the call.
+
+use std::ops::Range;
+
+use half::bf16;
+use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2};
+
+use super::arch::{KernelElement, Op, Token};
+use super::backward::{self, HeadGradients, HeadInputs, Upstream};
+use super::direct::{self, Group, Partial, Rows};
+use super::float::KernelFloat;
+use super::pack::{self, Bf16Pair, Entry, PackedHead};
+use super::tiled::{self, Block, KeyTiles, Scratch};
+
+/// The token's tile width (columns of a register tile), for sizing scratch.
+pub(crate) struct TileWidth;
+
+impl<A: KernelFloat, K> Op<A, K> for TileWidth {
+    type Output = usize;
+
+    #[inline(always)]
+    fn run<T: Token<A, NR> + KeyTiles<A, K, NR>, const NR: usize>(self, _: T) -> usize {
+        NR
+    }
+}
+
+/// [`pack::pack_head`] (or, for bf16 keys as pairs, [`pack::pack_head_bf16`]):
+/// one key/value head packed for the token's tiles, the transposition of the
+/// keys running with its vectors.
+pub(crate) struct PackHead<'v, 'a, KV> {
+    pub(crate) k: &'v ArrayView2<'a, KV>,
+    pub(crate) v: &'v ArrayView2<'a, KV>,
+}
+
+impl<A: KernelElement> Op<A> for PackHead<'_, '_, A> {
+    type Output = PackedHead<A>;
+
+    #[inline(always)]
+    fn run<T: Token<A, NR> + KeyTiles<A, A, NR>, const NR: usize>(self, _: T) -> PackedHead<A> {
+        pack::pack_head::<A, NR>(self.k, self.v)
+    }
+}
+
+impl Op<f32, Bf16Pair> for PackHead<'_, '_, bf16> {
+    type Output = PackedHead<f32, Bf16Pair>;
+
+    #[inline(always)]
+    fn run<T: Token<f32, NR> + KeyTiles<f32, Bf16Pair, NR>, const NR: usize>(
+        self,
+        _: T,
+    ) -> PackedHead<f32, Bf16Pair> {
+        pack::pack_head_bf16::<NR>(self.k, self.v)
+    }
+}
+
+/// [`tiled::attend_block`]: one block of query rows of the tiled kernel.
+pub(crate) struct AttendBlock<'b, 'a, A, K> {
+    pub(crate) block: &'b Block<'a, A, K>,
+    pub(crate) scratch: &'b mut Scratch<A, K>,
+    pub(crate) out: ArrayViewMut2<'b, A>,
+}
+
+impl<A: KernelFloat, K: Entry<A>> Op<A, K> for AttendBlock<'_, '_, A, K> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<T: Token<A, NR> + KeyTiles<A, K, NR>, const NR: usize>(self, token: T) {
+        tiled::attend_block::<A, T::MulAdd, T, K, NR>(token, self.block, self.scratch, self.out)
+    }
+}
+
+/// [`direct::attend_part`]: the query rows of one group over one part of its keys.
+pub(crate) struct AttendPart<'r, 'g, 'p, A, R> {
+    pub(crate) group: &'r Group<'g, 'p, A, R>,
+    pub(crate) part: Range<usize>,
+}
+
+impl<A: KernelFloat, R: Rows<A>> Op<A> for AttendPart<'_, '_, '_, A, R> {
+    type Output = Partial<A>;
+
+    #[inline(always)]
+    fn run<T: Token<A, NR> + KeyTiles<A, A, NR>, const NR: usize>(self, token: T) -> Partial<A> {
+        direct::attend_part::<A, T::MulAdd, T, R>(token, self.group, self.part)
+    }
+}
+
+/// [`backward::head`]: the gradients of one query head.
+pub(crate) struct BackwardHead<'r, 'h, 'p, 'u, A> {
+    pub(crate) inputs: &'r HeadInputs<'h, 'p, A>,
+    pub(crate) upstream: Upstream<'u, A>,
+}
+
+impl<A: KernelFloat> Op<A> for BackwardHead<'_, '_, '_, '_, A> {
+    type Output = HeadGradients<A>;
+
+    #[inline(always)]
+    fn run<T: Token<A, NR> + KeyTiles<A, A, NR>, const NR: usize>(
+        self,
+        token: T,
+    ) -> HeadGradients<A> {
+        backward::head::<A, T::MulAdd, T, NR>(token, self.inputs, self.upstream)
+    }
+}
+
+/// [`backward::forward_head`]: one query head's output and log-sum-exp by the
+/// backward pass's forward.
+pub(crate) struct ForwardHead<'r, 'h, 'p, A> {
+    pub(crate) inputs: &'r HeadInputs<'h, 'p, A>,
+}
+
+impl<A: KernelFloat> Op<A> for ForwardHead<'_, '_, '_, A> {
+    type Output = (Array2<A>, Array1<A>);
+
+    #[inline(always)]
+    fn run<T: Token<A, NR> + KeyTiles<A, A, NR>, const NR: usize>(
+        self,
+        token: T,
+    ) -> (Array2<A>, Array1<A>) {
+        backward::forward_head::<A, T::MulAdd, T, NR>(token, self.inputs)
+    }
+}
