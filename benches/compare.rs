@@ -349,7 +349,7 @@ fn main() {
     // the backward pass: gradients of q, k, v from d_out (forward not timed for
     // PyTorch; attn's backward runs its own forward pass inside)
     println!("\nbackward, f32, {HEADS} heads, head_dim {DIM}: GFLOP/s = 10·N²·d·heads / time (causal: half)");
-    println!("\"kept\": `backward_batched_with_lse` from `forward_batched_with_lse` (forward not timed, as for PyTorch); \"alone\": `backward_batched`, which runs the forward again\n");
+    println!("\"kept\": `backward_with_lse` from `forward_with_lse` (forward not timed, as for PyTorch); \"alone\": `backward_batched`, which runs the forward again\n");
     println!("| N | mask | threads | attn kept | attn alone | PyTorch backward | kept / PyTorch | kept, % of FMA peak |");
     println!("|---|---|---|---|---|---|---|---|");
     let backward_sizes: &[usize] = if quick { &[512] } else { &[512, 2048] };
@@ -363,14 +363,12 @@ fn main() {
                 ScaledDotProduct::new()
             };
             let flops = 10.0 * (n * n * DIM * HEADS) as f64 / if causal { 2.0 } else { 1.0 };
-            let forward = attn
-                .forward_batched_with_lse(&q, &k, &v)
-                .expect("valid shapes");
+            let forward = attn.forward_with_lse(&q, &k, &v).expect("valid shapes");
             for threads in [1, 2] {
                 let pool = pool_of(threads);
                 let kept = pool.install(|| {
                     best_seconds(min, || {
-                        drop(attn.backward_batched_with_lse(&q, &k, &v, &forward, &d_out))
+                        drop(attn.backward_with_lse(&q, &k, &v, &forward, &d_out))
                     })
                 });
                 let alone = pool.install(|| {

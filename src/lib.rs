@@ -104,6 +104,7 @@ pub use ndarray;
 pub use half;
 
 pub use crate::core::mask::Mask;
+pub use crate::core::problem::AttentionDim;
 pub use crate::core::softmax::{softmax_rows, softmax_rows_in_place};
 pub use decode::cache::KvCache;
 pub use decode::position::{alibi_slopes, key_padding, RelativeBuckets};

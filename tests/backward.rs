@@ -291,9 +291,9 @@ fn backward_from_the_kept_forward_equals_the_backward_that_recomputes_it() {
     let slopes = Array1::from(vec![0.5, 0.25, 0.125, 0.0625]);
     let masks = [Mask::Alibi(slopes.view()), Mask::CausalBottomRight];
     let attn = attention(Kernel::Auto, &masks);
-    let forward = attn.forward_batched_with_lse(&q, &k, &v).expect("valid");
+    let forward = attn.forward_with_lse(&q, &k, &v).expect("valid");
     let kept = backward_by(true, 8, || {
-        attn.backward_batched_with_lse(&q, &k, &v, &forward, &d_out)
+        attn.backward_with_lse(&q, &k, &v, &forward, &d_out)
     })
     .expect("valid");
     let again = attn.backward_batched(&q, &k, &v, &d_out).expect("valid");

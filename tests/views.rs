@@ -208,9 +208,9 @@ fn four_d<A: Element + BitsEq>() {
             vec![dyn_(out.output), dyn_(out.weights), dyn_(plain)]
         },
     );
-    same_for_every_view("forward_batched_with_lse", &plain, |x| {
+    same_for_every_view("forward_with_lse, batched", &plain, |x| {
         let out = ScaledDotProduct::new()
-            .forward_batched_with_lse(&d4(&x[0]), &d4(&x[1]), &d4(&x[2]))
+            .forward_with_lse(&d4(&x[0]), &d4(&x[1]), &d4(&x[2]))
             .expect("valid");
         vec![dyn_(out.output), dyn_(out.lse)]
     });
@@ -225,12 +225,10 @@ fn four_d<A: Element + BitsEq>() {
     });
     let attention = ScaledDotProduct::new();
     let (q4, k4, v4) = (d4(&q.view()), d4(&k.view()), d4(&v.view()));
-    let forward = attention
-        .forward_batched_with_lse(&q4, &k4, &v4)
-        .expect("valid");
-    same_for_every_view("backward_batched_with_lse", &with_d_out, |x| {
+    let forward = attention.forward_with_lse(&q4, &k4, &v4).expect("valid");
+    same_for_every_view("backward_with_lse, batched", &with_d_out, |x| {
         let g = attention
-            .backward_batched_with_lse(&d4(&x[0]), &d4(&x[1]), &d4(&x[2]), &forward, &d4(&x[3]))
+            .backward_with_lse(&d4(&x[0]), &d4(&x[1]), &d4(&x[2]), &forward, &d4(&x[3]))
             .expect("valid");
         vec![dyn_(g.q), dyn_(g.k), dyn_(g.v)]
     });

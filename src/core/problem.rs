@@ -1,7 +1,10 @@
 //! A checked attention call: shapes validated, inputs lifted to 4-D, masks
 //! broadcast, scale resolved.
 
-use ndarray::{ArrayView2, ArrayView4, ArrayViewMut2, ArrayViewMut4, Axis};
+use ndarray::{
+    Array, Array1, Array2, Array3, Array4, ArrayView, ArrayView1, ArrayView2, ArrayView3,
+    ArrayView4, ArrayViewMut2, ArrayViewMut4, Axis, Dimension, Ix2, Ix4,
+};
 
 use super::mask::{self, Mask, Mask2, Mask4, Shaped};
 use crate::element::Element;
@@ -23,28 +26,22 @@ pub(crate) struct Problem<'a, A, KV = A> {
     pub(crate) bias_shapes: Vec<[usize; 4]>,
 }
 
-impl<'a, A: Element> Problem<'a, A> {
-    /// Checks a 2-D call (`q: (L, d_k)`, `k: (S, d_k)`, `v: (S, d_v)`).
-    pub(crate) fn new_2d(
-        q: ArrayView2<'a, A>,
-        k: ArrayView2<'a, A>,
-        v: ArrayView2<'a, A>,
+impl<'a, A: Element, KV> Problem<'a, A, KV> {
+    /// Checks a call in its own shape: 2-D (`q: (L, d_k)`, `k: (S, d_k)`,
+    /// `v: (S, d_v)`, whose errors name 2-D shapes) or batched ([`new_4d`](Self::new_4d)).
+    pub(crate) fn new<D: AttentionDim>(
+        q: ArrayView<'a, A, D>,
+        k: ArrayView<'a, KV, D>,
+        v: ArrayView<'a, KV, D>,
         masks: &'a [Mask<'_, A>],
         scale: Option<A>,
     ) -> Result<Self> {
-        check_2d(q.shape(), k.shape(), v.shape(), masks)?;
-        Ok(Problem {
-            masks: mask::broadcast_all(masks, &[q.nrows(), k.nrows()])?,
-            bias_shapes: bias_shapes(masks),
-            scale: resolve_scale(scale, q.ncols())?,
-            q: lift(q),
-            k: lift(k),
-            v: lift(v),
-        })
+        if q.ndim() == 2 {
+            check_2d(q.shape(), k.shape(), v.shape(), masks)?;
+        }
+        Problem::new_4d(D::lift(q), D::lift(k), D::lift(v), masks, scale)
     }
-}
 
-impl<'a, A: Element, KV> Problem<'a, A, KV> {
     /// Checks a batched call (`q: (batch, heads, L, d_k)`, `k: (batch, kv_heads, S, d_k)`,
     /// `v: (batch, kv_heads, S, d_v)`).
     pub(crate) fn new_4d(
@@ -165,12 +162,7 @@ pub(crate) fn check_scale<A: Element>(scale: A) -> Result<A> {
 /// Checks the shapes of a 2-D call (`q: (L, d_k)`, `k: (S, d_k)`, `v: (S, d_v)`)
 /// and that every mask fits its `(L, S)` scores: the errors of a 2-D call, for
 /// calls that then run it batched.
-pub(crate) fn check_2d<A>(
-    q: &[usize],
-    k: &[usize],
-    v: &[usize],
-    masks: &[Mask<'_, A>],
-) -> Result<()> {
+fn check_2d<A>(q: &[usize], k: &[usize], v: &[usize], masks: &[Mask<'_, A>]) -> Result<()> {
     check_shapes(q, k, v)?;
     mask::broadcast_all(masks, &[q[0], k[0]])?;
     Ok(())
@@ -219,6 +211,90 @@ fn check_shapes(q: &[usize], k: &[usize], v: &[usize]) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// The two shapes attention's calls take: `Ix2`, one head (`q: (L, d_k)`), and
+/// `Ix4`, batched heads (`q: (batch, heads, L, d_k)`). The calls generic over it
+/// ([`forward_with_lse`], [`backward_with_lse`]) take either; each checks its
+/// inputs in their own shape and reports errors in it.
+///
+/// Sealed: these two are the shapes there are.
+///
+/// # Examples
+///
+/// ```
+/// use attn::{AttentionDim, ScaledDotProduct};
+/// use ndarray::{Array2, Array4};
+///
+/// fn rows<D: AttentionDim>(x: &ndarray::ArrayRef<f64, D>) -> attn::Result<usize> {
+///     Ok(ScaledDotProduct::new().forward_with_lse(x, x, x)?.lse.len())
+/// }
+/// assert_eq!(rows(&Array2::<f64>::ones((3, 4)))?, 3);
+/// assert_eq!(rows(&Array4::<f64>::ones((2, 2, 3, 4)))?, 12);
+/// # Ok::<(), attn::Error>(())
+/// ```
+///
+/// [`forward_with_lse`]: crate::ScaledDotProduct::forward_with_lse
+/// [`backward_with_lse`]: crate::ScaledDotProduct::backward_with_lse
+pub trait AttentionDim: Dimension + sealed::Sealed {
+    /// An array of this shape as `(batch, heads, ·, ·)`.
+    #[doc(hidden)]
+    fn lift<A>(x: ArrayView<'_, A, Self>) -> ArrayView4<'_, A>;
+
+    /// One value per row of this shape (`Self::Smaller`) as `(batch, heads, ·)`.
+    #[doc(hidden)]
+    fn lift_rows<A>(x: ArrayView<'_, A, Self::Smaller>) -> ArrayView3<'_, A>;
+
+    /// A batched result, `(batch, heads, ·, ·)` (one batch and head for 2-D), in
+    /// this shape.
+    #[doc(hidden)]
+    fn unlift<A>(x: Array4<A>) -> Array<A, Self>;
+
+    /// One value per row, `(batch, heads, ·)`, in this shape's rows.
+    #[doc(hidden)]
+    fn unlift_rows<A>(x: Array3<A>) -> Array<A, Self::Smaller>;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for ndarray::Ix2 {}
+    impl Sealed for ndarray::Ix4 {}
+}
+
+impl AttentionDim for Ix2 {
+    fn lift<A>(x: ArrayView2<'_, A>) -> ArrayView4<'_, A> {
+        lift(x)
+    }
+
+    fn lift_rows<A>(x: ArrayView1<'_, A>) -> ArrayView3<'_, A> {
+        x.insert_axis(Axis(0)).insert_axis(Axis(0))
+    }
+
+    fn unlift<A>(x: Array4<A>) -> Array2<A> {
+        x.index_axis_move(Axis(0), 0).index_axis_move(Axis(0), 0)
+    }
+
+    fn unlift_rows<A>(x: Array3<A>) -> Array1<A> {
+        x.index_axis_move(Axis(0), 0).index_axis_move(Axis(0), 0)
+    }
+}
+
+impl AttentionDim for Ix4 {
+    fn lift<A>(x: ArrayView4<'_, A>) -> ArrayView4<'_, A> {
+        x
+    }
+
+    fn lift_rows<A>(x: ArrayView3<'_, A>) -> ArrayView3<'_, A> {
+        x
+    }
+
+    fn unlift<A>(x: Array4<A>) -> Array4<A> {
+        x
+    }
+
+    fn unlift_rows<A>(x: Array3<A>) -> Array3<A> {
+        x
+    }
 }
 
 /// A 2-D view as a `(1, 1, rows, cols)` view.

@@ -48,23 +48,48 @@ use run::KvGroup;
 use crate::core::backward::Gradients;
 use crate::core::problem::Problem;
 use crate::core::reference::Saved;
-use crate::element::{Element, Half, PerElement};
+use crate::element::{Element, Half, PerElement, PerStorage, Storage};
 use crate::error::Result;
 
-/// Writes attention's output for every head of `problem` into `out`,
-/// `(batch, heads, L, d_v)`.
+/// Writes attention's output for every head of `problem`, whose keys and values
+/// are stored as `S` (any storage type: the kernel plans how to read them), into
+/// `out`, `(batch, heads, L, d_v)`.
 ///
 /// # Errors
 ///
 /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) when `ATTN_KERNEL_ARCH`
 /// holds an unknown value and the tiled or direct path would run.
-pub(crate) fn forward<A: Element>(
-    problem: &Problem<'_, A>,
-    out: ArrayViewMut4<'_, A>,
+pub(crate) fn forward<S: Storage>(
+    problem: &Problem<'_, S::Compute, S>,
+    out: ArrayViewMut4<'_, S::Compute>,
     kernel: Kernel,
     parallelism: Parallelism,
 ) -> Result<()> {
-    (A::select(Entries).forward)(problem, out, kernel, parallelism)
+    (S::select_storage(Forwards))(problem, out, kernel, parallelism)
+}
+
+/// [`forward`] for one storage type.
+type StoredForwardFn<S> = for<'p, 'o> fn(
+    &Problem<'p, <S as Storage>::Compute, S>,
+    ArrayViewMut4<'o, <S as Storage>::Compute>,
+    Kernel,
+    Parallelism,
+) -> Result<()>;
+
+/// Picks [`forward`]'s body for the storage type: the compute types' plan, or
+/// the half types' ([`forward_half`]).
+struct Forwards;
+
+impl PerStorage for Forwards {
+    type Output<S: Storage> = StoredForwardFn<S>;
+
+    fn native<A: Element>(self) -> StoredForwardFn<A> {
+        A::select(Entries).forward
+    }
+
+    fn half<H: Half>(self) -> StoredForwardFn<H> {
+        forward_half::<H>
+    }
 }
 
 /// The output and each row's log-sum-exp of every head of `problem`: by the
@@ -144,8 +169,7 @@ impl PerElement for Entries {
     }
 }
 
-/// Writes attention's output for every head of `problem`, whose keys and values
-/// are stored in half precision, into `out`, by one [`Plan`]: the direct path
+/// [`forward`] over keys and values stored in half precision, by one [`Plan`]: the direct path
 /// reads them where they lie; the tiled path packs bf16 keys as pairs for the
 /// bf16 dot products where the CPU (and `ATTN_KERNEL_ARCH`) has AVX512_BF16;
 /// every other plan widens them to `f32` once, here, and runs as `f32` does.
@@ -153,7 +177,7 @@ impl PerElement for Entries {
 /// # Errors
 ///
 /// As [`forward`].
-pub(crate) fn forward_half<H: Half>(
+fn forward_half<H: Half>(
     problem: &Problem<'_, f32, H>,
     out: ArrayViewMut4<'_, f32>,
     kernel: Kernel,

@@ -1,13 +1,11 @@
 //! Gradients through scaled dot-product attention: the backward pass.
 
-use ndarray::{
-    Array, Array2, Array4, ArrayD, ArrayRef2, ArrayRef4, Axis, Dimension, Ix2, Ix4, IxDyn,
-};
+use ndarray::{Array, Array4, ArrayD, ArrayRef, ArrayRef2, ArrayRef4, Dimension, Ix2, Ix4, IxDyn};
 
 use super::lse::AttentionLse;
 use super::ScaledDotProduct;
 use crate::core::mask::Mask;
-use crate::core::problem::{lift, Problem};
+use crate::core::problem::AttentionDim;
 use crate::core::reference::Saved;
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -96,13 +94,7 @@ impl<A: Element> ScaledDotProduct<'_, A> {
         v: &ArrayRef2<A>,
         d_out: &ArrayRef2<A>,
     ) -> Result<AttentionGradients<A, Ix2>> {
-        let problem = self.check_2d(q, k, v)?;
-        check_d_out(d_out.shape(), &[q.nrows(), v.ncols()])?;
-        Ok(first_head(self.gradients(
-            &problem,
-            lift(d_out.view()),
-            None,
-        )?))
+        self.gradients(q, k, v, None, d_out)
     }
 
     /// [`backward`](Self::backward) for batched, multi-head inputs, with
@@ -140,10 +132,7 @@ impl<A: Element> ScaledDotProduct<'_, A> {
         v: &ArrayRef4<A>,
         d_out: &ArrayRef4<A>,
     ) -> Result<AttentionGradients<A, Ix4>> {
-        let problem = self.check_4d(q, k, v)?;
-        let (batch, heads, l, _) = q.dim();
-        check_d_out(d_out.shape(), &[batch, heads, l, v.dim().3])?;
-        self.gradients(&problem, d_out.view(), None)
+        self.gradients(q, k, v, None, d_out)
     }
 
     /// [`backward`](Self::backward) from what
@@ -153,18 +142,20 @@ impl<A: Element> ScaledDotProduct<'_, A> {
     ///
     /// # Shapes
     ///
-    /// As [`backward`](Self::backward); `forward.output: (L, d_v)`, `forward.lse: (L,)`.
+    /// 2-D as [`backward`](Self::backward), `forward.output: (L, d_v)`,
+    /// `forward.lse: (L,)`; batched as [`backward_batched`](Self::backward_batched),
+    /// `forward.output: (batch, heads, L, d_v)`, `forward.lse: (batch, heads, L)`.
     ///
     /// # Errors
     ///
-    /// As [`backward`](Self::backward), and [`Error::Shape`] when `forward` does not
-    /// have the output's shapes.
+    /// As [`backward`](Self::backward) and [`backward_batched`](Self::backward_batched),
+    /// and [`Error::Shape`] when `forward` does not have the output's shapes.
     ///
     /// # Examples
     ///
     /// ```
     /// use attn::ScaledDotProduct;
-    /// use ndarray::array;
+    /// use ndarray::{array, Array4};
     ///
     /// let (q, kv) = (array![[1.0_f64, 0.5]], array![[1.0, 0.0], [0.0, 2.0]]);
     /// let attn = ScaledDotProduct::new();
@@ -173,67 +164,34 @@ impl<A: Element> ScaledDotProduct<'_, A> {
     /// let saved = attn.backward_with_lse(&q, &kv, &kv, &forward, &d_out)?;
     /// let again = attn.backward(&q, &kv, &kv, &d_out)?;
     /// assert!((&saved.q - &again.q).iter().all(|d| d.abs() < 1e-15));
-    /// # Ok::<(), attn::Error>(())
-    /// ```
-    pub fn backward_with_lse(
-        &self,
-        q: &ArrayRef2<A>,
-        k: &ArrayRef2<A>,
-        v: &ArrayRef2<A>,
-        forward: &AttentionLse<A, Ix2>,
-        d_out: &ArrayRef2<A>,
-    ) -> Result<AttentionGradients<A, Ix2>> {
-        let problem = self.check_2d(q, k, v)?;
-        let output = [q.nrows(), v.ncols()];
-        check_d_out(d_out.shape(), &output)?;
-        check_forward(forward.output.shape(), forward.lse.shape(), &output)?;
-        let lift4 = |x: &Array2<A>| {
-            x.view()
-                .insert_axis(Axis(0))
-                .insert_axis(Axis(0))
-                .to_owned()
-        };
-        let saved = Saved {
-            output: lift4(&forward.output),
-            lse: forward
-                .lse
-                .view()
-                .insert_axis(Axis(0))
-                .insert_axis(Axis(0))
-                .to_owned(),
-        };
-        Ok(first_head(self.gradients(
-            &problem,
-            lift(d_out.view()),
-            Some(&saved),
-        )?))
-    }
-
-    /// [`backward_batched`](Self::backward_batched) from what
-    /// [`forward_batched_with_lse`](Self::forward_batched_with_lse) kept.
-    ///
-    /// # Shapes
-    ///
-    /// As [`backward_batched`](Self::backward_batched); `forward.output:
-    /// (batch, heads, L, d_v)`, `forward.lse: (batch, heads, L)`.
-    ///
-    /// # Errors
-    ///
-    /// As [`backward_batched`](Self::backward_batched), and [`Error::Shape`] when
-    /// `forward` does not have the output's shapes.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use ndarray::Array4;
     ///
     /// let q = Array4::from_shape_fn((1, 2, 3, 4), |(_, h, i, j)| (h + i * j) as f64 / 10.0);
-    /// let attn = attn::ScaledDotProduct::new();
-    /// let forward = attn.forward_batched_with_lse(&q, &q, &q)?;
-    /// let g = attn.backward_batched_with_lse(&q, &q, &q, &forward, &Array4::ones((1, 2, 3, 4)))?;
+    /// let forward = attn.forward_with_lse(&q, &q, &q)?;
+    /// let g = attn.backward_with_lse(&q, &q, &q, &forward, &Array4::ones((1, 2, 3, 4)))?;
     /// assert_eq!(g.k.dim(), (1, 2, 3, 4));
     /// # Ok::<(), attn::Error>(())
     /// ```
+    pub fn backward_with_lse<D: AttentionDim>(
+        &self,
+        q: &ArrayRef<A, D>,
+        k: &ArrayRef<A, D>,
+        v: &ArrayRef<A, D>,
+        forward: &AttentionLse<A, D>,
+        d_out: &ArrayRef<A, D>,
+    ) -> Result<AttentionGradients<A, D>> {
+        self.gradients(q, k, v, Some(forward), d_out)
+    }
+
+    /// [`backward_with_lse`](Self::backward_with_lse), which takes batched
+    /// inputs too.
+    ///
+    /// # Errors
+    ///
+    /// As [`backward_with_lse`](Self::backward_with_lse).
+    #[deprecated(
+        since = "0.2.0",
+        note = "use `backward_with_lse`, which takes batched inputs too"
+    )]
     pub fn backward_batched_with_lse(
         &self,
         q: &ArrayRef4<A>,
@@ -242,16 +200,7 @@ impl<A: Element> ScaledDotProduct<'_, A> {
         forward: &AttentionLse<A, Ix4>,
         d_out: &ArrayRef4<A>,
     ) -> Result<AttentionGradients<A, Ix4>> {
-        let problem = self.check_4d(q, k, v)?;
-        let (batch, heads, l, _) = q.dim();
-        let output = [batch, heads, l, v.dim().3];
-        check_d_out(d_out.shape(), &output)?;
-        check_forward(forward.output.shape(), forward.lse.shape(), &output)?;
-        let saved = Saved {
-            output: forward.output.clone(),
-            lse: forward.lse.clone(),
-        };
-        self.gradients(&problem, d_out.view(), Some(&saved))
+        self.backward_with_lse(q, k, v, forward, d_out)
     }
 
     /// Each bias's gradient in the shape of that bias.
@@ -269,30 +218,44 @@ impl<A: Element> ScaledDotProduct<'_, A> {
 
     /// The gradients of every head, and of every bias, by the path the kernel
     /// choice asks for.
-    fn gradients(
+    /// Every backward call, 2-D or batched, with or without the kept forward.
+    fn gradients<D: AttentionDim>(
         &self,
-        problem: &Problem<'_, A>,
-        d_out: ndarray::ArrayView4<'_, A>,
-        saved: Option<&Saved<A>>,
-    ) -> Result<AttentionGradients<A, Ix4>> {
-        let grads = kernel::backward(problem, d_out, saved, self.kernel, self.parallelism)?;
+        q: &ArrayRef<A, D>,
+        k: &ArrayRef<A, D>,
+        v: &ArrayRef<A, D>,
+        forward: Option<&AttentionLse<A, D>>,
+        d_out: &ArrayRef<A, D>,
+    ) -> Result<AttentionGradients<A, D>> {
+        let problem = self.check(q, k, v)?;
+        // the output's shape, in the call's own: q's rows, v's width
+        let mut output = q.shape().to_vec();
+        output[q.ndim() - 1] = v.shape()[v.ndim() - 1];
+        check_d_out(d_out.shape(), &output)?;
+        let saved = match forward {
+            Some(forward) => {
+                check_forward(forward.output.shape(), forward.lse.shape(), &output)?;
+                Some(Saved {
+                    output: D::lift(forward.output.view()).to_owned(),
+                    lse: D::lift_rows(forward.lse.view()).to_owned(),
+                })
+            }
+            None => None,
+        };
+        let d_out = D::lift(d_out.view());
+        let grads = kernel::backward(
+            &problem,
+            d_out,
+            saved.as_ref(),
+            self.kernel,
+            self.parallelism,
+        )?;
         Ok(AttentionGradients {
             bias: self.bias_gradients(grads.bias),
-            q: grads.dq,
-            k: grads.dk,
-            v: grads.dv,
+            q: D::unlift(grads.dq),
+            k: D::unlift(grads.dk),
+            v: D::unlift(grads.dv),
         })
-    }
-}
-
-/// The gradients of a 2-D call, lifted to `(1, 1, ·, ·)`, as 2-D arrays.
-fn first_head<A>(grads: AttentionGradients<A, Ix4>) -> AttentionGradients<A, Ix2> {
-    let head = |x: Array4<A>| x.index_axis_move(Axis(0), 0).index_axis_move(Axis(0), 0);
-    AttentionGradients {
-        q: head(grads.q),
-        k: head(grads.k),
-        v: head(grads.v),
-        bias: grads.bias,
     }
 }
 

@@ -2,12 +2,14 @@
 //! any storage type: inputs, masks and scale converted (nothing is copied for
 //! `f32` and `f64`), outputs rounded back.
 
-use ndarray::{Array2, Array4, ArrayRef2, ArrayRef4, CowArray, Ix1, Ix2, Ix4};
+use ndarray::{
+    Array, Array2, Array4, ArrayRef, ArrayRef2, ArrayRef4, ArrayView, CowArray, Ix1, Ix2, Ix4,
+};
 
 use super::{AttentionOutput, ScaledDotProduct};
 use crate::core::mask;
-use crate::core::problem::{lift_mut, Problem};
-use crate::element::{Element, Half, PerStorage, Storage};
+use crate::core::problem::{lift_mut, AttentionDim, Problem};
+use crate::element::{Element, Storage};
 use crate::error::Result;
 use crate::kernel;
 
@@ -30,76 +32,36 @@ impl<'m, A: Storage> ScaledDotProduct<'m, A> {
             parallelism: self.parallelism,
         }
     }
-}
 
-/// A batched call over half-precision inputs: the queries widened to `f32`, the
-/// keys and values given to the kernel as they are stored (its plan reads them
-/// where they lie, or widens them).
-pub(super) type HalfFn<A> = for<'s, 'm, 'x> fn(
-    &'s ScaledDotProduct<'m, A>,
-    &'x ArrayRef4<A>,
-    &'x ArrayRef4<A>,
-    &'x ArrayRef4<A>,
-) -> Result<Array4<A>>;
-
-/// [`HalfFn`] where the storage type has one: the half types.
-pub(super) struct HalfNative;
-
-impl PerStorage for HalfNative {
-    type Output<A: Storage> = Option<HalfFn<A>>;
-
-    fn native<A: Element>(self) -> Option<HalfFn<A>> {
-        None
+    /// Every forward call, 2-D or batched, in any storage type: the queries in
+    /// the compute type, the keys and values as they are stored (the kernel's
+    /// plan reads them where they lie, or widens them), the output rounded back
+    /// once.
+    pub(super) fn attend<D: AttentionDim>(
+        &self,
+        q: ArrayView<'_, A, D>,
+        k: ArrayView<'_, A, D>,
+        v: ArrayView<'_, A, D>,
+    ) -> Result<Array<A, D>> {
+        let q = A::compute(q);
+        let slopes = self.slopes_in_compute();
+        let attn = self.in_compute(&slopes);
+        let problem = Problem::new(q.view(), k, v, &attn.masks, attn.scale)?;
+        let (batch, heads, l, _) = problem.q.dim();
+        let mut out = Array4::zeros((batch, heads, l, problem.v.dim().3));
+        kernel::forward(&problem, out.view_mut(), self.kernel, self.parallelism)?;
+        Ok(D::unlift(A::store(out)))
     }
-
-    fn half<H: Half>(self) -> Option<HalfFn<H>> {
-        Some(half_native::<H>)
-    }
-}
-
-fn half_native<H: Half>(
-    attn: &ScaledDotProduct<'_, H>,
-    q: &ArrayRef4<H>,
-    k: &ArrayRef4<H>,
-    v: &ArrayRef4<H>,
-) -> Result<Array4<H>> {
-    let q32 = H::compute(q.view());
-    let slopes = attn.slopes_in_compute();
-    let attn = attn.in_compute(&slopes);
-    // the keys and values stay in the half type: the paths read them as they are
-    let problem = Problem::new_4d(q32.view(), k.view(), v.view(), &attn.masks, attn.scale)?;
-    let (batch, heads, l, _) = q.dim();
-    let mut out = Array4::zeros((batch, heads, l, v.dim().3));
-    let (kernel, parallelism) = (attn.kernel, attn.parallelism);
-    kernel::forward_half(&problem, out.view_mut(), kernel, parallelism)?;
-    Ok(H::store(out))
 }
 
 impl<'m, A: Element> ScaledDotProduct<'m, A> {
-    pub(super) fn forward_compute(
-        &self,
-        q: &ArrayRef2<A>,
-        k: &ArrayRef2<A>,
-        v: &ArrayRef2<A>,
-    ) -> Result<Array2<A>> {
-        let problem = self.check_2d(q, k, v)?;
-        let mut output = Array2::zeros((q.nrows(), v.ncols()));
-        kernel::forward(
-            &problem,
-            lift_mut(output.view_mut()),
-            self.kernel,
-            self.parallelism,
-        )?;
-        Ok(output)
-    }
-
     pub(super) fn forward_with_weights_compute(
         &self,
         q: &ArrayRef2<A>,
         k: &ArrayRef2<A>,
         v: &ArrayRef2<A>,
     ) -> Result<AttentionOutput<A, Ix2>> {
-        let problem = self.check_2d(q, k, v)?;
+        let problem = self.check(q, k, v)?;
         let mut output = Array2::zeros((q.nrows(), v.ncols()));
         let mut weights = Array2::zeros((q.nrows(), k.nrows()));
         problem.solve(
@@ -110,23 +72,10 @@ impl<'m, A: Element> ScaledDotProduct<'m, A> {
     }
 
     pub(super) fn weights_compute(&self, q: &ArrayRef2<A>, k: &ArrayRef2<A>) -> Result<Array2<A>> {
-        let problem = self.check_2d(q, k, k)?;
+        let problem = self.check(q, k, k)?;
         let mut weights = Array2::zeros((q.nrows(), k.nrows()));
         problem.solve(None, Some(lift_mut(weights.view_mut())));
         Ok(weights)
-    }
-
-    pub(super) fn forward_batched_compute(
-        &self,
-        q: &ArrayRef4<A>,
-        k: &ArrayRef4<A>,
-        v: &ArrayRef4<A>,
-    ) -> Result<Array4<A>> {
-        let problem = self.check_4d(q, k, v)?;
-        let (batch, heads, l, _) = q.dim();
-        let mut output = Array4::zeros((batch, heads, l, v.dim().3));
-        kernel::forward(&problem, output.view_mut(), self.kernel, self.parallelism)?;
-        Ok(output)
     }
 
     pub(super) fn forward_batched_with_weights_compute(
@@ -135,7 +84,7 @@ impl<'m, A: Element> ScaledDotProduct<'m, A> {
         k: &ArrayRef4<A>,
         v: &ArrayRef4<A>,
     ) -> Result<AttentionOutput<A, Ix4>> {
-        let problem = self.check_4d(q, k, v)?;
+        let problem = self.check(q, k, v)?;
         let (batch, heads, l, _) = q.dim();
         let mut output = Array4::zeros((batch, heads, l, v.dim().3));
         let mut weights = Array4::zeros((batch, heads, l, k.dim().2));
@@ -143,21 +92,13 @@ impl<'m, A: Element> ScaledDotProduct<'m, A> {
         Ok(AttentionOutput { output, weights })
     }
 
-    pub(super) fn check_2d<'a>(
+    /// The checked problem of a call of any shape.
+    pub(super) fn check<'a, D: AttentionDim>(
         &'a self,
-        q: &'a ArrayRef2<A>,
-        k: &'a ArrayRef2<A>,
-        v: &'a ArrayRef2<A>,
+        q: &'a ArrayRef<A, D>,
+        k: &'a ArrayRef<A, D>,
+        v: &'a ArrayRef<A, D>,
     ) -> Result<Problem<'a, A>> {
-        Problem::new_2d(q.view(), k.view(), v.view(), &self.masks, self.scale)
-    }
-
-    pub(super) fn check_4d<'a>(
-        &'a self,
-        q: &'a ArrayRef4<A>,
-        k: &'a ArrayRef4<A>,
-        v: &'a ArrayRef4<A>,
-    ) -> Result<Problem<'a, A>> {
-        Problem::new_4d(q.view(), k.view(), v.view(), &self.masks, self.scale)
+        Problem::new(q.view(), k.view(), v.view(), &self.masks, self.scale)
     }
 }

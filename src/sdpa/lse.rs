@@ -2,10 +2,10 @@
 //! need not run the forward again, and for attention computed over shards of the
 //! keys and merged.
 
-use ndarray::{Array, Array2, ArrayRef2, ArrayRef4, Axis, Dimension, Ix2, Ix4, Zip};
+use ndarray::{Array, Array2, ArrayRef, ArrayRef4, Dimension, Ix4, Zip};
 
 use super::ScaledDotProduct;
-use crate::core::problem::Problem;
+use crate::core::problem::{AttentionDim, Problem};
 use crate::core::reference::Saved;
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -44,83 +44,69 @@ pub struct AttentionLse<A, D: Dimension> {
 }
 
 impl<A: Element> ScaledDotProduct<'_, A> {
-    /// [`forward`](Self::forward), also returning each row's log-sum-exp.
+    /// [`forward`](Self::forward) or [`forward_batched`](Self::forward_batched)
+    /// (by the inputs' shape), also returning each row's log-sum-exp.
     ///
     /// # Shapes
     ///
-    /// `q: (L, d_k)`, `k: (S, d_k)`, `v: (S, d_v)` → output `(L, d_v)`, lse `(L,)`.
-    ///
-    /// # Errors
-    ///
-    /// As [`forward`](Self::forward).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use attn::{Mask, ScaledDotProduct};
-    /// use ndarray::array;
-    ///
-    /// let x = array![[1.0_f64, 0.0], [0.0, 1.0]];
-    /// let out = ScaledDotProduct::new().with_mask(Mask::CausalTopLeft).forward_with_lse(&x, &x, &x)?;
-    /// assert_eq!(out.output.row(0), x.row(0)); // the first row sees one key
-    /// assert!((out.lse[0] - 1.0 / 2f64.sqrt()).abs() < 1e-15); // ln exp(its one score)
-    /// # Ok::<(), attn::Error>(())
-    /// ```
-    pub fn forward_with_lse(
-        &self,
-        q: &ArrayRef2<A>,
-        k: &ArrayRef2<A>,
-        v: &ArrayRef2<A>,
-    ) -> Result<AttentionLse<A, Ix2>> {
-        let saved = self.saved(&self.check_2d(q, k, v)?)?;
-        Ok(AttentionLse {
-            output: saved
-                .output
-                .index_axis_move(Axis(0), 0)
-                .index_axis_move(Axis(0), 0),
-            lse: saved
-                .lse
-                .index_axis_move(Axis(0), 0)
-                .index_axis_move(Axis(0), 0),
-        })
-    }
-
-    /// [`forward_batched`](Self::forward_batched), also returning each row's
-    /// log-sum-exp.
-    ///
-    /// # Shapes
-    ///
-    /// `q: (batch, heads, L, d_k)`, `k: (batch, kv_heads, S, d_k)`,
+    /// 2-D: `q: (L, d_k)`, `k: (S, d_k)`, `v: (S, d_v)` → output `(L, d_v)`, lse
+    /// `(L,)`. Batched: `q: (batch, heads, L, d_k)`, `k: (batch, kv_heads, S, d_k)`,
     /// `v: (batch, kv_heads, S, d_v)` → output `(batch, heads, L, d_v)`, lse
     /// `(batch, heads, L)`.
     ///
     /// # Errors
     ///
-    /// As [`forward_batched`](Self::forward_batched).
+    /// As [`forward`](Self::forward) and [`forward_batched`](Self::forward_batched).
     ///
     /// # Examples
     ///
     /// ```
-    /// use ndarray::Array4;
+    /// use attn::{Mask, ScaledDotProduct};
+    /// use ndarray::{array, Array4};
+    ///
+    /// let x = array![[1.0_f64, 0.0], [0.0, 1.0]];
+    /// let out = ScaledDotProduct::new().with_mask(Mask::CausalTopLeft).forward_with_lse(&x, &x, &x)?;
+    /// assert_eq!(out.output.row(0), x.row(0)); // the first row sees one key
+    /// assert!((out.lse[0] - 1.0 / 2f64.sqrt()).abs() < 1e-15); // ln exp(its one score)
     ///
     /// let q = Array4::<f32>::zeros((2, 4, 3, 8));
-    /// let kv = Array4::<f32>::ones((2, 2, 5, 8));
-    /// let out = attn::ScaledDotProduct::new().forward_batched_with_lse(&q, &kv, &kv)?;
+    /// let kv = Array4::<f32>::ones((2, 2, 5, 8)); // grouped-query heads
+    /// let out = ScaledDotProduct::new().forward_with_lse(&q, &kv, &kv)?;
     /// assert_eq!(out.lse.dim(), (2, 4, 3));
     /// assert!((out.lse[[1, 3, 2]] - 5f32.ln()).abs() < 1e-6);
     /// # Ok::<(), attn::Error>(())
     /// ```
+    pub fn forward_with_lse<D: AttentionDim>(
+        &self,
+        q: &ArrayRef<A, D>,
+        k: &ArrayRef<A, D>,
+        v: &ArrayRef<A, D>,
+    ) -> Result<AttentionLse<A, D>> {
+        let problem = self.check(q, k, v)?;
+        let saved = self.saved(&problem)?;
+        Ok(AttentionLse {
+            output: D::unlift(saved.output),
+            lse: D::unlift_rows(saved.lse),
+        })
+    }
+
+    /// [`forward_with_lse`](Self::forward_with_lse), which takes batched inputs
+    /// too.
+    ///
+    /// # Errors
+    ///
+    /// As [`forward_batched`](Self::forward_batched).
+    #[deprecated(
+        since = "0.2.0",
+        note = "use `forward_with_lse`, which takes batched inputs too"
+    )]
     pub fn forward_batched_with_lse(
         &self,
         q: &ArrayRef4<A>,
         k: &ArrayRef4<A>,
         v: &ArrayRef4<A>,
     ) -> Result<AttentionLse<A, Ix4>> {
-        let saved = self.saved(&self.check_4d(q, k, v)?)?;
-        Ok(AttentionLse {
-            output: saved.output,
-            lse: saved.lse,
-        })
+        self.forward_with_lse(q, k, v)
     }
 
     fn saved(&self, problem: &Problem<'_, A>) -> Result<Saved<A>> {

@@ -7,13 +7,12 @@ mod backward;
 mod compute;
 mod lse;
 
-use ndarray::{Array2, Array4, ArrayRef2, ArrayRef4, Axis, Dimension, Ix2, Ix4};
+use ndarray::{Array2, Array4, ArrayRef2, ArrayRef4, Dimension, Ix2, Ix4};
 
 pub use backward::AttentionGradients;
 pub use lse::{merge_attention, AttentionLse};
 
 use crate::core::mask::Mask;
-use crate::core::problem::{check_2d, lift};
 use crate::core::reference::{attend_head, weighted_values};
 use crate::element::{Element, Storage};
 use crate::error::Result;
@@ -262,23 +261,7 @@ impl<'m, A: Storage> ScaledDotProduct<'m, A> {
         k: &ArrayRef2<A>,
         v: &ArrayRef2<A>,
     ) -> Result<Array2<A>> {
-        // half precision: the batched call's plan, for the batched call's numbers
-        // (and a 2-D call's errors)
-        if let Some(half) = A::select_storage(compute::HalfNative) {
-            check_2d(q.shape(), k.shape(), v.shape(), &self.masks)?;
-            let (q4, k4, v4) = (lift(q.view()), lift(k.view()), lift(v.view()));
-            let out = half(self, &q4, &k4, &v4)?;
-            return Ok(out.index_axis_move(Axis(0), 0).index_axis_move(Axis(0), 0));
-        }
-        let (q, k, v) = (
-            A::compute(q.view()),
-            A::compute(k.view()),
-            A::compute(v.view()),
-        );
-        let slopes = self.slopes_in_compute();
-        Ok(A::store(
-            self.in_compute(&slopes).forward_compute(&q, &k, &v)?,
-        ))
+        self.attend(q.view(), k.view(), v.view())
     }
 
     /// [`forward`](Self::forward), also returning the attention weights.
@@ -381,20 +364,7 @@ impl<'m, A: Storage> ScaledDotProduct<'m, A> {
         k: &ArrayRef4<A>,
         v: &ArrayRef4<A>,
     ) -> Result<Array4<A>> {
-        // half precision: keys and values go to the kernel as they are stored
-        if let Some(half) = A::select_storage(compute::HalfNative) {
-            return half(self, q, k, v);
-        }
-        let (q, k, v) = (
-            A::compute(q.view()),
-            A::compute(k.view()),
-            A::compute(v.view()),
-        );
-        let slopes = self.slopes_in_compute();
-        Ok(A::store(
-            self.in_compute(&slopes)
-                .forward_batched_compute(&q, &k, &v)?,
-        ))
+        self.attend(q.view(), k.view(), v.view())
     }
 
     /// [`forward_batched`](Self::forward_batched), also returning the weights of every head.
@@ -472,7 +442,7 @@ impl<A: Element> ScaledDotProduct<'_, A> {
         k: &ArrayRef2<A>,
         v: &ArrayRef2<A>,
     ) -> Result<AttentionTrace<A>> {
-        let problem = self.check_2d(q, k, v)?;
+        let problem = self.check(q, k, v)?;
         let masks = problem.block_masks(0, 0);
         let head = attend_head(q.view(), k.view(), problem.scale, &masks);
         let output = weighted_values(&head, v.view());

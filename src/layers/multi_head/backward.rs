@@ -152,10 +152,10 @@ impl<A: Element> MultiHeadAttention<A> {
         // forward again to the concatenated heads (keeping each row's log-sum-exp
         // for the attention's backward), then back through each step
         let (q, k, v) = (&heads.q, &heads.k, &heads.v);
-        let forward = attn.forward_batched_with_lse(q, k, v)?;
+        let forward = attn.forward_with_lse(q, k, v)?;
         let g_o = w_o.backward_batched(&concat(forward.output.clone()), d_out)?;
         let d_heads = split(g_o.input, self.config.n_heads(), self.config.head_dim());
-        let mut g = attn.backward_batched_with_lse(q, k, v, &forward, &d_heads)?;
+        let mut g = attn.backward_with_lse(q, k, v, &forward, &d_heads)?;
         // rotary embeddings are rotations: their gradient rotates back
         if let PositionEncoding::Rope(rope) = self.config.positions() {
             rope.apply_transpose(&mut g.q, &in_order(b, l))?;
