@@ -1,5 +1,6 @@
 //! The demos' own code paths against the golden numbers of the notebooks they
-//! reproduce, and the training demo against what it promises.
+//! reproduce, the training demo against what it promises, and the text of their
+//! pictures measured against the pictures (`plot/fits.rs`).
 // each example brings its own copy of examples/common
 #![allow(clippy::duplicate_mod)]
 
@@ -12,6 +13,11 @@ mod tokyo;
 #[allow(dead_code)]
 #[path = "../examples/decode.rs"]
 mod decode;
+
+/// Every text the demos' pictures draw fits them (in this binary, which needs
+/// `plot` as it does, rather than a test binary of its own).
+#[path = "plot/fits.rs"]
+mod fits;
 
 use common::{array2, golden};
 use ndarray::Array2;

@@ -413,30 +413,6 @@ fn half_decoding_reads_keys_and_values_where_they_lie() {
     }
 }
 
-/// The instruction set a bf16 call with many query rows must run with: the bf16
-/// dot products where the CPU has AVX512_BF16 and `ATTN_KERNEL_ARCH` allows
-/// them, else whatever the f32 kernel runs with.
-fn expected_bf16_prefill_arch() -> attn::KernelArch {
-    let (_, paths) = attn::kernel_paths(|| {
-        attn::scaled_dot_product(
-            &Array2::<f32>::ones((64, 64)),
-            &Array2::ones((64, 64)),
-            &Array2::ones((64, 64)),
-        )
-    });
-    let f32_arch = paths.arch.expect("the tiled kernel ran");
-    let cap = std::env::var("ATTN_KERNEL_ARCH").unwrap_or_default();
-    #[cfg(target_arch = "x86_64")]
-    if f32_arch == attn::KernelArch::Avx512
-        && is_x86_feature_detected!("avx512bf16")
-        && matches!(cap.as_str(), "" | "avx512bf16")
-    {
-        return attn::KernelArch::Avx512Bf16;
-    }
-    let _ = cap;
-    f32_arch
-}
-
 /// bf16 calls with many query rows take the tiled kernel, which reads the bf16
 /// keys as they are (scores by bf16 dot products where the CPU has them; the
 /// path that ran is asserted), and agree with the same call over f32 copies of
@@ -445,7 +421,7 @@ fn expected_bf16_prefill_arch() -> attn::KernelArch {
 /// packed keys; a head with a NaN key goes to the reference path alone.
 #[test]
 fn bf16_prefill_reads_its_keys_as_bf16() {
-    let arch = expected_bf16_prefill_arch();
+    let arch = common::expected_arch(true);
     println!("bf16 prefill instruction set: {arch:?}");
     let random = |shape: [usize; 4], seed| -> Array4<bf16> {
         to_half(

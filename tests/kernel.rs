@@ -3,8 +3,13 @@
 
 mod common;
 
-use attn::{kernel_paths, Kernel, KernelArch, KernelPaths, Mask, Parallelism, ScaledDotProduct};
-use common::{assert_close, every_mask_kind, max_abs_diff, pseudo_random, random2, random4};
+use attn::{
+    kernel_paths, Element, Kernel, KernelPaths, Mask, Parallelism, ScaledDotProduct, Storage,
+};
+use common::{
+    assert_close, every_mask_kind, expected_arch, max_abs_diff, pseudo_random, random2, random4,
+};
+use half::{bf16, f16};
 use ndarray::{s, Array2, Array4};
 
 /// A path through the kernel, as [`kernel_paths`] counts it.
@@ -14,31 +19,6 @@ enum Path {
     Direct,
     Rowwise,
     Reference,
-}
-
-/// The instruction set the fused paths must run with in this process: what
-/// `ATTN_KERNEL_ARCH` allows of what the CPU has.
-fn expected_arch() -> KernelArch {
-    let cap = std::env::var("ATTN_KERNEL_ARCH").unwrap_or_default();
-    #[cfg(target_arch = "x86_64")]
-    {
-        let avx2 = is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c");
-        let avx512 = avx2
-            && is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vl")
-            && is_x86_feature_detected!("avx512dq");
-        match cap.as_str() {
-            // bf16 dot products serve only bf16 keys (tests/half.rs)
-            "" | "avx512bf16" | "avx512" if avx512 => return KernelArch::Avx512,
-            "" | "avx512bf16" | "avx512" | "avx2" if avx2 => return KernelArch::Avx2,
-            _ => {}
-        }
-    }
-    let _ = cap;
-    KernelArch::Portable
 }
 
 /// Runs `f`, asserting that `path` computed all of its `heads` heads (and the
@@ -58,7 +38,7 @@ fn served_by<R>(path: Path, heads: usize, f: impl FnOnce() -> R) -> R {
         "expected {heads} heads on the {path:?} path"
     );
     if matches!(path, Path::Tiled | Path::Direct) {
-        assert_eq!(paths.arch, Some(expected_arch()));
+        assert_eq!(paths.arch, Some(expected_arch(false)));
     }
     result
 }
@@ -67,8 +47,64 @@ fn served_by<R>(path: Path, heads: usize, f: impl FnOnce() -> R) -> R {
 fn the_kernels_run_with_the_instruction_set_the_environment_allows() {
     let x = Array2::<f32>::ones((256, 64));
     let (_, paths) = kernel_paths(|| attn::scaled_dot_product(&x, &x, &x));
-    assert_eq!(paths.arch, Some(expected_arch()));
-    println!("kernel instruction set: {:?}", expected_arch());
+    assert_eq!(paths.arch, Some(expected_arch(false)));
+    println!("kernel instruction set: {:?}", expected_arch(false));
+}
+
+/// A call in each storage type reaches its kernel through one plan: many query
+/// rows the tiled kernel (bf16 keys by bf16 dot products where the CPU and
+/// `ATTN_KERNEL_ARCH` allow them), few the direct path, each with the
+/// instruction set the environment allows; and every answer is that of the
+/// reference path over the same values.
+#[test]
+fn every_storage_type_reaches_its_kernel_through_one_plan() {
+    fn check<S: Storage>(name: &str, bf16_keys: bool) {
+        for (l, path, arch) in [
+            (64, Path::Tiled, expected_arch(bf16_keys)),
+            (2, Path::Direct, expected_arch(false)),
+        ] {
+            let stored = |x: f64| S::from_compute(<S::Compute as Element>::from_f64(x));
+            let q = pseudo_random(&[1, 3, l, 64], 7).mapv(stored);
+            let kv = pseudo_random(&[1, 3, 300, 64], 8).mapv(stored);
+            let q = q.into_dimensionality().expect("4-D");
+            let kv = kv.into_dimensionality().expect("4-D");
+            let attention = ScaledDotProduct::<S>::new();
+            let (out, paths) = kernel_paths(|| attention.forward_batched(&q, &kv, &kv));
+            let out = out.expect("valid");
+            assert_eq!(paths.arch, Some(arch), "{name}, L = {l}");
+            let heads = match path {
+                Path::Tiled => paths.tiled,
+                _ => paths.direct,
+            };
+            assert_eq!(
+                (heads, paths.reference),
+                (3, 0),
+                "{name}, L = {l}: {paths:?}"
+            );
+            let plain = attention.with_kernel(Kernel::Plain);
+            let want = plain.forward_batched(&q, &kv, &kv).expect("valid");
+            let tolerance = if std::mem::size_of::<S>() == 2 {
+                1e-2
+            } else {
+                1e-5
+            };
+            let diff = out
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (as_f64(a.to_compute()) - as_f64(b.to_compute())).abs())
+                .fold(0.0_f64, f64::max);
+            assert!(diff <= tolerance, "{name}, L = {l}: {diff}");
+        }
+    }
+    check::<f32>("f32", false);
+    check::<f64>("f64", false);
+    check::<bf16>("bf16", true);
+    check::<f16>("f16", false);
+}
+
+/// `x` as an f64 (exactly).
+fn as_f64<E: Element>(x: E) -> f64 {
+    x.to_f64().expect("f32 and f64 convert")
 }
 
 fn f32_of(x: &Array2<f64>) -> Array2<f32> {

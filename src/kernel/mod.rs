@@ -1,20 +1,23 @@
 //! The fused CPU kernel: attention without the `L × S` score matrix.
 //!
-//! This file chooses a path for each call; [`run`] runs it over the heads and
-//! threads:
+//! This file is the router: [`forward`] takes a problem in any storage type and
+//! decides, once, how it runs (a [`Plan`]: reference, nothing, row-wise, direct,
+//! tiled, or tiled over bf16 key pairs, with the instruction set detected once);
+//! [`run`] runs the plan over the heads and threads:
 //! - [`tiled`]: for each `(batch, key/value head)` the keys and values are packed
 //!   once ([`pack`]); the query heads that share them are cut into blocks of rows
 //!   that run in parallel, each streaming over the keys with an online softmax
 //!   ([`online`]) through register-tiled micro-kernels;
 //! - [`direct`]: heads with only a few query rows (decoding against a cache) read
-//!   the keys and values where they lie;
+//!   the keys and values where they lie, half precision included;
 //! - [`rowwise`]: problems too small for either go one row at a time.
 //!
-//! The micro-kernels are compiled per instruction set in [`arch`], chosen once per
-//! call; [`params`] holds every tuning constant. Inputs that are not finite, or
-//! large enough that a score could overflow, take the reference path
-//! ([`fusable`]), which defines what happens then; [`report`] tells tests which
-//! path ran.
+//! Each kernel body is an [`ops`] operation that [`arch`] compiles per
+//! instruction set, through one trampoline per token; [`params`] holds every
+//! tuning constant but the tile widths, which belong to the tokens. Inputs that
+//! are not finite, or large enough that a score could overflow, take the
+//! reference path ([`fusable`]), which defines what happens then; [`report`]
+//! tells tests which path ran.
 
 mod arch;
 mod backward;
@@ -139,7 +142,9 @@ type BackwardFn<A> = for<'p, 'd, 's> fn(
     Parallelism,
 ) -> Result<Gradients<A>>;
 
-/// The kernel's entry points compiled for one element type.
+/// The kernel's entry points compiled for one element type. `Element` is public
+/// and sits below the kernel, so it cannot name [`KernelElement`]; its `select`
+/// is the one bridge from generic code to the kernel's per-type code.
 struct EntryPoints<A> {
     forward: ForwardFn<A>,
     forward_lse: ForwardLseFn<A>,

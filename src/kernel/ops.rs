@@ -8,7 +8,7 @@ use std::ops::Range;
 use half::bf16;
 use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2};
 
-use super::arch::{KernelElement, Op, Token};
+use super::arch::{Op, Token};
 use super::backward::{self, HeadGradients, HeadInputs, Upstream};
 use super::direct::{self, Group, Partial, Rows};
 use super::float::KernelFloat;
@@ -35,7 +35,7 @@ pub(crate) struct PackHead<'v, 'a, KV> {
     pub(crate) v: &'v ArrayView2<'a, KV>,
 }
 
-impl<A: KernelElement> Op<A> for PackHead<'_, '_, A> {
+impl<A: KernelFloat> Op<A> for PackHead<'_, '_, A> {
     type Output = PackedHead<A>;
 
     #[inline(always)]

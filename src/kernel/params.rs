@@ -26,6 +26,10 @@ pub(crate) const DIRECT_MAX_ROWS: usize = 8;
 /// Xeon host of 2026-12-03: f32 prefill +3-8 % at N = 128-2048, f64 +12 %.
 pub(crate) const MR: usize = 12;
 
+// Columns of a register tile (`NR`) belong to each instruction set's token, with
+// the measurement that chose them: `F32_TILE` and `F64_TILE` in `arch/avx512.rs`
+// (32 and 16), `arch/avx2.rs` (16 and 8) and `arch/portable.rs` (8 and 4).
+
 /// Query rows per block, a multiple of [`MR`]: one block is one parallel task.
 pub(crate) const BR: usize = 48;
 

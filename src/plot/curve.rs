@@ -6,7 +6,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use super::figure::drawn_number;
-use super::output::{plot_error, register_system_font, with_path};
+use super::output::{plot_error, register_font, with_path};
 use crate::error::{Error, Result};
 
 /// One series of numbers drawn as a line against its index (a loss per training
@@ -93,9 +93,9 @@ impl Curve {
     pub fn save_svg(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         self.check()?;
-        register_system_font()?;
+        register_font()?;
         let root = SVGBackend::new(path, SIZE).into_drawing_area();
-        self.draw(&root)
+        self.draw_on(&root)
             .and_then(|_| root.present().map_err(plot_error))
             .map_err(|e| with_path(e, path))
     }
@@ -115,9 +115,9 @@ impl Curve {
     pub fn save_png(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         self.check()?;
-        register_system_font()?;
+        register_font()?;
         let root = BitMapBackend::new(path, SIZE).into_drawing_area();
-        self.draw(&root)
+        self.draw_on(&root)
             .and_then(|_| root.present().map_err(plot_error))
             .map_err(|e| with_path(e, path))
     }
@@ -135,7 +135,42 @@ impl Curve {
         Ok(())
     }
 
-    pub(super) fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
+    /// Width and height of the picture in pixels.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(attn::plot::Curve::new("loss", &[1.0]).size(), (720, 420));
+    /// ```
+    pub fn size(&self) -> (u32, u32) {
+        SIZE
+    }
+
+    /// Draws the curve on `root`, any plotters backend [`size`](Self::size)
+    /// pixels large. Laying out the axes measures text: register the font first
+    /// ([`register_font`](super::register_font)).
+    ///
+    /// # Errors
+    ///
+    /// As [`save_svg`](Self::save_svg), but for the file: [`Error::Plot`] when
+    /// the series is empty or not finite, or the backend fails.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::plot::plotters::prelude::*;
+    /// use attn::plot::{register_font, Curve};
+    ///
+    /// if register_font().is_ok() {
+    ///     let curve = Curve::new("loss", &[2.0, 1.0, 0.5]).with_axes("step", "loss");
+    ///     let mut svg = String::new();
+    ///     let root = SVGBackend::with_string(&mut svg, curve.size()).into_drawing_area();
+    ///     curve.draw_on(&root)?;
+    /// }
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn draw_on<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
+        self.check()?;
         let lo = self.values.iter().fold(0.0_f64, |m, &x| m.min(x));
         let hi = self.values.iter().fold(lo, |m, &x| m.max(x));
         let hi = if hi > lo {
@@ -172,4 +207,4 @@ impl Curve {
 }
 
 /// Width and height of a curve's picture, in pixels.
-pub(super) const SIZE: (u32, u32) = (720, 420);
+const SIZE: (u32, u32) = (720, 420);

@@ -9,7 +9,7 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::colormap::{colour, is_dark};
 use super::heatmap::Heatmap;
-use super::output::{plot_error, register_system_font, with_path};
+use super::output::{plot_error, register_font, with_path};
 use crate::error::Result;
 
 /// A row of heatmaps side by side, written as one picture.
@@ -85,7 +85,7 @@ impl Figure {
     pub fn save_svg(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let root = SVGBackend::new(path, self.size()).into_drawing_area();
-        self.draw(&root)
+        self.draw_on(&root)
             .and_then(|_| root.present().map_err(plot_error))
             .map_err(|e| with_path(e, path))
     }
@@ -110,14 +110,40 @@ impl Figure {
     /// ```
     pub fn save_png(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        register_system_font()?;
+        register_font()?;
         let root = BitMapBackend::new(path, self.size()).into_drawing_area();
-        self.draw(&root)
+        self.draw_on(&root)
             .and_then(|_| root.present().map_err(plot_error))
             .map_err(|e| with_path(e, path))
     }
 
-    pub(super) fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
+    /// Draws the figure on `root`, any plotters backend [`size`](Self::size)
+    /// pixels large (what [`save_svg`](Self::save_svg) and
+    /// [`save_png`](Self::save_png) do with theirs): to place it in a larger
+    /// picture, or to draw where plotters draws. A bitmap backend needs the font
+    /// registered first ([`register_font`](super::register_font)).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Plot`](crate::Error::Plot) when the backend fails.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::plot::plotters::prelude::*;
+    /// use attn::plot::{Figure, Heatmap};
+    ///
+    /// let figure = Figure::new(vec![Heatmap::new("eye", &ndarray::Array2::<f64>::eye(2))]);
+    /// let mut svg = String::new();
+    /// {
+    ///     let root = SVGBackend::with_string(&mut svg, figure.size()).into_drawing_area();
+    ///     figure.draw_on(&root)?;
+    ///     root.present().expect("an SVG string takes every drawing");
+    /// }
+    /// assert!(svg.contains("eye"));
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    pub fn draw_on<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
         root.fill(&WHITE).map_err(plot_error)?;
         let mut x = 0;
         for panel in &self.panels {
@@ -220,7 +246,7 @@ fn draw_axis_titles<DB: DrawingBackend>(
 /// The sans-serif font in `style`, its face looked up by that style (plotters'
 /// `FontDesc::style` changes the style but keeps the face it was made with, so a
 /// bold title would be set in the regular face).
-pub(super) fn sans(size: f64, style: FontStyle) -> FontDesc<'static> {
+fn sans(size: f64, style: FontStyle) -> FontDesc<'static> {
     FontDesc::new(FontFamily::Name("sans-serif"), size, style)
 }
 

@@ -5,12 +5,15 @@
 mod colormap;
 mod curve;
 mod figure;
-#[cfg(test)]
-mod fits;
 mod heatmap;
 mod output;
+
+/// The plotters version the pictures are drawn with, for
+/// [`Figure::draw_on`] and [`Curve::draw_on`] on a backend of your own.
+pub use plotters;
 
 pub use colormap::Colormap;
 pub use curve::Curve;
 pub use figure::Figure;
 pub use heatmap::Heatmap;
+pub use output::register_font;

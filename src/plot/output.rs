@@ -22,11 +22,30 @@ pub(crate) fn with_path(e: Error, path: &Path) -> Error {
     }
 }
 
-/// Registers a TrueType font as "sans-serif" for PNG text, once, with its bold
+/// Registers a TrueType font with plotters as "sans-serif", once, with its bold
 /// and oblique faces (titles, axis titles) and its monospaced sibling as
 /// "monospace", for numbers (its digits are all one width, so the columns of a
-/// cell's digits stay even), where the family has them.
-pub(crate) fn register_system_font() -> Result<()> {
+/// cell's digits stay even), where the family has them: `ATTN_FONT` (a path) if
+/// set, else DejaVu Sans or Liberation Sans where the system has them.
+///
+/// The `save_png` calls and [`Curve`](super::Curve)'s calls do it themselves;
+/// call it before drawing with [`Figure::draw_on`](super::Figure::draw_on) on
+/// a bitmap backend of your own.
+///
+/// # Errors
+///
+/// [`Error::Plot`] when no font is found, or plotters cannot read it (the same
+/// error on every call).
+///
+/// # Examples
+///
+/// ```
+/// match attn::plot::register_font() {
+///     Ok(()) => println!("PNG text will be drawn"),
+///     Err(e) => println!("SVG only here: {e}"),
+/// }
+/// ```
+pub fn register_font() -> Result<()> {
     use std::sync::OnceLock;
     static FONT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     FONT.get_or_init(|| {

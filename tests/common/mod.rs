@@ -208,3 +208,32 @@ pub fn random4(shape: (usize, usize, usize, usize), seed: u64) -> Array4<f64> {
         .into_dimensionality()
         .expect("4-D")
 }
+
+/// The instruction set the fused paths must run with in this process: what
+/// `ATTN_KERNEL_ARCH` allows of what the CPU has. Keys stored in bf16
+/// (`bf16_keys`) take the tiled kernel's bf16 dot products where the CPU has
+/// AVX512_BF16 and the cap allows them.
+pub fn expected_arch(bf16_keys: bool) -> attn::KernelArch {
+    use attn::KernelArch;
+    let cap = std::env::var("ATTN_KERNEL_ARCH").unwrap_or_default();
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c");
+        let avx512 = avx2
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512dq");
+        let bf16 = avx512 && is_x86_feature_detected!("avx512bf16");
+        match cap.as_str() {
+            "" | "avx512bf16" if bf16 && bf16_keys => return KernelArch::Avx512Bf16,
+            "" | "avx512bf16" | "avx512" if avx512 => return KernelArch::Avx512,
+            "" | "avx512bf16" | "avx512" | "avx2" if avx2 => return KernelArch::Avx2,
+            _ => {}
+        }
+    }
+    let _ = (cap, bf16_keys);
+    KernelArch::Portable
+}

@@ -45,7 +45,6 @@ pub(crate) use portable::Portable;
 use super::direct::{Dots, HalfDots};
 use super::float::{KernelFloat, MulAdd};
 use super::tiled::{KeyTiles, Tiles};
-use crate::element::Element;
 use crate::error::{Error, Result};
 
 /// The instruction set the fused kernels ran with (see [`kernel_paths`](crate::kernel_paths)).
@@ -204,7 +203,7 @@ impl<A: KernelElement> Dispatch<A> for Arch {
 /// An element type with a tile width on every token: [`Dispatch`] for [`Arch`].
 /// Stable Rust cannot compute a const generic from a type parameter, so each
 /// element type writes out its match from instruction set to token and width.
-pub(crate) trait KernelElement: Element + KernelFloat {
+pub(crate) trait KernelElement: KernelFloat {
     /// Runs `op` with the token of `arch` and its tile width for this type.
     fn dispatch<O: Op<Self>>(arch: Arch, op: O) -> O::Output;
 }

@@ -7,16 +7,14 @@ use std::cell::RefCell;
 use std::convert::Infallible;
 use std::rc::Rc;
 
+use attn::plot::plotters::coord::Shift;
+use attn::plot::plotters::prelude::*;
+use attn::plot::{register_font, Colormap, Curve, Figure, Heatmap};
 use ndarray::Array2;
-use plotters::coord::Shift;
-use plotters::prelude::*;
 use plotters_backend::{
     text_anchor::{HPos, VPos},
     BackendColor, BackendCoord, BackendStyle, BackendTextStyle, DrawingErrorKind,
 };
-
-use super::output::register_system_font;
-use super::{Colormap, Curve, Figure, Heatmap};
 
 /// One drawn text and the pixels its glyphs take: `(left, top)` to `(right, bottom)`.
 #[derive(Debug, Clone)]
@@ -134,10 +132,17 @@ impl DrawingBackend for Recorder {
     }
 }
 
+/// A drawing error as attn reports one.
+fn plot_error<E: std::error::Error + Send + Sync>(e: DrawingAreaErrorKind<E>) -> attn::Error {
+    attn::Error::Plot {
+        reason: e.to_string(),
+    }
+}
+
 /// The text boxes `draw` makes on a `size` picture.
 fn texts_of(
     size: (u32, u32),
-    draw: impl FnOnce(&DrawingArea<Recorder, Shift>) -> crate::Result<()>,
+    draw: impl FnOnce(&DrawingArea<Recorder, Shift>) -> attn::Result<()>,
 ) -> Vec<TextBox> {
     let texts = Rc::new(RefCell::new(Vec::new()));
     let root = Recorder {
@@ -184,9 +189,9 @@ fn misfits(size: (u32, u32), texts: &[TextBox]) -> Vec<String> {
 /// check then).
 fn assert_drawn_fits(
     size: (u32, u32),
-    draw: impl FnOnce(&DrawingArea<Recorder, Shift>) -> crate::Result<()>,
+    draw: impl FnOnce(&DrawingArea<Recorder, Shift>) -> attn::Result<()>,
 ) -> Option<Vec<TextBox>> {
-    if let Err(e) = register_system_font() {
+    if let Err(e) = register_font() {
         eprintln!("no font, no PNG text to measure: {e}");
         return None;
     }
@@ -198,7 +203,7 @@ fn assert_drawn_fits(
 
 /// [`assert_drawn_fits`] for a figure.
 fn assert_fits(figure: &Figure) {
-    assert_drawn_fits(figure.size(), |root| figure.draw(root));
+    assert_drawn_fits(figure.size(), |root| figure.draw_on(root));
 }
 
 fn ramp(rows: usize, cols: usize, lo: f64, hi: f64) -> Array2<f64> {
@@ -210,7 +215,7 @@ fn ramp(rows: usize, cols: usize, lo: f64, hi: f64) -> Array2<f64> {
 
 #[test]
 fn the_recorder_sees_text_that_leaves_the_picture_or_overlaps() {
-    if register_system_font().is_err() {
+    if register_font().is_err() {
         return;
     }
     // a title far wider than its 2-cell panel, and two texts on one spot
@@ -218,11 +223,11 @@ fn the_recorder_sees_text_that_leaves_the_picture_or_overlaps() {
         let font = ("sans-serif", 18).into_font();
         let long = "a title that is far too long for a panel of two cells";
         root.draw(&Text::new(long, (10, 10), font.clone()))
-            .map_err(super::output::plot_error)?;
+            .map_err(plot_error)?;
         root.draw(&Text::new("x", (100, 100), font.clone()))
-            .map_err(super::output::plot_error)?;
+            .map_err(plot_error)?;
         root.draw(&Text::new("y", (101, 101), font))
-            .map_err(super::output::plot_error)?;
+            .map_err(plot_error)?;
         Ok(())
     });
     let wrong = misfits((300, 200), &texts);
@@ -380,18 +385,18 @@ fn long_negative_numbers_fit() {
 fn a_loss_curve_text_fits() {
     let values: Vec<f64> = (0..300).map(|i| 2.3 * (-(i as f64) / 60.0).exp()).collect();
     let curve = Curve::new("training loss", &values).with_axes("step", "cross-entropy");
-    if let Some(texts) = assert_drawn_fits(super::curve::SIZE, |root| curve.draw(root)) {
+    if let Some(texts) = assert_drawn_fits(curve.size(), |root| curve.draw_on(root)) {
         assert!(texts.len() > 5, "{texts:?}");
     }
 }
 
 #[test]
 fn titles_are_set_in_the_bold_face() {
-    if register_system_font().is_err() {
+    if register_font().is_err() {
         return;
     }
     let width = |style: FontStyle| {
-        let ((x0, _), (x1, _)) = super::figure::sans(18.0, style)
+        let ((x0, _), (x1, _)) = FontDesc::new(FontFamily::Name("sans-serif"), 18.0, style)
             .layout_box("attention weights")
             .expect("the registered font lays out the text");
         x1 - x0
