@@ -202,7 +202,15 @@ pub(crate) fn tiled<A, KV, K, D>(
     let per_wave = (PACKED_BYTES / packed_bytes).max(threads);
     report::arch_used(kernel.kind());
     for wave in groups.chunks_mut(per_wave) {
-        tiled_wave(problem, kernel, wave, parallelism, &fallback);
+        let pack = |g: &KvGroup<'_, '_, A>| {
+            let (k, v) = problem.keys_values(g.b, g.kv);
+            kernel.dispatch(PackHead { k: &k, v: &v })
+        };
+        let packed: Vec<PackedHead<A, K>> = match parallelism {
+            Parallelism::Sequential => wave.iter().map(pack).collect(),
+            Parallelism::Rayon => wave.par_iter().map(pack).collect(),
+        };
+        attend_wave(problem, kernel, wave, &packed, parallelism, &fallback);
     }
 }
 
@@ -212,28 +220,17 @@ struct Task<'a, A, K> {
     out: ArrayViewMut2<'a, A>,
 }
 
-fn tiled_wave<A, KV, K, D>(
+/// Every block of the query heads of one wave of groups, over their key/value
+/// heads `packed` (one per group), in one parallel region.
+fn attend_wave<A: KernelFloat, KV, K: Entry<A>, D: Dispatch<A, K>>(
     problem: &Problem<'_, A, KV>,
     kernel: D,
     wave: &mut [KvGroup<'_, '_, A>],
+    packed: &[PackedHead<A, K>],
     parallelism: Parallelism,
     fallback: &impl Fn(usize, usize, ArrayViewMut2<'_, A>),
-) where
-    A: KernelFloat,
-    KV: Sync,
-    K: Entry<A>,
-    D: Dispatch<A, K>,
-    for<'v, 'a> PackHead<'v, 'a, KV>: Op<A, K, Output = PackedHead<A, K>>,
-{
+) {
     let nr = kernel.dispatch(TileWidth);
-    let pack = |g: &KvGroup<'_, '_, A>| {
-        let (k, v) = problem.keys_values(g.b, g.kv);
-        kernel.dispatch(PackHead { k: &k, v: &v })
-    };
-    let packed: Vec<PackedHead<A, K>> = match parallelism {
-        Parallelism::Sequential => wave.iter().map(pack).collect(),
-        Parallelism::Rayon => wave.par_iter().map(pack).collect(),
-    };
     let masks: Vec<Vec<Vec<Mask2<'_, A>>>> = wave
         .iter()
         .map(|g| {
@@ -245,7 +242,7 @@ fn tiled_wave<A, KV, K, D>(
         .collect();
     let s = problem.k.dim().2;
     let mut tasks = Vec::new();
-    for ((group, packed), masks) in wave.iter_mut().zip(&packed).zip(&masks) {
+    for ((group, packed), masks) in wave.iter_mut().zip(packed).zip(&masks) {
         let b = group.b;
         let query_heads = problem.query_heads(group.kv);
         for ((h, out), masks) in query_heads.zip(group.outs.iter_mut()).zip(masks) {
