@@ -2,7 +2,7 @@
 //! blocks, every mask, grouped-query heads, strides, threads, FlashAttention's
 //! accuracy rule, and inputs that must take the reference path.
 
-mod common;
+use crate::common;
 
 use attn::{kernel_paths, Kernel, Mask, Parallelism, ScaledDotProduct};
 use common::{every_mask_kind, max_abs_diff, random2, random4};

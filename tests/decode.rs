@@ -1,6 +1,6 @@
 //! Step-by-step decoding with a key/value cache, position biases and mask builders.
 
-mod common;
+use crate::common;
 
 use attn::{
     alibi_slopes, key_padding, rope, Init, Kernel, KvCache, Mask, MultiHeadConfig, RopeLayout,

@@ -4,7 +4,7 @@
 // each example brings its own copy of examples/common
 #![allow(clippy::duplicate_mod)]
 
-mod common;
+use crate::common;
 
 #[allow(dead_code)]
 #[path = "../examples/tokyo.rs"]

@@ -1,7 +1,7 @@
 //! Every case of `golden/sdpa.json` (real PyTorch `scaled_dot_product_attention`,
 //! float64), in f64 to 1e-12 and in f32 to PyTorch's f32 tolerance.
 
-mod common;
+use crate::common;
 
 use attn::{AttentionOutput, Element, Mask, ScaledDotProduct};
 use common::{array_bool, array_f64, golden, max_abs_diff};

@@ -1,7 +1,7 @@
 //! Gradients through attention: PyTorch's autograd (`tests/golden/grad.json`),
 //! finite differences, and what masks do to them.
 
-mod common;
+use crate::common;
 
 use attn::{AttentionGradients, Error, Mask, ScaledDotProduct};
 use common::{array_bool, array_f64, golden, max_abs_diff, random2, random4};

@@ -3,7 +3,7 @@
 //! reference computed from the same half inputs: the error may be the rounding
 //! of the output to the half type plus the f32 computation's own.
 
-mod common;
+use crate::common;
 
 use attn::{KvCache, Mask, Parallelism, ScaledDotProduct, Storage};
 use common::{pseudo_random, reference, RefCausal};

@@ -5,7 +5,7 @@
 //! match transformers' float64 reference to 1e-10 in f64, and to PyTorch's own
 //! f32 tolerance (`torch.testing`: 1e-5 + 1.3e-6·|x|) in f32.
 
-mod common;
+use crate::common;
 
 use attn::{
     alibi_slopes, Causality, Element, HfModel, Layout, Mask, MultiHeadAttention, MultiHeadConfig,

@@ -1,7 +1,7 @@
 //! The fused kernels against the reference path: FlashAttention's accuracy rule,
 //! masks, block edges, threads, and inputs that must take the reference path.
 
-mod common;
+use crate::common;
 
 use attn::{
     kernel_paths, Element, Kernel, KernelPaths, Mask, Parallelism, ScaledDotProduct, Storage,

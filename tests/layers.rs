@@ -1,7 +1,7 @@
 //! Projections, self-/cross-attention, multi-head attention and the seeds'
 //! parameter-free forms.
 
-mod common;
+use crate::common;
 
 use attn::parameter_free::{cat, sa, FeatureMapAttention};
 use attn::{

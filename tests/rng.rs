@@ -1,7 +1,7 @@
 //! The NumPy and PyTorch generators against every case of `golden/numpy_random.json`
 //! and `golden/torch_randn.json`.
 
-mod common;
+use crate::common;
 
 use attn::rng::{NumpyRandom, TorchGenerator};
 use common::{array_f64, golden};

@@ -1,7 +1,7 @@
 //! Scaled dot-product attention against a slow reference, on invariants, on
 //! strided inputs, and on every kind of bad input.
 
-mod common;
+use crate::common;
 
 use attn::{attention_weights, scaled_dot_product, softmax_rows, Error, Mask, ScaledDotProduct};
 use common::{assert_close, max_abs_diff, random2, random4, reference, RefCausal};

@@ -2,7 +2,7 @@
 //! transposed, negative-stride or strided-slice view gives the same numbers,
 //! bit for bit, as the same values in a fresh standard-layout array.
 
-mod common;
+use crate::common;
 
 use attn::{merge_attention, AttentionLse, Element, KvCache, Mask, ScaledDotProduct};
 use common::pseudo_random;

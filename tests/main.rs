@@ -1,0 +1,24 @@
+//! Every integration test in one binary (linking one test binary per file was
+//! most of a cold `cargo test`): each file of this folder is a module, named as
+//! the file; `cargo test kernel::` runs one of them. `common` holds the shared
+//! helpers.
+
+mod common;
+
+mod backward;
+mod decode;
+#[cfg(feature = "plot")]
+mod demos;
+mod golden_sdpa;
+mod grad;
+mod half;
+#[cfg(feature = "load")]
+mod hf_models;
+#[cfg(feature = "load")]
+mod hostile;
+mod kernel;
+mod layers;
+mod properties;
+mod rng;
+mod sdpa;
+mod views;
