@@ -8,8 +8,8 @@
 
 use std::time::Duration;
 
-use attn::{softmax_rows, Element, Kernel, Mask, ScaledDotProduct};
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use attn::{Element, Kernel, Mask, ScaledDotProduct, softmax_rows};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ndarray::{Array2, Array4};
 
 const HEADS: usize = 8;

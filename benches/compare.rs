@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use attn::{Element, Kernel, Mask, Parallelism, ScaledDotProduct, Storage};
-use ndarray::{s, Array2, Array4, Axis};
+use ndarray::{Array2, Array4, Axis, s};
 use rayon::prelude::*;
 
 mod peak;
@@ -197,9 +197,15 @@ fn main() {
     println!("host: {}", peak::host());
     println!("f32 FMA peak, measured: {peak:.1} GFLOP/s per core (f64: half)\n");
 
-    println!("f32, batch 1, {HEADS} heads, head_dim {DIM}, self-attention; GFLOP/s = 4·N²·d·heads / time (causal: half)");
-    println!("best time over {ROUNDS} rounds of repeated calls; each round runs every contender of the row back to back\n");
-    println!("| N | mask | threads | attn fused | attn plain | ndarray by hand | PyTorch SDPA | fused / PyTorch | fused, % of FMA peak |");
+    println!(
+        "f32, batch 1, {HEADS} heads, head_dim {DIM}, self-attention; GFLOP/s = 4·N²·d·heads / time (causal: half)"
+    );
+    println!(
+        "best time over {ROUNDS} rounds of repeated calls; each round runs every contender of the row back to back\n"
+    );
+    println!(
+        "| N | mask | threads | attn fused | attn plain | ndarray by hand | PyTorch SDPA | fused / PyTorch | fused, % of FMA peak |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|");
     for causal in [false, true] {
         for &n in sizes {
@@ -291,7 +297,9 @@ fn main() {
     let tiny_torch = torch_seconds(&python, 3, 3, 1, 1, 4, false, min)
         .map(|(s, _)| format!("{:.2} µs", s * 1e6))
         .unwrap_or_else(|_| "absent".to_string());
-    println!("\ntiny case (3 tokens × 4 dims, one head, `scaled_dot_product`): attn {tiny:.3} µs, attn plain {tiny_plain:.3} µs, PyTorch SDPA {tiny_torch}");
+    println!(
+        "\ntiny case (3 tokens × 4 dims, one head, `scaled_dot_product`): attn {tiny:.3} µs, attn plain {tiny_plain:.3} µs, PyTorch SDPA {tiny_torch}"
+    );
 
     // one head through the plain 2-D call, as most users call it
     let n = if quick { 512 } else { 2048 };
@@ -330,9 +338,13 @@ fn main() {
     }
 
     // every element type against PyTorch in the same type
-    println!("\nby element type, {HEADS} heads, head_dim {DIM}, unmasked; prefill in GFLOP/s (4·N²·d·heads / time), decode in µs per step (1 query against 4096 cached)");
+    println!(
+        "\nby element type, {HEADS} heads, head_dim {DIM}, unmasked; prefill in GFLOP/s (4·N²·d·heads / time), decode in µs per step (1 query against 4096 cached)"
+    );
     println!("half types: inputs and outputs in the half type, computed in f32\n");
-    println!("| dtype | case | threads | attn | PyTorch SDPA | attn speed / PyTorch | attn, % of FMA peak |");
+    println!(
+        "| dtype | case | threads | attn | PyTorch SDPA | attn speed / PyTorch | attn, % of FMA peak |"
+    );
     println!("|---|---|---|---|---|---|---|");
     let prefill: &[usize] = if quick {
         &[128, 512]
@@ -348,9 +360,15 @@ fn main() {
     // scores would be 8 GiB per call in f32)
     // the backward pass: gradients of q, k, v from d_out (forward not timed for
     // PyTorch; attn's backward runs its own forward pass inside)
-    println!("\nbackward, f32, {HEADS} heads, head_dim {DIM}: GFLOP/s = 10·N²·d·heads / time (causal: half)");
-    println!("\"kept\": `backward_with_lse` from `forward_with_lse` (forward not timed, as for PyTorch); \"alone\": `backward_batched`, which runs the forward again\n");
-    println!("| N | mask | threads | attn kept | attn alone | PyTorch backward | kept / PyTorch | kept, % of FMA peak |");
+    println!(
+        "\nbackward, f32, {HEADS} heads, head_dim {DIM}: GFLOP/s = 10·N²·d·heads / time (causal: half)"
+    );
+    println!(
+        "\"kept\": `backward_with_lse` from `forward_with_lse` (forward not timed, as for PyTorch); \"alone\": `backward_batched`, which runs the forward again\n"
+    );
+    println!(
+        "| N | mask | threads | attn kept | attn alone | PyTorch backward | kept / PyTorch | kept, % of FMA peak |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     let backward_sizes: &[usize] = if quick { &[512] } else { &[512, 2048] };
     for &n in backward_sizes {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use attn::half::{bf16, f16};
 use attn::{Element, Init, KvCache, Mask, MultiHeadConfig, ScaledDotProduct, Storage};
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ndarray::{Array3, Array4};
 
 const CACHED: usize = 4096;

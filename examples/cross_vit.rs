@@ -14,7 +14,7 @@ use std::time::Instant;
 use attn::plot::{Figure, Heatmap};
 use attn::rng::seeded;
 use attn::{Init, MultiHeadConfig};
-use ndarray::{concatenate, s, Array2, Array3, Axis};
+use ndarray::{Array2, Array3, Axis, concatenate, s};
 use rand::Rng;
 
 /// Tokens of one branch: a CLS row followed by one row per patch.
@@ -151,7 +151,9 @@ fn main() -> attn::Result<()> {
     }
     common::save(&Figure::new(panels), "cross_vit");
 
-    println!("\nOne query (CLS) against N tokens vs all N tokens against each other, d_model 64, 4 heads:");
+    println!(
+        "\nOne query (CLS) against N tokens vs all N tokens against each other, d_model 64, 4 heads:"
+    );
     println!(
         "{:>6} {:>14} {:>8} {:>16} {:>8}",
         "N", "CLS only", "ratio", "all-to-all", "ratio"

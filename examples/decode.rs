@@ -16,8 +16,8 @@ mod common;
 
 use attn::plot::{Figure, Heatmap};
 use attn::rng::TorchGenerator;
-use attn::{rope, KvCache, Mask, QkvProjection, RopeLayout, ScaledDotProduct};
-use ndarray::{s, Array2, Array4, ArrayRef2, Axis};
+use attn::{KvCache, Mask, QkvProjection, RopeLayout, ScaledDotProduct, rope};
+use ndarray::{Array2, Array4, ArrayRef2, Axis, s};
 
 pub const TOKENS: [&str; 8] = ["the", "cat", "sat", "on", "the", "mat", "and", "slept"];
 pub const PROMPT: usize = 5;

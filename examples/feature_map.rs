@@ -8,7 +8,7 @@ mod common;
 
 use attn::parameter_free::{FeatureMapAttention, FeatureMapOutput};
 use attn::plot::{Figure, Heatmap};
-use ndarray::{array, Array3, Ix3};
+use ndarray::{Array3, Ix3, array};
 
 /// The pixel names, in the order of the flattened map: `p(w,h)`.
 pub const PIXELS: [&str; 4] = ["p(0,0)", "p(0,1)", "p(1,0)", "p(1,1)"];

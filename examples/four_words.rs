@@ -9,8 +9,8 @@ mod common;
 
 use attn::plot::{Figure, Heatmap};
 use attn::rng::NumpyRandom;
-use attn::{softmax_rows, QkvProjection, ScaledDotProduct};
-use ndarray::{array, Array2};
+use attn::{QkvProjection, ScaledDotProduct, softmax_rows};
+use ndarray::{Array2, array};
 
 /// Every number of the demo.
 pub struct FourWords {
@@ -125,7 +125,9 @@ fn main() -> attn::Result<()> {
         7,
         &features,
     ));
-    println!("The script called scipy.special.softmax without axis=1, so its 16 probabilities sum to 1 together;");
+    println!(
+        "The script called scipy.special.softmax without axis=1, so its 16 probabilities sum to 1 together;"
+    );
     println!(
         "attention normalises each query's row on its own, so every row of weights sums to 1.\n"
     );

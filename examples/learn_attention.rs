@@ -17,10 +17,10 @@ mod common;
 
 use attn::plot::{Curve, Figure, Heatmap};
 use attn::{Linear, ScaledDotProduct};
-use ndarray::{s, Array2, Array3, Array4, Axis};
+use ndarray::{Array2, Array3, Array4, Axis, s};
 use ndarray_rand::rand_distr::StandardNormal;
-use rand::seq::index::sample;
 use rand::Rng;
+use rand::seq::index::sample;
 
 /// Embedding width, symbols per vocabulary, pairs per example.
 const WIDTH: usize = 16;
@@ -264,7 +264,9 @@ pub fn mean_weight_on_answer(pass: &Pass, eval: &Examples) -> f64 {
 fn main() -> attn::Result<()> {
     let steps = 600;
     let run = train(steps, 7)?;
-    println!("associative recall: {PAIRS} (key, value) pairs, {SYMBOLS} symbols each, width {WIDTH}; batch {BATCH}, Adam, {steps} steps\n");
+    println!(
+        "associative recall: {PAIRS} (key, value) pairs, {SYMBOLS} symbols each, width {WIDTH}; batch {BATCH}, Adam, {steps} steps\n"
+    );
     println!("step   loss");
     for (step, loss) in run.losses.iter().enumerate() {
         if step % 50 == 0 || step + 1 == steps {

@@ -17,7 +17,7 @@ mod common;
 
 use attn::plot::{Figure, Heatmap};
 use attn::{HfModel, StateDict};
-use ndarray::{s, Array1, Array2, Array3, Axis, Ix2, Ix3};
+use ndarray::{Array1, Array2, Array3, Axis, Ix2, Ix3, s};
 
 const CHECKPOINT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/hf/llama");
 const MODULE: &str = "model.layers.0.self_attn";

@@ -18,7 +18,7 @@ mod common;
 use attn::plot::{Colormap, Figure, Heatmap};
 use attn::rng::TorchGenerator;
 use attn::{AttentionTrace, QkvProjection, ScaledDotProduct};
-use ndarray::{array, concatenate, s, Array2, Axis};
+use ndarray::{Array2, Axis, array, concatenate, s};
 
 /// The words of the sentence, as many as `--tokens` asks for.
 const SENTENCE: [&str; 10] = [
@@ -76,7 +76,7 @@ impl Options {
                 flag if flag.starts_with("--") => {
                     return Err(format!(
                         "unknown flag {flag}: use --tokens, --d-model, --heads, --seed"
-                    ))
+                    ));
                 }
                 _ => {
                     rest.push(arg);

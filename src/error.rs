@@ -162,13 +162,13 @@ impl fmt::Display for Error {
                     f,
                     "mask of shape {mask:?} does not broadcast to scores of shape {scores:?}"
                 )?;
-                if let ([b, s], [batch, _, _, keys]) = (&mask[..], &scores[..]) {
-                    if (b, s) == (batch, keys) {
-                        write!(
-                            f,
-                            " (a (B, S) key-padding mask: Mask::key_padding applies it as (B, 1, 1, S))"
-                        )?;
-                    }
+                if let ([b, s], [batch, _, _, keys]) = (&mask[..], &scores[..])
+                    && (b, s) == (batch, keys)
+                {
+                    write!(
+                        f,
+                        " (a (B, S) key-padding mask: Mask::key_padding applies it as (B, 1, 1, S))"
+                    )?;
                 }
                 Ok(())
             }

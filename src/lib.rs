@@ -107,13 +107,13 @@ pub use crate::core::mask::Mask;
 pub use crate::core::problem::AttentionDim;
 pub use crate::core::softmax::{softmax_rows, softmax_rows_in_place};
 pub use decode::cache::KvCache;
-pub use decode::position::{alibi_slopes, key_padding, RelativeBuckets};
-pub use decode::rope::{rope, Rope, RopeLayout, RopeScaling};
+pub use decode::position::{RelativeBuckets, alibi_slopes, key_padding};
+pub use decode::rope::{Rope, RopeLayout, RopeScaling, rope};
 pub use element::{Element, Storage};
 pub use error::{Error, Result};
-#[doc(hidden)]
-pub use kernel::{kernel_paths, KernelArch, KernelPaths};
 pub use kernel::{Kernel, Parallelism};
+#[doc(hidden)]
+pub use kernel::{KernelArch, KernelPaths, kernel_paths};
 pub use layers::init::Init;
 pub use layers::linear::{Linear, LinearGradients};
 pub use layers::multi_head::{
@@ -123,8 +123,8 @@ pub use layers::multi_head::{
 pub use layers::parameter_free;
 pub use layers::projection::{ProjectionShape, QkvGradients, QkvProjection};
 #[cfg(feature = "load")]
-pub use load::{hf::HfModel, layout::Layout, safetensors::SafeTensors, StateDict};
+pub use load::{StateDict, hf::HfModel, layout::Layout, safetensors::SafeTensors};
 pub use sdpa::{
-    attention_weights, merge_attention, scaled_dot_product, AttentionGradients, AttentionLse,
-    AttentionOutput, AttentionTrace, ScaledDotProduct,
+    AttentionGradients, AttentionLse, AttentionOutput, AttentionTrace, ScaledDotProduct,
+    attention_weights, merge_attention, scaled_dot_product,
 };

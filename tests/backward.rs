@@ -4,9 +4,9 @@
 
 use crate::common;
 
-use attn::{kernel_paths, Kernel, Mask, Parallelism, ScaledDotProduct};
+use attn::{Kernel, Mask, Parallelism, ScaledDotProduct, kernel_paths};
 use common::{every_mask_kind, max_abs_diff, random2, random4};
-use ndarray::{s, Array1, Array2, Array4};
+use ndarray::{Array1, Array2, Array4, s};
 
 /// Attention through `kernel` with every one of `masks`.
 fn attention<'m>(kernel: Kernel, masks: &[Mask<'m, f64>]) -> ScaledDotProduct<'m, f64> {
@@ -192,12 +192,14 @@ fn non_finite_or_overflowing_inputs_take_the_reference_path() {
     let huge = k.mapv(|x| x * 1e300);
     let d_out = random2(70, 4, 44);
     let fused = backward_by(true, 1, || attn.backward(&q, &huge, &v, &d_out)).expect("valid");
-    assert!(fused
-        .q
-        .iter()
-        .chain(&fused.k)
-        .chain(&fused.v)
-        .all(|x| x.is_finite()));
+    assert!(
+        fused
+            .q
+            .iter()
+            .chain(&fused.k)
+            .chain(&fused.v)
+            .all(|x| x.is_finite())
+    );
     // but f32 keys of 1e37 could overflow the scores: the reference path
     let big32 = k.mapv(|x| (x * 1e37) as f32);
     let (q32, v32, g32) = (

@@ -3,11 +3,11 @@
 use crate::common;
 
 use attn::{
-    alibi_slopes, key_padding, rope, Init, Kernel, KvCache, Mask, MultiHeadConfig, RopeLayout,
-    ScaledDotProduct,
+    Init, Kernel, KvCache, Mask, MultiHeadConfig, RopeLayout, ScaledDotProduct, alibi_slopes,
+    key_padding, rope,
 };
 use common::{max_abs_diff, pseudo_random, random2};
-use ndarray::{concatenate, s, Array2, Array3, Array4, Axis};
+use ndarray::{Array2, Array3, Array4, Axis, concatenate, s};
 
 fn tokens(t: usize, d: usize, seed: u64) -> Array3<f64> {
     pseudo_random(&[1, t, d], seed)
@@ -23,9 +23,10 @@ fn in_steps(
     cache: &mut KvCache<f64>,
 ) -> Array3<f64> {
     let t = x.dim().1;
-    let mut outs = vec![mha
-        .forward_cached(&x.slice(s![.., ..prompt, ..]), cache)
-        .expect("prompt")];
+    let mut outs = vec![
+        mha.forward_cached(&x.slice(s![.., ..prompt, ..]), cache)
+            .expect("prompt"),
+    ];
     for i in prompt..t {
         outs.push(
             mha.forward_cached(&x.slice(s![.., i..i + 1, ..]), cache)
@@ -151,9 +152,11 @@ fn cache_errors() {
         .with_kdim(3)
         .random::<f32>(Init::XavierUniform, 0)
         .expect("valid");
-    assert!(cross
-        .forward_cached(&Array3::zeros((1, 2, 8)), &mut KvCache::new(1, 2, 4, 4))
-        .is_err());
+    assert!(
+        cross
+            .forward_cached(&Array3::zeros((1, 2, 8)), &mut KvCache::new(1, 2, 4, 4))
+            .is_err()
+    );
 }
 
 #[test]
@@ -185,10 +188,12 @@ fn sliding_window_mask_equals_its_materialised_keep_mask() {
         }
     }
     let x = random2(3, 2, 4);
-    assert!(ScaledDotProduct::new()
-        .with_mask(Mask::SlidingWindow(0))
-        .forward(&x, &x, &x)
-        .is_err());
+    assert!(
+        ScaledDotProduct::new()
+            .with_mask(Mask::SlidingWindow(0))
+            .forward(&x, &x, &x)
+            .is_err()
+    );
 }
 
 #[test]
@@ -272,13 +277,15 @@ fn rope_matches_the_rotation_formula() {
         rq.row(0).dot(&rk.row(0))
     };
     assert!((score(10, 3) - score(107, 100)).abs() < 1e-12);
-    assert!(rope(
-        &random2(2, 3, 1),
-        &[0, 1],
-        10_000.0,
-        RopeLayout::Interleaved
-    )
-    .is_err());
+    assert!(
+        rope(
+            &random2(2, 3, 1),
+            &[0, 1],
+            10_000.0,
+            RopeLayout::Interleaved
+        )
+        .is_err()
+    );
     assert!(rope(&x, &[0], 10_000.0, RopeLayout::Interleaved).is_err());
     assert!(rope(&x, &positions, 1.0, RopeLayout::Interleaved).is_err());
 }
@@ -303,11 +310,12 @@ fn key_padding_masks_each_sequence() {
     let out = mha
         .forward_batched_with_weights(&x, &x, &x, &[Mask::keep(&mask)])
         .expect("valid");
-    assert!(out
-        .head_weights
-        .slice(s![1, .., .., 2..])
-        .iter()
-        .all(|&w| w == 0.0));
+    assert!(
+        out.head_weights
+            .slice(s![1, .., .., 2..])
+            .iter()
+            .all(|&w| w == 0.0)
+    );
     assert!(out.output.slice(s![2, .., ..]).iter().all(|&o| o == 0.0));
 }
 
@@ -402,14 +410,16 @@ fn padded_attend_errors_leave_the_cache_as_it_was() {
         Err(attn::Error::Shape { .. })
     ));
     let bad_mask = Array2::from_elem((3, 5), true);
-    assert!(cache
-        .attend_padded(
-            &x,
-            &x,
-            &x,
-            &Array2::from_elem((2, 3), true),
-            &[Mask::keep(&bad_mask)]
-        )
-        .is_err());
+    assert!(
+        cache
+            .attend_padded(
+                &x,
+                &x,
+                &x,
+                &Array2::from_elem((2, 3), true),
+                &[Mask::keep(&bad_mask)]
+            )
+            .is_err()
+    );
     assert_eq!(cache, before);
 }

@@ -114,12 +114,16 @@ fn fully_masked_golden_row_is_exactly_zero() {
     let empty_row = (0..mask.shape()[0])
         .find(|&i| mask.index_axis(ndarray::Axis(0), i).iter().all(|&m| !m))
         .expect("the case has a fully masked row");
-    assert!(output
-        .index_axis(ndarray::Axis(0), empty_row)
-        .iter()
-        .all(|&x| x == 0.0));
-    assert!(weights
-        .index_axis(ndarray::Axis(0), empty_row)
-        .iter()
-        .all(|&x| x == 0.0));
+    assert!(
+        output
+            .index_axis(ndarray::Axis(0), empty_row)
+            .iter()
+            .all(|&x| x == 0.0)
+    );
+    assert!(
+        weights
+            .index_axis(ndarray::Axis(0), empty_row)
+            .iter()
+            .all(|&x| x == 0.0)
+    );
 }

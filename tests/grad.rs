@@ -403,9 +403,11 @@ fn linear_gradients_equal_finite_differences() {
     let g3 = layer.backward_batched(&x3, &d_y3).expect("valid");
     assert_eq!(g3.weight, g.weight);
     assert!(layer.backward(&x, &random2(4, 3, 34)).is_err());
-    assert!(layer
-        .backward_batched(&x3, &d_y3.slice(ndarray::s![.., ..4, ..]))
-        .is_err());
+    assert!(
+        layer
+            .backward_batched(&x3, &d_y3.slice(ndarray::s![.., ..4, ..]))
+            .is_err()
+    );
 }
 
 #[test]
@@ -488,7 +490,7 @@ fn batched_bias_gradients_fused_equal_reference() {
     let per_head: Array3<f64> = common::pseudo_random(&[4, 1, 140], 95)
         .into_dimensionality()
         .expect("3-D"); // broadcast over batch and queries
-                        // a zero bias of the scores' full shape changes nothing; its gradient is dS
+    // a zero bias of the scores' full shape changes nothing; its gradient is dS
     let zero = Array4::<f64>::zeros((2, 4, 70, 140));
     let run = |kernel| {
         ScaledDotProduct::new()

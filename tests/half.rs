@@ -6,9 +6,9 @@
 use crate::common;
 
 use attn::{KvCache, Mask, Parallelism, ScaledDotProduct, Storage};
-use common::{pseudo_random, reference, RefCausal};
+use common::{RefCausal, pseudo_random, reference};
 use half::{bf16, f16};
-use ndarray::{s, Array1, Array2, Array4, Axis};
+use ndarray::{Array1, Array2, Array4, Axis, s};
 
 /// A half type and how far apart its values are.
 trait Half: Storage<Compute = f32> {
@@ -264,13 +264,15 @@ fn half_caches_decode_as_causal_attention() {
         .forward_batched(&q, &k, &v)
         .expect("valid");
         let prompt = 7;
-        let mut outs = vec![cache
-            .attend(
-                &q.slice(s![.., .., ..prompt, ..]),
-                &k.slice(s![.., .., ..prompt, ..]),
-                &v.slice(s![.., .., ..prompt, ..]),
-            )
-            .expect("valid")];
+        let mut outs = vec![
+            cache
+                .attend(
+                    &q.slice(s![.., .., ..prompt, ..]),
+                    &k.slice(s![.., .., ..prompt, ..]),
+                    &v.slice(s![.., .., ..prompt, ..]),
+                )
+                .expect("valid"),
+        ];
         for i in prompt..t {
             let r = s![.., .., i..i + 1, ..];
             outs.push(
@@ -402,10 +404,11 @@ fn half_decoding_reads_keys_and_values_where_they_lie() {
             "{}",
             H::NAME
         );
-        assert!(out
-            .slice(s![0, .., .., ..])
-            .iter()
-            .all(|x| x.to_compute().is_finite()));
+        assert!(
+            out.slice(s![0, .., .., ..])
+                .iter()
+                .all(|x| x.to_compute().is_finite())
+        );
     }
     for kv_heads in [2, 8] {
         check::<bf16>(kv_heads);
@@ -483,13 +486,15 @@ fn bf16_prefill_reads_its_keys_as_bf16() {
         });
         let group = heads / kv_heads;
         assert_eq!((paths.tiled, paths.reference), (2 * heads - group, group));
-        assert!(out
-            .slice(s![0, .., .., ..])
-            .iter()
-            .all(|x| x.to_compute().is_finite()));
-        assert!(out
-            .slice(s![1, ..group, .., ..])
-            .iter()
-            .all(|x| x.to_compute().is_nan()));
+        assert!(
+            out.slice(s![0, .., .., ..])
+                .iter()
+                .all(|x| x.to_compute().is_finite())
+        );
+        assert!(
+            out.slice(s![1, ..group, .., ..])
+                .iter()
+                .all(|x| x.to_compute().is_nan())
+        );
     }
 }

@@ -8,11 +8,11 @@
 use crate::common;
 
 use attn::{
-    alibi_slopes, Causality, Element, HfModel, Layout, Mask, MultiHeadAttention, MultiHeadConfig,
-    MultiHeadOutput, PositionEncoding, SafeTensors, StateDict,
+    Causality, Element, HfModel, Layout, Mask, MultiHeadAttention, MultiHeadConfig,
+    MultiHeadOutput, PositionEncoding, SafeTensors, StateDict, alibi_slopes,
 };
 use common::{array_f64, golden};
-use ndarray::{s, Array2, Array3, Array4, ArrayD, Axis, Ix2, Ix3, Ix4};
+use ndarray::{Array2, Array3, Array4, ArrayD, Axis, Ix2, Ix3, Ix4, s};
 use serde_json::Value;
 
 fn dir(name: &str) -> String {

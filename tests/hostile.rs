@@ -6,10 +6,10 @@ use std::collections::HashMap;
 
 use attn::half::f16;
 use attn::{
-    merge_attention, AttentionLse, Error, HfModel, Init, KvCache, Layout, Mask, MultiHeadConfig,
-    RelativeBuckets, SafeTensors, ScaledDotProduct, StateDict,
+    AttentionLse, Error, HfModel, Init, KvCache, Layout, Mask, MultiHeadConfig, RelativeBuckets,
+    SafeTensors, ScaledDotProduct, StateDict, merge_attention,
 };
-use ndarray::{arr0, Array1, Array2, Array3, Array4, ArrayD, IxDyn};
+use ndarray::{Array1, Array2, Array3, Array4, ArrayD, IxDyn, arr0};
 
 /// A safetensors file from `(name, dtype, shape, data)`.
 fn file(tensors: &[(&str, &str, &[u128], Vec<u8>)]) -> Vec<u8> {

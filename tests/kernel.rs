@@ -4,13 +4,13 @@
 use crate::common;
 
 use attn::{
-    kernel_paths, Element, Kernel, KernelPaths, Mask, Parallelism, ScaledDotProduct, Storage,
+    Element, Kernel, KernelPaths, Mask, Parallelism, ScaledDotProduct, Storage, kernel_paths,
 };
 use common::{
     assert_close, every_mask_kind, expected_arch, max_abs_diff, pseudo_random, random2, random4,
 };
 use half::{bf16, f16};
-use ndarray::{s, Array2, Array4};
+use ndarray::{Array2, Array4, s};
 
 /// A path through the kernel, as [`kernel_paths`] counts it.
 #[derive(Debug, Clone, Copy)]
@@ -332,10 +332,12 @@ fn non_finite_inputs_take_the_reference_path() {
     };
     let (plain, fused) = (masked(Kernel::Plain), masked(Kernel::Fused));
     assert!(fused.row(5).iter().all(|x| x.is_nan()));
-    assert!(fused
-        .iter()
-        .enumerate()
-        .all(|(i, x)| i / 8 == 5 || x.is_finite()));
+    assert!(
+        fused
+            .iter()
+            .enumerate()
+            .all(|(i, x)| i / 8 == 5 || x.is_finite())
+    );
     // NaN rows in both: compared with NaN equal to NaN
     let e = max_abs_diff(&plain, &fused);
     assert!(e < 1e-14, "{e:e}");

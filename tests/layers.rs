@@ -3,15 +3,15 @@
 
 use crate::common;
 
-use attn::parameter_free::{cat, sa, FeatureMapAttention};
+use attn::parameter_free::{FeatureMapAttention, cat, sa};
 use attn::{
-    scaled_dot_product, Error, Init, Mask, MultiHeadConfig, MultiHeadWeights, ProjectionShape,
-    QkvProjection, ScaledDotProduct,
+    Error, Init, Mask, MultiHeadConfig, MultiHeadWeights, ProjectionShape, QkvProjection,
+    ScaledDotProduct, scaled_dot_product,
 };
 use common::{
-    array2, array_f64, assert_close, golden, max_abs_diff, random2, reference, RefCausal,
+    RefCausal, array_f64, array2, assert_close, golden, max_abs_diff, random2, reference,
 };
-use ndarray::{array, s, Array1, Array2, Array3, Axis};
+use ndarray::{Array1, Array2, Array3, Axis, array, s};
 use rand::Rng;
 
 fn vector(v: &serde_json::Value) -> Array1<f64> {
@@ -431,11 +431,13 @@ fn batched_multi_head_equals_each_sample_alone() {
                 &alone.mean_weights
             ) < 1e-15
         );
-        assert!(alone
-            .head_weights
-            .slice(s![.., .., 6 - b..])
-            .iter()
-            .all(|&w| w == 0.0));
+        assert!(
+            alone
+                .head_weights
+                .slice(s![.., .., 6 - b..])
+                .iter()
+                .all(|&w| w == 0.0)
+        );
     }
 }
 
@@ -556,11 +558,12 @@ fn multi_head_fully_masked_row_gives_zero_weights_not_nan() {
     let out = mha
         .forward_with_weights(&x, &x, &x, &[Mask::keep(&keep)])
         .expect("valid");
-    assert!(out
-        .head_weights
-        .slice(s![.., 1, ..])
-        .iter()
-        .all(|&w| w == 0.0));
+    assert!(
+        out.head_weights
+            .slice(s![.., 1, ..])
+            .iter()
+            .all(|&w| w == 0.0)
+    );
     assert!(out.mean_weights.row(1).iter().all(|&w| w == 0.0));
     // the row's attention is 0, so its output is the output bias alone
     let bias = mha.weights().b_o.clone().expect("biases on");
@@ -613,7 +616,7 @@ fn head_dim_scale_and_biases_per_projection() {
 /// standard slopes.
 #[test]
 fn rope_and_alibi_in_the_layer_equal_their_manual_forms() {
-    use attn::{rope, Causality, PositionEncoding, Rope, RopeLayout, ScaledDotProduct};
+    use attn::{Causality, PositionEncoding, Rope, RopeLayout, ScaledDotProduct, rope};
     let x = common::random2(5, 8, 6).insert_axis(ndarray::Axis(0));
     for layout in [RopeLayout::HalfSplit, RopeLayout::Interleaved] {
         let base = MultiHeadConfig::new(8, 2).with_causality(Causality::Causal);

@@ -155,7 +155,7 @@ fn weights_are_a_distribution_and_outputs_a_convex_combination() {
                     total
                 );
                 for c in 0..case.v.ncols() {
-                    let attended = row.iter().zip(case.v.column(c)).filter(|(&w, _)| w > 0.0);
+                    let attended = row.iter().zip(case.v.column(c)).filter(|&(&w, _)| w > 0.0);
                     let (lo, hi) = attended
                         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), (_, &x)| {
                             (lo.min(x), hi.max(x))

@@ -55,11 +55,7 @@ fn numpy_randint_rejects_an_empty_range() {
 fn ulps(a: f32, b: f32) -> u32 {
     let key = |x: f32| {
         let bits = x.to_bits() as i32;
-        if bits < 0 {
-            i32::MIN - bits
-        } else {
-            bits
-        }
+        if bits < 0 { i32::MIN - bits } else { bits }
     };
     key(a).abs_diff(key(b))
 }

@@ -3,9 +3,9 @@
 
 use crate::common;
 
-use attn::{attention_weights, scaled_dot_product, softmax_rows, Error, Mask, ScaledDotProduct};
-use common::{assert_close, max_abs_diff, random2, random4, reference, RefCausal};
-use ndarray::{array, s, Array2, Array4, Axis};
+use attn::{Error, Mask, ScaledDotProduct, attention_weights, scaled_dot_product, softmax_rows};
+use common::{RefCausal, assert_close, max_abs_diff, random2, random4, reference};
+use ndarray::{Array2, Array4, Axis, array, s};
 
 const SIZES: [usize; 6] = [0, 1, 2, 5, 17, 33];
 
@@ -210,11 +210,12 @@ fn nan_in_an_unmasked_query_poisons_its_row_only() {
     q[[1, 2]] = f64::NAN;
     let out = scaled_dot_product(&q, &k, &v).expect("valid");
     assert!(out.row(1).iter().all(|x| x.is_nan()));
-    assert!(out
-        .row(0)
-        .iter()
-        .chain(out.row(2).iter())
-        .all(|x| x.is_finite()));
+    assert!(
+        out.row(0)
+            .iter()
+            .chain(out.row(2).iter())
+            .all(|x| x.is_finite())
+    );
 }
 
 #[test]
@@ -441,10 +442,12 @@ fn invalid_scales_are_errors() {
         );
     }
     // a negative scale is unusual but well defined
-    assert!(ScaledDotProduct::new()
-        .with_scale(-1.0)
-        .forward(&x, &x, &x)
-        .is_ok());
+    assert!(
+        ScaledDotProduct::new()
+            .with_scale(-1.0)
+            .forward(&x, &x, &x)
+            .is_ok()
+    );
 }
 
 #[test]

@@ -4,7 +4,7 @@
 
 use crate::common;
 
-use attn::{merge_attention, AttentionLse, Element, KvCache, Mask, ScaledDotProduct};
+use attn::{AttentionLse, Element, KvCache, Mask, ScaledDotProduct, merge_attention};
 use common::pseudo_random;
 use ndarray::{
     Array2, ArrayD, ArrayView2, ArrayView4, ArrayViewD, Axis, Dimension, Ix2, Ix4, IxDyn,

@@ -107,19 +107,21 @@ mod x86 {
     /// The CPU must have AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn chains_256(n: u64) -> f32 {
-        let (m, c) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
-        let mut acc = [_mm256_set1_ps(1.0); CHAINS];
-        for _ in 0..n {
-            for a in &mut acc {
-                *a = _mm256_fmadd_ps(*a, m, c);
+        unsafe {
+            let (m, c) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
+            let mut acc = [_mm256_set1_ps(1.0); CHAINS];
+            for _ in 0..n {
+                for a in &mut acc {
+                    *a = _mm256_fmadd_ps(*a, m, c);
+                }
             }
+            let mut lanes = [0.0f32; 8];
+            acc.iter()
+                .map(|&a| {
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), a);
+                    lanes.iter().sum::<f32>()
+                })
+                .sum()
         }
-        let mut lanes = [0.0f32; 8];
-        acc.iter()
-            .map(|&a| {
-                _mm256_storeu_ps(lanes.as_mut_ptr(), a);
-                lanes.iter().sum::<f32>()
-            })
-            .sum()
     }
 }

@@ -14,7 +14,7 @@
 //! to `dK` and `dV`. With grouped-query heads, `dK` and `dV` of a key/value head
 //! are summed over the query heads that share it.
 
-use ndarray::{s, Array2, Array4, ArrayView2, ArrayView4, ArrayViewMut2, Axis};
+use ndarray::{Array2, Array4, ArrayView2, ArrayView4, ArrayViewMut2, Axis, s};
 
 use super::problem::Problem;
 use super::reference::{attend_head, masked_product};

@@ -286,7 +286,7 @@ fn broadcast<'m, A>(mask: &'m Mask<'_, A>, scores: &[usize]) -> Result<Mask4<'m,
         Mask::SlidingWindow(0) => {
             return Err(Error::InvalidConfig {
                 reason: "a sliding window needs a size of at least 1".to_string(),
-            })
+            });
         }
         Mask::SlidingWindow(size) => Shaped::SlidingWindow(*size),
         Mask::Alibi(slopes) => {

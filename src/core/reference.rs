@@ -2,7 +2,7 @@
 //! the product with `V`. It defines what every input does (masks, `−∞`, NaN,
 //! empty sizes); the fused kernels are checked against it and fall back to it.
 
-use ndarray::{s, Array1, Array2, Array3, Array4, ArrayView2, ArrayViewMut2, ArrayViewMut4};
+use ndarray::{Array1, Array2, Array3, Array4, ArrayView2, ArrayViewMut2, ArrayViewMut4, s};
 
 use super::mask::{self, Mask2};
 use super::problem::Problem;

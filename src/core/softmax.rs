@@ -85,7 +85,7 @@ fn row_max<A: Element>(row: &ArrayRef1<A>) -> A {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ndarray::{array, Array2};
+    use ndarray::{Array2, array};
 
     #[test]
     fn stable_for_large_logits() {

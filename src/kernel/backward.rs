@@ -21,16 +21,16 @@
 //! [`BACKWARD_QUERIES`]: super::params::BACKWARD_QUERIES
 //! [`BACKWARD_KEYS`]: super::params::BACKWARD_KEYS
 
-use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, CowArray, Ix2};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, CowArray, Ix2, s};
 
 use super::float::{KernelFloat, MulAdd};
-use super::gemm::{product, Target};
+use super::gemm::{Target, product};
 use super::online::{inverse_total, softmax_update};
 use super::pack::Panels;
 use super::params::{BACKWARD_KEYS as BK, BACKWARD_QUERIES as BQ, MR, SOFTMAX_LANES};
 use super::tiled::Tiles;
 use crate::core::backward::add_bias_gradient;
-use crate::core::mask::{apply_row, keys_in_reach, Mask2};
+use crate::core::mask::{Mask2, apply_row, keys_in_reach};
 
 // every key block starts a panel of keys, for the widest tiles (32 keys)
 const _: () = assert!(BK.is_multiple_of(32));
@@ -283,7 +283,10 @@ impl<'h, 'p, A: KernelFloat, const NR: usize> Head<'h, 'p, A, NR> {
     /// The keys any row of the block may see, cut into key blocks (the first
     /// starting at a multiple of `BK`, so that each starts a panel of keys).
     #[inline(always)]
-    fn key_blocks(&self, queries: &Queries) -> impl Iterator<Item = std::ops::Range<usize>> {
+    fn key_blocks(
+        &self,
+        queries: &Queries,
+    ) -> impl Iterator<Item = std::ops::Range<usize>> + use<A, NR> {
         let last = queries.first + queries.rows - 1;
         let start = keys_in_reach(self.masks, queries.first, self.l, self.s).start / BK * BK;
         let end = keys_in_reach(self.masks, last, self.l, self.s).end;

@@ -68,11 +68,7 @@ impl KernelFloat for f32 {
         // 2ⁿ from the bits of t, with integer adds and shifts only (no float-to-int
         // conversion): the shift keeps the low 9 bits, (n + 127) mod 2⁹
         let two_n = f32::from_bits(t.to_bits().wrapping_add(127) << 23);
-        if x < LOWEST {
-            0.0
-        } else {
-            p * two_n
-        }
+        if x < LOWEST { 0.0 } else { p * two_n }
     }
 }
 
@@ -110,11 +106,7 @@ impl KernelFloat for f64 {
         p = M::mul_add(p, r, 1.0);
         p = M::mul_add(p, r, 1.0);
         let two_n = f64::from_bits(t.to_bits().wrapping_add(1023) << 52);
-        if x < LOWEST {
-            0.0
-        } else {
-            p * two_n
-        }
+        if x < LOWEST { 0.0 } else { p * two_n }
     }
 }
 

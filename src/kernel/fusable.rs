@@ -51,11 +51,7 @@ pub(crate) struct Scan<A> {
 /// compares greater than it.
 #[inline(always)]
 fn sticky_max<A: Element>(m: A, x: A) -> A {
-    if x > m || x.is_nan() {
-        x
-    } else {
-        m
-    }
+    if x > m || x.is_nan() { x } else { m }
 }
 
 impl<A: Element> Scan<A> {
@@ -123,7 +119,7 @@ pub(crate) fn fusable<A: Element>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ndarray::{s, Array2};
+    use ndarray::{Array2, s};
 
     #[test]
     fn a_scan_finds_the_extent_and_every_non_finite_entry() {

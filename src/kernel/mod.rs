@@ -39,7 +39,7 @@ use ndarray::{ArrayView4, ArrayViewMut2, ArrayViewMut4, Axis};
 
 pub use arch::KernelArch;
 pub use options::{Kernel, Parallelism};
-pub use report::{kernel_paths, KernelPaths};
+pub use report::{KernelPaths, kernel_paths};
 
 #[cfg(target_arch = "x86_64")]
 use arch::Avx512Bf16;

@@ -15,11 +15,7 @@ use super::float::{KernelFloat, MulAdd};
 /// rows free of NaN (they check, and hand the others to the reference path).
 #[inline(always)]
 pub(crate) fn fold_max<A: PartialOrd>(m: A, x: A) -> A {
-    if x > m {
-        x
-    } else {
-        m
-    }
+    if x > m { x } else { m }
 }
 
 /// The largest entry of `row`, folded over `N` lanes and then across them;

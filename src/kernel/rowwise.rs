@@ -5,7 +5,7 @@ use ndarray::{ArrayView2, ArrayViewMut2};
 
 use super::float::KernelFloat;
 use super::online::{exp_and_sum_with, inverse_total, row_max, shift_of};
-use crate::core::mask::{apply_row, Mask2};
+use crate::core::mask::{Mask2, apply_row};
 
 /// One head: `out = softmax(QKᵀ·scale + masks)·V`, for finite inputs.
 pub(crate) fn attend_head<A: KernelFloat>(

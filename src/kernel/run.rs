@@ -1,7 +1,7 @@
 //! How each path runs over the heads of a call and over threads, and where a head
 //! falls back to the reference path.
 
-use ndarray::{s, Array3, Array4, ArrayView2, ArrayView4, ArrayViewMut2, Axis, CowArray, Ix2};
+use ndarray::{Array3, Array4, ArrayView2, ArrayView4, ArrayViewMut2, Axis, CowArray, Ix2, s};
 use rayon::prelude::*;
 
 use super::arch::{Arch, Dispatch, KernelElement, Op};
@@ -16,10 +16,10 @@ use super::params::{BC, BR, DIRECT_PART, PACKED_BYTES};
 use super::report::{self, Path};
 use super::rowwise;
 use super::tiled::{Block, Scratch};
-use crate::core::backward::{add_bias_gradient, Gradients};
+use crate::core::backward::{Gradients, add_bias_gradient};
 use crate::core::mask::Mask2;
 use crate::core::problem::Problem;
-use crate::core::reference::{attend_head, weighted_values, Saved};
+use crate::core::reference::{Saved, attend_head, weighted_values};
 use crate::element::Half;
 
 /// The query heads that share one key/value head, and their outputs.

@@ -16,7 +16,7 @@ use super::float::{KernelFloat, MulAdd};
 use super::online::{inverse_total, softmax_update};
 use super::pack::{Entry, PackedKeys, PackedValues};
 use super::params::{BC, BR, MR};
-use crate::core::mask::{apply_row, keys_in_reach, Mask2};
+use crate::core::mask::{Mask2, apply_row, keys_in_reach};
 
 /// One block of query rows of one head, with everything it attends over; its
 /// keys are packed as entries `K`.

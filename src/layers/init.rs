@@ -1,8 +1,8 @@
 //! How random weights are drawn.
 
 use ndarray::Array2;
-use ndarray_rand::rand_distr::{Normal, Uniform};
 use ndarray_rand::RandomExt;
+use ndarray_rand::rand_distr::{Normal, Uniform};
 use rand::Rng;
 
 use crate::element::Element;

@@ -7,7 +7,7 @@ use ndarray::{
 
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::sdpa::{scaled_dot_product, ScaledDotProduct};
+use crate::sdpa::{ScaledDotProduct, scaled_dot_product};
 
 /// Parameter-free self-attention `SA(X) = softmax(XXᵀ/√d_x)·X`.
 ///

@@ -2,10 +2,10 @@
 
 use std::marker::PhantomData;
 
-use ndarray::{s, Array1, Array2, ArrayD, Axis, Ix1, Ix2};
+use ndarray::{Array1, Array2, ArrayD, Axis, Ix1, Ix2, s};
 
-use super::layout::Layout;
 use super::StateDict;
+use super::layout::Layout;
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layers::multi_head::{

@@ -4,11 +4,11 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use super::StateDict;
 use super::block::{is_under, nearest};
-use super::families::{family, known, Biases, Causal, Family, Heads, Positions, Window};
+use super::families::{Biases, Causal, Family, Heads, Positions, Window, family, known};
 use super::layout::Layout;
 use super::safetensors::SafeTensors;
-use super::StateDict;
 use crate::decode::position::RelativeBuckets;
 use crate::decode::rope::{Rope, RopeScaling};
 use crate::element::Element;
@@ -215,7 +215,11 @@ impl HfModel {
                 name: module.to_string(),
                 reason: format!(
                     "the weights have nothing under this prefix; {} (HfModel::attention_modules lists them all)",
-                    nearest(modules.iter().map(String::as_str), module, "attention blocks")
+                    nearest(
+                        modules.iter().map(String::as_str),
+                        module,
+                        "attention blocks"
+                    )
                 ),
             });
         }

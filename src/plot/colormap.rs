@@ -1,8 +1,8 @@
 //! The colour scales a heatmap can use: viridis, and ColorBrewer's sequential
 //! scales under the names seaborn and matplotlib give them.
 
-use plotters::style::colors::colormaps::ViridisRGB;
 use plotters::style::RGBColor;
+use plotters::style::colors::colormaps::ViridisRGB;
 
 /// A colour scale, from the low end of a heatmap's range to the high end.
 ///

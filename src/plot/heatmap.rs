@@ -4,7 +4,7 @@
 use ndarray::{Array2, ArrayRef2};
 use plotters::style::RGBColor;
 
-use super::colormap::{colour, is_dark, Colormap};
+use super::colormap::{Colormap, colour, is_dark};
 use crate::element::Element;
 
 /// One matrix drawn as a heatmap: a title, row and column labels, and each cell

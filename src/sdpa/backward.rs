@@ -2,8 +2,8 @@
 
 use ndarray::{Array, Array4, ArrayD, ArrayRef, ArrayRef2, ArrayRef4, Dimension, Ix2, Ix4, IxDyn};
 
-use super::lse::AttentionLse;
 use super::ScaledDotProduct;
+use super::lse::AttentionLse;
 use crate::core::mask::Mask;
 use crate::core::problem::AttentionDim;
 use crate::core::reference::Saved;

@@ -8,7 +8,7 @@ use ndarray::{
 
 use super::{AttentionOutput, ScaledDotProduct};
 use crate::core::mask;
-use crate::core::problem::{lift_mut, AttentionDim, Problem};
+use crate::core::problem::{AttentionDim, Problem, lift_mut};
 use crate::element::{Element, Storage};
 use crate::error::Result;
 use crate::kernel;

@@ -176,7 +176,11 @@ pub fn merge_attention<A: Element, D: Dimension>(
         {
             return Err(Error::Shape {
                 what: "every part of a merge must have the first part's output shape, and lse its rows",
-                expected: [first.output.shape(), &first.output.shape()[..first.output.ndim() - 1]].concat(),
+                expected: [
+                    first.output.shape(),
+                    &first.output.shape()[..first.output.ndim() - 1],
+                ]
+                .concat(),
                 found: [part.output.shape(), part.lse.shape()].concat(),
             });
         }

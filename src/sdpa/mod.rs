@@ -10,7 +10,7 @@ mod lse;
 use ndarray::{Array2, Array4, ArrayRef2, ArrayRef4, Dimension, Ix2, Ix4};
 
 pub use backward::AttentionGradients;
-pub use lse::{merge_attention, AttentionLse};
+pub use lse::{AttentionLse, merge_attention};
 
 use crate::core::mask::Mask;
 use crate::core::reference::{attend_head, weighted_values};

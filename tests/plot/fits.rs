@@ -9,11 +9,11 @@ use std::rc::Rc;
 
 use attn::plot::plotters::coord::Shift;
 use attn::plot::plotters::prelude::*;
-use attn::plot::{register_font, Colormap, Curve, Figure, Heatmap};
+use attn::plot::{Colormap, Curve, Figure, Heatmap, register_font};
 use ndarray::Array2;
 use plotters_backend::{
-    text_anchor::{HPos, VPos},
     BackendColor, BackendCoord, BackendStyle, BackendTextStyle, DrawingErrorKind,
+    text_anchor::{HPos, VPos},
 };
 
 /// One drawn text and the pixels its glyphs take: `(left, top)` to `(right, bottom)`.
@@ -375,9 +375,11 @@ fn llama_decoding_and_csv_classes_text_fits() {
 
 #[test]
 fn long_negative_numbers_fit() {
-    let figure = Figure::new(vec![Heatmap::new("wide", &ramp(2, 3, -1234.5, 99.25))
-        .with_decimals(7)
-        .with_axis_titles("row", "column")]);
+    let figure = Figure::new(vec![
+        Heatmap::new("wide", &ramp(2, 3, -1234.5, 99.25))
+            .with_decimals(7)
+            .with_axis_titles("row", "column"),
+    ]);
     assert_fits(&figure);
 }
 

@@ -3,7 +3,7 @@
 use ndarray::{Array2, Array4, ArrayRef2, ArrayRef4, ArrayView4, Axis};
 
 use super::KvCache;
-use crate::core::mask::{broadcast_all, Mask};
+use crate::core::mask::{Mask, broadcast_all};
 use crate::core::problem::check_scale;
 use crate::element::Storage;
 use crate::error::{Error, Result};
@@ -191,7 +191,12 @@ impl<A: Storage> KvCache<A> {
         if k_new.dim().2 != t || qb != b || heads % kv_heads.max(1) != 0 || qd != d_k {
             return Err(Error::Shape {
                 what: "new queries must be (batch, a multiple of kv_heads, as many positions as the new keys, d_k)",
-                expected: vec![b, heads.next_multiple_of(kv_heads.max(1)), k_new.dim().2, d_k],
+                expected: vec![
+                    b,
+                    heads.next_multiple_of(kv_heads.max(1)),
+                    k_new.dim().2,
+                    d_k,
+                ],
                 found: q.shape().to_vec(),
             });
         }

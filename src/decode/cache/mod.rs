@@ -5,7 +5,7 @@ mod attend;
 
 pub(crate) use attend::Settings;
 
-use ndarray::{s, Array2, Array4, ArrayRef4, ArrayView2, ArrayView4};
+use ndarray::{Array2, Array4, ArrayRef4, ArrayView2, ArrayView4, s};
 
 use crate::element::{Element, Storage};
 use crate::error::{Error, Result};

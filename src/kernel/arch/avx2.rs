@@ -176,12 +176,15 @@ avx2_dots!(
 /// The CPU must support AVX.
 #[inline(always)]
 pub(super) unsafe fn sum4_ps(a: [__m256; 4]) -> [f32; 4] {
-    // pairs, then fours, within each 128-bit half; then the halves
-    let h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
-    let mut out = [0.0; 4];
-    _mm_storeu_ps(out.as_mut_ptr(), s);
-    out
+    // SAFETY: the caller upholds this function's contract (its `# Safety`).
+    unsafe {
+        // pairs, then fours, within each 128-bit half; then the halves
+        let h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+        let mut out = [0.0; 4];
+        _mm_storeu_ps(out.as_mut_ptr(), s);
+        out
+    }
 }
 
 /// [`sum4_ps`] for f64.
@@ -191,12 +194,15 @@ pub(super) unsafe fn sum4_ps(a: [__m256; 4]) -> [f32; 4] {
 /// The CPU must support AVX.
 #[inline(always)]
 pub(super) unsafe fn sum4_pd(a: [__m256d; 4]) -> [f64; 4] {
-    let (h01, h23) = (_mm256_hadd_pd(a[0], a[1]), _mm256_hadd_pd(a[2], a[3]));
-    let low = _mm256_permute2f128_pd::<0x20>(h01, h23);
-    let high = _mm256_permute2f128_pd::<0x31>(h01, h23);
-    let mut out = [0.0; 4];
-    _mm256_storeu_pd(out.as_mut_ptr(), _mm256_add_pd(low, high));
-    out
+    // SAFETY: the caller upholds this function's contract (its `# Safety`).
+    unsafe {
+        let (h01, h23) = (_mm256_hadd_pd(a[0], a[1]), _mm256_hadd_pd(a[2], a[3]));
+        let low = _mm256_permute2f128_pd::<0x20>(h01, h23);
+        let high = _mm256_permute2f128_pd::<0x31>(h01, h23);
+        let mut out = [0.0; 4];
+        _mm256_storeu_pd(out.as_mut_ptr(), _mm256_add_pd(low, high));
+        out
+    }
 }
 
 /// Eight half-precision values at `src` widened to f32 in one register.
@@ -207,12 +213,15 @@ pub(super) unsafe fn sum4_pd(a: [__m256d; 4]) -> [f64; 4] {
 /// values.
 #[inline(always)]
 pub(super) unsafe fn widen8<H: Half>(src: *const H) -> __m256 {
-    let raw = _mm_loadu_si128(src.cast());
-    if H::BF16 {
-        // bf16 is the upper half of an f32's bits
-        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
-    } else {
-        _mm256_cvtph_ps(raw)
+    // SAFETY: the caller upholds this function's contract (its `# Safety`).
+    unsafe {
+        let raw = _mm_loadu_si128(src.cast());
+        if H::BF16 {
+            // bf16 is the upper half of an f32's bits
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
+        } else {
+            _mm256_cvtph_ps(raw)
+        }
     }
 }
 

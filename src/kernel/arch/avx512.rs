@@ -7,7 +7,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{sum4_pd, sum4_ps, widen8, Avx2};
+use super::avx2::{Avx2, sum4_pd, sum4_ps, widen8};
 use crate::element::Half;
 use crate::kernel::direct::{Dots, HalfDots, Prefetch};
 use crate::kernel::params::{LANES, TILE_BLOCKS};
@@ -160,7 +160,8 @@ impl Dots<f64> for Avx512 {
 /// The CPU must support AVX-512 F and DQ.
 #[inline(always)]
 unsafe fn fold_halves(x: __m512) -> __m256 {
-    _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps::<1>(x))
+    // SAFETY: the caller upholds this function's contract (its `# Safety`).
+    unsafe { _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps::<1>(x)) }
 }
 
 /// An element the direct path's dot products load, as f32: sixteen values into a
@@ -182,24 +183,28 @@ trait Widens: Copy {
 impl Widens for f32 {
     #[inline(always)]
     unsafe fn load16(src: *const f32) -> __m512 {
-        _mm512_loadu_ps(src)
+        // SAFETY: the caller upholds this function's contract (its `# Safety`).
+        unsafe { _mm512_loadu_ps(src) }
     }
 
     #[inline(always)]
     unsafe fn load8(src: *const f32) -> __m256 {
-        _mm256_loadu_ps(src)
+        // SAFETY: the caller upholds this function's contract (its `# Safety`).
+        unsafe { _mm256_loadu_ps(src) }
     }
 }
 
 impl<H: Half> Widens for H {
     #[inline(always)]
     unsafe fn load16(src: *const H) -> __m512 {
-        widen16(src)
+        // SAFETY: the caller upholds this function's contract (its `# Safety`).
+        unsafe { widen16(src) }
     }
 
     #[inline(always)]
     unsafe fn load8(src: *const H) -> __m256 {
-        widen8(src)
+        // SAFETY: the caller upholds this function's contract (its `# Safety`).
+        unsafe { widen8(src) }
     }
 }
 
@@ -215,32 +220,35 @@ impl<H: Half> Widens for H {
 /// slice with at least `2p + 2` blocks, each 256-bit load the last block.
 #[inline(always)]
 unsafe fn dot4_pairs<E: Widens>(q: &[[f32; LANES]], k: &[&[[E; LANES]]; 4]) -> [f32; 4] {
-    debug_assert!(
-        k.iter().all(|k| k.len() >= q.len()),
-        "dot4_pairs: every key holds at least the query's {} blocks",
-        q.len()
-    );
-    let mut acc = [_mm512_setzero_ps(); 4];
-    let pairs = q.len() / 2;
-    for p in 0..pairs {
-        let x = _mm512_loadu_ps(q.as_ptr().add(2 * p).cast());
+    // SAFETY: the caller upholds this function's contract (its `# Safety`).
+    unsafe {
+        debug_assert!(
+            k.iter().all(|k| k.len() >= q.len()),
+            "dot4_pairs: every key holds at least the query's {} blocks",
+            q.len()
+        );
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let pairs = q.len() / 2;
+        for p in 0..pairs {
+            let x = _mm512_loadu_ps(q.as_ptr().add(2 * p).cast());
+            for u in 0..4 {
+                let y = E::load16(k[u].as_ptr().add(2 * p).cast::<E>());
+                acc[u] = _mm512_fmadd_ps(x, y, acc[u]);
+            }
+        }
+        // (loops, not closures: a closure does not inherit the caller's target
+        // features, and its intrinsics would be calls)
+        let mut sums = [_mm256_setzero_ps(); 4];
         for u in 0..4 {
-            let y = E::load16(k[u].as_ptr().add(2 * p).cast::<E>());
-            acc[u] = _mm512_fmadd_ps(x, y, acc[u]);
+            sums[u] = fold_halves(acc[u]);
+            if q.len() % 2 == 1 {
+                let last = q.len() - 1;
+                let x = _mm256_loadu_ps(q[last].as_ptr());
+                sums[u] = _mm256_fmadd_ps(x, E::load8(k[u][last].as_ptr()), sums[u]);
+            }
         }
+        sum4_ps(sums)
     }
-    // (loops, not closures: a closure does not inherit the caller's target
-    // features, and its intrinsics would be calls)
-    let mut sums = [_mm256_setzero_ps(); 4];
-    for u in 0..4 {
-        sums[u] = fold_halves(acc[u]);
-        if q.len() % 2 == 1 {
-            let last = q.len() - 1;
-            let x = _mm256_loadu_ps(q[last].as_ptr());
-            sums[u] = _mm256_fmadd_ps(x, E::load8(k[u][last].as_ptr()), sums[u]);
-        }
-    }
-    sum4_ps(sums)
 }
 
 /// Sixteen half-precision values at `src` widened to f32 in one register.
@@ -251,12 +259,15 @@ unsafe fn dot4_pairs<E: Widens>(q: &[[f32; LANES]], k: &[&[[E; LANES]]; 4]) -> [
 /// readable values.
 #[inline(always)]
 unsafe fn widen16<H: Half>(src: *const H) -> __m512 {
-    let raw = _mm256_loadu_si256(src.cast());
-    if H::BF16 {
-        // bf16 is the upper half of an f32's bits
-        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
-    } else {
-        _mm512_cvtph_ps(raw)
+    // SAFETY: the caller upholds this function's contract (its `# Safety`).
+    unsafe {
+        let raw = _mm256_loadu_si256(src.cast());
+        if H::BF16 {
+            // bf16 is the upper half of an f32's bits
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+        } else {
+            _mm512_cvtph_ps(raw)
+        }
     }
 }
 

@@ -60,12 +60,15 @@ macro_rules! two_register_tiles {
             #[doc = concat!("The CPU must support ", $features, ".")]
             #[inline(always)]
             unsafe fn rank1(acc: &mut [[$reg; 2]; ROWS], a: &[$ty; ROWS], row: &[$ty; $nr]) {
-                let r0 = $load(row.as_ptr());
-                let r1 = $load(row.as_ptr().add($lanes));
-                for i in 0..ROWS {
-                    let s = $splat(a[i]);
-                    acc[i][0] = $fma(s, r0, acc[i][0]);
-                    acc[i][1] = $fma(s, r1, acc[i][1]);
+                // SAFETY: the caller upholds this function's contract (its `# Safety`).
+                unsafe {
+                    let r0 = $load(row.as_ptr());
+                    let r1 = $load(row.as_ptr().add($lanes));
+                    for i in 0..ROWS {
+                        let s = $splat(a[i]);
+                        acc[i][0] = $fma(s, r0, acc[i][0]);
+                        acc[i][1] = $fma(s, r1, acc[i][1]);
+                    }
                 }
             }
 

@@ -92,16 +92,16 @@ impl Arch {
     pub(crate) fn detect() -> Result<Arch> {
         let cap = cap().map_err(|reason| Error::InvalidConfig { reason })?;
         #[cfg(target_arch = "x86_64")]
-        if cap >= Cap::Avx512 {
-            if let Some(token) = avx512::Avx512::detect() {
-                return Ok(Arch::Avx512(token));
-            }
+        if cap >= Cap::Avx512
+            && let Some(token) = avx512::Avx512::detect()
+        {
+            return Ok(Arch::Avx512(token));
         }
         #[cfg(target_arch = "x86_64")]
-        if cap >= Cap::Avx2 {
-            if let Some(token) = avx2::Avx2::detect() {
-                return Ok(Arch::Avx2(token));
-            }
+        if cap >= Cap::Avx2
+            && let Some(token) = avx2::Avx2::detect()
+        {
+            return Ok(Arch::Avx2(token));
         }
         let _ = cap; // only the x86-64 build has a level above portable
         Ok(Arch::Portable)

@@ -3,7 +3,7 @@
 
 use super::Token;
 use crate::element::Half;
-use crate::kernel::direct::{sum_lanes, Dots, HalfDots};
+use crate::kernel::direct::{Dots, HalfDots, sum_lanes};
 use crate::kernel::float::{KernelFloat, MulAdd, Separate};
 use crate::kernel::params::{BC, LANES, MR, TILE_BLOCKS};
 use crate::kernel::tiled::Tiles;

@@ -29,12 +29,12 @@ use std::ops::Range;
 use ndarray::{ArrayView2, ArrayViewMut2};
 
 pub(crate) use rows::{Native, Prefetch, Rows, Source, Widening};
-pub(crate) use steps::{sum_lanes, Dots, HalfDots};
+pub(crate) use steps::{Dots, HalfDots, sum_lanes};
 
 use super::float::{KernelFloat, MulAdd, Separate};
 use super::online::{fold_max, inverse_total, part_weight, shift_of, softmax_update};
 use super::params::{DIRECT_BATCH_ROWS as ROWS, DIRECT_CHUNK, LANES, SOFTMAX_LANES, WIDEN_CHUNK};
-use crate::core::mask::{apply_row, keys_in_reach, Mask2};
+use crate::core::mask::{Mask2, apply_row, keys_in_reach};
 use steps::{Chunk, Scratch};
 
 /// The query heads that share one key/value head, with everything they attend over.

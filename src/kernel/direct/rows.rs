@@ -3,7 +3,7 @@
 
 use std::marker::PhantomData;
 
-use super::steps::{accumulate, fold_in, scores, Chunk, Dots, HalfDots, Scratch};
+use super::steps::{Chunk, Dots, HalfDots, Scratch, accumulate, fold_in, scores};
 use crate::element::Half;
 use crate::kernel::arch::cpu::is_intel;
 use crate::kernel::float::{KernelFloat, MulAdd};
@@ -38,7 +38,7 @@ impl Prefetch {
             // SAFETY: a prefetch reads nothing the program can observe and never
             // faults; SSE is part of every x86-64 CPU.
             unsafe {
-                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(offset).cast());
             }
             #[cfg(not(target_arch = "x86_64"))]

@@ -4,7 +4,7 @@ use ndarray::{Array, ArrayRef2, ArrayRef3, Axis, Dimension, Ix2, Ix3};
 
 use super::weights::MultiHeadWeights;
 use super::{
-    batch_of_one, concat, in_callers_shapes, in_order, split, MultiHeadAttention, PositionEncoding,
+    MultiHeadAttention, PositionEncoding, batch_of_one, concat, in_callers_shapes, in_order, split,
 };
 use crate::core::mask::Mask;
 use crate::element::Element;

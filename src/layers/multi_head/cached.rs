@@ -3,7 +3,7 @@
 use ndarray::{Array2, Array3, Array4, ArrayRef2, ArrayRef3, Ix3};
 
 use super::forward::positions_of;
-use super::{alibi, MultiHeadAttention, MultiHeadOutput};
+use super::{MultiHeadAttention, MultiHeadOutput, alibi};
 use crate::core::mask::Mask;
 use crate::decode::cache::{KvCache, Settings};
 use crate::element::Element;

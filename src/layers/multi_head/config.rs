@@ -504,7 +504,7 @@ impl MultiHeadConfig {
                 return invalid(format!(
                     "n_heads ({}) must divide d_model ({}), or set head_dim",
                     self.n_heads, self.d_model
-                ))
+                ));
             }
             Some(0) => return invalid("head_dim must be positive".to_string()),
             _ => {}
@@ -524,10 +524,10 @@ impl MultiHeadConfig {
             ));
         }
         self.check_extents()?;
-        if let Some(scale) = self.scale {
-            if !(scale.is_finite() && scale != 0.0) {
-                return invalid(format!("scale must be finite and non-zero, got {scale}"));
-            }
+        if let Some(scale) = self.scale
+            && !(scale.is_finite() && scale != 0.0)
+        {
+            return invalid(format!("scale must be finite and non-zero, got {scale}"));
         }
         if self.causality == Causality::SlidingWindow(0) {
             return invalid("a sliding window needs a size of at least 1".to_string());

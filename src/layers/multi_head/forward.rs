@@ -2,7 +2,7 @@
 
 use ndarray::{Array2, Array3, Array4, ArrayRef2, ArrayRef3, Axis, Ix2, Ix3};
 
-use super::{batch_of_one, in_callers_shapes, MultiHeadAttention, MultiHeadOutput, QkvHeads};
+use super::{MultiHeadAttention, MultiHeadOutput, QkvHeads, batch_of_one, in_callers_shapes};
 use crate::core::mask::Mask;
 use crate::element::Element;
 use crate::error::{Error, Result};

@@ -3,7 +3,7 @@
 
 use ndarray::{Array3, Array4, ArrayRef2, ArrayRef3, ArrayRef4};
 
-use super::{in_order, split, MultiHeadAttention, PositionEncoding};
+use super::{MultiHeadAttention, PositionEncoding, in_order, split};
 use crate::element::Element;
 use crate::error::{Error, Result};
 
