@@ -118,6 +118,7 @@ fn time(mut f: impl FnMut() -> attn::Result<()>) -> attn::Result<f64> {
 
 #[allow(dead_code)]
 fn main() -> attn::Result<()> {
+    common::help(include_str!("cross_vit.rs"), &[]);
     let exchange = cls_exchange()?;
     for (step, shape) in &exchange.steps {
         println!("{step:<52} {shape:?}");
@@ -147,7 +148,7 @@ fn main() -> attn::Result<()> {
         1.0 / 145.0
     );
     for panel in &panels {
-        common::show_in_colour(panel);
+        common::show_once(panel);
     }
     common::save(&Figure::new(panels), "cross_vit");
 

@@ -232,6 +232,7 @@ fn write_csv(path: &Path, result: &Attended) -> Result<(), Box<dyn std::error::E
 
 #[allow(dead_code)]
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    common::help(include_str!("csv_attention.rs"), &[]);
     let data = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("examples")
         .join("data");
@@ -243,6 +244,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let out = common::output_dir();
+    println!(
+        "btY1, snY2 and gmY3 are the seed's three data sets, as its file names call them \
+         (examples/data/learn_NAME.csv gives the weights, valid_NAME.csv the 30 inputs; \
+         examples/data/README.md): one block of output per data set\n"
+    );
     for result in &results {
         let path = out.join(format!("attention_{}.csv", result.name));
         write_csv(&path, result)?;

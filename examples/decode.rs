@@ -122,6 +122,7 @@ pub fn decode() -> attn::Result<Decode> {
 
 #[allow(dead_code)]
 fn main() -> attn::Result<()> {
+    common::help(include_str!("decode.rs"), &[]);
     let run = decode()?;
     println!(
         "prompt {:?} fills the cache: {} positions\n",

@@ -22,6 +22,7 @@ pub fn feature_map() -> attn::Result<(Array3<f64>, FeatureMapOutput<f64, Ix3>)> 
 
 #[allow(dead_code)]
 fn main() -> attn::Result<()> {
+    common::help(include_str!("feature_map.rs"), &[]);
     let (x, out) = feature_map()?;
     let channels = ["c0", "c1"];
     let flat = |m: &Array3<f64>| m.to_shape((2, 4)).map(|v| v.to_owned());

@@ -78,6 +78,7 @@ fn shape_error() -> attn::Error {
 
 #[allow(dead_code)]
 fn main() -> attn::Result<()> {
+    common::help(include_str!("four_words.rs"), &[]);
     let demo = four_words()?;
     let names = ["word_1", "word_2", "word_3", "word_4"];
     let features = ["f0", "f1", "f2"];

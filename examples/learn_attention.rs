@@ -262,6 +262,7 @@ pub fn mean_weight_on_answer(pass: &Pass, eval: &Examples) -> f64 {
 
 #[allow(dead_code)]
 fn main() -> attn::Result<()> {
+    common::help(include_str!("learn_attention.rs"), &[]);
     let steps = 600;
     let run = train(steps, 7)?;
     println!(

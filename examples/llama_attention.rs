@@ -119,7 +119,7 @@ pub fn run() -> attn::Result<Run> {
     let layer = model.attention::<f64>(MODULE)?;
     let c = layer.config();
     println!(
-        "{}: d_model {}, {} query heads sharing {} key/value heads of width {}, {:?}, {:?}",
+        "{}: d_model {}, {} query heads sharing {} key/value heads of width {}, {}, {}",
         model.model_type(),
         c.d_model(),
         c.n_heads(),
@@ -214,6 +214,7 @@ pub fn run() -> attn::Result<Run> {
 }
 
 fn main() -> attn::Result<()> {
+    common::help(include_str!("llama_attention.rs"), &[]);
     let run = run()?;
     println!(
         "after {} steps the rows sit at positions {:?} (row 1 is left-padded); largest weight on a padding key: {}",

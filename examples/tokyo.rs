@@ -5,13 +5,16 @@
 //! `cargo run --release --example tokyo [OUTPUT_DIR]`
 //!
 //! The notebook's exercises are flags: `--tokens N` (1 to 10 words of "Tokyo is
-//! beautiful in the spring and at night too"), `--d-model D`, `--heads H`
+//! beautiful in the spring and at night too") or `--tokens "your own words"`,
+//! `--d-model D`, `--heads H`
 //! (multi-head: each head attends on its `D/H` columns of Q, K and V, the weights are
 //! averaged and the outputs set side by side) and `--seed S`. With other sizes than
 //! the notebook's 3 tokens of 4 dimensions, the embeddings are `torch.randn(N, D)`,
 //! drawn after the three weights. For example:
 //!
 //! `cargo run --release --example tokyo -- --tokens 6 --d-model 8 --heads 2 --seed 7`
+//!
+//! `cargo run --release --example tokyo -- --tokens "I love transformers so much"`
 
 mod common;
 
@@ -20,7 +23,7 @@ use attn::rng::TorchGenerator;
 use attn::{AttentionTrace, QkvProjection, ScaledDotProduct};
 use ndarray::{Array2, Axis, array, concatenate, s};
 
-/// The words of the sentence, as many as `--tokens` asks for.
+/// The notebook's sentence: `--tokens N` takes its first `N` words.
 const SENTENCE: [&str; 10] = [
     "Tokyo",
     "is",
@@ -34,10 +37,11 @@ const SENTENCE: [&str; 10] = [
     "too",
 ];
 
-/// The demo's sizes: the notebook's by default.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The demo's tokens and sizes: the notebook's by default.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Options {
-    pub tokens: usize,
+    /// The words attended over, one token each.
+    pub tokens: Vec<String>,
     pub d_model: usize,
     pub heads: usize,
     pub seed: u64,
@@ -46,7 +50,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            tokens: 3,
+            tokens: words(3),
             d_model: 4,
             heads: 1,
             seed: 42,
@@ -55,15 +59,32 @@ impl Default for Options {
 }
 
 impl Options {
-    /// Reads `--tokens N --d-model D --heads H --seed S` (any order, any subset);
-    /// the other arguments are returned as they came (the output directory).
+    /// Reads `--tokens N|WORDS --d-model D --heads H --seed S` (any order, any
+    /// subset); the other arguments are returned as they came (the output
+    /// directory).
     pub fn parse(args: impl IntoIterator<Item = String>) -> Result<(Options, Vec<String>), String> {
         let mut options = Options::default();
         let mut rest = Vec::new();
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
             let slot = match arg.as_str() {
-                "--tokens" => &mut options.tokens,
+                "--tokens" => {
+                    let value = args.next().ok_or("--tokens needs a count or some words")?;
+                    options.tokens = match value.trim().parse::<usize>() {
+                        Ok(n) if (1..=SENTENCE.len()).contains(&n) => words(n),
+                        Ok(n) => {
+                            return Err(format!(
+                                "--tokens takes 1 to {} words of the sentence, or your own words; got {n}",
+                                SENTENCE.len()
+                            ));
+                        }
+                        Err(_) => value.split_whitespace().map(String::from).collect(),
+                    };
+                    if options.tokens.is_empty() {
+                        return Err("--tokens needs at least one word".to_string());
+                    }
+                    continue;
+                }
                 "--d-model" => &mut options.d_model,
                 "--heads" => &mut options.heads,
                 "--seed" => {
@@ -75,7 +96,7 @@ impl Options {
                 }
                 flag if flag.starts_with("--") => {
                     return Err(format!(
-                        "unknown flag {flag}: use --tokens, --d-model, --heads, --seed"
+                        "unknown flag {flag}: use --tokens, --d-model, --heads, --seed (see --help)"
                     ));
                 }
                 _ => {
@@ -88,13 +109,6 @@ impl Options {
                 .parse()
                 .map_err(|_| format!("{arg} takes a whole number, got {value:?}"))?;
         }
-        if !(1..=SENTENCE.len()).contains(&options.tokens) {
-            return Err(format!(
-                "--tokens must be 1 to {}, got {}",
-                SENTENCE.len(),
-                options.tokens
-            ));
-        }
         if options.heads == 0 || options.d_model == 0 || options.d_model % options.heads != 0 {
             return Err(format!(
                 "--heads ({}) must divide --d-model ({}), both positive",
@@ -103,6 +117,11 @@ impl Options {
         }
         Ok((options, rest))
     }
+}
+
+/// The first `n` words of the notebook's sentence.
+fn words(n: usize) -> Vec<String> {
+    SENTENCE[..n].iter().map(|w| w.to_string()).collect()
 }
 
 /// The tokens and every number of the demo.
@@ -126,11 +145,12 @@ pub fn tokyo() -> attn::Result<Tokyo> {
 /// The demo at other sizes.
 pub fn run(options: Options) -> attn::Result<Tokyo> {
     let Options {
-        tokens: n,
+        tokens,
         d_model: d,
         heads,
         seed,
     } = options;
+    let n = tokens.len();
     let mut torch = TorchGenerator::manual_seed(seed);
     let (w_q, w_k, w_v) = (
         torch.randn((d, d)),
@@ -166,7 +186,7 @@ pub fn run(options: Options) -> attn::Result<Tokyo> {
     let outputs: Vec<_> = heads.iter().map(|head| head.output.view()).collect();
     let output = concatenate(Axis(1), &outputs).expect("every head has n rows");
     Ok(Tokyo {
-        tokens: SENTENCE[..n].iter().map(|t| t.to_string()).collect(),
+        tokens,
         x,
         projection,
         heads,
@@ -177,6 +197,10 @@ pub fn run(options: Options) -> attn::Result<Tokyo> {
 
 #[allow(dead_code)]
 fn main() -> attn::Result<()> {
+    common::help(
+        include_str!("tokyo.rs"),
+        &["--tokens", "--d-model", "--heads", "--seed"],
+    );
     let (options, _) = match Options::parse(std::env::args().skip(1)) {
         Ok(parsed) => parsed,
         Err(why) => {
@@ -184,8 +208,8 @@ fn main() -> attn::Result<()> {
             std::process::exit(2);
         }
     };
+    let (d, seed) = (options.d_model, options.seed);
     let demo = run(options)?;
-    let d = options.d_model;
     let dims: Vec<String> = (0..d).map(|j| format!("d{j}")).collect();
     let by_token = |title: &str, m: &Array2<f32>, cols: &[String]| {
         Heatmap::new(title, m)
@@ -199,10 +223,7 @@ fn main() -> attn::Result<()> {
             .with_col_labels(dims.iter())
             .with_decimals(4)
     };
-    println!(
-        "torch.manual_seed({}); W_Q, W_K, W_V = torch.randn({d}, {d}) three times\n",
-        options.seed
-    );
+    println!("torch.manual_seed({seed}); W_Q, W_K, W_V = torch.randn({d}, {d}) three times\n");
     common::show(&weight("W_Q", demo.projection.w_q()));
     common::show(&weight("W_K", demo.projection.w_k()));
     common::show(&weight("W_V", demo.projection.w_v()));

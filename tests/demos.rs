@@ -80,7 +80,9 @@ fn tokyo_takes_the_notebooks_exercises_as_flags() {
     assert_eq!(
         options,
         tokyo::Options {
-            tokens: 6,
+            tokens: ["Tokyo", "is", "beautiful", "in", "the", "spring"]
+                .map(String::from)
+                .to_vec(),
             d_model: 8,
             heads: 2,
             seed: 7
@@ -94,6 +96,7 @@ fn tokyo_takes_the_notebooks_exercises_as_flags() {
     for bad in [
         "--tokens 11",
         "--tokens 0",
+        "--tokens",
         "--heads 3 --d-model 8",
         "--seed x",
         "--colour red",
@@ -101,7 +104,7 @@ fn tokyo_takes_the_notebooks_exercises_as_flags() {
     ] {
         assert!(tokyo::Options::parse(args(bad)).is_err(), "{bad}");
     }
-    let demo = tokyo::run(options).expect("runs");
+    let demo = tokyo::run(options.clone()).expect("runs");
     assert_eq!(
         demo.tokens,
         ["Tokyo", "is", "beautiful", "in", "the", "spring"]
@@ -133,9 +136,33 @@ fn tokyo_takes_the_notebooks_exercises_as_flags() {
         .fold(0.0_f32, |m, d| m.max(d.abs()));
     assert!(gap < 1e-5, "{gap:e}");
     // the seed changes the weights; the same seed repeats them
-    let other = tokyo::run(tokyo::Options { seed: 8, ..options }).expect("runs");
+    let other = tokyo::run(tokyo::Options {
+        seed: 8,
+        ..options.clone()
+    })
+    .expect("runs");
     assert_ne!(other.projection.w_q(), demo.projection.w_q());
     assert_eq!(tokyo::run(options).expect("runs").output, demo.output);
+}
+
+/// `--tokens` takes the learner's own words too (the notebook's exercise): one
+/// token per word, embeddings from the same seeded generator as a count of words;
+/// a blank sentence is an error.
+#[test]
+fn tokyo_takes_your_own_words() {
+    let args = |s: &[&str]| s.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let (options, _) = tokyo::Options::parse(args(&["--tokens", "I love transformers so much"]))
+        .expect("a sentence");
+    assert_eq!(options.tokens, ["I", "love", "transformers", "so", "much"]);
+    let own = tokyo::run(options).expect("runs");
+    let (counted, _) = tokyo::Options::parse(args(&["--tokens", "5"])).expect("a count");
+    let counted = tokyo::run(counted).expect("runs");
+    assert_eq!(own.tokens.len(), 5);
+    // the same seed and sizes: the same numbers, other labels
+    assert_eq!(own.x, counted.x);
+    assert_eq!(own.output, counted.output);
+    assert_ne!(own.tokens, counted.tokens);
+    assert!(tokyo::Options::parse(args(&["--tokens", "  "])).is_err());
 }
 
 #[allow(dead_code)]
@@ -380,4 +407,121 @@ fn llama_attention_decodes_as_transformers_recorded() {
     assert_eq!(run.positions, vec![9, 7]);
     assert_eq!(run.weight_on_padding, 0.0);
     assert_eq!(run.panels.len(), 4);
+}
+
+/// The examples' shared helpers, as each example has them.
+#[path = "../examples/common/mod.rs"]
+mod example_common;
+
+/// Every example, as `cargo run --example` names it.
+const EXAMPLES: [&str; 8] = [
+    "tokyo",
+    "four_words",
+    "feature_map",
+    "decode",
+    "cross_vit",
+    "csv_attention",
+    "learn_attention",
+    "llama_attention",
+];
+
+/// The example binary `name` as `cargo test` builds it, beside this test binary
+/// (`target/<profile>/examples/`); `None` when only the tests were built
+/// (`cargo test --test integration`).
+fn example_binary(name: &str) -> Option<std::path::PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let path = exe
+        .parent()?
+        .parent()?
+        .join("examples")
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    if path.exists() {
+        Some(path)
+    } else {
+        eprintln!(
+            "{} is not built: run `cargo test` (it builds the examples)",
+            path.display()
+        );
+        None
+    }
+}
+
+/// Every example answers `--help` with its usage (its doc comment, which names
+/// the command) and refuses a flag it does not take, with exit code 2.
+#[test]
+fn every_example_answers_help_and_refuses_unknown_flags() {
+    for name in EXAMPLES {
+        let Some(binary) = example_binary(name) else {
+            continue;
+        };
+        for help in ["--help", "-h"] {
+            let out = std::process::Command::new(&binary)
+                .arg(help)
+                .output()
+                .expect("runs");
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{name} {help}: {:?}", out.status);
+            assert!(
+                text.contains(&format!("cargo run --release --example {name}")),
+                "{name} {help}: {text}"
+            );
+            assert!(!text.contains("//!"), "{name} {help}: {text}");
+        }
+        let out = std::process::Command::new(&binary)
+            .arg("--frobnicate")
+            .output()
+            .expect("runs");
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name} --frobnicate");
+        assert!(
+            text.contains("unknown flag --frobnicate") && text.contains("--help"),
+            "{name}: {text}"
+        );
+    }
+}
+
+/// Run as a reader runs it, its output piped (not a terminal): tokyo prints its
+/// tables as plain text, takes the learner's words, and puts its pictures under
+/// `$CARGO_TARGET_DIR/attn-plots` when that is set.
+#[test]
+fn tokyo_prints_plain_tables_and_draws_into_the_target_dir() {
+    let Some(binary) = example_binary("tokyo") else {
+        return;
+    };
+    let target = std::env::temp_dir().join(format!("attn-target-{}", std::process::id()));
+    let out = std::process::Command::new(&binary)
+        .args(["--tokens", "I love transformers"])
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.contains('\u{1b}'),
+        "no colour codes in a pipe: {text}"
+    );
+    assert!(
+        text.contains("transformers") && text.contains("attention weights"),
+        "{text}"
+    );
+    let svg = target.join("attn-plots").join("tokyo.svg");
+    assert!(text.contains(&format!("wrote {}", svg.display())), "{text}");
+    assert!(svg.exists());
+    let _ = std::fs::remove_dir_all(&target);
+}
+
+/// A heatmap shown once (cross_vit's per-head weights) is a coloured map on a
+/// terminal and a plain table anywhere else; one shown in colour beside its
+/// table stays off a pipe.
+#[test]
+fn heatmaps_print_as_plain_tables_off_a_terminal() {
+    let map = attn::plot::Heatmap::new("w", &ndarray::array![[0.25_f64, 0.75]]);
+    assert_eq!(example_common::once(&map, false), map.to_table());
+    assert_eq!(example_common::once(&map, true), map.to_terminal());
+    assert_ne!(map.to_table(), map.to_terminal());
+    assert!(example_common::usage("//! one\n//! two\nfn main() {}").ends_with("one\ntwo"));
 }

@@ -1,6 +1,8 @@
 //! Rotary position embeddings (RoPE): the rotation, its frequencies and their
 //! scaled variants, at one position per row or per batch row and token.
 
+use std::fmt;
+
 use ndarray::{Array2, ArrayRef2, ArrayRef4, Axis};
 
 use crate::element::Element;
@@ -435,4 +437,44 @@ pub fn rope<A: Element>(
         .with_layout(layout)
         .apply(&mut out, &positions)?;
     Ok(out.into_shape_with_order((n, d)).expect("n rows of d"))
+}
+
+/// The base, the pairing of dimensions, a partial rotation and the scaling, as
+/// far as they differ from plain rotary embeddings.
+///
+/// # Examples
+///
+/// ```
+/// use attn::{Rope, RopeLayout, RopeScaling};
+///
+/// let rope = Rope::new(500_000.0)
+///     .with_layout(RopeLayout::Interleaved)
+///     .with_scaling(RopeScaling::Linear { factor: 4.0 });
+/// assert_eq!(rope.to_string(), "θ = 500000, interleaved pairs, positions divided by 4");
+/// ```
+impl fmt::Display for Rope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let layout = match self.layout() {
+            RopeLayout::HalfSplit => "half-split pairs",
+            RopeLayout::Interleaved => "interleaved pairs",
+        };
+        write!(f, "θ = {}, {layout}", self.theta())?;
+        if let Some(dims) = self.rotary_dim {
+            write!(f, ", the first {dims} dimensions of each head")?;
+        }
+        match self.scaling() {
+            RopeScaling::None => Ok(()),
+            RopeScaling::Linear { factor } => write!(f, ", positions divided by {factor}"),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => write!(
+                f,
+                ", Llama 3 scaling (factor {factor}, low/high frequency factors \
+                 {low_freq_factor}/{high_freq_factor}, trained on {original_max_position_embeddings} positions)"
+            ),
+        }
+    }
 }

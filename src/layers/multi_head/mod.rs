@@ -3,6 +3,7 @@
 mod backward;
 mod cached;
 mod config;
+mod describe;
 mod forward;
 mod heads;
 mod weights;
