@@ -12,7 +12,11 @@ use super::heatmap::Heatmap;
 use super::output::{plot_error, register_font, with_path};
 use crate::error::Result;
 
-/// A row of heatmaps side by side, written as one picture.
+/// Heatmaps side by side, written as one picture: left to right, wrapping to a
+/// new row before the picture grows wider than a screen ([`MAX_WIDTH`] pixels).
+/// Neighbours in a row that share a colour scale (the same
+/// [`with_range`](Heatmap::with_range), colour map and decimals) share one
+/// colour bar, drawn right of the last of them.
 ///
 /// # Examples
 ///
@@ -41,6 +45,22 @@ const TITLE_BAND: u32 = 44;
 const LEFT_BAND: u32 = 96;
 const BOTTOM_BAND: u32 = 44;
 const LEGEND_BAND: u32 = 84;
+/// The gap that stands in for a colour bar a panel shares with its right-hand
+/// neighbour.
+const SHARED_GAP: u32 = 24;
+
+/// The widest a [`Figure`] grows before its panels wrap to a new row, in pixels:
+/// a screen's width, so that the picture is read at 100 % (a single panel wider
+/// than this is drawn whole).
+pub const MAX_WIDTH: u32 = 1600;
+
+/// Where one panel goes: its top-left corner, and whether it draws its colour bar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Place {
+    x: u32,
+    y: u32,
+    legend: bool,
+}
 
 impl Figure {
     /// The panels, left to right.
@@ -64,9 +84,46 @@ impl Figure {
     /// assert_eq!(figure.size(), (1, 1));
     /// ```
     pub fn size(&self) -> (u32, u32) {
-        let widths = self.panels.iter().map(panel_width).sum::<u32>();
-        let height = self.panels.iter().map(panel_height).max().unwrap_or(1);
-        (widths.max(1), height)
+        self.layout().1
+    }
+
+    /// Where each panel goes, and the picture's width and height.
+    fn layout(&self) -> (Vec<Place>, (u32, u32)) {
+        let mut places = Vec::with_capacity(self.panels.len());
+        let (mut x, mut y, mut row_height, mut width) = (0, 0, 0, 0);
+        for (i, panel) in self.panels.iter().enumerate() {
+            let shares = self
+                .panels
+                .get(i + 1)
+                .is_some_and(|next| same_scale(panel, next));
+            // wrap on the width with the bar, which a panel sharing its bar still
+            // draws if the bar's owner wraps away
+            if x > 0 && x + panel_width(panel, true) > MAX_WIDTH {
+                (x, y) = (0, y + row_height);
+                row_height = 0;
+            }
+            places.push(Place {
+                x,
+                y,
+                legend: !shares,
+            });
+            x += panel_width(panel, !shares);
+            width = width.max(x);
+            row_height = row_height.max(panel_height(panel));
+        }
+        // a shared bar whose owner wrapped to the next row is drawn where it is
+        for i in 0..places.len().saturating_sub(1) {
+            if !places[i].legend && places[i + 1].y != places[i].y {
+                places[i].legend = true;
+            }
+        }
+        let width = places
+            .iter()
+            .zip(&self.panels)
+            .map(|(p, panel)| p.x + panel_width(panel, p.legend))
+            .max()
+            .unwrap_or(width);
+        (places, (width.max(1), (y + row_height).max(1)))
     }
 
     /// Writes the figure as SVG (text stays text: no font is needed).
@@ -145,23 +202,23 @@ impl Figure {
     /// ```
     pub fn draw_on<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
         root.fill(&WHITE).map_err(plot_error)?;
-        let mut x = 0;
-        for panel in &self.panels {
-            let width = panel_width(panel);
-            let area = root.clone().shrink((x, 0), (width, panel_height(panel)));
+        let (places, _) = self.layout();
+        for (panel, place) in self.panels.iter().zip(places) {
+            let width = panel_width(panel, place.legend);
+            let corner = (place.x as i32, place.y as i32);
+            let area = root.clone().shrink(corner, (width, panel_height(panel)));
             match &panel.axis_titles {
-                None => draw_panel(&area, panel).map_err(plot_error)?,
+                None => draw_panel(&area, panel, place.legend).map_err(plot_error)?,
                 Some((rows, cols)) => {
                     let band = AXIS_BAND as i32;
                     let (w, h) = area.dim_in_pixel();
                     let inner = area
                         .clone()
                         .shrink((band, 0), (w - AXIS_BAND, h - AXIS_BAND));
-                    draw_panel(&inner, panel).map_err(plot_error)?;
+                    draw_panel(&inner, panel, place.legend).map_err(plot_error)?;
                     draw_axis_titles(&area, panel, rows, cols).map_err(plot_error)?;
                 }
             }
-            x += width as i32;
         }
         Ok(())
     }
@@ -170,13 +227,21 @@ impl Figure {
 /// The band an axis title takes, left of the row labels and below the column labels.
 const AXIS_BAND: u32 = 24;
 
-fn panel_width(h: &Heatmap) -> u32 {
+/// Whether two panels draw their values on one colour scale: a range set on both,
+/// the same, with the same colour map and decimals.
+fn same_scale(a: &Heatmap, b: &Heatmap) -> bool {
+    a.scale.is_some() && a.scale == b.scale && a.colormap == b.colormap && a.decimals == b.decimals
+}
+
+/// A panel's width, with its colour bar or the gap left where it shares one.
+fn panel_width(h: &Heatmap, legend: bool) -> u32 {
     let titles = if h.axis_titles.is_some() {
         AXIS_BAND
     } else {
         0
     };
-    h.values.ncols() as u32 * cell_width(h) + LEFT_BAND + legend_band(h) + titles
+    let right = if legend { legend_band(h) } else { SHARED_GAP };
+    h.values.ncols() as u32 * cell_width(h) + LEFT_BAND + right + titles
 }
 
 /// The colour bar and its tick labels: wide enough for the longest label (the
@@ -259,6 +324,7 @@ pub(super) fn drawn_number(x: f64, decimals: usize) -> String {
 fn draw_panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     h: &Heatmap,
+    legend: bool,
 ) -> std::result::Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     let (lo, hi) = h.range();
     let (rows, cols) = h.values.dim();
@@ -303,6 +369,9 @@ fn draw_panel<DB: DrawingBackend>(
         let text = drawn_number(x, h.decimals);
         let style = ("monospace", 13).into_font().color(&ink).pos(centred);
         area.draw(&Text::new(text, (x0 + cell_x / 2, y0 + cell / 2), style))?;
+    }
+    if !legend {
+        return Ok(());
     }
     // the legend: the colour scale from the smallest to the largest value
     let (bar_x, bar_top, bar_height) = (
@@ -352,7 +421,37 @@ mod tests {
         // "−1234.5000000": 13 characters, 8 pixels each, after the 44 of the bar
         assert_eq!(legend_band(&long), 44 + 8 * 13);
         assert_eq!(legend_band(&short), LEGEND_BAND);
-        assert!(panel_width(&long) > panel_width(&short));
+        assert!(panel_width(&long, true) > panel_width(&short, true));
+    }
+
+    /// Panels wrap before the picture passes a screen's width; neighbours on one
+    /// colour scale share the last one's colour bar, unless it wrapped away.
+    #[test]
+    fn panels_wrap_at_a_screens_width_and_share_a_scales_bar() {
+        let weights = |title: &str| {
+            Heatmap::new(title, &ndarray::Array2::<f64>::zeros((5, 5))).with_range(0.0, 1.0)
+        };
+        // one panel of 5 cells: 5·64 + 96 + 84 = 500 pixels with its bar
+        assert_eq!(panel_width(&weights("a"), true), 500);
+        let alone = Figure::new(vec![weights("a")]);
+        assert_eq!(alone.size(), (500, 5 * 64 + 44 + 44));
+        // five on one scale: 4 × (5·64 + 96 + 24) + 500 = 2260 > 1600, so three
+        // fit the first row (440 + 440 + 440 = 1320, a fourth would pass 1600)
+        let five = Figure::new((0..5).map(|i| weights(&format!("head {i}"))).collect());
+        let (places, (width, height)) = five.layout();
+        assert!(width <= MAX_WIDTH, "{width}");
+        assert_eq!(height, 2 * (5 * 64 + 44 + 44));
+        let rows: Vec<u32> = places.iter().map(|p| p.y).collect();
+        assert_eq!(rows, [0, 0, 0, 408, 408]);
+        // the last of each row draws the bar: the third's owner wrapped away
+        let legends: Vec<bool> = places.iter().map(|p| p.legend).collect();
+        assert_eq!(legends, [false, false, true, false, true]);
+        // panels on their own scales keep their own bars
+        let own = Figure::new(vec![
+            Heatmap::new("x", &ndarray::Array2::<f64>::eye(2)),
+            Heatmap::new("y", &ndarray::Array2::<f64>::eye(2)),
+        ]);
+        assert!(own.layout().0.iter().all(|p| p.legend));
     }
 
     #[test]

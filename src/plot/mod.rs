@@ -14,6 +14,6 @@ pub use plotters;
 
 pub use colormap::Colormap;
 pub use curve::Curve;
-pub use figure::Figure;
+pub use figure::{Figure, MAX_WIDTH};
 pub use heatmap::Heatmap;
 pub use output::register_font;

@@ -203,6 +203,11 @@ fn assert_drawn_fits(
 
 /// [`assert_drawn_fits`] for a figure.
 fn assert_fits(figure: &Figure) {
+    let (width, _) = figure.size();
+    assert!(
+        width <= attn::plot::MAX_WIDTH,
+        "{width} px is wider than a screen"
+    );
     assert_drawn_fits(figure.size(), |root| figure.draw_on(root));
 }
 
@@ -257,6 +262,37 @@ fn four_words_text_fits() {
         panel("whole-matrix softmax (the script)"),
         panel("row-wise softmax (attention)"),
     ]);
+    assert_fits(&figure);
+}
+
+#[test]
+fn tokyo_with_heads_wraps_and_fits() {
+    // `tokyo --heads 4`: the input, four heads' weights and their mean on one
+    // scale, the output: seven panels, which no screen holds in one row
+    let tokens = ["Tokyo", "is", "beautiful"];
+    let weights = |title: String| {
+        Heatmap::new(&title, &ramp(3, 3, 0.0, 1.0))
+            .with_row_labels(tokens)
+            .with_col_labels(tokens)
+            .with_decimals(4)
+            .with_range(0.0, 1.0)
+            .with_colormap(Colormap::Blues)
+            .with_axis_titles("query", "key")
+    };
+    let mut panels = vec![
+        Heatmap::new("input embeddings x", &ramp(3, 8, -1.7, 2.3))
+            .with_row_labels(tokens)
+            .with_decimals(4),
+    ];
+    panels.extend((0..4).map(|h| weights(format!("head {h} weights"))));
+    panels.push(weights("mean of 4 heads".to_string()));
+    panels.push(Heatmap::new("output", &ramp(3, 8, -0.75, 0.5)).with_decimals(4));
+    let figure = Figure::new(panels);
+    assert!(
+        figure.size().1 > 3 * 64 + 88,
+        "{:?}: wrapped",
+        figure.size()
+    );
     assert_fits(&figure);
 }
 
