@@ -285,7 +285,8 @@ fn main() -> attn::Result<()> {
         .eval
         .answer
         .iter()
-        .map(|j| format!("answer: pair {}", j + 1))
+        .enumerate()
+        .map(|(i, j)| format!("{}: pair {}", i + 1, j + 1))
         .collect();
     let cols: Vec<String> = (1..=PAIRS).map(|p| format!("pair {p}")).collect();
     let panel = |title: &str, pass: &Pass| {
@@ -294,7 +295,7 @@ fn main() -> attn::Result<()> {
             .with_col_labels(cols.clone())
             .with_decimals(2)
             .with_range(0.0, 1.0)
-            .with_axis_titles("example (its answer)", "key")
+            .with_axis_titles("evaluation example: its answer", "key")
     };
     let before = panel("attention before training", &run.before);
     let after = panel("after training", &run.after);

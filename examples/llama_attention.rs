@@ -101,7 +101,8 @@ fn recorded<D: ndarray::Dimension>(v: &serde_json::Value) -> ndarray::Array<f64,
 
 /// What the run found.
 pub struct Run {
-    /// The padded row's weights of its newest token at every step, one panel each.
+    /// The padded row's (batch row 1's) weights: of the prompt's last token, then of
+    /// every token each step decodes, one panel each.
     pub panels: Vec<Heatmap>,
     /// Each row's position after the last step (real tokens seen).
     pub positions: Vec<usize>,
@@ -176,34 +177,40 @@ pub fn run() -> attn::Result<Run> {
                 weight_on_padding = weight_on_padding.max(w);
             }
         }
-        // the newest token of the padded row: one row of weights per head
-        let t = new_ids.ncols();
-        let weights: Array2<f64> = step
-            .head_weights
-            .slice(s![1, .., t - 1, ..])
-            .to_owned()
-            .into_dimensionality::<Ix2>()
-            .expect("(heads, keys)");
-        let keys: Vec<String> = (0..weights.ncols())
+        // the padded row's new tokens (the prompt's last one), one row of weights
+        // per head; keys labelled by their position in the row (padding takes none)
+        let slots = real.ncols();
+        let position = |j: usize| real.slice(s![1, ..j]).iter().filter(|&&r| r).count();
+        let keys: Vec<String> = (0..slots)
             .map(|j| match real[[1, j]] {
-                true => format!("{j}:{}", ids[[1, j]]),
-                false => format!("{j}:pad"),
+                true => format!("{}:{}", position(j), ids[[1, j]]),
+                false => "pad".to_string(),
             })
             .collect();
-        let title = format!(
-            "step {n}: token {} (position {}) over {} keys",
-            new_ids[[1, t - 1]],
-            cache.positions()[1] - 1,
-            weights.ncols()
-        );
-        let map = Heatmap::new(&title, &weights)
-            .with_row_labels((0..c.n_heads()).map(|h| format!("head {h}")))
-            .with_col_labels(keys)
-            .with_decimals(2)
-            .with_range(0.0, 1.0)
-            .with_axis_titles("head", "key (position: token)");
-        common::show(&map);
-        panels.push(map);
+        let t = new_ids.ncols();
+        let shown = if n == 0 { t - 1..t } else { 0..t };
+        for q in shown {
+            let slot = slots - t + q;
+            let weights: Array2<f64> = step
+                .head_weights
+                .slice(s![1, .., q, ..])
+                .to_owned()
+                .into_dimensionality::<Ix2>()
+                .expect("(heads, keys)");
+            let title = format!(
+                "row 1, step {n}: token {} at position {}",
+                ids[[1, slot]],
+                position(slot)
+            );
+            let map = Heatmap::new(&title, &weights)
+                .with_row_labels((0..c.n_heads()).map(|h| format!("head {h}")))
+                .with_col_labels(keys.clone())
+                .with_decimals(2)
+                .with_range(0.0, 1.0)
+                .with_axis_titles("head", "key (position:token)");
+            common::show(&map);
+            panels.push(map);
+        }
     }
     Ok(Run {
         panels,

@@ -406,7 +406,15 @@ fn llama_attention_decodes_as_transformers_recorded() {
     assert!(input < 1e-6 && output < 1e-5, "{input:e}, {output:e}");
     assert_eq!(run.positions, vec![9, 7]);
     assert_eq!(run.weight_on_padding, 0.0);
-    assert_eq!(run.panels.len(), 4);
+    // the prompt's last token, then each decoded token of the padded row (two in
+    // the second step), titled by its position, which its key label repeats
+    assert_eq!(run.panels.len(), 5);
+    let titles: Vec<&str> = run.panels.iter().map(|p| p.title()).collect();
+    assert_eq!(titles[2], "row 1, step 2: token 28 at position 4");
+    assert_eq!(titles[3], "row 1, step 2: token 28 at position 5");
+    let last = &run.panels[4];
+    assert!(last.title().ends_with("at position 6"), "{}", last.title());
+    assert_eq!(last.values().ncols(), 9);
 }
 
 /// The examples' shared helpers, as each example has them.

@@ -260,10 +260,37 @@ fn longest_number<'v>(h: &Heatmap, values: impl IntoIterator<Item = &'v f64>) ->
         .unwrap_or(0) as u32
 }
 
-/// Pixels across a cell: [`CELL`], or wider where a cell's number needs it (the
-/// numbers are drawn about 8 pixels a character, with 4 pixels either side).
+/// Rows or columns past which a panel's cells shrink, so that a big grid (ViT's
+/// 12 × 12 patches) stays about as wide as 8 cells of [`CELL`].
+const BIG_GRID: u32 = 8;
+
+/// The smallest a shrunk cell gets, in pixels.
+const MIN_CELL: u32 = 20;
+
+/// A panel's cells: width and height in pixels, and whether each shows its number.
+/// Up to [`BIG_GRID`] rows and columns a cell is [`CELL`] square, or wider where
+/// its number needs it (about 8 pixels a character, 4 either side). A bigger grid
+/// has square cells that shrink with it, and numbers only where they fit: the
+/// colour bar then reads the values.
+fn cells(h: &Heatmap) -> (u32, u32, bool) {
+    let (rows, cols) = h.values.dim();
+    let longest = rows.max(cols) as u32;
+    let text = 8 * longest_number(h, &h.values) + 8;
+    if longest <= BIG_GRID {
+        return (CELL.max(text), CELL, true);
+    }
+    let side = (BIG_GRID * CELL / longest).max(MIN_CELL);
+    (side, side, text <= side)
+}
+
+/// Pixels across a cell.
 fn cell_width(h: &Heatmap) -> u32 {
-    CELL.max(8 * longest_number(h, &h.values) + 8)
+    cells(h).0
+}
+
+/// Pixels down a cell.
+fn cell_height(h: &Heatmap) -> u32 {
+    cells(h).1
 }
 
 fn panel_height(h: &Heatmap) -> u32 {
@@ -272,7 +299,7 @@ fn panel_height(h: &Heatmap) -> u32 {
     } else {
         0
     };
-    h.values.nrows() as u32 * CELL + TITLE_BAND + BOTTOM_BAND + titles
+    h.values.nrows() as u32 * cell_height(h) + TITLE_BAND + BOTTOM_BAND + titles
 }
 
 /// The row title upright along the rows, the column title centred below the columns.
@@ -283,7 +310,7 @@ fn draw_axis_titles<DB: DrawingBackend>(
     cols: &str,
 ) -> std::result::Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     let (n_rows, n_cols) = h.values.dim();
-    let (cell, cell_x) = (CELL as i32, cell_width(h) as i32);
+    let (cell, cell_x) = (cell_height(h) as i32, cell_width(h) as i32);
     let font = sans(15.0, FontStyle::Italic).color(&BLACK);
     let centred = Pos::new(HPos::Center, VPos::Center);
     let middle_of_rows = TITLE_BAND as i32 + cell * n_rows as i32 / 2;
@@ -328,8 +355,9 @@ fn draw_panel<DB: DrawingBackend>(
 ) -> std::result::Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     let (lo, hi) = h.range();
     let (rows, cols) = h.values.dim();
-    let (left, top, cell) = (LEFT_BAND as i32, TITLE_BAND as i32, CELL as i32);
-    let cell_x = cell_width(h) as i32;
+    let (left, top) = (LEFT_BAND as i32, TITLE_BAND as i32);
+    let (cell_x, cell, numbers) = cells(h);
+    let (cell_x, cell) = (cell_x as i32, cell as i32);
     let centred = Pos::new(HPos::Center, VPos::Center);
     let title = sans(18.0, FontStyle::Bold).color(&BLACK).pos(centred);
     area.draw(&Text::new(
@@ -361,6 +389,9 @@ fn draw_panel<DB: DrawingBackend>(
             [(x0, y0), (x0 + cell_x, y0 + cell)],
             colour(h.colormap, x, lo, hi).filled(),
         ))?;
+        if !numbers {
+            continue;
+        }
         let ink = if is_dark(h.colormap, x, lo, hi) {
             WHITE
         } else {
@@ -452,6 +483,21 @@ mod tests {
             Heatmap::new("y", &ndarray::Array2::<f64>::eye(2)),
         ]);
         assert!(own.layout().0.iter().all(|p| p.legend));
+    }
+
+    /// A grid past 8 rows or columns keeps about 8 cells' width, its cells
+    /// square, with numbers only where they fit.
+    #[test]
+    fn big_grids_shrink_their_cells() {
+        let small = Heatmap::new("s", &ndarray::Array2::<f64>::zeros((3, 8))).with_decimals(3);
+        assert_eq!(cells(&small), (CELL, CELL, true));
+        let vit = Heatmap::new("v", &ndarray::Array2::<f64>::zeros((12, 12))).with_decimals(3);
+        // 8·64/12 = 42 pixels; "0.000" needs 5·8 + 8 = 48: no numbers
+        assert_eq!(cells(&vit), (42, 42, false));
+        let vit = vit.with_decimals(1);
+        assert_eq!(cells(&vit), (42, 42, true));
+        let huge = Heatmap::new("h", &ndarray::Array2::<f64>::zeros((2, 100)));
+        assert_eq!(cells(&huge).0, MIN_CELL);
     }
 
     #[test]

@@ -360,12 +360,13 @@ fn decoding_steps_text_fits() {
 #[test]
 fn learned_attention_text_fits() {
     let panel = |title: &str| {
-        Heatmap::new(title, &ramp(4, 4, 0.0, 1.0))
-            .with_row_labels((1..=4).map(|p| format!("answer: pair {p}")))
-            .with_col_labels((1..=4).map(|p| format!("pair {p}")))
+        // the example's twelve evaluation rows over six pairs: small cells
+        Heatmap::new(title, &ramp(12, 6, 0.0, 1.0))
+            .with_row_labels((1..=12).map(|i| format!("{i}: pair {}", (i - 1) % 6 + 1)))
+            .with_col_labels((1..=6).map(|p| format!("pair {p}")))
             .with_decimals(2)
             .with_range(0.0, 1.0)
-            .with_axis_titles("example (its answer)", "key")
+            .with_axis_titles("evaluation example: its answer", "key")
     };
     let figure = Figure::new(vec![
         panel("attention before training"),
