@@ -5,7 +5,8 @@ use std::path::Path;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::figure::drawn_number;
+use super::Colormap;
+use super::figure::{drawn_number, sans};
 use super::output::{plot_error, register_font, with_path};
 use crate::error::{Error, Result};
 
@@ -182,8 +183,10 @@ impl Curve {
         // enough decimals to tell about ten ticks apart
         let decimals = (-((hi - lo) / 10.0).log10().floor()).clamp(0.0, 6.0) as usize;
         root.fill(&WHITE).map_err(plot_error)?;
+        // the heatmaps' style: a bold title, italic axis titles, monospaced
+        // numbers, a light grid, the line in viridis' dark blue
         let mut chart = ChartBuilder::on(root)
-            .caption(&self.title, ("sans-serif", 20))
+            .caption(&self.title, sans(18.0, FontStyle::Bold).color(&BLACK))
             .margin(16)
             .x_label_area_size(44)
             .y_label_area_size(64)
@@ -195,12 +198,18 @@ impl Curve {
             .y_desc(&self.y_label)
             .x_label_formatter(&|x| format!("{x:.0}"))
             .y_label_formatter(&|y| drawn_number(*y, decimals))
-            .label_style(("sans-serif", 14))
+            .label_style(("monospace", 12))
+            .axis_desc_style(sans(15.0, FontStyle::Italic))
+            .bold_line_style(RGBColor(225, 225, 225))
+            .light_line_style(TRANSPARENT)
             .draw()
             .map_err(plot_error)?;
         let points = self.values.iter().enumerate().map(|(i, &y)| (i as f64, y));
+        // the dark blue of the heatmaps' default scale
+        let (r, g, b) = Colormap::Viridis.colour(0.3);
+        let line = RGBColor(r, g, b);
         chart
-            .draw_series(LineSeries::new(points, BLUE.stroke_width(2)))
+            .draw_series(LineSeries::new(points, line.stroke_width(2)))
             .map_err(plot_error)?;
         Ok(())
     }

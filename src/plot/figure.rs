@@ -338,7 +338,7 @@ fn draw_axis_titles<DB: DrawingBackend>(
 /// The sans-serif font in `style`, its face looked up by that style (plotters'
 /// `FontDesc::style` changes the style but keeps the face it was made with, so a
 /// bold title would be set in the regular face).
-fn sans(size: f64, style: FontStyle) -> FontDesc<'static> {
+pub(super) fn sans(size: f64, style: FontStyle) -> FontDesc<'static> {
     FontDesc::new(FontFamily::Name("sans-serif"), size, style)
 }
 
