@@ -45,7 +45,12 @@ fn row_slice<A: Clone>(row: ArrayView1<'_, A>) -> Cow<'_, [A]> {
 pub(crate) struct Scan<A> {
     /// The largest absolute entry so far, lane by lane; NaN once any entry was.
     lanes: [A; SCAN_LANES],
+    /// Lanes that hold an entry (the others are still 0): a tiny head's few
+    /// entries take one lane, and the final fold reads only those.
+    used: usize,
 }
+
+const _: () = assert!(SCAN_LANES >= 4, "the short-slice pass uses four lanes");
 
 /// The larger of `m` and `x`, NaN once either is: a NaN `m` stays, since no `x`
 /// compares greater than it.
@@ -58,6 +63,7 @@ impl<A: Element> Scan<A> {
     pub(crate) fn new() -> Self {
         Scan {
             lanes: [A::zero(); SCAN_LANES],
+            used: 0,
         }
     }
 
@@ -68,6 +74,21 @@ impl<A: Element> Scan<A> {
         // (∞ is the largest, NaN sticks); the lanes in a local, not behind
         // `self`, so that the compiler keeps them in registers
         let (chunks, rest) = values.as_chunks::<SCAN_LANES>();
+        if chunks.is_empty() {
+            // fewer entries than lanes (a tiny head's rows): four lanes, chains a
+            // quarter as long, and only those for `extent` to fold
+            let (quads, tail) = rest.as_chunks::<4>();
+            let mut m: [A; 4] = std::array::from_fn(|i| self.lanes[i]);
+            for quad in quads {
+                m = std::array::from_fn(|i| sticky_max(m[i], quad[i].abs()));
+            }
+            for (m, &x) in m.iter_mut().zip(tail) {
+                *m = sticky_max(*m, x.abs());
+            }
+            self.lanes[..4].copy_from_slice(&m);
+            self.used = self.used.max(4);
+            return;
+        }
         let mut lanes = self.lanes;
         for chunk in chunks {
             lanes = std::array::from_fn(|i| sticky_max(lanes[i], chunk[i].abs()));
@@ -76,11 +97,13 @@ impl<A: Element> Scan<A> {
             *m = sticky_max(*m, x.abs());
         }
         self.lanes = lanes;
+        self.used = SCAN_LANES;
     }
 
     /// The extent of everything added, `rows` rows.
     pub(crate) fn extent(&self, rows: usize) -> Extent<A> {
-        let max_abs = self.lanes.iter().fold(A::zero(), |m, &a| sticky_max(m, a));
+        let lanes = &self.lanes[..self.used];
+        let max_abs = lanes.iter().fold(A::zero(), |m, &a| sticky_max(m, a));
         Extent {
             finite: max_abs.is_finite(),
             max_abs,
@@ -144,6 +167,21 @@ mod tests {
                 }
             }
         }
+        // a tiny head (fewer entries than lanes: the four-lane pass), then a
+        // longer one after it in the same scan (every lane)
+        for at in 0..12 {
+            for bad in [f32::NAN, f32::INFINITY] {
+                let mut tiny = Array2::from_shape_fn((3, 4), |(i, j)| (i * 4 + j) as f32 - 6.0);
+                tiny[(at / 4, at % 4)] = bad;
+                assert!(!extent_of(&tiny.view()).finite, "{bad} at {at}");
+                let mut scan = Scan::new();
+                scan.add(tiny.as_slice().expect("contiguous"));
+                scan.add(&[1.0; 40]);
+                assert!(!scan.extent(4).finite, "{bad} at {at}, then more");
+            }
+        }
+        let tiny = Array2::from_shape_fn((3, 4), |(i, j)| (i * 4 + j) as f32 - 6.0);
+        assert_eq!(extent_of(&tiny.view()).max_abs, 6.0);
         let x = Array2::from_shape_fn((3, 40), |(i, j)| -((i * 40 + j) as f32));
         let extent = extent_of(&x.view());
         assert!(extent.finite);
