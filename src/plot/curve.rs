@@ -6,8 +6,8 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use super::Colormap;
-use super::figure::{drawn_number, sans};
 use super::output::{plot_error, register_font, with_path};
+use super::panel::{drawn_number, sans};
 use crate::error::{Error, Result};
 
 /// One series of numbers drawn as a line against its index (a loss per training

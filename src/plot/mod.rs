@@ -7,6 +7,7 @@ mod curve;
 mod figure;
 mod heatmap;
 mod output;
+mod panel;
 
 /// The plotters version the pictures are drawn with, for
 /// [`Figure::draw_on`] and [`Curve::draw_on`] on a backend of your own.
