@@ -27,8 +27,10 @@ pub(crate) struct Problem<'a, A, KV = A> {
 }
 
 impl<'a, A: Element, KV> Problem<'a, A, KV> {
-    /// Checks a call in its own shape: 2-D (`q: (L, d_k)`, `k: (S, d_k)`,
-    /// `v: (S, d_v)`, whose errors name 2-D shapes) or batched ([`new_4d`](Self::new_4d)).
+    /// Checks a call in its own shape, 2-D (`q: (L, d_k)`, `k: (S, d_k)`,
+    /// `v: (S, d_v)`) or batched (`q: (batch, heads, L, d_k)`,
+    /// `k: (batch, kv_heads, S, d_k)`, `v: (batch, kv_heads, S, d_v)`), so that
+    /// its errors name the shapes it was given; then lifts it to 4-D.
     pub(crate) fn new<D: AttentionDim>(
         q: ArrayView<'a, A, D>,
         k: ArrayView<'a, KV, D>,
@@ -36,25 +38,14 @@ impl<'a, A: Element, KV> Problem<'a, A, KV> {
         masks: &'a [Mask<'_, A>],
         scale: Option<A>,
     ) -> Result<Self> {
-        if q.ndim() == 2 {
-            check_2d(q.shape(), k.shape(), v.shape(), masks)?;
-        }
-        Problem::new_4d(D::lift(q), D::lift(k), D::lift(v), masks, scale)
-    }
-
-    /// Checks a batched call (`q: (batch, heads, L, d_k)`, `k: (batch, kv_heads, S, d_k)`,
-    /// `v: (batch, kv_heads, S, d_v)`).
-    pub(crate) fn new_4d(
-        q: ArrayView4<'a, A>,
-        k: ArrayView4<'a, KV>,
-        v: ArrayView4<'a, KV>,
-        masks: &'a [Mask<'_, A>],
-        scale: Option<A>,
-    ) -> Result<Self> {
         check_shapes(q.shape(), k.shape(), v.shape())?;
+        let (q, k, v) = (D::lift(q), D::lift(k), D::lift(v));
         let (batch, heads, l, d_k) = q.dim();
+        // the scores' shape in the call's own dimensions: masks broadcast to it
+        let scores = [batch, heads, l, k.dim().2];
+        let own = &scores[4 - D::NDIM.unwrap_or(4)..];
         Ok(Problem {
-            masks: mask::broadcast_all(masks, &[batch, heads, l, k.dim().2])?,
+            masks: mask::broadcast_all(masks, own)?,
             bias_shapes: bias_shapes(masks),
             scale: resolve_scale(scale, d_k)?,
             q,
@@ -157,15 +148,6 @@ pub(crate) fn check_scale<A: Element>(scale: A) -> Result<A> {
             scale: scale.to_f64().unwrap_or(f64::NAN),
         })
     }
-}
-
-/// Checks the shapes of a 2-D call (`q: (L, d_k)`, `k: (S, d_k)`, `v: (S, d_v)`)
-/// and that every mask fits its `(L, S)` scores: the errors of a 2-D call, for
-/// calls that then run it batched.
-fn check_2d<A>(q: &[usize], k: &[usize], v: &[usize], masks: &[Mask<'_, A>]) -> Result<()> {
-    check_shapes(q, k, v)?;
-    mask::broadcast_all(masks, &[q[0], k[0]])?;
-    Ok(())
 }
 
 /// Checks the shapes of `q`, `k`, `v` (all 2-D, or all 4-D).
