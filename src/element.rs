@@ -7,6 +7,8 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use ndarray::{Array, ArrayView, CowArray, Dimension, NdFloat};
 
+use crate::flex::program::Program;
+
 /// A floating-point element that attention is computed in: `f32` or `f64`.
 ///
 /// The layers, gradients and rotary embeddings are generic over this bound;
@@ -36,21 +38,27 @@ pub trait Element: NdFloat + Storage<Compute = Self> + sealed::Sealed {
     /// Calls the arm of `switch` written for this type (how code generic over the
     /// element reaches code written for each type, such as the SIMD kernels).
     #[doc(hidden)]
-    fn select<S: PerElement>(switch: S) -> S::Output<Self>;
+    fn select<P: Program<Self>, S: PerElement<P>>(switch: S) -> S::Output<Self>;
 }
 
 /// Something written once per element type; [`Element::select`] picks the arm.
 ///
 /// The kernel implements it to choose its compiled entry points, so that this
-/// file, below the kernel, never names the kernel's types.
+/// file, below the kernel, never names the kernel's types. The call's program
+/// `P` travels with it: an arm may use `P` as a program of its own element type
+/// (generic code over `A` could not show that a `P: Program<A>` is one of `f32`).
 #[doc(hidden)]
-pub trait PerElement {
+pub trait PerElement<P> {
     /// What each arm gives, for element `A`.
     type Output<A: Element>;
     /// The `f32` arm.
-    fn f32(self) -> Self::Output<f32>;
+    fn f32(self) -> Self::Output<f32>
+    where
+        P: Program<f32>;
     /// The `f64` arm.
-    fn f64(self) -> Self::Output<f64>;
+    fn f64(self) -> Self::Output<f64>
+    where
+        P: Program<f64>;
 }
 
 impl Element for f32 {
@@ -58,7 +66,7 @@ impl Element for f32 {
         x as f32
     }
 
-    fn select<S: PerElement>(switch: S) -> S::Output<f32> {
+    fn select<P: Program<f32>, S: PerElement<P>>(switch: S) -> S::Output<f32> {
         switch.f32()
     }
 }
@@ -68,7 +76,7 @@ impl Element for f64 {
         x
     }
 
-    fn select<S: PerElement>(switch: S) -> S::Output<f64> {
+    fn select<P: Program<f64>, S: PerElement<P>>(switch: S) -> S::Output<f64> {
         switch.f64()
     }
 }
@@ -118,7 +126,7 @@ pub trait Storage: Copy + Send + Sync + Debug + PartialEq + 'static + sealed::Se
     /// itself, or half precision (how generic code reaches the kernels that read
     /// half-precision keys and values where they lie).
     #[doc(hidden)]
-    fn select_storage<S: PerStorage>(switch: S) -> S::Output<Self>;
+    fn select_storage<P: Program<Self::Compute>, S: PerStorage<P>>(switch: S) -> S::Output<Self>;
 }
 
 /// Half-precision storage: `bf16` and `f16`, computed in `f32`.
@@ -137,15 +145,20 @@ pub trait Half: Storage<Compute = f32> {
 }
 
 /// Something written once for the types computed in themselves and once for the
-/// half types; [`Storage::select_storage`] picks the arm.
+/// half types; [`Storage::select_storage`] picks the arm. The call's program
+/// `P` travels with it, as with [`PerElement`].
 #[doc(hidden)]
-pub trait PerStorage {
+pub trait PerStorage<P> {
     /// What each arm gives, for storage type `A`.
     type Output<A: Storage>;
     /// The `f32` and `f64` arm.
-    fn native<A: Element>(self) -> Self::Output<A>;
+    fn native<A: Element>(self) -> Self::Output<A>
+    where
+        P: Program<A>;
     /// The `bf16` and `f16` arm.
-    fn half<H: Half>(self) -> Self::Output<H>;
+    fn half<H: Half>(self) -> Self::Output<H>
+    where
+        P: Program<f32>;
 }
 
 /// `f32` and `f64` are stored as they are computed.
@@ -170,7 +183,9 @@ macro_rules! native {
                 x
             }
 
-            fn select_storage<S: PerStorage>(switch: S) -> S::Output<$t> {
+            fn select_storage<P: Program<Self::Compute>, S: PerStorage<P>>(
+                switch: S,
+            ) -> S::Output<$t> {
                 switch.native::<$t>()
             }
         }
@@ -219,7 +234,9 @@ macro_rules! half {
                 }
             }
 
-            fn select_storage<S: PerStorage>(switch: S) -> S::Output<$t> {
+            fn select_storage<P: Program<Self::Compute>, S: PerStorage<P>>(
+                switch: S,
+            ) -> S::Output<$t> {
                 switch.half::<$t>()
             }
         }

@@ -87,6 +87,7 @@ mod core;
 mod decode;
 mod element;
 mod error;
+pub mod flex;
 mod kernel;
 mod layers;
 #[cfg(feature = "load")]

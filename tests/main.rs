@@ -9,6 +9,7 @@ mod backward;
 mod decode;
 #[cfg(feature = "plot")]
 mod demos;
+mod flex;
 mod golden_sdpa;
 mod grad;
 mod half;

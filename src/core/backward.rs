@@ -13,12 +13,18 @@
 //! A query that sees no key has `P = 0`: its gradients are 0 and it adds nothing
 //! to `dK` and `dV`. With grouped-query heads, `dK` and `dV` of a key/value head
 //! are summed over the query heads that share it.
+//!
+//! Under a program: a score modification `f` makes the scores `f(QKᵀ·scale)`,
+//! so `dQ` and `dK` take `dS ∘ f′` and `f`'s parameters `Σ dS·∂f/∂θ`; a sink
+//! logit `σ` of weight `pσ = exp(σ − lse)` per row has the gradient
+//! `−Σᵢ pσᵢ·Dᵢ` (it has no value, so `dP` is 0 there).
 
-use ndarray::{Array2, Array4, ArrayView2, ArrayView4, ArrayViewMut2, Axis, s};
+use ndarray::{Array1, Array2, Array4, ArrayView2, ArrayView4, ArrayViewMut2, Axis, s};
 
 use super::problem::Problem;
-use super::reference::{attend_head, masked_product};
+use super::reference::masked_product;
 use crate::element::Element;
+use crate::flex::program::{Program, Row};
 
 /// The gradients of one call: `dq` shaped like the queries, `dk` and `dv` like
 /// the keys and values, all `(batch, heads, ·, ·)`, and one per bias mask, in the
@@ -28,12 +34,36 @@ pub(crate) struct Gradients<A> {
     pub(crate) dk: Array4<A>,
     pub(crate) dv: Array4<A>,
     pub(crate) bias: Vec<Array4<A>>,
+    /// The program's: its score modification's parameters, and one sink per
+    /// query head (empty without sinks).
+    pub(crate) score: Array1<A>,
+    pub(crate) sinks: Array1<A>,
+}
+
+/// One query head's gradients by the reference path.
+pub(crate) struct HeadBackward<A> {
+    pub(crate) dq: Array2<A>,
+    pub(crate) dk: Array2<A>,
+    pub(crate) dv: Array2<A>,
+    /// The gradient by the scores after the modification (that of every bias).
+    pub(crate) d_s: Array2<A>,
+    /// The modification's parameters' gradients, and the head's sink's.
+    pub(crate) score: Vec<A>,
+    pub(crate) sink: A,
 }
 
 impl<A: Element> Gradients<A> {
     /// Zero gradients for `problem`'s inputs.
-    pub(crate) fn zeros(problem: &Problem<'_, A>) -> Self {
+    pub(crate) fn zeros<P: Program<A>>(problem: &Problem<'_, A, A, P>) -> Self {
+        let heads = problem.q.dim().1;
+        let sinks = if problem.program.sink(0).is_some() {
+            heads
+        } else {
+            0
+        };
         Gradients {
+            score: Array1::zeros(problem.program.parameters()),
+            sinks: Array1::zeros(sinks),
             dq: Array4::zeros(problem.q.raw_dim()),
             dk: Array4::zeros(problem.k.raw_dim()),
             dv: Array4::zeros(problem.v.raw_dim()),
@@ -65,7 +95,7 @@ pub(crate) fn add_bias_gradient<A: Element>(
     }
 }
 
-impl<A: Element> Problem<'_, A> {
+impl<A: Element, P> Problem<'_, A, A, P> {
     /// Bias gradient `m`'s block for head `h` of batch `b`: `(L or 1, S or 1)`.
     pub(crate) fn bias_gradient_of<'g>(
         &self,
@@ -83,7 +113,7 @@ impl<A: Element> Problem<'_, A> {
     }
 }
 
-impl<A: Element> Problem<'_, A> {
+impl<A: Element, P: Program<A>> Problem<'_, A, A, P> {
     /// The gradients of every head by the reference path; `d_out` is
     /// `(batch, heads, L, d_v)`, checked by the caller.
     pub(crate) fn backward(&self, d_out: ArrayView4<'_, A>) -> Gradients<A> {
@@ -93,7 +123,15 @@ impl<A: Element> Problem<'_, A> {
             for h in 0..heads {
                 let kv = self.kv_head(h);
                 let d_out = d_out.index_axis(Axis(0), b).index_axis_move(Axis(0), h);
-                let (dq, dk, dv, d_s) = self.backward_head(b, h, d_out);
+                let HeadBackward {
+                    dq,
+                    dk,
+                    dv,
+                    d_s,
+                    score,
+                    sink,
+                } = self.backward_head(b, h, d_out);
+                grads.add_program(h, &score, sink);
                 for m in 0..self.bias_shapes.len() {
                     let target = self.bias_gradient_of(&mut grads.bias, m, b, h);
                     add_bias_gradient(target, d_s.view(), 0, 0);
@@ -121,18 +159,19 @@ impl<A: Element> Problem<'_, A> {
         grads
     }
 
-    /// `(dq, dk, dv, dS)` of query head `h` of batch `b` alone (`dS`, the
-    /// gradient by the scaled, biased scores, is that of every bias).
+    /// The gradients of query head `h` of batch `b` alone.
     pub(crate) fn backward_head(
         &self,
         b: usize,
         h: usize,
         d_out: ArrayView2<'_, A>,
-    ) -> (Array2<A>, Array2<A>, Array2<A>, Array2<A>) {
+    ) -> HeadBackward<A> {
         let q = self.query(b, h);
         let (k, v) = self.keys_values(b, self.kv_head(h));
-        let head = attend_head(q, k, self.scale, &self.block_masks(b, h));
+        let head = self.attend_head(b, h, k);
         let (p, scaled) = (&head.weights, &head.scaled);
+        let sink = self.program.sink(h);
+        let mut d_sink = A::zero();
         let seen = |i: usize, j: usize| scaled[[i, j]] != A::neg_infinity();
         let dv = masked_product(p.t(), d_out, |j, i| seen(i, j));
         // dP at masked positions may hold anything (a NaN value row): never read
@@ -144,9 +183,45 @@ impl<A: Element> Problem<'_, A> {
             for j in attended() {
                 row[j] = p[[i, j]] * (d_p[[i, j]] - total);
             }
+            if let Some(sink) = sink {
+                let scores = attended().map(|j| scaled[[i, j]]);
+                let max = scores.clone().fold(sink, A::max);
+                let sum = scores.fold((sink - max).exp(), |t, x| t + (x - max).exp());
+                d_sink -= (sink - max).exp() / sum * total;
+            }
         }
-        let dq = masked_product(d_s.view(), k, seen) * self.scale;
-        let dk = masked_product(d_s.t(), q, |j, i| seen(i, j)) * self.scale;
-        (dq, dk, dv, d_s)
+        // through the modification: dS by the raw scores, and its parameters
+        let mut d_raw = d_s.clone();
+        let mut score = vec![A::zero(); self.program.parameters()];
+        if !P::IDENTITY {
+            let raw = q.mapv(|x| x * self.scale).dot(&k.t());
+            for (i, (mut d, raw)) in d_raw.outer_iter_mut().zip(raw.outer_iter()).enumerate() {
+                let (mut d_row, raw_row) = (d.to_vec(), raw.to_vec());
+                self.program
+                    .chain_row(Row { b, h, i, j0: 0 }, &raw_row, &mut d_row, &mut score);
+                d.iter_mut().zip(d_row).for_each(|(x, y)| *x = y);
+            }
+        }
+        let dq = masked_product(d_raw.view(), k, seen) * self.scale;
+        let dk = masked_product(d_raw.t(), q, |j, i| seen(i, j)) * self.scale;
+        HeadBackward {
+            dq,
+            dk,
+            dv,
+            d_s,
+            score,
+            sink: d_sink,
+        }
+    }
+}
+
+impl<A: Element> Gradients<A> {
+    /// Adds one query head's program gradients: its modification's
+    /// parameters' and its sink's.
+    pub(crate) fn add_program(&mut self, h: usize, score: &[A], sink: A) {
+        self.score.iter_mut().zip(score).for_each(|(t, &x)| *t += x);
+        if let Some(total) = self.sinks.get_mut(h) {
+            *total += sink;
+        }
     }
 }

@@ -5,4 +5,5 @@ pub(crate) mod backward;
 pub(crate) mod mask;
 pub(crate) mod problem;
 pub(crate) mod reference;
+pub(crate) mod scoring;
 pub(crate) mod softmax;

@@ -9,12 +9,14 @@ use ndarray::{
 use super::mask::{self, Mask, Mask2, Mask4, Shaped};
 use crate::element::Element;
 use crate::error::{Error, Result};
+use crate::flex::program::Plain;
 
 /// A checked call, `(batch, heads, L, d_k)` queries against
 /// `(batch, kv_heads, S, ·)` keys and values. The keys and values are stored as
 /// `KV`: the compute type `A` itself, or a half type that the direct path widens
-/// as it reads.
-pub(crate) struct Problem<'a, A, KV = A> {
+/// as it reads. Its program `P` (a score modification, a block mask, sinks) is
+/// [`Plain`] unless the call has one.
+pub(crate) struct Problem<'a, A, KV = A, P = Plain> {
     pub(crate) q: ArrayView4<'a, A>,
     pub(crate) k: ArrayView4<'a, KV>,
     pub(crate) v: ArrayView4<'a, KV>,
@@ -24,6 +26,7 @@ pub(crate) struct Problem<'a, A, KV = A> {
     /// where a bias has 1 and the scores more, it is broadcast (and its gradient
     /// summed).
     pub(crate) bias_shapes: Vec<[usize; 4]>,
+    pub(crate) program: &'a P,
 }
 
 impl<'a, A: Element, KV> Problem<'a, A, KV> {
@@ -48,6 +51,7 @@ impl<'a, A: Element, KV> Problem<'a, A, KV> {
             masks: mask::broadcast_all(masks, own)?,
             bias_shapes: bias_shapes(masks),
             scale: resolve_scale(scale, d_k)?,
+            program: &Plain,
             q,
             k,
             v,
@@ -55,7 +59,22 @@ impl<'a, A: Element, KV> Problem<'a, A, KV> {
     }
 }
 
-impl<'a, A: Copy, KV> Problem<'a, A, KV> {
+impl<'a, A, KV> Problem<'a, A, KV> {
+    /// The same call under `program`.
+    pub(crate) fn with_program<P>(self, program: &'a P) -> Problem<'a, A, KV, P> {
+        Problem {
+            q: self.q,
+            k: self.k,
+            v: self.v,
+            masks: self.masks,
+            scale: self.scale,
+            bias_shapes: self.bias_shapes,
+            program,
+        }
+    }
+}
+
+impl<'a, A: Copy, KV, P> Problem<'a, A, KV, P> {
     /// Query heads per key/value head.
     pub(crate) fn group_size(&self) -> usize {
         // kv_heads divides heads (checked), and is 0 only when heads is
@@ -93,9 +112,10 @@ impl<'a, A: Copy, KV> Problem<'a, A, KV> {
         &'b self,
         k: ArrayView4<'b, KV2>,
         v: ArrayView4<'b, KV2>,
-    ) -> Problem<'b, A, KV2> {
+    ) -> Problem<'b, A, KV2, P> {
         debug_assert_eq!((k.dim(), v.dim()), (self.k.dim(), self.v.dim()));
         Problem {
+            program: self.program,
             q: self.q.view(),
             k,
             v,

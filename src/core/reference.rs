@@ -6,8 +6,11 @@ use ndarray::{Array1, Array2, Array3, Array4, ArrayView2, ArrayViewMut2, ArrayVi
 
 use super::mask::{self, Mask2};
 use super::problem::Problem;
-use super::softmax::softmax_rows;
+use super::scoring::Scoring;
+use super::softmax::{softmax_in_place, softmax_rows, softmax_with_sink_in_place};
 use crate::element::Element;
+use crate::flex::BlockClass;
+use crate::flex::program::Program;
 
 /// What a forward pass keeps for the backward: its output `(batch, heads, L, d_v)`
 /// and each row's log-sum-exp `(batch, heads, L)` (`−∞` for a row that sees no key).
@@ -18,13 +21,14 @@ pub(crate) struct Saved<A> {
 
 /// One head's scaled, masked scores and their weights.
 pub(crate) struct Head<A> {
-    /// `QKᵀ·scale` plus biases, `−∞` where masked: `(L, S)`.
+    /// `QKᵀ·scale`, modified by the program's score modification, plus
+    /// biases, `−∞` where masked: `(L, S)`.
     pub(crate) scaled: Array2<A>,
     /// `softmax(scaled)`, row-wise: `(L, S)`.
     pub(crate) weights: Array2<A>,
 }
 
-impl<A: Element> Problem<'_, A> {
+impl<A: Element, P: Program<A>> Problem<'_, A, A, P> {
     /// Writes the output and/or weights of every `(batch, head)` block.
     pub(crate) fn solve(
         &self,
@@ -53,7 +57,7 @@ impl<A: Element> Problem<'_, A> {
         weights: Option<ArrayViewMut2<'_, A>>,
     ) {
         let (k, v) = self.keys_values(b, self.kv_head(h));
-        let head = attend_head(self.query(b, h), k, self.scale, &self.block_masks(b, h));
+        let head = self.attend_head(b, h, k);
         if let Some(mut output) = output {
             output.assign(&weighted_values(&head, v));
         }
@@ -63,7 +67,25 @@ impl<A: Element> Problem<'_, A> {
     }
 }
 
-impl<A: Element> Problem<'_, A> {
+impl<A: Element, KV, P: Program<A>> Problem<'_, A, KV, P> {
+    /// Head `h` of batch `b` against keys `k` (the head's own, perhaps widened).
+    pub(crate) fn attend_head(&self, b: usize, h: usize, k: ArrayView2<'_, A>) -> Head<A> {
+        let scoring = Scoring {
+            program: self.program,
+            b,
+            h,
+        };
+        attend_head(
+            self.query(b, h),
+            k,
+            self.scale,
+            &self.block_masks(b, h),
+            scoring,
+        )
+    }
+}
+
+impl<A: Element, P: Program<A>> Problem<'_, A, A, P> {
     /// Every head's output and log-sum-exp per row, by the reference path.
     pub(crate) fn forward_lse(&self) -> Saved<A> {
         let (batch, heads, l, _) = self.q.dim();
@@ -85,33 +107,56 @@ impl<A: Element> Problem<'_, A> {
     /// masked scores (`−∞` for a row that sees no key, NaN where a score is).
     pub(crate) fn forward_lse_head(&self, b: usize, h: usize) -> (Array2<A>, Array1<A>) {
         let (k, v) = self.keys_values(b, self.kv_head(h));
-        let head = attend_head(self.query(b, h), k, self.scale, &self.block_masks(b, h));
+        let head = self.attend_head(b, h, k);
+        let sink = self.program.sink(h);
         let lse = head.scaled.rows().into_iter().map(|row| {
             let max = row.fold(
                 A::neg_infinity(),
                 |m, &x| if x > m || x.is_nan() { x } else { m },
             );
+            let max = match sink {
+                Some(sink) if !max.is_nan() => max.max(sink),
+                _ => max,
+            };
             if max == A::neg_infinity() || !max.is_finite() {
                 return max;
             }
-            max + row.fold(A::zero(), |t, &x| t + (x - max).exp()).ln()
+            let sink = sink.map_or(A::zero(), |sink| (sink - max).exp());
+            max + row.fold(sink, |t, &x| t + (x - max).exp()).ln()
         });
         (weighted_values(&head, v), lse.collect())
     }
 }
 
-/// Scaled, masked scores and weights of one head.
-pub(crate) fn attend_head<A: Element>(
+/// Scaled, modified, masked scores and weights of one head.
+pub(crate) fn attend_head<A: Element, P: Program<A>>(
     q: ArrayView2<'_, A>,
     k: ArrayView2<'_, A>,
     scale: A,
     masks: &[Mask2<'_, A>],
+    scoring: Scoring<'_, P>,
 ) -> Head<A> {
     // Scaling Q before the product keeps QKᵀ finite for huge inputs whose scaled
     // scores are finite.
     let mut scaled = q.mapv(|x| x * scale).dot(&k.t());
-    mask::apply(masks, &mut scaled);
-    let weights = softmax_rows(&scaled);
+    if P::PLAIN {
+        mask::apply(masks, &mut scaled);
+        let weights = softmax_rows(&scaled);
+        return Head { scaled, weights };
+    }
+    let (l, s) = scaled.dim();
+    for (i, mut row) in scaled.rows_mut().into_iter().enumerate() {
+        let mut scores = row.to_vec();
+        scoring.prepare_row(masks, i, l, s, 0, &mut scores, BlockClass::Partial);
+        row.iter_mut().zip(scores).for_each(|(x, y)| *x = y);
+    }
+    let mut weights = scaled.clone();
+    for mut row in weights.rows_mut() {
+        match scoring.sink() {
+            Some(sink) => softmax_with_sink_in_place(&mut row, sink),
+            None => softmax_in_place(&mut row),
+        }
+    }
     Head { scaled, weights }
 }
 

@@ -30,7 +30,10 @@ use super::pack::Panels;
 use super::params::{BACKWARD_KEYS as BK, BACKWARD_QUERIES as BQ, MR, SOFTMAX_LANES};
 use super::tiled::Tiles;
 use crate::core::backward::add_bias_gradient;
-use crate::core::mask::{Mask2, apply_row, keys_in_reach};
+use crate::core::mask::{Mask2, keys_in_reach};
+use crate::core::scoring::Scoring;
+use crate::flex::BlockClass;
+use crate::flex::program::{Program, Row};
 
 // every key block starts a panel of keys, for the widest tiles (32 keys)
 const _: () = assert!(BK.is_multiple_of(32));
@@ -43,10 +46,15 @@ pub(crate) struct HeadGradients<A> {
     pub(crate) dv: Array2<A>,
     /// This head's part of every bias's gradient, `(L or 1, S or 1)`.
     pub(crate) bias: Vec<Array2<A>>,
+    /// The gradients of the program's score modification's parameters, and of
+    /// the head's sink (0 without one).
+    pub(crate) score: Vec<A>,
+    pub(crate) sink: A,
 }
 
 /// One query head whose inputs the fused pass may take (checked by the caller).
-pub(crate) struct HeadInputs<'h, 'p, A> {
+pub(crate) struct HeadInputs<'h, 'p, A, P> {
+    pub(crate) scoring: Scoring<'h, P>,
     pub(crate) q: ArrayView2<'p, A>,
     pub(crate) k: ArrayView2<'p, A>,
     pub(crate) v: ArrayView2<'p, A>,
@@ -66,21 +74,30 @@ pub(crate) struct Upstream<'a, A> {
 }
 
 /// One query head's output and each row's log-sum-exp (`−∞` for a row that sees
-/// no key) by the fused forward of the backward pass.
+/// no key) by the fused forward of the backward pass; `None` when the program
+/// made a score NaN or `+∞`.
 #[inline(always)]
-pub(crate) fn forward_head<A: KernelFloat, M: MulAdd, T: Tiles<A, NR>, const NR: usize>(
+pub(crate) fn forward_head<A, M, T, P, const NR: usize>(
     tiles: T,
-    inputs: &HeadInputs<'_, '_, A>,
-) -> (Array2<A>, Array1<A>) {
+    inputs: &HeadInputs<'_, '_, A, P>,
+) -> Option<(Array2<A>, Array1<A>)>
+where
+    A: KernelFloat,
+    M: MulAdd,
+    T: Tiles<A, NR>,
+    P: Program<A>,
+{
     let l = inputs.q.nrows();
-    let head = Head::<A, NR>::of(inputs, true);
+    let head = Head::<A, P, NR>::of(inputs, true);
     let mut scratch = BlockScratch::new(inputs.v.ncols(), NR);
     let mut output = Array2::zeros((l, inputs.v.ncols()));
     let mut lse = Array1::zeros(l);
     for (c, mut out) in output.axis_chunks_iter_mut(Axis(0), BQ).enumerate() {
         let rows = c * BQ..c * BQ + out.nrows();
-        let queries = Queries::of::<A, NR>(inputs, rows.clone(), &mut scratch);
-        head.forward::<M, T>(tiles, &queries, &mut scratch);
+        let queries = Queries::of::<A, P, NR>(inputs, rows.clone(), &mut scratch);
+        if !head.forward::<M, T>(tiles, &queries, &mut scratch) {
+            return None;
+        }
         out.assign(&scratch.o.slice(s![..rows.len(), ..]));
         for (x, &y) in lse.slice_mut(s![rows]).iter_mut().zip(&scratch.lse) {
             *x = if y == A::infinity() {
@@ -90,18 +107,24 @@ pub(crate) fn forward_head<A: KernelFloat, M: MulAdd, T: Tiles<A, NR>, const NR:
             };
         }
     }
-    (output, lse)
+    Some((output, lse))
 }
 
 /// The gradients of one query head by the fused pass; `M` says how `a·b + c` is
 /// computed and `tiles` are the micro-kernels (the caller compiles them for its
-/// instruction set).
+/// instruction set). `None` when the program made a score NaN or `+∞`.
 #[inline(always)]
-pub(crate) fn head<A: KernelFloat, M: MulAdd, T: Tiles<A, NR>, const NR: usize>(
+pub(crate) fn head<A, M, T, P, const NR: usize>(
     tiles: T,
-    inputs: &HeadInputs<'_, '_, A>,
+    inputs: &HeadInputs<'_, '_, A, P>,
     upstream: Upstream<'_, A>,
-) -> HeadGradients<A> {
+) -> Option<HeadGradients<A>>
+where
+    A: KernelFloat,
+    M: MulAdd,
+    T: Tiles<A, NR>,
+    P: Program<A>,
+{
     let (q, k, v) = (inputs.q, inputs.k, inputs.v);
     let mut grads = HeadGradients {
         dq: Array2::zeros(q.raw_dim()),
@@ -112,35 +135,49 @@ pub(crate) fn head<A: KernelFloat, M: MulAdd, T: Tiles<A, NR>, const NR: usize>(
             .iter()
             .map(|&s| Array2::zeros(s))
             .collect(),
+        score: vec![A::zero(); inputs.scoring.program.parameters()],
+        sink: A::zero(),
     };
-    let head = Head::<A, NR>::of(inputs, upstream.saved.is_none());
+    let head = Head::<A, P, NR>::of(inputs, upstream.saved.is_none());
     let mut scratch = BlockScratch::new(v.ncols(), NR);
     let HeadGradients {
         dq: d_q,
         dk,
         dv,
         bias,
+        score,
+        sink,
     } = &mut grads;
     for (c, dq) in d_q.axis_chunks_iter_mut(Axis(0), BQ).enumerate() {
         let rows = c * BQ..c * BQ + dq.nrows();
-        let queries = Queries::of::<A, NR>(inputs, rows.clone(), &mut scratch);
+        let queries = Queries::of::<A, P, NR>(inputs, rows.clone(), &mut scratch);
         let upstream = Upstream {
             d_out: upstream.d_out.slice_move(s![rows.clone(), ..]),
             saved: upstream
                 .saved
                 .map(|(o, lse)| (o.slice_move(s![rows.clone(), ..]), lse.slice_move(s![rows]))),
         };
-        let out = BlockGradients { dq, dk, dv, bias };
-        head.query_block::<M, T>(tiles, &queries, upstream, &mut scratch, out);
+        let out = BlockGradients {
+            dq,
+            dk,
+            dv,
+            bias,
+            score,
+            sink,
+        };
+        if !head.query_block::<M, T>(tiles, &queries, upstream, &mut scratch, out) {
+            return None;
+        }
     }
     grads.dq.mapv_inplace(|x| x * inputs.scale);
-    grads
+    Some(grads)
 }
 
 /// What one query head attends over, its keys and values packed for the
 /// products.
-struct Head<'h, 'p, A, const NR: usize> {
+struct Head<'h, 'p, A, P, const NR: usize> {
     masks: &'h [Mask2<'p, A>],
+    scoring: Scoring<'h, P>,
     /// The number of queries `L` and keys `S` of the head, and the widths.
     l: usize,
     s: usize,
@@ -155,13 +192,15 @@ struct Head<'h, 'p, A, const NR: usize> {
     values: Panels<A>,
 }
 
-/// Where one query block's gradients go: its rows of `dQ`, the head's `dK`, `dV`
-/// and parts of the bias gradients.
+/// Where one query block's gradients go: its rows of `dQ`, the head's `dK`, `dV`,
+/// parts of the bias gradients and the program's.
 struct BlockGradients<'g, A> {
     dq: ArrayViewMut2<'g, A>,
     dk: &'g mut Array2<A>,
     dv: &'g mut Array2<A>,
     bias: &'g mut [Array2<A>],
+    score: &'g mut [A],
+    sink: &'g mut A,
 }
 
 /// One block of query rows, times the scale (packed into the scratch's panels).
@@ -174,8 +213,8 @@ struct Queries {
 impl Queries {
     /// Rows `rows` of the head's queries times the scale, packed as the left
     /// operand of `S = Q·Kᵀ` and the right one of `dK = dSᵀ·Q`.
-    fn of<A: KernelFloat, const NR: usize>(
-        inputs: &HeadInputs<'_, '_, A>,
+    fn of<A: KernelFloat, P, const NR: usize>(
+        inputs: &HeadInputs<'_, '_, A, P>,
         rows: std::ops::Range<usize>,
         scratch: &mut BlockScratch<A>,
     ) -> Self {
@@ -202,6 +241,9 @@ impl Queries {
 struct BlockScratch<A> {
     /// Scores, then weights, of one key block: `BQ × BK`.
     p: Array2<A>,
+    /// The raw scores `Q·Kᵀ·scale` of one key block, before a score
+    /// modification (kept only under one): `BQ × BK`.
+    raw: Array2<A>,
     /// `dP`, then `dS`, of one key block: `BQ × BK`.
     ds: Array2<A>,
     /// The block's outputs, `BQ × d_v`.
@@ -225,6 +267,7 @@ impl<A: KernelFloat> BlockScratch<A> {
     fn new(d_v: usize, nr: usize) -> Self {
         BlockScratch {
             p: Array2::zeros((BQ, BK)),
+            raw: Array2::zeros((BQ, BK)),
             ds: Array2::zeros((BQ, BK)),
             o: Array2::zeros((BQ, d_v)),
             lse: vec![A::zero(); BQ],
@@ -250,10 +293,10 @@ fn standard<A: Clone>(x: ArrayView2<'_, A>) -> CowArray<'_, A, Ix2> {
     }
 }
 
-impl<'h, 'p, A: KernelFloat, const NR: usize> Head<'h, 'p, A, NR> {
+impl<'h, 'p, A: KernelFloat, P: Program<A>, const NR: usize> Head<'h, 'p, A, P, NR> {
     /// The head, its keys and values packed (`V` by columns only when the
     /// forward runs again).
-    fn of(inputs: &HeadInputs<'h, 'p, A>, forward: bool) -> Self {
+    fn of(inputs: &HeadInputs<'h, 'p, A, P>, forward: bool) -> Self {
         let ((s, d), d_v) = (inputs.k.dim(), inputs.v.ncols());
         let (k, v) = (standard(inputs.k), standard(inputs.v));
         let (k, v) = (
@@ -262,6 +305,7 @@ impl<'h, 'p, A: KernelFloat, const NR: usize> Head<'h, 'p, A, NR> {
         );
         let mut head = Head {
             masks: inputs.masks,
+            scoring: inputs.scoring,
             l: inputs.q.nrows(),
             s,
             d,
@@ -281,28 +325,38 @@ impl<'h, 'p, A: KernelFloat, const NR: usize> Head<'h, 'p, A, NR> {
     }
 
     /// The keys any row of the block may see, cut into key blocks (the first
-    /// starting at a multiple of `BK`, so that each starts a panel of keys).
+    /// starting at a multiple of `BK`, so that each starts a panel of keys),
+    /// with their class under the program; empty blocks are left out.
     #[inline(always)]
     fn key_blocks(
         &self,
         queries: &Queries,
-    ) -> impl Iterator<Item = std::ops::Range<usize>> + use<A, NR> {
+    ) -> impl Iterator<Item = (std::ops::Range<usize>, BlockClass)> + use<'_, 'h, 'p, A, P, NR>
+    {
         let last = queries.first + queries.rows - 1;
         let start = keys_in_reach(self.masks, queries.first, self.l, self.s).start / BK * BK;
         let end = keys_in_reach(self.masks, last, self.l, self.s).end;
-        (start..end).step_by(BK).map(move |j| j..(j + BK).min(end))
+        let rows = queries.first..last + 1;
+        let Scoring { program, b, h } = self.scoring;
+        (start..end)
+            .step_by(BK)
+            .map(move |j| j..(j + BK).min(end))
+            .map(move |keys| (keys.clone(), program.class(b, h, rows.clone(), keys)))
+            .filter(|&(_, class)| class != BlockClass::Empty)
     }
 
-    /// `S = (Q·scale)·Kᵀ` for keys `keys`, masked, into the first rows and
-    /// columns of `scratch.p`.
+    /// `S = (Q·scale)·Kᵀ` for keys `keys`, modified and masked, into the first
+    /// rows and columns of `scratch.p` (and, under a score modification, the
+    /// raw scores into `scratch.raw`); `false` when the modification made an
+    /// attended score NaN or `+∞`.
     #[inline(always)]
     fn scores<T: Tiles<A, NR>>(
         &self,
         tiles: T,
         queries: &Queries,
-        keys: &std::ops::Range<usize>,
+        (keys, class): (&std::ops::Range<usize>, BlockClass),
         scratch: &mut BlockScratch<A>,
-    ) {
+    ) -> bool {
         let c = scratch.p.as_slice_mut().expect("standard layout");
         let target = Target {
             c: &mut *c,
@@ -317,16 +371,23 @@ impl<'h, 'p, A: KernelFloat, const NR: usize> Head<'h, 'p, A, NR> {
             keys.clone(),
             target,
         );
+        if !P::IDENTITY {
+            let raw = scratch.raw.as_slice_mut().expect("standard layout");
+            raw[..queries.rows * BK].copy_from_slice(&c[..queries.rows * BK]);
+        }
+        let mut finite = true;
         for (i, row) in c.chunks_exact_mut(BK).take(queries.rows).enumerate() {
-            apply_row(
+            finite &= self.scoring.prepare_row(
                 self.masks,
                 queries.first + i,
                 self.l,
                 self.s,
                 keys.start,
                 &mut row[..keys.len()],
+                class,
             );
         }
+        finite
     }
 
     /// One query block: the forward's log-sum-exp and output (kept, or computed
@@ -340,12 +401,14 @@ impl<'h, 'p, A: KernelFloat, const NR: usize> Head<'h, 'p, A, NR> {
         upstream: Upstream<'_, A>,
         scratch: &mut BlockScratch<A>,
         out: BlockGradients<'_, A>,
-    ) {
+    ) -> bool {
         let BlockGradients {
             mut dq,
             dk,
             dv,
             bias,
+            score,
+            sink,
         } = out;
         let (rows, d, d_v) = (queries.rows, self.d, self.d_v);
         let d_out = standard(upstream.d_out);
@@ -361,7 +424,11 @@ impl<'h, 'p, A: KernelFloat, const NR: usize> Head<'h, 'p, A, NR> {
                     };
                 }
             }
-            None => self.forward::<M, T>(tiles, queries, scratch),
+            None => {
+                if !self.forward::<M, T>(tiles, queries, scratch) {
+                    return false;
+                }
+            }
         }
         // D = rowsum(dO ∘ O)
         for (i, d) in scratch.d.iter_mut().take(rows).enumerate() {
@@ -371,15 +438,23 @@ impl<'h, 'p, A: KernelFloat, const NR: usize> Head<'h, 'p, A, NR> {
                 .zip(scratch.o.row(i))
                 .fold(A::zero(), |t, (&g, &o)| t + g * o);
         }
+        // the sink's weight exp(σ − lse) and gradient −Σ pσ·D
+        if let Some(logit) = self.scoring.sink() {
+            for (&lse, &d) in scratch.lse.iter().zip(&scratch.d).take(rows) {
+                *sink -= (logit - lse).exp() * d;
+            }
+        }
         let d_out = d_out.as_slice().expect("standard layout");
         scratch.d_out_rows.pack_lines::<MR>(d_out, d_v, rows, d_v);
         scratch.d_out_cols.pack_steps::<NR>(d_out, d_v, d_v, rows);
         let dq = dq.as_slice_mut().expect("rows of a standard-layout array");
         let dk = dk.as_slice_mut().expect("standard layout");
         let dv = dv.as_slice_mut().expect("standard layout");
-        for keys in self.key_blocks(queries) {
+        for (keys, class) in self.key_blocks(queries) {
             let n = keys.len();
-            self.scores(tiles, queries, &keys, scratch);
+            if !self.scores(tiles, queries, (&keys, class), scratch) {
+                return false;
+            }
             let p = scratch.p.as_slice_mut().expect("standard layout");
             for (row, &lse) in p.chunks_exact_mut(BK).zip(&scratch.lse).take(rows) {
                 for x in &mut row[..n] {
@@ -427,6 +502,23 @@ impl<'h, 'p, A: KernelFloat, const NR: usize> Head<'h, 'p, A, NR> {
             for target in bias.iter_mut() {
                 add_bias_gradient(target.view_mut(), ds_view, queries.first, keys.start);
             }
+            // through the score modification: dS by the raw scores
+            if !P::IDENTITY {
+                let Scoring { program, b, h } = self.scoring;
+                let ds = scratch.ds.as_slice_mut().expect("standard layout");
+                let raw = scratch.raw.as_slice().expect("standard layout");
+                let rows_of = |x: usize| x * BK;
+                for i in 0..rows {
+                    let (ds, raw) = (&mut ds[rows_of(i)..][..n], &raw[rows_of(i)..][..n]);
+                    let row_at = Row {
+                        b,
+                        h,
+                        i: queries.first + i,
+                        j0: keys.start,
+                    };
+                    program.chain_row(row_at, raw, ds, score);
+                }
+            }
             // dQ += dS·K, dK += dSᵀ·(Q·scale)
             let ds = scratch.ds.as_slice().expect("standard layout");
             scratch.ds_rows.pack_lines::<MR>(ds, BK, rows, n);
@@ -451,25 +543,30 @@ impl<'h, 'p, A: KernelFloat, const NR: usize> Head<'h, 'p, A, NR> {
             };
             product(tiles, &scratch.ds_t, &scratch.q_cols, 0..rows, 0..d, target);
         }
+        true
     }
 
     /// The forward pass of one query block: each row's output and log-sum-exp
     /// (`+∞` for a row that sees no key, so that every weight of the backward is 0),
-    /// into `scratch`.
+    /// into `scratch`; `false` when the program made a score NaN or `+∞`.
     #[inline(always)]
     fn forward<M: MulAdd, T: Tiles<A, NR>>(
         &self,
         tiles: T,
         queries: &Queries,
         scratch: &mut BlockScratch<A>,
-    ) {
+    ) -> bool {
         let rows = queries.rows;
-        let mut max = [A::neg_infinity(); BQ];
-        let mut sum = [A::zero(); BQ];
+        // a sink starts every row's softmax: exp(sink − sink) = 1 in the sum
+        let sink = self.scoring.sink();
+        let mut max = [sink.unwrap_or(A::neg_infinity()); BQ];
+        let mut sum = [if sink.is_some() { A::one() } else { A::zero() }; BQ];
         scratch.o.fill(A::zero());
-        for keys in self.key_blocks(queries) {
+        for (keys, class) in self.key_blocks(queries) {
             let n = keys.len();
-            self.scores(tiles, queries, &keys, scratch);
+            if !self.scores(tiles, queries, (&keys, class), scratch) {
+                return false;
+            }
             let p = scratch.p.as_slice_mut().expect("standard layout");
             for (i, row) in p.chunks_exact_mut(BK).take(rows).enumerate() {
                 let alpha =
@@ -500,5 +597,6 @@ impl<'h, 'p, A: KernelFloat, const NR: usize> Head<'h, 'p, A, NR> {
                 A::infinity()
             };
         }
+        true
     }
 }

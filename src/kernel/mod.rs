@@ -48,32 +48,36 @@ use params::{DIRECT_MAX_ROWS, ROWWISE_MAX_WORK};
 use report::Path;
 use run::KvGroup;
 
+use std::marker::PhantomData;
+
 use crate::core::backward::Gradients;
 use crate::core::problem::Problem;
 use crate::core::reference::Saved;
 use crate::element::{Element, Half, PerElement, PerStorage, Storage};
 use crate::error::Result;
+use crate::flex::program::Program;
 
 /// Writes attention's output for every head of `problem`, whose keys and values
 /// are stored as `S` (any storage type: the kernel plans how to read them), into
-/// `out`, `(batch, heads, L, d_v)`.
+/// `out`, `(batch, heads, L, d_v)`. Its program `P` is compiled into every
+/// kernel body.
 ///
 /// # Errors
 ///
 /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) when `ATTN_KERNEL_ARCH`
 /// holds an unknown value and the tiled or direct path would run.
-pub(crate) fn forward<S: Storage>(
-    problem: &Problem<'_, S::Compute, S>,
+pub(crate) fn forward<S: Storage, P: Program<S::Compute>>(
+    problem: &Problem<'_, S::Compute, S, P>,
     out: ArrayViewMut4<'_, S::Compute>,
     kernel: Kernel,
     parallelism: Parallelism,
 ) -> Result<()> {
-    (S::select_storage(Forwards))(problem, out, kernel, parallelism)
+    (S::select_storage::<P, _>(Forwards(PhantomData)))(problem, out, kernel, parallelism)
 }
 
 /// [`forward`] for one storage type.
-type StoredForwardFn<S> = for<'p, 'o> fn(
-    &Problem<'p, <S as Storage>::Compute, S>,
+type StoredForwardFn<S, P> = for<'p, 'o> fn(
+    &Problem<'p, <S as Storage>::Compute, S, P>,
     ArrayViewMut4<'o, <S as Storage>::Compute>,
     Kernel,
     Parallelism,
@@ -81,17 +85,23 @@ type StoredForwardFn<S> = for<'p, 'o> fn(
 
 /// Picks [`forward`]'s body for the storage type: the compute types' plan, or
 /// the half types' ([`forward_half`]).
-struct Forwards;
+struct Forwards<P>(PhantomData<P>);
 
-impl PerStorage for Forwards {
-    type Output<S: Storage> = StoredForwardFn<S>;
+impl<P> PerStorage<P> for Forwards<P> {
+    type Output<S: Storage> = StoredForwardFn<S, P>;
 
-    fn native<A: Element>(self) -> StoredForwardFn<A> {
-        A::select(Entries).forward
+    fn native<A: Element>(self) -> StoredForwardFn<A, P>
+    where
+        P: Program<A>,
+    {
+        A::select::<P, _>(Entries(PhantomData)).forward
     }
 
-    fn half<H: Half>(self) -> StoredForwardFn<H> {
-        forward_half::<H>
+    fn half<H: Half>(self) -> StoredForwardFn<H, P>
+    where
+        P: Program<f32>,
+    {
+        forward_half::<H, P>
     }
 }
 
@@ -101,12 +111,12 @@ impl PerStorage for Forwards {
 /// # Errors
 ///
 /// As [`forward`].
-pub(crate) fn forward_lse<A: Element>(
-    problem: &Problem<'_, A>,
+pub(crate) fn forward_lse<A: Element, P: Program<A>>(
+    problem: &Problem<'_, A, A, P>,
     kernel: Kernel,
     parallelism: Parallelism,
 ) -> Result<Saved<A>> {
-    (A::select(Entries).forward_lse)(problem, kernel, parallelism)
+    (A::select::<P, _>(Entries(PhantomData)).forward_lse)(problem, kernel, parallelism)
 }
 
 /// The gradients of every head of `problem` given `d_out = ∂loss/∂output`,
@@ -116,26 +126,27 @@ pub(crate) fn forward_lse<A: Element>(
 /// # Errors
 ///
 /// As [`forward`].
-pub(crate) fn backward<A: Element>(
-    problem: &Problem<'_, A>,
+pub(crate) fn backward<A: Element, P: Program<A>>(
+    problem: &Problem<'_, A, A, P>,
     d_out: ArrayView4<'_, A>,
     saved: Option<&Saved<A>>,
     kernel: Kernel,
     parallelism: Parallelism,
 ) -> Result<Gradients<A>> {
-    (A::select(Entries).backward)(problem, d_out, saved, kernel, parallelism)
+    (A::select::<P, _>(Entries(PhantomData)).backward)(problem, d_out, saved, kernel, parallelism)
 }
 
 /// [`forward`] compiled for one element type.
-type ForwardFn<A> =
-    for<'p, 'o> fn(&Problem<'p, A>, ArrayViewMut4<'o, A>, Kernel, Parallelism) -> Result<()>;
+type ForwardFn<A, P> =
+    for<'p, 'o> fn(&Problem<'p, A, A, P>, ArrayViewMut4<'o, A>, Kernel, Parallelism) -> Result<()>;
 
 /// [`forward_lse`] compiled for one element type.
-type ForwardLseFn<A> = for<'p> fn(&Problem<'p, A>, Kernel, Parallelism) -> Result<Saved<A>>;
+type ForwardLseFn<A, P> =
+    for<'p> fn(&Problem<'p, A, A, P>, Kernel, Parallelism) -> Result<Saved<A>>;
 
 /// [`backward`] compiled for one element type.
-type BackwardFn<A> = for<'p, 'd, 's> fn(
-    &Problem<'p, A>,
+type BackwardFn<A, P> = for<'p, 'd, 's> fn(
+    &Problem<'p, A, A, P>,
     ArrayView4<'d, A>,
     Option<&'s Saved<A>>,
     Kernel,
@@ -145,31 +156,37 @@ type BackwardFn<A> = for<'p, 'd, 's> fn(
 /// The kernel's entry points compiled for one element type. `Element` is public
 /// and sits below the kernel, so it cannot name [`KernelElement`]; its `select`
 /// is the one bridge from generic code to the kernel's per-type code.
-struct EntryPoints<A> {
-    forward: ForwardFn<A>,
-    forward_lse: ForwardLseFn<A>,
-    backward: BackwardFn<A>,
+struct EntryPoints<A, P> {
+    forward: ForwardFn<A, P>,
+    forward_lse: ForwardLseFn<A, P>,
+    backward: BackwardFn<A, P>,
 }
 
 /// Picks the entry points for the element type.
-struct Entries;
+struct Entries<P>(PhantomData<P>);
 
-impl PerElement for Entries {
-    type Output<A: Element> = EntryPoints<A>;
+impl<P> PerElement<P> for Entries<P> {
+    type Output<A: Element> = EntryPoints<A, P>;
 
-    fn f32(self) -> EntryPoints<f32> {
+    fn f32(self) -> EntryPoints<f32, P>
+    where
+        P: Program<f32>,
+    {
         EntryPoints {
-            forward: choose_path::<f32>,
-            forward_lse: choose_forward_lse::<f32>,
-            backward: choose_backward::<f32>,
+            forward: choose_path::<f32, P>,
+            forward_lse: choose_forward_lse::<f32, P>,
+            backward: choose_backward::<f32, P>,
         }
     }
 
-    fn f64(self) -> EntryPoints<f64> {
+    fn f64(self) -> EntryPoints<f64, P>
+    where
+        P: Program<f64>,
+    {
         EntryPoints {
-            forward: choose_path::<f64>,
-            forward_lse: choose_forward_lse::<f64>,
-            backward: choose_backward::<f64>,
+            forward: choose_path::<f64, P>,
+            forward_lse: choose_forward_lse::<f64, P>,
+            backward: choose_backward::<f64, P>,
         }
     }
 }
@@ -182,8 +199,8 @@ impl PerElement for Entries {
 /// # Errors
 ///
 /// As [`forward`].
-fn forward_half<H: Half>(
-    problem: &Problem<'_, f32, H>,
+fn forward_half<H: Half, P: Program<f32>>(
+    problem: &Problem<'_, f32, H, P>,
     out: ArrayViewMut4<'_, f32>,
     kernel: Kernel,
     parallelism: Parallelism,
@@ -219,8 +236,8 @@ fn forward_half<H: Half>(
 
 /// The outputs `outs` (one per batch and query head, in that order) grouped by
 /// the key/value head they attend with: group `b·kv_heads + kv`.
-fn kv_groups<'o, 'a, A: Copy, KV>(
-    problem: &Problem<'_, A, KV>,
+fn kv_groups<'o, 'a, A: Copy, KV, P>(
+    problem: &Problem<'_, A, KV, P>,
     outs: &'o mut [ArrayViewMut2<'a, A>],
 ) -> Vec<KvGroup<'o, 'a, A>> {
     let kv_heads = problem.k.dim().1;
@@ -235,14 +252,14 @@ fn kv_groups<'o, 'a, A: Copy, KV>(
 }
 
 /// Counts every head of `problem` as served by the reference path ([`Kernel::Plain`]).
-fn count_all_reference<A>(problem: &Problem<'_, A>) {
+fn count_all_reference<A, P>(problem: &Problem<'_, A, A, P>) {
     let (batch, heads, _, _) = problem.q.dim();
     report::count(Path::Reference, batch * heads);
 }
 
 /// The forward with log-sum-exp by the path `kernel` asks for.
-fn choose_forward_lse<A: KernelElement>(
-    problem: &Problem<'_, A>,
+fn choose_forward_lse<A: KernelElement, P: Program<A>>(
+    problem: &Problem<'_, A, A, P>,
     kernel: Kernel,
     parallelism: Parallelism,
 ) -> Result<Saved<A>> {
@@ -254,8 +271,8 @@ fn choose_forward_lse<A: KernelElement>(
 }
 
 /// The backward pass by the path `kernel` asks for.
-fn choose_backward<A: KernelElement>(
-    problem: &Problem<'_, A>,
+fn choose_backward<A: KernelElement, P: Program<A>>(
+    problem: &Problem<'_, A, A, P>,
     d_out: ArrayView4<'_, A>,
     saved: Option<&Saved<A>>,
     kernel: Kernel,
@@ -275,8 +292,8 @@ fn choose_backward<A: KernelElement>(
 }
 
 /// Plans the call and runs it.
-fn choose_path<A: KernelElement>(
-    problem: &Problem<'_, A>,
+fn choose_path<A: KernelElement, P: Program<A>>(
+    problem: &Problem<'_, A, A, P>,
     out: ArrayViewMut4<'_, A>,
     kernel: Kernel,
     parallelism: Parallelism,
@@ -286,8 +303,8 @@ fn choose_path<A: KernelElement>(
 }
 
 /// Runs every head of `problem` as `plan` says.
-fn run_plan<A: KernelElement>(
-    problem: &Problem<'_, A>,
+fn run_plan<A: KernelElement, P: Program<A>>(
+    problem: &Problem<'_, A, A, P>,
     plan: Plan,
     out: ArrayViewMut4<'_, A>,
     parallelism: Parallelism,
@@ -352,7 +369,7 @@ impl Plan {
     /// # Errors
     ///
     /// As [`forward`], for the fused paths.
-    fn of<A, KV>(problem: &Problem<'_, A, KV>, kernel: Kernel) -> Result<Self> {
+    fn of<A, KV, P>(problem: &Problem<'_, A, KV, P>, kernel: Kernel) -> Result<Self> {
         let (batch, heads, l, d) = problem.q.dim();
         let (s, d_v) = (problem.k.dim().2, problem.v.dim().3);
         Ok(match kernel {

@@ -14,6 +14,7 @@ use super::direct::{self, Group, Partial, Rows};
 use super::float::KernelFloat;
 use super::pack::{self, Bf16Pair, Entry, PackedHead};
 use super::tiled::{self, Block, KeyTiles, Scratch};
+use crate::flex::program::Program;
 
 /// The token's tile width (columns of a register tile), for sizing scratch.
 pub(crate) struct TileWidth;
@@ -57,68 +58,69 @@ impl Op<f32, Bf16Pair> for PackHead<'_, '_, bf16> {
 }
 
 /// [`tiled::attend_block`]: one block of query rows of the tiled kernel.
-pub(crate) struct AttendBlock<'b, 'a, A, K> {
-    pub(crate) block: &'b Block<'a, A, K>,
+pub(crate) struct AttendBlock<'b, 'a, A, K, P> {
+    pub(crate) block: &'b Block<'a, A, K, P>,
     pub(crate) scratch: &'b mut Scratch<A, K>,
     pub(crate) out: ArrayViewMut2<'b, A>,
 }
 
-impl<A: KernelFloat, K: Entry<A>> Op<A, K> for AttendBlock<'_, '_, A, K> {
-    type Output = ();
+impl<A: KernelFloat, K: Entry<A>, P: Program<A>> Op<A, K> for AttendBlock<'_, '_, A, K, P> {
+    type Output = bool;
 
     #[inline(always)]
-    fn run<T: Token<A, NR> + KeyTiles<A, K, NR>, const NR: usize>(self, token: T) {
-        tiled::attend_block::<A, T::MulAdd, T, K, NR>(token, self.block, self.scratch, self.out)
+    fn run<T: Token<A, NR> + KeyTiles<A, K, NR>, const NR: usize>(self, token: T) -> bool {
+        tiled::attend_block::<A, T::MulAdd, T, K, P, NR>(token, self.block, self.scratch, self.out)
     }
 }
 
 /// [`direct::attend_part`]: the query rows of one group over one part of its keys.
-pub(crate) struct AttendPart<'r, 'g, 'p, A, R> {
-    pub(crate) group: &'r Group<'g, 'p, A, R>,
+pub(crate) struct AttendPart<'r, 'g, 'p, A, R, P> {
+    pub(crate) group: &'r Group<'g, 'p, A, R, P>,
     pub(crate) part: Range<usize>,
 }
 
-impl<A: KernelFloat, R: Rows<A>> Op<A> for AttendPart<'_, '_, '_, A, R> {
+impl<A: KernelFloat, R: Rows<A>, P: Program<A>> Op<A> for AttendPart<'_, '_, '_, A, R, P> {
     type Output = Partial<A>;
 
     #[inline(always)]
     fn run<T: Token<A, NR> + KeyTiles<A, A, NR>, const NR: usize>(self, token: T) -> Partial<A> {
-        direct::attend_part::<A, T::MulAdd, T, R>(token, self.group, self.part)
+        direct::attend_part::<A, T::MulAdd, T, R, P>(token, self.group, self.part)
     }
 }
 
-/// [`backward::head`]: the gradients of one query head.
-pub(crate) struct BackwardHead<'r, 'h, 'p, 'u, A> {
-    pub(crate) inputs: &'r HeadInputs<'h, 'p, A>,
+/// [`backward::head`]: the gradients of one query head (`None` when its
+/// program made a score NaN or `+∞`).
+pub(crate) struct BackwardHead<'r, 'h, 'p, 'u, A, P> {
+    pub(crate) inputs: &'r HeadInputs<'h, 'p, A, P>,
     pub(crate) upstream: Upstream<'u, A>,
 }
 
-impl<A: KernelFloat> Op<A> for BackwardHead<'_, '_, '_, '_, A> {
-    type Output = HeadGradients<A>;
+impl<A: KernelFloat, P: Program<A>> Op<A> for BackwardHead<'_, '_, '_, '_, A, P> {
+    type Output = Option<HeadGradients<A>>;
 
     #[inline(always)]
     fn run<T: Token<A, NR> + KeyTiles<A, A, NR>, const NR: usize>(
         self,
         token: T,
-    ) -> HeadGradients<A> {
-        backward::head::<A, T::MulAdd, T, NR>(token, self.inputs, self.upstream)
+    ) -> Option<HeadGradients<A>> {
+        backward::head::<A, T::MulAdd, T, P, NR>(token, self.inputs, self.upstream)
     }
 }
 
 /// [`backward::forward_head`]: one query head's output and log-sum-exp by the
-/// backward pass's forward.
-pub(crate) struct ForwardHead<'r, 'h, 'p, A> {
-    pub(crate) inputs: &'r HeadInputs<'h, 'p, A>,
+/// backward pass's forward (`None` as for [`BackwardHead`]).
+pub(crate) struct ForwardHead<'r, 'h, 'p, A, P> {
+    pub(crate) inputs: &'r HeadInputs<'h, 'p, A, P>,
 }
 
-impl<A: KernelFloat> Op<A> for ForwardHead<'_, '_, '_, A> {
-    type Output = (Array2<A>, Array1<A>);
+impl<A: KernelFloat, P: Program<A>> Op<A> for ForwardHead<'_, '_, '_, A, P> {
+    type Output = Option<(Array2<A>, Array1<A>)>;
 
     #[inline(always)]
     fn run<T: Token<A, NR> + KeyTiles<A, A, NR>, const NR: usize>(
         self,
         token: T,
-    ) -> (Array2<A>, Array1<A>) {
-        backward::forward_head::<A, T::MulAdd, T, NR>(token, self.inputs)
+    ) -> Option<(Array2<A>, Array1<A>)> {
+        backward::forward_head::<A, T::MulAdd, T, P, NR>(token, self.inputs)
     }
 }

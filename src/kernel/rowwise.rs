@@ -4,18 +4,35 @@
 use ndarray::{ArrayView2, ArrayViewMut2};
 
 use super::float::KernelFloat;
-use super::online::{exp_and_sum_with, inverse_total, row_max, shift_of};
-use crate::core::mask::{Mask2, apply_row};
+use super::online::{exp_and_sum_with, fold_max, inverse_total, row_max, shift_of};
+use crate::core::mask::Mask2;
+use crate::core::scoring::Scoring;
+use crate::flex::program::Program;
 
-/// One head: `out = softmax(QKᵀ·scale + masks)·V`, for finite inputs.
-pub(crate) fn attend_head<A: KernelFloat>(
-    q: ArrayView2<'_, A>,
-    k: ArrayView2<'_, A>,
-    v: ArrayView2<'_, A>,
-    masks: &[Mask2<'_, A>],
-    scale: A,
+/// One head's inputs: queries `(L, d)`, keys `(S, d)`, values `(S, d_v)`.
+pub(crate) struct HeadRows<'h, 'p, A> {
+    pub(crate) q: ArrayView2<'p, A>,
+    pub(crate) k: ArrayView2<'p, A>,
+    pub(crate) v: ArrayView2<'p, A>,
+    pub(crate) masks: &'h [Mask2<'p, A>],
+    pub(crate) scale: A,
+}
+
+/// One head: `out = softmax(f(QKᵀ·scale) + masks)·V` under the program, for
+/// finite inputs; `false` when the program made a score NaN or `+∞` (`out`
+/// then holds nothing of use).
+pub(crate) fn attend_head<A: KernelFloat, P: Program<A>>(
+    head: HeadRows<'_, '_, A>,
+    scoring: Scoring<'_, P>,
     mut out: ArrayViewMut2<'_, A>,
-) {
+) -> bool {
+    let HeadRows {
+        q,
+        k,
+        v,
+        masks,
+        scale,
+    } = head;
     let (l, d) = q.dim();
     let (s, d_v) = v.dim();
     let (q, k, v) = (
@@ -43,11 +60,19 @@ pub(crate) fn attend_head<A: KernelFloat>(
                 .zip(key)
                 .fold(A::zero(), |acc, (&a, &b)| acc + a * scale * b);
         }
-        apply_row(masks, i, l, s, 0, scores);
+        let class = scoring.program.class(scoring.b, scoring.h, i..i + 1, 0..s);
+        if !scoring.prepare_row(masks, i, l, s, 0, scores, class) {
+            return false;
+        }
         // the whole row is one block: no running state to rescale; too short to
         // vectorise, so the standard library's exp
-        let shift = shift_of(row_max::<A, 1>(scores));
-        let total = exp_and_sum_with::<A, 1>(scores, shift, A::exp);
+        let sink = scoring.sink();
+        let max = row_max::<A, 1>(scores);
+        let shift = shift_of(sink.map_or(max, |sink| fold_max(max, sink)));
+        let mut total = exp_and_sum_with::<A, 1>(scores, shift, A::exp);
+        if let Some(sink) = sink {
+            total += (sink - shift).exp();
+        }
         row.fill(A::zero());
         for (&p, value) in scores.iter().zip(v.chunks_exact(d_v)) {
             for (o, &x) in row.iter_mut().zip(value) {
@@ -59,4 +84,5 @@ pub(crate) fn attend_head<A: KernelFloat>(
             *o = x * inverse;
         }
     }
+    true
 }

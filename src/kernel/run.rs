@@ -14,13 +14,15 @@ use super::options::Parallelism;
 use super::pack::{Entry, PackedHead};
 use super::params::{BC, BR, DIRECT_PART, PACKED_BYTES};
 use super::report::{self, Path};
-use super::rowwise;
+use super::rowwise::{self, HeadRows};
 use super::tiled::{Block, Scratch};
-use crate::core::backward::{Gradients, add_bias_gradient};
+use crate::core::backward::{Gradients, HeadBackward, add_bias_gradient};
 use crate::core::mask::Mask2;
 use crate::core::problem::Problem;
-use crate::core::reference::{Saved, attend_head, weighted_values};
+use crate::core::reference::{Saved, weighted_values};
+use crate::core::scoring::Scoring;
 use crate::element::Half;
+use crate::flex::program::Program;
 
 /// The query heads that share one key/value head, and their outputs.
 pub(crate) struct KvGroup<'o, 'a, A> {
@@ -30,18 +32,31 @@ pub(crate) struct KvGroup<'o, 'a, A> {
 }
 
 /// Head `h` of batch `b` row by row, or by the reference path if its inputs need it.
-pub(crate) fn rowwise_head<A: KernelElement>(
-    problem: &Problem<'_, A>,
+pub(crate) fn rowwise_head<A: KernelElement, P: Program<A>>(
+    problem: &Problem<'_, A, A, P>,
     b: usize,
     h: usize,
-    out: ArrayViewMut2<'_, A>,
+    mut out: ArrayViewMut2<'_, A>,
 ) {
     let q = problem.query(b, h);
     let (k, v) = problem.keys_values(b, problem.kv_head(h));
     let masks = problem.block_masks(b, h);
-    if fusable(&q, &masks, problem.scale, extent_of(&k), extent_of(&v)) {
+    let scoring = Scoring {
+        program: problem.program,
+        b,
+        h,
+    };
+    let head = HeadRows {
+        q,
+        k,
+        v,
+        masks: &masks,
+        scale: problem.scale,
+    };
+    if fusable(&q, &masks, problem.scale, extent_of(&k), extent_of(&v))
+        && rowwise::attend_head(head, scoring, out.view_mut())
+    {
         report::count(Path::Rowwise, 1);
-        rowwise::attend_head(q, k, v, &masks, problem.scale, out);
     } else {
         report::count(Path::Reference, 1);
         problem.solve_head(b, h, Some(out), None);
@@ -50,13 +65,13 @@ pub(crate) fn rowwise_head<A: KernelElement>(
 
 /// Every group by the direct path, its keys cut into parts of [`DIRECT_PART`]
 /// that run in parallel; heads whose inputs need it then by the reference path.
-pub(crate) fn direct<A: KernelElement>(
-    problem: &Problem<'_, A>,
+pub(crate) fn direct<A: KernelElement, P: Program<A>>(
+    problem: &Problem<'_, A, A, P>,
     arch: Arch,
     groups: &mut [KvGroup<'_, '_, A>],
     parallelism: Parallelism,
 ) {
-    direct_over::<A, Native<A>>(problem, arch, groups, parallelism, |b, h, out| {
+    direct_over::<A, Native<A>, P>(problem, arch, groups, parallelism, |b, h, out| {
         problem.solve_head(b, h, Some(out), None)
     });
 }
@@ -64,21 +79,21 @@ pub(crate) fn direct<A: KernelElement>(
 /// [`direct`] over keys and values stored in half precision, read where they lie
 /// and widened chunk by chunk. A head whose inputs need the reference path gets
 /// its keys and values widened whole.
-pub(crate) fn direct_half<H: Half>(
-    problem: &Problem<'_, f32, H>,
+pub(crate) fn direct_half<H: Half, P: Program<f32>>(
+    problem: &Problem<'_, f32, H, P>,
     arch: Arch,
     groups: &mut [KvGroup<'_, '_, f32>],
     parallelism: Parallelism,
 ) {
-    direct_over::<f32, Widening<H>>(problem, arch, groups, parallelism, |b, h, out| {
+    direct_over::<f32, Widening<H>, P>(problem, arch, groups, parallelism, |b, h, out| {
         widened_reference(problem, b, h, out)
     });
 }
 
 /// Head `h` of batch `b` by the reference path, its keys and values stored in
 /// half precision widened whole.
-pub(crate) fn widened_reference<H: Half>(
-    problem: &Problem<'_, f32, H>,
+pub(crate) fn widened_reference<H: Half, P: Program<f32>>(
+    problem: &Problem<'_, f32, H, P>,
     b: usize,
     h: usize,
     mut out: ArrayViewMut2<'_, f32>,
@@ -86,15 +101,14 @@ pub(crate) fn widened_reference<H: Half>(
     let kv = problem.kv_head(h);
     let widened = |x: &ArrayView4<'_, H>| x.slice(s![b, kv, .., ..]).mapv(H::to_compute);
     let (keys, values) = (widened(&problem.k), widened(&problem.v));
-    let masks = problem.block_masks(b, h);
-    let head = attend_head(problem.query(b, h), keys.view(), problem.scale, &masks);
+    let head = problem.attend_head(b, h, keys.view());
     out.assign(&weighted_values(&head, values.view()));
 }
 
 /// The direct path over keys and values stored as `S`; `fallback(b, h, out)`
 /// computes a head whose inputs the fused arithmetic cannot stand for.
-fn direct_over<A: KernelElement, S: Source<A>>(
-    problem: &Problem<'_, A, S::Elem>,
+fn direct_over<A: KernelElement, S: Source<A>, P: Program<A>>(
+    problem: &Problem<'_, A, S::Elem, P>,
     arch: Arch,
     groups: &mut [KvGroup<'_, '_, A>],
     parallelism: Parallelism,
@@ -122,6 +136,9 @@ fn direct_over<A: KernelElement, S: Source<A>>(
             unreachable!("standard-layout arrays are slices")
         };
         let group = Group {
+            program: problem.program,
+            b: groups[task / parts].b,
+            first_head: problem.query_heads(groups[task / parts].kv).start,
             queries: &inputs.queries,
             masks: &inputs.masks,
             keys: S::rows(keys),
@@ -145,7 +162,7 @@ fn direct_over<A: KernelElement, S: Source<A>>(
     report::arch_used(Dispatch::<A>::kind(arch));
     for (g, partials) in groups.iter_mut().zip(partials.chunks(parts)) {
         let first_head = problem.query_heads(g.kv).start;
-        let bad = direct::finish(partials, g.outs);
+        let bad = direct::finish(partials, g.outs, |h| problem.program.sink(first_head + h));
         report::count(Path::Direct, g.outs.len() - bad.len());
         report::count(Path::Reference, bad.len());
         for h in bad {
@@ -178,8 +195,8 @@ struct DirectInputs<'p, A, S> {
 /// query rows is only one task) and running all their blocks in one parallel
 /// region; `fallback(b, h, out)` computes a head whose inputs the fused
 /// arithmetic cannot stand for.
-pub(crate) fn tiled<A, KV, K, D>(
-    problem: &Problem<'_, A, KV>,
+pub(crate) fn tiled<A, KV, K, D, P>(
+    problem: &Problem<'_, A, KV, P>,
     kernel: D,
     groups: &mut [KvGroup<'_, '_, A>],
     parallelism: Parallelism,
@@ -189,6 +206,7 @@ pub(crate) fn tiled<A, KV, K, D>(
     KV: Sync,
     K: Entry<A>,
     D: Dispatch<A, K>,
+    P: Program<A>,
     for<'v, 'a> PackHead<'v, 'a, KV>: Op<A, K, Output = PackedHead<A, K>>,
 {
     let (s, d, d_v) = (problem.k.dim().2, problem.k.dim().3, problem.v.dim().3);
@@ -214,16 +232,20 @@ pub(crate) fn tiled<A, KV, K, D>(
     }
 }
 
-/// One block of query rows and where its output goes.
-struct Task<'a, A, K> {
-    block: Block<'a, A, K>,
+/// One block of query rows and where its output goes: query head `head` of
+/// group `group` of the wave.
+struct Task<'a, A, K, P> {
+    block: Block<'a, A, K, P>,
     out: ArrayViewMut2<'a, A>,
+    group: usize,
+    head: usize,
 }
 
 /// Every block of the query heads of one wave of groups, over their key/value
-/// heads `packed` (one per group), in one parallel region.
-fn attend_wave<A: KernelFloat, KV, K: Entry<A>, D: Dispatch<A, K>>(
-    problem: &Problem<'_, A, KV>,
+/// heads `packed` (one per group), in one parallel region; a head whose
+/// program made a score NaN or `+∞` is then computed again by `fallback`.
+fn attend_wave<A: KernelFloat, KV, K: Entry<A>, D: Dispatch<A, K>, P: Program<A>>(
+    problem: &Problem<'_, A, KV, P>,
     kernel: D,
     wave: &mut [KvGroup<'_, '_, A>],
     packed: &[PackedHead<A, K>],
@@ -242,10 +264,15 @@ fn attend_wave<A: KernelFloat, KV, K: Entry<A>, D: Dispatch<A, K>>(
         .collect();
     let s = problem.k.dim().2;
     let mut tasks = Vec::new();
-    for ((group, packed), masks) in wave.iter_mut().zip(packed).zip(&masks) {
+    let mut fused = Vec::new();
+    for (g, ((group, packed), masks)) in wave.iter_mut().zip(packed).zip(&masks).enumerate() {
         let b = group.b;
         let query_heads = problem.query_heads(group.kv);
-        for ((h, out), masks) in query_heads.zip(group.outs.iter_mut()).zip(masks) {
+        for (index, ((h, out), masks)) in query_heads
+            .zip(group.outs.iter_mut())
+            .zip(masks)
+            .enumerate()
+        {
             let q = problem.query(b, h);
             if !fusable(
                 &q,
@@ -258,11 +285,16 @@ fn attend_wave<A: KernelFloat, KV, K: Entry<A>, D: Dispatch<A, K>>(
                 fallback(b, h, out.view_mut());
                 continue;
             }
-            report::count(Path::Tiled, 1);
+            fused.push((g, index));
             let l = q.nrows();
             for (c, chunk) in out.axis_chunks_iter_mut(Axis(0), BR).enumerate() {
                 let first_row = c * BR;
                 let block = Block {
+                    scoring: Scoring {
+                        program: problem.program,
+                        b,
+                        h,
+                    },
                     q: q.slice_move(ndarray::s![first_row..first_row + chunk.nrows(), ..]),
                     first_row,
                     l,
@@ -272,39 +304,53 @@ fn attend_wave<A: KernelFloat, KV, K: Entry<A>, D: Dispatch<A, K>>(
                     masks,
                     scale: problem.scale,
                 };
-                tasks.push(Task { block, out: chunk });
+                tasks.push(Task {
+                    block,
+                    out: chunk,
+                    group: g,
+                    head: index,
+                });
             }
         }
     }
     let (d, col_tiles) = (problem.k.dim().3, problem.v.dim().3.div_ceil(nr));
-    match parallelism {
+    let run = |scratch: &mut Scratch<A, K>, task: Task<'_, A, K, P>| {
+        let block = AttendBlock {
+            block: &task.block,
+            scratch,
+            out: task.out,
+        };
+        (!kernel.dispatch(block)).then_some((task.group, task.head))
+    };
+    let mut bad: Vec<(usize, usize)> = match parallelism {
         Parallelism::Sequential => {
             let mut scratch = Scratch::new(d, col_tiles, nr);
-            for task in tasks {
-                kernel.dispatch(AttendBlock {
-                    block: &task.block,
-                    scratch: &mut scratch,
-                    out: task.out,
-                });
-            }
+            tasks
+                .into_iter()
+                .filter_map(|task| run(&mut scratch, task))
+                .collect()
         }
-        Parallelism::Rayon => tasks.into_par_iter().for_each_init(
-            || Scratch::new(d, col_tiles, nr),
-            |scratch, task| {
-                kernel.dispatch(AttendBlock {
-                    block: &task.block,
-                    scratch,
-                    out: task.out,
-                })
-            },
-        ),
+        Parallelism::Rayon => tasks
+            .into_par_iter()
+            .map_init(|| Scratch::new(d, col_tiles, nr), run)
+            .flatten()
+            .collect(),
+    };
+    bad.sort_unstable();
+    bad.dedup();
+    report::count(Path::Tiled, fused.len() - bad.len());
+    report::count(Path::Reference, bad.len());
+    for (g, index) in bad {
+        let group = &mut wave[g];
+        let h = problem.query_heads(group.kv).start + index;
+        fallback(group.b, h, group.outs[index].view_mut());
     }
 }
 
 /// The output and each row's log-sum-exp of every head, by the fused forward of
 /// the backward pass; heads whose inputs need it by the reference path.
-pub(crate) fn forward_lse<A: KernelElement>(
-    problem: &Problem<'_, A>,
+pub(crate) fn forward_lse<A: KernelElement, P: Program<A>>(
+    problem: &Problem<'_, A, A, P>,
     arch: Arch,
     parallelism: Parallelism,
 ) -> Saved<A> {
@@ -318,6 +364,11 @@ pub(crate) fn forward_lse<A: KernelElement>(
             return (problem.forward_lse_head(b, h), Path::Reference);
         }
         let inputs = HeadInputs {
+            scoring: Scoring {
+                program: problem.program,
+                b,
+                h,
+            },
             q,
             k,
             v,
@@ -325,8 +376,10 @@ pub(crate) fn forward_lse<A: KernelElement>(
             scale: problem.scale,
             bias_shapes: &[],
         };
-        let forward = arch.dispatch(ForwardHead { inputs: &inputs });
-        (forward, Path::FusedBackward)
+        match arch.dispatch(ForwardHead { inputs: &inputs }) {
+            Some(forward) => (forward, Path::FusedBackward),
+            None => (problem.forward_lse_head(b, h), Path::Reference),
+        }
     };
     let per_head: Vec<_> = match parallelism {
         Parallelism::Sequential => (0..batch * heads).map(run).collect(),
@@ -351,8 +404,8 @@ pub(crate) fn forward_lse<A: KernelElement>(
 /// The gradients of every head of `problem` given `d_out`, `(batch, heads, L, d_v)`,
 /// and the forward's output and log-sum-exp if it kept them, by the fused backward
 /// pass; heads whose inputs need it by the reference path.
-pub(crate) fn backward<A: KernelElement>(
-    problem: &Problem<'_, A>,
+pub(crate) fn backward<A: KernelElement, P: Program<A>>(
+    problem: &Problem<'_, A, A, P>,
     arch: Arch,
     d_out: ArrayView4<'_, A>,
     saved: Option<&Saved<A>>,
@@ -394,13 +447,14 @@ pub(crate) fn backward<A: KernelElement>(
             let mut target = problem.bias_gradient_of(&mut grads.bias, m, b, h);
             target.zip_mut_with(part, |a, &x| *a += x);
         }
+        grads.add_program(h, &head.score, head.sink);
     }
     grads
 }
 
 /// Query head `h` of batch `b`, fused if its inputs allow, else by the reference path.
-fn head_backward<A: KernelElement>(
-    problem: &Problem<'_, A>,
+fn head_backward<A: KernelElement, P: Program<A>>(
+    problem: &Problem<'_, A, A, P>,
     arch: Arch,
     b: usize,
     h: usize,
@@ -412,9 +466,15 @@ fn head_backward<A: KernelElement>(
     // this head's part of every bias gradient: (L or 1, S or 1)
     let bias_shapes: Vec<(usize, usize)> =
         problem.bias_shapes.iter().map(|s| (s[2], s[3])).collect();
-    let finite = extent_of(&upstream.d_out).finite;
-    if !(finite && fusable(&q, &masks, problem.scale, extent_of(&k), extent_of(&v))) {
-        let (dq, dk, dv, d_s) = problem.backward_head(b, h, upstream.d_out);
+    let reference = || {
+        let HeadBackward {
+            dq,
+            dk,
+            dv,
+            d_s,
+            score,
+            sink,
+        } = problem.backward_head(b, h, upstream.d_out);
         let bias = bias_shapes
             .iter()
             .map(|&shape| {
@@ -423,9 +483,26 @@ fn head_backward<A: KernelElement>(
                 part
             })
             .collect();
-        return (HeadGradients { dq, dk, dv, bias }, Path::Reference);
+        let head = HeadGradients {
+            dq,
+            dk,
+            dv,
+            bias,
+            score,
+            sink,
+        };
+        (head, Path::Reference)
+    };
+    let finite = extent_of(&upstream.d_out).finite;
+    if !(finite && fusable(&q, &masks, problem.scale, extent_of(&k), extent_of(&v))) {
+        return reference();
     }
     let inputs = HeadInputs {
+        scoring: Scoring {
+            program: problem.program,
+            b,
+            h,
+        },
         q,
         k,
         v,
@@ -433,9 +510,11 @@ fn head_backward<A: KernelElement>(
         scale: problem.scale,
         bias_shapes: &bias_shapes,
     };
-    let gradients = arch.dispatch(BackwardHead {
+    match arch.dispatch(BackwardHead {
         inputs: &inputs,
         upstream,
-    });
-    (gradients, Path::FusedBackward)
+    }) {
+        Some(gradients) => (gradients, Path::FusedBackward),
+        None => reference(),
+    }
 }

@@ -16,11 +16,16 @@ use super::float::{KernelFloat, MulAdd};
 use super::online::{inverse_total, softmax_update};
 use super::pack::{Entry, PackedKeys, PackedValues};
 use super::params::{BC, BR, MR};
-use crate::core::mask::{Mask2, apply_row, keys_in_reach};
+use crate::core::mask::{Mask2, keys_in_reach};
+use crate::core::scoring::Scoring;
+use crate::flex::BlockClass;
+use crate::flex::program::Program;
 
 /// One block of query rows of one head, with everything it attends over; its
 /// keys are packed as entries `K`.
-pub(crate) struct Block<'a, A, K = A> {
+pub(crate) struct Block<'a, A, K, P> {
+    /// The head's program (its batch row and query head).
+    pub(crate) scoring: Scoring<'a, P>,
     /// The block's query rows, `(rows ≤ BR, d)`.
     pub(crate) q: ArrayView2<'a, A>,
     /// Index of the block's first row among the head's `l` queries.
@@ -60,30 +65,49 @@ impl<A: KernelFloat, K: Entry<A>> Scratch<A, K> {
     }
 }
 
-/// Computes one block of output rows into `out: (rows, d_v)`.
+/// Computes one block of output rows into `out: (rows, d_v)`; `false` when the
+/// program made a score NaN or `+∞` (the head is then left to the reference
+/// path).
 #[inline(always)]
-pub(crate) fn attend_block<A, M, T, K, const NR: usize>(
+pub(crate) fn attend_block<A, M, T, K, P, const NR: usize>(
     tiles: T,
-    block: &Block<'_, A, K>,
+    block: &Block<'_, A, K, P>,
     scratch: &mut Scratch<A, K>,
     mut out: ArrayViewMut2<'_, A>,
-) where
+) -> bool
+where
     A: KernelFloat,
     M: MulAdd,
     T: Tiles<A, NR> + KeyTiles<A, K, NR>,
     K: Entry<A>,
+    P: Program<A>,
 {
     let rows = block.q.nrows();
     let tile_rows = rows.div_ceil(MR);
     pack_queries(block, &mut scratch.q);
     scratch.o.fill(A::zero());
-    scratch.max.fill(A::neg_infinity());
-    scratch.sum.fill(A::zero());
+    // a sink starts every row's softmax: exp(sink − sink) = 1 in the sum
+    let sink = block.scoring.sink();
+    scratch.max.fill(sink.unwrap_or(A::neg_infinity()));
+    scratch
+        .sum
+        .fill(if sink.is_some() { A::one() } else { A::zero() });
 
     let key_end = keys_needed(block);
+    let (scoring, first_row) = (block.scoring, block.first_row);
+    let mut finite = true;
     for j0 in (first_key_needed(block)..key_end).step_by(BC) {
         // the last block may be short: work on whole panels of its keys only
         let keys = (key_end - j0).min(BC);
+        let class = scoring.program.class(
+            scoring.b,
+            scoring.h,
+            first_row..first_row + rows,
+            j0..j0 + keys,
+        );
+        if class == BlockClass::Empty {
+            continue;
+        }
         let width = keys.div_ceil(NR) * NR;
         let panels = Panels {
             j0,
@@ -92,7 +116,7 @@ pub(crate) fn attend_block<A, M, T, K, const NR: usize>(
         };
         let scale = K::scale_after(block.scale);
         scores(tiles, &scratch.q, block.keys, panels, scale, &mut scratch.s);
-        mask_scores(block, j0, keys, width, &mut scratch.s);
+        finite &= mask_scores(block, j0, keys, width, class, &mut scratch.s);
         for i in 0..tile_rows * MR {
             let row = &mut scratch.s[i * BC..i * BC + width];
             scratch.alpha[i] =
@@ -116,22 +140,23 @@ pub(crate) fn attend_block<A, M, T, K, const NR: usize>(
             }
         }
     }
+    finite
 }
 
 /// How many keys (the first ones) any row of the block may attend to.
-fn keys_needed<A, K>(block: &Block<'_, A, K>) -> usize {
+fn keys_needed<A, K, P>(block: &Block<'_, A, K, P>) -> usize {
     let last_row = block.first_row + block.q.nrows() - 1;
     keys_in_reach(block.masks, last_row, block.l, block.s).end
 }
 
 /// The first key any row of the block may attend to, rounded down to a key block.
-fn first_key_needed<A, K>(block: &Block<'_, A, K>) -> usize {
+fn first_key_needed<A, K, P>(block: &Block<'_, A, K, P>) -> usize {
     keys_in_reach(block.masks, block.first_row, block.l, block.s).start / BC * BC
 }
 
 /// Packs the block's queries (times the scale, where the entries hold it) as
 /// `tile_rows × depth × MR` entries.
-fn pack_queries<A: KernelFloat, K: Entry<A>>(block: &Block<'_, A, K>, q: &mut [K]) {
+fn pack_queries<A: KernelFloat, K: Entry<A>, P>(block: &Block<'_, A, K, P>, q: &mut [K]) {
     let depth = block.keys.depth;
     q.fill(K::zero());
     for (i, row) in block.q.outer_iter().enumerate() {
@@ -184,29 +209,35 @@ fn scores<A: KernelFloat, K, T: KeyTiles<A, K, NR>, const NR: usize>(
     }
 }
 
-/// Applies padding, bias, keep and causal masks to the scores of keys `j0 ..`.
-fn mask_scores<A: KernelFloat, K>(
-    block: &Block<'_, A, K>,
+/// Applies the program, padding, bias, keep and causal masks to the scores of
+/// keys `j0 ..`; `false` when the program made an attended score NaN or `+∞`.
+#[inline(always)]
+fn mask_scores<A: KernelFloat, K, P: Program<A>>(
+    block: &Block<'_, A, K, P>,
     j0: usize,
     keys: usize,
     width: usize,
+    class: BlockClass,
     s: &mut [A],
-) {
+) -> bool {
     let s_rows = s.as_chunks_mut::<BC>().0;
     let valid = block.s.saturating_sub(j0).min(keys);
+    let mut finite = true;
     for (i, row) in s_rows.iter_mut().enumerate() {
         row[valid..width].fill(A::neg_infinity());
         if i < block.q.nrows() {
-            apply_row(
+            finite &= block.scoring.prepare_row(
                 block.masks,
                 block.first_row + i,
                 block.l,
                 block.s,
                 j0,
                 &mut row[..valid],
+                class,
             );
         }
     }
+    finite
 }
 
 /// One block's weights `P = exp(S − shift)`, row by row, and the factors `α` that

@@ -4,11 +4,13 @@ use ndarray::{Array, Array4, ArrayD, ArrayRef, ArrayRef2, ArrayRef4, Dimension, 
 
 use super::ScaledDotProduct;
 use super::lse::AttentionLse;
+use crate::core::backward::Gradients;
 use crate::core::mask::Mask;
 use crate::core::problem::AttentionDim;
 use crate::core::reference::Saved;
 use crate::element::Element;
 use crate::error::{Error, Result};
+use crate::flex::program::{Plain, Program};
 use crate::kernel;
 
 /// The gradients of a loss with respect to attention's inputs `q`, `k` and `v`,
@@ -204,7 +206,7 @@ impl<A: Element> ScaledDotProduct<'_, A> {
     }
 
     /// Each bias's gradient in the shape of that bias.
-    fn bias_gradients(&self, grads: Vec<Array4<A>>) -> Vec<ArrayD<A>> {
+    pub(super) fn bias_gradients(&self, grads: Vec<Array4<A>>) -> Vec<ArrayD<A>> {
         let shapes = self.masks.iter().filter_map(Mask::bias_shape);
         grads
             .into_iter()
@@ -227,7 +229,26 @@ impl<A: Element> ScaledDotProduct<'_, A> {
         forward: Option<&AttentionLse<A, D>>,
         d_out: &ArrayRef<A, D>,
     ) -> Result<AttentionGradients<A, D>> {
-        let problem = self.check(q, k, v)?;
+        let inputs = [q, k, v];
+        let grads = self.gradients_under(inputs, forward, d_out, &Plain)?;
+        Ok(AttentionGradients {
+            bias: self.bias_gradients(grads.bias),
+            q: D::unlift(grads.dq),
+            k: D::unlift(grads.dk),
+            v: D::unlift(grads.dv),
+        })
+    }
+
+    /// Every backward call, 2-D or batched, with or without the kept forward,
+    /// under `program`, in 4-D.
+    pub(super) fn gradients_under<D: AttentionDim, P: Program<A>>(
+        &self,
+        [q, k, v]: [&ArrayRef<A, D>; 3],
+        forward: Option<&AttentionLse<A, D>>,
+        d_out: &ArrayRef<A, D>,
+        program: &P,
+    ) -> Result<Gradients<A>> {
+        let problem = self.check(q, k, v)?.with_program(program);
         // the output's shape, in the call's own: q's rows, v's width
         let mut output = q.shape().to_vec();
         output[q.ndim() - 1] = v.shape()[v.ndim() - 1];
@@ -243,19 +264,13 @@ impl<A: Element> ScaledDotProduct<'_, A> {
             None => None,
         };
         let d_out = D::lift(d_out.view());
-        let grads = kernel::backward(
+        kernel::backward(
             &problem,
             d_out,
             saved.as_ref(),
             self.kernel,
             self.parallelism,
-        )?;
-        Ok(AttentionGradients {
-            bias: self.bias_gradients(grads.bias),
-            q: D::unlift(grads.dq),
-            k: D::unlift(grads.dk),
-            v: D::unlift(grads.dv),
-        })
+        )
     }
 }
 

@@ -9,6 +9,7 @@ use crate::core::problem::{AttentionDim, Problem};
 use crate::core::reference::Saved;
 use crate::element::Element;
 use crate::error::{Error, Result};
+use crate::flex::program::Program;
 use crate::kernel;
 
 /// Attention's output with each query row's log-sum-exp of its scaled, masked
@@ -109,7 +110,7 @@ impl<A: Element> ScaledDotProduct<'_, A> {
         self.forward_with_lse(q, k, v)
     }
 
-    fn saved(&self, problem: &Problem<'_, A>) -> Result<Saved<A>> {
+    pub(super) fn saved<P: Program<A>>(&self, problem: &Problem<'_, A, A, P>) -> Result<Saved<A>> {
         kernel::forward_lse(problem, self.kernel, self.parallelism)
     }
 }

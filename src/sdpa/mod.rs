@@ -5,6 +5,7 @@
 
 mod backward;
 mod compute;
+pub(crate) mod flex;
 mod lse;
 
 use ndarray::{Array2, Array4, ArrayRef2, ArrayRef4, Dimension, Ix2, Ix4};
@@ -13,7 +14,7 @@ pub use backward::AttentionGradients;
 pub use lse::{AttentionLse, merge_attention};
 
 use crate::core::mask::Mask;
-use crate::core::reference::{attend_head, weighted_values};
+use crate::core::reference::weighted_values;
 use crate::element::{Element, Storage};
 use crate::error::Result;
 use crate::kernel::{Kernel, Parallelism};
@@ -443,8 +444,7 @@ impl<A: Element> ScaledDotProduct<'_, A> {
         v: &ArrayRef2<A>,
     ) -> Result<AttentionTrace<A>> {
         let problem = self.check(q, k, v)?;
-        let masks = problem.block_masks(0, 0);
-        let head = attend_head(q.view(), k.view(), problem.scale, &masks);
+        let head = problem.attend_head(0, 0, problem.k.slice(ndarray::s![0, 0, .., ..]));
         let output = weighted_values(&head, v.view());
         Ok(AttentionTrace {
             scores: q.dot(&k.t()),

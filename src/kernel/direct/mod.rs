@@ -34,11 +34,18 @@ pub(crate) use steps::{Dots, HalfDots, sum_lanes};
 use super::float::{KernelFloat, MulAdd, Separate};
 use super::online::{fold_max, inverse_total, part_weight, shift_of, softmax_update};
 use super::params::{DIRECT_BATCH_ROWS as ROWS, DIRECT_CHUNK, LANES, SOFTMAX_LANES, WIDEN_CHUNK};
-use crate::core::mask::{Mask2, apply_row, keys_in_reach};
+use crate::core::mask::{Mask2, keys_in_reach};
+use crate::core::scoring::Scoring;
+use crate::flex::BlockClass;
+use crate::flex::program::Program;
 use steps::{Chunk, Scratch};
 
 /// The query heads that share one key/value head, with everything they attend over.
-pub(crate) struct Group<'g, 'p, A, R> {
+pub(crate) struct Group<'g, 'p, A, R, P> {
+    /// The call's program, the group's batch row and its first query head.
+    pub(crate) program: &'g P,
+    pub(crate) b: usize,
+    pub(crate) first_head: usize,
     /// Each query head's rows, `(l, d)`.
     pub(crate) queries: &'g [ArrayView2<'p, A>],
     /// Each query head's masks.
@@ -67,11 +74,18 @@ pub(crate) struct Partial<A> {
 /// Attends every query row of `group` to the keys `part` (of those in each row's
 /// reach).
 #[inline(always)]
-pub(crate) fn attend_part<A: KernelFloat, M: MulAdd, D: Dots<A> + HalfDots, R: Rows<A>>(
+pub(crate) fn attend_part<A, M, D, R, P>(
     dots: D,
-    group: &Group<'_, '_, A, R>,
+    group: &Group<'_, '_, A, R, P>,
     part: Range<usize>,
-) -> Partial<A> {
+) -> Partial<A>
+where
+    A: KernelFloat,
+    M: MulAdd,
+    D: Dots<A> + HalfDots,
+    R: Rows<A>,
+    P: Program<A>,
+{
     let (l, d) = group.queries.first().map_or((0, 0), |q| q.dim());
     let d_v = group.d_v;
     let rows = group.queries.len() * l;
@@ -106,7 +120,7 @@ pub(crate) fn attend_part<A: KernelFloat, M: MulAdd, D: Dots<A> + HalfDots, R: R
             std::array::from_fn(|r| ((first_row + r) / l, (first_row + r) % l));
         let members = &members[..batch];
         let buffers = (&mut key_rows[..], &mut value_rows[..]);
-        let finite = attend_batch::<A, M, D, R>(
+        let finite = attend_batch::<A, M, D, R, P>(
             dots,
             group,
             members,
@@ -124,10 +138,13 @@ pub(crate) fn attend_part<A: KernelFloat, M: MulAdd, D: Dots<A> + HalfDots, R: R
 }
 
 /// Merges the parts of a group, in order, into `outs` (one `(l, d_v)` array per
-/// query head) and returns the heads whose inputs need the reference path.
+/// query head), with each head's sink logit (`sinks(h)`, if the call has
+/// sinks) in the denominator, and returns the heads whose inputs need the
+/// reference path.
 pub(crate) fn finish<A: KernelFloat>(
     parts: &[Partial<A>],
     outs: &mut [ArrayViewMut2<'_, A>],
+    sinks: impl Fn(usize) -> Option<A>,
 ) -> Vec<usize> {
     let mut bad = Vec::new();
     let Some(d_v) = outs.first().map(|o| o.ncols()) else {
@@ -136,12 +153,15 @@ pub(crate) fn finish<A: KernelFloat>(
     let mut row = vec![A::zero(); d_v];
     let mut r = 0;
     for (h, out) in outs.iter_mut().enumerate() {
+        let sink = sinks(h);
         for mut out in out.outer_iter_mut() {
             let max = parts
                 .iter()
                 .fold(A::neg_infinity(), |m, p| fold_max(m, p.max[r]));
+            let max = sink.map_or(max, |sink| fold_max(max, sink));
             let shift = shift_of(max);
-            let (mut total, mut finite) = (A::zero(), true);
+            let sink = sink.map_or(A::zero(), |sink| part_weight::<A, Separate>(sink, shift));
+            let (mut total, mut finite) = (sink, true);
             row.fill(A::zero());
             for p in parts {
                 let weight = part_weight::<A, Separate>(p.max[r], shift);
@@ -168,15 +188,22 @@ pub(crate) fn finish<A: KernelFloat>(
 /// One batch of query rows over the keys of `part` in their reach; `false` when a
 /// score was NaN or `+∞` after masking.
 #[inline(always)]
-fn attend_batch<A: KernelFloat, M: MulAdd, D: Dots<A> + HalfDots, R: Rows<A>>(
+fn attend_batch<A, M, D, R, P>(
     dots: D,
-    group: &Group<'_, '_, A, R>,
+    group: &Group<'_, '_, A, R, P>,
     members: &[(usize, usize)],
     part: Range<usize>,
     chunk: usize,
     scratch: &mut Scratch<A>,
     (key_rows, value_rows): (&mut [A], &mut [A]),
-) -> bool {
+) -> bool
+where
+    A: KernelFloat,
+    M: MulAdd,
+    D: Dots<A> + HalfDots,
+    R: Rows<A>,
+    P: Program<A>,
+{
     let (l, d) = group.queries[0].dim();
     let (s, d_v) = (group.s, group.d_v);
     let mut reach = s..0;
@@ -195,8 +222,24 @@ fn attend_batch<A: KernelFloat, M: MulAdd, D: Dots<A> + HalfDots, R: Rows<A>>(
     scratch.max.fill(A::neg_infinity());
     scratch.sum.fill(A::zero());
     let mut finite = true;
+    let scoring = |h: usize| Scoring {
+        program: group.program,
+        b: group.b,
+        h: group.first_head + h,
+    };
     for j0 in (reach.start..reach.end).step_by(chunk) {
         let n = chunk.min(reach.end - j0);
+        let classes: [BlockClass; ROWS] = std::array::from_fn(|r| match members.get(r) {
+            Some(&(h, i)) => {
+                group
+                    .program
+                    .class(group.b, group.first_head + h, i..i + 1, j0..j0 + n)
+            }
+            None => BlockClass::Empty,
+        });
+        if classes.iter().all(|&c| c == BlockClass::Empty) {
+            continue; // no row keeps a key of the chunk
+        }
         let at = |width| Chunk {
             keys: j0..j0 + n,
             width,
@@ -207,7 +250,7 @@ fn attend_batch<A: KernelFloat, M: MulAdd, D: Dots<A> + HalfDots, R: Rows<A>>(
         let mut alpha = [A::zero(); ROWS];
         for (r, &(h, i)) in members.iter().enumerate() {
             let row = &mut scratch.s[r * chunk..(r + 1) * chunk];
-            apply_row(&group.masks[h], i, l, s, j0, &mut row[..n]);
+            scoring(h).prepare_row(&group.masks[h], i, l, s, j0, &mut row[..n], classes[r]);
             row[n..].fill(A::neg_infinity());
             // NaN or +∞ after masking: inputs the fused arithmetic cannot stand for
             finite &= row.iter().all(|&x| x < A::infinity());

@@ -1,0 +1,258 @@
+//! Block masks: a keep predicate classified once per block of queries and
+//! keys, so that the kernels skip what it empties.
+
+use std::ops::Range;
+
+use ndarray::{Array2, ArrayView2, s};
+use rayon::prelude::*;
+
+use super::function::{At, KeepMod};
+use crate::error::{Error, Result};
+
+/// Query rows per block of a [`BlockMask`]: the kernels' query blocks (48 rows
+/// forward, 64 backward) are whole numbers of them.
+pub const BLOCK_QUERIES: usize = 16;
+
+/// Keys per block of a [`BlockMask`]: the kernels' key blocks (256 keys forward,
+/// 128 backward) are whole numbers of them.
+pub const BLOCK_KEYS: usize = 128;
+
+/// What a keep predicate leaves of one block of [`BLOCK_QUERIES`] queries by
+/// [`BLOCK_KEYS`] keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BlockClass {
+    /// Nothing kept: the kernels skip the block.
+    Empty,
+    /// Some positions kept: the kernels call the predicate per score.
+    Partial,
+    /// Everything kept: the kernels compute the block without the predicate.
+    Full,
+}
+
+impl BlockClass {
+    /// The class of the union of two blocks' positions.
+    fn join(self, other: BlockClass) -> BlockClass {
+        if self == other {
+            self
+        } else {
+            BlockClass::Partial
+        }
+    }
+}
+
+/// A keep predicate ([`KeepMod`]) with its blocks classified as empty, partial
+/// or full, computed once for a shape and reusable across calls of that shape
+/// (heads, layers, training steps) — FlexAttention's `BlockMask`. The kernels
+/// skip empty blocks and call the predicate only in partial ones, so a sparse
+/// pattern costs what it keeps.
+///
+/// Built for `[batch, heads, L, S]`; a batch or head count of 1 broadcasts over
+/// the call's batch rows or heads, and the predicate is then called with
+/// `batch = 0` (or `head = 0`) everywhere, so it must not depend on them.
+///
+/// # Shapes
+///
+/// `shape = [batch or 1, heads or 1, L, S]`: it must broadcast to the call's
+/// scores `(batch, heads, L, S)`; a 2-D call's scores are `(1, 1, L, S)`.
+///
+/// # Errors
+///
+/// From [`new`](Self::new): what the predicate's [`KeepMod::check`] finds, and
+/// [`Error::InvalidConfig`] when the number of blocks overflows `usize`.
+///
+/// # Examples
+///
+/// Two documents of 200 and 56 tokens packed in one sequence of 256:
+///
+/// ```
+/// use attn::flex::{At, BlockClass, BlockMask};
+///
+/// let document = |i: usize| usize::from(i >= 200);
+/// let same_document = move |at: At| document(at.query) == document(at.key);
+/// let blocks = BlockMask::new(same_document, [1, 1, 256, 256])?;
+/// // query block 0 (rows 0..16) against key block 1 (keys 128..256), partly document 0
+/// assert_eq!(blocks.class(0, 0, 0, 1), BlockClass::Partial);
+/// assert_eq!(blocks.class(0, 0, 0, 0), BlockClass::Full);
+/// assert_eq!(blocks.class(0, 0, 15, 0), BlockClass::Empty); // rows 240..256, document 1
+/// # Ok::<(), attn::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct BlockMask<K> {
+    keep: K,
+    shape: [usize; 4],
+    /// One `(query blocks, key blocks)` table per `(batch, head)` of `shape`.
+    classes: Vec<Array2<BlockClass>>,
+}
+
+impl<K: KeepMod> BlockMask<K> {
+    /// Classifies `keep` over `shape = [batch, heads, L, S]` (calling it once
+    /// per position, in parallel).
+    ///
+    /// # Errors
+    ///
+    /// What the predicate's [`KeepMod::check`] finds, and
+    /// [`Error::InvalidConfig`] when the number of blocks overflows `usize`.
+    pub fn new(keep: K, shape: [usize; 4]) -> Result<Self> {
+        keep.check(shape)?;
+        let [batch, heads, l, s] = shape;
+        let (rows, cols) = (l.div_ceil(BLOCK_QUERIES), s.div_ceil(BLOCK_KEYS));
+        let tables = batch.checked_mul(heads);
+        let blocks = tables.and_then(|t| t.checked_mul(rows)?.checked_mul(cols));
+        let (Some(tables), Some(_)) = (tables, blocks) else {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "a block mask of shape {shape:?} has more blocks than fit in memory"
+                ),
+            });
+        };
+        let classify = |table: usize| {
+            let (b, h) = (table / heads, table % heads);
+            Array2::from_shape_fn((rows, cols), |(r, c)| {
+                if K::ALL {
+                    return BlockClass::Full;
+                }
+                let queries = r * BLOCK_QUERIES..((r + 1) * BLOCK_QUERIES).min(l);
+                let keys = c * BLOCK_KEYS..((c + 1) * BLOCK_KEYS).min(s);
+                classify_block(&keep, b, h, queries, keys)
+            })
+        };
+        let classes = (0..tables).into_par_iter().map(classify).collect();
+        Ok(BlockMask {
+            keep,
+            shape,
+            classes,
+        })
+    }
+
+    /// The shape it was built for, `[batch or 1, heads or 1, L, S]`.
+    pub fn shape(&self) -> [usize; 4] {
+        self.shape
+    }
+
+    /// The class of query block `query_block` (rows `16·r ..`) against key
+    /// block `key_block` (keys `128·c ..`) of batch row `batch` and head `head`
+    /// (each taken as 0 where the mask broadcasts).
+    ///
+    /// # Panics
+    ///
+    /// When a block or, where the mask does not broadcast, the batch row or
+    /// head is out of range.
+    pub fn class(
+        &self,
+        batch: usize,
+        head: usize,
+        query_block: usize,
+        key_block: usize,
+    ) -> BlockClass {
+        self.table(batch, head)[[query_block, key_block]]
+    }
+
+    /// The classes of batch row `batch`, head `head`: `(⌈L/16⌉, ⌈S/128⌉)`.
+    ///
+    /// # Panics
+    ///
+    /// As [`class`](Self::class).
+    pub fn classes(&self, batch: usize, head: usize) -> ArrayView2<'_, BlockClass> {
+        self.table(batch, head).view()
+    }
+
+    /// How many blocks are empty, partial and full, over every table.
+    pub fn counts(&self) -> [usize; 3] {
+        let mut counts = [0; 3];
+        for class in self.classes.iter().flatten() {
+            counts[*class as usize] += 1;
+        }
+        counts
+    }
+
+    /// The predicate.
+    pub fn keep_mod(&self) -> &K {
+        &self.keep
+    }
+
+    /// Checks that the mask serves scores of shape `scores = (batch, heads, L, S)`.
+    pub(crate) fn check(&self, scores: [usize; 4]) -> Result<()> {
+        let [b, h, l, s] = self.shape;
+        let fits = (b == 1 || b == scores[0]) && (h == 1 || h == scores[1]);
+        if fits && [l, s] == [scores[2], scores[3]] {
+            Ok(())
+        } else {
+            Err(Error::MaskShape {
+                mask: self.shape.to_vec(),
+                scores: scores.to_vec(),
+            })
+        }
+    }
+
+    /// The position the predicate sees for query `i`, key `j` of batch row `b`,
+    /// head `h`: the batch row and head 0 where the mask broadcasts.
+    #[inline(always)]
+    pub(crate) fn at(&self, b: usize, h: usize, i: usize, j: usize) -> At {
+        At {
+            batch: if self.shape[0] == 1 { 0 } else { b },
+            head: if self.shape[1] == 1 { 0 } else { h },
+            query: i,
+            key: j,
+        }
+    }
+
+    /// The class of queries `rows` against keys `keys` of batch row `b`, head
+    /// `h`: empty or full only when every block they touch is.
+    #[inline]
+    pub(crate) fn class_of(
+        &self,
+        b: usize,
+        h: usize,
+        rows: Range<usize>,
+        keys: Range<usize>,
+    ) -> BlockClass {
+        if rows.is_empty() || keys.is_empty() {
+            return BlockClass::Empty;
+        }
+        let table = self.table(b, h);
+        let rows = rows.start / BLOCK_QUERIES..(rows.end - 1) / BLOCK_QUERIES + 1;
+        let keys = keys.start / BLOCK_KEYS..(keys.end - 1) / BLOCK_KEYS + 1;
+        let mut blocks = table.slice(s![rows, keys]).into_iter().copied();
+        let first = blocks.next().unwrap_or(BlockClass::Empty);
+        blocks.fold(first, BlockClass::join)
+    }
+
+    fn table(&self, b: usize, h: usize) -> &Array2<BlockClass> {
+        let b = if self.shape[0] == 1 { 0 } else { b };
+        let h = if self.shape[1] == 1 { 0 } else { h };
+        &self.classes[b * self.shape[1] + h]
+    }
+}
+
+/// The class of one block, calling the predicate until the answer is known.
+fn classify_block<K: KeepMod>(
+    keep: &K,
+    b: usize,
+    h: usize,
+    queries: Range<usize>,
+    keys: Range<usize>,
+) -> BlockClass {
+    let (mut kept, mut dropped) = (false, false);
+    for query in queries {
+        for key in keys.clone() {
+            if keep.keep(At {
+                batch: b,
+                head: h,
+                query,
+                key,
+            }) {
+                kept = true;
+            } else {
+                dropped = true;
+            }
+            if kept && dropped {
+                return BlockClass::Partial;
+            }
+        }
+    }
+    if kept {
+        BlockClass::Full
+    } else {
+        BlockClass::Empty
+    }
+}

@@ -1,0 +1,419 @@
+//! Programmable attention: score modifications, keep predicates, block masks
+//! and sinks, forward, against a slow loop reference written here.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use attn::flex::{
+    At, BlockMask, Documents, KeepMod, PrefixLm, RelativeBias, SoftCap, TreeMask, score_mod,
+};
+use attn::{Kernel, Mask, ScaledDotProduct, kernel_paths};
+use ndarray::{Array1, Array2, Array4, ArrayView2, array, s};
+
+use crate::common::{assert_close, random2, random4};
+
+/// Attention of one head under a program, by loops: `f(q·k·scale)`, positions
+/// `keep` drops at `−∞`, a sink logit in the denominator.
+pub fn loops(
+    q: ArrayView2<f64>,
+    k: ArrayView2<f64>,
+    v: ArrayView2<f64>,
+    (b, h): (usize, usize),
+    score: &dyn Fn(f64, At) -> f64,
+    keep: &dyn Fn(At) -> bool,
+    sink: Option<f64>,
+) -> Array2<f64> {
+    let (l, d) = q.dim();
+    let s = k.nrows();
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut out = Array2::zeros((l, v.ncols()));
+    for i in 0..l {
+        let at = |j| At {
+            batch: b,
+            head: h,
+            query: i,
+            key: j,
+        };
+        let scores: Vec<Option<f64>> = (0..s)
+            .map(|j| keep(at(j)).then(|| score(q.row(i).dot(&k.row(j)) * scale, at(j))))
+            .collect();
+        let max = scores
+            .iter()
+            .flatten()
+            .chain(sink.iter())
+            .fold(f64::NEG_INFINITY, |m, &x| m.max(x));
+        if max == f64::NEG_INFINITY {
+            continue;
+        }
+        let total: f64 = scores
+            .iter()
+            .flatten()
+            .chain(sink.iter())
+            .map(|x| (x - max).exp())
+            .sum();
+        for (j, score) in scores.iter().enumerate() {
+            if let Some(x) = score {
+                out.row_mut(i)
+                    .scaled_add((x - max).exp() / total, &v.row(j));
+            }
+        }
+    }
+    out
+}
+
+/// Every head of a batched call by [`loops`].
+fn loops4(
+    q: &Array4<f64>,
+    k: &Array4<f64>,
+    v: &Array4<f64>,
+    score: &dyn Fn(f64, At) -> f64,
+    keep: &dyn Fn(At) -> bool,
+    sinks: Option<&Array1<f64>>,
+) -> Array4<f64> {
+    let (batch, heads, l, _) = q.dim();
+    let group = heads / k.dim().1;
+    let mut out = Array4::zeros((batch, heads, l, v.dim().3));
+    for b in 0..batch {
+        for h in 0..heads {
+            let head = loops(
+                q.slice(s![b, h, .., ..]),
+                k.slice(s![b, h / group, .., ..]),
+                v.slice(s![b, h / group, .., ..]),
+                (b, h),
+                score,
+                keep,
+                sinks.map(|s| s[h]),
+            );
+            out.slice_mut(s![b, h, .., ..]).assign(&head);
+        }
+    }
+    out
+}
+
+fn softcap(c: f64) -> impl Fn(f64, At) -> f64 {
+    move |s, _| c * (s / c).tanh()
+}
+
+/// (L, S) pairs that reach the row-wise, direct and tiled paths.
+const SIZES: [(usize, usize); 4] = [(3, 5), (4, 700), (70, 300), (130, 517)];
+
+#[test]
+fn soft_capping_matches_the_loops_on_every_path() {
+    for (l, s) in SIZES {
+        let (q, k, v) = (random2(l, 16, 1), random2(s, 16, 2) * 3.0, random2(s, 8, 3));
+        let attention = ScaledDotProduct::new().with_score_mod(SoftCap::new(2.0));
+        let (out, paths) = kernel_paths(|| attention.forward(&q, &k, &v));
+        let want = loops(
+            q.view(),
+            k.view(),
+            v.view(),
+            (0, 0),
+            &softcap(2.0),
+            &|_| true,
+            None,
+        );
+        assert_close(&out.unwrap(), &want, 1e-13);
+        assert_eq!(paths.reference, 0, "({l}, {s}): {paths:?}");
+    }
+}
+
+#[test]
+fn sinks_match_the_loops_on_every_path_and_thread_count() {
+    for (l, s) in SIZES {
+        let shape = |n, d| (2, 4, n, d);
+        let q = random4(shape(l, 16), 4);
+        let (k, v) = (random4((2, 2, s, 16), 5), random4((2, 2, s, 8), 6));
+        let sinks = array![0.5, -1.0, 2.0, 0.0];
+        let want = loops4(&q, &k, &v, &|s, _| s, &|_| true, Some(&sinks));
+        for parallelism in [attn::Parallelism::Sequential, attn::Parallelism::Rayon] {
+            let attention = ScaledDotProduct::new()
+                .with_parallelism(parallelism)
+                .with_sinks(&sinks);
+            let (out, paths) = kernel_paths(|| attention.forward(&q, &k, &v));
+            assert_close(&out.unwrap(), &want, 1e-13);
+            assert_eq!(paths.reference, 0, "({l}, {s}): {paths:?}");
+        }
+    }
+}
+
+#[test]
+fn a_keep_predicate_matches_the_loops_with_other_masks() {
+    // a causal predicate with a padding mask and a window: all three apply
+    for (l, s) in SIZES {
+        let (q, k, v) = (random2(l, 8, 7), random2(s, 8, 8), random2(s, 8, 9));
+        let offset = s as i64 - l as i64;
+        let causal = move |at: At| at.key as i64 <= at.query as i64 + offset;
+        let blocks = BlockMask::new(causal, [1, 1, l, s]).unwrap();
+        let padding = Array1::from_shape_fn(s, |j| j % 7 != 3);
+        let attention = ScaledDotProduct::new()
+            .with_mask(Mask::keep(&padding))
+            .with_block_mask(&blocks);
+        let (out, paths) = kernel_paths(|| attention.forward(&q, &k, &v));
+        let keep = |at: At| causal(at) && padding[at.key];
+        let want = loops(q.view(), k.view(), v.view(), (0, 0), &|s, _| s, &keep, None);
+        assert_close(&out.unwrap(), &want, 1e-13);
+        assert_eq!(paths.reference, 0);
+    }
+}
+
+#[test]
+fn relative_bias_per_head_matches_the_loops() {
+    let (l, s) = (70, 90);
+    let q = random4((1, 3, l, 8), 10);
+    let (k, v) = (random4((1, 3, s, 8), 11), random4((1, 3, s, 4), 12));
+    let table = random2(3, 9, 13);
+    let bias = RelativeBias::per_head(table.clone());
+    let attention = ScaledDotProduct::new().with_score_mod(bias);
+    let score = |x: f64, at: At| {
+        let offset = (at.key as i64 - at.query as i64).clamp(-4, 4);
+        x + table[[at.head, (offset + 4) as usize]]
+    };
+    let want = loops4(&q, &k, &v, &score, &|_| true, None);
+    assert_close(&attention.forward(&q, &k, &v).unwrap(), &want, 1e-13);
+}
+
+#[test]
+fn alibi_written_as_a_score_function_equals_the_built_in() {
+    let (q, k, v) = (
+        random4((2, 4, 40, 16), 14),
+        random4((2, 4, 60, 16), 15),
+        random4((2, 4, 60, 16), 16),
+    );
+    let slopes = Array1::from(attn::alibi_slopes(4));
+    let offset = 60 - 40;
+    let alibi = {
+        let slopes = slopes.clone();
+        score_mod(
+            move |s: f64, at: At| s - slopes[at.head] * (at.query + offset).abs_diff(at.key) as f64,
+            |_, _| 1.0,
+        )
+    };
+    let built_in = ScaledDotProduct::new().with_mask(Mask::Alibi(slopes.view()));
+    let written = ScaledDotProduct::new().with_score_mod(alibi);
+    let want = built_in.forward_batched(&q, &k, &v).unwrap();
+    assert_close(&written.forward(&q, &k, &v).unwrap(), &want, 1e-13);
+}
+
+#[test]
+fn documents_prefix_lm_and_trees_match_the_loops() {
+    let docs = Documents::from_lengths(&[50, 1, 77, 200]).unwrap().causal();
+    let n = docs.len();
+    let (q, k, v) = (random2(n, 16, 17), random2(n, 16, 18), random2(n, 16, 19));
+    let check = |keep: &dyn Fn(At) -> bool,
+                 out: Array2<f64>,
+                 q: &Array2<f64>,
+                 k: &Array2<f64>,
+                 v: &Array2<f64>| {
+        let want = loops(q.view(), k.view(), v.view(), (0, 0), &|s, _| s, keep, None);
+        assert_close(&out, &want, 1e-13);
+    };
+    let blocks = BlockMask::new(docs.clone(), [1, 1, n, n]).unwrap();
+    let out = ScaledDotProduct::new()
+        .with_block_mask(&blocks)
+        .forward(&q, &k, &v)
+        .unwrap();
+    check(&|at| docs.keep(at), out, &q, &k, &v);
+
+    let lm = PrefixLm::new(100);
+    let blocks = BlockMask::new(lm, [1, 1, n, n]).unwrap();
+    let out = ScaledDotProduct::new()
+        .with_block_mask(&blocks)
+        .forward(&q, &k, &v)
+        .unwrap();
+    check(&|at| lm.keep(at), out, &q, &k, &v);
+
+    // a tree of 7 drafts after 300 cached positions
+    let tree = TreeMask::new(
+        300,
+        &[None, Some(0), Some(0), Some(1), Some(1), Some(2), None],
+    )
+    .unwrap();
+    let (q, k, v) = (
+        random2(7, 16, 20),
+        random2(307, 16, 21),
+        random2(307, 16, 22),
+    );
+    let blocks = BlockMask::new(tree.clone(), [1, 1, 7, 307]).unwrap();
+    let out = ScaledDotProduct::new()
+        .with_block_mask(&blocks)
+        .forward(&q, &k, &v)
+        .unwrap();
+    check(&|at| tree.keep(at), out, &q, &k, &v);
+}
+
+/// A predicate that counts its calls.
+struct Counted<K> {
+    keep: K,
+    calls: AtomicUsize,
+}
+
+impl<K: KeepMod> KeepMod for Counted<K> {
+    fn keep(&self, at: At) -> bool {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.keep.keep(at)
+    }
+}
+
+#[test]
+fn blocks_that_are_full_or_empty_never_call_the_predicate() {
+    // documents of 768 tokens: whole query and key blocks of every kernel
+    // (forward 48 × 256, backward 64 × 128), so no block is partial
+    let docs = Documents::from_lengths(&[768, 768]).unwrap();
+    let n = docs.len();
+    let counted = Counted {
+        keep: docs.clone(),
+        calls: AtomicUsize::new(0),
+    };
+    let blocks = BlockMask::new(counted, [1, 1, n, n]).unwrap();
+    assert_eq!(blocks.counts()[1], 0, "no partial block");
+    let built = blocks.keep_mod().calls.swap(0, Ordering::Relaxed);
+    assert_eq!(built, n * n, "classifying calls it once per position");
+    let (q, k, v) = (random2(n, 8, 23), random2(n, 8, 24), random2(n, 8, 25));
+    let attention = ScaledDotProduct::new().with_block_mask(&blocks);
+    let out = attention.forward(&q, &k, &v).unwrap();
+    let d_out = random2(n, 8, 26);
+    let grads = attention.backward(&q, &k, &v, &d_out).unwrap();
+    assert_eq!(blocks.keep_mod().calls.load(Ordering::Relaxed), 0);
+    // and empty blocks were skipped, not computed: each document alone
+    for doc in [0..768, 768..1536] {
+        let alone = attn::scaled_dot_product(
+            &q.slice(s![doc.clone(), ..]),
+            &k.slice(s![doc.clone(), ..]),
+            &v.slice(s![doc.clone(), ..]),
+        )
+        .unwrap();
+        assert_close(&out.slice(s![doc.clone(), ..]).to_owned(), &alone, 1e-13);
+        let alone = ScaledDotProduct::new()
+            .backward(
+                &q.slice(s![doc.clone(), ..]),
+                &k.slice(s![doc.clone(), ..]),
+                &v.slice(s![doc.clone(), ..]),
+                &d_out.slice(s![doc.clone(), ..]),
+            )
+            .unwrap();
+        assert_close(
+            &grads.q.slice(s![doc.clone(), ..]).to_owned(),
+            &alone.q,
+            1e-12,
+        );
+        assert_close(
+            &grads.k.slice(s![doc.clone(), ..]).to_owned(),
+            &alone.k,
+            1e-12,
+        );
+    }
+}
+
+#[test]
+fn half_precision_storage_runs_the_program() {
+    use attn::half::bf16;
+    let (l, s) = (64, 300);
+    let (q, k, v) = (random2(l, 32, 27), random2(s, 32, 28), random2(s, 32, 29));
+    let to = |x: &Array2<f64>| x.mapv(bf16::from_f64);
+    let (qh, kh, vh) = (to(&q), to(&k), to(&v));
+    let sinks = array![bf16::from_f32(0.25)];
+    let attention = ScaledDotProduct::new()
+        .with_sinks(&sinks)
+        .with_score_mod(SoftCap::new(1.5_f32));
+    for (l, qh) in [(l, qh.clone()), (2, qh.slice(s![..2, ..]).to_owned())] {
+        let out = attention.forward(&qh, &kh, &vh).unwrap().mapv(f64::from);
+        let back = |x: &Array2<bf16>| x.mapv(f64::from);
+        let want = loops(
+            back(&qh).view(),
+            back(&kh).view(),
+            back(&vh).view(),
+            (0, 0),
+            &softcap(1.5),
+            &|_| true,
+            Some(0.25),
+        );
+        assert_close(&out, &want, 2e-2);
+        assert_eq!(out.nrows(), l);
+    }
+}
+
+#[test]
+fn a_score_function_that_makes_nan_gives_the_reference_nan() {
+    let (q, k, v) = (random2(60, 8, 30), random2(80, 8, 31), random2(80, 8, 32));
+    let bad = score_mod(
+        |s: f64, at: At| {
+            if at.query == 5 && at.key == 7 {
+                f64::NAN
+            } else {
+                s
+            }
+        },
+        |_, _| 1.0,
+    );
+    let attention = ScaledDotProduct::new().with_score_mod(bad);
+    let (out, paths) = kernel_paths(|| attention.forward(&q, &k, &v).unwrap());
+    assert!(out.row(5).iter().all(|x| x.is_nan()));
+    assert!(out.row(4).iter().all(|x| x.is_finite()));
+    assert_eq!(paths.reference, 1, "{paths:?}");
+}
+
+#[test]
+fn wrong_shapes_and_values_are_errors() {
+    let x = Array2::<f64>::zeros((4, 8));
+    let blocks = BlockMask::new(|_: At| true, [1, 1, 4, 5]).unwrap();
+    let err = ScaledDotProduct::new()
+        .with_block_mask(&blocks)
+        .forward(&x, &x, &x)
+        .unwrap_err();
+    assert!(matches!(err, attn::Error::MaskShape { .. }), "{err}");
+    let sinks = array![0.0, 1.0];
+    let err = ScaledDotProduct::new()
+        .with_sinks(&sinks)
+        .forward(&x, &x, &x)
+        .unwrap_err();
+    assert!(err.to_string().contains("sinks"), "{err}");
+    let sinks = array![f64::NAN];
+    assert!(
+        ScaledDotProduct::new()
+            .with_sinks(&sinks)
+            .forward(&x, &x, &x)
+            .is_err()
+    );
+    assert!(
+        ScaledDotProduct::new()
+            .with_score_mod(SoftCap::new(0.0))
+            .forward(&x, &x, &x)
+            .is_err()
+    );
+    let even = RelativeBias::new(Array1::zeros(4));
+    assert!(
+        ScaledDotProduct::new()
+            .with_score_mod(even)
+            .forward(&x, &x, &x)
+            .is_err()
+    );
+    assert!(TreeMask::new(0, &[Some(0)]).is_err());
+    assert!(Documents::from_offsets(&[0, 3, 2]).is_err());
+    assert!(BlockMask::new(Documents::from_lengths(&[2, 2]).unwrap(), [1, 1, 4, 5]).is_err());
+    assert!(BlockMask::new(|_: At| true, [usize::MAX, 2, 16, 128]).is_err());
+}
+
+#[test]
+fn kernels_agree_with_the_plain_path() {
+    let (q, k, v) = (
+        random4((2, 4, 90, 16), 33),
+        random4((2, 2, 140, 16), 34),
+        random4((2, 2, 140, 8), 35),
+    );
+    let sinks = array![0.1, 0.2, 0.3, 0.4];
+    let blocks = BlockMask::new(
+        move |at: At| at.key < 140 && (at.query + 50 >= at.key),
+        [1, 4, 90, 140],
+    )
+    .unwrap();
+    let attention = |kernel| {
+        ScaledDotProduct::new()
+            .with_kernel(kernel)
+            .with_mask(Mask::CausalBottomRight)
+            .with_sinks(&sinks)
+            .with_score_mod(SoftCap::new(1.0))
+            .with_block_mask(&blocks)
+    };
+    let plain = attention(Kernel::Plain).forward(&q, &k, &v).unwrap();
+    let fused = attention(Kernel::Fused).forward(&q, &k, &v).unwrap();
+    assert_close(&fused, &plain, 1e-13);
+}
