@@ -10,6 +10,7 @@ mod decode;
 #[cfg(feature = "plot")]
 mod demos;
 mod flex;
+mod flex_grad;
 mod golden_sdpa;
 mod grad;
 mod half;
