@@ -2,7 +2,9 @@
 //! modification, the biases and masks, then the keep predicate — in that order
 //! on every path, so that the reference path and the kernels agree.
 
-use super::mask::{Mask2, apply_row};
+use std::ops::Range;
+
+use super::mask::{Mask2, apply_row, keys_in_reach};
 use crate::element::Element;
 use crate::flex::BlockClass;
 use crate::flex::program::{Program, Row};
@@ -61,6 +63,28 @@ impl<P> Scoring<'_, P> {
         }
         // NaN fails the comparison as +∞ does
         P::IDENTITY || row.iter().fold(true, |ok, &x| ok & (x < A::infinity()))
+    }
+
+    /// The keys queries `rows` (of `l`, at least one) may see of `s`, by the
+    /// causal and window masks and the program's block mask together: from
+    /// the first key the first row may see to the last the last row may
+    /// (`0..0` when they see none).
+    #[inline(always)]
+    pub(crate) fn reach<A: Element>(
+        &self,
+        masks: &[Mask2<'_, A>],
+        rows: Range<usize>,
+        l: usize,
+        s: usize,
+    ) -> Range<usize>
+    where
+        P: Program<A>,
+    {
+        let first = keys_in_reach(masks, rows.start, l, s).start;
+        let last = keys_in_reach(masks, rows.end - 1, l, s).end;
+        let program = self.program.reach(self.b, self.h, rows, s);
+        let (start, end) = (first.max(program.start), last.min(program.end));
+        if start < end { start..end } else { 0..0 }
     }
 
     /// The head's sink logit, if the call has sinks.

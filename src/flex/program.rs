@@ -47,6 +47,9 @@ pub trait Program<A>: Sync {
     /// The class of queries `rows` against keys `keys` (full without a mask).
     fn class(&self, b: usize, h: usize, rows: Range<usize>, keys: Range<usize>) -> BlockClass;
 
+    /// The keys queries `rows` may see, of `s` (all of them without a mask).
+    fn reach(&self, b: usize, h: usize, rows: Range<usize>, s: usize) -> Range<usize>;
+
     /// Writes `masked` where the predicate drops a position of the row.
     fn keep_row(&self, row_at: Row, row: &mut [A], masked: A);
 
@@ -77,6 +80,11 @@ impl<A> Program<A> for Plain {
     #[inline(always)]
     fn class(&self, _: usize, _: usize, _: Range<usize>, _: Range<usize>) -> BlockClass {
         BlockClass::Full
+    }
+
+    #[inline(always)]
+    fn reach(&self, _: usize, _: usize, _: Range<usize>, s: usize) -> Range<usize> {
+        0..s
     }
 
     #[inline(always)]
@@ -132,15 +140,19 @@ where
 
     #[inline(always)]
     fn keep_row(&self, row_at: Row, row: &mut [A], masked: A) {
-        let Some(blocks) = self.blocks else { return };
-        if K::ALL {
-            return;
+        if let Some(blocks) = self.blocks
+            && !K::ALL
+        {
+            let Row { b, h, i, j0 } = row_at;
+            blocks.keep_row(b, h, i, j0, row, masked);
         }
-        let keep = blocks.keep_mod();
-        for (j, x) in row.iter_mut().enumerate() {
-            if !keep.keep(blocks.at(row_at.b, row_at.h, row_at.i, row_at.j0 + j)) {
-                *x = masked;
-            }
+    }
+
+    #[inline(always)]
+    fn reach(&self, b: usize, h: usize, rows: Range<usize>, s: usize) -> Range<usize> {
+        match self.blocks {
+            Some(blocks) if !K::ALL => blocks.reach(b, h, rows, s),
+            _ => 0..s,
         }
     }
 

@@ -42,12 +42,12 @@ impl<A: Element> SoftCap<A> {
 impl<A: Element> ScoreMod<A> for SoftCap<A> {
     #[inline(always)]
     fn score(&self, score: A, _: At) -> A {
-        self.cap * (score / self.cap).tanh()
+        self.cap * (score / self.cap).tanh_fast()
     }
 
     #[inline(always)]
     fn derivative(&self, score: A, _: At) -> A {
-        let t = (score / self.cap).tanh();
+        let t = (score / self.cap).tanh_fast();
         A::one() - t * t
     }
 
@@ -59,7 +59,7 @@ impl<A: Element> ScoreMod<A> for SoftCap<A> {
     fn add_gradients(&self, upstream: A, score: A, _: At, gradients: &mut [A]) {
         // ∂(c·tanh(s/c))/∂c = tanh(s/c) − (s/c)·(1 − tanh²(s/c))
         let x = score / self.cap;
-        let t = x.tanh();
+        let t = x.tanh_fast();
         gradients[0] += upstream * (t - x * (A::one() - t * t));
     }
 

@@ -30,7 +30,7 @@ use super::pack::Panels;
 use super::params::{BACKWARD_KEYS as BK, BACKWARD_QUERIES as BQ, MR, SOFTMAX_LANES};
 use super::tiled::Tiles;
 use crate::core::backward::add_bias_gradient;
-use crate::core::mask::{Mask2, keys_in_reach};
+use crate::core::mask::Mask2;
 use crate::core::scoring::Scoring;
 use crate::flex::BlockClass;
 use crate::flex::program::{Program, Row};
@@ -333,10 +333,9 @@ impl<'h, 'p, A: KernelFloat, P: Program<A>, const NR: usize> Head<'h, 'p, A, P, 
         queries: &Queries,
     ) -> impl Iterator<Item = (std::ops::Range<usize>, BlockClass)> + use<'_, 'h, 'p, A, P, NR>
     {
-        let last = queries.first + queries.rows - 1;
-        let start = keys_in_reach(self.masks, queries.first, self.l, self.s).start / BK * BK;
-        let end = keys_in_reach(self.masks, last, self.l, self.s).end;
-        let rows = queries.first..last + 1;
+        let rows = queries.first..queries.first + queries.rows;
+        let reach = self.scoring.reach(self.masks, rows.clone(), self.l, self.s);
+        let (start, end) = (reach.start / BK * BK, reach.end);
         let Scoring { program, b, h } = self.scoring;
         (start..end)
             .step_by(BK)

@@ -16,7 +16,7 @@ use super::float::{KernelFloat, MulAdd};
 use super::online::{inverse_total, softmax_update};
 use super::pack::{Entry, PackedKeys, PackedValues};
 use super::params::{BC, BR, MR};
-use crate::core::mask::{Mask2, keys_in_reach};
+use crate::core::mask::Mask2;
 use crate::core::scoring::Scoring;
 use crate::flex::BlockClass;
 use crate::flex::program::Program;
@@ -93,10 +93,11 @@ where
         .sum
         .fill(if sink.is_some() { A::one() } else { A::zero() });
 
-    let key_end = keys_needed(block);
+    let needed = keys_needed(block);
+    let key_end = needed.end;
     let (scoring, first_row) = (block.scoring, block.first_row);
     let mut finite = true;
-    for j0 in (first_key_needed(block)..key_end).step_by(BC) {
+    for j0 in needed.step_by(BC) {
         // the last block may be short: work on whole panels of its keys only
         let keys = (key_end - j0).min(BC);
         let class = scoring.program.class(
@@ -143,15 +144,14 @@ where
     finite
 }
 
-/// How many keys (the first ones) any row of the block may attend to.
-fn keys_needed<A, K, P>(block: &Block<'_, A, K, P>) -> usize {
-    let last_row = block.first_row + block.q.nrows() - 1;
-    keys_in_reach(block.masks, last_row, block.l, block.s).end
-}
-
-/// The first key any row of the block may attend to, rounded down to a key block.
-fn first_key_needed<A, K, P>(block: &Block<'_, A, K, P>) -> usize {
-    keys_in_reach(block.masks, block.first_row, block.l, block.s).start / BC * BC
+/// The keys any row of the block may attend to, the first rounded down to a
+/// key block (empty when it sees none).
+fn keys_needed<A: KernelFloat, K, P: Program<A>>(
+    block: &Block<'_, A, K, P>,
+) -> std::ops::Range<usize> {
+    let rows = block.first_row..block.first_row + block.q.nrows();
+    let reach = block.scoring.reach(block.masks, rows, block.l, block.s);
+    reach.start / BC * BC..reach.end
 }
 
 /// Packs the block's queries (times the scale, where the entries hold it) as

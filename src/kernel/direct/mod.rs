@@ -34,7 +34,7 @@ pub(crate) use steps::{Dots, HalfDots, sum_lanes};
 use super::float::{KernelFloat, MulAdd, Separate};
 use super::online::{fold_max, inverse_total, part_weight, shift_of, softmax_update};
 use super::params::{DIRECT_BATCH_ROWS as ROWS, DIRECT_CHUNK, LANES, SOFTMAX_LANES, WIDEN_CHUNK};
-use crate::core::mask::{Mask2, keys_in_reach};
+use crate::core::mask::Mask2;
 use crate::core::scoring::Scoring;
 use crate::flex::BlockClass;
 use crate::flex::program::Program;
@@ -214,8 +214,15 @@ where
         {
             *x = y * group.scale;
         }
-        let keys = keys_in_reach(&group.masks[h], i, l, s);
-        reach = reach.start.min(keys.start)..reach.end.max(keys.end);
+        let scoring = Scoring {
+            program: group.program,
+            b: group.b,
+            h: group.first_head + h,
+        };
+        let keys = scoring.reach(&group.masks[h], i..i + 1, l, s);
+        if !keys.is_empty() {
+            reach = reach.start.min(keys.start)..reach.end.max(keys.end);
+        }
     }
     let reach = reach.start.max(part.start)..reach.end.min(part.end);
     scratch.o.fill(A::zero());
