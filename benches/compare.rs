@@ -14,6 +14,7 @@ use attn::{Element, Kernel, Mask, Parallelism, ScaledDotProduct, Storage};
 use ndarray::{Array2, Array4, Axis, s};
 use rayon::prelude::*;
 
+mod flex_rows;
 mod peak;
 
 const HEADS: usize = 8;
@@ -355,6 +356,10 @@ fn main() {
     dtype_rows::<half::f16>("f16", &python, min, prefill, peak);
     dtype_rows::<f64>("f64", &python, min, prefill, peak);
     dtype_rows::<f32>("f32", &python, min, prefill, peak);
+
+    let best: fn(f64, &mut dyn FnMut()) -> f64 = |min, f| best_seconds(min, f);
+    let qkv_inputs: fn(usize, u64) -> Array4<f32> = |n, seed| inputs(n, HEADS, DIM, seed);
+    flex_rows::print(&python, min, quick, qkv_inputs, best, pool_of);
 
     // peak memory of the fused path at N = 16384: nothing grows with N² (the
     // scores would be 8 GiB per call in f32)
