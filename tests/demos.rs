@@ -533,3 +533,20 @@ fn heatmaps_print_as_plain_tables_off_a_terminal() {
     assert_ne!(map.to_table(), map.to_terminal());
     assert!(example_common::usage("//! one\n//! two\nfn main() {}").ends_with("one\ntwo"));
 }
+
+#[path = "../examples/packed_documents.rs"]
+mod packed_documents;
+
+#[test]
+fn packed_documents_equal_each_document_alone() {
+    let demo = packed_documents::packed().unwrap();
+    assert!(packed_documents::max_diff(&demo.packed, &demo.alone) < 1e-6);
+    assert!(packed_documents::max_diff(&demo.alibi_written, &demo.alibi_built_in) < 1e-6);
+    // rows of weights sum to 1 within their own sentence
+    for (i, row) in demo.weights.rows().into_iter().enumerate() {
+        assert!((row.sum() - 1.0).abs() < 1e-6, "row {i}");
+    }
+    let [empty, partial, full] = demo.long.counts();
+    assert_eq!(empty + partial + full, 256 * 64);
+    assert!(empty > 10 * (partial + full), "{empty} {partial} {full}");
+}
