@@ -9,7 +9,7 @@ use super::problem::Problem;
 use super::scoring::Scoring;
 use super::softmax::{softmax_in_place, softmax_rows, softmax_with_sink_in_place};
 use crate::element::Element;
-use crate::flex::BlockClass;
+use crate::flex::blocks::BlockClass;
 use crate::flex::program::Program;
 
 /// What a forward pass keeps for the backward: its output `(batch, heads, L, d_v)`

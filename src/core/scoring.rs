@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use super::mask::{Mask2, apply_row, keys_in_reach};
 use crate::element::Element;
-use crate::flex::BlockClass;
+use crate::flex::blocks::BlockClass;
 use crate::flex::program::{Program, Row};
 
 /// The program of one query head, `h` of batch row `b`.

@@ -46,8 +46,8 @@
 //! # Ok::<(), attn::Error>(())
 //! ```
 
-mod blocks;
-mod function;
+pub(crate) mod blocks;
+pub(crate) mod function;
 mod masks;
 pub(crate) mod program;
 mod score;

@@ -18,7 +18,7 @@ use super::pack::{Entry, PackedKeys, PackedValues};
 use super::params::{BC, BR, MR};
 use crate::core::mask::Mask2;
 use crate::core::scoring::Scoring;
-use crate::flex::BlockClass;
+use crate::flex::blocks::BlockClass;
 use crate::flex::program::Program;
 
 /// One block of query rows of one head, with everything it attends over; its

@@ -11,8 +11,9 @@ use super::lse::AttentionLse;
 use crate::core::problem::{AttentionDim, Problem};
 use crate::element::{Element, Storage};
 use crate::error::{Error, Result};
+use crate::flex::blocks::BlockMask;
+use crate::flex::function::{Identity, KeepAll, KeepMod, ScoreMod};
 use crate::flex::program::Flex;
-use crate::flex::{BlockMask, Identity, KeepAll, KeepMod, ScoreMod};
 use crate::kernel;
 
 /// Scaled dot-product attention programmed by the user: a score modification

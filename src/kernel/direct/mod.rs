@@ -36,7 +36,7 @@ use super::online::{fold_max, inverse_total, part_weight, shift_of, softmax_upda
 use super::params::{DIRECT_BATCH_ROWS as ROWS, DIRECT_CHUNK, LANES, SOFTMAX_LANES, WIDEN_CHUNK};
 use crate::core::mask::Mask2;
 use crate::core::scoring::Scoring;
-use crate::flex::BlockClass;
+use crate::flex::blocks::BlockClass;
 use crate::flex::program::Program;
 use steps::{Chunk, Scratch};
 
@@ -58,6 +58,17 @@ pub(crate) struct Group<'g, 'p, A, R, P> {
     pub(crate) s: usize,
     pub(crate) d_v: usize,
     pub(crate) scale: A,
+}
+
+impl<'g, A, R, P> Group<'g, '_, A, R, P> {
+    /// The program of the group's query head `h` (counted from its first).
+    fn scoring(&self, h: usize) -> Scoring<'g, P> {
+        Scoring {
+            program: self.program,
+            b: self.b,
+            h: self.first_head + h,
+        }
+    }
 }
 
 /// What one part of the keys contributes to every query row of a group: each
@@ -214,12 +225,7 @@ where
         {
             *x = y * group.scale;
         }
-        let scoring = Scoring {
-            program: group.program,
-            b: group.b,
-            h: group.first_head + h,
-        };
-        let keys = scoring.reach(&group.masks[h], i..i + 1, l, s);
+        let keys = group.scoring(h).reach(&group.masks[h], i..i + 1, l, s);
         if !keys.is_empty() {
             reach = reach.start.min(keys.start)..reach.end.max(keys.end);
         }
@@ -229,11 +235,6 @@ where
     scratch.max.fill(A::neg_infinity());
     scratch.sum.fill(A::zero());
     let mut finite = true;
-    let scoring = |h: usize| Scoring {
-        program: group.program,
-        b: group.b,
-        h: group.first_head + h,
-    };
     for j0 in (reach.start..reach.end).step_by(chunk) {
         let n = chunk.min(reach.end - j0);
         let classes: [BlockClass; ROWS] = std::array::from_fn(|r| match members.get(r) {
@@ -257,7 +258,9 @@ where
         let mut alpha = [A::zero(); ROWS];
         for (r, &(h, i)) in members.iter().enumerate() {
             let row = &mut scratch.s[r * chunk..(r + 1) * chunk];
-            scoring(h).prepare_row(&group.masks[h], i, l, s, j0, &mut row[..n], classes[r]);
+            group
+                .scoring(h)
+                .prepare_row(&group.masks[h], i, l, s, j0, &mut row[..n], classes[r]);
             row[n..].fill(A::neg_infinity());
             // NaN or +∞ after masking: inputs the fused arithmetic cannot stand for
             finite &= row.iter().all(|&x| x < A::infinity());

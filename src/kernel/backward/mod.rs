@@ -1,0 +1,172 @@
+//! The fused backward pass (FlashAttention-2's, on a CPU): the gradients of
+//! attention without the `L × S` weights, one block of queries and keys at a time.
+//!
+//! For each query head, each block of [`BACKWARD_QUERIES`] query rows makes two
+//! passes over the key blocks of [`BACKWARD_KEYS`] keys its masks leave in reach:
+//!
+//! 1. the forward again, with an online softmax: each row's log-sum-exp
+//!    `lse = m + ln l` and output `O`, hence `D = rowsum(dO ∘ O)`;
+//! 2. per key block: `P = exp(S − lse)` (0 where masked), `dV += Pᵀ·dO`,
+//!    `dP = dO·Vᵀ`, `dS = P ∘ (dP − D)`, `dQ += dS·K`, `dK += dSᵀ·Q·scale`.
+//!
+//! Block products run on the forward's micro-kernels ([`super::gemm`]): the keys
+//! and values are packed once per head, a query block's rows once per block, a
+//! key block's `P` and `dS` once each; everything is compiled per instruction
+//! set in [`super::arch`]. [`super::run::backward`] runs the heads in
+//! parallel, each with its own `dK` and `dV`, summed over the query heads of a
+//! key/value head in head order, so the result does not depend on the number of
+//! threads; heads whose inputs are not finite, or could overflow, take the
+//! reference path.
+//!
+//! [`BACKWARD_QUERIES`]: super::params::BACKWARD_QUERIES
+//! [`BACKWARD_KEYS`]: super::params::BACKWARD_KEYS
+
+mod head;
+
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis, s};
+
+use super::float::{KernelFloat, MulAdd};
+use super::params::{BACKWARD_KEYS as BK, BACKWARD_QUERIES as BQ};
+use super::tiled::Tiles;
+use crate::core::mask::Mask2;
+use crate::core::scoring::Scoring;
+use crate::flex::program::Program;
+use head::{BlockGradients, BlockScratch, Head, Queries};
+
+// every key block starts a panel of keys, for the widest tiles (32 keys)
+const _: () = assert!(BK.is_multiple_of(32));
+
+/// One query head's gradients: `dq` for the head, `dk` and `dv` for its
+/// key/value head (to be summed with the other query heads of its group).
+pub(crate) struct HeadGradients<A> {
+    pub(crate) dq: Array2<A>,
+    pub(crate) dk: Array2<A>,
+    pub(crate) dv: Array2<A>,
+    /// This head's part of every bias's gradient, `(L or 1, S or 1)`.
+    pub(crate) bias: Vec<Array2<A>>,
+    /// The gradients of the program's score modification's parameters, and of
+    /// the head's sink (0 without one).
+    pub(crate) score: Vec<A>,
+    pub(crate) sink: A,
+}
+
+/// One query head whose inputs the fused pass may take (checked by the caller).
+pub(crate) struct HeadInputs<'h, 'p, A, P> {
+    pub(crate) scoring: Scoring<'h, P>,
+    pub(crate) q: ArrayView2<'p, A>,
+    pub(crate) k: ArrayView2<'p, A>,
+    pub(crate) v: ArrayView2<'p, A>,
+    pub(crate) masks: &'h [Mask2<'p, A>],
+    pub(crate) scale: A,
+    /// The shape of this head's part of every bias's gradient, `(L or 1, S or 1)`.
+    pub(crate) bias_shapes: &'h [(usize, usize)],
+}
+
+/// What the backward pass needs of the forward: `d_out = ∂loss/∂output`, and
+/// the forward's output and log-sum-exp per row when it kept them (else the pass
+/// runs the forward again).
+#[derive(Clone, Copy)]
+pub(crate) struct Upstream<'a, A> {
+    pub(crate) d_out: ArrayView2<'a, A>,
+    pub(crate) saved: Option<(ArrayView2<'a, A>, ArrayView1<'a, A>)>,
+}
+
+/// One query head's output and each row's log-sum-exp (`−∞` for a row that sees
+/// no key) by the fused forward of the backward pass; `None` when the program
+/// made a score NaN or `+∞`.
+#[inline(always)]
+pub(crate) fn forward_head<A, M, T, P, const NR: usize>(
+    tiles: T,
+    inputs: &HeadInputs<'_, '_, A, P>,
+) -> Option<(Array2<A>, Array1<A>)>
+where
+    A: KernelFloat,
+    M: MulAdd,
+    T: Tiles<A, NR>,
+    P: Program<A>,
+{
+    let l = inputs.q.nrows();
+    let head = Head::<A, P, NR>::of(inputs, true);
+    let mut scratch = BlockScratch::new(inputs.v.ncols(), NR);
+    let mut output = Array2::zeros((l, inputs.v.ncols()));
+    let mut lse = Array1::zeros(l);
+    for (c, mut out) in output.axis_chunks_iter_mut(Axis(0), BQ).enumerate() {
+        let rows = c * BQ..c * BQ + out.nrows();
+        let queries = Queries::of::<A, P, NR>(inputs, rows.clone(), &mut scratch);
+        if !head.forward::<M, T>(tiles, &queries, &mut scratch) {
+            return None;
+        }
+        out.assign(&scratch.o.slice(s![..rows.len(), ..]));
+        for (x, &y) in lse.slice_mut(s![rows]).iter_mut().zip(&scratch.lse) {
+            *x = if y == A::infinity() {
+                A::neg_infinity()
+            } else {
+                y
+            };
+        }
+    }
+    Some((output, lse))
+}
+
+/// The gradients of one query head by the fused pass; `M` says how `a·b + c` is
+/// computed and `tiles` are the micro-kernels (the caller compiles them for its
+/// instruction set). `None` when the program made a score NaN or `+∞`.
+#[inline(always)]
+pub(crate) fn head<A, M, T, P, const NR: usize>(
+    tiles: T,
+    inputs: &HeadInputs<'_, '_, A, P>,
+    upstream: Upstream<'_, A>,
+) -> Option<HeadGradients<A>>
+where
+    A: KernelFloat,
+    M: MulAdd,
+    T: Tiles<A, NR>,
+    P: Program<A>,
+{
+    let (q, k, v) = (inputs.q, inputs.k, inputs.v);
+    let mut grads = HeadGradients {
+        dq: Array2::zeros(q.raw_dim()),
+        dk: Array2::zeros(k.raw_dim()),
+        dv: Array2::zeros(v.raw_dim()),
+        bias: inputs
+            .bias_shapes
+            .iter()
+            .map(|&s| Array2::zeros(s))
+            .collect(),
+        score: vec![A::zero(); inputs.scoring.program.parameters()],
+        sink: A::zero(),
+    };
+    let head = Head::<A, P, NR>::of(inputs, upstream.saved.is_none());
+    let mut scratch = BlockScratch::new(v.ncols(), NR);
+    let HeadGradients {
+        dq: d_q,
+        dk,
+        dv,
+        bias,
+        score,
+        sink,
+    } = &mut grads;
+    for (c, dq) in d_q.axis_chunks_iter_mut(Axis(0), BQ).enumerate() {
+        let rows = c * BQ..c * BQ + dq.nrows();
+        let queries = Queries::of::<A, P, NR>(inputs, rows.clone(), &mut scratch);
+        let upstream = Upstream {
+            d_out: upstream.d_out.slice_move(s![rows.clone(), ..]),
+            saved: upstream
+                .saved
+                .map(|(o, lse)| (o.slice_move(s![rows.clone(), ..]), lse.slice_move(s![rows]))),
+        };
+        let out = BlockGradients {
+            dq,
+            dk,
+            dv,
+            bias,
+            score,
+            sink,
+        };
+        if !head.query_block::<M, T>(tiles, &queries, upstream, &mut scratch, out) {
+            return None;
+        }
+    }
+    grads.dq.mapv_inplace(|x| x * inputs.scale);
+    Some(grads)
+}
