@@ -117,7 +117,13 @@ where
         };
         let scale = K::scale_after(block.scale);
         scores(tiles, &scratch.q, block.keys, panels, scale, &mut scratch.s);
-        finite &= mask_scores(block, j0, keys, width, class, &mut scratch.s);
+        finite &= if P::PLAIN {
+            mask_scores(block, j0, keys, width, class, &mut scratch.s)
+        } else {
+            // inlined: the program's functions compiled with the token's
+            // instructions (the plain masks measured faster out of line)
+            mask_scores_inlined(block, j0, keys, width, class, &mut scratch.s)
+        };
         for i in 0..tile_rows * MR {
             let row = &mut scratch.s[i * BC..i * BC + width];
             scratch.alpha[i] =
@@ -209,10 +215,22 @@ fn scores<A: KernelFloat, K, T: KeyTiles<A, K, NR>, const NR: usize>(
     }
 }
 
+/// [`mask_scores_inlined`], out of line.
+fn mask_scores<A: KernelFloat, K, P: Program<A>>(
+    block: &Block<'_, A, K, P>,
+    j0: usize,
+    keys: usize,
+    width: usize,
+    class: BlockClass,
+    s: &mut [A],
+) -> bool {
+    mask_scores_inlined(block, j0, keys, width, class, s)
+}
+
 /// Applies the program, padding, bias, keep and causal masks to the scores of
 /// keys `j0 ..`; `false` when the program made an attended score NaN or `+∞`.
 #[inline(always)]
-fn mask_scores<A: KernelFloat, K, P: Program<A>>(
+fn mask_scores_inlined<A: KernelFloat, K, P: Program<A>>(
     block: &Block<'_, A, K, P>,
     j0: usize,
     keys: usize,
