@@ -417,3 +417,76 @@ fn kernels_agree_with_the_plain_path() {
     let fused = attention(Kernel::Fused).forward(&q, &k, &v).unwrap();
     assert_close(&fused, &plain, 1e-13);
 }
+
+#[test]
+fn random_shapes_and_predicates_match_the_loops() {
+    // sizes around every block edge (16, 48, 64, 256 rows or keys), grouped
+    // heads, a predicate that drops whole blocks and single scores, a
+    // soft-cap and sinks, f64 and f32
+    let mut state = 0x9e37_79b9_u64;
+    let mut next = |n: usize| {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1);
+        (state >> 33) as usize % n
+    };
+    for case in 0..24 {
+        let l = [1, 2, 7, 15, 16, 17, 47, 48, 49, 63, 65, 130][next(12)];
+        let s = [1, 5, 63, 64, 65, 255, 257, 300][next(8)];
+        let (kv, group) = (1 + next(2), 1 + next(3));
+        let (d, dv) = ([1, 3, 8, 16][next(4)], [1, 4, 7][next(3)]);
+        let q = random4((2, kv * group, l, d), case);
+        let (k, v) = (
+            random4((2, kv, s, d), case + 100),
+            random4((2, kv, s, dv), case + 200),
+        );
+        let salt = next(1000);
+        let keep = move |at: At| {
+            let block = (at.query / 16 * 7 + at.key / 64 * 13 + at.head + salt) % 5;
+            block != 0 && (block != 1 || (at.query * 31 + at.key * 17 + salt) % 3 != 0)
+        };
+        let blocks = BlockMask::new(keep, [1, kv * group, l, s]).unwrap();
+        let sinks = Array1::from_shape_fn(kv * group, |h| h as f64 * 0.3 - 0.2);
+        let attention = ScaledDotProduct::new()
+            .with_score_mod(SoftCap::new(1.5))
+            .with_block_mask(&blocks)
+            .with_sinks(&sinks);
+        let want = loops4(&q, &k, &v, &softcap(1.5), &keep, Some(&sinks));
+        let (got, paths) = kernel_paths(|| attention.forward(&q, &k, &v).unwrap());
+        assert_eq!(paths.reference, 0, "case {case}: {paths:?}");
+        assert_close(&got, &want, 1e-13);
+        let f32s = |x: &Array4<f64>| x.mapv(|x| x as f32);
+        let sinks32 = sinks.mapv(|x| x as f32);
+        let attention32 = ScaledDotProduct::new()
+            .with_score_mod(SoftCap::new(1.5_f32))
+            .with_block_mask(&blocks)
+            .with_sinks(&sinks32);
+        let got32 = attention32
+            .forward(&f32s(&q), &f32s(&k), &f32s(&v))
+            .unwrap();
+        assert_close(&got32.mapv(f64::from), &want, 2e-5);
+        // and the backward, against the reference path's
+        let d_out = random4((2, kv * group, l, dv), case + 300);
+        let fused = attention.backward(&q, &k, &v, &d_out).unwrap();
+        let reference = ScaledDotProduct::new()
+            .with_kernel(Kernel::Plain)
+            .with_score_mod(SoftCap::new(1.5))
+            .with_block_mask(&blocks)
+            .with_sinks(&sinks)
+            .backward(&q, &k, &v, &d_out)
+            .unwrap();
+        for (got, want) in [
+            (&fused.q, &reference.q),
+            (&fused.k, &reference.k),
+            (&fused.v, &reference.v),
+        ] {
+            assert_close(got, want, 1e-11);
+        }
+        assert_close(&fused.score, &reference.score, 1e-11);
+        assert_close(
+            fused.sinks.as_ref().unwrap(),
+            reference.sinks.as_ref().unwrap(),
+            1e-11,
+        );
+    }
+}
