@@ -443,7 +443,7 @@ fn random_shapes_and_predicates_match_the_loops() {
         let salt = next(1000);
         let keep = move |at: At| {
             let block = (at.query / 16 * 7 + at.key / 64 * 13 + at.head + salt) % 5;
-            block != 0 && (block != 1 || (at.query * 31 + at.key * 17 + salt) % 3 != 0)
+            block != 0 && (block != 1 || !(at.query * 31 + at.key * 17 + salt).is_multiple_of(3))
         };
         let blocks = BlockMask::new(keep, [1, kv * group, l, s]).unwrap();
         let sinks = Array1::from_shape_fn(kv * group, |h| h as f64 * 0.3 - 0.2);
