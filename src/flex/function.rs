@@ -1,6 +1,8 @@
 //! What users write: a score modification ([`ScoreMod`]) and a keep predicate
 //! ([`KeepMod`]), both called with the position of one score ([`At`]).
 
+use ndarray::NdFloat;
+
 use crate::error::Result;
 
 /// The position of one score: batch row, query head, query row and key, all
@@ -82,6 +84,34 @@ pub trait ScoreMod<A>: Sync {
     /// [`parameters`](Self::parameters) entries.
     fn add_gradients(&self, upstream: A, score: A, at: At, gradients: &mut [A]) {
         let _ = (upstream, score, at, gradients);
+    }
+
+    /// The backward through the modification over one row of scores: the
+    /// score `scores[j]` sits at `first` with its key moved on by `j`;
+    /// `upstream[j] = ∂loss/∂score(sⱼ)` becomes `∂loss/∂sⱼ`, and each
+    /// parameter's `Σⱼ upstream[j]·∂score(sⱼ)/∂θᵢ` is added to `gradients[i]`.
+    /// An `upstream` of 0 (a position not attended) must stay 0.
+    ///
+    /// By default, per score, [`derivative`](Self::derivative) and
+    /// [`add_gradients`](Self::add_gradients); a modification whose backward
+    /// vectorises over a row (with its own lanes of partial sums) overrides it.
+    fn backward_row(&self, first: At, scores: &[A], upstream: &mut [A], gradients: &mut [A])
+    where
+        A: NdFloat,
+    {
+        for (j, (d, &s)) in upstream.iter_mut().zip(scores).enumerate() {
+            if *d == A::zero() {
+                continue;
+            }
+            let at = At {
+                key: first.key + j,
+                ..first
+            };
+            if !gradients.is_empty() {
+                self.add_gradients(*d, s, at, gradients);
+            }
+            *d *= self.derivative(s, at);
+        }
     }
 
     /// Checks that the modification serves scores of shape

@@ -167,18 +167,8 @@ where
 
     #[inline(always)]
     fn chain_row(&self, row_at: Row, raw: &[A], ds: &mut [A], gradients: &mut [A]) {
-        if F::IDENTITY {
-            return;
-        }
-        for (j, (d, &s)) in ds.iter_mut().zip(raw).enumerate() {
-            if *d == A::zero() {
-                continue;
-            }
-            let at = row_at.at(j);
-            if !gradients.is_empty() {
-                self.score.add_gradients(*d, s, at, gradients);
-            }
-            *d *= self.score.derivative(s, at);
+        if !F::IDENTITY {
+            self.score.backward_row(row_at.at(0), raw, ds, gradients);
         }
     }
 }

@@ -39,6 +39,18 @@ impl<A: Element> SoftCap<A> {
     }
 }
 
+impl<A: Element> SoftCap<A> {
+    /// The backward at one score `s` with upstream `d`: `d·(1 − t²)` and the
+    /// cap's running gradient `cap + d·(t − x·(1 − t²))`, `x = s/c`, `t = tanh x`.
+    #[inline(always)]
+    fn backward_one(&self, d: A, s: A, cap: A) -> (A, A) {
+        let x = s / self.cap;
+        let t = x.tanh_fast();
+        let slope = A::one() - t * t;
+        (d * slope, cap + d * (t - x * slope))
+    }
+}
+
 impl<A: Element> ScoreMod<A> for SoftCap<A> {
     #[inline(always)]
     fn score(&self, score: A, _: At) -> A {
@@ -61,6 +73,25 @@ impl<A: Element> ScoreMod<A> for SoftCap<A> {
         let x = score / self.cap;
         let t = x.tanh_fast();
         gradients[0] += upstream * (t - x * (A::one() - t * t));
+    }
+
+    #[inline(always)]
+    fn backward_row(&self, _: At, scores: &[A], upstream: &mut [A], gradients: &mut [A]) {
+        // in lanes, the cap's gradient summed per lane: vectorises
+        const LANES: usize = 8;
+        let mut cap = [A::zero(); LANES];
+        let (chunks, rest) = upstream.as_chunks_mut::<LANES>();
+        let (score_chunks, score_rest) = scores.as_chunks::<LANES>();
+        for (d, s) in chunks.iter_mut().zip(score_chunks) {
+            for lane in 0..LANES {
+                (d[lane], cap[lane]) = self.backward_one(d[lane], s[lane], cap[lane]);
+            }
+        }
+        let mut tail = A::zero();
+        for (d, &s) in rest.iter_mut().zip(score_rest) {
+            (*d, tail) = self.backward_one(*d, s, tail);
+        }
+        gradients[0] += cap.iter().fold(tail, |t, &x| t + x);
     }
 
     fn check(&self, _: [usize; 4]) -> Result<()> {
