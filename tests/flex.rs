@@ -11,6 +11,33 @@ use ndarray::{Array1, Array2, Array4, ArrayView2, array, s};
 
 use crate::common::{assert_close, random2, random4};
 
+/// A keep predicate behind a pointer: every test's predicate is this one type,
+/// so the kernels are compiled once for all of them (each closure type would
+/// compile every kernel again: minutes of a cold `cargo test`).
+pub type Keep<'a> = Box<dyn Fn(At) -> bool + Sync + 'a>;
+
+/// The block mask of `keep` over `shape`, as a [`Keep`].
+pub fn block_mask<'a>(
+    keep: impl Fn(At) -> bool + Sync + 'a,
+    shape: [usize; 4],
+) -> BlockMask<Keep<'a>> {
+    BlockMask::new(Box::new(keep) as Keep<'a>, shape).unwrap()
+}
+
+/// A function of a score behind a pointer.
+pub type ScoreFunction = Box<dyn Fn(f64, At) -> f64 + Sync>;
+
+/// A score function of f64 behind pointers, as [`Keep`] is.
+pub type Scored = attn::flex::ScoreFn<ScoreFunction, ScoreFunction>;
+
+/// A [`Scored`] of `f` and its derivative `df`.
+pub fn scored(
+    f: impl Fn(f64, At) -> f64 + Sync + 'static,
+    df: impl Fn(f64, At) -> f64 + Sync + 'static,
+) -> Scored {
+    score_mod(Box::new(f) as ScoreFunction, Box::new(df) as ScoreFunction)
+}
+
 /// Attention of one head under a program, by loops: `f(q·k·scale)`, positions
 /// `keep` drops at `−∞`, a sink logit in the denominator.
 pub fn loops(
@@ -142,7 +169,7 @@ fn a_keep_predicate_matches_the_loops_with_other_masks() {
         let (q, k, v) = (random2(l, 8, 7), random2(s, 8, 8), random2(s, 8, 9));
         let offset = s as i64 - l as i64;
         let causal = move |at: At| at.key as i64 <= at.query as i64 + offset;
-        let blocks = BlockMask::new(causal, [1, 1, l, s]).unwrap();
+        let blocks = block_mask(causal, [1, 1, l, s]);
         let padding = Array1::from_shape_fn(s, |j| j % 7 != 3);
         let attention = ScaledDotProduct::new()
             .with_mask(Mask::keep(&padding))
@@ -182,7 +209,7 @@ fn alibi_written_as_a_score_function_equals_the_built_in() {
     let offset = 60 - 40;
     let alibi = {
         let slopes = slopes.clone();
-        score_mod(
+        scored(
             move |s: f64, at: At| s - slopes[at.head] * (at.query + offset).abs_diff(at.key) as f64,
             |_, _| 1.0,
         )
@@ -206,7 +233,7 @@ fn documents_prefix_lm_and_trees_match_the_loops() {
         let want = loops(q.view(), k.view(), v.view(), (0, 0), &|s, _| s, keep, None);
         assert_close(&out, &want, 1e-13);
     };
-    let blocks = BlockMask::new(docs.clone(), [1, 1, n, n]).unwrap();
+    let blocks = block_mask(|at| docs.keep(at), [1, 1, n, n]);
     let out = ScaledDotProduct::new()
         .with_block_mask(&blocks)
         .forward(&q, &k, &v)
@@ -214,7 +241,7 @@ fn documents_prefix_lm_and_trees_match_the_loops() {
     check(&|at| docs.keep(at), out, &q, &k, &v);
 
     let lm = PrefixLm::new(100);
-    let blocks = BlockMask::new(lm, [1, 1, n, n]).unwrap();
+    let blocks = block_mask(move |at| lm.keep(at), [1, 1, n, n]);
     let out = ScaledDotProduct::new()
         .with_block_mask(&blocks)
         .forward(&q, &k, &v)
@@ -232,25 +259,12 @@ fn documents_prefix_lm_and_trees_match_the_loops() {
         random2(307, 16, 21),
         random2(307, 16, 22),
     );
-    let blocks = BlockMask::new(tree.clone(), [1, 1, 7, 307]).unwrap();
+    let blocks = block_mask(|at| tree.keep(at), [1, 1, 7, 307]);
     let out = ScaledDotProduct::new()
         .with_block_mask(&blocks)
         .forward(&q, &k, &v)
         .unwrap();
     check(&|at| tree.keep(at), out, &q, &k, &v);
-}
-
-/// A predicate that counts its calls.
-struct Counted<K> {
-    keep: K,
-    calls: AtomicUsize,
-}
-
-impl<K: KeepMod> KeepMod for Counted<K> {
-    fn keep(&self, at: At) -> bool {
-        self.calls.fetch_add(1, Ordering::Relaxed);
-        self.keep.keep(at)
-    }
 }
 
 #[test]
@@ -259,20 +273,21 @@ fn blocks_that_are_full_or_empty_never_call_the_predicate() {
     // (forward 48 × 256, backward 64 × 128), so no block is partial
     let docs = Documents::from_lengths(&[768, 768]).unwrap();
     let n = docs.len();
-    let counted = Counted {
-        keep: docs.clone(),
-        calls: AtomicUsize::new(0),
+    let calls = AtomicUsize::new(0);
+    let counted = |at: At| {
+        calls.fetch_add(1, Ordering::Relaxed);
+        docs.keep(at)
     };
-    let blocks = BlockMask::new(counted, [1, 1, n, n]).unwrap();
+    let blocks = block_mask(counted, [1, 1, n, n]);
     assert_eq!(blocks.counts()[1], 0, "no partial block");
-    let built = blocks.keep_mod().calls.swap(0, Ordering::Relaxed);
+    let built = calls.swap(0, Ordering::Relaxed);
     assert_eq!(built, n * n, "classifying calls it once per position");
     let (q, k, v) = (random2(n, 8, 23), random2(n, 8, 24), random2(n, 8, 25));
     let attention = ScaledDotProduct::new().with_block_mask(&blocks);
     let out = attention.forward(&q, &k, &v).unwrap();
     let d_out = random2(n, 8, 26);
     let grads = attention.backward(&q, &k, &v, &d_out).unwrap();
-    assert_eq!(blocks.keep_mod().calls.load(Ordering::Relaxed), 0);
+    assert_eq!(calls.load(Ordering::Relaxed), 0);
     // and empty blocks were skipped, not computed: each document alone
     for doc in [0..768, 768..1536] {
         let alone = attn::scaled_dot_product(
@@ -334,7 +349,7 @@ fn half_precision_storage_runs_the_program() {
 #[test]
 fn a_score_function_that_makes_nan_gives_the_reference_nan() {
     let (q, k, v) = (random2(60, 8, 30), random2(80, 8, 31), random2(80, 8, 32));
-    let bad = score_mod(
+    let bad = scored(
         |s: f64, at: At| {
             if at.query == 5 && at.key == 7 {
                 f64::NAN
@@ -354,7 +369,7 @@ fn a_score_function_that_makes_nan_gives_the_reference_nan() {
 #[test]
 fn wrong_shapes_and_values_are_errors() {
     let x = Array2::<f64>::zeros((4, 8));
-    let blocks = BlockMask::new(|_: At| true, [1, 1, 4, 5]).unwrap();
+    let blocks = block_mask(|_| true, [1, 1, 4, 5]);
     let err = ScaledDotProduct::new()
         .with_block_mask(&blocks)
         .forward(&x, &x, &x)
@@ -400,11 +415,10 @@ fn kernels_agree_with_the_plain_path() {
         random4((2, 2, 140, 8), 35),
     );
     let sinks = array![0.1, 0.2, 0.3, 0.4];
-    let blocks = BlockMask::new(
+    let blocks = block_mask(
         move |at: At| at.key < 140 && (at.query + 50 >= at.key),
         [1, 4, 90, 140],
-    )
-    .unwrap();
+    );
     let attention = |kernel| {
         ScaledDotProduct::new()
             .with_kernel(kernel)
@@ -445,7 +459,7 @@ fn random_shapes_and_predicates_match_the_loops() {
             let block = (at.query / 16 * 7 + at.key / 64 * 13 + at.head + salt) % 5;
             block != 0 && (block != 1 || !(at.query * 31 + at.key * 17 + salt).is_multiple_of(3))
         };
-        let blocks = BlockMask::new(keep, [1, kv * group, l, s]).unwrap();
+        let blocks = block_mask(keep, [1, kv * group, l, s]);
         let sinks = Array1::from_shape_fn(kv * group, |h| h as f64 * 0.3 - 0.2);
         let attention = ScaledDotProduct::new()
             .with_score_mod(SoftCap::new(1.5))

@@ -2,13 +2,12 @@
 //! reference backward, finite differences of the forward, and the built-in
 //! bias's gradient against the bias mask's.
 
-use attn::flex::{
-    At, BlockMask, Documents, FlexGradients, KeepMod, RelativeBias, ScoreMod, SoftCap, score_mod,
-};
+use attn::flex::{At, Documents, FlexGradients, KeepMod, RelativeBias, ScoreMod, SoftCap};
 use attn::{Kernel, Mask, Parallelism, ScaledDotProduct, kernel_paths};
 use ndarray::{Array1, Array2, Array4, Ix4, array};
 
 use crate::common::{assert_close, random2, random4};
+use crate::flex::{block_mask, scored};
 
 /// `Σ out ∘ w`: a loss whose gradient by the output is `w`.
 fn loss(out: &Array4<f64>, w: &Array4<f64>) -> f64 {
@@ -55,7 +54,7 @@ fn the_fused_backward_equals_the_reference_under_every_program_part() {
                 ..at
             })
     };
-    let blocks = BlockMask::new(window, [1, 1, l, s]).unwrap();
+    let blocks = block_mask(window, [1, 1, l, s]);
     let bias = RelativeBias::per_head(random2(4, 21, 44));
     for parallelism in [Parallelism::Sequential, Parallelism::Rayon] {
         let attention = |kernel| {
@@ -173,14 +172,14 @@ fn a_user_written_score_function_agrees_with_finite_differences() {
     let forward = |q: &Array4<f64>, k: &Array4<f64>| {
         loss(
             &ScaledDotProduct::new()
-                .with_score_mod(score_mod(f, df))
+                .with_score_mod(scored(f, df))
                 .forward(q, k, &v)
                 .unwrap(),
             &w,
         )
     };
     let g = ScaledDotProduct::new()
-        .with_score_mod(score_mod(f, df))
+        .with_score_mod(scored(f, df))
         .backward(&q, &k, &v, &w)
         .unwrap();
     for index in [(0, 0, 0, 0), (1, 3, 69, 7), (0, 2, 48, 4)] {
@@ -239,7 +238,7 @@ fn a_backward_without_keys_gives_zeros_and_the_sink_takes_all() {
     // a predicate that drops everything: every row sees only its sink
     let (q, k, v, d_out) = inputs(10, 20);
     let sinks = array![0.0, 1.0, 2.0, 3.0];
-    let nothing = BlockMask::new(|_: At| false, [1, 1, 10, 20]).unwrap();
+    let nothing = block_mask(|_| false, [1, 1, 10, 20]);
     let attention = ScaledDotProduct::new()
         .with_sinks(&sinks)
         .with_block_mask(&nothing);
@@ -294,7 +293,7 @@ fn soft_capping_sinks_and_documents_match_pytorch_autograd() {
     let sinks: Array1<f64> = golden.get("sinks");
     let cap = golden.case["cap"].as_f64().unwrap();
     let docs = Documents::from_offsets(&[0, 10, 25, 37]).unwrap().causal();
-    let blocks = BlockMask::new(docs, [1, 1, 37, 37]).unwrap();
+    let blocks = block_mask(move |at| docs.keep(at), [1, 1, 37, 37]);
     let attention = ScaledDotProduct::new()
         .with_sinks(&sinks)
         .with_score_mod(SoftCap::new(cap))
@@ -313,7 +312,8 @@ fn soft_capping_sinks_and_documents_match_pytorch_autograd() {
 fn a_relative_bias_table_under_prefix_lm_matches_pytorch_autograd() {
     let golden = Golden::new("relative_bias_prefix_lm");
     let table: Array2<f64> = golden.get("table");
-    let blocks = BlockMask::new(attn::flex::PrefixLm::new(12), [1, 1, 30, 30]).unwrap();
+    let lm = attn::flex::PrefixLm::new(12);
+    let blocks = block_mask(move |at| lm.keep(at), [1, 1, 30, 30]);
     let attention = ScaledDotProduct::new()
         .with_score_mod(RelativeBias::per_head(table))
         .with_block_mask(&blocks);
@@ -327,12 +327,12 @@ fn a_user_function_under_a_tree_mask_matches_pytorch_autograd() {
     let golden = Golden::new("tree_user_function");
     let tree = attn::flex::TreeMask::new(11, &[None, Some(0), Some(0), Some(1), Some(1), Some(2)])
         .unwrap();
-    let blocks = BlockMask::new(tree, [1, 1, 6, 17]).unwrap();
+    let blocks = block_mask(move |at| tree.keep(at), [1, 1, 6, 17]);
     let distance = |at: At| (at.query + 11).abs_diff(at.key) as f64;
     let f = move |s: f64, at: At| s - 0.1 * distance(at) * s.sin();
     let df = move |s: f64, at: At| 1.0 - 0.1 * distance(at) * s.cos();
     let attention = ScaledDotProduct::new()
-        .with_score_mod(score_mod(f, df))
+        .with_score_mod(scored(f, df))
         .with_block_mask(&blocks);
     golden.check(&attention);
 }
