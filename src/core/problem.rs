@@ -75,6 +75,12 @@ impl<'a, A, KV> Problem<'a, A, KV> {
 }
 
 impl<'a, A: Copy, KV, P> Problem<'a, A, KV, P> {
+    /// The shape of its scores, `[batch, heads, L, S]`.
+    pub(crate) fn scores(&self) -> [usize; 4] {
+        let (batch, heads, l, _) = self.q.dim();
+        [batch, heads, l, self.k.dim().2]
+    }
+
     /// Query heads per key/value head.
     pub(crate) fn group_size(&self) -> usize {
         // kv_heads divides heads (checked), and is 0 only when heads is

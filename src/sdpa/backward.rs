@@ -230,7 +230,7 @@ impl<A: Element> ScaledDotProduct<'_, A> {
         d_out: &ArrayRef<A, D>,
     ) -> Result<AttentionGradients<A, D>> {
         let inputs = [q, k, v];
-        let grads = self.gradients_under(inputs, forward, d_out, &Plain)?;
+        let grads = self.gradients_under(inputs, forward, d_out, |_| Ok(Plain))?;
         Ok(AttentionGradients {
             bias: self.bias_gradients(grads.bias),
             q: D::unlift(grads.dq),
@@ -240,15 +240,18 @@ impl<A: Element> ScaledDotProduct<'_, A> {
     }
 
     /// Every backward call, 2-D or batched, with or without the kept forward,
-    /// under `program`, in 4-D.
+    /// under the program `program` makes, once the call is checked, from the
+    /// shape of its scores; in 4-D.
     pub(super) fn gradients_under<D: AttentionDim, P: Program<A>>(
         &self,
         [q, k, v]: [&ArrayRef<A, D>; 3],
         forward: Option<&AttentionLse<A, D>>,
         d_out: &ArrayRef<A, D>,
-        program: &P,
+        program: impl FnOnce([usize; 4]) -> Result<P>,
     ) -> Result<Gradients<A>> {
-        let problem = self.check(q, k, v)?.with_program(program);
+        let problem = self.check(q, k, v)?;
+        let program = program(problem.scores())?;
+        let problem = problem.with_program(&program);
         // the output's shape, in the call's own: q's rows, v's width
         let mut output = q.shape().to_vec();
         output[q.ndim() - 1] = v.shape()[v.ndim() - 1];

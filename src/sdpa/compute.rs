@@ -11,6 +11,7 @@ use crate::core::mask;
 use crate::core::problem::{AttentionDim, Problem, lift_mut};
 use crate::element::{Element, Storage};
 use crate::error::Result;
+use crate::flex::program::{Plain, Program};
 use crate::kernel;
 
 impl<'m, A: Storage> ScaledDotProduct<'m, A> {
@@ -43,10 +44,24 @@ impl<'m, A: Storage> ScaledDotProduct<'m, A> {
         k: ArrayView<'_, A, D>,
         v: ArrayView<'_, A, D>,
     ) -> Result<Array<A, D>> {
+        self.attend_under(q, k, v, |_| Ok(Plain))
+    }
+
+    /// [`attend`](Self::attend) under the program `program` makes, once the
+    /// call is checked, from the shape of its scores.
+    pub(super) fn attend_under<D: AttentionDim, P: Program<A::Compute>>(
+        &self,
+        q: ArrayView<'_, A, D>,
+        k: ArrayView<'_, A, D>,
+        v: ArrayView<'_, A, D>,
+        program: impl FnOnce([usize; 4]) -> Result<P>,
+    ) -> Result<Array<A, D>> {
         let q = A::compute(q);
         let slopes = self.slopes_in_compute();
         let attn = self.in_compute(&slopes);
         let problem = Problem::new(q.view(), k, v, &attn.masks, attn.scale)?;
+        let program = program(problem.scores())?;
+        let problem = problem.with_program(&program);
         let (batch, heads, l, _) = problem.q.dim();
         let mut out = Array4::zeros((batch, heads, l, problem.v.dim().3));
         kernel::forward(&problem, out.view_mut(), self.kernel, self.parallelism)?;

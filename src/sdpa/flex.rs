@@ -8,13 +8,12 @@ use ndarray::{
 
 use super::ScaledDotProduct;
 use super::lse::AttentionLse;
-use crate::core::problem::{AttentionDim, Problem};
+use crate::core::problem::AttentionDim;
 use crate::element::{Element, Storage};
 use crate::error::{Error, Result};
 use crate::flex::blocks::BlockMask;
 use crate::flex::function::{Identity, KeepAll, KeepMod, ScoreMod};
 use crate::flex::program::Flex;
-use crate::kernel;
 
 /// Scaled dot-product attention programmed by the user: a score modification
 /// `F` ([`ScoreMod`]), a block mask over a keep predicate `K` ([`BlockMask`]),
@@ -258,37 +257,21 @@ impl<A: Storage, F: ScoreMod<A::Compute>, K: KeepMod> FlexAttention<'_, A, F, K>
         k: &ArrayRef<A, D>,
         v: &ArrayRef<A, D>,
     ) -> Result<Array<A, D>> {
-        let q = A::compute(q.view());
-        let slopes = self.attention.slopes_in_compute();
-        let attn = self.attention.in_compute(&slopes);
-        let problem = Problem::new(q.view(), k.view(), v.view(), &attn.masks, attn.scale)?;
-        let sinks = self.sinks_in_compute();
-        let program = self.program(&problem, sinks.as_ref().map(|sinks| sinks.view()))?;
-        let problem = problem.with_program(&program);
-        let (batch, heads, l, _) = problem.q.dim();
-        let mut out = Array4::zeros((batch, heads, l, problem.v.dim().3));
-        kernel::forward(
-            &problem,
-            out.view_mut(),
-            self.attention.kernel,
-            self.attention.parallelism,
-        )?;
-        Ok(D::unlift(A::store(out)))
+        let sinks = self.sinks.as_ref().map(|sinks| A::compute(sinks.view()));
+        let sinks = sinks.as_ref().map(|sinks| sinks.view());
+        let program = |scores| self.program(scores, sinks);
+        self.attention
+            .attend_under(q.view(), k.view(), v.view(), program)
     }
 
-    /// The sinks in the compute type.
-    fn sinks_in_compute(&self) -> Option<CowArray<'_, A::Compute, Ix1>> {
-        self.sinks.as_ref().map(|sinks| A::compute(sinks.view()))
-    }
-
-    /// The program of `problem`'s call, checked against its shape.
-    fn program<'p, KV, P>(
+    /// The program of a call whose scores have the shape `scores`, checked
+    /// against it.
+    fn program<'p>(
         &'p self,
-        problem: &Problem<'_, A::Compute, KV, P>,
+        scores: [usize; 4],
         sinks: Option<ArrayView1<'p, A::Compute>>,
     ) -> Result<Flex<'p, A::Compute, F, K>> {
-        let (batch, heads, l, _) = problem.q.dim();
-        let scores = [batch, heads, l, problem.k.dim().2];
+        let heads = scores[1];
         if let Some(blocks) = self.blocks {
             blocks.check(scores)?;
         }
@@ -340,14 +323,9 @@ impl<A: Element, F: ScoreMod<A>, K: KeepMod> FlexAttention<'_, A, F, K> {
         k: &ArrayRef<A, D>,
         v: &ArrayRef<A, D>,
     ) -> Result<AttentionLse<A, D>> {
-        let problem = self.attention.check(q, k, v)?;
         let sinks = self.sinks.as_ref().map(|sinks| sinks.view());
-        let program = self.program(&problem, sinks)?;
-        let saved = self.attention.saved(&problem.with_program(&program))?;
-        Ok(AttentionLse {
-            output: D::unlift(saved.output),
-            lse: D::unlift_rows(saved.lse),
-        })
+        let program = |scores| self.program(scores, sinks);
+        self.attention.lse_under([q, k, v], program)
     }
 
     /// The gradients of a loss through this attention given `d_out =
@@ -445,7 +423,7 @@ impl<A: Element, F: ScoreMod<A>, K: KeepMod> FlexAttention<'_, A, F, K> {
     ) -> Result<Array<A, D>> {
         let problem = self.attention.check(q, k, k)?;
         let sinks = self.sinks.as_ref().map(|sinks| sinks.view());
-        let program = self.program(&problem, sinks)?;
+        let program = self.program(problem.scores(), sinks)?;
         let problem = problem.with_program(&program);
         let (batch, heads, l, _) = problem.q.dim();
         let mut weights = Array4::zeros((batch, heads, l, problem.k.dim().2));
@@ -459,13 +437,11 @@ impl<A: Element, F: ScoreMod<A>, K: KeepMod> FlexAttention<'_, A, F, K> {
         forward: Option<&AttentionLse<A, D>>,
         d_out: &ArrayRef<A, D>,
     ) -> Result<FlexGradients<A, D>> {
-        let [q, k, v] = inputs;
-        let problem = self.attention.check(q, k, v)?;
         let sinks = self.sinks.as_ref().map(|sinks| sinks.view());
-        let program = self.program(&problem, sinks)?;
+        let program = |scores| self.program(scores, sinks);
         let grads = self
             .attention
-            .gradients_under(inputs, forward, d_out, &program)?;
+            .gradients_under(inputs, forward, d_out, program)?;
         Ok(FlexGradients {
             bias: self.attention.bias_gradients(grads.bias),
             q: D::unlift(grads.dq),

@@ -5,11 +5,10 @@
 use ndarray::{Array, Array2, ArrayRef, ArrayRef4, Dimension, Ix4, Zip};
 
 use super::ScaledDotProduct;
-use crate::core::problem::{AttentionDim, Problem};
-use crate::core::reference::Saved;
+use crate::core::problem::AttentionDim;
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::flex::program::Program;
+use crate::flex::program::{Plain, Program};
 use crate::kernel;
 
 /// Attention's output with each query row's log-sum-exp of its scaled, masked
@@ -83,12 +82,7 @@ impl<A: Element> ScaledDotProduct<'_, A> {
         k: &ArrayRef<A, D>,
         v: &ArrayRef<A, D>,
     ) -> Result<AttentionLse<A, D>> {
-        let problem = self.check(q, k, v)?;
-        let saved = self.saved(&problem)?;
-        Ok(AttentionLse {
-            output: D::unlift(saved.output),
-            lse: D::unlift_rows(saved.lse),
-        })
+        self.lse_under([q, k, v], |_| Ok(Plain))
     }
 
     /// [`forward_with_lse`](Self::forward_with_lse), which takes batched inputs
@@ -110,8 +104,21 @@ impl<A: Element> ScaledDotProduct<'_, A> {
         self.forward_with_lse(q, k, v)
     }
 
-    pub(super) fn saved<P: Program<A>>(&self, problem: &Problem<'_, A, A, P>) -> Result<Saved<A>> {
-        kernel::forward_lse(problem, self.kernel, self.parallelism)
+    /// [`forward_with_lse`](Self::forward_with_lse) under the program
+    /// `program` makes, once the call is checked, from the shape of its scores.
+    pub(super) fn lse_under<D: AttentionDim, P: Program<A>>(
+        &self,
+        [q, k, v]: [&ArrayRef<A, D>; 3],
+        program: impl FnOnce([usize; 4]) -> Result<P>,
+    ) -> Result<AttentionLse<A, D>> {
+        let problem = self.check(q, k, v)?;
+        let program = program(problem.scores())?;
+        let problem = problem.with_program(&program);
+        let saved = kernel::forward_lse(&problem, self.kernel, self.parallelism)?;
+        Ok(AttentionLse {
+            output: D::unlift(saved.output),
+            lse: D::unlift_rows(saved.lse),
+        })
     }
 }
 
