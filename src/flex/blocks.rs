@@ -190,12 +190,20 @@ impl<K: KeepMod> BlockMask<K> {
     /// head `h`: the batch row and head 0 where the mask broadcasts.
     #[inline(always)]
     pub(crate) fn at(&self, b: usize, h: usize, i: usize, j: usize) -> At {
+        let (batch, head) = self.own(b, h);
         At {
-            batch: if self.shape[0] == 1 { 0 } else { b },
-            head: if self.shape[1] == 1 { 0 } else { h },
+            batch,
+            head,
             query: i,
             key: j,
         }
+    }
+
+    /// Batch row `b` and head `h` as the mask holds them: 0 where it broadcasts.
+    #[inline(always)]
+    fn own(&self, b: usize, h: usize) -> (usize, usize) {
+        let own = |n: usize, x: usize| if n == 1 { 0 } else { x };
+        (own(self.shape[0], b), own(self.shape[1], h))
     }
 
     /// The class of queries `rows` against keys `keys` of batch row `b`, head
@@ -212,8 +220,7 @@ impl<K: KeepMod> BlockMask<K> {
             return BlockClass::Empty;
         }
         let table = self.table(b, h);
-        let rows = rows.start / BLOCK_QUERIES..(rows.end - 1) / BLOCK_QUERIES + 1;
-        let keys = keys.start / BLOCK_KEYS..(keys.end - 1) / BLOCK_KEYS + 1;
+        let (rows, keys) = (blocks_of(rows, BLOCK_QUERIES), blocks_of(keys, BLOCK_KEYS));
         let mut blocks = table.slice(s![rows, keys]).into_iter().copied();
         let first = blocks.next().unwrap_or(BlockClass::Empty);
         blocks.fold(first, BlockClass::join)
@@ -226,7 +233,7 @@ impl<K: KeepMod> BlockMask<K> {
             return 0..0;
         }
         let table = self.table(b, h);
-        let rows = rows.start / BLOCK_QUERIES..(rows.end - 1) / BLOCK_QUERIES + 1;
+        let rows = blocks_of(rows, BLOCK_QUERIES);
         let (mut first, mut last) = (usize::MAX, 0);
         for row in table.slice(s![rows, ..]).outer_iter() {
             let kept = |c: &usize| row[*c] != BlockClass::Empty;
@@ -278,10 +285,14 @@ impl<K: KeepMod> BlockMask<K> {
     }
 
     fn table(&self, b: usize, h: usize) -> &Array2<BlockClass> {
-        let b = if self.shape[0] == 1 { 0 } else { b };
-        let h = if self.shape[1] == 1 { 0 } else { h };
+        let (b, h) = self.own(b, h);
         &self.classes[b * self.shape[1] + h]
     }
+}
+
+/// The blocks of `size` that the non-empty `range` touches.
+fn blocks_of(range: Range<usize>, size: usize) -> Range<usize> {
+    range.start / size..(range.end - 1) / size + 1
 }
 
 /// The class of one block, calling the predicate until the answer is known.
