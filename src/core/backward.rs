@@ -170,7 +170,6 @@ impl<A: Element, P: Program<A>> Problem<'_, A, A, P> {
         let (k, v) = self.keys_values(b, self.kv_head(h));
         let head = self.attend_head(b, h, k);
         let (p, scaled) = (&head.weights, &head.scaled);
-        let sink = self.program.sink(h);
         let mut d_sink = A::zero();
         let seen = |i: usize, j: usize| scaled[[i, j]] != A::neg_infinity();
         let dv = masked_product(p.t(), d_out, |j, i| seen(i, j));
@@ -183,11 +182,9 @@ impl<A: Element, P: Program<A>> Problem<'_, A, A, P> {
             for j in attended() {
                 row[j] = p[[i, j]] * (d_p[[i, j]] - total);
             }
-            if let Some(sink) = sink {
-                let scores = attended().map(|j| scaled[[i, j]]);
-                let max = scores.clone().fold(sink, A::max);
-                let sum = scores.fold((sink - max).exp(), |t, x| t + (x - max).exp());
-                d_sink -= (sink - max).exp() / sum * total;
+            // the sink's gradient: −pσ·D (it has no value, so dP is 0 there)
+            if let Some(&weight) = head.sink_weights.get(i) {
+                d_sink -= weight * total;
             }
         }
         // through the modification: dS by the raw scores, and its parameters

@@ -26,6 +26,8 @@ pub(crate) struct Head<A> {
     pub(crate) scaled: Array2<A>,
     /// `softmax(scaled)`, row-wise: `(L, S)`.
     pub(crate) weights: Array2<A>,
+    /// The sink's weight in each row's softmax (empty without a sink).
+    pub(crate) sink_weights: Vec<A>,
 }
 
 impl<A: Element, P: Program<A>> Problem<'_, A, A, P> {
@@ -142,7 +144,12 @@ pub(crate) fn attend_head<A: Element, P: Program<A>>(
     if P::PLAIN {
         mask::apply(masks, &mut scaled);
         let weights = softmax_rows(&scaled);
-        return Head { scaled, weights };
+        let sink_weights = Vec::new();
+        return Head {
+            scaled,
+            weights,
+            sink_weights,
+        };
     }
     let (l, s) = scaled.dim();
     for (i, mut row) in scaled.rows_mut().into_iter().enumerate() {
@@ -151,13 +158,18 @@ pub(crate) fn attend_head<A: Element, P: Program<A>>(
         row.iter_mut().zip(scores).for_each(|(x, y)| *x = y);
     }
     let mut weights = scaled.clone();
+    let mut sink_weights = Vec::new();
     for mut row in weights.rows_mut() {
         match scoring.sink() {
-            Some(sink) => softmax_with_sink_in_place(&mut row, sink),
+            Some(sink) => sink_weights.push(softmax_with_sink_in_place(&mut row, sink)),
             None => softmax_in_place(&mut row),
         }
     }
-    Head { scaled, weights }
+    Head {
+        scaled,
+        weights,
+        sink_weights,
+    }
 }
 
 /// `weights · V`, where positions with a `−∞` score are never read.

@@ -73,22 +73,25 @@ pub(crate) fn softmax_in_place<A: Element>(row: &mut ArrayRef1<A>) {
 
 /// Softmax of one row with a sink: a logit `sink` that joins the denominator
 /// and has no value, `exp(xⱼ − m) / (Σₖ exp(xₖ − m) + exp(sink − m))` with
-/// `m = max(maxₖ xₖ, sink)`. A row that sees no key gives zeros (the sink takes
-/// all the weight); a NaN or `+∞` gives NaN throughout.
-pub(crate) fn softmax_with_sink_in_place<A: Element>(row: &mut ArrayRef1<A>, sink: A) {
+/// `m = max(maxₖ xₖ, sink)`; returns the sink's own weight. A row that sees no
+/// key gives zeros (the sink takes all the weight); a NaN or `+∞` gives NaN
+/// throughout.
+pub(crate) fn softmax_with_sink_in_place<A: Element>(row: &mut ArrayRef1<A>, sink: A) -> A {
     let max = row_max(row);
     if max.is_nan() {
         row.fill(A::nan());
-        return;
+        return A::nan();
     }
     let max = max.max(sink);
-    let mut sum = (sink - max).exp();
+    let weight = (sink - max).exp();
+    let mut sum = weight;
     row.mapv_inplace(|x| {
         let e = (x - max).exp();
         sum += e;
         e
     });
     row.mapv_inplace(|e| e / sum);
+    weight / sum
 }
 
 /// The largest entry of a row; NaN if any entry is NaN; `−∞` for an empty row.
