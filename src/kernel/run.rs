@@ -264,7 +264,7 @@ fn attend_wave<A: KernelFloat, KV, K: Entry<A>, D: Dispatch<A, K>, P: Program<A>
         .collect();
     let s = problem.k.dim().2;
     let mut tasks = Vec::new();
-    let mut fused = Vec::new();
+    let mut fused = 0;
     for (g, ((group, packed), masks)) in wave.iter_mut().zip(packed).zip(&masks).enumerate() {
         let b = group.b;
         let query_heads = problem.query_heads(group.kv);
@@ -285,7 +285,7 @@ fn attend_wave<A: KernelFloat, KV, K: Entry<A>, D: Dispatch<A, K>, P: Program<A>
                 fallback(b, h, out.view_mut());
                 continue;
             }
-            fused.push((g, index));
+            fused += 1;
             let l = q.nrows();
             for (c, chunk) in out.axis_chunks_iter_mut(Axis(0), BR).enumerate() {
                 let first_row = c * BR;
@@ -338,7 +338,7 @@ fn attend_wave<A: KernelFloat, KV, K: Entry<A>, D: Dispatch<A, K>, P: Program<A>
     };
     bad.sort_unstable();
     bad.dedup();
-    report::count(Path::Tiled, fused.len() - bad.len());
+    report::count(Path::Tiled, fused - bad.len());
     report::count(Path::Reference, bad.len());
     for (g, index) in bad {
         let group = &mut wave[g];
