@@ -8,9 +8,9 @@ use super::StateDict;
 use super::block::{is_under, nearest};
 use super::families::{Biases, Causal, Family, Heads, Positions, Window, family, known};
 use super::layout::Layout;
+use super::rope::rope;
 use super::safetensors::SafeTensors;
 use crate::decode::position::RelativeBuckets;
-use crate::decode::rope::{Rope, RopeScaling};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layers::multi_head::{Causality, MultiHeadAttention, MultiHeadConfig, PositionEncoding};
@@ -252,7 +252,7 @@ impl HfModel {
     /// # Errors
     ///
     /// [`Error::InvalidConfig`] for a model type attn does not map, a missing
-    /// or non-numeric size, a RoPE type other than default, linear or llama3.
+    /// or non-numeric size, a RoPE type other than default, linear, llama3 or yarn.
     ///
     /// # Examples
     ///
@@ -332,7 +332,11 @@ impl HfModel {
         });
         Ok(match family.positions {
             Positions::Rope => {
-                config.with_positions(PositionEncoding::Rope(self.rope(config.head_dim())?))
+                config.with_positions(PositionEncoding::Rope(rope(
+                    &self.config,
+                    &self.config_path,
+                    config.head_dim(),
+                )?))
             }
             Positions::Alibi => config.with_positions(PositionEncoding::Alibi),
             Positions::None => config,
@@ -381,86 +385,6 @@ impl HfModel {
             reason: format!("{}: {e}", self.config_path),
         })?;
         Ok(Some(buckets))
-    }
-
-    /// The rotary settings: transformers 5's `rope_parameters`, or 4's top-level
-    /// `rope_theta` / `rope_scaling` / `partial_rotary_factor` (GPT-NeoX:
-    /// `rotary_pct`, `rotary_emb_base`).
-    fn rope(&self, head_dim: usize) -> Result<Rope> {
-        let c = &self.config;
-        let params = c.get("rope_parameters").filter(|p| p.is_object());
-        let scaling = c.get("rope_scaling").filter(|p| p.is_object());
-        let field = |key: &str| {
-            params
-                .and_then(|p| p.get(key))
-                .or_else(|| scaling.and_then(|p| p.get(key)))
-                .or_else(|| c.get(key))
-                .filter(|v| !v.is_null())
-        };
-        let number = |key: &str| -> Result<Option<f64>> {
-            field(key)
-                .map(|v| {
-                    v.as_f64().ok_or_else(|| Error::InvalidConfig {
-                        reason: format!("{}: {key} must be a number, got {v}", self.config_path),
-                    })
-                })
-                .transpose()
-        };
-        let theta = match number("rope_theta")? {
-            Some(theta) => theta,
-            None => number("rotary_emb_base")?.unwrap_or(10_000.0),
-        };
-        let mut rope = Rope::new(theta);
-        if let Some(fraction) = number("partial_rotary_factor")?.or(number("rotary_pct")?) {
-            if !(fraction > 0.0 && fraction <= 1.0) {
-                return Err(Error::InvalidConfig {
-                    reason: format!(
-                        "{}: the rotary fraction must be in (0, 1], got {fraction}",
-                        self.config_path
-                    ),
-                });
-            }
-            rope = rope.with_rotary_dim((head_dim as f64 * fraction) as usize);
-        }
-        let kind = field("rope_type")
-            .or_else(|| field("type"))
-            .and_then(Value::as_str)
-            .unwrap_or("default");
-        let required = |key: &str| -> Result<f64> {
-            number(key)?.ok_or_else(|| Error::InvalidConfig {
-                reason: format!("{}: rope_type {kind:?} needs {key}", self.config_path),
-            })
-        };
-        let scaling = match kind {
-            "default" => RopeScaling::None,
-            "linear" => RopeScaling::Linear {
-                factor: required("factor")?,
-            },
-            "llama3" => RopeScaling::Llama3 {
-                factor: required("factor")?,
-                low_freq_factor: required("low_freq_factor")?,
-                high_freq_factor: required("high_freq_factor")?,
-                original_max_position_embeddings: field("original_max_position_embeddings")
-                    .and_then(Value::as_u64)
-                    .filter(|&n| n > 0)
-                    .and_then(|n| usize::try_from(n).ok())
-                    .ok_or_else(|| Error::InvalidConfig {
-                        reason: format!(
-                            "{}: rope_type \"llama3\" needs original_max_position_embeddings, a positive integer",
-                            self.config_path
-                        ),
-                    })?,
-            },
-            other => {
-                return Err(Error::InvalidConfig {
-                    reason: format!(
-                        "{}: rope_type {other:?} is not supported (default, linear, llama3 are)",
-                        self.config_path
-                    ),
-                })
-            }
-        };
-        Ok(rope.with_scaling(scaling))
     }
 
     /// The first of `keys` that is present, as a size.

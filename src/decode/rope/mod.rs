@@ -1,12 +1,16 @@
 //! Rotary position embeddings (RoPE): the rotation, its frequencies and their
 //! scaled variants, at one position per row or per batch row and token.
 
+mod scaling;
+
 use std::fmt;
 
 use ndarray::{Array2, ArrayRef2, ArrayRef4, Axis};
 
 use crate::element::Element;
 use crate::error::{Error, Result};
+
+pub use scaling::RopeScaling;
 
 /// How rotary embeddings pair up the features of a head.
 ///
@@ -24,46 +28,6 @@ pub enum RopeLayout {
     /// Features `(i, i + r/2)` rotate together, `r` the rotary width (GPT-NeoX,
     /// Llama, Mistral, Qwen2 as Hugging Face stores them: `rotate_half`).
     HalfSplit,
-}
-
-/// How a model stretches its rotary frequencies to reach longer contexts
-/// (Hugging Face's `rope_scaling` / `rope_parameters.rope_type`).
-///
-/// # Examples
-///
-/// ```
-/// use attn::{Rope, RopeScaling};
-///
-/// let rope = Rope::new(10_000.0).with_scaling(RopeScaling::Linear { factor: 4.0 });
-/// let plain = Rope::new(10_000.0);
-/// // linear scaling divides every frequency (equivalently every position) by the factor
-/// let (f, g) = (rope.frequencies(8)?, plain.frequencies(8)?);
-/// assert!((f[1] * 4.0 - g[1]).abs() < 1e-15);
-/// # Ok::<(), attn::Error>(())
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum RopeScaling {
-    /// The frequencies `θ^(−2i/r)` as they are (`rope_type: "default"`).
-    None,
-    /// Every frequency divided by `factor` (`"linear"`, position interpolation).
-    Linear {
-        /// The divisor, `> 0`.
-        factor: f64,
-    },
-    /// Llama 3's frequency-dependent scaling (`"llama3"`): wavelengths shorter
-    /// than `original_max_position_embeddings / high_freq_factor` stay, longer
-    /// than `original_max_position_embeddings / low_freq_factor` are divided by
-    /// `factor`, and those between are blended smoothly.
-    Llama3 {
-        /// The divisor of the low frequencies.
-        factor: f64,
-        /// Where the divided band begins.
-        low_freq_factor: f64,
-        /// Where the kept band ends; above `low_freq_factor`.
-        high_freq_factor: f64,
-        /// The context length the model was trained on.
-        original_max_position_embeddings: usize,
-    },
 }
 
 /// Rotary position embeddings: pair `i` of a head's first `rotary_dim` features
@@ -225,27 +189,7 @@ impl Rope {
                 "rope rotates pairs of features: rotary_dim ({r}) must be even, positive and at most head_dim ({head_dim})"
             ));
         }
-        let positive = |x: f64| x.is_finite() && x > 0.0;
-        match self.scaling {
-            RopeScaling::None => Ok(()),
-            RopeScaling::Linear { factor } if positive(factor) => Ok(()),
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            } if positive(factor)
-                && positive(low_freq_factor)
-                && high_freq_factor.is_finite()
-                && high_freq_factor > low_freq_factor
-                && original_max_position_embeddings > 0 =>
-            {
-                Ok(())
-            }
-            scaling => invalid(format!(
-                "rope scaling needs finite positive factors (and for llama3 high_freq_factor above low_freq_factor, a positive original length), got {scaling:?}"
-            )),
-        }
+        self.scaling.check()
     }
 
     /// The angle per position of each rotated pair, `rotary_dim / 2` of them,
@@ -265,38 +209,27 @@ impl Rope {
     pub fn frequencies(&self, head_dim: usize) -> Result<Vec<f64>> {
         self.check(head_dim)?;
         let r = self.rotary_dim(head_dim);
-        let plain = (0..r / 2).map(|i| 1.0 / self.theta.powf((2 * i) as f64 / r as f64));
-        Ok(match self.scaling {
-            RopeScaling::None => plain.collect(),
-            RopeScaling::Linear { factor } => plain.map(|f| f / factor).collect(),
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            } => {
-                let old = original_max_position_embeddings as f64;
-                let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
-                plain
-                    .map(|f| {
-                        let wavelen = 2.0 * std::f64::consts::PI / f;
-                        if wavelen < high_wavelen {
-                            f
-                        } else if wavelen > low_wavelen {
-                            f / factor
-                        } else {
-                            let smooth = (old / wavelen - low_freq_factor)
-                                / (high_freq_factor - low_freq_factor);
-                            (1.0 - smooth) * f / factor + smooth * f
-                        }
-                    })
-                    .collect()
-            }
-        })
+        let plain = (0..r / 2)
+            .map(|i| 1.0 / self.theta.powf((2 * i) as f64 / r as f64))
+            .collect();
+        Ok(self.scaling.frequencies(plain, self.theta, r))
+    }
+
+    /// The factor on cos and sin: 1, except YaRN's `attention_factor` (see
+    /// [`RopeScaling::Yarn`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(attn::Rope::new(1e4).amplitude(), 1.0);
+    /// ```
+    pub fn amplitude(&self) -> f64 {
+        self.scaling.amplitude()
     }
 
     /// Rotates `x` in place, token `t` of batch row `b` at `positions[[b, t]]`
-    /// (every head alike).
+    /// (every head alike; the rotated features times the
+    /// [`amplitude`](Self::amplitude) under YaRN).
     ///
     /// # Shapes
     ///
@@ -327,7 +260,8 @@ impl Rope {
         self.rotate(x, positions, 1.0)
     }
 
-    /// The transpose of [`apply`](Self::apply): rotates back by the same angles.
+    /// The transpose of [`apply`](Self::apply): rotates back by the same angles
+    /// (with the same amplitude).
     /// Gradients flow back through rotary embeddings this way.
     pub(crate) fn apply_transpose<A: Element>(
         &self,
@@ -337,7 +271,7 @@ impl Rope {
         self.rotate(x, positions, -1.0)
     }
 
-    /// Rotates by `direction · position · fᵢ`.
+    /// Rotates by `direction · position · fᵢ` (and scales by the amplitude).
     fn rotate<A: Element>(
         &self,
         x: &mut ArrayRef4<A>,
@@ -353,6 +287,7 @@ impl Rope {
             });
         }
         let frequencies = self.frequencies(d)?;
+        let amplitude = self.amplitude();
         let half = self.rotary_dim(d) / 2;
         let pairs: Vec<(usize, usize)> = (0..half)
             .map(|i| match self.layout {
@@ -366,8 +301,8 @@ impl Rope {
                 direction * row_positions[token] as f64 * frequencies[i]
             });
             let (cos, sin) = (
-                angles.mapv(|a| A::from_f64(a.cos())),
-                angles.mapv(|a| A::from_f64(a.sin())),
+                angles.mapv(|a| A::from_f64(amplitude * a.cos())),
+                angles.mapv(|a| A::from_f64(amplitude * a.sin())),
             );
             for mut head in batch_row.outer_iter_mut() {
                 for (token, mut features) in head.axis_iter_mut(Axis(0)).enumerate() {
@@ -462,19 +397,6 @@ impl fmt::Display for Rope {
         if let Some(dims) = self.rotary_dim {
             write!(f, ", the first {dims} dimensions of each head")?;
         }
-        match self.scaling() {
-            RopeScaling::None => Ok(()),
-            RopeScaling::Linear { factor } => write!(f, ", positions divided by {factor}"),
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            } => write!(
-                f,
-                ", Llama 3 scaling (factor {factor}, low/high frequency factors \
-                 {low_freq_factor}/{high_freq_factor}, trained on {original_max_position_embeddings} positions)"
-            ),
-        }
+        write!(f, "{}", self.scaling)
     }
 }
