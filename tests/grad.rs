@@ -319,6 +319,7 @@ fn multi_head_gradients_match_torch_multihead_attention() {
             b_k: bias("b_k"),
             b_v: bias("b_v"),
             b_o: bias("b_o"),
+            sinks: None,
         };
         let mha = MultiHeadConfig::new(d_model, n_heads)
             .with_weights(weights)

@@ -325,6 +325,77 @@ fn t5_relative_bias_unscaled_and_wide_heads() {
     reproduce("t5");
 }
 
+/// Gemma 2: every layer soft-caps its scores at `attn_logit_softcapping` and
+/// scales by `query_pre_attn_scalar^(−1/2)`; layer 0 slides, layer 1 does not.
+#[test]
+fn gemma2_softcap_and_alternating_sliding_layers() {
+    let model = HfModel::open(dir("gemma2")).expect("opens");
+    let attention = &fixture("gemma2")["attention"];
+    let [sliding, global] = ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+        .map(|module| model.config(module).expect("maps"));
+    assert_eq!(sliding.causality(), Causality::SlidingWindow(3));
+    assert_eq!(global.causality(), Causality::Causal);
+    for config in [sliding, global] {
+        assert_eq!(config.softcap(), attention["softcap"].as_f64());
+        assert_eq!(Some(config.scale()), attention["scale"].as_f64());
+        assert!(!config.has_sinks());
+    }
+    reproduce("gemma2");
+}
+
+/// gpt-oss: a learned sink logit per head (read from `{module}.sinks`),
+/// biases on every projection, YaRN rotary embeddings; layer 0 slides.
+#[test]
+fn gpt_oss_sinks_yarn_and_alternating_sliding_layers() {
+    let model = HfModel::open(dir("gpt_oss")).expect("opens");
+    let attention = &fixture("gpt_oss")["attention"];
+    for (module, causality) in [
+        ("model.layers.0.self_attn", Causality::SlidingWindow(3)),
+        ("model.layers.1.self_attn", Causality::Causal),
+    ] {
+        let layer: MultiHeadAttention<f64> = model.attention(module).expect("loads");
+        assert_eq!(layer.config().causality(), causality);
+        let sinks = layer.weights().sinks.expect("sinks");
+        assert_eq!(
+            sinks,
+            array_f64(&attention["sinks"][module])
+                .into_dimensionality()
+                .expect("1-D")
+        );
+    }
+    reproduce("gpt_oss");
+}
+
+/// YaRN's frequencies and amplitude equal transformers' (computed in f64 by
+/// the fixture's script from the same formula).
+#[test]
+fn yarn_frequencies_match_transformers() {
+    let model = HfModel::open(dir("gpt_oss")).expect("opens");
+    let config = model.config("model.layers.0.self_attn").expect("maps");
+    let PositionEncoding::Rope(rope) = config.positions() else {
+        panic!("rotary");
+    };
+    let want = &fixture("gpt_oss")["attention"]["rope"];
+    let frequencies = rope.frequencies(config.head_dim()).expect("valid");
+    let expected = array_f64(&want["inv_freq"]);
+    assert_eq!(frequencies.len(), expected.len());
+    for (got, want) in frequencies.iter().zip(&expected) {
+        assert!((got - want).abs() <= 1e-15 * want, "{got} vs {want}");
+    }
+    // the ramp is inside the pairs: one pair neither kept nor fully divided
+    let plain = attn::Rope::new(rope.theta())
+        .frequencies(config.head_dim())
+        .expect("valid");
+    assert!(
+        frequencies
+            .iter()
+            .zip(&plain)
+            .any(|(f, p)| f < p && f * 32.0 > p * 1.000_001)
+    );
+    let amplitude = want["attention_factor"].as_f64().expect("a number");
+    assert!((rope.amplitude() - amplitude).abs() < 1e-15);
+}
+
 /// `torch.nn.MultiheadAttention`: no config.json; its constructor arguments are
 /// in the fixture, its masks are boolean with **true = masked**, the opposite of
 /// attn's.

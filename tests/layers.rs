@@ -39,6 +39,7 @@ fn every_golden_multi_head_case_to_1e_10() {
                 b_k: Some(vector(&case["b_k"])),
                 b_v: Some(vector(&case["b_v"])),
                 b_o: Some(vector(&case["b_o"])),
+                sinks: None,
             })
             .expect("golden weights fit");
         let (q, k, v) = (
@@ -285,6 +286,7 @@ fn multi_head_config_errors() {
         b_k: None,
         b_v: None,
         b_o: None,
+        sinks: None,
     };
     // biases missing from a configuration that has them
     assert!(matches!(
@@ -377,6 +379,7 @@ fn grouped_query_heads_equal_repeated_kv_projections() {
             b_k: Some(Array1::zeros(d)),
             b_v: Some(Array1::zeros(d)),
             b_o: g.b_o.clone(),
+            sinks: None,
         })
         .expect("fits");
     let x = random2(7, d, 9);

@@ -11,6 +11,7 @@ mod decode;
 mod demos;
 mod flex;
 mod flex_grad;
+mod flex_layers;
 mod golden_sdpa;
 mod grad;
 mod half;

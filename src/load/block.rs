@@ -22,7 +22,8 @@ impl MultiHeadConfig {
     ///
     /// The configuration errors of [`random`](Self::random);
     /// [`Error::Tensor`] naming a tensor that is missing (with the names the
-    /// file has under `prefix`), a bias the configuration does not have, or a
+    /// file has under `prefix`), a bias or sinks the configuration does not
+    /// have (sinks are `{prefix}.sinks`, one per query head), or a
     /// dtype that cannot be read; [`Error::TensorShape`] naming a tensor and both
     /// shapes; [`Error::InvalidConfig`] when a fused layout cannot hold the
     /// configuration (grouped-query heads in a per-head fused tensor, biases on
@@ -62,7 +63,7 @@ impl MultiHeadConfig {
             config: &self,
             element: PhantomData,
         };
-        let weights = match layout {
+        let mut weights = match layout {
             Layout::Separate {
                 query,
                 key,
@@ -85,12 +86,14 @@ impl MultiHeadConfig {
                     b_k: b_k?,
                     b_v: b_v?,
                     b_o: b_o?,
+                    sinks: None,
                 }
             }
             Layout::TorchMultihead => block.torch_multihead()?,
             Layout::Conv1d { qkv, output } => block.conv1d(qkv, output)?,
             Layout::FusedPerHead { qkv, output } => block.fused_per_head(qkv, output)?,
         };
+        weights.sinks = block.sinks()?;
         self.with_weights(weights)
     }
 }
@@ -172,6 +175,22 @@ impl<A: Element, D: StateDict<A>> Block<'_, A, D> {
         }
     }
 
+    /// The sink logits `{prefix}.sinks`, `(n_heads,)` (gpt-oss's name):
+    /// required where the configuration has sinks, an error where the file
+    /// has them and it does not.
+    fn sinks(&self) -> Result<Option<Array1<A>>> {
+        let heads = self.config.n_heads();
+        match (self.optional("sinks", &[heads])?, self.config.has_sinks()) {
+            (Some(sinks), true) => Ok(Some(vector(sinks))),
+            (None, false) => Ok(None),
+            (None, true) => self.required("sinks", &[heads]).map(|_| None),
+            (Some(_), false) => Err(Error::Tensor {
+                name: self.name("sinks"),
+                reason: "the weights have attention sinks but the configuration has none (see MultiHeadConfig::with_sinks)".to_string(),
+            }),
+        }
+    }
+
     /// One PyTorch `Linear`, `(out, in)`, as `(in, out)` and its bias.
     fn linear(&self, module: &str, which: Projection) -> Pair<A> {
         let (rows, cols) = which.shape(self.config);
@@ -215,6 +234,7 @@ impl<A: Element, D: StateDict<A>> Block<'_, A, D> {
             b_k,
             b_v,
             b_o: b_o?,
+            sinks: None,
         })
     }
 
@@ -243,6 +263,7 @@ impl<A: Element, D: StateDict<A>> Block<'_, A, D> {
             b_k,
             b_v,
             b_o,
+            sinks: None,
         })
     }
 
@@ -285,6 +306,7 @@ impl<A: Element, D: StateDict<A>> Block<'_, A, D> {
             b_k: bias_of(1),
             b_v: bias_of(2),
             b_o: b_o?,
+            sinks: None,
         })
     }
 }

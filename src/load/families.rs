@@ -21,10 +21,35 @@ pub(crate) struct Family {
     pub(crate) window: Window,
     /// How positions enter the scores.
     pub(crate) positions: Positions,
-    /// A scale other than `1/√head_dim` (T5: 1).
-    pub(crate) scale: Option<f64>,
+    /// The factor on the scores.
+    pub(crate) scale: Scale,
     /// Whether its self-attention takes T5's learned relative buckets.
     pub(crate) relative_buckets: bool,
+    /// Scores soft-capped at `attn_logit_softcapping` (Gemma 2).
+    pub(crate) softcap: bool,
+    /// A sink logit per head, `{module}.sinks` (gpt-oss).
+    pub(crate) sinks: bool,
+    /// What transformers' config class gives the keys a `config.json` leaves
+    /// out (absent, not null), where attn reads them.
+    pub(crate) defaults: &'static [(&'static str, Default)],
+}
+
+/// A config class's default for a key.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Default {
+    Size(u64),
+    Number(f64),
+}
+
+/// The factor on the scores.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Scale {
+    /// `1/√head_dim`.
+    Head,
+    /// A fixed factor (T5: 1, unscaled).
+    Fixed(f64),
+    /// `query_pre_attn_scalar^(−1/2)` (Gemma 2).
+    QueryPreAttnScalar,
 }
 
 /// Which projections have a bias.
@@ -75,6 +100,9 @@ pub(crate) enum Window {
     Always,
     /// `sliding_window`, when the flag `use_sliding_window` is true.
     WhenFlagged,
+    /// `sliding_window` where `layer_types[layer]` is `"sliding_attention"`
+    /// (Gemma 2, gpt-oss).
+    PerLayer,
 }
 
 /// How positions enter the scores.
@@ -98,8 +126,11 @@ const fn rotary(model_types: &'static [&'static str], biases: Biases, window: Wi
         causal: Causal::Always,
         window,
         positions: Positions::Rope,
-        scale: None,
+        scale: Scale::Head,
         relative_buckets: false,
+        softcap: false,
+        sinks: false,
+        defaults: &[],
     }
 }
 
@@ -117,14 +148,17 @@ const fn encoder(
         causal: Causal::Never,
         window: Window::None,
         positions: Positions::None,
-        scale: None,
+        scale: Scale::Head,
         relative_buckets: false,
+        softcap: false,
+        sinks: false,
+        defaults: &[],
     }
 }
 
 /// Every family attn maps, checked against `save_pretrained` checkpoints in
 /// `tests/golden/hf/`.
-pub(crate) const FAMILIES: [Family; 10] = [
+pub(crate) const FAMILIES: [Family; 12] = [
     rotary(
         &["llama"],
         Biases::Flag {
@@ -148,6 +182,39 @@ pub(crate) const FAMILIES: [Family; 10] = [
         Biases::Only(&[Query, Key, Value]),
         Window::WhenFlagged,
     ),
+    // soft-capped scores, the scale from query_pre_attn_scalar, sliding and global layers
+    Family {
+        scale: Scale::QueryPreAttnScalar,
+        softcap: true,
+        defaults: &[
+            ("query_pre_attn_scalar", Default::Number(256.0)),
+            ("attn_logit_softcapping", Default::Number(50.0)),
+            ("sliding_window", Default::Size(4096)),
+        ],
+        ..rotary(
+            &["gemma2"],
+            Biases::Flag {
+                key: "attention_bias",
+                default: false,
+                otherwise: &[],
+            },
+            Window::PerLayer,
+        )
+    },
+    // sinks, biases on every projection, sliding and global layers
+    Family {
+        sinks: true,
+        defaults: &[("sliding_window", Default::Size(128))],
+        ..rotary(
+            &["gpt_oss"],
+            Biases::Flag {
+                key: "attention_bias",
+                default: true,
+                otherwise: &[],
+            },
+            Window::PerLayer,
+        )
+    },
     Family {
         model_types: &["gpt2"],
         layout: Layout::gpt2,
@@ -193,7 +260,7 @@ pub(crate) const FAMILIES: [Family; 10] = [
     Family {
         model_types: &["t5"],
         causal: Causal::DecoderSelf,
-        scale: Some(1.0),
+        scale: Scale::Fixed(1.0),
         relative_buckets: true,
         ..encoder(&[], Layout::t5, Biases::None)
     },

@@ -6,7 +6,9 @@ use serde_json::Value;
 
 use super::StateDict;
 use super::block::{is_under, nearest};
-use super::families::{Biases, Causal, Family, Heads, Positions, Window, family, known};
+use super::families::{
+    Biases, Causal, Default, Family, Heads, Positions, Scale, Window, family, known,
+};
 use super::layout::Layout;
 use super::rope::rope;
 use super::safetensors::SafeTensors;
@@ -18,11 +20,12 @@ use crate::layers::multi_head::{Causality, MultiHeadAttention, MultiHeadConfig, 
 /// A Hugging Face checkpoint as `save_pretrained` writes it: `config.json` and
 /// `model.safetensors`. Gives each attention block's [`MultiHeadConfig`]
 /// (sizes, grouped-query heads, head width, biases, scale, causal or sliding
-/// window, RoPE with its scaling, ALiBi), its [`Layout`], and the layer loaded
-/// from the file.
+/// window — per layer where `layer_types` says so —, RoPE with its scaling,
+/// ALiBi, a soft-cap, sinks), its [`Layout`], and the layer loaded from the
+/// file.
 ///
-/// Model types: llama, mistral, qwen2, gpt2, gpt_neox, bloom, bert, roberta,
-/// vit, bart, t5. Whether a block is causal follows the model type and, for
+/// Model types: llama, mistral, qwen2, gemma2, gpt_oss, gpt2, gpt_neox, bloom,
+/// bert, roberta, vit, bart, t5. Whether a block is causal follows the model type and, for
 /// encoder–decoder models, the module's name (`decoder` self-attention is
 /// causal; cross-attention, `encoder_attn` / `EncDecAttention`, is not). For
 /// anything else, build a [`MultiHeadConfig`] by hand and call
@@ -310,8 +313,29 @@ impl HfModel {
                 }
             }
         };
-        if let Some(scale) = family.scale {
-            config = config.with_scale(scale);
+        match family.scale {
+            Scale::Head => {}
+            Scale::Fixed(scale) => config = config.with_scale(scale),
+            Scale::QueryPreAttnScalar => {
+                let scalar = self.positive_number("query_pre_attn_scalar")?;
+                config = config.with_scale(scalar.powf(-0.5));
+            }
+        }
+        if family.softcap
+            && let Some(cap) = self.optional_number("attn_logit_softcapping")?
+        {
+            config = config.with_softcap(cap);
+        }
+        if family.sinks {
+            config = config.with_sinks();
+        }
+        if self.flag("use_bidirectional_attention", false)? {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "{}: use_bidirectional_attention is not mapped (a causal {} block is)",
+                    self.config_path, self.model_type
+                ),
+            });
         }
         let causal = match family.causal {
             Causal::Always => true,
@@ -323,6 +347,7 @@ impl HfModel {
             Window::WhenFlagged if self.flag("use_sliding_window", false)? => {
                 self.optional_size("sliding_window")?
             }
+            Window::PerLayer => self.layer_window(module)?,
             Window::WhenFlagged | Window::None => None,
         };
         config = config.with_causality(match (causal, window) {
@@ -331,13 +356,11 @@ impl HfModel {
             (true, Some(w)) => Causality::SlidingWindow(w),
         });
         Ok(match family.positions {
-            Positions::Rope => {
-                config.with_positions(PositionEncoding::Rope(rope(
-                    &self.config,
-                    &self.config_path,
-                    config.head_dim(),
-                )?))
-            }
+            Positions::Rope => config.with_positions(PositionEncoding::Rope(rope(
+                &self.config,
+                &self.config_path,
+                config.head_dim(),
+            )?)),
             Positions::Alibi => config.with_positions(PositionEncoding::Alibi),
             Positions::None => config,
         })
@@ -404,7 +427,7 @@ impl HfModel {
 
     /// `key` as a size, `None` when absent or null.
     fn optional_size(&self, key: &str) -> Result<Option<usize>> {
-        match &self.config[key] {
+        match &self.value(key) {
             Value::Null => Ok(None),
             v => v
                 .as_u64()
@@ -415,6 +438,96 @@ impl HfModel {
                         self.config_path
                     ),
                 }),
+        }
+    }
+
+    /// The window of the layer `module` names (`…layers.{i}…`) where
+    /// `layer_types[i]` is `"sliding_attention"`; none where it is
+    /// `"full_attention"`.
+    fn layer_window(&self, module: &str) -> Result<Option<usize>> {
+        let invalid = |reason: String| Error::InvalidConfig {
+            reason: format!("{}: {reason}", self.config_path),
+        };
+        let types = match self.config.get("layer_types") {
+            Some(Value::Array(types)) => Some(types),
+            // transformers' default: even layers slide, odd ones attend to all
+            None | Some(Value::Null) => None,
+            Some(other) => {
+                return Err(invalid(format!(
+                    "layer_types must be a list of \"sliding_attention\" / \"full_attention\", got {other}"
+                )));
+            }
+        };
+        let mut parts = module.split('.');
+        let layer = parts
+            .by_ref()
+            .find(|&part| part == "layers")
+            .and(parts.next())
+            .and_then(|index| index.parse::<usize>().ok())
+            .ok_or_else(|| {
+                invalid(format!(
+                    "the module {module:?} names no layer (…layers.N…), so its kind in layer_types is unknown"
+                ))
+            })?;
+        let kind = match types {
+            Some(types) => types.get(layer).and_then(Value::as_str).ok_or_else(|| {
+                invalid(format!(
+                    "layer_types has no kind (a string) for layer {layer} of its {}",
+                    types.len()
+                ))
+            })?,
+            None if layer % 2 == 0 => "sliding_attention",
+            None => "full_attention",
+        };
+        match kind {
+            "sliding_attention" => self.optional_size("sliding_window"),
+            "full_attention" => Ok(None),
+            other => Err(invalid(format!(
+                "layer_types[{layer}] is {other:?}: \"sliding_attention\" and \"full_attention\" are mapped"
+            ))),
+        }
+    }
+
+    /// The value of `key`: the file's, or where the file leaves it out, the
+    /// default of the family's config class (null where it has none).
+    fn value(&self, key: &str) -> Value {
+        if let Some(value) = self.config.get(key) {
+            return value.clone();
+        }
+        let default = self.family().ok().and_then(|family| {
+            family
+                .defaults
+                .iter()
+                .find(|(name, _)| *name == key)
+                .map(|&(_, default)| default)
+        });
+        match default {
+            Some(Default::Size(n)) => Value::from(n),
+            Some(Default::Number(x)) => Value::from(x),
+            None => Value::Null,
+        }
+    }
+
+    /// `key` as a number, `None` when null (or absent without a default).
+    fn optional_number(&self, key: &str) -> Result<Option<f64>> {
+        match &self.value(key) {
+            Value::Null => Ok(None),
+            v => v.as_f64().map(Some).ok_or_else(|| Error::InvalidConfig {
+                reason: format!("{}: {key} must be a number, got {v}", self.config_path),
+            }),
+        }
+    }
+
+    /// `key` as a finite positive number, which must be there.
+    fn positive_number(&self, key: &str) -> Result<f64> {
+        match self.optional_number(key)? {
+            Some(x) if x.is_finite() && x > 0.0 => Ok(x),
+            found => Err(Error::InvalidConfig {
+                reason: format!(
+                    "{} ({}): {key} must be a finite positive number, got {found:?}",
+                    self.config_path, self.model_type
+                ),
+            }),
         }
     }
 

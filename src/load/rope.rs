@@ -95,13 +95,14 @@ pub(super) fn rope(config: &Value, path: &str, head_dim: usize) -> Result<Rope> 
                 None => true,
                 Some(Value::Bool(flag)) => *flag,
                 Some(other) => {
-                    return Err(invalid(format!("truncate must be true or false, got {other}")));
+                    return Err(invalid(format!(
+                        "truncate must be true or false, got {other}"
+                    )));
                 }
             };
             // transformers: `beta_fast or 32`, so 0 means the default too
-            let or_default = |value: Option<f64>, default: f64| {
-                value.filter(|&x| x != 0.0).unwrap_or(default)
-            };
+            let or_default =
+                |value: Option<f64>, default: f64| value.filter(|&x| x != 0.0).unwrap_or(default);
             RopeScaling::Yarn {
                 factor,
                 original_max_position_embeddings: original()?,

@@ -1,12 +1,13 @@
 //! Attention of new tokens over a key/value cache: causal, padded, windowed.
 
-use ndarray::{Array2, Array4, ArrayRef2, ArrayRef4, ArrayView4, Axis};
+use ndarray::{Array2, Array4, ArrayRef1, ArrayRef2, ArrayRef4, Axis};
 
 use super::KvCache;
 use crate::core::mask::{Mask, broadcast_all};
 use crate::core::problem::check_scale;
 use crate::element::Storage;
 use crate::error::{Error, Result};
+use crate::sdpa::flex::Forward;
 use crate::sdpa::{AttentionOutput, ScaledDotProduct};
 
 /// What one step of attention over the cache returns: the output, and the
@@ -14,15 +15,19 @@ use crate::sdpa::{AttentionOutput, ScaledDotProduct};
 type Step<A> = (Array4<A>, Option<Array4<A>>);
 
 /// What a step attends with, beside the cache's causal order: the scores' scale
-/// (`None`: `1/√d_k`) and a window. A call on the cache itself uses the cache's
+/// (`None`: `1/√d_k`), a window, a soft-cap and sinks. A call on the cache itself uses the cache's
 /// own ([`KvCache::with_scale`], and the window its ring already keeps); a
 /// layer passes its own, so each setting has one home: the caller's.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Settings<A> {
+pub(crate) struct Settings<'s, A: Storage> {
     pub(crate) scale: Option<A>,
     /// The positions a query sees, itself included; a mask where the cache holds
     /// more than this.
     pub(crate) window: Option<usize>,
+    /// A soft-cap on the scaled scores (Gemma 2).
+    pub(crate) softcap: Option<A::Compute>,
+    /// A sink logit per query head (gpt-oss).
+    pub(crate) sinks: Option<&'s ArrayRef1<A>>,
 }
 
 impl<A: Storage> KvCache<A> {
@@ -153,10 +158,12 @@ impl<A: Storage> KvCache<A> {
     }
 
     /// The cache's own settings: its scale, and no window beyond its ring.
-    fn own(&self) -> Settings<A> {
+    fn own(&self) -> Settings<'static, A> {
         Settings {
             scale: self.scale,
             window: None,
+            softcap: None,
+            sinks: None,
         }
     }
 
@@ -165,7 +172,7 @@ impl<A: Storage> KvCache<A> {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn step(
         &mut self,
-        settings: Settings<A>,
+        settings: Settings<'_, A>,
         q: &ArrayRef4<A>,
         k_new: &ArrayRef4<A>,
         v_new: &ArrayRef4<A>,
@@ -208,16 +215,7 @@ impl<A: Storage> KvCache<A> {
             });
         }
         if let (Some(window), true) = (self.window, t > 1) {
-            return self.chunk_in_window(
-                window,
-                settings.scale,
-                q,
-                k_new,
-                v_new,
-                real,
-                masks,
-                weights,
-            );
+            return self.chunk_in_window(window, settings, q, k_new, v_new, real, masks, weights);
         }
         // the masks must fit the keys this step will see, before any is written
         let keys_seen = match self.window {
@@ -237,7 +235,14 @@ impl<A: Storage> KvCache<A> {
         for mask in masks {
             attention = attention.with_mask(mask.reborrow());
         }
-        run(&attention, q, self.keys(), self.values(), weights)
+        let (keys, values) = (self.keys(), self.values());
+        let forward = Forward {
+            q,
+            k: &keys,
+            v: &values,
+            weights,
+        };
+        attention.call_with(settings.softcap, settings.sinks, forward)
     }
 
     /// Several new positions in a sliding cache: attend over the held slots and the
@@ -247,7 +252,7 @@ impl<A: Storage> KvCache<A> {
     fn chunk_in_window(
         &mut self,
         window: usize,
-        scale: Option<A>,
+        settings: Settings<'_, A>,
         q: &ArrayRef4<A>,
         k_new: &ArrayRef4<A>,
         v_new: &ArrayRef4<A>,
@@ -269,11 +274,17 @@ impl<A: Storage> KvCache<A> {
             let (query, key) = (held + i, j);
             flags[[row, j]] && key <= query && key + window > query
         });
-        let mut attention = scaled(scale).with_mask(Mask::keep(&keep));
+        let mut attention = scaled(settings.scale).with_mask(Mask::keep(&keep));
         for mask in masks {
             attention = attention.with_mask(mask.reborrow());
         }
-        let out = run(&attention, q, keys.view(), values.view(), weights)?;
+        let forward = Forward {
+            q,
+            k: &keys,
+            v: &values,
+            weights,
+        };
+        let out = attention.call_with(settings.softcap, settings.sinks, forward)?;
         self.write(k_new, v_new, real.view());
         Ok(out)
     }
@@ -284,21 +295,5 @@ fn scaled<'m, A: Storage>(scale: Option<A>) -> ScaledDotProduct<'m, A> {
     match scale {
         Some(scale) => ScaledDotProduct::new().with_scale(scale),
         None => ScaledDotProduct::new(),
-    }
-}
-
-/// The step's attention, with or without its weights.
-fn run<A: Storage>(
-    attention: &ScaledDotProduct<'_, A>,
-    q: &ArrayRef4<A>,
-    keys: ArrayView4<'_, A>,
-    values: ArrayView4<'_, A>,
-    weights: bool,
-) -> Result<Step<A>> {
-    if weights {
-        let out = attention.forward_batched_with_weights(q, &keys, &values)?;
-        Ok((out.output, Some(out.weights)))
-    } else {
-        Ok((attention.forward_batched(q, &keys, &values)?, None))
     }
 }

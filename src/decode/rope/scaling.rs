@@ -174,7 +174,8 @@ impl RopeScaling {
             } => {
                 // the pair index that turns `rotations` times over the original context
                 let pair = |rotations: f64| {
-                    r as f64 * (original_max_position_embeddings as f64 / (rotations * 2.0 * PI)).ln()
+                    r as f64
+                        * (original_max_position_embeddings as f64 / (rotations * 2.0 * PI)).ln()
                         / (2.0 * theta.ln())
                 };
                 let (mut low, mut high) = (pair(beta_fast), pair(beta_slow));

@@ -1,14 +1,18 @@
 //! Gradients through multi-head attention: every weight and bias, and each input.
 
-use ndarray::{Array, ArrayRef2, ArrayRef3, Axis, Dimension, Ix2, Ix3};
+use ndarray::{Array, Array1, Array2, ArrayRef2, ArrayRef3, Axis, Dimension, Ix2, Ix3, Ix4};
 
 use super::weights::MultiHeadWeights;
 use super::{
-    MultiHeadAttention, PositionEncoding, batch_of_one, concat, in_callers_shapes, in_order, split,
+    MultiHeadAttention, PositionEncoding, QkvHeads, batch_of_one, concat, in_callers_shapes,
+    in_order, split,
 };
 use crate::core::mask::Mask;
 use crate::element::Element;
 use crate::error::{Error, Result};
+use crate::flex::ScoreMod;
+use crate::layers::linear::LinearGradients;
+use crate::sdpa::flex::{FlexAttention, FlexGradients, LayerCall};
 
 /// The gradients of a loss through a [`MultiHeadAttention`], given the gradient by
 /// its output: one per input, and one per weight and bias, shaped like the layer's
@@ -146,21 +150,20 @@ impl<A: Element> MultiHeadAttention<A> {
                 found: d_out.shape().to_vec(),
             });
         }
-        let slopes = self.slopes();
-        let attn = self.attention(masks, &slopes);
-        let [w_q, w_k, w_v, w_o] = &self.linears;
-        // forward again to the concatenated heads (keeping each row's log-sum-exp
-        // for the attention's backward), then back through each step
-        let (q, k, v) = (&heads.q, &heads.k, &heads.v);
-        let forward = attn.forward_with_lse(q, k, v)?;
-        let g_o = w_o.backward_batched(&concat(forward.output.clone()), d_out)?;
-        let d_heads = split(g_o.input, self.config.n_heads(), self.config.head_dim());
-        let mut g = attn.backward_with_lse(q, k, v, &forward, &d_heads)?;
+        let ((w_o, b_o), mut g) = self.through(
+            masks,
+            Backward {
+                layer: self,
+                heads: &heads,
+                d_out,
+            },
+        )?;
         // rotary embeddings are rotations: their gradient rotates back
         if let PositionEncoding::Rope(rope) = self.config.positions() {
             rope.apply_transpose(&mut g.q, &in_order(b, l))?;
             rope.apply_transpose(&mut g.k, &in_order(b, key.dim().1))?;
         }
+        let [w_q, w_k, w_v, _] = &self.linears;
         let g_q = w_q.backward_batched(query, &concat(g.q))?;
         let g_k = w_k.backward_batched(key, &concat(g.k))?;
         let g_v = w_v.backward_batched(value, &concat(g.v))?;
@@ -172,12 +175,45 @@ impl<A: Element> MultiHeadAttention<A> {
                 w_q: g_q.weight,
                 w_k: g_k.weight,
                 w_v: g_v.weight,
-                w_o: g_o.weight,
+                w_o,
                 b_q: g_q.bias,
                 b_k: g_k.bias,
                 b_v: g_v.bias,
-                b_o: g_o.bias,
+                b_o,
+                sinks: g.sinks,
             },
         })
+    }
+}
+
+/// The backward through a layer's attention and `W_O`: the forward again to
+/// the concatenated heads (keeping each row's log-sum-exp), `W_O`'s backward,
+/// then the attention's.
+struct Backward<'a, A> {
+    layer: &'a MultiHeadAttention<A>,
+    heads: &'a QkvHeads<A>,
+    d_out: &'a ArrayRef3<A>,
+}
+
+impl<A: Element> LayerCall<A> for Backward<'_, A> {
+    /// `W_O`'s weight and bias gradients, and the attention's.
+    type Output = ((Array2<A>, Option<Array1<A>>), FlexGradients<A, Ix4>);
+
+    fn call<F: ScoreMod<A>>(self, attention: &FlexAttention<'_, A, F>) -> Result<Self::Output> {
+        let Backward {
+            layer,
+            heads: QkvHeads { q, k, v },
+            d_out,
+        } = self;
+        let forward = attention.forward_with_lse(q, k, v)?;
+        let LinearGradients {
+            input,
+            weight,
+            bias,
+        } = layer.linears[3].backward_batched(&concat(forward.output.clone()), d_out)?;
+        let config = &layer.config;
+        let d_heads = split(input, config.n_heads(), config.head_dim());
+        let g = attention.backward_with_lse(q, k, v, &forward, &d_heads)?;
+        Ok(((weight, bias), g))
     }
 }

@@ -1,6 +1,6 @@
 //! Multi-head attention one or a few tokens at a time, with a key/value cache.
 
-use ndarray::{Array2, Array3, Array4, ArrayRef2, ArrayRef3, Ix3};
+use ndarray::{Array2, Array3, ArrayRef2, ArrayRef3, Ix3};
 
 use super::forward::positions_of;
 use super::{MultiHeadAttention, MultiHeadOutput, alibi};
@@ -206,14 +206,13 @@ impl<A: Element> MultiHeadAttention<A> {
         let settings = Settings {
             scale: Some(A::from_f64(config.scale())),
             window: config.causality().window(),
+            softcap: config.softcap().map(A::from_f64),
+            sinks: self.sinks.as_deref(),
         };
         let alibi: Vec<Mask<'_, A>> = alibi(&slopes).into_iter().collect();
         let (output, head_weights) = cache.step(
             settings, &heads.q, &heads.k, &heads.v, real, &alibi, weights,
         )?;
-        self.finish(
-            output,
-            head_weights.unwrap_or_else(|| Array4::zeros((0, 0, 0, 0))),
-        )
+        self.finish(output, head_weights)
     }
 }

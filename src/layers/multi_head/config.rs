@@ -1,65 +1,8 @@
 //! The sizes and settings of a multi-head attention layer, and the names of its
 //! four projections.
 
-use crate::decode::rope::Rope;
+pub use super::settings::{Causality, PositionEncoding};
 use crate::error::{Error, Result};
-
-/// Which keys each query of a layer may see, whatever the call's masks add.
-///
-/// # Examples
-///
-/// ```
-/// use attn::{Causality, MultiHeadConfig};
-///
-/// let mistral = MultiHeadConfig::new(32, 4).with_causality(Causality::SlidingWindow(4096));
-/// assert_eq!(mistral.causality(), Causality::SlidingWindow(4096));
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Causality {
-    /// Every query sees every key (encoders: BERT, ViT, T5's encoder; cross-attention).
-    None,
-    /// Query `i` sees keys up to its own position, aligned bottom-right
-    /// ([`Mask::CausalBottomRight`](crate::Mask::CausalBottomRight)): decoders.
-    Causal,
-    /// Causal within a window: each query sees itself and the `size − 1` positions
-    /// before it ([`Mask::SlidingWindow`](crate::Mask::SlidingWindow)): Mistral.
-    SlidingWindow(usize),
-}
-
-impl Causality {
-    /// The window of [`SlidingWindow`](Self::SlidingWindow), `None` otherwise.
-    pub(crate) fn window(self) -> Option<usize> {
-        match self {
-            Causality::SlidingWindow(size) => Some(size),
-            Causality::None | Causality::Causal => None,
-        }
-    }
-}
-
-/// How a layer tells tokens apart by position, inside the attention.
-///
-/// Absolute position embeddings added before the layer (GPT-2, BERT, ViT) need
-/// nothing here; T5's learned relative bias is a per-call
-/// [`Mask::Bias`](crate::Mask::Bias) built by [`RelativeBuckets`](crate::RelativeBuckets).
-///
-/// # Examples
-///
-/// ```
-/// use attn::{MultiHeadConfig, PositionEncoding, Rope};
-///
-/// let llama = MultiHeadConfig::new(64, 8).with_positions(PositionEncoding::Rope(Rope::new(500_000.0)));
-/// assert!(matches!(llama.positions(), PositionEncoding::Rope(_)));
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum PositionEncoding {
-    /// Nothing inside the layer.
-    None,
-    /// Rotary embeddings on the projected queries and keys, at each token's position.
-    Rope(Rope),
-    /// ALiBi with the standard slopes of `n_heads` heads
-    /// ([`alibi_slopes`](crate::alibi_slopes)): Bloom, MPT.
-    Alibi,
-}
 
 /// One of the four projections of a [`MultiHeadAttention`](crate::MultiHeadAttention).
 ///
@@ -137,6 +80,8 @@ pub struct MultiHeadConfig {
     scale: Option<f64>,
     causality: Causality,
     positions: PositionEncoding,
+    softcap: Option<f64>,
+    sinks: bool,
 }
 
 impl MultiHeadConfig {
@@ -162,6 +107,8 @@ impl MultiHeadConfig {
             scale: None,
             causality: Causality::None,
             positions: PositionEncoding::None,
+            softcap: None,
+            sinks: false,
         }
     }
 
@@ -288,6 +235,56 @@ impl MultiHeadConfig {
     pub fn with_positions(mut self, positions: PositionEncoding) -> Self {
         self.positions = positions;
         self
+    }
+
+    /// Soft-caps the scaled scores at `cap`: `cap·tanh(s/cap)` before masks
+    /// and the softmax (Gemma 2's `attn_logit_softcapping`; see
+    /// [`SoftCap`](crate::flex::SoftCap)).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(attn::MultiHeadConfig::new(8, 2).with_softcap(50.0).softcap(), Some(50.0));
+    /// ```
+    pub fn with_softcap(mut self, cap: f64) -> Self {
+        self.softcap = Some(cap);
+        self
+    }
+
+    /// Gives every query head a learned sink logit in its softmax's denominator
+    /// (gpt-oss's `sinks`): the weights of a row sum to less than 1. The logits
+    /// are part of the layer's weights ([`MultiHeadWeights::sinks`](crate::MultiHeadWeights::sinks)).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert!(attn::MultiHeadConfig::new(8, 2).with_sinks().has_sinks());
+    /// ```
+    pub fn with_sinks(mut self) -> Self {
+        self.sinks = true;
+        self
+    }
+
+    /// The soft-cap on the scores, if any.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(attn::MultiHeadConfig::new(8, 2).softcap(), None);
+    /// ```
+    pub fn softcap(&self) -> Option<f64> {
+        self.softcap
+    }
+
+    /// Whether the layer has attention sinks.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert!(!attn::MultiHeadConfig::new(8, 2).has_sinks());
+    /// ```
+    pub fn has_sinks(&self) -> bool {
+        self.sinks
     }
 
     /// Whether projection `which` has a bias.
@@ -528,6 +525,11 @@ impl MultiHeadConfig {
             && !(scale.is_finite() && scale != 0.0)
         {
             return invalid(format!("scale must be finite and non-zero, got {scale}"));
+        }
+        if let Some(cap) = self.softcap
+            && !(cap.is_finite() && cap > 0.0)
+        {
+            return invalid(format!("a soft-cap must be finite and positive, got {cap}"));
         }
         if self.causality == Causality::SlidingWindow(0) {
             return invalid("a sliding window needs a size of at least 1".to_string());

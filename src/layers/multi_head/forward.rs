@@ -6,6 +6,7 @@ use super::{MultiHeadAttention, MultiHeadOutput, QkvHeads, batch_of_one, in_call
 use crate::core::mask::Mask;
 use crate::element::Element;
 use crate::error::{Error, Result};
+use crate::sdpa::flex::Forward;
 
 impl<A: Element> MultiHeadAttention<A> {
     /// Multi-head attention on 2-D inputs.
@@ -274,15 +275,13 @@ impl<A: Element> MultiHeadAttention<A> {
         masks: &[Mask<'_, A>],
         weights: bool,
     ) -> Result<MultiHeadOutput<A, Ix3>> {
-        let slopes = self.slopes();
-        let attention = self.attention(masks, &slopes);
-        let (output, head_weights) = if weights {
-            let out = attention.forward_batched_with_weights(&heads.q, &heads.k, &heads.v)?;
-            (out.output, out.weights)
-        } else {
-            let out = attention.forward_batched(&heads.q, &heads.k, &heads.v)?;
-            (out, Array4::zeros((0, 0, 0, 0)))
+        let forward = Forward {
+            q: &heads.q,
+            k: &heads.k,
+            v: &heads.v,
+            weights,
         };
+        let (output, head_weights) = self.through(masks, forward)?;
         self.finish(output, head_weights)
     }
 
@@ -290,8 +289,9 @@ impl<A: Element> MultiHeadAttention<A> {
     pub(super) fn finish(
         &self,
         heads: Array4<A>,
-        head_weights: Array4<A>,
+        head_weights: Option<Array4<A>>,
     ) -> Result<MultiHeadOutput<A, Ix3>> {
+        let head_weights = head_weights.unwrap_or_else(|| Array4::zeros((0, 0, 0, 0)));
         let n_heads = A::from_f64(head_weights.dim().1.max(1) as f64);
         Ok(MultiHeadOutput {
             output: self.merge_heads(heads)?,

@@ -3,9 +3,9 @@
 mod backward;
 mod cached;
 mod config;
-mod describe;
 mod forward;
 mod heads;
+mod settings;
 mod weights;
 
 use ndarray::{Array, Array1, Array2, Array3, Array4, ArrayRef2, ArrayView3, Axis, Dimension};
@@ -24,12 +24,15 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::rng;
 use crate::sdpa::ScaledDotProduct;
+use crate::sdpa::flex::LayerCall;
 
 /// Multi-head attention, as PyTorch's `nn.MultiheadAttention(batch_first=True)`
-/// and the attention blocks of Hugging Face models (Llama, Mistral, Qwen2, GPT-2,
-/// GPT-NeoX, Bloom, BERT, ViT, BART, T5): grouped-query heads, any head width,
-/// biases per projection, a scale, a causal or sliding-window pattern, and rotary
-/// or ALiBi positions, all set on its [`MultiHeadConfig`].
+/// and the attention blocks of Hugging Face models (Llama, Mistral, Qwen2, Gemma 2,
+/// gpt-oss, GPT-2, GPT-NeoX, Bloom, BERT, ViT, BART, T5): grouped-query heads, any
+/// head width, biases per projection, a scale, a causal or sliding-window pattern,
+/// rotary or ALiBi positions, a soft-cap on the scores and attention sinks, all set
+/// on its [`MultiHeadConfig`] (the soft-cap and sinks run as
+/// [`FlexAttention`](crate::flex::FlexAttention) does, in the fused kernels).
 ///
 /// Each head `h` attends with `softmax(Q_h K_hᵀ·scale)·V_h` on its slice of the
 /// projected (and, with RoPE, rotated) queries, keys and values; the heads are
@@ -67,6 +70,8 @@ pub struct MultiHeadAttention<A> {
     config: MultiHeadConfig,
     /// `W_Q`, `W_K`, `W_V`, `W_O` with their biases, in the order of [`Projection::ALL`].
     linears: [Linear<A>; 4],
+    /// A sink logit per query head, where the configuration has sinks.
+    sinks: Option<Array1<A>>,
 }
 
 /// The output of multi-head attention with the weights of every head and their mean
@@ -109,7 +114,8 @@ impl MultiHeadConfig {
     /// [`Error::InvalidConfig`] when `d_model` or `n_heads` is 0, `n_heads` does not
     /// divide `d_model` (and no head width is set), `kdim` or `vdim` is 0,
     /// `n_kv_heads` does not divide `n_heads`, the scale is 0 or not finite, a
-    /// sliding window is 0, the rotary settings do not fit the head (see
+    /// sliding window is 0, a soft-cap is not finite and positive, the rotary
+    /// settings do not fit the head (see
     /// [`Rope::check`](crate::Rope::check)); or when `init` is invalid.
     ///
     /// # Examples
@@ -186,6 +192,7 @@ impl MultiHeadConfig {
             b_k: zeros(Projection::Key),
             b_v: zeros(Projection::Value),
             b_o: zeros(Projection::Output),
+            sinks: self.has_sinks().then(|| Array1::zeros(self.n_heads())),
         })
     }
 
@@ -196,7 +203,9 @@ impl MultiHeadConfig {
     /// The configuration errors of [`random`](Self::random); [`Error::Shape`] when a
     /// weight or bias does not have its shape (see [`MultiHeadWeights`]), or when a
     /// bias is given to a projection without one (see
-    /// [`with_bias_on`](Self::with_bias_on)) or missing from one with one.
+    /// [`with_bias_on`](Self::with_bias_on)) or missing from one with one, and
+    /// sinks the same way ([`with_sinks`](Self::with_sinks));
+    /// [`Error::InvalidConfig`] for a sink that is not finite.
     ///
     /// # Examples
     ///
@@ -207,7 +216,7 @@ impl MultiHeadConfig {
     /// let w = |r, c| Array2::<f64>::zeros((r, c));
     /// let weights = MultiHeadWeights {
     ///     w_q: w(4, 4), w_k: w(4, 2), w_v: w(4, 2), w_o: w(4, 4),
-    ///     b_q: None, b_k: None, b_v: None, b_o: None,
+    ///     b_q: None, b_k: None, b_v: None, b_o: None, sinks: None,
     /// };
     /// let config = MultiHeadConfig::new(4, 2).with_kv_heads(1).without_bias();
     /// assert!(config.with_weights(weights).is_ok());
@@ -218,8 +227,10 @@ impl MultiHeadConfig {
         weights: MultiHeadWeights<A>,
     ) -> Result<MultiHeadAttention<A>> {
         self.check()?;
+        let (linears, sinks) = weights.into_parts(&self)?;
         Ok(MultiHeadAttention {
-            linears: weights.into_linears(&self)?,
+            linears,
+            sinks,
             config: self,
         })
     }
@@ -254,7 +265,7 @@ impl<A: Element> MultiHeadAttention<A> {
     /// # Ok::<(), attn::Error>(())
     /// ```
     pub fn weights(&self) -> MultiHeadWeights<A> {
-        MultiHeadWeights::from_linears(&self.linears)
+        MultiHeadWeights::from_parts(&self.linears, self.sinks.as_ref())
     }
 
     /// One of the layer's four projections.
@@ -312,21 +323,20 @@ impl<A: Element> MultiHeadAttention<A> {
         masks
     }
 
-    /// The layer's attention: its scale and [`layer_masks`](Self::layer_masks),
-    /// then the call's masks.
-    fn attention<'m>(
-        &self,
-        masks: &'m [Mask<'_, A>],
-        slopes: &'m Array1<A>,
-    ) -> ScaledDotProduct<'m, A> {
+    /// `call` through the layer's attention: its scale and
+    /// [`layer_masks`](Self::layer_masks), then the call's masks, its soft-cap
+    /// and sinks.
+    fn through<C: LayerCall<A>>(&self, masks: &[Mask<'_, A>], call: C) -> Result<C::Output> {
+        let slopes = self.slopes();
         let mut attention = ScaledDotProduct::new().with_scale(A::from_f64(self.config.scale()));
-        for mask in self.layer_masks(slopes) {
+        for mask in self.layer_masks(&slopes) {
             attention = attention.with_mask(mask);
         }
         for mask in masks {
             attention = attention.with_mask(mask.reborrow());
         }
-        attention
+        let softcap = self.config.softcap().map(A::from_f64);
+        attention.call_with(softcap, self.sinks.as_deref(), call)
     }
 }
 

@@ -15,7 +15,7 @@ use crate::layers::linear::Linear;
 /// `w_q: (d_model, inner_dim)`, `w_k: (kdim, kv_width)`, `w_v: (vdim, kv_width)`,
 /// `w_o: (inner_dim, d_model)`, where `inner_dim = n_heads · head_dim` (`d_model`
 /// unless the head width is set) and `kv_width = n_kv_heads · head_dim`; biases are
-/// as long as their weight's columns. PyTorch stores `(out, in)`: transpose its
+/// as long as their weight's columns; `sinks: (n_heads,)`. PyTorch stores `(out, in)`: transpose its
 /// `q_proj_weight` (or the slices of `in_proj_weight`) and `out_proj.weight`.
 ///
 /// # Examples
@@ -27,7 +27,7 @@ use crate::layers::linear::Linear;
 /// let eye = Array2::<f64>::eye(4);
 /// let weights = MultiHeadWeights {
 ///     w_q: eye.clone(), w_k: eye.clone(), w_v: eye.clone(), w_o: eye,
-///     b_q: None, b_k: None, b_v: None, b_o: None,
+///     b_q: None, b_k: None, b_v: None, b_o: None, sinks: None,
 /// };
 /// let mha = MultiHeadConfig::new(4, 2).without_bias().with_weights(weights)?;
 /// assert_eq!(mha.weights().w_o.dim(), (4, 4));
@@ -51,7 +51,13 @@ pub struct MultiHeadWeights<A> {
     pub b_v: Option<Array1<A>>,
     /// Output bias `(d_model,)`.
     pub b_o: Option<Array1<A>>,
+    /// One sink logit per query head, `(n_heads,)`, for a layer configured
+    /// [`with_sinks`](MultiHeadConfig::with_sinks).
+    pub sinks: Option<Array1<A>>,
 }
+
+/// A layer's four projections and its sinks.
+pub(crate) type Parts<A> = ([Linear<A>; 4], Option<Array1<A>>);
 
 impl Projection {
     /// How a wrong weight is named in an error.
@@ -89,13 +95,30 @@ impl<A: Element> MultiHeadWeights<A> {
 
     /// Checks every weight and bias against `config` and makes the four layers,
     /// in the order of [`Projection::ALL`].
-    pub(crate) fn into_linears(mut self, config: &MultiHeadConfig) -> Result<[Linear<A>; 4]> {
-        Ok([
+    pub(crate) fn into_parts(mut self, config: &MultiHeadConfig) -> Result<Parts<A>> {
+        let linears = [
             self.linear(Projection::Query, config)?,
             self.linear(Projection::Key, config)?,
             self.linear(Projection::Value, config)?,
             self.linear(Projection::Output, config)?,
-        ])
+        ];
+        let heads = config.n_heads();
+        match (self.sinks, config.has_sinks()) {
+            (None, false) => Ok((linears, None)),
+            (Some(sinks), true) if sinks.len() == heads => {
+                match sinks.iter().find(|x| !x.is_finite()) {
+                    Some(bad) => Err(Error::InvalidConfig {
+                        reason: format!("a sink logit must be finite, got {bad:?}"),
+                    }),
+                    None => Ok((linears, Some(sinks))),
+                }
+            }
+            (sinks, has_sinks) => Err(Error::Shape {
+                what: "sinks: one logit per query head where the configuration has sinks (MultiHeadConfig::with_sinks), none where not",
+                expected: if has_sinks { vec![heads] } else { vec![] },
+                found: sinks.map(|s| vec![s.len()]).unwrap_or_default(),
+            }),
+        }
     }
 
     /// One projection's layer, its weight and bias checked against `config`.
@@ -122,7 +145,7 @@ impl<A: Element> MultiHeadWeights<A> {
     }
 
     /// The weights of four layers, in the order of [`Projection::ALL`].
-    pub(crate) fn from_linears(linears: &[Linear<A>; 4]) -> Self {
+    pub(crate) fn from_parts(linears: &[Linear<A>; 4], sinks: Option<&Array1<A>>) -> Self {
         let [q, k, v, o] = linears;
         MultiHeadWeights {
             w_q: q.weight().clone(),
@@ -133,6 +156,7 @@ impl<A: Element> MultiHeadWeights<A> {
             b_k: k.bias().cloned(),
             b_v: v.bias().cloned(),
             b_o: o.bias().cloned(),
+            sinks: sinks.cloned(),
         }
     }
 }
