@@ -5,7 +5,6 @@ mod block;
 mod families;
 pub(crate) mod hf;
 pub(crate) mod layout;
-mod rope;
 pub(crate) mod safetensors;
 
 use std::collections::HashMap;

@@ -2,6 +2,7 @@
 
 mod backward;
 mod cached;
+mod check;
 mod config;
 mod forward;
 mod heads;

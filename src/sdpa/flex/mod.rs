@@ -2,22 +2,21 @@
 //! attention with a score modification, a block mask and attention sinks,
 //! forward and backward through the fused kernels.
 
-use ndarray::{
-    Array, Array1, Array4, ArrayD, ArrayRef, ArrayRef1, ArrayRef4, ArrayView1, CowArray, Dimension,
-    Ix1,
-};
+mod layer;
+mod weights;
 
-use super::AttentionOutput;
+pub(crate) use layer::{Forward, LayerCall};
+
+use ndarray::{Array, Array1, ArrayD, ArrayRef, ArrayRef1, ArrayView1, CowArray, Dimension, Ix1};
+
 use super::ScaledDotProduct;
 use super::lse::AttentionLse;
 use crate::core::problem::AttentionDim;
-use crate::core::problem::Problem;
 use crate::element::{Element, Storage};
 use crate::error::{Error, Result};
-use crate::flex::SoftCap;
 use crate::flex::blocks::BlockMask;
 use crate::flex::function::{Identity, KeepAll, KeepMod, ScoreMod};
-use crate::flex::program::{Flex, Plain, Program};
+use crate::flex::program::{Flex, Plain};
 
 /// Scaled dot-product attention programmed by the user: a score modification
 /// `F` ([`ScoreMod`]), a block mask over a keep predicate `K` ([`BlockMask`]),
@@ -183,65 +182,6 @@ impl<'m, A: Storage> ScaledDotProduct<'m, A> {
     }
 }
 
-/// A call a layer makes through its attention, whatever score modification
-/// that attention carries: one generic method, as Rust's closures cannot be
-/// generic.
-pub(crate) trait LayerCall<A: Storage> {
-    /// What the call returns.
-    type Output;
-
-    /// The call through `attention`.
-    fn call<F: ScoreMod<A::Compute>>(
-        self,
-        attention: &FlexAttention<'_, A, F>,
-    ) -> Result<Self::Output>;
-}
-
-/// A forward call over projected heads, with the weights when asked for.
-pub(crate) struct Forward<'h, A> {
-    pub(crate) q: &'h ArrayRef4<A>,
-    pub(crate) k: &'h ArrayRef4<A>,
-    pub(crate) v: &'h ArrayRef4<A>,
-    pub(crate) weights: bool,
-}
-
-impl<A: Storage> LayerCall<A> for Forward<'_, A> {
-    type Output = (Array4<A>, Option<Array4<A>>);
-
-    fn call<F: ScoreMod<A::Compute>>(
-        self,
-        attention: &FlexAttention<'_, A, F>,
-    ) -> Result<Self::Output> {
-        let Forward { q, k, v, weights } = self;
-        if weights {
-            let out = attention.forward_with_weights(q, k, v)?;
-            Ok((out.output, Some(out.weights)))
-        } else {
-            Ok((attention.forward(q, k, v)?, None))
-        }
-    }
-}
-
-impl<'m, A: Storage> ScaledDotProduct<'m, A> {
-    /// `call` through this attention with a layer's soft-cap (Gemma 2) and
-    /// sinks (gpt-oss), each optional; with neither, the plain kernels run.
-    pub(crate) fn call_with<C: LayerCall<A>>(
-        self,
-        softcap: Option<A::Compute>,
-        sinks: Option<&'m ArrayRef1<A>>,
-        call: C,
-    ) -> Result<C::Output> {
-        let mut attention = FlexAttention::from(self);
-        if let Some(sinks) = sinks {
-            attention = attention.with_sinks(sinks);
-        }
-        match softcap {
-            None => call.call(&attention),
-            Some(cap) => call.call(&attention.with_score_mod(SoftCap::new(cap))),
-        }
-    }
-}
-
 impl<'m, A> From<ScaledDotProduct<'m, A>> for FlexAttention<'m, A> {
     fn from(attention: ScaledDotProduct<'m, A>) -> Self {
         FlexAttention {
@@ -328,75 +268,6 @@ impl<A: Storage, F: ScoreMod<A::Compute>, K: KeepMod> FlexAttention<'_, A, F, K>
         let sinks = sinks.as_ref().map(|sinks| sinks.view());
         let program = |scores| self.program(scores, sinks);
         self.attention.attend_under(q, k, v, program)
-    }
-
-    /// The weights of every query over the keys under the program (rows sum
-    /// to 1 less the sink's share), for 2-D or batched inputs in any storage
-    /// type.
-    ///
-    /// # Shapes
-    ///
-    /// `(L, S)` or `(batch, heads, L, S)`.
-    ///
-    /// # Errors
-    ///
-    /// As [`FlexAttention`].
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use attn::ScaledDotProduct;
-    /// use ndarray::{array, Array2};
-    ///
-    /// let x = Array2::<f64>::zeros((2, 4));
-    /// let sinks = array![0.0];
-    /// let w = ScaledDotProduct::new().with_sinks(&sinks).weights(&x, &x)?;
-    /// assert!((w.sum_axis(ndarray::Axis(1))[0] - 2.0 / 3.0).abs() < 1e-15);
-    /// # Ok::<(), attn::Error>(())
-    /// ```
-    pub fn weights<D: AttentionDim>(
-        &self,
-        q: &ArrayRef<A, D>,
-        k: &ArrayRef<A, D>,
-    ) -> Result<Array<A, D>> {
-        Ok(self.solve(q, k, None)?.weights)
-    }
-
-    /// The output and the weights in one pass of the reference path (a
-    /// layer's or a cache's call that shows its weights).
-    pub(crate) fn forward_with_weights<D: AttentionDim>(
-        &self,
-        q: &ArrayRef<A, D>,
-        k: &ArrayRef<A, D>,
-        v: &ArrayRef<A, D>,
-    ) -> Result<AttentionOutput<A, D>> {
-        self.solve(q, k, Some(v))
-    }
-
-    /// The weights, and the output where `v` is given (else empty), on the
-    /// reference path in the compute type.
-    fn solve<D: AttentionDim>(
-        &self,
-        q: &ArrayRef<A, D>,
-        k: &ArrayRef<A, D>,
-        v: Option<&ArrayRef<A, D>>,
-    ) -> Result<AttentionOutput<A, D>> {
-        let (q, k) = (A::compute(q.view()), A::compute(k.view()));
-        let v = v.map(|v| A::compute(v.view()));
-        let slopes = self.attention.slopes_in_compute();
-        let attention = self.attention.in_compute(&slopes);
-        let problem = attention.check(&q, &k, v.as_deref().unwrap_or(&k))?;
-        let sinks = self.sinks_in_compute();
-        let (output, weights) = if self.is_plain() {
-            solve(&problem, v.is_some())
-        } else {
-            let program = self.program(problem.scores(), sinks.as_ref().map(|s| s.view()))?;
-            solve(&problem.with_program(&program), v.is_some())
-        };
-        Ok(AttentionOutput {
-            output: A::store(D::unlift(output)),
-            weights: A::store(D::unlift(weights)),
-        })
     }
 
     /// Whether the program adds nothing to plain attention: then the call
@@ -571,19 +442,6 @@ impl<A: Element, F: ScoreMod<A>, K: KeepMod> FlexAttention<'_, A, F, K> {
             sinks: self.sinks.is_some().then_some(grads.sinks),
         })
     }
-}
-
-/// The weights of `problem` (and its output, when `output`), 4-D.
-fn solve<A: Element, P: Program<A>>(
-    problem: &Problem<'_, A, A, P>,
-    output: bool,
-) -> (Array4<A>, Array4<A>) {
-    let [batch, heads, l, s] = problem.scores();
-    let width = if output { problem.v.dim().3 } else { 0 };
-    let mut out = Array4::zeros((batch, heads, l, width));
-    let mut weights = Array4::zeros((batch, heads, l, s));
-    problem.solve(output.then(|| out.view_mut()), Some(weights.view_mut()));
-    (out, weights)
 }
 
 /// Whether `x` is finite.
