@@ -12,6 +12,7 @@ use attn::{
 use ndarray::{Array1, Array2, Array3, Axis, s};
 
 use crate::common::{assert_close, max_abs_diff, pseudo_random, random2};
+use crate::grad::finite_difference;
 
 /// YaRN as gpt-oss configures it, on a short original context so that the
 /// ramp falls inside the head's pairs.
@@ -84,17 +85,11 @@ fn layer_gradients_through_softcap_sinks_and_yarn_equal_finite_differences() {
     let loss = |mha: &MultiHeadAttention<f64>, x: &Array2<f64>| {
         (&mha.forward(x, x, x, &[]).expect("valid") * &d_out).sum()
     };
-    let h = 1e-6;
-    let mut fd = Array2::zeros(x.raw_dim());
-    for (idx, g) in fd.indexed_iter_mut() {
-        let (mut plus, mut minus) = (x.clone(), x.clone());
-        plus[idx] += h;
-        minus[idx] -= h;
-        *g = (loss(&mha, &plus) - loss(&mha, &minus)) / (2.0 * h);
-    }
+    let fd = finite_difference(&x, |x| loss(&mha, x));
     let e = max_abs_diff(&(&g.query + &g.key + &g.value), &fd);
     assert!(e < 1e-8, "inputs: {e:e}");
     // each sink's gradient, by moving that sink
+    let h = 1e-6;
     let sinks = mha.weights().sinks.expect("sinks");
     let d_sinks = g.weights.sinks.expect("a gradient for the sinks");
     for head in 0..sinks.len() {

@@ -145,7 +145,10 @@ fn loss(
 }
 
 /// Central differences of the loss by every entry of `x` (one of q, k, v).
-fn finite_difference(x: &Array2<f64>, mut loss_at: impl FnMut(&Array2<f64>) -> f64) -> Array2<f64> {
+pub fn finite_difference(
+    x: &Array2<f64>,
+    mut loss_at: impl FnMut(&Array2<f64>) -> f64,
+) -> Array2<f64> {
     let h = 1e-6;
     let mut grad = Array2::zeros(x.raw_dim());
     for (idx, g) in grad.indexed_iter_mut() {
