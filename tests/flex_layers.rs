@@ -7,7 +7,7 @@
 use attn::flex::SoftCap;
 use attn::{
     Causality, Init, Mask, MultiHeadAttention, MultiHeadConfig, PositionEncoding, Rope,
-    RopeScaling, ScaledDotProduct,
+    RopeScaling, ScaledDotProduct, kernel_paths,
 };
 use ndarray::{Array1, Array2, Array3, Axis, s};
 
@@ -72,8 +72,10 @@ fn a_layer_with_softcap_and_sinks_is_flex_attention_on_its_heads() {
     for row in out.head_weights.lanes(Axis(3)) {
         assert!(row.sum() < 1.0 - 1e-3 && row.sum() > 0.0);
     }
-    // and the fast path equals the weights' pass
-    let fast = mha.forward_batched(&x, &x, &x, &[]).expect("valid");
+    // and the fused path (every head of the batch on it) equals the weights' pass
+    let (fast, paths) = kernel_paths(|| mha.forward_batched(&x, &x, &x, &[]).expect("valid"));
+    assert_eq!(paths.reference, 0, "{paths:?}");
+    assert_eq!(paths.tiled + paths.direct + paths.rowwise, 8, "{paths:?}");
     assert_close(&fast, &out.output, 1e-13);
 }
 
@@ -81,7 +83,9 @@ fn a_layer_with_softcap_and_sinks_is_flex_attention_on_its_heads() {
 fn layer_gradients_through_softcap_sinks_and_yarn_equal_finite_differences() {
     let mha = layer(Causality::Causal);
     let (x, d_out) = (random2(6, 16, 11), random2(6, 16, 12));
-    let g = mha.backward(&x, &x, &x, &[], &d_out).expect("valid");
+    let (g, paths) = kernel_paths(|| mha.backward(&x, &x, &x, &[], &d_out).expect("valid"));
+    // the four heads' kept forward and their backward, fused
+    assert_eq!((paths.reference, paths.backward), (0, 8), "{paths:?}");
     let loss = |mha: &MultiHeadAttention<f64>, x: &Array2<f64>| {
         (&mha.forward(x, x, x, &[]).expect("valid") * &d_out).sum()
     };
@@ -125,7 +129,9 @@ fn cached_decoding_with_softcap_and_sinks_equals_one_call() {
         let mut start = 0;
         for len in [4, 1, 3, 1] {
             let chunk = x.slice(s![.., start..start + len, ..]).to_owned();
-            let out = mha.forward_cached(&chunk, &mut cache).expect("valid");
+            let (out, paths) =
+                kernel_paths(|| mha.forward_cached(&chunk, &mut cache).expect("valid"));
+            assert_eq!(paths.reference, 0, "{causality}: {paths:?}");
             let want = whole.slice(s![.., start..start + len, ..]);
             let e = max_abs_diff(&out, &want.to_owned());
             assert!(
