@@ -15,19 +15,65 @@ use crate::sdpa::{AttentionOutput, ScaledDotProduct};
 type Step<A> = (Array4<A>, Option<Array4<A>>);
 
 /// What a step attends with, beside the cache's causal order: the scores' scale
-/// (`None`: `1/√d_k`), a window, a soft-cap and sinks. A call on the cache itself uses the cache's
-/// own ([`KvCache::with_scale`], and the window its ring already keeps); a
-/// layer passes its own, so each setting has one home: the caller's.
+/// (`None`: `1/√d_k`), a window, and how its attention runs. A call on the
+/// cache itself uses the cache's own ([`KvCache::with_scale`], the window its
+/// ring already keeps, plain attention); a layer passes its own, so each
+/// setting has one home: the caller's.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Settings<'s, A: Storage> {
+pub(crate) struct Settings<A, R> {
     pub(crate) scale: Option<A>,
     /// The positions a query sees, itself included; a mask where the cache holds
     /// more than this.
     pub(crate) window: Option<usize>,
-    /// A soft-cap on the scaled scores (Gemma 2).
+    pub(crate) run: R,
+}
+
+/// How a step's attention runs, given its masks and scale: a type per way,
+/// so that a cache of any storage type builds only the kernels its caller
+/// uses.
+pub(crate) trait StepAttention<A: Storage> {
+    fn run<'a>(
+        &'a self,
+        attention: ScaledDotProduct<'a, A>,
+        forward: Forward<'_, A>,
+    ) -> Result<Step<A>>;
+}
+
+/// Plain attention: the cache's own calls.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PlainStep;
+
+impl<A: Storage> StepAttention<A> for PlainStep {
+    fn run<'a>(
+        &'a self,
+        attention: ScaledDotProduct<'a, A>,
+        forward: Forward<'_, A>,
+    ) -> Result<Step<A>> {
+        let Forward { q, k, v, weights } = forward;
+        if weights {
+            let out = attention.forward_batched_with_weights(q, k, v)?;
+            Ok((out.output, Some(out.weights)))
+        } else {
+            Ok((attention.forward_batched(q, k, v)?, None))
+        }
+    }
+}
+
+/// A layer's attention: with its soft-cap (Gemma 2) and sinks (gpt-oss).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LayerStep<'s, A: Storage> {
     pub(crate) softcap: Option<A::Compute>,
-    /// A sink logit per query head (gpt-oss).
     pub(crate) sinks: Option<&'s ArrayRef1<A>>,
+}
+
+impl<A: Storage> StepAttention<A> for LayerStep<'_, A> {
+    fn run<'a>(
+        &'a self,
+        attention: ScaledDotProduct<'a, A>,
+        forward: Forward<'_, A>,
+    ) -> Result<Step<A>> {
+        attention.call_with(self.softcap, self.sinks, forward)
+    }
 }
 
 impl<A: Storage> KvCache<A> {
@@ -158,12 +204,11 @@ impl<A: Storage> KvCache<A> {
     }
 
     /// The cache's own settings: its scale, and no window beyond its ring.
-    fn own(&self) -> Settings<'static, A> {
+    fn own(&self) -> Settings<A, PlainStep> {
         Settings {
             scale: self.scale,
             window: None,
-            softcap: None,
-            sinks: None,
+            run: PlainStep,
         }
     }
 
@@ -172,7 +217,7 @@ impl<A: Storage> KvCache<A> {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn step(
         &mut self,
-        settings: Settings<'_, A>,
+        settings: Settings<A, impl StepAttention<A>>,
         q: &ArrayRef4<A>,
         k_new: &ArrayRef4<A>,
         v_new: &ArrayRef4<A>,
@@ -242,7 +287,7 @@ impl<A: Storage> KvCache<A> {
             v: &values,
             weights,
         };
-        attention.call_with(settings.softcap, settings.sinks, forward)
+        settings.run.run(attention, forward)
     }
 
     /// Several new positions in a sliding cache: attend over the held slots and the
@@ -252,7 +297,7 @@ impl<A: Storage> KvCache<A> {
     fn chunk_in_window(
         &mut self,
         window: usize,
-        settings: Settings<'_, A>,
+        settings: Settings<A, impl StepAttention<A>>,
         q: &ArrayRef4<A>,
         k_new: &ArrayRef4<A>,
         v_new: &ArrayRef4<A>,
@@ -284,7 +329,7 @@ impl<A: Storage> KvCache<A> {
             v: &values,
             weights,
         };
-        let out = attention.call_with(settings.softcap, settings.sinks, forward)?;
+        let out = settings.run.run(attention, forward)?;
         self.write(k_new, v_new, real.view());
         Ok(out)
     }

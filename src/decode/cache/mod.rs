@@ -3,7 +3,7 @@
 
 mod attend;
 
-pub(crate) use attend::Settings;
+pub(crate) use attend::{LayerStep, Settings};
 
 use ndarray::{Array2, Array4, ArrayRef4, ArrayView2, ArrayView4, s};
 

@@ -5,7 +5,7 @@ use ndarray::{Array2, Array3, ArrayRef2, ArrayRef3, Ix3};
 use super::forward::positions_of;
 use super::{MultiHeadAttention, MultiHeadOutput, alibi};
 use crate::core::mask::Mask;
-use crate::decode::cache::{KvCache, Settings};
+use crate::decode::cache::{KvCache, LayerStep, Settings};
 use crate::element::Element;
 use crate::error::{Error, Result};
 
@@ -206,8 +206,10 @@ impl<A: Element> MultiHeadAttention<A> {
         let settings = Settings {
             scale: Some(A::from_f64(config.scale())),
             window: config.causality().window(),
-            softcap: config.softcap().map(A::from_f64),
-            sinks: self.sinks.as_deref(),
+            run: LayerStep {
+                softcap: config.softcap().map(A::from_f64),
+                sinks: self.sinks.as_deref(),
+            },
         };
         let alibi: Vec<Mask<'_, A>> = alibi(&slopes).into_iter().collect();
         let (output, head_weights) = cache.step(
