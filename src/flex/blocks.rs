@@ -6,6 +6,7 @@ use std::ops::Range;
 use ndarray::{Array2, ArrayView2, s};
 use rayon::prelude::*;
 
+pub use super::function::BlockClass;
 use super::function::{At, KeepMod};
 use crate::error::{Error, Result};
 
@@ -18,29 +19,6 @@ pub const BLOCK_QUERIES: usize = 16;
 /// against the built-in causal mask at N = 512 on Zen 4, from the keys past
 /// the diagonal in each block; 64 halves them.)
 pub const BLOCK_KEYS: usize = 64;
-
-/// What a keep predicate leaves of one block of [`BLOCK_QUERIES`] queries by
-/// [`BLOCK_KEYS`] keys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum BlockClass {
-    /// Nothing kept: the kernels skip the block.
-    Empty,
-    /// Some positions kept: the kernels call the predicate per score.
-    Partial,
-    /// Everything kept: the kernels compute the block without the predicate.
-    Full,
-}
-
-impl BlockClass {
-    /// The class of the union of two blocks' positions.
-    fn join(self, other: BlockClass) -> BlockClass {
-        if self == other {
-            self
-        } else {
-            BlockClass::Partial
-        }
-    }
-}
 
 /// A keep predicate ([`KeepMod`]) with its blocks classified as empty, partial
 /// or full, computed once for a shape and reusable across calls of that shape
@@ -115,7 +93,8 @@ impl<K: KeepMod> BlockMask<K> {
                 }
                 let queries = r * BLOCK_QUERIES..((r + 1) * BLOCK_QUERIES).min(l);
                 let keys = c * BLOCK_KEYS..((c + 1) * BLOCK_KEYS).min(s);
-                classify_block(&keep, b, h, queries, keys)
+                keep.block(b, h, queries.clone(), keys.clone())
+                    .unwrap_or_else(|| classify_block(&keep, b, h, queries, keys))
             })
         };
         let classes = (0..tables).into_par_iter().map(classify).collect();

@@ -1,6 +1,8 @@
 //! What users write: a score modification ([`ScoreMod`]) and a keep predicate
 //! ([`KeepMod`]), both called with the position of one score ([`At`]).
 
+use std::ops::Range;
+
 use ndarray::NdFloat;
 
 use crate::error::Result;
@@ -129,6 +131,13 @@ pub trait ScoreMod<A>: Sync {
     /// Whether this is the identity (the kernels then skip the calls).
     #[doc(hidden)]
     const IDENTITY: bool = false;
+
+    /// Whether this leaves every score as it is, as known when a call is
+    /// made (the call then runs the plain kernels).
+    #[doc(hidden)]
+    fn is_identity(&self) -> bool {
+        Self::IDENTITY
+    }
 }
 
 /// A keep predicate: whether the query at `at` may attend to its key
@@ -165,8 +174,60 @@ pub trait KeepMod: Sync {
     }
 
     /// Whether every position is kept (the kernels then skip the calls).
+    /// The class of the block of `queries` × `keys` (of batch row `batch`
+    /// and head `head`) where the predicate tells it without visiting every
+    /// position; `None`, the default, has [`BlockMask::new`](super::BlockMask::new)
+    /// call [`keep`](Self::keep) at each. It must agree with `keep`: `Full`
+    /// only where every position is kept, `Empty` only where none is
+    /// (`Partial` is always right: the kernels then ask `keep`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use attn::flex::{BlockClass, Documents, KeepMod};
+    ///
+    /// let docs = Documents::from_lengths(&[100, 100])?;
+    /// assert_eq!(docs.block(0, 0, 0..16, 128..192), Some(BlockClass::Empty));
+    /// assert_eq!(docs.block(0, 0, 0..16, 0..64), Some(BlockClass::Full));
+    /// assert_eq!(docs.block(0, 0, 96..112, 64..128), Some(BlockClass::Partial));
+    /// # Ok::<(), attn::Error>(())
+    /// ```
+    fn block(
+        &self,
+        batch: usize,
+        head: usize,
+        queries: Range<usize>,
+        keys: Range<usize>,
+    ) -> Option<BlockClass> {
+        let _ = (batch, head, queries, keys);
+        None
+    }
+
     #[doc(hidden)]
     const ALL: bool = false;
+}
+
+/// What a keep predicate leaves of one block of [`BLOCK_QUERIES`](super::BLOCK_QUERIES)
+/// queries by [`BLOCK_KEYS`](super::BLOCK_KEYS) keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BlockClass {
+    /// Nothing kept: the kernels skip the block.
+    Empty,
+    /// Some positions kept: the kernels call the predicate per score.
+    Partial,
+    /// Everything kept: the kernels compute the block without the predicate.
+    Full,
+}
+
+impl BlockClass {
+    /// The class of the union of two blocks' positions.
+    pub(crate) fn join(self, other: BlockClass) -> BlockClass {
+        if self == other {
+            self
+        } else {
+            BlockClass::Partial
+        }
+    }
 }
 
 impl<F: Fn(At) -> bool + Sync> KeepMod for F {

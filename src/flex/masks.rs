@@ -1,7 +1,9 @@
 //! Built-in keep predicates: packed documents, prefix-LM and the tree of a
 //! speculative decoding step.
 
-use super::function::{At, KeepMod};
+use std::ops::Range;
+
+use super::function::{At, BlockClass, KeepMod};
 use crate::error::{Error, Result};
 
 /// Packed sequences: several documents laid end to end in one sequence, each
@@ -91,6 +93,35 @@ impl KeepMod for Documents {
     #[inline(always)]
     fn keep(&self, at: At) -> bool {
         self.ids[at.query] == self.ids[at.key] && (!self.causal || at.key <= at.query)
+    }
+
+    /// From the first and last document of each range: O(1) a block, so a
+    /// long packed sequence's mask is built without visiting its positions.
+    fn block(
+        &self,
+        _: usize,
+        _: usize,
+        queries: Range<usize>,
+        keys: Range<usize>,
+    ) -> Option<BlockClass> {
+        let (Some(last_query), Some(last_key)) =
+            (queries.end.checked_sub(1), keys.end.checked_sub(1))
+        else {
+            return Some(BlockClass::Empty);
+        };
+        let (q0, q1) = (self.ids[queries.start], self.ids[last_query]);
+        let (k0, k1) = (self.ids[keys.start], self.ids[last_key]);
+        let future = self.causal && keys.start > last_query;
+        if k1 < q0 || q1 < k0 || future {
+            return Some(BlockClass::Empty);
+        }
+        let past = !self.causal || last_key <= queries.start;
+        let one_document = q0 == q1 && k0 == k1 && q0 == k0;
+        Some(if one_document && past {
+            BlockClass::Full
+        } else {
+            BlockClass::Partial
+        })
     }
 
     fn check(&self, scores: [usize; 4]) -> Result<()> {

@@ -7,7 +7,6 @@ use crate::core::mask::{Mask, broadcast_all};
 use crate::core::problem::check_scale;
 use crate::element::Storage;
 use crate::error::{Error, Result};
-use crate::sdpa::flex::Forward;
 use crate::sdpa::{AttentionOutput, ScaledDotProduct};
 
 /// What one step of attention over the cache returns: the output, and the
@@ -26,6 +25,15 @@ pub(crate) struct Settings<A, R> {
     /// more than this.
     pub(crate) window: Option<usize>,
     pub(crate) run: R,
+}
+
+/// A forward call over new queries and the held keys and values, with the
+/// weights when asked for.
+pub(crate) struct Forward<'h, A> {
+    q: &'h ArrayRef4<A>,
+    k: &'h ArrayRef4<A>,
+    v: &'h ArrayRef4<A>,
+    weights: bool,
 }
 
 /// How a step's attention runs, given its masks and scale: a type per way,
@@ -72,7 +80,10 @@ impl<A: Storage> StepAttention<A> for LayerStep<'_, A> {
         attention: ScaledDotProduct<'a, A>,
         forward: Forward<'_, A>,
     ) -> Result<Step<A>> {
-        attention.call_with(self.softcap, self.sinks, forward)
+        let Forward { q, k, v, weights } = forward;
+        attention
+            .layered(self.softcap, self.sinks)
+            .forward_heads(q, k, v, weights)
     }
 }
 

@@ -1,18 +1,15 @@
 //! Gradients through multi-head attention: every weight and bias, and each input.
 
-use ndarray::{Array, Array1, Array2, ArrayRef2, ArrayRef3, Axis, Dimension, Ix2, Ix3, Ix4};
+use ndarray::{Array, ArrayRef2, ArrayRef3, Axis, Dimension, Ix2, Ix3};
 
 use super::weights::MultiHeadWeights;
 use super::{
-    MultiHeadAttention, PositionEncoding, QkvHeads, batch_of_one, concat, in_callers_shapes,
-    in_order, split,
+    MultiHeadAttention, PositionEncoding, batch_of_one, concat, in_callers_shapes, in_order, split,
 };
 use crate::core::mask::Mask;
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::flex::ScoreMod;
 use crate::layers::linear::LinearGradients;
-use crate::sdpa::flex::{FlexAttention, FlexGradients, LayerCall};
 
 /// The gradients of a loss through a [`MultiHeadAttention`], given the gradient by
 /// its output: one per input, and one per weight and bias, shaped like the layer's
@@ -150,14 +147,20 @@ impl<A: Element> MultiHeadAttention<A> {
                 found: d_out.shape().to_vec(),
             });
         }
-        let ((w_o, b_o), mut g) = self.through(
-            masks,
-            Backward {
-                layer: self,
-                heads: &heads,
-                d_out,
-            },
-        )?;
+        // forward again to the concatenated heads (keeping each row's
+        // log-sum-exp), then back through W_O and the attention
+        let (q, k, v) = (&heads.q, &heads.k, &heads.v);
+        let ((w_o, b_o), mut g) = self.through(masks, |attention| {
+            let forward = attention.forward_with_lse(q, k, v)?;
+            let LinearGradients {
+                input,
+                weight,
+                bias,
+            } = self.linears[3].backward_batched(&concat(forward.output.clone()), d_out)?;
+            let d_heads = split(input, self.config.n_heads(), self.config.head_dim());
+            let g = attention.backward_with_lse(q, k, v, &forward, &d_heads)?;
+            Ok(((weight, bias), g))
+        })?;
         // rotary embeddings are rotations: their gradient rotates back
         if let PositionEncoding::Rope(rope) = self.config.positions() {
             rope.apply_transpose(&mut g.q, &in_order(b, l))?;
@@ -183,37 +186,5 @@ impl<A: Element> MultiHeadAttention<A> {
                 sinks: g.sinks,
             },
         })
-    }
-}
-
-/// The backward through a layer's attention and `W_O`: the forward again to
-/// the concatenated heads (keeping each row's log-sum-exp), `W_O`'s backward,
-/// then the attention's.
-struct Backward<'a, A> {
-    layer: &'a MultiHeadAttention<A>,
-    heads: &'a QkvHeads<A>,
-    d_out: &'a ArrayRef3<A>,
-}
-
-impl<A: Element> LayerCall<A> for Backward<'_, A> {
-    /// `W_O`'s weight and bias gradients, and the attention's.
-    type Output = ((Array2<A>, Option<Array1<A>>), FlexGradients<A, Ix4>);
-
-    fn call<F: ScoreMod<A>>(self, attention: &FlexAttention<'_, A, F>) -> Result<Self::Output> {
-        let Backward {
-            layer,
-            heads: QkvHeads { q, k, v },
-            d_out,
-        } = self;
-        let forward = attention.forward_with_lse(q, k, v)?;
-        let LinearGradients {
-            input,
-            weight,
-            bias,
-        } = layer.linears[3].backward_batched(&concat(forward.output.clone()), d_out)?;
-        let config = &layer.config;
-        let d_heads = split(input, config.n_heads(), config.head_dim());
-        let g = attention.backward_with_lse(q, k, v, &forward, &d_heads)?;
-        Ok(((weight, bias), g))
     }
 }

@@ -6,7 +6,6 @@ use super::{MultiHeadAttention, MultiHeadOutput, QkvHeads, batch_of_one, in_call
 use crate::core::mask::Mask;
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::sdpa::flex::Forward;
 
 impl<A: Element> MultiHeadAttention<A> {
     /// Multi-head attention on 2-D inputs.
@@ -275,13 +274,9 @@ impl<A: Element> MultiHeadAttention<A> {
         masks: &[Mask<'_, A>],
         weights: bool,
     ) -> Result<MultiHeadOutput<A, Ix3>> {
-        let forward = Forward {
-            q: &heads.q,
-            k: &heads.k,
-            v: &heads.v,
-            weights,
-        };
-        let (output, head_weights) = self.through(masks, forward)?;
+        let (output, head_weights) = self.through(masks, |attention| {
+            attention.forward_heads(&heads.q, &heads.k, &heads.v, weights)
+        })?;
         self.finish(output, head_weights)
     }
 

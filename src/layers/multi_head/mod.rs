@@ -25,7 +25,7 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::rng;
 use crate::sdpa::ScaledDotProduct;
-use crate::sdpa::flex::LayerCall;
+use crate::sdpa::flex::{FlexAttention, LayerScore};
 
 /// Multi-head attention, as PyTorch's `nn.MultiheadAttention(batch_first=True)`
 /// and the attention blocks of Hugging Face models (Llama, Mistral, Qwen2, Gemma 2,
@@ -324,10 +324,14 @@ impl<A: Element> MultiHeadAttention<A> {
         masks
     }
 
-    /// `call` through the layer's attention: its scale and
+    /// `call` with the layer's attention: its scale and
     /// [`layer_masks`](Self::layer_masks), then the call's masks, its soft-cap
     /// and sinks.
-    fn through<C: LayerCall<A>>(&self, masks: &[Mask<'_, A>], call: C) -> Result<C::Output> {
+    fn through<R>(
+        &self,
+        masks: &[Mask<'_, A>],
+        call: impl FnOnce(&FlexAttention<'_, A, LayerScore<A>>) -> Result<R>,
+    ) -> Result<R> {
         let slopes = self.slopes();
         let mut attention = ScaledDotProduct::new().with_scale(A::from_f64(self.config.scale()));
         for mask in self.layer_masks(&slopes) {
@@ -337,7 +341,7 @@ impl<A: Element> MultiHeadAttention<A> {
             attention = attention.with_mask(mask.reborrow());
         }
         let softcap = self.config.softcap().map(A::from_f64);
-        attention.call_with(softcap, self.sinks.as_deref(), call)
+        call(&attention.layered(softcap, self.sinks.as_deref()))
     }
 }
 

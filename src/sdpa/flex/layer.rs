@@ -1,69 +1,88 @@
-//! How a layer calls its attention with the soft-cap and sinks it was
-//! configured with: one generic call, whatever score modification that makes.
+//! A layer's attention with the soft-cap and sinks it was configured with:
+//! one score modification type for a soft-cap or none, so that a layer builds
+//! one set of programmed kernels (and runs the plain ones where it has
+//! neither a soft-cap nor sinks).
 
-use ndarray::{Array4, ArrayRef1, ArrayRef4};
+use ndarray::{Array4, ArrayRef1, ArrayRef4, NdFloat};
 
 use super::FlexAttention;
-use crate::element::Storage;
+use crate::element::{Element, Storage};
 use crate::error::Result;
-use crate::flex::{ScoreMod, SoftCap};
+use crate::flex::{At, ScoreMod, SoftCap};
 use crate::sdpa::ScaledDotProduct;
 
-/// A call a layer makes through its attention, whatever score modification
-/// that attention carries: one generic method, as Rust's closures cannot be
-/// generic.
-pub(crate) trait LayerCall<A: Storage> {
-    /// What the call returns.
-    type Output;
+/// Gemma 2's soft-cap, or scores as they are (a layer with sinks alone).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LayerScore<A>(Option<SoftCap<A>>);
 
-    /// The call through `attention`.
-    fn call<F: ScoreMod<A::Compute>>(
-        self,
-        attention: &FlexAttention<'_, A, F>,
-    ) -> Result<Self::Output>;
-}
-
-/// A forward call over projected heads, with the weights when asked for.
-pub(crate) struct Forward<'h, A> {
-    pub(crate) q: &'h ArrayRef4<A>,
-    pub(crate) k: &'h ArrayRef4<A>,
-    pub(crate) v: &'h ArrayRef4<A>,
-    pub(crate) weights: bool,
-}
-
-impl<A: Storage> LayerCall<A> for Forward<'_, A> {
-    type Output = (Array4<A>, Option<Array4<A>>);
-
-    fn call<F: ScoreMod<A::Compute>>(
-        self,
-        attention: &FlexAttention<'_, A, F>,
-    ) -> Result<Self::Output> {
-        let Forward { q, k, v, weights } = self;
-        if weights {
-            let out = attention.forward_with_weights(q, k, v)?;
-            Ok((out.output, Some(out.weights)))
-        } else {
-            Ok((attention.forward(q, k, v)?, None))
+impl<A: Element> ScoreMod<A> for LayerScore<A> {
+    #[inline(always)]
+    fn score(&self, score: A, at: At) -> A {
+        match &self.0 {
+            Some(cap) => cap.score(score, at),
+            None => score,
         }
+    }
+
+    #[inline(always)]
+    fn derivative(&self, score: A, at: At) -> A {
+        match &self.0 {
+            Some(cap) => cap.derivative(score, at),
+            None => A::one(),
+        }
+    }
+
+    #[inline(always)]
+    fn backward_row(&self, first: At, scores: &[A], upstream: &mut [A], _: &mut [A])
+    where
+        A: NdFloat,
+    {
+        // a layer's cap is a setting, not a parameter: its gradient is dropped
+        if let Some(cap) = &self.0 {
+            cap.backward_row(first, scores, upstream, &mut [A::zero()]);
+        }
+    }
+
+    fn check(&self, scores: [usize; 4]) -> Result<()> {
+        self.0.as_ref().map_or(Ok(()), |cap| cap.check(scores))
+    }
+
+    fn is_identity(&self) -> bool {
+        self.0.is_none()
     }
 }
 
 impl<'m, A: Storage> ScaledDotProduct<'m, A> {
-    /// `call` through this attention with a layer's soft-cap (Gemma 2) and
-    /// sinks (gpt-oss), each optional; with neither, the plain kernels run.
-    pub(crate) fn call_with<C: LayerCall<A>>(
+    /// This attention with a layer's soft-cap (Gemma 2) and sinks (gpt-oss),
+    /// each optional; with neither, its calls run the plain kernels.
+    pub(crate) fn layered(
         self,
         softcap: Option<A::Compute>,
         sinks: Option<&'m ArrayRef1<A>>,
-        call: C,
-    ) -> Result<C::Output> {
-        let mut attention = FlexAttention::from(self);
-        if let Some(sinks) = sinks {
-            attention = attention.with_sinks(sinks);
+    ) -> FlexAttention<'m, A, LayerScore<A::Compute>> {
+        let attention =
+            FlexAttention::from(self).with_score_mod(LayerScore(softcap.map(SoftCap::new)));
+        match sinks {
+            Some(sinks) => attention.with_sinks(sinks),
+            None => attention,
         }
-        match softcap {
-            None => call.call(&attention),
-            Some(cap) => call.call(&attention.with_score_mod(SoftCap::new(cap))),
+    }
+}
+
+impl<A: Storage> FlexAttention<'_, A, LayerScore<A::Compute>> {
+    /// The output over projected heads, and the weights when asked for.
+    pub(crate) fn forward_heads(
+        &self,
+        q: &ArrayRef4<A>,
+        k: &ArrayRef4<A>,
+        v: &ArrayRef4<A>,
+        weights: bool,
+    ) -> Result<(Array4<A>, Option<Array4<A>>)> {
+        if weights {
+            let out = self.forward_with_weights(q, k, v)?;
+            Ok((out.output, Some(out.weights)))
+        } else {
+            Ok((self.forward(q, k, v)?, None))
         }
     }
 }

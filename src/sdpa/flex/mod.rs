@@ -5,7 +5,7 @@
 mod layer;
 mod weights;
 
-pub(crate) use layer::{Forward, LayerCall};
+pub(crate) use layer::LayerScore;
 
 use ndarray::{Array, Array1, ArrayD, ArrayRef, ArrayRef1, ArrayView1, CowArray, Dimension, Ix1};
 
@@ -273,7 +273,7 @@ impl<A: Storage, F: ScoreMod<A::Compute>, K: KeepMod> FlexAttention<'_, A, F, K>
     /// Whether the program adds nothing to plain attention: then the call
     /// runs the plain kernels.
     fn is_plain(&self) -> bool {
-        F::IDENTITY && self.blocks.is_none() && self.sinks.is_none()
+        self.score.is_identity() && self.blocks.is_none() && self.sinks.is_none()
     }
 
     /// The sinks in the compute type.
