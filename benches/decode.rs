@@ -3,6 +3,10 @@
 //! types (a bf16 or f16 cache), against recomputing full causal attention over all
 //! 4096 tokens each step.
 //!
+//! Then split-key decoding (one sequence, 32 768 cached positions, 1 and 2
+//! threads) and variable-length prefill (8 sequences packed in one call against
+//! one call each).
+//!
 //! `cargo bench --bench decode`; throughput is reported in tokens per second
 //! (one token per call). The cache is a sliding one with a window of 4096, filled
 //! before timing, so every step attends over exactly 4096 positions.
@@ -89,5 +93,67 @@ fn half_steps<H: Storage>(
     }
 }
 
-criterion_group!(benches, decode_step);
+/// Split-key decoding: one sequence's step over 32 768 cached positions on 1
+/// and on 2 threads (its keys cut into parts that run in parallel and merge by
+/// their log-sum-exp), 8 query heads over 8 or 1 key/value heads.
+fn split_keys(c: &mut Criterion) {
+    const LONG: usize = 32_768;
+    let mut group = c.benchmark_group("decode_f32_cache32768_8heads_d64_split_keys");
+    group.throughput(Throughput::Elements(1));
+    for kv_heads in [HEADS, 1] {
+        let mut cache = KvCache::<f32>::sliding(1, kv_heads, DIM, DIM, LONG).expect("valid");
+        let past = filled::<f32>((1, kv_heads, LONG, DIM), 1);
+        cache.append(&past, &past).expect("shapes fit the cache");
+        let q = filled::<f32>((1, HEADS, 1, DIM), 2);
+        let kv = filled::<f32>((1, kv_heads, 1, DIM), 3);
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("a thread pool");
+            let id = format!("kv_heads_{kv_heads}_threads_{threads}");
+            group.bench_function(id, |b| {
+                b.iter(|| pool.install(|| cache.attend(&q, &kv, &kv).expect("fits")))
+            });
+        }
+    }
+    group.finish();
+}
+
+/// Variable-length prefill: 8 sequences of 64 to 4096 tokens through a causal
+/// layer (d_model 512, 8 heads), packed in one call against one call each.
+fn varlen_prefill(c: &mut Criterion) {
+    const LENGTHS: [usize; 8] = [64, 256, 512, 1024, 1536, 2048, 3072, 4096];
+    let mut group = c.benchmark_group("prefill_f32_8_sequences_64_to_4096_d_model_512");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(15));
+    let d_model = HEADS * DIM;
+    let mha = MultiHeadConfig::new(d_model, HEADS)
+        .with_causality(attn::Causality::Causal)
+        .random::<f32>(Init::XavierUniform, 0)
+        .expect("a valid layer");
+    let total: usize = LENGTHS.iter().sum();
+    let x = ndarray::Array2::from_shape_fn((total, d_model), |(i, j)| {
+        ((i * 7 + j * 3) % 89) as f32 / 89.0 - 0.5
+    });
+    let mut offsets = vec![0];
+    for length in LENGTHS {
+        offsets.push(offsets[offsets.len() - 1] + length);
+    }
+    group.bench_function("packed", |b| {
+        b.iter(|| mha.forward_packed(&x, &offsets).expect("valid"))
+    });
+    group.bench_function("each_alone", |b| {
+        b.iter(|| {
+            for w in offsets.windows(2) {
+                let one = x.slice(ndarray::s![w[0]..w[1], ..]);
+                mha.forward(&one, &one, &one, &[]).expect("valid");
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, decode_step, split_keys, varlen_prefill);
 criterion_main!(benches);

@@ -144,6 +144,44 @@ fn cached_decoding_with_softcap_and_sinks_equals_one_call() {
     }
 }
 
+/// Packed sequences (one empty) give what each gives alone: causal, in a
+/// window, with YaRN positions restarting per sequence, soft-cap and sinks;
+/// and a non-causal layer with ALiBi.
+#[test]
+fn packed_sequences_equal_each_alone() {
+    let encoder = MultiHeadConfig::new(16, 4)
+        .with_positions(PositionEncoding::Alibi)
+        .random::<f64>(Init::XavierUniform, 3)
+        .expect("valid");
+    let layers = [
+        layer(Causality::Causal),
+        layer(Causality::SlidingWindow(5)),
+        encoder,
+    ];
+    let offsets = [0, 70, 70, 75, 150];
+    let x: Array2<f64> = pseudo_random(&[150, 16], 31)
+        .into_dimensionality()
+        .expect("2-D");
+    for (n, mha) in layers.iter().enumerate() {
+        let packed = mha.forward_packed(&x, &offsets).expect("valid");
+        for w in offsets.windows(2).filter(|w| w[0] < w[1]) {
+            let one = x.slice(s![w[0]..w[1], ..]);
+            let alone = mha.forward(&one, &one, &one, &[]).expect("valid");
+            let e = max_abs_diff(&packed.slice(s![w[0]..w[1], ..]).to_owned(), &alone);
+            assert!(e < 1e-13, "layer {n}, tokens {}..{}: {e:e}", w[0], w[1]);
+        }
+    }
+    let mha = &layers[0];
+    for (offsets, what) in [
+        (&[0, 70, 149][..], "end at x's rows"),
+        (&[0, 80, 70, 150][..], "never decrease"),
+        (&[5, 150][..], "start at 0"),
+    ] {
+        let err = mha.forward_packed(&x, offsets).unwrap_err();
+        assert!(err.to_string().contains(what), "{what}: {err}");
+    }
+}
+
 #[test]
 fn bad_softcaps_and_sinks_are_errors() {
     let config = MultiHeadConfig::new(8, 2);

@@ -150,17 +150,16 @@ impl<A: Element> MultiHeadAttention<A> {
         // forward again to the concatenated heads (keeping each row's
         // log-sum-exp), then back through W_O and the attention
         let (q, k, v) = (&heads.q, &heads.k, &heads.v);
-        let ((w_o, b_o), mut g) = self.through(masks, |attention| {
-            let forward = attention.forward_with_lse(q, k, v)?;
-            let LinearGradients {
-                input,
-                weight,
-                bias,
-            } = self.linears[3].backward_batched(&concat(forward.output.clone()), d_out)?;
-            let d_heads = split(input, self.config.n_heads(), self.config.head_dim());
-            let g = attention.backward_with_lse(q, k, v, &forward, &d_heads)?;
-            Ok(((weight, bias), g))
-        })?;
+        let slopes = self.slopes();
+        let attention = self.attention(masks, &slopes);
+        let forward = attention.forward_with_lse(q, k, v)?;
+        let LinearGradients {
+            input,
+            weight: w_o,
+            bias: b_o,
+        } = self.linears[3].backward_batched(&concat(forward.output.clone()), d_out)?;
+        let d_heads = split(input, self.config.n_heads(), self.config.head_dim());
+        let mut g = attention.backward_with_lse(q, k, v, &forward, &d_heads)?;
         // rotary embeddings are rotations: their gradient rotates back
         if let PositionEncoding::Rope(rope) = self.config.positions() {
             rope.apply_transpose(&mut g.q, &in_order(b, l))?;

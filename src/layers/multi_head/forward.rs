@@ -274,9 +274,10 @@ impl<A: Element> MultiHeadAttention<A> {
         masks: &[Mask<'_, A>],
         weights: bool,
     ) -> Result<MultiHeadOutput<A, Ix3>> {
-        let (output, head_weights) = self.through(masks, |attention| {
-            attention.forward_heads(&heads.q, &heads.k, &heads.v, weights)
-        })?;
+        let slopes = self.slopes();
+        let attention = self.attention(masks, &slopes);
+        let (output, head_weights) =
+            attention.forward_heads(&heads.q, &heads.k, &heads.v, weights)?;
         self.finish(output, head_weights)
     }
 

@@ -6,6 +6,7 @@ mod check;
 mod config;
 mod forward;
 mod heads;
+mod packed;
 mod settings;
 mod weights;
 
@@ -324,24 +325,23 @@ impl<A: Element> MultiHeadAttention<A> {
         masks
     }
 
-    /// `call` with the layer's attention: its scale and
-    /// [`layer_masks`](Self::layer_masks), then the call's masks, its soft-cap
-    /// and sinks.
-    fn through<R>(
-        &self,
-        masks: &[Mask<'_, A>],
-        call: impl FnOnce(&FlexAttention<'_, A, LayerScore<A>>) -> Result<R>,
-    ) -> Result<R> {
-        let slopes = self.slopes();
+    /// The layer's attention: its scale and [`layer_masks`](Self::layer_masks)
+    /// (borrowing `slopes`, [`slopes`](Self::slopes)), then the call's masks,
+    /// its soft-cap and sinks.
+    fn attention<'m>(
+        &'m self,
+        masks: &'m [Mask<'_, A>],
+        slopes: &'m Array1<A>,
+    ) -> FlexAttention<'m, A, LayerScore<A>> {
         let mut attention = ScaledDotProduct::new().with_scale(A::from_f64(self.config.scale()));
-        for mask in self.layer_masks(&slopes) {
+        for mask in self.layer_masks(slopes) {
             attention = attention.with_mask(mask);
         }
         for mask in masks {
             attention = attention.with_mask(mask.reborrow());
         }
         let softcap = self.config.softcap().map(A::from_f64);
-        call(&attention.layered(softcap, self.sinks.as_deref()))
+        attention.layered(softcap, self.sinks.as_deref())
     }
 }
 
