@@ -132,6 +132,24 @@ pub trait ScoreMod<A>: Sync {
     #[doc(hidden)]
     const IDENTITY: bool = false;
 
+    /// [`score`](Self::score) over a row of scores whose first is at `first`
+    /// (the keys after it follow): the kernels call this, so a modification
+    /// may do once per row what it would otherwise decide per score.
+    #[doc(hidden)]
+    #[inline(always)]
+    fn score_row(&self, first: At, row: &mut [A])
+    where
+        A: Copy,
+    {
+        for (j, x) in row.iter_mut().enumerate() {
+            let at = At {
+                key: first.key + j,
+                ..first
+            };
+            *x = self.score(*x, at);
+        }
+    }
+
     /// Whether this leaves every score as it is, as known when a call is
     /// made (the call then runs the plain kernels).
     #[doc(hidden)]

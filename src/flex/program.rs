@@ -125,9 +125,7 @@ where
         if F::IDENTITY {
             return;
         }
-        for (j, x) in row.iter_mut().enumerate() {
-            *x = self.score.score(*x, row_at.at(j));
-        }
+        self.score.score_row(row_at.at(0), row);
     }
 
     #[inline(always)]

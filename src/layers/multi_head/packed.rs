@@ -3,7 +3,7 @@
 
 use ndarray::{Array2, ArrayRef2, Axis};
 
-use super::{Causality, MultiHeadAttention, batch_of_one, in_callers_shapes};
+use super::{MultiHeadAttention, batch_of_one, in_callers_shapes};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::flex::{BlockMask, Documents};
@@ -56,10 +56,10 @@ impl<A: Element> MultiHeadAttention<A> {
                 found: vec![end],
             });
         }
-        let mut documents = Documents::from_offsets(offsets)?;
-        if self.config.causality() != Causality::None {
-            documents = documents.causal();
-        }
+        // the layer's own causal mask and window act within each sequence (its
+        // positions' differences are the packed ones'); the documents only cut
+        // the sequences apart
+        let documents = Documents::from_offsets(offsets)?;
         // each token at its place in its own sequence
         let mut positions = Array2::zeros((1, total));
         for w in offsets.windows(2) {

@@ -25,6 +25,17 @@ impl<A: Element> ScoreMod<A> for LayerScore<A> {
     }
 
     #[inline(always)]
+    fn score_row(&self, first: At, row: &mut [A])
+    where
+        A: Copy,
+    {
+        // decided once a row: no branch per score
+        if let Some(cap) = &self.0 {
+            cap.score_row(first, row);
+        }
+    }
+
+    #[inline(always)]
     fn derivative(&self, score: A, at: At) -> A {
         match &self.0 {
             Some(cap) => cap.derivative(score, at),
