@@ -11,6 +11,7 @@
 //! | weights from a checkpoint (feature `load`) | `HfModel`, `MultiHeadConfig::load` with a `Layout`, `SafeTensors` |
 //! | your own score function or mask, sinks (soft-capping, documents, trees) | [`flex`]: [`ScaledDotProduct::with_score_mod`], [`with_block_mask`](ScaledDotProduct::with_block_mask), [`with_sinks`](ScaledDotProduct::with_sinks) |
 //! | generation, a token at a time | [`KvCache`], [`MultiHeadAttention::new_cache`] |
+//! | prompts of different lengths in one call, no padding | [`MultiHeadAttention::forward_packed`] |
 //! | training | `backward` on each of the above ([`AttentionGradients`], [`MultiHeadGradients`]), [`Linear`] |
 //! | half precision | `half::bf16`, `half::f16` ([`Storage`]) through [`ScaledDotProduct`] and [`KvCache`] |
 //! | pictures (feature `plot`) | `plot::Heatmap`, `plot::Figure` |
