@@ -164,7 +164,11 @@ fn packed_sequences_equal_each_alone() {
         .expect("2-D");
     for (n, mha) in layers.iter().enumerate() {
         let (packed, paths) = kernel_paths(|| mha.forward_packed(&x, &offsets).expect("valid"));
-        assert_eq!((paths.reference, paths.tiled), (0, 4), "layer {n}: {paths:?}");
+        assert_eq!(
+            (paths.reference, paths.tiled),
+            (0, 4),
+            "layer {n}: {paths:?}"
+        );
         for w in offsets.windows(2).filter(|w| w[0] < w[1]) {
             let one = x.slice(s![w[0]..w[1], ..]);
             let alone = mha.forward(&one, &one, &one, &[]).expect("valid");
