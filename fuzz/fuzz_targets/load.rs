@@ -10,7 +10,8 @@
 //!   present or missing, of the right or a wrong shape, in a readable or an
 //!   unreadable dtype, with a bias or without.
 //!
-//! Whatever loads runs `forward` and `forward_padded` on a small input.
+//! Whatever loads runs `forward`, `forward_padded`, `forward_packed` and a
+//! cached step on a small input.
 #![no_main]
 
 use attn::{HfModel, Layout, MultiHeadAttention, MultiHeadConfig, Projection, SafeTensors};
@@ -21,9 +22,9 @@ mod bytes;
 use bytes::Bytes;
 use ndarray::{Array2, Array3};
 
-const MODEL_TYPES: [&str; 11] = [
-    "llama", "mistral", "qwen2", "gpt2", "gpt_neox", "bloom", "bert", "roberta", "vit", "bart",
-    "t5",
+const MODEL_TYPES: [&str; 13] = [
+    "llama", "mistral", "qwen2", "gemma2", "gpt_oss", "gpt2", "gpt_neox", "bloom", "bert",
+    "roberta", "vit", "bart", "t5",
 ];
 
 /// The attention block each model type's tests name.
@@ -122,6 +123,9 @@ fn needed(layout: &Layout, module: &str, c: &MultiHeadConfig) -> Vec<(String, Ve
             linear("out_proj", d, inner, has(Projection::Output));
         }
     }
+    if c.has_sinks() {
+        out.push((name("sinks"), vec![c.n_heads()]));
+    }
     out
 }
 
@@ -138,6 +142,9 @@ fn run(layer: &MultiHeadAttention<f32>) {
     let _ = layer.forward(&x2, &x2, &x2, &[]);
     let real = Array2::from_shape_fn((2, 3), |(b, t)| b == 0 || t > 0);
     let _ = layer.forward_padded(&x, &real, &[]);
+    let _ = layer.forward_packed(&x2, &[0, 1, 3]);
+    let mut cache = layer.new_cache(2);
+    let _ = layer.forward_cached_padded(&x, &real, &mut cache);
 }
 
 fn raw(data: &[u8]) {
@@ -187,6 +194,9 @@ fn structured(data: &[u8]) {
         "use_sliding_window",
         "attention_bias",
         "qkv_bias",
+        "query_pre_attn_scalar",
+        "attn_logit_softcapping",
+        "use_bidirectional_attention",
     ];
     let mut json = format!("{{\"model_type\":\"{model_type}\"");
     for key in keys {
@@ -198,6 +208,37 @@ fn structured(data: &[u8]) {
         let kind = bytes.pick(&["\"default\"", "\"linear\"", "\"llama3\"", "\"yarn\"", "3"]);
         json.push_str(&format!(
             ",\"rope_scaling\":{{\"rope_type\":{kind},\"factor\":{},\"low_freq_factor\":{},\"high_freq_factor\":{},\"original_max_position_embeddings\":{}}}",
+            bytes.pick(&EDGES),
+            bytes.pick(&EDGES),
+            bytes.pick(&EDGES),
+            bytes.pick(&EDGES)
+        ));
+    }
+    if bytes.byte() % 3 == 0 {
+        // each layer's kind: the known two, another, or not a string
+        let kinds = [
+            "\"sliding_attention\"",
+            "\"full_attention\"",
+            "\"chunked\"",
+            "7",
+        ];
+        let (first, second) = (bytes.pick(&kinds), bytes.pick(&kinds));
+        let list = match bytes.byte() % 3 {
+            0 => String::new(),
+            1 => first.to_string(),
+            _ => format!("{first},{second}"),
+        };
+        json.push_str(&format!(",\"layer_types\":[{list}]"));
+    }
+    if bytes.byte() % 4 == 0 {
+        // YaRN's own settings
+        json.push_str(&format!(
+            ",\"rope_parameters\":{{\"rope_type\":\"yarn\",\"rope_theta\":{},\"factor\":{},\"original_max_position_embeddings\":{},\"beta_fast\":{},\"beta_slow\":{},\"truncate\":{},\"attention_factor\":{},\"mscale\":{},\"mscale_all_dim\":{}}}",
+            bytes.pick(&EDGES),
+            bytes.pick(&EDGES),
+            bytes.pick(&EDGES),
+            bytes.pick(&EDGES),
+            bytes.pick(&EDGES),
             bytes.pick(&EDGES),
             bytes.pick(&EDGES),
             bytes.pick(&EDGES),
