@@ -104,11 +104,10 @@ impl KeepMod for Documents {
         queries: Range<usize>,
         keys: Range<usize>,
     ) -> Option<BlockClass> {
-        let (Some(last_query), Some(last_key)) =
-            (queries.end.checked_sub(1), keys.end.checked_sub(1))
-        else {
+        if queries.is_empty() || keys.is_empty() {
             return Some(BlockClass::Empty);
-        };
+        }
+        let (last_query, last_key) = (queries.end - 1, keys.end - 1);
         let (q0, q1) = (self.ids[queries.start], self.ids[last_query]);
         let (k0, k1) = (self.ids[keys.start], self.ids[last_key]);
         let future = self.causal && keys.start > last_query;

@@ -6,6 +6,7 @@ use super::config::{MultiHeadConfig, Projection};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layers::linear::Linear;
+use crate::sdpa::flex::check_sinks;
 
 /// The weights of a [`MultiHeadAttention`](crate::MultiHeadAttention), in the `(in, out)` layout:
 /// `Q = query·w_q + b_q`, `output = concat(heads)·w_o + b_o`.
@@ -105,13 +106,9 @@ impl<A: Element> MultiHeadWeights<A> {
         let heads = config.n_heads();
         match (self.sinks, config.has_sinks()) {
             (None, false) => Ok((linears, None)),
-            (Some(sinks), true) if sinks.len() == heads => {
-                match sinks.iter().find(|x| !x.is_finite()) {
-                    Some(bad) => Err(Error::InvalidConfig {
-                        reason: format!("a sink logit must be finite, got {bad:?}"),
-                    }),
-                    None => Ok((linears, Some(sinks))),
-                }
+            (Some(sinks), true) => {
+                check_sinks(sinks.view(), heads)?;
+                Ok((linears, Some(sinks)))
             }
             (sinks, has_sinks) => Err(Error::Shape {
                 what: "sinks: one logit per query head where the configuration has sinks (MultiHeadConfig::with_sinks), none where not",

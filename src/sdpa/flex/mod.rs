@@ -262,7 +262,7 @@ impl<A: Storage, F: ScoreMod<A::Compute>, K: KeepMod> FlexAttention<'_, A, F, K>
     ) -> Result<Array<A, D>> {
         let (q, k, v) = (q.view(), k.view(), v.view());
         if self.is_plain() {
-            return self.attention.attend_under(q, k, v, |_| Ok(Plain));
+            return self.attention.attend(q, k, v);
         }
         let sinks = self.sinks_in_compute();
         let sinks = sinks.as_ref().map(|sinks| sinks.view());
@@ -294,18 +294,7 @@ impl<A: Storage, F: ScoreMod<A::Compute>, K: KeepMod> FlexAttention<'_, A, F, K>
         }
         self.score.check(scores)?;
         if let Some(sinks) = sinks {
-            if sinks.len() != heads {
-                return Err(Error::Shape {
-                    what: "sinks (one logit per query head)",
-                    expected: vec![heads],
-                    found: vec![sinks.len()],
-                });
-            }
-            if let Some(bad) = sinks.iter().find(|&&x| !finite(x)) {
-                return Err(Error::InvalidConfig {
-                    reason: format!("a sink logit must be finite, got {bad:?}"),
-                });
-            }
+            check_sinks(sinks, heads)?;
         }
         Ok(Flex {
             score: &self.score,
@@ -341,7 +330,7 @@ impl<A: Element, F: ScoreMod<A>, K: KeepMod> FlexAttention<'_, A, F, K> {
         v: &ArrayRef<A, D>,
     ) -> Result<AttentionLse<A, D>> {
         if self.is_plain() {
-            return self.attention.lse_under([q, k, v], |_| Ok(Plain));
+            return self.attention.forward_with_lse(q, k, v);
         }
         let sinks = self.sinks.as_ref().map(|sinks| sinks.view());
         let program = |scores| self.program(scores, sinks);
@@ -441,6 +430,28 @@ impl<A: Element, F: ScoreMod<A>, K: KeepMod> FlexAttention<'_, A, F, K> {
             score: grads.score,
             sinks: self.sinks.is_some().then_some(grads.sinks),
         })
+    }
+}
+
+/// Checks sinks for `heads` query heads: one logit per head, each finite.
+///
+/// # Errors
+///
+/// [`Error::Shape`] for another length, [`Error::InvalidConfig`] for a logit
+/// that is not finite.
+pub(crate) fn check_sinks<E: Element>(sinks: ArrayView1<'_, E>, heads: usize) -> Result<()> {
+    if sinks.len() != heads {
+        return Err(Error::Shape {
+            what: "sinks (one logit per query head)",
+            expected: vec![heads],
+            found: vec![sinks.len()],
+        });
+    }
+    match sinks.iter().find(|&&x| !finite(x)) {
+        Some(bad) => Err(Error::InvalidConfig {
+            reason: format!("a sink logit must be finite, got {bad:?}"),
+        }),
+        None => Ok(()),
     }
 }
 

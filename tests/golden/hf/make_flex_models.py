@@ -28,38 +28,38 @@ SEED = 11
 WINDOW = 3
 
 
+# the sizes both tiny models share: 2 layers (layer 0 slides), 4 query heads
+# over 2 key/value heads of 8
+TINY = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    sliding_window=WINDOW,
+    pad_token_id=0,
+)
+
+
 def gemma2_config():
     return Gemma2Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
+        **TINY,
         max_position_embeddings=64,
         query_pre_attn_scalar=16,  # the scale 1/4, not head_dim's 1/sqrt(8)
         attn_logit_softcapping=8.0,  # scores here reach the cap's bend
         final_logit_softcapping=30.0,
-        sliding_window=WINDOW,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        pad_token_id=0,
     )
 
 
 def gpt_oss_config():
     return GptOssConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
+        **TINY,
         num_local_experts=4,
         num_experts_per_tok=2,
         max_position_embeddings=256,
-        sliding_window=WINDOW,
         rope_parameters={
             "rope_type": "yarn",
             "rope_theta": 100.0,  # with the original length below, pair 1 sits inside the ramp
@@ -69,7 +69,6 @@ def gpt_oss_config():
             "truncate": False,
             "original_max_position_embeddings": 64,
         },
-        pad_token_id=0,
     )
 
 
