@@ -112,6 +112,13 @@ pub enum Error {
         /// The shape in the file.
         found: Vec<usize>,
     },
+    /// A paged key/value cache cannot do what was asked: its pool has too few
+    /// free blocks, a sequence was freed or belongs to another cache, or a
+    /// value cannot be quantised (NaN, infinity). Nothing was written.
+    Cache {
+        /// What is wrong, in words.
+        reason: String,
+    },
     /// A file cannot be read or parsed (safetensors, `config.json`).
     File {
         /// The file.
@@ -194,6 +201,7 @@ impl fmt::Display for Error {
                 f,
                 "tensor {name:?}: expected shape {expected:?}, found {found:?}"
             ),
+            Error::Cache { reason } => write!(f, "paged cache: {reason}"),
             Error::File { path, reason } => write!(f, "cannot use {path}: {reason}"),
         }
     }

@@ -110,6 +110,7 @@ pub use crate::core::mask::Mask;
 pub use crate::core::problem::AttentionDim;
 pub use crate::core::softmax::{softmax_rows, softmax_rows_in_place};
 pub use decode::cache::KvCache;
+pub use decode::paged::{CacheElement, PagedKvCache, SequenceId};
 pub use decode::position::{RelativeBuckets, alibi_slopes, key_padding};
 pub use decode::rope::{Rope, RopeLayout, RopeScaling, rope};
 pub use element::{Element, Storage};

@@ -21,6 +21,7 @@ mod hf_models;
 mod hostile;
 mod kernel;
 mod layers;
+mod paged;
 mod properties;
 mod rng;
 mod sdpa;

@@ -2,5 +2,6 @@
 //! are (rotary embeddings, ALiBi slopes, relative position buckets, padding masks).
 
 pub(crate) mod cache;
+pub(crate) mod paged;
 pub(crate) mod position;
 pub(crate) mod rope;

@@ -29,6 +29,7 @@ mod online;
 mod ops;
 mod options;
 mod pack;
+pub(crate) mod paged;
 mod params;
 mod report;
 mod rowwise;
@@ -44,7 +45,8 @@ pub use report::{KernelPaths, kernel_paths};
 #[cfg(target_arch = "x86_64")]
 use arch::Avx512Bf16;
 use arch::{Arch, KernelElement};
-use params::{DIRECT_MAX_ROWS, ROWWISE_MAX_WORK};
+pub(crate) use params::DIRECT_MAX_ROWS;
+use params::ROWWISE_MAX_WORK;
 use report::Path;
 use run::KvGroup;
 

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::arch::{Arch, Dispatch, KernelElement, Op};
 use super::backward::{HeadGradients, HeadInputs, Upstream};
-use super::direct::{self, Group, Native, Partial, Source, Widening};
+use super::direct::{self, Group, Native, Partial, Rows, Source, Widening};
 use super::float::KernelFloat;
 use super::fusable::{extent_of, fusable};
 use super::ops::{AttendBlock, AttendPart, BackwardHead, ForwardHead, PackHead, TileWidth};
@@ -71,7 +71,9 @@ pub(crate) fn direct<A: KernelElement, P: Program<A>>(
     groups: &mut [KvGroup<'_, '_, A>],
     parallelism: Parallelism,
 ) {
-    direct_over::<A, Native<A>, P>(problem, arch, groups, parallelism, |b, h, out| {
+    let stored = standard_heads(problem, groups);
+    let rows = rows_of::<A, Native<A>>(&stored);
+    direct_over(problem, arch, groups, parallelism, &rows, |b, h, out| {
         problem.solve_head(b, h, Some(out), None)
     });
 }
@@ -85,7 +87,9 @@ pub(crate) fn direct_half<H: Half, P: Program<f32>>(
     groups: &mut [KvGroup<'_, '_, f32>],
     parallelism: Parallelism,
 ) {
-    direct_over::<f32, Widening<H>, P>(problem, arch, groups, parallelism, |b, h, out| {
+    let stored = standard_heads(problem, groups);
+    let rows = rows_of::<f32, Widening<H>>(&stored);
+    direct_over(problem, arch, groups, parallelism, &rows, |b, h, out| {
         widened_reference(problem, b, h, out)
     });
 }
@@ -105,44 +109,71 @@ pub(crate) fn widened_reference<H: Half, P: Program<f32>>(
     out.assign(&weighted_values(&head, values.view()));
 }
 
-/// The direct path over keys and values stored as `S`; `fallback(b, h, out)`
-/// computes a head whose inputs the fused arithmetic cannot stand for.
-fn direct_over<A: KernelElement, S: Source<A>, P: Program<A>>(
-    problem: &Problem<'_, A, S::Elem, P>,
+/// One group's keys and values in standard layout.
+type StandardHead<'p, KV> = (CowArray<'p, KV, Ix2>, CowArray<'p, KV, Ix2>);
+
+/// Each group's keys and values in standard layout (views where they are).
+fn standard_heads<'p, A: Copy, KV: Clone, P>(
+    problem: &'p Problem<'_, A, KV, P>,
+    groups: &[KvGroup<'_, '_, A>],
+) -> Vec<StandardHead<'p, KV>> {
+    groups
+        .iter()
+        .map(|g| {
+            let (k, v) = problem.keys_values(g.b, g.kv);
+            (standard(k), standard(v))
+        })
+        .collect()
+}
+
+/// The rows the direct path reads of each group's keys and values.
+fn rows_of<'s, A: KernelFloat, S: Source<A>>(
+    stored: &'s [StandardHead<'_, S::Elem>],
+) -> Vec<(S::Rows<'s>, S::Rows<'s>)> {
+    let slice = |x: &'s CowArray<'_, S::Elem, Ix2>| {
+        x.as_slice().expect("standard-layout arrays are slices")
+    };
+    stored
+        .iter()
+        .map(|(k, v)| (S::rows(slice(k)), S::rows(slice(v))))
+        .collect()
+}
+
+/// The direct path over each group's keys and values read as `rows[g]`;
+/// `fallback(b, h, out)` computes a head whose inputs the fused arithmetic
+/// cannot stand for. The problem's own keys and values give only the shapes.
+pub(crate) fn direct_over<A: KernelElement, KV: Sync, R: Rows<A>, P: Program<A>>(
+    problem: &Problem<'_, A, KV, P>,
     arch: Arch,
     groups: &mut [KvGroup<'_, '_, A>],
     parallelism: Parallelism,
+    rows: &[(R, R)],
     fallback: impl Fn(usize, usize, ArrayViewMut2<'_, A>),
 ) {
-    let (k, v) = (problem.k, problem.v);
-    let s = k.dim().2;
-    let d_v = v.dim().3;
-    let inputs: Vec<DirectInputs<'_, A, S::Elem>> = groups
+    let s = problem.k.dim().2;
+    let d_v = problem.v.dim().3;
+    let inputs: Vec<DirectInputs<'_, A>> = groups
         .iter()
         .map(|g| {
             let heads = problem.query_heads(g.kv);
             DirectInputs {
                 queries: heads.clone().map(|h| problem.query(g.b, h)).collect(),
                 masks: heads.map(|h| problem.block_masks(g.b, h)).collect(),
-                keys: standard(k.slice_move(s![g.b, g.kv, .., ..])),
-                values: standard(v.slice_move(s![g.b, g.kv, .., ..])),
             }
         })
         .collect();
     let parts = s.div_ceil(DIRECT_PART); // S ≥ 1: smaller problems went row by row
     let run = |task: usize| {
-        let (inputs, part) = (&inputs[task / parts], task % parts);
-        let (Some(keys), Some(values)) = (inputs.keys.as_slice(), inputs.values.as_slice()) else {
-            unreachable!("standard-layout arrays are slices")
-        };
+        let (g, part) = (task / parts, task % parts);
+        let inputs = &inputs[g];
         let group = Group {
             program: problem.program,
-            b: groups[task / parts].b,
-            first_head: problem.query_heads(groups[task / parts].kv).start,
+            b: groups[g].b,
+            first_head: problem.query_heads(groups[g].kv).start,
             queries: &inputs.queries,
             masks: &inputs.masks,
-            keys: S::rows(keys),
-            values: S::rows(values),
+            keys: rows[g].0,
+            values: rows[g].1,
             s,
             d_v,
             scale: problem.scale,
@@ -180,13 +211,10 @@ fn standard<A: Clone>(x: ArrayView2<'_, A>) -> CowArray<'_, A, Ix2> {
     }
 }
 
-/// One group's inputs to the direct path, keys and values (stored as `S`) in
-/// standard layout.
-struct DirectInputs<'p, A, S> {
+/// One group's queries and masks, for the direct path.
+struct DirectInputs<'p, A> {
     queries: Vec<ArrayView2<'p, A>>,
     masks: Vec<Vec<Mask2<'p, A>>>,
-    keys: CowArray<'p, S, Ix2>,
-    values: CowArray<'p, S, Ix2>,
 }
 
 /// Every group by the tiled kernel, with the micro-kernels `kernel` dispatches

@@ -6,8 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::element::Half;
-use crate::kernel::direct::{Dots, HalfDots, Prefetch};
+use crate::kernel::direct::{Dots, HalfDots, Narrow, NarrowKind, Prefetch};
 use crate::kernel::params::{LANES, TILE_BLOCKS};
 
 /// Proof that the CPU has AVX2, FMA and F16C: [`detect`](Self::detect) is the only way
@@ -205,29 +204,31 @@ pub(super) unsafe fn sum4_pd(a: [__m256d; 4]) -> [f64; 4] {
     }
 }
 
-/// Eight half-precision values at `src` widened to f32 in one register.
+/// Eight narrow values at `src` widened to f32 in one register.
 ///
 /// # Safety
 ///
 /// The CPU must support AVX2 and F16C, and `src` must point to eight readable
 /// values.
 #[inline(always)]
-pub(super) unsafe fn widen8<H: Half>(src: *const H) -> __m256 {
+pub(super) unsafe fn widen8<H: Narrow>(src: *const H) -> __m256 {
     // SAFETY: the caller upholds this function's contract (its `# Safety`).
     unsafe {
-        let raw = _mm_loadu_si128(src.cast());
-        if H::BF16 {
+        match H::KIND {
             // bf16 is the upper half of an f32's bits
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
-        } else {
-            _mm256_cvtph_ps(raw)
+            NarrowKind::Bf16 => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(src.cast())),
+            )),
+            NarrowKind::F16 => _mm256_cvtph_ps(_mm_loadu_si128(src.cast())),
+            // eight bytes, sign-extended
+            NarrowKind::I8 => _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(src.cast()))),
         }
     }
 }
 
 impl HalfDots for Avx2 {
     #[inline(always)]
-    fn dot4_half<H: Half>(self, q: &[[f32; LANES]], k: &[&[[H; LANES]]; 4]) -> [f32; 4] {
+    fn dot4_half<H: Narrow>(self, q: &[[f32; LANES]], k: &[&[[H; LANES]]; 4]) -> [f32; 4] {
         // SAFETY: `self` is an `Avx2` token, so the CPU has AVX2, FMA and F16C;
         // every load reads eight values of a `[_; LANES]` (LANES = 8).
         unsafe {
@@ -243,7 +244,7 @@ impl HalfDots for Avx2 {
     }
 
     #[inline(always)]
-    fn value_row_half<H: Half>(
+    fn value_row_half<H: Narrow>(
         self,
         p: &[f32],
         values: &[H],

@@ -8,8 +8,7 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{Avx2, sum4_pd, sum4_ps, widen8};
-use crate::element::Half;
-use crate::kernel::direct::{Dots, HalfDots, Prefetch};
+use crate::kernel::direct::{Dots, HalfDots, Narrow, NarrowKind, Prefetch};
 use crate::kernel::params::{LANES, TILE_BLOCKS};
 
 /// Proof that the CPU has AVX-512 F, BW, VL and DQ as well as AVX2, FMA and F16C:
@@ -194,7 +193,7 @@ impl Widens for f32 {
     }
 }
 
-impl<H: Half> Widens for H {
+impl<H: Narrow> Widens for H {
     #[inline(always)]
     unsafe fn load16(src: *const H) -> __m512 {
         // SAFETY: the caller upholds this function's contract (its `# Safety`).
@@ -251,22 +250,24 @@ unsafe fn dot4_pairs<E: Widens>(q: &[[f32; LANES]], k: &[&[[E; LANES]]; 4]) -> [
     }
 }
 
-/// Sixteen half-precision values at `src` widened to f32 in one register.
+/// Sixteen narrow values at `src` widened to f32 in one register.
 ///
 /// # Safety
 ///
 /// The CPU must support AVX-512 F and BW, and `src` must point to sixteen
 /// readable values.
 #[inline(always)]
-unsafe fn widen16<H: Half>(src: *const H) -> __m512 {
+unsafe fn widen16<H: Narrow>(src: *const H) -> __m512 {
     // SAFETY: the caller upholds this function's contract (its `# Safety`).
     unsafe {
-        let raw = _mm256_loadu_si256(src.cast());
-        if H::BF16 {
+        match H::KIND {
             // bf16 is the upper half of an f32's bits
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
-        } else {
-            _mm512_cvtph_ps(raw)
+            NarrowKind::Bf16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256(src.cast())),
+            )),
+            NarrowKind::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(src.cast())),
+            // sixteen bytes, sign-extended
+            NarrowKind::I8 => _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(src.cast()))),
         }
     }
 }
@@ -281,20 +282,20 @@ unsafe fn widen16<H: Half>(src: *const H) -> __m512 {
 impl HalfDots for Avx512 {
     /// Two blocks of [`LANES`] per register, folded to one block at the end.
     #[inline(always)]
-    fn dot4_half<H: Half>(self, q: &[[f32; LANES]], k: &[&[[H; LANES]]; 4]) -> [f32; 4] {
+    fn dot4_half<H: Narrow>(self, q: &[[f32; LANES]], k: &[&[[H; LANES]]; 4]) -> [f32; 4] {
         // SAFETY: as in `dot4`.
         unsafe { dot4_pairs(q, k) }
     }
 
     #[inline(always)]
-    fn value_row_half<H: Half>(
+    fn value_row_half<H: Narrow>(
         self,
         p: &[f32],
         values: &[H],
         d_v: usize,
         c0: usize,
     ) -> [[f32; LANES]; TILE_BLOCKS] {
-        if !H::BF16 {
+        if H::KIND == NarrowKind::F16 {
             return self.avx2.value_row_half(p, values, d_v, c0);
         }
         const REGS: usize = TILE_BLOCKS * LANES / 16;

@@ -14,8 +14,7 @@ use std::arch::x86_64::*;
 
 use super::avx512::Avx512;
 use super::{Dispatch, KernelArch, Op, Token};
-use crate::element::Half;
-use crate::kernel::direct::{Dots, HalfDots};
+use crate::kernel::direct::{Dots, HalfDots, Narrow};
 use crate::kernel::float::Fused;
 use crate::kernel::pack::Bf16Pair;
 use crate::kernel::params::{BC, LANES, MR, TILE_BLOCKS};
@@ -110,12 +109,12 @@ impl Dots<f32> for Avx512Bf16 {
 
 impl HalfDots for Avx512Bf16 {
     #[inline(always)]
-    fn dot4_half<H: Half>(self, q: &[[f32; LANES]], k: &[&[[H; LANES]]; 4]) -> [f32; 4] {
+    fn dot4_half<H: Narrow>(self, q: &[[f32; LANES]], k: &[&[[H; LANES]]; 4]) -> [f32; 4] {
         self.avx512.dot4_half(q, k)
     }
 
     #[inline(always)]
-    fn value_row_half<H: Half>(
+    fn value_row_half<H: Narrow>(
         self,
         p: &[f32],
         values: &[H],

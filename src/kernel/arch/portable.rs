@@ -2,8 +2,7 @@
 //! autovectoriser turns them into whatever the build's target allows.
 
 use super::Token;
-use crate::element::Half;
-use crate::kernel::direct::{Dots, HalfDots, sum_lanes};
+use crate::kernel::direct::{Dots, HalfDots, Narrow, sum_lanes};
 use crate::kernel::float::{KernelFloat, MulAdd, Separate};
 use crate::kernel::params::{BC, LANES, MR, TILE_BLOCKS};
 use crate::kernel::tiled::Tiles;
@@ -90,7 +89,7 @@ impl<A: KernelFloat> Dots<A> for Portable {
 
 impl HalfDots for Portable {
     #[inline(always)]
-    fn dot4_half<H: Half>(self, q: &[[f32; LANES]], k: &[&[[H; LANES]]; 4]) -> [f32; 4] {
+    fn dot4_half<H: Narrow>(self, q: &[[f32; LANES]], k: &[&[[H; LANES]]; 4]) -> [f32; 4] {
         let mut acc = [[0.0; LANES]; 4];
         for (acc, k) in acc.iter_mut().zip(k) {
             for (x, y) in q.iter().zip(*k) {
@@ -105,7 +104,7 @@ impl HalfDots for Portable {
     }
 
     #[inline(always)]
-    fn value_row_half<H: Half>(
+    fn value_row_half<H: Narrow>(
         self,
         p: &[f32],
         values: &[H],

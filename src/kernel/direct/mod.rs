@@ -21,6 +21,8 @@
 //! `f32` as they are loaded ([`Rows`], in `rows.rs`), so a decoding step reads half
 //! the bytes. The steps of one chunk (scores, value sums) are in `steps.rs`.
 
+mod narrow;
+mod pages;
 mod rows;
 mod steps;
 
@@ -28,6 +30,8 @@ use std::ops::Range;
 
 use ndarray::{ArrayView2, ArrayViewMut2};
 
+pub(crate) use narrow::{Narrow, NarrowKind};
+pub(crate) use pages::{Paged, Quantized};
 pub(crate) use rows::{Native, Prefetch, Rows, Source, Widening};
 pub(crate) use steps::{Dots, HalfDots, sum_lanes};
 
@@ -235,8 +239,12 @@ where
     scratch.max.fill(A::neg_infinity());
     scratch.sum.fill(A::zero());
     let mut finite = true;
-    for j0 in (reach.start..reach.end).step_by(chunk) {
-        let n = chunk.min(reach.end - j0);
+    let mut next = reach.start;
+    while next < reach.end {
+        // a chunk ends where the stored run of keys does (a block of a paged cache)
+        let j0 = next;
+        let n = chunk.min(reach.end - j0).min(group.keys.run_end(j0) - j0);
+        next += n;
         let classes: [BlockClass; ROWS] = std::array::from_fn(|r| match members.get(r) {
             Some(&(h, i)) => {
                 group

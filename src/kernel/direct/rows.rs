@@ -3,6 +3,7 @@
 
 use std::marker::PhantomData;
 
+use super::narrow::Narrow;
 use super::steps::{Chunk, Dots, HalfDots, Scratch, accumulate, fold_in, scores};
 use crate::element::Half;
 use crate::kernel::arch::cpu::is_intel;
@@ -28,7 +29,7 @@ impl Prefetch {
     /// into its caches, `PREFETCH_ROWS` rows of `width` values ahead; a hint,
     /// which never faults, so rows past the end of the slice are harmless.
     #[inline(always)]
-    pub(crate) fn ahead<H: Half>(self, start: *const H, len: usize, width: usize) {
+    pub(crate) fn ahead<H: Narrow>(self, start: *const H, len: usize, width: usize) {
         if !self.0 {
             return;
         }
@@ -57,6 +58,13 @@ pub(crate) trait Rows<A: KernelFloat>: Copy + Send + Sync {
     fn rows<'b>(self, from: usize, to: usize, buffer: &'b mut [A]) -> &'b [A]
     where
         Self: 'b;
+
+    /// The first row past `row` that is not stored contiguously after it (rows
+    /// kept in blocks end a chunk there).
+    #[inline(always)]
+    fn run_end(self, _row: usize) -> usize {
+        usize::MAX
+    }
 
     /// The scores of the batch's scaled queries against the keys of `chunk`,
     /// into `scratch.s`: the micro-kernels over [`rows`](Self::rows).
@@ -89,7 +97,7 @@ pub(crate) trait Rows<A: KernelFloat>: Copy + Send + Sync {
 /// [`Rows::scores`] by the micro-kernels over the rows as `A` (borrowed, or
 /// widened into `buffer`).
 #[inline(always)]
-fn scores_over_rows<A: KernelFloat, M: MulAdd, D: Dots<A>, R: Rows<A>>(
+pub(super) fn scores_over_rows<A: KernelFloat, M: MulAdd, D: Dots<A>, R: Rows<A>>(
     rows: R,
     dots: D,
     scratch: &mut Scratch<A>,
@@ -104,7 +112,7 @@ fn scores_over_rows<A: KernelFloat, M: MulAdd, D: Dots<A>, R: Rows<A>>(
 
 /// [`Rows::accumulate`] by the micro-kernels over the rows as `A`.
 #[inline(always)]
-fn accumulate_over_rows<A: KernelFloat, M: MulAdd, D: Dots<A>, R: Rows<A>>(
+pub(super) fn accumulate_over_rows<A: KernelFloat, M: MulAdd, D: Dots<A>, R: Rows<A>>(
     rows: R,
     dots: D,
     scratch: &mut Scratch<A>,

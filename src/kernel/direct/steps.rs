@@ -3,7 +3,7 @@
 
 use std::ops::Range;
 
-use crate::element::Half;
+use super::narrow::Narrow;
 use crate::kernel::float::{KernelFloat, MulAdd};
 use crate::kernel::params::{DIRECT_BATCH_ROWS as ROWS, LANES, TILE_BLOCKS};
 
@@ -92,11 +92,11 @@ pub(crate) trait Dots<A>: Copy {
 /// are loaded; implemented in [`crate::kernel::arch`].
 pub(crate) trait HalfDots: Copy {
     /// `Σₚ q[p] · k[u][p]` for each of four keys `u`, as [`Dots::dot4`].
-    fn dot4_half<H: Half>(self, q: &[[f32; LANES]], k: &[&[[H; LANES]]; 4]) -> [f32; 4];
+    fn dot4_half<H: Narrow>(self, q: &[[f32; LANES]], k: &[&[[H; LANES]]; 4]) -> [f32; 4];
 
     /// `Σⱼ p[j] · values[j][c0 .. c0 + TILE_BLOCKS·LANES]` for one row of
     /// weights `p` (`values` row-major, `d_v` wide, one row per weight).
-    fn value_row_half<H: Half>(
+    fn value_row_half<H: Narrow>(
         self,
         p: &[f32],
         values: &[H],
