@@ -104,30 +104,42 @@ fn every_stored_type_matches_the_contiguous_cache() {
     }
 }
 
-/// The stated bound of an int8 step: for each query head, `(e^{2ε} − 1)·V +
-/// V/254` with `ε = c·‖q‖₁·maxⱼ mⱼ/254`, `V = max|v|` (over the head's keys
-/// and values), and room for f32 rounding.
+/// The stated bound of an int8 step ([`PagedKvCache`]): for each query head,
+/// `(e^{2ε} − 1)·V + V/127` with `ε = c·m·(‖q‖₁/254 + d·‖q‖∞/32767)`,
+/// `m = max|k|`, `V = max|v|` (over the head's keys and values), and room for
+/// f32 rounding.
 fn int8_bound(q: &Array3<f32>, keys: &Array3<f32>, values: &Array3<f32>, scale: f32) -> Vec<f32> {
-    let (heads, kv_heads) = (q.dim().0, keys.dim().0);
+    let (heads, kv_heads, d) = (q.dim().0, keys.dim().0, q.dim().2);
     (0..heads)
         .map(|h| {
             let kv = h / (heads / kv_heads);
-            let m = keys
-                .slice(s![kv, .., ..])
-                .fold(0.0_f32, |m, x| m.max(x.abs()));
-            let big_v = values
-                .slice(s![kv, .., ..])
-                .fold(0.0_f32, |m, x| m.max(x.abs()));
-            let q1 = q
+            let largest = |x: ndarray::ArrayView2<'_, f32>| x.fold(0.0_f32, |m, x| m.max(x.abs()));
+            let (m, big_v) = (
+                largest(keys.slice(s![kv, .., ..])),
+                largest(values.slice(s![kv, .., ..])),
+            );
+            let eps = q
                 .slice(s![h, .., ..])
                 .rows()
                 .into_iter()
-                .map(|r| r.iter().map(|x| x.abs()).sum::<f32>())
+                .map(|r| {
+                    let l1: f32 = r.iter().map(|x| x.abs()).sum();
+                    let inf = r.iter().fold(0.0_f32, |a, x| a.max(x.abs()));
+                    scale * m * (l1 / 254.0 + d as f32 * inf / 32767.0)
+                })
                 .fold(0.0, f32::max);
-            let eps = scale * q1 * m / 254.0;
-            ((2.0 * eps).exp() - 1.0) * big_v + big_v / 254.0 + 1e-5
+            ((2.0 * eps).exp() - 1.0) * big_v + big_v / 127.0 + 1e-5
         })
         .collect()
+}
+
+/// Whether decoding steps of an int8 cache run on integer dot products here.
+fn integer_dots() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if expected_arch(false) == attn::KernelArch::Avx512 {
+        return is_x86_feature_detected!("avx512vnni");
+    }
+    false
 }
 
 #[test]
@@ -164,6 +176,11 @@ fn int8_stays_within_its_bound_of_the_f32_cache() {
             }
             if t == 1 {
                 assert_eq!(paths.direct, heads, "{paths:?}");
+                // integer dot products for up to three query rows per
+                // key/value head and widths of whole registers
+                let fits = heads / kv_heads <= 3 && d % 32 == 0;
+                let expected = if integer_dots() && fits { heads } else { 0 };
+                assert_eq!(paths.int8_dots, expected, "{paths:?}");
             }
         }
         // quantised for real: not the f32 numbers
@@ -367,6 +384,35 @@ fn a_failed_step_writes_nothing() {
             .with_window(0)
             .is_err()
     );
+}
+
+#[test]
+fn non_finite_queries_of_an_int8_cache_take_the_reference_path() {
+    let (heads, kv, d) = (2, 2, 64);
+    let mut int8 = PagedKvCache::<i8>::new(8, 4, kv, d, d).expect("valid");
+    let seq = int8.add_sequence();
+    let x = random3(kv, 5, d, 1).mapv(|x| x as f32);
+    int8.append(seq, &x, &x).expect("room");
+    for bad in [f32::INFINITY, f32::NAN] {
+        let mut q = random3(heads, 1, d, 3).mapv(|x| x as f32);
+        q[[1, 0, 2]] = bad;
+        let keep = int8.clone();
+        let y = random3(kv, 1, d, 4).mapv(|x| x as f32);
+        let (out, paths) = kernel_paths(|| int8.attend(seq, &q, &y, &y).expect("valid"));
+        assert_eq!((paths.direct, paths.reference), (1, 1), "{bad}: {paths:?}");
+        // the reference path over the stored keys: NaN where a score is
+        let stored = (
+            int8.keys(seq).expect("live"),
+            int8.values(seq).expect("live"),
+        );
+        assert!(out.slice(s![0, .., ..]).iter().all(|x| x.is_finite()));
+        assert!(
+            out.slice(s![1, .., ..]).iter().all(|x| x.is_nan()),
+            "{bad}: {out:?}"
+        );
+        assert_eq!(stored.0.dim().1, 6);
+        int8 = keep;
+    }
 }
 
 #[test]

@@ -5,8 +5,10 @@
 use ndarray::{ArrayViewMut2, ArrayViewMut4};
 
 use super::arch::{Arch, KernelElement};
-use super::direct::{Native, Paged, Quantized, Rows, Source, Widening};
+use super::direct::{Native, Paged, Quantized, Rows, Source, Widening, integer_fits};
 use super::options::Parallelism;
+use super::params::DIRECT_BATCH_ROWS;
+use super::report::{self, Path};
 use super::{kv_groups, per_head, run};
 use crate::core::problem::Problem;
 use crate::decode::paged::{CacheElement, PerCache};
@@ -14,9 +16,9 @@ use crate::element::{Element, Half, PerElement};
 use crate::error::Result;
 use crate::flex::program::{Plain, Program};
 
-/// A sequence's keys and values in a paged cache's pool: block `b` of the
-/// pool holds, for each key/value head, `size` rows of keys (`d_k` wide) and
-/// of values (`d_v` wide), and for int8 one scale per row.
+/// A sequence's keys and values in a paged cache's pool: for each key/value
+/// head, `blocks` blocks of `size` rows of keys (`d_k` wide) and of values
+/// (`d_v` wide), and for int8 one scale per row.
 pub(crate) struct Pages<'p, E> {
     pub(crate) keys: &'p [E],
     pub(crate) values: &'p [E],
@@ -25,6 +27,7 @@ pub(crate) struct Pages<'p, E> {
     /// The sequence's blocks, in order.
     pub(crate) table: &'p [usize],
     pub(crate) size: usize,
+    pub(crate) blocks: usize,
     pub(crate) kv_heads: usize,
     pub(crate) d_k: usize,
     pub(crate) d_v: usize,
@@ -33,7 +36,7 @@ pub(crate) struct Pages<'p, E> {
 impl<E> Pages<'_, E> {
     /// Where head `kv`'s rows of block `block` begin, counted in rows.
     fn first_row(&self, block: usize, kv: usize) -> usize {
-        (block * self.kv_heads + kv) * self.size
+        (kv * self.blocks + block) * self.size
     }
 }
 
@@ -87,9 +90,11 @@ impl PerCache for PagedForwards {
     fn half<H: Half + CacheElement<Compute = f32>>(self) -> PagedFn<f32, H> {
         |problem, pages, out, parallelism, fallback| {
             let size = pages.size;
+            let arch = Arch::detect()?;
             run_pages(
                 problem,
                 pages,
+                arch,
                 out,
                 parallelism,
                 fallback,
@@ -101,9 +106,19 @@ impl PerCache for PagedForwards {
     fn int8(self) -> PagedFn<f32, i8> {
         |problem, pages, out, parallelism, fallback| {
             let size = pages.size;
+            let arch = Arch::detect()?;
+            let integer = arch.int8_dots();
+            // one batch per group: its query heads' rows (up to the direct
+            // path's batch)
+            let (_, heads, l, _) = problem.q.dim();
+            let rows = (heads / pages.kv_heads * l).min(DIRECT_BATCH_ROWS);
+            if integer && integer_fits(rows, pages.d_k) && integer_fits(rows, pages.d_v) {
+                report::count(Path::Int8Dots, heads);
+            }
             run_pages(
                 problem,
                 pages,
+                arch,
                 out,
                 parallelism,
                 fallback,
@@ -111,6 +126,7 @@ impl PerCache for PagedForwards {
                     data: &data[first * width..][..size * width],
                     scales: &scales[first..first + size],
                     width,
+                    integer,
                 },
             )
         }
@@ -145,9 +161,11 @@ where
     Plain: Program<A>,
 {
     let size = pages.size;
+    let arch = Arch::detect()?;
     run_pages(
         problem,
         pages,
+        arch,
         out,
         parallelism,
         fallback,
@@ -160,6 +178,7 @@ where
 fn run_pages<'g, A, E, R>(
     problem: &Problem<'_, A, ()>,
     pages: &Pages<'g, E>,
+    arch: Arch,
     out: ArrayViewMut4<'_, A>,
     parallelism: Parallelism,
     fallback: &dyn Fn(usize, ArrayViewMut2<'_, A>),
@@ -170,7 +189,6 @@ where
     Plain: Program<A>,
     R: Rows<A>,
 {
-    let arch = Arch::detect()?;
     let mut outs: Vec<_> = per_head(out).collect();
     let mut groups = kv_groups(problem, &mut outs);
     let blocks: Vec<(Vec<R>, Vec<R>)> = (0..pages.kv_heads)

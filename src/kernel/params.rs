@@ -70,6 +70,11 @@ pub(crate) const WIDEN_CHUNK: usize = 64;
 /// 4096 cached positions one step took 0.22 ms on 2 threads.
 pub(crate) const DIRECT_PART: usize = 2048;
 
+/// Bytes at the start of a paged cache's next block that the direct path asks
+/// the CPU to prefetch as it begins a block: where a sequence's blocks are not
+/// adjacent, the hardware prefetchers lose the stream at each block's end.
+pub(crate) const PREFETCH_START: usize = 2048;
+
 /// Lanes of the direct path's vectorised dot products (one AVX2 register of f32,
 /// two of f64).
 pub(crate) const LANES: usize = 8;

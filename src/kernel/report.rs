@@ -25,6 +25,9 @@ pub struct KernelPaths {
     /// Heads the fused backward pass's kernels computed: gradients, or the forward
     /// that keeps each row's log-sum-exp.
     pub backward: usize,
+    /// Query heads of int8-cache steps scored and summed by integer dot
+    /// products (AVX512_VNNI), also counted by the path that ran them.
+    pub int8_dots: usize,
     /// The instruction set of the last call that ran the tiled or direct path.
     pub arch: Option<KernelArch>,
 }
@@ -37,6 +40,7 @@ pub(crate) enum Path {
     Direct,
     Rowwise,
     FusedBackward,
+    Int8Dots,
 }
 
 thread_local! {
@@ -87,6 +91,7 @@ pub(crate) fn count(path: Path, heads: usize) {
                 Path::Direct => paths.direct += heads,
                 Path::Rowwise => paths.rowwise += heads,
                 Path::FusedBackward => paths.backward += heads,
+                Path::Int8Dots => paths.int8_dots += heads,
             }
             record.set(Some(paths));
         }

@@ -158,6 +158,7 @@ impl<E: CacheElement> PagedKvCache<E> {
             value_scales: &self.value_scales,
             table: &held.table,
             size: self.sizes.block_size,
+            blocks: self.sizes.blocks,
             kv_heads,
             d_k,
             d_v,

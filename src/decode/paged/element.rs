@@ -135,7 +135,7 @@ impl CacheElement for i8 {
         let inverse = 127.0 / max;
         for (o, &x) in out.iter_mut().zip(row) {
             // |x · 127 / max| ≤ 127 (up to one rounding): the cast saturates
-            *o = (x * inverse).round() as i8;
+            *o = (x * inverse).round() as i32 as i8;
         }
         Ok(scale)
     }

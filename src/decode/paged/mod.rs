@@ -34,12 +34,17 @@ use crate::error::{Error, Result};
 ///
 /// Every step attends over the keys and values as stored: an int8 cache's
 /// new positions are quantised before its queries see them, so a prompt
-/// appended in chunks gives the numbers of the prompt at once. With int8, each
-/// stored element is within `m/254` of its value (`m` the largest magnitude of
-/// its row), so a query `q` scored against key `j` at scale `c` is off by at most
-/// `εⱼ = c·‖q‖₁·mⱼ/254`, and, with `ε = maxⱼ εⱼ` and `V = maxⱼ max|vⱼ|`, every
-/// output element is within `(e^{2ε} − 1)·V + V/254` of the `f32` cache's
-/// (plus `f32` rounding).
+/// appended in chunks gives the numbers of the prompt at once.
+///
+/// With int8, each stored element is within `mⱼ/254` of its value (`mⱼ` the
+/// largest magnitude of its row). On CPUs with AVX512_VNNI a decoding step
+/// also rounds each scaled query row and each chunk's weights to 16 bits and
+/// sums the products exactly in integers (`vpdpwssd`). Together: the scores of
+/// a query `q` at scale `c` against key `j` are off by at most
+/// `εⱼ = c·mⱼ·(‖q‖₁/254 + d_k·‖q‖∞/32767)`, and, with `ε = maxⱼ εⱼ` and
+/// `V = maxⱼ max|vⱼ|`, every output element is within
+/// `(e^{2ε} − 1)·V + V/127` of the `f32` cache's (plus `f32` rounding; the
+/// tests check it on random inputs and on Hugging Face models' cached steps).
 ///
 /// # Shapes
 ///
@@ -76,10 +81,12 @@ use crate::error::{Error, Result};
 /// ```
 #[derive(Debug, Clone)]
 pub struct PagedKvCache<E: CacheElement> {
-    /// `(blocks, kv_heads, block_size, d_k)` and `(…, d_v)`, row-major.
+    /// `(kv_heads, blocks, block_size, d_k)` and `(…, d_v)`, row-major: a
+    /// head's blocks one after another, so a sequence whose blocks were taken
+    /// in order is read as one stream.
     keys: Vec<E>,
     values: Vec<E>,
-    /// `(blocks, kv_heads, block_size)`: each row's scale (int8 only).
+    /// `(kv_heads, blocks, block_size)`: each row's scale (int8 only).
     key_scales: Vec<f32>,
     value_scales: Vec<f32>,
     /// Per block: the sequences whose tables hold it (0: free).
@@ -387,7 +394,7 @@ impl<E: CacheElement> PagedKvCache<E> {
 
     /// The first row of head `kv`'s rows in `block`.
     pub(crate) fn first_row(&self, block: usize, kv: usize) -> usize {
-        (block * self.sizes.kv_heads + kv) * self.sizes.block_size
+        (kv * self.sizes.blocks + block) * self.sizes.block_size
     }
 
     /// A sequence's rows of `data` as the values they stand for,

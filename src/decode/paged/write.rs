@@ -165,17 +165,18 @@ impl<E: CacheElement> PagedKvCache<E> {
 
     /// Block `from`'s rows, every head's, copied to block `to`.
     fn copy_block(&mut self, from: usize, to: usize) {
-        let rows = self.sizes.kv_heads * self.sizes.block_size;
         let (d_k, d_v) = (self.sizes.d_k, self.sizes.d_v);
-        self.keys
-            .copy_within(from * rows * d_k..(from + 1) * rows * d_k, to * rows * d_k);
-        self.values
-            .copy_within(from * rows * d_v..(from + 1) * rows * d_v, to * rows * d_v);
-        if E::SCALED {
-            self.key_scales
-                .copy_within(from * rows..(from + 1) * rows, to * rows);
-            self.value_scales
-                .copy_within(from * rows..(from + 1) * rows, to * rows);
+        let size = self.sizes.block_size;
+        for kv in 0..self.sizes.kv_heads {
+            let (src, dst) = (self.first_row(from, kv), self.first_row(to, kv));
+            self.keys
+                .copy_within(src * d_k..(src + size) * d_k, dst * d_k);
+            self.values
+                .copy_within(src * d_v..(src + size) * d_v, dst * d_v);
+            if E::SCALED {
+                self.key_scales.copy_within(src..src + size, dst);
+                self.value_scales.copy_within(src..src + size, dst);
+            }
         }
     }
 }

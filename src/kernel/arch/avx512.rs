@@ -8,7 +8,7 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{Avx2, sum4_pd, sum4_ps, widen8};
-use crate::kernel::direct::{Dots, HalfDots, Narrow, NarrowKind, Prefetch};
+use crate::kernel::direct::{Dots, HalfDots, Narrow, NarrowKind, Prefetch, scores_i8, values_i8};
 use crate::kernel::params::{LANES, TILE_BLOCKS};
 
 /// Proof that the CPU has AVX-512 F, BW, VL and DQ as well as AVX2, FMA and F16C:
@@ -280,6 +280,29 @@ unsafe fn widen16<H: Narrow>(src: *const H) -> __m512 {
 /// then the halves), so that half-precision keys give the bits their f32
 /// widening gives.
 impl HalfDots for Avx512 {
+    /// By `vpdpwssd` where the CPU has AVX512_VNNI.
+    #[inline(always)]
+    fn scores_i8(self, q: &[i16], keys: &[i8], d: usize, out: &mut [i32]) {
+        if d.is_multiple_of(32) && super::vnni::detect() {
+            // SAFETY: the token proves AVX-512 F and BW, `detect` VNNI; the
+            // slices are whole rows, as `scores_i8` takes them
+            unsafe { super::vnni::scores(q, keys, d, out) }
+        } else {
+            scores_i8(q, keys, d, out);
+        }
+    }
+
+    /// By `vpdpwssd` where the CPU has AVX512_VNNI.
+    #[inline(always)]
+    fn values_i8(self, w: &[i16], values: &[i8], d_v: usize, out: &mut [i32]) {
+        if d_v.is_multiple_of(32) && super::vnni::detect() {
+            // SAFETY: as in `scores_i8`
+            unsafe { super::vnni::values(w, values, d_v, out) }
+        } else {
+            values_i8(w, values, d_v, out);
+        }
+    }
+
     /// Two blocks of [`LANES`] per register, folded to one block at the end.
     #[inline(always)]
     fn dot4_half<H: Narrow>(self, q: &[[f32; LANES]], k: &[&[[H; LANES]]; 4]) -> [f32; 4] {

@@ -109,6 +109,16 @@ impl Dots<f32> for Avx512Bf16 {
 
 impl HalfDots for Avx512Bf16 {
     #[inline(always)]
+    fn scores_i8(self, q: &[i16], keys: &[i8], d: usize, out: &mut [i32]) {
+        self.avx512.scores_i8(q, keys, d, out);
+    }
+
+    #[inline(always)]
+    fn values_i8(self, w: &[i16], values: &[i8], d_v: usize, out: &mut [i32]) {
+        self.avx512.values_i8(w, values, d_v, out);
+    }
+
+    #[inline(always)]
     fn dot4_half<H: Narrow>(self, q: &[[f32; LANES]], k: &[&[[H; LANES]]; 4]) -> [f32; 4] {
         self.avx512.dot4_half(q, k)
     }

@@ -35,6 +35,8 @@ mod avx512;
 mod avx512bf16;
 pub(crate) mod cpu;
 mod portable;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
 
 use std::sync::OnceLock;
 
@@ -116,6 +118,16 @@ impl Arch {
                 avx512bf16::Avx512Bf16::detect(token)
             }
             _ => None,
+        }
+    }
+
+    /// Whether this instruction set scores and sums an int8 cache with
+    /// integer dot products (AVX-512 with AVX512_VNNI).
+    pub(crate) fn int8_dots(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Arch::Avx512(_) => vnni::detect(),
+            _ => false,
         }
     }
 

@@ -21,6 +21,7 @@
 //! `f32` as they are loaded ([`Rows`], in `rows.rs`), so a decoding step reads half
 //! the bytes. The steps of one chunk (scores, value sums) are in `steps.rs`.
 
+mod int8;
 mod narrow;
 mod pages;
 mod rows;
@@ -30,14 +31,15 @@ use std::ops::Range;
 
 use ndarray::{ArrayView2, ArrayViewMut2};
 
+pub(crate) use int8::{scores_i8, values_i8};
 pub(crate) use narrow::{Narrow, NarrowKind};
-pub(crate) use pages::{Paged, Quantized};
+pub(crate) use pages::{Paged, Quantized, integer_fits};
 pub(crate) use rows::{Native, Prefetch, Rows, Source, Widening};
 pub(crate) use steps::{Dots, HalfDots, sum_lanes};
 
 use super::float::{KernelFloat, MulAdd, Separate};
 use super::online::{fold_max, inverse_total, part_weight, shift_of, softmax_update};
-use super::params::{DIRECT_BATCH_ROWS as ROWS, DIRECT_CHUNK, LANES, SOFTMAX_LANES, WIDEN_CHUNK};
+use super::params::{DIRECT_BATCH_ROWS as ROWS, LANES, SOFTMAX_LANES};
 use crate::core::mask::Mask2;
 use crate::core::scoring::Scoring;
 use crate::flex::blocks::BlockClass;
@@ -105,23 +107,30 @@ where
     let d_v = group.d_v;
     let rows = group.queries.len() * l;
     let batch = rows.min(ROWS);
-    let longest = if R::WIDENS { WIDEN_CHUNK } else { DIRECT_CHUNK };
-    let chunk = group.s.next_multiple_of(LANES).min(longest);
+    let chunk = group.s.next_multiple_of(LANES).min(R::CHUNK);
     let mut memory = vec![A::zero(); batch * (d + chunk + 2 * d_v)];
     let (q, rest) = memory.split_at_mut(batch * d);
     let (s, rest) = rest.split_at_mut(batch * chunk);
     let (o, acc) = rest.split_at_mut(batch * d_v);
+    // integer queries, weights and sums (an int8 cache's integer dot products)
+    let (shorts, ints) = (batch * d + chunk, batch * chunk + d_v);
+    let (mut shorts, mut ints) = match R::INTEGER {
+        true => (vec![0_i16; shorts], vec![0_i32; ints]),
+        false => (Vec::new(), Vec::new()),
+    };
     let mut scratch = Scratch {
         q,
         s,
         o,
         acc,
+        shorts: &mut shorts,
+        ints: &mut ints,
         max: [A::neg_infinity(); ROWS],
         sum: [A::zero(); ROWS],
     };
     // widened chunks of keys and values (none when they are read where they lie)
-    let widened = |width: usize| vec![A::zero(); if R::WIDENS { chunk * width } else { 0 }];
-    let (mut key_rows, mut value_rows) = (widened(d), widened(d_v));
+    let widened = |rows: R, width: usize| vec![A::zero(); rows.buffer_len(batch, width, chunk)];
+    let (mut key_rows, mut value_rows) = (widened(group.keys, d), widened(group.values, d_v));
     let mut partial = Partial {
         o: Vec::with_capacity(rows * d_v),
         max: Vec::with_capacity(rows),
@@ -200,6 +209,21 @@ pub(crate) fn finish<A: KernelFloat>(
     bad
 }
 
+/// Whether every value of `row` is below `+∞` (not NaN either), in lanes
+/// that vectorise: no early exit.
+#[inline(always)]
+fn below_infinity<A: KernelFloat>(row: &[A]) -> bool {
+    // per lane 1 while every value was below +∞, else 0: a compare and a blend
+    let mut ok = [A::one(); SOFTMAX_LANES];
+    let (parts, rest) = row.as_chunks::<SOFTMAX_LANES>();
+    for part in parts {
+        for (ok, &x) in ok.iter_mut().zip(part) {
+            *ok = if x < A::infinity() { *ok } else { A::zero() };
+        }
+    }
+    ok.iter().all(|&ok| ok == A::one()) && rest.iter().all(|&x| x < A::infinity())
+}
+
 /// One batch of query rows over the keys of `part` in their reach; `false` when a
 /// score was NaN or `+∞` after masking.
 #[inline(always)]
@@ -239,12 +263,8 @@ where
     scratch.max.fill(A::neg_infinity());
     scratch.sum.fill(A::zero());
     let mut finite = true;
-    let mut next = reach.start;
-    while next < reach.end {
-        // a chunk ends where the stored run of keys does (a block of a paged cache)
-        let j0 = next;
-        let n = chunk.min(reach.end - j0).min(group.keys.run_end(j0) - j0);
-        next += n;
+    for j0 in (reach.start..reach.end).step_by(chunk) {
+        let n = chunk.min(reach.end - j0);
         let classes: [BlockClass; ROWS] = std::array::from_fn(|r| match members.get(r) {
             Some(&(h, i)) => {
                 group
@@ -271,7 +291,7 @@ where
                 .prepare_row(&group.masks[h], i, l, s, j0, &mut row[..n], classes[r]);
             row[n..].fill(A::neg_infinity());
             // NaN or +∞ after masking: inputs the fused arithmetic cannot stand for
-            finite &= row.iter().all(|&x| x < A::infinity());
+            finite &= below_infinity(row);
             alpha[r] = softmax_update::<A, M, SOFTMAX_LANES>(
                 row,
                 &mut scratch.max[r],

@@ -1,26 +1,79 @@
 //! Keys and values of a paged cache: int8 rows with one scale each, and rows in
 //! fixed-size blocks reached through a block table.
 
-use super::rows::{Rows, accumulate_over_rows, scores_over_rows};
+use std::ops::Range;
+
+use super::int8::{MAX_KEYS, MAX_WIDTH, WIDTH_STEP, round_to_i16};
+use super::rows::{Rows, accumulate_over_rows, prefetch_bytes, scores_over_rows};
 use super::steps::{Chunk, Dots, HalfDots, Scratch, fold_in};
-use crate::kernel::float::MulAdd;
-use crate::kernel::params::{DIRECT_BATCH_ROWS as ROWS, LANES, TILE_BLOCKS};
+use crate::kernel::float::{KernelFloat, MulAdd};
+use crate::kernel::params::{DIRECT_BATCH_ROWS as ROWS, DIRECT_CHUNK, LANES, TILE_BLOCKS};
 
 /// Rows of int8 values, each with its own scale: row `r` stands for
 /// `data[r·width ..][..width] · scales[r]`. The scores take the scale of their
 /// key after the dot product, the value sums fold it into the weights, so the
 /// rows are widened in registers and never multiplied out.
+///
+/// Where `integer` (the CPU has integer dot products) and a batch has at most
+/// [`INTEGER_ROWS`] rows, queries and weights are rounded to 16 bits (at one
+/// scale per row, within `max / 65534`) and the products summed exactly in
+/// `i32` ([`int8`](super::int8)).
 #[derive(Clone, Copy)]
 pub(crate) struct Quantized<'s> {
     pub(crate) data: &'s [i8],
     pub(crate) scales: &'s [f32],
     pub(crate) width: usize,
+    pub(crate) integer: bool,
+}
+
+/// The most rows of a batch that the integer path takes (decoding: one row
+/// per query head of a key/value head, without grouped queries up to three).
+const INTEGER_ROWS: usize = 3;
+
+impl Quantized<'_> {
+    /// Whether a chunk of `rows` rows of `width` runs on integer dot products.
+    #[inline(always)]
+    fn integer(&self, rows: usize, width: usize) -> bool {
+        self.integer && integer_fits(rows, width)
+    }
+}
+
+/// Whether batches of `rows` rows of `width` fit the integer path (on a CPU
+/// that has it).
+#[inline(always)]
+pub(crate) fn integer_fits(rows: usize, width: usize) -> bool {
+    rows <= INTEGER_ROWS && width.is_multiple_of(WIDTH_STEP) && width <= MAX_WIDTH
 }
 
 impl Rows<f32> for Quantized<'_> {
     const WIDENS: bool = true;
+    const INTEGER: bool = true;
+    /// Chunks as long as for rows read where they lie: the integer path reads
+    /// the bytes where they lie (its weights need `chunk` floats of buffer).
+    const CHUNK: usize = {
+        assert!(
+            DIRECT_CHUNK <= MAX_KEYS,
+            "a chunk's integer value sums fit in i32"
+        );
+        DIRECT_CHUNK
+    };
+
+    #[inline(always)]
+    fn buffer_len(self, rows: usize, width: usize, chunk: usize) -> usize {
+        if self.integer(rows, width) {
+            chunk
+        } else {
+            chunk * width
+        }
+    }
 
     /// Dequantised into `buffer`.
+    #[inline(always)]
+    fn prefetch_start(self) {
+        prefetch_bytes(self.data);
+        prefetch_bytes(self.scales);
+    }
+
     #[inline(always)]
     fn rows<'b>(self, from: usize, to: usize, buffer: &'b mut [f32]) -> &'b [f32]
     where
@@ -51,6 +104,9 @@ impl Rows<f32> for Quantized<'_> {
         buffer: &mut [f32],
     ) {
         let (keys, d) = (&chunk.keys, chunk.width);
+        if self.integer(chunk.rows, d) {
+            return self.integer_scores(dots, scratch, chunk);
+        }
         if !d.is_multiple_of(LANES) {
             return scores_over_rows::<f32, M, D, Self>(self, dots, scratch, chunk, buffer);
         }
@@ -88,6 +144,9 @@ impl Rows<f32> for Quantized<'_> {
         buffer: &mut [f32],
     ) {
         let (keys, d_v, rows) = (&chunk.keys, chunk.width, chunk.rows);
+        if self.integer(rows, d_v) {
+            return self.integer_values::<M, D>(dots, scratch, chunk, alpha, buffer);
+        }
         let block = TILE_BLOCKS * LANES;
         if rows >= 4 || !d_v.is_multiple_of(block) {
             return accumulate_over_rows::<f32, M, D, Self>(
@@ -111,10 +170,70 @@ impl Rows<f32> for Quantized<'_> {
     }
 }
 
+impl Quantized<'_> {
+    /// [`Rows::scores`] on integer dot products: `(q₁₆ · k₈) · scale_q · scale_k`.
+    #[inline(always)]
+    fn integer_scores<D: HalfDots>(self, dots: D, scratch: &mut Scratch<f32>, chunk: &Chunk) {
+        let (keys, d, rows) = (&chunk.keys, chunk.width, chunk.rows);
+        let n = keys.len();
+        let q = &mut scratch.shorts[..rows * d];
+        let mut q_scale = [0.0_f32; INTEGER_ROWS];
+        for (r, scale) in q_scale.iter_mut().enumerate().take(rows) {
+            *scale = round_to_i16(&scratch.q[r * d..(r + 1) * d], &mut q[r * d..(r + 1) * d]);
+        }
+        let sums = &mut scratch.ints[..rows * n];
+        let stored = &self.data[keys.start * d..keys.end * d];
+        dots.scores_i8(q, stored, d, sums);
+        let scales = &self.scales[keys.clone()];
+        for (r, &q_scale) in q_scale.iter().enumerate().take(rows) {
+            let row = &mut scratch.s[r * chunk.stride..][..n];
+            for ((s, &sum), &k_scale) in row.iter_mut().zip(&sums[r * n..]).zip(scales) {
+                *s = sum as f32 * (q_scale * k_scale);
+            }
+        }
+    }
+
+    /// [`Rows::accumulate`] on integer dot products: each row's weights times
+    /// their values' scales, rounded to 16 bits, summed over the bytes.
+    #[inline(always)]
+    fn integer_values<M: MulAdd, D: HalfDots>(
+        self,
+        dots: D,
+        scratch: &mut Scratch<f32>,
+        chunk: &Chunk,
+        alpha: &[f32; ROWS],
+        buffer: &mut [f32],
+    ) {
+        let (keys, d_v, rows) = (&chunk.keys, chunk.width, chunk.rows);
+        let n = keys.len();
+        let stored = &self.data[keys.start * d_v..keys.end * d_v];
+        let scales = &self.scales[keys.clone()];
+        let weights = &mut buffer[..n];
+        for r in 0..rows {
+            let p = &scratch.s[r * chunk.stride..][..n];
+            for ((w, &p), &scale) in weights.iter_mut().zip(p).zip(scales) {
+                *w = p * scale;
+            }
+            let rounded = &mut scratch.shorts[..n];
+            let scale = round_to_i16(weights, rounded);
+            let sums = &mut scratch.ints[..d_v];
+            dots.values_i8(rounded, stored, d_v, sums);
+            for (a, &sum) in scratch.acc[r * d_v..(r + 1) * d_v]
+                .iter_mut()
+                .zip(sums.iter())
+            {
+                *a = sum as f32 * scale;
+            }
+        }
+        fold_in::<f32, M>(scratch, d_v, rows, alpha);
+    }
+}
+
 /// Rows kept in blocks of `size` rows, `blocks[i]` holding rows
-/// `i·size .. (i + 1)·size` (a block table resolved to its blocks). The direct
-/// path cuts its chunks at block ends ([`Rows::run_end`]), so each chunk is
-/// read from one block, by that block's own kernels.
+/// `i·size .. (i + 1)·size` (a block table resolved to its blocks). A chunk of
+/// keys that spans blocks is read block by block, each part by that block's
+/// own kernels: its scores land at their place in the chunk's rows, its value
+/// sums join the total one part after another.
 #[derive(Clone, Copy)]
 pub(crate) struct Paged<'s, R> {
     pub(crate) blocks: &'s [R],
@@ -123,45 +242,89 @@ pub(crate) struct Paged<'s, R> {
 }
 
 impl<R> Paged<'_, R> {
-    /// The block holding `keys` and their range within it.
+    /// The parts of `keys` within one block each: `(block, keys within it,
+    /// offset of the part in the chunk)`.
     #[inline(always)]
-    fn locate(&self, keys: &std::ops::Range<usize>) -> (usize, std::ops::Range<usize>) {
-        let block = keys.start / self.size;
-        let first = block * self.size;
-        debug_assert!(keys.end <= first + self.size, "a chunk within one block");
-        (block, keys.start - first..keys.end - first)
-    }
-
-    /// The same chunk in the coordinates of its block.
-    #[inline(always)]
-    fn within(&self, chunk: &Chunk) -> (usize, Chunk) {
-        let (block, keys) = self.locate(&chunk.keys);
-        let local = Chunk {
-            keys,
-            width: chunk.width,
-            rows: chunk.rows,
-            stride: chunk.stride,
-        };
-        (block, local)
+    fn parts(&self, keys: Range<usize>) -> impl Iterator<Item = (usize, Range<usize>, usize)> {
+        let size = self.size;
+        let start = keys.start;
+        (keys.start / size..keys.end.div_ceil(size)).map(move |block| {
+            let first = block * size;
+            let from = keys.start.max(first);
+            let to = keys.end.min(first + size);
+            (block, from - first..to - first, from - start)
+        })
     }
 }
 
-impl<A: crate::kernel::float::KernelFloat, R: Rows<A>> Rows<A> for Paged<'_, R> {
-    const WIDENS: bool = R::WIDENS;
+impl<R: Copy> Paged<'_, R> {
+    /// As a block is begun, the start of the next one asked for.
+    #[inline(always)]
+    fn prefetch_next<A: KernelFloat>(&self, block: usize, keys: &Range<usize>)
+    where
+        R: Rows<A>,
+    {
+        if keys.start == 0
+            && let Some(next) = self.blocks.get(block + 1)
+        {
+            next.prefetch_start();
+        }
+    }
+}
 
+/// The part of `chunk` at `keys` (counted within its block), for the same
+/// batch of rows.
+#[inline(always)]
+fn part_of(chunk: &Chunk, keys: Range<usize>) -> Chunk {
+    Chunk {
+        keys,
+        width: chunk.width,
+        rows: chunk.rows,
+        stride: chunk.stride,
+    }
+}
+
+/// `scratch` with its scores (then weights) from `offset` on: a part's
+/// columns of the chunk's rows.
+#[inline(always)]
+fn shifted<'a, A: Copy>(scratch: &'a mut Scratch<'_, A>, offset: usize) -> Scratch<'a, A> {
+    Scratch {
+        q: &mut *scratch.q,
+        s: &mut scratch.s[offset..],
+        o: &mut *scratch.o,
+        acc: &mut *scratch.acc,
+        shorts: &mut *scratch.shorts,
+        ints: &mut *scratch.ints,
+        max: scratch.max,
+        sum: scratch.sum,
+    }
+}
+
+impl<A: KernelFloat, R: Rows<A>> Rows<A> for Paged<'_, R> {
+    const WIDENS: bool = R::WIDENS;
+    const INTEGER: bool = R::INTEGER;
+    const CHUNK: usize = R::CHUNK;
+
+    #[inline(always)]
+    fn buffer_len(self, rows: usize, width: usize, chunk: usize) -> usize {
+        self.blocks
+            .first()
+            .map_or(0, |block| block.buffer_len(rows, width, chunk))
+    }
+
+    /// Rows within one block (a part of a chunk).
     #[inline(always)]
     fn rows<'b>(self, from: usize, to: usize, buffer: &'b mut [A]) -> &'b [A]
     where
         Self: 'b,
     {
-        let (block, keys) = self.locate(&(from / self.width..to.div_ceil(self.width)));
-        let (from, to) = (keys.start * self.width, keys.end * self.width);
-        self.blocks[block].rows(from, to, buffer)
-    }
-
-    #[inline(always)]
-    fn run_end(self, key: usize) -> usize {
-        (key / self.size + 1) * self.size
+        let block = from / self.width / self.size;
+        let first = block * self.size * self.width;
+        debug_assert!(
+            to <= first + self.size * self.width,
+            "rows within one block"
+        );
+        self.blocks[block].rows(from - first, to - first, buffer)
     }
 
     #[inline(always)]
@@ -172,10 +335,15 @@ impl<A: crate::kernel::float::KernelFloat, R: Rows<A>> Rows<A> for Paged<'_, R> 
         chunk: &Chunk,
         buffer: &mut [A],
     ) {
-        let (block, local) = self.within(chunk);
-        self.blocks[block].scores::<M, D>(dots, scratch, &local, buffer);
+        for (block, keys, offset) in self.parts(chunk.keys.clone()) {
+            self.prefetch_next(block, &keys);
+            let mut part = shifted(scratch, offset);
+            let chunk = part_of(chunk, keys);
+            self.blocks[block].scores::<M, D>(dots, &mut part, &chunk, buffer);
+        }
     }
 
+    /// The first part folds in with `alpha`, each further one adds to it.
     #[inline(always)]
     fn accumulate<M: MulAdd, D: Dots<A> + HalfDots>(
         self,
@@ -185,7 +353,13 @@ impl<A: crate::kernel::float::KernelFloat, R: Rows<A>> Rows<A> for Paged<'_, R> 
         alpha: &[A; ROWS],
         buffer: &mut [A],
     ) {
-        let (block, local) = self.within(chunk);
-        self.blocks[block].accumulate::<M, D>(dots, scratch, &local, alpha, buffer);
+        let ones = [A::one(); ROWS];
+        for (i, (block, keys, offset)) in self.parts(chunk.keys.clone()).enumerate() {
+            self.prefetch_next(block, &keys);
+            let mut part = shifted(scratch, offset);
+            let chunk = part_of(chunk, keys);
+            let alpha = if i == 0 { alpha } else { &ones };
+            self.blocks[block].accumulate::<M, D>(dots, &mut part, &chunk, alpha, buffer);
+        }
     }
 }

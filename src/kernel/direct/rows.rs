@@ -8,7 +8,10 @@ use super::steps::{Chunk, Dots, HalfDots, Scratch, accumulate, fold_in, scores};
 use crate::element::Half;
 use crate::kernel::arch::cpu::is_intel;
 use crate::kernel::float::{KernelFloat, MulAdd};
-use crate::kernel::params::{DIRECT_BATCH_ROWS as ROWS, LANES, PREFETCH_ROWS, TILE_BLOCKS};
+use crate::kernel::params::{
+    DIRECT_BATCH_ROWS as ROWS, DIRECT_CHUNK, LANES, PREFETCH_ROWS, PREFETCH_START, TILE_BLOCKS,
+    WIDEN_CHUNK,
+};
 
 /// Software prefetching of the half-precision keys and values of a decoding
 /// step, on Intel CPUs only: on the Intel Xeon host of 2026-12-03 (AMX,
@@ -54,17 +57,35 @@ pub(crate) trait Rows<A: KernelFloat>: Copy + Send + Sync {
     /// Whether [`rows`](Self::rows) needs its buffer.
     const WIDENS: bool;
 
+    /// Keys per chunk of the direct path's online softmax: longer where the
+    /// rows are read where they lie, shorter where they are widened into a
+    /// buffer first.
+    const CHUNK: usize = if Self::WIDENS {
+        WIDEN_CHUNK
+    } else {
+        DIRECT_CHUNK
+    };
+
+    /// The buffer [`rows`](Self::rows) needs for batches of `rows` rows and
+    /// chunks of `chunk` rows of `width`.
+    #[inline(always)]
+    fn buffer_len(self, _rows: usize, width: usize, chunk: usize) -> usize {
+        if Self::WIDENS { chunk * width } else { 0 }
+    }
+
+    /// Whether the kernels need integer scratch ([`Scratch::shorts`],
+    /// [`Scratch::ints`]).
+    const INTEGER: bool = false;
+
     /// Elements `from..to` of the row-major rows, as `A`.
     fn rows<'b>(self, from: usize, to: usize, buffer: &'b mut [A]) -> &'b [A]
     where
         Self: 'b;
 
-    /// The first row past `row` that is not stored contiguously after it (rows
-    /// kept in blocks end a chunk there).
+    /// Asks the CPU to bring the first rows into its caches: the start of a block the direct path reads next, where the
+    /// hardware prefetchers lose the stream.
     #[inline(always)]
-    fn run_end(self, _row: usize) -> usize {
-        usize::MAX
-    }
+    fn prefetch_start(self) {}
 
     /// The scores of the batch's scaled queries against the keys of `chunk`,
     /// into `scratch.s`: the micro-kernels over [`rows`](Self::rows).
@@ -129,6 +150,11 @@ impl<A: KernelFloat + Sync> Rows<A> for &[A] {
     const WIDENS: bool = false;
 
     #[inline(always)]
+    fn prefetch_start(self) {
+        prefetch_bytes(self);
+    }
+
+    #[inline(always)]
     fn rows<'b>(self, from: usize, to: usize, _: &'b mut [A]) -> &'b [A]
     where
         Self: 'b,
@@ -143,6 +169,11 @@ pub(crate) struct Widen<'s, H>(pub(crate) &'s [H]);
 
 impl<H: Half> Rows<f32> for Widen<'_, H> {
     const WIDENS: bool = true;
+
+    #[inline(always)]
+    fn prefetch_start(self) {
+        prefetch_bytes(self.0);
+    }
 
     #[inline(always)]
     fn rows<'b>(self, from: usize, to: usize, buffer: &'b mut [f32]) -> &'b [f32]
@@ -214,6 +245,24 @@ impl<H: Half> Rows<f32> for Widen<'_, H> {
             }
         }
         fold_in::<f32, M>(scratch, d_v, rows, alpha);
+    }
+}
+
+/// The first [`PREFETCH_START`] bytes of `x` brought towards the core (a hint:
+/// it never faults).
+#[inline(always)]
+pub(super) fn prefetch_bytes<T>(x: &[T]) {
+    let bytes = std::mem::size_of_val(x).min(PREFETCH_START);
+    for offset in (0..bytes).step_by(64) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a prefetch reads nothing the program can observe and never
+        // faults; SSE is part of every x86-64 CPU.
+        unsafe {
+            use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+            _mm_prefetch::<_MM_HINT_T0>(x.as_ptr().cast::<i8>().wrapping_add(offset));
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = offset;
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::ops::Range;
 
+use super::int8;
 use super::narrow::Narrow;
 use crate::kernel::float::{KernelFloat, MulAdd};
 use crate::kernel::params::{DIRECT_BATCH_ROWS as ROWS, LANES, TILE_BLOCKS};
@@ -16,6 +17,10 @@ pub(crate) struct Scratch<'s, A> {
     /// Running outputs and one chunk's products, `rows × d_v` each.
     pub(super) o: &'s mut [A],
     pub(super) acc: &'s mut [A],
+    /// Integer queries then weights, `rows × d + chunk`, and integer sums,
+    /// `rows × chunk + d_v` (empty unless the rows are int8).
+    pub(super) shorts: &'s mut [i16],
+    pub(super) ints: &'s mut [i32],
     pub(super) max: [A; ROWS],
     pub(super) sum: [A; ROWS],
 }
@@ -103,6 +108,19 @@ pub(crate) trait HalfDots: Copy {
         d_v: usize,
         c0: usize,
     ) -> [[f32; LANES]; TILE_BLOCKS];
+
+    /// [`int8::scores_i8`]: 16-bit queries against int8 keys, exact in `i32`
+    /// (the scalar loops unless the token has integer dot products).
+    #[inline(always)]
+    fn scores_i8(self, q: &[i16], keys: &[i8], d: usize, out: &mut [i32]) {
+        int8::scores_i8(q, keys, d, out);
+    }
+
+    /// [`int8::values_i8`]: 16-bit weights over int8 value rows, exact in `i32`.
+    #[inline(always)]
+    fn values_i8(self, w: &[i16], values: &[i8], d_v: usize, out: &mut [i32]) {
+        int8::values_i8(w, values, d_v, out);
+    }
 }
 
 /// The sum of the lanes, pairwise.
