@@ -356,6 +356,7 @@ fn main() {
     dtype_rows::<half::f16>("f16", &python, min, prefill, peak);
     dtype_rows::<f64>("f64", &python, min, prefill, peak);
     dtype_rows::<f32>("f32", &python, min, prefill, peak);
+    int8_cache_rows(&python, min);
 
     let best: fn(f64, &mut dyn FnMut()) -> f64 = |min, f| best_seconds(min, f);
     let qkv_inputs: fn(usize, u64) -> Array4<f32> = |n, seed| inputs(n, HEADS, DIM, seed);
@@ -500,6 +501,66 @@ fn dtype_rows<H: Storage>(name: &str, python: &str, min: f64, prefill: &[usize],
                 shown(ours)
             );
         }
+    }
+}
+
+/// A decoding step over a paged int8 cache (blocks of 256, 4096 cached
+/// positions) against PyTorch's bf16 step (it has no int8 attention), and
+/// attn's own bf16 step, in the table of [`dtype_rows`].
+fn int8_cache_rows(python: &str, min: f64) {
+    let cached = 4096;
+    let to3 = |x: Array4<f32>| x.index_axis_move(ndarray::Axis(0), 0);
+    let (q, k, v) = (
+        to3(inputs(1, HEADS, DIM, 1)),
+        to3(inputs(cached, HEADS, DIM, 2)),
+        to3(inputs(cached, HEADS, DIM, 3)),
+    );
+    let mut cache = attn::PagedKvCache::<i8>::new(cached / 256 + 2, 256, HEADS, DIM, DIM)
+        .expect("a valid pool");
+    let sequence = cache.add_sequence();
+    cache.append(sequence, &k, &v).expect("the pool holds it");
+    let step = q.slice(ndarray::s![.., ..1, ..]).to_owned();
+    let bf16 = |x: &Array4<f32>| x.mapv(half::bf16::from_f32);
+    let (qb, kb, vb) = (
+        bf16(&inputs(1, HEADS, DIM, 1)),
+        bf16(&inputs(cached, HEADS, DIM, 2)),
+        bf16(&inputs(cached, HEADS, DIM, 3)),
+    );
+    for threads in [1, 2] {
+        let pool = pool_of(threads);
+        let ours = pool.install(|| {
+            best_seconds(min, || {
+                let fork = cache.fork(sequence).expect("live");
+                drop(cache.attend(fork, &q, &step, &step).expect("room"));
+                cache.free(fork).expect("live");
+            })
+        });
+        let attn_bf16 = pool.install(|| {
+            best_seconds(min, || {
+                drop(ScaledDotProduct::new().forward_batched(&qb, &kb, &vb))
+            })
+        });
+        let torch = torch_run_in(
+            python,
+            &[1, cached, threads, HEADS, DIM],
+            "bf16",
+            false,
+            min,
+            false,
+        );
+        let (torch_cell, ratio) = match torch {
+            Ok((t, _)) => (
+                format!("{:.0} µs (bf16)", t * 1e6),
+                format!("{:.2}×", t / ours),
+            ),
+            Err(why) => (why, "–".to_string()),
+        };
+        println!(
+            "| int8 paged cache (attn bf16: {:.0} µs, {:.2}× slower) | decode S = {cached} | {threads} | {:.0} µs | {torch_cell} | {ratio} | – |",
+            attn_bf16 * 1e6,
+            attn_bf16 / ours,
+            ours * 1e6
+        );
     }
 }
 

@@ -3,6 +3,11 @@
 //! types (a bf16 or f16 cache), against recomputing full causal attention over all
 //! 4096 tokens each step.
 //!
+//! Then the paged cache (`PagedKvCache`) at the same length: f32, bf16 and
+//! int8 pools, blocks of 256, 64 and 16 positions; each step forks the
+//! sequence (sharing every block), attends with one new token and frees the
+//! fork, so each step attends over 4097 positions.
+//!
 //! Then split-key decoding (one sequence, 32 768 cached positions, 1 and 2
 //! threads) and variable-length prefill (8 sequences packed in one call against
 //! one call each).
@@ -14,7 +19,10 @@
 use std::time::Duration;
 
 use attn::half::{bf16, f16};
-use attn::{Element, Init, KvCache, Mask, MultiHeadConfig, ScaledDotProduct, Storage};
+use attn::{
+    CacheElement, Element, Init, KvCache, Mask, MultiHeadConfig, PagedKvCache, ScaledDotProduct,
+    Storage,
+};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ndarray::{Array3, Array4};
 
@@ -93,6 +101,47 @@ fn half_steps<H: Storage>(
     }
 }
 
+/// One decoding step over a paged cache of `CACHED` positions in blocks of
+/// `block`, stored as `E`: fork, attend, free.
+fn paged_step<E: CacheElement<Compute = f32>>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    block: usize,
+) {
+    let mut cache =
+        PagedKvCache::<E>::new(CACHED / block + 2, block, HEADS, DIM, DIM).expect("a valid pool");
+    let sequence = cache.add_sequence();
+    let past = filled::<f32>((1, HEADS, CACHED, DIM), 1).index_axis_move(ndarray::Axis(0), 0);
+    cache
+        .append(sequence, &past, &past)
+        .expect("the pool holds the sequence");
+    let q = filled::<f32>((1, HEADS, 1, DIM), 2).index_axis_move(ndarray::Axis(0), 0);
+    let kv = filled::<f32>((1, HEADS, 1, DIM), 3).index_axis_move(ndarray::Axis(0), 0);
+    group.bench_function(BenchmarkId::new(name, block), |b| {
+        b.iter(|| {
+            let step = cache.fork(sequence).expect("a live sequence");
+            let out = cache
+                .attend(step, &q, &kv, &kv)
+                .expect("room for one block");
+            cache.free(step).expect("a live sequence");
+            out
+        })
+    });
+}
+
+fn paged(c: &mut Criterion) {
+    let mut group = c.benchmark_group("decode_paged_cache4096_8heads_d64");
+    group.throughput(Throughput::Elements(1));
+    for block in [256, 64] {
+        paged_step::<f32>(&mut group, "f32_block", block);
+        paged_step::<bf16>(&mut group, "bf16_block", block);
+    }
+    for block in [256, 64, 16] {
+        paged_step::<i8>(&mut group, "int8_block", block);
+    }
+    group.finish();
+}
+
 /// Split-key decoding: one sequence's step over 32 768 cached positions on 1
 /// and on 2 threads (its keys cut into parts that run in parallel and merge by
 /// their log-sum-exp), 8 query heads over 8 or 1 key/value heads.
@@ -155,5 +204,5 @@ fn varlen_prefill(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode_step, split_keys, varlen_prefill);
+criterion_group!(benches, decode_step, paged, split_keys, varlen_prefill);
 criterion_main!(benches);

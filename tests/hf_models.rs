@@ -603,3 +603,136 @@ fn half_precision_files_load_exactly() {
         assert_eq!(w.iter().copied().collect::<Vec<_>>(), rounded, "{dtype}");
     }
 }
+
+/// The stated int8 bound at a layer's output: each head within
+/// `(e^{2ε} − 1)·V + V/127` (`PagedKvCache`'s docs) of the f32 cache's, then
+/// `W_O`'s column sums of magnitudes. `q_norms` are each query row's
+/// `(‖q‖₁, ‖q‖∞)` before rotary embeddings (a rotation of pairs grows neither
+/// by more than √2); `keys` and `values` the exact rows, `(kv_heads, S, d)`.
+fn int8_layer_bound(
+    layer: &MultiHeadAttention<f32>,
+    q_norms: &[(f32, f32)],
+    keys: &Array3<f32>,
+    values: &Array3<f32>,
+) -> f32 {
+    let config = layer.config();
+    let (scale, d) = (config.scale() as f32, config.head_dim() as f32);
+    let largest = |x: &Array3<f32>| x.fold(0.0_f32, |m, v| m.max(v.abs()));
+    // rotated keys: within √2 of the largest unrotated element
+    let (m, big_v) = (largest(keys) * 2f32.sqrt(), largest(values));
+    let (l1, inf) = q_norms
+        .iter()
+        .fold((0.0_f32, 0.0_f32), |(a, b), &(l1, inf)| {
+            (a.max(l1), b.max(inf))
+        });
+    let eps = scale * m * 2f32.sqrt() * (l1 / 254.0 + d * inf / 32767.0);
+    let head = ((2.0 * eps).exp() - 1.0) * big_v + big_v / 127.0;
+    let w_o = layer.weights().w_o;
+    let columns = w_o
+        .columns()
+        .into_iter()
+        .map(|c| c.iter().map(|w| w.abs()).sum::<f32>());
+    head * columns.fold(0.0, f32::max)
+}
+
+/// The recorded cached steps of a checkpoint through a paged int8 cache, one
+/// sequence per batch row (its real tokens only, no padding), against the
+/// same layer's f32 `KvCache` steps: within the stated bound. Returns the
+/// rows checked and the largest error as a share of its bound.
+fn int8_paged_steps(name: &str) -> (usize, f32) {
+    let model = HfModel::open(dir(name)).expect("the checkpoint opens");
+    let (mut checked, mut share) = (0, 0.0_f32);
+    for record in fixture(name)["records"].as_array().expect("records") {
+        let Some(steps) = record.get("steps").and_then(Value::as_array) else {
+            continue;
+        };
+        let module = record["module"].as_str().expect("a module name");
+        let layer: MultiHeadAttention<f32> = model.attention(module).expect("loads");
+        let config = layer.config();
+        let (kv_heads, hd) = (config.n_kv_heads(), config.head_dim());
+        let batch = f64_array::<Ix3>(&steps[0]["hidden_states"]).dim().0;
+        let mut exact = layer.new_cache(batch);
+        let mut paged = attn::PagedKvCache::<i8>::new(64, 4, kv_heads, hd, hd).expect("valid");
+        let ids: Vec<_> = (0..batch).map(|_| paged.add_sequence()).collect();
+        // every real token so far, per row: the rows of the bound
+        let mut seen: Vec<Vec<ndarray::Array1<f32>>> = vec![Vec::new(); batch];
+        for (n, step) in steps.iter().enumerate() {
+            let x: Array3<f32> = to(&f64_array::<Ix3>(&step["hidden_states"]));
+            let t = x.dim().1;
+            let mask = real(&step["attention_mask"]);
+            let new = mask.slice(s![.., mask.ncols() - t..]).to_owned();
+            let want = layer
+                .forward_cached_padded(&x, &new, &mut exact)
+                .expect("runs");
+            let mut rows = Vec::new();
+            let mut offsets = vec![0];
+            for b in 0..batch {
+                for i in (0..t).filter(|&i| new[[b, i]]) {
+                    rows.push(x.slice(s![b, i, ..]).to_owned());
+                    seen[b].push(x.slice(s![b, i, ..]).to_owned());
+                }
+                offsets.push(rows.len());
+            }
+            let views: Vec<_> = rows.iter().map(|r| r.view().insert_axis(Axis(0))).collect();
+            let tokens = ndarray::concatenate(Axis(0), &views).expect("one width");
+            let got = layer
+                .forward_paged(&tokens, &offsets, &mut paged, &ids)
+                .expect("runs");
+            for b in 0..batch {
+                let history: Vec<_> = seen[b]
+                    .iter()
+                    .map(|r| r.view().insert_axis(Axis(0)))
+                    .collect();
+                let history = ndarray::concatenate(Axis(0), &history).expect("one width");
+                let h = history.view().insert_axis(Axis(0));
+                let heads = layer.project(&h, &h, &h).expect("projects");
+                let q = heads.q.index_axis(Axis(0), 0);
+                let norms: Vec<(f32, f32)> = q
+                    .outer_iter()
+                    .flat_map(|head| {
+                        head.rows()
+                            .into_iter()
+                            .map(|r| {
+                                (
+                                    r.iter().map(|x| x.abs()).sum(),
+                                    r.iter().fold(0.0_f32, |m, x| m.max(x.abs())),
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                let (k, v) = (
+                    heads.k.index_axis(Axis(0), 0).to_owned(),
+                    heads.v.index_axis(Axis(0), 0).to_owned(),
+                );
+                let bound = int8_layer_bound(&layer, &norms, &k, &v) + 1e-4;
+                let real_rows = (0..t).filter(|&i| new[[b, i]]);
+                for (r, i) in real_rows.enumerate() {
+                    let ours = got.row(offsets[b] + r);
+                    let theirs = want.slice(s![b, i, ..]);
+                    let e = ours
+                        .iter()
+                        .zip(theirs)
+                        .fold(0.0_f32, |m, (a, c)| m.max((a - c).abs()));
+                    assert!(
+                        e <= bound,
+                        "{name} {module} step {n} row {b}: {e:e} > {bound:e}"
+                    );
+                    assert!(e > 0.0, "{name}: int8 is not f32");
+                    checked += 1;
+                    share = share.max(e / bound);
+                }
+            }
+        }
+    }
+    (checked, share)
+}
+
+#[test]
+fn int8_paged_cache_stays_within_its_bound_on_real_models() {
+    for name in ["llama", "mistral", "gpt2", "bloom", "gemma2", "gpt_oss"] {
+        let (checked, share) = int8_paged_steps(name);
+        assert!(checked >= 4, "{name}: {checked} rows");
+        println!("{name:>8}: {checked} decoded rows, largest error {share:.1e} of the bound");
+    }
+}

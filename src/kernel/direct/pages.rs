@@ -26,9 +26,9 @@ pub(crate) struct Quantized<'s> {
     pub(crate) integer: bool,
 }
 
-/// The most rows of a batch that the integer path takes (decoding: one row
-/// per query head of a key/value head, without grouped queries up to three).
-const INTEGER_ROWS: usize = 3;
+/// The most rows of a batch that the integer path takes: a whole batch of the
+/// direct path (decoding with up to 8 query heads per key/value head).
+const INTEGER_ROWS: usize = ROWS;
 
 impl Quantized<'_> {
     /// Whether a chunk of `rows` rows of `width` runs on integer dot products.
