@@ -34,6 +34,7 @@ mod params;
 mod report;
 mod rowwise;
 mod run;
+mod run_direct;
 mod tiled;
 
 use ndarray::{ArrayView4, ArrayViewMut2, ArrayViewMut4, Axis};
@@ -212,7 +213,7 @@ fn forward_half<H: Half, P: Program<f32>>(
         Plan::Direct(arch) => {
             let mut outs: Vec<_> = per_head(out).collect();
             let mut groups = kv_groups(problem, &mut outs);
-            run::direct_half(problem, arch, &mut groups, parallelism);
+            run_direct::direct_half(problem, arch, &mut groups, parallelism);
         }
         #[cfg(target_arch = "x86_64")]
         Plan::TiledBf16Pairs(dots) => {
@@ -223,7 +224,7 @@ fn forward_half<H: Half, P: Program<f32>>(
             let mut outs: Vec<_> = per_head(out).collect();
             let mut groups = kv_groups(&problem, &mut outs);
             run::tiled(&problem, dots, &mut groups, parallelism, |b, h, out| {
-                run::widened_reference(&problem, b, h, out)
+                run_direct::widened_reference(&problem, b, h, out)
             });
         }
         // every other plan reads f32 keys and values
@@ -331,7 +332,7 @@ fn run_plan<A: KernelElement, P: Program<A>>(
         Plan::Direct(arch) => {
             let mut outs: Vec<_> = per_head(out).collect();
             let mut groups = kv_groups(problem, &mut outs);
-            run::direct(problem, arch, &mut groups, parallelism);
+            run_direct::direct(problem, arch, &mut groups, parallelism);
         }
         Plan::Tiled(arch) => {
             let mut outs: Vec<_> = per_head(out).collect();

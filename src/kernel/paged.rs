@@ -9,7 +9,7 @@ use super::direct::{Native, Paged, Quantized, Rows, Source, Widening, integer_fi
 use super::options::Parallelism;
 use super::params::DIRECT_BATCH_ROWS;
 use super::report::{self, Path};
-use super::{kv_groups, per_head, run};
+use super::{kv_groups, per_head, run_direct};
 use crate::core::problem::Problem;
 use crate::decode::paged::{CacheElement, PerCache};
 use crate::element::{Element, Half, PerElement};
@@ -218,7 +218,7 @@ where
             (over(&keys[..], pages.d_k), over(&values[..], pages.d_v))
         })
         .collect();
-    run::direct_over(
+    run_direct::direct_over(
         problem,
         arch,
         &mut groups,

@@ -1,0 +1,174 @@
+//! How the direct path runs over the key/value groups of a call and over
+//! threads (split-key decoding: each group's keys cut into parts that run in
+//! parallel), and where a head falls back to the reference path.
+
+use ndarray::{ArrayView2, ArrayView4, ArrayViewMut2, CowArray, Ix2, s};
+use rayon::prelude::*;
+
+use super::arch::{Arch, Dispatch, KernelElement};
+use super::direct::{self, Group, Native, Partial, Rows, Source, Widening};
+use super::float::KernelFloat;
+use super::ops::AttendPart;
+use super::options::Parallelism;
+use super::params::DIRECT_PART;
+use super::report::{self, Path};
+use super::run::KvGroup;
+use crate::core::mask::Mask2;
+use crate::core::problem::Problem;
+use crate::core::reference::weighted_values;
+use crate::element::Half;
+use crate::flex::program::Program;
+
+/// Every group by the direct path, its keys cut into parts of [`DIRECT_PART`]
+/// that run in parallel; heads whose inputs need it then by the reference path.
+pub(crate) fn direct<A: KernelElement, P: Program<A>>(
+    problem: &Problem<'_, A, A, P>,
+    arch: Arch,
+    groups: &mut [KvGroup<'_, '_, A>],
+    parallelism: Parallelism,
+) {
+    let stored = standard_heads(problem, groups);
+    let rows = rows_of::<A, Native<A>>(&stored);
+    direct_over(problem, arch, groups, parallelism, &rows, |b, h, out| {
+        problem.solve_head(b, h, Some(out), None)
+    });
+}
+
+/// [`direct`] over keys and values stored in half precision, read where they lie
+/// and widened chunk by chunk. A head whose inputs need the reference path gets
+/// its keys and values widened whole.
+pub(crate) fn direct_half<H: Half, P: Program<f32>>(
+    problem: &Problem<'_, f32, H, P>,
+    arch: Arch,
+    groups: &mut [KvGroup<'_, '_, f32>],
+    parallelism: Parallelism,
+) {
+    let stored = standard_heads(problem, groups);
+    let rows = rows_of::<f32, Widening<H>>(&stored);
+    direct_over(problem, arch, groups, parallelism, &rows, |b, h, out| {
+        widened_reference(problem, b, h, out)
+    });
+}
+
+/// Head `h` of batch `b` by the reference path, its keys and values stored in
+/// half precision widened whole.
+pub(crate) fn widened_reference<H: Half, P: Program<f32>>(
+    problem: &Problem<'_, f32, H, P>,
+    b: usize,
+    h: usize,
+    mut out: ArrayViewMut2<'_, f32>,
+) {
+    let kv = problem.kv_head(h);
+    let widened = |x: &ArrayView4<'_, H>| x.slice(s![b, kv, .., ..]).mapv(H::to_compute);
+    let (keys, values) = (widened(&problem.k), widened(&problem.v));
+    let head = problem.attend_head(b, h, keys.view());
+    out.assign(&weighted_values(&head, values.view()));
+}
+
+/// One group's keys and values in standard layout.
+type StandardHead<'p, KV> = (CowArray<'p, KV, Ix2>, CowArray<'p, KV, Ix2>);
+
+/// Each group's keys and values in standard layout (views where they are).
+fn standard_heads<'p, A: Copy, KV: Clone, P>(
+    problem: &'p Problem<'_, A, KV, P>,
+    groups: &[KvGroup<'_, '_, A>],
+) -> Vec<StandardHead<'p, KV>> {
+    groups
+        .iter()
+        .map(|g| {
+            let (k, v) = problem.keys_values(g.b, g.kv);
+            (standard(k), standard(v))
+        })
+        .collect()
+}
+
+/// The rows the direct path reads of each group's keys and values.
+fn rows_of<'s, A: KernelFloat, S: Source<A>>(
+    stored: &'s [StandardHead<'_, S::Elem>],
+) -> Vec<(S::Rows<'s>, S::Rows<'s>)> {
+    let slice = |x: &'s CowArray<'_, S::Elem, Ix2>| {
+        x.as_slice().expect("standard-layout arrays are slices")
+    };
+    stored
+        .iter()
+        .map(|(k, v)| (S::rows(slice(k)), S::rows(slice(v))))
+        .collect()
+}
+
+/// The direct path over each group's keys and values read as `rows[g]`;
+/// `fallback(b, h, out)` computes a head whose inputs the fused arithmetic
+/// cannot stand for. The problem's own keys and values give only the shapes.
+pub(crate) fn direct_over<A: KernelElement, KV: Sync, R: Rows<A>, P: Program<A>>(
+    problem: &Problem<'_, A, KV, P>,
+    arch: Arch,
+    groups: &mut [KvGroup<'_, '_, A>],
+    parallelism: Parallelism,
+    rows: &[(R, R)],
+    fallback: impl Fn(usize, usize, ArrayViewMut2<'_, A>),
+) {
+    let s = problem.k.dim().2;
+    let d_v = problem.v.dim().3;
+    let inputs: Vec<DirectInputs<'_, A>> = groups
+        .iter()
+        .map(|g| {
+            let heads = problem.query_heads(g.kv);
+            DirectInputs {
+                queries: heads.clone().map(|h| problem.query(g.b, h)).collect(),
+                masks: heads.map(|h| problem.block_masks(g.b, h)).collect(),
+            }
+        })
+        .collect();
+    let parts = s.div_ceil(DIRECT_PART); // S ≥ 1: smaller problems went row by row
+    let run = |task: usize| {
+        let (g, part) = (task / parts, task % parts);
+        let inputs = &inputs[g];
+        let group = Group {
+            program: problem.program,
+            b: groups[g].b,
+            first_head: problem.query_heads(groups[g].kv).start,
+            queries: &inputs.queries,
+            masks: &inputs.masks,
+            keys: rows[g].0,
+            values: rows[g].1,
+            s,
+            d_v,
+            scale: problem.scale,
+        };
+        let first = part * DIRECT_PART;
+        let part = first..(first + DIRECT_PART).min(s);
+        arch.dispatch(AttendPart {
+            group: &group,
+            part,
+        })
+    };
+    let tasks = 0..groups.len() * parts;
+    let partials: Vec<Partial<A>> = match parallelism {
+        Parallelism::Sequential => tasks.map(run).collect(),
+        Parallelism::Rayon => tasks.into_par_iter().map(run).collect(),
+    };
+    report::arch_used(Dispatch::<A>::kind(arch));
+    for (g, partials) in groups.iter_mut().zip(partials.chunks(parts)) {
+        let first_head = problem.query_heads(g.kv).start;
+        let bad = direct::finish(partials, g.outs, |h| problem.program.sink(first_head + h));
+        report::count(Path::Direct, g.outs.len() - bad.len());
+        report::count(Path::Reference, bad.len());
+        for h in bad {
+            fallback(g.b, first_head + h, g.outs[h].view_mut());
+        }
+    }
+}
+
+/// `x` itself if it is in standard layout, else a standard-layout copy.
+fn standard<A: Clone>(x: ArrayView2<'_, A>) -> CowArray<'_, A, Ix2> {
+    if x.is_standard_layout() {
+        x.into()
+    } else {
+        x.as_standard_layout().into_owned().into()
+    }
+}
+
+/// One group's queries and masks, for the direct path.
+struct DirectInputs<'p, A> {
+    queries: Vec<ArrayView2<'p, A>>,
+    masks: Vec<Vec<Mask2<'p, A>>>,
+}
