@@ -4,10 +4,10 @@
 use std::ops::Range;
 
 use super::int8::{MAX_KEYS, MAX_WIDTH, WIDTH_STEP, round_to_i16};
-use super::rows::{Rows, accumulate_over_rows, prefetch_bytes, scores_over_rows};
+use super::rows::{Rows, Widen, prefetch_bytes};
 use super::steps::{Chunk, Dots, HalfDots, Scratch, fold_in};
 use crate::kernel::float::{KernelFloat, MulAdd};
-use crate::kernel::params::{DIRECT_BATCH_ROWS as ROWS, DIRECT_CHUNK, LANES, TILE_BLOCKS};
+use crate::kernel::params::{DIRECT_BATCH_ROWS as ROWS, DIRECT_CHUNK};
 
 /// Rows of int8 values, each with its own scale: row `r` stands for
 /// `data[r·width ..][..width] · scales[r]`. The scores take the scale of their
@@ -58,22 +58,23 @@ impl Rows<f32> for Quantized<'_> {
         DIRECT_CHUNK
     };
 
+    /// None for the integer path (it reads the bytes where they lie).
     #[inline(always)]
     fn buffer_len(self, rows: usize, width: usize, chunk: usize) -> usize {
         if self.integer(rows, width) {
-            chunk
+            0
         } else {
             chunk * width
         }
     }
 
-    /// Dequantised into `buffer`.
     #[inline(always)]
     fn prefetch_start(self) {
         prefetch_bytes(self.data);
         prefetch_bytes(self.scales);
     }
 
+    /// Dequantised into `buffer`.
     #[inline(always)]
     fn rows<'b>(self, from: usize, to: usize, buffer: &'b mut [f32]) -> &'b [f32]
     where
@@ -94,7 +95,8 @@ impl Rows<f32> for Quantized<'_> {
         out
     }
 
-    /// `(q · k_int8) · scale_k`, the bytes widened as the dot products load them.
+    /// `(q · k_int8) · scale_k`: the bytes' dot products as
+    /// [`Widen`]'s, then each key's scale.
     #[inline(always)]
     fn scores<M: MulAdd, D: Dots<f32> + HalfDots>(
         self,
@@ -103,37 +105,21 @@ impl Rows<f32> for Quantized<'_> {
         chunk: &Chunk,
         buffer: &mut [f32],
     ) {
-        let (keys, d) = (&chunk.keys, chunk.width);
-        if self.integer(chunk.rows, d) {
+        if self.integer(chunk.rows, chunk.width) {
             return self.integer_scores(dots, scratch, chunk);
         }
-        if !d.is_multiple_of(LANES) {
-            return scores_over_rows::<f32, M, D, Self>(self, dots, scratch, chunk, buffer);
-        }
-        let n = keys.len();
-        let stored = &self.data[keys.start * d..keys.end * d];
-        let scales = &self.scales[keys.clone()];
-        for j in (0..n).step_by(4) {
-            // past the last key, repeat it and ignore the result
-            let k: [&[[i8; LANES]]; 4] = std::array::from_fn(|u| {
-                let key = (j + u).min(n - 1);
-                stored[key * d..(key + 1) * d].as_chunks().0
-            });
-            let used = (n - j).min(4);
-            for r in 0..chunk.rows {
-                let q: &[[f32; LANES]] = scratch.q[r * d..(r + 1) * d].as_chunks().0;
-                let sums = dots.dot4_half(q, &k);
-                let row = &mut scratch.s[r * chunk.stride + j..][..used];
-                for ((s, &sum), &scale) in row.iter_mut().zip(&sums).zip(&scales[j..]) {
-                    *s = sum * scale;
-                }
+        Widen(self.data).scores::<M, D>(dots, scratch, chunk, buffer);
+        let scales = &self.scales[chunk.keys.clone()];
+        for r in 0..chunk.rows {
+            let row = &mut scratch.s[r * chunk.stride..][..scales.len()];
+            for (s, &scale) in row.iter_mut().zip(scales) {
+                *s *= scale;
             }
         }
     }
 
-    /// One to three query rows: each value row's scale joins its weight, the
-    /// bytes are widened as they are loaded; four or more rows share chunks
-    /// dequantised once.
+    /// Each value row's scale joins its weight (in place: the weights are not
+    /// read again), then [`Widen`]'s sums over the bytes.
     #[inline(always)]
     fn accumulate<M: MulAdd, D: Dots<f32> + HalfDots>(
         self,
@@ -143,30 +129,17 @@ impl Rows<f32> for Quantized<'_> {
         alpha: &[f32; ROWS],
         buffer: &mut [f32],
     ) {
-        let (keys, d_v, rows) = (&chunk.keys, chunk.width, chunk.rows);
-        if self.integer(rows, d_v) {
-            return self.integer_values::<M, D>(dots, scratch, chunk, alpha, buffer);
-        }
-        let block = TILE_BLOCKS * LANES;
-        if rows >= 4 || !d_v.is_multiple_of(block) {
-            return accumulate_over_rows::<f32, M, D, Self>(
-                self, dots, scratch, chunk, alpha, buffer,
-            );
-        }
-        let stored = &self.data[keys.start * d_v..keys.end * d_v];
-        let scales = &self.scales[keys.clone()];
-        let weights = &mut buffer[..keys.len()];
-        for r in 0..rows {
-            let p = &scratch.s[r * chunk.stride..][..keys.len()];
-            for ((w, &p), &scale) in weights.iter_mut().zip(p).zip(scales) {
-                *w = p * scale;
-            }
-            for c0 in (0..d_v).step_by(block) {
-                let tile = dots.value_row_half(weights, stored, d_v, c0);
-                scratch.acc[r * d_v + c0..][..block].copy_from_slice(tile.as_flattened());
+        let scales = &self.scales[chunk.keys.clone()];
+        for r in 0..chunk.rows {
+            let row = &mut scratch.s[r * chunk.stride..][..scales.len()];
+            for (p, &scale) in row.iter_mut().zip(scales) {
+                *p *= scale;
             }
         }
-        fold_in::<f32, M>(scratch, d_v, rows, alpha);
+        if self.integer(chunk.rows, chunk.width) {
+            return self.integer_values::<M, D>(dots, scratch, chunk, alpha);
+        }
+        Widen(self.data).accumulate::<M, D>(dots, scratch, chunk, alpha, buffer);
     }
 }
 
@@ -193,8 +166,9 @@ impl Quantized<'_> {
         }
     }
 
-    /// [`Rows::accumulate`] on integer dot products: each row's weights times
-    /// their values' scales, rounded to 16 bits, summed over the bytes.
+    /// [`Rows::accumulate`] on integer dot products: each row's weights
+    /// (their values' scales already in) rounded to 16 bits, summed over the
+    /// bytes.
     #[inline(always)]
     fn integer_values<M: MulAdd, D: HalfDots>(
         self,
@@ -202,18 +176,12 @@ impl Quantized<'_> {
         scratch: &mut Scratch<f32>,
         chunk: &Chunk,
         alpha: &[f32; ROWS],
-        buffer: &mut [f32],
     ) {
         let (keys, d_v, rows) = (&chunk.keys, chunk.width, chunk.rows);
         let n = keys.len();
         let stored = &self.data[keys.start * d_v..keys.end * d_v];
-        let scales = &self.scales[keys.clone()];
-        let weights = &mut buffer[..n];
         for r in 0..rows {
-            let p = &scratch.s[r * chunk.stride..][..n];
-            for ((w, &p), &scale) in weights.iter_mut().zip(p).zip(scales) {
-                *w = p * scale;
-            }
+            let weights = &scratch.s[r * chunk.stride..][..n];
             let rounded = &mut scratch.shorts[..n];
             let scale = round_to_i16(weights, rounded);
             let sums = &mut scratch.ints[..d_v];

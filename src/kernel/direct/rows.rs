@@ -118,7 +118,7 @@ pub(crate) trait Rows<A: KernelFloat>: Copy + Send + Sync {
 /// [`Rows::scores`] by the micro-kernels over the rows as `A` (borrowed, or
 /// widened into `buffer`).
 #[inline(always)]
-pub(super) fn scores_over_rows<A: KernelFloat, M: MulAdd, D: Dots<A>, R: Rows<A>>(
+fn scores_over_rows<A: KernelFloat, M: MulAdd, D: Dots<A>, R: Rows<A>>(
     rows: R,
     dots: D,
     scratch: &mut Scratch<A>,
@@ -133,7 +133,7 @@ pub(super) fn scores_over_rows<A: KernelFloat, M: MulAdd, D: Dots<A>, R: Rows<A>
 
 /// [`Rows::accumulate`] by the micro-kernels over the rows as `A`.
 #[inline(always)]
-pub(super) fn accumulate_over_rows<A: KernelFloat, M: MulAdd, D: Dots<A>, R: Rows<A>>(
+fn accumulate_over_rows<A: KernelFloat, M: MulAdd, D: Dots<A>, R: Rows<A>>(
     rows: R,
     dots: D,
     scratch: &mut Scratch<A>,
@@ -163,11 +163,12 @@ impl<A: KernelFloat + Sync> Rows<A> for &[A] {
     }
 }
 
-/// Half-precision rows, widened to `f32` as they are read.
+/// Rows of a narrow type (half precision, or the bytes of an int8 cache
+/// before their scales), widened to `f32` as they are read.
 #[derive(Clone, Copy)]
 pub(crate) struct Widen<'s, H>(pub(crate) &'s [H]);
 
-impl<H: Half> Rows<f32> for Widen<'_, H> {
+impl<H: Narrow> Rows<f32> for Widen<'_, H> {
     const WIDENS: bool = true;
 
     #[inline(always)]

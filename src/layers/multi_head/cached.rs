@@ -161,15 +161,7 @@ impl<A: Element> MultiHeadAttention<A> {
     ) -> Result<MultiHeadOutput<A, Ix3>> {
         let config = &self.config;
         let d = config.d_model();
-        if config.kdim() != d || config.vdim() != d {
-            return Err(Error::InvalidConfig {
-                reason: format!(
-                    "a key/value cache holds self-attention keys: kdim ({}) and vdim ({}) must equal d_model ({d})",
-                    config.kdim(),
-                    config.vdim()
-                ),
-            });
-        }
+        config.check_cacheable()?;
         cache.usable()?;
         let (b, t, _) = x.dim();
         let (cache_b, cache_kv, _, cache_hd) = cache.keys().dim();

@@ -47,6 +47,26 @@ impl MultiHeadConfig {
         Ok(())
     }
 
+    /// A cache holds self-attention's keys and values: `kdim` and `vdim`
+    /// must be `d_model`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming the widths.
+    pub(crate) fn check_cacheable(&self) -> Result<()> {
+        let d = self.d_model;
+        if self.kdim() != d || self.vdim() != d {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "a key/value cache holds self-attention keys: kdim ({}) and vdim ({}) must equal d_model ({d})",
+                    self.kdim(),
+                    self.vdim()
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Checks the sizes.
     ///
     /// # Errors

@@ -66,16 +66,8 @@ impl<A: Element> MultiHeadAttention<A> {
         sequences: &[SequenceId],
     ) -> Result<Array2<A>> {
         let config = &self.config;
-        let (d, hd) = (config.d_model(), config.head_dim());
-        if config.kdim() != d || config.vdim() != d {
-            return Err(Error::InvalidConfig {
-                reason: format!(
-                    "a key/value cache holds self-attention keys: kdim ({}) and vdim ({}) must equal d_model ({d})",
-                    config.kdim(),
-                    config.vdim()
-                ),
-            });
-        }
+        let hd = config.head_dim();
+        config.check_cacheable()?;
         if cache.sizes() != (config.n_kv_heads(), hd, hd) {
             return Err(Error::InvalidConfig {
                 reason: format!(
