@@ -370,10 +370,13 @@ mod tests {
     }
 }
 
-mod sealed {
+/// The crate's closed sets of types: the element and storage types, and the
+/// paged cache's stored types (these and `i8`).
+pub(crate) mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for f64 {}
     impl Sealed for half::bf16 {}
     impl Sealed for half::f16 {}
+    impl Sealed for i8 {}
 }

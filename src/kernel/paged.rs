@@ -89,7 +89,6 @@ impl PerCache for PagedForwards {
 
     fn half<H: Half + CacheElement<Compute = f32>>(self) -> PagedFn<f32, H> {
         |problem, pages, out, parallelism, fallback| {
-            let size = pages.size;
             let arch = Arch::detect()?;
             run_pages(
                 problem,
@@ -98,14 +97,13 @@ impl PerCache for PagedForwards {
                 out,
                 parallelism,
                 fallback,
-                |data, _, first, width| Widening::<H>::rows(&data[first * width..][..size * width]),
+                |data, _, _| Widening::<H>::rows(data),
             )
         }
     }
 
     fn int8(self) -> PagedFn<f32, i8> {
         |problem, pages, out, parallelism, fallback| {
-            let size = pages.size;
             let arch = Arch::detect()?;
             let integer = arch.int8_dots();
             // one batch per group: its query heads' rows (up to the direct
@@ -122,9 +120,9 @@ impl PerCache for PagedForwards {
                 out,
                 parallelism,
                 fallback,
-                |data, scales, first, width| Quantized {
-                    data: &data[first * width..][..size * width],
-                    scales: &scales[first..first + size],
+                |data, scales, width| Quantized {
+                    data,
+                    scales,
                     width,
                     integer,
                 },
@@ -160,7 +158,6 @@ fn native_pages<A: KernelElement>(
 where
     Plain: Program<A>,
 {
-    let size = pages.size;
     let arch = Arch::detect()?;
     run_pages(
         problem,
@@ -169,12 +166,12 @@ where
         out,
         parallelism,
         fallback,
-        |data, _, first, width| Native::<A>::rows(&data[first * width..][..size * width]),
+        |data, _, _| Native::<A>::rows(data),
     )
 }
 
-/// The direct path over the blocks of `pages`, `rows(data, scales, first row,
-/// width)` reading one head's rows of one block.
+/// The direct path over the blocks of `pages`, `rows(data, scales, width)`
+/// reading one head's rows of one block (`scales` empty where rows have none).
 fn run_pages<'g, A, E, R>(
     problem: &Problem<'_, A, ()>,
     pages: &Pages<'g, E>,
@@ -182,7 +179,7 @@ fn run_pages<'g, A, E, R>(
     out: ArrayViewMut4<'_, A>,
     parallelism: Parallelism,
     fallback: &dyn Fn(usize, ArrayViewMut2<'_, A>),
-    rows: impl Fn(&'g [E], &'g [f32], usize, usize) -> R,
+    rows: impl Fn(&'g [E], &'g [f32], usize) -> R,
 ) -> Result<()>
 where
     A: KernelElement,
@@ -193,11 +190,15 @@ where
     let mut groups = kv_groups(problem, &mut outs);
     let blocks: Vec<(Vec<R>, Vec<R>)> = (0..pages.kv_heads)
         .map(|kv| {
-            let head = |data, scales, width| {
+            let head = |data: &'g [E], scales: &'g [f32], width: usize| {
                 pages
                     .table
                     .iter()
-                    .map(|&b| rows(data, scales, pages.first_row(b, kv), width))
+                    .map(|&b| {
+                        let (first, size) = (pages.first_row(b, kv), pages.size);
+                        let data = &data[first * width..][..size * width];
+                        rows(data, scales.get(first..first + size).unwrap_or(&[]), width)
+                    })
                     .collect()
             };
             (

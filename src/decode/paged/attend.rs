@@ -163,9 +163,11 @@ impl<E: CacheElement> PagedKvCache<E> {
             d_k,
             d_v,
         };
+        // gathered once, for the first head that needs them
+        let gathered = std::cell::OnceCell::new();
         let fallback = |h: usize, mut out: ArrayViewMut2<'_, E::Compute>| {
             // inputs the fused arithmetic cannot stand for: the reference path
-            let (keys, values) = self.gathered(held);
+            let (keys, values) = gathered.get_or_init(|| self.gathered(held));
             let problem = problem.with_keys_values(keys.view(), values.view());
             problem.solve_head(0, h, Some(out.view_mut()), None);
         };

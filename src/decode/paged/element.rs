@@ -3,7 +3,7 @@
 
 use half::{bf16, f16};
 
-use crate::element::{Element, Half, Storage};
+use crate::element::{Element, Half, Storage, sealed};
 use crate::error::{Error, Result};
 
 /// A type a [`PagedKvCache`](crate::PagedKvCache) stores keys and values as.
@@ -153,13 +153,4 @@ impl CacheElement for i8 {
     fn select_cache<S: PerCache>(switch: S) -> S::Output<Self> {
         switch.int8()
     }
-}
-
-mod sealed {
-    pub trait Sealed {}
-    impl Sealed for f32 {}
-    impl Sealed for f64 {}
-    impl Sealed for half::bf16 {}
-    impl Sealed for half::f16 {}
-    impl Sealed for i8 {}
 }
