@@ -12,21 +12,21 @@ pub(super) fn detect() -> bool {
 }
 
 /// [`scores_i8`](crate::kernel::direct::scores_i8) for `d` a multiple of 32,
-/// four keys at a time, their sums reduced together.
+/// eight keys at a time, their sums reduced together into one register.
 ///
 /// # Safety
 ///
-/// The CPU must have AVX-512 F, BW and VNNI; `q` holds whole rows of `d`,
+/// The CPU must have AVX-512 F, BW, VL and VNNI; `q` holds whole rows of `d`,
 /// `keys` whole rows of `d`, `out` at least `rows · n` values.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2")]
 pub(super) unsafe fn scores(q: &[i16], keys: &[i8], d: usize, out: &mut [i32]) {
     debug_assert!(d.is_multiple_of(32));
     let n = keys.len() / d;
     for (r, q) in q.chunks_exact(d).enumerate() {
-        for j in (0..n).step_by(4) {
+        for j in (0..n).step_by(8) {
             // past the last key, repeat it and ignore the result
             let key = |u: usize| (j + u).min(n - 1) * d;
-            let mut acc = [_mm512_setzero_si512(); 4];
+            let mut acc = [_mm512_setzero_si512(); 8];
             for p in (0..d).step_by(32) {
                 // SAFETY: p + 32 ≤ d: 32 i16 of the query, 32 bytes of each key
                 unsafe {
@@ -38,29 +38,47 @@ pub(super) unsafe fn scores(q: &[i16], keys: &[i8], d: usize, out: &mut [i32]) {
                     }
                 }
             }
-            let sums = sum4(acc);
-            let used = (n - j).min(4);
-            out[r * n + j..][..used].copy_from_slice(&sums[..used]);
+            let used = (n - j).min(8);
+            let out = &mut out[r * n + j..][..used];
+            // SAFETY: the mask stores the first `used` (≤ 8) lanes, `out`'s length
+            // (a copy of `used` values was a call to `memcpy`)
+            unsafe { _mm256_mask_storeu_epi32(out.as_mut_ptr(), u8::MAX >> (8 - used), sum8(acc)) };
         }
     }
 }
 
-/// The lanes of each of four accumulators summed: halves, then pairs.
+/// The lanes of each of eight accumulators summed, in one register: halves of
+/// pairs, quarters of pairs of pairs, then neighbours.
 #[target_feature(enable = "avx512f,avx512bw,avx2")]
-fn sum4(acc: [__m512i; 4]) -> [i32; 4] {
-    let half =
-        |x: __m512i| _mm256_add_epi32(_mm512_castsi512_si256(x), _mm512_extracti64x4_epi64::<1>(x));
-    let (a, b, c, e) = (half(acc[0]), half(acc[1]), half(acc[2]), half(acc[3]));
-    let t = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, e));
-    let s = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256::<1>(t));
-    let mut out = [0_i32; 4];
-    // SAFETY: four i32 into an array of four
-    unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), s) };
-    out
+fn sum8(acc: [__m512i; 8]) -> __m256i {
+    // 256-bit halves of a and b added: a's eight partial sums, then b's
+    let halves = |a, b| {
+        let low = _mm512_shuffle_i64x2::<0b01_00_01_00>(a, b);
+        let high = _mm512_shuffle_i64x2::<0b11_10_11_10>(a, b);
+        _mm512_add_epi32(low, high)
+    };
+    // 128-bit quarters of x and y added: four partial sums of each of four keys
+    let quarters = |x, y| {
+        let even = _mm512_shuffle_i32x4::<0b10_00_10_00>(x, y);
+        let odd = _mm512_shuffle_i32x4::<0b11_01_11_01>(x, y);
+        _mm512_add_epi32(even, odd)
+    };
+    // quarter L of `first` sums key 2L, of `second` key 2L + 1
+    let first = quarters(halves(acc[0], acc[2]), halves(acc[4], acc[6]));
+    let second = quarters(halves(acc[1], acc[3]), halves(acc[5], acc[7]));
+    // two partial sums each of keys 2L and 2L + 1 in quarter L, then one
+    let pairs = _mm512_add_epi32(
+        _mm512_unpacklo_epi64(first, second),
+        _mm512_unpackhi_epi64(first, second),
+    );
+    _mm512_cvtepi64_epi32(_mm512_add_epi32(pairs, _mm512_srli_epi64::<32>(pairs)))
 }
 
 /// [`values_i8`](crate::kernel::direct::values_i8) for `d_v` a multiple of 32:
-/// two keys at a time, their weights one 32-bit pair.
+/// two keys at a time, their weights one 32-bit pair (as they lie in `w`).
+/// Each pair of rows is interleaved by shifts and blends into the pairs of
+/// the even columns and of the odd columns (no shuffles beyond the sign
+/// extension), and the two sums interleaved once at the end.
 ///
 /// # Safety
 ///
@@ -70,40 +88,71 @@ fn sum4(acc: [__m512i; 4]) -> [i32; 4] {
 pub(super) unsafe fn values(w: &[i16], values: &[i8], d_v: usize, out: &mut [i32]) {
     debug_assert!(d_v.is_multiple_of(32) && w.len() <= 256);
     let n = w.len().min(values.len() / d_v);
-    // each pair of weights as one i32 (an odd last key pairs with itself at
-    // weight 0)
-    let mut pairs = [0_i32; 128];
-    for (i, pair) in pairs.iter_mut().enumerate().take(n.div_ceil(2)) {
-        let second = w.get(2 * i + 1).copied().unwrap_or(0);
-        *pair = i32::from(w[2 * i] as u16) | (i32::from(second as u16) << 16);
-    }
+    let (pairs, last) = w[..n].as_chunks::<2>();
+    const HIGH: __mmask32 = 0xAAAA_AAAA; // the high 16 bits of each lane
     for c0 in (0..d_v).step_by(32) {
-        // lanes of `low` hold columns 8L + i, of `high` 8L + 4 + i (i < 4) of
-        // 128-bit lane L: how the 16-bit unpacks interleave two rows
-        let (mut low, mut high) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-        for (i, &pair) in pairs.iter().enumerate().take(n.div_ceil(2)) {
-            let (j, next) = (2 * i, (2 * i + 1).min(n - 1));
+        // rows j and next interleaved: the pairs of the even columns, then of
+        // the odd ones
+        let interleave = |j: usize, next: usize| {
             // SAFETY: rows j and next exist; c0 + 32 ≤ d_v
             unsafe {
                 let row = |k: usize| values.as_ptr().add(k * d_v + c0);
                 let a = _mm512_cvtepi8_epi16(_mm256_loadu_si256(row(j).cast()));
                 let b = _mm512_cvtepi8_epi16(_mm256_loadu_si256(row(next).cast()));
-                let pair = _mm512_set1_epi32(pair);
-                low = _mm512_dpwssd_epi32(low, _mm512_unpacklo_epi16(a, b), pair);
-                high = _mm512_dpwssd_epi32(high, _mm512_unpackhi_epi16(a, b), pair);
+                (
+                    _mm512_mask_blend_epi16(HIGH, a, _mm512_slli_epi32::<16>(b)),
+                    _mm512_mask_blend_epi16(HIGH, _mm512_srli_epi32::<16>(a), b),
+                )
             }
+        };
+        // the pair as one i32, its first weight in the low half
+        let weights = |pair: [i16; 2]| {
+            _mm512_set1_epi32(i32::from(pair[0] as u16) | (i32::from(pair[1] as u16) << 16))
+        };
+        // lane l of `even` sums column c0 + 2l, of `odd` column c0 + 2l + 1, in
+        // two chains each over every other pair of keys, so that no sum waits
+        // on the one before
+        let zero = _mm512_setzero_si512();
+        let (mut even, mut odd, mut even_next, mut odd_next) = (zero, zero, zero, zero);
+        let (twos, one) = pairs.as_chunks::<2>();
+        for (i, &[first, second]) in twos.iter().enumerate() {
+            let (j, w) = (4 * i, weights(first));
+            let (low, high) = interleave(j, j + 1);
+            even = _mm512_dpwssd_epi32(even, low, w);
+            odd = _mm512_dpwssd_epi32(odd, high, w);
+            let (low, high) = interleave(j + 2, j + 3);
+            let w = weights(second);
+            even_next = _mm512_dpwssd_epi32(even_next, low, w);
+            odd_next = _mm512_dpwssd_epi32(odd_next, high, w);
         }
-        let (mut l, mut h) = ([0_i32; 16], [0_i32; 16]);
-        // SAFETY: 16 i32 into each array
+        if let [pair] = *one {
+            let (j, w) = (4 * twos.len(), weights(pair));
+            let (low, high) = interleave(j, j + 1);
+            even = _mm512_dpwssd_epi32(even, low, w);
+            odd = _mm512_dpwssd_epi32(odd, high, w);
+        }
+        if let [w] = *last {
+            // an odd last key pairs with itself at weight 0
+            let (low, high) = interleave(n - 1, n - 1);
+            let w = weights([w, 0]);
+            even_next = _mm512_dpwssd_epi32(even_next, low, w);
+            odd_next = _mm512_dpwssd_epi32(odd_next, high, w);
+        }
+        let even = _mm512_add_epi32(even, even_next);
+        let odd = _mm512_add_epi32(odd, odd_next);
+        let first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+        let second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+        let out = &mut out[c0..c0 + 32];
+        // SAFETY: 32 i32 into `out`
         unsafe {
-            _mm512_storeu_si512(l.as_mut_ptr().cast(), low);
-            _mm512_storeu_si512(h.as_mut_ptr().cast(), high);
-        }
-        for lane in 0..4 {
-            for i in 0..4 {
-                out[c0 + 8 * lane + i] = l[4 * lane + i];
-                out[c0 + 8 * lane + 4 + i] = h[4 * lane + i];
-            }
+            _mm512_storeu_si512(
+                out.as_mut_ptr().cast(),
+                _mm512_permutex2var_epi32(even, first, odd),
+            );
+            _mm512_storeu_si512(
+                out.as_mut_ptr().add(16).cast(),
+                _mm512_permutex2var_epi32(even, second, odd),
+            );
         }
     }
 }
@@ -128,18 +177,23 @@ mod tests {
 
     #[test]
     fn vnni_sums_equal_the_scalar_ones_at_the_extremes() {
-        if !super::detect() || !is_x86_feature_detected!("avx512bw") {
+        if !super::detect()
+            || !is_x86_feature_detected!("avx512bw")
+            || !is_x86_feature_detected!("avx512vl")
+        {
             return; // nothing to compare on this CPU
         }
         for (d, n) in [(32, 1), (64, 7), (512, 9), (96, 256)] {
             let q: Vec<i16> = ints(2 * d, 1, 32767);
             let mut keys: Vec<i8> = ints(n * d, 2, 127);
             keys[0] = 127; // the largest products
-            let (mut vnni, mut scalar) = (vec![0; 2 * n], vec![0; 2 * n]);
-            // SAFETY: `detect` and the check above: AVX-512 F, BW and VNNI
-            unsafe { super::scores(&q, &keys, d, &mut vnni) };
+            // four guard values past the sums: the stores stop at the last key
+            let (mut vnni, mut scalar) = (vec![i32::MIN; 2 * n + 4], vec![0; 2 * n]);
+            // SAFETY: `detect` and the check above: AVX-512 F, BW, VL and VNNI
+            unsafe { super::scores(&q, &keys, d, &mut vnni[..2 * n]) };
             scores_i8(&q, &keys, d, &mut scalar);
-            assert_eq!(vnni, scalar, "scores, d {d}, n {n}");
+            assert_eq!(vnni[..2 * n], scalar, "scores, d {d}, n {n}");
+            assert_eq!(vnni[2 * n..], [i32::MIN; 4], "past the sums, d {d}, n {n}");
             let w: Vec<i16> = ints(n, 3, 32767)
                 .into_iter()
                 .map(|w: i16| w.max(0))

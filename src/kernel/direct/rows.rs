@@ -4,7 +4,7 @@
 use std::marker::PhantomData;
 
 use super::narrow::Narrow;
-use super::steps::{Chunk, Dots, HalfDots, Scratch, accumulate, fold_in, scores};
+use super::steps::{Chunk, Dots, HalfDots, Scratch, accumulate, fold_in, four, scores, store_used};
 use crate::element::Half;
 use crate::kernel::arch::cpu::is_intel;
 use crate::kernel::float::{KernelFloat, MulAdd};
@@ -205,7 +205,7 @@ impl<H: Narrow> Rows<f32> for Widen<'_, H> {
         for j in (0..n).step_by(4) {
             prefetch.ahead(stored[j * d..].as_ptr(), 4 * d, d);
             // past the last key, repeat it and ignore the result
-            let k: [&[[H; LANES]]; 4] = std::array::from_fn(|u| {
+            let k: [&[[H; LANES]]; 4] = four(|u| {
                 let key = (j + u).min(n - 1);
                 stored[key * d..(key + 1) * d].as_chunks().0
             });
@@ -213,7 +213,7 @@ impl<H: Narrow> Rows<f32> for Widen<'_, H> {
             for r in 0..chunk.rows {
                 let q: &[[f32; LANES]] = scratch.q[r * d..(r + 1) * d].as_chunks().0;
                 let sums = dots.dot4_half(q, &k);
-                scratch.s[r * chunk.stride + j..][..used].copy_from_slice(&sums[..used]);
+                store_used(&mut scratch.s[r * chunk.stride + j..], &sums, used);
             }
         }
     }
