@@ -128,9 +128,8 @@ where
         max: [A::neg_infinity(); ROWS],
         sum: [A::zero(); ROWS],
     };
-    // widened chunks of keys and values (none when they are read where they lie)
-    let widened = |rows: R, width: usize| vec![A::zero(); rows.buffer_len(batch, width, chunk)];
-    let (mut key_rows, mut value_rows) = (widened(group.keys, d), widened(group.values, d_v));
+    // widened chunks of keys and values, allocated by the paths that use them
+    let (mut key_rows, mut value_rows) = (Vec::new(), Vec::new());
     let mut partial = Partial {
         o: Vec::with_capacity(rows * d_v),
         max: Vec::with_capacity(rows),
@@ -143,7 +142,7 @@ where
         let members: [(usize, usize); ROWS] =
             std::array::from_fn(|r| ((first_row + r) / l, (first_row + r) % l));
         let members = &members[..batch];
-        let buffers = (&mut key_rows[..], &mut value_rows[..]);
+        let buffers = (&mut key_rows, &mut value_rows);
         let finite = attend_batch::<A, M, D, R, P>(
             dots,
             group,
@@ -234,7 +233,7 @@ fn attend_batch<A, M, D, R, P>(
     part: Range<usize>,
     chunk: usize,
     scratch: &mut Scratch<A>,
-    (key_rows, value_rows): (&mut [A], &mut [A]),
+    (key_rows, value_rows): (&mut Vec<A>, &mut Vec<A>),
 ) -> bool
 where
     A: KernelFloat,

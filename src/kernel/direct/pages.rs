@@ -4,7 +4,7 @@
 use std::ops::Range;
 
 use super::int8::{MAX_KEYS, MAX_WIDTH, WIDTH_STEP, round_to_i16};
-use super::rows::{Rows, Widen, prefetch_bytes};
+use super::rows::{Rows, Widen, grown, prefetch_bytes};
 use super::steps::{Chunk, Dots, HalfDots, Scratch, fold_in};
 use crate::kernel::float::{KernelFloat, MulAdd};
 use crate::kernel::params::{DIRECT_BATCH_ROWS as ROWS, DIRECT_CHUNK};
@@ -58,16 +58,6 @@ impl Rows<f32> for Quantized<'_> {
         DIRECT_CHUNK
     };
 
-    /// None for the integer path (it reads the bytes where they lie).
-    #[inline(always)]
-    fn buffer_len(self, rows: usize, width: usize, chunk: usize) -> usize {
-        if self.integer(rows, width) {
-            0
-        } else {
-            chunk * width
-        }
-    }
-
     #[inline(always)]
     fn prefetch_start(self) {
         prefetch_bytes(self.data);
@@ -76,11 +66,11 @@ impl Rows<f32> for Quantized<'_> {
 
     /// Dequantised into `buffer`.
     #[inline(always)]
-    fn rows<'b>(self, from: usize, to: usize, buffer: &'b mut [f32]) -> &'b [f32]
+    fn rows<'b>(self, from: usize, to: usize, buffer: &'b mut Vec<f32>) -> &'b [f32]
     where
         Self: 'b,
     {
-        let out = &mut buffer[..to - from];
+        let out = grown(buffer, to - from);
         let first = from / self.width;
         for (row, (out, data)) in out
             .chunks_exact_mut(self.width)
@@ -103,7 +93,7 @@ impl Rows<f32> for Quantized<'_> {
         dots: D,
         scratch: &mut Scratch<f32>,
         chunk: &Chunk,
-        buffer: &mut [f32],
+        buffer: &mut Vec<f32>,
     ) {
         if self.integer(chunk.rows, chunk.width) {
             return self.integer_scores(dots, scratch, chunk);
@@ -127,7 +117,7 @@ impl Rows<f32> for Quantized<'_> {
         scratch: &mut Scratch<f32>,
         chunk: &Chunk,
         alpha: &[f32; ROWS],
-        buffer: &mut [f32],
+        buffer: &mut Vec<f32>,
     ) {
         let scales = &self.scales[chunk.keys.clone()];
         for r in 0..chunk.rows {
@@ -273,16 +263,9 @@ impl<A: KernelFloat, R: Rows<A>> Rows<A> for Paged<'_, R> {
     const INTEGER: bool = R::INTEGER;
     const CHUNK: usize = R::CHUNK;
 
-    #[inline(always)]
-    fn buffer_len(self, rows: usize, width: usize, chunk: usize) -> usize {
-        self.blocks
-            .first()
-            .map_or(0, |block| block.buffer_len(rows, width, chunk))
-    }
-
     /// Rows within one block (a part of a chunk).
     #[inline(always)]
-    fn rows<'b>(self, from: usize, to: usize, buffer: &'b mut [A]) -> &'b [A]
+    fn rows<'b>(self, from: usize, to: usize, buffer: &'b mut Vec<A>) -> &'b [A]
     where
         Self: 'b,
     {
@@ -301,7 +284,7 @@ impl<A: KernelFloat, R: Rows<A>> Rows<A> for Paged<'_, R> {
         dots: D,
         scratch: &mut Scratch<A>,
         chunk: &Chunk,
-        buffer: &mut [A],
+        buffer: &mut Vec<A>,
     ) {
         for (block, keys, offset) in self.parts(chunk.keys.clone()) {
             self.prefetch_next(block, &keys);
@@ -319,7 +302,7 @@ impl<A: KernelFloat, R: Rows<A>> Rows<A> for Paged<'_, R> {
         scratch: &mut Scratch<A>,
         chunk: &Chunk,
         alpha: &[A; ROWS],
-        buffer: &mut [A],
+        buffer: &mut Vec<A>,
     ) {
         let ones = [A::one(); ROWS];
         for (i, (block, keys, offset)) in self.parts(chunk.keys.clone()).enumerate() {

@@ -66,19 +66,12 @@ pub(crate) trait Rows<A: KernelFloat>: Copy + Send + Sync {
         DIRECT_CHUNK
     };
 
-    /// The buffer [`rows`](Self::rows) needs for batches of `rows` rows and
-    /// chunks of `chunk` rows of `width`.
-    #[inline(always)]
-    fn buffer_len(self, _rows: usize, width: usize, chunk: usize) -> usize {
-        if Self::WIDENS { chunk * width } else { 0 }
-    }
-
     /// Whether the kernels need integer scratch ([`Scratch::shorts`],
     /// [`Scratch::ints`]).
     const INTEGER: bool = false;
 
     /// Elements `from..to` of the row-major rows, as `A`.
-    fn rows<'b>(self, from: usize, to: usize, buffer: &'b mut [A]) -> &'b [A]
+    fn rows<'b>(self, from: usize, to: usize, buffer: &'b mut Vec<A>) -> &'b [A]
     where
         Self: 'b;
 
@@ -95,7 +88,7 @@ pub(crate) trait Rows<A: KernelFloat>: Copy + Send + Sync {
         dots: D,
         scratch: &mut Scratch<A>,
         chunk: &Chunk,
-        buffer: &mut [A],
+        buffer: &mut Vec<A>,
     ) {
         scores_over_rows::<A, M, D, Self>(self, dots, scratch, chunk, buffer);
     }
@@ -109,7 +102,7 @@ pub(crate) trait Rows<A: KernelFloat>: Copy + Send + Sync {
         scratch: &mut Scratch<A>,
         chunk: &Chunk,
         alpha: &[A; ROWS],
-        buffer: &mut [A],
+        buffer: &mut Vec<A>,
     ) {
         accumulate_over_rows::<A, M, D, Self>(self, dots, scratch, chunk, alpha, buffer);
     }
@@ -123,7 +116,7 @@ fn scores_over_rows<A: KernelFloat, M: MulAdd, D: Dots<A>, R: Rows<A>>(
     dots: D,
     scratch: &mut Scratch<A>,
     chunk: &Chunk,
-    buffer: &mut [A],
+    buffer: &mut Vec<A>,
 ) {
     let (keys, d) = (&chunk.keys, chunk.width);
     let stored = rows.rows(keys.start * d, keys.end * d, buffer);
@@ -139,7 +132,7 @@ fn accumulate_over_rows<A: KernelFloat, M: MulAdd, D: Dots<A>, R: Rows<A>>(
     scratch: &mut Scratch<A>,
     chunk: &Chunk,
     alpha: &[A; ROWS],
-    buffer: &mut [A],
+    buffer: &mut Vec<A>,
 ) {
     let (keys, d_v) = (&chunk.keys, chunk.width);
     let stored = rows.rows(keys.start * d_v, keys.end * d_v, buffer);
@@ -155,7 +148,7 @@ impl<A: KernelFloat + Sync> Rows<A> for &[A] {
     }
 
     #[inline(always)]
-    fn rows<'b>(self, from: usize, to: usize, _: &'b mut [A]) -> &'b [A]
+    fn rows<'b>(self, from: usize, to: usize, _: &'b mut Vec<A>) -> &'b [A]
     where
         Self: 'b,
     {
@@ -177,11 +170,11 @@ impl<H: Narrow> Rows<f32> for Widen<'_, H> {
     }
 
     #[inline(always)]
-    fn rows<'b>(self, from: usize, to: usize, buffer: &'b mut [f32]) -> &'b [f32]
+    fn rows<'b>(self, from: usize, to: usize, buffer: &'b mut Vec<f32>) -> &'b [f32]
     where
         Self: 'b,
     {
-        let out = &mut buffer[..to - from];
+        let out = grown(buffer, to - from);
         H::widen(&self.0[from..to], out);
         out
     }
@@ -193,7 +186,7 @@ impl<H: Narrow> Rows<f32> for Widen<'_, H> {
         dots: D,
         scratch: &mut Scratch<f32>,
         chunk: &Chunk,
-        buffer: &mut [f32],
+        buffer: &mut Vec<f32>,
     ) {
         let (keys, d) = (&chunk.keys, chunk.width);
         if !d.is_multiple_of(LANES) {
@@ -228,7 +221,7 @@ impl<H: Narrow> Rows<f32> for Widen<'_, H> {
         scratch: &mut Scratch<f32>,
         chunk: &Chunk,
         alpha: &[f32; ROWS],
-        buffer: &mut [f32],
+        buffer: &mut Vec<f32>,
     ) {
         let (keys, d_v, rows) = (&chunk.keys, chunk.width, chunk.rows);
         let block = TILE_BLOCKS * LANES;
@@ -247,6 +240,17 @@ impl<H: Narrow> Rows<f32> for Widen<'_, H> {
         }
         fold_in::<f32, M>(scratch, d_v, rows, alpha);
     }
+}
+
+/// The first `len` elements of `buffer`, grown to hold them where it is
+/// shorter (with zeros): a batch's widening buffers cost nothing until a path
+/// that widens rows into them runs (most decoding steps widen in registers).
+#[inline(always)]
+pub(super) fn grown<A: KernelFloat>(buffer: &mut Vec<A>, len: usize) -> &mut [A] {
+    if buffer.len() < len {
+        buffer.resize(len, A::zero());
+    }
+    &mut buffer[..len]
 }
 
 /// The first [`PREFETCH_START`] bytes of `x` brought towards the core (a hint:
