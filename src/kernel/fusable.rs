@@ -102,14 +102,31 @@ impl<A: Element> Scan<A> {
 
     /// The extent of everything added, `rows` rows.
     pub(crate) fn extent(&self, rows: usize) -> Extent<A> {
-        let lanes = &self.lanes[..self.used];
-        let max_abs = lanes.iter().fold(A::zero(), |m, &a| sticky_max(m, a));
+        // pairwise over a fixed number of lanes (a fold over `used` lanes from
+        // memory was a chain as long as the lanes)
+        let max_abs = match self.lanes.first_chunk::<4>() {
+            Some(&four) if self.used <= 4 => tree_max(four),
+            _ => tree_max(self.lanes),
+        };
         Extent {
             finite: max_abs.is_finite(),
             max_abs,
             rows,
         }
     }
+}
+
+/// The [`sticky_max`] of `N` (a power of two) lanes, halves first.
+#[inline(always)]
+fn tree_max<A: Element, const N: usize>(mut lanes: [A; N]) -> A {
+    let mut width = N;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            lanes[i] = sticky_max(lanes[i], lanes[i + width]);
+        }
+    }
+    lanes[0]
 }
 
 /// Whether the fused kernels compute this head exactly as the reference path

@@ -46,13 +46,12 @@ pub(crate) fn attend_head<A: KernelFloat, P: Program<A>>(
     // small heads keep their scratch on the stack
     let mut on_stack = [A::zero(); 64];
     let mut on_heap = Vec::new();
-    let buffer = if s + d_v <= on_stack.len() {
-        &mut on_stack[..s + d_v]
+    let scores = if s <= on_stack.len() {
+        &mut on_stack[..s]
     } else {
-        on_heap.resize(s + d_v, A::zero());
+        on_heap.resize(s, A::zero());
         &mut on_heap[..]
     };
-    let (scores, row) = buffer.split_at_mut(s);
     for (i, query) in q.chunks_exact(d).enumerate() {
         for (score, key) in scores.iter_mut().zip(k.chunks_exact(d)) {
             *score = query
@@ -73,15 +72,16 @@ pub(crate) fn attend_head<A: KernelFloat, P: Program<A>>(
         if let Some(sink) = sink {
             total += (sink - shift).exp();
         }
-        row.fill(A::zero());
-        for (&p, value) in scores.iter().zip(v.chunks_exact(d_v)) {
-            for (o, &x) in row.iter_mut().zip(value) {
-                *o += p * x;
-            }
-        }
+        // column by column, each sum in a register (a row of sums in memory
+        // waited on its own stores, key after key)
         let inverse = inverse_total(total);
-        for (o, &x) in out.row_mut(i).iter_mut().zip(row.iter()) {
-            *o = x * inverse;
+        let mut out = out.row_mut(i);
+        for c in 0..d_v {
+            let mut sum = A::zero();
+            for (j, &p) in scores.iter().enumerate() {
+                sum += p * v[j * d_v + c];
+            }
+            out[c] = sum * inverse;
         }
     }
     true
