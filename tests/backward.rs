@@ -223,6 +223,22 @@ fn lse_by_hand(q: &Array2<f64>, k: &Array2<f64>, keep: &Array2<bool>) -> Array1<
     })
 }
 
+/// Runs `f`, asserting that the tiled kernel computed `fused` of `heads` heads
+/// and the reference path the others.
+fn forward_lse_by<R>(fused: usize, heads: usize, f: impl FnOnce() -> R) -> R {
+    let (result, paths) = kernel_paths(f);
+    assert_eq!(
+        (
+            paths.tiled,
+            paths.reference,
+            paths.backward + paths.direct + paths.rowwise
+        ),
+        (fused, heads - fused, 0),
+        "{paths:?}"
+    );
+    result
+}
+
 #[test]
 fn forward_with_lse_keeps_each_rows_log_sum_exp() {
     let (l, s) = (70, 150);
@@ -230,11 +246,11 @@ fn forward_with_lse_keeps_each_rows_log_sum_exp() {
     let mut keep = Array2::from_shape_fn((l, s), |(i, j)| (i + 2 * j) % 5 != 3);
     keep.row_mut(7).fill(false); // a row that sees nothing
     let want = lse_by_hand(&q, &k, &keep);
-    for (kernel, fused) in [(Kernel::Auto, true), (Kernel::Plain, false)] {
+    for (kernel, fused) in [(Kernel::Auto, 1), (Kernel::Plain, 0)] {
         let attn = ScaledDotProduct::new()
             .with_kernel(kernel)
             .with_mask(Mask::keep(&keep));
-        let out = backward_by(fused, 1, || attn.forward_with_lse(&q, &k, &v)).expect("valid");
+        let out = forward_lse_by(fused, 1, || attn.forward_with_lse(&q, &k, &v)).expect("valid");
         assert_eq!(out.lse[7], f64::NEG_INFINITY, "{kernel:?}");
         assert!(out.output.row(7).iter().all(|&x| x == 0.0));
         assert!(max_abs_diff(&out.lse, &want) < 1e-12, "{kernel:?}");
@@ -245,6 +261,80 @@ fn forward_with_lse_keeps_each_rows_log_sum_exp() {
             .expect("valid");
         assert!(max_abs_diff(&out.output, &plain) < 1e-14, "{kernel:?}");
     }
+}
+
+#[test]
+fn the_tiled_forward_keeps_the_log_sum_exp_of_the_reference() {
+    // every mask kind, grouped heads, rows across the tiled kernel's blocks, one
+    // decoding row, and sinks (in the log-sum-exp)
+    let (keep, bias) = (
+        Array2::from_shape_fn((130, 300), |(i, j)| (i + j) % 7 != 0),
+        random2(130, 300, 80),
+    );
+    let slopes = Array1::from(vec![0.5, 0.25, 0.125, 0.0625]);
+    for masks in every_mask_kind(&keep, &bias, &slopes, 37) {
+        for l in [1, 130] {
+            // the (130, 300) keep and bias masks fit 130 query rows only
+            let masks: Vec<_> = masks
+                .iter()
+                .filter(|m| l > 1 || !matches!(m, Mask::Keep(_) | Mask::Bias(_)))
+                .cloned()
+                .collect();
+            let q = random4((1, 4, l, 16), 81);
+            let (k, v) = (random4((1, 2, 300, 16), 82), random4((1, 2, 300, 9), 83));
+            let fused = forward_lse_by(4, 4, || {
+                attention(Kernel::Fused, &masks).forward_with_lse(&q, &k, &v)
+            })
+            .expect("valid");
+            let plain = attention(Kernel::Plain, &masks)
+                .forward_with_lse(&q, &k, &v)
+                .expect("valid");
+            assert!(
+                max_abs_diff(&fused.output, &plain.output) < 1e-13,
+                "{masks:?}, L {l}"
+            );
+            assert!(
+                max_abs_diff(&fused.lse, &plain.lse) < 1e-12,
+                "{masks:?}, L {l}"
+            );
+        }
+    }
+    let (q, k, v) = (random2(70, 8, 84), random2(90, 8, 85), random2(90, 4, 86));
+    let sinks = Array1::from(vec![0.7]);
+    let flex = ScaledDotProduct::new().with_sinks(&sinks);
+    let fused = forward_lse_by(1, 1, || flex.forward_with_lse(&q, &k, &v)).expect("valid");
+    let plain = ScaledDotProduct::new()
+        .with_kernel(Kernel::Plain)
+        .with_sinks(&sinks)
+        .forward_with_lse(&q, &k, &v)
+        .expect("valid");
+    assert!(max_abs_diff(&fused.output, &plain.output) < 1e-13);
+    assert!(max_abs_diff(&fused.lse, &plain.lse) < 1e-12);
+    // a head with a NaN query takes the reference path, its output and
+    // log-sum-exp both; the other heads stay on the tiled kernel
+    let mut q = random4((1, 3, 70, 8), 87);
+    q[[0, 1, 5, 2]] = f64::NAN;
+    let (k, v) = (random4((1, 3, 90, 8), 88), random4((1, 3, 90, 4), 89));
+    let attn = ScaledDotProduct::new();
+    let out = forward_lse_by(2, 3, || attn.forward_with_lse(&q, &k, &v)).expect("valid");
+    let plain = attn
+        .clone()
+        .with_kernel(Kernel::Plain)
+        .forward_with_lse(&q, &k, &v)
+        .expect("valid");
+    assert!(out.lse[[0, 1, 5]].is_nan() && plain.lse[[0, 1, 5]].is_nan());
+    for h in [0, 2] {
+        let (a, b) = (out.lse.slice(s![0, h, ..]), plain.lse.slice(s![0, h, ..]));
+        assert!(max_abs_diff(&a.to_owned(), &b.to_owned()) < 1e-12);
+    }
+    let same = |a: f64, b: f64| a == b || (a.is_nan() && b.is_nan());
+    let bad_head = out.lse.slice(s![0, 1, ..]);
+    assert!(
+        bad_head
+            .iter()
+            .zip(plain.lse.slice(s![0, 1, ..]))
+            .all(|(&a, &b)| same(a, b))
+    );
 }
 
 #[test]

@@ -37,7 +37,7 @@ mod run;
 mod run_direct;
 mod tiled;
 
-use ndarray::{ArrayView4, ArrayViewMut2, ArrayViewMut4, Axis};
+use ndarray::{Array3, Array4, ArrayView4, ArrayViewMut1, ArrayViewMut2, ArrayViewMut4, Axis};
 
 pub use arch::KernelArch;
 pub use options::{Kernel, Parallelism};
@@ -109,7 +109,7 @@ impl<P> PerStorage<P> for Forwards<P> {
 }
 
 /// The output and each row's log-sum-exp of every head of `problem`: by the
-/// fused forward of the backward pass, or the reference path for [`Kernel::Plain`].
+/// tiled kernel, or the reference path for [`Kernel::Plain`].
 ///
 /// # Errors
 ///
@@ -212,7 +212,7 @@ fn forward_half<H: Half, P: Program<f32>>(
     match plan {
         Plan::Direct(arch) => {
             let mut outs: Vec<_> = per_head(out).collect();
-            let mut groups = kv_groups(problem, &mut outs);
+            let mut groups = kv_groups(problem, &mut outs, None);
             run_direct::direct_half(problem, arch, &mut groups, parallelism);
         }
         #[cfg(target_arch = "x86_64")]
@@ -222,8 +222,8 @@ fn forward_half<H: Half, P: Program<f32>>(
             };
             let problem = problem.with_keys_values(k, v);
             let mut outs: Vec<_> = per_head(out).collect();
-            let mut groups = kv_groups(&problem, &mut outs);
-            run::tiled(&problem, dots, &mut groups, parallelism, |b, h, out| {
+            let mut groups = kv_groups(&problem, &mut outs, None);
+            run::tiled(&problem, dots, &mut groups, parallelism, |b, h, out, _| {
                 run_direct::widened_reference(&problem, b, h, out)
             });
         }
@@ -237,19 +237,23 @@ fn forward_half<H: Half, P: Program<f32>>(
     Ok(())
 }
 
-/// The outputs `outs` (one per batch and query head, in that order) grouped by
-/// the key/value head they attend with: group `b·kv_heads + kv`.
+/// The outputs `outs` (one per batch and query head, in that order), and their
+/// rows' log-sum-exps `lses` if the call keeps them, grouped by the key/value
+/// head they attend with: group `b·kv_heads + kv`.
 fn kv_groups<'o, 'a, A: Copy, KV, P>(
     problem: &Problem<'_, A, KV, P>,
     outs: &'o mut [ArrayViewMut2<'a, A>],
+    lses: Option<&'o mut [ArrayViewMut1<'a, A>]>,
 ) -> Vec<KvGroup<'o, 'a, A>> {
-    let kv_heads = problem.k.dim().1;
-    outs.chunks_mut(problem.group_size())
+    let (kv_heads, group) = (problem.k.dim().1, problem.group_size());
+    let mut lses = lses.map(|lses| lses.chunks_mut(group));
+    outs.chunks_mut(group)
         .enumerate()
         .map(|(i, outs)| KvGroup {
             b: i / kv_heads,
             kv: i % kv_heads,
             outs,
+            lses: lses.as_mut().and_then(Iterator::next),
         })
         .collect()
 }
@@ -260,7 +264,9 @@ fn count_all_reference<A, P>(problem: &Problem<'_, A, A, P>) {
     report::count(Path::Reference, batch * heads);
 }
 
-/// The forward with log-sum-exp by the path `kernel` asks for.
+/// The forward with log-sum-exp by the path `kernel` asks for: the tiled
+/// kernel keeps each row's log-sum-exp as it finishes the row (heads whose
+/// inputs need it by the reference path).
 fn choose_forward_lse<A: KernelElement, P: Program<A>>(
     problem: &Problem<'_, A, A, P>,
     kernel: Kernel,
@@ -270,7 +276,36 @@ fn choose_forward_lse<A: KernelElement, P: Program<A>>(
         count_all_reference(problem);
         return Ok(problem.forward_lse());
     }
-    Ok(run::forward_lse(problem, Arch::detect()?, parallelism))
+    let arch = Arch::detect()?;
+    let (batch, heads, l, _) = problem.q.dim();
+    let mut saved = Saved {
+        output: Array4::zeros((batch, heads, l, problem.v.dim().3)),
+        lse: Array3::zeros((batch, heads, l)),
+    };
+    if batch * heads * l == 0 {
+        return Ok(saved);
+    }
+    let mut outs: Vec<_> = per_head(saved.output.view_mut()).collect();
+    let mut lses: Vec<_> = saved
+        .lse
+        .outer_iter_mut()
+        .flat_map(|heads| heads.into_outer_iter_mut())
+        .collect();
+    let mut groups = kv_groups(problem, &mut outs, Some(&mut lses));
+    run::tiled(
+        problem,
+        arch,
+        &mut groups,
+        parallelism,
+        |b, h, mut out, lse| {
+            let (output, row_lse) = problem.forward_lse_head(b, h);
+            out.assign(&output);
+            if let Some(mut lse) = lse {
+                lse.assign(&row_lse);
+            }
+        },
+    );
+    Ok(saved)
 }
 
 /// The backward pass by the path `kernel` asks for.
@@ -331,13 +366,13 @@ fn run_plan<A: KernelElement, P: Program<A>>(
         }
         Plan::Direct(arch) => {
             let mut outs: Vec<_> = per_head(out).collect();
-            let mut groups = kv_groups(problem, &mut outs);
+            let mut groups = kv_groups(problem, &mut outs, None);
             run_direct::direct(problem, arch, &mut groups, parallelism);
         }
         Plan::Tiled(arch) => {
             let mut outs: Vec<_> = per_head(out).collect();
-            let mut groups = kv_groups(problem, &mut outs);
-            run::tiled(problem, arch, &mut groups, parallelism, |b, h, out| {
+            let mut groups = kv_groups(problem, &mut outs, None);
+            run::tiled(problem, arch, &mut groups, parallelism, |b, h, out, _| {
                 problem.solve_head(b, h, Some(out), None)
             });
         }

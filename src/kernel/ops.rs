@@ -6,7 +6,7 @@
 use std::ops::Range;
 
 use half::bf16;
-use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2};
+use ndarray::{ArrayView2, ArrayViewMut1, ArrayViewMut2};
 
 use super::arch::{Op, Token};
 use super::backward::{self, HeadGradients, HeadInputs, Upstream};
@@ -62,6 +62,7 @@ pub(crate) struct AttendBlock<'b, 'a, A, K, P> {
     pub(crate) block: &'b Block<'a, A, K, P>,
     pub(crate) scratch: &'b mut Scratch<A, K>,
     pub(crate) out: ArrayViewMut2<'b, A>,
+    pub(crate) lse: Option<ArrayViewMut1<'b, A>>,
 }
 
 impl<A: KernelFloat, K: Entry<A>, P: Program<A>> Op<A, K> for AttendBlock<'_, '_, A, K, P> {
@@ -69,7 +70,13 @@ impl<A: KernelFloat, K: Entry<A>, P: Program<A>> Op<A, K> for AttendBlock<'_, '_
 
     #[inline(always)]
     fn run<T: Token<A, NR> + KeyTiles<A, K, NR>, const NR: usize>(self, token: T) -> bool {
-        tiled::attend_block::<A, T::MulAdd, T, K, P, NR>(token, self.block, self.scratch, self.out)
+        let Self {
+            block,
+            scratch,
+            out,
+            lse,
+        } = self;
+        tiled::attend_block::<A, T::MulAdd, T, K, P, NR>(token, block, scratch, out, lse)
     }
 }
 
@@ -104,23 +111,5 @@ impl<A: KernelFloat, P: Program<A>> Op<A> for BackwardHead<'_, '_, '_, '_, A, P>
         token: T,
     ) -> Option<HeadGradients<A>> {
         backward::head::<A, T::MulAdd, T, P, NR>(token, self.inputs, self.upstream)
-    }
-}
-
-/// [`backward::forward_head`]: one query head's output and log-sum-exp by the
-/// backward pass's forward (`None` as for [`BackwardHead`]).
-pub(crate) struct ForwardHead<'r, 'h, 'p, A, P> {
-    pub(crate) inputs: &'r HeadInputs<'h, 'p, A, P>,
-}
-
-impl<A: KernelFloat, P: Program<A>> Op<A> for ForwardHead<'_, '_, '_, A, P> {
-    type Output = Option<(Array2<A>, Array1<A>)>;
-
-    #[inline(always)]
-    fn run<T: Token<A, NR> + KeyTiles<A, A, NR>, const NR: usize>(
-        self,
-        token: T,
-    ) -> Option<(Array2<A>, Array1<A>)> {
-        backward::forward_head::<A, T::MulAdd, T, P, NR>(token, self.inputs)
     }
 }

@@ -187,7 +187,7 @@ where
     R: Rows<A>,
 {
     let mut outs: Vec<_> = per_head(out).collect();
-    let mut groups = kv_groups(problem, &mut outs);
+    let mut groups = kv_groups(problem, &mut outs, None);
     let blocks: Vec<(Vec<R>, Vec<R>)> = (0..pages.kv_heads)
         .map(|kv| {
             let head = |data: &'g [E], scales: &'g [f32], width: usize| {

@@ -2,14 +2,14 @@
 //! a call and over threads, and where a head falls back to the reference path
 //! (the direct path's in `run_direct.rs`).
 
-use ndarray::{Array3, Array4, ArrayView4, ArrayViewMut2, Axis};
+use ndarray::{ArrayView4, ArrayViewMut1, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
 use super::arch::{Arch, Dispatch, KernelElement, Op};
 use super::backward::{HeadGradients, HeadInputs, Upstream};
 use super::float::KernelFloat;
 use super::fusable::{extent_of, fusable};
-use super::ops::{AttendBlock, BackwardHead, ForwardHead, PackHead, TileWidth};
+use super::ops::{AttendBlock, BackwardHead, PackHead, TileWidth};
 use super::options::Parallelism;
 use super::pack::{Entry, PackedHead};
 use super::params::{BC, BR, PACKED_BYTES};
@@ -23,12 +23,23 @@ use crate::core::reference::Saved;
 use crate::core::scoring::Scoring;
 use crate::flex::program::Program;
 
-/// The query heads that share one key/value head, and their outputs.
+/// The query heads that share one key/value head, and their outputs (and each
+/// row's log-sum-exp, where the tiled path is asked for it).
 pub(crate) struct KvGroup<'o, 'a, A> {
     pub(crate) b: usize,
     pub(crate) kv: usize,
     pub(crate) outs: &'o mut [ArrayViewMut2<'a, A>],
+    pub(crate) lses: Option<&'o mut [ArrayViewMut1<'a, A>]>,
 }
+
+/// Computes a head the fused arithmetic cannot stand for: `(b, h, out, lse)`,
+/// the log-sum-exp where the call asks for it.
+pub(crate) trait Fallback<A>:
+    Fn(usize, usize, ArrayViewMut2<'_, A>, Option<ArrayViewMut1<'_, A>>)
+{
+}
+
+impl<A, F: Fn(usize, usize, ArrayViewMut2<'_, A>, Option<ArrayViewMut1<'_, A>>)> Fallback<A> for F {}
 
 /// Head `h` of batch `b` row by row, or by the reference path if its inputs need it.
 pub(crate) fn rowwise_head<A: KernelElement, P: Program<A>>(
@@ -66,14 +77,14 @@ pub(crate) fn rowwise_head<A: KernelElement, P: Program<A>>(
 /// to (over keys packed as entries `K`), packing as many key/value heads at
 /// a time as fit in [`PACKED_BYTES`] (but at least one per thread: a head of few
 /// query rows is only one task) and running all their blocks in one parallel
-/// region; `fallback(b, h, out)` computes a head whose inputs the fused
-/// arithmetic cannot stand for.
+/// region; `fallback` computes a head whose inputs the fused arithmetic cannot
+/// stand for.
 pub(crate) fn tiled<A, KV, K, D, P>(
     problem: &Problem<'_, A, KV, P>,
     kernel: D,
     groups: &mut [KvGroup<'_, '_, A>],
     parallelism: Parallelism,
-    fallback: impl Fn(usize, usize, ArrayViewMut2<'_, A>),
+    fallback: impl Fallback<A>,
 ) where
     A: KernelFloat,
     KV: Sync,
@@ -110,6 +121,7 @@ pub(crate) fn tiled<A, KV, K, D, P>(
 struct Task<'a, A, K, P> {
     block: Block<'a, A, K, P>,
     out: ArrayViewMut2<'a, A>,
+    lse: Option<ArrayViewMut1<'a, A>>,
     group: usize,
     head: usize,
 }
@@ -123,7 +135,7 @@ fn attend_wave<A: KernelFloat, KV, K: Entry<A>, D: Dispatch<A, K>, P: Program<A>
     wave: &mut [KvGroup<'_, '_, A>],
     packed: &[PackedHead<A, K>],
     parallelism: Parallelism,
-    fallback: &impl Fn(usize, usize, ArrayViewMut2<'_, A>),
+    fallback: &impl Fallback<A>,
 ) {
     let nr = kernel.dispatch(TileWidth);
     let masks: Vec<Vec<Vec<Mask2<'_, A>>>> = wave
@@ -141,11 +153,13 @@ fn attend_wave<A: KernelFloat, KV, K: Entry<A>, D: Dispatch<A, K>, P: Program<A>
     for (g, ((group, packed), masks)) in wave.iter_mut().zip(packed).zip(&masks).enumerate() {
         let b = group.b;
         let query_heads = problem.query_heads(group.kv);
+        let mut lses = group.lses.as_deref_mut().map(|lses| lses.iter_mut());
         for (index, ((h, out), masks)) in query_heads
             .zip(group.outs.iter_mut())
             .zip(masks)
             .enumerate()
         {
+            let lse = lses.as_mut().and_then(Iterator::next);
             let q = problem.query(b, h);
             if !fusable(
                 &q,
@@ -155,11 +169,12 @@ fn attend_wave<A: KernelFloat, KV, K: Entry<A>, D: Dispatch<A, K>, P: Program<A>
                 packed.value_extent,
             ) {
                 report::count(Path::Reference, 1);
-                fallback(b, h, out.view_mut());
+                fallback(b, h, out.view_mut(), lse.map(|lse| lse.view_mut()));
                 continue;
             }
             fused += 1;
             let l = q.nrows();
+            let mut lse_blocks = lse.map(|lse| lse.axis_chunks_iter_mut(Axis(0), BR));
             for (c, chunk) in out.axis_chunks_iter_mut(Axis(0), BR).enumerate() {
                 let first_row = c * BR;
                 let block = Block {
@@ -180,6 +195,7 @@ fn attend_wave<A: KernelFloat, KV, K: Entry<A>, D: Dispatch<A, K>, P: Program<A>
                 tasks.push(Task {
                     block,
                     out: chunk,
+                    lse: lse_blocks.as_mut().and_then(Iterator::next),
                     group: g,
                     head: index,
                 });
@@ -192,6 +208,7 @@ fn attend_wave<A: KernelFloat, KV, K: Entry<A>, D: Dispatch<A, K>, P: Program<A>
             block: &task.block,
             scratch,
             out: task.out,
+            lse: task.lse,
         };
         (!kernel.dispatch(block)).then_some((task.group, task.head))
     };
@@ -216,62 +233,9 @@ fn attend_wave<A: KernelFloat, KV, K: Entry<A>, D: Dispatch<A, K>, P: Program<A>
     for (g, index) in bad {
         let group = &mut wave[g];
         let h = problem.query_heads(group.kv).start + index;
-        fallback(group.b, h, group.outs[index].view_mut());
+        let lse = group.lses.as_deref_mut().map(|lses| lses[index].view_mut());
+        fallback(group.b, h, group.outs[index].view_mut(), lse);
     }
-}
-
-/// The output and each row's log-sum-exp of every head, by the fused forward of
-/// the backward pass; heads whose inputs need it by the reference path.
-pub(crate) fn forward_lse<A: KernelElement, P: Program<A>>(
-    problem: &Problem<'_, A, A, P>,
-    arch: Arch,
-    parallelism: Parallelism,
-) -> Saved<A> {
-    let (batch, heads, l, _) = problem.q.dim();
-    let run = |task: usize| {
-        let (b, h) = (task / heads, task % heads);
-        let q = problem.query(b, h);
-        let (k, v) = problem.keys_values(b, problem.kv_head(h));
-        let masks = problem.block_masks(b, h);
-        if !fusable(&q, &masks, problem.scale, extent_of(&k), extent_of(&v)) {
-            return (problem.forward_lse_head(b, h), Path::Reference);
-        }
-        let inputs = HeadInputs {
-            scoring: Scoring {
-                program: problem.program,
-                b,
-                h,
-            },
-            q,
-            k,
-            v,
-            masks: &masks,
-            scale: problem.scale,
-            bias_shapes: &[],
-        };
-        match arch.dispatch(ForwardHead { inputs: &inputs }) {
-            Some(forward) => (forward, Path::FusedBackward),
-            None => (problem.forward_lse_head(b, h), Path::Reference),
-        }
-    };
-    let per_head: Vec<_> = match parallelism {
-        Parallelism::Sequential => (0..batch * heads).map(run).collect(),
-        Parallelism::Rayon => (0..batch * heads).into_par_iter().map(run).collect(),
-    };
-    let mut saved = Saved {
-        output: Array4::zeros((batch, heads, l, problem.v.dim().3)),
-        lse: Array3::zeros((batch, heads, l)),
-    };
-    for (task, ((output, lse), path)) in per_head.into_iter().enumerate() {
-        report::count(path, 1);
-        let (b, h) = (task / heads, task % heads);
-        saved
-            .output
-            .slice_mut(ndarray::s![b, h, .., ..])
-            .assign(&output);
-        saved.lse.slice_mut(ndarray::s![b, h, ..]).assign(&lse);
-    }
-    saved
 }
 
 /// The gradients of every head of `problem` given `d_out`, `(batch, heads, L, d_v)`,

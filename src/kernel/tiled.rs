@@ -10,7 +10,7 @@
 //! component, or a pair for bf16 dot products); [`super::arch`] compiles it once
 //! per instruction set.
 
-use ndarray::{ArrayView2, ArrayViewMut2, Axis};
+use ndarray::{ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
 
 use super::float::{KernelFloat, MulAdd};
 use super::online::{inverse_total, softmax_update};
@@ -65,15 +65,17 @@ impl<A: KernelFloat, K: Entry<A>> Scratch<A, K> {
     }
 }
 
-/// Computes one block of output rows into `out: (rows, d_v)`; `false` when the
-/// program made a score NaN or `+∞` (the head is then left to the reference
-/// path).
+/// Computes one block of output rows into `out: (rows, d_v)`, and each row's
+/// log-sum-exp into `lse` if asked (`−∞` for a row that sees no key); `false`
+/// when the program made a score NaN or `+∞` (the head is then left to the
+/// reference path).
 #[inline(always)]
 pub(crate) fn attend_block<A, M, T, K, P, const NR: usize>(
     tiles: T,
     block: &Block<'_, A, K, P>,
     scratch: &mut Scratch<A, K>,
     mut out: ArrayViewMut2<'_, A>,
+    lse: Option<ArrayViewMut1<'_, A>>,
 ) -> bool
 where
     A: KernelFloat,
@@ -145,6 +147,16 @@ where
             for (x, &o) in columns.into_iter().zip(&o_tiles[ct * BR + i]) {
                 *x = o * inverse;
             }
+        }
+    }
+    if let Some(mut lse) = lse {
+        // the sum is of exp(s − max) (the sink's included)
+        for (x, (&max, &sum)) in lse.iter_mut().zip(scratch.max.iter().zip(&scratch.sum)) {
+            *x = if sum > A::zero() {
+                max + sum.ln()
+            } else {
+                A::neg_infinity()
+            };
         }
     }
     finite

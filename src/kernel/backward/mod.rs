@@ -23,7 +23,7 @@
 
 mod head;
 
-use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis, s};
+use ndarray::{Array2, ArrayView1, ArrayView2, Axis, s};
 
 use super::float::{KernelFloat, MulAdd};
 use super::params::{BACKWARD_KEYS as BK, BACKWARD_QUERIES as BQ};
@@ -69,43 +69,6 @@ pub(crate) struct HeadInputs<'h, 'p, A, P> {
 pub(crate) struct Upstream<'a, A> {
     pub(crate) d_out: ArrayView2<'a, A>,
     pub(crate) saved: Option<(ArrayView2<'a, A>, ArrayView1<'a, A>)>,
-}
-
-/// One query head's output and each row's log-sum-exp (`−∞` for a row that sees
-/// no key) by the fused forward of the backward pass; `None` when the program
-/// made a score NaN or `+∞`.
-#[inline(always)]
-pub(crate) fn forward_head<A, M, T, P, const NR: usize>(
-    tiles: T,
-    inputs: &HeadInputs<'_, '_, A, P>,
-) -> Option<(Array2<A>, Array1<A>)>
-where
-    A: KernelFloat,
-    M: MulAdd,
-    T: Tiles<A, NR>,
-    P: Program<A>,
-{
-    let l = inputs.q.nrows();
-    let head = Head::<A, P, NR>::of(inputs, true);
-    let mut scratch = BlockScratch::new(inputs.v.ncols(), NR);
-    let mut output = Array2::zeros((l, inputs.v.ncols()));
-    let mut lse = Array1::zeros(l);
-    for (c, mut out) in output.axis_chunks_iter_mut(Axis(0), BQ).enumerate() {
-        let rows = c * BQ..c * BQ + out.nrows();
-        let queries = Queries::of::<A, P, NR>(inputs, rows.clone(), &mut scratch);
-        if !head.forward::<M, T>(tiles, &queries, &mut scratch) {
-            return None;
-        }
-        out.assign(&scratch.o.slice(s![..rows.len(), ..]));
-        for (x, &y) in lse.slice_mut(s![rows]).iter_mut().zip(&scratch.lse) {
-            *x = if y == A::infinity() {
-                A::neg_infinity()
-            } else {
-                y
-            };
-        }
-    }
-    Some((output, lse))
 }
 
 /// The gradients of one query head by the fused pass; `M` says how `a·b + c` is
