@@ -171,6 +171,59 @@ fn threads_do_not_change_a_bit_of_the_gradients() {
 }
 
 #[test]
+fn one_heads_backward_runs_in_parts_on_every_thread_with_the_same_bits() {
+    // 300 query rows: five blocks in parts of two (the last part empty), under
+    // a bias whose gradient each part adds to, ALiBi and a causal mask
+    let (q, k, v, d_out) = (
+        random2(300, 24, 90),
+        random2(260, 24, 91),
+        random2(260, 10, 92),
+        random2(300, 10, 93),
+    );
+    let bias = random2(300, 260, 94);
+    let slopes = Array1::from(vec![0.3]);
+    let masks = [
+        Mask::bias(&bias),
+        Mask::Alibi(slopes.view()),
+        Mask::CausalBottomRight,
+    ];
+    let run = |parallelism| {
+        backward_by(true, 1, || {
+            attention(Kernel::Fused, &masks)
+                .with_parallelism(parallelism)
+                .backward(&q, &k, &v, &d_out)
+        })
+        .expect("valid")
+    };
+    let sequential = run(Parallelism::Sequential);
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("a pool");
+    let two = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .expect("a pool");
+    assert_eq!(sequential, one.install(|| run(Parallelism::Rayon)));
+    assert_eq!(sequential, two.install(|| run(Parallelism::Rayon)));
+    let plain = attention(Kernel::Plain, &masks)
+        .backward(&q, &k, &v, &d_out)
+        .expect("valid");
+    assert!(max_abs_diff(&sequential.q, &plain.q) < 1e-12);
+    assert!(max_abs_diff(&sequential.k, &plain.k) < 1e-12);
+    assert!(max_abs_diff(&sequential.v, &plain.v) < 1e-12);
+    assert!(max_abs_diff(&sequential.bias[0], &plain.bias[0]) < 1e-12);
+    // and from the kept forward
+    let attn = attention(Kernel::Fused, &masks);
+    let forward = attn.forward_with_lse(&q, &k, &v).expect("valid");
+    let kept = attn
+        .backward_with_lse(&q, &k, &v, &forward, &d_out)
+        .expect("valid");
+    assert!(max_abs_diff(&kept.q, &plain.q) < 1e-12);
+    assert!(max_abs_diff(&kept.k, &plain.k) < 1e-12);
+}
+
+#[test]
 fn non_finite_or_overflowing_inputs_take_the_reference_path() {
     let (q, k, v, mut d_out) = (
         random2(70, 8, 40),

@@ -9,7 +9,7 @@ use half::bf16;
 use ndarray::{ArrayView2, ArrayViewMut1, ArrayViewMut2};
 
 use super::arch::{Op, Token};
-use super::backward::{self, HeadGradients, HeadInputs, Upstream};
+use super::backward::{self, HeadGradients, HeadInputs, HeadPanels, Part, Upstream};
 use super::direct::{self, Group, Partial, Rows};
 use super::float::KernelFloat;
 use super::pack::{self, Bf16Pair, Entry, PackedHead};
@@ -95,11 +95,15 @@ impl<A: KernelFloat, R: Rows<A>, P: Program<A>> Op<A> for AttendPart<'_, '_, '_,
     }
 }
 
-/// [`backward::head`]: the gradients of one query head (`None` when its
-/// program made a score NaN or `+∞`).
+/// [`backward::head`]: the gradients of one query head, or of a part of its
+/// query blocks (`None` when its program made a score NaN or `+∞`).
 pub(crate) struct BackwardHead<'r, 'h, 'p, 'u, A, P> {
     pub(crate) inputs: &'r HeadInputs<'h, 'p, A, P>,
     pub(crate) upstream: Upstream<'u, A>,
+    /// The head's keys and values packed, where its parts share them.
+    pub(crate) panels: Option<&'r HeadPanels<A>>,
+    /// The query blocks to compute.
+    pub(crate) part: Part,
 }
 
 impl<A: KernelFloat, P: Program<A>> Op<A> for BackwardHead<'_, '_, '_, '_, A, P> {
@@ -110,6 +114,29 @@ impl<A: KernelFloat, P: Program<A>> Op<A> for BackwardHead<'_, '_, '_, '_, A, P>
         self,
         token: T,
     ) -> Option<HeadGradients<A>> {
-        backward::head::<A, T::MulAdd, T, P, NR>(token, self.inputs, self.upstream)
+        backward::head::<A, T::MulAdd, T, P, NR>(
+            token,
+            self.inputs,
+            self.upstream,
+            self.panels,
+            self.part,
+        )
+    }
+}
+
+/// [`HeadPanels::pack`]: one head's keys and values packed for the backward's
+/// products (its values by columns too when the forward runs again).
+pub(crate) struct PackBackward<'a, A> {
+    pub(crate) k: ArrayView2<'a, A>,
+    pub(crate) v: ArrayView2<'a, A>,
+    pub(crate) forward: bool,
+}
+
+impl<A: KernelFloat> Op<A> for PackBackward<'_, A> {
+    type Output = HeadPanels<A>;
+
+    #[inline(always)]
+    fn run<T: Token<A, NR> + KeyTiles<A, A, NR>, const NR: usize>(self, _: T) -> HeadPanels<A> {
+        HeadPanels::pack::<NR>(self.k, self.v, self.forward)
     }
 }

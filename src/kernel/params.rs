@@ -114,3 +114,10 @@ pub(crate) const BACKWARD_QUERIES: usize = 64;
 /// ([`super::gemm`]) is used by every query panel of the block. Must be a
 /// multiple of every tile width, so that each key block starts a panel.
 pub(crate) const BACKWARD_KEYS: usize = 128;
+
+/// Parts the query blocks of a call of one head (the 2-D call) are cut into,
+/// each a task of its own with its own `dK` and `dV`, summed in part order: a
+/// single head's backward runs on every thread, and its bits depend on the
+/// shapes only, never on the number of threads. Four parts keep two threads
+/// busy under a causal mask (whose later query blocks cost more).
+pub(crate) const BACKWARD_PARTS: usize = 2;

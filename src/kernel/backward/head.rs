@@ -16,6 +16,48 @@ use crate::kernel::pack::Panels;
 use crate::kernel::params::{BACKWARD_KEYS as BK, BACKWARD_QUERIES as BQ, MR, SOFTMAX_LANES};
 use crate::kernel::tiled::Tiles;
 
+/// One head's keys and values packed for the products: `Kᵀ` and `Vᵀ` in
+/// panels of `NR` keys (for `S = Q·Kᵀ`, `dP = dO·Vᵀ`), and `K` and `V` in
+/// panels of `NR` columns (for `dQ = dS·K` and, when the forward runs again,
+/// `O = P·V`). Packed once per head, shared by its parts.
+pub(crate) struct HeadPanels<A> {
+    keys_t: Panels<A>,
+    values_t: Panels<A>,
+    keys: Panels<A>,
+    values: Panels<A>,
+}
+
+impl<A: KernelFloat> HeadPanels<A> {
+    /// Packs `k: (S, d)` and `v: (S, d_v)` for tiles `NR` wide (`V` by columns
+    /// only when the forward runs again).
+    #[inline(always)]
+    pub(crate) fn pack<const NR: usize>(
+        k: ArrayView2<'_, A>,
+        v: ArrayView2<'_, A>,
+        forward: bool,
+    ) -> Self {
+        let ((s, d), d_v) = (k.dim(), v.ncols());
+        let (k, v) = (standard(k), standard(v));
+        let (k, v) = (
+            k.as_slice().expect("standard layout"),
+            v.as_slice().expect("standard layout"),
+        );
+        let mut panels = HeadPanels {
+            keys_t: Panels::new(NR),
+            values_t: Panels::new(NR),
+            keys: Panels::new(NR),
+            values: Panels::new(NR),
+        };
+        panels.keys_t.pack_lines::<NR>(k, d, s, d);
+        panels.values_t.pack_lines::<NR>(v, d_v, s, d_v);
+        panels.keys.pack_steps::<NR>(k, d, d, s);
+        if forward {
+            panels.values.pack_steps::<NR>(v, d_v, d_v, s);
+        }
+        panels
+    }
+}
+
 /// What one query head attends over, its keys and values packed for the
 /// products.
 pub(super) struct Head<'h, 'p, A, P, const NR: usize> {
@@ -26,13 +68,7 @@ pub(super) struct Head<'h, 'p, A, P, const NR: usize> {
     s: usize,
     d: usize,
     d_v: usize,
-    /// `Kᵀ` and `Vᵀ` in panels of `NR` keys (for `S = Q·Kᵀ`, `dP = dO·Vᵀ`), and
-    /// `K` and `V` in panels of `NR` columns (for `dQ = dS·K` and, when the
-    /// forward runs again, `O = P·V`).
-    keys_t: Panels<A>,
-    values_t: Panels<A>,
-    keys: Panels<A>,
-    values: Panels<A>,
+    panels: &'h HeadPanels<A>,
 }
 
 /// Where one query block's gradients go: its rows of `dQ`, the head's `dK`, `dV`,
@@ -137,34 +173,17 @@ fn standard<A: Clone>(x: ArrayView2<'_, A>) -> CowArray<'_, A, Ix2> {
 }
 
 impl<'h, 'p, A: KernelFloat, P: Program<A>, const NR: usize> Head<'h, 'p, A, P, NR> {
-    /// The head, its keys and values packed (`V` by columns only when the
-    /// forward runs again).
-    pub(super) fn of(inputs: &HeadInputs<'h, 'p, A, P>, forward: bool) -> Self {
-        let ((s, d), d_v) = (inputs.k.dim(), inputs.v.ncols());
-        let (k, v) = (standard(inputs.k), standard(inputs.v));
-        let (k, v) = (
-            k.as_slice().expect("standard layout"),
-            v.as_slice().expect("standard layout"),
-        );
-        let mut head = Head {
+    /// The head, over its keys and values packed as `panels`.
+    pub(super) fn of(inputs: &HeadInputs<'h, 'p, A, P>, panels: &'h HeadPanels<A>) -> Self {
+        Head {
             masks: inputs.masks,
             scoring: inputs.scoring,
             l: inputs.q.nrows(),
-            s,
-            d,
-            d_v,
-            keys_t: Panels::new(NR),
-            values_t: Panels::new(NR),
-            keys: Panels::new(NR),
-            values: Panels::new(NR),
-        };
-        head.keys_t.pack_lines::<NR>(k, d, s, d);
-        head.values_t.pack_lines::<NR>(v, d_v, s, d_v);
-        head.keys.pack_steps::<NR>(k, d, d, s);
-        if forward {
-            head.values.pack_steps::<NR>(v, d_v, d_v, s);
+            s: inputs.k.nrows(),
+            d: inputs.k.ncols(),
+            d_v: inputs.v.ncols(),
+            panels,
         }
-        head
     }
 
     /// The keys any row of the block may see, cut into key blocks (the first
@@ -208,7 +227,7 @@ impl<'h, 'p, A: KernelFloat, P: Program<A>, const NR: usize> Head<'h, 'p, A, P, 
         product(
             tiles,
             &scratch.q_rows,
-            &self.keys_t,
+            &self.panels.keys_t,
             0..self.d,
             keys.clone(),
             target,
@@ -328,7 +347,7 @@ impl<'h, 'p, A: KernelFloat, P: Program<A>, const NR: usize> Head<'h, 'p, A, P, 
             product(
                 tiles,
                 &scratch.d_out_rows,
-                &self.values_t,
+                &self.panels.values_t,
                 0..d_v,
                 keys.clone(),
                 target,
@@ -373,7 +392,7 @@ impl<'h, 'p, A: KernelFloat, P: Program<A>, const NR: usize> Head<'h, 'p, A, P, 
             product(
                 tiles,
                 &scratch.ds_rows,
-                &self.keys,
+                &self.panels.keys,
                 keys.clone(),
                 0..d,
                 target,
@@ -424,7 +443,7 @@ impl<'h, 'p, A: KernelFloat, P: Program<A>, const NR: usize> Head<'h, 'p, A, P, 
             product(
                 tiles,
                 &scratch.p_rows,
-                &self.values,
+                &self.panels.values,
                 keys,
                 0..self.d_v,
                 target,
