@@ -9,7 +9,7 @@ use half::bf16;
 use ndarray::{ArrayView2, ArrayViewMut1, ArrayViewMut2};
 
 use super::arch::{Op, Token};
-use super::backward::{self, HeadGradients, HeadInputs, HeadPanels, Part, Upstream};
+use super::backward::{self, HeadGradients, HeadInputs, HeadPanels, Part, Shared, Upstream};
 use super::direct::{self, Group, Partial, Rows};
 use super::float::KernelFloat;
 use super::pack::{self, Bf16Pair, Entry, PackedHead};
@@ -100,8 +100,8 @@ impl<A: KernelFloat, R: Rows<A>, P: Program<A>> Op<A> for AttendPart<'_, '_, '_,
 pub(crate) struct BackwardHead<'r, 'h, 'p, 'u, A, P> {
     pub(crate) inputs: &'r HeadInputs<'h, 'p, A, P>,
     pub(crate) upstream: Upstream<'u, A>,
-    /// The head's keys and values packed, where its parts share them.
-    pub(crate) panels: Option<&'r HeadPanels<A>>,
+    /// What the head's parts share, where it has parts.
+    pub(crate) shared: Option<Shared<'r, A>>,
     /// The query blocks to compute.
     pub(crate) part: Part,
 }
@@ -118,7 +118,7 @@ impl<A: KernelFloat, P: Program<A>> Op<A> for BackwardHead<'_, '_, '_, '_, A, P>
             token,
             self.inputs,
             self.upstream,
-            self.panels,
+            self.shared,
             self.part,
         )
     }

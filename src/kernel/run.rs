@@ -6,7 +6,7 @@ use ndarray::{ArrayView4, ArrayViewMut1, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
 use super::arch::{Arch, Dispatch, KernelElement, Op};
-use super::backward::{HeadGradients, HeadInputs, Part, Upstream};
+use super::backward::{BlockScratch, HeadGradients, HeadInputs, Part, Shared, Upstream};
 use super::float::KernelFloat;
 use super::fusable::{extent_of, fusable};
 use super::ops::{AttendBlock, BackwardHead, PackBackward, PackHead, TileWidth};
@@ -338,11 +338,11 @@ fn fused_head<A: KernelElement, P: Program<A>>(
         scale: problem.scale,
         bias_shapes: &bias_shapes,
     };
-    let run = |panels, index| {
+    let run = |shared: Option<Shared<'_, A>>, index: usize| {
         arch.dispatch(BackwardHead {
             inputs: &inputs,
             upstream,
-            panels,
+            shared,
             part: Part {
                 index,
                 count: parts,
@@ -354,10 +354,18 @@ fn fused_head<A: KernelElement, P: Program<A>>(
     }
     let forward = upstream.saved.is_none();
     let panels = arch.dispatch(PackBackward { k, v, forward });
-    let part = |index| run(Some(&panels), index);
+    let nr = Dispatch::<A>::dispatch(arch, TileWidth);
+    let scratch = || BlockScratch::new(v.ncols(), nr);
+    let part = |scratch: &mut BlockScratch<A>, index| {
+        let panels = &panels;
+        run(Some(Shared { panels, scratch }), index)
+    };
     match parallelism {
-        Parallelism::Sequential => (0..parts).map(part).collect(),
-        Parallelism::Rayon => (0..parts).into_par_iter().map(part).collect(),
+        Parallelism::Sequential => {
+            let mut scratch = scratch();
+            (0..parts).map(|index| part(&mut scratch, index)).collect()
+        }
+        Parallelism::Rayon => (0..parts).into_par_iter().map_init(scratch, part).collect(),
     }
 }
 

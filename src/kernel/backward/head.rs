@@ -117,7 +117,7 @@ impl Queries {
 }
 
 /// Working memory for one query block, reused across blocks.
-pub(super) struct BlockScratch<A> {
+pub(crate) struct BlockScratch<A> {
     /// Scores, then weights, of one key block: `BQ × BK`.
     p: Array2<A>,
     /// The raw scores `Q·Kᵀ·scale` of one key block, before a score
@@ -143,7 +143,7 @@ pub(super) struct BlockScratch<A> {
 }
 
 impl<A: KernelFloat> BlockScratch<A> {
-    pub(super) fn new(d_v: usize, nr: usize) -> Self {
+    pub(crate) fn new(d_v: usize, nr: usize) -> Self {
         BlockScratch {
             p: Array2::zeros((BQ, BK)),
             raw: Array2::zeros((BQ, BK)),

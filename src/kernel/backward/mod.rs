@@ -33,8 +33,8 @@ use super::tiled::Tiles;
 use crate::core::mask::Mask2;
 use crate::core::scoring::Scoring;
 use crate::flex::program::Program;
-pub(crate) use head::HeadPanels;
-use head::{BlockGradients, BlockScratch, Head, Queries};
+use head::{BlockGradients, Head, Queries};
+pub(crate) use head::{BlockScratch, HeadPanels};
 
 // every key block starts a panel of keys, for the widest tiles (32 keys)
 const _: () = assert!(BK.is_multiple_of(32));
@@ -74,6 +74,13 @@ pub(crate) struct Upstream<'a, A> {
     pub(crate) saved: Option<(ArrayView2<'a, A>, ArrayView1<'a, A>)>,
 }
 
+/// What the parts of one head share: its keys and values packed, and the
+/// working memory of the thread a part runs on.
+pub(crate) struct Shared<'s, A> {
+    pub(crate) panels: &'s HeadPanels<A>,
+    pub(crate) scratch: &'s mut BlockScratch<A>,
+}
+
 /// Which query blocks (of [`BQ`] rows) of a head one task computes: blocks
 /// `index, index + count, …`; interleaved, so that under a causal mask every
 /// part has its share of the long rows.
@@ -93,7 +100,7 @@ impl Part {
 }
 
 /// The gradients of one query head by the fused pass over its keys and values
-/// packed as `panels` (or packed here), from the query blocks of `part` (the whole head, or a part whose `dK`, `dV`, bias, score and sink
+/// packed as `shared` holds them (or packed here), from the query blocks of `part` (the whole head, or a part whose `dK`, `dV`, bias, score and sink
 /// gradients the caller sums with the other parts'; `dq` holds the part's
 /// blocks' rows, one after another); `M` says how `a·b + c` is computed and
 /// `tiles` are the micro-kernels (the caller compiles them for its instruction
@@ -103,7 +110,7 @@ pub(crate) fn head<A, M, T, P, const NR: usize>(
     tiles: T,
     inputs: &HeadInputs<'_, '_, A, P>,
     upstream: Upstream<'_, A>,
-    panels: Option<&HeadPanels<A>>,
+    shared: Option<Shared<'_, A>>,
     part: Part,
 ) -> Option<HeadGradients<A>>
 where
@@ -127,17 +134,18 @@ where
         sink: A::zero(),
     };
     // packed here unless shared by the head's parts (after the gradients: in
-    // this order a call of many heads measured 4 % faster)
-    let packed;
-    let panels = match panels {
-        Some(panels) => panels,
+    // this order a call of many heads measured 4 % faster), with working memory
+    // of its own unless the thread's
+    let (packed, mut own);
+    let (panels, scratch) = match shared {
+        Some(Shared { panels, scratch }) => (panels, scratch),
         None => {
             packed = HeadPanels::pack::<NR>(k, v, upstream.saved.is_none());
-            &packed
+            own = BlockScratch::new(v.ncols(), NR);
+            (&packed, &mut own)
         }
     };
     let head = Head::<A, P, NR>::of(inputs, panels);
-    let mut scratch = BlockScratch::new(v.ncols(), NR);
     let HeadGradients {
         dq: d_q,
         dk,
@@ -148,7 +156,7 @@ where
     } = &mut grads;
     let blocks = d_q.axis_chunks_iter_mut(Axis(0), BQ);
     for (rows, dq) in part.blocks(q.nrows()).zip(blocks) {
-        let queries = Queries::of::<A, P, NR>(inputs, rows.clone(), &mut scratch);
+        let queries = Queries::of::<A, P, NR>(inputs, rows.clone(), scratch);
         let upstream = Upstream {
             d_out: upstream.d_out.slice_move(s![rows.clone(), ..]),
             saved: upstream
@@ -163,7 +171,7 @@ where
             score,
             sink,
         };
-        if !head.query_block::<M, T>(tiles, &queries, upstream, &mut scratch, out) {
+        if !head.query_block::<M, T>(tiles, &queries, upstream, scratch, out) {
             return None;
         }
     }
