@@ -307,12 +307,23 @@ fn main() {
     let q = inputs(n, 1, DIM, 1)
         .index_axis_move(Axis(0), 0)
         .index_axis_move(Axis(0), 0);
+    let d_out = inputs(n, 1, DIM, 4)
+        .index_axis_move(Axis(0), 0)
+        .index_axis_move(Axis(0), 0);
+    let one_head = ScaledDotProduct::new();
     for threads in [1, 2] {
         let pool = pool_of(threads);
         let t = pool.install(|| best_seconds(min, || drop(attn::scaled_dot_product(&q, &q, &q))));
         println!(
             "`scaled_dot_product` on one ({n}, {DIM}) head, {threads} thread(s): {} GFLOP/s",
             gflops(4.0 * (n * n * DIM) as f64, t)
+        );
+        // its backward (the forward again), its query blocks dealt to two tasks
+        let t = pool.install(|| best_seconds(min, || drop(one_head.backward(&q, &q, &q, &d_out))));
+        println!(
+            "`backward` of one ({n}, {DIM}) head, {threads} thread(s): {:.2} ms, {} GFLOP/s (10·N²·d / time)",
+            t * 1e3,
+            gflops(10.0 * (n * n * DIM) as f64, t)
         );
     }
 
