@@ -14,9 +14,10 @@
 //! key block's `P` and `dS` once each; everything is compiled per instruction
 //! set in [`super::arch`]. [`super::run::backward`] runs the heads in
 //! parallel, each with its own `dK` and `dV`, summed over the query heads of a
-//! key/value head in head order, so the result does not depend on the number of
-//! threads; heads whose inputs are not finite, or could overflow, take the
-//! reference path.
+//! key/value head in head order (a call of one head deals its query blocks to
+//! [`Part`]s, summed in part order), so the result does not depend on the
+//! number of threads; heads whose inputs are not finite, or could overflow,
+//! take the reference path.
 //!
 //! [`BACKWARD_QUERIES`]: super::params::BACKWARD_QUERIES
 //! [`BACKWARD_KEYS`]: super::params::BACKWARD_KEYS
