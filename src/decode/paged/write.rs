@@ -14,6 +14,8 @@ pub(crate) struct Encoded<E> {
     values: Vec<E>,
     value_scales: Vec<f32>,
     t: usize,
+    /// The free blocks writing them takes (`blocks_needed`).
+    pub(crate) blocks: usize,
 }
 
 impl<E: CacheElement> PagedKvCache<E> {
@@ -91,6 +93,7 @@ impl<E: CacheElement> PagedKvCache<E> {
             values,
             value_scales,
             t,
+            blocks: needed,
         })
     }
 
@@ -101,7 +104,7 @@ impl<E: CacheElement> PagedKvCache<E> {
     ///
     /// [`Error::Cache`] when `sequence` was freed or belongs to another cache,
     /// or its length would overflow.
-    pub(crate) fn blocks_needed(&self, sequence: SequenceId, t: usize) -> Result<usize> {
+    fn blocks_needed(&self, sequence: SequenceId, t: usize) -> Result<usize> {
         let held = self.sequence(sequence)?;
         let size = self.sizes.block_size;
         let len = held.len.checked_add(t).ok_or_else(|| Error::Cache {

@@ -113,7 +113,7 @@ impl<A: Element> MultiHeadAttention<A> {
                 heads.v.index_axis_move(Axis(0), 0),
             );
             let rows = cache.prepare(id, scale, &q, &k, &v, &alibi)?;
-            needed = needed.saturating_add(cache.blocks_needed(id, t)?);
+            needed = needed.saturating_add(rows.blocks);
             steps.push((id, q, rows));
         }
         if needed > cache.free_blocks() {
