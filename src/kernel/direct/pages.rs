@@ -31,6 +31,20 @@ pub(crate) struct Quantized<'s> {
 const INTEGER_ROWS: usize = ROWS;
 
 impl Quantized<'_> {
+    /// Each row of `scratch.s` over the keys of `chunk` times each key's scale:
+    /// the scores of the bytes become the keys' scores, the weights take the
+    /// values' scales.
+    #[inline(always)]
+    fn scale_rows(self, scratch: &mut Scratch<f32>, chunk: &Chunk) {
+        let scales = &self.scales[chunk.keys.clone()];
+        for r in 0..chunk.rows {
+            let row = &mut scratch.s[r * chunk.stride..][..scales.len()];
+            for (x, &scale) in row.iter_mut().zip(scales) {
+                *x *= scale;
+            }
+        }
+    }
+
     /// Whether a chunk of `rows` rows of `width` runs on integer dot products.
     #[inline(always)]
     fn integer(&self, rows: usize, width: usize) -> bool {
@@ -99,13 +113,7 @@ impl Rows<f32> for Quantized<'_> {
             return self.integer_scores(dots, scratch, chunk);
         }
         Widen(self.data).scores::<M, D>(dots, scratch, chunk, buffer);
-        let scales = &self.scales[chunk.keys.clone()];
-        for r in 0..chunk.rows {
-            let row = &mut scratch.s[r * chunk.stride..][..scales.len()];
-            for (s, &scale) in row.iter_mut().zip(scales) {
-                *s *= scale;
-            }
-        }
+        self.scale_rows(scratch, chunk);
     }
 
     /// Each value row's scale joins its weight (in place: the weights are not
@@ -119,13 +127,7 @@ impl Rows<f32> for Quantized<'_> {
         alpha: &[f32; ROWS],
         buffer: &mut Vec<f32>,
     ) {
-        let scales = &self.scales[chunk.keys.clone()];
-        for r in 0..chunk.rows {
-            let row = &mut scratch.s[r * chunk.stride..][..scales.len()];
-            for (p, &scale) in row.iter_mut().zip(scales) {
-                *p *= scale;
-            }
-        }
+        self.scale_rows(scratch, chunk);
         if self.integer(chunk.rows, chunk.width) {
             return self.integer_values::<M, D>(dots, scratch, chunk, alpha);
         }
