@@ -23,13 +23,37 @@ pub(crate) struct Extent<A> {
 }
 
 /// Whether `x` is finite, its largest absolute entry, and its number of rows.
+#[inline]
 pub(crate) fn extent_of<A: Element>(x: &ArrayView2<'_, A>) -> Extent<A> {
     let mut scan = Scan::new();
     match x.as_slice_memory_order() {
+        Some(few) if few.len() < SCAN_LANES => return short_extent(few, x.nrows()),
         Some(all) => scan.add(all),
         None => x.outer_iter().for_each(|row| scan.add(&row_slice(row))),
     }
     scan.extent(x.nrows())
+}
+
+/// The extent of fewer entries than [`SCAN_LANES`] (a tiny head), `rows` rows:
+/// four lanes in registers, folded at once.
+#[inline(always)]
+fn short_extent<A: Element>(values: &[A], rows: usize) -> Extent<A> {
+    let (quads, tail) = values.as_chunks::<4>();
+    let mut m = [A::zero(); 4];
+    for quad in quads {
+        for (m, &x) in m.iter_mut().zip(quad) {
+            *m = sticky_max(*m, x.abs());
+        }
+    }
+    for (m, &x) in m.iter_mut().zip(tail) {
+        *m = sticky_max(*m, x.abs());
+    }
+    let max_abs = tree_max(m);
+    Extent {
+        finite: max_abs.is_finite(),
+        max_abs,
+        rows,
+    }
 }
 
 /// A row as a slice: borrowed where it is contiguous, copied where it is not.
@@ -101,6 +125,7 @@ impl<A: Element> Scan<A> {
     }
 
     /// The extent of everything added, `rows` rows.
+    #[inline]
     pub(crate) fn extent(&self, rows: usize) -> Extent<A> {
         // pairwise over a fixed number of lanes (a fold over `used` lanes from
         // memory was a chain as long as the lanes)

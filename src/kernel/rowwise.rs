@@ -77,10 +77,10 @@ pub(crate) fn attend_head<A: KernelFloat, P: Program<A>>(
         let inverse = inverse_total(total);
         let mut out = out.row_mut(i);
         for c in 0..d_v {
-            let mut sum = A::zero();
-            for (j, &p) in scores.iter().enumerate() {
-                sum += p * v[j * d_v + c];
-            }
+            let sum = scores
+                .iter()
+                .zip(v.chunks_exact(d_v))
+                .fold(A::zero(), |sum, (&p, row)| sum + p * row[c]);
             out[c] = sum * inverse;
         }
     }
