@@ -40,8 +40,10 @@ impl<A: KernelFloat> Op<A> for PackHead<'_, '_, A> {
     type Output = PackedHead<A>;
 
     #[inline(always)]
-    fn run<T: Token<A, NR> + KeyTiles<A, A, NR>, const NR: usize>(self, _: T) -> PackedHead<A> {
-        pack::pack_head::<A, NR>(self.k, self.v)
+    fn run<T: Token<A, NR> + KeyTiles<A, A, NR>, const NR: usize>(self, token: T) -> PackedHead<A> {
+        pack::pack_head::<A, NR>(self.k, self.v, |src, stride, lines, out| {
+            token.pack_panel(src, stride, lines, out)
+        })
     }
 }
 
@@ -136,7 +138,7 @@ impl<A: KernelFloat> Op<A> for PackBackward<'_, A> {
     type Output = HeadPanels<A>;
 
     #[inline(always)]
-    fn run<T: Token<A, NR> + KeyTiles<A, A, NR>, const NR: usize>(self, _: T) -> HeadPanels<A> {
-        HeadPanels::pack::<NR>(self.k, self.v, self.forward)
+    fn run<T: Token<A, NR> + KeyTiles<A, A, NR>, const NR: usize>(self, token: T) -> HeadPanels<A> {
+        HeadPanels::pack::<T, NR>(token, self.k, self.v, self.forward)
     }
 }

@@ -124,14 +124,17 @@ pub(crate) struct PackedHead<A, K = A> {
     pub(crate) value_extent: Extent<A>,
 }
 
-/// Packs one key/value head for tiles `NR` wide; [`super::arch`] compiles it per
-/// instruction set, so the transposition of the keys runs with its vectors.
+/// Packs one key/value head for tiles `NR` wide, each panel of keys by
+/// `pack_panel` (the token's [`Tiles::pack_panel`](super::tiled::Tiles::pack_panel));
+/// [`super::arch`] compiles it per instruction set, so the transposition of the
+/// keys runs with its vectors.
 #[inline(always)]
 pub(crate) fn pack_head<A: Element, const NR: usize>(
     k: &ArrayView2<'_, A>,
     v: &ArrayView2<'_, A>,
+    pack_panel: impl Fn(&[A], usize, usize, &mut [[A; NR]]),
 ) -> PackedHead<A> {
-    let (keys, key_extent) = PackedKeys::pack::<NR>(k);
+    let (keys, key_extent) = PackedKeys::pack::<NR>(k, pack_panel);
     let (values, value_extent) = PackedValues::pack::<NR>(v);
     PackedHead {
         keys,
@@ -142,10 +145,13 @@ pub(crate) fn pack_head<A: Element, const NR: usize>(
 }
 
 impl<A: Element> PackedKeys<A> {
-    /// Packs `k: (S, d)` in panels of `nr` keys, and finds the keys' extent on
-    /// the way.
+    /// Packs `k: (S, d)` in panels of `NR` keys, each by `pack_panel` (see
+    /// [`Panels::pack_lines_by`]), and finds the keys' extent on the way.
     #[inline(always)]
-    pub(crate) fn pack<const NR: usize>(k: &ArrayView2<'_, A>) -> (Self, Extent<A>) {
+    pub(crate) fn pack<const NR: usize>(
+        k: &ArrayView2<'_, A>,
+        pack_panel: impl Fn(&[A], usize, usize, &mut [[A; NR]]),
+    ) -> (Self, Extent<A>) {
         let (s, d) = k.dim();
         let k = k.as_standard_layout();
         let k = k.as_slice().expect("standard layout");
@@ -153,7 +159,7 @@ impl<A: Element> PackedKeys<A> {
         scan.add(k);
         // the kernel reads whole panels of the keys it needs, never past the last
         let mut panels = Panels::new(NR);
-        panels.pack_lines::<NR>(k, d, s, d);
+        panels.pack_lines_by::<NR>(k, d, s, d, pack_panel);
         let data = panels.into_data();
         (PackedKeys { data, depth: d }, scan.extent(s))
     }
@@ -230,6 +236,25 @@ impl<A: Element> PackedValues<A> {
     }
 }
 
+/// Packs one panel line by line: `out[p][i]` = value `p` of line `i`, line `i`
+/// at `src[i·stride ..][.. out.len()]`, for `i < lines`; each line's values
+/// scattered over the steps (gathering each step from the lines took twice as
+/// long).
+#[inline(always)]
+pub(crate) fn scatter_panel<A: Copy, const W: usize>(
+    src: &[A],
+    stride: usize,
+    lines: usize,
+    out: &mut [[A; W]],
+) {
+    for i in 0..lines {
+        let line = &src[i * stride..][..out.len()];
+        for (step, &x) in out.iter_mut().zip(line) {
+            step[i] = x;
+        }
+    }
+}
+
 /// An operand packed in panels of `width` lines (rows of `A`, columns of `B`),
 /// each panel `depth` steps of `width` values, zero-padded to whole panels.
 #[derive(Debug)]
@@ -286,19 +311,26 @@ impl<A: Element> Panels<A> {
         lines: usize,
         depth: usize,
     ) {
+        self.pack_lines_by::<W>(src, stride, lines, depth, scatter_panel);
+    }
+
+    /// [`pack_lines`](Self::pack_lines), panel after panel by `pack_panel(src,
+    /// stride, lines, out)` (a token's [`Tiles::pack_panel`](super::tiled::Tiles::pack_panel)).
+    #[inline(always)]
+    pub(crate) fn pack_lines_by<const W: usize>(
+        &mut self,
+        src: &[A],
+        stride: usize,
+        lines: usize,
+        depth: usize,
+        pack_panel: impl Fn(&[A], usize, usize, &mut [[A; W]]),
+    ) {
         debug_assert_eq!(W, self.width);
         self.reset(lines, depth);
         let panels = self.data.as_chunks_mut::<W>().0.chunks_exact_mut(depth);
         for (panel, out) in panels.enumerate() {
             let first = panel * W;
-            // line by line, scattering its values: gathering each step from
-            // `W` lines took twice as long
-            for i in 0..W.min(lines - first) {
-                let row = &src[(first + i) * stride..][..depth];
-                for (step, &x) in out.iter_mut().zip(row) {
-                    step[i] = x;
-                }
-            }
+            pack_panel(&src[first * stride..], stride, W.min(lines - first), out);
         }
     }
 

@@ -328,6 +328,18 @@ pub(crate) trait Tiles<A, const NR: usize>: Copy {
     /// block's product is summed on its own before it is added to the rescaled
     /// total: blocked summation keeps long rows accurate.
     fn value_tile(self, p: &[&[A; BC]; MR], v: &[[A; NR]], alpha: &[A; MR], o: &mut [[A; NR]; MR]);
+
+    /// Packs one panel: `out[p][i]` = value `p` of line `i`, line `i` at
+    /// `src[i·stride ..][.. out.len()]`, for `i < lines ≤ NR` (lanes past
+    /// `lines` are left as they are). A transposition: one store per value
+    /// unless the token has a faster way.
+    #[inline(always)]
+    fn pack_panel(self, src: &[A], stride: usize, lines: usize, out: &mut [[A; NR]])
+    where
+        A: Copy,
+    {
+        super::pack::scatter_panel(src, stride, lines, out);
+    }
 }
 
 /// The score micro-kernel over queries and keys packed as entries `K`: a tile of

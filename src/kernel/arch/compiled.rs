@@ -41,9 +41,10 @@ macro_rules! trampoline {
 /// the `MR` rows of a tile are summed `$rows` at a time (`2·$rows` accumulators:
 /// all of `MR` with AVX-512's 32 registers, half of it with AVX2's 16, which then
 /// reads each step of the keys or values twice); `$features` names what the token
-/// proves.
+/// proves. A token with a faster transposition than the scalar one names it
+/// last (`pack_panel = f`: `f(token, src, stride, lines, out)`).
 macro_rules! two_register_tiles {
-    ($token:ty, $features:literal, $module:ident, $ty:ty, $nr:expr, $lanes:literal, $rows:literal, $reg:ident, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
+    ($token:ty, $features:literal, $module:ident, $ty:ty, $nr:expr, $lanes:literal, $rows:literal, $reg:ident, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident $(, pack_panel = $pack:path)?) => {
         mod $module {
             use super::*;
             use $crate::kernel::params::{BC, MR};
@@ -145,6 +146,18 @@ macro_rules! two_register_tiles {
                         }
                     }
                 }
+                $(
+                    #[inline(always)]
+                    fn pack_panel(
+                        self,
+                        src: &[$ty],
+                        stride: usize,
+                        lines: usize,
+                        out: &mut [[$ty; $nr]],
+                    ) {
+                        $pack(self, src, stride, lines, out)
+                    }
+                )?
             }
         }
     };

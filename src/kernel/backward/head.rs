@@ -28,10 +28,11 @@ pub(crate) struct HeadPanels<A> {
 }
 
 impl<A: KernelFloat> HeadPanels<A> {
-    /// Packs `k: (S, d)` and `v: (S, d_v)` for tiles `NR` wide (`V` by columns
-    /// only when the forward runs again).
+    /// Packs `k: (S, d)` and `v: (S, d_v)` for `tiles`, `NR` wide (`V` by
+    /// columns only when the forward runs again).
     #[inline(always)]
-    pub(crate) fn pack<const NR: usize>(
+    pub(crate) fn pack<T: Tiles<A, NR>, const NR: usize>(
+        tiles: T,
         k: ArrayView2<'_, A>,
         v: ArrayView2<'_, A>,
         forward: bool,
@@ -48,8 +49,13 @@ impl<A: KernelFloat> HeadPanels<A> {
             keys: Panels::new(NR),
             values: Panels::new(NR),
         };
-        panels.keys_t.pack_lines::<NR>(k, d, s, d);
-        panels.values_t.pack_lines::<NR>(v, d_v, s, d_v);
+        let pack_panel = |src: &[A], stride, lines, out: &mut [[A; NR]]| {
+            tiles.pack_panel(src, stride, lines, out)
+        };
+        panels.keys_t.pack_lines_by::<NR>(k, d, s, d, pack_panel);
+        panels
+            .values_t
+            .pack_lines_by::<NR>(v, d_v, s, d_v, pack_panel);
         panels.keys.pack_steps::<NR>(k, d, d, s);
         if forward {
             panels.values.pack_steps::<NR>(v, d_v, d_v, s);

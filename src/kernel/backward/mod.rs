@@ -141,7 +141,7 @@ where
     let (panels, scratch) = match shared {
         Some(Shared { panels, scratch }) => (panels, scratch),
         None => {
-            packed = HeadPanels::pack::<NR>(k, v, upstream.saved.is_none());
+            packed = HeadPanels::pack::<T, NR>(tiles, k, v, upstream.saved.is_none());
             own = BlockScratch::new(v.ncols(), NR);
             (&packed, &mut own)
         }
