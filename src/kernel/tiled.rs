@@ -86,7 +86,7 @@ where
 {
     let rows = block.q.nrows();
     let tile_rows = rows.div_ceil(MR);
-    pack_queries(block, &mut scratch.q);
+    pack_queries(tiles, block, &mut scratch.q);
     scratch.o.fill(A::zero());
     // a sink starts every row's softmax: exp(sink − sink) = 1 in the sum
     let sink = block.scoring.sink();
@@ -173,13 +173,34 @@ fn keys_needed<A: KernelFloat, K, P: Program<A>>(
 }
 
 /// Packs the block's queries (times the scale, where the entries hold it) as
-/// `tile_rows × depth × MR` entries.
-fn pack_queries<A: KernelFloat, K: Entry<A>, P>(block: &Block<'_, A, K, P>, q: &mut [K]) {
+/// `tile_rows × depth × MR` entries, tile by tile with the token's
+/// [`KeyTiles::pack_query_tile`].
+#[inline(always)]
+fn pack_queries<A, K, T, P, const NR: usize>(tiles: T, block: &Block<'_, A, K, P>, q: &mut [K])
+where
+    A: KernelFloat,
+    K: Entry<A>,
+    T: KeyTiles<A, K, NR>,
+{
     let depth = block.keys.depth;
-    q.fill(K::zero());
-    for (i, row) in block.q.outer_iter().enumerate() {
-        let base = (i / MR) * depth * MR + i % MR;
-        K::pack_query(row, block.scale, |p, x| q[base + p * MR] = x);
+    let q_tiles = q.as_chunks_mut::<MR>().0.chunks_exact_mut(depth);
+    for (out, rows) in q_tiles.zip(block.q.axis_chunks_iter(Axis(0), MR)) {
+        tiles.pack_query_tile(rows, block.scale, out);
+    }
+}
+
+/// [`KeyTiles::pack_query_tile`] query by query, each entry stored on its own.
+#[inline(always)]
+pub(crate) fn scatter_queries<A: Copy, K: Entry<A>>(
+    rows: ArrayView2<'_, A>,
+    scale: A,
+    out: &mut [[K; MR]],
+) {
+    if rows.nrows() < MR {
+        out.fill([K::zero(); MR]);
+    }
+    for (i, row) in rows.outer_iter().enumerate() {
+        K::pack_query(row, scale, |p, x| out[p][i] = x);
     }
 }
 
@@ -340,6 +361,17 @@ pub(crate) trait Tiles<A, const NR: usize>: Copy {
     {
         super::pack::scatter_panel(src, stride, lines, out);
     }
+
+    /// Packs a tile of at most `MR` query rows times `scale`: `out[p][i]` =
+    /// component `p` of row `i`, the lanes past the rows zero. One store per
+    /// component unless the token has a faster way.
+    #[inline(always)]
+    fn pack_query_tile(self, rows: ArrayView2<'_, A>, scale: A, out: &mut [[A; MR]])
+    where
+        A: Copy + Entry<A>,
+    {
+        scatter_queries(rows, scale, out);
+    }
 }
 
 /// The score micro-kernel over queries and keys packed as entries `K`: a tile of
@@ -347,11 +379,31 @@ pub(crate) trait Tiles<A, const NR: usize>: Copy {
 /// `K = A` it is [`Tiles::score_tile`].
 pub(crate) trait KeyTiles<A, K, const NR: usize>: Copy {
     fn key_tile(self, q: &[[K; MR]], k: &[[K; NR]]) -> [[A; NR]; MR];
+
+    /// Packs a tile of at most `MR` query rows as entries `K` (times `scale`
+    /// where the entries hold it), the lanes past the rows zero. For `K = A` it
+    /// is [`Tiles::pack_query_tile`].
+    #[inline(always)]
+    fn pack_query_tile(self, rows: ArrayView2<'_, A>, scale: A, out: &mut [[K; MR]])
+    where
+        A: Copy,
+        K: Entry<A>,
+    {
+        scatter_queries(rows, scale, out);
+    }
 }
 
 impl<A, T: Tiles<A, NR>, const NR: usize> KeyTiles<A, A, NR> for T {
     #[inline(always)]
     fn key_tile(self, q: &[[A; MR]], k: &[[A; NR]]) -> [[A; NR]; MR] {
         self.score_tile(q, k)
+    }
+
+    #[inline(always)]
+    fn pack_query_tile(self, rows: ArrayView2<'_, A>, scale: A, out: &mut [[A; MR]])
+    where
+        A: Copy + Entry<A>,
+    {
+        Tiles::pack_query_tile(self, rows, scale, out);
     }
 }

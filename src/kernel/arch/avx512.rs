@@ -9,7 +9,10 @@ use std::arch::x86_64::*;
 
 use super::avx2::{Avx2, sum4_pd, sum4_ps, widen8};
 use crate::kernel::direct::{Dots, HalfDots, Narrow, NarrowKind, Prefetch, scores_i8, values_i8};
-use crate::kernel::params::{LANES, TILE_BLOCKS};
+use ndarray::ArrayView2;
+
+use crate::kernel::params::{LANES, MR, TILE_BLOCKS};
+use crate::kernel::tiled::scatter_queries;
 
 /// Proof that the CPU has AVX-512 F, BW, VL and DQ as well as AVX2, FMA and F16C:
 /// [`detect`](Self::detect) is the only way to make one, so the safe methods
@@ -61,7 +64,8 @@ two_register_tiles!(
     _mm512_storeu_ps,
     _mm512_set1_ps,
     _mm512_fmadd_ps,
-    pack_panel = pack_panel_f32
+    pack_panel = pack_panel_f32,
+    pack_query_tile = pack_query_tile_f32
 );
 two_register_tiles!(
     Avx512,
@@ -118,6 +122,49 @@ fn pack_panel_f32(_: Avx512, src: &[f32], stride: usize, lines: usize, out: &mut
         let line = &src[i * stride..][..depth];
         for (step, &x) in out.iter_mut().zip(line) {
             step[i] = x;
+        }
+    }
+}
+
+/// [`Tiles::pack_query_tile`](crate::kernel::tiled::Tiles::pack_query_tile)
+/// for f32: a whole tile of contiguous rows sixteen steps at a time, its `MR`
+/// rows (times the scale) and zeros transposed in registers, each step stored
+/// under a mask of `MR` lanes; the steps past the last whole sixteen, and any
+/// other tile, by the scatter.
+#[inline(always)]
+fn pack_query_tile_f32(_: Avx512, rows: ArrayView2<'_, f32>, scale: f32, out: &mut [[f32; MR]]) {
+    const _: () = assert!(MR <= 16, "a tile's rows fit one transposition");
+    let mut lines: [&[f32]; MR] = [&[]; MR];
+    for (line, row) in lines.iter_mut().zip(rows.outer_iter()) {
+        match row.to_slice() {
+            Some(row) => *line = row,
+            None => return scatter_queries(rows, scale, out),
+        }
+    }
+    if rows.nrows() < MR {
+        return scatter_queries(rows, scale, out);
+    }
+    let depth = out.len();
+    let whole_steps = depth / 16 * 16;
+    let lanes: __mmask16 = (1 << MR) - 1;
+    // SAFETY: `Avx512` exists, so the CPU has AVX-512 F; each load reads
+    // sixteen f32 of a line, each store writes the `MR` of one step.
+    unsafe {
+        let scale16 = _mm512_set1_ps(scale);
+        for p0 in (0..whole_steps).step_by(16) {
+            let mut regs = [_mm512_setzero_ps(); 16];
+            for (reg, line) in regs.iter_mut().zip(&lines) {
+                let part = &line[p0..p0 + 16];
+                *reg = _mm512_mul_ps(_mm512_loadu_ps(part.as_ptr()), scale16);
+            }
+            for (j, column) in transpose16(regs).into_iter().enumerate() {
+                _mm512_mask_storeu_ps(out[p0 + j].as_mut_ptr(), lanes, column);
+            }
+        }
+    }
+    for (i, line) in lines.iter().enumerate() {
+        for (step, &x) in out[whole_steps..].iter_mut().zip(&line[whole_steps..depth]) {
+            step[i] = x * scale;
         }
     }
 }
@@ -471,6 +518,44 @@ mod tests {
             for (p, step) in fast.iter().enumerate() {
                 assert_eq!(step[0], src[p], "step {p}");
                 assert!(step[lines..].iter().all(|&x| x == -7.0), "past the lines");
+            }
+        }
+    }
+
+    #[test]
+    fn the_transposed_query_tile_is_the_scattered_one() {
+        let Some(token) = Avx512::detect() else {
+            return; // nothing to compare on this CPU
+        };
+        // a whole tile (transposed) with and without steps past sixteen, a short
+        // tile and rows that are not contiguous (scattered); lanes past the
+        // rows zero
+        for (rows, depth, strided) in [
+            (MR, 64, false),
+            (MR, 70, false),
+            (MR, 7, false),
+            (5, 64, false),
+            (MR, 64, true),
+        ] {
+            let x = ndarray::Array2::from_shape_fn((rows, 2 * depth), |(i, p)| {
+                (i * 1000 + p) as f32 * 0.25 - 7.0
+            });
+            let view = if strided {
+                x.slice(ndarray::s![.., ..;2])
+            } else {
+                x.slice(ndarray::s![.., ..depth])
+            };
+            let mut fast = vec![[f32::NAN; MR]; depth];
+            let mut scalar = vec![[-1.0; MR]; depth];
+            pack_query_tile_f32(token, view, 0.125, &mut fast);
+            scatter_queries(view, 0.125, &mut scalar);
+            assert_eq!(
+                fast, scalar,
+                "{rows} rows, depth {depth}, strided {strided}"
+            );
+            for (p, step) in fast.iter().enumerate() {
+                assert_eq!(step[rows - 1], view[(rows - 1, p)] * 0.125, "step {p}");
+                assert!(step[rows..].iter().all(|&x| x == 0.0), "past the rows");
             }
         }
     }

@@ -41,10 +41,11 @@ macro_rules! trampoline {
 /// the `MR` rows of a tile are summed `$rows` at a time (`2·$rows` accumulators:
 /// all of `MR` with AVX-512's 32 registers, half of it with AVX2's 16, which then
 /// reads each step of the keys or values twice); `$features` names what the token
-/// proves. A token with a faster transposition than the scalar one names it
-/// last (`pack_panel = f`: `f(token, src, stride, lines, out)`).
+/// proves. A token with faster transpositions than the scalar ones names them
+/// last (`pack_panel = f, pack_query_tile = g`: `f(token, src, stride, lines,
+/// out)`, `g(token, rows, scale, out)`).
 macro_rules! two_register_tiles {
-    ($token:ty, $features:literal, $module:ident, $ty:ty, $nr:expr, $lanes:literal, $rows:literal, $reg:ident, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident $(, pack_panel = $pack:path)?) => {
+    ($token:ty, $features:literal, $module:ident, $ty:ty, $nr:expr, $lanes:literal, $rows:literal, $reg:ident, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident $(, pack_panel = $pack:path, pack_query_tile = $pack_queries:path)?) => {
         mod $module {
             use super::*;
             use $crate::kernel::params::{BC, MR};
@@ -156,6 +157,16 @@ macro_rules! two_register_tiles {
                         out: &mut [[$ty; $nr]],
                     ) {
                         $pack(self, src, stride, lines, out)
+                    }
+
+                    #[inline(always)]
+                    fn pack_query_tile(
+                        self,
+                        rows: ndarray::ArrayView2<'_, $ty>,
+                        scale: $ty,
+                        out: &mut [[$ty; MR]],
+                    ) {
+                        $pack_queries(self, rows, scale, out)
                     }
                 )?
             }
