@@ -41,9 +41,7 @@ impl<A: KernelFloat> Op<A> for PackHead<'_, '_, A> {
 
     #[inline(always)]
     fn run<T: Token<A, NR> + KeyTiles<A, A, NR>, const NR: usize>(self, token: T) -> PackedHead<A> {
-        pack::pack_head::<A, NR>(self.k, self.v, |src, stride, lines, out| {
-            token.pack_panel(src, stride, lines, out)
-        })
+        pack::pack_head::<A, NR>(self.k, self.v, token)
     }
 }
 

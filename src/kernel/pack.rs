@@ -124,17 +124,16 @@ pub(crate) struct PackedHead<A, K = A> {
     pub(crate) value_extent: Extent<A>,
 }
 
-/// Packs one key/value head for tiles `NR` wide, each panel of keys by
-/// `pack_panel` (the token's [`Tiles::pack_panel`](super::tiled::Tiles::pack_panel));
-/// [`super::arch`] compiles it per instruction set, so the transposition of the
-/// keys runs with its vectors.
+/// Packs one key/value head for tiles `NR` wide, the keys' panels by `packer`
+/// (the token); [`super::arch`] compiles it per instruction set, so the
+/// transposition of the keys runs with its vectors.
 #[inline(always)]
 pub(crate) fn pack_head<A: Element, const NR: usize>(
     k: &ArrayView2<'_, A>,
     v: &ArrayView2<'_, A>,
-    pack_panel: impl Fn(&[A], usize, usize, &mut [[A; NR]]),
+    packer: impl PackPanel<A, NR>,
 ) -> PackedHead<A> {
-    let (keys, key_extent) = PackedKeys::pack::<NR>(k, pack_panel);
+    let (keys, key_extent) = PackedKeys::pack::<NR>(k, packer);
     let (values, value_extent) = PackedValues::pack::<NR>(v);
     PackedHead {
         keys,
@@ -145,12 +144,12 @@ pub(crate) fn pack_head<A: Element, const NR: usize>(
 }
 
 impl<A: Element> PackedKeys<A> {
-    /// Packs `k: (S, d)` in panels of `NR` keys, each by `pack_panel` (see
-    /// [`Panels::pack_lines_by`]), and finds the keys' extent on the way.
+    /// Packs `k: (S, d)` in panels of `NR` keys, each by `packer`, and finds
+    /// the keys' extent on the way.
     #[inline(always)]
     pub(crate) fn pack<const NR: usize>(
         k: &ArrayView2<'_, A>,
-        pack_panel: impl Fn(&[A], usize, usize, &mut [[A; NR]]),
+        packer: impl PackPanel<A, NR>,
     ) -> (Self, Extent<A>) {
         let (s, d) = k.dim();
         let k = k.as_standard_layout();
@@ -159,7 +158,7 @@ impl<A: Element> PackedKeys<A> {
         scan.add(k);
         // the kernel reads whole panels of the keys it needs, never past the last
         let mut panels = Panels::new(NR);
-        panels.pack_lines_by::<NR>(k, d, s, d, pack_panel);
+        panels.pack_lines_by::<NR>(packer, k, d, s, d);
         let data = panels.into_data();
         (PackedKeys { data, depth: d }, scan.extent(s))
     }
@@ -236,10 +235,27 @@ impl<A: Element> PackedValues<A> {
     }
 }
 
-/// Packs one panel line by line: `out[p][i]` = value `p` of line `i`, line `i`
-/// at `src[i·stride ..][.. out.len()]`, for `i < lines`; each line's values
-/// scattered over the steps (gathering each step from the lines took twice as
-/// long).
+/// How a token packs one panel of lines: `out[p][i]` = value `p` of line `i`,
+/// line `i` at `src[i·stride ..][.. out.len()]`, for `i < lines ≤ W` (lanes
+/// past `lines` are left as they are). A transposition: by default one store
+/// per value ([`scatter_panel`]); a token with a faster way overrides it.
+/// A method of the token, not a closure, so that it compiles with the token's
+/// instruction sets wherever the kernel body does.
+pub(crate) trait PackPanel<A: Copy, const W: usize>: Copy {
+    #[inline(always)]
+    fn pack_panel(self, src: &[A], stride: usize, lines: usize, out: &mut [[A; W]]) {
+        scatter_panel(src, stride, lines, out);
+    }
+}
+
+/// The packer of panels of any width by [`scatter_panel`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Scatter;
+
+impl<A: Copy, const W: usize> PackPanel<A, W> for Scatter {}
+
+/// Packs one panel line by line, scattering each line's values over the steps
+/// (gathering each step from the lines took twice as long).
 #[inline(always)]
 pub(crate) fn scatter_panel<A: Copy, const W: usize>(
     src: &[A],
@@ -311,26 +327,26 @@ impl<A: Element> Panels<A> {
         lines: usize,
         depth: usize,
     ) {
-        self.pack_lines_by::<W>(src, stride, lines, depth, scatter_panel);
+        self.pack_lines_by::<W>(Scatter, src, stride, lines, depth);
     }
 
-    /// [`pack_lines`](Self::pack_lines), panel after panel by `pack_panel(src,
-    /// stride, lines, out)` (a token's [`Tiles::pack_panel`](super::tiled::Tiles::pack_panel)).
+    /// [`pack_lines`](Self::pack_lines), panel after panel by `packer` (a
+    /// token, for its transposition).
     #[inline(always)]
     pub(crate) fn pack_lines_by<const W: usize>(
         &mut self,
+        packer: impl PackPanel<A, W>,
         src: &[A],
         stride: usize,
         lines: usize,
         depth: usize,
-        pack_panel: impl Fn(&[A], usize, usize, &mut [[A; W]]),
     ) {
         debug_assert_eq!(W, self.width);
         self.reset(lines, depth);
         let panels = self.data.as_chunks_mut::<W>().0.chunks_exact_mut(depth);
         for (panel, out) in panels.enumerate() {
             let first = panel * W;
-            pack_panel(&src[first * stride..], stride, W.min(lines - first), out);
+            packer.pack_panel(&src[first * stride..], stride, W.min(lines - first), out);
         }
     }
 

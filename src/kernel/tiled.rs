@@ -14,7 +14,7 @@ use ndarray::{ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
 
 use super::float::{KernelFloat, MulAdd};
 use super::online::{inverse_total, softmax_update};
-use super::pack::{Entry, PackedKeys, PackedValues};
+use super::pack::{Entry, PackPanel, PackedKeys, PackedValues};
 use super::params::{BC, BR, MR};
 use crate::core::mask::Mask2;
 use crate::core::scoring::Scoring;
@@ -340,7 +340,7 @@ fn accumulate<A: KernelFloat, T: Tiles<A, NR>, const NR: usize>(
 
 /// The two register-blocked micro-kernels, `MR × NR` tiles kept in registers;
 /// implemented in [`super::arch`] by a value that proves its instructions run.
-pub(crate) trait Tiles<A, const NR: usize>: Copy {
+pub(crate) trait Tiles<A: Copy, const NR: usize>: PackPanel<A, NR> {
     /// A tile of `S = Q·Kᵀ`: `q` holds the `d` columns of `MR` queries, `k` the `d`
     /// components of `NR` keys.
     fn score_tile(self, q: &[[A; MR]], k: &[[A; NR]]) -> [[A; NR]; MR];
@@ -350,25 +350,13 @@ pub(crate) trait Tiles<A, const NR: usize>: Copy {
     /// total: blocked summation keeps long rows accurate.
     fn value_tile(self, p: &[&[A; BC]; MR], v: &[[A; NR]], alpha: &[A; MR], o: &mut [[A; NR]; MR]);
 
-    /// Packs one panel: `out[p][i]` = value `p` of line `i`, line `i` at
-    /// `src[i·stride ..][.. out.len()]`, for `i < lines ≤ NR` (lanes past
-    /// `lines` are left as they are). A transposition: one store per value
-    /// unless the token has a faster way.
-    #[inline(always)]
-    fn pack_panel(self, src: &[A], stride: usize, lines: usize, out: &mut [[A; NR]])
-    where
-        A: Copy,
-    {
-        super::pack::scatter_panel(src, stride, lines, out);
-    }
-
     /// Packs a tile of at most `MR` query rows times `scale`: `out[p][i]` =
     /// component `p` of row `i`, the lanes past the rows zero. One store per
     /// component unless the token has a faster way.
     #[inline(always)]
     fn pack_query_tile(self, rows: ArrayView2<'_, A>, scale: A, out: &mut [[A; MR]])
     where
-        A: Copy + Entry<A>,
+        A: Entry<A>,
     {
         scatter_queries(rows, scale, out);
     }
@@ -393,7 +381,7 @@ pub(crate) trait KeyTiles<A, K, const NR: usize>: Copy {
     }
 }
 
-impl<A, T: Tiles<A, NR>, const NR: usize> KeyTiles<A, A, NR> for T {
+impl<A: Copy, T: Tiles<A, NR>, const NR: usize> KeyTiles<A, A, NR> for T {
     #[inline(always)]
     fn key_tile(self, q: &[[A; MR]], k: &[[A; NR]]) -> [[A; NR]; MR] {
         self.score_tile(q, k)
@@ -402,7 +390,7 @@ impl<A, T: Tiles<A, NR>, const NR: usize> KeyTiles<A, A, NR> for T {
     #[inline(always)]
     fn pack_query_tile(self, rows: ArrayView2<'_, A>, scale: A, out: &mut [[A; MR]])
     where
-        A: Copy + Entry<A>,
+        A: Entry<A>,
     {
         Tiles::pack_query_tile(self, rows, scale, out);
     }

@@ -8,11 +8,9 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{Avx2, sum4_pd, sum4_ps, widen8};
+use super::transpose::{pack_panel_f32, pack_query_tile_f32};
 use crate::kernel::direct::{Dots, HalfDots, Narrow, NarrowKind, Prefetch, scores_i8, values_i8};
-use ndarray::ArrayView2;
-
-use crate::kernel::params::{LANES, MR, TILE_BLOCKS};
-use crate::kernel::tiled::scatter_queries;
+use crate::kernel::params::{LANES, TILE_BLOCKS};
 
 /// Proof that the CPU has AVX-512 F, BW, VL and DQ as well as AVX2, FMA and F16C:
 /// [`detect`](Self::detect) is the only way to make one, so the safe methods
@@ -82,137 +80,6 @@ two_register_tiles!(
     _mm512_set1_pd,
     _mm512_fmadd_pd
 );
-
-/// [`Tiles::pack_panel`](crate::kernel::tiled::Tiles::pack_panel) for f32
-/// panels of 32 lines: sixteen lines by sixteen steps at a time, transposed in
-/// registers (64 shuffles for 256 values, where the scalar scatter stores each
-/// one); the lines and steps past the last whole sixteen by the scatter.
-#[inline(always)]
-fn pack_panel_f32(_: Avx512, src: &[f32], stride: usize, lines: usize, out: &mut [[f32; 32]]) {
-    let depth = out.len();
-    let whole_steps = depth / 16 * 16;
-    let whole_lines = lines / 16 * 16;
-    for first in (0..whole_lines).step_by(16) {
-        for p0 in (0..whole_steps).step_by(16) {
-            // SAFETY: `Avx512` exists, so the CPU has AVX-512 F; each load
-            // reads, each store writes, sixteen f32 (the slices hold them).
-            unsafe {
-                let mut rows = [_mm512_setzero_ps(); 16];
-                for (i, row) in rows.iter_mut().enumerate() {
-                    let line = &src[(first + i) * stride + p0..][..16];
-                    *row = _mm512_loadu_ps(line.as_ptr());
-                }
-                for (j, column) in transpose16(rows).into_iter().enumerate() {
-                    let step = &mut out[p0 + j][first..first + 16];
-                    _mm512_storeu_ps(step.as_mut_ptr(), column);
-                }
-            }
-        }
-        // this group's steps past the last whole sixteen
-        let rest = &mut out[whole_steps..];
-        for i in first..first + 16 {
-            let line = &src[i * stride + whole_steps..][..rest.len()];
-            for (step, &x) in rest.iter_mut().zip(line) {
-                step[i] = x;
-            }
-        }
-    }
-    // the lines past the last whole sixteen
-    for i in whole_lines..lines {
-        let line = &src[i * stride..][..depth];
-        for (step, &x) in out.iter_mut().zip(line) {
-            step[i] = x;
-        }
-    }
-}
-
-/// [`Tiles::pack_query_tile`](crate::kernel::tiled::Tiles::pack_query_tile)
-/// for f32: a whole tile of contiguous rows sixteen steps at a time, its `MR`
-/// rows (times the scale) and zeros transposed in registers, each step stored
-/// under a mask of `MR` lanes; the steps past the last whole sixteen, and any
-/// other tile, by the scatter.
-#[inline(always)]
-fn pack_query_tile_f32(_: Avx512, rows: ArrayView2<'_, f32>, scale: f32, out: &mut [[f32; MR]]) {
-    const _: () = assert!(MR <= 16, "a tile's rows fit one transposition");
-    let mut lines: [&[f32]; MR] = [&[]; MR];
-    for (line, row) in lines.iter_mut().zip(rows.outer_iter()) {
-        match row.to_slice() {
-            Some(row) => *line = row,
-            None => return scatter_queries(rows, scale, out),
-        }
-    }
-    if rows.nrows() < MR {
-        return scatter_queries(rows, scale, out);
-    }
-    let depth = out.len();
-    let whole_steps = depth / 16 * 16;
-    let lanes: __mmask16 = (1 << MR) - 1;
-    // SAFETY: `Avx512` exists, so the CPU has AVX-512 F; each load reads
-    // sixteen f32 of a line, each store writes the `MR` of one step.
-    unsafe {
-        let scale16 = _mm512_set1_ps(scale);
-        for p0 in (0..whole_steps).step_by(16) {
-            let mut regs = [_mm512_setzero_ps(); 16];
-            for (reg, line) in regs.iter_mut().zip(&lines) {
-                let part = &line[p0..p0 + 16];
-                *reg = _mm512_mul_ps(_mm512_loadu_ps(part.as_ptr()), scale16);
-            }
-            for (j, column) in transpose16(regs).into_iter().enumerate() {
-                _mm512_mask_storeu_ps(out[p0 + j].as_mut_ptr(), lanes, column);
-            }
-        }
-    }
-    for (i, line) in lines.iter().enumerate() {
-        for (step, &x) in out[whole_steps..].iter_mut().zip(&line[whole_steps..depth]) {
-            step[i] = x * scale;
-        }
-    }
-}
-
-/// The transpose of the 16 × 16 matrix whose rows are `rows`: four rounds of
-/// sixteen shuffles (pairs of f32, pairs of f64, then 128-bit lanes twice).
-///
-/// # Safety
-///
-/// The CPU must support AVX-512 F.
-#[inline(always)]
-unsafe fn transpose16(rows: [__m512; 16]) -> [__m512; 16] {
-    // SAFETY: the caller upholds this function's contract.
-    unsafe {
-        // t[2g], t[2g + 1]: rows 2g and 2g + 1 interleaved (low, high pairs of
-        // each 128-bit lane)
-        let mut t = [_mm512_setzero_ps(); 16];
-        for g in 0..8 {
-            t[2 * g] = _mm512_unpacklo_ps(rows[2 * g], rows[2 * g + 1]);
-            t[2 * g + 1] = _mm512_unpackhi_ps(rows[2 * g], rows[2 * g + 1]);
-        }
-        // u[4q + c], lane L: column 4L + c of rows 4q .. 4q + 4
-        let mut u = [_mm512_setzero_ps(); 16];
-        for q in 0..4 {
-            let pd = |x: __m512| _mm512_castps_pd(x);
-            let ps = |x: __m512d| _mm512_castpd_ps(x);
-            let (a, b, c, d) = (t[4 * q], t[4 * q + 1], t[4 * q + 2], t[4 * q + 3]);
-            u[4 * q] = ps(_mm512_unpacklo_pd(pd(a), pd(c)));
-            u[4 * q + 1] = ps(_mm512_unpackhi_pd(pd(a), pd(c)));
-            u[4 * q + 2] = ps(_mm512_unpacklo_pd(pd(b), pd(d)));
-            u[4 * q + 3] = ps(_mm512_unpackhi_pd(pd(b), pd(d)));
-        }
-        // column 4L + c: lane q of it is lane L of u[4q + c]
-        let mut columns = [_mm512_setzero_ps(); 16];
-        for c in 0..4 {
-            // lanes 0, 1 (low) or 2, 3 (high) of the first two, then the last two
-            let low01 = _mm512_shuffle_f32x4::<0x44>(u[c], u[4 + c]);
-            let high01 = _mm512_shuffle_f32x4::<0xEE>(u[c], u[4 + c]);
-            let low23 = _mm512_shuffle_f32x4::<0x44>(u[8 + c], u[12 + c]);
-            let high23 = _mm512_shuffle_f32x4::<0xEE>(u[8 + c], u[12 + c]);
-            columns[c] = _mm512_shuffle_f32x4::<0x88>(low01, low23);
-            columns[4 + c] = _mm512_shuffle_f32x4::<0xDD>(low01, low23);
-            columns[8 + c] = _mm512_shuffle_f32x4::<0x88>(high01, high23);
-            columns[12 + c] = _mm512_shuffle_f32x4::<0xDD>(high01, high23);
-        }
-        columns
-    }
-}
 
 impl Dots<f32> for Avx512 {
     /// Two blocks of [`LANES`] in one register, folded to one block at the end.
@@ -479,84 +346,6 @@ impl HalfDots for Avx512 {
                 _mm512_storeu_ps(flat.as_mut_ptr().add(b * 16), *acc);
             }
             out
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::kernel::pack::scatter_panel;
-
-    #[test]
-    fn the_transposed_panel_is_the_scattered_one() {
-        let Some(token) = Avx512::detect() else {
-            return; // nothing to compare on this CPU
-        };
-        // whole and partial groups of sixteen lines and steps, lines wider
-        // than the depth read
-        for (lines, depth, stride) in [
-            (32, 64, 64),
-            (32, 16, 20),
-            (17, 33, 40),
-            (16, 70, 70),
-            (31, 5, 5),
-            (1, 1, 3),
-        ] {
-            let src: Vec<f32> = (0..lines * stride)
-                .map(|x| x as f32 * 0.5 - 100.0)
-                .collect();
-            // guard values in the lanes past the lines: neither writes them
-            let mut fast = vec![[-7.0; 32]; depth];
-            let mut scalar = fast.clone();
-            pack_panel_f32(token, &src, stride, lines, &mut fast);
-            scatter_panel(&src, stride, lines, &mut scalar);
-            assert_eq!(
-                fast, scalar,
-                "{lines} lines, depth {depth}, stride {stride}"
-            );
-            for (p, step) in fast.iter().enumerate() {
-                assert_eq!(step[0], src[p], "step {p}");
-                assert!(step[lines..].iter().all(|&x| x == -7.0), "past the lines");
-            }
-        }
-    }
-
-    #[test]
-    fn the_transposed_query_tile_is_the_scattered_one() {
-        let Some(token) = Avx512::detect() else {
-            return; // nothing to compare on this CPU
-        };
-        // a whole tile (transposed) with and without steps past sixteen, a short
-        // tile and rows that are not contiguous (scattered); lanes past the
-        // rows zero
-        for (rows, depth, strided) in [
-            (MR, 64, false),
-            (MR, 70, false),
-            (MR, 7, false),
-            (5, 64, false),
-            (MR, 64, true),
-        ] {
-            let x = ndarray::Array2::from_shape_fn((rows, 2 * depth), |(i, p)| {
-                (i * 1000 + p) as f32 * 0.25 - 7.0
-            });
-            let view = if strided {
-                x.slice(ndarray::s![.., ..;2])
-            } else {
-                x.slice(ndarray::s![.., ..depth])
-            };
-            let mut fast = vec![[f32::NAN; MR]; depth];
-            let mut scalar = vec![[-1.0; MR]; depth];
-            pack_query_tile_f32(token, view, 0.125, &mut fast);
-            scatter_queries(view, 0.125, &mut scalar);
-            assert_eq!(
-                fast, scalar,
-                "{rows} rows, depth {depth}, strided {strided}"
-            );
-            for (p, step) in fast.iter().enumerate() {
-                assert_eq!(step[rows - 1], view[(rows - 1, p)] * 0.125, "step {p}");
-                assert!(step[rows..].iter().all(|&x| x == 0.0), "past the rows");
-            }
         }
     }
 }

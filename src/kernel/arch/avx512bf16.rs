@@ -16,7 +16,7 @@ use super::avx512::Avx512;
 use super::{Dispatch, KernelArch, Op, Token};
 use crate::kernel::direct::{Dots, HalfDots, Narrow};
 use crate::kernel::float::Fused;
-use crate::kernel::pack::Bf16Pair;
+use crate::kernel::pack::{Bf16Pair, PackPanel};
 use crate::kernel::params::{BC, LANES, MR, TILE_BLOCKS};
 use crate::kernel::tiled::{KeyTiles, Tiles};
 
@@ -37,6 +37,13 @@ impl Avx512Bf16 {
     /// The token, if this CPU has AVX512_BF16 beside what `avx512` proves.
     pub(crate) fn detect(avx512: Avx512) -> Option<Self> {
         is_x86_feature_detected!("avx512bf16").then_some(Avx512Bf16 { avx512 })
+    }
+}
+
+impl PackPanel<f32, NR> for Avx512Bf16 {
+    #[inline(always)]
+    fn pack_panel(self, src: &[f32], stride: usize, lines: usize, out: &mut [[f32; NR]]) {
+        self.avx512.pack_panel(src, stride, lines, out)
     }
 }
 

@@ -149,6 +149,20 @@ macro_rules! two_register_tiles {
                 }
                 $(
                     #[inline(always)]
+                    fn pack_query_tile(
+                        self,
+                        rows: ndarray::ArrayView2<'_, $ty>,
+                        scale: $ty,
+                        out: &mut [[$ty; MR]],
+                    ) {
+                        $pack_queries(self, rows, scale, out)
+                    }
+                )?
+            }
+
+            impl $crate::kernel::pack::PackPanel<$ty, { $nr }> for $token {
+                $(
+                    #[inline(always)]
                     fn pack_panel(
                         self,
                         src: &[$ty],
@@ -157,16 +171,6 @@ macro_rules! two_register_tiles {
                         out: &mut [[$ty; $nr]],
                     ) {
                         $pack(self, src, stride, lines, out)
-                    }
-
-                    #[inline(always)]
-                    fn pack_query_tile(
-                        self,
-                        rows: ndarray::ArrayView2<'_, $ty>,
-                        scale: $ty,
-                        out: &mut [[$ty; MR]],
-                    ) {
-                        $pack_queries(self, rows, scale, out)
                     }
                 )?
             }

@@ -14,6 +14,9 @@
 //! and only a token can call its trampoline, so no safe function can execute an
 //! instruction the CPU lacks.
 //!
+//! A token may also pack its operands its own way: AVX-512 transposes the f32
+//! keys' panels and query tiles in registers ([`transpose`]).
+//!
 //! Keys stored in bf16 have one more level where the CPU has AVX512_BF16
 //! ([`avx512bf16`]): the tiled kernel's scores by bf16 dot products, a token
 //! that dispatches operations over keys packed as bf16 pairs.
@@ -35,6 +38,8 @@ mod avx512;
 mod avx512bf16;
 pub(crate) mod cpu;
 mod portable;
+#[cfg(target_arch = "x86_64")]
+mod transpose;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
 

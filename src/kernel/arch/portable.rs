@@ -4,6 +4,7 @@
 use super::Token;
 use crate::kernel::direct::{Dots, HalfDots, Narrow, sum_lanes};
 use crate::kernel::float::{KernelFloat, MulAdd, Separate};
+use crate::kernel::pack::PackPanel;
 use crate::kernel::params::{BC, LANES, MR, TILE_BLOCKS};
 use crate::kernel::tiled::Tiles;
 
@@ -24,6 +25,8 @@ impl Portable {
 impl<A: KernelFloat, const NR: usize> Token<A, NR> for Portable {
     type MulAdd = Separate;
 }
+
+impl<A: KernelFloat, const NR: usize> PackPanel<A, NR> for Portable {}
 
 impl<A: KernelFloat, const NR: usize> Tiles<A, NR> for Portable {
     #[inline(always)]

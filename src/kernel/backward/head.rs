@@ -49,13 +49,8 @@ impl<A: KernelFloat> HeadPanels<A> {
             keys: Panels::new(NR),
             values: Panels::new(NR),
         };
-        let pack_panel = |src: &[A], stride, lines, out: &mut [[A; NR]]| {
-            tiles.pack_panel(src, stride, lines, out)
-        };
-        panels.keys_t.pack_lines_by::<NR>(k, d, s, d, pack_panel);
-        panels
-            .values_t
-            .pack_lines_by::<NR>(v, d_v, s, d_v, pack_panel);
+        panels.keys_t.pack_lines_by::<NR>(tiles, k, d, s, d);
+        panels.values_t.pack_lines_by::<NR>(tiles, v, d_v, s, d_v);
         panels.keys.pack_steps::<NR>(k, d, d, s);
         if forward {
             panels.values.pack_steps::<NR>(v, d_v, d_v, s);
