@@ -8,7 +8,7 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{Avx2, sum4_pd, sum4_ps, widen8};
-use super::transpose::{pack_panel_f32, pack_query_tile_f32};
+use super::transpose;
 use crate::kernel::direct::{Dots, HalfDots, Narrow, NarrowKind, Prefetch, scores_i8, values_i8};
 use crate::kernel::params::{LANES, TILE_BLOCKS};
 
@@ -80,6 +80,25 @@ two_register_tiles!(
     _mm512_set1_pd,
     _mm512_fmadd_pd
 );
+
+/// [`transpose::pack_panel_f32`] under this token.
+#[inline(always)]
+fn pack_panel_f32(_: Avx512, src: &[f32], stride: usize, lines: usize, out: &mut [[f32; 32]]) {
+    // SAFETY: `Avx512` exists, so the CPU has AVX-512 F.
+    unsafe { transpose::pack_panel_f32(src, stride, lines, out) }
+}
+
+/// [`transpose::pack_query_tile_f32`] under this token.
+#[inline(always)]
+fn pack_query_tile_f32(
+    _: Avx512,
+    rows: ndarray::ArrayView2<'_, f32>,
+    scale: f32,
+    out: &mut [[f32; crate::kernel::params::MR]],
+) {
+    // SAFETY: `Avx512` exists, so the CPU has AVX-512 F.
+    unsafe { transpose::pack_query_tile_f32(rows, scale, out) }
+}
 
 impl Dots<f32> for Avx512 {
     /// Two blocks of [`LANES`] in one register, folded to one block at the end.

@@ -8,7 +8,6 @@ use std::arch::x86_64::*;
 
 use ndarray::ArrayView2;
 
-use super::avx512::Avx512;
 use crate::kernel::params::MR;
 use crate::kernel::tiled::scatter_queries;
 
@@ -16,9 +15,12 @@ use crate::kernel::tiled::scatter_queries;
 /// panels of 32 lines: sixteen lines by sixteen steps at a time, transposed in
 /// registers (64 shuffles for 256 values, where the scalar scatter stores each
 /// one); the lines and steps past the last whole sixteen by the scatter.
+///
+/// # Safety
+///
+/// The CPU must support AVX-512 F.
 #[inline(always)]
-pub(super) fn pack_panel_f32(
-    _: Avx512,
+pub(super) unsafe fn pack_panel_f32(
     src: &[f32],
     stride: usize,
     lines: usize,
@@ -29,7 +31,7 @@ pub(super) fn pack_panel_f32(
     let whole_lines = lines / 16 * 16;
     for first in (0..whole_lines).step_by(16) {
         for p0 in (0..whole_steps).step_by(16) {
-            // SAFETY: `Avx512` exists, so the CPU has AVX-512 F; each load
+            // SAFETY: the caller upholds this function's contract (AVX-512 F); each load
             // reads, each store writes, sixteen f32 (the slices hold them).
             unsafe {
                 let mut rows = [_mm512_setzero_ps(); 16];
@@ -66,9 +68,12 @@ pub(super) fn pack_panel_f32(
 /// rows (times the scale) and zeros transposed in registers, each step stored
 /// under a mask of `MR` lanes; the steps past the last whole sixteen, and any
 /// other tile, by the scatter.
+///
+/// # Safety
+///
+/// The CPU must support AVX-512 F.
 #[inline(always)]
-pub(super) fn pack_query_tile_f32(
-    _: Avx512,
+pub(super) unsafe fn pack_query_tile_f32(
     rows: ArrayView2<'_, f32>,
     scale: f32,
     out: &mut [[f32; MR]],
@@ -87,7 +92,7 @@ pub(super) fn pack_query_tile_f32(
     let depth = out.len();
     let whole_steps = depth / 16 * 16;
     let lanes: __mmask16 = (1 << MR) - 1;
-    // SAFETY: `Avx512` exists, so the CPU has AVX-512 F; each load reads
+    // SAFETY: the caller upholds this function's contract (AVX-512 F); each load reads
     // sixteen f32 of a line, each store writes the `MR` of one step.
     unsafe {
         let scale16 = _mm512_set1_ps(scale);
@@ -161,9 +166,9 @@ mod tests {
 
     #[test]
     fn the_transposed_panel_is_the_scattered_one() {
-        let Some(token) = Avx512::detect() else {
+        if !is_x86_feature_detected!("avx512f") {
             return; // nothing to compare on this CPU
-        };
+        }
         // whole and partial groups of sixteen lines and steps, lines wider
         // than the depth read
         for (lines, depth, stride) in [
@@ -180,7 +185,8 @@ mod tests {
             // guard values in the lanes past the lines: neither writes them
             let mut fast = vec![[-7.0; 32]; depth];
             let mut scalar = fast.clone();
-            pack_panel_f32(token, &src, stride, lines, &mut fast);
+            // SAFETY: the CPU has AVX-512 F (checked above)
+            unsafe { pack_panel_f32(&src, stride, lines, &mut fast) };
             scatter_panel(&src, stride, lines, &mut scalar);
             assert_eq!(
                 fast, scalar,
@@ -195,9 +201,9 @@ mod tests {
 
     #[test]
     fn the_transposed_query_tile_is_the_scattered_one() {
-        let Some(token) = Avx512::detect() else {
+        if !is_x86_feature_detected!("avx512f") {
             return; // nothing to compare on this CPU
-        };
+        }
         // a whole tile (transposed) with and without steps past sixteen, a short
         // tile and rows that are not contiguous (scattered); lanes past the
         // rows zero
@@ -218,7 +224,8 @@ mod tests {
             };
             let mut fast = vec![[f32::NAN; MR]; depth];
             let mut scalar = vec![[-1.0; MR]; depth];
-            pack_query_tile_f32(token, view, 0.125, &mut fast);
+            // SAFETY: the CPU has AVX-512 F (checked above)
+            unsafe { pack_query_tile_f32(view, 0.125, &mut fast) };
             scatter_queries(view, 0.125, &mut scalar);
             assert_eq!(
                 fast, scalar,
