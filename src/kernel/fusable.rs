@@ -38,22 +38,29 @@ pub(crate) fn extent_of<A: Element>(x: &ArrayView2<'_, A>) -> Extent<A> {
 /// four lanes in registers, folded at once.
 #[inline(always)]
 fn short_extent<A: Element>(values: &[A], rows: usize) -> Extent<A> {
-    let (quads, tail) = values.as_chunks::<4>();
-    let mut m = [A::zero(); 4];
-    for quad in quads {
-        for (m, &x) in m.iter_mut().zip(quad) {
-            *m = sticky_max(*m, x.abs());
-        }
-    }
-    for (m, &x) in m.iter_mut().zip(tail) {
-        *m = sticky_max(*m, x.abs());
-    }
-    let max_abs = tree_max(m);
+    let max_abs = tree_max(fold_four([A::zero(); 4], values));
     Extent {
         finite: max_abs.is_finite(),
         max_abs,
         rows,
     }
+}
+
+/// `lanes` after the [`sticky_max`] of `|x|` for each entry of `values`, four
+/// at a time (a few entries: chains a quarter as long as sixteen lanes'). The
+/// lanes spelled out as a loop: `array::map` and `from_fn` were left as calls.
+#[inline(always)]
+fn fold_four<A: Element>(mut lanes: [A; 4], values: &[A]) -> [A; 4] {
+    let (quads, tail) = values.as_chunks::<4>();
+    for quad in quads {
+        for (m, &x) in lanes.iter_mut().zip(quad) {
+            *m = sticky_max(*m, x.abs());
+        }
+    }
+    for (m, &x) in lanes.iter_mut().zip(tail) {
+        *m = sticky_max(*m, x.abs());
+    }
+    lanes
 }
 
 /// A row as a slice: borrowed where it is contiguous, copied where it is not.
@@ -99,17 +106,10 @@ impl<A: Element> Scan<A> {
         // `self`, so that the compiler keeps them in registers
         let (chunks, rest) = values.as_chunks::<SCAN_LANES>();
         if chunks.is_empty() {
-            // fewer entries than lanes (a tiny head's rows): four lanes, chains a
-            // quarter as long, and only those for `extent` to fold
-            let (quads, tail) = rest.as_chunks::<4>();
-            let mut m: [A; 4] = std::array::from_fn(|i| self.lanes[i]);
-            for quad in quads {
-                m = std::array::from_fn(|i| sticky_max(m[i], quad[i].abs()));
-            }
-            for (m, &x) in m.iter_mut().zip(tail) {
-                *m = sticky_max(*m, x.abs());
-            }
-            self.lanes[..4].copy_from_slice(&m);
+            // fewer entries than lanes (a tiny head's rows): four lanes, and only
+            // those for `extent` to fold
+            let first: &mut [A; 4] = (&mut self.lanes[..4]).try_into().expect("four lanes");
+            *first = fold_four(*first, rest);
             self.used = self.used.max(4);
             return;
         }
