@@ -446,11 +446,19 @@ fn strided_inputs_on_the_fused_path() {
     assert_eq!(fused, owned);
 }
 
-/// Small problems go row by row: equal to the reference path, with every mask.
+/// Small problems go row by row: equal to the reference path, with every mask,
+/// widths below, at and past its four-lane dot products and eight-column sums.
 #[test]
 fn row_by_row_path_equals_reference() {
-    for (l, s, d) in [(1, 1, 1), (3, 3, 4), (5, 7, 8), (7, 5, 3), (20, 30, 16)] {
-        let (q, k, v) = (random2(l, d, 30), random2(s, d, 31), random2(s, 3, 32));
+    for (l, s, d, d_v) in [
+        (1, 1, 1, 1),
+        (3, 3, 4, 3),
+        (5, 7, 8, 13),
+        (7, 5, 3, 8),
+        (4, 9, 13, 17),
+        (20, 30, 16, 9),
+    ] {
+        let (q, k, v) = (random2(l, d, 30), random2(s, d, 31), random2(s, d_v, 32));
         let keep = Array2::from_shape_fn((l, s), |(i, j)| (i + 2 * j) % 3 != 1);
         let bias = random2(l, s, 33);
         let masks = [

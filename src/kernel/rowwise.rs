@@ -1,7 +1,7 @@
 //! Attention one query row at a time, for problems too small to pay for packing:
 //! each row's scores live in one buffer of `S` numbers, never an `L × S` matrix.
 
-use ndarray::{ArrayView2, ArrayViewMut2};
+use ndarray::{ArrayView2, ArrayViewMut1, ArrayViewMut2};
 
 use super::float::KernelFloat;
 use super::online::{exp_and_sum_with, fold_max, inverse_total, row_max, shift_of};
@@ -34,7 +34,7 @@ pub(crate) fn attend_head<A: KernelFloat, P: Program<A>>(
         scale,
     } = head;
     let (l, d) = q.dim();
-    let (s, d_v) = v.dim();
+    let s = v.nrows();
     let (q, k, v) = (
         q.as_standard_layout(),
         k.as_standard_layout(),
@@ -54,10 +54,7 @@ pub(crate) fn attend_head<A: KernelFloat, P: Program<A>>(
     };
     for (i, query) in q.chunks_exact(d).enumerate() {
         for (score, key) in scores.iter_mut().zip(k.chunks_exact(d)) {
-            *score = query
-                .iter()
-                .zip(key)
-                .fold(A::zero(), |acc, (&a, &b)| acc + a * scale * b);
+            *score = scaled_dot(query, scale, key);
         }
         let class = scoring.program.class(scoring.b, scoring.h, i..i + 1, 0..s);
         if !scoring.prepare_row(masks, i, l, s, 0, scores, class) {
@@ -72,17 +69,53 @@ pub(crate) fn attend_head<A: KernelFloat, P: Program<A>>(
         if let Some(sink) = sink {
             total += (sink - shift).exp();
         }
-        // column by column, each sum in a register (a row of sums in memory
-        // waited on its own stores, key after key)
-        let inverse = inverse_total(total);
-        let mut out = out.row_mut(i);
-        for c in 0..d_v {
-            let sum = scores
-                .iter()
-                .zip(v.chunks_exact(d_v))
-                .fold(A::zero(), |sum, (&p, row)| sum + p * row[c]);
-            out[c] = sum * inverse;
-        }
+        weigh_values(scores, v, inverse_total(total), out.row_mut(i));
     }
     true
+}
+
+/// `out = Σⱼ pⱼ·vⱼ · inverse` over the rows `vⱼ` of `v`, eight columns at a time
+/// with their sums in registers, the last `d_v mod 8` one by one. Summed one
+/// column at a time, heads of 16 × 16 × 32 or 4 × 4 × 64 ran 1.9–2.1× slower;
+/// key by key into the output row, a 3 × 4 call ran 13 % slower.
+#[inline(always)]
+fn weigh_values<A: KernelFloat>(scores: &[A], v: &[A], inverse: A, mut out: ArrayViewMut1<'_, A>) {
+    const W: usize = 8;
+    let d_v = out.len();
+    let rows = || scores.iter().zip(v.chunks_exact(d_v));
+    for start in (0..d_v / W).map(|b| b * W) {
+        let mut sums = [A::zero(); W];
+        for (&p, value) in rows() {
+            let value = value[start..]
+                .first_chunk::<W>()
+                .expect("W columns from start");
+            for c in 0..W {
+                sums[c] += p * value[c];
+            }
+        }
+        for c in 0..W {
+            out[start + c] = sums[c] * inverse;
+        }
+    }
+    for c in d_v / W * W..d_v {
+        let sum = rows().fold(A::zero(), |sum, (&p, value)| sum + p * value[c]);
+        out[c] = sum * inverse;
+    }
+}
+
+/// `Σ (aᵢ·scale)·bᵢ` in four running sums: one sum is a chain of dependent adds,
+/// and the scores of a 16 × 16 × 32 head took 1.6× longer so, once the value
+/// sums were no longer the slower part. The scale goes into every product, not
+/// onto the sum: the fused pre-check bounds the scaled scores, not `a·b`.
+#[inline(always)]
+fn scaled_dot<A: KernelFloat>(a: &[A], scale: A, b: &[A]) -> A {
+    let ((a4, a_rest), (b4, b_rest)) = (a.as_chunks::<4>(), b.as_chunks::<4>());
+    let mut lanes = [A::zero(); 4];
+    for (x, y) in a4.iter().zip(b4) {
+        for c in 0..4 {
+            lanes[c] += x[c] * scale * y[c];
+        }
+    }
+    let rest = (a_rest.iter().zip(b_rest)).fold(A::zero(), |t, (&x, &y)| t + x * scale * y);
+    (lanes[0] + lanes[2]) + (lanes[1] + lanes[3]) + rest
 }
