@@ -5,7 +5,7 @@
 use crate::common;
 
 use attn::{Kernel, Mask, Parallelism, ScaledDotProduct, kernel_paths};
-use common::{every_mask_kind, max_abs_diff, random2, random4};
+use common::{backward_by, every_mask_kind, max_abs_diff, random2, random4};
 use ndarray::{Array1, Array2, Array4, s};
 
 /// Attention through `kernel` with every one of `masks`.
@@ -14,23 +14,6 @@ fn attention<'m>(kernel: Kernel, masks: &[Mask<'m, f64>]) -> ScaledDotProduct<'m
         ScaledDotProduct::new().with_kernel(kernel),
         ScaledDotProduct::with_mask,
     )
-}
-
-/// Runs `f`, asserting that the fused backward pass computed all `heads` heads
-/// (`fused`), or the reference path did.
-fn backward_by<R>(fused: bool, heads: usize, f: impl FnOnce() -> R) -> R {
-    let (result, paths) = kernel_paths(f);
-    let (want_fused, want_reference) = if fused { (heads, 0) } else { (0, heads) };
-    assert_eq!(
-        (
-            paths.backward,
-            paths.reference,
-            paths.tiled + paths.direct + paths.rowwise
-        ),
-        (want_fused, want_reference, 0),
-        "{paths:?}"
-    );
-    result
 }
 
 #[test]
@@ -388,44 +371,6 @@ fn the_tiled_forward_keeps_the_log_sum_exp_of_the_reference() {
             .zip(plain.lse.slice(s![0, 1, ..]))
             .all(|(&a, &b)| same(a, b))
     );
-}
-
-#[test]
-fn three_key_shards_merge_to_attention_over_all_keys() {
-    let (l, s) = (40, 300);
-    let (q, k, v) = (random2(l, 16, 60), random2(s, 16, 61), random2(s, 7, 62));
-    let mut keep = Array2::from_shape_fn((l, s), |(i, j)| (3 * i + j) % 7 != 0);
-    keep.slice_mut(s![5, ..100]).fill(false); // row 5 sees nothing in the first shard
-    keep.row_mut(9).fill(false); // row 9 sees nothing anywhere
-    let shards = [0..100, 100..220, 220..300];
-    let parts: Vec<_> = shards
-        .iter()
-        .map(|keys| {
-            let keep = keep.slice(s![.., keys.clone()]).to_owned();
-            ScaledDotProduct::new()
-                .with_mask(Mask::keep(&keep))
-                .forward_with_lse(
-                    &q,
-                    &k.slice(s![keys.clone(), ..]),
-                    &v.slice(s![keys.clone(), ..]),
-                )
-                .expect("valid")
-        })
-        .collect();
-    let merged = attn::merge_attention(&parts).expect("same shapes");
-    let all = ScaledDotProduct::new()
-        .with_mask(Mask::keep(&keep))
-        .forward_with_lse(&q, &k, &v)
-        .expect("valid");
-    assert!(max_abs_diff(&merged.output, &all.output) < 1e-14);
-    assert!(max_abs_diff(&merged.lse, &all.lse) < 1e-12);
-    assert_eq!(merged.lse[9], f64::NEG_INFINITY);
-    assert!(merged.output.row(9).iter().all(|&x| x == 0.0));
-    // errors: no parts, parts that do not fit each other
-    assert!(attn::merge_attention::<f64, ndarray::Ix2>(&[]).is_err());
-    let mut odd = parts[1].clone();
-    odd.lse = Array1::zeros(l + 1);
-    assert!(attn::merge_attention(&[parts[0].clone(), odd]).is_err());
 }
 
 #[test]

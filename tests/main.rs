@@ -25,4 +25,5 @@ mod paged;
 mod properties;
 mod rng;
 mod sdpa;
+mod shards;
 mod views;

@@ -19,10 +19,10 @@
 //! logit `σ` of weight `pσ = exp(σ − lse)` per row has the gradient
 //! `−Σᵢ pσᵢ·Dᵢ` (it has no value, so `dP` is 0 there).
 
-use ndarray::{Array1, Array2, Array4, ArrayView2, ArrayView4, ArrayViewMut2, Axis, s};
+use ndarray::{Array1, Array2, Array4, ArrayView1, ArrayView2, ArrayView4, ArrayViewMut2, Axis, s};
 
 use super::problem::Problem;
-use super::reference::masked_product;
+use super::reference::{Saved, masked_product};
 use crate::element::Element;
 use crate::flex::program::{Program, Row};
 
@@ -115,14 +115,20 @@ impl<A: Element, P> Problem<'_, A, A, P> {
 
 impl<A: Element, P: Program<A>> Problem<'_, A, A, P> {
     /// The gradients of every head by the reference path; `d_out` is
-    /// `(batch, heads, L, d_v)`, checked by the caller.
-    pub(crate) fn backward(&self, d_out: ArrayView4<'_, A>) -> Gradients<A> {
+    /// `(batch, heads, L, d_v)`, checked by the caller, and `saved` what the
+    /// forward kept, if it did (see [`backward_head`](Self::backward_head)).
+    pub(crate) fn backward(
+        &self,
+        d_out: ArrayView4<'_, A>,
+        saved: Option<&Saved<A>>,
+    ) -> Gradients<A> {
         let mut grads = Gradients::zeros(self);
         let (batch, heads, _, _) = self.q.dim();
         for b in 0..batch {
             for h in 0..heads {
                 let kv = self.kv_head(h);
                 let d_out = d_out.index_axis(Axis(0), b).index_axis_move(Axis(0), h);
+                let saved = saved.map(|saved| saved.head(b, h));
                 let HeadBackward {
                     dq,
                     dk,
@@ -130,7 +136,7 @@ impl<A: Element, P: Program<A>> Problem<'_, A, A, P> {
                     d_s,
                     score,
                     sink,
-                } = self.backward_head(b, h, d_out);
+                } = self.backward_head(b, h, d_out, saved);
                 grads.add_program(h, &score, sink);
                 for m in 0..self.bias_shapes.len() {
                     let target = self.bias_gradient_of(&mut grads.bias, m, b, h);
@@ -159,31 +165,71 @@ impl<A: Element, P: Program<A>> Problem<'_, A, A, P> {
         grads
     }
 
-    /// The gradients of query head `h` of batch `b` alone.
+    /// The gradients of query head `h` of batch `b` alone. Given the forward's
+    /// output and log-sum-exp (`saved`), the weights are that forward's,
+    /// `exp(s − lse)`, and `D = dO·O`: the forward may have seen more keys than
+    /// this call (attention over shards of the keys, merged), and then these are
+    /// this shard's parts of the whole's gradients.
     pub(crate) fn backward_head(
         &self,
         b: usize,
         h: usize,
         d_out: ArrayView2<'_, A>,
+        saved: Option<(ArrayView2<'_, A>, ArrayView1<'_, A>)>,
     ) -> HeadBackward<A> {
         let q = self.query(b, h);
         let (k, v) = self.keys_values(b, self.kv_head(h));
         let head = self.attend_head(b, h, k);
-        let (p, scaled) = (&head.weights, &head.scaled);
-        let mut d_sink = A::zero();
+        let scaled = &head.scaled;
         let seen = |i: usize, j: usize| scaled[[i, j]] != A::neg_infinity();
-        let dv = masked_product(p.t(), d_out, |j, i| seen(i, j));
         // dP at masked positions may hold anything (a NaN value row): never read
         let d_p = d_out.dot(&v.t());
+        let (p, sink_weights, totals): (_, _, Vec<A>) = match saved {
+            None => {
+                let totals = (0..scaled.nrows())
+                    .map(|i| {
+                        (0..scaled.ncols())
+                            .filter(|&j| seen(i, j))
+                            .fold(A::zero(), |t, j| t + head.weights[[i, j]] * d_p[[i, j]])
+                    })
+                    .collect();
+                (head.weights, head.sink_weights, totals)
+            }
+            Some((o, lse)) => {
+                // a row that saw no key has lse = −∞ and weights 0
+                let weight = |x: A, lse: A| {
+                    if lse == A::neg_infinity() {
+                        A::zero()
+                    } else {
+                        (x - lse).exp()
+                    }
+                };
+                let p = Array2::from_shape_fn(scaled.raw_dim(), |(i, j)| {
+                    if seen(i, j) {
+                        weight(scaled[[i, j]], lse[i])
+                    } else {
+                        A::zero()
+                    }
+                });
+                let sink_weights = match self.program.sink(h) {
+                    Some(logit) => lse.iter().map(|&lse| weight(logit, lse)).collect(),
+                    None => Vec::new(),
+                };
+                let totals = (d_out.rows().into_iter().zip(o.rows()))
+                    .map(|(g, o)| g.dot(&o))
+                    .collect();
+                (p, sink_weights, totals)
+            }
+        };
+        let dv = masked_product(p.t(), d_out, |j, i| seen(i, j));
+        let mut d_sink = A::zero();
         let mut d_s = Array2::zeros(p.raw_dim());
-        for (i, mut row) in d_s.outer_iter_mut().enumerate() {
-            let attended = || (0..p.ncols()).filter(move |&j| seen(i, j));
-            let total = attended().fold(A::zero(), |t, j| t + p[[i, j]] * d_p[[i, j]]);
-            for j in attended() {
+        for (i, (mut row, &total)) in d_s.outer_iter_mut().zip(&totals).enumerate() {
+            for j in (0..p.ncols()).filter(|&j| seen(i, j)) {
                 row[j] = p[[i, j]] * (d_p[[i, j]] - total);
             }
             // the sink's gradient: −pσ·D (it has no value, so dP is 0 there)
-            if let Some(&weight) = head.sink_weights.get(i) {
+            if let Some(&weight) = sink_weights.get(i) {
                 d_sink -= weight * total;
             }
         }

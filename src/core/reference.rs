@@ -2,7 +2,9 @@
 //! the product with `V`. It defines what every input does (masks, `−∞`, NaN,
 //! empty sizes); the fused kernels are checked against it and fall back to it.
 
-use ndarray::{Array1, Array2, Array3, Array4, ArrayView2, ArrayViewMut2, ArrayViewMut4, s};
+use ndarray::{
+    Array1, Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayViewMut2, ArrayViewMut4, s,
+};
 
 use super::mask::{self, Mask2};
 use super::problem::Problem;
@@ -17,6 +19,16 @@ use crate::flex::program::Program;
 pub(crate) struct Saved<A> {
     pub(crate) output: Array4<A>,
     pub(crate) lse: Array3<A>,
+}
+
+impl<A> Saved<A> {
+    /// Head `h` of batch `b`: its output and each row's log-sum-exp.
+    pub(crate) fn head(&self, b: usize, h: usize) -> (ArrayView2<'_, A>, ArrayView1<'_, A>) {
+        (
+            self.output.slice(s![b, h, .., ..]),
+            self.lse.slice(s![b, h, ..]),
+        )
+    }
 }
 
 /// One head's scaled, masked scores and their weights.

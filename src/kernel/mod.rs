@@ -318,7 +318,7 @@ fn choose_backward<A: KernelElement, P: Program<A>>(
 ) -> Result<Gradients<A>> {
     if kernel == Kernel::Plain {
         count_all_reference(problem);
-        return Ok(problem.backward(d_out));
+        return Ok(problem.backward(d_out, saved));
     }
     Ok(run::backward(
         problem,

@@ -252,12 +252,7 @@ pub(crate) fn backward<A: KernelElement, P: Program<A>>(
     let (batch, heads, l, _) = problem.q.dim();
     let upstream = |b: usize, h: usize| Upstream {
         d_out: d_out.index_axis(Axis(0), b).index_axis_move(Axis(0), h),
-        saved: saved.map(|s| {
-            (
-                s.output.slice(ndarray::s![b, h, .., ..]),
-                s.lse.slice(ndarray::s![b, h, ..]),
-            )
-        }),
+        saved: saved.map(|saved| saved.head(b, h)),
     };
     // the parts depend on the shapes only
     let parts = match batch * heads {
@@ -388,7 +383,7 @@ fn reference_head<A: KernelElement, P: Program<A>>(
         d_s,
         score,
         sink,
-    } = problem.backward_head(b, h, upstream.d_out);
+    } = problem.backward_head(b, h, upstream.d_out, upstream.saved);
     let bias = bias_shapes(problem)
         .into_iter()
         .map(|shape| {

@@ -140,7 +140,11 @@ impl<A: Element> ScaledDotProduct<'_, A> {
     /// [`backward`](Self::backward) from what
     /// [`forward_with_lse`](Self::forward_with_lse) kept: the pass does not run the
     /// forward again (FlashAttention's backward), which saves about a third of its
-    /// work. `forward` must come from the same inputs, scale and masks.
+    /// work. `forward` must come from the same inputs, scale and masks, or be
+    /// the [`merge_attention`](crate::merge_attention) of attention over shards
+    /// of the keys, of which `k` and `v` are one: the gradients are then this
+    /// shard's parts of the whole's (`dQ` is the sum of the shards', `dK` and
+    /// `dV` are the shard's rows), as context-parallel attention computes them.
     ///
     /// # Shapes
     ///

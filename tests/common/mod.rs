@@ -237,3 +237,20 @@ pub fn expected_arch(bf16_keys: bool) -> attn::KernelArch {
     let _ = (cap, bf16_keys);
     KernelArch::Portable
 }
+
+/// Runs `f`, asserting that the fused backward pass computed all `heads` heads
+/// (`fused`), or the reference path did.
+pub fn backward_by<R>(fused: bool, heads: usize, f: impl FnOnce() -> R) -> R {
+    let (result, paths) = attn::kernel_paths(f);
+    let (want_fused, want_reference) = if fused { (heads, 0) } else { (0, heads) };
+    assert_eq!(
+        (
+            paths.backward,
+            paths.reference,
+            paths.tiled + paths.direct + paths.rowwise
+        ),
+        (want_fused, want_reference, 0),
+        "{paths:?}"
+    );
+    result
+}
