@@ -96,6 +96,8 @@ mod layers;
 mod load;
 #[cfg(feature = "plot")]
 pub mod plot;
+#[cfg(feature = "mpi")]
+pub mod ring;
 pub mod rng;
 mod sdpa;
 
