@@ -73,7 +73,13 @@ fn main() {
                 max_diff(&gathered, &whole.output) < 1e-12,
                 "{what}: gathered"
             );
+            let after_forward = ring.traffic();
             let g = ring.backward(&q_s, &k_s, &v_s, &out, &d_s).expect("valid");
+            // the forward passes keys and values on R − 1 times; the backward
+            // again, and their gradients R times (the last home)
+            let r = ranks as u64;
+            let sends = (after_forward.messages, ring.traffic().messages);
+            assert_eq!(sends, (r - 1, 3 * r - 2 - u64::from(r == 1)), "{what}");
             for (name, mine, all) in [
                 ("dQ", &g.q, &grads.q),
                 ("dK", &g.k, &grads.k),

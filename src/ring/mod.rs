@@ -8,12 +8,21 @@
 //! zig-zag split (chunks `r` and `2R − 1 − r` of `2R` to rank `r`), so that every
 //! rank does the same work. Behind the `mpi` feature.
 //!
+//! Per ring step a rank of `n` positions computes `2·n²·d·H` flops of causal
+//! forward and sends `2·n·d·H_kv·s` bytes, so the transfer hides behind the
+//! computation once `n ≥ F·H_kv·s / (B·H)` (flop rate `F`, link bandwidth `B`);
+//! the model and measured runs are in `BENCHMARKS.md`, and
+//! [`traffic`](RingAttention::traffic) reports what a rank sent and waited.
+//!
 //! Results equal one process's [`forward_with_lse`](crate::ScaledDotProduct::forward_with_lse)
 //! and [`backward_with_lse`](crate::ScaledDotProduct::backward_with_lse) on the whole
 //! sequence up to rounding (`tests/ring.rs`, run under `mpirun`).
 
 mod layout;
 mod passes;
+
+use std::cell::Cell;
+use std::time::Duration;
 
 use mpi::datatype::{Equivalence, PartitionMut};
 use mpi::traits::{Communicator, CommunicatorCollectives};
@@ -46,6 +55,21 @@ use layout::{Layout, Sight, layout_of};
 pub struct RingAttention<'c, C> {
     comm: &'c C,
     causal: bool,
+    traffic: Cell<Traffic>,
+}
+
+/// What one rank of a [`RingAttention`] has sent and spent since it was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Traffic {
+    /// Bytes sent to the next rank.
+    pub bytes_sent: u64,
+    /// Messages sent to the next rank.
+    pub messages: u64,
+    /// Time spent computing attention on the shards held.
+    pub compute: Duration,
+    /// Time spent waiting on messages once a step's computation was done: the
+    /// communication that did not hide behind it.
+    pub waiting: Duration,
 }
 
 /// Rank `rank`'s share of `x` along the sequence axis.
@@ -106,6 +130,7 @@ impl<'c, C: Communicator> RingAttention<'c, C> {
         RingAttention {
             comm,
             causal: false,
+            traffic: Cell::default(),
         }
     }
 
@@ -114,6 +139,12 @@ impl<'c, C: Communicator> RingAttention<'c, C> {
     pub fn with_causal(mut self, causal: bool) -> Self {
         self.causal = causal;
         self
+    }
+
+    /// What this rank has sent and spent in [`forward`](Self::forward) and
+    /// [`backward`](Self::backward) calls so far.
+    pub fn traffic(&self) -> Traffic {
+        self.traffic.get()
     }
 
     fn rank(&self) -> usize {

@@ -1,6 +1,7 @@
 //! The ring's forward and backward passes.
 
 use std::ops::Range;
+use std::time::{Duration, Instant};
 
 use mpi::datatype::Equivalence;
 use mpi::point_to_point::send_receive_into_with_tags;
@@ -65,6 +66,7 @@ impl<C: Communicator> RingAttention<'_, C> {
             {
                 failed = Some(e);
             }
+            Duration::ZERO
         });
         if let Some(e) = failed {
             return Err(e);
@@ -179,19 +181,23 @@ impl<C: Communicator> RingAttention<'_, C> {
                     failed = Some(e);
                 }
             }
-            if ranks > 1 {
-                // on to the next rank; after the last step, home to the owner
-                let mut incoming = vec![A::zero(); call.message_len((src + ranks - 1) % ranks)];
-                send_receive_into_with_tags(
-                    &d_kv[..],
-                    &self.comm.process_at_rank(next as i32),
-                    GRADIENTS,
-                    &mut incoming[..],
-                    &self.comm.process_at_rank(prev as i32),
-                    GRADIENTS,
-                );
-                d_kv = incoming;
+            if ranks == 1 {
+                return Duration::ZERO;
             }
+            // on to the next rank; after the last step, home to the owner
+            let start = Instant::now();
+            let mut incoming = vec![A::zero(); call.message_len((src + ranks - 1) % ranks)];
+            send_receive_into_with_tags(
+                &d_kv[..],
+                &self.comm.process_at_rank(next as i32),
+                GRADIENTS,
+                &mut incoming[..],
+                &self.comm.process_at_rank(prev as i32),
+                GRADIENTS,
+            );
+            self.note(Some(size_of_val(&d_kv[..])), Duration::ZERO, Duration::ZERO);
+            d_kv = incoming;
+            start.elapsed()
         });
         if let Some(e) = failed {
             return Err(e);
@@ -285,15 +291,21 @@ impl<C: Communicator> RingAttention<'_, C> {
         &self,
         call: &Call,
         mine: Vec<A>,
-        mut step: impl FnMut(usize, &[A]),
+        mut step: impl FnMut(usize, &[A]) -> Duration,
     ) {
         let (rank, ranks) = (self.rank(), self.ranks());
         let (next, prev) = ((rank + 1) % ranks, (rank + ranks - 1) % ranks);
+        // a step's own communication (the backward's gradients) is waiting, not computing
+        let mut timed_step = |src: usize, message: &[A]| {
+            let start = Instant::now();
+            let talking = step(src, message);
+            self.note(None, start.elapsed().saturating_sub(talking), talking);
+        };
         let mut current = mine;
         for t in 0..ranks {
             let src = (rank + ranks - t) % ranks;
             if t + 1 == ranks {
-                step(src, &current);
+                timed_step(src, &current);
                 break;
             }
             let mut incoming = vec![A::zero(); call.message_len((src + ranks - 1) % ranks)];
@@ -305,12 +317,30 @@ impl<C: Communicator> RingAttention<'_, C> {
                 );
                 let received = (self.comm.process_at_rank(prev as i32))
                     .immediate_receive_into_with_tag(scope, &mut incoming[..], KEYS_VALUES);
-                step(src, &current);
+                timed_step(src, &current);
+                let start = Instant::now();
                 received.wait();
                 sent.wait();
+                self.note(
+                    Some(size_of_val(&current[..])),
+                    Duration::ZERO,
+                    start.elapsed(),
+                );
             });
             current = incoming;
         }
+    }
+
+    /// Adds to [`traffic`](Self::traffic): a message of `sent` bytes, if one was.
+    fn note(&self, sent: Option<usize>, compute: Duration, waiting: Duration) {
+        let mut traffic = self.traffic.get();
+        if let Some(bytes) = sent {
+            traffic.bytes_sent += bytes as u64;
+            traffic.messages += 1;
+        }
+        traffic.compute += compute;
+        traffic.waiting += waiting;
+        self.traffic.set(traffic);
     }
 }
 
