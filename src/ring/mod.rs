@@ -39,17 +39,21 @@ use layout::{Layout, Sight, layout_of};
 ///
 /// # Examples
 ///
-/// ```no_run
+/// ```
 /// use attn::ring::RingAttention;
+/// use attn::{Mask, ScaledDotProduct};
 /// use ndarray::Array4;
 ///
+/// // under `mpirun -np R` each process is a rank; alone, a ring of one
 /// let universe = mpi::initialize().expect("MPI");
 /// let world = universe.world();
 /// let ring = RingAttention::new(&world).with_causal(true);
-/// let x = Array4::<f64>::ones((1, 2, 1024, 64)); // the whole sequence, on every rank here
-/// let mine = ring.shard(&x); // this rank's positions
+/// let x = Array4::from_shape_fn((1, 2, 100, 8), |(_, h, i, j)| ((h + i * j) % 7) as f64 / 7.0);
+/// let mine = ring.shard(&x); // this rank's positions of the whole sequence
 /// let out = ring.forward(&mine, &mine, &mine)?;
 /// let whole = ring.gather(&out.output)?; // every rank's rows, in order
+/// let one = ScaledDotProduct::new().with_mask(Mask::CausalTopLeft).forward_batched(&x, &x, &x)?;
+/// assert!((&whole - &one).iter().all(|d| d.abs() < 1e-12));
 /// # Ok::<(), attn::Error>(())
 /// ```
 pub struct RingAttention<'c, C> {
