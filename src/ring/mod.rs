@@ -14,6 +14,9 @@
 //! the model and measured runs are in `BENCHMARKS.md`, and
 //! [`traffic`](RingAttention::traffic) reports what a rank sent and waited.
 //!
+//! Within a rank, attention runs on its threads as in one process (rayon's
+//! pool; `RAYON_NUM_THREADS=1` for a rank per core).
+//!
 //! Results equal one process's [`forward_with_lse`](crate::ScaledDotProduct::forward_with_lse)
 //! and [`backward_with_lse`](crate::ScaledDotProduct::backward_with_lse) on the whole
 //! sequence up to rounding (`tests/ring.rs`, run under `mpirun`).

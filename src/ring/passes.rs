@@ -48,8 +48,9 @@ impl<C: Communicator> RingAttention<'_, C> {
     /// # Errors
     ///
     /// On every rank alike: [`Error::InvalidConfig`] when a rank's shard is not
-    /// its share of the sequence or the ranks' shapes differ, [`Error::Shape`]
-    /// when `q`, `k` and `v` do not fit each other.
+    /// its share of the sequence or the ranks' shapes differ,
+    /// [`Error::BatchShape`], [`Error::HeadGroups`] or [`Error::ZeroWidth`] when
+    /// `q`, `k` and `v` do not fit each other.
     pub fn forward<A: Element + Equivalence>(
         &self,
         q: &ArrayRef4<A>,
