@@ -456,7 +456,7 @@ fn row_by_row_path_equals_reference() {
         (5, 7, 8, 13),
         (7, 5, 3, 8),
         (4, 9, 13, 17),
-        (20, 30, 16, 9),
+        (12, 20, 16, 9),
     ] {
         let (q, k, v) = (random2(l, d, 30), random2(s, d, 31), random2(s, d_v, 32));
         let keep = Array2::from_shape_fn((l, s), |(i, j)| (i + 2 * j) % 3 != 1);
@@ -475,6 +475,27 @@ fn row_by_row_path_equals_reference() {
             let e = max_abs_diff(&auto, &plain);
             assert!(e < 1e-14, "L={l} S={s} d={d}: {e:e}");
         }
+    }
+}
+
+/// Row by row only while the work, each score's `exp` counted as 16
+/// multiply-adds, is at most 16 384: on either side of it, the reference's
+/// numbers.
+#[test]
+fn small_heads_leave_the_rows_once_their_scores_cost_more() {
+    for (l, s, d, path) in [
+        (16, 16, 16, Path::Rowwise), // 256 scores × (16 + 16 + 16)
+        (16, 16, 32, Path::Tiled),   // 256 × (32 + 32 + 16) = 20 480
+        (32, 32, 8, Path::Tiled),    // 1 024 scores × 32, work without exp 16 384
+        (8, 64, 16, Path::Direct),   // few query rows
+    ] {
+        let (q, k, v) = (random2(l, d, 34), random2(s, d, 35), random2(s, d, 36));
+        let auto =
+            served_by(path, 1, || attention(Kernel::Auto, &[]).forward(&q, &k, &v)).expect("valid");
+        let plain = attention(Kernel::Plain, &[])
+            .forward(&q, &k, &v)
+            .expect("valid");
+        assert!(max_abs_diff(&auto, &plain) < 1e-13, "{l}×{s}×{d}");
     }
 }
 

@@ -413,7 +413,7 @@ impl Plan {
         Ok(match kernel {
             Kernel::Plain => Plan::Reference,
             _ if batch * heads * l * d_v == 0 => Plan::Nothing,
-            Kernel::Auto if l * s * (d + d_v) <= ROWWISE_MAX_WORK => Plan::Rowwise,
+            Kernel::Auto if l * s * (d + d_v + 16) <= ROWWISE_MAX_WORK => Plan::Rowwise,
             Kernel::Auto if l <= DIRECT_MAX_ROWS => Plan::Direct(Arch::detect()?),
             _ => Plan::Tiled(Arch::detect()?),
         })

@@ -6,9 +6,14 @@
 
 // ---- which path serves a head (`super::forward`) ----
 
-/// Heads with at most this many `L·S·(d_k + d_v)` go row by row
+/// Heads with at most this many `L·S·(d_k + d_v + 16)` go row by row
 /// ([`super::rowwise`]): packing costs more than it saves. A 3-token, 4-wide call
-/// takes 0.27 µs row by row; through the direct path it took 0.55 µs.
+/// takes 0.27 µs row by row; through the direct path it took 0.55 µs. The 16
+/// counts a score's `exp` (the standard library's, one at a time) as sixteen
+/// multiply-adds: without it (2026-12-05, Zen 4, f32, µs) 32 × 32 × 8 took 7.3
+/// row by row against 4.9 tiled, 8 × 64 × 16 5.0 against 2.5 direct, 4 × 128 ×
+/// 16 5.3 against 2.3; with it 16 × 16 × 32 leaves the rows (3.9 → 4.2) and
+/// 32 × 8 × 32, whose 8 keys the tiled kernel packs for little, 4.3 → 5.2.
 pub(crate) const ROWWISE_MAX_WORK: usize = 1 << 14;
 
 /// Heads with at most this many query rows take the direct path
