@@ -17,6 +17,8 @@ use attn::ring::{RingAttention, Traffic};
 use attn::{Mask, ScaledDotProduct};
 use mpi::traits::{Communicator, CommunicatorCollectives};
 use ndarray::Array4;
+use ndarray_rand::RandomExt;
+use ndarray_rand::rand_distr::Uniform;
 
 const HEADS: usize = 8;
 const KV_HEADS: usize = 2;
@@ -24,13 +26,8 @@ const DIM: usize = 64;
 
 /// Reproducible inputs in [−1, 1): the same whole sequence on every rank.
 fn random(shape: (usize, usize, usize, usize), seed: u64) -> Array4<f32> {
-    let mut state = 0x9e37_79b9_7f4a_7c15_u64 ^ seed.wrapping_mul(0x2545_f491_4f6c_dd1d);
-    Array4::from_shape_simple_fn(shape, || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    })
+    let uniform = Uniform::new(-1.0, 1.0).expect("a valid range");
+    Array4::random_using(shape, uniform, &mut attn::rng::seeded(seed))
 }
 
 /// What one pass cost one rank: seconds in all, computing and waiting, bytes

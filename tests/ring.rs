@@ -4,29 +4,13 @@
 //! evenly among the ranks. Run under `mpirun -np 2` or `-np 3` (`.ci/run` does
 //! both); alone it is a ring of one.
 
+mod common;
+
 use attn::ring::RingAttention;
 use attn::{Mask, ScaledDotProduct};
+use common::{max_abs_diff, random4};
 use mpi::traits::Communicator;
-use ndarray::{Array4, Axis};
-
-/// Reproducible inputs in [−1, 1), the same on every rank.
-fn random(shape: (usize, usize, usize, usize), seed: u64) -> Array4<f64> {
-    let mut state = 0x9e37_79b9_7f4a_7c15_u64 ^ seed.wrapping_mul(0x2545_f491_4f6c_dd1d);
-    Array4::from_shape_simple_fn(shape, || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-    })
-}
-
-fn max_diff(a: &Array4<f64>, b: &Array4<f64>) -> f64 {
-    assert_eq!(a.shape(), b.shape());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
-}
+use ndarray::Axis;
 
 fn main() {
     let universe = mpi::initialize().expect("MPI starts");
@@ -43,10 +27,10 @@ fn main() {
             let what =
                 format!("rank {rank}/{ranks}, causal {causal}, N = {n}, {heads}/{kv_heads} heads");
             let (batch, seed) = (2, n as u64);
-            let q = random((batch, heads, n, d_k), seed);
-            let k = random((batch, kv_heads, n, d_k), seed + 1);
-            let v = random((batch, kv_heads, n, d_v), seed + 2);
-            let d_out = random((batch, heads, n, d_v), seed + 3);
+            let q = random4((batch, heads, n, d_k), seed);
+            let k = random4((batch, kv_heads, n, d_k), seed + 1);
+            let v = random4((batch, kv_heads, n, d_v), seed + 2);
+            let d_out = random4((batch, heads, n, d_v), seed + 3);
             // one process, the whole sequence
             let mut single = ScaledDotProduct::new();
             if causal {
@@ -62,15 +46,15 @@ fn main() {
             let out = ring.forward(&q_s, &k_s, &v_s).expect("valid");
             let lse_whole = whole.lse.clone().insert_axis(Axis(3));
             let lse_mine = out.lse.clone().insert_axis(Axis(3));
-            let e_out = max_diff(&out.output, &ring.shard(&whole.output));
-            let e_lse = max_diff(&lse_mine, &ring.shard(&lse_whole));
+            let e_out = max_abs_diff(&out.output, &ring.shard(&whole.output));
+            let e_lse = max_abs_diff(&lse_mine, &ring.shard(&lse_whole));
             assert!(
                 e_out < 1e-12 && e_lse < 1e-12,
                 "{what}: output {e_out:e}, lse {e_lse:e}"
             );
             let gathered = ring.gather(&out.output).expect("shards of one sequence");
             assert!(
-                max_diff(&gathered, &whole.output) < 1e-12,
+                max_abs_diff(&gathered, &whole.output) < 1e-12,
                 "{what}: gathered"
             );
             let after_forward = ring.traffic();
@@ -85,7 +69,7 @@ fn main() {
                 ("dK", &g.k, &grads.k),
                 ("dV", &g.v, &grads.v),
             ] {
-                let e = max_diff(mine, &ring.shard(all));
+                let e = max_abs_diff(mine, &ring.shard(all));
                 assert!(e < 1e-12, "{what}: {name} {e:e}");
             }
             checks += 1;
@@ -93,13 +77,13 @@ fn main() {
     }
     // a shard that is not its rank's share: every rank gets the same error
     let ring = RingAttention::new(&world);
-    let x = random((1, 1, 4 + 2 * rank as usize, 4), 9);
+    let x = random4((1, 1, 4 + 2 * rank as usize, 4), 9);
     match ring.forward(&x, &x, &x) {
         Err(attn::Error::InvalidConfig { .. }) => assert!(ranks > 1),
         other => assert!(ranks == 1 && other.is_ok(), "rank {rank}: {other:?}"),
     }
     // ranks whose shapes differ beyond the length: every rank gets the same error
-    let y = random((1, 1 + rank as usize % 2, 4, 4), 10);
+    let y = random4((1, 1 + rank as usize % 2, 4, 4), 10);
     let agreed = ring.forward(&y, &y, &y);
     assert_eq!(agreed.is_err(), ranks > 1, "rank {rank}: {agreed:?}");
     println!("ring attention: rank {rank} of {ranks}: {checks} cases equal one process's");

@@ -181,7 +181,7 @@ pub(crate) fn check_scale<A: Element>(scale: A) -> Result<A> {
 }
 
 /// Checks the shapes of `q`, `k`, `v` (all 2-D, or all 4-D).
-fn check_shapes(q: &[usize], k: &[usize], v: &[usize]) -> Result<()> {
+pub(crate) fn check_shapes(q: &[usize], k: &[usize], v: &[usize]) -> Result<()> {
     let n = q.len();
     if n == 4 {
         if q[0] != k[0] || k[0] != v[0] || k[1] != v[1] {

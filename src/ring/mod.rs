@@ -162,6 +162,12 @@ impl<'c, C: Communicator> RingAttention<'c, C> {
         self.comm.size() as usize
     }
 
+    /// The ranks this one sends to and receives from, `[next, previous]`.
+    fn neighbours(&self) -> [mpi::Rank; 2] {
+        let (rank, ranks) = (self.comm.rank(), self.comm.size());
+        [(rank + 1) % ranks, (rank + ranks - 1) % ranks]
+    }
+
     /// This rank's shard of a whole sequence `x` of shape `(batch, heads, N, d)`:
     /// its positions along axis 2, in the layout this attention uses.
     ///

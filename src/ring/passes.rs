@@ -10,8 +10,10 @@ use ndarray::{Array3, Array4, ArrayRef4, Axis, Ix4, concatenate, s};
 
 use super::layout::{Layout, layout_of, sight};
 use super::{RingAttention, attention, count, pack, unpack, unpack_mut};
+use crate::core::problem::check_shapes;
 use crate::element::Element;
 use crate::error::{Error, Result};
+use crate::sdpa::{check_d_out, check_forward};
 use crate::{AttentionGradients, AttentionLse, merge_attention};
 
 /// Message tags: the keys and values, and their gradients on the way back.
@@ -48,9 +50,9 @@ impl<C: Communicator> RingAttention<'_, C> {
     /// # Errors
     ///
     /// On every rank alike: [`Error::InvalidConfig`] when a rank's shard is not
-    /// its share of the sequence or the ranks' shapes differ,
-    /// [`Error::BatchShape`], [`Error::HeadGroups`] or [`Error::ZeroWidth`] when
-    /// `q`, `k` and `v` do not fit each other.
+    /// its share of the sequence or the ranks' shapes differ; when `q`, `k` and
+    /// `v` do not fit each other, the errors of
+    /// [`forward_batched`](crate::ScaledDotProduct::forward_batched).
     pub fn forward<A: Element + Equivalence>(
         &self,
         q: &ArrayRef4<A>,
@@ -132,7 +134,8 @@ impl<C: Communicator> RingAttention<'_, C> {
     /// # Errors
     ///
     /// As [`forward`](Self::forward), and [`Error::Shape`] when `forward` or
-    /// `d_out` do not have the output's shape.
+    /// `d_out` do not have the output's shape (as in
+    /// [`backward_with_lse`](crate::ScaledDotProduct::backward_with_lse)).
     pub fn backward<A: Element + Equivalence>(
         &self,
         q: &ArrayRef4<A>,
@@ -143,19 +146,11 @@ impl<C: Communicator> RingAttention<'_, C> {
     ) -> Result<AttentionGradients<A, Ix4>> {
         let (batch, heads, n, _) = q.dim();
         let output = [batch, heads, n, v.dim().3];
-        let mut fits = Ok(());
-        for (what, found) in [
-            ("forward.output", forward.output.shape()),
-            ("forward.lse", forward.lse.shape()),
-            ("d_out", d_out.shape()),
-        ] {
-            let expected = &output[..found.len().min(4)];
-            if found != expected && fits.is_ok() {
-                fits = Err(shape_error(what, expected, found));
-            }
-        }
+        let fits = check_d_out(d_out.shape(), &output)
+            .and_then(|()| check_forward(forward.output.shape(), forward.lse.shape(), &output));
         let call = self.check(q, k, v, fits)?;
         let (rank, ranks) = (self.rank(), self.ranks());
+        let [next, prev] = self.neighbours();
         let queries = call.layout.local_chunks(rank);
         let kept: Vec<AttentionLse<A, Ix4>> = (queries.iter())
             .map(|(local, _)| AttentionLse {
@@ -170,7 +165,6 @@ impl<C: Communicator> RingAttention<'_, C> {
         // the gradients of the keys and values this rank holds, travelling with them
         let mut d_kv = vec![A::zero(); call.message_len(rank)];
         let mut failed = None;
-        let (next, prev) = ((rank + 1) % ranks, (rank + ranks - 1) % ranks);
         self.circulate(&call, pack(&[k, v]), |src, message| {
             if failed.is_none() {
                 let step = Step {
@@ -190,10 +184,10 @@ impl<C: Communicator> RingAttention<'_, C> {
             let mut incoming = vec![A::zero(); call.message_len((src + ranks - 1) % ranks)];
             send_receive_into_with_tags(
                 &d_kv[..],
-                &self.comm.process_at_rank(next as i32),
+                &self.comm.process_at_rank(next),
                 GRADIENTS,
                 &mut incoming[..],
-                &self.comm.process_at_rank(prev as i32),
+                &self.comm.process_at_rank(prev),
                 GRADIENTS,
             );
             self.note(Some(size_of_val(&d_kv[..])), Duration::ZERO, Duration::ZERO);
@@ -239,26 +233,6 @@ impl<C: Communicator> RingAttention<'_, C> {
                 ),
             });
         }
-        let (batch, heads, d_k, kv_heads, d_v) = (q[0], q[1], q[3], k[1], v[3]);
-        if k[0] != batch || v[0] != batch || v[1] != kv_heads || k[3] != d_k {
-            return Err(Error::BatchShape {
-                query: q.to_vec(),
-                key: k.to_vec(),
-                value: v.to_vec(),
-            });
-        }
-        if kv_heads == 0 || heads % kv_heads != 0 {
-            return Err(Error::HeadGroups {
-                query_heads: heads,
-                kv_heads,
-            });
-        }
-        if d_k == 0 {
-            return Err(Error::ZeroWidth {
-                what: "d_k",
-                shape: q.to_vec(),
-            });
-        }
         let mut shards = Vec::with_capacity(table.len());
         for (rank, row) in table.iter().enumerate() {
             let [n_q, n_k, n_v, _] = row[row.len() - 4..] else {
@@ -273,6 +247,9 @@ impl<C: Communicator> RingAttention<'_, C> {
             }
             shards.push(n_q);
         }
+        // every rank's shapes agree but for lengths, now equal: the same verdict
+        check_shapes(q, k, v)?;
+        let (batch, d_k, kv_heads, d_v) = (q[0], q[3], k[1], v[3]);
         let call = Call {
             layout: layout_of(&shards, self.causal)?,
             kv: (batch, kv_heads),
@@ -295,7 +272,7 @@ impl<C: Communicator> RingAttention<'_, C> {
         mut step: impl FnMut(usize, &[A]) -> Duration,
     ) {
         let (rank, ranks) = (self.rank(), self.ranks());
-        let (next, prev) = ((rank + 1) % ranks, (rank + ranks - 1) % ranks);
+        let [next, prev] = self.neighbours();
         // a step's own communication (the backward's gradients) is waiting, not computing
         let mut timed_step = |src: usize, message: &[A]| {
             let start = Instant::now();
@@ -311,13 +288,16 @@ impl<C: Communicator> RingAttention<'_, C> {
             }
             let mut incoming = vec![A::zero(); call.message_len((src + ranks - 1) % ranks)];
             mpi::request::scope(|scope| {
-                let sent = (self.comm.process_at_rank(next as i32)).immediate_send_with_tag(
+                let sent = (self.comm.process_at_rank(next)).immediate_send_with_tag(
                     scope,
                     &current[..],
                     KEYS_VALUES,
                 );
-                let received = (self.comm.process_at_rank(prev as i32))
-                    .immediate_receive_into_with_tag(scope, &mut incoming[..], KEYS_VALUES);
+                let received = (self.comm.process_at_rank(prev)).immediate_receive_into_with_tag(
+                    scope,
+                    &mut incoming[..],
+                    KEYS_VALUES,
+                );
                 timed_step(src, &current);
                 let start = Instant::now();
                 received.wait();
@@ -390,13 +370,5 @@ impl<A: Element> Step<'_, A> {
             }
         }
         Ok(())
-    }
-}
-
-fn shape_error(what: &'static str, expected: &[usize], found: &[usize]) -> Error {
-    Error::Shape {
-        what,
-        expected: expected.to_vec(),
-        found: found.to_vec(),
     }
 }

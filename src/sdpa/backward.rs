@@ -282,7 +282,7 @@ impl<A: Element> ScaledDotProduct<'_, A> {
 }
 
 /// Checks that a kept forward has the output's shape and one lse per row.
-fn check_forward(output: &[usize], lse: &[usize], expected: &[usize]) -> Result<()> {
+pub(crate) fn check_forward(output: &[usize], lse: &[usize], expected: &[usize]) -> Result<()> {
     let rows = &expected[..expected.len() - 1];
     if output == expected && lse == rows {
         return Ok(());
@@ -295,7 +295,7 @@ fn check_forward(output: &[usize], lse: &[usize], expected: &[usize]) -> Result<
 }
 
 /// Checks that `d_out` has the output's shape.
-fn check_d_out(d_out: &[usize], output: &[usize]) -> Result<()> {
+pub(crate) fn check_d_out(d_out: &[usize], output: &[usize]) -> Result<()> {
     if d_out == output {
         Ok(())
     } else {

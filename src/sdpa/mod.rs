@@ -11,6 +11,7 @@ mod lse;
 use ndarray::{Array2, Array4, ArrayRef2, ArrayRef4, Dimension, Ix2, Ix4};
 
 pub use backward::AttentionGradients;
+pub(crate) use backward::{check_d_out, check_forward};
 pub use lse::{AttentionLse, merge_attention};
 
 use crate::core::mask::Mask;
