@@ -11,7 +11,7 @@
 //! Per ring step a rank of `n` positions computes `2·n²·d·H` flops of causal
 //! forward and sends `2·n·d·H_kv·s` bytes, so the transfer hides behind the
 //! computation once `n ≥ F·H_kv·s / (B·H)` (flop rate `F`, link bandwidth `B`);
-//! the model and measured runs are in `BENCHMARKS.md`, and
+//! the model is in `BENCHMARKS.md`, the measured runs in `benches/log/`, and
 //! [`traffic`](RingAttention::traffic) reports what a rank sent and waited.
 //!
 //! Within a rank, attention runs on its threads as in one process (rayon's
