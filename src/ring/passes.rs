@@ -13,7 +13,7 @@ use super::{RingAttention, attention, count, pack, unpack, unpack_mut};
 use crate::core::problem::check_shapes;
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::sdpa::{check_d_out, check_forward};
+use crate::sdpa::backward::{check_d_out, check_forward};
 use crate::{AttentionGradients, AttentionLse, merge_attention};
 
 /// Message tags: the keys and values, and their gradients on the way back.

@@ -3,7 +3,7 @@
 //! it, and hands the problem to `kernel` (which runs the fused paths, or the
 //! readable reference path of `core::reference`).
 
-mod backward;
+pub(crate) mod backward;
 mod compute;
 pub(crate) mod flex;
 mod lse;
@@ -11,7 +11,6 @@ mod lse;
 use ndarray::{Array2, Array4, ArrayRef2, ArrayRef4, Dimension, Ix2, Ix4};
 
 pub use backward::AttentionGradients;
-pub(crate) use backward::{check_d_out, check_forward};
 pub use lse::{AttentionLse, merge_attention};
 
 use crate::core::mask::Mask;
