@@ -46,6 +46,7 @@ pub use report::{KernelPaths, kernel_paths};
 #[cfg(target_arch = "x86_64")]
 use arch::Avx512Bf16;
 use arch::{Arch, KernelElement};
+pub(crate) use direct::round_to_i8;
 pub(crate) use params::DIRECT_MAX_ROWS;
 use params::ROWWISE_MAX_WORK;
 use report::Path;

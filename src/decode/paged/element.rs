@@ -5,6 +5,7 @@ use half::{bf16, f16};
 
 use crate::element::{Element, Half, Storage, sealed};
 use crate::error::{Error, Result};
+use crate::kernel::round_to_i8;
 
 /// A type a [`PagedKvCache`](crate::PagedKvCache) stores keys and values as.
 /// Queries, new keys and values and outputs are in its
@@ -15,7 +16,7 @@ use crate::error::{Error, Result};
 ///   (half the bytes of `f32`).
 /// - `i8`: each row (one token of one key/value head) is stored as `d` bytes
 ///   and one `f32` scale, `scale = max|x| / 127`, `x ≈ round(x / scale) · scale`
-///   (about a quarter of the bytes of `f32`). Each element is then within
+///   (to nearest, ties to even; about a quarter of the bytes of `f32`). Each element is then within
 ///   `max|x| / 254` of its value; see [`PagedKvCache`](crate::PagedKvCache)
 ///   for what that bounds in the output. NaN and infinite values cannot be
 ///   quantised: writing one is an [`Error::Cache`].
@@ -121,21 +122,12 @@ impl CacheElement for i8 {
     }
 
     fn store(row: &[f32], out: &mut [i8]) -> Result<f32> {
-        if let Some(bad) = row.iter().find(|x| !x.is_finite()) {
+        let scale = round_to_i8(row, out);
+        if scale.is_nan() {
+            let bad = row.iter().find(|x| !x.is_finite()).unwrap_or(&f32::NAN);
             return Err(Error::Cache {
                 reason: format!("{bad} cannot be quantised to int8"),
             });
-        }
-        let max = row.iter().fold(0.0_f32, |m, x| m.max(x.abs()));
-        if max == 0.0 {
-            out.fill(0);
-            return Ok(0.0);
-        }
-        let scale = max / 127.0;
-        let inverse = 127.0 / max;
-        for (o, &x) in out.iter_mut().zip(row) {
-            // |x · 127 / max| ≤ 127 (up to one rounding): the cast saturates
-            *o = (x * inverse).round() as i32 as i8;
         }
         Ok(scale)
     }

@@ -21,8 +21,71 @@ pub(crate) const WIDTH_STEP: usize = 32;
 /// reference path).
 #[inline(always)]
 pub(crate) fn round_to_i16(x: &[f32], out: &mut [i16]) -> f32 {
-    // sixteen lanes of maxima, and of `Σ v·0`, which is NaN exactly where a
-    // value is NaN or infinite (`a > m` alone would pass over a NaN)
+    let max = max_abs(x);
+    if max.is_nan() || max == 0.0 {
+        out.fill(0);
+        return max;
+    }
+    let inverse = 32767.0 / max;
+    if !inverse.is_finite() {
+        tiny_row(x, max, 32767.0, |v, o: &mut i16| *o = v as i16, out);
+        return max / 32767.0;
+    }
+    for (o, &v) in out.iter_mut().zip(x) {
+        let rounded = (v * inverse).round_ties_even();
+        // SAFETY: every value is finite (checked above) and |v| ≤ max, so
+        // |rounded| ≤ 32767: in range of i32 (an unchecked conversion
+        // vectorises; a saturating `as` does not)
+        *o = unsafe { rounded.to_int_unchecked::<i32>() } as i16;
+    }
+    max / 32767.0
+}
+
+/// `x` rounded to 8-bit integers at one scale, `x ≈ out · scale` with
+/// `scale = max|x| / 127` (each within `scale / 2`, to nearest, ties to
+/// even): how an int8 cache stores a row. 0 for a row of zeros, NaN for a row
+/// that is not finite (`out` all zeros then).
+///
+/// Written for a build without the kernels' target features (the cache's
+/// writes): the rounding adds and subtracts 1.5 · 2²³, exact for
+/// `|v| ≤ 2²²`, where `round_ties_even` would be a call to `rintf`.
+pub(crate) fn round_to_i8(x: &[f32], out: &mut [i8]) -> f32 {
+    const SHIFTER: f32 = 12_582_912.0; // 1.5 · 2²³
+    let max = max_abs(x);
+    if max.is_nan() || max == 0.0 {
+        out.fill(0);
+        return max;
+    }
+    let inverse = 127.0 / max;
+    if !inverse.is_finite() {
+        tiny_row(x, max, 127.0, |v, o: &mut i8| *o = v as i8, out);
+        return max / 127.0;
+    }
+    for (o, &v) in out.iter_mut().zip(x) {
+        // |v · inverse| ≤ 127 (up to one rounding), so the sum's last bits are
+        // the rounded integer
+        let rounded = (v * inverse + SHIFTER) - SHIFTER;
+        // SAFETY: finite and within ±128, in range of i32
+        *o = unsafe { rounded.to_int_unchecked::<i32>() } as i8;
+    }
+    max / 127.0
+}
+
+/// A row whose largest `|v|` is so small that `levels / max` overflows `f32`
+/// (below ~1e-34): rounded in `f64`, where it does not (rare, scalar).
+#[cold]
+fn tiny_row<T>(x: &[f32], max: f32, levels: f64, put: impl Fn(f64, &mut T), out: &mut [T]) {
+    let inverse = levels / f64::from(max);
+    for (o, &v) in out.iter_mut().zip(x) {
+        put((f64::from(v) * inverse).round_ties_even(), o);
+    }
+}
+
+/// The largest `|v|` of `x` (0 for an empty row), NaN if a value is NaN or
+/// infinite: sixteen lanes of maxima, and of `Σ v·0`, which is NaN exactly
+/// where a value is NaN or infinite (`a > m` alone would pass over a NaN).
+#[inline(always)]
+fn max_abs(x: &[f32]) -> f32 {
     let (mut max, mut poison) = ([0.0_f32; 16], [0.0_f32; 16]);
     let (parts, rest) = x.as_chunks::<16>();
     for part in parts {
@@ -39,23 +102,7 @@ pub(crate) fn round_to_i16(x: &[f32], out: &mut [i16]) -> f32 {
     }
     let max = halving(max, |a, b| if a > b { a } else { b });
     let bad = halving(poison, |a, b| a + b).is_nan();
-    if bad {
-        out.fill(0);
-        return f32::NAN;
-    }
-    if max == 0.0 {
-        out.fill(0);
-        return 0.0;
-    }
-    let inverse = 32767.0 / max;
-    for (o, &v) in out.iter_mut().zip(x) {
-        let rounded = (v * inverse).round_ties_even();
-        // SAFETY: every value is finite (checked above) and |v| ≤ max, so
-        // |rounded| ≤ 32767: in range of i32 (an unchecked conversion
-        // vectorises; a saturating `as` does not)
-        *o = unsafe { rounded.to_int_unchecked::<i32>() } as i16;
-    }
-    max / 32767.0
+    if bad { f32::NAN } else { max }
 }
 
 /// Sixteen lanes folded by `f` pairwise, halves first (in registers).
@@ -88,5 +135,58 @@ pub(crate) fn values_i8(w: &[i16], values: &[i8], d_v: usize, out: &mut [i32]) {
         for (o, &v) in out.iter_mut().zip(row) {
             *o += i32::from(w) * i32::from(v);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each value against `(v · (127 / max)).round_ties_even()`, over rows
+    /// with ties, the extremes, subnormals and every sign.
+    #[test]
+    fn round_to_i8_is_the_plain_rounding() {
+        let rows: [&[f32]; 5] = [
+            &[1.0, -1.0, 0.5 / 127.0, 1.5 / 127.0, -2.5 / 127.0, 0.0, -0.0],
+            &[127.0, 0.5, 1.5, 2.5, -126.5, 63.5, -0.5],
+            &[f32::MAX, -f32::MAX / 3.0, 1.0],
+            &[1e-40, -3e-41, 0.0],
+            &[0.3, -0.7, 0.11, 0.999, -0.25, 0.0625, 17.0, -16.9],
+        ];
+        for row in rows {
+            let mut out = vec![0_i8; row.len()];
+            let scale = round_to_i8(row, &mut out);
+            let max = row.iter().fold(0.0_f32, |m, v| m.max(v.abs()));
+            assert_eq!(scale, max / 127.0);
+            for (&v, &o) in row.iter().zip(&out) {
+                // the product in f32 where 127 / max is finite, else in f64
+                let expected = match 127.0 / max {
+                    inverse if inverse.is_finite() => f64::from((v * inverse).round_ties_even()),
+                    _ => (f64::from(v) * (127.0 / f64::from(max))).round_ties_even(),
+                };
+                assert_eq!(f64::from(o), expected, "{v} in {row:?}");
+            }
+        }
+        let mut out = [1_i8; 3];
+        assert_eq!(round_to_i8(&[0.0; 3], &mut out), 0.0);
+        assert_eq!(out, [0; 3]);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut out = [1_i8; 20];
+            let mut row = [0.5_f32; 20];
+            row[17] = bad;
+            assert!(round_to_i8(&row, &mut out).is_nan());
+            assert_eq!(out, [0; 20]);
+        }
+    }
+
+    /// A row too small for `32767 / max` in `f32` still rounds to the full
+    /// range (queries of ~1e-36 are not an overflow to infinity).
+    #[test]
+    fn round_to_i16_takes_tiny_rows() {
+        let row = [2e-36_f32, -1e-36, 5e-37, 0.0];
+        let mut out = [0_i16; 4];
+        let scale = round_to_i16(&row, &mut out);
+        assert_eq!(scale, 2e-36 / 32767.0);
+        assert_eq!(out, [32767, -16384, 8192, 0]);
     }
 }

@@ -31,7 +31,7 @@ use std::ops::Range;
 
 use ndarray::{ArrayView2, ArrayViewMut2};
 
-pub(crate) use int8::{scores_i8, values_i8};
+pub(crate) use int8::{round_to_i8, scores_i8, values_i8};
 pub(crate) use narrow::{Narrow, NarrowKind};
 pub(crate) use pages::{Paged, Quantized, integer_fits};
 pub(crate) use rows::{Native, Prefetch, Rows, Source, Widening};
