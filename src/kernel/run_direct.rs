@@ -10,7 +10,7 @@ use super::direct::{self, Group, Native, Partial, Rows, Source, Widening};
 use super::float::KernelFloat;
 use super::ops::AttendPart;
 use super::options::Parallelism;
-use super::params::DIRECT_PART;
+use super::params::{DIRECT_CHUNK, DIRECT_PART};
 use super::report::{self, Path};
 use super::run::KvGroup;
 use crate::core::mask::Mask2;
@@ -118,7 +118,11 @@ pub(crate) fn direct_over<A: KernelElement, KV: Sync, R: Rows<A>, P: Program<A>>
             }
         })
         .collect();
-    let parts = s.div_ceil(DIRECT_PART); // S ≥ 1: smaller problems went row by row
+    // S ≥ 1 (smaller problems went row by row); the parts as even as whole
+    // chunks allow, so that a cache a little past a multiple of DIRECT_PART
+    // is not one task of a few keys more per group
+    let parts = s.div_ceil(DIRECT_PART);
+    let part_len = s.div_ceil(parts).next_multiple_of(DIRECT_CHUNK);
     let run = |task: usize| {
         let (g, part) = (task / parts, task % parts);
         let inputs = &inputs[g];
@@ -134,8 +138,8 @@ pub(crate) fn direct_over<A: KernelElement, KV: Sync, R: Rows<A>, P: Program<A>>
             d_v,
             scale: problem.scale,
         };
-        let first = part * DIRECT_PART;
-        let part = first..(first + DIRECT_PART).min(s);
+        let first = part * part_len;
+        let part = first..(first + part_len).min(s);
         arch.dispatch(AttendPart {
             group: &group,
             part,
