@@ -68,7 +68,7 @@ pub(crate) const DIRECT_CHUNK: usize = 256;
 /// and values, 16 KiB each at d = 64) stay in L1 until they are used.
 pub(crate) const WIDEN_CHUNK: usize = 64;
 
-/// Keys per part: a long cache is cut into parts of this many keys that may run
+/// Keys per part, at most: a long cache is cut into even parts that may run
 /// on different threads and are merged afterwards (split-key decoding), so a
 /// single key/value head uses every thread. The cut does not depend on the
 /// number of threads, so neither does the result. With 1 key/value head and

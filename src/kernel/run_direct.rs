@@ -19,7 +19,7 @@ use crate::core::reference::weighted_values;
 use crate::element::Half;
 use crate::flex::program::Program;
 
-/// Every group by the direct path, its keys cut into parts of [`DIRECT_PART`]
+/// Every group by the direct path, its keys cut into parts of at most [`DIRECT_PART`]
 /// that run in parallel; heads whose inputs need it then by the reference path.
 pub(crate) fn direct<A: KernelElement, P: Program<A>>(
     problem: &Problem<'_, A, A, P>,
