@@ -198,6 +198,16 @@ fn main() {
     println!("host: {}", peak::host());
     println!("f32 FMA peak, measured: {peak:.1} GFLOP/s per core (f64: half)\n");
 
+    // the tiny case: 3 tokens × 4 dimensions, one head, the plain 2-D call; its
+    // best of two rounds, one here and one after the tables, since this host
+    // runs a core at two thirds of its speed for minutes at a time
+    let x = Array2::from_shape_fn((3, 4), |(i, j)| (i * 4 + j) as f32 / 12.0);
+    let per_call = |f: &dyn Fn()| {
+        let calls = 10_000;
+        best_seconds(min, || (0..calls).for_each(|_| f())) / calls as f64 * 1e6
+    };
+    let tiny_first = per_call(&|| drop(attn::scaled_dot_product(&x, &x, &x)));
+
     println!(
         "f32, batch 1, {HEADS} heads, head_dim {DIM}, self-attention; GFLOP/s = 4·N²·d·heads / time (causal: half)"
     );
@@ -281,13 +291,9 @@ fn main() {
         }
     }
 
-    // the tiny case: 3 tokens × 4 dimensions, one head, the plain 2-D call
-    let x = Array2::from_shape_fn((3, 4), |(i, j)| (i * 4 + j) as f32 / 12.0);
-    let per_call = |f: &dyn Fn()| {
-        let calls = 10_000;
-        best_seconds(min, || (0..calls).for_each(|_| f())) / calls as f64 * 1e6
-    };
-    let tiny = per_call(&|| drop(attn::scaled_dot_product(&x, &x, &x)));
+    // the tiny case, its second round
+    let tiny_second = per_call(&|| drop(attn::scaled_dot_product(&x, &x, &x)));
+    let tiny = tiny_first.min(tiny_second);
     let tiny_plain = per_call(&|| {
         drop(
             ScaledDotProduct::new()
@@ -299,7 +305,7 @@ fn main() {
         .map(|(s, _)| format!("{:.2} µs", s * 1e6))
         .unwrap_or_else(|_| "absent".to_string());
     println!(
-        "\ntiny case (3 tokens × 4 dims, one head, `scaled_dot_product`): attn {tiny:.3} µs, attn plain {tiny_plain:.3} µs, PyTorch SDPA {tiny_torch}"
+        "\ntiny case (3 tokens × 4 dims, one head, `scaled_dot_product`; attn's best of two rounds, at the start of the run and here): attn {tiny:.3} µs ({tiny_first:.3}, {tiny_second:.3}), attn plain {tiny_plain:.3} µs, PyTorch SDPA {tiny_torch}"
     );
 
     // one head through the plain 2-D call, as most users call it
