@@ -109,8 +109,19 @@ pub(crate) fn softmax_update<A: KernelFloat, M: MulAdd, const N: usize>(
     max: &mut A,
     sum: &mut A,
 ) -> A {
+    softmax_update_by::<A, M, N>(row, max, sum, exp_and_sum::<A, M, N>)
+}
+
+/// [`softmax_update`] with a given [`exp_and_sum`] (a token's own).
+#[inline(always)]
+pub(crate) fn softmax_update_by<A: KernelFloat, M: MulAdd, const N: usize>(
+    row: &mut [A],
+    max: &mut A,
+    sum: &mut A,
+    exp_and_sum: impl FnOnce(&mut [A], A) -> A,
+) -> A {
     let step = rescale::<A, M>(*max, row_max::<A, N>(row));
-    let block_sum = exp_and_sum::<A, M, N>(row, step.shift);
+    let block_sum = exp_and_sum(row, step.shift);
     *max = step.max;
     *sum = *sum * step.alpha + block_sum;
     step.alpha

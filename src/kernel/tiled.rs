@@ -13,7 +13,7 @@
 use ndarray::{ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
 
 use super::float::{KernelFloat, MulAdd};
-use super::online::{inverse_total, softmax_update};
+use super::online::{exp_and_sum, inverse_total, softmax_update_by};
 use super::pack::{Entry, PackPanel, PackedKeys, PackedValues};
 use super::params::{BC, BR, MR};
 use crate::core::mask::Mask2;
@@ -128,8 +128,12 @@ where
         };
         for i in 0..tile_rows * MR {
             let row = &mut scratch.s[i * BC..i * BC + width];
-            scratch.alpha[i] =
-                softmax_update::<A, M, NR>(row, &mut scratch.max[i], &mut scratch.sum[i]);
+            scratch.alpha[i] = softmax_update_by::<A, M, NR>(
+                row,
+                &mut scratch.max[i],
+                &mut scratch.sum[i],
+                |row, shift| tiles.exp_and_sum::<M>(row, shift),
+            );
         }
         let p = Weights {
             p: &scratch.s,
@@ -359,6 +363,16 @@ pub(crate) trait Tiles<A: Copy, const NR: usize>: PackPanel<A, NR> {
         A: Entry<A>,
     {
         scatter_queries(rows, scale, out);
+    }
+
+    /// Replaces each score `x` of `row` by `exp(x − shift)` and returns their
+    /// sum ([`exp_and_sum`]) unless the token has a faster way.
+    #[inline(always)]
+    fn exp_and_sum<M: MulAdd>(self, row: &mut [A], shift: A) -> A
+    where
+        A: KernelFloat,
+    {
+        exp_and_sum::<A, M, NR>(row, shift)
     }
 }
 

@@ -8,7 +8,7 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{Avx2, sum4_pd, sum4_ps, widen8};
-use super::transpose;
+use super::{exp, transpose};
 use crate::kernel::direct::{Dots, HalfDots, Narrow, NarrowKind, Prefetch, scores_i8, values_i8};
 use crate::kernel::params::{LANES, TILE_BLOCKS};
 
@@ -63,7 +63,8 @@ two_register_tiles!(
     _mm512_set1_ps,
     _mm512_fmadd_ps,
     pack_panel = pack_panel_f32,
-    pack_query_tile = pack_query_tile_f32
+    pack_query_tile = pack_query_tile_f32,
+    exp_and_sum = exp_and_sum_f32
 );
 two_register_tiles!(
     Avx512,
@@ -86,6 +87,13 @@ two_register_tiles!(
 fn pack_panel_f32(_: Avx512, src: &[f32], stride: usize, lines: usize, out: &mut [[f32; 32]]) {
     // SAFETY: `Avx512` exists, so the CPU has AVX-512 F.
     unsafe { transpose::pack_panel_f32(src, stride, lines, out) }
+}
+
+/// [`exp::exp_and_sum_f32`] under this token.
+#[inline(always)]
+fn exp_and_sum_f32(_: Avx512, row: &mut [f32], shift: f32) -> f32 {
+    // SAFETY: `Avx512` exists, so the CPU has AVX-512 F.
+    unsafe { exp::exp_and_sum_f32(row, shift) }
 }
 
 /// [`transpose::pack_query_tile_f32`] under this token.

@@ -15,7 +15,7 @@ use std::arch::x86_64::*;
 use super::avx512::Avx512;
 use super::{Dispatch, KernelArch, Op, Token};
 use crate::kernel::direct::{Dots, HalfDots, Narrow};
-use crate::kernel::float::Fused;
+use crate::kernel::float::{Fused, MulAdd};
 use crate::kernel::pack::{Bf16Pair, PackPanel};
 use crate::kernel::params::{BC, LANES, MR, TILE_BLOCKS};
 use crate::kernel::tiled::{KeyTiles, Tiles};
@@ -62,6 +62,11 @@ impl Tiles<f32, NR> for Avx512Bf16 {
         o: &mut [[f32; NR]; MR],
     ) {
         self.avx512.value_tile(p, v, alpha, o)
+    }
+
+    #[inline(always)]
+    fn exp_and_sum<M: MulAdd>(self, row: &mut [f32], shift: f32) -> f32 {
+        self.avx512.exp_and_sum::<M>(row, shift)
     }
 }
 

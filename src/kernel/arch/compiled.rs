@@ -41,11 +41,12 @@ macro_rules! trampoline {
 /// the `MR` rows of a tile are summed `$rows` at a time (`2·$rows` accumulators:
 /// all of `MR` with AVX-512's 32 registers, half of it with AVX2's 16, which then
 /// reads each step of the keys or values twice); `$features` names what the token
-/// proves. A token with faster transpositions than the scalar ones names them
-/// last (`pack_panel = f, pack_query_tile = g`: `f(token, src, stride, lines,
-/// out)`, `g(token, rows, scale, out)`).
+/// proves. A token with faster transpositions and softmax than the generic ones
+/// names them last (`pack_panel = f, pack_query_tile = g, exp_and_sum = h`:
+/// `f(token, src, stride, lines, out)`, `g(token, rows, scale, out)`,
+/// `h(token, row, shift)`).
 macro_rules! two_register_tiles {
-    ($token:ty, $features:literal, $module:ident, $ty:ty, $nr:expr, $lanes:literal, $rows:literal, $reg:ident, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident $(, pack_panel = $pack:path, pack_query_tile = $pack_queries:path)?) => {
+    ($token:ty, $features:literal, $module:ident, $ty:ty, $nr:expr, $lanes:literal, $rows:literal, $reg:ident, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident $(, pack_panel = $pack:path, pack_query_tile = $pack_queries:path, exp_and_sum = $exp:path)?) => {
         mod $module {
             use super::*;
             use $crate::kernel::params::{BC, MR};
@@ -156,6 +157,15 @@ macro_rules! two_register_tiles {
                         out: &mut [[$ty; MR]],
                     ) {
                         $pack_queries(self, rows, scale, out)
+                    }
+
+                    #[inline(always)]
+                    fn exp_and_sum<M: $crate::kernel::float::MulAdd>(
+                        self,
+                        row: &mut [$ty],
+                        shift: $ty,
+                    ) -> $ty {
+                        $exp(self, row, shift)
                     }
                 )?
             }

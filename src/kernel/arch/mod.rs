@@ -37,6 +37,8 @@ mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod avx512bf16;
 pub(crate) mod cpu;
+#[cfg(target_arch = "x86_64")]
+mod exp;
 mod portable;
 #[cfg(target_arch = "x86_64")]
 mod transpose;
