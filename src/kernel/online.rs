@@ -109,7 +109,12 @@ pub(crate) fn softmax_update<A: KernelFloat, M: MulAdd, const N: usize>(
     max: &mut A,
     sum: &mut A,
 ) -> A {
-    softmax_update_by::<A, M, N>(row, max, sum, exp_and_sum::<A, M, N>)
+    // a closure, not the function item: a closure inlines into the caller's
+    // instruction sets, the item's `FnOnce` shim stayed out of line without
+    // them (decoding steps six times slower)
+    softmax_update_by::<A, M, N>(row, max, sum, |row, shift| {
+        exp_and_sum::<A, M, N>(row, shift)
+    })
 }
 
 /// [`softmax_update`] with a given [`exp_and_sum`] (a token's own).
