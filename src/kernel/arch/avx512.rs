@@ -10,6 +10,7 @@ use std::arch::x86_64::*;
 use super::avx2::{Avx2, sum4_pd, sum4_ps, widen8};
 use super::{exp, transpose};
 use crate::kernel::direct::{Dots, HalfDots, Narrow, NarrowKind, Prefetch, scores_i8, values_i8};
+use crate::kernel::float::MulAdd;
 use crate::kernel::params::{LANES, TILE_BLOCKS};
 
 /// Proof that the CPU has AVX-512 F, BW, VL and DQ as well as AVX2, FMA and F16C:
@@ -126,6 +127,11 @@ impl Dots<f32> for Avx512 {
         c0: usize,
     ) -> [[f32; LANES]; 4] {
         self.avx2.value_rows(p, values, d_v, c0)
+    }
+
+    #[inline(always)]
+    fn exp_and_sum<M: MulAdd>(self, row: &mut [f32], shift: f32) -> f32 {
+        exp_and_sum_f32(self, row, shift)
     }
 }
 

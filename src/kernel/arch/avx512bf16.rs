@@ -66,7 +66,7 @@ impl Tiles<f32, NR> for Avx512Bf16 {
 
     #[inline(always)]
     fn exp_and_sum<M: MulAdd>(self, row: &mut [f32], shift: f32) -> f32 {
-        self.avx512.exp_and_sum::<M>(row, shift)
+        Tiles::<f32, NR>::exp_and_sum::<M>(self.avx512, row, shift)
     }
 }
 
@@ -116,6 +116,11 @@ impl Dots<f32> for Avx512Bf16 {
         c0: usize,
     ) -> [[f32; LANES]; 4] {
         self.avx512.value_rows(p, values, d_v, c0)
+    }
+
+    #[inline(always)]
+    fn exp_and_sum<M: MulAdd>(self, row: &mut [f32], shift: f32) -> f32 {
+        Dots::<f32>::exp_and_sum::<M>(self.avx512, row, shift)
     }
 }
 

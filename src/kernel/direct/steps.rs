@@ -6,7 +6,8 @@ use std::ops::Range;
 use super::int8;
 use super::narrow::Narrow;
 use crate::kernel::float::{KernelFloat, MulAdd};
-use crate::kernel::params::{DIRECT_BATCH_ROWS as ROWS, LANES, TILE_BLOCKS};
+use crate::kernel::online::exp_and_sum;
+use crate::kernel::params::{DIRECT_BATCH_ROWS as ROWS, LANES, SOFTMAX_LANES, TILE_BLOCKS};
 
 /// Per-batch working memory.
 pub(crate) struct Scratch<'s, A> {
@@ -115,6 +116,16 @@ pub(crate) trait Dots<A>: Copy {
     /// over the keys `j` (`values` holds them row-major, `d_v` wide; every `p[u]`
     /// has one weight per key).
     fn value_rows(self, p: &[&[A]; 4], values: &[A], d_v: usize, c0: usize) -> [[A; LANES]; 4];
+
+    /// Replaces each score `x` of `row` by `exp(x − shift)` and returns their
+    /// sum ([`exp_and_sum`]) unless the token has a faster way.
+    #[inline(always)]
+    fn exp_and_sum<M: MulAdd>(self, row: &mut [A], shift: A) -> A
+    where
+        A: KernelFloat,
+    {
+        exp_and_sum::<A, M, SOFTMAX_LANES>(row, shift)
+    }
 }
 
 /// Micro-kernels over half-precision rows, widened to f32 in registers as they
