@@ -3,7 +3,8 @@
 //! (`vpermps`), so `|r| ≤ ln 2 / 32` and a polynomial of degree 3 is enough
 //! where the generic [`exp_nonpositive`](crate::kernel::float::KernelFloat::exp_nonpositive)
 //! needs 7. The softmax runs on the same FMA ports as the micro-kernels: four
-//! fewer multiply-adds per sixteen scores are 4 % of f32 prefill at N = 512.
+//! fewer multiply-adds per sixteen scores made f32 prefill 3–4 % faster on
+//! Zen 4 (N = 128–2048, one thread, 2026-12-05), decoding steps 1–2 %.
 
 use std::arch::x86_64::*;
 

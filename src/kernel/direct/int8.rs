@@ -16,68 +16,61 @@ pub(crate) const MAX_KEYS: usize = 256;
 pub(crate) const WIDTH_STEP: usize = 32;
 
 /// `x` rounded to 16-bit integers at one scale, `x ≈ out · scale` (each within
-/// `scale / 2 = max|x| / 65534`, to nearest, ties to even); 0 for a row of zeros, NaN for a row that is
-/// not finite (so that what it scores is NaN, and the head goes to the
-/// reference path).
+/// `scale / 2 = max|x| / 65534`, to nearest, ties to even); 0 for a row of
+/// zeros, NaN for a row that is not finite (so that what it scores is NaN, and
+/// the head goes to the reference path).
 #[inline(always)]
 pub(crate) fn round_to_i16(x: &[f32], out: &mut [i16]) -> f32 {
-    let max = max_abs(x);
-    if max.is_nan() || max == 0.0 {
-        out.fill(0);
-        return max;
-    }
-    let inverse = 32767.0 / max;
-    if !inverse.is_finite() {
-        tiny_row(x, max, 32767.0, |v, o: &mut i16| *o = v as i16, out);
-        return max / 32767.0;
-    }
-    for (o, &v) in out.iter_mut().zip(x) {
-        let rounded = (v * inverse).round_ties_even();
-        // SAFETY: every value is finite (checked above) and |v| ≤ max, so
-        // |rounded| ≤ 32767: in range of i32 (an unchecked conversion
-        // vectorises; a saturating `as` does not)
-        *o = unsafe { rounded.to_int_unchecked::<i32>() } as i16;
-    }
-    max / 32767.0
+    round_to(x, out, 32767.0, |i| i as i16)
 }
 
 /// `x` rounded to 8-bit integers at one scale, `x ≈ out · scale` with
 /// `scale = max|x| / 127` (each within `scale / 2`, to nearest, ties to
 /// even): how an int8 cache stores a row. 0 for a row of zeros, NaN for a row
 /// that is not finite (`out` all zeros then).
-///
-/// Written for a build without the kernels' target features (the cache's
-/// writes): the rounding adds and subtracts 1.5 · 2²³, exact for
-/// `|v| ≤ 2²²`, where `round_ties_even` would be a call to `rintf`.
 pub(crate) fn round_to_i8(x: &[f32], out: &mut [i8]) -> f32 {
+    round_to(x, out, 127.0, |i| i as i8)
+}
+
+/// `x` rounded to integers of magnitude at most `levels` (≤ 2²²) at the scale
+/// `max|x| / levels`, each narrowed by `narrow`; see [`round_to_i16`].
+///
+/// The rounding adds and subtracts 1.5 · 2²³ (exact to nearest, ties to even,
+/// for `|v| ≤ 2²²`): it vectorises in any build, where `round_ties_even` is a
+/// call to `rintf` without SSE4.1 (the cache's writes run without the
+/// kernels' instruction sets).
+#[inline(always)]
+fn round_to<T>(x: &[f32], out: &mut [T], levels: f32, narrow: impl Fn(i32) -> T) -> f32 {
     const SHIFTER: f32 = 12_582_912.0; // 1.5 · 2²³
     let max = max_abs(x);
     if max.is_nan() || max == 0.0 {
-        out.fill(0);
+        out.iter_mut().for_each(|o| *o = narrow(0));
         return max;
     }
-    let inverse = 127.0 / max;
+    let inverse = levels / max;
     if !inverse.is_finite() {
-        tiny_row(x, max, 127.0, |v, o: &mut i8| *o = v as i8, out);
-        return max / 127.0;
+        tiny_row(x, max, levels, &narrow, out);
+        return max / levels;
     }
     for (o, &v) in out.iter_mut().zip(x) {
-        // |v · inverse| ≤ 127 (up to one rounding), so the sum's last bits are
-        // the rounded integer
+        // |v · inverse| ≤ levels (up to one rounding), so the sum's last bits
+        // are the rounded integer
         let rounded = (v * inverse + SHIFTER) - SHIFTER;
-        // SAFETY: finite and within ±128, in range of i32
-        *o = unsafe { rounded.to_int_unchecked::<i32>() } as i8;
+        // SAFETY: every value is finite (checked above) and |v| ≤ max, so
+        // |rounded| ≤ levels + 1: in range of i32 (an unchecked conversion
+        // vectorises; a saturating `as` does not)
+        *o = narrow(unsafe { rounded.to_int_unchecked::<i32>() });
     }
-    max / 127.0
+    max / levels
 }
 
 /// A row whose largest `|v|` is so small that `levels / max` overflows `f32`
 /// (below ~1e-34): rounded in `f64`, where it does not (rare, scalar).
 #[cold]
-fn tiny_row<T>(x: &[f32], max: f32, levels: f64, put: impl Fn(f64, &mut T), out: &mut [T]) {
-    let inverse = levels / f64::from(max);
+fn tiny_row<T>(x: &[f32], max: f32, levels: f32, narrow: impl Fn(i32) -> T, out: &mut [T]) {
+    let inverse = f64::from(levels) / f64::from(max);
     for (o, &v) in out.iter_mut().zip(x) {
-        put((f64::from(v) * inverse).round_ties_even(), o);
+        *o = narrow((f64::from(v) * inverse).round_ties_even() as i32);
     }
 }
 
