@@ -109,24 +109,23 @@ pub(crate) fn softmax_update<A: KernelFloat, M: MulAdd, const N: usize>(
     max: &mut A,
     sum: &mut A,
 ) -> A {
-    // a closure, not the function item: a closure inlines into the caller's
-    // instruction sets, the item's `FnOnce` shim stayed out of line without
-    // them (decoding steps six times slower)
-    softmax_update_by::<A, M, N>(row, max, sum, |row, shift| {
-        exp_and_sum::<A, M, N>(row, shift)
-    })
+    let step = rescale::<A, M>(*max, row_max::<A, N>(row));
+    let block_sum = exp_and_sum::<A, M, N>(row, step.shift);
+    fold_step(step, block_sum, max, sum)
 }
 
-/// [`softmax_update`] with a given [`exp_and_sum`] (a token's own).
+/// The end of a step of [`softmax_update`] whose block of scores was turned
+/// into `exp(s − step.shift)` summing to `block_sum` (by a token's own `exp`):
+/// the row's new `max` and `sum`, and `α`. (Not a function taking the `exp` as
+/// a closure: a closure is a function of its own, which the compiler may
+/// leave out of line, compiled without the kernels' instruction sets.)
 #[inline(always)]
-pub(crate) fn softmax_update_by<A: KernelFloat, M: MulAdd, const N: usize>(
-    row: &mut [A],
+pub(crate) fn fold_step<A: KernelFloat>(
+    step: Rescale<A>,
+    block_sum: A,
     max: &mut A,
     sum: &mut A,
-    exp_and_sum: impl FnOnce(&mut [A], A) -> A,
 ) -> A {
-    let step = rescale::<A, M>(*max, row_max::<A, N>(row));
-    let block_sum = exp_and_sum(row, step.shift);
     *max = step.max;
     *sum = *sum * step.alpha + block_sum;
     step.alpha

@@ -13,7 +13,7 @@
 use ndarray::{ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
 
 use super::float::{KernelFloat, MulAdd};
-use super::online::{exp_and_sum, inverse_total, softmax_update_by};
+use super::online::{exp_and_sum, fold_step, inverse_total, rescale, row_max};
 use super::pack::{Entry, PackPanel, PackedKeys, PackedValues};
 use super::params::{BC, BR, MR};
 use crate::core::mask::Mask2;
@@ -128,12 +128,10 @@ where
         };
         for i in 0..tile_rows * MR {
             let row = &mut scratch.s[i * BC..i * BC + width];
-            scratch.alpha[i] = softmax_update_by::<A, M, NR>(
-                row,
-                &mut scratch.max[i],
-                &mut scratch.sum[i],
-                |row, shift| tiles.exp_and_sum::<M>(row, shift),
-            );
+            // the online softmax's step with the token's own exp
+            let step = rescale::<A, M>(scratch.max[i], row_max::<A, NR>(row));
+            let block_sum = tiles.exp_and_sum::<M>(row, step.shift);
+            scratch.alpha[i] = fold_step(step, block_sum, &mut scratch.max[i], &mut scratch.sum[i]);
         }
         let p = Weights {
             p: &scratch.s,

@@ -38,7 +38,7 @@ pub(crate) use rows::{Native, Prefetch, Rows, Source, Widening};
 pub(crate) use steps::{Dots, HalfDots, sum_lanes};
 
 use super::float::{KernelFloat, MulAdd, Separate};
-use super::online::{fold_max, inverse_total, part_weight, shift_of, softmax_update_by};
+use super::online::{fold_max, fold_step, inverse_total, part_weight, rescale, row_max, shift_of};
 use super::params::{DIRECT_BATCH_ROWS as ROWS, LANES, SOFTMAX_LANES};
 use crate::core::mask::Mask2;
 use crate::core::scoring::Scoring;
@@ -291,12 +291,10 @@ where
             row[n..].fill(A::neg_infinity());
             // NaN or +∞ after masking: inputs the fused arithmetic cannot stand for
             finite &= below_infinity(row);
-            alpha[r] = softmax_update_by::<A, M, SOFTMAX_LANES>(
-                row,
-                &mut scratch.max[r],
-                &mut scratch.sum[r],
-                |row, shift| dots.exp_and_sum::<M>(row, shift),
-            );
+            // the online softmax's step with the token's own exp
+            let step = rescale::<A, M>(scratch.max[r], row_max::<A, SOFTMAX_LANES>(row));
+            let block_sum = dots.exp_and_sum::<M>(row, step.shift);
+            alpha[r] = fold_step(step, block_sum, &mut scratch.max[r], &mut scratch.sum[r]);
         }
         group
             .values
