@@ -125,6 +125,7 @@ where
         acc,
         shorts: &mut shorts,
         ints: &mut ints,
+        q_scales: &mut None,
         max: [A::neg_infinity(); ROWS],
         sum: [A::zero(); ROWS],
     };
@@ -244,6 +245,8 @@ where
 {
     let (l, d) = group.queries[0].dim();
     let (s, d_v) = (group.s, group.d_v);
+    // new queries: an int8 cache rounds them again, at the batch's first chunk
+    *scratch.q_scales = None;
     let mut reach = s..0;
     for (r, &(h, i)) in members.iter().enumerate() {
         for (x, &y) in scratch.q[r * d..(r + 1) * d]

@@ -141,11 +141,16 @@ impl Quantized<'_> {
     fn integer_scores<D: HalfDots>(self, dots: D, scratch: &mut Scratch<f32>, chunk: &Chunk) {
         let (keys, d, rows) = (&chunk.keys, chunk.width, chunk.rows);
         let n = keys.len();
-        let q = &mut scratch.shorts[..rows * d];
-        let mut q_scale = [0.0_f32; INTEGER_ROWS];
-        for (r, scale) in q_scale.iter_mut().enumerate().take(rows) {
-            *scale = round_to_i16(&scratch.q[r * d..(r + 1) * d], &mut q[r * d..(r + 1) * d]);
-        }
+        // the queries rounded once per batch, after the chunk's weights
+        let q = &mut scratch.shorts[chunk.stride..][..rows * d];
+        let q_scale = *scratch.q_scales.get_or_insert_with(|| {
+            let mut scales = [0.0_f32; INTEGER_ROWS];
+            for (r, scale) in scales.iter_mut().enumerate().take(rows) {
+                *scale = round_to_i16(&scratch.q[r * d..(r + 1) * d], &mut q[r * d..(r + 1) * d]);
+            }
+            scales
+        });
+        let q = &scratch.shorts[chunk.stride..][..rows * d];
         let sums = &mut scratch.ints[..rows * n];
         let stored = &self.data[keys.start * d..keys.end * d];
         dots.scores_i8(q, stored, d, sums);
@@ -254,6 +259,7 @@ fn shifted<'a, A: Copy>(scratch: &'a mut Scratch<'_, A>, offset: usize) -> Scrat
         o: &mut *scratch.o,
         acc: &mut *scratch.acc,
         shorts: &mut *scratch.shorts,
+        q_scales: &mut *scratch.q_scales,
         ints: &mut *scratch.ints,
         max: scratch.max,
         sum: scratch.sum,

@@ -18,10 +18,13 @@ pub(crate) struct Scratch<'s, A> {
     /// Running outputs and one chunk's products, `rows × d_v` each.
     pub(super) o: &'s mut [A],
     pub(super) acc: &'s mut [A],
-    /// Integer queries then weights, `rows × d + chunk`, and integer sums,
+    /// Integer weights then queries, `chunk + rows × d`, and integer sums,
     /// `rows × chunk + d_v` (empty unless the rows are int8).
     pub(super) shorts: &'s mut [i16],
     pub(super) ints: &'s mut [i32],
+    /// The integer queries' scales once they are rounded: a batch's queries
+    /// are rounded for its first chunk and kept for the others.
+    pub(super) q_scales: &'s mut Option<[f32; ROWS]>,
     pub(super) max: [A; ROWS],
     pub(super) sum: [A; ROWS],
 }
