@@ -80,7 +80,8 @@ two_register_tiles!(
     _mm512_loadu_pd,
     _mm512_storeu_pd,
     _mm512_set1_pd,
-    _mm512_fmadd_pd
+    _mm512_fmadd_pd,
+    exp_and_sum = exp_and_sum_f64
 );
 
 /// [`transpose::pack_panel_f32`] under this token.
@@ -95,6 +96,13 @@ fn pack_panel_f32(_: Avx512, src: &[f32], stride: usize, lines: usize, out: &mut
 fn exp_and_sum_f32(_: Avx512, row: &mut [f32], shift: f32) -> f32 {
     // SAFETY: `Avx512` exists, so the CPU has AVX-512 F.
     unsafe { exp::exp_and_sum_f32(row, shift) }
+}
+
+/// [`exp::exp_and_sum_f64`] under this token.
+#[inline(always)]
+fn exp_and_sum_f64(_: Avx512, row: &mut [f64], shift: f64) -> f64 {
+    // SAFETY: `Avx512` exists, so the CPU has AVX-512 F.
+    unsafe { exp::exp_and_sum_f64(row, shift) }
 }
 
 /// [`transpose::pack_query_tile_f32`] under this token.
@@ -185,6 +193,11 @@ impl Dots<f64> for Avx512 {
             }
             out
         }
+    }
+
+    #[inline(always)]
+    fn exp_and_sum<M: MulAdd>(self, row: &mut [f64], shift: f64) -> f64 {
+        exp_and_sum_f64(self, row, shift)
     }
 }
 

@@ -46,7 +46,7 @@ macro_rules! trampoline {
 /// `f(token, src, stride, lines, out)`, `g(token, rows, scale, out)`,
 /// `h(token, row, shift)`).
 macro_rules! two_register_tiles {
-    ($token:ty, $features:literal, $module:ident, $ty:ty, $nr:expr, $lanes:literal, $rows:literal, $reg:ident, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident $(, pack_panel = $pack:path, pack_query_tile = $pack_queries:path, exp_and_sum = $exp:path)?) => {
+    ($token:ty, $features:literal, $module:ident, $ty:ty, $nr:expr, $lanes:literal, $rows:literal, $reg:ident, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident $(, pack_panel = $pack:path, pack_query_tile = $pack_queries:path)? $(, exp_and_sum = $exp:path)?) => {
         mod $module {
             use super::*;
             use $crate::kernel::params::{BC, MR};
@@ -158,7 +158,8 @@ macro_rules! two_register_tiles {
                     ) {
                         $pack_queries(self, rows, scale, out)
                     }
-
+                )?
+                $(
                     #[inline(always)]
                     fn exp_and_sum<M: $crate::kernel::float::MulAdd>(
                         self,
