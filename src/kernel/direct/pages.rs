@@ -142,15 +142,16 @@ impl Quantized<'_> {
         let (keys, d, rows) = (&chunk.keys, chunk.width, chunk.rows);
         let n = keys.len();
         // the queries rounded once per batch, after the chunk's weights
-        let q = &mut scratch.shorts[chunk.stride..][..rows * d];
+        let rounded = &mut scratch.shorts[chunk.stride..];
         let q_scale = *scratch.q_scales.get_or_insert_with(|| {
             let mut scales = [0.0_f32; INTEGER_ROWS];
             for (r, scale) in scales.iter_mut().enumerate().take(rows) {
-                *scale = round_to_i16(&scratch.q[r * d..(r + 1) * d], &mut q[r * d..(r + 1) * d]);
+                let row = r * d..(r + 1) * d;
+                *scale = round_to_i16(&scratch.q[row.clone()], &mut rounded[row]);
             }
             scales
         });
-        let q = &scratch.shorts[chunk.stride..][..rows * d];
+        let q = &rounded[..rows * d];
         let sums = &mut scratch.ints[..rows * n];
         let stored = &self.data[keys.start * d..keys.end * d];
         dots.scores_i8(q, stored, d, sums);
