@@ -145,11 +145,12 @@ fn integer_dots() -> bool {
 #[test]
 fn int8_stays_within_its_bound_of_the_f32_cache() {
     // one query row per key/value head, four, sixteen (two batches of the
-    // direct path), and a width that is not a multiple of the lanes; 600
-    // positions and more are three chunks of the direct path (the integer
-    // queries are rounded once per batch and kept for its chunks)
+    // direct path), and a width that is not a multiple of the lanes; 2100
+    // positions and more are two parts of the direct path, of chunks each
+    // (the integer queries are rounded once per batch and kept for its
+    // chunks; a thread's working memory is kept from part to part)
     for (heads, kv_heads, d) in [(8, 8, 64), (8, 2, 64), (16, 1, 32), (2, 1, 12)] {
-        let mut int8 = PagedKvCache::<i8>::new(64, 16, kv_heads, d, d).expect("valid");
+        let mut int8 = PagedKvCache::<i8>::new(140, 16, kv_heads, d, d).expect("valid");
         let seq = int8.add_sequence();
         let mut exact = KvCache::<f32>::new(1, kv_heads, d, d);
         let (mut keys, mut values) = (
@@ -157,7 +158,7 @@ fn int8_stays_within_its_bound_of_the_f32_cache() {
             Array3::zeros((kv_heads, 0, d)),
         );
         let mut worst = 0.0_f64;
-        for (i, t) in [600, 1, 1, 5, 1].into_iter().enumerate() {
+        for (i, t) in [2100, 1, 1, 5, 1].into_iter().enumerate() {
             let f = |x: Array3<f64>| x.mapv(|x| x as f32);
             let q = f(random3(heads, t, d, 100 + 3 * i as u64));
             let k = f(random3(kv_heads, t, d, 101 + 3 * i as u64));

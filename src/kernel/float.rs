@@ -35,7 +35,7 @@ impl MulAdd for Separate {
 }
 
 /// An element type the fused kernels are written for.
-pub(crate) trait KernelFloat: Element {
+pub(crate) trait KernelFloat: Element + Default {
     /// `eˣ` for `x ≤ 0` (and `x = −∞`), written so that a loop over it vectorises:
     /// no branches, no calls. Accurate to about one unit in the last place;
     /// results below the smallest normal number are 0.

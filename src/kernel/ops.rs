@@ -10,7 +10,7 @@ use ndarray::{ArrayView2, ArrayViewMut1, ArrayViewMut2};
 
 use super::arch::{Op, Token};
 use super::backward::{self, HeadGradients, HeadInputs, HeadPanels, Part, Shared, Upstream};
-use super::direct::{self, Group, Partial, Rows};
+use super::direct::{self, Group, Memory, PartialMut, Rows};
 use super::float::KernelFloat;
 use super::pack::{self, Bf16Pair, Entry, PackedHead};
 use super::tiled::{self, Block, KeyTiles, Scratch};
@@ -80,18 +80,27 @@ impl<A: KernelFloat, K: Entry<A>, P: Program<A>> Op<A, K> for AttendBlock<'_, '_
     }
 }
 
-/// [`direct::attend_part`]: the query rows of one group over one part of its keys.
-pub(crate) struct AttendPart<'r, 'g, 'p, A, R, P> {
+/// [`direct::attend_part`]: the query rows of one group over one part of its
+/// keys, into the part's place, with the thread's working memory.
+pub(crate) struct AttendPart<'r, 'g, 'p, 'm, A, R, P> {
     pub(crate) group: &'r Group<'g, 'p, A, R, P>,
     pub(crate) part: Range<usize>,
+    pub(crate) memory: &'m mut Memory<A>,
+    pub(crate) out: PartialMut<'m, A>,
 }
 
-impl<A: KernelFloat, R: Rows<A>, P: Program<A>> Op<A> for AttendPart<'_, '_, '_, A, R, P> {
-    type Output = Partial<A>;
+impl<A: KernelFloat, R: Rows<A>, P: Program<A>> Op<A> for AttendPart<'_, '_, '_, '_, A, R, P> {
+    type Output = ();
 
     #[inline(always)]
-    fn run<T: Token<A, NR> + KeyTiles<A, A, NR>, const NR: usize>(self, token: T) -> Partial<A> {
-        direct::attend_part::<A, T::MulAdd, T, R, P>(token, self.group, self.part)
+    fn run<T: Token<A, NR> + KeyTiles<A, A, NR>, const NR: usize>(self, token: T) {
+        let Self {
+            group,
+            part,
+            memory,
+            out,
+        } = self;
+        direct::attend_part::<A, T::MulAdd, T, R, P>(token, group, part, memory, out);
     }
 }
 

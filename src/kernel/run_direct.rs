@@ -6,7 +6,7 @@ use ndarray::{ArrayView2, ArrayView4, ArrayViewMut2, CowArray, Ix2, s};
 use rayon::prelude::*;
 
 use super::arch::{Arch, Dispatch, KernelElement};
-use super::direct::{self, Group, Native, Partial, Rows, Source, Widening};
+use super::direct::{Group, Memory, Native, PartialMut, Partials, Rows, Source, Widening};
 use super::float::KernelFloat;
 use super::ops::AttendPart;
 use super::options::Parallelism;
@@ -123,7 +123,11 @@ pub(crate) fn direct_over<A: KernelElement, KV: Sync, R: Rows<A>, P: Program<A>>
     // is not one task of a few keys more per group
     let parts = s.div_ceil(DIRECT_PART);
     let part_len = s.div_ceil(parts).next_multiple_of(DIRECT_CHUNK);
-    let run = |task: usize| {
+    let query_rows = inputs
+        .first()
+        .map_or(0, |g| g.queries.len() * problem.q.dim().2);
+    let mut partials = Partials::<A>::new(groups.len() * parts, query_rows, d_v);
+    let run = |memory: &mut Memory<A>, (task, out): (usize, PartialMut<'_, A>)| {
         let (g, part) = (task / parts, task % parts);
         let inputs = &inputs[g];
         let group = Group {
@@ -143,21 +147,31 @@ pub(crate) fn direct_over<A: KernelElement, KV: Sync, R: Rows<A>, P: Program<A>>
         arch.dispatch(AttendPart {
             group: &group,
             part,
-        })
+            memory,
+            out,
+        });
     };
-    let tasks = 0..groups.len() * parts;
-    let partials: Vec<Partial<A>> = match parallelism {
-        Parallelism::Sequential => tasks.map(run).collect(),
-        Parallelism::Rayon => tasks.into_par_iter().map(run).collect(),
-    };
+    // each thread's working memory kept from part to part
+    let slots = partials.slots().into_iter().enumerate();
+    match parallelism {
+        Parallelism::Sequential => {
+            let mut memory = Memory::new();
+            slots.for_each(|slot| run(&mut memory, slot));
+        }
+        Parallelism::Rayon => {
+            let slots: Vec<_> = slots.collect();
+            slots.into_par_iter().for_each_init(Memory::new, run);
+        }
+    }
     report::arch_used(Dispatch::<A>::kind(arch));
-    for (g, partials) in groups.iter_mut().zip(partials.chunks(parts)) {
-        let first_head = problem.query_heads(g.kv).start;
-        let bad = direct::finish(partials, g.outs, |h| problem.program.sink(first_head + h));
-        report::count(Path::Direct, g.outs.len() - bad.len());
+    for (g, group) in groups.iter_mut().enumerate() {
+        let first_head = problem.query_heads(group.kv).start;
+        let sinks = |h| problem.program.sink(first_head + h);
+        let bad = partials.finish(g * parts..(g + 1) * parts, group.outs, sinks);
+        report::count(Path::Direct, group.outs.len() - bad.len());
         report::count(Path::Reference, bad.len());
         for h in bad {
-            fallback(g.b, first_head + h, g.outs[h].view_mut());
+            fallback(group.b, first_head + h, group.outs[h].view_mut());
         }
     }
 }

@@ -10,7 +10,7 @@
 //! exists. Long caches are cut into parts of
 //! [`DIRECT_PART`](super::params::DIRECT_PART) keys that run on
 //! different threads, each ending with
-//! its rows' maxima, sums and unscaled outputs, merged in order by [`finish`]
+//! its rows' maxima, sums and unscaled outputs, merged in order by [`Partials::finish`]
 //! (split-key decoding): a single key/value head still uses every thread.
 //!
 //! Instead of scanning the inputs first, the path checks what it computed: a NaN
@@ -24,21 +24,24 @@
 mod int8;
 mod narrow;
 mod pages;
+mod parts;
 mod rows;
 mod steps;
 
 use std::ops::Range;
 
-use ndarray::{ArrayView2, ArrayViewMut2};
+use ndarray::ArrayView2;
 
 pub(crate) use int8::{round_to_i8, scores_i8, values_i8};
 pub(crate) use narrow::{Narrow, NarrowKind};
 pub(crate) use pages::{Paged, Quantized, integer_fits};
+pub(crate) use parts::{Memory, PartialMut, Partials};
+use rows::grown;
 pub(crate) use rows::{Native, Prefetch, Rows, Source, Widening};
 pub(crate) use steps::{Dots, HalfDots, sum_lanes};
 
-use super::float::{KernelFloat, MulAdd, Separate};
-use super::online::{fold_max, fold_step, inverse_total, part_weight, rescale, row_max, shift_of};
+use super::float::{KernelFloat, MulAdd};
+use super::online::{fold_step, rescale, row_max};
 use super::params::{DIRECT_BATCH_ROWS as ROWS, LANES, SOFTMAX_LANES};
 use crate::core::mask::Mask2;
 use crate::core::scoring::Scoring;
@@ -77,26 +80,16 @@ impl<'g, A, R, P> Group<'g, '_, A, R, P> {
     }
 }
 
-/// What one part of the keys contributes to every query row of a group: each
-/// row's running maximum and sum and its output before division by the sum.
-pub(crate) struct Partial<A> {
-    /// `rows × d_v`, rows ordered head by head.
-    o: Vec<A>,
-    max: Vec<A>,
-    sum: Vec<A>,
-    /// Whether the row's scores were all free of NaN and `+∞` after masking.
-    finite: Vec<bool>,
-}
-
 /// Attends every query row of `group` to the keys `part` (of those in each row's
-/// reach).
+/// reach), into `out`, with `memory` as working memory.
 #[inline(always)]
 pub(crate) fn attend_part<A, M, D, R, P>(
     dots: D,
     group: &Group<'_, '_, A, R, P>,
     part: Range<usize>,
-) -> Partial<A>
-where
+    memory: &mut Memory<A>,
+    out: PartialMut<'_, A>,
+) where
     A: KernelFloat,
     M: MulAdd,
     D: Dots<A> + HalfDots,
@@ -108,34 +101,25 @@ where
     let rows = group.queries.len() * l;
     let batch = rows.min(ROWS);
     let chunk = group.s.next_multiple_of(LANES).min(R::CHUNK);
-    let mut memory = vec![A::zero(); batch * (d + chunk + 2 * d_v)];
-    let (q, rest) = memory.split_at_mut(batch * d);
+    let floats = grown(&mut memory.floats, batch * (d + chunk + 2 * d_v));
+    let (q, rest) = floats.split_at_mut(batch * d);
     let (s, rest) = rest.split_at_mut(batch * chunk);
     let (o, acc) = rest.split_at_mut(batch * d_v);
     // integer queries, weights and sums (an int8 cache's integer dot products)
-    let (shorts, ints) = (batch * d + chunk, batch * chunk + d_v);
-    let (mut shorts, mut ints) = match R::INTEGER {
-        true => (vec![0_i16; shorts], vec![0_i32; ints]),
-        false => (Vec::new(), Vec::new()),
+    let (shorts, ints) = match R::INTEGER {
+        true => (batch * d + chunk, batch * chunk + d_v),
+        false => (0, 0),
     };
     let mut scratch = Scratch {
         q,
         s,
         o,
         acc,
-        shorts: &mut shorts,
-        ints: &mut ints,
+        shorts: grown(&mut memory.shorts, shorts),
+        ints: grown(&mut memory.ints, ints),
         q_scales: &mut None,
         max: [A::neg_infinity(); ROWS],
         sum: [A::zero(); ROWS],
-    };
-    // widened chunks of keys and values, allocated by the paths that use them
-    let (mut key_rows, mut value_rows) = (Vec::new(), Vec::new());
-    let mut partial = Partial {
-        o: Vec::with_capacity(rows * d_v),
-        max: Vec::with_capacity(rows),
-        sum: Vec::with_capacity(rows),
-        finite: Vec::with_capacity(rows),
     };
     for first_row in (0..rows).step_by(ROWS) {
         // row r of the batch is query row `i` of head `h`
@@ -143,7 +127,7 @@ where
         let members: [(usize, usize); ROWS] =
             std::array::from_fn(|r| ((first_row + r) / l, (first_row + r) % l));
         let members = &members[..batch];
-        let buffers = (&mut key_rows, &mut value_rows);
+        let buffers = (&mut memory.key_rows, &mut memory.value_rows);
         let finite = attend_batch::<A, M, D, R, P>(
             dots,
             group,
@@ -153,60 +137,12 @@ where
             &mut scratch,
             buffers,
         );
-        partial.o.extend_from_slice(&scratch.o[..batch * d_v]);
-        partial.max.extend_from_slice(&scratch.max[..batch]);
-        partial.sum.extend_from_slice(&scratch.sum[..batch]);
-        partial.finite.extend(std::iter::repeat_n(finite, batch));
+        let batch_rows = first_row..first_row + batch;
+        out.o[first_row * d_v..][..batch * d_v].copy_from_slice(&scratch.o[..batch * d_v]);
+        out.max[batch_rows.clone()].copy_from_slice(&scratch.max[..batch]);
+        out.sum[batch_rows.clone()].copy_from_slice(&scratch.sum[..batch]);
+        out.finite[batch_rows].fill(finite);
     }
-    partial
-}
-
-/// Merges the parts of a group, in order, into `outs` (one `(l, d_v)` array per
-/// query head), with each head's sink logit (`sinks(h)`, if the call has
-/// sinks) in the denominator, and returns the heads whose inputs need the
-/// reference path.
-pub(crate) fn finish<A: KernelFloat>(
-    parts: &[Partial<A>],
-    outs: &mut [ArrayViewMut2<'_, A>],
-    sinks: impl Fn(usize) -> Option<A>,
-) -> Vec<usize> {
-    let mut bad = Vec::new();
-    let Some(d_v) = outs.first().map(|o| o.ncols()) else {
-        return bad;
-    };
-    let mut row = vec![A::zero(); d_v];
-    let mut r = 0;
-    for (h, out) in outs.iter_mut().enumerate() {
-        let sink = sinks(h);
-        for mut out in out.outer_iter_mut() {
-            let max = parts
-                .iter()
-                .fold(A::neg_infinity(), |m, p| fold_max(m, p.max[r]));
-            let max = sink.map_or(max, |sink| fold_max(max, sink));
-            let shift = shift_of(max);
-            let sink = sink.map_or(A::zero(), |sink| part_weight::<A, Separate>(sink, shift));
-            let (mut total, mut finite) = (sink, true);
-            row.fill(A::zero());
-            for p in parts {
-                let weight = part_weight::<A, Separate>(p.max[r], shift);
-                total += weight * p.sum[r];
-                for (x, &o) in row.iter_mut().zip(&p.o[r * d_v..(r + 1) * d_v]) {
-                    *x += weight * o;
-                }
-                finite &= p.finite[r];
-            }
-            let inverse = inverse_total(total);
-            for (x, &o) in out.iter_mut().zip(&row) {
-                *x = o * inverse;
-                finite &= x.is_finite();
-            }
-            if !finite && bad.last() != Some(&h) {
-                bad.push(h);
-            }
-            r += 1;
-        }
-    }
-    bad
 }
 
 /// Whether every value of `row` is below `+∞` (not NaN either), in lanes

@@ -243,12 +243,13 @@ impl<H: Narrow> Rows<f32> for Widen<'_, H> {
 }
 
 /// The first `len` elements of `buffer`, grown to hold them where it is
-/// shorter (with zeros): a batch's widening buffers cost nothing until a path
-/// that widens rows into them runs (most decoding steps widen in registers).
+/// shorter (with `T::default()`, zero): working memory costs nothing until a
+/// path that uses it runs (most decoding steps widen in registers), and what a
+/// path finds in it is an earlier part's (it writes before it reads).
 #[inline(always)]
-pub(super) fn grown<A: KernelFloat>(buffer: &mut Vec<A>, len: usize) -> &mut [A] {
+pub(super) fn grown<T: Copy + Default>(buffer: &mut Vec<T>, len: usize) -> &mut [T] {
     if buffer.len() < len {
-        buffer.resize(len, A::zero());
+        buffer.resize(len, T::default());
     }
     &mut buffer[..len]
 }
