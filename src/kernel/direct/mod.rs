@@ -222,8 +222,11 @@ where
         };
         group.keys.scores::<M, D>(dots, scratch, &at(d), key_rows);
         let mut alpha = [A::zero(); ROWS];
+        let width = n.next_multiple_of(SOFTMAX_LANES).min(chunk);
         for (r, &(h, i)) in members.iter().enumerate() {
-            let row = &mut scratch.s[r * chunk..(r + 1) * chunk];
+            // the chunk's scores to whole registers (the last chunk of a cache is
+            // often short: the softmax over all of `chunk` cost a chunk's time)
+            let row = &mut scratch.s[r * chunk..][..width];
             group
                 .scoring(h)
                 .prepare_row(&group.masks[h], i, l, s, j0, &mut row[..n], classes[r]);
