@@ -479,8 +479,9 @@ fn row_by_row_path_equals_reference() {
 }
 
 /// Row by row only while the work, each score's `exp` counted as 16
-/// multiply-adds, is at most 16 384: on either side of it, the reference's
-/// numbers.
+/// multiply-adds, is at most 16 384 (2 048 for heads of at most eight query
+/// rows, which the direct path takes otherwise): on either side of it, the
+/// reference's numbers.
 #[test]
 fn small_heads_leave_the_rows_once_their_scores_cost_more() {
     for (l, s, d, path) in [
@@ -488,6 +489,10 @@ fn small_heads_leave_the_rows_once_their_scores_cost_more() {
         (16, 16, 32, Path::Tiled),   // 256 × (32 + 32 + 16) = 20 480
         (32, 32, 8, Path::Tiled),    // 1 024 scores × 32, work without exp 16 384
         (8, 64, 16, Path::Direct),   // few query rows
+        (1, 14, 64, Path::Rowwise),  // 14 scores × (64 + 64 + 16) = 2 016
+        (1, 15, 64, Path::Direct),   // 2 160
+        (4, 10, 16, Path::Rowwise),  // 40 × 48 = 1 920
+        (4, 11, 16, Path::Direct),   // 2 112
     ] {
         let (q, k, v) = (random2(l, d, 34), random2(s, d, 35), random2(s, d, 36));
         let auto =

@@ -48,7 +48,7 @@ use arch::Avx512Bf16;
 use arch::{Arch, KernelElement};
 pub(crate) use direct::round_to_i8;
 pub(crate) use params::DIRECT_MAX_ROWS;
-use params::ROWWISE_MAX_WORK;
+use params::{ROWWISE_MAX_WORK, ROWWISE_MAX_WORK_FEW_ROWS};
 use report::Path;
 use run::KvGroup;
 
@@ -414,7 +414,7 @@ impl Plan {
         Ok(match kernel {
             Kernel::Plain => Plan::Reference,
             _ if batch * heads * l * d_v == 0 => Plan::Nothing,
-            Kernel::Auto if l * s * (d + d_v + 16) <= ROWWISE_MAX_WORK => Plan::Rowwise,
+            Kernel::Auto if l * s * (d + d_v + 16) <= rowwise_max_work(l) => Plan::Rowwise,
             Kernel::Auto if l <= DIRECT_MAX_ROWS => Plan::Direct(Arch::detect()?),
             _ => Plan::Tiled(Arch::detect()?),
         })
@@ -428,6 +428,15 @@ impl Plan {
             Plan::Tiled(arch) if H::BF16 => arch.bf16_dots().map_or(self, Plan::TiledBf16Pairs),
             _ => self,
         }
+    }
+}
+
+/// The most work (`L·S·(d_k + d_v + 16)`) a head of `l` query rows goes row by
+/// row with: less where the direct path is the alternative.
+fn rowwise_max_work(l: usize) -> usize {
+    match l <= DIRECT_MAX_ROWS {
+        true => ROWWISE_MAX_WORK_FEW_ROWS,
+        false => ROWWISE_MAX_WORK,
     }
 }
 

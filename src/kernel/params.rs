@@ -16,6 +16,19 @@
 /// 32 × 8 × 32, whose 8 keys the tiled kernel packs for little, 4.3 → 5.2.
 pub(crate) const ROWWISE_MAX_WORK: usize = 1 << 14;
 
+/// The same bound for heads of at most [`DIRECT_MAX_ROWS`] query rows, whose
+/// alternative is the direct path (no packing: about 0.65 µs a call and 0.4 µs
+/// a head besides the arithmetic), not the tiled kernel. Row by row a score
+/// costs its `exp` from the standard library and an unvectorised dot product:
+/// one row of d = 64 against S = 8 / 16 / 32 / 64 / 112 keys took 0.52 / 0.83
+/// / 1.48 / 2.79 / 4.78 µs there against 0.83–0.92 / 0.82–0.90 / 0.96–1.04 /
+/// 1.17–1.27 / 1.56–1.69 direct; eight such heads at S = 64 21.7 against 6.8
+/// (2026-12-05, Zen 4, f32, one thread; it was [`ROWWISE_MAX_WORK`] before).
+/// The crossover is near 2 000 for one head (S ≈ 14 at d = 64, S ≈ 64 at d =
+/// 16, L = 4 × S ≈ 20 at d = 16) and lower for many; the 3 × 4 call (216)
+/// stays on the rows.
+pub(crate) const ROWWISE_MAX_WORK_FEW_ROWS: usize = 1 << 11;
+
 /// Heads with at most this many query rows take the direct path
 /// ([`super::direct`]), which reads keys and values where they lie instead of
 /// packing them. At S = 4096 (8 heads, 2 threads) the tiled kernel took
