@@ -88,6 +88,15 @@ pub(crate) const WIDEN_CHUNK: usize = 64;
 /// 4096 cached positions one step took 0.22 ms on 2 threads.
 pub(crate) const DIRECT_PART: usize = 2048;
 
+/// Direct-path calls of less work than this (`Σ rows · S · (d_k + d_v)` over
+/// the key/value heads) run on the calling thread, not the pool: handing work
+/// to rayon from outside its pool and waiting for it costs ~6 µs. A decoding
+/// step of 8 heads of d = 64 over 17 / 65 cached positions, called from the
+/// main thread with a pool of two: f32 10.7 → 4.6 / 12.6 → 7.0 µs, int8 paged
+/// 20.2 → 12.2 / 20.8 → 13.7 µs; over 257 (263 000) the pool is still faster
+/// (19.0–19.4 against 21.0 µs on the calling thread). 2026-12-05, Zen 4.
+pub(crate) const DIRECT_PARALLEL_MIN_WORK: usize = 1 << 17;
+
 /// Bytes at the start of a paged cache's next block that the direct path asks
 /// the CPU to prefetch as it begins a block: where a sequence's blocks are not
 /// adjacent, the hardware prefetchers lose the stream at each block's end.

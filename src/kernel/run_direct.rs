@@ -10,7 +10,7 @@ use super::direct::{Group, Memory, Native, PartialMut, Partials, Rows, Source, W
 use super::float::KernelFloat;
 use super::ops::AttendPart;
 use super::options::Parallelism;
-use super::params::{DIRECT_CHUNK, DIRECT_PART};
+use super::params::{DIRECT_CHUNK, DIRECT_PARALLEL_MIN_WORK, DIRECT_PART};
 use super::report::{self, Path};
 use super::run::KvGroup;
 use crate::core::mask::Mask2;
@@ -151,16 +151,19 @@ pub(crate) fn direct_over<A: KernelElement, KV: Sync, R: Rows<A>, P: Program<A>>
             out,
         });
     };
-    // each thread's working memory kept from part to part
+    // each thread's working memory kept from part to part; a call too small
+    // to pay for handing work to the pool runs where it is called (the parts
+    // are the same, and so are the numbers)
     let slots = partials.slots().into_iter().enumerate();
+    let work = groups.len() * query_rows * s * (problem.q.dim().3 + d_v);
     match parallelism {
-        Parallelism::Sequential => {
-            let mut memory = Memory::new();
-            slots.for_each(|slot| run(&mut memory, slot));
-        }
-        Parallelism::Rayon => {
+        Parallelism::Rayon if work >= DIRECT_PARALLEL_MIN_WORK => {
             let slots: Vec<_> = slots.collect();
             slots.into_par_iter().for_each_init(Memory::new, run);
+        }
+        _ => {
+            let mut memory = Memory::new();
+            slots.for_each(|slot| run(&mut memory, slot));
         }
     }
     report::arch_used(Dispatch::<A>::kind(arch));
