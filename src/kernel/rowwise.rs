@@ -4,7 +4,9 @@
 use ndarray::{ArrayView2, ArrayViewMut1, ArrayViewMut2};
 
 use super::float::KernelFloat;
-use super::online::{exp_and_sum_with, fold_max, inverse_total, row_max, shift_of};
+use super::float::Separate;
+use super::online::{exp_and_sum, exp_and_sum_with, fold_max, inverse_total, row_max, shift_of};
+use super::params::SOFTMAX_LANES;
 use crate::core::mask::Mask2;
 use crate::core::scoring::Scoring;
 use crate::flex::program::Program;
@@ -60,12 +62,15 @@ pub(crate) fn attend_head<A: KernelFloat, P: Program<A>>(
         if !scoring.prepare_row(masks, i, l, s, 0, scores, class) {
             return false;
         }
-        // the whole row is one block: no running state to rescale; too short to
-        // vectorise, so the standard library's exp
+        // the whole row is one block: no running state to rescale; a row of a
+        // few scores is too short to vectorise, so the standard library's exp
         let sink = scoring.sink();
         let max = row_max::<A, 1>(scores);
         let shift = shift_of(sink.map_or(max, |sink| fold_max(max, sink)));
-        let mut total = exp_and_sum_with::<A, 1>(scores, shift, A::exp);
+        let mut total = match s < SOFTMAX_LANES {
+            true => exp_and_sum_with::<A, 1>(scores, shift, A::exp),
+            false => exp_and_sum::<A, Separate, SOFTMAX_LANES>(scores, shift),
+        };
         if let Some(sink) = sink {
             total += (sink - shift).exp();
         }
