@@ -154,16 +154,19 @@ pub(crate) fn direct_over<A: KernelElement, KV: Sync, R: Rows<A>, P: Program<A>>
     // each thread's working memory kept from part to part; a call too small
     // to pay for handing work to the pool runs where it is called (the parts
     // are the same, and so are the numbers)
-    let slots = partials.slots().into_iter().enumerate();
+    let slots = partials.slots();
     let work = groups.len() * query_rows * s * (problem.q.dim().3 + d_v);
     match parallelism {
         Parallelism::Rayon if work >= DIRECT_PARALLEL_MIN_WORK => {
-            let slots: Vec<_> = slots.collect();
-            slots.into_par_iter().for_each_init(Memory::new, run);
+            let slots = slots.into_par_iter().enumerate();
+            slots.for_each_init(Memory::default, run);
         }
         _ => {
-            let mut memory = Memory::new();
-            slots.for_each(|slot| run(&mut memory, slot));
+            let mut memory = Memory::default();
+            slots
+                .into_iter()
+                .enumerate()
+                .for_each(|slot| run(&mut memory, slot));
         }
     }
     report::arch_used(Dispatch::<A>::kind(arch));
