@@ -4,7 +4,7 @@
 
 use attn::flex::{At, Documents, FlexGradients, KeepMod, RelativeBias, ScoreMod, SoftCap};
 use attn::{Kernel, Mask, Parallelism, ScaledDotProduct, kernel_paths};
-use ndarray::{Array1, Array2, Array4, Ix4, array};
+use ndarray::{Array1, Array2, Array4, Ix4, array, s};
 
 use crate::common::{assert_close, random2, random4};
 use crate::flex::{block_mask, scored};
@@ -335,4 +335,79 @@ fn a_user_function_under_a_tree_mask_matches_pytorch_autograd() {
         .with_score_mod(scored(f, df))
         .with_block_mask(&blocks);
     golden.check(&attention);
+}
+
+/// A score function that overflows at one position of one head.
+struct OverflowAt(At);
+
+impl ScoreMod<f64> for OverflowAt {
+    fn score(&self, score: f64, at: At) -> f64 {
+        if at == self.0 { f64::INFINITY } else { score }
+    }
+
+    fn derivative(&self, _: f64, _: At) -> f64 {
+        1.0
+    }
+}
+
+#[test]
+fn a_head_whose_program_overflows_late_keeps_nothing_of_its_fused_start() {
+    // head 1's score overflows at query 100 and key 300, after the fused pass
+    // added its first query block (and, with the forward kept, the key blocks
+    // before 256 of its second) into the call's gradients: the head is the
+    // reference path's alone, the others the fused pass's
+    let (heads, l, s) = (3, 130, 320);
+    let q = random4((1, heads, l, 8), 60);
+    let k = random4((1, heads, s, 8), 61);
+    let v = random4((1, heads, s, 4), 62);
+    let d_out = random4((1, heads, l, 4), 63);
+    // query 100 sees its last 40 keys only
+    let keep = Array2::from_shape_fn((l, s), |(i, j)| i != 100 || j >= 280);
+    let at = At {
+        batch: 0,
+        head: 1,
+        query: 100,
+        key: 300,
+    };
+    let attention = |kernel| {
+        ScaledDotProduct::new()
+            .with_kernel(kernel)
+            .with_mask(Mask::keep(&keep))
+            .with_score_mod(OverflowAt(at))
+    };
+    let forward = attention(Kernel::Auto)
+        .forward_with_lse(&q, &k, &v)
+        .unwrap();
+    for kept in [false, true] {
+        let backward = |kernel| {
+            let attention = attention(kernel);
+            match kept {
+                false => attention.backward(&q, &k, &v, &d_out).unwrap(),
+                true => attention
+                    .backward_with_lse(&q, &k, &v, &forward, &d_out)
+                    .unwrap(),
+            }
+        };
+        let want = backward(Kernel::Plain);
+        let (got, paths) = kernel_paths(|| backward(Kernel::Auto));
+        assert_eq!(
+            (paths.backward, paths.reference),
+            (heads - 1, 1),
+            "{paths:?}"
+        );
+        for (got, want) in [(&got.q, &want.q), (&got.k, &want.k), (&got.v, &want.v)] {
+            // (the overflow's NaN reaches only some of head 1's gradients)
+            assert!(want.iter().filter(|x| x.is_finite()).count() > want.len() * 9 / 10);
+            for h in 0..heads {
+                let (got, want) = (got.slice(s![0, h, .., ..]), want.slice(s![0, h, .., ..]));
+                for (&x, &y) in got.iter().zip(&want) {
+                    let same = match h {
+                        1 => x.to_bits() == y.to_bits(),
+                        _ => (x - y).abs() < 1e-12,
+                    };
+                    assert!(same, "head {h}, forward kept {kept}: {x} against {y}");
+                }
+            }
+        }
+    }
 }

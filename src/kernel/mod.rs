@@ -34,6 +34,7 @@ mod params;
 mod report;
 mod rowwise;
 mod run;
+mod run_backward;
 mod run_direct;
 mod tiled;
 
@@ -321,7 +322,7 @@ fn choose_backward<A: KernelElement, P: Program<A>>(
         count_all_reference(problem);
         return Ok(problem.backward(d_out, saved));
     }
-    Ok(run::backward(
+    Ok(run_backward::backward(
         problem,
         Arch::detect()?,
         d_out,

@@ -9,7 +9,9 @@ use half::bf16;
 use ndarray::{ArrayView2, ArrayViewMut1, ArrayViewMut2};
 
 use super::arch::{Op, Token};
-use super::backward::{self, HeadGradients, HeadInputs, HeadPanels, Part, Shared, Upstream};
+use super::backward::{
+    self, HeadInputs, HeadPanels, HeadRest, HeadTargets, Part, Shared, Upstream,
+};
 use super::direct::{self, Group, Memory, PartialMut, Rows};
 use super::float::KernelFloat;
 use super::pack::{self, Bf16Pair, Entry, PackedHead};
@@ -105,47 +107,52 @@ impl<A: KernelFloat, R: Rows<A>, P: Program<A>> Op<A> for AttendPart<'_, '_, '_,
 }
 
 /// [`backward::head`]: the gradients of one query head, or of a part of its
-/// query blocks (`None` when its program made a score NaN or `+∞`).
-pub(crate) struct BackwardHead<'r, 'h, 'p, 'u, A, P> {
+/// query blocks, added into `out` (`None` when its program made a score NaN or
+/// `+∞`).
+pub(crate) struct BackwardHead<'r, 'h, 'p, 'u, 'g, A, P> {
     pub(crate) inputs: &'r HeadInputs<'h, 'p, A, P>,
     pub(crate) upstream: Upstream<'u, A>,
-    /// What the head's parts share, where it has parts.
-    pub(crate) shared: Option<Shared<'r, A>>,
+    /// The head's keys and values packed, and the thread's working memory.
+    pub(crate) shared: Shared<'r, A>,
     /// The query blocks to compute.
     pub(crate) part: Part,
+    pub(crate) out: HeadTargets<'g, A>,
 }
 
-impl<A: KernelFloat, P: Program<A>> Op<A> for BackwardHead<'_, '_, '_, '_, A, P> {
-    type Output = Option<HeadGradients<A>>;
+impl<A: KernelFloat, P: Program<A>> Op<A> for BackwardHead<'_, '_, '_, '_, '_, A, P> {
+    type Output = Option<HeadRest<A>>;
 
     #[inline(always)]
     fn run<T: Token<A, NR> + KeyTiles<A, A, NR>, const NR: usize>(
         self,
         token: T,
-    ) -> Option<HeadGradients<A>> {
+    ) -> Option<HeadRest<A>> {
         backward::head::<A, T::MulAdd, T, P, NR>(
             token,
             self.inputs,
             self.upstream,
             self.shared,
             self.part,
+            self.out,
         )
     }
 }
 
-/// [`HeadPanels::pack`]: one head's keys and values packed for the backward's
+/// [`HeadPanels::repack`]: one head's keys and values packed for the backward's
 /// products (its values by columns too when the forward runs again).
-pub(crate) struct PackBackward<'a, A> {
+pub(crate) struct PackBackward<'a, 'p, A> {
+    pub(crate) panels: &'p mut HeadPanels<A>,
     pub(crate) k: ArrayView2<'a, A>,
     pub(crate) v: ArrayView2<'a, A>,
     pub(crate) forward: bool,
 }
 
-impl<A: KernelFloat> Op<A> for PackBackward<'_, A> {
-    type Output = HeadPanels<A>;
+impl<A: KernelFloat> Op<A> for PackBackward<'_, '_, A> {
+    type Output = ();
 
     #[inline(always)]
-    fn run<T: Token<A, NR> + KeyTiles<A, A, NR>, const NR: usize>(self, token: T) -> HeadPanels<A> {
-        HeadPanels::pack::<T, NR>(token, self.k, self.v, self.forward)
+    fn run<T: Token<A, NR> + KeyTiles<A, A, NR>, const NR: usize>(self, token: T) {
+        self.panels
+            .repack::<T, NR>(token, self.k, self.v, self.forward);
     }
 }

@@ -279,7 +279,8 @@ pub(crate) struct Panels<A> {
     /// Lines in use, and the depth of each.
     pub(crate) lines: usize,
     pub(crate) depth: usize,
-    width: usize,
+    /// Lines per panel.
+    pub(crate) width: usize,
 }
 
 impl<A: Element> Panels<A> {

@@ -1,25 +1,22 @@
-//! How the row-wise and tiled paths and the fused backward run over the heads of
-//! a call and over threads, and where a head falls back to the reference path
-//! (the direct path's in `run_direct.rs`).
+//! How the row-wise and tiled paths run over the heads of a call and over
+//! threads, and where a head falls back to the reference path (the direct
+//! path's in `run_direct.rs`, the backward's in `run_backward.rs`).
 
-use ndarray::{ArrayView4, ArrayViewMut1, ArrayViewMut2, Axis};
+use ndarray::{ArrayViewMut1, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
-use super::arch::{Arch, Dispatch, KernelElement, Op};
-use super::backward::{BlockScratch, HeadGradients, HeadInputs, Part, Shared, Upstream};
+use super::arch::{Dispatch, KernelElement, Op};
 use super::float::KernelFloat;
 use super::fusable::{extent_of, fusable};
-use super::ops::{AttendBlock, BackwardHead, PackBackward, PackHead, TileWidth};
+use super::ops::{AttendBlock, PackHead, TileWidth};
 use super::options::Parallelism;
 use super::pack::{Entry, PackedHead};
-use super::params::{BACKWARD_PARTS, BACKWARD_QUERIES as BQ, BC, BR, PACKED_BYTES};
+use super::params::{BC, BR, PACKED_BYTES};
 use super::report::{self, Path};
 use super::rowwise::{self, HeadRows};
 use super::tiled::{Block, Scratch};
-use crate::core::backward::{Gradients, HeadBackward, add_bias_gradient};
 use crate::core::mask::Mask2;
 use crate::core::problem::Problem;
-use crate::core::reference::Saved;
 use crate::core::scoring::Scoring;
 use crate::flex::program::Program;
 
@@ -235,169 +232,5 @@ fn attend_wave<A: KernelFloat, KV, K: Entry<A>, D: Dispatch<A, K>, P: Program<A>
         let h = problem.query_heads(group.kv).start + index;
         let lse = group.lses.as_deref_mut().map(|lses| lses[index].view_mut());
         fallback(group.b, h, group.outs[index].view_mut(), lse);
-    }
-}
-
-/// The gradients of every head of `problem` given `d_out`, `(batch, heads, L, d_v)`,
-/// and the forward's output and log-sum-exp if it kept them, by the fused backward
-/// pass; heads whose inputs need it by the reference path. A call of one head
-/// deals its query blocks to [`BACKWARD_PARTS`] tasks, summed in part order.
-pub(crate) fn backward<A: KernelElement, P: Program<A>>(
-    problem: &Problem<'_, A, A, P>,
-    arch: Arch,
-    d_out: ArrayView4<'_, A>,
-    saved: Option<&Saved<A>>,
-    parallelism: Parallelism,
-) -> Gradients<A> {
-    let (batch, heads, l, _) = problem.q.dim();
-    let upstream = |b: usize, h: usize| Upstream {
-        d_out: d_out.index_axis(Axis(0), b).index_axis_move(Axis(0), h),
-        saved: saved.map(|saved| saved.head(b, h)),
-    };
-    // the parts depend on the shapes only
-    let parts = match batch * heads {
-        1 => l.div_ceil(BQ).clamp(1, BACKWARD_PARTS),
-        _ => 1,
-    };
-    let run = |head: usize| {
-        let (b, h) = (head / heads, head % heads);
-        fused_head(problem, arch, b, h, upstream(b, h), parts, parallelism)
-    };
-    let tasks = 0..batch * heads;
-    let per_head: Vec<Option<Vec<HeadGradients<A>>>> = match parallelism {
-        Parallelism::Sequential => tasks.map(run).collect(),
-        Parallelism::Rayon => tasks.into_par_iter().map(run).collect(),
-    };
-    let mut grads = Gradients::zeros(problem);
-    for (head, fused) in per_head.into_iter().enumerate() {
-        let (b, h) = (head / heads, head % heads);
-        let (fused, path) = match fused {
-            Some(fused) => (fused, Path::FusedBackward),
-            None => (
-                vec![reference_head(problem, b, h, upstream(b, h))],
-                Path::Reference,
-            ),
-        };
-        report::count(path, 1);
-        let kv = problem.kv_head(h);
-        let count = fused.len();
-        for (index, part) in fused.into_iter().enumerate() {
-            let blocks = Part { index, count }.blocks(l);
-            for (rows, dq) in blocks.zip(part.dq.axis_chunks_iter(Axis(0), BQ)) {
-                grads.dq.slice_mut(ndarray::s![b, h, rows, ..]).assign(&dq);
-            }
-            let mut dk = grads.dk.slice_mut(ndarray::s![b, kv, .., ..]);
-            dk.zip_mut_with(&part.dk, |a, &x| *a += x);
-            let mut dv = grads.dv.slice_mut(ndarray::s![b, kv, .., ..]);
-            dv.zip_mut_with(&part.dv, |a, &x| *a += x);
-            for (m, bias) in part.bias.iter().enumerate() {
-                let mut target = problem.bias_gradient_of(&mut grads.bias, m, b, h);
-                target.zip_mut_with(bias, |a, &x| *a += x);
-            }
-            grads.add_program(h, &part.score, part.sink);
-        }
-    }
-    grads
-}
-
-/// Head `h` of batch `b` by the fused pass, its keys and values packed once and
-/// its query blocks dealt to `parts` tasks; `None` where its inputs or its
-/// program need the reference path.
-fn fused_head<A: KernelElement, P: Program<A>>(
-    problem: &Problem<'_, A, A, P>,
-    arch: Arch,
-    b: usize,
-    h: usize,
-    upstream: Upstream<'_, A>,
-    parts: usize,
-    parallelism: Parallelism,
-) -> Option<Vec<HeadGradients<A>>> {
-    let q = problem.query(b, h);
-    let (k, v) = problem.keys_values(b, problem.kv_head(h));
-    let masks = problem.block_masks(b, h);
-    let finite = extent_of(&upstream.d_out).finite;
-    if !(finite && fusable(&q, &masks, problem.scale, extent_of(&k), extent_of(&v))) {
-        return None;
-    }
-    let bias_shapes = bias_shapes(problem);
-    let inputs = HeadInputs {
-        scoring: Scoring {
-            program: problem.program,
-            b,
-            h,
-        },
-        q,
-        k,
-        v,
-        masks: &masks,
-        scale: problem.scale,
-        bias_shapes: &bias_shapes,
-    };
-    let run = |shared: Option<Shared<'_, A>>, index: usize| {
-        arch.dispatch(BackwardHead {
-            inputs: &inputs,
-            upstream,
-            shared,
-            part: Part {
-                index,
-                count: parts,
-            },
-        })
-    };
-    if parts == 1 {
-        return run(None, 0).map(|head| vec![head]);
-    }
-    let forward = upstream.saved.is_none();
-    let panels = arch.dispatch(PackBackward { k, v, forward });
-    let nr = Dispatch::<A>::dispatch(arch, TileWidth);
-    let scratch = || BlockScratch::new(v.ncols(), nr);
-    let part = |scratch: &mut BlockScratch<A>, index| {
-        let panels = &panels;
-        run(Some(Shared { panels, scratch }), index)
-    };
-    match parallelism {
-        Parallelism::Sequential => {
-            let mut scratch = scratch();
-            (0..parts).map(|index| part(&mut scratch, index)).collect()
-        }
-        Parallelism::Rayon => (0..parts).into_par_iter().map_init(scratch, part).collect(),
-    }
-}
-
-/// This head's part of every bias gradient: `(L or 1, S or 1)`.
-fn bias_shapes<A, KV, P>(problem: &Problem<'_, A, KV, P>) -> Vec<(usize, usize)> {
-    problem.bias_shapes.iter().map(|s| (s[2], s[3])).collect()
-}
-
-/// Head `h` of batch `b` by the reference path.
-fn reference_head<A: KernelElement, P: Program<A>>(
-    problem: &Problem<'_, A, A, P>,
-    b: usize,
-    h: usize,
-    upstream: Upstream<'_, A>,
-) -> HeadGradients<A> {
-    let HeadBackward {
-        dq,
-        dk,
-        dv,
-        d_s,
-        score,
-        sink,
-    } = problem.backward_head(b, h, upstream.d_out, upstream.saved);
-    let bias = bias_shapes(problem)
-        .into_iter()
-        .map(|shape| {
-            let mut part = ndarray::Array2::zeros(shape);
-            add_bias_gradient(part.view_mut(), d_s.view(), 0, 0);
-            part
-        })
-        .collect();
-    HeadGradients {
-        dq,
-        dk,
-        dv,
-        bias,
-        score,
-        sink,
     }
 }

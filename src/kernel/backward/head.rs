@@ -28,34 +28,44 @@ pub(crate) struct HeadPanels<A> {
 }
 
 impl<A: KernelFloat> HeadPanels<A> {
+    /// Empty panels, `nr` wide, to [`repack`](Self::repack) head after head.
+    pub(crate) fn new(nr: usize) -> Self {
+        HeadPanels {
+            keys_t: Panels::new(nr),
+            values_t: Panels::new(nr),
+            keys: Panels::new(nr),
+            values: Panels::new(nr),
+        }
+    }
+
+    /// How many keys or columns a panel holds.
+    pub(crate) fn width(&self) -> usize {
+        self.keys_t.width
+    }
+
     /// Packs `k: (S, d)` and `v: (S, d_v)` for `tiles`, `NR` wide (`V` by
-    /// columns only when the forward runs again).
+    /// columns only when the forward runs again), in the memory of the head
+    /// packed before.
     #[inline(always)]
-    pub(crate) fn pack<T: Tiles<A, NR>, const NR: usize>(
+    pub(crate) fn repack<T: Tiles<A, NR>, const NR: usize>(
+        &mut self,
         tiles: T,
         k: ArrayView2<'_, A>,
         v: ArrayView2<'_, A>,
         forward: bool,
-    ) -> Self {
+    ) {
         let ((s, d), d_v) = (k.dim(), v.ncols());
         let (k, v) = (standard(k), standard(v));
         let (k, v) = (
             k.as_slice().expect("standard layout"),
             v.as_slice().expect("standard layout"),
         );
-        let mut panels = HeadPanels {
-            keys_t: Panels::new(NR),
-            values_t: Panels::new(NR),
-            keys: Panels::new(NR),
-            values: Panels::new(NR),
-        };
-        panels.keys_t.pack_lines_by::<NR>(tiles, k, d, s, d);
-        panels.values_t.pack_lines_by::<NR>(tiles, v, d_v, s, d_v);
-        panels.keys.pack_steps::<NR>(k, d, d, s);
+        self.keys_t.pack_lines_by::<NR>(tiles, k, d, s, d);
+        self.values_t.pack_lines_by::<NR>(tiles, v, d_v, s, d_v);
+        self.keys.pack_steps::<NR>(k, d, d, s);
         if forward {
-            panels.values.pack_steps::<NR>(v, d_v, d_v, s);
+            self.values.pack_steps::<NR>(v, d_v, d_v, s);
         }
-        panels
     }
 }
 
@@ -76,8 +86,8 @@ pub(super) struct Head<'h, 'p, A, P, const NR: usize> {
 /// parts of the bias gradients and the program's.
 pub(super) struct BlockGradients<'g, A> {
     pub(super) dq: ArrayViewMut2<'g, A>,
-    pub(super) dk: &'g mut Array2<A>,
-    pub(super) dv: &'g mut Array2<A>,
+    pub(super) dk: ArrayViewMut2<'g, A>,
+    pub(super) dv: ArrayViewMut2<'g, A>,
     pub(super) bias: &'g mut [Array2<A>],
     pub(super) score: &'g mut [A],
     pub(super) sink: &'g mut A,
@@ -266,8 +276,8 @@ impl<'h, 'p, A: KernelFloat, P: Program<A>, const NR: usize> Head<'h, 'p, A, P, 
     ) -> bool {
         let BlockGradients {
             mut dq,
-            dk,
-            dv,
+            mut dk,
+            mut dv,
             bias,
             score,
             sink,

@@ -26,7 +26,7 @@ mod head;
 
 use std::ops::Range;
 
-use ndarray::{Array2, ArrayView1, ArrayView2, Axis, s};
+use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, s};
 
 use super::float::{KernelFloat, MulAdd};
 use super::params::{BACKWARD_KEYS as BK, BACKWARD_QUERIES as BQ};
@@ -40,18 +40,34 @@ pub(crate) use head::{BlockScratch, HeadPanels};
 // every key block starts a panel of keys, for the widest tiles (32 keys)
 const _: () = assert!(BK.is_multiple_of(32));
 
-/// One query head's gradients: `dq` for the head, `dk` and `dv` for its
-/// key/value head (to be summed with the other query heads of its group).
-pub(crate) struct HeadGradients<A> {
-    pub(crate) dq: Array2<A>,
-    pub(crate) dk: Array2<A>,
-    pub(crate) dv: Array2<A>,
+/// Where one query head's `dQ`, `dK` and `dV` go, zero to begin with: the
+/// call's own rows where nothing else adds to them, else arrays of the head's
+/// (or of one part's, whose `dq` holds its blocks' rows one after another) for
+/// the caller to sum.
+pub(crate) struct HeadTargets<'g, A> {
+    pub(crate) dq: ArrayViewMut2<'g, A>,
+    pub(crate) dk: ArrayViewMut2<'g, A>,
+    pub(crate) dv: ArrayViewMut2<'g, A>,
+}
+
+/// The rest of one query head's gradients.
+pub(crate) struct HeadRest<A> {
     /// This head's part of every bias's gradient, `(L or 1, S or 1)`.
     pub(crate) bias: Vec<Array2<A>>,
     /// The gradients of the program's score modification's parameters, and of
     /// the head's sink (0 without one).
     pub(crate) score: Vec<A>,
     pub(crate) sink: A,
+}
+
+/// One query head's gradients in arrays of their own: `dq` for the head, `dk`
+/// and `dv` for its key/value head (to be summed with the other query heads of
+/// its group).
+pub(crate) struct HeadGradients<A> {
+    pub(crate) dq: Array2<A>,
+    pub(crate) dk: Array2<A>,
+    pub(crate) dv: Array2<A>,
+    pub(crate) rest: HeadRest<A>,
 }
 
 /// One query head whose inputs the fused pass may take (checked by the caller).
@@ -75,8 +91,8 @@ pub(crate) struct Upstream<'a, A> {
     pub(crate) saved: Option<(ArrayView2<'a, A>, ArrayView1<'a, A>)>,
 }
 
-/// What the parts of one head share: its keys and values packed, and the
-/// working memory of the thread a part runs on.
+/// What a head's query blocks run with: its keys and values packed, and the
+/// working memory of the thread they run on.
 pub(crate) struct Shared<'s, A> {
     pub(crate) panels: &'s HeadPanels<A>,
     pub(crate) scratch: &'s mut BlockScratch<A>,
@@ -92,6 +108,9 @@ pub(crate) struct Part {
 }
 
 impl Part {
+    /// All the query blocks.
+    pub(crate) const WHOLE: Part = Part { index: 0, count: 1 };
+
     /// The part's query rows of a head of `l`, block by block.
     pub(crate) fn blocks(self, l: usize) -> impl Iterator<Item = Range<usize>> {
         (self.index * BQ..l)
@@ -101,31 +120,28 @@ impl Part {
 }
 
 /// The gradients of one query head by the fused pass over its keys and values
-/// packed as `shared` holds them (or packed here), from the query blocks of `part` (the whole head, or a part whose `dK`, `dV`, bias, score and sink
-/// gradients the caller sums with the other parts'; `dq` holds the part's
-/// blocks' rows, one after another); `M` says how `a·b + c` is computed and
-/// `tiles` are the micro-kernels (the caller compiles them for its instruction
-/// set). `None` when the program made a score NaN or `+∞`.
+/// packed as `shared` holds them, from the query blocks of `part` (the whole
+/// head, or a part whose gradients the caller sums with the other parts'),
+/// added into `out`; `M` says how `a·b + c` is computed and `tiles` are the
+/// micro-kernels (the caller compiles them for its instruction set). `None`
+/// when the program made a score NaN or `+∞` (`out` is then partly written).
 #[inline(always)]
 pub(crate) fn head<A, M, T, P, const NR: usize>(
     tiles: T,
     inputs: &HeadInputs<'_, '_, A, P>,
     upstream: Upstream<'_, A>,
-    shared: Option<Shared<'_, A>>,
+    shared: Shared<'_, A>,
     part: Part,
-) -> Option<HeadGradients<A>>
+    out: HeadTargets<'_, A>,
+) -> Option<HeadRest<A>>
 where
     A: KernelFloat,
     M: MulAdd,
     T: Tiles<A, NR>,
     P: Program<A>,
 {
-    let (q, k, v) = (inputs.q, inputs.k, inputs.v);
-    let rows = part.blocks(q.nrows()).map(|rows| rows.len()).sum();
-    let mut grads = HeadGradients {
-        dq: Array2::zeros((rows, q.ncols())),
-        dk: Array2::zeros(k.raw_dim()),
-        dv: Array2::zeros(v.raw_dim()),
+    let q = inputs.q;
+    let mut rest = HeadRest {
         bias: inputs
             .bias_shapes
             .iter()
@@ -134,27 +150,14 @@ where
         score: vec![A::zero(); inputs.scoring.program.parameters()],
         sink: A::zero(),
     };
-    // packed here unless shared by the head's parts (after the gradients: in
-    // this order a call of many heads measured 4 % faster), with working memory
-    // of its own unless the thread's
-    let (packed, mut own);
-    let (panels, scratch) = match shared {
-        Some(Shared { panels, scratch }) => (panels, scratch),
-        None => {
-            packed = HeadPanels::pack::<T, NR>(tiles, k, v, upstream.saved.is_none());
-            own = BlockScratch::new(v.ncols(), NR);
-            (&packed, &mut own)
-        }
-    };
+    let Shared { panels, scratch } = shared;
     let head = Head::<A, P, NR>::of(inputs, panels);
-    let HeadGradients {
-        dq: d_q,
-        dk,
-        dv,
-        bias,
-        score,
-        sink,
-    } = &mut grads;
+    let HeadTargets {
+        dq: mut d_q,
+        mut dk,
+        mut dv,
+    } = out;
+    let HeadRest { bias, score, sink } = &mut rest;
     let blocks = d_q.axis_chunks_iter_mut(Axis(0), BQ);
     for (rows, dq) in part.blocks(q.nrows()).zip(blocks) {
         let queries = Queries::of::<A, P, NR>(inputs, rows.clone(), scratch);
@@ -166,8 +169,8 @@ where
         };
         let out = BlockGradients {
             dq,
-            dk,
-            dv,
+            dk: dk.view_mut(),
+            dv: dv.view_mut(),
             bias,
             score,
             sink,
@@ -176,6 +179,6 @@ where
             return None;
         }
     }
-    grads.dq.mapv_inplace(|x| x * inputs.scale);
-    Some(grads)
+    d_q.mapv_inplace(|x| x * inputs.scale);
+    Some(rest)
 }
