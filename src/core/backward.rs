@@ -22,7 +22,7 @@
 use ndarray::{Array1, Array2, Array4, ArrayView1, ArrayView2, ArrayView4, ArrayViewMut2, Axis, s};
 
 use super::problem::Problem;
-use super::reference::{Saved, masked_product};
+use super::reference::{SavedView, masked_product};
 use crate::element::Element;
 use crate::flex::program::{Program, Row};
 
@@ -120,7 +120,7 @@ impl<A: Element, P: Program<A>> Problem<'_, A, A, P> {
     pub(crate) fn backward(
         &self,
         d_out: ArrayView4<'_, A>,
-        saved: Option<&Saved<A>>,
+        saved: Option<SavedView<'_, A>>,
     ) -> Gradients<A> {
         let mut grads = Gradients::zeros(self);
         let (batch, heads, _, _) = self.q.dim();

@@ -3,7 +3,8 @@
 //! empty sizes); the fused kernels are checked against it and fall back to it.
 
 use ndarray::{
-    Array1, Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayViewMut2, ArrayViewMut4, s,
+    Array1, Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut2,
+    ArrayViewMut4, s,
 };
 
 use super::mask::{self, Mask2};
@@ -21,12 +22,20 @@ pub(crate) struct Saved<A> {
     pub(crate) lse: Array3<A>,
 }
 
-impl<A> Saved<A> {
+/// A kept forward as the backward reads it, borrowed: `output: (batch, heads,
+/// L, d_v)`, `lse: (batch, heads, L)`.
+#[derive(Clone, Copy)]
+pub(crate) struct SavedView<'a, A> {
+    pub(crate) output: ArrayView4<'a, A>,
+    pub(crate) lse: ArrayView3<'a, A>,
+}
+
+impl<'a, A> SavedView<'a, A> {
     /// Head `h` of batch `b`: its output and each row's log-sum-exp.
-    pub(crate) fn head(&self, b: usize, h: usize) -> (ArrayView2<'_, A>, ArrayView1<'_, A>) {
+    pub(crate) fn head(self, b: usize, h: usize) -> (ArrayView2<'a, A>, ArrayView1<'a, A>) {
         (
-            self.output.slice(s![b, h, .., ..]),
-            self.lse.slice(s![b, h, ..]),
+            self.output.slice_move(s![b, h, .., ..]),
+            self.lse.slice_move(s![b, h, ..]),
         )
     }
 }

@@ -57,7 +57,7 @@ use std::marker::PhantomData;
 
 use crate::core::backward::Gradients;
 use crate::core::problem::Problem;
-use crate::core::reference::Saved;
+use crate::core::reference::{Saved, SavedView};
 use crate::element::{Element, Half, PerElement, PerStorage, Storage};
 use crate::error::Result;
 use crate::flex::program::Program;
@@ -134,7 +134,7 @@ pub(crate) fn forward_lse<A: Element, P: Program<A>>(
 pub(crate) fn backward<A: Element, P: Program<A>>(
     problem: &Problem<'_, A, A, P>,
     d_out: ArrayView4<'_, A>,
-    saved: Option<&Saved<A>>,
+    saved: Option<SavedView<'_, A>>,
     kernel: Kernel,
     parallelism: Parallelism,
 ) -> Result<Gradients<A>> {
@@ -153,7 +153,7 @@ type ForwardLseFn<A, P> =
 type BackwardFn<A, P> = for<'p, 'd, 's> fn(
     &Problem<'p, A, A, P>,
     ArrayView4<'d, A>,
-    Option<&'s Saved<A>>,
+    Option<SavedView<'s, A>>,
     Kernel,
     Parallelism,
 ) -> Result<Gradients<A>>;
@@ -314,7 +314,7 @@ fn choose_forward_lse<A: KernelElement, P: Program<A>>(
 fn choose_backward<A: KernelElement, P: Program<A>>(
     problem: &Problem<'_, A, A, P>,
     d_out: ArrayView4<'_, A>,
-    saved: Option<&Saved<A>>,
+    saved: Option<SavedView<'_, A>>,
     kernel: Kernel,
     parallelism: Parallelism,
 ) -> Result<Gradients<A>> {

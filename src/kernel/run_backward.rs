@@ -6,8 +6,7 @@ use rayon::prelude::*;
 
 use super::arch::{Arch, Dispatch, KernelElement};
 use super::backward::{
-    BlockScratch, HeadGradients, HeadInputs, HeadPanels, HeadRest, HeadTargets, Part, Shared,
-    Upstream,
+    BlockScratch, HeadInputs, HeadPanels, HeadRest, HeadTargets, Part, Shared, Upstream,
 };
 use super::float::KernelFloat;
 use super::fusable::{extent_of, fusable};
@@ -17,7 +16,7 @@ use super::params::{BACKWARD_PARTS, BACKWARD_QUERIES as BQ};
 use super::report::{self, Path};
 use crate::core::backward::{Gradients, HeadBackward, add_bias_gradient};
 use crate::core::problem::Problem;
-use crate::core::reference::Saved;
+use crate::core::reference::SavedView;
 use crate::core::scoring::Scoring;
 use crate::flex::program::Program;
 
@@ -37,26 +36,44 @@ impl<A: KernelFloat> Work<A> {
     }
 }
 
-/// Where the fused pass left a head's gradients.
-enum Fused<A> {
-    /// Added into the call's `dQ`, `dK` and `dV`; the rest of them.
-    Written(HeadRest<A>),
-    /// In arrays of their own, one set per part, to be summed in order.
-    Own(Vec<HeadGradients<A>>),
+/// One query head's gradients, or one part's: `dq` (the part's blocks' rows,
+/// one after another), `dk` and `dv` in arrays of their own, each `None` where
+/// the pass added it into the call's.
+struct HeadGradients<A> {
+    dq: Option<Array2<A>>,
+    dk: Option<Array2<A>>,
+    dv: Option<Array2<A>>,
+    rest: HeadRest<A>,
+}
+
+/// Which of a head's gradients it adds straight into the call's: its rows of
+/// `dQ` unless its query blocks are dealt to parts, and its key/value head's
+/// `dK` and `dV` unless other query heads share them (those are summed in head
+/// order).
+#[derive(Clone, Copy)]
+struct Written {
+    queries: bool,
+    keys: bool,
+}
+
+/// The call's rows a head adds into, as [`Written`] says.
+struct CallRows<'g, A> {
+    dq: Option<ArrayViewMut2<'g, A>>,
+    keys: Option<(ArrayViewMut2<'g, A>, ArrayViewMut2<'g, A>)>,
 }
 
 /// The gradients of every head of `problem` given `d_out`, `(batch, heads, L, d_v)`,
 /// and the forward's output and log-sum-exp if it kept them, by the fused backward
 /// pass; heads whose inputs need it by the reference path. A head adds straight
-/// into the call's gradients unless other query heads share its key/value head
-/// (their `dK` and `dV` are summed in head order) or it is a call's only head
-/// (its query blocks are dealt to [`BACKWARD_PARTS`] tasks, summed in part
-/// order), so the result does not depend on the number of threads.
+/// into the call's gradients where it is the only one to ([`Written`]); what
+/// several add to is summed in a fixed order (a call of one head deals its query
+/// blocks to [`BACKWARD_PARTS`] tasks, summed in part order), so the result does
+/// not depend on the number of threads.
 pub(crate) fn backward<A: KernelElement, P: Program<A>>(
     problem: &Problem<'_, A, A, P>,
     arch: Arch,
     d_out: ArrayView4<'_, A>,
-    saved: Option<&Saved<A>>,
+    saved: Option<SavedView<'_, A>>,
     parallelism: Parallelism,
 ) -> Gradients<A> {
     let (batch, heads, l, _) = problem.q.dim();
@@ -69,70 +86,36 @@ pub(crate) fn backward<A: KernelElement, P: Program<A>>(
         1 => l.div_ceil(BQ).clamp(1, BACKWARD_PARTS),
         _ => 1,
     };
+    let written = Written {
+        queries: parts == 1,
+        keys: parts == 1 && problem.group_size() == 1,
+    };
     let nr = Dispatch::<A>::dispatch(arch, TileWidth);
     let d_v = problem.v.dim().3;
     let work = || Work::new(d_v, nr);
     let mut grads = Gradients::zeros(problem);
-    // zeros written, not only allocated: the pass reads a gradient before it
-    // writes it, and a fresh page read first faults twice (mapping the zero
-    // page, then copying it); a call of 8 heads of 512 × 64 measured 4 % faster
-    for x in [&mut grads.dq, &mut grads.dk, &mut grads.dv] {
-        x.fill(A::zero());
-    }
-    // each head adds into the call's gradients where no other head or part
-    // adds to the same rows
-    let written = parts == 1 && problem.group_size() == 1;
-    let per_head: Vec<Option<Fused<A>>> = if written {
-        let run = |work: &mut Work<A>, (head, out): (usize, HeadTargets<'_, A>)| {
-            let (b, h) = (head / heads, head % heads);
-            let upstream = upstream(b, h);
-            let Work { panels, scratch } = work;
-            let rest = fused_head(problem, arch, (b, h), upstream, panels, |inputs, panels| {
-                arch.dispatch(BackwardHead {
-                    inputs,
-                    upstream,
-                    shared: Shared { panels, scratch },
-                    part: Part::WHOLE,
-                    out,
-                })
-            });
-            rest.map(Fused::Written)
+    let run = |work: &mut Work<A>, (head, into): (usize, CallRows<'_, A>)| {
+        let (b, h) = (head / heads, head % heads);
+        let task = Task {
+            problem,
+            arch,
+            b,
+            h,
+            upstream: upstream(b, h),
         };
-        let targets = head_targets(&mut grads);
-        match parallelism {
-            Parallelism::Sequential => {
-                let mut work = work();
-                let tasks = targets.into_iter().enumerate();
-                tasks.map(|task| run(&mut work, task)).collect()
-            }
-            Parallelism::Rayon => targets
-                .into_par_iter()
-                .enumerate()
-                .map_init(work, run)
-                .collect(),
+        task.run(work, parts, parallelism, into)
+    };
+    let tasks = rows_of_heads(&mut grads, written).into_iter().enumerate();
+    let per_head: Vec<Option<Vec<HeadGradients<A>>>> = match parallelism {
+        Parallelism::Sequential => {
+            let mut work = work();
+            tasks.map(|task| run(&mut work, task)).collect()
         }
-    } else {
-        let run = |work: &mut Work<A>, head: usize| {
-            let (b, h) = (head / heads, head % heads);
-            own_head(
-                problem,
-                arch,
-                (b, h),
-                upstream(b, h),
-                work,
-                parts,
-                parallelism,
-            )
-            .map(Fused::Own)
-        };
-        let tasks = 0..batch * heads;
-        match parallelism {
-            Parallelism::Sequential => {
-                let mut work = work();
-                tasks.map(|head| run(&mut work, head)).collect()
-            }
-            Parallelism::Rayon => tasks.into_par_iter().map_init(work, run).collect(),
-        }
+        Parallelism::Rayon => tasks
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map_init(work, run)
+            .collect(),
     };
     for (head, fused) in per_head.into_iter().enumerate() {
         let (b, h) = (head / heads, head % heads);
@@ -141,23 +124,50 @@ pub(crate) fn backward<A: KernelElement, P: Program<A>>(
             None => Path::Reference,
         };
         report::count(path, 1);
-        match fused {
-            Some(Fused::Written(rest)) => add_rest(&mut grads, problem, (b, h), rest),
-            Some(Fused::Own(parts)) => add_parts(&mut grads, problem, (b, h), parts),
-            None => {
-                if written {
-                    // what the fused pass added before the program failed
-                    let kv = problem.kv_head(h);
-                    grads.dq.slice_mut(s![b, h, .., ..]).fill(A::zero());
-                    grads.dk.slice_mut(s![b, kv, .., ..]).fill(A::zero());
-                    grads.dv.slice_mut(s![b, kv, .., ..]).fill(A::zero());
-                }
-                let reference = reference_head(problem, b, h, upstream(b, h));
-                add_parts(&mut grads, problem, (b, h), vec![reference]);
-            }
-        }
+        let parts = fused.unwrap_or_else(|| {
+            clear(&mut grads, problem, (b, h), written);
+            vec![reference_head(problem, b, h, upstream(b, h))]
+        });
+        add_parts(&mut grads, problem, (b, h), parts);
     }
     grads
+}
+
+/// Each head's rows of the call's `dQ`, `dK` and `dV` that it adds into
+/// ([`Written`]), in head order (batch row by batch row).
+fn rows_of_heads<A>(grads: &mut Gradients<A>, written: Written) -> Vec<CallRows<'_, A>> {
+    fn heads<A>(x: &mut Array4<A>) -> impl Iterator<Item = ArrayViewMut2<'_, A>> {
+        x.view_mut()
+            .into_outer_iter_mut()
+            .flat_map(|batch_row| batch_row.into_outer_iter_mut())
+    }
+    let Gradients { dq, dk, dv, .. } = grads;
+    // (`keys` written only where there are as many key/value heads as queries')
+    let mut keys = heads(dk).zip(heads(dv));
+    heads(dq)
+        .map(|dq| CallRows {
+            dq: written.queries.then_some(dq),
+            keys: written.keys.then(|| keys.next()).flatten(),
+        })
+        .collect()
+}
+
+/// Clears what head `h` of batch row `b` added into the call's gradients before
+/// its program failed.
+fn clear<A: KernelElement, P>(
+    grads: &mut Gradients<A>,
+    problem: &Problem<'_, A, A, P>,
+    (b, h): (usize, usize),
+    written: Written,
+) {
+    let kv = problem.kv_head(h);
+    if written.queries {
+        grads.dq.slice_mut(s![b, h, .., ..]).fill(A::zero());
+    }
+    if written.keys {
+        grads.dk.slice_mut(s![b, kv, .., ..]).fill(A::zero());
+        grads.dv.slice_mut(s![b, kv, .., ..]).fill(A::zero());
+    }
 }
 
 /// Adds head `h` of batch row `b`'s gradients, in parts (query blocks dealt
@@ -170,99 +180,116 @@ fn add_parts<A: KernelElement, P: Program<A>>(
 ) {
     let (l, kv, count) = (problem.q.dim().2, problem.kv_head(h), parts.len());
     for (index, part) in parts.into_iter().enumerate() {
-        let blocks = Part { index, count }.blocks(l);
-        for (rows, dq) in blocks.zip(part.dq.axis_chunks_iter(Axis(0), BQ)) {
-            grads.dq.slice_mut(s![b, h, rows, ..]).assign(&dq);
-        }
-        let mut dk = grads.dk.slice_mut(s![b, kv, .., ..]);
-        dk.zip_mut_with(&part.dk, |a, &x| *a += x);
-        let mut dv = grads.dv.slice_mut(s![b, kv, .., ..]);
-        dv.zip_mut_with(&part.dv, |a, &x| *a += x);
-        add_rest(grads, problem, (b, h), part.rest);
-    }
-}
-
-/// Adds head `h` of batch row `b`'s bias and program gradients to the call's.
-fn add_rest<A: KernelElement, P: Program<A>>(
-    grads: &mut Gradients<A>,
-    problem: &Problem<'_, A, A, P>,
-    (b, h): (usize, usize),
-    rest: HeadRest<A>,
-) {
-    for (m, bias) in rest.bias.iter().enumerate() {
-        let mut target = problem.bias_gradient_of(&mut grads.bias, m, b, h);
-        target.zip_mut_with(bias, |a, &x| *a += x);
-    }
-    grads.add_program(h, &rest.score, rest.sink);
-}
-
-/// Each head's rows of the call's `dQ`, `dK` and `dV`, in head order (batch row
-/// by batch row); for calls whose key/value heads are their query heads.
-fn head_targets<A>(grads: &mut Gradients<A>) -> Vec<HeadTargets<'_, A>> {
-    fn heads<A>(x: &mut Array4<A>) -> impl Iterator<Item = ArrayViewMut2<'_, A>> {
-        x.view_mut()
-            .into_outer_iter_mut()
-            .flat_map(|batch_row| batch_row.into_outer_iter_mut())
-    }
-    let Gradients { dq, dk, dv, .. } = grads;
-    heads(dq)
-        .zip(heads(dk))
-        .zip(heads(dv))
-        .map(|((dq, dk), dv)| HeadTargets { dq, dk, dv })
-        .collect()
-}
-
-/// Head `h` of batch row `b` by the fused pass into arrays of its own, its
-/// query blocks dealt to `parts` tasks: one after another in `work`'s memory,
-/// or on the pool, each thread with working memory of its own.
-fn own_head<A: KernelElement, P: Program<A>>(
-    problem: &Problem<'_, A, A, P>,
-    arch: Arch,
-    (b, h): (usize, usize),
-    upstream: Upstream<'_, A>,
-    work: &mut Work<A>,
-    parts: usize,
-    parallelism: Parallelism,
-) -> Option<Vec<HeadGradients<A>>> {
-    let (l, d) = (problem.q.dim().2, problem.q.dim().3);
-    let (s, d_v) = (problem.k.dim().2, problem.v.dim().3);
-    let Work { panels, scratch } = work;
-    let nr = panels.width();
-    fused_head(problem, arch, (b, h), upstream, panels, |inputs, panels| {
-        let part = |scratch: &mut BlockScratch<A>, index: usize| {
-            let part = Part {
-                index,
-                count: parts,
-            };
-            let rows = part.blocks(l).map(|rows| rows.len()).sum();
-            let (mut dq, mut dk, mut dv) = (
-                Array2::zeros((rows, d)),
-                Array2::zeros((s, d)),
-                Array2::zeros((s, d_v)),
-            );
-            let rest = arch.dispatch(BackwardHead {
-                inputs,
-                upstream,
-                shared: Shared { panels, scratch },
-                part,
-                out: HeadTargets {
-                    dq: dq.view_mut(),
-                    dk: dk.view_mut(),
-                    dv: dv.view_mut(),
-                },
-            })?;
-            Some(HeadGradients { dq, dk, dv, rest })
-        };
-        match (parts, parallelism) {
-            (1, _) | (_, Parallelism::Sequential) => {
-                (0..parts).map(|index| part(scratch, index)).collect()
+        if let Some(dq) = part.dq {
+            let blocks = Part { index, count }.blocks(l);
+            for (rows, dq) in blocks.zip(dq.axis_chunks_iter(Axis(0), BQ)) {
+                grads.dq.slice_mut(s![b, h, rows, ..]).assign(&dq);
             }
-            (_, Parallelism::Rayon) => (0..parts)
-                .into_par_iter()
-                .map_init(|| BlockScratch::new(d_v, nr), part)
-                .collect(),
         }
-    })
+        for (total, x) in [(&mut grads.dk, part.dk), (&mut grads.dv, part.dv)] {
+            if let Some(x) = x {
+                let mut total = total.slice_mut(s![b, kv, .., ..]);
+                total.zip_mut_with(&x, |a, &x| *a += x);
+            }
+        }
+        for (m, bias) in part.rest.bias.iter().enumerate() {
+            let mut target = problem.bias_gradient_of(&mut grads.bias, m, b, h);
+            target.zip_mut_with(bias, |a, &x| *a += x);
+        }
+        grads.add_program(h, &part.rest.score, part.rest.sink);
+    }
+}
+
+/// One head of a call for the fused pass.
+struct Task<'t, 'p, 'u, A, P> {
+    problem: &'t Problem<'p, A, A, P>,
+    arch: Arch,
+    b: usize,
+    h: usize,
+    upstream: Upstream<'u, A>,
+}
+
+impl<A: KernelElement, P: Program<A>> Task<'_, '_, '_, A, P> {
+    /// The head by the fused pass, into the call's rows `into` where given and
+    /// arrays of its own for the rest; its query blocks dealt to `parts` tasks
+    /// (which then take none of `into`): one after another in `work`'s memory,
+    /// or on the pool, each thread with working memory of its own. `None`
+    /// where its inputs or its program need the reference path.
+    fn run(
+        self,
+        work: &mut Work<A>,
+        parts: usize,
+        parallelism: Parallelism,
+        into: CallRows<'_, A>,
+    ) -> Option<Vec<HeadGradients<A>>> {
+        let Task {
+            problem,
+            arch,
+            b,
+            h,
+            upstream,
+        } = self;
+        let (l, d) = (problem.q.dim().2, problem.q.dim().3);
+        let (s, d_v) = (problem.k.dim().2, problem.v.dim().3);
+        let Work { panels, scratch } = work;
+        let nr = panels.width();
+        fused_head(problem, arch, (b, h), upstream, panels, |inputs, panels| {
+            let part = |scratch: &mut BlockScratch<A>, index: usize, into: CallRows<'_, A>| {
+                let part = Part {
+                    index,
+                    count: parts,
+                };
+                let rows = part.blocks(l).map(|rows| rows.len()).sum();
+                let (mut own_dq, mut own_keys) = (None, None);
+                let dq = match into.dq {
+                    Some(dq) => dq,
+                    None => own_dq.insert(Array2::zeros((rows, d))).view_mut(),
+                };
+                let (dk, dv) = match into.keys {
+                    Some(keys) => keys,
+                    None => {
+                        let (dk, dv) =
+                            own_keys.insert((Array2::zeros((s, d)), Array2::zeros((s, d_v))));
+                        (dk.view_mut(), dv.view_mut())
+                    }
+                };
+                let out = HeadTargets { dq, dk, dv };
+                let rest = arch.dispatch(BackwardHead {
+                    inputs,
+                    upstream,
+                    shared: Shared { panels, scratch },
+                    part,
+                    out,
+                })?;
+                let (dk, dv) = own_keys.unzip();
+                Some(HeadGradients {
+                    dq: own_dq,
+                    dk,
+                    dv,
+                    rest,
+                })
+            };
+            if parts == 1 {
+                return part(scratch, 0, into).map(|head| vec![head]);
+            }
+            let none = || CallRows {
+                dq: None,
+                keys: None,
+            };
+            match parallelism {
+                Parallelism::Sequential => (0..parts)
+                    .map(|index| part(scratch, index, none()))
+                    .collect(),
+                Parallelism::Rayon => (0..parts)
+                    .into_par_iter()
+                    .map_init(
+                        || BlockScratch::new(d_v, nr),
+                        |scratch, index| part(scratch, index, none()),
+                    )
+                    .collect(),
+            }
+        })
+    }
 }
 
 /// Runs `run` on head `h` of batch row `b` with its keys and values packed
@@ -336,9 +363,9 @@ fn reference_head<A: KernelElement, P: Program<A>>(
         })
         .collect();
     HeadGradients {
-        dq,
-        dk,
-        dv,
+        dq: Some(dq),
+        dk: Some(dk),
+        dv: Some(dv),
         rest: HeadRest { bias, score, sink },
     }
 }

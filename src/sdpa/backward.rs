@@ -7,7 +7,7 @@ use super::lse::AttentionLse;
 use crate::core::backward::Gradients;
 use crate::core::mask::Mask;
 use crate::core::problem::AttentionDim;
-use crate::core::reference::Saved;
+use crate::core::reference::SavedView;
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::flex::program::{Plain, Program};
@@ -263,21 +263,15 @@ impl<A: Element> ScaledDotProduct<'_, A> {
         let saved = match forward {
             Some(forward) => {
                 check_forward(forward.output.shape(), forward.lse.shape(), &output)?;
-                Some(Saved {
-                    output: D::lift(forward.output.view()).to_owned(),
-                    lse: D::lift_rows(forward.lse.view()).to_owned(),
+                Some(SavedView {
+                    output: D::lift(forward.output.view()),
+                    lse: D::lift_rows(forward.lse.view()),
                 })
             }
             None => None,
         };
         let d_out = D::lift(d_out.view());
-        kernel::backward(
-            &problem,
-            d_out,
-            saved.as_ref(),
-            self.kernel,
-            self.parallelism,
-        )
+        kernel::backward(&problem, d_out, saved, self.kernel, self.parallelism)
     }
 }
 

@@ -60,16 +60,6 @@ pub(crate) struct HeadRest<A> {
     pub(crate) sink: A,
 }
 
-/// One query head's gradients in arrays of their own: `dq` for the head, `dk`
-/// and `dv` for its key/value head (to be summed with the other query heads of
-/// its group).
-pub(crate) struct HeadGradients<A> {
-    pub(crate) dq: Array2<A>,
-    pub(crate) dk: Array2<A>,
-    pub(crate) dv: Array2<A>,
-    pub(crate) rest: HeadRest<A>,
-}
-
 /// One query head whose inputs the fused pass may take (checked by the caller).
 pub(crate) struct HeadInputs<'h, 'p, A, P> {
     pub(crate) scoring: Scoring<'h, P>,
@@ -108,9 +98,6 @@ pub(crate) struct Part {
 }
 
 impl Part {
-    /// All the query blocks.
-    pub(crate) const WHOLE: Part = Part { index: 0, count: 1 };
-
     /// The part's query rows of a head of `l`, block by block.
     pub(crate) fn blocks(self, l: usize) -> impl Iterator<Item = Range<usize>> {
         (self.index * BQ..l)
