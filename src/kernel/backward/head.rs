@@ -328,10 +328,9 @@ impl<'h, 'p, A: KernelFloat, P: Program<A>, const NR: usize> Head<'h, 'p, A, P, 
                 return false;
             }
             let p = scratch.p.as_slice_mut().expect("standard layout");
+            // P = exp(S − lse) with the token's exp (the sums are not needed)
             for (row, &lse) in p.chunks_exact_mut(BK).zip(&scratch.lse).take(rows) {
-                for x in &mut row[..n] {
-                    *x = A::exp_nonpositive::<M>(*x - lse);
-                }
+                tiles.exp_and_sum::<M>(&mut row[..n], lse);
             }
             // dV += Pᵀ·dO
             scratch.p_t.pack_steps::<MR>(p, BK, n, rows);
