@@ -105,15 +105,16 @@ pub(crate) fn backward<A: KernelElement, P: Program<A>>(
         };
         task.run(work, parts, parallelism, into)
     };
-    let tasks = rows_of_heads(&mut grads, written).into_iter().enumerate();
+    let rows = rows_of_heads(&mut grads, written);
     let per_head: Vec<Option<Vec<HeadGradients<A>>>> = match parallelism {
         Parallelism::Sequential => {
             let mut work = work();
+            let tasks = rows.into_iter().enumerate();
             tasks.map(|task| run(&mut work, task)).collect()
         }
-        Parallelism::Rayon => tasks
-            .collect::<Vec<_>>()
+        Parallelism::Rayon => rows
             .into_par_iter()
+            .enumerate()
             .map_init(work, run)
             .collect(),
     };
