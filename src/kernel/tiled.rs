@@ -95,7 +95,7 @@ where
         .sum
         .fill(if sink.is_some() { A::one() } else { A::zero() });
 
-    let needed = keys_needed(block);
+    let needed = keys_needed::<A, K, P, NR>(block);
     let key_end = needed.end;
     let (scoring, first_row) = (block.scoring, block.first_row);
     let mut finite = true;
@@ -165,13 +165,14 @@ where
 }
 
 /// The keys any row of the block may attend to, the first rounded down to a
-/// key block (empty when it sees none).
-fn keys_needed<A: KernelFloat, K, P: Program<A>>(
+/// panel of `NR` (empty when it sees none): a window's or a document's first
+/// key wastes less than a panel, not up to a key block.
+fn keys_needed<A: KernelFloat, K, P: Program<A>, const NR: usize>(
     block: &Block<'_, A, K, P>,
 ) -> std::ops::Range<usize> {
     let rows = block.first_row..block.first_row + block.q.nrows();
     let reach = block.scoring.reach(block.masks, rows, block.l, block.s);
-    reach.start / BC * BC..reach.end
+    reach.start / NR * NR..reach.end
 }
 
 /// Packs the block's queries (times the scale, where the entries hold it) as

@@ -198,7 +198,7 @@ impl<'h, 'p, A: KernelFloat, P: Program<A>, const NR: usize> Head<'h, 'p, A, P, 
     }
 
     /// The keys any row of the block may see, cut into key blocks (the first
-    /// starting at a multiple of `BK`, so that each starts a panel of keys),
+    /// starting at a multiple of `NR`, so that each starts a panel of keys),
     /// with their class under the program; empty blocks are left out.
     #[inline(always)]
     fn key_blocks(
@@ -208,7 +208,7 @@ impl<'h, 'p, A: KernelFloat, P: Program<A>, const NR: usize> Head<'h, 'p, A, P, 
     {
         let rows = queries.first..queries.first + queries.rows;
         let reach = self.scoring.reach(self.masks, rows.clone(), self.l, self.s);
-        let (start, end) = (reach.start / BK * BK, reach.end);
+        let (start, end) = (reach.start / NR * NR, reach.end);
         let Scoring { program, b, h } = self.scoring;
         (start..end)
             .step_by(BK)
