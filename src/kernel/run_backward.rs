@@ -153,19 +153,16 @@ fn rows_of_heads<A>(grads: &mut Gradients<A>, written: Written) -> Vec<CallRows<
         .collect()
 }
 
-/// Clears what head `h` of batch row `b` added into the call's gradients before
-/// its program failed.
+/// Clears the `dK` and `dV` head `h` of batch row `b` added into the call's
+/// before its program failed (its `dQ` rows the reference path's overwrite).
 fn clear<A: KernelElement, P>(
     grads: &mut Gradients<A>,
     problem: &Problem<'_, A, A, P>,
     (b, h): (usize, usize),
     written: Written,
 ) {
-    let kv = problem.kv_head(h);
-    if written.queries {
-        grads.dq.slice_mut(s![b, h, .., ..]).fill(A::zero());
-    }
     if written.keys {
+        let kv = problem.kv_head(h);
         grads.dk.slice_mut(s![b, kv, .., ..]).fill(A::zero());
         grads.dv.slice_mut(s![b, kv, .., ..]).fill(A::zero());
     }
