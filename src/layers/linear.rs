@@ -1,9 +1,11 @@
 //! A learned affine map `y = x·W + b`, the building block of every projection.
 
+use ndarray::linalg::general_mat_mul;
 use ndarray::{
-    Array, Array1, Array2, Array3, ArrayRef2, ArrayRef3, ArrayViewMut1, ArrayViewMut2, Axis,
-    Dimension, Ix2, Ix3,
+    Array, Array1, Array2, Array3, ArrayRef2, ArrayRef3, ArrayView2, ArrayViewMut1, ArrayViewMut2,
+    Axis, Dimension, Ix2, Ix3,
 };
+use rayon::prelude::*;
 
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -11,6 +13,11 @@ use crate::error::{Error, Result};
 /// Inputs of at most this many rows are multiplied row by row: a general matrix
 /// product would pack all of `W` for them (a decoding step projects one token).
 const ROW_BY_ROW_MAX_ROWS: usize = 4;
+
+/// Products of at least this many multiply-adds share their rows among the
+/// pool's threads (about 20 µs of work on one core, well above the cost of
+/// handing a part to another thread).
+const PARALLEL_MIN_WORK: usize = 1 << 20;
 
 /// A linear layer `y = x·W + b` with the weight stored `(in, out)`, optional bias.
 ///
@@ -261,7 +268,7 @@ impl<A: Element> Linear<A> {
             }
             out
         } else {
-            x.dot(&self.weight)
+            product(&x.view(), &self.weight.view())
         };
         if let Some(b) = &self.bias {
             out += b;
@@ -327,8 +334,8 @@ impl<A: Element> Linear<A> {
             });
         }
         Ok(LinearGradients {
-            input: d_y.dot(&self.weight.t()),
-            weight: x.t().dot(d_y),
+            input: product(&d_y.view(), &self.weight.t()),
+            weight: product(&x.t(), &d_y.view()),
             bias: self.bias.as_ref().map(|_| d_y.sum_axis(Axis(0))),
         })
     }
@@ -402,5 +409,82 @@ impl<A: Element> Linear<A> {
             expected,
             found: shape.to_vec(),
         })
+    }
+}
+
+/// `a·b`, the rows of `a` shared among the pool's threads where
+/// [`rows_per_part`] says the product is worth sharing: each part is the same
+/// product over fewer rows, so its bits do not depend on the thread count.
+fn product<A: Element>(a: &ArrayView2<'_, A>, b: &ArrayView2<'_, A>) -> Array2<A> {
+    let (n, depth) = a.dim();
+    let threads = rayon::current_num_threads();
+    let Some(rows) = rows_per_part(n, depth * b.ncols(), threads) else {
+        return a.dot(b);
+    };
+    let mut out = Array2::zeros((n, b.ncols()));
+    let parts: Vec<_> = out
+        .axis_chunks_iter_mut(Axis(0), rows)
+        .zip(a.axis_chunks_iter(Axis(0), rows))
+        .collect();
+    parts
+        .into_par_iter()
+        .for_each(|(mut c, a)| general_mat_mul(A::one(), &a, b, A::zero(), &mut c));
+    out
+}
+
+/// The rows of each of `threads` parts of a product of `n` rows of
+/// `work_per_row` multiply-adds (a multiple of 16, for whole register tiles),
+/// or `None` when one thread should do it all.
+fn rows_per_part(n: usize, work_per_row: usize, threads: usize) -> Option<usize> {
+    let work = n.saturating_mul(work_per_row);
+    let rows = n.div_ceil(threads.max(1)).next_multiple_of(16);
+    (threads > 1 && work >= PARALLEL_MIN_WORK && rows < n).then_some(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use ndarray::{Array1, Array2};
+
+    use super::{Linear, rows_per_part};
+
+    #[test]
+    fn products_are_shared_only_when_large_and_worth_it() {
+        assert_eq!(rows_per_part(300, 96 * 80, 2), Some(160));
+        assert_eq!(rows_per_part(300, 96 * 80, 1), None);
+        assert_eq!(rows_per_part(16, 512 * 512, 2), None, "one part of 16 rows");
+        assert_eq!(rows_per_part(64, 64 * 64, 2), None, "too little work");
+    }
+
+    /// A product shared between two threads is bit for bit the product on one.
+    #[test]
+    fn a_shared_product_has_the_bits_of_one_thread() {
+        fn check<A: crate::Element>() {
+            let (n, width, out) = (300, 96, 80);
+            let x = Array2::from_shape_fn((n, width), |(i, j)| {
+                A::from_f64(((i * 31 + j * 17) % 101) as f64 / 37.0 - 1.3)
+            });
+            let w = Array2::from_shape_fn((width, out), |(i, j)| {
+                A::from_f64(((i * 7 + j * 29) % 89) as f64 / 41.0 - 1.1)
+            });
+            let bias = Array1::from_shape_fn(out, |j| A::from_f64(j as f64 / 10.0));
+            let layer = Linear::new(w.clone())
+                .with_bias(bias.clone())
+                .expect("valid");
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(2)
+                .build()
+                .expect("pool");
+            let shared = pool.install(|| layer.forward(&x)).expect("valid");
+            assert_eq!(shared, x.dot(&w) + &bias);
+            let d_y = shared.mapv(|y| y * A::from_f64(0.5));
+            let grads = pool.install(|| layer.backward(&x, &d_y)).expect("valid");
+            assert_eq!(grads.input, d_y.dot(&w.t()));
+            assert_eq!(grads.weight, x.t().dot(&d_y));
+        }
+        // x·W and d_y·Wᵀ share 300 rows, xᵀ·d_y 96
+        assert!(rows_per_part(300, 96 * 80, 2).is_some());
+        assert!(rows_per_part(96, 300 * 80, 2).is_some());
+        check::<f32>();
+        check::<f64>();
     }
 }
