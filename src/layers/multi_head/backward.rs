@@ -157,7 +157,7 @@ impl<A: Element> MultiHeadAttention<A> {
             input,
             weight: w_o,
             bias: b_o,
-        } = self.linears[3].backward_batched(&concat(forward.output.clone()), d_out)?;
+        } = self.linears[3].backward_batched(&concat(forward.output.view()), d_out)?;
         let d_heads = split(input, self.config.n_heads(), self.config.head_dim());
         let mut g = attention.backward_with_lse(q, k, v, &forward, &d_heads)?;
         // rotary embeddings are rotations: their gradient rotates back
@@ -166,9 +166,9 @@ impl<A: Element> MultiHeadAttention<A> {
             rope.apply_transpose(&mut g.k, &in_order(b, key.dim().1))?;
         }
         let [w_q, w_k, w_v, _] = &self.linears;
-        let g_q = w_q.backward_batched(query, &concat(g.q))?;
-        let g_k = w_k.backward_batched(key, &concat(g.k))?;
-        let g_v = w_v.backward_batched(value, &concat(g.v))?;
+        let g_q = w_q.backward_batched(query, &concat(g.q.view()))?;
+        let g_k = w_k.backward_batched(key, &concat(g.k.view()))?;
+        let g_v = w_v.backward_batched(value, &concat(g.v.view()))?;
         Ok(MultiHeadGradients {
             query: g_q.input,
             key: g_k.input,

@@ -290,7 +290,7 @@ impl<A: Element> MultiHeadAttention<A> {
         let head_weights = head_weights.unwrap_or_else(|| Array4::zeros((0, 0, 0, 0)));
         let n_heads = A::from_f64(head_weights.dim().1.max(1) as f64);
         Ok(MultiHeadOutput {
-            output: self.merge_heads(heads)?,
+            output: self.merge_heads(heads.view())?,
             mean_weights: head_weights.sum_axis(Axis(1)) / n_heads,
             head_weights,
         })

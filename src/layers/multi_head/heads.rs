@@ -106,7 +106,7 @@ impl<A: Element> MultiHeadAttention<A> {
                 found: heads.shape().to_vec(),
             });
         }
-        self.merge_heads(heads.to_owned())
+        self.merge_heads(heads.view())
     }
 
     /// [`project`](Self::project) with the positions of every query and key.

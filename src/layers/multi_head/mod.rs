@@ -11,7 +11,10 @@ mod paged;
 mod settings;
 mod weights;
 
-use ndarray::{Array, Array1, Array2, Array3, Array4, ArrayRef2, ArrayView3, Axis, Dimension};
+use ndarray::{
+    Array, Array1, Array2, Array3, Array4, ArrayRef2, ArrayView3, ArrayView4, Axis, CowArray,
+    Dimension, Ix3,
+};
 use rand::Rng;
 
 pub use backward::MultiHeadGradients;
@@ -297,7 +300,7 @@ impl<A: Element> MultiHeadAttention<A> {
 
 impl<A: Element> MultiHeadAttention<A> {
     /// `(B, heads, L, head_dim)` → `concat(heads)·W_O + b_o`, `(B, L, d_model)`.
-    fn merge_heads(&self, heads: Array4<A>) -> Result<Array3<A>> {
+    fn merge_heads(&self, heads: ArrayView4<'_, A>) -> Result<Array3<A>> {
         self.linears[3].forward_batched_named("concatenated heads", &concat(heads))
     }
 
@@ -386,15 +389,20 @@ fn in_order(batch: usize, n: usize) -> Array2<usize> {
     Array2::from_shape_fn((batch, n), |(_, i)| i)
 }
 
-/// `(B, heads, n, head_dim)` → `(B, n, heads·head_dim)`: the heads side by side.
-fn concat<A: Element>(heads: Array4<A>) -> Array3<A> {
+/// `(B, heads, n, head_dim)` → `(B, n, heads·head_dim)`: the heads side by
+/// side, borrowed where they lie token by token already (one head), else
+/// copied once.
+fn concat<A: Element>(heads: ArrayView4<'_, A>) -> CowArray<'_, A, Ix3> {
     let (b, h, n, hd) = heads.dim();
-    heads
-        .permuted_axes([0, 2, 1, 3])
-        .as_standard_layout()
-        .into_owned()
-        .into_shape_with_order((b, n, h * hd))
-        .expect("(B, n, heads, head_dim) holds B × n rows of heads·head_dim")
+    let tokens = heads.permuted_axes([0, 2, 1, 3]);
+    let shape = (b, n, h * hd);
+    let holds = "(B, n, heads, head_dim) holds B × n rows of heads·head_dim";
+    if tokens.is_standard_layout() {
+        CowArray::from(tokens.into_shape_with_order(shape).expect(holds))
+    } else {
+        let owned = tokens.as_standard_layout().into_owned();
+        CowArray::from(owned.into_shape_with_order(shape).expect(holds))
+    }
 }
 
 /// `(B, n, heads·head_dim)` → `(B, heads, n, head_dim)`.

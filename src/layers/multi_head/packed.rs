@@ -115,7 +115,7 @@ impl<A: Element> MultiHeadAttention<A> {
         let slopes = self.slopes();
         let attention = self.attention(&[], &slopes).with_block_mask(&blocks);
         let out = attention.forward(&heads.q, &heads.k, &heads.v)?;
-        Ok(self.merge_heads(out)?.index_axis_move(Axis(0), 0))
+        Ok(self.merge_heads(out.view())?.index_axis_move(Axis(0), 0))
     }
 }
 

@@ -144,7 +144,7 @@ impl<A: Element> MultiHeadAttention<A> {
             expected: vec![config.n_heads(), x.nrows(), hd],
             found: vec![views.len()],
         })?;
-        let out = self.merge_heads(heads.insert_axis(Axis(0)))?;
+        let out = self.merge_heads(heads.view().insert_axis(Axis(0)))?;
         Ok(out.index_axis_move(Axis(0), 0))
     }
 
