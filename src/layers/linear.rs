@@ -14,6 +14,10 @@ use crate::error::{Error, Result};
 /// product would pack all of `W` for them (a decoding step projects one token).
 const ROW_BY_ROW_MAX_ROWS: usize = 4;
 
+/// Rows of `W` per part of a row-by-row product: the parts are summed in
+/// order, and run on the pool's threads where there are several.
+const ROW_BY_ROW_PART: usize = 256;
+
 /// Products of at least this many multiply-adds share their rows among the
 /// pool's threads (about 20 µs of work on one core, well above the cost of
 /// handing a part to another thread).
@@ -259,14 +263,7 @@ impl<A: Element> Linear<A> {
     pub(crate) fn forward_named(&self, what: &'static str, x: &ArrayRef2<A>) -> Result<Array2<A>> {
         self.check_width(what, x.shape())?;
         let mut out = if x.nrows() <= ROW_BY_ROW_MAX_ROWS {
-            // rows of W scaled and summed: W is read once and never packed
-            let mut out = Array2::zeros((x.nrows(), self.out_features()));
-            for (mut out, x) in out.outer_iter_mut().zip(x.outer_iter()) {
-                for (&x, w) in x.iter().zip(self.weight.outer_iter()) {
-                    out.scaled_add(x, &w);
-                }
-            }
-            out
+            row_by_row(&x.view(), &self.weight.view())
         } else {
             product(&x.view(), &self.weight.view())
         };
@@ -432,6 +429,41 @@ fn product<A: Element>(a: &ArrayView2<'_, A>, b: &ArrayView2<'_, A>) -> Array2<A
     out
 }
 
+/// `x·w` for a few rows of `x` (a decoding step projects one token): rows of
+/// `w` scaled and summed, so that `w` is read once and never packed. The rows
+/// of `w` are cut into parts of [`ROW_BY_ROW_PART`], each summed on its own
+/// (on the pool's threads, each reading its own contiguous part of `w`), then
+/// added in part order: the parts depend on the shapes only, so the bits do
+/// not depend on the thread count.
+fn row_by_row<A: Element>(x: &ArrayView2<'_, A>, w: &ArrayView2<'_, A>) -> Array2<A> {
+    let part = |(x, w): (ArrayView2<'_, A>, ArrayView2<'_, A>)| {
+        let mut out = Array2::zeros((x.nrows(), w.ncols()));
+        for (mut out, x) in out.outer_iter_mut().zip(x.outer_iter()) {
+            for (&x, w) in x.iter().zip(w.outer_iter()) {
+                out.scaled_add(x, &w);
+            }
+        }
+        out
+    };
+    let parts: Vec<_> = x
+        .axis_chunks_iter(Axis(1), ROW_BY_ROW_PART)
+        .zip(w.axis_chunks_iter(Axis(0), ROW_BY_ROW_PART))
+        .collect();
+    let sums: Vec<Array2<A>> = if parts.len() > 1 && rayon::current_num_threads() > 1 {
+        parts.into_par_iter().map(part).collect()
+    } else {
+        parts.into_iter().map(part).collect()
+    };
+    let mut sums = sums.into_iter();
+    let mut out = sums
+        .next()
+        .unwrap_or_else(|| Array2::zeros((x.nrows(), w.ncols())));
+    for sum in sums {
+        out += &sum;
+    }
+    out
+}
+
 /// The rows of each of `threads` parts of a product of `n` rows of
 /// `work_per_row` multiply-adds (a multiple of 16, for whole register tiles),
 /// or `None` when one thread should do it all.
@@ -445,7 +477,7 @@ fn rows_per_part(n: usize, work_per_row: usize, threads: usize) -> Option<usize>
 mod tests {
     use ndarray::{Array1, Array2};
 
-    use super::{Linear, rows_per_part};
+    use super::{Linear, ROW_BY_ROW_MAX_ROWS, ROW_BY_ROW_PART, row_by_row, rows_per_part};
 
     #[test]
     fn products_are_shared_only_when_large_and_worth_it() {
@@ -486,5 +518,36 @@ mod tests {
         assert!(rows_per_part(96, 300 * 80, 2).is_some());
         check::<f32>();
         check::<f64>();
+    }
+
+    /// A few rows projected part by part: the same bits on one thread and two,
+    /// the product's value, and zeros from a weight of no rows.
+    #[test]
+    fn row_by_row_parts_have_the_bits_of_one_thread() {
+        let (width, out) = (2 * ROW_BY_ROW_PART + 3, 70);
+        let x = Array2::from_shape_fn((ROW_BY_ROW_MAX_ROWS, width), |(i, j)| {
+            ((i * 31 + j * 17) % 101) as f64 / 37.0 - 1.3
+        });
+        let w = Array2::from_shape_fn((width, out), |(i, j)| {
+            ((i * 7 + j * 29) % 89) as f64 / 41.0 - 1.1
+        });
+        let on = |threads| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
+            pool.install(|| row_by_row(&x.view(), &w.view()))
+        };
+        let one = on(1);
+        assert_eq!(on(2), one);
+        let e = (&one - &x.dot(&w))
+            .iter()
+            .fold(0.0_f64, |m, d| m.max(d.abs()));
+        assert!(e < 1e-12, "{e:e}");
+        let none = row_by_row(
+            &x.slice(ndarray::s![.., ..0]),
+            &w.slice(ndarray::s![..0, ..]),
+        );
+        assert_eq!(none, Array2::<f64>::zeros((ROW_BY_ROW_MAX_ROWS, out)));
     }
 }
