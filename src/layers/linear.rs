@@ -261,16 +261,30 @@ impl<A: Element> Linear<A> {
 
     /// [`forward`](Self::forward), naming the input in the error.
     pub(crate) fn forward_named(&self, what: &'static str, x: &ArrayRef2<A>) -> Result<Array2<A>> {
+        let mut out = Array2::zeros((x.nrows(), self.out_features()));
+        self.forward_into(what, x, out.view_mut())?;
+        Ok(out)
+    }
+
+    /// [`forward_named`](Self::forward_named) into `out: (n, out)`, rows of a
+    /// larger array (the packed layer's output, a group of sequences at a time).
+    pub(crate) fn forward_into(
+        &self,
+        what: &'static str,
+        x: &ArrayRef2<A>,
+        mut out: ArrayViewMut2<'_, A>,
+    ) -> Result<()> {
         self.check_width(what, x.shape())?;
-        let mut out = if x.nrows() <= ROW_BY_ROW_MAX_ROWS {
-            row_by_row(&x.view(), &self.weight.view())
+        debug_assert_eq!(out.dim(), (x.nrows(), self.out_features()));
+        if x.nrows() <= ROW_BY_ROW_MAX_ROWS {
+            out.assign(&row_by_row(&x.view(), &self.weight.view()));
         } else {
-            product(&x.view(), &self.weight.view())
-        };
+            product_into(&x.view(), &self.weight.view(), out.view_mut());
+        }
         if let Some(b) = &self.bias {
             out += b;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// [`forward_batched`](Self::forward_batched), naming the input in the error.
@@ -413,12 +427,22 @@ impl<A: Element> Linear<A> {
 /// [`rows_per_part`] says the product is worth sharing: each part is the same
 /// product over fewer rows, so its bits do not depend on the thread count.
 fn product<A: Element>(a: &ArrayView2<'_, A>, b: &ArrayView2<'_, A>) -> Array2<A> {
+    let mut out = Array2::zeros((a.nrows(), b.ncols()));
+    product_into(a, b, out.view_mut());
+    out
+}
+
+/// [`product`] into `out: (rows of a, columns of b)`.
+fn product_into<A: Element>(
+    a: &ArrayView2<'_, A>,
+    b: &ArrayView2<'_, A>,
+    mut out: ArrayViewMut2<'_, A>,
+) {
     let (n, depth) = a.dim();
     let threads = rayon::current_num_threads();
     let Some(rows) = rows_per_part(n, depth * b.ncols(), threads) else {
-        return a.dot(b);
+        return general_mat_mul(A::one(), a, b, A::zero(), &mut out);
     };
-    let mut out = Array2::zeros((n, b.ncols()));
     let parts: Vec<_> = out
         .axis_chunks_iter_mut(Axis(0), rows)
         .zip(a.axis_chunks_iter(Axis(0), rows))
@@ -426,7 +450,6 @@ fn product<A: Element>(a: &ArrayView2<'_, A>, b: &ArrayView2<'_, A>) -> Array2<A
     parts
         .into_par_iter()
         .for_each(|(mut c, a)| general_mat_mul(A::one(), &a, b, A::zero(), &mut c));
-    out
 }
 
 /// `x·w` for a few rows of `x` (a decoding step projects one token): rows of

@@ -12,8 +12,8 @@ mod settings;
 mod weights;
 
 use ndarray::{
-    Array, Array1, Array2, Array3, Array4, ArrayRef2, ArrayView3, ArrayView4, Axis, CowArray,
-    Dimension, Ix3,
+    Array, Array1, Array2, Array3, Array4, ArrayRef2, ArrayView3, ArrayView4, ArrayViewMut2, Axis,
+    CowArray, Dimension, Ix3,
 };
 use rand::Rng;
 
@@ -302,6 +302,14 @@ impl<A: Element> MultiHeadAttention<A> {
     /// `(B, heads, L, head_dim)` → `concat(heads)·W_O + b_o`, `(B, L, d_model)`.
     fn merge_heads(&self, heads: ArrayView4<'_, A>) -> Result<Array3<A>> {
         self.linears[3].forward_batched_named("concatenated heads", &concat(heads))
+    }
+
+    /// [`merge_heads`](Self::merge_heads) of a batch of one, `(1, heads, L,
+    /// head_dim)`, into `out: (L, d_model)`.
+    fn merge_heads_into(&self, heads: ArrayView4<'_, A>, out: ArrayViewMut2<'_, A>) -> Result<()> {
+        let concatenated = concat(heads);
+        let rows = concatenated.index_axis(Axis(0), 0);
+        self.linears[3].forward_into("concatenated heads", &rows, out)
     }
 
     /// The ALiBi slopes of the layer's heads (empty without ALiBi); the masks of

@@ -1,7 +1,7 @@
 //! Several sequences packed end to end in one call: variable-length prefill,
 //! with nothing computed for padding or between sequences.
 
-use ndarray::{Array2, ArrayRef2, Axis, s};
+use ndarray::{Array2, ArrayRef2, ArrayViewMut2, s};
 
 use super::{MultiHeadAttention, batch_of_one, in_callers_shapes};
 use crate::element::Element;
@@ -78,23 +78,24 @@ impl<A: Element> MultiHeadAttention<A> {
         offsets: &[usize],
         tokens: usize,
     ) -> Result<Array2<A>> {
-        let groups = groups(offsets, tokens);
-        if let [group] = groups[..] {
-            return self.packed_group(x, group);
-        }
         let mut out = Array2::zeros((x.nrows(), self.config.d_model()));
-        for group in groups {
+        for group in groups(offsets, tokens) {
             let rows = group[0]..group[group.len() - 1];
             let local: Vec<usize> = group.iter().map(|o| o - rows.start).collect();
-            let y = self.packed_group(&x.slice(s![rows.clone(), ..]), &local)?;
-            out.slice_mut(s![rows, ..]).assign(&y);
+            let x = x.slice(s![rows.clone(), ..]);
+            self.packed_group(&x, &local, out.slice_mut(s![rows, ..]))?;
         }
         Ok(out)
     }
 
-    /// One group of packed sequences in one call: its offsets are valid and
-    /// end at `x`'s rows.
-    fn packed_group(&self, x: &ArrayRef2<A>, offsets: &[usize]) -> Result<Array2<A>> {
+    /// One group of packed sequences in one call, into its rows `out` of the
+    /// call's output: its offsets are valid and end at `x`'s rows.
+    fn packed_group(
+        &self,
+        x: &ArrayRef2<A>,
+        offsets: &[usize],
+        out: ArrayViewMut2<'_, A>,
+    ) -> Result<()> {
         let total = x.nrows();
         // the layer's own causal mask and window act within each sequence (its
         // positions' differences are the packed ones'); the documents only cut
@@ -114,8 +115,8 @@ impl<A: Element> MultiHeadAttention<A> {
         let blocks = BlockMask::new(documents, [1, 1, total, total])?;
         let slopes = self.slopes();
         let attention = self.attention(&[], &slopes).with_block_mask(&blocks);
-        let out = attention.forward(&heads.q, &heads.k, &heads.v)?;
-        Ok(self.merge_heads(out.view())?.index_axis_move(Axis(0), 0))
+        let heads = attention.forward(&heads.q, &heads.k, &heads.v)?;
+        self.merge_heads_into(heads.view(), out)
     }
 }
 
