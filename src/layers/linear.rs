@@ -1,27 +1,17 @@
 //! A learned affine map `y = x·W + b`, the building block of every projection.
 
-use ndarray::linalg::general_mat_mul;
 use ndarray::{
-    Array, Array1, Array2, Array3, ArrayRef2, ArrayRef3, ArrayView2, ArrayViewMut1, ArrayViewMut2,
-    Axis, Dimension, Ix2, Ix3,
+    Array, Array1, Array2, Array3, ArrayRef2, ArrayRef3, ArrayViewMut1, ArrayViewMut2, Axis,
+    Dimension, Ix2, Ix3,
 };
-use rayon::prelude::*;
 
+use super::product::{product, product_into, row_by_row};
 use crate::element::Element;
 use crate::error::{Error, Result};
 
 /// Inputs of at most this many rows are multiplied row by row: a general matrix
 /// product would pack all of `W` for them (a decoding step projects one token).
 const ROW_BY_ROW_MAX_ROWS: usize = 4;
-
-/// Rows of `W` per part of a row-by-row product: the parts are summed in
-/// order, and run on the pool's threads where there are several.
-const ROW_BY_ROW_PART: usize = 256;
-
-/// Products of at least this many multiply-adds share their rows among the
-/// pool's threads (about 20 µs of work on one core, well above the cost of
-/// handing a part to another thread).
-const PARALLEL_MIN_WORK: usize = 1 << 20;
 
 /// A linear layer `y = x·W + b` with the weight stored `(in, out)`, optional bias.
 ///
@@ -423,92 +413,12 @@ impl<A: Element> Linear<A> {
     }
 }
 
-/// `a·b`, the rows of `a` shared among the pool's threads where
-/// [`rows_per_part`] says the product is worth sharing: each part is the same
-/// product over fewer rows, so its bits do not depend on the thread count.
-fn product<A: Element>(a: &ArrayView2<'_, A>, b: &ArrayView2<'_, A>) -> Array2<A> {
-    let mut out = Array2::zeros((a.nrows(), b.ncols()));
-    product_into(a, b, out.view_mut());
-    out
-}
-
-/// [`product`] into `out: (rows of a, columns of b)`.
-fn product_into<A: Element>(
-    a: &ArrayView2<'_, A>,
-    b: &ArrayView2<'_, A>,
-    mut out: ArrayViewMut2<'_, A>,
-) {
-    let (n, depth) = a.dim();
-    let threads = rayon::current_num_threads();
-    let Some(rows) = rows_per_part(n, depth * b.ncols(), threads) else {
-        return general_mat_mul(A::one(), a, b, A::zero(), &mut out);
-    };
-    let parts: Vec<_> = out
-        .axis_chunks_iter_mut(Axis(0), rows)
-        .zip(a.axis_chunks_iter(Axis(0), rows))
-        .collect();
-    parts
-        .into_par_iter()
-        .for_each(|(mut c, a)| general_mat_mul(A::one(), &a, b, A::zero(), &mut c));
-}
-
-/// `x·w` for a few rows of `x` (a decoding step projects one token): rows of
-/// `w` scaled and summed, so that `w` is read once and never packed. The rows
-/// of `w` are cut into parts of [`ROW_BY_ROW_PART`], each summed on its own
-/// (on the pool's threads, each reading its own contiguous part of `w`), then
-/// added in part order: the parts depend on the shapes only, so the bits do
-/// not depend on the thread count.
-fn row_by_row<A: Element>(x: &ArrayView2<'_, A>, w: &ArrayView2<'_, A>) -> Array2<A> {
-    let part = |(x, w): (ArrayView2<'_, A>, ArrayView2<'_, A>)| {
-        let mut out = Array2::zeros((x.nrows(), w.ncols()));
-        for (mut out, x) in out.outer_iter_mut().zip(x.outer_iter()) {
-            for (&x, w) in x.iter().zip(w.outer_iter()) {
-                out.scaled_add(x, &w);
-            }
-        }
-        out
-    };
-    let parts: Vec<_> = x
-        .axis_chunks_iter(Axis(1), ROW_BY_ROW_PART)
-        .zip(w.axis_chunks_iter(Axis(0), ROW_BY_ROW_PART))
-        .collect();
-    let sums: Vec<Array2<A>> = if parts.len() > 1 && rayon::current_num_threads() > 1 {
-        parts.into_par_iter().map(part).collect()
-    } else {
-        parts.into_iter().map(part).collect()
-    };
-    let mut sums = sums.into_iter();
-    let mut out = sums
-        .next()
-        .unwrap_or_else(|| Array2::zeros((x.nrows(), w.ncols())));
-    for sum in sums {
-        out += &sum;
-    }
-    out
-}
-
-/// The rows of each of `threads` parts of a product of `n` rows of
-/// `work_per_row` multiply-adds (a multiple of 16, for whole register tiles),
-/// or `None` when one thread should do it all.
-fn rows_per_part(n: usize, work_per_row: usize, threads: usize) -> Option<usize> {
-    let work = n.saturating_mul(work_per_row);
-    let rows = n.div_ceil(threads.max(1)).next_multiple_of(16);
-    (threads > 1 && work >= PARALLEL_MIN_WORK && rows < n).then_some(rows)
-}
-
 #[cfg(test)]
 mod tests {
     use ndarray::{Array1, Array2};
 
-    use super::{Linear, ROW_BY_ROW_MAX_ROWS, ROW_BY_ROW_PART, row_by_row, rows_per_part};
-
-    #[test]
-    fn products_are_shared_only_when_large_and_worth_it() {
-        assert_eq!(rows_per_part(300, 96 * 80, 2), Some(160));
-        assert_eq!(rows_per_part(300, 96 * 80, 1), None);
-        assert_eq!(rows_per_part(16, 512 * 512, 2), None, "one part of 16 rows");
-        assert_eq!(rows_per_part(64, 64 * 64, 2), None, "too little work");
-    }
+    use super::Linear;
+    use crate::layers::product::rows_per_part;
 
     /// A product shared between two threads is bit for bit the product on one.
     #[test]
@@ -541,36 +451,5 @@ mod tests {
         assert!(rows_per_part(96, 300 * 80, 2).is_some());
         check::<f32>();
         check::<f64>();
-    }
-
-    /// A few rows projected part by part: the same bits on one thread and two,
-    /// the product's value, and zeros from a weight of no rows.
-    #[test]
-    fn row_by_row_parts_have_the_bits_of_one_thread() {
-        let (width, out) = (2 * ROW_BY_ROW_PART + 3, 70);
-        let x = Array2::from_shape_fn((ROW_BY_ROW_MAX_ROWS, width), |(i, j)| {
-            ((i * 31 + j * 17) % 101) as f64 / 37.0 - 1.3
-        });
-        let w = Array2::from_shape_fn((width, out), |(i, j)| {
-            ((i * 7 + j * 29) % 89) as f64 / 41.0 - 1.1
-        });
-        let on = |threads| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .expect("pool");
-            pool.install(|| row_by_row(&x.view(), &w.view()))
-        };
-        let one = on(1);
-        assert_eq!(on(2), one);
-        let e = (&one - &x.dot(&w))
-            .iter()
-            .fold(0.0_f64, |m, d| m.max(d.abs()));
-        assert!(e < 1e-12, "{e:e}");
-        let none = row_by_row(
-            &x.slice(ndarray::s![.., ..0]),
-            &w.slice(ndarray::s![..0, ..]),
-        );
-        assert_eq!(none, Array2::<f64>::zeros((ROW_BY_ROW_MAX_ROWS, out)));
     }
 }

@@ -5,4 +5,5 @@ pub(crate) mod init;
 pub(crate) mod linear;
 pub(crate) mod multi_head;
 pub mod parameter_free;
+mod product;
 pub(crate) mod projection;
