@@ -158,8 +158,8 @@ mod tests {
         assert_eq!(groups(&[0], 4), [&[0][..]]);
     }
 
-    /// Sequences cut into groups give what the whole packed call gives, and
-    /// what each sequence gives alone.
+    /// Sequences cut into groups (an empty one among them) give what the whole
+    /// packed call gives.
     #[test]
     fn a_packed_call_in_groups_equals_one_group() {
         let mha = MultiHeadConfig::new(8, 2)
