@@ -39,6 +39,18 @@ impl Documents {
     ///
     /// [`Error::InvalidConfig`] unless the offsets start at 0 and never decrease.
     pub fn from_offsets(offsets: &[usize]) -> Result<Self> {
+        Self::check_offsets(offsets)?;
+        let ids = offsets
+            .windows(2)
+            .enumerate()
+            .flat_map(|(doc, w)| std::iter::repeat_n(doc as u32, w[1] - w[0]))
+            .collect();
+        Ok(Documents { ids, causal: false })
+    }
+
+    /// The error [`from_offsets`](Self::from_offsets) gives for `offsets`, if
+    /// any, without building the documents.
+    pub(crate) fn check_offsets(offsets: &[usize]) -> Result<()> {
         let ordered = offsets.windows(2).all(|w| w[0] <= w[1]);
         if offsets.first() != Some(&0) || !ordered || offsets.len() > u32::MAX as usize {
             return Err(Error::InvalidConfig {
@@ -47,12 +59,7 @@ impl Documents {
                 ),
             });
         }
-        let ids = offsets
-            .windows(2)
-            .enumerate()
-            .flat_map(|(doc, w)| std::iter::repeat_n(doc as u32, w[1] - w[0]))
-            .collect();
-        Ok(Documents { ids, causal: false })
+        Ok(())
     }
 
     /// From each document's length.

@@ -60,7 +60,7 @@ impl<A: Element> MultiHeadAttention<A> {
                 found: vec![end],
             });
         }
-        Documents::from_offsets(offsets)?;
+        Documents::check_offsets(offsets)?;
         let config = &self.config;
         let widest = config
             .d_model()
