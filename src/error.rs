@@ -112,9 +112,10 @@ pub enum Error {
         /// The shape in the file.
         found: Vec<usize>,
     },
-    /// A paged key/value cache cannot do what was asked: its pool has too few
-    /// free blocks, a sequence was freed or belongs to another cache, or a
-    /// value cannot be quantised (NaN, infinity). Nothing was written.
+    /// A key/value cache cannot do what was asked: a paged cache's pool has too
+    /// few free blocks, a sequence was freed or belongs to another cache, or a
+    /// value cannot be quantised (NaN, infinity); a [`KvCache`](crate::KvCache)
+    /// cannot grow because the system refuses the memory. Nothing was written.
     Cache {
         /// What is wrong, in words.
         reason: String,

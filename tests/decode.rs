@@ -394,6 +394,25 @@ fn sliding_cache_keys_come_in_position_order() {
         cache.keys().iter().copied().collect::<Vec<_>>(),
         vec![102.0, 103.0, 104.0]
     );
+    // a window past the storage's first 16 slots: the ring grows as positions
+    // arrive and takes its second copies when they wrap, inside a chunk too
+    let window = 37;
+    let mut cache = KvCache::<f64>::sliding(1, 1, 1, 1, window).expect("valid");
+    let mut seen = 0;
+    for t in [1, 7, 20, 3, 1, 45, 2, 30, 1, 36, 74, 5] {
+        let chunk = Array4::from_shape_fn((1, 1, t, 1), |(_, _, i, _)| (seen + i) as f64);
+        cache.attend(&chunk, &chunk, &chunk).expect("valid");
+        seen += t;
+        let want: Vec<f64> = (seen.saturating_sub(window)..seen)
+            .map(|p| p as f64)
+            .collect();
+        assert_eq!(
+            cache.keys().iter().copied().collect::<Vec<_>>(),
+            want,
+            "after {seen}"
+        );
+        assert_eq!(cache.values().iter().copied().collect::<Vec<_>>(), want);
+    }
 }
 
 #[test]

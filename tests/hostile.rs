@@ -174,11 +174,25 @@ fn cache_sizes_are_checked() {
     let err = KvCache::<f32>::sliding(1, 1, 4, 4, usize::MAX / 2).unwrap_err();
     assert!(reason(&err).contains("KvCache::sliding"), "{err}");
     assert!(KvCache::<f32>::sliding(1, 0, 4, 4, 8).is_err());
-    // addressable, but more than any machine has (32 TiB): refused by the
-    // allocator, not an abort
+    // a window of 2⁴⁰ positions (32 TiB at full length) allocates as positions
+    // arrive: made and stepped in a few bytes
+    let mut huge = KvCache::<f32>::sliding(1, 1, 4, 4, 1 << 40).expect("addressable");
+    let one = Array4::<f32>::ones((1, 1, 1, 4));
+    huge.attend(&one, &one, &one).expect("one position");
+    assert_eq!(huge.len(), 1);
+    // growth the allocator refuses (16 slots of 2³⁸-wide keys: 16 TiB) is an
+    // `Err` naming the cache, not an abort, and leaves the cache as it was
     if std::fs::read_to_string("/proc/sys/vm/overcommit_memory").is_ok_and(|m| m.trim() != "1") {
-        let err = KvCache::<f32>::sliding(1, 1, 4, 4, 1 << 40).unwrap_err();
-        assert!(reason(&err).contains("cannot be allocated"), "{err}");
+        let mut wide = KvCache::<f32>::new(1, 1, 1 << 38, 1);
+        let k = Array4::<f32>::zeros((1, 1, 1, 1));
+        let k = k.broadcast((1, 1, 1, 1 << 38)).expect("a view");
+        let v = Array4::<f32>::zeros((1, 1, 1, 1));
+        let err = wide.append(&k, &v).unwrap_err();
+        assert!(matches!(err, attn::Error::Cache { .. }), "{err}");
+        assert!(
+            reason(&err).contains("KvCache::new(batch 1") && reason(&err).contains("16 positions")
+        );
+        assert!(wide.is_empty());
     }
     // `new` keeps its signature: a size that cannot make a cache is reported by
     // the first call that writes, naming the constructor's arguments

@@ -281,7 +281,7 @@ impl<A: Storage> KvCache<A> {
         broadcast_all(masks, &[b, heads, t, keys_seen])?;
         // one new position in a ring: after writing it, every held slot is within
         // its window; so are all positions of a cache that keeps everything
-        self.write(k_new, v_new, real.view());
+        self.write(k_new, v_new, real.view())?;
         // the held flags as a (batch, 1, 1, S) view: a mask only where there is padding
         let keep = self.real().insert_axis(Axis(1)).insert_axis(Axis(1));
         let mut attention = scaled(settings.scale).with_mask(Mask::CausalBottomRight);
@@ -341,7 +341,7 @@ impl<A: Storage> KvCache<A> {
             weights,
         };
         let out = settings.run.run(attention, forward)?;
-        self.write(k_new, v_new, real.view());
+        self.write(k_new, v_new, real.view())?;
         Ok(out)
     }
 }

@@ -16,9 +16,12 @@ use crate::error::{Error, Result};
 /// [`KvCache::new`] keeps every position, growing its storage by doubling
 /// (appending is amortised O(1) per token: nothing is copied per step).
 /// [`KvCache::sliding`] keeps the last `window` positions in a ring (a step
-/// overwrites the oldest slot), for sliding-window attention; each slot is
-/// written twice, `window` apart, so the held positions are always one
-/// contiguous run in position order ([`keys`](Self::keys) is a view, no copy).
+/// overwrites the oldest slot), for sliding-window attention; once positions
+/// wrap, each slot is written twice, `window` apart, so the held positions are
+/// always one contiguous run in position order ([`keys`](Self::keys) is a view, no
+/// copy). Either kind allocates as positions arrive (a ring at most twice its
+/// window), never for sizes alone: a cache made from a hostile `config.json`'s
+/// window costs nothing until tokens come.
 ///
 /// [`attend`](Self::attend) appends new keys and values and lets the new queries
 /// attend to every cached position with bottom-right causal alignment (query `i` of
@@ -88,7 +91,9 @@ impl<A: Storage> KvCache<A> {
     /// # Errors
     ///
     /// [`Error::InvalidConfig`] when `window` or a size is 0, or the cache's
-    /// `batch · kv_heads · 2·window · d` values cannot be addressed.
+    /// `batch · kv_heads · 2·window · d` values cannot be addressed. The memory
+    /// is allocated as positions arrive: a call that writes returns
+    /// [`Error::Cache`] where the system refuses it.
     ///
     /// # Examples
     ///
@@ -116,17 +121,26 @@ impl<A: Storage> KvCache<A> {
     pub(crate) fn of_sizes(sizes: [usize; 4], window: Option<usize>) -> Self {
         // every slot twice, `window` apart: the held run is contiguous
         let slots = window.map_or(Some(0), |w| w.checked_mul(2));
-        let storage = check_sizes::<A>(sizes, window, slots)
-            .and_then(|()| Arrays::allocate(sizes, slots.unwrap_or(0), window));
-        let (storage, fault) = match storage {
+        // no slots yet: they are allocated as positions arrive
+        let storage = check_sizes::<A>(sizes, window, slots).and_then(|()| {
+            Arrays::allocate(sizes, 0)
+                .zip(filled(sizes[0], 0))
+                .ok_or_else(|| Error::InvalidConfig {
+                    reason: format!(
+                        "{}: the memory cannot be allocated",
+                        constructor(sizes, window)
+                    ),
+                })
+        });
+        let ((storage, positions), fault) = match storage {
             Ok(storage) => (storage, None),
-            Err(fault) => (Arrays::empty(), Some(fault)),
+            Err(fault) => ((Arrays::empty(), Vec::new()), Some(fault)),
         };
         KvCache {
             keys: storage.keys,
             values: storage.values,
             real: storage.real,
-            positions: storage.positions,
+            positions,
             len: 0,
             seen: 0,
             window,
@@ -341,25 +355,21 @@ impl<A: Storage> KvCache<A> {
     pub fn append(&mut self, k: &ArrayRef4<A>, v: &ArrayRef4<A>) -> Result<()> {
         self.check(k, v)?;
         let (b, _, t, _) = k.dim();
-        self.write(k, v, Array2::from_elem((b, t), true).view());
-        Ok(())
+        self.write(k, v, Array2::from_elem((b, t), true).view())
     }
 
-    /// [`append`](Self::append) of checked keys, values and padding flags.
-    pub(super) fn write(&mut self, k: &ArrayRef4<A>, v: &ArrayRef4<A>, real: ArrayView2<'_, bool>) {
+    /// [`append`](Self::append) of checked keys, values and padding flags; only
+    /// the storage's growth can fail, and then nothing is written.
+    pub(super) fn write(
+        &mut self,
+        k: &ArrayRef4<A>,
+        v: &ArrayRef4<A>,
+        real: ArrayView2<'_, bool>,
+    ) -> Result<()> {
         let t = k.dim().2;
+        self.reserve(t)?;
         match self.window {
             None => {
-                if self.len + t > self.keys.dim().2 {
-                    let capacity = (2 * self.keys.dim().2).max(self.len + t).max(16);
-                    self.keys = grown(&self.keys, self.len, capacity);
-                    self.values = grown(&self.values, self.len, capacity);
-                    let mut flags = Array2::from_elem((self.real.nrows(), capacity), true);
-                    flags
-                        .slice_mut(s![.., ..self.len])
-                        .assign(&self.real.slice(s![.., ..self.len]));
-                    self.real = flags;
-                }
                 let new = s![.., .., self.len..self.len + t, ..];
                 self.keys.slice_mut(new).assign(k);
                 self.values.slice_mut(new).assign(v);
@@ -369,10 +379,14 @@ impl<A: Storage> KvCache<A> {
                 self.len += t;
             }
             Some(window) => {
-                // only the last `window` new positions can survive
+                // only the last `window` new positions can survive; a slot's
+                // second copy is read only once positions have wrapped (the held
+                // run then ends past `window`, in copies of the newest positions)
                 for i in t.saturating_sub(window)..t {
-                    let slot = (self.seen + i) % window;
-                    for copy in [slot, slot + window] {
+                    let position = self.seen + i;
+                    let slot = position % window;
+                    let copies = if position < window { 1 } else { 2 };
+                    for copy in [slot, slot + window].into_iter().take(copies) {
                         self.keys
                             .slice_mut(s![.., .., copy, ..])
                             .assign(&k.slice(s![.., .., i, ..]));
@@ -389,6 +403,50 @@ impl<A: Storage> KvCache<A> {
             *count += row.iter().filter(|&&r| r).count();
         }
         self.seen += t;
+        Ok(())
+    }
+
+    /// Slots for `t` more positions: where the storage has too few it grows
+    /// (doubling, at least 16 slots, a ring at most `2 · window`), keeping the
+    /// held run; where the system refuses the memory, an [`Error::Cache`] and the
+    /// cache as it was.
+    fn reserve(&mut self, t: usize) -> Result<()> {
+        let (batch, kv_heads, capacity, d_k) = self.keys.dim();
+        let d_v = self.values.dim().3;
+        let needed = match self.window {
+            None => self.len.saturating_add(t),
+            // both copies of every slot once positions wrap
+            Some(window) if self.seen.saturating_add(t) > window => 2 * window,
+            Some(_) => self.seen + t,
+        };
+        if needed <= capacity {
+            return Ok(());
+        }
+        let most = self.window.map_or(usize::MAX, |w| 2 * w);
+        let slots = capacity.saturating_mul(2).max(needed).max(16).min(most);
+        let sizes = [batch, kv_heads, d_k, d_v];
+        let refused = || Error::Cache {
+            reason: format!(
+                "{}: the memory for {slots} positions cannot be allocated",
+                constructor(sizes, self.window)
+            ),
+        };
+        let mut bigger = Arrays::allocate(sizes, slots).ok_or_else(refused)?;
+        // before wrapping, a ring's held run starts at slot 0 like a growing cache's
+        let held = s![.., .., ..self.len, ..];
+        bigger.keys.slice_mut(held).assign(&self.keys.slice(held));
+        bigger
+            .values
+            .slice_mut(held)
+            .assign(&self.values.slice(held));
+        bigger
+            .real
+            .slice_mut(s![.., ..self.len])
+            .assign(&self.real.slice(s![.., ..self.len]));
+        self.keys = bigger.keys;
+        self.values = bigger.values;
+        self.real = bigger.real;
+        Ok(())
     }
 }
 
@@ -438,7 +496,6 @@ struct Arrays<A> {
     keys: Array4<A>,
     values: Array4<A>,
     real: Array2<bool>,
-    positions: Vec<usize>,
 }
 
 impl<A: Storage> Arrays<A> {
@@ -447,32 +504,25 @@ impl<A: Storage> Arrays<A> {
             keys: Array4::from_elem((0, 0, 0, 0), zero()),
             values: Array4::from_elem((0, 0, 0, 0), zero()),
             real: Array2::from_elem((0, 0), true),
-            positions: Vec::new(),
         }
     }
 
-    /// Arrays of `slots` positions for checked `sizes`.
-    fn allocate(sizes: [usize; 4], slots: usize, window: Option<usize>) -> Result<Self> {
+    /// Zeroed arrays of `slots` positions, or `None` where their sizes overflow or
+    /// the allocator refuses them.
+    fn allocate(sizes: [usize; 4], slots: usize) -> Option<Self> {
         let [batch, kv_heads, d_k, d_v] = sizes;
-        let refused = || Error::InvalidConfig {
-            reason: format!(
-                "{}: the memory cannot be allocated",
-                constructor(sizes, window)
-            ),
+        let count = |d: usize| {
+            [kv_heads, slots, d]
+                .iter()
+                .try_fold(batch, |n, &x| n.checked_mul(x))
         };
-        // `check_sizes` made every product below addressable
-        let keys = filled(batch * kv_heads * slots * d_k, zero()).ok_or_else(refused)?;
-        let values = filled(batch * kv_heads * slots * d_v, zero()).ok_or_else(refused)?;
-        let real = filled(batch * slots, true).ok_or_else(refused)?;
-        let positions = filled(batch, 0).ok_or_else(refused)?;
-        let shape_error = |_| refused();
-        Ok(Arrays {
-            keys: Array4::from_shape_vec((batch, kv_heads, slots, d_k), keys)
-                .map_err(shape_error)?,
-            values: Array4::from_shape_vec((batch, kv_heads, slots, d_v), values)
-                .map_err(shape_error)?,
-            real: Array2::from_shape_vec((batch, slots), real).map_err(shape_error)?,
-            positions,
+        let keys = filled(count(d_k)?, zero())?;
+        let values = filled(count(d_v)?, zero())?;
+        let real = filled(batch.checked_mul(slots)?, true)?;
+        Some(Arrays {
+            keys: Array4::from_shape_vec((batch, kv_heads, slots, d_k), keys).ok()?,
+            values: Array4::from_shape_vec((batch, kv_heads, slots, d_v), values).ok()?,
+            real: Array2::from_shape_vec((batch, slots), real).ok()?,
         })
     }
 }
@@ -488,14 +538,4 @@ fn filled<T: Clone>(n: usize, value: T) -> Option<Vec<T>> {
 /// Zero in any storage type.
 fn zero<A: Storage>() -> A {
     A::from_compute(<A::Compute as Element>::from_f64(0.0))
-}
-
-/// `x` with room for `capacity` positions, its first `len` copied.
-fn grown<A: Storage>(x: &Array4<A>, len: usize, capacity: usize) -> Array4<A> {
-    let (b, h, _, d) = x.dim();
-    let mut bigger = Array4::from_elem((b, h, capacity, d), zero());
-    bigger
-        .slice_mut(s![.., .., ..len, ..])
-        .assign(&x.slice(s![.., .., ..len, ..]));
-    bigger
 }
