@@ -3,6 +3,9 @@
 //! types (a bf16 or f16 cache), against recomputing full causal attention over all
 //! 4096 tokens each step.
 //!
+//! A layer's step with eight sequences decoding together (1024 cached positions
+//! each), whose projections take eight rows at a time.
+//!
 //! Then the paged cache (`PagedKvCache`) at the same length: f32, bf16 and
 //! int8 pools, blocks of 256, 64 and 16 positions; each step forks the
 //! sequence (sharing every block), attends with one new token and frees the
@@ -29,6 +32,9 @@ use ndarray::{Array3, Array4};
 const CACHED: usize = 4096;
 const HEADS: usize = 8;
 const DIM: usize = 64;
+/// Sequences decoding together in the batched layer step, and their cached positions.
+const BATCH: usize = 8;
+const BATCH_CACHED: usize = 1024;
 
 fn filled<A: Storage>(shape: (usize, usize, usize, usize), seed: usize) -> Array4<A> {
     Array4::from_shape_fn(shape, |(_, h, i, j)| {
@@ -74,6 +80,20 @@ fn decode_step(c: &mut Criterion) {
     group.bench_function("mha_layer_step_d_model_512", |b| {
         b.iter(|| mha.forward_cached(&token, &mut cache).expect("fits"))
     });
+
+    // eight sequences decoding together: each step projects 8 rows
+    let mut cache = KvCache::sliding(BATCH, HEADS, DIM, DIM, BATCH_CACHED).expect("valid window");
+    let prompts = Array3::from_shape_fn((BATCH, BATCH_CACHED, d_model), |(b, i, j)| {
+        ((b * 5 + i * 7 + j * 3) % 89) as f32 / 89.0 - 0.5
+    });
+    mha.forward_cached(&prompts, &mut cache)
+        .expect("the prompts fit the layer");
+    let tokens = prompts.slice(ndarray::s![.., ..1, ..]).to_owned();
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.bench_function("mha_layer_step_batch_8_cache_1024_d_model_512", |b| {
+        b.iter(|| mha.forward_cached(&tokens, &mut cache).expect("fits"))
+    });
+    group.throughput(Throughput::Elements(1));
 
     let x = filled::<f32>((1, HEADS, CACHED, DIM), 4);
     let causal = ScaledDotProduct::new().with_mask(Mask::CausalTopLeft);

@@ -21,6 +21,7 @@ mod hf_models;
 mod hostile;
 mod kernel;
 mod layers;
+mod linear;
 mod paged;
 mod properties;
 mod rng;

@@ -37,6 +37,7 @@ mod run;
 mod run_backward;
 mod run_direct;
 mod tiled;
+mod weights;
 
 use ndarray::{Array3, Array4, ArrayView4, ArrayViewMut1, ArrayViewMut2, ArrayViewMut4, Axis};
 
@@ -48,10 +49,11 @@ pub use report::{KernelPaths, kernel_paths};
 use arch::Avx512Bf16;
 use arch::{Arch, KernelElement};
 pub(crate) use direct::round_to_i8;
-pub(crate) use params::DIRECT_MAX_ROWS;
+pub(crate) use params::{DIRECT_MAX_ROWS, PRODUCT_PARALLEL_MIN_WORK};
 use params::{ROWWISE_MAX_WORK, ROWWISE_MAX_WORK_FEW_ROWS};
 use report::Path;
 use run::KvGroup;
+pub(crate) use weights::{PackedWeight, pack_weight, weight_product};
 
 use std::marker::PhantomData;
 

@@ -273,7 +273,7 @@ pub(crate) fn scatter_panel<A: Copy, const W: usize>(
 
 /// An operand packed in panels of `width` lines (rows of `A`, columns of `B`),
 /// each panel `depth` steps of `width` values, zero-padded to whole panels.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Panels<A> {
     data: Vec<A>,
     /// Lines in use, and the depth of each.

@@ -36,6 +36,13 @@ pub(crate) const ROWWISE_MAX_WORK_FEW_ROWS: usize = 1 << 11;
 /// 0.32 / 1.0 / 2.1 ms for 1 / 4 / 8: the crossover is near 10.
 pub(crate) const DIRECT_MAX_ROWS: usize = 8;
 
+// ---- the layers' products (`super::weights`, `crate::layers::product`) ----
+
+/// Products of at least this many multiply-adds share their rows (or, for a few
+/// rows, their columns) among the pool's threads: about 20 µs of work on one
+/// core, well above the cost of handing a part to another thread.
+pub(crate) const PRODUCT_PARALLEL_MIN_WORK: usize = 1 << 20;
+
 // ---- the tiled kernel (`super::tiled`) ----
 
 /// Rows of a register tile (queries in `S = Q·Kᵀ`, output rows in `O += P·V`):

@@ -28,6 +28,8 @@ pub struct KernelPaths {
     /// Query heads of int8-cache steps scored and summed by integer dot
     /// products (AVX512_VNNI), also counted by the path that ran them.
     pub int8_dots: usize,
+    /// Layer products `x·W` on a weight packed for the micro-kernels.
+    pub weight_products: usize,
     /// The instruction set of the last call that ran the tiled or direct path.
     pub arch: Option<KernelArch>,
 }
@@ -41,6 +43,7 @@ pub(crate) enum Path {
     Rowwise,
     FusedBackward,
     Int8Dots,
+    WeightProduct,
 }
 
 thread_local! {
@@ -92,6 +95,7 @@ pub(crate) fn count(path: Path, heads: usize) {
                 Path::Rowwise => paths.rowwise += heads,
                 Path::FusedBackward => paths.backward += heads,
                 Path::Int8Dots => paths.int8_dots += heads,
+                Path::WeightProduct => paths.weight_products += heads,
             }
             record.set(Some(paths));
         }

@@ -5,18 +5,28 @@ use ndarray::{
     Dimension, Ix2, Ix3,
 };
 
-use super::product::{product, product_into, row_by_row};
+use super::product::{Packed, product, row_by_row};
 use crate::element::Element;
 use crate::error::{Error, Result};
+use crate::kernel::weight_product;
 
-/// Inputs of at most this many rows are multiplied row by row: a general matrix
-/// product would pack all of `W` for them (a decoding step projects one token).
-const ROW_BY_ROW_MAX_ROWS: usize = 4;
+/// Inputs of at most this many rows are multiplied row by row, reading `W` once
+/// (a decoding step projects one token); more go through the packed weight,
+/// whose register tiles compute twelve rows whatever the count. Through a
+/// 512 × 512 weight on one thread (Zen 4, f32): 2 rows 44 against 56 µs,
+/// 3 rows 64 against 56.
+const ROW_BY_ROW_MAX_ROWS: usize = 2;
 
 /// A linear layer `y = x·W + b` with the weight stored `(in, out)`, optional bias.
 ///
 /// Row vectors throughout, as in the rest of the crate. PyTorch's `nn.Linear`
 /// stores its weight `(out, in)`: pass `weight.t()` of it.
+///
+/// The first forward product of more than two rows packs a copy of the weight
+/// for the CPU kernels' register tiles (as many values again as the weight),
+/// kept for every later product until the weight is changed through
+/// [`weight_mut`](Self::weight_mut): the projections of a batch of decoding
+/// steps then read `W` without packing it each time.
 ///
 /// # Shapes
 ///
@@ -39,6 +49,7 @@ const ROW_BY_ROW_MAX_ROWS: usize = 4;
 pub struct Linear<A> {
     weight: Array2<A>,
     bias: Option<Array1<A>>,
+    packed: Packed<A>,
 }
 
 /// The gradients of a loss through a [`Linear`] layer, given the gradient by its
@@ -83,7 +94,11 @@ impl<A: Element> Linear<A> {
     /// assert!(layer.bias().is_none());
     /// ```
     pub fn new(weight: Array2<A>) -> Self {
-        Linear { weight, bias: None }
+        Linear {
+            weight,
+            bias: None,
+            packed: Packed::empty(),
+        }
     }
 
     /// Adds a bias `(out,)`.
@@ -159,6 +174,7 @@ impl<A: Element> Linear<A> {
     /// # Ok::<(), attn::Error>(())
     /// ```
     pub fn weight_mut(&mut self) -> ArrayViewMut2<'_, A> {
+        self.packed = Packed::empty();
         self.weight.view_mut()
     }
 
@@ -269,7 +285,8 @@ impl<A: Element> Linear<A> {
         if x.nrows() <= ROW_BY_ROW_MAX_ROWS {
             out.assign(&row_by_row(&x.view(), &self.weight.view()));
         } else {
-            product_into(&x.view(), &self.weight.view(), out.view_mut());
+            let packed = self.packed.get_or_pack(&self.weight.view())?;
+            weight_product(&x.view(), packed, out.view_mut());
         }
         if let Some(b) = &self.bias {
             out += b;
@@ -440,7 +457,12 @@ mod tests {
                 .build()
                 .expect("pool");
             let shared = pool.install(|| layer.forward(&x)).expect("valid");
-            assert_eq!(shared, x.dot(&w) + &bias);
+            let alone = one_thread(|| layer.forward(&x)).expect("valid");
+            assert_eq!(shared, alone);
+            let e = (&shared - &(x.dot(&w) + &bias))
+                .iter()
+                .fold(0.0, |m, d| d.to_f64().expect("finite").abs().max(m));
+            assert!(e < 1e-4, "{e:e}");
             let d_y = shared.mapv(|y| y * A::from_f64(0.5));
             let grads = pool.install(|| layer.backward(&x, &d_y)).expect("valid");
             assert_eq!(grads.input, d_y.dot(&w.t()));
@@ -451,5 +473,13 @@ mod tests {
         assert!(rows_per_part(96, 300 * 80, 2).is_some());
         check::<f32>();
         check::<f64>();
+    }
+
+    fn one_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .expect("pool");
+        pool.install(f)
     }
 }

@@ -1,21 +1,66 @@
 //! The matrix products of the layers, on the pool's threads: every part is
 //! the same arithmetic whatever the number of threads, so the bits never
-//! depend on it.
+//! depend on it. A layer's forward products of more than two rows run on its
+//! weight packed once ([`Packed`], `crate::kernel`'s `weight_product`); the
+//! backward's products and the few rows of a decoding step are here.
 
 use ndarray::linalg::general_mat_mul;
+use std::sync::OnceLock;
+
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
 use crate::element::Element;
+use crate::error::Result;
+use crate::kernel::PRODUCT_PARALLEL_MIN_WORK as PARALLEL_MIN_WORK;
+use crate::kernel::{PackedWeight, pack_weight};
 
 /// Rows of `W` per part of a row-by-row product: the parts are summed in
 /// order, and run on the pool's threads where there are several.
 const ROW_BY_ROW_PART: usize = 256;
 
-/// Products of at least this many multiply-adds share their rows among the
-/// pool's threads (about 20 µs of work on one core, well above the cost of
-/// handing a part to another thread).
-const PARALLEL_MIN_WORK: usize = 1 << 20;
+/// A layer's weight packed for the kernels' register tiles, made by the first
+/// product that uses it. A copy of the weight, not a part of the layer's value:
+/// equal layers are equal packed or not.
+#[derive(Clone)]
+pub(crate) struct Packed<A>(OnceLock<PackedWeight<A>>);
+
+impl<A: Element> Packed<A> {
+    /// Nothing packed yet.
+    pub(crate) fn empty() -> Self {
+        Packed(OnceLock::new())
+    }
+
+    /// `w` packed, now if no product has packed it yet.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) when
+    /// `ATTN_KERNEL_ARCH` names no instruction set.
+    pub(crate) fn get_or_pack(&self, w: &ArrayView2<'_, A>) -> Result<&PackedWeight<A>> {
+        if let Some(packed) = self.0.get() {
+            return Ok(packed);
+        }
+        // two threads may both pack; one copy is kept
+        let packed = pack_weight(w)?;
+        Ok(self.0.get_or_init(|| packed))
+    }
+}
+
+impl<A> PartialEq for Packed<A> {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl<A> std::fmt::Debug for Packed<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.get() {
+            Some(packed) => write!(f, "{packed:?}"),
+            None => write!(f, "not packed"),
+        }
+    }
+}
 
 /// `a·b`, the rows of `a` shared among the pool's threads where
 /// [`rows_per_part`] says the product is worth sharing: each part is the same
@@ -27,7 +72,7 @@ pub(crate) fn product<A: Element>(a: &ArrayView2<'_, A>, b: &ArrayView2<'_, A>) 
 }
 
 /// [`product`] into `out: (rows of a, columns of b)`.
-pub(crate) fn product_into<A: Element>(
+fn product_into<A: Element>(
     a: &ArrayView2<'_, A>,
     b: &ArrayView2<'_, A>,
     mut out: ArrayViewMut2<'_, A>,
