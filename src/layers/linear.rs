@@ -13,8 +13,9 @@ use crate::kernel::weight_product;
 /// Inputs of at most this many rows are multiplied row by row, reading `W` once
 /// (a decoding step projects one token); more go through the packed weight,
 /// whose register tiles compute twelve rows whatever the count. Through a
-/// 512 × 512 weight on one thread (Zen 4, f32): 2 rows 44 against 56 µs,
-/// 3 rows 64 against 56.
+/// 512 × 512 weight on one thread (Zen 4, f32): 1 and 2 rows take 18 and 34 µs
+/// row by row, 3 to 12 rows 56–58 µs on the packed weight (64 and 85 µs row by
+/// row for 3 and 4 rows before the rows ran on the kernel's vectors).
 const ROW_BY_ROW_MAX_ROWS: usize = 2;
 
 /// A linear layer `y = x·W + b` with the weight stored `(in, out)`, optional bias.
@@ -283,7 +284,7 @@ impl<A: Element> Linear<A> {
         self.check_width(what, x.shape())?;
         debug_assert_eq!(out.dim(), (x.nrows(), self.out_features()));
         if x.nrows() <= ROW_BY_ROW_MAX_ROWS {
-            out.assign(&row_by_row(&x.view(), &self.weight.view()));
+            out.assign(&row_by_row(&x.view(), &self.weight.view())?);
         } else {
             let packed = self.packed.get_or_pack(&self.weight.view())?;
             weight_product(&x.view(), packed, out.view_mut());

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use crate::element::Element;
 use crate::error::Result;
 use crate::kernel::PRODUCT_PARALLEL_MIN_WORK as PARALLEL_MIN_WORK;
-use crate::kernel::{PackedWeight, pack_weight};
+use crate::kernel::{PackedWeight, pack_weight, scaled_rows};
 
 /// Rows of `W` per part of a row-by-row product: the parts are summed in
 /// order, and run on the pool's threads where there are several.
@@ -92,29 +92,34 @@ fn product_into<A: Element>(
 }
 
 /// `x·w` for a few rows of `x` (a decoding step projects one token): rows of
-/// `w` scaled and summed, so that `w` is read once and never packed. The rows
+/// `w` scaled and summed with this machine's vectors (the kernel's
+/// `scaled_rows`), so that `w` is read once and never packed. The rows
 /// of `w` are cut into parts of [`ROW_BY_ROW_PART`], each summed on its own
 /// (on the pool's threads, each reading its own contiguous part of `w`), then
 /// added in part order: the parts depend on the shapes only, so the bits do
 /// not depend on the thread count.
-pub(crate) fn row_by_row<A: Element>(x: &ArrayView2<'_, A>, w: &ArrayView2<'_, A>) -> Array2<A> {
+///
+/// # Errors
+///
+/// [`Error::InvalidConfig`](crate::Error::InvalidConfig) when
+/// `ATTN_KERNEL_ARCH` names no instruction set.
+pub(crate) fn row_by_row<A: Element>(
+    x: &ArrayView2<'_, A>,
+    w: &ArrayView2<'_, A>,
+) -> Result<Array2<A>> {
     let part = |(x, w): (ArrayView2<'_, A>, ArrayView2<'_, A>)| {
         let mut out = Array2::zeros((x.nrows(), w.ncols()));
-        for (mut out, x) in out.outer_iter_mut().zip(x.outer_iter()) {
-            for (&x, w) in x.iter().zip(w.outer_iter()) {
-                out.scaled_add(x, &w);
-            }
-        }
-        out
+        let slice = out.as_slice_mut().expect("a new array is contiguous");
+        scaled_rows(&x, &w, slice).map(|()| out)
     };
     let parts: Vec<_> = x
         .axis_chunks_iter(Axis(1), ROW_BY_ROW_PART)
         .zip(w.axis_chunks_iter(Axis(0), ROW_BY_ROW_PART))
         .collect();
     let sums: Vec<Array2<A>> = if parts.len() > 1 && rayon::current_num_threads() > 1 {
-        parts.into_par_iter().map(part).collect()
+        parts.into_par_iter().map(part).collect::<Result<_>>()?
     } else {
-        parts.into_iter().map(part).collect()
+        parts.into_iter().map(part).collect::<Result<_>>()?
     };
     let mut sums = sums.into_iter();
     let mut out = sums
@@ -123,7 +128,7 @@ pub(crate) fn row_by_row<A: Element>(x: &ArrayView2<'_, A>, w: &ArrayView2<'_, A
     for sum in sums {
         out += &sum;
     }
-    out
+    Ok(out)
 }
 
 /// The rows of each of `threads` parts of a product of `n` rows of
@@ -166,10 +171,25 @@ mod tests {
                 .num_threads(threads)
                 .build()
                 .expect("pool");
-            pool.install(|| row_by_row(&x.view(), &w.view()))
+            pool.install(|| row_by_row(&x.view(), &w.view()).expect("valid"))
         };
         let one = on(1);
         assert_eq!(on(2), one);
+        // the vectors' sums are the scalar ones, part by part, bit for bit
+        let mut want = Array2::<f64>::zeros((rows, out));
+        for (xp, wp) in x
+            .axis_chunks_iter(ndarray::Axis(1), ROW_BY_ROW_PART)
+            .zip(w.axis_chunks_iter(ndarray::Axis(0), ROW_BY_ROW_PART))
+        {
+            let mut sum = Array2::<f64>::zeros((rows, out));
+            for ((i, c), s) in sum.indexed_iter_mut() {
+                for j in 0..xp.ncols() {
+                    *s += xp[[i, j]] * wp[[j, c]];
+                }
+            }
+            want += &sum;
+        }
+        assert_eq!(one, want);
         let e = (&one - &x.dot(&w))
             .iter()
             .fold(0.0_f64, |m, d| m.max(d.abs()));
@@ -177,7 +197,8 @@ mod tests {
         let none = row_by_row(
             &x.slice(ndarray::s![.., ..0]),
             &w.slice(ndarray::s![..0, ..]),
-        );
+        )
+        .expect("valid");
         assert_eq!(none, Array2::<f64>::zeros((rows, out)));
     }
 }
