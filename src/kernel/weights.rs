@@ -78,8 +78,8 @@ pub(crate) fn weight_product<A: Element>(
     (A::select::<Plain, _>(Entries).product)(x, w, out);
 }
 
-/// `out = x·w` for a few rows `x: (n, depth)` and `w: (depth, cols)` whose rows
-/// are contiguous: each row of `w` scaled and added, in order, with the vectors
+/// `out += x·w` for a few rows `x: (n, depth)`, `w: (depth, cols)` and `out` row
+/// after row (`n × cols`): each row of `w` scaled and added, in order, with the vectors
 /// of this machine's instruction set (`w` is read once and never packed; a
 /// decoding step projects one token). Plain multiplies and adds, so the bits are
 /// the same on every instruction set.
