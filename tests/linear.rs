@@ -59,3 +59,25 @@ fn a_row_has_the_same_bits_among_any_rows() {
         }
     }
 }
+
+/// A column-major weight (the loader's transposed view of a file's `(out, in)`)
+/// gives the bits of the same weight row-major, on the packed path and row by row.
+#[test]
+fn a_column_major_weight_gives_the_same_bits() {
+    let w = Array2::from_shape_fn((70, 45), |(i, j)| {
+        ((i * 37 + j * 11) % 97) as f32 / 31.0 - 1.5
+    });
+    let columns = w.t().as_standard_layout().into_owned().reversed_axes();
+    assert!(columns.t().is_standard_layout() && !columns.is_standard_layout());
+    let (rows, by_columns) = (Linear::new(w.clone()), Linear::new(columns));
+    for n in [1, 2, 3, 13, 30] {
+        let x = Array2::from_shape_fn((n, 70), |(i, j)| {
+            ((i * 13 + j * 5) % 89) as f32 / 23.0 - 1.9
+        });
+        assert_eq!(
+            by_columns.forward(&x).expect("valid"),
+            rows.forward(&x).expect("valid"),
+            "{n} rows"
+        );
+    }
+}

@@ -129,10 +129,22 @@ impl PerElement<Plain> for Entries {
 }
 
 fn pack_for<A: KernelElement>(w: &ArrayView2<'_, A>, arch: Arch) -> PackedWeight<A> {
-    let w = w.as_standard_layout();
     let (depth, lines) = w.dim();
-    let src = w.as_slice().expect("standard layout");
-    let panels = Dispatch::<A>::dispatch(arch, PackColumns { src, lines, depth });
+    // a loaded weight is often column-major (a view of the file's `(out, in)`
+    // transposed): its columns are the panels' lines, packed without a copy
+    let transposed = w.t();
+    let (src, by_lines) = match (w.as_slice(), transposed.as_slice()) {
+        (Some(rows), _) => (std::borrow::Cow::Borrowed(rows), false),
+        (None, Some(columns)) => (std::borrow::Cow::Borrowed(columns), true),
+        (None, None) => (std::borrow::Cow::Owned(w.iter().copied().collect()), false),
+    };
+    let op = PackColumns {
+        src: &src,
+        lines,
+        depth,
+        by_lines,
+    };
+    let panels = Dispatch::<A>::dispatch(arch, op);
     PackedWeight { panels, arch }
 }
 
@@ -206,12 +218,17 @@ fn scaled_rows_for<A: KernelElement>(
     arch: Arch,
 ) {
     let cols = w.ncols();
-    let w = w.as_standard_layout();
-    let w = w.as_slice().expect("standard layout");
     for (x, out) in x.outer_iter().zip(out.chunks_exact_mut(cols.max(1))) {
-        let x = x.as_standard_layout();
-        let x = x.as_slice().expect("standard layout");
-        Dispatch::<A>::dispatch(arch, ScaledRows { x, w, out });
+        match (w.as_slice(), x.as_slice()) {
+            (Some(w), Some(x)) => Dispatch::<A>::dispatch(arch, ScaledRows { x, w, out }),
+            // strided rows (a column-major weight): the same sums, read where they lie
+            _ => {
+                let mut out = ndarray::ArrayViewMut1::from(out);
+                for (&x, w) in x.iter().zip(w.outer_iter()) {
+                    out.zip_mut_with(&w, |o, &w| *o += x * w);
+                }
+            }
+        }
     }
 }
 
@@ -265,12 +282,14 @@ impl<A: KernelFloat> Op<A> for ScaledRows<'_, A> {
     }
 }
 
-/// [`Panels::pack_steps`] of `W: (depth, lines)` (row-major in `src`) into panels
-/// of the token's tile width.
+/// `W: (depth, lines)` into panels of the token's tile width: from its rows
+/// ([`Panels::pack_steps`], row-major in `src`) or, `by_lines`, from its
+/// columns ([`Panels::pack_lines`], column-major).
 struct PackColumns<'s, A> {
     src: &'s [A],
     lines: usize,
     depth: usize,
+    by_lines: bool,
 }
 
 impl<A: KernelFloat> Op<A> for PackColumns<'_, A> {
@@ -278,8 +297,18 @@ impl<A: KernelFloat> Op<A> for PackColumns<'_, A> {
 
     #[inline(always)]
     fn run<T: Token<A, NR> + KeyTiles<A, A, NR>, const NR: usize>(self, _: T) -> Panels<A> {
+        let Self {
+            src,
+            lines,
+            depth,
+            by_lines,
+        } = self;
         let mut panels = Panels::new(NR);
-        panels.pack_steps::<NR>(self.src, self.lines, self.lines, self.depth);
+        if by_lines {
+            panels.pack_lines::<NR>(src, depth, lines, depth);
+        } else {
+            panels.pack_steps::<NR>(src, lines, lines, depth);
+        }
         panels
     }
 }
