@@ -134,3 +134,14 @@ pub use sdpa::{
     AttentionGradients, AttentionLse, AttentionOutput, AttentionTrace, ScaledDotProduct,
     attention_weights, merge_attention, scaled_dot_product,
 };
+
+/// `f` on a pool of `threads` threads, for the unit tests that compare the bits
+/// of one thread and several.
+#[cfg(test)]
+pub(crate) fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("a pool of threads")
+        .install(f)
+}

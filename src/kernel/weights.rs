@@ -358,14 +358,7 @@ mod tests {
     use ndarray::{Array2, s};
 
     use super::{pack_weight, weight_product};
-
-    fn on<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .expect("pool");
-        pool.install(f)
-    }
+    use crate::on_threads as on;
 
     /// Against the plain product at sizes off the tile widths (rows, depth and
     /// columns), into a contiguous output and into columns of a larger one, with

@@ -437,6 +437,7 @@ mod tests {
 
     use super::Linear;
     use crate::layers::product::rows_per_part;
+    use crate::on_threads;
 
     /// A product shared between two threads is bit for bit the product on one.
     #[test]
@@ -453,19 +454,15 @@ mod tests {
             let layer = Linear::new(w.clone())
                 .with_bias(bias.clone())
                 .expect("valid");
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(2)
-                .build()
-                .expect("pool");
-            let shared = pool.install(|| layer.forward(&x)).expect("valid");
-            let alone = one_thread(|| layer.forward(&x)).expect("valid");
+            let shared = on_threads(2, || layer.forward(&x)).expect("valid");
+            let alone = on_threads(1, || layer.forward(&x)).expect("valid");
             assert_eq!(shared, alone);
             let e = (&shared - &(x.dot(&w) + &bias))
                 .iter()
                 .fold(0.0, |m, d| d.to_f64().expect("finite").abs().max(m));
             assert!(e < 1e-4, "{e:e}");
             let d_y = shared.mapv(|y| y * A::from_f64(0.5));
-            let grads = pool.install(|| layer.backward(&x, &d_y)).expect("valid");
+            let grads = on_threads(2, || layer.backward(&x, &d_y)).expect("valid");
             assert_eq!(grads.input, d_y.dot(&w.t()));
             assert_eq!(grads.weight, x.t().dot(&d_y));
         }
@@ -474,13 +471,5 @@ mod tests {
         assert!(rows_per_part(96, 300 * 80, 2).is_some());
         check::<f32>();
         check::<f64>();
-    }
-
-    fn one_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .build()
-            .expect("pool");
-        pool.install(f)
     }
 }

@@ -7,7 +7,7 @@
 use ndarray::linalg::general_mat_mul;
 use std::sync::OnceLock;
 
-use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
+use ndarray::{Array2, ArrayView2, Axis};
 use rayon::prelude::*;
 
 use crate::element::Element;
@@ -66,21 +66,12 @@ impl<A> std::fmt::Debug for Packed<A> {
 /// [`rows_per_part`] says the product is worth sharing: each part is the same
 /// product over fewer rows, so its bits do not depend on the thread count.
 pub(crate) fn product<A: Element>(a: &ArrayView2<'_, A>, b: &ArrayView2<'_, A>) -> Array2<A> {
-    let mut out = Array2::zeros((a.nrows(), b.ncols()));
-    product_into(a, b, out.view_mut());
-    out
-}
-
-/// [`product`] into `out: (rows of a, columns of b)`.
-fn product_into<A: Element>(
-    a: &ArrayView2<'_, A>,
-    b: &ArrayView2<'_, A>,
-    mut out: ArrayViewMut2<'_, A>,
-) {
     let (n, depth) = a.dim();
+    let mut out = Array2::zeros((n, b.ncols()));
     let threads = rayon::current_num_threads();
     let Some(rows) = rows_per_part(n, depth * b.ncols(), threads) else {
-        return general_mat_mul(A::one(), a, b, A::zero(), &mut out);
+        general_mat_mul(A::one(), a, b, A::zero(), &mut out);
+        return out;
     };
     let parts: Vec<_> = out
         .axis_chunks_iter_mut(Axis(0), rows)
@@ -89,6 +80,7 @@ fn product_into<A: Element>(
     parts
         .into_par_iter()
         .for_each(|(mut c, a)| general_mat_mul(A::one(), &a, b, A::zero(), &mut c));
+    out
 }
 
 /// `x·w` for a few rows of `x` (a decoding step projects one token): rows of
@@ -145,6 +137,7 @@ mod tests {
     use ndarray::Array2;
 
     use super::{ROW_BY_ROW_PART, row_by_row, rows_per_part};
+    use crate::on_threads;
 
     #[test]
     fn products_are_shared_only_when_large_and_worth_it() {
@@ -166,13 +159,7 @@ mod tests {
         let w = Array2::from_shape_fn((width, out), |(i, j)| {
             ((i * 7 + j * 29) % 89) as f64 / 41.0 - 1.1
         });
-        let on = |threads| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .expect("pool");
-            pool.install(|| row_by_row(&x.view(), &w.view()).expect("valid"))
-        };
+        let on = |threads| on_threads(threads, || row_by_row(&x.view(), &w.view()).expect("valid"));
         let one = on(1);
         assert_eq!(on(2), one);
         // the vectors' sums are the scalar ones, part by part, bit for bit
