@@ -46,7 +46,7 @@ pub(crate) fn product<A: Element, T: Tiles<A, NR>, const NR: usize>(
         let b_panel = b.panel::<NR>(first_panel + cp, &steps);
         for t in 0..a.lines.div_ceil(MR) {
             let rows = MR.min(a.lines - t * MR);
-            let tile = tiles.score_tile(a.panel::<MR>(t, &a_steps), b_panel);
+            let tile = tiles.score_tile(a.panel::<MR>(t, &a_steps), b_panel, rows);
             let c_rows = c[t * MR * stride + cp * NR..].chunks_mut(stride);
             if width == NR {
                 // whole tile rows: fixed length, so the sums vectorise

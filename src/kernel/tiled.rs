@@ -345,8 +345,10 @@ fn accumulate<A: KernelFloat, T: Tiles<A, NR>, const NR: usize>(
 /// implemented in [`super::arch`] by a value that proves its instructions run.
 pub(crate) trait Tiles<A: Copy, const NR: usize>: PackPanel<A, NR> {
     /// A tile of `S = Q·Kᵀ`: `q` holds the `d` columns of `MR` queries, `k` the `d`
-    /// components of `NR` keys.
-    fn score_tile(self, q: &[[A; MR]], k: &[[A; NR]]) -> [[A; NR]; MR];
+    /// components of `NR` keys. Only the first `rows` rows are asked for: the
+    /// others may be left zero, and each row's bits are the same for every
+    /// `rows` that includes it.
+    fn score_tile(self, q: &[[A; MR]], k: &[[A; NR]], rows: usize) -> [[A; NR]; MR];
     /// `O = α·O + P·V` on one tile, over the keys of a block: `p` holds `MR` rows
     /// of weights, `v` one row of `NR` values per key (at most `BC`). The
     /// block's product is summed on its own before it is added to the rescaled
@@ -397,7 +399,7 @@ pub(crate) trait KeyTiles<A, K, const NR: usize>: Copy {
 impl<A: Copy, T: Tiles<A, NR>, const NR: usize> KeyTiles<A, A, NR> for T {
     #[inline(always)]
     fn key_tile(self, q: &[[A; MR]], k: &[[A; NR]]) -> [[A; NR]; MR] {
-        self.score_tile(q, k)
+        self.score_tile(q, k, MR)
     }
 
     #[inline(always)]

@@ -162,8 +162,11 @@ fn product_for<A: KernelElement>(
     }
     let threads = rayon::current_num_threads();
     let tiles = rows.div_ceil(MR);
-    // a register tile computes all its rows, however few are used
-    let work = (tiles * MR).saturating_mul(depth).saturating_mul(cols);
+    // a tile's last rows are summed in a block of four (or eight) rows
+    let work = rows
+        .next_multiple_of(4)
+        .saturating_mul(depth)
+        .saturating_mul(cols);
     let shared = threads > 1 && work >= PRODUCT_PARALLEL_MIN_WORK;
     if shared && tiles < threads {
         // a few rows (a batch of decoding steps): each thread a part of W's
@@ -196,8 +199,9 @@ fn product_for<A: KernelElement>(
         None => &mut buffer[..],
     };
     if shared {
-        // parts of whole register tiles of rows, at most a chunk each
-        let chunk = tiles.div_ceil(threads).min(CHUNK_ROWS / MR) * MR;
+        // one part of rows per thread, in whole blocks of the micro-kernel's
+        // rows (a tile's last rows are summed in a block of four or eight)
+        let chunk = rows.div_ceil(threads).next_multiple_of(4);
         let parts: Vec<_> = x.axis_chunks_iter(Axis(0), chunk).collect();
         parts
             .into_par_iter()
@@ -368,11 +372,14 @@ mod tests {
         for (rows, depth, cols) in [
             (1, 1, 1),
             (3, 7, 5),
+            (7, 33, 40),
             (13, 64, 33),
             (12, 300, 70),
+            (23, 65, 70),
             (50, 129, 40),
             (5, 2048, 600), // a few rows, large enough to share columns
-            (300, 96, 80),  // to share rows
+            (300, 96, 80),  // to share rows: 152 and 148, blocks of 8 and 4 last
+            (101, 200, 64), // 52 and 49
         ] {
             let x = Array2::from_shape_fn((rows, depth), |(i, j)| {
                 ((i * 31 + j * 17) % 101) as f64 / 37.0 - 1.3

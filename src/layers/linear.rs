@@ -12,18 +12,17 @@ use crate::kernel::weight_product;
 
 /// Inputs of at most this many rows are multiplied row by row, reading `W` once
 /// (a decoding step projects one token); more go through the packed weight,
-/// whose register tiles compute twelve rows whatever the count. Through a
-/// 512 × 512 weight on one thread (Zen 4, f32): 1 and 2 rows take 18 and 34 µs
-/// row by row, 3 to 12 rows 56–58 µs on the packed weight (64 and 85 µs row by
-/// row for 3 and 4 rows before the rows ran on the kernel's vectors).
-const ROW_BY_ROW_MAX_ROWS: usize = 2;
+/// whose register tiles sum a few rows in a block of four. Through a 512 × 512
+/// weight on one thread (Zen 4, f32): 1 and 2 rows take 18 and 34 µs row by
+/// row, 21 µs each on the packed weight (as do 3 and 4 rows).
+const ROW_BY_ROW_MAX_ROWS: usize = 1;
 
 /// A linear layer `y = x·W + b` with the weight stored `(in, out)`, optional bias.
 ///
 /// Row vectors throughout, as in the rest of the crate. PyTorch's `nn.Linear`
 /// stores its weight `(out, in)`: pass `weight.t()` of it.
 ///
-/// The first forward product of more than two rows packs a copy of the weight
+/// The first forward product of more than one row packs a copy of the weight
 /// for the CPU kernels' register tiles (as many values again as the weight),
 /// kept for every later product until the weight is changed through
 /// [`weight_mut`](Self::weight_mut): the projections of a batch of decoding

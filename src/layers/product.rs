@@ -1,8 +1,8 @@
 //! The matrix products of the layers, on the pool's threads: every part is
 //! the same arithmetic whatever the number of threads, so the bits never
-//! depend on it. A layer's forward products of more than two rows run on its
+//! depend on it. A layer's forward products of more than one row run on its
 //! weight packed once ([`Packed`], `crate::kernel`'s `weight_product`); the
-//! backward's products and the few rows of a decoding step are here.
+//! backward's products and the one row of a decoding step are here.
 
 use ndarray::linalg::general_mat_mul;
 use std::sync::OnceLock;

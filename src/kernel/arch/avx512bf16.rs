@@ -49,8 +49,8 @@ impl PackPanel<f32, NR> for Avx512Bf16 {
 
 impl Tiles<f32, NR> for Avx512Bf16 {
     #[inline(always)]
-    fn score_tile(self, q: &[[f32; MR]], k: &[[f32; NR]]) -> [[f32; NR]; MR] {
-        self.avx512.score_tile(q, k)
+    fn score_tile(self, q: &[[f32; MR]], k: &[[f32; NR]], rows: usize) -> [[f32; NR]; MR] {
+        self.avx512.score_tile(q, k, rows)
     }
 
     #[inline(always)]

@@ -56,18 +56,18 @@ macro_rules! two_register_tiles {
             const ROWS: usize = $rows;
             const _: () = assert!(MR % ROWS == 0);
 
-            /// One rank-1 update of `ROWS` rows of the tile: `acc[i] += a[i] · row`.
+            /// One rank-1 update of `R` rows of the tile: `acc[i] += a[i] · row`.
             ///
             /// # Safety
             ///
             #[doc = concat!("The CPU must support ", $features, ".")]
             #[inline(always)]
-            unsafe fn rank1(acc: &mut [[$reg; 2]; ROWS], a: &[$ty; ROWS], row: &[$ty; $nr]) {
+            unsafe fn rank1<const R: usize>(acc: &mut [[$reg; 2]; R], a: &[$ty; R], row: &[$ty; $nr]) {
                 // SAFETY: the caller upholds this function's contract (its `# Safety`).
                 unsafe {
                     let r0 = $load(row.as_ptr());
                     let r1 = $load(row.as_ptr().add($lanes));
-                    for i in 0..ROWS {
+                    for i in 0..R {
                         let s = $splat(a[i]);
                         acc[i][0] = $fma(s, r0, acc[i][0]);
                         acc[i][1] = $fma(s, r1, acc[i][1]);
@@ -75,10 +75,46 @@ macro_rules! two_register_tiles {
                 }
             }
 
-            /// Rows `first .. first + ROWS` of a step of `MR` values.
+            /// Rows `first .. first + R` of a step of `MR` values.
             #[inline(always)]
-            fn part(step: &[$ty; MR], first: usize) -> &[$ty; ROWS] {
-                step[first..first + ROWS].try_into().expect("ROWS values")
+            fn part<const R: usize>(step: &[$ty; MR], first: usize) -> &[$ty; R] {
+                step[first..first + R].try_into().expect("R values")
+            }
+
+            /// Rows `first .. first + R` of `S = Q·Kᵀ` into `out`, in registers:
+            /// each entry one accumulator, summed over the steps in order, so its
+            /// bits do not depend on `R`.
+            ///
+            /// # Safety
+            ///
+            #[doc = concat!("The CPU must support ", $features, ".")]
+            #[inline(always)]
+            unsafe fn score_rows<const R: usize>(
+                q: &[[$ty; MR]],
+                k: &[[$ty; $nr]],
+                first: usize,
+                out: &mut [[$ty; $nr]; MR],
+            ) {
+                // SAFETY: the caller upholds this function's contract; every
+                // store writes one half of a `[$ty; $nr]`.
+                unsafe {
+                    let mut acc = [[$zero(); 2]; R];
+                    // two steps of the sum per trip: half the loop overhead
+                    let (q2, q_rest) = q.as_chunks::<2>();
+                    let (k2, k_rest) = k.as_chunks::<2>();
+                    for (qp, kp) in q2.iter().zip(k2) {
+                        rank1(&mut acc, part(&qp[0], first), &kp[0]);
+                        rank1(&mut acc, part(&qp[1], first), &kp[1]);
+                    }
+                    for (qp, kp) in q_rest.iter().zip(k_rest) {
+                        rank1(&mut acc, part(qp, first), kp);
+                    }
+                    for i in 0..R {
+                        let row = out[first + i].as_mut_ptr();
+                        $store(row, acc[i][0]);
+                        $store(row.add($lanes), acc[i][1]);
+                    }
+                }
             }
 
             impl $crate::kernel::arch::Token<$ty, { $nr }> for $token {
@@ -86,30 +122,25 @@ macro_rules! two_register_tiles {
             }
 
             impl Tiles<$ty, { $nr }> for $token {
+                /// Blocks of `ROWS` rows, then the rows left in a block of 4 or
+                /// 8 where that is fewer than `ROWS` (a tile of 3 rows costs a
+                /// third of a full one).
                 #[inline(always)]
-                fn score_tile(self, q: &[[$ty; MR]], k: &[[$ty; $nr]]) -> [[$ty; $nr]; MR] {
+                fn score_tile(self, q: &[[$ty; MR]], k: &[[$ty; $nr]], rows: usize) -> [[$ty; $nr]; MR] {
                     let mut out = [[0.0; $nr]; MR];
+                    let rows = rows.min(MR);
+                    let whole = rows - rows % ROWS;
                     // SAFETY: `self` is the token, so the CPU has the instruction
-                    // sets; every load reads, every store writes, one half of a
-                    // `[$ty; $nr]`.
+                    // sets; every block ends within the tile's `MR` rows.
                     unsafe {
-                        for first in (0..MR).step_by(ROWS) {
-                            let mut acc = [[$zero(); 2]; ROWS];
-                            // two steps of the sum per trip: half the loop overhead
-                            let (q2, q_rest) = q.as_chunks::<2>();
-                            let (k2, k_rest) = k.as_chunks::<2>();
-                            for (qp, kp) in q2.iter().zip(k2) {
-                                rank1(&mut acc, part(&qp[0], first), &kp[0]);
-                                rank1(&mut acc, part(&qp[1], first), &kp[1]);
-                            }
-                            for (qp, kp) in q_rest.iter().zip(k_rest) {
-                                rank1(&mut acc, part(qp, first), kp);
-                            }
-                            for i in 0..ROWS {
-                                let row = out[first + i].as_mut_ptr();
-                                $store(row, acc[i][0]);
-                                $store(row.add($lanes), acc[i][1]);
-                            }
+                        for first in (0..whole).step_by(ROWS) {
+                            score_rows::<ROWS>(q, k, first, &mut out);
+                        }
+                        match rows - whole {
+                            0 => {}
+                            1..=4 if ROWS > 4 => score_rows::<4>(q, k, whole, &mut out),
+                            5..=8 if ROWS > 8 => score_rows::<8>(q, k, whole, &mut out),
+                            _ => score_rows::<ROWS>(q, k, whole, &mut out),
                         }
                     }
                     out

@@ -314,4 +314,88 @@ mod tests {
         assert_eq!(avx2::Avx2::detect().is_some(), avx2);
         assert_eq!(avx512::Avx512::detect().is_some(), avx2 && avx512);
     }
+
+    /// Every instruction set this CPU has, whatever `ATTN_KERNEL_ARCH` says.
+    fn every_arch() -> Vec<Arch> {
+        #[allow(unused_mut)]
+        let mut arches = vec![Arch::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            arches.extend(avx2::Avx2::detect().map(Arch::Avx2));
+            arches.extend(avx512::Avx512::detect().map(Arch::Avx512));
+        }
+        arches
+    }
+
+    /// The score tile's first `rows` rows, for each `rows`, against the whole tile.
+    struct RowsOfTile<A> {
+        depth: usize,
+        _element: std::marker::PhantomData<A>,
+    }
+
+    fn rows_of<A>(depth: usize) -> RowsOfTile<A> {
+        RowsOfTile {
+            depth,
+            _element: std::marker::PhantomData,
+        }
+    }
+
+    impl<A: KernelFloat> Op<A> for RowsOfTile<A> {
+        /// `(rows, row, column)` of each entry whose bits differ.
+        type Output = Vec<(usize, usize, usize)>;
+
+        #[inline(always)]
+        fn run<T: Token<A, NR> + KeyTiles<A, A, NR>, const NR: usize>(
+            self,
+            token: T,
+        ) -> Self::Output {
+            use crate::kernel::params::MR;
+            let value = |x: usize| A::from_f64(((x * 37) % 101) as f64 / 29.0 - 1.7);
+            let q: Vec<[A; MR]> = (0..self.depth)
+                .map(|p| std::array::from_fn(|i| value(p * MR + i)))
+                .collect();
+            let k: Vec<[A; NR]> = (0..self.depth)
+                .map(|p| std::array::from_fn(|j| value(p * NR + j + 7)))
+                .collect();
+            let whole = token.score_tile(&q, &k, MR);
+            let mut differ = Vec::new();
+            for rows in 1..=MR {
+                let tile = token.score_tile(&q, &k, rows);
+                for (i, (row, want)) in tile.iter().zip(&whole).take(rows).enumerate() {
+                    for (j, (x, y)) in row.iter().zip(want).enumerate() {
+                        if x != y {
+                            differ.push((rows, i, j));
+                        }
+                    }
+                }
+            }
+            differ
+        }
+    }
+
+    /// A tile of a few rows (the last of a product's rows, summed in a smaller
+    /// block) has the bits those rows have in a whole tile, on every
+    /// instruction set this CPU has: a row's value does not depend on the
+    /// others.
+    #[test]
+    fn a_tile_of_a_few_rows_has_the_bits_of_the_whole_tile() {
+        for arch in every_arch() {
+            for depth in [1, 2, 7, 64] {
+                let differ: Vec<_> = Dispatch::<f32>::dispatch(arch, rows_of(depth));
+                let first = differ.first();
+                assert!(
+                    first.is_none(),
+                    "{:?} f32 depth {depth}: (rows, row, column) {first:?}",
+                    arch.kind()
+                );
+                let differ: Vec<_> = Dispatch::<f64>::dispatch(arch, rows_of(depth));
+                let first = differ.first();
+                assert!(
+                    first.is_none(),
+                    "{:?} f64 depth {depth}: (rows, row, column) {first:?}",
+                    arch.kind()
+                );
+            }
+        }
+    }
 }
