@@ -128,11 +128,17 @@ macro_rules! two_register_tiles {
                 #[inline(always)]
                 fn score_tile(self, q: &[[$ty; MR]], k: &[[$ty; $nr]], rows: usize) -> [[$ty; $nr]; MR] {
                     let mut out = [[0.0; $nr]; MR];
-                    let rows = rows.min(MR);
-                    let whole = rows - rows % ROWS;
                     // SAFETY: `self` is the token, so the CPU has the instruction
                     // sets; every block ends within the tile's `MR` rows.
                     unsafe {
+                        if rows >= MR {
+                            // the whole tile: a loop of constant length
+                            for first in (0..MR).step_by(ROWS) {
+                                score_rows::<ROWS>(q, k, first, &mut out);
+                            }
+                            return out;
+                        }
+                        let whole = rows - rows % ROWS;
                         for first in (0..whole).step_by(ROWS) {
                             score_rows::<ROWS>(q, k, first, &mut out);
                         }
