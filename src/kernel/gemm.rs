@@ -11,10 +11,28 @@
 
 use std::ops::Range;
 
-use super::pack::Panels;
+use ndarray::{ArrayView2, ShapeBuilder};
+
+use super::pack::{PackPanel, Panels};
 use super::params::MR;
 use super::tiled::Tiles;
 use crate::element::Element;
+
+/// Packs panels of [`MR`] lines (a product's left operand) with the token's
+/// query tiles ([`Tiles::pack_query_tile`]: AVX-512 transposes a whole tile in
+/// registers, where [`Panels::pack_lines`] stores each value on its own).
+#[derive(Clone, Copy)]
+pub(crate) struct RowTiles<T, const NR: usize>(pub(crate) T);
+
+impl<A: Element, T: Tiles<A, NR>, const NR: usize> PackPanel<A, MR> for RowTiles<T, NR> {
+    #[inline(always)]
+    fn pack_panel(self, src: &[A], stride: usize, lines: usize, out: &mut [[A; MR]]) {
+        let depth = out.len();
+        let rows = ArrayView2::from_shape((lines, depth).strides((stride, 1)), src)
+            .expect("a panel's lines lie in `src`");
+        self.0.pack_query_tile(rows, A::one(), out);
+    }
+}
 
 /// Where a product goes: a row-major matrix (`stride` apart) whose first
 /// `rows × cols` entries it writes, or adds to.

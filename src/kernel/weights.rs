@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use super::arch::{Arch, Dispatch, KernelElement, Op, Token};
 use super::float::KernelFloat;
-use super::gemm::{Target, product};
+use super::gemm::{RowTiles, Target, product};
 use super::pack::Panels;
 use super::params::{MR, PRODUCT_PARALLEL_MIN_WORK};
 use super::report::{self, Path};
@@ -347,7 +347,7 @@ impl<A: KernelFloat> Op<A> for Multiply<'_, A> {
             w.width, NR,
             "a weight is multiplied by the instruction set that packed it"
         );
-        panels.pack_lines::<MR>(x, depth, rows, depth);
+        panels.pack_lines_by::<MR>(RowTiles::<T, NR>(token), x, depth, rows, depth);
         let target = Target {
             c,
             stride: cols.len(),

@@ -10,7 +10,7 @@ use crate::core::scoring::Scoring;
 use crate::flex::blocks::BlockClass;
 use crate::flex::program::{Program, Row};
 use crate::kernel::float::{KernelFloat, MulAdd};
-use crate::kernel::gemm::{Target, product};
+use crate::kernel::gemm::{RowTiles, Target, product};
 use crate::kernel::online::{inverse_total, softmax_update};
 use crate::kernel::pack::Panels;
 use crate::kernel::params::{BACKWARD_KEYS as BK, BACKWARD_QUERIES as BQ, MR, SOFTMAX_LANES};
@@ -103,7 +103,9 @@ pub(super) struct Queries {
 impl Queries {
     /// Rows `rows` of the head's queries times the scale, packed as the left
     /// operand of `S = Q·Kᵀ` and the right one of `dK = dSᵀ·Q`.
-    pub(super) fn of<A: KernelFloat, P, const NR: usize>(
+    #[inline(always)]
+    pub(super) fn of<A: KernelFloat, P, T: Tiles<A, NR>, const NR: usize>(
+        tiles: T,
         inputs: &HeadInputs<'_, '_, A, P>,
         rows: std::ops::Range<usize>,
         scratch: &mut BlockScratch<A>,
@@ -118,7 +120,10 @@ impl Queries {
             .map(|&x| x * inputs.scale)
             .collect();
         let q = &q[..];
-        scratch.q_rows.pack_lines::<MR>(q, d, rows.len(), d);
+        let rows_by = RowTiles::<T, NR>(tiles);
+        scratch
+            .q_rows
+            .pack_lines_by::<MR>(rows_by, q, d, rows.len(), d);
         scratch.q_cols.pack_steps::<NR>(q, d, d, rows.len());
         Queries {
             first: rows.start,
@@ -317,7 +322,10 @@ impl<'h, 'p, A: KernelFloat, P: Program<A>, const NR: usize> Head<'h, 'p, A, P, 
             }
         }
         let d_out = d_out.as_slice().expect("standard layout");
-        scratch.d_out_rows.pack_lines::<MR>(d_out, d_v, rows, d_v);
+        let rows_by = RowTiles::<T, NR>(tiles);
+        scratch
+            .d_out_rows
+            .pack_lines_by::<MR>(rows_by, d_out, d_v, rows, d_v);
         scratch.d_out_cols.pack_steps::<NR>(d_out, d_v, d_v, rows);
         let dq = dq.as_slice_mut().expect("rows of a standard-layout array");
         let dk = dk.as_slice_mut().expect("standard layout");
@@ -392,7 +400,10 @@ impl<'h, 'p, A: KernelFloat, P: Program<A>, const NR: usize> Head<'h, 'p, A, P, 
             }
             // dQ += dS·K, dK += dSᵀ·(Q·scale)
             let ds = scratch.ds.as_slice().expect("standard layout");
-            scratch.ds_rows.pack_lines::<MR>(ds, BK, rows, n);
+            let rows_by = RowTiles::<T, NR>(tiles);
+            scratch
+                .ds_rows
+                .pack_lines_by::<MR>(rows_by, ds, BK, rows, n);
             scratch.ds_t.pack_steps::<MR>(ds, BK, n, rows);
             let target = Target {
                 c: &mut *dq,
@@ -444,7 +455,8 @@ impl<'h, 'p, A: KernelFloat, P: Program<A>, const NR: usize> Head<'h, 'p, A, P, 
                     softmax_update::<A, M, SOFTMAX_LANES>(&mut row[..n], &mut max[i], &mut sum[i]);
                 scratch.o.row_mut(i).mapv_inplace(|x| x * alpha);
             }
-            scratch.p_rows.pack_lines::<MR>(p, BK, rows, n);
+            let rows_by = RowTiles::<T, NR>(tiles);
+            scratch.p_rows.pack_lines_by::<MR>(rows_by, p, BK, rows, n);
             let target = Target {
                 c: scratch.o.as_slice_mut().expect("standard layout"),
                 stride: self.d_v,

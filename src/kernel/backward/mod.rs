@@ -147,7 +147,7 @@ where
     let HeadRest { bias, score, sink } = &mut rest;
     let blocks = d_q.axis_chunks_iter_mut(Axis(0), BQ);
     for (rows, dq) in part.blocks(q.nrows()).zip(blocks) {
-        let queries = Queries::of::<A, P, NR>(inputs, rows.clone(), scratch);
+        let queries = Queries::of::<A, P, T, NR>(tiles, inputs, rows.clone(), scratch);
         let upstream = Upstream {
             d_out: upstream.d_out.slice_move(s![rows.clone(), ..]),
             saved: upstream
