@@ -53,7 +53,7 @@ pub(crate) use params::{DIRECT_MAX_ROWS, PRODUCT_PARALLEL_MIN_WORK};
 use params::{ROWWISE_MAX_WORK, ROWWISE_MAX_WORK_FEW_ROWS};
 use report::Path;
 use run::KvGroup;
-pub(crate) use weights::{PackedWeight, pack_weight, scaled_rows, weight_product};
+pub(crate) use weights::{PackedWeight, pack_weight, weight_product};
 
 use std::marker::PhantomData;
 

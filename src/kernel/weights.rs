@@ -78,31 +78,10 @@ pub(crate) fn weight_product<A: Element>(
     (A::select::<Plain, _>(Entries).product)(x, w, out);
 }
 
-/// `out += x·w` for a few rows `x: (n, depth)`, `w: (depth, cols)` and `out` row
-/// after row (`n × cols`): each row of `w` scaled and added, in order, with the vectors
-/// of this machine's instruction set (`w` is read once and never packed; a
-/// decoding step projects one token). Plain multiplies and adds, so the bits are
-/// the same on every instruction set.
-///
-/// # Errors
-///
-/// [`Error::InvalidConfig`](crate::Error::InvalidConfig) when `ATTN_KERNEL_ARCH`
-/// names no instruction set.
-pub(crate) fn scaled_rows<A: Element>(
-    x: &ArrayView2<'_, A>,
-    w: &ArrayView2<'_, A>,
-    out: &mut [A],
-) -> Result<()> {
-    let arch = Arch::detect()?;
-    (A::select::<Plain, _>(Entries).scaled_rows)(x, w, out, arch);
-    Ok(())
-}
-
 /// The entry points compiled for one element type.
 struct EntryPoints<A> {
     pack: fn(&ArrayView2<'_, A>, Arch) -> PackedWeight<A>,
     product: fn(&ArrayView2<'_, A>, &PackedWeight<A>, ArrayViewMut2<'_, A>),
-    scaled_rows: fn(&ArrayView2<'_, A>, &ArrayView2<'_, A>, &mut [A], Arch),
 }
 
 /// Picks the entry points for the element type.
@@ -115,7 +94,6 @@ impl PerElement<Plain> for Entries {
         EntryPoints {
             pack: pack_for::<f32>,
             product: product_for::<f32>,
-            scaled_rows: scaled_rows_for::<f32>,
         }
     }
 
@@ -123,7 +101,6 @@ impl PerElement<Plain> for Entries {
         EntryPoints {
             pack: pack_for::<f64>,
             product: product_for::<f64>,
-            scaled_rows: scaled_rows_for::<f64>,
         }
     }
 }
@@ -215,27 +192,6 @@ fn product_for<A: KernelElement>(
     }
 }
 
-fn scaled_rows_for<A: KernelElement>(
-    x: &ArrayView2<'_, A>,
-    w: &ArrayView2<'_, A>,
-    out: &mut [A],
-    arch: Arch,
-) {
-    let cols = w.ncols();
-    for (x, out) in x.outer_iter().zip(out.chunks_exact_mut(cols.max(1))) {
-        match (w.as_slice(), x.as_slice()) {
-            (Some(w), Some(x)) => Dispatch::<A>::dispatch(arch, ScaledRows { x, w, out }),
-            // strided rows (a column-major weight): the same sums, read where they lie
-            _ => {
-                let mut out = ndarray::ArrayViewMut1::from(out);
-                for (&x, w) in x.iter().zip(w.outer_iter()) {
-                    out.zip_mut_with(&w, |o, &w| *o += x * w);
-                }
-            }
-        }
-    }
-}
-
 /// `c = x·W[.., cols]` (`c` row-major, `cols.len()` wide), `x` packed here in
 /// chunks of [`CHUNK_ROWS`].
 fn multiply<A: KernelElement>(
@@ -258,31 +214,6 @@ fn multiply<A: KernelElement>(
             c,
         };
         Dispatch::<A>::dispatch(w.arch, op);
-    }
-}
-
-/// `out += Σ_j x[j] · w[j]` (`w` row-major, `out.len()` wide), row after row of
-/// `w`: compiled with the token's vectors, plain multiplies and adds.
-struct ScaledRows<'a, A> {
-    x: &'a [A],
-    w: &'a [A],
-    out: &'a mut [A],
-}
-
-impl<A: KernelFloat> Op<A> for ScaledRows<'_, A> {
-    type Output = ();
-
-    #[inline(always)]
-    fn run<T: Token<A, NR> + KeyTiles<A, A, NR>, const NR: usize>(self, _: T) {
-        let Self { x, w, out } = self;
-        if out.is_empty() {
-            return;
-        }
-        for (&x, w) in x.iter().zip(w.chunks_exact(out.len())) {
-            for (o, &w) in out.iter_mut().zip(w) {
-                *o += x * w;
-            }
-        }
     }
 }
 

@@ -5,28 +5,24 @@ use ndarray::{
     Dimension, Ix2, Ix3,
 };
 
-use super::product::{Packed, product, row_by_row};
+use super::product::{Packed, product};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::kernel::weight_product;
-
-/// Inputs of at most this many rows are multiplied row by row, reading `W` once
-/// (a decoding step projects one token); more go through the packed weight,
-/// whose register tiles sum a few rows in a block of four. Through a 512 × 512
-/// weight on one thread (Zen 4, f32): 1 and 2 rows take 18 and 34 µs row by
-/// row, 21 µs each on the packed weight (as do 3 and 4 rows).
-const ROW_BY_ROW_MAX_ROWS: usize = 1;
 
 /// A linear layer `y = x·W + b` with the weight stored `(in, out)`, optional bias.
 ///
 /// Row vectors throughout, as in the rest of the crate. PyTorch's `nn.Linear`
 /// stores its weight `(out, in)`: pass `weight.t()` of it.
 ///
-/// The first forward product of more than one row packs a copy of the weight
-/// for the CPU kernels' register tiles (as many values again as the weight),
-/// kept for every later product until the weight is changed through
-/// [`weight_mut`](Self::weight_mut): the projections of a batch of decoding
-/// steps then read `W` without packing it each time.
+/// The first forward product packs a copy of the weight for the CPU kernels'
+/// register tiles (as many values again as the weight), kept for every later
+/// product until the weight is changed through [`weight_mut`](Self::weight_mut):
+/// decoding steps then read `W` without packing it each time, whatever its
+/// layout (a loaded checkpoint's weight is a transposed view). Each output is
+/// one sum over the input's entries in order, so a row's bits are the same
+/// alone or among other rows (a sequence decoded alone or in a padded batch),
+/// on any number of threads.
 ///
 /// # Shapes
 ///
@@ -282,12 +278,8 @@ impl<A: Element> Linear<A> {
     ) -> Result<()> {
         self.check_width(what, x.shape())?;
         debug_assert_eq!(out.dim(), (x.nrows(), self.out_features()));
-        if x.nrows() <= ROW_BY_ROW_MAX_ROWS {
-            out.assign(&row_by_row(&x.view(), &self.weight.view())?);
-        } else {
-            let packed = self.packed.get_or_pack(&self.weight.view())?;
-            weight_product(&x.view(), packed, out.view_mut());
-        }
+        let packed = self.packed.get_or_pack(&self.weight.view())?;
+        weight_product(&x.view(), packed, out.view_mut());
         if let Some(b) = &self.bias {
             out += b;
         }

@@ -122,9 +122,10 @@ macro_rules! two_register_tiles {
             }
 
             impl Tiles<$ty, { $nr }> for $token {
-                /// Blocks of `ROWS` rows, then the rows left in a block of 4 or
-                /// 8 where that is fewer than `ROWS` (a tile of 3 rows costs a
-                /// third of a full one).
+                /// Blocks of `ROWS` rows, then the rows left in a block of 1, 2,
+                /// 4 or 8 where that is fewer than `ROWS` (a tile of 3 rows costs
+                /// a third of a full one; one row, a decoding step's token, half
+                /// of four rows: its two sums wait on each other's latency).
                 #[inline(always)]
                 fn score_tile(self, q: &[[$ty; MR]], k: &[[$ty; $nr]], rows: usize) -> [[$ty; $nr]; MR] {
                     let mut out = [[0.0; $nr]; MR];
@@ -144,7 +145,9 @@ macro_rules! two_register_tiles {
                         }
                         match rows - whole {
                             0 => {}
-                            1..=4 if ROWS > 4 => score_rows::<4>(q, k, whole, &mut out),
+                            1 => score_rows::<1>(q, k, whole, &mut out),
+                            2 => score_rows::<2>(q, k, whole, &mut out),
+                            3..=4 if ROWS > 4 => score_rows::<4>(q, k, whole, &mut out),
                             5..=8 if ROWS > 8 => score_rows::<8>(q, k, whole, &mut out),
                             _ => score_rows::<ROWS>(q, k, whole, &mut out),
                         }
