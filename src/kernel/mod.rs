@@ -46,9 +46,15 @@ pub use options::{Kernel, Parallelism};
 pub use report::{KernelPaths, kernel_paths};
 
 #[cfg(target_arch = "x86_64")]
-use arch::Avx512Bf16;
+use arch::{Amx, Avx512Bf16, Dispatch, Op};
 use arch::{Arch, KernelElement};
 pub(crate) use direct::round_to_i8;
+#[cfg(target_arch = "x86_64")]
+use half::bf16;
+#[cfg(target_arch = "x86_64")]
+use ops::PackHead;
+#[cfg(target_arch = "x86_64")]
+use pack::{Entry, PackedHead};
 pub(crate) use params::{DIRECT_MAX_ROWS, PRODUCT_PARALLEL_MIN_WORK};
 use params::{ROWWISE_MAX_WORK, ROWWISE_MAX_WORK_FEW_ROWS};
 use report::Path;
@@ -220,17 +226,9 @@ fn forward_half<H: Half, P: Program<f32>>(
             run_direct::direct_half(problem, arch, &mut groups, parallelism);
         }
         #[cfg(target_arch = "x86_64")]
-        Plan::TiledBf16Pairs(dots) => {
-            let (Some(k), Some(v)) = (H::as_bf16(problem.k), H::as_bf16(problem.v)) else {
-                unreachable!("the plan has pairs only for bf16 keys and values")
-            };
-            let problem = problem.with_keys_values(k, v);
-            let mut outs: Vec<_> = per_head(out).collect();
-            let mut groups = kv_groups(&problem, &mut outs, None);
-            run::tiled(&problem, dots, &mut groups, parallelism, |b, h, out, _| {
-                run_direct::widened_reference(&problem, b, h, out)
-            });
-        }
+        Plan::TiledBf16Pairs(dots) => tiled_bf16(problem, dots, out, parallelism),
+        #[cfg(target_arch = "x86_64")]
+        Plan::TiledAmx(tiles) => tiled_bf16(problem, tiles, out, parallelism),
         // every other plan reads f32 keys and values
         _ => {
             let (k, v) = (H::compute(problem.k), H::compute(problem.v));
@@ -239,6 +237,28 @@ fn forward_half<H: Half, P: Program<f32>>(
         }
     }
     Ok(())
+}
+
+/// The tiled kernel over bf16 keys and values, packed as entries `K` for the
+/// kernels `dots` dispatches to.
+#[cfg(target_arch = "x86_64")]
+fn tiled_bf16<H: Half, K: Entry<f32>, D: Dispatch<f32, K>, P: Program<f32>>(
+    problem: &Problem<'_, f32, H, P>,
+    dots: D,
+    out: ArrayViewMut4<'_, f32>,
+    parallelism: Parallelism,
+) where
+    for<'v, 'a> PackHead<'v, 'a, bf16>: Op<f32, K, Output = PackedHead<f32, K>>,
+{
+    let (Some(k), Some(v)) = (H::as_bf16(problem.k), H::as_bf16(problem.v)) else {
+        unreachable!("the plan has pairs only for bf16 keys and values")
+    };
+    let problem = problem.with_keys_values(k, v);
+    let mut outs: Vec<_> = per_head(out).collect();
+    let mut groups = kv_groups(&problem, &mut outs, None);
+    run::tiled(&problem, dots, &mut groups, parallelism, |b, h, out, _| {
+        run_direct::widened_reference(&problem, b, h, out)
+    });
 }
 
 /// The outputs `outs` (one per batch and query head, in that order), and their
@@ -381,7 +401,9 @@ fn run_plan<A: KernelElement, P: Program<A>>(
             });
         }
         #[cfg(target_arch = "x86_64")]
-        Plan::TiledBf16Pairs(_) => unreachable!("planned for bf16 keys only, by forward_half"),
+        Plan::TiledBf16Pairs(_) | Plan::TiledAmx(_) => {
+            unreachable!("planned for bf16 keys only, by forward_half")
+        }
     }
 }
 
@@ -403,6 +425,9 @@ enum Plan {
     /// products (AVX512_BF16).
     #[cfg(target_arch = "x86_64")]
     TiledBf16Pairs(Avx512Bf16),
+    /// The tiled kernel over bf16 keys and values on AMX tiles.
+    #[cfg(target_arch = "x86_64")]
+    TiledAmx(Amx),
 }
 
 impl Plan {
@@ -424,11 +449,16 @@ impl Plan {
     }
 
     /// This plan for keys and values stored as `H`: the tiled kernel takes bf16
-    /// keys as pairs where the CPU (and `ATTN_KERNEL_ARCH`) has AVX512_BF16.
+    /// keys and values to AMX tiles where the CPU (and `ATTN_KERNEL_ARCH`) has
+    /// AMX, or bf16 keys as pairs where it has AVX512_BF16.
     fn for_half<H: Half>(self) -> Self {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Plan::Tiled(arch) if H::BF16 => arch.bf16_dots().map_or(self, Plan::TiledBf16Pairs),
+            Plan::Tiled(arch) if H::BF16 => match (arch.amx_tiles(), arch.bf16_dots()) {
+                (Some(tiles), _) => Plan::TiledAmx(tiles),
+                (None, Some(dots)) => Plan::TiledBf16Pairs(dots),
+                (None, None) => self,
+            },
             _ => self,
         }
     }

@@ -14,7 +14,7 @@ use super::backward::{
 };
 use super::direct::{self, Group, Memory, PartialMut, Rows};
 use super::float::KernelFloat;
-use super::pack::{self, Bf16Pair, Entry, PackedHead};
+use super::pack::{self, Bf16Pair, Entry, PackedHead, TilePair};
 use super::tiled::{self, Block, KeyTiles, Scratch};
 use crate::flex::program::Program;
 
@@ -59,8 +59,20 @@ impl Op<f32, Bf16Pair> for PackHead<'_, '_, bf16> {
     }
 }
 
+impl Op<f32, TilePair> for PackHead<'_, '_, bf16> {
+    type Output = PackedHead<f32, TilePair>;
+
+    #[inline(always)]
+    fn run<T: Token<f32, NR> + KeyTiles<f32, TilePair, NR>, const NR: usize>(
+        self,
+        _: T,
+    ) -> PackedHead<f32, TilePair> {
+        pack::pack_head_tiles::<NR>(self.k, self.v)
+    }
+}
+
 /// [`tiled::attend_block`]: one block of query rows of the tiled kernel.
-pub(crate) struct AttendBlock<'b, 'a, A, K, P> {
+pub(crate) struct AttendBlock<'b, 'a, A, K: Entry<A>, P> {
     pub(crate) block: &'b Block<'a, A, K, P>,
     pub(crate) scratch: &'b mut Scratch<A, K>,
     pub(crate) out: ArrayViewMut2<'b, A>,

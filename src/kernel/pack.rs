@@ -25,6 +25,10 @@ pub(crate) struct PackedKeys<K> {
 /// element type itself, or a pair of components ([`Bf16Pair`]) for the kernels
 /// whose instructions multiply and add two products at a time.
 pub(crate) trait Entry<A>: Copy + Send + Sync {
+    /// What the values of a head packed with these keys are stored as (the
+    /// element, or pairs of keys' values for the AMX tiles).
+    type Value: Copy + Send + Sync;
+
     /// The entry of zero components: the padding.
     fn zero() -> Self;
 
@@ -41,6 +45,8 @@ pub(crate) trait Entry<A>: Copy + Send + Sync {
 }
 
 impl<A: Element> Entry<A> for A {
+    type Value = A;
+
     fn zero() -> A {
         A::zero()
     }
@@ -84,6 +90,8 @@ impl Bf16Pair {
 /// and narrowed back here (exactly again); the scale cannot ride in a bf16 query
 /// without rounding it, so the scores are scaled in f32.
 impl Entry<f32> for Bf16Pair {
+    type Value = f32;
+
     fn zero() -> Self {
         Bf16Pair(0)
     }
@@ -93,11 +101,51 @@ impl Entry<f32> for Bf16Pair {
     }
 
     #[inline(always)]
+    fn pack_query(row: ArrayView1<'_, f32>, _: f32, write: impl FnMut(usize, Self)) {
+        narrow_pairs(row, Self::depth(row.len()), write);
+    }
+
+    fn scale_after(scale: f32) -> Option<f32> {
+        Some(scale)
+    }
+}
+
+/// The first `depth` pairs of `row` rounded to bf16 (zero past its end).
+#[inline(always)]
+fn narrow_pairs(row: ArrayView1<'_, f32>, depth: usize, mut write: impl FnMut(usize, Bf16Pair)) {
+    let narrow = |i: usize| row.get(i).map_or(bf16::ZERO, |&x| bf16::from_f32(x));
+    for p in 0..depth {
+        write(p, Bf16Pair::new(narrow(2 * p), narrow(2 * p + 1)));
+    }
+}
+
+/// A [`Bf16Pair`] of a query or key for the AMX tiles, whose rows are 16 pairs:
+/// a query or key is padded with zero pairs to whole rows (a 64-wide head is
+/// two rows, an 80-wide one three). The values of a head packed with these keys
+/// are pairs too, of two keys' values in one column ([`PackedValues::pack_key_pairs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(transparent)]
+pub(crate) struct TilePair(pub(crate) Bf16Pair);
+
+/// Pairs in one row of an AMX tile (64 bytes).
+pub(crate) const TILE_PAIRS: usize = 16;
+
+impl Entry<f32> for TilePair {
+    type Value = Bf16Pair;
+
+    fn zero() -> Self {
+        TilePair(Bf16Pair(0))
+    }
+
+    fn depth(d: usize) -> usize {
+        d.div_ceil(2 * TILE_PAIRS) * TILE_PAIRS
+    }
+
+    #[inline(always)]
     fn pack_query(row: ArrayView1<'_, f32>, _: f32, mut write: impl FnMut(usize, Self)) {
-        let narrow = |i: usize| row.get(i).map_or(bf16::ZERO, |&x| bf16::from_f32(x));
-        for p in 0..Self::depth(row.len()) {
-            write(p, Bf16Pair::new(narrow(2 * p), narrow(2 * p + 1)));
-        }
+        narrow_pairs(row, Self::depth(row.len()), |p, pair| {
+            write(p, TilePair(pair))
+        });
     }
 
     fn scale_after(scale: f32) -> Option<f32> {
@@ -106,20 +154,21 @@ impl Entry<f32> for Bf16Pair {
 }
 
 /// Values packed for the micro-kernel: for each group of `NR` value columns, all
-/// keys' `NR` values in key order (the columns past `d_v` zero).
+/// keys' `NR` values in key order (the columns past `d_v` zero), as the element
+/// `V` itself or as pairs of two keys' values ([`PackedValues::pack_key_pairs`]).
 #[derive(Debug)]
-pub(crate) struct PackedValues<A> {
-    pub(crate) data: Vec<A>,
-    /// Keys per column group.
+pub(crate) struct PackedValues<V> {
+    pub(crate) data: Vec<V>,
+    /// Steps per column group: keys, or pairs of keys.
     pub(crate) s: usize,
     pub(crate) col_tiles: usize,
 }
 
 /// One key/value head packed for the tiled kernel, with the extents of its keys
 /// and values that the pre-check needs; its keys are packed as entries `K`.
-pub(crate) struct PackedHead<A, K = A> {
+pub(crate) struct PackedHead<A, K: Entry<A> = A> {
     pub(crate) keys: PackedKeys<K>,
-    pub(crate) values: PackedValues<A>,
+    pub(crate) values: PackedValues<K::Value>,
     pub(crate) key_extent: Extent<A>,
     pub(crate) value_extent: Extent<A>,
 }
@@ -181,9 +230,43 @@ pub(crate) fn pack_head_bf16<const NR: usize>(
     }
 }
 
-impl PackedKeys<Bf16Pair> {
-    /// Packs `k: (S, d)` in panels of `NR` keys, each step a pair of components,
-    /// and finds the keys' extent (in f32) on the way.
+/// Packs one key/value head stored in bf16 for the AMX tiles, `NR` keys to a
+/// panel: the keys as [`TilePair`]s, the values as pairs of keys.
+pub(crate) fn pack_head_tiles<const NR: usize>(
+    k: &ArrayView2<'_, bf16>,
+    v: &ArrayView2<'_, bf16>,
+) -> PackedHead<f32, TilePair> {
+    let (keys, key_extent) = PackedKeys::pack_pairs::<NR>(k);
+    let (values, value_extent) = PackedValues::pack_key_pairs::<NR>(v);
+    PackedHead {
+        keys,
+        values,
+        key_extent,
+        value_extent,
+    }
+}
+
+/// A pair of bf16 components, as [`Bf16Pair`] or [`TilePair`].
+pub(crate) trait Pair: Entry<f32> {
+    fn of(pair: Bf16Pair) -> Self;
+}
+
+impl Pair for Bf16Pair {
+    fn of(pair: Bf16Pair) -> Self {
+        pair
+    }
+}
+
+impl Pair for TilePair {
+    fn of(pair: Bf16Pair) -> Self {
+        TilePair(pair)
+    }
+}
+
+impl<K: Pair> PackedKeys<K> {
+    /// Packs `k: (S, d)` in panels of `NR` keys, each step a pair of components
+    /// (`K::depth(d)` of them, zero past the key's end), and finds the keys'
+    /// extent (in f32) on the way.
     #[inline(always)]
     fn pack_pairs<const NR: usize>(k: &ArrayView2<'_, bf16>) -> (Self, Extent<f32>) {
         let (s, d) = k.dim();
@@ -191,8 +274,8 @@ impl PackedKeys<Bf16Pair> {
         let k = k.as_slice().expect("standard layout");
         let mut scan = Scan::new();
         let mut wide = vec![0.0; d];
-        let depth = Bf16Pair::depth(d);
-        let mut data = vec![[Bf16Pair(0); NR]; s.div_ceil(NR) * depth];
+        let depth = K::depth(d);
+        let mut data = vec![[K::zero(); NR]; s.div_ceil(NR) * depth];
         for (panel, steps) in data.chunks_exact_mut(depth.max(1)).enumerate() {
             for (i, key) in k
                 .chunks_exact(d.max(1))
@@ -205,12 +288,49 @@ impl PackedKeys<Bf16Pair> {
                 }
                 scan.add(&wide);
                 for (p, step) in steps.iter_mut().enumerate() {
-                    step[i] = Bf16Pair::of(key, p);
+                    step[i] = K::of(Bf16Pair::of(key, p));
                 }
             }
         }
         let data = data.into_flattened();
         (PackedKeys { data, depth }, scan.extent(s))
+    }
+}
+
+impl PackedValues<Bf16Pair> {
+    /// Packs `v: (S, d_v)` for the AMX tiles in column groups of `NR`: step `r`
+    /// of a group holds, for each of its columns, the values of keys `2r` and
+    /// `2r + 1` as one pair. The steps run past the last key, with zeros, to
+    /// whole steps of 32 keys and one more half-step of 16 (a block that starts
+    /// on a panel of 16 keys reads 32 at a time). Finds the values' extent (in
+    /// f32) on the way.
+    pub(crate) fn pack_key_pairs<const NR: usize>(v: &ArrayView2<'_, bf16>) -> (Self, Extent<f32>) {
+        let (s, d_v) = v.dim();
+        let v = v.as_standard_layout();
+        let v = v.as_slice().expect("standard layout");
+        let mut scan = Scan::new();
+        scan.add(&v.iter().map(|x| x.to_f32()).collect::<Vec<_>>());
+        let steps = s.div_ceil(2 * TILE_PAIRS) * TILE_PAIRS + TILE_PAIRS / 2;
+        let col_tiles = d_v.div_ceil(NR);
+        let mut data = vec![[Bf16Pair(0); NR]; col_tiles * steps];
+        let at = |key: usize, column: usize| match key < s && column < d_v {
+            true => v[key * d_v + column],
+            false => bf16::ZERO,
+        };
+        for (ct, group) in data.chunks_exact_mut(steps).enumerate() {
+            for (r, step) in group.iter_mut().take(s.div_ceil(2)).enumerate() {
+                for (c, pair) in step.iter_mut().enumerate() {
+                    let column = ct * NR + c;
+                    *pair = Bf16Pair::new(at(2 * r, column), at(2 * r + 1, column));
+                }
+            }
+        }
+        let packed = PackedValues {
+            data: data.into_flattened(),
+            s: steps,
+            col_tiles,
+        };
+        (packed, scan.extent(s))
     }
 }
 

@@ -115,7 +115,7 @@ pub(crate) fn tiled<A, KV, K, D, P>(
 
 /// One block of query rows and where its output goes: query head `head` of
 /// group `group` of the wave.
-struct Task<'a, A, K, P> {
+struct Task<'a, A, K: Entry<A>, P> {
     block: Block<'a, A, K, P>,
     out: ArrayViewMut2<'a, A>,
     lse: Option<ArrayViewMut1<'a, A>>,

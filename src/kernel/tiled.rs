@@ -23,7 +23,7 @@ use crate::flex::program::Program;
 
 /// One block of query rows of one head, with everything it attends over; its
 /// keys are packed as entries `K`.
-pub(crate) struct Block<'a, A, K, P> {
+pub(crate) struct Block<'a, A, K: Entry<A>, P> {
     /// The head's program (its batch row and query head).
     pub(crate) scoring: Scoring<'a, P>,
     /// The block's query rows, `(rows ≤ BR, d)`.
@@ -35,7 +35,7 @@ pub(crate) struct Block<'a, A, K, P> {
     /// Number of keys `S`.
     pub(crate) s: usize,
     pub(crate) keys: &'a PackedKeys<K>,
-    pub(crate) values: &'a PackedValues<A>,
+    pub(crate) values: &'a PackedValues<K::Value>,
     pub(crate) masks: &'a [Mask2<'a, A>],
     pub(crate) scale: A,
 }
@@ -85,8 +85,9 @@ where
     P: Program<A>,
 {
     let rows = block.q.nrows();
-    let tile_rows = rows.div_ceil(MR);
-    pack_queries(tiles, block, &mut scratch.q);
+    // the rows the token computes: whole tiles of its rows
+    let computed = rows.next_multiple_of(T::ROW_TILE);
+    tiles.pack_block_queries(block.q, block.scale, block.keys.depth, &mut scratch.q);
     scratch.o.fill(A::zero());
     // a sink starts every row's softmax: exp(sink − sink) = 1 in the sum
     let sink = block.scoring.sink();
@@ -115,10 +116,10 @@ where
         let panels = Panels {
             j0,
             width,
-            tile_rows,
+            rows: computed,
         };
         let scale = K::scale_after(block.scale);
-        scores(tiles, &scratch.q, block.keys, panels, scale, &mut scratch.s);
+        tiles.block_scores(&scratch.q, block.keys, panels, scale, &mut scratch.s);
         finite &= if P::PLAIN {
             mask_scores(block, j0, keys, width, class, &mut scratch.s)
         } else {
@@ -126,7 +127,7 @@ where
             // instructions (the plain masks measured faster out of line)
             mask_scores_inlined(block, j0, keys, width, class, &mut scratch.s)
         };
-        for i in 0..tile_rows * MR {
+        for i in 0..computed {
             let row = &mut scratch.s[i * BC..i * BC + width];
             // the online softmax's step with the token's own exp
             let step = rescale::<A, M>(scratch.max[i], row_max::<A, NR>(row));
@@ -134,12 +135,13 @@ where
             scratch.alpha[i] = fold_step(step, block_sum, &mut scratch.max[i], &mut scratch.sum[i]);
         }
         let p = Weights {
-            p: &scratch.s,
+            p: &mut scratch.s,
             alpha: &scratch.alpha,
             keys,
-            tile_rows,
+            width,
+            rows: computed,
         };
-        accumulate(tiles, &p, block.values, j0, &mut scratch.o);
+        tiles.block_values(p, block.values, j0, &mut scratch.o);
     }
 
     let o_tiles = scratch.o.as_chunks::<NR>().0;
@@ -167,7 +169,7 @@ where
 /// The keys any row of the block may attend to, the first rounded down to a
 /// panel of `NR` (empty when it sees none): a window's or a document's first
 /// key wastes less than a panel, not up to a key block.
-fn keys_needed<A: KernelFloat, K, P: Program<A>, const NR: usize>(
+fn keys_needed<A: KernelFloat, K: Entry<A>, P: Program<A>, const NR: usize>(
     block: &Block<'_, A, K, P>,
 ) -> std::ops::Range<usize> {
     let rows = block.first_row..block.first_row + block.q.nrows();
@@ -175,20 +177,24 @@ fn keys_needed<A: KernelFloat, K, P: Program<A>, const NR: usize>(
     reach.start / NR * NR..reach.end
 }
 
-/// Packs the block's queries (times the scale, where the entries hold it) as
+/// Packs a block's queries (times the scale, where the entries hold it) as
 /// `tile_rows × depth × MR` entries, tile by tile with the token's
 /// [`KeyTiles::pack_query_tile`].
 #[inline(always)]
-fn pack_queries<A, K, T, P, const NR: usize>(tiles: T, block: &Block<'_, A, K, P>, q: &mut [K])
-where
-    A: KernelFloat,
+fn pack_queries<A, K, T, const NR: usize>(
+    tiles: T,
+    block: ArrayView2<'_, A>,
+    scale: A,
+    depth: usize,
+    q: &mut [K],
+) where
+    A: Copy,
     K: Entry<A>,
     T: KeyTiles<A, K, NR>,
 {
-    let depth = block.keys.depth;
     let q_tiles = q.as_chunks_mut::<MR>().0.chunks_exact_mut(depth);
-    for (out, rows) in q_tiles.zip(block.q.axis_chunks_iter(Axis(0), MR)) {
-        tiles.pack_query_tile(rows, block.scale, out);
+    for (out, rows) in q_tiles.zip(block.axis_chunks_iter(Axis(0), MR)) {
+        tiles.pack_query_tile(rows, scale, out);
     }
 }
 
@@ -207,17 +213,17 @@ pub(crate) fn scatter_queries<A: Copy, K: Entry<A>>(
     }
 }
 
-/// Which score tiles to compute: key panels `j0 .. j0 + width` (whole panels of
-/// `NR` keys) for `tile_rows` tiles of `MR` query rows.
+/// Which scores to compute: key panels `j0 .. j0 + width` (whole panels of `NR`
+/// keys) for the first `rows` query rows (whole tiles of the token's rows).
 #[derive(Clone, Copy)]
-struct Panels {
-    j0: usize,
-    width: usize,
-    tile_rows: usize,
+pub(crate) struct Panels {
+    pub(crate) j0: usize,
+    pub(crate) width: usize,
+    pub(crate) rows: usize,
 }
 
-/// `S = Q·Kᵀ` for the keys of `panels`, into the rows of `s: (tile_rows·MR) × BC`,
-/// times `scale` where the packed queries do not carry it.
+/// `S = Q·Kᵀ` for the keys of `panels`, into the rows of `s: BR × BC`, times
+/// `scale` where the packed queries do not carry it, tile by tile of `MR` rows.
 #[inline(always)]
 fn scores<A: KernelFloat, K, T: KeyTiles<A, K, NR>, const NR: usize>(
     tiles: T,
@@ -234,7 +240,7 @@ fn scores<A: KernelFloat, K, T: KeyTiles<A, K, NR>, const NR: usize>(
     for panel in 0..panels.width / NR {
         let first = (panels.j0 / NR + panel) * depth;
         let k_panel = &k_rows[first..first + depth];
-        for t in 0..panels.tile_rows {
+        for t in 0..panels.rows / MR {
             let tile = tiles.key_tile(&q_rows[t * depth..(t + 1) * depth], k_panel);
             for (i, tile_row) in tile.iter().enumerate() {
                 let row = &mut s_rows[t * MR + i][panel * NR..(panel + 1) * NR];
@@ -252,7 +258,7 @@ fn scores<A: KernelFloat, K, T: KeyTiles<A, K, NR>, const NR: usize>(
 }
 
 /// [`mask_scores_inlined`], out of line.
-fn mask_scores<A: KernelFloat, K, P: Program<A>>(
+fn mask_scores<A: KernelFloat, K: Entry<A>, P: Program<A>>(
     block: &Block<'_, A, K, P>,
     j0: usize,
     keys: usize,
@@ -266,7 +272,7 @@ fn mask_scores<A: KernelFloat, K, P: Program<A>>(
 /// Applies the program, padding, bias, keep and causal masks to the scores of
 /// keys `j0 ..`; `false` when the program made an attended score NaN or `+∞`.
 #[inline(always)]
-fn mask_scores_inlined<A: KernelFloat, K, P: Program<A>>(
+fn mask_scores_inlined<A: KernelFloat, K: Entry<A>, P: Program<A>>(
     block: &Block<'_, A, K, P>,
     j0: usize,
     keys: usize,
@@ -295,20 +301,23 @@ fn mask_scores_inlined<A: KernelFloat, K, P: Program<A>>(
 }
 
 /// One block's weights `P = exp(S − shift)`, row by row, and the factors `α` that
-/// rescale each row's output so far.
-struct Weights<'a, A> {
-    /// `(tile_rows·MR) × BC`, of which the first `keys` columns are in use.
-    p: &'a [A],
-    alpha: &'a [A],
-    keys: usize,
-    tile_rows: usize,
+/// rescale each row's output so far. The weights are the scores' memory, which
+/// the next block's scores overwrite: a token may round them in place.
+pub(crate) struct Weights<'a, A> {
+    /// `BR × BC`, of which the first `rows` rows and `keys` columns are in use
+    /// (`keys .. width` zero).
+    pub(crate) p: &'a mut [A],
+    pub(crate) alpha: &'a [A],
+    pub(crate) keys: usize,
+    pub(crate) width: usize,
+    pub(crate) rows: usize,
 }
 
-/// `O = α·O + P·V` for keys `j0 .. j0 + keys`.
+/// `O = α·O + P·V` for keys `j0 .. j0 + keys`, tile by tile of `MR` rows.
 #[inline(always)]
-fn accumulate<A: KernelFloat, T: Tiles<A, NR>, const NR: usize>(
+pub(crate) fn accumulate<A: KernelFloat, T: Tiles<A, NR>, const NR: usize>(
     tiles: T,
-    weights: &Weights<'_, A>,
+    weights: Weights<'_, A>,
     values: &PackedValues<A>,
     j0: usize,
     o: &mut [A],
@@ -317,8 +326,10 @@ fn accumulate<A: KernelFloat, T: Tiles<A, NR>, const NR: usize>(
         p,
         alpha,
         keys,
-        tile_rows,
-    } = *weights;
+        rows,
+        ..
+    } = weights;
+    let tile_rows = rows / MR;
     let p_rows = p.as_chunks::<BC>().0;
     let v_rows = values.data.as_chunks::<NR>().0;
     // O is stored column tile by column tile: `(col_tiles × BR) × NR`
@@ -380,8 +391,55 @@ pub(crate) trait Tiles<A: Copy, const NR: usize>: PackPanel<A, NR> {
 /// The score micro-kernel over queries and keys packed as entries `K`: a tile of
 /// `S = Q·Kᵀ` from the `depth` entries of `MR` queries and `NR` keys. For
 /// `K = A` it is [`Tiles::score_tile`].
+///
+/// A block's products are methods too, by default tile by tile with the
+/// micro-kernels; a token with a unit of its own (AMX's tile registers)
+/// replaces them, with its own rows per tile.
 pub(crate) trait KeyTiles<A, K, const NR: usize>: Copy {
+    /// Query rows per tile of the block's products: a block computes its rows
+    /// rounded up to a multiple (a divisor of `BR`).
+    const ROW_TILE: usize = MR;
+
     fn key_tile(self, q: &[[K; MR]], k: &[[K; NR]]) -> [[A; NR]; MR];
+
+    /// Packs a block's queries `q: (rows ≤ BR, d)`, `depth` entries each, into
+    /// `out` (`BR · depth` entries), times `scale` where the entries hold it.
+    #[inline(always)]
+    fn pack_block_queries(self, q: ArrayView2<'_, A>, scale: A, depth: usize, out: &mut [K])
+    where
+        A: Copy,
+        K: Entry<A>,
+    {
+        pack_queries(self, q, scale, depth, out);
+    }
+
+    /// The block's scores `S = Q·Kᵀ` for `panels`, into the rows of `s: BR × BC`,
+    /// times `scale` where the packed queries do not carry it.
+    #[inline(always)]
+    fn block_scores(
+        self,
+        q: &[K],
+        keys: &PackedKeys<K>,
+        panels: Panels,
+        scale: Option<A>,
+        s: &mut [A],
+    ) where
+        A: KernelFloat,
+    {
+        scores(self, q, keys, panels, scale, s);
+    }
+
+    /// `O = α·O + P·V` for keys `j0 .. j0 + keys` of the block, `o` stored
+    /// column tile by column tile (`col_tiles × BR × NR`); each block's product
+    /// summed on its own before it is added to the rescaled total.
+    fn block_values(
+        self,
+        weights: Weights<'_, A>,
+        values: &PackedValues<K::Value>,
+        j0: usize,
+        o: &mut [A],
+    ) where
+        K: Entry<A>;
 
     /// Packs a tile of at most `MR` query rows as entries `K` (times `scale`
     /// where the entries hold it), the lanes past the rows zero. For `K = A` it
@@ -396,10 +454,21 @@ pub(crate) trait KeyTiles<A, K, const NR: usize>: Copy {
     }
 }
 
-impl<A: Copy, T: Tiles<A, NR>, const NR: usize> KeyTiles<A, A, NR> for T {
+impl<A: KernelFloat, T: Tiles<A, NR>, const NR: usize> KeyTiles<A, A, NR> for T {
     #[inline(always)]
     fn key_tile(self, q: &[[A; MR]], k: &[[A; NR]]) -> [[A; NR]; MR] {
         self.score_tile(q, k, MR)
+    }
+
+    #[inline(always)]
+    fn block_values(
+        self,
+        weights: Weights<'_, A>,
+        values: &PackedValues<<A as Entry<A>>::Value>,
+        j0: usize,
+        o: &mut [A],
+    ) {
+        accumulate(self, weights, values, j0, o);
     }
 
     #[inline(always)]

@@ -227,15 +227,27 @@ pub fn expected_arch(bf16_keys: bool) -> attn::KernelArch {
             && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512dq");
         let bf16 = avx512 && is_x86_feature_detected!("avx512bf16");
+        let amx = bf16 && cpu_flag("amx_tile") && cpu_flag("amx_bf16");
         match cap.as_str() {
-            "" | "avx512bf16" if bf16 && bf16_keys => return KernelArch::Avx512Bf16,
-            "" | "avx512bf16" | "avx512" if avx512 => return KernelArch::Avx512,
-            "" | "avx512bf16" | "avx512" | "avx2" if avx2 => return KernelArch::Avx2,
+            "" | "amx" if amx && bf16_keys => return KernelArch::Amx,
+            "" | "amx" | "avx512bf16" if bf16 && bf16_keys => return KernelArch::Avx512Bf16,
+            "" | "amx" | "avx512bf16" | "avx512" if avx512 => return KernelArch::Avx512,
+            "" | "amx" | "avx512bf16" | "avx512" | "avx2" if avx2 => return KernelArch::Avx2,
             _ => {}
         }
     }
     let _ = (cap, bf16_keys);
     KernelArch::Portable
+}
+
+/// Whether Linux lists `name` among this CPU's flags (the AMX flags have no
+/// stable `is_x86_feature_detected!`).
+#[cfg(target_arch = "x86_64")]
+fn cpu_flag(name: &str) -> bool {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    cpu.lines()
+        .find(|line| line.starts_with("flags"))
+        .is_some_and(|line| line.split_whitespace().any(|flag| flag == name))
 }
 
 /// Runs `f`, asserting that the fused backward pass computed all `heads` heads

@@ -33,6 +33,11 @@ impl Avx512 {
         let avx2 = Avx2::detect()?;
         avx512.then_some(Avx512 { avx2 })
     }
+
+    /// The AVX2 token this one extends.
+    pub(crate) fn avx2(self) -> Avx2 {
+        self.avx2
+    }
 }
 
 /// Tile widths: two 512-bit registers per tile row, so a 12-row tile is 24

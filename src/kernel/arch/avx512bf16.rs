@@ -16,9 +16,9 @@ use super::avx512::Avx512;
 use super::{Dispatch, KernelArch, Op, Token};
 use crate::kernel::direct::{Dots, HalfDots, Narrow};
 use crate::kernel::float::{Fused, MulAdd};
-use crate::kernel::pack::{Bf16Pair, PackPanel};
+use crate::kernel::pack::{Bf16Pair, PackPanel, PackedValues};
 use crate::kernel::params::{BC, LANES, MR, TILE_BLOCKS};
-use crate::kernel::tiled::{KeyTiles, Tiles};
+use crate::kernel::tiled::{KeyTiles, Tiles, Weights, accumulate};
 
 /// Tile width: two 512-bit registers of f32 scores, as the f32 AVX-512 tiles
 /// (the direct path's micro-kernels are [`Avx512`]'s).
@@ -37,6 +37,11 @@ impl Avx512Bf16 {
     /// The token, if this CPU has AVX512_BF16 beside what `avx512` proves.
     pub(crate) fn detect(avx512: Avx512) -> Option<Self> {
         is_x86_feature_detected!("avx512bf16").then_some(Avx512Bf16 { avx512 })
+    }
+
+    /// The AVX-512 token this one extends.
+    pub(crate) fn avx512(self) -> Avx512 {
+        self.avx512
     }
 }
 
@@ -98,6 +103,18 @@ impl KeyTiles<f32, Bf16Pair, NR> for Avx512Bf16 {
             }
             out
         }
+    }
+
+    /// The values are widened to f32: the f32 tiles' product.
+    #[inline(always)]
+    fn block_values(
+        self,
+        weights: Weights<'_, f32>,
+        values: &PackedValues<f32>,
+        j0: usize,
+        o: &mut [f32],
+    ) {
+        accumulate(self, weights, values, j0, o);
     }
 }
 

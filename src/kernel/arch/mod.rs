@@ -19,17 +19,21 @@
 //!
 //! Keys stored in bf16 have one more level where the CPU has AVX512_BF16
 //! ([`avx512bf16`]): the tiled kernel's scores by bf16 dot products, a token
-//! that dispatches operations over keys packed as bf16 pairs.
+//! that dispatches operations over keys packed as bf16 pairs; and one more
+//! where it has AMX ([`amx`]): both of the tiled kernel's products on the tile
+//! unit, its block methods ([`KeyTiles`]) in place of the register tiles.
 //!
 //! `ATTN_KERNEL_ARCH` caps the instruction set, for tests and diagnostics:
-//! `portable`, `avx2`, `avx512` or `avx512bf16` (the default: the best the CPU
-//! has). A cap above what the CPU has runs the best the CPU has. Any other value
+//! `portable`, `avx2`, `avx512`, `avx512bf16` or `amx` (the default: the best
+//! the CPU has). A cap above what the CPU has runs the best the CPU has. Any other value
 //! is an [`Error::InvalidConfig`] from every call that would use the fused
 //! kernels.
 
 #[cfg(target_arch = "x86_64")]
 #[macro_use]
 mod compiled;
+#[cfg(target_arch = "x86_64")]
+mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -47,6 +51,8 @@ mod vnni;
 
 use std::sync::OnceLock;
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) use amx::Amx;
 #[cfg(target_arch = "x86_64")]
 pub(crate) use avx512bf16::Avx512Bf16;
 pub(crate) use portable::Portable;
@@ -70,6 +76,9 @@ pub enum KernelArch {
     /// AVX-512 with AVX512_BF16: the tiled kernel's scores of bf16 keys by bf16
     /// dot products (x86-64; only calls whose keys are bf16 run it).
     Avx512Bf16,
+    /// AMX tiles for both products of the tiled kernel over bf16 keys and
+    /// values, with AVX-512 and AVX512_BF16 (x86-64).
+    Amx,
 }
 
 /// The instruction set of one call, detected at its start; each x86-64 variant
@@ -90,6 +99,7 @@ enum Cap {
     Avx2,
     Avx512,
     Avx512Bf16,
+    Amx,
 }
 
 impl Arch {
@@ -128,6 +138,17 @@ impl Arch {
         }
     }
 
+    /// The tiled kernel on AMX tiles, where the CPU has AMX (and AVX512_BF16),
+    /// Linux grants the tile data and `ATTN_KERNEL_ARCH` allows it.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn amx_tiles(self) -> Option<Amx> {
+        let bf16 = self.bf16_dots()?;
+        match cap() {
+            Ok(Cap::Amx) => Amx::detect(bf16),
+            _ => None,
+        }
+    }
+
     /// Whether this instruction set scores and sums an int8 cache with
     /// integer dot products (AVX-512 with AVX512_VNNI).
     pub(crate) fn int8_dots(self) -> bool {
@@ -160,13 +181,14 @@ fn cap() -> std::result::Result<Cap, String> {
 /// What a value of `ATTN_KERNEL_ARCH` allows (empty: everything).
 fn parse_cap(value: &str) -> std::result::Result<Cap, String> {
     match value.trim().to_ascii_lowercase().as_str() {
-        "" | "avx512bf16" => Ok(Cap::Avx512Bf16),
+        "" | "amx" => Ok(Cap::Amx),
+        "avx512bf16" => Ok(Cap::Avx512Bf16),
         "avx512" => Ok(Cap::Avx512),
         "avx2" => Ok(Cap::Avx2),
         "portable" => Ok(Cap::Portable),
         _ => Err(format!(
             "ATTN_KERNEL_ARCH={value:?} is not an instruction set the kernels know: \
-             use portable, avx2, avx512 or avx512bf16, or leave it unset"
+             use portable, avx2, avx512, avx512bf16 or amx, or leave it unset"
         )),
     }
 }
@@ -256,14 +278,15 @@ mod tests {
 
     #[test]
     fn the_cap_is_read_from_its_name() {
-        assert_eq!(parse_cap(""), Ok(Cap::Avx512Bf16));
+        assert_eq!(parse_cap(""), Ok(Cap::Amx));
+        assert_eq!(parse_cap("amx"), Ok(Cap::Amx));
         assert_eq!(parse_cap("avx512bf16"), Ok(Cap::Avx512Bf16));
         assert_eq!(parse_cap("portable"), Ok(Cap::Portable));
         assert_eq!(parse_cap(" AVX2 "), Ok(Cap::Avx2));
         assert_eq!(parse_cap("avx512"), Ok(Cap::Avx512));
         let err = parse_cap("sse9").unwrap_err();
         assert!(
-            err.contains("\"sse9\"") && err.contains("portable, avx2, avx512 or avx512bf16"),
+            err.contains("\"sse9\"") && err.contains("portable, avx2, avx512, avx512bf16 or amx"),
             "{err}"
         );
     }
@@ -285,8 +308,9 @@ mod tests {
         let expected = match cap.min(best) {
             Cap::Portable => KernelArch::Portable,
             Cap::Avx2 => KernelArch::Avx2,
-            // the bf16 dot products serve only bf16 keys: `bf16_dots`
-            Cap::Avx512 | Cap::Avx512Bf16 => KernelArch::Avx512,
+            // the bf16 dot products and AMX serve only bf16 keys: `bf16_dots`,
+            // `amx_tiles`
+            Cap::Avx512 | Cap::Avx512Bf16 | Cap::Amx => KernelArch::Avx512,
         };
         assert_eq!(arch.kind(), expected);
     }
@@ -299,6 +323,26 @@ mod tests {
             && avx512::Avx512::detect().is_some()
             && is_x86_feature_detected!("avx512bf16");
         assert_eq!(arch.bf16_dots().is_some(), allowed);
+    }
+
+    /// AMX where the CPU says it has AMX-TILE and AMX-BF16 (Linux grants every
+    /// process the tile data since 5.16), the cap allows it and AVX512_BF16 is
+    /// there too.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn amx_tiles_need_the_cpu_and_the_cap() {
+        let arch = Arch::detect().expect("ATTN_KERNEL_ARCH is valid in tests");
+        let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let flags = |name: &str| {
+            cpu.lines()
+                .find(|line| line.starts_with("flags"))
+                .is_some_and(|line| line.split_whitespace().any(|flag| flag == name))
+        };
+        let allowed = cap().expect("valid") == Cap::Amx
+            && arch.bf16_dots().is_some()
+            && flags("amx_tile")
+            && flags("amx_bf16");
+        assert_eq!(arch.amx_tiles().is_some(), allowed);
     }
 
     #[cfg(target_arch = "x86_64")]
