@@ -77,13 +77,6 @@ impl Bf16Pair {
     fn new(first: bf16, second: bf16) -> Self {
         Bf16Pair(u32::from(first.to_bits()) | (u32::from(second.to_bits()) << 16))
     }
-
-    /// Components `2p` and `2p + 1` of `row` (zero past its end).
-    #[inline(always)]
-    fn of(row: &[bf16], p: usize) -> Self {
-        let at = |i: usize| row.get(i).copied().unwrap_or(bf16::ZERO);
-        Bf16Pair::new(at(2 * p), at(2 * p + 1))
-    }
 }
 
 /// Queries are widened from bf16 to f32 before they reach the kernel (exactly),
@@ -232,6 +225,7 @@ pub(crate) fn pack_head_bf16<const NR: usize>(
 
 /// Packs one key/value head stored in bf16 for the AMX tiles, `NR` keys to a
 /// panel: the keys as [`TilePair`]s, the values as pairs of keys.
+#[inline(always)]
 pub(crate) fn pack_head_tiles<const NR: usize>(
     k: &ArrayView2<'_, bf16>,
     v: &ArrayView2<'_, bf16>,
@@ -287,8 +281,12 @@ impl<K: Pair> PackedKeys<K> {
                     *w = x.to_f32();
                 }
                 scan.add(&wide);
-                for (p, step) in steps.iter_mut().enumerate() {
-                    step[i] = K::of(Bf16Pair::of(key, p));
+                let (pairs, last) = key.as_chunks::<2>();
+                for (step, &[first, second]) in steps.iter_mut().zip(pairs) {
+                    step[i] = K::of(Bf16Pair::new(first, second));
+                }
+                if let [first] = *last {
+                    steps[pairs.len()][i] = K::of(Bf16Pair::new(first, bf16::ZERO));
                 }
             }
         }
@@ -304,6 +302,7 @@ impl PackedValues<Bf16Pair> {
     /// whole steps of 32 keys and one more half-step of 16 (a block that starts
     /// on a panel of 16 keys reads 32 at a time). Finds the values' extent (in
     /// f32) on the way.
+    #[inline(always)]
     pub(crate) fn pack_key_pairs<const NR: usize>(v: &ArrayView2<'_, bf16>) -> (Self, Extent<f32>) {
         let (s, d_v) = v.dim();
         let v = v.as_standard_layout();
@@ -313,16 +312,16 @@ impl PackedValues<Bf16Pair> {
         let steps = s.div_ceil(2 * TILE_PAIRS) * TILE_PAIRS + TILE_PAIRS / 2;
         let col_tiles = d_v.div_ceil(NR);
         let mut data = vec![[Bf16Pair(0); NR]; col_tiles * steps];
-        let at = |key: usize, column: usize| match key < s && column < d_v {
-            true => v[key * d_v + column],
-            false => bf16::ZERO,
-        };
-        for (ct, group) in data.chunks_exact_mut(steps).enumerate() {
-            for (r, step) in group.iter_mut().take(s.div_ceil(2)).enumerate() {
-                for (c, pair) in step.iter_mut().enumerate() {
-                    let column = ct * NR + c;
-                    *pair = Bf16Pair::new(at(2 * r, column), at(2 * r + 1, column));
-                }
+        let zeros = vec![bf16::ZERO; d_v];
+        for (r, keys) in v.chunks(2 * d_v.max(1)).enumerate() {
+            let (first, second) = keys.split_at(d_v.min(keys.len()));
+            let second = if second.is_empty() {
+                &zeros[..]
+            } else {
+                second
+            };
+            for (column, (&a, &b)) in first.iter().zip(second).enumerate() {
+                data[column / NR * steps + r][column % NR] = Bf16Pair::new(a, b);
             }
         }
         let packed = PackedValues {
