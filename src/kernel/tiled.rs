@@ -130,7 +130,7 @@ where
         for i in 0..computed {
             let row = &mut scratch.s[i * BC..i * BC + width];
             // the online softmax's step with the token's own exp
-            let step = rescale::<A, M>(scratch.max[i], row_max::<A, NR>(row));
+            let step = rescale::<A, M>(scratch.max[i], tiles.row_max(row));
             let block_sum = tiles.exp_and_sum::<M>(row, step.shift);
             scratch.alpha[i] = fold_step(step, block_sum, &mut scratch.max[i], &mut scratch.sum[i]);
         }
@@ -375,6 +375,16 @@ pub(crate) trait Tiles<A: Copy, const NR: usize>: PackPanel<A, NR> {
         A: Entry<A>,
     {
         scatter_queries(rows, scale, out);
+    }
+
+    /// The largest score of `row` ([`row_max`] over `NR` lanes) unless the
+    /// token has a faster way.
+    #[inline(always)]
+    fn row_max(self, row: &[A]) -> A
+    where
+        A: KernelFloat,
+    {
+        row_max::<A, NR>(row)
     }
 
     /// Replaces each score `x` of `row` by `exp(x − shift)` and returns their

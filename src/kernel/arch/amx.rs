@@ -245,6 +245,33 @@ impl Tiles<f32, NR> for Amx {
     fn exp_and_sum<M: MulAdd>(self, row: &mut [f32], shift: f32) -> f32 {
         Tiles::<f32, { Avx512::F32_TILE }>::exp_and_sum::<M>(self.avx512, row, shift)
     }
+
+    /// Four registers of maxima in flight (one waits on its last `vmaxps`),
+    /// then one for the panels left; NaN is passed over, as by `fold_max`.
+    #[inline(always)]
+    fn row_max(self, row: &[f32]) -> f32 {
+        let (fours, rest) = row.as_chunks::<{ 4 * NR }>();
+        let (panels, tail) = rest.as_chunks::<NR>();
+        // SAFETY: `self` proves AVX-512 F; each load reads 16 f32 of a chunk.
+        // `vmaxps x, m` is `x > m ? x : m`: a NaN `x` leaves `m`.
+        unsafe {
+            let mut lanes = [_mm512_set1_ps(f32::NEG_INFINITY); 4];
+            for chunk in fours {
+                for (i, lane) in lanes.iter_mut().enumerate() {
+                    *lane = _mm512_max_ps(_mm512_loadu_ps(chunk[i * NR..].as_ptr()), *lane);
+                }
+            }
+            let mut one = _mm512_max_ps(
+                _mm512_max_ps(lanes[0], lanes[1]),
+                _mm512_max_ps(lanes[2], lanes[3]),
+            );
+            for panel in panels {
+                one = _mm512_max_ps(_mm512_loadu_ps(panel.as_ptr()), one);
+            }
+            let max = _mm512_reduce_max_ps(one);
+            tail.iter().fold(max, |m, &x| if x > m { x } else { m })
+        }
+    }
 }
 
 impl KeyTiles<f32, TilePair, NR> for Amx {
