@@ -14,10 +14,9 @@ use std::arch::x86_64::*;
 
 use super::avx512::Avx512;
 use super::{Dispatch, KernelArch, Op, Token};
-use crate::kernel::direct::{Dots, HalfDots, Narrow};
 use crate::kernel::float::{Fused, MulAdd};
 use crate::kernel::pack::{Bf16Pair, PackPanel, PackedValues};
-use crate::kernel::params::{BC, LANES, MR, TILE_BLOCKS};
+use crate::kernel::params::{BC, MR};
 use crate::kernel::tiled::{KeyTiles, Tiles, Weights, accumulate};
 
 /// Tile width: two 512-bit registers of f32 scores, as the f32 AVX-512 tiles
@@ -118,56 +117,7 @@ impl KeyTiles<f32, Bf16Pair, NR> for Avx512Bf16 {
     }
 }
 
-impl Dots<f32> for Avx512Bf16 {
-    #[inline(always)]
-    fn dot4(self, q: &[[f32; LANES]], k: &[&[[f32; LANES]]; 4]) -> [f32; 4] {
-        self.avx512.dot4(q, k)
-    }
-
-    #[inline(always)]
-    fn value_rows(
-        self,
-        p: &[&[f32]; 4],
-        values: &[f32],
-        d_v: usize,
-        c0: usize,
-    ) -> [[f32; LANES]; 4] {
-        self.avx512.value_rows(p, values, d_v, c0)
-    }
-
-    #[inline(always)]
-    fn exp_and_sum<M: MulAdd>(self, row: &mut [f32], shift: f32) -> f32 {
-        Dots::<f32>::exp_and_sum::<M>(self.avx512, row, shift)
-    }
-}
-
-impl HalfDots for Avx512Bf16 {
-    #[inline(always)]
-    fn scores_i8(self, q: &[i16], keys: &[i8], d: usize, out: &mut [i32]) {
-        self.avx512.scores_i8(q, keys, d, out);
-    }
-
-    #[inline(always)]
-    fn values_i8(self, w: &[i16], values: &[i8], d_v: usize, out: &mut [i32]) {
-        self.avx512.values_i8(w, values, d_v, out);
-    }
-
-    #[inline(always)]
-    fn dot4_half<H: Narrow>(self, q: &[[f32; LANES]], k: &[&[[H; LANES]]; 4]) -> [f32; 4] {
-        self.avx512.dot4_half(q, k)
-    }
-
-    #[inline(always)]
-    fn value_row_half<H: Narrow>(
-        self,
-        p: &[f32],
-        values: &[H],
-        d_v: usize,
-        c0: usize,
-    ) -> [[f32; LANES]; TILE_BLOCKS] {
-        self.avx512.value_row_half(p, values, d_v, c0)
-    }
-}
+inner_dots!(Avx512Bf16, avx512);
 
 impl Token<f32, NR> for Avx512Bf16 {
     type MulAdd = Fused;

@@ -228,3 +228,73 @@ macro_rules! two_register_tiles {
         }
     };
 }
+
+/// `Dots<f32>` and `HalfDots` of `$token` by those of its field `$inner`, the
+/// token whose instruction sets it extends (its own kernels are the tiled
+/// kernel's: the direct path and the quantized cache run on `$inner`'s).
+macro_rules! inner_dots {
+    ($token:ty, $inner:ident) => {
+        impl $crate::kernel::direct::Dots<f32> for $token {
+            #[inline(always)]
+            fn dot4(
+                self,
+                q: &[[f32; $crate::kernel::params::LANES]],
+                k: &[&[[f32; $crate::kernel::params::LANES]]; 4],
+            ) -> [f32; 4] {
+                self.$inner.dot4(q, k)
+            }
+
+            #[inline(always)]
+            fn value_rows(
+                self,
+                p: &[&[f32]; 4],
+                values: &[f32],
+                d_v: usize,
+                c0: usize,
+            ) -> [[f32; $crate::kernel::params::LANES]; 4] {
+                self.$inner.value_rows(p, values, d_v, c0)
+            }
+
+            #[inline(always)]
+            fn exp_and_sum<M: $crate::kernel::float::MulAdd>(
+                self,
+                row: &mut [f32],
+                shift: f32,
+            ) -> f32 {
+                $crate::kernel::direct::Dots::<f32>::exp_and_sum::<M>(self.$inner, row, shift)
+            }
+        }
+
+        impl $crate::kernel::direct::HalfDots for $token {
+            #[inline(always)]
+            fn scores_i8(self, q: &[i16], keys: &[i8], d: usize, out: &mut [i32]) {
+                self.$inner.scores_i8(q, keys, d, out);
+            }
+
+            #[inline(always)]
+            fn values_i8(self, w: &[i16], values: &[i8], d_v: usize, out: &mut [i32]) {
+                self.$inner.values_i8(w, values, d_v, out);
+            }
+
+            #[inline(always)]
+            fn dot4_half<H: $crate::kernel::direct::Narrow>(
+                self,
+                q: &[[f32; $crate::kernel::params::LANES]],
+                k: &[&[[H; $crate::kernel::params::LANES]]; 4],
+            ) -> [f32; 4] {
+                self.$inner.dot4_half(q, k)
+            }
+
+            #[inline(always)]
+            fn value_row_half<H: $crate::kernel::direct::Narrow>(
+                self,
+                p: &[f32],
+                values: &[H],
+                d_v: usize,
+                c0: usize,
+            ) -> [[f32; $crate::kernel::params::LANES]; $crate::kernel::params::TILE_BLOCKS] {
+                self.$inner.value_row_half(p, values, d_v, c0)
+            }
+        }
+    };
+}

@@ -15,22 +15,22 @@
 //! Products of bf16 pairs are exact in f32; the tile unit adds them in an order
 //! of its own, and treats subnormal inputs as zero.
 
-use std::arch::asm;
+mod unit;
+
 use std::arch::x86_64::*;
-use std::sync::OnceLock;
 
 use ndarray::ArrayView2;
+use unit::{Grid, TileUnit, usable};
 
 use super::avx2::Avx2;
 use super::avx512::Avx512;
 use super::avx512bf16::Avx512Bf16;
 use super::{Dispatch, KernelArch, Op, Token};
-use crate::kernel::direct::{Dots, HalfDots, Narrow};
 use crate::kernel::float::{Fused, MulAdd};
 use crate::kernel::pack::{
     Bf16Pair, Entry, PackPanel, PackedKeys, PackedValues, TILE_PAIRS, TilePair,
 };
-use crate::kernel::params::{BC, BR, LANES, MR, TILE_BLOCKS};
+use crate::kernel::params::{BC, BR, MR};
 use crate::kernel::tiled::{KeyTiles, Panels, Tiles, Weights};
 
 /// Keys per panel, and value columns per group: the 16 f32 columns of a tile.
@@ -63,155 +63,6 @@ impl Amx {
             avx512,
             avx2: avx512.avx2(),
         })
-    }
-}
-
-/// Whether the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7, EDX bits 24 and 22)
-/// and Linux granted this process the tile data; asked once per process.
-fn usable() -> bool {
-    static USABLE: OnceLock<bool> = OnceLock::new();
-    *USABLE.get_or_init(|| {
-        // SAFETY: CPUID leaf 0 exists on every x86-64 CPU, and leaf 7 where
-        // leaf 0 says so.
-        #[allow(unused_unsafe)]
-        let has = unsafe {
-            __cpuid(0).eax >= 7 && {
-                let edx = __cpuid_count(7, 0).edx;
-                edx & (1 << 24) != 0 && edx & (1 << 22) != 0
-            }
-        };
-        has && request_tile_data()
-    })
-}
-
-/// Asks Linux for the tile data's state (`arch_prctl(ARCH_REQ_XCOMP_PERM,
-/// XFEATURE_XTILEDATA)`, Linux 5.16 and later): without it the first tile
-/// instruction faults. `true` when granted.
-#[cfg(target_os = "linux")]
-fn request_tile_data() -> bool {
-    const ARCH_PRCTL: i64 = 158;
-    const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
-    const XFEATURE_XTILEDATA: i64 = 18;
-    let result: i64;
-    // SAFETY: the system call only changes which state the kernel saves for
-    // this process; it reads and writes no memory of ours. `syscall` clobbers
-    // rcx and r11.
-    unsafe {
-        asm!(
-            "syscall",
-            inlateout("rax") ARCH_PRCTL => result,
-            in("rdi") ARCH_REQ_XCOMP_PERM,
-            in("rsi") XFEATURE_XTILEDATA,
-            lateout("rcx") _,
-            lateout("r11") _,
-            options(nostack),
-        );
-    }
-    result == 0
-}
-
-#[cfg(not(target_os = "linux"))]
-fn request_tile_data() -> bool {
-    false
-}
-
-/// The tile configuration (`ldtilecfg`'s 64 bytes): palette 1, the eight tiles
-/// all 16 rows of 64 bytes.
-#[repr(C, align(64))]
-struct TileConfig {
-    palette: u8,
-    start_row: u8,
-    reserved: [u8; 14],
-    bytes_per_row: [u16; 16],
-    rows: [u8; 16],
-}
-
-static CONFIG: TileConfig = TileConfig {
-    palette: 1,
-    start_row: 0,
-    reserved: [0; 14],
-    bytes_per_row: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
-    rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
-};
-
-/// The tile registers, configured for one block's product and released after
-/// it: no tile state outlives a call (a thread with tile state in use costs
-/// the OS 8 KiB more at every switch).
-struct TileUnit;
-
-impl TileUnit {
-    /// Configures the tiles.
-    ///
-    /// # Safety
-    ///
-    /// The CPU has AMX and this process the tile data (an [`Amx`] exists).
-    #[inline(always)]
-    unsafe fn configure() -> TileUnit {
-        // SAFETY: the caller upholds the contract; `CONFIG` is 64 bytes.
-        unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
-        TileUnit
-    }
-
-    /// `tmm{T} = 0`.
-    #[inline(always)]
-    fn zero<const T: u8>(&self) {
-        // SAFETY: `self` proves the tiles are configured.
-        unsafe { asm!("tilezero tmm{t}", t = const T, options(nostack, nomem)) };
-    }
-
-    /// Loads `tmm{T}`: 16 rows of 64 bytes, row `i` at `from + i·stride`.
-    ///
-    /// # Safety
-    ///
-    /// The 16 rows are readable.
-    #[inline(always)]
-    unsafe fn load<const T: u8>(&self, from: *const u8, stride: usize) {
-        // SAFETY: the caller upholds the contract; `self` proves the configuration.
-        unsafe {
-            asm!(
-                "tileloadd tmm{t}, [{p} + {s}*1]",
-                t = const T, p = in(reg) from, s = in(reg) stride,
-                options(nostack, readonly),
-            )
-        };
-    }
-
-    /// Stores `tmm{T}`: 16 rows of 16 f32, row `i` at `to + i·stride`.
-    ///
-    /// # Safety
-    ///
-    /// The 16 rows are writable.
-    #[inline(always)]
-    unsafe fn store<const T: u8>(&self, to: *mut u8, stride: usize) {
-        // SAFETY: the caller upholds the contract; `self` proves the configuration.
-        unsafe {
-            asm!(
-                "tilestored [{p} + {s}*1], tmm{t}",
-                t = const T, p = in(reg) to, s = in(reg) stride,
-                options(nostack),
-            )
-        };
-    }
-
-    /// `tmm{C} += tmm{A} · tmm{B}`: `A` 16 rows of 16 bf16 pairs, `B` 16 rows
-    /// (steps) of 16 columns' pairs, `C` 16 × 16 f32.
-    #[inline(always)]
-    fn dot<const C: u8, const A: u8, const B: u8>(&self) {
-        // SAFETY: `self` proves the tiles are configured; registers only.
-        unsafe {
-            asm!(
-                "tdpbf16ps tmm{c}, tmm{a}, tmm{b}",
-                c = const C, a = const A, b = const B,
-                options(nostack, nomem),
-            )
-        };
-    }
-}
-
-impl Drop for TileUnit {
-    fn drop(&mut self) {
-        // SAFETY: a `TileUnit` exists only where the CPU has AMX.
-        unsafe { asm!("tilerelease", options(nostack, nomem)) };
     }
 }
 
@@ -437,149 +288,6 @@ impl KeyTiles<f32, TilePair, NR> for Amx {
     }
 }
 
-/// The tiles of one block product: `rows × columns` tiles of sums, each over
-/// `steps` steps.
-#[derive(Clone, Copy)]
-struct Grid {
-    rows: usize,
-    columns: usize,
-    steps: usize,
-}
-
-impl Grid {
-    /// The grid's tiles in groups of at most two rows and two columns of
-    /// tiles, row after row.
-    fn groups(self) -> impl Iterator<Item = Group> {
-        (0..self.rows).step_by(2).flat_map(move |t| {
-            (0..self.columns).step_by(2).map(move |p| Group {
-                t,
-                p,
-                rows: (self.rows - t).min(2),
-                columns: (self.columns - p).min(2),
-            })
-        })
-    }
-}
-
-/// Tiles `(t + r, p + c)` for `r < rows ≤ 2`, `c < columns ≤ 2` of a [`Grid`],
-/// summed in tile registers `2r + c`.
-#[derive(Clone, Copy)]
-struct Group {
-    t: usize,
-    p: usize,
-    rows: usize,
-    columns: usize,
-}
-
-impl Group {
-    /// Each tile of the group: `(register, t, p)`.
-    fn tiles(self) -> impl Iterator<Item = (u8, usize, usize)> {
-        (0..self.rows).flat_map(move |r| {
-            (0..self.columns).map(move |c| ((2 * r + c) as u8, self.t + r, self.p + c))
-        })
-    }
-}
-
-impl TileUnit {
-    /// The tiles of `group`, each `Σ_c A(t, c)·B(p, c)` over `steps` steps:
-    /// sums in tile registers 0–3, `A` in 4–5, `B` in 6–7. `a(t, c)` is the
-    /// address and row stride of `A`'s tile, `b(p, c)` the address of `B`'s
-    /// (rows of 64 bytes).
-    ///
-    /// # Safety
-    ///
-    /// Every tile `a` and `b` give is readable.
-    #[inline(always)]
-    unsafe fn sum_group(
-        &self,
-        group: Group,
-        steps: usize,
-        a: impl Fn(usize, usize) -> (*const u8, usize),
-        b: impl Fn(usize, usize) -> *const u8,
-    ) {
-        let Group { t, p, .. } = group;
-        // SAFETY: the caller upholds the contract.
-        unsafe {
-            match (group.rows, group.columns) {
-                (2, 2) => self.two_by_two::<2, 2>(t, p, steps, &a, &b),
-                (2, _) => self.two_by_two::<2, 1>(t, p, steps, &a, &b),
-                (_, 2) => self.two_by_two::<1, 2>(t, p, steps, &a, &b),
-                _ => self.two_by_two::<1, 1>(t, p, steps, &a, &b),
-            }
-        }
-    }
-
-    /// Tiles `(t + r, p + c)` for `r < R`, `c < C` (each at most 2) into tile
-    /// registers `2r + c`.
-    ///
-    /// # Safety
-    ///
-    /// As [`sum_group`](Self::sum_group).
-    #[inline(always)]
-    unsafe fn two_by_two<const R: usize, const C: usize>(
-        &self,
-        t: usize,
-        p: usize,
-        steps: usize,
-        a: &impl Fn(usize, usize) -> (*const u8, usize),
-        b: &impl Fn(usize, usize) -> *const u8,
-    ) {
-        self.zero::<0>();
-        if C > 1 {
-            self.zero::<1>();
-        }
-        if R > 1 {
-            self.zero::<2>();
-            if C > 1 {
-                self.zero::<3>();
-            }
-        }
-        for c in 0..steps {
-            // SAFETY: the caller upholds the contract.
-            unsafe {
-                let (first, stride) = a(t, c);
-                self.load::<4>(first, stride);
-                if R > 1 {
-                    let (second, stride) = a(t + 1, c);
-                    self.load::<5>(second, stride);
-                }
-                self.load::<6>(b(p, c), 64);
-                if C > 1 {
-                    self.load::<7>(b(p + 1, c), 64);
-                }
-            }
-            self.dot::<0, 4, 6>();
-            if C > 1 {
-                self.dot::<1, 4, 7>();
-            }
-            if R > 1 {
-                self.dot::<2, 5, 6>();
-                if C > 1 {
-                    self.dot::<3, 5, 7>();
-                }
-            }
-        }
-    }
-
-    /// Stores tile register `tile` (0–3): 16 rows of 16 f32 at `to + i·stride`.
-    ///
-    /// # Safety
-    ///
-    /// The 16 rows are writable.
-    #[inline(always)]
-    unsafe fn store_to(&self, tile: u8, to: *mut u8, stride: usize) {
-        // SAFETY: the caller upholds the contract.
-        unsafe {
-            match tile {
-                0 => self.store::<0>(to, stride),
-                1 => self.store::<1>(to, stride),
-                2 => self.store::<2>(to, stride),
-                _ => self.store::<3>(to, stride),
-            }
-        }
-    }
-}
-
 impl Amx {
     /// `out[i] = α[i]·out[i] + sums[i]` for the 16 rows of one output tile.
     #[inline(always)]
@@ -621,56 +329,7 @@ impl Amx {
     }
 }
 
-impl Dots<f32> for Amx {
-    #[inline(always)]
-    fn dot4(self, q: &[[f32; LANES]], k: &[&[[f32; LANES]]; 4]) -> [f32; 4] {
-        self.bf16.dot4(q, k)
-    }
-
-    #[inline(always)]
-    fn value_rows(
-        self,
-        p: &[&[f32]; 4],
-        values: &[f32],
-        d_v: usize,
-        c0: usize,
-    ) -> [[f32; LANES]; 4] {
-        self.bf16.value_rows(p, values, d_v, c0)
-    }
-
-    #[inline(always)]
-    fn exp_and_sum<M: MulAdd>(self, row: &mut [f32], shift: f32) -> f32 {
-        Dots::<f32>::exp_and_sum::<M>(self.bf16, row, shift)
-    }
-}
-
-impl HalfDots for Amx {
-    #[inline(always)]
-    fn scores_i8(self, q: &[i16], keys: &[i8], d: usize, out: &mut [i32]) {
-        self.bf16.scores_i8(q, keys, d, out);
-    }
-
-    #[inline(always)]
-    fn values_i8(self, w: &[i16], values: &[i8], d_v: usize, out: &mut [i32]) {
-        self.bf16.values_i8(w, values, d_v, out);
-    }
-
-    #[inline(always)]
-    fn dot4_half<H: Narrow>(self, q: &[[f32; LANES]], k: &[&[[H; LANES]]; 4]) -> [f32; 4] {
-        self.bf16.dot4_half(q, k)
-    }
-
-    #[inline(always)]
-    fn value_row_half<H: Narrow>(
-        self,
-        p: &[f32],
-        values: &[H],
-        d_v: usize,
-        c0: usize,
-    ) -> [[f32; LANES]; TILE_BLOCKS] {
-        self.bf16.value_row_half(p, values, d_v, c0)
-    }
-}
+inner_dots!(Amx, bf16);
 
 impl Token<f32, NR> for Amx {
     type MulAdd = Fused;
