@@ -96,6 +96,15 @@ where
         .sum
         .fill(if sink.is_some() { A::one() } else { A::zero() });
 
+    // the scale where the token takes it: in the softmax where the masks only
+    // hide scores (−∞ stays −∞ times a positive scale)
+    let scale = K::scale_after(block.scale);
+    let (score_scale, softmax_scale) = match scale {
+        Some(scale) if T::SCALE_IN_SOFTMAX && scale > A::zero() && hides_only(block) => {
+            (None, Some(scale))
+        }
+        _ => (scale, None),
+    };
     let needed = keys_needed::<A, K, P, NR>(block);
     let key_end = needed.end;
     let (scoring, first_row) = (block.scoring, block.first_row);
@@ -118,8 +127,7 @@ where
             width,
             rows: computed,
         };
-        let scale = K::scale_after(block.scale);
-        tiles.block_scores(&scratch.q, block.keys, panels, scale, &mut scratch.s);
+        tiles.block_scores(&scratch.q, block.keys, panels, score_scale, &mut scratch.s);
         finite &= if P::PLAIN {
             mask_scores(block, j0, keys, width, class, &mut scratch.s)
         } else {
@@ -127,13 +135,12 @@ where
             // instructions (the plain masks measured faster out of line)
             mask_scores_inlined(block, j0, keys, width, class, &mut scratch.s)
         };
-        for i in 0..computed {
-            let row = &mut scratch.s[i * BC..i * BC + width];
-            // the online softmax's step with the token's own exp
-            let step = rescale::<A, M>(scratch.max[i], tiles.row_max(row));
-            let block_sum = tiles.exp_and_sum::<M>(row, step.shift);
-            scratch.alpha[i] = fold_step(step, block_sum, &mut scratch.max[i], &mut scratch.sum[i]);
-        }
+        let state = RowStates {
+            max: &mut scratch.max,
+            sum: &mut scratch.sum,
+            alpha: &mut scratch.alpha,
+        };
+        tiles.block_softmax::<M>(&mut scratch.s, width, computed, softmax_scale, state);
         let p = Weights {
             p: &mut scratch.s,
             alpha: &scratch.alpha,
@@ -175,6 +182,21 @@ fn keys_needed<A: KernelFloat, K: Entry<A>, P: Program<A>, const NR: usize>(
     let rows = block.first_row..block.first_row + block.q.nrows();
     let reach = block.scoring.reach(block.masks, rows, block.l, block.s);
     reach.start / NR * NR..reach.end
+}
+
+/// Whether the block's masks and program only hide scores (set them to `−∞`),
+/// never change one.
+fn hides_only<A: KernelFloat, K: Entry<A>, P: Program<A>>(block: &Block<'_, A, K, P>) -> bool {
+    P::IDENTITY
+        && block.masks.iter().all(|mask| {
+            matches!(
+                mask,
+                Mask2::Keep(_)
+                    | Mask2::CausalTopLeft
+                    | Mask2::CausalBottomRight
+                    | Mask2::SlidingWindow(_)
+            )
+        })
 }
 
 /// Packs a block's queries (times the scale, where the entries hold it) as
@@ -300,9 +322,18 @@ fn mask_scores_inlined<A: KernelFloat, K: Entry<A>, P: Program<A>>(
     finite
 }
 
+/// The online softmax's state of a block's rows: each row's maximum and sum so
+/// far, and the factor `α` a step writes.
+pub(crate) struct RowStates<'a, A> {
+    pub(crate) max: &'a mut [A],
+    pub(crate) sum: &'a mut [A],
+    pub(crate) alpha: &'a mut [A],
+}
+
 /// One block's weights `P = exp(S − shift)`, row by row, and the factors `α` that
 /// rescale each row's output so far. The weights are the scores' memory, which
-/// the next block's scores overwrite: a token may round them in place.
+/// the next block's scores overwrite: a token may store them its own way there
+/// (rounded, narrowed) for its [`KeyTiles::block_values`].
 pub(crate) struct Weights<'a, A> {
     /// `BR × BC`, of which the first `rows` rows and `keys` columns are in use
     /// (`keys .. width` zero).
@@ -395,6 +426,39 @@ pub(crate) trait Tiles<A: Copy, const NR: usize>: PackPanel<A, NR> {
         A: KernelFloat,
     {
         exp_and_sum::<A, M, NR>(row, shift)
+    }
+
+    /// Whether the token takes the scale of scores that masks only hide in
+    /// [`block_softmax`](Self::block_softmax) (one rounding fewer, no pass of
+    /// its own) rather than in [`KeyTiles::block_scores`].
+    const SCALE_IN_SOFTMAX: bool = false;
+
+    /// The online softmax's step over the first `width` scores of the first
+    /// `rows` rows of `s` (rows of `BC`), each times `scale` if given: the
+    /// weights replace the scores, in the form the token's
+    /// [`KeyTiles::block_values`] reads, and each row's state moves on
+    /// ([`rescale`], [`fold_step`]). Row by row with the token's own maximum
+    /// and `exp` unless it has a faster way.
+    #[inline(always)]
+    fn block_softmax<M: MulAdd>(
+        self,
+        s: &mut [A],
+        width: usize,
+        rows: usize,
+        scale: Option<A>,
+        state: RowStates<'_, A>,
+    ) where
+        A: KernelFloat,
+    {
+        for (i, row) in s.chunks_exact_mut(BC).take(rows).enumerate() {
+            let row = &mut row[..width];
+            if let Some(scale) = scale {
+                row.iter_mut().for_each(|x| *x *= scale);
+            }
+            let step = rescale::<A, M>(state.max[i], self.row_max(row));
+            let block_sum = self.exp_and_sum::<M>(row, step.shift);
+            state.alpha[i] = fold_step(step, block_sum, &mut state.max[i], &mut state.sum[i]);
+        }
     }
 }
 

@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 
 /// `2^(j/16)` for `j = 0 .. 16`, each the nearest f32.
-const TABLE: [f32; 16] = [
+pub(super) const TABLE: [f32; 16] = [
     1.0,
     1.044_273_7,
     1.090_507_7,
@@ -73,7 +73,7 @@ pub(super) unsafe fn exp_and_sum_f32(row: &mut [f32], shift: f32) -> f32 {
 ///
 /// The CPU must support AVX-512 F.
 #[inline(always)]
-unsafe fn exp16(x: __m512, table: __m512) -> __m512 {
+pub(super) unsafe fn exp16(x: __m512, table: __m512) -> __m512 {
     const SIXTEEN_LOG2_E: f32 = 16.0 * std::f32::consts::LOG2_E;
     // ln 2 / 16 = C1 + C2, C1 with few bits so that n·C1 is exact (Cody–Waite)
     const C1: f32 = 0.693_359_4 / 16.0;

@@ -40,6 +40,8 @@ mod avx2;
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod avx512bf16;
+#[cfg(target_arch = "x86_64")]
+mod band;
 pub(crate) mod cpu;
 #[cfg(target_arch = "x86_64")]
 mod exp;

@@ -22,8 +22,9 @@ use std::arch::x86_64::*;
 use ndarray::ArrayView2;
 use unit::{Grid, TileUnit, usable};
 
+use super::band::{BAND, BandState, softmax_band};
+
 use super::avx2::Avx2;
-use super::avx512::Avx512;
 use super::avx512bf16::Avx512Bf16;
 use super::{Dispatch, KernelArch, Op, Token};
 use crate::kernel::float::{Fused, MulAdd};
@@ -31,7 +32,7 @@ use crate::kernel::pack::{
     Bf16Pair, Entry, PackPanel, PackedKeys, PackedValues, TILE_PAIRS, TilePair,
 };
 use crate::kernel::params::{BC, BR, MR};
-use crate::kernel::tiled::{KeyTiles, Panels, Tiles, Weights};
+use crate::kernel::tiled::{KeyTiles, Panels, RowStates, Tiles, Weights};
 
 /// Keys per panel, and value columns per group: the 16 f32 columns of a tile.
 const NR: usize = 16;
@@ -50,18 +51,15 @@ const _: () = assert!(BR.is_multiple_of(TILE_ROWS) && BC.is_multiple_of(KEY_STEP
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Amx {
     bf16: Avx512Bf16,
-    avx512: Avx512,
     avx2: Avx2,
 }
 
 impl Amx {
     /// The token, if this CPU and OS give AMX beside what `bf16` proves.
     pub(crate) fn detect(bf16: Avx512Bf16) -> Option<Self> {
-        let avx512 = bf16.avx512();
         usable().then_some(Amx {
             bf16,
-            avx512,
-            avx2: avx512.avx2(),
+            avx2: bf16.avx512().avx2(),
         })
     }
 }
@@ -74,7 +72,8 @@ impl PackPanel<f32, NR> for Amx {
 }
 
 /// The register tiles of f32 (never used by the AMX blocks, but every token
-/// has them) are AVX2's 16 columns; the softmax's `exp` is AVX-512's.
+/// has them) are AVX2's 16 columns; the softmax is AVX-512's, sixteen rows at
+/// a time.
 impl Tiles<f32, NR> for Amx {
     #[inline(always)]
     fn score_tile(self, q: &[[f32; MR]], k: &[[f32; NR]], rows: usize) -> [[f32; NR]; MR] {
@@ -92,35 +91,36 @@ impl Tiles<f32, NR> for Amx {
         self.avx2.value_tile(p, v, alpha, o)
     }
 
-    #[inline(always)]
-    fn exp_and_sum<M: MulAdd>(self, row: &mut [f32], shift: f32) -> f32 {
-        Tiles::<f32, { Avx512::F32_TILE }>::exp_and_sum::<M>(self.avx512, row, shift)
-    }
+    const SCALE_IN_SOFTMAX: bool = true;
 
-    /// Four registers of maxima in flight (one waits on its last `vmaxps`),
-    /// then one for the panels left; NaN is passed over, as by `fold_max`.
+    /// Sixteen rows at a time ([`softmax_band`]), the weights written as bf16
+    /// over the scores' first bytes (the operand of [`Amx::block_values`]).
     #[inline(always)]
-    fn row_max(self, row: &[f32]) -> f32 {
-        let (fours, rest) = row.as_chunks::<{ 4 * NR }>();
-        let (panels, tail) = rest.as_chunks::<NR>();
-        // SAFETY: `self` proves AVX-512 F; each load reads 16 f32 of a chunk.
-        // `vmaxps x, m` is `x > m ? x : m`: a NaN `x` leaves `m`.
-        unsafe {
-            let mut lanes = [_mm512_set1_ps(f32::NEG_INFINITY); 4];
-            for chunk in fours {
-                for (i, lane) in lanes.iter_mut().enumerate() {
-                    *lane = _mm512_max_ps(_mm512_loadu_ps(chunk[i * NR..].as_ptr()), *lane);
-                }
-            }
-            let mut one = _mm512_max_ps(
-                _mm512_max_ps(lanes[0], lanes[1]),
-                _mm512_max_ps(lanes[2], lanes[3]),
-            );
-            for panel in panels {
-                one = _mm512_max_ps(_mm512_loadu_ps(panel.as_ptr()), one);
-            }
-            let max = _mm512_reduce_max_ps(one);
-            tail.iter().fold(max, |m, &x| if x > m { x } else { m })
+    fn block_softmax<M: MulAdd>(
+        self,
+        s: &mut [f32],
+        width: usize,
+        rows: usize,
+        scale: Option<f32>,
+        state: RowStates<'_, f32>,
+    ) {
+        assert!(
+            rows.is_multiple_of(BAND),
+            "an AMX block computes whole bands"
+        );
+        let bands = s.as_chunks_mut::<{ BAND * BC }>().0;
+        let states = state
+            .max
+            .as_chunks_mut::<BAND>()
+            .0
+            .iter_mut()
+            .zip(state.sum.as_chunks_mut::<BAND>().0)
+            .zip(state.alpha.as_chunks_mut::<BAND>().0);
+        for (band, ((max, sum), alpha)) in bands.iter_mut().zip(states).take(rows / BAND) {
+            let state = BandState { max, sum, alpha };
+            // SAFETY: `self` proves AVX-512 F and AVX512_BF16; a scale given
+            // here is positive (`SCALE_IN_SOFTMAX`).
+            unsafe { softmax_band(band, width, scale.unwrap_or(1.0), state) };
         }
     }
 }
@@ -250,9 +250,6 @@ impl KeyTiles<f32, TilePair, NR> for Amx {
                 && o.len() >= values.col_tiles * BR * NR,
             "an AMX block's tiles lie within its operands"
         );
-        for row in p.chunks_exact_mut(BC).take(rows) {
-            self.round_in_place(row, width, steps);
-        }
         let grid = Grid {
             rows: rows / TILE_ROWS,
             columns: values.col_tiles,
@@ -298,32 +295,6 @@ impl Amx {
                 let o = _mm512_loadu_ps(row.as_ptr());
                 let s = _mm512_loadu_ps(sum.as_ptr());
                 _mm512_storeu_ps(row.as_mut_ptr(), _mm512_fmadd_ps(_mm512_set1_ps(a), o, s));
-            }
-        }
-    }
-
-    /// Rounds the first `width` weights of `row` to bf16, written as bf16 from
-    /// the row's first byte, followed by zeros up to `steps` weights (`steps ≤
-    /// row.len()`, a multiple of 32). The bf16 of weight `j` lands at byte `2j`,
-    /// never past a weight not yet read (at byte `4j`).
-    #[inline(always)]
-    fn round_in_place(self, row: &mut [f32], width: usize, steps: usize) {
-        assert!(steps <= row.len() && steps.is_multiple_of(KEY_STEP));
-        let at = row.as_mut_ptr();
-        for j in (0..steps).step_by(KEY_STEP) {
-            let lanes = |from: usize| match width.saturating_sub(j + from) {
-                n if n >= 16 => 0xffff,
-                n => (1u16 << n) - 1,
-            };
-            // SAFETY: `self` proves AVX-512 F and AVX512_BF16; the masked loads
-            // read only weights below `min(width, j + 32) ≤ steps ≤ row.len()`,
-            // the store writes bytes `2j .. 2j + 64 ≤ 4·steps`, after the loads
-            // of the weights there.
-            unsafe {
-                let low = _mm512_maskz_loadu_ps(lanes(0), at.add(j));
-                let high = _mm512_maskz_loadu_ps(lanes(16), at.add(j + 16));
-                let pairs: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(high, low));
-                _mm512_storeu_si512(at.cast::<u16>().add(j).cast(), pairs);
             }
         }
     }
