@@ -144,7 +144,10 @@ impl KeyTiles<f32, TilePair, NR> for Amx {
     ) {
         let rows = q.nrows();
         for (row, packed) in q.outer_iter().zip(out.chunks_exact_mut(depth)) {
-            TilePair::pack_query(row, scale, |p, pair| packed[p] = pair);
+            match row.as_slice() {
+                Some(row) => self.narrow_row(row, packed),
+                None => TilePair::pack_query(row, scale, |p, pair| packed[p] = pair),
+            }
         }
         let computed = rows.next_multiple_of(TILE_ROWS);
         out[rows * depth..computed * depth].fill(TilePair::zero());
@@ -286,6 +289,33 @@ impl KeyTiles<f32, TilePair, NR> for Amx {
 }
 
 impl Amx {
+    /// A query's components `row` rounded to bf16 as pairs (as
+    /// [`TilePair::pack_query`] does one by one), 32 at a time, zero past the
+    /// row's end to the whole steps of `out`.
+    #[inline(always)]
+    fn narrow_row(self, row: &[f32], out: &mut [TilePair]) {
+        assert!(
+            row.len() <= 2 * out.len() && out.len().is_multiple_of(TILE_PAIRS),
+            "a packed query holds its row in whole steps"
+        );
+        let lanes = |from: usize| match row.len().saturating_sub(from) {
+            n if n >= 16 => 0xffff,
+            n => (1u16 << n) - 1,
+        };
+        for (c, step) in out.as_chunks_mut::<TILE_PAIRS>().0.iter_mut().enumerate() {
+            let j = c * KEY_STEP;
+            // SAFETY: `self` proves AVX-512 F and AVX512_BF16; the masked loads
+            // read only components below `row.len()`, the store writes the
+            // step's 16 pairs.
+            unsafe {
+                let low = _mm512_maskz_loadu_ps(lanes(j), row.as_ptr().wrapping_add(j));
+                let high = _mm512_maskz_loadu_ps(lanes(j + 16), row.as_ptr().wrapping_add(j + 16));
+                let pairs: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(high, low));
+                _mm512_storeu_si512(step.as_mut_ptr().cast(), pairs);
+            }
+        }
+    }
+
     /// `out[i] = α[i]·out[i] + sums[i]` for the 16 rows of one output tile.
     #[inline(always)]
     fn add_scaled(self, out: &mut [f32], alpha: &[f32], sums: &[[f32; NR]; TILE_ROWS]) {
@@ -319,5 +349,41 @@ impl Dispatch<f32, TilePair> for Amx {
     #[inline]
     fn dispatch<O: Op<f32, TilePair>>(self, op: O) -> O::Output {
         self.vectorize::<f32, TilePair, O, NR>(op)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::arch::avx512::Avx512;
+
+    /// Rows of every length to 70 narrowed 32 at a time give the pairs the
+    /// scalar packing gives, ties to even and the padding zero.
+    #[test]
+    fn queries_narrow_as_one_by_one() {
+        let Some(amx) = Avx512::detect()
+            .and_then(Avx512Bf16::detect)
+            .and_then(Amx::detect)
+        else {
+            eprintln!("skipped: this CPU or OS gives no AMX");
+            return;
+        };
+        for len in 1..=70 {
+            // values with bits below bf16's, ties among them
+            let row: Vec<f32> = (0..len)
+                .map(|i| {
+                    f32::from_bits(0x3f80_8000 + (i as u32) * 0x1_0001)
+                        * if i % 3 == 0 { -1.0 } else { 1.0 }
+                })
+                .collect();
+            let depth = TilePair::depth(len);
+            let mut fast = vec![TilePair(Bf16Pair(u32::MAX)); depth];
+            amx.narrow_row(&row, &mut fast);
+            let mut plain = vec![TilePair::zero(); depth];
+            TilePair::pack_query(ndarray::ArrayView1::from(&row), 1.0, |p, pair| {
+                plain[p] = pair
+            });
+            assert_eq!(fast, plain, "length {len}");
+        }
     }
 }
