@@ -5,7 +5,7 @@
 //! operands on every call.
 //!
 //! `C = A·B` with `A: (m, depth)` packed in panels of [`MR`] rows and
-//! `B: (depth, n)` in panels of `NR` columns ([`Panels`], in `pack.rs`); each
+//! `B: (depth, n)` in panels of `NR` columns ([`Panels`], in `pack/mod.rs`); each
 //! panel holds its `depth` steps one after another (`[[_; MR]; depth]`,
 //! `[[_; NR]; depth]`), as the tiled forward packs its queries and keys.
 

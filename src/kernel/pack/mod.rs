@@ -2,13 +2,16 @@
 //! for the tiled kernel, and [`Panels`], the packing of any operand of the
 //! backward's block products (`gemm.rs`).
 
+mod pairs;
+
 use std::ops::Range;
 
-use half::bf16;
 use ndarray::{ArrayView1, ArrayView2};
 
 use super::fusable::{Extent, Scan};
 use crate::element::Element;
+
+pub(crate) use pairs::{Bf16Pair, TILE_PAIRS, TilePair, pack_head_bf16, pack_head_tiles};
 
 /// Keys packed for the micro-kernel: panels of `NR` keys, each stored
 /// `depth × NR` (the `p`-th entries of `NR` consecutive keys side by side),
@@ -64,85 +67,6 @@ impl<A: Element> Entry<A> for A {
 
     fn scale_after(_: A) -> Option<A> {
         None
-    }
-}
-
-/// Two consecutive components of a query or key in bf16, the first in the low 16
-/// bits: the operand of `vdpbf16ps`, which adds both products to an f32 lane.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(transparent)]
-pub(crate) struct Bf16Pair(pub(crate) u32);
-
-impl Bf16Pair {
-    fn new(first: bf16, second: bf16) -> Self {
-        Bf16Pair(u32::from(first.to_bits()) | (u32::from(second.to_bits()) << 16))
-    }
-}
-
-/// Queries are widened from bf16 to f32 before they reach the kernel (exactly),
-/// and narrowed back here (exactly again); the scale cannot ride in a bf16 query
-/// without rounding it, so the scores are scaled in f32.
-impl Entry<f32> for Bf16Pair {
-    type Value = f32;
-
-    fn zero() -> Self {
-        Bf16Pair(0)
-    }
-
-    fn depth(d: usize) -> usize {
-        d.div_ceil(2)
-    }
-
-    #[inline(always)]
-    fn pack_query(row: ArrayView1<'_, f32>, _: f32, write: impl FnMut(usize, Self)) {
-        narrow_pairs(row, Self::depth(row.len()), write);
-    }
-
-    fn scale_after(scale: f32) -> Option<f32> {
-        Some(scale)
-    }
-}
-
-/// The first `depth` pairs of `row` rounded to bf16 (zero past its end).
-#[inline(always)]
-fn narrow_pairs(row: ArrayView1<'_, f32>, depth: usize, mut write: impl FnMut(usize, Bf16Pair)) {
-    let narrow = |i: usize| row.get(i).map_or(bf16::ZERO, |&x| bf16::from_f32(x));
-    for p in 0..depth {
-        write(p, Bf16Pair::new(narrow(2 * p), narrow(2 * p + 1)));
-    }
-}
-
-/// A [`Bf16Pair`] of a query or key for the AMX tiles, whose rows are 16 pairs:
-/// a query or key is padded with zero pairs to whole rows (a 64-wide head is
-/// two rows, an 80-wide one three). The values of a head packed with these keys
-/// are pairs too, of two keys' values in one column ([`PackedValues::pack_key_pairs`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(transparent)]
-pub(crate) struct TilePair(pub(crate) Bf16Pair);
-
-/// Pairs in one row of an AMX tile (64 bytes).
-pub(crate) const TILE_PAIRS: usize = 16;
-
-impl Entry<f32> for TilePair {
-    type Value = Bf16Pair;
-
-    fn zero() -> Self {
-        TilePair(Bf16Pair(0))
-    }
-
-    fn depth(d: usize) -> usize {
-        d.div_ceil(2 * TILE_PAIRS) * TILE_PAIRS
-    }
-
-    #[inline(always)]
-    fn pack_query(row: ArrayView1<'_, f32>, _: f32, mut write: impl FnMut(usize, Self)) {
-        narrow_pairs(row, Self::depth(row.len()), |p, pair| {
-            write(p, TilePair(pair))
-        });
-    }
-
-    fn scale_after(scale: f32) -> Option<f32> {
-        Some(scale)
     }
 }
 
@@ -203,133 +127,6 @@ impl<A: Element> PackedKeys<A> {
         panels.pack_lines_by::<NR>(packer, k, d, s, d);
         let data = panels.into_data();
         (PackedKeys { data, depth: d }, scan.extent(s))
-    }
-}
-
-/// Packs one key/value head stored in bf16 for tiles `NR` wide, the keys as
-/// [`Bf16Pair`]s and the values widened to f32.
-#[inline(always)]
-pub(crate) fn pack_head_bf16<const NR: usize>(
-    k: &ArrayView2<'_, bf16>,
-    v: &ArrayView2<'_, bf16>,
-) -> PackedHead<f32, Bf16Pair> {
-    let (keys, key_extent) = PackedKeys::pack_pairs::<NR>(k);
-    let (values, value_extent) = PackedValues::pack::<NR>(&v.mapv(bf16::to_f32).view());
-    PackedHead {
-        keys,
-        values,
-        key_extent,
-        value_extent,
-    }
-}
-
-/// Packs one key/value head stored in bf16 for the AMX tiles, `NR` keys to a
-/// panel: the keys as [`TilePair`]s, the values as pairs of keys.
-#[inline(always)]
-pub(crate) fn pack_head_tiles<const NR: usize>(
-    k: &ArrayView2<'_, bf16>,
-    v: &ArrayView2<'_, bf16>,
-) -> PackedHead<f32, TilePair> {
-    let (keys, key_extent) = PackedKeys::pack_pairs::<NR>(k);
-    let (values, value_extent) = PackedValues::pack_key_pairs::<NR>(v);
-    PackedHead {
-        keys,
-        values,
-        key_extent,
-        value_extent,
-    }
-}
-
-/// A pair of bf16 components, as [`Bf16Pair`] or [`TilePair`].
-pub(crate) trait Pair: Entry<f32> {
-    fn of(pair: Bf16Pair) -> Self;
-}
-
-impl Pair for Bf16Pair {
-    fn of(pair: Bf16Pair) -> Self {
-        pair
-    }
-}
-
-impl Pair for TilePair {
-    fn of(pair: Bf16Pair) -> Self {
-        TilePair(pair)
-    }
-}
-
-impl<K: Pair> PackedKeys<K> {
-    /// Packs `k: (S, d)` in panels of `NR` keys, each step a pair of components
-    /// (`K::depth(d)` of them, zero past the key's end), and finds the keys'
-    /// extent (in f32) on the way.
-    #[inline(always)]
-    fn pack_pairs<const NR: usize>(k: &ArrayView2<'_, bf16>) -> (Self, Extent<f32>) {
-        let (s, d) = k.dim();
-        let k = k.as_standard_layout();
-        let k = k.as_slice().expect("standard layout");
-        let mut scan = Scan::new();
-        let mut wide = vec![0.0; d];
-        let depth = K::depth(d);
-        let mut data = vec![[K::zero(); NR]; s.div_ceil(NR) * depth];
-        for (panel, steps) in data.chunks_exact_mut(depth.max(1)).enumerate() {
-            for (i, key) in k
-                .chunks_exact(d.max(1))
-                .skip(panel * NR)
-                .take(NR)
-                .enumerate()
-            {
-                for (w, x) in wide.iter_mut().zip(key) {
-                    *w = x.to_f32();
-                }
-                scan.add(&wide);
-                let (pairs, last) = key.as_chunks::<2>();
-                for (step, &[first, second]) in steps.iter_mut().zip(pairs) {
-                    step[i] = K::of(Bf16Pair::new(first, second));
-                }
-                if let [first] = *last {
-                    steps[pairs.len()][i] = K::of(Bf16Pair::new(first, bf16::ZERO));
-                }
-            }
-        }
-        let data = data.into_flattened();
-        (PackedKeys { data, depth }, scan.extent(s))
-    }
-}
-
-impl PackedValues<Bf16Pair> {
-    /// Packs `v: (S, d_v)` for the AMX tiles in column groups of `NR`: step `r`
-    /// of a group holds, for each of its columns, the values of keys `2r` and
-    /// `2r + 1` as one pair. The steps run past the last key, with zeros, to
-    /// whole steps of 32 keys and one more half-step of 16 (a block that starts
-    /// on a panel of 16 keys reads 32 at a time). Finds the values' extent (in
-    /// f32) on the way.
-    #[inline(always)]
-    pub(crate) fn pack_key_pairs<const NR: usize>(v: &ArrayView2<'_, bf16>) -> (Self, Extent<f32>) {
-        let (s, d_v) = v.dim();
-        let v = v.as_standard_layout();
-        let v = v.as_slice().expect("standard layout");
-        let mut scan = Scan::new();
-        scan.add(&v.iter().map(|x| x.to_f32()).collect::<Vec<_>>());
-        let steps = s.div_ceil(2 * TILE_PAIRS) * TILE_PAIRS + TILE_PAIRS / 2;
-        let col_tiles = d_v.div_ceil(NR);
-        let mut data = vec![[Bf16Pair(0); NR]; col_tiles * steps];
-        let zeros = vec![bf16::ZERO; d_v];
-        for (r, keys) in v.chunks(2 * d_v.max(1)).enumerate() {
-            let (first, second) = keys.split_at(d_v.min(keys.len()));
-            let second = if second.is_empty() {
-                &zeros[..]
-            } else {
-                second
-            };
-            for (column, (&a, &b)) in first.iter().zip(second).enumerate() {
-                data[column / NR * steps + r][column % NR] = Bf16Pair::new(a, b);
-            }
-        }
-        let packed = PackedValues {
-            data: data.into_flattened(),
-            s: steps,
-            col_tiles,
-        };
-        (packed, scan.extent(s))
     }
 }
 

@@ -1,0 +1,251 @@
+//! Keys and values stored in bf16, packed as pairs of components: the
+//! operands of the bf16 dot products (`vdpbf16ps`) and of the AMX tiles
+//! (`tdpbf16ps`), which add the products of a pair to one f32 sum.
+
+use half::bf16;
+use ndarray::{ArrayView1, ArrayView2};
+
+use super::{Entry, PackedHead, PackedKeys, PackedValues};
+use crate::kernel::fusable::Extent;
+
+/// Two consecutive components of a query or key in bf16, the first in the low 16
+/// bits: the operand of `vdpbf16ps`, which adds both products to an f32 lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(transparent)]
+pub(crate) struct Bf16Pair(pub(crate) u32);
+
+impl Bf16Pair {
+    fn new(first: bf16, second: bf16) -> Self {
+        Bf16Pair(u32::from(first.to_bits()) | (u32::from(second.to_bits()) << 16))
+    }
+}
+
+/// Queries are widened from bf16 to f32 before they reach the kernel (exactly),
+/// and narrowed back here (exactly again); the scale cannot ride in a bf16 query
+/// without rounding it, so the scores are scaled in f32.
+impl Entry<f32> for Bf16Pair {
+    type Value = f32;
+
+    fn zero() -> Self {
+        Bf16Pair(0)
+    }
+
+    fn depth(d: usize) -> usize {
+        d.div_ceil(2)
+    }
+
+    #[inline(always)]
+    fn pack_query(row: ArrayView1<'_, f32>, _: f32, write: impl FnMut(usize, Self)) {
+        narrow_pairs(row, Self::depth(row.len()), write);
+    }
+
+    fn scale_after(scale: f32) -> Option<f32> {
+        Some(scale)
+    }
+}
+
+/// The first `depth` pairs of `row` rounded to bf16 (zero past its end).
+#[inline(always)]
+fn narrow_pairs(row: ArrayView1<'_, f32>, depth: usize, mut write: impl FnMut(usize, Bf16Pair)) {
+    let narrow = |i: usize| row.get(i).map_or(bf16::ZERO, |&x| bf16::from_f32(x));
+    for p in 0..depth {
+        write(p, Bf16Pair::new(narrow(2 * p), narrow(2 * p + 1)));
+    }
+}
+
+/// A [`Bf16Pair`] of a query or key for the AMX tiles, whose rows are 16 pairs:
+/// a query or key is padded with zero pairs to whole rows (a 64-wide head is
+/// two rows, an 80-wide one three). The values of a head packed with these keys
+/// are pairs too, of two keys' values in one column ([`PackedValues::pack_key_pairs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(transparent)]
+pub(crate) struct TilePair(pub(crate) Bf16Pair);
+
+/// Pairs in one row of an AMX tile (64 bytes).
+pub(crate) const TILE_PAIRS: usize = 16;
+
+impl Entry<f32> for TilePair {
+    type Value = Bf16Pair;
+
+    fn zero() -> Self {
+        TilePair(Bf16Pair(0))
+    }
+
+    fn depth(d: usize) -> usize {
+        d.div_ceil(2 * TILE_PAIRS) * TILE_PAIRS
+    }
+
+    #[inline(always)]
+    fn pack_query(row: ArrayView1<'_, f32>, _: f32, mut write: impl FnMut(usize, Self)) {
+        narrow_pairs(row, Self::depth(row.len()), |p, pair| {
+            write(p, TilePair(pair))
+        });
+    }
+
+    fn scale_after(scale: f32) -> Option<f32> {
+        Some(scale)
+    }
+}
+
+/// Packs one key/value head stored in bf16 for tiles `NR` wide, the keys as
+/// [`Bf16Pair`]s and the values widened to f32.
+#[inline(always)]
+pub(crate) fn pack_head_bf16<const NR: usize>(
+    k: &ArrayView2<'_, bf16>,
+    v: &ArrayView2<'_, bf16>,
+) -> PackedHead<f32, Bf16Pair> {
+    let (keys, key_extent) = PackedKeys::pack_pairs::<NR>(k);
+    let (values, value_extent) = PackedValues::pack::<NR>(&v.mapv(bf16::to_f32).view());
+    PackedHead {
+        keys,
+        values,
+        key_extent,
+        value_extent,
+    }
+}
+
+/// Packs one key/value head stored in bf16 for the AMX tiles, `NR` keys to a
+/// panel: the keys as [`TilePair`]s, the values as pairs of keys.
+#[inline(always)]
+pub(crate) fn pack_head_tiles<const NR: usize>(
+    k: &ArrayView2<'_, bf16>,
+    v: &ArrayView2<'_, bf16>,
+) -> PackedHead<f32, TilePair> {
+    let (keys, key_extent) = PackedKeys::pack_pairs::<NR>(k);
+    let (values, value_extent) = PackedValues::pack_key_pairs::<NR>(v);
+    PackedHead {
+        keys,
+        values,
+        key_extent,
+        value_extent,
+    }
+}
+
+/// A pair of bf16 components, as [`Bf16Pair`] or [`TilePair`].
+pub(crate) trait Pair: Entry<f32> {
+    fn of(pair: Bf16Pair) -> Self;
+}
+
+impl Pair for Bf16Pair {
+    fn of(pair: Bf16Pair) -> Self {
+        pair
+    }
+}
+
+impl Pair for TilePair {
+    fn of(pair: Bf16Pair) -> Self {
+        TilePair(pair)
+    }
+}
+
+impl<K: Pair> PackedKeys<K> {
+    /// Packs `k: (S, d)` in panels of `NR` keys, each step a pair of components
+    /// (`K::depth(d)` of them, zero past the key's end), and finds the keys'
+    /// extent (in f32) on the way.
+    #[inline(always)]
+    fn pack_pairs<const NR: usize>(k: &ArrayView2<'_, bf16>) -> (Self, Extent<f32>) {
+        let (s, d) = k.dim();
+        let k = k.as_standard_layout();
+        let k = k.as_slice().expect("standard layout");
+        let depth = K::depth(d);
+        let mut data = vec![[K::zero(); NR]; s.div_ceil(NR) * depth];
+        for (panel, steps) in data.chunks_exact_mut(depth.max(1)).enumerate() {
+            let keys = &k[(panel * NR * d).min(k.len())..((panel + 1) * NR * d).min(k.len())];
+            for (i, key) in keys.chunks_exact(d.max(1)).enumerate() {
+                let (pairs, last) = key.as_chunks::<2>();
+                for (step, &[first, second]) in steps.iter_mut().zip(pairs) {
+                    step[i] = K::of(Bf16Pair::new(first, second));
+                }
+                if let [first] = *last {
+                    steps[pairs.len()][i] = K::of(Bf16Pair::new(first, bf16::ZERO));
+                }
+            }
+        }
+        let data = data.into_flattened();
+        (PackedKeys { data, depth }, bf16_extent(k, s))
+    }
+}
+
+/// The [`Extent`] (in f32) of `x`, `rows` rows, from the bits: the largest
+/// `|x|` is the largest of the bits below the sign (their order is the
+/// magnitudes'), infinity `0x7f80`, NaN above it.
+#[inline(always)]
+fn bf16_extent(x: &[bf16], rows: usize) -> Extent<f32> {
+    let largest = x.iter().fold(0u16, |m, x| m.max(x.to_bits() & 0x7fff));
+    let max_abs = if largest > 0x7f80 {
+        f32::NAN
+    } else {
+        f32::from_bits(u32::from(largest) << 16)
+    };
+    Extent {
+        finite: largest < 0x7f80,
+        max_abs,
+        rows,
+    }
+}
+
+impl PackedValues<Bf16Pair> {
+    /// Packs `v: (S, d_v)` for the AMX tiles in column groups of `NR`: step `r`
+    /// of a group holds, for each of its columns, the values of keys `2r` and
+    /// `2r + 1` as one pair. The steps run past the last key, with zeros, to
+    /// whole steps of 32 keys and one more half-step of 16 (a block that starts
+    /// on a panel of 16 keys reads 32 at a time). Finds the values' extent (in
+    /// f32) on the way.
+    #[inline(always)]
+    pub(crate) fn pack_key_pairs<const NR: usize>(v: &ArrayView2<'_, bf16>) -> (Self, Extent<f32>) {
+        let (s, d_v) = v.dim();
+        let v = v.as_standard_layout();
+        let v = v.as_slice().expect("standard layout");
+        let steps = s.div_ceil(2 * TILE_PAIRS) * TILE_PAIRS + TILE_PAIRS / 2;
+        let col_tiles = d_v.div_ceil(NR);
+        let mut data = vec![[Bf16Pair(0); NR]; col_tiles * steps];
+        let zeros = vec![bf16::ZERO; d_v];
+        for (r, keys) in v.chunks(2 * d_v.max(1)).enumerate() {
+            let (first, second) = keys.split_at(d_v.min(keys.len()));
+            let second = if second.is_empty() {
+                &zeros[..]
+            } else {
+                second
+            };
+            // column group by column group: `NR` pairs of one step at a time
+            let groups = first.chunks(NR).zip(second.chunks(NR));
+            for (group, (a, b)) in data.chunks_exact_mut(steps).zip(groups) {
+                for (pair, (&a, &b)) in group[r].iter_mut().zip(a.iter().zip(b)) {
+                    *pair = Bf16Pair::new(a, b);
+                }
+            }
+        }
+        let packed = PackedValues {
+            data: data.into_flattened(),
+            s: steps,
+            col_tiles,
+        };
+        (packed, bf16_extent(v, s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::fusable::Scan;
+
+    /// The extent from the bits is the extent of the widened values: every
+    /// bf16 magnitude with either sign, infinity and NaN among them.
+    #[test]
+    fn bf16_extent_reads_the_bits_as_the_scan_reads_the_values() {
+        let every: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
+        for window in every.chunks(997) {
+            let wide: Vec<f32> = window.iter().map(|x| x.to_f32()).collect();
+            let mut scan = Scan::new();
+            scan.add(&wide);
+            let (bits, values) = (bf16_extent(window, 3), scan.extent(3));
+            assert_eq!(bits.finite, values.finite);
+            assert_eq!(bits.rows, values.rows);
+            if values.max_abs.is_nan() {
+                assert!(bits.max_abs.is_nan());
+            } else {
+                assert_eq!(bits.max_abs, values.max_abs);
+            }
+        }
+    }
+}
