@@ -170,6 +170,9 @@ pub trait Half: Storage<Compute = f32> {
     /// `dst[i] = src[i]` in f32 (exact); the slices are equally long.
     fn widen(src: &[Self], dst: &mut [f32]);
 
+    /// `src` rounded to the nearest values, ties to even, as `from_f32` does.
+    fn narrow(src: &[f32]) -> Vec<Self>;
+
     /// `x` as `bf16` values when this type is `bf16`, `None` for `f16`: how the
     /// kernels with bf16 dot products reach bf16 inputs from code generic over
     /// the half type.
@@ -258,8 +261,7 @@ macro_rules! half {
             fn store<D: Dimension>(x: Array<f32, D>) -> Array<$t, D> {
                 match x.as_slice() {
                     Some(src) => {
-                        let mut dst = vec![<$t>::ZERO; src.len()];
-                        dst.convert_from_f32_slice(src);
+                        let dst = <$t as Half>::narrow(src);
                         Array::from_shape_vec(x.raw_dim(), dst).expect("one value per element")
                     }
                     None => x.mapv(<$t>::from_f32),
@@ -289,6 +291,21 @@ impl Half for bf16 {
         }
     }
 
+    /// Without branches, so that the loop vectorises: the upper half of the
+    /// bits after adding just under half a unit of the last place and the
+    /// lowest kept bit (ties to even); a NaN's upper half with its quiet bit.
+    fn narrow(src: &[f32]) -> Vec<bf16> {
+        src.iter()
+            .map(|x| {
+                let bits = x.to_bits();
+                let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+                let quiet = (bits >> 16) | 0x0040;
+                let nan = bits & 0x7fff_ffff > 0x7f80_0000;
+                bf16::from_bits(if nan { quiet } else { rounded } as u16)
+            })
+            .collect()
+    }
+
     fn as_bf16<D: Dimension>(x: ArrayView<'_, bf16, D>) -> Option<ArrayView<'_, bf16, D>> {
         Some(x)
     }
@@ -312,6 +329,12 @@ impl Half for f16 {
             let value = if magnitude >= 0x7c00 { special } else { finite };
             *d = f32::from_bits(value.to_bits() | ((bits & 0x8000) << 16));
         }
+    }
+
+    fn narrow(src: &[f32]) -> Vec<f16> {
+        let mut dst = vec![f16::ZERO; src.len()];
+        dst.convert_from_f32_slice(src);
+        dst
     }
 
     fn as_bf16<D: Dimension>(_: ArrayView<'_, f16, D>) -> Option<ArrayView<'_, bf16, D>> {
@@ -351,6 +374,27 @@ mod tests {
                 bf16::widen(&src, dst)
             },
         );
+    }
+
+    /// bf16's branch-free rounding gives `bf16::from_f32`'s bits: every f32
+    /// whose low half is one of the cases (0, just below, at and just above a
+    /// tie, the most) for a sweep of upper halves of both signs, with every
+    /// NaN, infinity and the largest finite values among them.
+    #[test]
+    fn narrowing_to_bf16_rounds_as_from_f32() {
+        let lows = [0x0000, 0x0001, 0x7fff, 0x8000, 0x8001, 0xffff];
+        let values: Vec<f32> = (0..=u16::MAX)
+            .flat_map(|high| lows.map(|low| f32::from_bits((u32::from(high) << 16) | low)))
+            .collect();
+        let narrowed = <bf16 as Half>::narrow(&values);
+        for (&x, &got) in values.iter().zip(&narrowed) {
+            assert_eq!(
+                got.to_bits(),
+                bf16::from_f32(x).to_bits(),
+                "{:#010x}",
+                x.to_bits()
+            );
+        }
     }
 
     #[test]
