@@ -14,7 +14,7 @@ use super::backward::{
 };
 use super::direct::{self, Group, Memory, PartialMut, Rows};
 use super::float::KernelFloat;
-use super::pack::{self, Bf16Pair, Entry, PackedHead, TilePair};
+use super::pack::{self, Entry, PackedHead, Pair};
 use super::tiled::{self, Block, KeyTiles, Scratch};
 use crate::flex::program::Program;
 
@@ -30,7 +30,7 @@ impl<A: KernelFloat, K> Op<A, K> for TileWidth {
     }
 }
 
-/// [`pack::pack_head`] (or, for bf16 keys as pairs, [`pack::pack_head_bf16`]):
+/// [`pack::pack_head`] (or, for bf16 keys as pairs, [`pack::pack_head_pairs`]):
 /// one key/value head packed for the token's tiles, the transposition of the
 /// keys running with its vectors.
 pub(crate) struct PackHead<'v, 'a, KV> {
@@ -47,27 +47,15 @@ impl<A: KernelFloat> Op<A> for PackHead<'_, '_, A> {
     }
 }
 
-impl Op<f32, Bf16Pair> for PackHead<'_, '_, bf16> {
-    type Output = PackedHead<f32, Bf16Pair>;
+impl<K: Pair> Op<f32, K> for PackHead<'_, '_, bf16> {
+    type Output = PackedHead<f32, K>;
 
     #[inline(always)]
-    fn run<T: Token<f32, NR> + KeyTiles<f32, Bf16Pair, NR>, const NR: usize>(
+    fn run<T: Token<f32, NR> + KeyTiles<f32, K, NR>, const NR: usize>(
         self,
         _: T,
-    ) -> PackedHead<f32, Bf16Pair> {
-        pack::pack_head_bf16::<NR>(self.k, self.v)
-    }
-}
-
-impl Op<f32, TilePair> for PackHead<'_, '_, bf16> {
-    type Output = PackedHead<f32, TilePair>;
-
-    #[inline(always)]
-    fn run<T: Token<f32, NR> + KeyTiles<f32, TilePair, NR>, const NR: usize>(
-        self,
-        _: T,
-    ) -> PackedHead<f32, TilePair> {
-        pack::pack_head_tiles::<NR>(self.k, self.v)
+    ) -> PackedHead<f32, K> {
+        pack::pack_head_pairs::<K, NR>(self.k, self.v)
     }
 }
 

@@ -11,7 +11,7 @@ use ndarray::{ArrayView1, ArrayView2};
 use super::fusable::{Extent, Scan};
 use crate::element::Element;
 
-pub(crate) use pairs::{Bf16Pair, TILE_PAIRS, TilePair, pack_head_bf16, pack_head_tiles};
+pub(crate) use pairs::{Bf16Pair, Pair, TILE_PAIRS, TilePair, pack_head_pairs};
 
 /// Keys packed for the micro-kernel: panels of `NR` keys, each stored
 /// `depth × NR` (the `p`-th entries of `NR` consecutive keys side by side),

@@ -87,32 +87,16 @@ impl Entry<f32> for TilePair {
     }
 }
 
-/// Packs one key/value head stored in bf16 for tiles `NR` wide, the keys as
-/// [`Bf16Pair`]s and the values widened to f32.
+/// Packs one key/value head stored in bf16 for tiles `NR` wide: the keys as
+/// pairs `K`, the values as the blocks over those keys read them
+/// ([`Pair::pack_values`]).
 #[inline(always)]
-pub(crate) fn pack_head_bf16<const NR: usize>(
+pub(crate) fn pack_head_pairs<K: Pair, const NR: usize>(
     k: &ArrayView2<'_, bf16>,
     v: &ArrayView2<'_, bf16>,
-) -> PackedHead<f32, Bf16Pair> {
+) -> PackedHead<f32, K> {
     let (keys, key_extent) = PackedKeys::pack_pairs::<NR>(k);
-    let (values, value_extent) = PackedValues::pack::<NR>(&v.mapv(bf16::to_f32).view());
-    PackedHead {
-        keys,
-        values,
-        key_extent,
-        value_extent,
-    }
-}
-
-/// Packs one key/value head stored in bf16 for the AMX tiles, `NR` keys to a
-/// panel: the keys as [`TilePair`]s, the values as pairs of keys.
-#[inline(always)]
-pub(crate) fn pack_head_tiles<const NR: usize>(
-    k: &ArrayView2<'_, bf16>,
-    v: &ArrayView2<'_, bf16>,
-) -> PackedHead<f32, TilePair> {
-    let (keys, key_extent) = PackedKeys::pack_pairs::<NR>(k);
-    let (values, value_extent) = PackedValues::pack_key_pairs::<NR>(v);
+    let (values, value_extent) = K::pack_values::<NR>(v);
     PackedHead {
         keys,
         values,
@@ -124,17 +108,37 @@ pub(crate) fn pack_head_tiles<const NR: usize>(
 /// A pair of bf16 components, as [`Bf16Pair`] or [`TilePair`].
 pub(crate) trait Pair: Entry<f32> {
     fn of(pair: Bf16Pair) -> Self;
+
+    /// Packs `v: (S, d_v)` for the blocks over keys packed as `Self`, and finds
+    /// the values' extent (in f32) on the way.
+    fn pack_values<const NR: usize>(
+        v: &ArrayView2<'_, bf16>,
+    ) -> (PackedValues<Self::Value>, Extent<f32>);
 }
 
+/// The `vdpbf16ps` scores' values are widened to f32 (`P·V` in f32).
 impl Pair for Bf16Pair {
     fn of(pair: Bf16Pair) -> Self {
         pair
     }
+
+    #[inline(always)]
+    fn pack_values<const NR: usize>(v: &ArrayView2<'_, bf16>) -> (PackedValues<f32>, Extent<f32>) {
+        PackedValues::pack::<NR>(&v.mapv(bf16::to_f32).view())
+    }
 }
 
+/// The AMX tiles' values are pairs of keys ([`PackedValues::pack_key_pairs`]).
 impl Pair for TilePair {
     fn of(pair: Bf16Pair) -> Self {
         TilePair(pair)
+    }
+
+    #[inline(always)]
+    fn pack_values<const NR: usize>(
+        v: &ArrayView2<'_, bf16>,
+    ) -> (PackedValues<Bf16Pair>, Extent<f32>) {
+        PackedValues::pack_key_pairs::<NR>(v)
     }
 }
 
