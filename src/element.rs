@@ -6,8 +6,10 @@ use std::fmt::Debug;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use ndarray::{Array, ArrayView, CowArray, Dimension, NdFloat};
+use rayon::prelude::*;
 
 use crate::flex::program::Program;
+use crate::kernel::Parallelism;
 
 /// A floating-point element that attention is computed in: `f32` or `f64`.
 ///
@@ -145,14 +147,18 @@ pub trait Storage: Copy + Send + Sync + Debug + PartialEq + 'static + sealed::Se
     fn from_compute(x: Self::Compute) -> Self;
 
     /// An array in the compute type: the same array for `f32` and `f64`, a
-    /// converted copy for the half types.
+    /// converted copy for the half types (a large one converted on the rayon
+    /// pool where `parallelism` allows).
     #[doc(hidden)]
-    fn compute<D: Dimension>(x: ArrayView<'_, Self, D>) -> CowArray<'_, Self::Compute, D>;
+    fn compute<D: Dimension>(
+        x: ArrayView<'_, Self, D>,
+        parallelism: Parallelism,
+    ) -> CowArray<'_, Self::Compute, D>;
 
     /// An array of the compute type in this type: the same array for `f32` and
-    /// `f64`, rounded for the half types.
+    /// `f64`, rounded for the half types (as [`compute`](Self::compute)).
     #[doc(hidden)]
-    fn store<D: Dimension>(x: Array<Self::Compute, D>) -> Array<Self, D>;
+    fn store<D: Dimension>(x: Array<Self::Compute, D>, parallelism: Parallelism) -> Array<Self, D>;
 
     /// Calls the arm of `switch` written for this kind of type: computed in
     /// itself, or half precision (how generic code reaches the kernels that read
@@ -170,8 +176,9 @@ pub trait Half: Storage<Compute = f32> {
     /// `dst[i] = src[i]` in f32 (exact); the slices are equally long.
     fn widen(src: &[Self], dst: &mut [f32]);
 
-    /// `src` rounded to the nearest values, ties to even, as `from_f32` does.
-    fn narrow(src: &[f32]) -> Vec<Self>;
+    /// `dst[i]` = `src[i]` rounded to the nearest value, ties to even, as
+    /// `from_f32` does; the slices are equally long.
+    fn narrow(src: &[f32], dst: &mut [Self]);
 
     /// `x` as `bf16` values when this type is `bf16`, `None` for `f16`: how the
     /// kernels with bf16 dot products reach bf16 inputs from code generic over
@@ -210,11 +217,14 @@ macro_rules! native {
                 x
             }
 
-            fn compute<D: Dimension>(x: ArrayView<'_, $t, D>) -> CowArray<'_, $t, D> {
+            fn compute<D: Dimension>(
+                x: ArrayView<'_, $t, D>,
+                _: Parallelism,
+            ) -> CowArray<'_, $t, D> {
                 x.into()
             }
 
-            fn store<D: Dimension>(x: Array<$t, D>) -> Array<$t, D> {
+            fn store<D: Dimension>(x: Array<$t, D>, _: Parallelism) -> Array<$t, D> {
                 x
             }
 
@@ -244,12 +254,15 @@ macro_rules! half {
                 <$t>::from_f32(x)
             }
 
-            fn compute<D: Dimension>(x: ArrayView<'_, $t, D>) -> CowArray<'_, f32, D> {
-                // contiguous: one vectorised pass
+            fn compute<D: Dimension>(
+                x: ArrayView<'_, $t, D>,
+                parallelism: Parallelism,
+            ) -> CowArray<'_, f32, D> {
+                // contiguous: vectorised passes
                 match x.as_slice() {
                     Some(src) => {
                         let mut dst = vec![0.0; src.len()];
-                        <$t as Half>::widen(src, &mut dst);
+                        convert(src, &mut dst, parallelism, <$t as Half>::widen);
                         Array::from_shape_vec(x.raw_dim(), dst)
                             .expect("one value per element")
                             .into()
@@ -258,10 +271,11 @@ macro_rules! half {
                 }
             }
 
-            fn store<D: Dimension>(x: Array<f32, D>) -> Array<$t, D> {
+            fn store<D: Dimension>(x: Array<f32, D>, parallelism: Parallelism) -> Array<$t, D> {
                 match x.as_slice() {
                     Some(src) => {
-                        let dst = <$t as Half>::narrow(src);
+                        let mut dst = vec![<$t>::ZERO; src.len()];
+                        convert(src, &mut dst, parallelism, <$t as Half>::narrow);
                         Array::from_shape_vec(x.raw_dim(), dst).expect("one value per element")
                     }
                     None => x.mapv(<$t>::from_f32),
@@ -280,6 +294,27 @@ macro_rules! half {
 half!(bf16);
 half!(f16);
 
+/// Values per task of a conversion split over threads.
+const CONVERT_CHUNK: usize = 1 << 15;
+
+/// `convert(src, dst)` over equally long slices, chunk by chunk on the rayon pool
+/// where `parallelism` allows and there is more than one chunk (each value
+/// converted on its own: the same bits either way).
+fn convert<S: Sync, T: Send>(
+    src: &[S],
+    dst: &mut [T],
+    parallelism: Parallelism,
+    convert: impl Fn(&[S], &mut [T]) + Sync,
+) {
+    if parallelism == Parallelism::Rayon && src.len() > CONVERT_CHUNK {
+        dst.par_chunks_mut(CONVERT_CHUNK)
+            .zip(src.par_chunks(CONVERT_CHUNK))
+            .for_each(|(dst, src)| convert(src, dst));
+    } else {
+        convert(src, dst);
+    }
+}
+
 impl Half for bf16 {
     const BF16: bool = true;
 
@@ -294,16 +329,14 @@ impl Half for bf16 {
     /// Without branches, so that the loop vectorises: the upper half of the
     /// bits after adding just under half a unit of the last place and the
     /// lowest kept bit (ties to even); a NaN's upper half with its quiet bit.
-    fn narrow(src: &[f32]) -> Vec<bf16> {
-        src.iter()
-            .map(|x| {
-                let bits = x.to_bits();
-                let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
-                let quiet = (bits >> 16) | 0x0040;
-                let nan = bits & 0x7fff_ffff > 0x7f80_0000;
-                bf16::from_bits(if nan { quiet } else { rounded } as u16)
-            })
-            .collect()
+    fn narrow(src: &[f32], dst: &mut [bf16]) {
+        for (d, x) in dst.iter_mut().zip(src) {
+            let bits = x.to_bits();
+            let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+            let quiet = (bits >> 16) | 0x0040;
+            let nan = bits & 0x7fff_ffff > 0x7f80_0000;
+            *d = bf16::from_bits(if nan { quiet } else { rounded } as u16);
+        }
     }
 
     fn as_bf16<D: Dimension>(x: ArrayView<'_, bf16, D>) -> Option<ArrayView<'_, bf16, D>> {
@@ -331,10 +364,8 @@ impl Half for f16 {
         }
     }
 
-    fn narrow(src: &[f32]) -> Vec<f16> {
-        let mut dst = vec![f16::ZERO; src.len()];
+    fn narrow(src: &[f32], dst: &mut [f16]) {
         dst.convert_from_f32_slice(src);
-        dst
     }
 
     fn as_bf16<D: Dimension>(_: ArrayView<'_, f16, D>) -> Option<ArrayView<'_, bf16, D>> {
@@ -386,7 +417,8 @@ mod tests {
         let values: Vec<f32> = (0..=u16::MAX)
             .flat_map(|high| lows.map(|low| f32::from_bits((u32::from(high) << 16) | low)))
             .collect();
-        let narrowed = <bf16 as Half>::narrow(&values);
+        let mut narrowed = vec![bf16::ZERO; values.len()];
+        <bf16 as Half>::narrow(&values, &mut narrowed);
         for (&x, &got) in values.iter().zip(&narrowed) {
             assert_eq!(
                 got.to_bits(),

@@ -7,6 +7,7 @@ use ndarray::{
 
 use crate::element::{Element, Storage};
 use crate::error::{Error, Result};
+use crate::kernel::Parallelism;
 
 /// A restriction on which keys each query attends to, or a bias on its scores.
 ///
@@ -217,7 +218,7 @@ pub(crate) fn slopes_in_compute<'s, A: Storage>(
     masks
         .iter()
         .filter_map(|mask| match mask {
-            Mask::Alibi(slopes) => Some(A::compute(slopes.view())),
+            Mask::Alibi(slopes) => Some(A::compute(slopes.view(), Parallelism::Sequential)),
             _ => None,
         })
         .collect()
@@ -234,7 +235,7 @@ pub(crate) fn in_compute<'s, A: Storage>(
         .iter()
         .map(|mask| match mask {
             Mask::Keep(keep) => Mask::Keep(keep.view().into()),
-            Mask::Bias(bias) => Mask::Bias(A::compute(bias.view())),
+            Mask::Bias(bias) => Mask::Bias(A::compute(bias.view(), Parallelism::Sequential)),
             Mask::CausalTopLeft => Mask::CausalTopLeft,
             Mask::CausalBottomRight => Mask::CausalBottomRight,
             Mask::SlidingWindow(size) => Mask::SlidingWindow(*size),

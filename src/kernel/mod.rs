@@ -231,7 +231,10 @@ fn forward_half<H: Half, P: Program<f32>>(
         Plan::TiledAmx(tiles) => tiled_bf16(problem, tiles, out, parallelism),
         // every other plan reads f32 keys and values
         _ => {
-            let (k, v) = (H::compute(problem.k), H::compute(problem.v));
+            let (k, v) = (
+                H::compute(problem.k, parallelism),
+                H::compute(problem.v, parallelism),
+            );
             let problem = problem.with_keys_values(k.view(), v.view());
             run_plan(&problem, plan, out, parallelism);
         }

@@ -56,7 +56,7 @@ impl<'m, A: Storage> ScaledDotProduct<'m, A> {
         v: ArrayView<'_, A, D>,
         program: impl FnOnce([usize; 4]) -> Result<P>,
     ) -> Result<Array<A, D>> {
-        let q = A::compute(q);
+        let q = A::compute(q, self.parallelism);
         let slopes = self.slopes_in_compute();
         let attn = self.in_compute(&slopes);
         let problem = Problem::new(q.view(), k, v, &attn.masks, attn.scale)?;
@@ -65,7 +65,7 @@ impl<'m, A: Storage> ScaledDotProduct<'m, A> {
         let (batch, heads, l, _) = problem.q.dim();
         let mut out = Array4::zeros((batch, heads, l, problem.v.dim().3));
         kernel::forward(&problem, out.view_mut(), self.kernel, self.parallelism)?;
-        Ok(D::unlift(A::store(out)))
+        Ok(D::unlift(A::store(out, self.parallelism)))
     }
 }
 

@@ -294,17 +294,17 @@ impl<'m, A: Storage> ScaledDotProduct<'m, A> {
         v: &ArrayRef2<A>,
     ) -> Result<AttentionOutput<A, Ix2>> {
         let (q, k, v) = (
-            A::compute(q.view()),
-            A::compute(k.view()),
-            A::compute(v.view()),
+            A::compute(q.view(), self.parallelism),
+            A::compute(k.view(), self.parallelism),
+            A::compute(v.view(), self.parallelism),
         );
         let slopes = self.slopes_in_compute();
         let out = self
             .in_compute(&slopes)
             .forward_with_weights_compute(&q, &k, &v)?;
         Ok(AttentionOutput {
-            output: A::store(out.output),
-            weights: A::store(out.weights),
+            output: A::store(out.output, self.parallelism),
+            weights: A::store(out.weights, self.parallelism),
         })
     }
 
@@ -330,9 +330,15 @@ impl<'m, A: Storage> ScaledDotProduct<'m, A> {
     /// # Ok::<(), attn::Error>(())
     /// ```
     pub fn weights(&self, q: &ArrayRef2<A>, k: &ArrayRef2<A>) -> Result<Array2<A>> {
-        let (q, k) = (A::compute(q.view()), A::compute(k.view()));
+        let (q, k) = (
+            A::compute(q.view(), self.parallelism),
+            A::compute(k.view(), self.parallelism),
+        );
         let slopes = self.slopes_in_compute();
-        Ok(A::store(self.in_compute(&slopes).weights_compute(&q, &k)?))
+        Ok(A::store(
+            self.in_compute(&slopes).weights_compute(&q, &k)?,
+            self.parallelism,
+        ))
     }
 
     /// Attention on batched, multi-head inputs, with grouped-query support.
@@ -396,17 +402,17 @@ impl<'m, A: Storage> ScaledDotProduct<'m, A> {
         v: &ArrayRef4<A>,
     ) -> Result<AttentionOutput<A, Ix4>> {
         let (q, k, v) = (
-            A::compute(q.view()),
-            A::compute(k.view()),
-            A::compute(v.view()),
+            A::compute(q.view(), self.parallelism),
+            A::compute(k.view(), self.parallelism),
+            A::compute(v.view(), self.parallelism),
         );
         let slopes = self.slopes_in_compute();
         let out = self
             .in_compute(&slopes)
             .forward_batched_with_weights_compute(&q, &k, &v)?;
         Ok(AttentionOutput {
-            output: A::store(out.output),
-            weights: A::store(out.weights),
+            output: A::store(out.output, self.parallelism),
+            weights: A::store(out.weights, self.parallelism),
         })
     }
 }

@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::flex::blocks::BlockMask;
 use crate::flex::function::{Identity, KeepAll, KeepMod, ScoreMod};
 use crate::flex::program::{Flex, Plain};
+use crate::kernel::Parallelism;
 
 /// Scaled dot-product attention programmed by the user: a score modification
 /// `F` ([`ScoreMod`]), a block mask over a keep predicate `K` ([`BlockMask`]),
@@ -278,7 +279,9 @@ impl<A: Storage, F: ScoreMod<A::Compute>, K: KeepMod> FlexAttention<'_, A, F, K>
 
     /// The sinks in the compute type.
     fn sinks_in_compute(&self) -> Option<CowArray<'_, A::Compute, Ix1>> {
-        self.sinks.as_ref().map(|sinks| A::compute(sinks.view()))
+        self.sinks
+            .as_ref()
+            .map(|sinks| A::compute(sinks.view(), Parallelism::Sequential))
     }
 
     /// The program of a call whose scores have the shape `scores`, checked

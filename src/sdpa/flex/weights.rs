@@ -62,8 +62,11 @@ impl<A: Storage, F: ScoreMod<A::Compute>, K: KeepMod> FlexAttention<'_, A, F, K>
         k: &ArrayRef<A, D>,
         v: Option<&ArrayRef<A, D>>,
     ) -> Result<AttentionOutput<A, D>> {
-        let (q, k) = (A::compute(q.view()), A::compute(k.view()));
-        let v = v.map(|v| A::compute(v.view()));
+        let (q, k) = (
+            A::compute(q.view(), self.attention.parallelism),
+            A::compute(k.view(), self.attention.parallelism),
+        );
+        let v = v.map(|v| A::compute(v.view(), self.attention.parallelism));
         let slopes = self.attention.slopes_in_compute();
         let attention = self.attention.in_compute(&slopes);
         let problem = attention.check(&q, &k, v.as_deref().unwrap_or(&k))?;
@@ -75,8 +78,8 @@ impl<A: Storage, F: ScoreMod<A::Compute>, K: KeepMod> FlexAttention<'_, A, F, K>
             solve(&problem.with_program(&program), v.is_some())
         };
         Ok(AttentionOutput {
-            output: A::store(D::unlift(output)),
-            weights: A::store(D::unlift(weights)),
+            output: A::store(D::unlift(output), self.attention.parallelism),
+            weights: A::store(D::unlift(weights), self.attention.parallelism),
         })
     }
 }
