@@ -150,7 +150,7 @@ pub(crate) fn accumulate<A: KernelFloat, T: Tiles<A, NR>, const NR: usize>(
 }
 
 /// The two register-blocked micro-kernels, `MR × NR` tiles kept in registers;
-/// implemented in [`super::arch`] by a value that proves its instructions run.
+/// implemented in [`crate::kernel::arch`] by a value that proves its instructions run.
 pub(crate) trait Tiles<A: Copy, const NR: usize>: PackPanel<A, NR> {
     /// A tile of `S = Q·Kᵀ`: `q` holds the `d` columns of `MR` queries, `k` the `d`
     /// components of `NR` keys. Only the first `rows` rows are asked for: the

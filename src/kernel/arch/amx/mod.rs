@@ -2,7 +2,7 @@
 //! Sapphire Rapids and later): both products of a block, `S = Q·Kᵀ` and `P·V`,
 //! on the tile unit (`tdpbf16ps`: a 16 × 16 tile of f32 sums, each step adding
 //! the products of 32 bf16 pairs), the online softmax between them with
-//! AVX-512. Rust has no stable AMX intrinsics or target features, so the tile
+//! AVX-512, sixteen rows at a time ([`super::band`]). Rust has no stable AMX intrinsics or target features, so the tile
 //! instructions are inline `asm!`, and detection reads CPUID and asks Linux for
 //! the tile data (`arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)`) itself.
 //!
@@ -220,10 +220,11 @@ impl KeyTiles<f32, TilePair, NR> for Amx {
         }
     }
 
-    /// The weights are rounded to bf16 in place (each row's first `2·width`
-    /// bytes, zero to a whole step of 32 keys); 32 output rows and 32 value
-    /// columns at a time, each tile summing `P·V` over the block's keys, 32 at
-    /// a time, then added to the rescaled output with AVX-512.
+    /// Over the weights as [`Tiles::block_softmax`] left them (bf16 in each
+    /// row's first `2·width` bytes, zero to a whole step of 32 keys): 32 output
+    /// rows and 32 value columns at a time, each tile summing `P·V` over the
+    /// block's keys, 32 at a time, then added to the rescaled output with
+    /// AVX-512.
     #[inline(always)]
     fn block_values(
         self,

@@ -84,7 +84,7 @@ impl TileUnit {
     ///
     /// # Safety
     ///
-    /// The CPU has AMX and this process the tile data (an [`Amx`] exists).
+    /// The CPU has AMX and this process the tile data (an [`Amx`](super::Amx) exists).
     #[inline(always)]
     pub(super) unsafe fn configure() -> TileUnit {
         // SAFETY: the caller upholds the contract; `CONFIG` is 64 bytes.
