@@ -2,9 +2,10 @@
 //! Sapphire Rapids and later): both products of a block, `S = Q·Kᵀ` and `P·V`,
 //! on the tile unit (`tdpbf16ps`: a 16 × 16 tile of f32 sums, each step adding
 //! the products of 32 bf16 pairs), the online softmax between them with
-//! AVX-512, sixteen rows at a time ([`super::band`]). Rust has no stable AMX intrinsics or target features, so the tile
-//! instructions are inline `asm!`, and detection reads CPUID and asks Linux for
-//! the tile data (`arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)`) itself.
+//! AVX-512, sixteen rows at a time ([`super::band`]). Rust has no stable AMX
+//! intrinsics or target features, so the tile instructions are inline `asm!`,
+//! and detection reads CPUID and asks Linux for the tile data
+//! (`arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)`) itself.
 //!
 //! Accuracy: the queries are rounded to bf16 (as by [`Avx512Bf16`]), and so are
 //! the weights `P = exp(S − max)` before `P·V` (each by at most 2⁻⁸ of itself;
@@ -22,10 +23,9 @@ use std::arch::x86_64::*;
 use ndarray::ArrayView2;
 use unit::{Grid, TileUnit, usable};
 
-use super::band::{BAND, BandState, softmax_band};
-
 use super::avx2::Avx2;
 use super::avx512bf16::Avx512Bf16;
+use super::band::{BAND, BandState, softmax_band};
 use super::{Dispatch, KernelArch, Op, Token};
 use crate::kernel::float::{Fused, MulAdd};
 use crate::kernel::pack::{
