@@ -106,17 +106,6 @@ fn torch_seconds(
     )
 }
 
-/// PyTorch's `out.backward(d_out)` for `n` queries, keys and values (forward not timed).
-fn torch_backward_seconds(
-    python: &str,
-    n: usize,
-    threads: usize,
-    causal: bool,
-    min: f64,
-) -> Result<(f64, String), String> {
-    torch_run(python, &[n, n, threads, HEADS, DIM], causal, min, true)
-}
-
 /// Runs `benches/torch_sdpa.py` for `[queries, n, threads, heads, dim]` in f32.
 fn torch_run(
     python: &str,
@@ -384,52 +373,18 @@ fn main() {
     // the backward pass: gradients of q, k, v from d_out (forward not timed for
     // PyTorch; attn's backward runs its own forward pass inside)
     println!(
-        "\nbackward, f32, {HEADS} heads, head_dim {DIM}: GFLOP/s = 10·N²·d·heads / time (causal: half)"
+        "\nbackward, {HEADS} heads, head_dim {DIM}: GFLOP/s = 10·N²·d·heads / time (causal: half); bf16 computed in f32 (% of the f32 peak)"
     );
     println!(
         "\"kept\": `backward_with_lse` from `forward_with_lse` (forward not timed, as for PyTorch); \"alone\": `backward_batched`, which runs the forward again\n"
     );
     println!(
-        "| N | mask | threads | attn kept | attn alone | PyTorch backward | kept / PyTorch | kept, % of FMA peak |"
+        "| dtype | N | mask | threads | attn kept | attn alone | PyTorch backward | kept / PyTorch | kept, % of FMA peak |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let backward_sizes: &[usize] = if quick { &[512] } else { &[512, 2048] };
-    for &n in backward_sizes {
-        let (q, k, v) = qkv(n);
-        let d_out = inputs(n, HEADS, DIM, 4);
-        for causal in [false, true] {
-            let attn = if causal {
-                ScaledDotProduct::new().with_mask(Mask::CausalTopLeft)
-            } else {
-                ScaledDotProduct::new()
-            };
-            let flops = 10.0 * (n * n * DIM * HEADS) as f64 / if causal { 2.0 } else { 1.0 };
-            let forward = attn.forward_with_lse(&q, &k, &v).expect("valid shapes");
-            for threads in [1, 2] {
-                let pool = pool_of(threads);
-                let kept = pool.install(|| {
-                    best_seconds(min, || {
-                        drop(attn.backward_with_lse(&q, &k, &v, &forward, &d_out))
-                    })
-                });
-                let alone = pool.install(|| {
-                    best_seconds(min, || drop(attn.backward_batched(&q, &k, &v, &d_out)))
-                });
-                let torch = torch_backward_seconds(&python, n, threads, causal, min);
-                let (torch_cell, ratio) = match &torch {
-                    Ok((s, _)) => (gflops(flops, *s), format!("{:.2}×", s / kept)),
-                    Err(why) => (why.clone(), "–".to_string()),
-                };
-                println!(
-                    "| {n} | {} | {threads} | {} | {} | {torch_cell} | {ratio} | {:.0} % |",
-                    if causal { "causal" } else { "none" },
-                    gflops(flops, kept),
-                    gflops(flops, alone),
-                    100.0 * flops / kept / 1e9 / (peak * threads as f64)
-                );
-            }
-        }
-    }
+    backward_rows::<f32>("f32", &python, min, backward_sizes, peak);
+    backward_rows::<half::bf16>("bf16", &python, min, backward_sizes, peak);
 
     if !quick {
         let n = 16384;
@@ -517,6 +472,52 @@ fn dtype_rows<H: Storage>(name: &str, python: &str, min: f64, prefill: &[usize],
                 "| {name} | {case} | {threads} | {} | {torch_cell} | {ratio} | {of_peak} |",
                 shown(ours)
             );
+        }
+    }
+}
+
+/// The backward rows of one element type at `sizes`, unmasked and causal, on
+/// one and two threads, against PyTorch's backward in the same type.
+fn backward_rows<H: Storage>(name: &str, python: &str, min: f64, sizes: &[usize], peak: f64) {
+    let to = |x: Array4<f32>| {
+        x.mapv(|v| H::from_compute(<H::Compute as Element>::from_f64(f64::from(v))))
+    };
+    for &n in sizes {
+        let (q, k, v) = qkv(n);
+        let (q, k, v) = (to(q), to(k), to(v));
+        let d_out = to(inputs(n, HEADS, DIM, 4));
+        for causal in [false, true] {
+            let attn = if causal {
+                ScaledDotProduct::new().with_mask(Mask::CausalTopLeft)
+            } else {
+                ScaledDotProduct::new()
+            };
+            let flops = 10.0 * (n * n * DIM * HEADS) as f64 / if causal { 2.0 } else { 1.0 };
+            let forward = attn.forward_with_lse(&q, &k, &v).expect("valid shapes");
+            for threads in [1, 2] {
+                let pool = pool_of(threads);
+                let kept = pool.install(|| {
+                    best_seconds(min, || {
+                        drop(attn.backward_with_lse(&q, &k, &v, &forward, &d_out))
+                    })
+                });
+                let alone = pool.install(|| {
+                    best_seconds(min, || drop(attn.backward_batched(&q, &k, &v, &d_out)))
+                });
+                let sizes = [n, n, threads, HEADS, DIM];
+                let torch = torch_run_in(python, &sizes, name, causal, min, true);
+                let (torch_cell, ratio) = match &torch {
+                    Ok((s, _)) => (gflops(flops, *s), format!("{:.2}×", s / kept)),
+                    Err(why) => (why.clone(), "–".to_string()),
+                };
+                println!(
+                    "| {name} | {n} | {} | {threads} | {} | {} | {torch_cell} | {ratio} | {:.0} % |",
+                    if causal { "causal" } else { "none" },
+                    gflops(flops, kept),
+                    gflops(flops, alone),
+                    100.0 * flops / kept / 1e9 / (peak * threads as f64)
+                );
+            }
         }
     }
 }

@@ -71,8 +71,8 @@
 //! `HfModel` or `MultiHeadConfig::load` (feature `load`, on by default).
 //!
 //! Half precision: `half::bf16` and `half::f16` inputs (any [`Storage`] type)
-//! go through [`scaled_dot_product`], [`ScaledDotProduct`]'s forward calls and
-//! [`KvCache`], computed in f32 and rounded once.
+//! go through [`scaled_dot_product`], [`ScaledDotProduct`]'s forward and
+//! backward calls and [`KvCache`], computed in f32 and rounded once.
 #![warn(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 

@@ -11,7 +11,7 @@ use half::{bf16, f16};
 use ndarray::{Array1, Array2, Array4, Axis, s};
 
 /// A half type and how far apart its values are.
-trait Half: Storage<Compute = f32> {
+pub(crate) trait Half: Storage<Compute = f32> {
     const NAME: &'static str;
     /// The spacing of this type's values near `x` (one unit in the last place).
     fn ulp(x: f64) -> f64;
@@ -42,11 +42,15 @@ impl Half for f16 {
     }
 }
 
-fn to_half<H: Half, D: ndarray::Dimension>(x: &ndarray::Array<f64, D>) -> ndarray::Array<H, D> {
+pub(crate) fn to_half<H: Half, D: ndarray::Dimension>(
+    x: &ndarray::Array<f64, D>,
+) -> ndarray::Array<H, D> {
     x.mapv(|v| H::from_compute(v as f32))
 }
 
-fn to_f64<H: Half, D: ndarray::Dimension>(x: &ndarray::Array<H, D>) -> ndarray::Array<f64, D> {
+pub(crate) fn to_f64<H: Half, D: ndarray::Dimension>(
+    x: &ndarray::Array<H, D>,
+) -> ndarray::Array<f64, D> {
     x.mapv(|v| f64::from(v.to_compute()))
 }
 

@@ -15,6 +15,7 @@ mod flex_layers;
 mod golden_sdpa;
 mod grad;
 mod half;
+mod half_grad;
 #[cfg(feature = "load")]
 mod hf_models;
 #[cfg(feature = "load")]

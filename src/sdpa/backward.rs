@@ -1,6 +1,8 @@
 //! Gradients through scaled dot-product attention: the backward pass.
 
-use ndarray::{Array, Array4, ArrayD, ArrayRef, ArrayRef2, ArrayRef4, Dimension, Ix2, Ix4, IxDyn};
+use ndarray::{
+    Array, Array4, ArrayD, ArrayRef, ArrayRef2, ArrayRef4, ArrayView, Dimension, Ix2, Ix4, IxDyn,
+};
 
 use super::ScaledDotProduct;
 use super::lse::AttentionLse;
@@ -8,7 +10,7 @@ use crate::core::backward::Gradients;
 use crate::core::mask::Mask;
 use crate::core::problem::AttentionDim;
 use crate::core::reference::SavedView;
-use crate::element::Element;
+use crate::element::{Element, Storage};
 use crate::error::{Error, Result};
 use crate::flex::program::{Plain, Program};
 use crate::kernel;
@@ -50,7 +52,7 @@ pub struct AttentionGradients<A, D: Dimension> {
     pub bias: Vec<ArrayD<A>>,
 }
 
-impl<A: Element> ScaledDotProduct<'_, A> {
+impl<A: Storage> ScaledDotProduct<'_, A> {
     /// The gradients of a loss with respect to `q`, `k` and `v`, given
     /// `d_out = ∂loss/∂output` of [`forward`](Self::forward) with the same scale and
     /// masks.
@@ -63,7 +65,10 @@ impl<A: Element> ScaledDotProduct<'_, A> {
     /// Computed by the fused backward pass (FlashAttention-2's: no `L × S` weights in
     /// memory, heads in parallel), or by the readable reference path with
     /// [`Kernel::Plain`](crate::Kernel::Plain), for inputs that are not finite or
-    /// could overflow, as the forward does.
+    /// could overflow, as the forward does. In `bf16` and `f16` the inputs widen
+    /// exactly to `f32`, the pass runs in `f32` (no product's operand is rounded
+    /// to the half type, as PyTorch's CPU kernel rounds `P` and `dS`), and each
+    /// gradient is rounded once to the storage type.
     ///
     /// # Shapes
     ///
@@ -125,6 +130,12 @@ impl<A: Element> ScaledDotProduct<'_, A> {
     /// assert_eq!((g.q.dim(), g.k.dim()), ((2, 4, 3, 8), (2, 2, 5, 8)));
     /// // each of the 2 query heads of a group puts 3 rows × weight 1/5 on each key
     /// assert!((g.v[[0, 0, 0, 0]] - 2.0 * 3.0 / 5.0).abs() < 1e-6);
+    ///
+    /// // the same call in bf16: computed in f32, each gradient rounded once
+    /// use attn::half::bf16;
+    /// let half = |x: &Array4<f32>| x.mapv(bf16::from_f32);
+    /// let g16 = attn::ScaledDotProduct::new().backward_batched(&half(&q), &half(&kv), &half(&kv), &half(&Array4::ones((2, 4, 3, 8))))?;
+    /// assert_eq!(g16.v[[0, 0, 0, 0]], bf16::from_f32(g.v[[0, 0, 0, 0]]));
     /// # Ok::<(), attn::Error>(())
     /// ```
     pub fn backward_batched(
@@ -209,6 +220,37 @@ impl<A: Element> ScaledDotProduct<'_, A> {
         self.backward_with_lse(q, k, v, forward, d_out)
     }
 
+    /// Every backward call, 2-D or batched, with or without the kept forward, in
+    /// any storage type: the inputs (and the kept output) in the compute type, the
+    /// gradients rounded back once.
+    fn gradients<D: AttentionDim>(
+        &self,
+        q: &ArrayRef<A, D>,
+        k: &ArrayRef<A, D>,
+        v: &ArrayRef<A, D>,
+        forward: Option<&AttentionLse<A, D>>,
+        d_out: &ArrayRef<A, D>,
+    ) -> Result<AttentionGradients<A, D>> {
+        let parallelism = self.parallelism;
+        let [q, k, v, d_out] = [q, k, v, d_out].map(|x| A::compute(x.view(), parallelism));
+        let output = forward.map(|f| A::compute(f.output.view(), parallelism));
+        let kept = output
+            .as_ref()
+            .zip(forward)
+            .map(|(o, f)| (o.view(), f.lse.view()));
+        let slopes = self.slopes_in_compute();
+        let grads = self
+            .in_compute(&slopes)
+            .gradients_under([&q, &k, &v], kept, &d_out, |_| Ok(Plain))?;
+        let store = |x| A::store(x, parallelism);
+        Ok(AttentionGradients {
+            bias: self.bias_gradients(grads.bias.into_iter().map(store).collect()),
+            q: D::unlift(store(grads.dq)),
+            k: D::unlift(store(grads.dk)),
+            v: D::unlift(store(grads.dv)),
+        })
+    }
+
     /// Each bias's gradient in the shape of that bias.
     pub(super) fn bias_gradients(&self, grads: Vec<Array4<A>>) -> Vec<ArrayD<A>> {
         let shapes = self.masks.iter().filter_map(Mask::bias_shape);
@@ -221,35 +263,23 @@ impl<A: Element> ScaledDotProduct<'_, A> {
             })
             .collect()
     }
+}
 
-    /// The gradients of every head, and of every bias, by the path the kernel
-    /// choice asks for.
-    /// Every backward call, 2-D or batched, with or without the kept forward.
-    fn gradients<D: AttentionDim>(
-        &self,
-        q: &ArrayRef<A, D>,
-        k: &ArrayRef<A, D>,
-        v: &ArrayRef<A, D>,
-        forward: Option<&AttentionLse<A, D>>,
-        d_out: &ArrayRef<A, D>,
-    ) -> Result<AttentionGradients<A, D>> {
-        let inputs = [q, k, v];
-        let grads = self.gradients_under(inputs, forward, d_out, |_| Ok(Plain))?;
-        Ok(AttentionGradients {
-            bias: self.bias_gradients(grads.bias),
-            q: D::unlift(grads.dq),
-            k: D::unlift(grads.dk),
-            v: D::unlift(grads.dv),
-        })
-    }
+/// What the backward pass reads of a kept forward: its output and each row's
+/// log-sum-exp, in the compute type.
+pub(super) type Kept<'a, A, D> = (
+    ArrayView<'a, A, D>,
+    ArrayView<'a, A, <D as Dimension>::Smaller>,
+);
 
+impl<A: Element> ScaledDotProduct<'_, A> {
     /// Every backward call, 2-D or batched, with or without the kept forward,
     /// under the program `program` makes, once the call is checked, from the
     /// shape of its scores; in 4-D.
     pub(super) fn gradients_under<D: AttentionDim, P: Program<A>>(
         &self,
         [q, k, v]: [&ArrayRef<A, D>; 3],
-        forward: Option<&AttentionLse<A, D>>,
+        forward: Option<Kept<'_, A, D>>,
         d_out: &ArrayRef<A, D>,
         program: impl FnOnce([usize; 4]) -> Result<P>,
     ) -> Result<Gradients<A>> {
@@ -261,11 +291,11 @@ impl<A: Element> ScaledDotProduct<'_, A> {
         output[q.ndim() - 1] = v.shape()[v.ndim() - 1];
         check_d_out(d_out.shape(), &output)?;
         let saved = match forward {
-            Some(forward) => {
-                check_forward(forward.output.shape(), forward.lse.shape(), &output)?;
+            Some((kept, lse)) => {
+                check_forward(kept.shape(), lse.shape(), &output)?;
                 Some(SavedView {
-                    output: D::lift(forward.output.view()),
-                    lse: D::lift_rows(forward.lse.view()),
+                    output: D::lift(kept),
+                    lse: D::lift_rows(lse),
                 })
             }
             None => None,

@@ -6,7 +6,7 @@ use ndarray::{Array, Array2, ArrayRef, ArrayRef4, Dimension, Ix4, Zip};
 
 use super::ScaledDotProduct;
 use crate::core::problem::AttentionDim;
-use crate::element::Element;
+use crate::element::{Element, Storage};
 use crate::error::{Error, Result};
 use crate::flex::program::{Plain, Program};
 use crate::kernel;
@@ -36,16 +36,21 @@ use crate::kernel;
 /// # Ok::<(), attn::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq)]
-pub struct AttentionLse<A, D: Dimension> {
+pub struct AttentionLse<A: Storage, D: Dimension> {
     /// `softmax(S)·V`.
     pub output: Array<A, D>,
-    /// `ln Σⱼ exp(Sᵢⱼ)` for every query row `i`.
-    pub lse: Array<A, D::Smaller>,
+    /// `ln Σⱼ exp(Sᵢⱼ)` for every query row `i`, in the compute type (`f32` for
+    /// `bf16` and `f16`, whose 8 or 11 bits would move `exp(s − lse)` by up to
+    /// `lse · 2⁻⁸`).
+    pub lse: Array<A::Compute, D::Smaller>,
 }
 
-impl<A: Element> ScaledDotProduct<'_, A> {
+impl<A: Storage> ScaledDotProduct<'_, A> {
     /// [`forward`](Self::forward) or [`forward_batched`](Self::forward_batched)
     /// (by the inputs' shape), also returning each row's log-sum-exp.
+    ///
+    /// In `bf16` and `f16` the inputs widen exactly to `f32`, the output is rounded
+    /// once and the log-sum-exp stays in `f32`.
     ///
     /// # Shapes
     ///
@@ -82,7 +87,16 @@ impl<A: Element> ScaledDotProduct<'_, A> {
         k: &ArrayRef<A, D>,
         v: &ArrayRef<A, D>,
     ) -> Result<AttentionLse<A, D>> {
-        self.lse_under([q, k, v], |_| Ok(Plain))
+        let parallelism = self.parallelism;
+        let [q, k, v] = [q, k, v].map(|x| A::compute(x.view(), parallelism));
+        let slopes = self.slopes_in_compute();
+        let kept = self
+            .in_compute(&slopes)
+            .lse_under([&q, &k, &v], |_| Ok(Plain))?;
+        Ok(AttentionLse {
+            output: A::store(kept.output, parallelism),
+            lse: kept.lse,
+        })
     }
 
     /// [`forward_with_lse`](Self::forward_with_lse), which takes batched inputs
@@ -103,7 +117,9 @@ impl<A: Element> ScaledDotProduct<'_, A> {
     ) -> Result<AttentionLse<A, Ix4>> {
         self.forward_with_lse(q, k, v)
     }
+}
 
+impl<A: Element> ScaledDotProduct<'_, A> {
     /// [`forward_with_lse`](Self::forward_with_lse) under the program
     /// `program` makes, once the call is checked, from the shape of its scores.
     pub(super) fn lse_under<D: AttentionDim, P: Program<A>>(

@@ -416,6 +416,7 @@ impl<A: Element, F: ScoreMod<A>, K: KeepMod> FlexAttention<'_, A, F, K> {
         forward: Option<&AttentionLse<A, D>>,
         d_out: &ArrayRef<A, D>,
     ) -> Result<FlexGradients<A, D>> {
+        let forward = forward.map(|f| (f.output.view(), f.lse.view()));
         let grads = if self.is_plain() {
             self.attention
                 .gradients_under(inputs, forward, d_out, |_| Ok(Plain))?
