@@ -3,8 +3,8 @@
 //! empty sizes); the fused kernels are checked against it and fall back to it.
 
 use ndarray::{
-    Array1, Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut2,
-    ArrayViewMut4, s,
+    Array1, Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut1,
+    ArrayViewMut2, ArrayViewMut4, s,
 };
 
 use super::mask::{self, Mask2};
@@ -20,6 +20,29 @@ use crate::flex::program::Program;
 pub(crate) struct Saved<A> {
     pub(crate) output: Array4<A>,
     pub(crate) lse: Array3<A>,
+}
+
+impl<A: Element> Saved<A> {
+    /// Zeros for every head of `problem`.
+    pub(crate) fn zeros<KV, P>(problem: &Problem<'_, A, KV, P>) -> Self {
+        let (batch, heads, l, _) = problem.q.dim();
+        Saved {
+            output: Array4::zeros((batch, heads, l, problem.v.dim().3)),
+            lse: Array3::zeros((batch, heads, l)),
+        }
+    }
+
+    /// Each head's output and its rows' log-sum-exps, head by head of batch
+    /// by batch.
+    pub(crate) fn per_head(&mut self) -> (Vec<ArrayViewMut2<'_, A>>, Vec<ArrayViewMut1<'_, A>>) {
+        let outs = (self.output.outer_iter_mut())
+            .flat_map(|heads| heads.into_outer_iter_mut())
+            .collect();
+        let lses = (self.lse.outer_iter_mut())
+            .flat_map(|heads| heads.into_outer_iter_mut())
+            .collect();
+        (outs, lses)
+    }
 }
 
 /// A kept forward as the backward reads it, borrowed: `output: (batch, heads,
@@ -111,11 +134,8 @@ impl<A: Element, KV, P: Program<A>> Problem<'_, A, KV, P> {
 impl<A: Element, P: Program<A>> Problem<'_, A, A, P> {
     /// Every head's output and log-sum-exp per row, by the reference path.
     pub(crate) fn forward_lse(&self) -> Saved<A> {
-        let (batch, heads, l, _) = self.q.dim();
-        let mut saved = Saved {
-            output: Array4::zeros((batch, heads, l, self.v.dim().3)),
-            lse: Array3::zeros((batch, heads, l)),
-        };
+        let (batch, heads, _, _) = self.q.dim();
+        let mut saved = Saved::zeros(self);
         for b in 0..batch {
             for h in 0..heads {
                 let (output, lse) = self.forward_lse_head(b, h);
@@ -130,6 +150,20 @@ impl<A: Element, P: Program<A>> Problem<'_, A, A, P> {
     /// masked scores (`−∞` for a row that sees no key, NaN where a score is).
     pub(crate) fn forward_lse_head(&self, b: usize, h: usize) -> (Array2<A>, Array1<A>) {
         let (k, v) = self.keys_values(b, self.kv_head(h));
+        self.lse_head(b, h, k, v)
+    }
+}
+
+impl<A: Element, KV, P: Program<A>> Problem<'_, A, KV, P> {
+    /// [`forward_lse_head`](Problem::forward_lse_head) against keys `k` and
+    /// values `v` (the head's own, perhaps widened).
+    pub(crate) fn lse_head(
+        &self,
+        b: usize,
+        h: usize,
+        k: ArrayView2<'_, A>,
+        v: ArrayView2<'_, A>,
+    ) -> (Array2<A>, Array1<A>) {
         let head = self.attend_head(b, h, k);
         let sink = self.program.sink(h);
         let lse = head.scaled.rows().into_iter().map(|row| {

@@ -31,6 +31,7 @@ mod options;
 mod pack;
 pub(crate) mod paged;
 mod params;
+mod plan;
 mod report;
 mod rowwise;
 mod run;
@@ -39,15 +40,15 @@ mod run_direct;
 mod tiled;
 mod weights;
 
-use ndarray::{Array3, Array4, ArrayView4, ArrayViewMut1, ArrayViewMut2, ArrayViewMut4, Axis};
+use ndarray::{ArrayView4, ArrayViewMut1, ArrayViewMut2, ArrayViewMut4, Axis};
 
 pub use arch::KernelArch;
 pub use options::{Kernel, Parallelism};
 pub use report::{KernelPaths, kernel_paths};
 
-#[cfg(target_arch = "x86_64")]
-use arch::{Amx, Avx512Bf16, Dispatch, Op};
 use arch::{Arch, KernelElement};
+#[cfg(target_arch = "x86_64")]
+use arch::{Dispatch, Op};
 pub(crate) use direct::round_to_i8;
 #[cfg(target_arch = "x86_64")]
 use half::bf16;
@@ -56,7 +57,7 @@ use ops::PackHead;
 #[cfg(target_arch = "x86_64")]
 use pack::{Entry, PackedHead};
 pub(crate) use params::{DIRECT_MAX_ROWS, PRODUCT_PARALLEL_MIN_WORK};
-use params::{ROWWISE_MAX_WORK, ROWWISE_MAX_WORK_FEW_ROWS};
+use plan::Plan;
 use report::Path;
 use run::KvGroup;
 pub(crate) use weights::{PackedWeight, pack_weight, weight_product};
@@ -85,51 +86,58 @@ pub(crate) fn forward<S: Storage, P: Program<S::Compute>>(
     kernel: Kernel,
     parallelism: Parallelism,
 ) -> Result<()> {
-    (S::select_storage::<P, _>(Forwards(PhantomData)))(problem, out, kernel, parallelism)
+    (S::select_storage::<P, _>(Stored(PhantomData)).forward)(problem, out, kernel, parallelism)
 }
 
-/// [`forward`] for one storage type.
-type StoredForwardFn<S, P> = for<'p, 'o> fn(
-    &Problem<'p, <S as Storage>::Compute, S, P>,
-    ArrayViewMut4<'o, <S as Storage>::Compute>,
-    Kernel,
-    Parallelism,
-) -> Result<()>;
-
-/// Picks [`forward`]'s body for the storage type: the compute types' plan, or
-/// the half types' ([`forward_half`]).
-struct Forwards<P>(PhantomData<P>);
-
-impl<P> PerStorage<P> for Forwards<P> {
-    type Output<S: Storage> = StoredForwardFn<S, P>;
-
-    fn native<A: Element>(self) -> StoredForwardFn<A, P>
-    where
-        P: Program<A>,
-    {
-        A::select::<P, _>(Entries(PhantomData)).forward
-    }
-
-    fn half<H: Half>(self) -> StoredForwardFn<H, P>
-    where
-        P: Program<f32>,
-    {
-        forward_half::<H, P>
-    }
-}
-
-/// The output and each row's log-sum-exp of every head of `problem`: by the
-/// tiled kernel, or the reference path for [`Kernel::Plain`].
+/// The output and each row's log-sum-exp of every head of `problem`, whose keys
+/// and values are stored as `S` (as [`forward`]): by the tiled kernel, or the
+/// reference path for [`Kernel::Plain`].
 ///
 /// # Errors
 ///
 /// As [`forward`].
-pub(crate) fn forward_lse<A: Element, P: Program<A>>(
-    problem: &Problem<'_, A, A, P>,
+pub(crate) fn forward_lse<S: Storage, P: Program<S::Compute>>(
+    problem: &Problem<'_, S::Compute, S, P>,
     kernel: Kernel,
     parallelism: Parallelism,
-) -> Result<Saved<A>> {
-    (A::select::<P, _>(Entries(PhantomData)).forward_lse)(problem, kernel, parallelism)
+) -> Result<Saved<S::Compute>> {
+    (S::select_storage::<P, _>(Stored(PhantomData)).forward_lse)(problem, kernel, parallelism)
+}
+
+/// [`forward`] and [`forward_lse`] compiled for one storage type.
+struct StoredEntryPoints<S: Storage, P> {
+    forward: ForwardFn<S, P>,
+    forward_lse: ForwardLseFn<S, P>,
+}
+
+/// Picks [`forward`]'s and [`forward_lse`]'s bodies for the storage type: the
+/// compute types' own, or the half types' ([`forward_half`],
+/// [`forward_lse_half`]).
+struct Stored<P>(PhantomData<P>);
+
+impl<P> PerStorage<P> for Stored<P> {
+    type Output<S: Storage> = StoredEntryPoints<S, P>;
+
+    fn native<A: Element>(self) -> StoredEntryPoints<A, P>
+    where
+        P: Program<A>,
+    {
+        let entries = A::select::<P, _>(Entries(PhantomData));
+        StoredEntryPoints {
+            forward: entries.forward,
+            forward_lse: entries.forward_lse,
+        }
+    }
+
+    fn half<H: Half>(self) -> StoredEntryPoints<H, P>
+    where
+        P: Program<f32>,
+    {
+        StoredEntryPoints {
+            forward: forward_half::<H, P>,
+            forward_lse: forward_lse_half::<H, P>,
+        }
+    }
 }
 
 /// The gradients of every head of `problem` given `d_out = ∂loss/∂output`,
@@ -149,13 +157,20 @@ pub(crate) fn backward<A: Element, P: Program<A>>(
     (A::select::<P, _>(Entries(PhantomData)).backward)(problem, d_out, saved, kernel, parallelism)
 }
 
-/// [`forward`] compiled for one element type.
-type ForwardFn<A, P> =
-    for<'p, 'o> fn(&Problem<'p, A, A, P>, ArrayViewMut4<'o, A>, Kernel, Parallelism) -> Result<()>;
+/// [`forward`] compiled for one storage type.
+type ForwardFn<S, P> = for<'p, 'o> fn(
+    &Problem<'p, <S as Storage>::Compute, S, P>,
+    ArrayViewMut4<'o, <S as Storage>::Compute>,
+    Kernel,
+    Parallelism,
+) -> Result<()>;
 
-/// [`forward_lse`] compiled for one element type.
-type ForwardLseFn<A, P> =
-    for<'p> fn(&Problem<'p, A, A, P>, Kernel, Parallelism) -> Result<Saved<A>>;
+/// [`forward_lse`] compiled for one storage type.
+type ForwardLseFn<S, P> = for<'p> fn(
+    &Problem<'p, <S as Storage>::Compute, S, P>,
+    Kernel,
+    Parallelism,
+) -> Result<Saved<<S as Storage>::Compute>>;
 
 /// [`backward`] compiled for one element type.
 type BackwardFn<A, P> = for<'p, 'd, 's> fn(
@@ -169,7 +184,7 @@ type BackwardFn<A, P> = for<'p, 'd, 's> fn(
 /// The kernel's entry points compiled for one element type. `Element` is public
 /// and sits below the kernel, so it cannot name [`KernelElement`]; its `select`
 /// is the one bridge from generic code to the kernel's per-type code.
-struct EntryPoints<A, P> {
+struct EntryPoints<A: Element, P> {
     forward: ForwardFn<A, P>,
     forward_lse: ForwardLseFn<A, P>,
     backward: BackwardFn<A, P>,
@@ -226,9 +241,21 @@ fn forward_half<H: Half, P: Program<f32>>(
             run_direct::direct_half(problem, arch, &mut groups, parallelism);
         }
         #[cfg(target_arch = "x86_64")]
-        Plan::TiledBf16Pairs(dots) => tiled_bf16(problem, dots, out, parallelism),
+        Plan::TiledBf16Pairs(dots) => tiled_bf16(
+            problem,
+            dots,
+            &mut per_head(out).collect::<Vec<_>>(),
+            None,
+            parallelism,
+        ),
         #[cfg(target_arch = "x86_64")]
-        Plan::TiledAmx(tiles) => tiled_bf16(problem, tiles, out, parallelism),
+        Plan::TiledAmx(tiles) => tiled_bf16(
+            problem,
+            tiles,
+            &mut per_head(out).collect::<Vec<_>>(),
+            None,
+            parallelism,
+        ),
         // every other plan reads f32 keys and values
         _ => {
             let (k, v) = (
@@ -242,13 +269,52 @@ fn forward_half<H: Half, P: Program<f32>>(
     Ok(())
 }
 
+/// [`forward_lse`] over keys and values stored in half precision: the tiled
+/// plans over bf16 pairs keep each row's log-sum-exp as the `f32` kernel does;
+/// every other plan widens the keys and values once and runs as `f32` does.
+///
+/// # Errors
+///
+/// As [`forward`].
+fn forward_lse_half<H: Half, P: Program<f32>>(
+    problem: &Problem<'_, f32, H, P>,
+    kernel: Kernel,
+    parallelism: Parallelism,
+) -> Result<Saved<f32>> {
+    let plan = Plan::of(problem, kernel)?.for_half::<H>();
+    #[cfg(target_arch = "x86_64")]
+    if let Plan::TiledBf16Pairs(_) | Plan::TiledAmx(_) = plan {
+        let mut saved = Saved::zeros(problem);
+        let (mut outs, mut lses) = saved.per_head();
+        let lses = Some(&mut lses[..]);
+        match plan {
+            Plan::TiledAmx(tiles) => tiled_bf16(problem, tiles, &mut outs, lses, parallelism),
+            Plan::TiledBf16Pairs(dots) => tiled_bf16(problem, dots, &mut outs, lses, parallelism),
+            _ => unreachable!("matched above"),
+        }
+        return Ok(saved);
+    }
+    let _ = plan;
+    let (k, v) = (
+        H::compute(problem.k, parallelism),
+        H::compute(problem.v, parallelism),
+    );
+    choose_forward_lse(
+        &problem.with_keys_values(k.view(), v.view()),
+        kernel,
+        parallelism,
+    )
+}
+
 /// The tiled kernel over bf16 keys and values, packed as entries `K` for the
-/// kernels `dots` dispatches to.
+/// kernels `dots` dispatches to: every head's output into `outs`, and its rows'
+/// log-sum-exps into `lses` if the call keeps them.
 #[cfg(target_arch = "x86_64")]
-fn tiled_bf16<H: Half, K: Entry<f32>, D: Dispatch<f32, K>, P: Program<f32>>(
+fn tiled_bf16<'o, H: Half, K: Entry<f32>, D: Dispatch<f32, K>, P: Program<f32>>(
     problem: &Problem<'_, f32, H, P>,
     dots: D,
-    out: ArrayViewMut4<'_, f32>,
+    outs: &mut [ArrayViewMut2<'o, f32>],
+    lses: Option<&mut [ArrayViewMut1<'o, f32>]>,
     parallelism: Parallelism,
 ) where
     for<'v, 'a> PackHead<'v, 'a, bf16>: Op<f32, K, Output = PackedHead<f32, K>>,
@@ -257,11 +323,14 @@ fn tiled_bf16<H: Half, K: Entry<f32>, D: Dispatch<f32, K>, P: Program<f32>>(
         unreachable!("the plan has pairs only for bf16 keys and values")
     };
     let problem = problem.with_keys_values(k, v);
-    let mut outs: Vec<_> = per_head(out).collect();
-    let mut groups = kv_groups(&problem, &mut outs, None);
-    run::tiled(&problem, dots, &mut groups, parallelism, |b, h, out, _| {
-        run_direct::widened_reference(&problem, b, h, out)
-    });
+    let mut groups = kv_groups(&problem, outs, lses);
+    run::tiled(
+        &problem,
+        dots,
+        &mut groups,
+        parallelism,
+        |b, h, out, lse| run_direct::widened_reference(&problem, b, h, out, lse),
+    );
 }
 
 /// The outputs `outs` (one per batch and query head, in that order), and their
@@ -304,20 +373,11 @@ fn choose_forward_lse<A: KernelElement, P: Program<A>>(
         return Ok(problem.forward_lse());
     }
     let arch = Arch::detect()?;
-    let (batch, heads, l, _) = problem.q.dim();
-    let mut saved = Saved {
-        output: Array4::zeros((batch, heads, l, problem.v.dim().3)),
-        lse: Array3::zeros((batch, heads, l)),
-    };
-    if batch * heads * l == 0 {
+    let mut saved = Saved::zeros(problem);
+    if saved.lse.is_empty() {
         return Ok(saved);
     }
-    let mut outs: Vec<_> = per_head(saved.output.view_mut()).collect();
-    let mut lses: Vec<_> = saved
-        .lse
-        .outer_iter_mut()
-        .flat_map(|heads| heads.into_outer_iter_mut())
-        .collect();
+    let (mut outs, mut lses) = saved.per_head();
     let mut groups = kv_groups(problem, &mut outs, Some(&mut lses));
     run::tiled(
         problem,
@@ -407,72 +467,6 @@ fn run_plan<A: KernelElement, P: Program<A>>(
         Plan::TiledBf16Pairs(_) | Plan::TiledAmx(_) => {
             unreachable!("planned for bf16 keys only, by forward_half")
         }
-    }
-}
-
-/// How a forward call runs, decided once: the route, and for the fused paths
-/// the instruction set, detected once.
-#[derive(Debug, Clone, Copy)]
-enum Plan {
-    /// [`Kernel::Plain`]: the reference path.
-    Reference,
-    /// No output to compute.
-    Nothing,
-    /// Small enough to go row by row.
-    Rowwise,
-    /// A few query rows against many keys: the direct path.
-    Direct(Arch),
-    /// Everything else: the tiled kernel.
-    Tiled(Arch),
-    /// The tiled kernel over bf16 keys packed as pairs, scored by bf16 dot
-    /// products (AVX512_BF16).
-    #[cfg(target_arch = "x86_64")]
-    TiledBf16Pairs(Avx512Bf16),
-    /// The tiled kernel over bf16 keys and values on AMX tiles.
-    #[cfg(target_arch = "x86_64")]
-    TiledAmx(Amx),
-}
-
-impl Plan {
-    /// The plan of `problem` under `kernel`.
-    ///
-    /// # Errors
-    ///
-    /// As [`forward`], for the fused paths.
-    fn of<A, KV, P>(problem: &Problem<'_, A, KV, P>, kernel: Kernel) -> Result<Self> {
-        let (batch, heads, l, d) = problem.q.dim();
-        let (s, d_v) = (problem.k.dim().2, problem.v.dim().3);
-        Ok(match kernel {
-            Kernel::Plain => Plan::Reference,
-            _ if batch * heads * l * d_v == 0 => Plan::Nothing,
-            Kernel::Auto if l * s * (d + d_v + 16) <= rowwise_max_work(l) => Plan::Rowwise,
-            Kernel::Auto if l <= DIRECT_MAX_ROWS => Plan::Direct(Arch::detect()?),
-            _ => Plan::Tiled(Arch::detect()?),
-        })
-    }
-
-    /// This plan for keys and values stored as `H`: the tiled kernel takes bf16
-    /// keys and values to AMX tiles where the CPU (and `ATTN_KERNEL_ARCH`) has
-    /// AMX, or bf16 keys as pairs where it has AVX512_BF16.
-    fn for_half<H: Half>(self) -> Self {
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            Plan::Tiled(arch) if H::BF16 => match (arch.amx_tiles(), arch.bf16_dots()) {
-                (Some(tiles), _) => Plan::TiledAmx(tiles),
-                (None, Some(dots)) => Plan::TiledBf16Pairs(dots),
-                (None, None) => self,
-            },
-            _ => self,
-        }
-    }
-}
-
-/// The most work (`L·S·(d_k + d_v + 16)`) a head of `l` query rows goes row by
-/// row with: less where the direct path is the alternative.
-fn rowwise_max_work(l: usize) -> usize {
-    match l <= DIRECT_MAX_ROWS {
-        true => ROWWISE_MAX_WORK_FEW_ROWS,
-        false => ROWWISE_MAX_WORK,
     }
 }
 

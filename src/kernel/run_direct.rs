@@ -2,7 +2,7 @@
 //! threads (split-key decoding: each group's keys cut into parts that run in
 //! parallel), and where a head falls back to the reference path.
 
-use ndarray::{ArrayView2, ArrayView4, ArrayViewMut2, CowArray, Ix2, s};
+use ndarray::{ArrayView2, ArrayView4, ArrayViewMut1, ArrayViewMut2, CowArray, Ix2, s};
 use rayon::prelude::*;
 
 use super::arch::{Arch, Dispatch, KernelElement};
@@ -15,7 +15,6 @@ use super::report::{self, Path};
 use super::run::KvGroup;
 use crate::core::mask::Mask2;
 use crate::core::problem::Problem;
-use crate::core::reference::weighted_values;
 use crate::element::Half;
 use crate::flex::program::Program;
 
@@ -46,23 +45,27 @@ pub(crate) fn direct_half<H: Half, P: Program<f32>>(
     let stored = standard_heads(problem, groups);
     let rows = rows_of::<f32, Widening<H>>(&stored);
     direct_over(problem, arch, groups, parallelism, &rows, |b, h, out| {
-        widened_reference(problem, b, h, out)
+        widened_reference(problem, b, h, out, None)
     });
 }
 
 /// Head `h` of batch `b` by the reference path, its keys and values stored in
-/// half precision widened whole.
+/// half precision widened whole; each row's log-sum-exp into `lse` if asked.
 pub(crate) fn widened_reference<H: Half, P: Program<f32>>(
     problem: &Problem<'_, f32, H, P>,
     b: usize,
     h: usize,
     mut out: ArrayViewMut2<'_, f32>,
+    lse: Option<ArrayViewMut1<'_, f32>>,
 ) {
     let kv = problem.kv_head(h);
     let widened = |x: &ArrayView4<'_, H>| x.slice(s![b, kv, .., ..]).mapv(H::to_compute);
     let (keys, values) = (widened(&problem.k), widened(&problem.v));
-    let head = problem.attend_head(b, h, keys.view());
-    out.assign(&weighted_values(&head, values.view()));
+    let (output, row_lse) = problem.lse_head(b, h, keys.view(), values.view());
+    out.assign(&output);
+    if let Some(mut lse) = lse {
+        lse.assign(&row_lse);
+    }
 }
 
 /// One group's keys and values in standard layout.

@@ -5,7 +5,7 @@
 use ndarray::{Array, Array2, ArrayRef, ArrayRef4, Dimension, Ix4, Zip};
 
 use super::ScaledDotProduct;
-use crate::core::problem::AttentionDim;
+use crate::core::problem::{AttentionDim, Problem};
 use crate::element::{Element, Storage};
 use crate::error::{Error, Result};
 use crate::flex::program::{Plain, Program};
@@ -87,16 +87,7 @@ impl<A: Storage> ScaledDotProduct<'_, A> {
         k: &ArrayRef<A, D>,
         v: &ArrayRef<A, D>,
     ) -> Result<AttentionLse<A, D>> {
-        let parallelism = self.parallelism;
-        let [q, k, v] = [q, k, v].map(|x| A::compute(x.view(), parallelism));
-        let slopes = self.slopes_in_compute();
-        let kept = self
-            .in_compute(&slopes)
-            .lse_under([&q, &k, &v], |_| Ok(Plain))?;
-        Ok(AttentionLse {
-            output: A::store(kept.output, parallelism),
-            lse: kept.lse,
-        })
+        self.lse_under([q, k, v], |_| Ok(Plain))
     }
 
     /// [`forward_with_lse`](Self::forward_with_lse), which takes batched inputs
@@ -117,22 +108,25 @@ impl<A: Storage> ScaledDotProduct<'_, A> {
     ) -> Result<AttentionLse<A, Ix4>> {
         self.forward_with_lse(q, k, v)
     }
-}
 
-impl<A: Element> ScaledDotProduct<'_, A> {
     /// [`forward_with_lse`](Self::forward_with_lse) under the program
-    /// `program` makes, once the call is checked, from the shape of its scores.
-    pub(super) fn lse_under<D: AttentionDim, P: Program<A>>(
+    /// `program` makes, once the call is checked, from the shape of its scores:
+    /// the queries in the compute type, the keys and values as they are stored
+    /// (as [`attend_under`](Self::attend_under)), the output rounded back once.
+    pub(super) fn lse_under<D: AttentionDim, P: Program<A::Compute>>(
         &self,
         [q, k, v]: [&ArrayRef<A, D>; 3],
         program: impl FnOnce([usize; 4]) -> Result<P>,
     ) -> Result<AttentionLse<A, D>> {
-        let problem = self.check(q, k, v)?;
+        let q = A::compute(q.view(), self.parallelism);
+        let slopes = self.slopes_in_compute();
+        let attn = self.in_compute(&slopes);
+        let problem = Problem::new(q.view(), k.view(), v.view(), &attn.masks, attn.scale)?;
         let program = program(problem.scores())?;
         let problem = problem.with_program(&program);
         let saved = kernel::forward_lse(&problem, self.kernel, self.parallelism)?;
         Ok(AttentionLse {
-            output: D::unlift(saved.output),
+            output: D::unlift(A::store(saved.output, self.parallelism)),
             lse: D::unlift_rows(saved.lse),
         })
     }
