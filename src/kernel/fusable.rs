@@ -156,22 +156,22 @@ fn tree_max<A: Element, const N: usize>(mut lanes: [A; N]) -> A {
 
 /// Whether the fused kernels compute this head exactly as the reference path
 /// would: every input finite, no bias of NaN or `+∞`, and no score or running
-/// sum that could overflow.
+/// sum that could overflow. `queries`: the extent of the head's queries and
+/// their width `d_k`.
 pub(crate) fn fusable<A: Element>(
-    q: &ArrayView2<'_, A>,
+    (queries, depth): (Extent<A>, usize),
     masks: &[Mask2<'_, A>],
     scale: A,
     keys: Extent<A>,
     values: Extent<A>,
 ) -> bool {
-    let queries = extent_of(q);
     if !(queries.finite && keys.finite && values.finite) {
         return false;
     }
     let f = |x: A| x.to_f64().unwrap_or(f64::INFINITY);
     let limit = f(A::max_value()) / 4.0;
-    let score_bound = q.ncols() as f64 * f(queries.max_abs) * f(scale.abs()) * f(keys.max_abs);
-    let rows = q.nrows().max(values.rows);
+    let score_bound = depth as f64 * f(queries.max_abs) * f(scale.abs()) * f(keys.max_abs);
+    let rows = queries.rows.max(values.rows);
     let Some(bias_bound) = masks
         .iter()
         .try_fold(0.0, |sum, mask| Some(sum + mask.bias_bound(rows)?))

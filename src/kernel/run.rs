@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use super::arch::{Dispatch, KernelElement, Op};
 use super::float::KernelFloat;
-use super::fusable::{extent_of, fusable};
+use super::fusable::{Extent, extent_of, fusable};
 use super::ops::{AttendBlock, PackHead, TileWidth};
 use super::options::Parallelism;
 use super::pack::{Entry, PackedHead};
@@ -60,7 +60,8 @@ pub(crate) fn rowwise_head<A: KernelElement, P: Program<A>>(
         masks: &masks,
         scale: problem.scale,
     };
-    if fusable(&q, &masks, problem.scale, extent_of(&k), extent_of(&v))
+    let queries = (extent_of(&q), q.ncols());
+    if fusable(queries, &masks, problem.scale, extent_of(&k), extent_of(&v))
         && rowwise::attend_head(head, scoring, out.view_mut())
     {
         report::count(Path::Rowwise, 1);
@@ -126,7 +127,7 @@ struct Task<'a, A, K: Entry<A>, P> {
 /// Every block of the query heads of one wave of groups, over their key/value
 /// heads `packed` (one per group), in one parallel region; a head whose
 /// program made a score NaN or `+∞` is then computed again by `fallback`.
-fn attend_wave<A: KernelFloat, KV, K: Entry<A>, D: Dispatch<A, K>, P: Program<A>>(
+fn attend_wave<A: KernelFloat, KV: Sync, K: Entry<A>, D: Dispatch<A, K>, P: Program<A>>(
     problem: &Problem<'_, A, KV, P>,
     kernel: D,
     wave: &mut [KvGroup<'_, '_, A>],
@@ -144,6 +145,17 @@ fn attend_wave<A: KernelFloat, KV, K: Entry<A>, D: Dispatch<A, K>, P: Program<A>
                 .collect()
         })
         .collect();
+    // each query head's extent, scanned on the pool (which heads the fused
+    // kernel takes decides the tasks)
+    let heads: Vec<(usize, usize)> = (wave.iter())
+        .flat_map(|g| problem.query_heads(g.kv).map(move |h| (g.b, h)))
+        .collect();
+    let scan = |&(b, h): &(usize, usize)| extent_of(&problem.query(b, h));
+    let extents: Vec<Extent<A>> = match parallelism {
+        Parallelism::Sequential => heads.iter().map(scan).collect(),
+        Parallelism::Rayon => heads.par_iter().map(scan).collect(),
+    };
+    let mut extents = extents.into_iter();
     let s = problem.k.dim().2;
     let mut tasks = Vec::new();
     let mut fused = 0;
@@ -158,8 +170,9 @@ fn attend_wave<A: KernelFloat, KV, K: Entry<A>, D: Dispatch<A, K>, P: Program<A>
         {
             let lse = lses.as_mut().and_then(Iterator::next);
             let q = problem.query(b, h);
+            let queries = extents.next().expect("an extent per query head");
             if !fusable(
-                &q,
+                (queries, q.ncols()),
                 masks,
                 problem.scale,
                 packed.key_extent,

@@ -305,7 +305,8 @@ fn fused_head<A: KernelElement, P: Program<A>, R>(
     let (k, v) = problem.keys_values(b, problem.kv_head(h));
     let masks = problem.block_masks(b, h);
     let finite = extent_of(&upstream.d_out).finite;
-    if !(finite && fusable(&q, &masks, problem.scale, extent_of(&k), extent_of(&v))) {
+    let queries = (extent_of(&q), q.ncols());
+    if !(finite && fusable(queries, &masks, problem.scale, extent_of(&k), extent_of(&v))) {
         return None;
     }
     let bias_shapes = bias_shapes(problem);

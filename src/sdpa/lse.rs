@@ -39,9 +39,9 @@ use crate::kernel;
 pub struct AttentionLse<A: Storage, D: Dimension> {
     /// `softmax(S)·V`.
     pub output: Array<A, D>,
-    /// `ln Σⱼ exp(Sᵢⱼ)` for every query row `i`, in the compute type (`f32` for
-    /// `bf16` and `f16`, whose 8 or 11 bits would move `exp(s − lse)` by up to
-    /// `lse · 2⁻⁸`).
+    /// `ln Σⱼ exp(Sᵢⱼ)` for every query row `i`, in the compute type: `f32`
+    /// for `bf16` and `f16` (rounded to bf16, an lse of 10 would move by up to
+    /// 0.03, and every weight `exp(s − lse)` of the backward by 3 %).
     pub lse: Array<A::Compute, D::Smaller>,
 }
 
@@ -49,8 +49,9 @@ impl<A: Storage> ScaledDotProduct<'_, A> {
     /// [`forward`](Self::forward) or [`forward_batched`](Self::forward_batched)
     /// (by the inputs' shape), also returning each row's log-sum-exp.
     ///
-    /// In `bf16` and `f16` the inputs widen exactly to `f32`, the output is rounded
-    /// once and the log-sum-exp stays in `f32`.
+    /// In `bf16` and `f16` it runs the kernel [`forward`](Self::forward) runs
+    /// (bf16 on AMX tiles where the CPU has them), the output rounded once and
+    /// the log-sum-exp kept in `f32`.
     ///
     /// # Shapes
     ///
