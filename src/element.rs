@@ -2,6 +2,7 @@
 //! inputs and outputs may be stored in.
 
 use std::fmt::Debug;
+use std::mem::MaybeUninit;
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
@@ -261,8 +262,9 @@ macro_rules! half {
                 // contiguous: vectorised passes
                 match x.as_slice() {
                     Some(src) => {
-                        let mut dst = vec![0.0; src.len()];
-                        convert(src, &mut dst, parallelism, <$t as Half>::widen);
+                        let dst = filled(src.len(), 0.0, parallelism, |at, dst| {
+                            <$t as Half>::widen(&src[at..at + dst.len()], dst)
+                        });
                         Array::from_shape_vec(x.raw_dim(), dst)
                             .expect("one value per element")
                             .into()
@@ -274,8 +276,9 @@ macro_rules! half {
             fn store<D: Dimension>(x: Array<f32, D>, parallelism: Parallelism) -> Array<$t, D> {
                 match x.as_slice() {
                     Some(src) => {
-                        let mut dst = vec![<$t>::ZERO; src.len()];
-                        convert(src, &mut dst, parallelism, <$t as Half>::narrow);
+                        let dst = filled(src.len(), <$t>::ZERO, parallelism, |at, dst| {
+                            <$t as Half>::narrow(&src[at..at + dst.len()], dst)
+                        });
                         Array::from_shape_vec(x.raw_dim(), dst).expect("one value per element")
                     }
                     None => x.mapv(<$t>::from_f32),
@@ -297,22 +300,41 @@ half!(f16);
 /// Values per task of a conversion split over threads.
 const CONVERT_CHUNK: usize = 1 << 15;
 
-/// `convert(src, dst)` over equally long slices, chunk by chunk on the rayon pool
-/// where `parallelism` allows and there is more than one chunk (each value
-/// converted on its own: the same bits either way).
-fn convert<S: Sync, T: Send>(
-    src: &[S],
-    dst: &mut [T],
+/// `len` values, chunk by chunk on the rayon pool where `parallelism` allows
+/// and there is more than one chunk: each chunk set to `zero`, then written by
+/// `fill(offset, chunk)` (a conversion: each value on its own, so the same bits
+/// either way). No pass over the whole vector runs on the calling thread alone.
+pub(crate) fn filled<T: Send + Sync + Copy>(
+    len: usize,
+    zero: T,
     parallelism: Parallelism,
-    convert: impl Fn(&[S], &mut [T]) + Sync,
-) {
-    if parallelism == Parallelism::Rayon && src.len() > CONVERT_CHUNK {
-        dst.par_chunks_mut(CONVERT_CHUNK)
-            .zip(src.par_chunks(CONVERT_CHUNK))
-            .for_each(|(dst, src)| convert(src, dst));
+    fill: impl Fn(usize, &mut [T]) + Sync,
+) -> Vec<T> {
+    let mut values = Vec::with_capacity(len);
+    let fill_chunk = |(index, chunk): (usize, &mut [MaybeUninit<T>])| {
+        for x in chunk.iter_mut() {
+            x.write(zero);
+        }
+        // SAFETY: every entry of `chunk` was written just above, and
+        // `MaybeUninit<T>` has `T`'s layout.
+        let chunk = unsafe { &mut *(chunk as *mut [MaybeUninit<T>] as *mut [T]) };
+        fill(index * CONVERT_CHUNK, chunk);
+    };
+    let spare = &mut values.spare_capacity_mut()[..len];
+    if parallelism == Parallelism::Rayon && len > CONVERT_CHUNK {
+        spare
+            .par_chunks_mut(CONVERT_CHUNK)
+            .enumerate()
+            .for_each(fill_chunk);
     } else {
-        convert(src, dst);
+        spare
+            .chunks_mut(CONVERT_CHUNK)
+            .enumerate()
+            .for_each(fill_chunk);
     }
+    // SAFETY: the first `len` entries were written, chunk by chunk, above.
+    unsafe { values.set_len(len) };
+    values
 }
 
 impl Half for bf16 {
