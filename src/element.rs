@@ -452,6 +452,41 @@ mod tests {
     }
 
     #[test]
+    fn filled_writes_every_chunk_at_its_offset() {
+        // across the chunk's edges, on one thread and on the pool
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .expect("a pool");
+        for len in [
+            0,
+            1,
+            CONVERT_CHUNK,
+            CONVERT_CHUNK + 1,
+            3 * CONVERT_CHUNK + 5,
+        ] {
+            for parallelism in [Parallelism::Sequential, Parallelism::Rayon] {
+                let values = pool.install(|| {
+                    filled(len, u32::MAX, parallelism, |at, chunk| {
+                        // the chunk starts as `zero`, then holds its positions
+                        assert!(chunk.iter().all(|&x| x == u32::MAX));
+                        for (i, x) in chunk.iter_mut().enumerate() {
+                            *x = (at + i) as u32;
+                        }
+                    })
+                });
+                assert_eq!(
+                    values,
+                    (0..len as u32).collect::<Vec<_>>(),
+                    "{len} {parallelism:?}"
+                );
+            }
+        }
+        let zeros = filled(CONVERT_CHUNK + 3, 0.5_f32, Parallelism::Rayon, |_, _| ());
+        assert!(zeros.iter().all(|&x| x == 0.5));
+    }
+
+    #[test]
     fn the_fast_f32_tanh_is_within_5e7_of_tanh() {
         let mut worst = 0.0_f64;
         for n in -200_000..=200_000 {
