@@ -240,3 +240,47 @@ fn bf16_kept_forward_of_a_head_on_the_reference_path() {
     let (got, want_lse) = (kept.lse.slice(rows), want.lse.slice(rows));
     assert!(got.iter().zip(want_lse).all(|(a, b)| same(*a, *b)));
 }
+
+/// Programmable attention in bf16: a soft-cap, sinks and a causal mask. The
+/// gradients (the cap's and the sinks' too) are the f32 pass's on the widened
+/// inputs and the kept bf16 output, rounded once; the cap's stays in f32.
+#[test]
+fn bf16_flex_gradients_are_the_f32_pass_rounded_once() {
+    use attn::flex::SoftCap;
+    let (heads, l, d) = (2, 150, 32);
+    let half4 = |seed| to_half::<bf16, _>(&common::random4((1, heads, l, d), seed));
+    let (q, k, v, d_out) = (half4(61), half4(62), half4(63), half4(64));
+    let sinks = ndarray::array![bf16::from_f32(0.5), bf16::from_f32(-1.0)];
+    let attention = ScaledDotProduct::new()
+        .with_mask(Mask::CausalTopLeft)
+        .with_score_mod(SoftCap::new(5.0_f32))
+        .with_sinks(&sinks);
+    let kept = attention.forward_with_lse(&q, &k, &v).expect("valid");
+    let got = backward_by(true, heads, || {
+        attention
+            .backward_with_lse(&q, &k, &v, &kept, &d_out)
+            .expect("valid")
+    });
+    let wide = |x: &Array4<bf16>| x.mapv(f32::from);
+    let sinks32 = sinks.mapv(f32::from);
+    let f32s = ScaledDotProduct::<f32>::new()
+        .with_mask(Mask::CausalTopLeft)
+        .with_score_mod(SoftCap::new(5.0_f32))
+        .with_sinks(&sinks32);
+    let kept32 = attn::AttentionLse {
+        output: wide(&kept.output),
+        lse: kept.lse.clone(),
+    };
+    let want = f32s
+        .backward_with_lse(&wide(&q), &wide(&k), &wide(&v), &kept32, &wide(&d_out))
+        .expect("valid");
+    let round = |x: &Array4<f32>| x.mapv(bf16::from_f32);
+    assert_eq!(
+        (&got.q, &got.k, &got.v),
+        (&round(&want.q), &round(&want.k), &round(&want.v))
+    );
+    assert_eq!(got.score, want.score);
+    let want_sinks = want.sinks.expect("sinks").mapv(bf16::from_f32);
+    assert_eq!(got.sinks.expect("sinks"), want_sinks);
+    assert!(got.score[0] != 0.0 && want_sinks.iter().all(|g| g.to_f32() != 0.0));
+}

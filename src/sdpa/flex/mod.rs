@@ -104,7 +104,7 @@ pub struct FlexAttention<'m, A, F = Identity, K = KeepAll> {
 /// # Ok::<(), attn::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq)]
-pub struct FlexGradients<A, D: Dimension> {
+pub struct FlexGradients<A: Storage, D: Dimension> {
     /// `∂loss/∂q`.
     pub q: Array<A, D>,
     /// `∂loss/∂k`.
@@ -114,8 +114,9 @@ pub struct FlexGradients<A, D: Dimension> {
     /// `∂loss/∂bias` for every [`Mask::Bias`](crate::Mask::Bias), in order, each
     /// shaped like its bias.
     pub bias: Vec<ArrayD<A>>,
-    /// `∂loss/∂θ` for the score modification's parameters.
-    pub score: Array1<A>,
+    /// `∂loss/∂θ` for the score modification's parameters, in the compute type
+    /// (the parameters' own: `f32` for `bf16` and `f16`).
+    pub score: Array1<A::Compute>,
     /// `∂loss/∂σ` for the sinks, when the call had them.
     pub sinks: Option<Array1<A>>,
 }
@@ -307,7 +308,7 @@ impl<A: Storage, F: ScoreMod<A::Compute>, K: KeepMod> FlexAttention<'_, A, F, K>
     }
 }
 
-impl<A: Element, F: ScoreMod<A>, K: KeepMod> FlexAttention<'_, A, F, K> {
+impl<A: Storage, F: ScoreMod<A::Compute>, K: KeepMod> FlexAttention<'_, A, F, K> {
     /// [`forward`](Self::forward), also returning each row's log-sum-exp (the
     /// sink included) for [`backward_with_lse`](Self::backward_with_lse).
     ///
@@ -335,13 +336,17 @@ impl<A: Element, F: ScoreMod<A>, K: KeepMod> FlexAttention<'_, A, F, K> {
         if self.is_plain() {
             return self.attention.forward_with_lse(q, k, v);
         }
-        let sinks = self.sinks.as_ref().map(|sinks| sinks.view());
+        let sinks = self.sinks_in_compute();
+        let sinks = sinks.as_ref().map(|sinks| sinks.view());
         let program = |scores| self.program(scores, sinks);
         self.attention.lse_under([q, k, v], program)
     }
 
     /// The gradients of a loss through this attention given `d_out =
     /// ∂loss/∂output`, running the forward again inside the fused backward.
+    /// In `bf16` and `f16` the pass runs in `f32` on the widened inputs and
+    /// each gradient of an input or a sink is rounded once, as
+    /// [`ScaledDotProduct::backward`]'s.
     ///
     /// # Shapes
     ///
@@ -410,29 +415,44 @@ impl<A: Element, F: ScoreMod<A>, K: KeepMod> FlexAttention<'_, A, F, K> {
         self.gradients([q, k, v], Some(forward), d_out)
     }
 
+    /// Every backward call, in any storage type: the inputs (and the kept
+    /// output) in the compute type, each gradient of the inputs rounded back
+    /// once, the score modification's in the compute type (its parameters').
     fn gradients<D: AttentionDim>(
         &self,
-        inputs: [&ArrayRef<A, D>; 3],
+        [q, k, v]: [&ArrayRef<A, D>; 3],
         forward: Option<&AttentionLse<A, D>>,
         d_out: &ArrayRef<A, D>,
     ) -> Result<FlexGradients<A, D>> {
-        let forward = forward.map(|f| (f.output.view(), f.lse.view()));
+        let parallelism = self.attention.parallelism;
+        let [q, k, v, d_out] = [q, k, v, d_out].map(|x| A::compute(x.view(), parallelism));
+        let output = forward.map(|f| A::compute(f.output.view(), parallelism));
+        let kept = output
+            .as_ref()
+            .zip(forward)
+            .map(|(o, f)| (o.view(), f.lse.view()));
+        let slopes = self.attention.slopes_in_compute();
+        let attention = self.attention.in_compute(&slopes);
+        let inputs: [&ArrayRef<A::Compute, D>; 3] = [&q, &k, &v];
         let grads = if self.is_plain() {
-            self.attention
-                .gradients_under(inputs, forward, d_out, |_| Ok(Plain))?
+            attention.gradients_under(inputs, kept, &d_out, |_| Ok(Plain))?
         } else {
-            let sinks = self.sinks.as_ref().map(|sinks| sinks.view());
+            let sinks = self.sinks_in_compute();
+            let sinks = sinks.as_ref().map(|sinks| sinks.view());
             let program = |scores| self.program(scores, sinks);
-            self.attention
-                .gradients_under(inputs, forward, d_out, program)?
+            attention.gradients_under(inputs, kept, &d_out, program)?
         };
+        let store = |x| A::store(x, parallelism);
         Ok(FlexGradients {
-            bias: self.attention.bias_gradients(grads.bias),
-            q: D::unlift(grads.dq),
-            k: D::unlift(grads.dk),
-            v: D::unlift(grads.dv),
+            bias: (self.attention).bias_gradients(grads.bias.into_iter().map(store).collect()),
+            q: D::unlift(store(grads.dq)),
+            k: D::unlift(store(grads.dk)),
+            v: D::unlift(store(grads.dv)),
             score: grads.score,
-            sinks: self.sinks.is_some().then_some(grads.sinks),
+            sinks: self
+                .sinks
+                .is_some()
+                .then(|| A::store(grads.sinks, parallelism)),
         })
     }
 }
