@@ -231,6 +231,26 @@ impl<A: Storage> ScaledDotProduct<'_, A> {
         forward: Option<&AttentionLse<A, D>>,
         d_out: &ArrayRef<A, D>,
     ) -> Result<AttentionGradients<A, D>> {
+        let grads = self.gradients_in_compute([q, k, v], forward, d_out, |_| Ok(Plain))?;
+        let store = |x| A::store(x, self.parallelism);
+        Ok(AttentionGradients {
+            bias: self.bias_gradients(grads.bias.into_iter().map(store).collect()),
+            q: D::unlift(store(grads.dq)),
+            k: D::unlift(store(grads.dk)),
+            v: D::unlift(store(grads.dv)),
+        })
+    }
+
+    /// Every backward call in any storage type under the program `program`
+    /// makes: the inputs (and the kept output) in the compute type, and the
+    /// gradients, in 4-D.
+    pub(super) fn gradients_in_compute<D: AttentionDim, P: Program<A::Compute>>(
+        &self,
+        [q, k, v]: [&ArrayRef<A, D>; 3],
+        forward: Option<&AttentionLse<A, D>>,
+        d_out: &ArrayRef<A, D>,
+        program: impl FnOnce([usize; 4]) -> Result<P>,
+    ) -> Result<Gradients<A::Compute>> {
         let parallelism = self.parallelism;
         let [q, k, v, d_out] = [q, k, v, d_out].map(|x| A::compute(x.view(), parallelism));
         let output = forward.map(|f| A::compute(f.output.view(), parallelism));
@@ -239,16 +259,7 @@ impl<A: Storage> ScaledDotProduct<'_, A> {
             .zip(forward)
             .map(|(o, f)| (o.view(), f.lse.view()));
         let slopes = self.slopes_in_compute();
-        let grads = self
-            .in_compute(&slopes)
-            .gradients_under([&q, &k, &v], kept, &d_out, |_| Ok(Plain))?;
-        let store = |x| A::store(x, parallelism);
-        Ok(AttentionGradients {
-            bias: self.bias_gradients(grads.bias.into_iter().map(store).collect()),
-            q: D::unlift(store(grads.dq)),
-            k: D::unlift(store(grads.dk)),
-            v: D::unlift(store(grads.dv)),
-        })
+        (self.in_compute(&slopes)).gradients_under([&q, &k, &v], kept, &d_out, program)
     }
 
     /// Each bias's gradient in the shape of that bias.
@@ -276,7 +287,7 @@ impl<A: Element> ScaledDotProduct<'_, A> {
     /// Every backward call, 2-D or batched, with or without the kept forward,
     /// under the program `program` makes, once the call is checked, from the
     /// shape of its scores; in 4-D.
-    pub(super) fn gradients_under<D: AttentionDim, P: Program<A>>(
+    fn gradients_under<D: AttentionDim, P: Program<A>>(
         &self,
         [q, k, v]: [&ArrayRef<A, D>; 3],
         forward: Option<Kept<'_, A, D>>,

@@ -420,28 +420,19 @@ impl<A: Storage, F: ScoreMod<A::Compute>, K: KeepMod> FlexAttention<'_, A, F, K>
     /// once, the score modification's in the compute type (its parameters').
     fn gradients<D: AttentionDim>(
         &self,
-        [q, k, v]: [&ArrayRef<A, D>; 3],
+        inputs: [&ArrayRef<A, D>; 3],
         forward: Option<&AttentionLse<A, D>>,
         d_out: &ArrayRef<A, D>,
     ) -> Result<FlexGradients<A, D>> {
-        let parallelism = self.attention.parallelism;
-        let [q, k, v, d_out] = [q, k, v, d_out].map(|x| A::compute(x.view(), parallelism));
-        let output = forward.map(|f| A::compute(f.output.view(), parallelism));
-        let kept = output
-            .as_ref()
-            .zip(forward)
-            .map(|(o, f)| (o.view(), f.lse.view()));
-        let slopes = self.attention.slopes_in_compute();
-        let attention = self.attention.in_compute(&slopes);
-        let inputs: [&ArrayRef<A::Compute, D>; 3] = [&q, &k, &v];
         let grads = if self.is_plain() {
-            attention.gradients_under(inputs, kept, &d_out, |_| Ok(Plain))?
+            (self.attention).gradients_in_compute(inputs, forward, d_out, |_| Ok(Plain))?
         } else {
             let sinks = self.sinks_in_compute();
             let sinks = sinks.as_ref().map(|sinks| sinks.view());
             let program = |scores| self.program(scores, sinks);
-            attention.gradients_under(inputs, kept, &d_out, program)?
+            (self.attention).gradients_in_compute(inputs, forward, d_out, program)?
         };
+        let parallelism = self.attention.parallelism;
         let store = |x| A::store(x, parallelism);
         Ok(FlexGradients {
             bias: (self.attention).bias_gradients(grads.bias.into_iter().map(store).collect()),
