@@ -47,15 +47,7 @@ pub use options::{Kernel, Parallelism};
 pub use report::{KernelPaths, kernel_paths};
 
 use arch::{Arch, KernelElement};
-#[cfg(target_arch = "x86_64")]
-use arch::{Dispatch, Op};
 pub(crate) use direct::round_to_i8;
-#[cfg(target_arch = "x86_64")]
-use half::bf16;
-#[cfg(target_arch = "x86_64")]
-use ops::PackHead;
-#[cfg(target_arch = "x86_64")]
-use pack::{Entry, PackedHead};
 pub(crate) use params::{DIRECT_MAX_ROWS, PRODUCT_PARALLEL_MIN_WORK};
 use plan::Plan;
 use report::Path;
@@ -241,21 +233,10 @@ fn forward_half<H: Half, P: Program<f32>>(
             run_direct::direct_half(problem, arch, &mut groups, parallelism);
         }
         #[cfg(target_arch = "x86_64")]
-        Plan::TiledBf16Pairs(dots) => tiled_bf16(
-            problem,
-            dots,
-            &mut per_head(out).collect::<Vec<_>>(),
-            None,
-            parallelism,
-        ),
-        #[cfg(target_arch = "x86_64")]
-        Plan::TiledAmx(tiles) => tiled_bf16(
-            problem,
-            tiles,
-            &mut per_head(out).collect::<Vec<_>>(),
-            None,
-            parallelism,
-        ),
+        Plan::TiledBf16Pairs(_) | Plan::TiledAmx(_) => {
+            let mut outs: Vec<_> = per_head(out).collect();
+            tiled_bf16(problem, plan, &mut outs, None, parallelism);
+        }
         // every other plan reads f32 keys and values
         _ => {
             let (k, v) = (
@@ -282,55 +263,51 @@ fn forward_lse_half<H: Half, P: Program<f32>>(
     parallelism: Parallelism,
 ) -> Result<Saved<f32>> {
     let plan = Plan::of(problem, kernel)?.for_half::<H>();
-    #[cfg(target_arch = "x86_64")]
-    if let Plan::TiledBf16Pairs(_) | Plan::TiledAmx(_) = plan {
-        let mut saved = Saved::zeros(problem);
-        let (mut outs, mut lses) = saved.per_head();
-        let lses = Some(&mut lses[..]);
-        match plan {
-            Plan::TiledAmx(tiles) => tiled_bf16(problem, tiles, &mut outs, lses, parallelism),
-            Plan::TiledBf16Pairs(dots) => tiled_bf16(problem, dots, &mut outs, lses, parallelism),
-            _ => unreachable!("matched above"),
+    match plan {
+        #[cfg(target_arch = "x86_64")]
+        Plan::TiledBf16Pairs(_) | Plan::TiledAmx(_) => {
+            let mut saved = Saved::zeros(problem);
+            let (mut outs, mut lses) = saved.per_head();
+            tiled_bf16(problem, plan, &mut outs, Some(&mut lses), parallelism);
+            Ok(saved)
         }
-        return Ok(saved);
+        _ => {
+            let (k, v) = (
+                H::compute(problem.k, parallelism),
+                H::compute(problem.v, parallelism),
+            );
+            let problem = problem.with_keys_values(k.view(), v.view());
+            choose_forward_lse(&problem, kernel, parallelism)
+        }
     }
-    let _ = plan;
-    let (k, v) = (
-        H::compute(problem.k, parallelism),
-        H::compute(problem.v, parallelism),
-    );
-    choose_forward_lse(
-        &problem.with_keys_values(k.view(), v.view()),
-        kernel,
-        parallelism,
-    )
 }
 
-/// The tiled kernel over bf16 keys and values, packed as entries `K` for the
-/// kernels `dots` dispatches to: every head's output into `outs`, and its rows'
-/// log-sum-exps into `lses` if the call keeps them.
+/// The tiled kernel over bf16 keys and values by one of the plans over bf16
+/// pairs (AVX512_BF16 dot products or AMX tiles): every head's output into
+/// `outs`, and its rows' log-sum-exps into `lses` if the call keeps them.
 #[cfg(target_arch = "x86_64")]
-fn tiled_bf16<'o, H: Half, K: Entry<f32>, D: Dispatch<f32, K>, P: Program<f32>>(
+fn tiled_bf16<'o, H: Half, P: Program<f32>>(
     problem: &Problem<'_, f32, H, P>,
-    dots: D,
+    plan: Plan,
     outs: &mut [ArrayViewMut2<'o, f32>],
     lses: Option<&mut [ArrayViewMut1<'o, f32>]>,
     parallelism: Parallelism,
-) where
-    for<'v, 'a> PackHead<'v, 'a, bf16>: Op<f32, K, Output = PackedHead<f32, K>>,
-{
+) {
     let (Some(k), Some(v)) = (H::as_bf16(problem.k), H::as_bf16(problem.v)) else {
         unreachable!("the plan has pairs only for bf16 keys and values")
     };
     let problem = problem.with_keys_values(k, v);
     let mut groups = kv_groups(&problem, outs, lses);
-    run::tiled(
-        &problem,
-        dots,
-        &mut groups,
-        parallelism,
-        |b, h, out, lse| run_direct::widened_reference(&problem, b, h, out, lse),
-    );
+    let fallback = |b, h, out: ArrayViewMut2<'_, f32>, lse: Option<ArrayViewMut1<'_, f32>>| {
+        run_direct::widened_reference(&problem, b, h, out, lse)
+    };
+    match plan {
+        Plan::TiledBf16Pairs(dots) => {
+            run::tiled(&problem, dots, &mut groups, parallelism, fallback)
+        }
+        Plan::TiledAmx(tiles) => run::tiled(&problem, tiles, &mut groups, parallelism, fallback),
+        _ => unreachable!("called for the plans over bf16 pairs only"),
+    }
 }
 
 /// The outputs `outs` (one per batch and query head, in that order), and their
