@@ -232,13 +232,23 @@ impl<A: Storage> ScaledDotProduct<'_, A> {
         d_out: &ArrayRef<A, D>,
     ) -> Result<AttentionGradients<A, D>> {
         let grads = self.gradients_in_compute([q, k, v], forward, d_out, |_| Ok(Plain))?;
+        Ok(self.stored([grads.dq, grads.dk, grads.dv], grads.bias))
+    }
+
+    /// The gradients of `q`, `k`, `v` and of every bias, rounded to the storage
+    /// type once, in the call's shapes.
+    pub(super) fn stored<D: AttentionDim>(
+        &self,
+        [dq, dk, dv]: [Array4<A::Compute>; 3],
+        bias: Vec<Array4<A::Compute>>,
+    ) -> AttentionGradients<A, D> {
         let store = |x| A::store(x, self.parallelism);
-        Ok(AttentionGradients {
-            bias: self.bias_gradients(grads.bias.into_iter().map(store).collect()),
-            q: D::unlift(store(grads.dq)),
-            k: D::unlift(store(grads.dk)),
-            v: D::unlift(store(grads.dv)),
-        })
+        AttentionGradients {
+            bias: self.bias_gradients(bias.into_iter().map(store).collect()),
+            q: D::unlift(store(dq)),
+            k: D::unlift(store(dk)),
+            v: D::unlift(store(dv)),
+        }
     }
 
     /// Every backward call in any storage type under the program `program`
@@ -263,7 +273,7 @@ impl<A: Storage> ScaledDotProduct<'_, A> {
     }
 
     /// Each bias's gradient in the shape of that bias.
-    pub(super) fn bias_gradients(&self, grads: Vec<Array4<A>>) -> Vec<ArrayD<A>> {
+    fn bias_gradients(&self, grads: Vec<Array4<A>>) -> Vec<ArrayD<A>> {
         let shapes = self.masks.iter().filter_map(Mask::bias_shape);
         grads
             .into_iter()

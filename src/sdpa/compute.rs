@@ -56,25 +56,41 @@ impl<'m, A: Storage> ScaledDotProduct<'m, A> {
         v: ArrayView<'_, A, D>,
         program: impl FnOnce([usize; 4]) -> Result<P>,
     ) -> Result<Array<A, D>> {
+        self.solve_under(q, k, v, program, |problem| {
+            let (batch, heads, l, _) = problem.q.dim();
+            let shape = (batch, heads, l, problem.v.dim().3);
+            // zeroed on the pool: at a few hundred rows this pass alone would
+            // be several per cent of a call on two threads
+            let zeros = element::filled(
+                shape.0 * shape.1 * shape.2 * shape.3,
+                A::Compute::from_f64(0.0),
+                self.parallelism,
+                |_, _| (),
+            );
+            let mut out = Array4::from_shape_vec(shape, zeros).expect("one value per element");
+            kernel::forward(problem, out.view_mut(), self.kernel, self.parallelism)?;
+            Ok(D::unlift(A::store(out, self.parallelism)))
+        })
+    }
+
+    /// The checked problem of a call in any storage type, under the program
+    /// `program` makes from the shape of its scores, handed to `solve`: the
+    /// queries in the compute type, the keys and values as they are stored
+    /// (the kernel's plan reads them where they lie, or widens them).
+    pub(super) fn solve_under<D: AttentionDim, P: Program<A::Compute>, R>(
+        &self,
+        q: ArrayView<'_, A, D>,
+        k: ArrayView<'_, A, D>,
+        v: ArrayView<'_, A, D>,
+        program: impl FnOnce([usize; 4]) -> Result<P>,
+        solve: impl FnOnce(&Problem<'_, A::Compute, A, P>) -> Result<R>,
+    ) -> Result<R> {
         let q = A::compute(q, self.parallelism);
         let slopes = self.slopes_in_compute();
         let attn = self.in_compute(&slopes);
         let problem = Problem::new(q.view(), k, v, &attn.masks, attn.scale)?;
         let program = program(problem.scores())?;
-        let problem = problem.with_program(&program);
-        let (batch, heads, l, _) = problem.q.dim();
-        let shape = (batch, heads, l, problem.v.dim().3);
-        // zeroed on the pool: at a few hundred rows this pass alone would be
-        // several per cent of a call on two threads
-        let zeros = element::filled(
-            shape.0 * shape.1 * shape.2 * shape.3,
-            A::Compute::from_f64(0.0),
-            self.parallelism,
-            |_, _| (),
-        );
-        let mut out = Array4::from_shape_vec(shape, zeros).expect("one value per element");
-        kernel::forward(&problem, out.view_mut(), self.kernel, self.parallelism)?;
-        Ok(D::unlift(A::store(out, self.parallelism)))
+        solve(&problem.with_program(&program))
     }
 }
 

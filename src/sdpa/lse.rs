@@ -5,7 +5,7 @@
 use ndarray::{Array, Array2, ArrayRef, ArrayRef4, Dimension, Ix4, Zip};
 
 use super::ScaledDotProduct;
-use crate::core::problem::{AttentionDim, Problem};
+use crate::core::problem::AttentionDim;
 use crate::element::{Element, Storage};
 use crate::error::{Error, Result};
 use crate::flex::program::{Plain, Program};
@@ -112,23 +112,18 @@ impl<A: Storage> ScaledDotProduct<'_, A> {
 
     /// [`forward_with_lse`](Self::forward_with_lse) under the program
     /// `program` makes, once the call is checked, from the shape of its scores:
-    /// the queries in the compute type, the keys and values as they are stored
-    /// (as [`attend_under`](Self::attend_under)), the output rounded back once.
+    /// the output rounded back once, the log-sum-exp in the compute type.
     pub(super) fn lse_under<D: AttentionDim, P: Program<A::Compute>>(
         &self,
         [q, k, v]: [&ArrayRef<A, D>; 3],
         program: impl FnOnce([usize; 4]) -> Result<P>,
     ) -> Result<AttentionLse<A, D>> {
-        let q = A::compute(q.view(), self.parallelism);
-        let slopes = self.slopes_in_compute();
-        let attn = self.in_compute(&slopes);
-        let problem = Problem::new(q.view(), k.view(), v.view(), &attn.masks, attn.scale)?;
-        let program = program(problem.scores())?;
-        let problem = problem.with_program(&program);
-        let saved = kernel::forward_lse(&problem, self.kernel, self.parallelism)?;
-        Ok(AttentionLse {
-            output: D::unlift(A::store(saved.output, self.parallelism)),
-            lse: D::unlift_rows(saved.lse),
+        self.solve_under(q.view(), k.view(), v.view(), program, |problem| {
+            let saved = kernel::forward_lse(problem, self.kernel, self.parallelism)?;
+            Ok(AttentionLse {
+                output: D::unlift(A::store(saved.output, self.parallelism)),
+                lse: D::unlift_rows(saved.lse),
+            })
         })
     }
 }

@@ -432,18 +432,15 @@ impl<A: Storage, F: ScoreMod<A::Compute>, K: KeepMod> FlexAttention<'_, A, F, K>
             let program = |scores| self.program(scores, sinks);
             (self.attention).gradients_in_compute(inputs, forward, d_out, program)?
         };
-        let parallelism = self.attention.parallelism;
-        let store = |x| A::store(x, parallelism);
+        let inputs = (self.attention).stored([grads.dq, grads.dk, grads.dv], grads.bias);
         Ok(FlexGradients {
-            bias: (self.attention).bias_gradients(grads.bias.into_iter().map(store).collect()),
-            q: D::unlift(store(grads.dq)),
-            k: D::unlift(store(grads.dk)),
-            v: D::unlift(store(grads.dv)),
+            bias: inputs.bias,
+            q: inputs.q,
+            k: inputs.k,
+            v: inputs.v,
             score: grads.score,
-            sinks: self
-                .sinks
-                .is_some()
-                .then(|| A::store(grads.sinks, parallelism)),
+            sinks: (self.sinks.is_some())
+                .then(|| A::store(grads.sinks, self.attention.parallelism)),
         })
     }
 }
