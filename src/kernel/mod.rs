@@ -96,15 +96,16 @@ pub(crate) fn forward_lse<S: Storage, P: Program<S::Compute>>(
     (S::select_storage::<P, _>(Stored(PhantomData)).forward_lse)(problem, kernel, parallelism)
 }
 
-/// [`forward`] and [`forward_lse`] compiled for one storage type.
+/// [`forward`], [`forward_lse`] and [`backward`] compiled for one storage type.
 struct StoredEntryPoints<S: Storage, P> {
     forward: ForwardFn<S, P>,
     forward_lse: ForwardLseFn<S, P>,
+    backward: BackwardFn<S::Compute, P>,
 }
 
-/// Picks [`forward`]'s and [`forward_lse`]'s bodies for the storage type: the
-/// compute types' own, or the half types' ([`forward_half`],
-/// [`forward_lse_half`]).
+/// Picks [`forward`]'s, [`forward_lse`]'s and [`backward`]'s bodies for the
+/// storage type: the compute types' own, or the half types' ([`forward_half`],
+/// [`forward_lse_half`], [`backward_half`]).
 struct Stored<P>(PhantomData<P>);
 
 impl<P> PerStorage<P> for Stored<P> {
@@ -118,6 +119,7 @@ impl<P> PerStorage<P> for Stored<P> {
         StoredEntryPoints {
             forward: entries.forward,
             forward_lse: entries.forward_lse,
+            backward: entries.backward,
         }
     }
 
@@ -128,25 +130,54 @@ impl<P> PerStorage<P> for Stored<P> {
         StoredEntryPoints {
             forward: forward_half::<H, P>,
             forward_lse: forward_lse_half::<H, P>,
+            backward: backward_half::<H, P>,
         }
     }
 }
 
 /// The gradients of every head of `problem` given `d_out = ∂loss/∂output`,
-/// `(batch, heads, L, d_v)`, and what the forward kept, if it did: by the fused
-/// backward pass, or the reference path for [`Kernel::Plain`].
+/// `(batch, heads, L, d_v)`, and what the forward kept, if it did, for inputs
+/// stored as `S` (given in the compute type): by the fused backward pass, or
+/// the reference path for [`Kernel::Plain`].
 ///
 /// # Errors
 ///
 /// As [`forward`].
-pub(crate) fn backward<A: Element, P: Program<A>>(
-    problem: &Problem<'_, A, A, P>,
-    d_out: ArrayView4<'_, A>,
-    saved: Option<SavedView<'_, A>>,
+pub(crate) fn backward<S: Storage, P: Program<S::Compute>>(
+    problem: &Problem<'_, S::Compute, S::Compute, P>,
+    d_out: ArrayView4<'_, S::Compute>,
+    saved: Option<SavedView<'_, S::Compute>>,
     kernel: Kernel,
     parallelism: Parallelism,
-) -> Result<Gradients<A>> {
-    (A::select::<P, _>(Entries(PhantomData)).backward)(problem, d_out, saved, kernel, parallelism)
+) -> Result<Gradients<S::Compute>> {
+    let backward = S::select_storage::<P, _>(Stored(PhantomData)).backward;
+    backward(problem, d_out, saved, kernel, parallelism)
+}
+
+/// [`backward`] for inputs stored in half precision (widened to `f32`): on
+/// AMX tiles where the inputs are bf16 and the CPU (and `ATTN_KERNEL_ARCH`)
+/// has AMX, the weights and their gradients rounded to bf16 for the tiles'
+/// products ([`arch::Amx`]); else as `f32` does.
+///
+/// # Errors
+///
+/// As [`forward`].
+fn backward_half<H: Half, P: Program<f32>>(
+    problem: &Problem<'_, f32, f32, P>,
+    d_out: ArrayView4<'_, f32>,
+    saved: Option<SavedView<'_, f32>>,
+    kernel: Kernel,
+    parallelism: Parallelism,
+) -> Result<Gradients<f32>> {
+    #[cfg(target_arch = "x86_64")]
+    if H::BF16
+        && kernel != Kernel::Plain
+        && let Some(tiles) = Arch::detect()?.amx_tiles()
+    {
+        let grads = run_backward::backward(problem, tiles, d_out, saved, parallelism);
+        return Ok(grads);
+    }
+    choose_backward(problem, d_out, saved, kernel, parallelism)
 }
 
 /// [`forward`] compiled for one storage type.

@@ -10,7 +10,8 @@ use ndarray::{ArrayView2, ArrayViewMut1, ArrayViewMut2};
 
 use super::arch::{Op, Token};
 use super::backward::{
-    self, HeadInputs, HeadPanels, HeadRest, HeadTargets, Part, Shared, Upstream,
+    self, BlockScratch, HeadInputs, HeadPanels, HeadRest, HeadTargets, PanelProducts, Part,
+    Upstream,
 };
 use super::direct::{self, Group, Memory, PartialMut, Rows};
 use super::float::KernelFloat;
@@ -106,14 +107,15 @@ impl<A: KernelFloat, R: Rows<A>, P: Program<A>> Op<A> for AttendPart<'_, '_, '_,
     }
 }
 
-/// [`backward::head`]: the gradients of one query head, or of a part of its
-/// query blocks, added into `out` (`None` when its program made a score NaN or
-/// `+∞`).
+/// [`backward::head`] on the register tiles' products: the gradients of one
+/// query head, or of a part of its query blocks, added into `out` (`None` when
+/// its program made a score NaN or `+∞`).
 pub(crate) struct BackwardHead<'r, 'h, 'p, 'u, 'g, A, P> {
     pub(crate) inputs: &'r HeadInputs<'h, 'p, A, P>,
     pub(crate) upstream: Upstream<'u, A>,
     /// The head's keys and values packed, and the thread's working memory.
-    pub(crate) shared: Shared<'r, A>,
+    pub(crate) panels: &'r HeadPanels<A>,
+    pub(crate) scratch: &'r mut BlockScratch<A>,
     /// The query blocks to compute.
     pub(crate) part: Part,
     pub(crate) out: HeadTargets<'g, A>,
@@ -127,11 +129,20 @@ impl<A: KernelFloat, P: Program<A>> Op<A> for BackwardHead<'_, '_, '_, '_, '_, A
         self,
         token: T,
     ) -> Option<HeadRest<A>> {
-        backward::head::<A, T::MulAdd, T, P, NR>(
+        let BlockScratch { panels, rows } = self.scratch;
+        let mut products = PanelProducts::<A, T, NR> {
+            tiles: token,
+            head: self.panels,
+            block: panels,
+            rows: 0,
+            d: self.inputs.q.ncols(),
+            d_v: self.inputs.v.ncols(),
+        };
+        backward::head::<A, T::MulAdd, T, P, _, NR>(
             token,
             self.inputs,
             self.upstream,
-            self.shared,
+            (&mut products, rows),
             self.part,
             self.out,
         )

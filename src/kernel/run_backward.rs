@@ -1,14 +1,13 @@
 //! How the fused backward runs over the heads of a call and over threads: where
 //! each head's gradients go, and where a head falls back to the reference path.
 
-use ndarray::{Array2, Array4, ArrayView4, ArrayViewMut2, Axis, s};
+use ndarray::{Array2, Array4, ArrayView2, ArrayView4, ArrayViewMut2, Axis, s};
 use rayon::prelude::*;
 
-use super::arch::{Arch, Dispatch, KernelElement};
+use super::arch::{Arch, Dispatch, KernelArch, KernelElement};
 use super::backward::{
-    BlockScratch, HeadInputs, HeadPanels, HeadRest, HeadTargets, Part, Shared, Upstream,
+    BlockScratch, HeadInputs, HeadPanels, HeadRest, HeadTargets, Part, Pass, Upstream,
 };
-use super::float::KernelFloat;
 use super::fusable::{extent_of, fusable};
 use super::ops::{BackwardHead, PackBackward, TileWidth};
 use super::options::Parallelism;
@@ -22,17 +21,60 @@ use crate::flex::program::Program;
 
 /// The memory a thread runs heads in, kept from head to head: a head's keys and
 /// values packed, and its query blocks' working memory.
-struct Work<A> {
-    panels: HeadPanels<A>,
-    scratch: BlockScratch<A>,
+struct Work<A, X: Pass<A>> {
+    panels: X::Panels,
+    scratch: X::Scratch,
 }
 
-impl<A: KernelFloat> Work<A> {
-    fn new(d_v: usize, nr: usize) -> Self {
-        Work {
-            panels: HeadPanels::new(nr),
-            scratch: BlockScratch::new(d_v, nr),
-        }
+/// The backward on the register tiles of the instruction set, in the compute
+/// type.
+impl<A: KernelElement> Pass<A> for Arch {
+    type Panels = HeadPanels<A>;
+    type Scratch = BlockScratch<A>;
+
+    fn kind(self) -> KernelArch {
+        Dispatch::<A>::kind(self)
+    }
+
+    fn panels(self, _: usize, _: usize) -> HeadPanels<A> {
+        HeadPanels::new(Dispatch::<A>::dispatch(self, TileWidth))
+    }
+
+    fn scratch(self, _: usize, d_v: usize) -> BlockScratch<A> {
+        BlockScratch::new(d_v, Dispatch::<A>::dispatch(self, TileWidth))
+    }
+
+    fn pack(
+        self,
+        panels: &mut HeadPanels<A>,
+        k: ArrayView2<'_, A>,
+        v: ArrayView2<'_, A>,
+        forward: bool,
+    ) {
+        self.dispatch(PackBackward {
+            panels,
+            k,
+            v,
+            forward,
+        });
+    }
+
+    fn head<P: Program<A>>(
+        self,
+        inputs: &HeadInputs<'_, '_, A, P>,
+        upstream: Upstream<'_, A>,
+        (panels, scratch): (&HeadPanels<A>, &mut BlockScratch<A>),
+        part: Part,
+        out: HeadTargets<'_, A>,
+    ) -> Option<HeadRest<A>> {
+        self.dispatch(BackwardHead {
+            inputs,
+            upstream,
+            panels,
+            scratch,
+            part,
+            out,
+        })
     }
 }
 
@@ -69,9 +111,9 @@ struct CallRows<'g, A> {
 /// several add to is summed in a fixed order (a call of one head deals its query
 /// blocks to [`BACKWARD_PARTS`] tasks, summed in part order), so the result does
 /// not depend on the number of threads.
-pub(crate) fn backward<A: KernelElement, P: Program<A>>(
+pub(crate) fn backward<A: KernelElement, P: Program<A>, X: Pass<A>>(
     problem: &Problem<'_, A, A, P>,
-    arch: Arch,
+    pass: X,
     d_out: ArrayView4<'_, A>,
     saved: Option<SavedView<'_, A>>,
     parallelism: Parallelism,
@@ -90,15 +132,18 @@ pub(crate) fn backward<A: KernelElement, P: Program<A>>(
         queries: parts == 1,
         keys: parts == 1 && problem.group_size() == 1,
     };
-    let nr = Dispatch::<A>::dispatch(arch, TileWidth);
-    let d_v = problem.v.dim().3;
-    let work = || Work::new(d_v, nr);
+    let (d, d_v) = (problem.q.dim().3, problem.v.dim().3);
+    let work = || Work::<A, X> {
+        panels: pass.panels(d, d_v),
+        scratch: pass.scratch(d, d_v),
+    };
+    report::arch_used(pass.kind());
     let mut grads = Gradients::zeros(problem);
-    let run = |work: &mut Work<A>, (head, into): (usize, CallRows<'_, A>)| {
+    let run = |work: &mut Work<A, X>, (head, into): (usize, CallRows<'_, A>)| {
         let (b, h) = (head / heads, head % heads);
         let task = Task {
             problem,
-            arch,
+            pass,
             b,
             h,
             upstream: upstream(b, h),
@@ -199,15 +244,15 @@ fn add_parts<A: KernelElement, P: Program<A>>(
 }
 
 /// One head of a call for the fused pass.
-struct Task<'t, 'p, 'u, A, P> {
+struct Task<'t, 'p, 'u, A, P, X> {
     problem: &'t Problem<'p, A, A, P>,
-    arch: Arch,
+    pass: X,
     b: usize,
     h: usize,
     upstream: Upstream<'u, A>,
 }
 
-impl<A: KernelElement, P: Program<A>> Task<'_, '_, '_, A, P> {
+impl<A: KernelElement, P: Program<A>, X: Pass<A>> Task<'_, '_, '_, A, P, X> {
     /// The head by the fused pass, into the call's rows `into` where given and
     /// arrays of its own for the rest; its query blocks dealt to `parts` tasks
     /// (which then take none of `into`): one after another in `work`'s memory,
@@ -215,14 +260,14 @@ impl<A: KernelElement, P: Program<A>> Task<'_, '_, '_, A, P> {
     /// where its inputs or its program need the reference path.
     fn run(
         self,
-        work: &mut Work<A>,
+        work: &mut Work<A, X>,
         parts: usize,
         parallelism: Parallelism,
         into: CallRows<'_, A>,
     ) -> Option<Vec<HeadGradients<A>>> {
         let Task {
             problem,
-            arch,
+            pass,
             b,
             h,
             upstream,
@@ -230,9 +275,8 @@ impl<A: KernelElement, P: Program<A>> Task<'_, '_, '_, A, P> {
         let (l, d) = (problem.q.dim().2, problem.q.dim().3);
         let (s, d_v) = (problem.k.dim().2, problem.v.dim().3);
         let Work { panels, scratch } = work;
-        let nr = panels.width();
-        fused_head(problem, arch, (b, h), upstream, panels, |inputs, panels| {
-            let part = |scratch: &mut BlockScratch<A>, index: usize, into: CallRows<'_, A>| {
+        fused_head(problem, pass, (b, h), upstream, panels, |inputs, panels| {
+            let part = |scratch: &mut X::Scratch, index: usize, into: CallRows<'_, A>| {
                 let part = Part {
                     index,
                     count: parts,
@@ -252,13 +296,7 @@ impl<A: KernelElement, P: Program<A>> Task<'_, '_, '_, A, P> {
                     }
                 };
                 let out = HeadTargets { dq, dk, dv };
-                let rest = arch.dispatch(BackwardHead {
-                    inputs,
-                    upstream,
-                    shared: Shared { panels, scratch },
-                    part,
-                    out,
-                })?;
+                let rest = pass.head(inputs, upstream, (panels, scratch), part, out)?;
                 let (dk, dv) = own_keys.unzip();
                 Some(HeadGradients {
                     dq: own_dq,
@@ -281,7 +319,7 @@ impl<A: KernelElement, P: Program<A>> Task<'_, '_, '_, A, P> {
                 Parallelism::Rayon => (0..parts)
                     .into_par_iter()
                     .map_init(
-                        || BlockScratch::new(d_v, nr),
+                        || pass.scratch(d, d_v),
                         |scratch, index| part(scratch, index, none()),
                     )
                     .collect(),
@@ -293,13 +331,13 @@ impl<A: KernelElement, P: Program<A>> Task<'_, '_, '_, A, P> {
 /// Runs `run` on head `h` of batch row `b` with its keys and values packed
 /// into `panels`; `None` where its inputs or `upstream` need the reference
 /// path (or `run` says its program does).
-fn fused_head<A: KernelElement, P: Program<A>, R>(
+fn fused_head<A: KernelElement, P: Program<A>, X: Pass<A>, R>(
     problem: &Problem<'_, A, A, P>,
-    arch: Arch,
+    pass: X,
     (b, h): (usize, usize),
     upstream: Upstream<'_, A>,
-    panels: &mut HeadPanels<A>,
-    run: impl FnOnce(&HeadInputs<'_, '_, A, P>, &HeadPanels<A>) -> Option<R>,
+    panels: &mut X::Panels,
+    run: impl FnOnce(&HeadInputs<'_, '_, A, P>, &X::Panels) -> Option<R>,
 ) -> Option<R> {
     let q = problem.query(b, h);
     let (k, v) = problem.keys_values(b, problem.kv_head(h));
@@ -324,12 +362,7 @@ fn fused_head<A: KernelElement, P: Program<A>, R>(
         bias_shapes: &bias_shapes,
     };
     let forward = upstream.saved.is_none();
-    arch.dispatch(PackBackward {
-        panels,
-        k,
-        v,
-        forward,
-    });
+    pass.pack(panels, k, v, forward);
     run(&inputs, panels)
 }
 

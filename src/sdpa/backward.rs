@@ -269,7 +269,7 @@ impl<A: Storage> ScaledDotProduct<'_, A> {
             .zip(forward)
             .map(|(o, f)| (o.view(), f.lse.view()));
         let slopes = self.slopes_in_compute();
-        (self.in_compute(&slopes)).gradients_under([&q, &k, &v], kept, &d_out, program)
+        (self.in_compute(&slopes)).gradients_under::<A, D, P>([&q, &k, &v], kept, &d_out, program)
     }
 
     /// Each bias's gradient in the shape of that bias.
@@ -297,7 +297,7 @@ impl<A: Element> ScaledDotProduct<'_, A> {
     /// Every backward call, 2-D or batched, with or without the kept forward,
     /// under the program `program` makes, once the call is checked, from the
     /// shape of its scores; in 4-D.
-    fn gradients_under<D: AttentionDim, P: Program<A>>(
+    fn gradients_under<S: Storage<Compute = A>, D: AttentionDim, P: Program<A>>(
         &self,
         [q, k, v]: [&ArrayRef<A, D>; 3],
         forward: Option<Kept<'_, A, D>>,
@@ -322,7 +322,7 @@ impl<A: Element> ScaledDotProduct<'_, A> {
             None => None,
         };
         let d_out = D::lift(d_out.view());
-        kernel::backward(&problem, d_out, saved, self.kernel, self.parallelism)
+        kernel::backward::<S, P>(&problem, d_out, saved, self.kernel, self.parallelism)
     }
 }
 

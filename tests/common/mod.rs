@@ -253,6 +253,15 @@ fn cpu_flag(name: &str) -> bool {
 /// Runs `f`, asserting that the fused backward pass computed all `heads` heads
 /// (`fused`), or the reference path did.
 pub fn backward_by<R>(fused: bool, heads: usize, f: impl FnOnce() -> R) -> R {
+    backward_paths(fused, heads, f).0
+}
+
+/// [`backward_by`], and the paths, for their instruction set.
+pub fn backward_paths<R>(
+    fused: bool,
+    heads: usize,
+    f: impl FnOnce() -> R,
+) -> (R, attn::KernelPaths) {
     let (result, paths) = attn::kernel_paths(f);
     let (want_fused, want_reference) = if fused { (heads, 0) } else { (0, heads) };
     assert_eq!(
@@ -264,5 +273,5 @@ pub fn backward_by<R>(fused: bool, heads: usize, f: impl FnOnce() -> R) -> R {
         (want_fused, want_reference, 0),
         "{paths:?}"
     );
-    result
+    (result, paths)
 }

@@ -147,7 +147,7 @@ impl<K: Pair> PackedKeys<K> {
     /// (`K::depth(d)` of them, zero past the key's end), and finds the keys'
     /// extent (in f32) on the way.
     #[inline(always)]
-    fn pack_pairs<const NR: usize>(k: &ArrayView2<'_, bf16>) -> (Self, Extent<f32>) {
+    pub(crate) fn pack_pairs<const NR: usize>(k: &ArrayView2<'_, bf16>) -> (Self, Extent<f32>) {
         let (s, d) = k.dim();
         let k = k.as_standard_layout();
         let k = k.as_slice().expect("standard layout");

@@ -16,10 +16,13 @@
 //! Products of bf16 pairs are exact in f32; the tile unit adds them in an order
 //! of its own, and treats subnormal inputs as zero.
 
+mod backward;
+mod block;
 mod unit;
 
 use std::arch::x86_64::*;
 
+use block::lanes;
 use ndarray::ArrayView2;
 use unit::{Grid, TileUnit, usable};
 
@@ -92,6 +95,13 @@ impl Tiles<f32, NR> for Amx {
     }
 
     const SCALE_IN_SOFTMAX: bool = true;
+
+    /// AVX-512's (the backward's weights, row by row).
+    #[inline(always)]
+    fn exp_and_sum<M: MulAdd>(self, row: &mut [f32], shift: f32) -> f32 {
+        // SAFETY: `self` proves AVX-512 F.
+        unsafe { super::exp::exp_and_sum_f32(row, shift) }
+    }
 
     /// Sixteen rows at a time ([`softmax_band`]), the weights written as bf16
     /// over the scores' first bytes (the operand of [`Amx::block_values`]).
@@ -166,51 +176,12 @@ impl KeyTiles<f32, TilePair, NR> for Amx {
         scale: Option<f32>,
         s: &mut [f32],
     ) {
-        let depth = keys.depth;
         let Panels { j0, width, rows } = panels;
-        let first = j0 / NR * NR * depth;
         assert!(
-            depth.is_multiple_of(TILE_PAIRS)
-                && rows.is_multiple_of(TILE_ROWS)
-                && rows <= BR
-                && width.is_multiple_of(NR)
-                && width <= BC
-                && q.len() >= rows * depth
-                && keys.data.len() >= first + width * depth
-                && s.len() >= BR * BC,
-            "an AMX block's tiles lie within its operands"
+            rows.is_multiple_of(TILE_ROWS) && rows <= BR && width.is_multiple_of(NR),
+            "an AMX block computes whole tiles"
         );
-        let (q, k, out) = (q.as_ptr(), keys.data[first..].as_ptr(), s.as_mut_ptr());
-        let grid = Grid {
-            rows: rows / TILE_ROWS,
-            columns: width / NR,
-            steps: depth / TILE_PAIRS,
-        };
-        // SAFETY: `self` proves AMX. By the assertion, a tile of query rows `t`
-        // and pairs `c·16 ..` lies within `q` (`t·16 + 16 ≤ rows` rows of `depth`
-        // pairs), a tile of panel `p` and steps `c·16 ..` within the keys
-        // (`first + width·depth`), and a tile of scores within `s`.
-        unsafe {
-            let tiles = TileUnit::configure();
-            let query_bytes = depth * size_of::<TilePair>();
-            for group in grid.groups() {
-                tiles.sum_group(
-                    group,
-                    grid.steps,
-                    |t, c| {
-                        (
-                            q.add(t * TILE_ROWS * depth + c * TILE_PAIRS).cast(),
-                            query_bytes,
-                        )
-                    },
-                    |p, c| k.add((p * depth + c * TILE_PAIRS) * NR).cast(),
-                );
-                for (tile, t, p) in group.tiles() {
-                    let at = out.add(t * TILE_ROWS * BC + p * NR);
-                    tiles.store_to(tile, at.cast(), BC * size_of::<f32>());
-                }
-            }
-        }
+        self.panel_product((q, rows), (keys, j0 / NR, width), (s, BC));
         if let Some(scale) = scale {
             for row in s.chunks_exact_mut(BC).take(rows) {
                 for x in &mut row[..width] {
@@ -274,9 +245,8 @@ impl KeyTiles<f32, TilePair, NR> for Amx {
                     grid.steps,
                     |t, c| (weights.add(t * TILE_ROWS * row_bytes + c * 64), row_bytes),
                     |ct, c| {
-                        pairs
-                            .add((ct * values.s + first_step + c * TILE_PAIRS) * NR)
-                            .cast()
+                        let at = (ct * values.s + first_step + c * TILE_PAIRS) * NR;
+                        (pairs.add(at).cast(), 64)
                     },
                 );
                 for (tile, t, ct) in group.tiles() {
@@ -299,10 +269,7 @@ impl Amx {
             row.len() <= 2 * out.len() && out.len().is_multiple_of(TILE_PAIRS),
             "a packed query holds its row in whole steps"
         );
-        let lanes = |from: usize| match row.len().saturating_sub(from) {
-            n if n >= 16 => 0xffff,
-            n => (1u16 << n) - 1,
-        };
+        let lanes = |from: usize| lanes(row.len(), from);
         for (c, step) in out.as_chunks_mut::<TILE_PAIRS>().0.iter_mut().enumerate() {
             let j = c * KEY_STEP;
             // SAFETY: `self` proves AVX-512 F and AVX512_BF16; the masked loads

@@ -200,9 +200,8 @@ impl Group {
 
 impl TileUnit {
     /// The tiles of `group`, each `Σ_c A(t, c)·B(p, c)` over `steps` steps:
-    /// sums in tile registers 0–3, `A` in 4–5, `B` in 6–7. `a(t, c)` is the
-    /// address and row stride of `A`'s tile, `b(p, c)` the address of `B`'s
-    /// (rows of 64 bytes).
+    /// sums in tile registers 0–3, `A` in 4–5, `B` in 6–7. `a(t, c)` and
+    /// `b(p, c)` are the address and row stride of `A`'s and `B`'s tiles.
     ///
     /// # Safety
     ///
@@ -213,26 +212,77 @@ impl TileUnit {
         group: Group,
         steps: usize,
         a: impl Fn(usize, usize) -> (*const u8, usize),
-        b: impl Fn(usize, usize) -> *const u8,
+        b: impl Fn(usize, usize) -> (*const u8, usize),
+    ) {
+        let zero = |tile: u8, _: usize, _: usize| self.zero_to(tile);
+        // SAFETY: the caller upholds the contract.
+        unsafe { self.group_with(group, steps, &a, &b, &zero) }
+    }
+
+    /// The tiles of `group` of f32 sums at `c(t, p)` (address and row
+    /// stride), each added `Σ_c A(t, c)·B(p, c)` over `steps` steps, as
+    /// [`sum_group`](Self::sum_group) sums them, and stored back.
+    ///
+    /// # Safety
+    ///
+    /// Every tile `a` and `b` give is readable, and every tile `c` gives
+    /// readable and writable.
+    #[inline(always)]
+    pub(super) unsafe fn add_group(
+        &self,
+        group: Group,
+        steps: usize,
+        a: impl Fn(usize, usize) -> (*const u8, usize),
+        b: impl Fn(usize, usize) -> (*const u8, usize),
+        c: impl Fn(usize, usize) -> (*mut u8, usize),
+    ) {
+        // SAFETY: the caller upholds the contract.
+        unsafe {
+            let load = |tile: u8, t: usize, p: usize| {
+                let (at, stride) = c(t, p);
+                self.load_to(tile, at, stride)
+            };
+            self.group_with(group, steps, &a, &b, &load);
+            for (tile, t, p) in group.tiles() {
+                let (at, stride) = c(t, p);
+                self.store_to(tile, at, stride);
+            }
+        }
+    }
+
+    /// [`two_by_two`](Self::two_by_two) for the group's shape, each sum
+    /// started by `start(register, t, p)`.
+    ///
+    /// # Safety
+    ///
+    /// As [`sum_group`](Self::sum_group), and `start` only reads readable tiles.
+    #[inline(always)]
+    unsafe fn group_with(
+        &self,
+        group: Group,
+        steps: usize,
+        a: &impl Fn(usize, usize) -> (*const u8, usize),
+        b: &impl Fn(usize, usize) -> (*const u8, usize),
+        start: &impl Fn(u8, usize, usize),
     ) {
         let Group { t, p, .. } = group;
         // SAFETY: the caller upholds the contract.
         unsafe {
             match (group.rows, group.columns) {
-                (2, 2) => self.two_by_two::<2, 2>(t, p, steps, &a, &b),
-                (2, _) => self.two_by_two::<2, 1>(t, p, steps, &a, &b),
-                (_, 2) => self.two_by_two::<1, 2>(t, p, steps, &a, &b),
-                _ => self.two_by_two::<1, 1>(t, p, steps, &a, &b),
+                (2, 2) => self.two_by_two::<2, 2>(t, p, steps, a, b, start),
+                (2, _) => self.two_by_two::<2, 1>(t, p, steps, a, b, start),
+                (_, 2) => self.two_by_two::<1, 2>(t, p, steps, a, b, start),
+                _ => self.two_by_two::<1, 1>(t, p, steps, a, b, start),
             }
         }
     }
 
     /// Tiles `(t + r, p + c)` for `r < R`, `c < C` (each at most 2) into tile
-    /// registers `2r + c`.
+    /// registers `2r + c`, each started by `start`.
     ///
     /// # Safety
     ///
-    /// As [`sum_group`](Self::sum_group).
+    /// As [`group_with`](Self::group_with).
     #[inline(always)]
     unsafe fn two_by_two<const R: usize, const C: usize>(
         &self,
@@ -240,16 +290,17 @@ impl TileUnit {
         p: usize,
         steps: usize,
         a: &impl Fn(usize, usize) -> (*const u8, usize),
-        b: &impl Fn(usize, usize) -> *const u8,
+        b: &impl Fn(usize, usize) -> (*const u8, usize),
+        start: &impl Fn(u8, usize, usize),
     ) {
-        self.zero::<0>();
+        start(0, t, p);
         if C > 1 {
-            self.zero::<1>();
+            start(1, t, p + 1);
         }
         if R > 1 {
-            self.zero::<2>();
+            start(2, t + 1, p);
             if C > 1 {
-                self.zero::<3>();
+                start(3, t + 1, p + 1);
             }
         }
         for c in 0..steps {
@@ -261,9 +312,11 @@ impl TileUnit {
                     let (second, stride) = a(t + 1, c);
                     self.load::<5>(second, stride);
                 }
-                self.load::<6>(b(p, c), 64);
+                let (first, stride) = b(p, c);
+                self.load::<6>(first, stride);
                 if C > 1 {
-                    self.load::<7>(b(p + 1, c), 64);
+                    let (second, stride) = b(p + 1, c);
+                    self.load::<7>(second, stride);
                 }
             }
             self.dot::<0, 4, 6>();
@@ -275,6 +328,35 @@ impl TileUnit {
                 if C > 1 {
                     self.dot::<3, 5, 7>();
                 }
+            }
+        }
+    }
+
+    /// `tmm{tile} = 0` for tile register `tile` (0–3).
+    #[inline(always)]
+    fn zero_to(&self, tile: u8) {
+        match tile {
+            0 => self.zero::<0>(),
+            1 => self.zero::<1>(),
+            2 => self.zero::<2>(),
+            _ => self.zero::<3>(),
+        }
+    }
+
+    /// Loads tile register `tile` (0–3): 16 rows of 64 bytes at `from + i·stride`.
+    ///
+    /// # Safety
+    ///
+    /// The 16 rows are readable.
+    #[inline(always)]
+    unsafe fn load_to(&self, tile: u8, from: *const u8, stride: usize) {
+        // SAFETY: the caller upholds the contract.
+        unsafe {
+            match tile {
+                0 => self.load::<0>(from, stride),
+                1 => self.load::<1>(from, stride),
+                2 => self.load::<2>(from, stride),
+                _ => self.load::<3>(from, stride),
             }
         }
     }
