@@ -373,7 +373,7 @@ fn main() {
     // the backward pass: gradients of q, k, v from d_out (forward not timed for
     // PyTorch; attn's backward runs its own forward pass inside)
     println!(
-        "\nbackward, {HEADS} heads, head_dim {DIM}: GFLOP/s = 10·N²·d·heads / time (causal: half); bf16 computed in f32 (% of the f32 peak)"
+        "\nbackward, {HEADS} heads, head_dim {DIM}: GFLOP/s = 10·N²·d·heads / time (causal: half); bf16 on AMX tiles where the CPU has them, else computed in f32 (% of the f32 peak)"
     );
     println!(
         "\"kept\": `backward_with_lse` from `forward_with_lse` (forward not timed, as for PyTorch); \"alone\": `backward_batched`, which runs the forward again\n"

@@ -66,9 +66,13 @@ impl<A: Storage> ScaledDotProduct<'_, A> {
     /// memory, heads in parallel), or by the readable reference path with
     /// [`Kernel::Plain`](crate::Kernel::Plain), for inputs that are not finite or
     /// could overflow, as the forward does. In `bf16` and `f16` the inputs widen
-    /// exactly to `f32`, the pass runs in `f32` (no product's operand is rounded
-    /// to the half type, as PyTorch's CPU kernel rounds `P` and `dS`), and each
-    /// gradient is rounded once to the storage type.
+    /// exactly to `f32`, the pass runs in `f32`, and each gradient is rounded
+    /// once to the storage type. Where the CPU has AMX (and
+    /// `ATTN_KERNEL_ARCH` allows it), `bf16` inputs run on the tile unit, which
+    /// rounds the weights `P` and their gradients `dS` to bf16 for the products
+    /// that take them, as PyTorch's CPU kernel does: an entry of `dV`, `dQ` or
+    /// `dK` moves by at most 2⁻⁹ of the sum of its products' magnitudes
+    /// (`Σ|P|·|dO|`, `scale·Σ|dS|·|K|`, `scale·Σ|dS|·|Q|`).
     ///
     /// # Shapes
     ///

@@ -344,9 +344,9 @@ impl<A: Storage, F: ScoreMod<A::Compute>, K: KeepMod> FlexAttention<'_, A, F, K>
 
     /// The gradients of a loss through this attention given `d_out =
     /// ∂loss/∂output`, running the forward again inside the fused backward.
-    /// In `bf16` and `f16` the pass runs in `f32` on the widened inputs and
-    /// each gradient of an input or a sink is rounded once, as
-    /// [`ScaledDotProduct::backward`]'s.
+    /// In `bf16` and `f16` the pass runs in `f32` on the widened inputs (on AMX
+    /// tiles for `bf16`, where the CPU has them) and each gradient of an input
+    /// or a sink is rounded once, as [`ScaledDotProduct::backward`]'s.
     ///
     /// # Shapes
     ///
