@@ -252,6 +252,55 @@ fn f16_gradients_are_the_f32_pass_rounded_once() {
     two_d::<f16>();
 }
 
+/// Widths that are not whole tiles (queries 80 wide, values 24; queries 8
+/// wide, values 100), value widths other than the queries', under a causal
+/// mask and none: within rounding (and, on the tiles, their roundings) of the
+/// f64 pass.
+#[test]
+fn bf16_gradients_of_widths_off_the_tiles() {
+    for (n, &(l, s, d, d_v)) in [(70, 45, 80, 24), (33, 200, 8, 100)].iter().enumerate() {
+        let seed = 700 + 10 * n as u64;
+        let half = |rows, cols, seed| to_half::<bf16, _>(&common::random2(rows, cols, seed));
+        let (q, k, v, d_out) = (
+            half(l, d, seed),
+            half(s, d, seed + 1),
+            half(s, d_v, seed + 2),
+            half(l, d_v, seed + 3),
+        );
+        for causal in [false, true] {
+            fn masks<T: Storage>(causal: bool) -> Vec<Mask<'static, T>> {
+                match causal {
+                    true => vec![Mask::CausalBottomRight],
+                    false => vec![],
+                }
+            }
+            let attn = with_masks(masks(causal));
+            let (got, paths) = backward_paths(true, 1, || {
+                attn.backward(&q, &k, &v, &d_out).expect("valid")
+            });
+            let (q, k, v, d_out) = (to_f64(&q), to_f64(&k), to_f64(&v), to_f64(&d_out));
+            let f64s = with_masks(masks(causal));
+            let want = f64s.backward(&q, &k, &v, &d_out).expect("valid");
+            let bounds = match on_tiles::<bf16>(&paths) {
+                true => {
+                    let p = f64s
+                        .forward_with_weights(&q, &k, &v)
+                        .expect("valid")
+                        .weights;
+                    let ds = ds_abs(p.view(), v.view(), d_out.view());
+                    let inputs = [q.view(), k.view(), v.view(), d_out.view()];
+                    TileBounds::of(inputs, p.view(), &ds, true)
+                }
+                false => TileBounds::none((l, s, d, d_v)),
+            };
+            let what = format!("{l}x{s}x{d}x{d_v} causal {causal}");
+            assert_rounded::<bf16, _>(&format!("{what} dQ"), &to_f64(&got.q), &want.q, &bounds.dq);
+            assert_rounded::<bf16, _>(&format!("{what} dK"), &to_f64(&got.k), &want.k, &bounds.dk);
+            assert_rounded::<bf16, _>(&format!("{what} dV"), &to_f64(&got.v), &want.v, &bounds.dv);
+        }
+    }
+}
+
 /// Batched grouped-query heads from a kept forward: the forward runs on the
 /// tiled kernel over bf16 pairs where the CPU has them (AMX tiles or
 /// AVX512_BF16) with the same output as `forward_batched`, its lse in f32 (the
