@@ -267,8 +267,8 @@ impl Products<f32> for PairProducts<'_> {
         amx.pack_block_queries(q, 1.0, w.depth, &mut block.q);
         let d_out = ArrayView2::from_shape((rows, w.d_v), d_out).expect("rows of d_v");
         amx.pack_block_queries(d_out, 1.0, w.value_depth, &mut block.d_out);
-        transpose_narrow(q, &mut block.q_t);
-        transpose_narrow(d_out, &mut block.d_out_t);
+        transpose_pairs(&block.q, (rows, w.d), &mut block.q_t);
+        transpose_pairs(&block.d_out, (rows, w.d_v), &mut block.d_out_t);
         block.dq.fill(0.0);
     }
 
@@ -406,15 +406,22 @@ fn add_transposed(x: &mut [f32], width: usize, t: &[f32], keys: usize, factor: f
     }
 }
 
-/// `x: (rows, c)` transposed into `out` in bf16: row `i` of `out` (`BQ`
-/// entries) holds component `i` of every row, zero past the rows.
+/// `rows` rows of `width` components packed as rows of pairs (`x`, whole
+/// steps a row) transposed into `out`: row `c` of `out` (`BQ` entries) holds
+/// component `c` of every row, zero past the rows.
 #[inline(always)]
-fn transpose_narrow(x: ArrayView2<'_, f32>, out: &mut [bf16]) {
-    for (c, column) in x.columns().into_iter().enumerate() {
-        let row = &mut out[c * BQ..][..BQ];
-        for (y, &x) in row.iter_mut().zip(column) {
-            *y = bf16::from_f32(x);
+fn transpose_pairs(x: &[TilePair], (rows, width): (usize, usize), out: &mut [bf16]) {
+    let depth = TilePair::depth(width);
+    for (i, row) in x.chunks_exact(depth).take(rows).enumerate() {
+        for (c, pair) in row.iter().take(width.div_ceil(2)).enumerate() {
+            let TilePair(Bf16Pair(bits)) = *pair;
+            out[2 * c * BQ + i] = bf16::from_bits(bits as u16);
+            if 2 * c + 1 < width {
+                out[(2 * c + 1) * BQ + i] = bf16::from_bits((bits >> 16) as u16);
+            }
         }
-        row[x.nrows()..].fill(bf16::ZERO);
+    }
+    for row in out.chunks_exact_mut(BQ).take(width) {
+        row[rows..].fill(bf16::ZERO);
     }
 }
