@@ -542,3 +542,28 @@ fn bf16_flex_gradients_are_the_f32_pass_rounded_once() {
         );
     }
 }
+
+/// Values of no width: no output, every gradient zero (no panic), in f32 and
+/// bf16 (where the bf16 pass would run on the tiles).
+#[test]
+fn values_of_no_width_give_zero_gradients() {
+    fn check<T: Storage>(one: T, zero: T) {
+        let q = Array2::from_elem((5, 4), one);
+        let v = Array2::from_elem((7, 0), one);
+        let k = Array2::from_elem((7, 4), one);
+        let d_out = Array2::from_elem((5, 0), one);
+        for attn in [
+            ScaledDotProduct::new(),
+            ScaledDotProduct::new().with_mask(Mask::CausalTopLeft),
+        ] {
+            let grads = attn.backward(&q, &k, &v, &d_out).expect("valid");
+            assert_eq!(
+                (grads.q.dim(), grads.k.dim(), grads.v.dim()),
+                ((5, 4), (7, 4), (7, 0))
+            );
+            assert!(grads.q.iter().chain(&grads.k).all(|x| *x == zero));
+        }
+    }
+    check(1.0_f32, 0.0);
+    check(bf16::ONE, bf16::ZERO);
+}

@@ -36,7 +36,7 @@ impl<A: KernelElement> Pass<A> for Arch {
         Dispatch::<A>::kind(self)
     }
 
-    fn panels(self, _: usize, _: usize) -> HeadPanels<A> {
+    fn panels(self) -> HeadPanels<A> {
         HeadPanels::new(Dispatch::<A>::dispatch(self, TileWidth))
     }
 
@@ -119,6 +119,10 @@ pub(crate) fn backward<A: KernelElement, P: Program<A>, X: Pass<A>>(
     parallelism: Parallelism,
 ) -> Gradients<A> {
     let (batch, heads, l, _) = problem.q.dim();
+    if problem.v.dim().3 == 0 {
+        // values of no width: no output, every gradient zero
+        return Gradients::zeros(problem);
+    }
     let upstream = |b: usize, h: usize| Upstream {
         d_out: d_out.index_axis(Axis(0), b).index_axis_move(Axis(0), h),
         saved: saved.map(|saved| saved.head(b, h)),
@@ -134,7 +138,7 @@ pub(crate) fn backward<A: KernelElement, P: Program<A>, X: Pass<A>>(
     };
     let (d, d_v) = (problem.q.dim().3, problem.v.dim().3);
     let work = || Work::<A, X> {
-        panels: pass.panels(d, d_v),
+        panels: pass.panels(),
         scratch: pass.scratch(d, d_v),
     };
     report::arch_used(pass.kind());

@@ -83,8 +83,8 @@ pub(crate) trait Pass<A>: Copy + Send + Sync {
     type Scratch: Send;
     /// The instruction set the products run on.
     fn kind(self) -> KernelArch;
-    /// Empty panels, for heads of `d`-wide queries and `d_v`-wide values.
-    fn panels(self, d: usize, d_v: usize) -> Self::Panels;
+    /// Empty panels, to pack head after head.
+    fn panels(self) -> Self::Panels;
     /// Working memory for those heads' query blocks.
     fn scratch(self, d: usize, d_v: usize) -> Self::Scratch;
     /// Packs one head's `k: (S, d)` and `v: (S, d_v)` into `panels` (what the

@@ -159,7 +159,7 @@ impl Pass<f32> for Amx {
         KernelArch::Amx
     }
 
-    fn panels(self, _: usize, _: usize) -> Option<PairPanels> {
+    fn panels(self) -> Option<PairPanels> {
         None
     }
 
