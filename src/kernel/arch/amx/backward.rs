@@ -29,9 +29,8 @@ use std::ops::Range;
 use half::bf16;
 use ndarray::ArrayView2;
 
-use super::block::{Layout, Operand, STEP};
-use super::unit::Grid;
-use super::{Amx, NR, TILE_ROWS};
+use super::block::STEP;
+use super::{Amx, NR};
 use crate::flex::program::Program;
 use crate::kernel::arch::{KernelArch, Op, Token};
 use crate::kernel::backward::{
@@ -296,19 +295,10 @@ impl Products<f32> for PairProducts<'_> {
         let block = &mut *self.block;
         self.amx.narrow_rows((p, BK), rows, n, &mut block.p_rows);
         block.o.fill(0.0);
-        let grid = Grid {
-            rows: rows.div_ceil(TILE_ROWS),
-            columns: w.d_v_tiles,
-            steps: n.div_ceil(STEP),
-        };
-        let a = Operand(&block.p_rows[..], Layout::rows(BK, STEP));
-        let b = Operand(
-            &values.data[..],
-            Layout::key_pairs(values, keys.start, grid.steps),
-        );
+        let a = (&block.p_rows[..], rows);
+        self.amx
+            .key_pair_product(a, (values, keys.start, n), &mut block.o);
         let width = w.d_v_tiles * NR;
-        let c = (&mut block.o[..], Layout::rows(width, NR));
-        self.amx.product(grid, a, b, c, true);
         for (o, sums) in o
             .chunks_exact_mut(w.d_v)
             .zip(block.o.chunks_exact(width))
@@ -325,15 +315,9 @@ impl Products<f32> for PairProducts<'_> {
         let (rows, n) = (self.rows, keys.len());
         let block = &mut *self.block;
         self.amx.pair_rows((p, BK), rows, n, &mut block.p_pairs);
-        let grid = Grid {
-            rows: self.w.d_v_tiles,
-            columns: n.div_ceil(NR),
-            steps: rows.div_ceil(STEP),
-        };
-        let a = Operand(&block.d_out_t[..], Layout::rows(BQ, STEP));
-        let b = Operand(&block.p_pairs[..], Layout::row_pairs(BK));
-        let c = Layout::rows(self.keys, NR).offset(keys.start);
-        self.amx.product(grid, a, b, (&mut block.dv_t, c), true);
+        let a = (&block.d_out_t[..], self.w.d_v_tiles);
+        let c = (&mut block.dv_t[..], self.keys, keys.start);
+        self.amx.transposed_product(a, (&block.p_pairs, rows, n), c);
     }
 
     #[inline(always)]
@@ -350,29 +334,14 @@ impl Products<f32> for PairProducts<'_> {
         self.amx.narrow_rows((ds, BK), rows, n, &mut block.ds_rows);
         self.amx.pair_rows((ds, BK), rows, n, &mut block.ds_pairs);
         // dQ += dS·K
-        let grid = Grid {
-            rows: rows.div_ceil(TILE_ROWS),
-            columns: w.d_tiles,
-            steps: n.div_ceil(STEP),
-        };
-        let pairs = &self.head.key_pairs;
-        let a = Operand(&block.ds_rows[..], Layout::rows(BK, STEP));
-        let b = Operand(
-            &pairs.data[..],
-            Layout::key_pairs(pairs, keys.start, grid.steps),
-        );
-        let c = Layout::rows(w.d_tiles * NR, NR);
-        self.amx.product(grid, a, b, (&mut block.dq, c), true);
+        let b = (&self.head.key_pairs, keys.start, n);
+        self.amx
+            .key_pair_product((&block.ds_rows, rows), b, &mut block.dq);
         // dKᵀ += Qᵀ·dS
-        let grid = Grid {
-            rows: w.d_tiles,
-            columns: n.div_ceil(NR),
-            steps: rows.div_ceil(STEP),
-        };
-        let a = Operand(&block.q_t[..], Layout::rows(BQ, STEP));
-        let b = Operand(&block.ds_pairs[..], Layout::row_pairs(BK));
-        let c = Layout::rows(self.keys, NR).offset(keys.start);
-        self.amx.product(grid, a, b, (&mut block.dk_t, c), true);
+        let a = (&block.q_t[..], w.d_tiles);
+        let c = (&mut block.dk_t[..], self.keys, keys.start);
+        self.amx
+            .transposed_product(a, (&block.ds_pairs, rows, n), c);
     }
 
     #[inline(always)]

@@ -9,6 +9,7 @@ use half::bf16;
 use super::unit::{Grid, TileUnit};
 use super::{Amx, NR, TILE_ROWS};
 use crate::kernel::pack::{Bf16Pair, PackedKeys, PackedValues, TILE_PAIRS, TilePair};
+use crate::kernel::params::{BACKWARD_KEYS as BK, BACKWARD_QUERIES as BQ};
 
 /// Entries of one step of a tile's rows: 32 bf16 (16 pairs).
 pub(super) const STEP: usize = 2 * TILE_PAIRS;
@@ -176,6 +177,50 @@ impl Amx {
         let a = Operand(a, Layout::rows(depth, TILE_PAIRS));
         let b = Operand(&b.data[..], Layout::panels(depth, first));
         self.product(grid, a, b, (c, Layout::rows(stride, NR)), false);
+    }
+
+    /// `C += A·B` for `rows` rows (to a whole tile) and every column group of
+    /// `b`, into `c` in rows of whole groups: `A` a key block's rows of `BK`
+    /// bf16 over its `n` keys, `B` the pairs of keys of `b` from key `first`
+    /// (`dQ += dS·K`, and `O += P·V` when the backward runs the forward again).
+    #[inline(always)]
+    pub(super) fn key_pair_product(
+        self,
+        (a, rows): (&[bf16], usize),
+        (b, first, n): (&PackedValues<Bf16Pair>, usize, usize),
+        c: &mut [f32],
+    ) {
+        let grid = Grid {
+            rows: rows.div_ceil(TILE_ROWS),
+            columns: b.col_tiles,
+            steps: n.div_ceil(STEP),
+        };
+        let a = Operand(a, Layout::rows(BK, STEP));
+        let layout = Layout::key_pairs(b, first, grid.steps);
+        let c = (c, Layout::rows(b.col_tiles * NR, NR));
+        self.product(grid, a, Operand(&b.data[..], layout), c, true);
+    }
+
+    /// `Cᵀ += A·B` into a transposed gradient (`dKᵀ`, `dVᵀ`: `c` in rows of
+    /// `keys`, the key block's columns from `first`): `A` `a_tiles` tiles of
+    /// rows of `BQ` bf16 over the block's `rows` queries, `B` pairs of those
+    /// rows over the key block's `n` keys, in rows of `BK` pairs.
+    #[inline(always)]
+    pub(super) fn transposed_product(
+        self,
+        (a, a_tiles): (&[bf16], usize),
+        (b, rows, n): (&[Bf16Pair], usize, usize),
+        (c, keys, first): (&mut [f32], usize, usize),
+    ) {
+        let grid = Grid {
+            rows: a_tiles,
+            columns: n.div_ceil(NR),
+            steps: rows.div_ceil(STEP),
+        };
+        let a = Operand(a, Layout::rows(BQ, STEP));
+        let b = Operand(b, Layout::row_pairs(BK));
+        let c = (c, Layout::rows(keys, NR).offset(first));
+        self.product(grid, a, b, c, true);
     }
 
     /// The first `n` entries of the `rows` rows of `x` (rows of `stride`) in
