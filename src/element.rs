@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use crate::flex::program::Program;
 use crate::kernel::Parallelism;
+use crate::kernel::sweep::{Sweep, vectorized};
 
 /// A floating-point element that attention is computed in: `f32` or `f64`.
 ///
@@ -263,7 +264,7 @@ macro_rules! half {
                 match x.as_slice() {
                     Some(src) => {
                         let dst = filled(src.len(), 0.0, parallelism, |at, dst| {
-                            <$t as Half>::widen(&src[at..at + dst.len()], dst)
+                            vectorized(Widen(&src[at..at + dst.len()], dst))
                         });
                         Array::from_shape_vec(x.raw_dim(), dst)
                             .expect("one value per element")
@@ -277,7 +278,7 @@ macro_rules! half {
                 match x.as_slice() {
                     Some(src) => {
                         let dst = filled(src.len(), <$t>::ZERO, parallelism, |at, dst| {
-                            <$t as Half>::narrow(&src[at..at + dst.len()], dst)
+                            vectorized(Narrow(&src[at..at + dst.len()], dst))
                         });
                         Array::from_shape_vec(x.raw_dim(), dst).expect("one value per element")
                     }
@@ -296,6 +297,30 @@ macro_rules! half {
 
 half!(bf16);
 half!(f16);
+
+/// [`Half::widen`] as a [`Sweep`].
+struct Widen<'a, H>(&'a [H], &'a mut [f32]);
+
+impl<H: Half> Sweep for Widen<'_, H> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        H::widen(self.0, self.1)
+    }
+}
+
+/// [`Half::narrow`] as a [`Sweep`].
+struct Narrow<'a, H>(&'a [f32], &'a mut [H]);
+
+impl<H: Half> Sweep for Narrow<'_, H> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        H::narrow(self.0, self.1)
+    }
+}
 
 /// Values per task of a conversion split over threads.
 const CONVERT_CHUNK: usize = 1 << 15;
@@ -351,6 +376,7 @@ impl Half for bf16 {
     /// Without branches, so that the loop vectorises: the upper half of the
     /// bits after adding just under half a unit of the last place and the
     /// lowest kept bit (ties to even); a NaN's upper half with its quiet bit.
+    #[inline(always)]
     fn narrow(src: &[f32], dst: &mut [bf16]) {
         for (d, x) in dst.iter_mut().zip(src) {
             let bits = x.to_bits();
@@ -399,6 +425,7 @@ impl Half for f16 {
 mod tests {
     use super::*;
 
+    /// Through [`vectorized`], as the conversions run.
     #[test]
     fn widening_is_exact_for_every_half_value() {
         let every = |to_f32: fn(u16) -> f32, widen: fn(&[u16], &mut [f32])| {
@@ -417,14 +444,14 @@ mod tests {
             |b| f16::from_bits(b).to_f32(),
             |src, dst| {
                 let src: Vec<f16> = src.iter().map(|&b| f16::from_bits(b)).collect();
-                f16::widen(&src, dst)
+                vectorized(Widen(&src, dst))
             },
         );
         every(
             |b| bf16::from_bits(b).to_f32(),
             |src, dst| {
                 let src: Vec<bf16> = src.iter().map(|&b| bf16::from_bits(b)).collect();
-                bf16::widen(&src, dst)
+                vectorized(Widen(&src, dst))
             },
         );
     }
@@ -432,7 +459,8 @@ mod tests {
     /// bf16's branch-free rounding gives `bf16::from_f32`'s bits: every f32
     /// whose low half is one of the cases (0, just below, at and just above a
     /// tie, the most) for a sweep of upper halves of both signs, with every
-    /// NaN, infinity and the largest finite values among them.
+    /// NaN, infinity and the largest finite values among them; through
+    /// [`vectorized`], as the conversions run.
     #[test]
     fn narrowing_to_bf16_rounds_as_from_f32() {
         let lows = [0x0000, 0x0001, 0x7fff, 0x8000, 0x8001, 0xffff];
@@ -440,7 +468,7 @@ mod tests {
             .flat_map(|high| lows.map(|low| f32::from_bits((u32::from(high) << 16) | low)))
             .collect();
         let mut narrowed = vec![bf16::ZERO; values.len()];
-        <bf16 as Half>::narrow(&values, &mut narrowed);
+        vectorized(Narrow(&values, &mut narrowed));
         for (&x, &got) in values.iter().zip(&narrowed) {
             assert_eq!(
                 got.to_bits(),

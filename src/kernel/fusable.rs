@@ -8,6 +8,7 @@ use std::borrow::Cow;
 use ndarray::{ArrayView1, ArrayView2};
 
 use super::params::SCAN_LANES;
+use super::sweep::{Sweep, vectorized};
 use crate::core::mask::Mask2;
 use crate::element::Element;
 
@@ -25,13 +26,26 @@ pub(crate) struct Extent<A> {
 /// Whether `x` is finite, its largest absolute entry, and its number of rows.
 #[inline]
 pub(crate) fn extent_of<A: Element>(x: &ArrayView2<'_, A>) -> Extent<A> {
-    let mut scan = Scan::new();
-    match x.as_slice_memory_order() {
-        Some(few) if few.len() < SCAN_LANES => return short_extent(few, x.nrows()),
-        Some(all) => scan.add(all),
-        None => x.outer_iter().for_each(|row| scan.add(&row_slice(row))),
+    vectorized(ExtentOf(x))
+}
+
+/// [`extent_of`] as a [`Sweep`]: compiled with the CPU's vectors.
+struct ExtentOf<'a, 'x, A>(&'a ArrayView2<'x, A>);
+
+impl<A: Element> Sweep for ExtentOf<'_, '_, A> {
+    type Output = Extent<A>;
+
+    #[inline(always)]
+    fn run(self) -> Extent<A> {
+        let x = self.0;
+        let mut scan = Scan::new();
+        match x.as_slice_memory_order() {
+            Some(few) if few.len() < SCAN_LANES => return short_extent(few, x.nrows()),
+            Some(all) => scan.add(all),
+            None => x.outer_iter().for_each(|row| scan.add(&row_slice(row))),
+        }
+        scan.extent(x.nrows())
     }
-    scan.extent(x.nrows())
 }
 
 /// The extent of fewer entries than [`SCAN_LANES`] (a tiny head), `rows` rows:

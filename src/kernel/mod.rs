@@ -37,6 +37,7 @@ mod rowwise;
 mod run;
 mod run_backward;
 mod run_direct;
+pub(crate) mod sweep;
 mod tiled;
 mod weights;
 
