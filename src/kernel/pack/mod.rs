@@ -218,6 +218,10 @@ impl<A: Element> Panels<A> {
     /// Sizes the panels for `lines × depth`, with the lanes past the last line
     /// zero: the packers write every other value, so a buffer used again (the
     /// backward packs into the same panels for every block) is not zeroed first.
+    /// Inlined into the packing, so that the zeros of a new buffer are written
+    /// with the token's vectors (out of line: 16 bytes a store, 2.6 % of an
+    /// f32 call at N = 128).
+    #[inline(always)]
     fn reset(&mut self, lines: usize, depth: usize) {
         self.lines = lines;
         self.depth = depth;
