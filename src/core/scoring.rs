@@ -57,7 +57,10 @@ impl<P> Scoring<'_, P> {
             j0,
         };
         self.program.score_row(row_at, row);
-        apply_row(masks, i, l, s, j0, row);
+        // a call out of line per row, even over no masks: 1.3 % of a bf16 call
+        if !masks.is_empty() {
+            apply_row(masks, i, l, s, j0, row);
+        }
         if class == BlockClass::Partial {
             self.program.keep_row(row_at, row, A::neg_infinity());
         }
