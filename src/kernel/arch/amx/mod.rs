@@ -8,11 +8,12 @@
 //! (`arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)`) itself.
 //!
 //! Accuracy: the queries are rounded to bf16 (as by [`Avx512Bf16`]), and so are
-//! the weights `P = exp(S − max)` before `P·V` (each by at most 2⁻⁸ of itself;
-//! the row's sum, which divides, is of the f32 weights), as PyTorch's CPU
-//! kernel does: an output moves by at most 2⁻⁸ of the largest value, the size
-//! of the values' own bf16 rounding (`tests/half.rs` allows one bf16 spacing of
-//! the largest value where AMX ran).
+//! the weights `P = exp(S − max)` before `P·V` (each by at most 2⁻⁸ of itself,
+//! after an `exp` within 4·10⁻⁶; the row's sum, which divides, is of the f32
+//! weights), as PyTorch's CPU kernel does: an output moves by at most 2⁻⁸ of
+//! the largest value, the size of the values' own bf16 rounding
+//! (`tests/half.rs` allows one bf16 spacing of the largest value where AMX
+//! ran).
 //! Products of bf16 pairs are exact in f32; the tile unit adds them in an order
 //! of its own, and treats subnormal inputs as zero.
 
