@@ -8,10 +8,12 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{Avx2, sum4_pd, sum4_ps, widen8};
+use super::band::{BAND, BandState, softmax_band};
 use super::{exp, transpose};
 use crate::kernel::direct::{Dots, HalfDots, Narrow, NarrowKind, Prefetch, scores_i8, values_i8};
 use crate::kernel::float::MulAdd;
-use crate::kernel::params::{LANES, TILE_BLOCKS};
+use crate::kernel::params::{BC, LANES, TILE_BLOCKS};
+use crate::kernel::tiled::{RowStates, softmax_rows};
 
 /// Proof that the CPU has AVX-512 F, BW, VL and DQ as well as AVX2, FMA and F16C:
 /// [`detect`](Self::detect) is the only way to make one, so the safe methods
@@ -70,7 +72,8 @@ two_register_tiles!(
     _mm512_fmadd_ps,
     pack_panel = pack_panel_f32,
     pack_query_tile = pack_query_tile_f32,
-    exp_and_sum = exp_and_sum_f32
+    exp_and_sum = exp_and_sum_f32,
+    block_softmax = block_softmax_f32
 );
 two_register_tiles!(
     Avx512,
@@ -101,6 +104,50 @@ fn pack_panel_f32(_: Avx512, src: &[f32], stride: usize, lines: usize, out: &mut
 fn exp_and_sum_f32(_: Avx512, row: &mut [f32], shift: f32) -> f32 {
     // SAFETY: `Avx512` exists, so the CPU has AVX-512 F.
     unsafe { exp::exp_and_sum_f32(row, shift) }
+}
+
+/// The online softmax's step for a block of f32 scores sixteen rows at a time
+/// ([`softmax_band`]: the sixteen rows' maxima, sums and factors `α` reduced
+/// together, where row by row each pays two reductions across a register and
+/// a scalar `exp`), the rows past the last whole sixteen, and a block whose
+/// scores still need their scale, row by row. The weights are `exp_and_sum`'s
+/// bits; their sums are added in another order.
+#[inline(always)]
+fn block_softmax_f32<M: MulAdd>(
+    token: Avx512,
+    s: &mut [f32],
+    width: usize,
+    rows: usize,
+    scale: Option<f32>,
+    state: RowStates<'_, f32>,
+) {
+    let bands = if scale.is_none() { rows / BAND } else { 0 };
+    let RowStates { max, sum, alpha } = state;
+    let states = max
+        .as_chunks_mut::<BAND>()
+        .0
+        .iter_mut()
+        .zip(sum.as_chunks_mut::<BAND>().0)
+        .zip(alpha.as_chunks_mut::<BAND>().0);
+    for (band, ((max, sum), alpha)) in s
+        .as_chunks_mut::<{ BAND * BC }>()
+        .0
+        .iter_mut()
+        .zip(states)
+        .take(bands)
+    {
+        // SAFETY: `Avx512` exists, so the CPU has AVX-512 F; the scale is 1.
+        unsafe { softmax_band::<false>(band, width, 1.0, BandState { max, sum, alpha }) };
+    }
+    let state = RowStates { max, sum, alpha };
+    softmax_rows::<f32, M, Avx512, { Avx512::F32_TILE }>(
+        token,
+        s,
+        width,
+        bands * BAND..rows,
+        scale,
+        state,
+    );
 }
 
 /// [`exp::exp_and_sum_f64`] under this token.

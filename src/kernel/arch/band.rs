@@ -1,5 +1,6 @@
 //! The online softmax's step for a band of sixteen rows of scores at once with
-//! AVX-512, their weights written as bf16 (the AMX tiles' `P·V` operand).
+//! AVX-512, their weights written as f32 (the AVX-512 f32 blocks) or bf16 (the
+//! AMX tiles' `P·V` operand).
 //!
 //! Row by row, each row pays for two reductions across a register (its maximum,
 //! its sum) and a scalar `exp` of its rescaling factor; at 256 keys a row that
@@ -25,18 +26,20 @@ pub(super) struct BandState<'a> {
 
 /// One step of the online softmax over the first `width` scores (a multiple of
 /// 16) of each of the band's 16 rows of `BC` in `s`, the scores `x` times
-/// `scale` (1 where they carry it): the weights `exp(scale·x − shift)` (by
-/// [`weight`], within 4·10⁻⁶ of themselves) replace the scores, rounded to
-/// bf16 and written as 16-bit words from each row's first byte, zero to a
-/// whole step of 32 weights; the state moves on as by [`crate::kernel::online::rescale`] and
+/// `scale` (1 where they carry it): the weights `exp(scale·x − shift)` replace
+/// the scores. For `BF16` (by [`weight`], within 4·10⁻⁶ of themselves) they
+/// are rounded to bf16 and written as 16-bit words from each row's first
+/// byte, zero to a whole step of 32 weights; else they are [`exp16`]'s of the
+/// argument rounded once, in place, as `exp_and_sum_f32` gives them. The state
+/// moves on as by [`crate::kernel::online::rescale`] and
 /// [`crate::kernel::online::fold_step`], the sum being of the f32 weights.
 /// A NaN score is passed over by the maximum.
 ///
 /// # Safety
 ///
-/// The CPU must support AVX-512 F and AVX512_BF16; `scale > 0`.
+/// The CPU must support AVX-512 F, and AVX512_BF16 for `BF16`; `scale > 0`.
 #[inline(always)]
-pub(super) unsafe fn softmax_band(
+pub(super) unsafe fn softmax_band<const BF16: bool>(
     s: &mut [f32; BAND * BC],
     width: usize,
     scale: f32,
@@ -77,25 +80,35 @@ pub(super) unsafe fn softmax_band(
         _mm512_storeu_ps(state.max.as_mut_ptr(), max);
         _mm512_storeu_ps(state.alpha.as_mut_ptr(), alpha);
 
-        // the weights in base 2: 2^(x·scale·log₂e − shift·log₂e)
+        // bf16 weights in base 2: 2^(x·scale·log₂e − shift·log₂e); f32 ones
+        // by `exp16(scale·x − shift)`, as `exp_and_sum` gives them row by row
+        let base = if BF16 { std::f32::consts::LOG2_E } else { 1.0 };
         let mut shifts = [0.0f32; BAND];
-        let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
-        _mm512_storeu_ps(shifts.as_mut_ptr(), _mm512_mul_ps(shift, log2e));
-        let scale = _mm512_set1_ps(scale * std::f32::consts::LOG2_E);
+        _mm512_storeu_ps(
+            shifts.as_mut_ptr(),
+            _mm512_mul_ps(shift, _mm512_set1_ps(base)),
+        );
+        let scale = _mm512_set1_ps(scale * base);
         let mut sums = [_mm512_setzero_ps(); BAND];
         for (r, sum) in sums.iter_mut().enumerate() {
             let row = at.add(r * BC);
             let minus = _mm512_set1_ps(-shifts[r]);
             for j in (0..width).step_by(32) {
-                let low = weight(row.add(j), scale, minus);
-                let high = if j + 16 < width {
-                    weight(row.add(j + 16), scale, minus)
-                } else {
-                    _mm512_setzero_ps()
+                let low = weights::<BF16>(row.add(j), scale, minus, table);
+                let high = match j + 16 < width {
+                    true => weights::<BF16>(row.add(j + 16), scale, minus, table),
+                    false => _mm512_setzero_ps(),
                 };
                 *sum = _mm512_add_ps(*sum, _mm512_add_ps(low, high));
-                let pairs: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(high, low));
-                _mm512_storeu_si512(row.cast::<u16>().add(j).cast(), pairs);
+                if BF16 {
+                    let pairs: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(high, low));
+                    _mm512_storeu_si512(row.cast::<u16>().add(j).cast(), pairs);
+                } else {
+                    _mm512_storeu_ps(row.add(j), low);
+                    if j + 16 < width {
+                        _mm512_storeu_ps(row.add(j + 16), high);
+                    }
+                }
             }
         }
         let block_sum = across::<false>(&sums);
@@ -104,6 +117,28 @@ pub(super) unsafe fn softmax_band(
             state.sum.as_mut_ptr(),
             _mm512_fmadd_ps(sum, alpha, block_sum),
         );
+    }
+}
+
+/// The 16 weights of the scores at `at`: [`weight`]'s where they are rounded
+/// to bf16 next, else `exp16(scale·x + minus)`.
+///
+/// # Safety
+///
+/// The CPU must support AVX-512 F; 16 f32 at `at` are readable.
+#[inline(always)]
+unsafe fn weights<const BF16: bool>(
+    at: *const f32,
+    scale: __m512,
+    minus: __m512,
+    table: __m512,
+) -> __m512 {
+    // SAFETY: the caller upholds the contract.
+    unsafe {
+        match BF16 {
+            true => weight(at, scale, minus),
+            false => exp16(_mm512_fmadd_ps(_mm512_loadu_ps(at), scale, minus), table),
+        }
     }
 }
 
@@ -226,14 +261,25 @@ mod tests {
 
     /// Sixteen rows against a plain f64 step, row by row: each row's maximum
     /// exact, `α` and the sum within f32 rounding, each weight within its bf16
-    /// rounding and zero past the row to a whole step of 32; rows that see
-    /// only `−∞`, a NaN passed over, a maximum that moves and one that does not.
+    /// rounding and zero past the row to a whole step of 32 (bf16) or within
+    /// two units in the last place and its argument's rounding (f32); rows
+    /// that see only `−∞`, a NaN passed over, a maximum that moves and one
+    /// that does not.
     #[test]
     fn a_band_steps_as_its_rows_one_by_one() {
-        if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")) {
-            eprintln!("skipped: this CPU has no AVX-512 F with AVX512_BF16");
+        if !is_x86_feature_detected!("avx512f") {
+            eprintln!("skipped: this CPU has no AVX-512 F");
             return;
         }
+        steps_as_rows::<false>();
+        if is_x86_feature_detected!("avx512bf16") {
+            steps_as_rows::<true>();
+        } else {
+            eprintln!("bf16 weights skipped: this CPU has no AVX512_BF16");
+        }
+    }
+
+    fn steps_as_rows<const BF16: bool>() {
         let mut seed = 0x2545_f491_u32;
         let mut next = move || {
             seed ^= seed << 13;
@@ -277,7 +323,9 @@ mod tests {
                 alpha: &mut alpha,
             };
             // SAFETY: checked above; the scale is positive.
-            unsafe { softmax_band(s.as_mut_slice().try_into().unwrap(), width, scale, state) };
+            unsafe {
+                softmax_band::<BF16>(s.as_mut_slice().try_into().unwrap(), width, scale, state)
+            };
 
             for r in 0..BAND {
                 let raw = &scores[r * BC..r * BC + width];
@@ -305,17 +353,31 @@ mod tests {
                         (f64::from(x) * f64::from(scale) - shift).exp()
                     };
                     total += exact;
-                    let w = f64::from(f32::from_bits(u32::from(weights[j]) << 16));
+                    if BF16 {
+                        let w = f64::from(f32::from_bits(u32::from(weights[j]) << 16));
+                        assert!(
+                            (w - exact).abs() <= exact / 256.0 + 1e-30,
+                            "row {r} key {j}"
+                        );
+                    } else {
+                        // 2 ulp of exp16, and the argument's one rounding
+                        let argument = f64::from(x) * f64::from(scale) - shift;
+                        let rounding = match argument.is_finite() {
+                            true => exact * (2.5e-7 + argument.abs() * 6e-8),
+                            false => 0.0,
+                        };
+                        let allowed = rounding + 1e-37;
+                        let w = f64::from(row[j]);
+                        assert!((w - exact).abs() <= allowed, "row {r} key {j}");
+                    }
+                }
+                if BF16 {
                     assert!(
-                        (w - exact).abs() <= exact / 256.0 + 1e-30,
-                        "row {r} key {j}"
+                        weights[width..width.next_multiple_of(32)]
+                            .iter()
+                            .all(|&w| w == 0)
                     );
                 }
-                assert!(
-                    weights[width..width.next_multiple_of(32)]
-                        .iter()
-                        .all(|&w| w == 0)
-                );
                 let expect_sum = f64::from(old_sum[r]) * expect_alpha + total;
                 assert!((f64::from(sum[r]) - expect_sum).abs() <= 1e-5 * expect_sum.max(1e-30));
             }

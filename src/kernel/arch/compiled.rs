@@ -46,7 +46,7 @@ macro_rules! trampoline {
 /// `f(token, src, stride, lines, out)`, `g(token, rows, scale, out)`,
 /// `h(token, row, shift)`).
 macro_rules! two_register_tiles {
-    ($token:ty, $features:literal, $module:ident, $ty:ty, $nr:expr, $lanes:literal, $rows:literal, $reg:ident, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident $(, pack_panel = $pack:path, pack_query_tile = $pack_queries:path)? $(, exp_and_sum = $exp:path)?) => {
+    ($token:ty, $features:literal, $module:ident, $ty:ty, $nr:expr, $lanes:literal, $rows:literal, $reg:ident, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident $(, pack_panel = $pack:path, pack_query_tile = $pack_queries:path)? $(, exp_and_sum = $exp:path)? $(, block_softmax = $softmax:ident)?) => {
         mod $module {
             use super::*;
             use $crate::kernel::params::{BC, MR};
@@ -207,6 +207,19 @@ macro_rules! two_register_tiles {
                         shift: $ty,
                     ) -> $ty {
                         $exp(self, row, shift)
+                    }
+                )?
+                $(
+                    #[inline(always)]
+                    fn block_softmax<M: $crate::kernel::float::MulAdd>(
+                        self,
+                        s: &mut [$ty],
+                        width: usize,
+                        rows: usize,
+                        scale: Option<$ty>,
+                        state: $crate::kernel::tiled::RowStates<'_, $ty>,
+                    ) {
+                        $softmax::<M>(self, s, width, rows, scale, state)
                     }
                 )?
             }

@@ -23,7 +23,9 @@ use crate::core::scoring::Scoring;
 use crate::flex::blocks::BlockClass;
 use crate::flex::program::Program;
 
-pub(crate) use tiles::{KeyTiles, Panels, RowStates, Tiles, Weights, accumulate, scatter_queries};
+pub(crate) use tiles::{
+    KeyTiles, Panels, RowStates, Tiles, Weights, accumulate, scatter_queries, softmax_rows,
+};
 
 /// One block of query rows of one head, with everything it attends over; its
 /// keys are packed as entries `K`.

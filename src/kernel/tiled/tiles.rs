@@ -1,6 +1,8 @@
 //! The tiled kernel's micro-kernels, which a token implements ([`Tiles`],
 //! [`KeyTiles`]), and a block's products by default, tile by tile with them.
 
+use std::ops::Range;
+
 use ndarray::{ArrayView2, Axis};
 
 use crate::kernel::float::{KernelFloat, MulAdd};
@@ -216,15 +218,34 @@ pub(crate) trait Tiles<A: Copy, const NR: usize>: PackPanel<A, NR> {
     ) where
         A: KernelFloat,
     {
-        for (i, row) in s.chunks_exact_mut(BC).take(rows).enumerate() {
-            let row = &mut row[..width];
-            if let Some(scale) = scale {
-                row.iter_mut().for_each(|x| *x *= scale);
-            }
-            let step = rescale::<A, M>(state.max[i], self.row_max(row));
-            let block_sum = self.exp_and_sum::<M>(row, step.shift);
-            state.alpha[i] = fold_step(step, block_sum, &mut state.max[i], &mut state.sum[i]);
+        softmax_rows::<A, M, Self, NR>(self, s, width, 0..rows, scale, state);
+    }
+}
+
+/// [`Tiles::block_softmax`] row by row for the rows `rows` of the block, with
+/// the token's own maximum and `exp`.
+#[inline(always)]
+pub(crate) fn softmax_rows<A: KernelFloat, M: MulAdd, T: Tiles<A, NR>, const NR: usize>(
+    tiles: T,
+    s: &mut [A],
+    width: usize,
+    rows: Range<usize>,
+    scale: Option<A>,
+    state: RowStates<'_, A>,
+) {
+    for (i, row) in s
+        .chunks_exact_mut(BC)
+        .enumerate()
+        .take(rows.end)
+        .skip(rows.start)
+    {
+        let row = &mut row[..width];
+        if let Some(scale) = scale {
+            row.iter_mut().for_each(|x| *x *= scale);
         }
+        let step = rescale::<A, M>(state.max[i], tiles.row_max(row));
+        let block_sum = tiles.exp_and_sum::<M>(row, step.shift);
+        state.alpha[i] = fold_step(step, block_sum, &mut state.max[i], &mut state.sum[i]);
     }
 }
 

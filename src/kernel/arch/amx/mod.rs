@@ -131,7 +131,7 @@ impl Tiles<f32, NR> for Amx {
             let state = BandState { max, sum, alpha };
             // SAFETY: `self` proves AVX-512 F and AVX512_BF16; a scale given
             // here is positive (`SCALE_IN_SOFTMAX`).
-            unsafe { softmax_band(band, width, scale.unwrap_or(1.0), state) };
+            unsafe { softmax_band::<true>(band, width, scale.unwrap_or(1.0), state) };
         }
     }
 }
