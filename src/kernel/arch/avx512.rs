@@ -8,11 +8,11 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{Avx2, sum4_pd, sum4_ps, widen8};
-use super::band::{BAND, BandState, softmax_band};
+use super::band::{BAND, softmax_bands};
 use super::{exp, transpose};
 use crate::kernel::direct::{Dots, HalfDots, Narrow, NarrowKind, Prefetch, scores_i8, values_i8};
 use crate::kernel::float::MulAdd;
-use crate::kernel::params::{BC, LANES, TILE_BLOCKS};
+use crate::kernel::params::{LANES, TILE_BLOCKS};
 use crate::kernel::tiled::{RowStates, softmax_rows};
 
 /// Proof that the CPU has AVX-512 F, BW, VL and DQ as well as AVX2, FMA and F16C:
@@ -122,24 +122,9 @@ fn block_softmax_f32<M: MulAdd>(
     state: RowStates<'_, f32>,
 ) {
     let bands = if scale.is_none() { rows / BAND } else { 0 };
-    let RowStates { max, sum, alpha } = state;
-    let states = max
-        .as_chunks_mut::<BAND>()
-        .0
-        .iter_mut()
-        .zip(sum.as_chunks_mut::<BAND>().0)
-        .zip(alpha.as_chunks_mut::<BAND>().0);
-    for (band, ((max, sum), alpha)) in s
-        .as_chunks_mut::<{ BAND * BC }>()
-        .0
-        .iter_mut()
-        .zip(states)
-        .take(bands)
-    {
-        // SAFETY: `Avx512` exists, so the CPU has AVX-512 F; the scale is 1.
-        unsafe { softmax_band::<false>(band, width, 1.0, BandState { max, sum, alpha }) };
-    }
-    let state = RowStates { max, sum, alpha };
+    let mut state = state;
+    // SAFETY: `Avx512` exists, so the CPU has AVX-512 F; the scale is 1.
+    unsafe { softmax_bands::<false>(s, width, bands, 1.0, &mut state) };
     softmax_rows::<f32, M, Avx512, { Avx512::F32_TILE }>(
         token,
         s,

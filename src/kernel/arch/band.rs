@@ -12,6 +12,7 @@ use std::arch::x86_64::*;
 
 use super::exp::{TABLE, exp16};
 use crate::kernel::params::BC;
+use crate::kernel::tiled::RowStates;
 
 /// Rows of a band: the lanes of a register.
 pub(super) const BAND: usize = 16;
@@ -22,6 +23,34 @@ pub(super) struct BandState<'a> {
     pub(super) max: &'a mut [f32; BAND],
     pub(super) sum: &'a mut [f32; BAND],
     pub(super) alpha: &'a mut [f32; BAND],
+}
+
+/// [`softmax_band`] over the first `bands` bands of sixteen rows of a block's
+/// scores `s` (rows of `BC`) and those rows' states.
+///
+/// # Safety
+///
+/// As [`softmax_band`].
+#[inline(always)]
+pub(super) unsafe fn softmax_bands<const BF16: bool>(
+    s: &mut [f32],
+    width: usize,
+    bands: usize,
+    scale: f32,
+    state: &mut RowStates<'_, f32>,
+) {
+    let states = state
+        .max
+        .as_chunks_mut::<BAND>()
+        .0
+        .iter_mut()
+        .zip(state.sum.as_chunks_mut::<BAND>().0)
+        .zip(state.alpha.as_chunks_mut::<BAND>().0);
+    let rows = s.as_chunks_mut::<{ BAND * BC }>().0.iter_mut();
+    for (band, ((max, sum), alpha)) in rows.zip(states).take(bands) {
+        // SAFETY: the caller upholds the contract.
+        unsafe { softmax_band::<BF16>(band, width, scale, BandState { max, sum, alpha }) };
+    }
 }
 
 /// One step of the online softmax over the first `width` scores (a multiple of

@@ -29,7 +29,7 @@ use unit::{Grid, TileUnit, usable};
 
 use super::avx2::Avx2;
 use super::avx512bf16::Avx512Bf16;
-use super::band::{BAND, BandState, softmax_band};
+use super::band::{BAND, softmax_bands};
 use super::{Dispatch, KernelArch, Op, Token};
 use crate::kernel::float::{Fused, MulAdd};
 use crate::kernel::pack::{
@@ -119,20 +119,10 @@ impl Tiles<f32, NR> for Amx {
             rows.is_multiple_of(BAND),
             "an AMX block computes whole bands"
         );
-        let bands = s.as_chunks_mut::<{ BAND * BC }>().0;
-        let states = state
-            .max
-            .as_chunks_mut::<BAND>()
-            .0
-            .iter_mut()
-            .zip(state.sum.as_chunks_mut::<BAND>().0)
-            .zip(state.alpha.as_chunks_mut::<BAND>().0);
-        for (band, ((max, sum), alpha)) in bands.iter_mut().zip(states).take(rows / BAND) {
-            let state = BandState { max, sum, alpha };
-            // SAFETY: `self` proves AVX-512 F and AVX512_BF16; a scale given
-            // here is positive (`SCALE_IN_SOFTMAX`).
-            unsafe { softmax_band::<true>(band, width, scale.unwrap_or(1.0), state) };
-        }
+        let mut state = state;
+        // SAFETY: `self` proves AVX-512 F and AVX512_BF16; a scale given here
+        // is positive (`SCALE_IN_SOFTMAX`).
+        unsafe { softmax_bands::<true>(s, width, rows / BAND, scale.unwrap_or(1.0), &mut state) };
     }
 }
 
