@@ -1,13 +1,16 @@
-//! Matrix products on the forward's micro-kernels, for the backward pass: each
-//! operand packed once into the panels [`Tiles::score_tile`] reads, and reused
-//! by every product that needs it (the keys and values once per head, a query
-//! block's rows once per block), where a general matrix product would pack both
-//! operands on every call.
+//! Matrix products on the forward's micro-kernels, for the backward pass and
+//! the layers: each right operand packed once into the panels the micro-kernel
+//! reads, and reused by every product that needs it (the keys and values once
+//! per head, a query block's rows once per block), where a general matrix
+//! product would pack both operands on every call.
 //!
-//! `C = A·B` with `A: (m, depth)` packed in panels of [`MR`] rows and
-//! `B: (depth, n)` in panels of `NR` columns ([`Panels`], in `pack/mod.rs`); each
-//! panel holds its `depth` steps one after another (`[[_; MR]; depth]`,
-//! `[[_; NR]; depth]`), as the tiled forward packs its queries and keys.
+//! `C = A·B` with `B: (depth, n)` in panels of `NR` columns ([`Panels`], in
+//! `pack/mod.rs`), each panel's `depth` steps one after another
+//! (`[[_; NR]; depth]`), as the tiled forward packs its keys; `A: (m, depth)`
+//! a [`Left`] operand: packed in panels of [`MR`] rows the same way, or read
+//! where it lies ([`Rows`], [`Columns`]: the micro-kernel broadcasts each entry
+//! from memory, so a row-major block of weights needs no copy as either
+//! factor). The tiles go straight into `C` ([`Tiles::product_tile`]).
 
 use std::ops::Range;
 
@@ -42,42 +45,138 @@ pub(crate) struct Target<'c, A> {
     pub(crate) add: bool,
 }
 
-/// `C (=|+=) A·B` over the steps `steps` of both operands, for the columns of
-/// `B` in `cols` (a range of whole `NR` panels at its start): `a` packed in
-/// panels of [`MR`], `b` in panels of `NR`; `C`'s column 0 is `cols.start`.
+/// A product's left operand `A: (lines, steps)` where the micro-kernel reads
+/// it, tile of [`MR`] lines by tile ([`Tiles::product_tile`], whose `LINE`
+/// and `STEP` say where each entry lies).
+pub(crate) trait Left<A: Copy> {
+    /// The lines of `A`.
+    fn lines(&self) -> usize;
+    /// `C (=|+=) A·B` for tile `t` of `A`'s lines ([`Tiles::product_tile`]).
+    fn tile_product<T: Tiles<A, NR>, const NR: usize>(
+        &self,
+        tiles: T,
+        t: usize,
+        b: &[[A; NR]],
+        c: Target<'_, A>,
+    );
+}
+
+/// Packed in panels of [`MR`] lines, each panel's steps one after another.
+impl<A: Element> Left<A> for Panels<A> {
+    #[inline(always)]
+    fn lines(&self) -> usize {
+        self.lines
+    }
+
+    #[inline(always)]
+    fn tile_product<T: Tiles<A, NR>, const NR: usize>(
+        &self,
+        tiles: T,
+        t: usize,
+        b: &[[A; NR]],
+        c: Target<'_, A>,
+    ) {
+        let a = self.panel::<MR>(t, &(0..self.depth)).as_flattened();
+        let rows = MR.min(self.lines - t * MR);
+        tiles.product_tile::<1, MR>(a, b, rows, c.c, c.stride, c.add);
+    }
+}
+
+/// The rows of a row-major matrix `STRIDE` wide, where it lies: line `i`,
+/// step `p` at `data[i·STRIDE + p]` (no packing: its steps are the
+/// broadcasts' addresses).
+pub(crate) struct Rows<'a, A, const STRIDE: usize> {
+    pub(crate) data: &'a [A],
+    pub(crate) lines: usize,
+}
+
+impl<A: Element, const STRIDE: usize> Left<A> for Rows<'_, A, STRIDE> {
+    #[inline(always)]
+    fn lines(&self) -> usize {
+        self.lines
+    }
+
+    #[inline(always)]
+    fn tile_product<T: Tiles<A, NR>, const NR: usize>(
+        &self,
+        tiles: T,
+        t: usize,
+        b: &[[A; NR]],
+        c: Target<'_, A>,
+    ) {
+        let a = &self.data[t * MR * STRIDE..];
+        let rows = MR.min(self.lines - t * MR);
+        tiles.product_tile::<STRIDE, 1>(a, b, rows, c.c, c.stride, c.add);
+    }
+}
+
+/// The columns of a row-major matrix `STRIDE` wide (the rows of its
+/// transpose), where it lies: line `i`, step `p` at `data[p·STRIDE + i]`.
+pub(crate) struct Columns<'a, A, const STRIDE: usize> {
+    pub(crate) data: &'a [A],
+    pub(crate) lines: usize,
+}
+
+impl<A: Element, const STRIDE: usize> Left<A> for Columns<'_, A, STRIDE> {
+    #[inline(always)]
+    fn lines(&self) -> usize {
+        self.lines
+    }
+
+    #[inline(always)]
+    fn tile_product<T: Tiles<A, NR>, const NR: usize>(
+        &self,
+        tiles: T,
+        t: usize,
+        b: &[[A; NR]],
+        c: Target<'_, A>,
+    ) {
+        let a = &self.data[t * MR..];
+        let rows = MR.min(self.lines - t * MR);
+        tiles.product_tile::<1, STRIDE>(a, b, rows, c.c, c.stride, c.add);
+    }
+}
+
+/// `C (=|+=) A·B` over the steps `steps` of `b` (the first `steps.len()` of
+/// `a`), for the columns of `B` in `cols` (a range of whole `NR` panels at its
+/// start): `b` packed in panels of `NR`; `C`'s column 0 is `cols.start`.
 #[inline(always)]
-pub(crate) fn product<A: Element, T: Tiles<A, NR>, const NR: usize>(
+pub(crate) fn product<A: Element, T: Tiles<A, NR>, L: Left<A>, const NR: usize>(
     tiles: T,
-    a: &Panels<A>,
+    a: &L,
     b: &Panels<A>,
     steps: Range<usize>,
     cols: Range<usize>,
     target: Target<'_, A>,
 ) {
-    debug_assert!(cols.start.is_multiple_of(NR) && steps.len() <= a.depth && steps.end <= b.depth);
+    debug_assert!(cols.start.is_multiple_of(NR) && steps.end <= b.depth);
     let Target { c, stride, add } = target;
-    let a_steps = 0..steps.len();
     let first_panel = cols.start / NR;
+    let lines = a.lines();
     // one panel of B stays in L1 while every panel of A passes it
     for cp in 0..cols.len().div_ceil(NR) {
         let width = NR.min(cols.len() - cp * NR);
         let b_panel = b.panel::<NR>(first_panel + cp, &steps);
-        for t in 0..a.lines.div_ceil(MR) {
-            let rows = MR.min(a.lines - t * MR);
-            let tile = tiles.score_tile(a.panel::<MR>(t, &a_steps), b_panel, rows);
-            let c_rows = c[t * MR * stride + cp * NR..].chunks_mut(stride);
+        for t in 0..lines.div_ceil(MR) {
+            let c_tile = &mut c[t * MR * stride + cp * NR..];
             if width == NR {
-                // whole tile rows: fixed length, so the sums vectorise
-                for (row, tile_row) in c_rows.zip(&tile).take(rows) {
-                    let row: &mut [A; NR] = (&mut row[..NR]).try_into().expect("NR columns");
-                    *row = if add {
-                        std::array::from_fn(|j| row[j] + tile_row[j])
-                    } else {
-                        *tile_row
-                    };
-                }
+                // whole tile rows, straight into C
+                let target = Target {
+                    c: c_tile,
+                    stride,
+                    add,
+                };
+                a.tile_product(tiles, t, b_panel, target);
             } else {
-                for (row, tile_row) in c_rows.zip(&tile).take(rows) {
+                let mut tile = [[A::zero(); NR]; MR];
+                let target = Target {
+                    c: tile.as_flattened_mut(),
+                    stride: NR,
+                    add: false,
+                };
+                a.tile_product(tiles, t, b_panel, target);
+                let rows = MR.min(lines - t * MR);
+                for (row, tile_row) in c_tile.chunks_mut(stride).zip(&tile).take(rows) {
                     for (x, &y) in row[..width].iter_mut().zip(tile_row) {
                         *x = if add { *x + y } else { y };
                     }
@@ -122,10 +221,30 @@ mod tests {
         }
     }
 
-    /// Every way of packing, against `a.dot(&b)`, at sizes off the panel widths.
+    /// Every way of packing (and two of not packing `A`), against `a.dot(&b)`,
+    /// at sizes off the panel widths.
     #[test]
     fn products_of_packed_panels_equal_the_plain_product() {
         const NR: usize = 8;
+        /// The stride of `A` read where it lies: wider than any of its sizes.
+        const WIDE: usize = 130;
+        /// `1 + A·B` from `a` and each of `right`, against `want = A·B`.
+        fn check(a: &impl Left<f64>, right: &[Panels<f64>], want: &Array2<f64>) {
+            let ((m, n), depth) = (want.dim(), right[0].depth);
+            for b in right {
+                let mut c = vec![1.0; m * n];
+                let target = Target {
+                    c: &mut c,
+                    stride: n,
+                    add: true,
+                };
+                product::<f64, Portable, _, NR>(Portable, a, b, 0..depth, 0..n, target);
+                for ((i, j), &w) in want.indexed_iter() {
+                    let got = c[i * n + j] - 1.0;
+                    assert!((got - w).abs() < 1e-12, "{m}×{depth}×{n} at ({i}, {j})");
+                }
+            }
+        }
         // the same panels packed again and again, smaller after larger: values
         // left over from a larger pack must not leak into the padding
         let mut left = [Panels::new(MR), Panels::new(MR)];
@@ -150,20 +269,27 @@ mod tests {
             right[0].pack_steps::<NR>(b_flat, n, n, depth);
             right[1].pack_lines::<NR>(bt.as_slice().expect("standard"), depth, n, depth);
             for a in &left {
-                for b in &right {
-                    let mut c = vec![1.0; m * n];
-                    let target = Target {
-                        c: &mut c,
-                        stride: n,
-                        add: true,
-                    };
-                    product::<f64, Portable, NR>(Portable, a, b, 0..depth, 0..n, target);
-                    for ((i, j), &w) in want.indexed_iter() {
-                        let got = c[i * n + j] - 1.0;
-                        assert!((got - w).abs() < 1e-12, "{m}×{depth}×{n} at ({i}, {j})");
-                    }
-                }
+                check(a, &right, &want);
             }
+            // unpacked: A's rows, and the columns of Aᵀ, `WIDE` apart
+            let mut wide = vec![f64::NAN; m.max(depth) * WIDE];
+            for ((i, p), &x) in a.indexed_iter() {
+                wide[i * WIDE + p] = x;
+            }
+            let rows = Rows::<f64, WIDE> {
+                data: &wide,
+                lines: m,
+            };
+            check(&rows, &right, &want);
+            let mut wide = vec![f64::NAN; m.max(depth) * WIDE];
+            for ((i, p), &x) in a.indexed_iter() {
+                wide[p * WIDE + i] = x;
+            }
+            let columns = Columns::<f64, WIDE> {
+                data: &wide,
+                lines: m,
+            };
+            check(&columns, &right, &want);
             // a range of steps and of column panels
             if depth > 3 && n > NR {
                 let steps = 2..depth - 1;
@@ -184,7 +310,7 @@ mod tests {
                     stride: n - NR,
                     add: false,
                 };
-                product::<f64, Portable, NR>(Portable, &sub, &right[0], steps, NR..n, target);
+                product::<f64, Portable, _, NR>(Portable, &sub, &right[0], steps, NR..n, target);
                 for ((i, j), &w) in want.indexed_iter() {
                     assert!((c[i * (n - NR) + j] - w).abs() < 1e-12);
                 }

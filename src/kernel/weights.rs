@@ -284,7 +284,7 @@ impl<A: KernelFloat> Op<A> for Multiply<'_, A> {
             stride: cols.len(),
             add: false,
         };
-        product::<A, T, NR>(token, panels, w, 0..depth, cols, target);
+        product(token, panels, w, 0..depth, cols, target);
     }
 }
 

@@ -58,6 +58,20 @@ impl Tiles<f32, NR> for Avx512Bf16 {
     }
 
     #[inline(always)]
+    fn product_tile<const LINE: usize, const STEP: usize>(
+        self,
+        a: &[f32],
+        b: &[[f32; NR]],
+        rows: usize,
+        c: &mut [f32],
+        stride: usize,
+        add: bool,
+    ) {
+        self.avx512
+            .product_tile::<LINE, STEP>(a, b, rows, c, stride, add)
+    }
+
+    #[inline(always)]
     fn value_tile(
         self,
         p: &[&[f32; BC]; MR],

@@ -117,6 +117,54 @@ macro_rules! two_register_tiles {
                 }
             }
 
+            /// Rows `0 .. R` of `C (=|+=) A·B` straight into `c` (rows `stride`
+            /// apart), `A(i, p) = a[i·LINE + p·STEP]`: each entry one
+            /// accumulator, summed over the steps in order (the bits of
+            /// `score_rows` on the same lines packed), then added to `c`'s.
+            ///
+            /// # Safety
+            ///
+            #[doc = concat!("The CPU must support ", $features, "; `a` must hold")]
+            /// `A(R − 1, b.len() − 1)` and `c` row `R − 1`'s first `NR` entries.
+            #[inline(always)]
+            unsafe fn product_rows<const R: usize, const LINE: usize, const STEP: usize>(
+                a: &[$ty],
+                b: &[[$ty; $nr]],
+                c: &mut [$ty],
+                stride: usize,
+                add: bool,
+            ) {
+                // SAFETY: the caller upholds this function's contract: every
+                // index below is at most the two it names.
+                unsafe {
+                    let at = |p: usize| -> [$ty; R] {
+                        std::array::from_fn(|i| *a.get_unchecked(i * LINE + p * STEP))
+                    };
+                    let mut acc = [[$zero(); 2]; R];
+                    // two steps of the sum per trip: half the loop overhead
+                    let (pairs, last) = b.as_chunks::<2>();
+                    for (k, pair) in pairs.iter().enumerate() {
+                        rank1(&mut acc, &at(2 * k), &pair[0]);
+                        rank1(&mut acc, &at(2 * k + 1), &pair[1]);
+                    }
+                    if let [row] = last {
+                        rank1(&mut acc, &at(b.len() - 1), row);
+                    }
+                    // `c + Σ` rounded once, as an addition would
+                    let one = $splat(1.0);
+                    for (i, [x0, x1]) in acc.into_iter().enumerate() {
+                        let row = c.as_mut_ptr().add(i * stride);
+                        let (x0, x1) = if add {
+                            ($fma($load(row), one, x0), $fma($load(row.add($lanes)), one, x1))
+                        } else {
+                            (x0, x1)
+                        };
+                        $store(row, x0);
+                        $store(row.add($lanes), x1);
+                    }
+                }
+            }
+
             impl $crate::kernel::arch::Token<$ty, { $nr }> for $token {
                 type MulAdd = $crate::kernel::float::Fused;
             }
@@ -153,6 +201,63 @@ macro_rules! two_register_tiles {
                         }
                     }
                     out
+                }
+
+                /// Blocks of `ROWS` rows, then the rows left in blocks of 8, 4,
+                /// 2 and 1 (no line past `rows` is read).
+                #[inline(always)]
+                fn product_tile<const LINE: usize, const STEP: usize>(
+                    self,
+                    a: &[$ty],
+                    b: &[[$ty; $nr]],
+                    rows: usize,
+                    c: &mut [$ty],
+                    stride: usize,
+                    add: bool,
+                ) {
+                    assert!(rows <= MR, "at most MR rows");
+                    if rows == 0 {
+                        return;
+                    }
+                    if b.is_empty() {
+                        // a sum of no steps
+                        if !add {
+                            for row in c.chunks_mut(stride).take(rows) {
+                                row[..$nr].fill(0.0);
+                            }
+                        }
+                        return;
+                    }
+                    let last_a = (rows - 1) * LINE + (b.len() - 1) * STEP;
+                    assert!(
+                        last_a < a.len() && (rows - 1) * stride + $nr <= c.len(),
+                        "a tile's operands lie in `a` and `c`"
+                    );
+                    let mut first = 0;
+                    while first < rows {
+                        let left = rows - first;
+                        let r = match left {
+                            _ if left >= ROWS => ROWS,
+                            8.. if ROWS > 8 => 8,
+                            4.. if ROWS > 4 => 4,
+                            2.. => 2,
+                            _ => 1,
+                        };
+                        let (a, c) = (&a[first * LINE..], &mut c[first * stride..]);
+                        // SAFETY: `self` is the token, so the CPU has the
+                        // instruction sets; the block's rows are the tile's
+                        // (checked above) from `first`.
+                        unsafe {
+                            match r {
+                                1 => product_rows::<1, LINE, STEP>(a, b, c, stride, add),
+                                2 => product_rows::<2, LINE, STEP>(a, b, c, stride, add),
+                                4 => product_rows::<4, LINE, STEP>(a, b, c, stride, add),
+                                8 => product_rows::<8, LINE, STEP>(a, b, c, stride, add),
+                                _ => product_rows::<ROWS, LINE, STEP>(a, b, c, stride, add),
+                            }
+                        }
+                        first += r;
+                    }
                 }
 
                 #[inline(always)]

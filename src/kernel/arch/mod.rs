@@ -444,4 +444,109 @@ mod tests {
             }
         }
     }
+
+    /// The product tile over lines read where they lie (a matrix's rows or
+    /// columns, `W` apart) and over packed lines, against the score tile.
+    struct ProductTiles<A> {
+        depth: usize,
+        _element: std::marker::PhantomData<A>,
+    }
+
+    fn products<A>(depth: usize) -> ProductTiles<A> {
+        ProductTiles {
+            depth,
+            _element: std::marker::PhantomData,
+        }
+    }
+
+    /// Stride of the rows the product tiles read: wider than any depth below.
+    const W: usize = 40;
+
+    impl<A: KernelFloat> Op<A> for ProductTiles<A> {
+        /// `(form, rows, add, row, column)` of each entry whose bits differ
+        /// from the score tile's (plus `c`'s where added), and of each entry
+        /// past the tile's rows or columns that was written.
+        type Output = Vec<(&'static str, usize, bool, usize, usize)>;
+
+        #[inline(always)]
+        fn run<T: Token<A, NR> + KeyTiles<A, A, NR>, const NR: usize>(
+            self,
+            token: T,
+        ) -> Self::Output {
+            use crate::kernel::params::MR;
+            let depth = self.depth;
+            let value = |x: usize| A::from_f64(((x * 37) % 101) as f64 / 29.0 - 1.7);
+            // A: (MR, depth) row-major W wide; its transpose (depth, MR) W wide
+            let rows_of_a: Vec<A> = (0..MR * W).map(value).collect();
+            let mut cols_of_a = vec![A::nan(); depth * W];
+            let mut packed = vec![[A::zero(); MR]; depth];
+            for i in 0..MR {
+                for p in 0..depth {
+                    cols_of_a[p * W + i] = rows_of_a[i * W + p];
+                    packed[p][i] = rows_of_a[i * W + p];
+                }
+            }
+            let k: Vec<[A; NR]> = (0..depth)
+                .map(|p| std::array::from_fn(|j| value(p * NR + j + 7)))
+                .collect();
+            let want = token.score_tile(&packed, &k, MR);
+            let stride = NR + 3;
+            let start = |i: usize, j: usize| A::from_f64((i * 5 + j) as f64 / 8.0);
+            let mut differ = Vec::new();
+            for rows in 1..=MR {
+                for add in [false, true] {
+                    for form in ["rows", "columns", "packed"] {
+                        let mut c: Vec<A> = (0..MR * stride)
+                            .map(|x| start(x / stride, x % stride))
+                            .collect();
+                        let (a, flat) = (&rows_of_a[..], packed.as_flattened());
+                        match form {
+                            "rows" => token.product_tile::<W, 1>(a, &k, rows, &mut c, stride, add),
+                            "columns" => token
+                                .product_tile::<1, W>(&cols_of_a, &k, rows, &mut c, stride, add),
+                            _ => token.product_tile::<1, MR>(flat, &k, rows, &mut c, stride, add),
+                        }
+                        for i in 0..MR {
+                            for j in 0..stride {
+                                let expect = match (i < rows && j < NR, add) {
+                                    (true, true) => start(i, j) + want[i][j],
+                                    (true, false) => want[i][j],
+                                    (false, _) => start(i, j),
+                                };
+                                if c[i * stride + j] != expect {
+                                    differ.push((form, rows, add, i, j));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            differ
+        }
+    }
+
+    /// The backward's products read `P` and `dS` where they lie: their
+    /// product tiles have the bits of the score tile on the same lines packed,
+    /// for every count of rows, and write nothing past the tile.
+    #[test]
+    fn product_tiles_read_where_the_operand_lies() {
+        for arch in every_arch() {
+            for depth in [0, 1, 2, 7, 33] {
+                let differ: Vec<_> = Dispatch::<f32>::dispatch(arch, products(depth));
+                let first = differ.first();
+                assert!(
+                    first.is_none(),
+                    "{:?} f32 depth {depth}: {first:?}",
+                    arch.kind()
+                );
+                let differ: Vec<_> = Dispatch::<f64>::dispatch(arch, products(depth));
+                let first = differ.first();
+                assert!(
+                    first.is_none(),
+                    "{:?} f64 depth {depth}: {first:?}",
+                    arch.kind()
+                );
+            }
+        }
+    }
 }

@@ -45,6 +45,33 @@ impl<A: KernelFloat, const NR: usize> Tiles<A, NR> for Portable {
     }
 
     #[inline(always)]
+    fn product_tile<const LINE: usize, const STEP: usize>(
+        self,
+        a: &[A],
+        b: &[[A; NR]],
+        rows: usize,
+        c: &mut [A],
+        stride: usize,
+        add: bool,
+    ) {
+        assert!(rows <= MR, "at most MR rows");
+        let mut acc = [[A::zero(); NR]; MR];
+        for (p, bp) in b.iter().enumerate() {
+            for (i, acc) in acc.iter_mut().enumerate().take(rows) {
+                let x = a[i * LINE + p * STEP];
+                for j in 0..NR {
+                    acc[j] = Separate::mul_add(x, bp[j], acc[j]);
+                }
+            }
+        }
+        for (row, acc) in c.chunks_mut(stride).zip(&acc).take(rows) {
+            for (x, &y) in row[..NR].iter_mut().zip(acc) {
+                *x = if add { *x + y } else { y };
+            }
+        }
+    }
+
+    #[inline(always)]
     fn value_tile(self, p: &[&[A; BC]; MR], v: &[[A; NR]], alpha: &[A; MR], o: &mut [[A; NR]; MR]) {
         let mut acc = [[A::zero(); NR]; MR];
         for (j, v) in v.iter().enumerate().take(BC) {

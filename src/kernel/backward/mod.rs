@@ -11,7 +11,8 @@
 //!
 //! The block products are a [`Products`]: on the forward's micro-kernels in the
 //! compute type ([`PanelProducts`]: the keys and values packed once per head,
-//! a query block's rows once per block, a key block's `P` and `dS` once each),
+//! a query block's rows once per block, a key block's `P` and `dS` read where
+//! they lie),
 //! or, for bf16 inputs on a CPU with AMX, on the tiles (in [`super::arch`]);
 //! everything is compiled per instruction set in [`super::arch`]. The softmax,
 //! masks, score modification and `dS` run between them in the compute type.

@@ -8,7 +8,7 @@ use ndarray::{ArrayView2, CowArray, Ix2};
 
 use super::{Products, RowScratch};
 use crate::kernel::float::KernelFloat;
-use crate::kernel::gemm::{RowTiles, Target, product};
+use crate::kernel::gemm::{Columns, RowTiles, Rows, Target, product};
 use crate::kernel::pack::Panels;
 use crate::kernel::params::{BACKWARD_KEYS as BK, MR};
 use crate::kernel::tiled::Tiles;
@@ -77,18 +77,15 @@ impl<A: KernelFloat> BlockScratch<A> {
     }
 }
 
-/// One query block's operands in panels, reused across blocks.
+/// One query block's operands in panels, reused across blocks (a key
+/// block's `P` and `dS`, left operands, are read where they lie: [`Rows`],
+/// [`Columns`]).
 pub(crate) struct BlockPanels<A> {
     /// The block's scaled queries and `dO` as left and right operands.
     q_rows: Panels<A>,
     q_cols: Panels<A>,
     d_out_rows: Panels<A>,
     d_out_cols: Panels<A>,
-    /// `P` (forward), `Pᵀ`, `dS` and `dSᵀ` of one key block as left operands.
-    p_rows: Panels<A>,
-    p_t: Panels<A>,
-    ds_rows: Panels<A>,
-    ds_t: Panels<A>,
     /// The block's queries times the scale, row by row.
     q_scaled: Vec<A>,
 }
@@ -100,10 +97,6 @@ impl<A: KernelFloat> BlockPanels<A> {
             q_cols: Panels::new(nr),
             d_out_rows: Panels::new(MR),
             d_out_cols: Panels::new(nr),
-            p_rows: Panels::new(MR),
-            p_t: Panels::new(MR),
-            ds_rows: Panels::new(MR),
-            ds_t: Panels::new(MR),
             q_scaled: Vec::new(),
         }
     }
@@ -176,32 +169,33 @@ impl<A: KernelFloat, T: Tiles<A, NR>, const NR: usize> Products<A> for PanelProd
 
     #[inline(always)]
     fn weighted_values(&mut self, p: &[A], keys: Range<usize>, o: &mut [A]) {
-        let rows_by = RowTiles::<T, NR>(self.tiles);
-        let block = &mut *self.block;
-        block
-            .p_rows
-            .pack_lines_by::<MR>(rows_by, p, BK, self.rows, keys.len());
+        let p = Rows::<A, BK> {
+            data: p,
+            lines: self.rows,
+        };
         let target = Target {
             c: o,
             stride: self.d_v,
             add: true,
         };
         let values = &self.head.values;
-        product(self.tiles, &block.p_rows, values, keys, 0..self.d_v, target);
+        product(self.tiles, &p, values, keys, 0..self.d_v, target);
     }
 
     #[inline(always)]
     fn value_gradient(&mut self, p: &[A], keys: Range<usize>, dv: &mut [A]) {
         let (rows, d_v) = (self.rows, self.d_v);
-        let block = &mut *self.block;
-        block.p_t.pack_steps::<MR>(p, BK, keys.len(), rows);
+        let p_t = Columns::<A, BK> {
+            data: p,
+            lines: keys.len(),
+        };
         let target = Target {
             c: &mut dv[keys.start * d_v..],
             stride: d_v,
             add: true,
         };
-        let (p_t, d_out) = (&block.p_t, &block.d_out_cols);
-        product(self.tiles, p_t, d_out, 0..rows, 0..d_v, target);
+        let d_out = &self.block.d_out_cols;
+        product(self.tiles, &p_t, d_out, 0..rows, 0..d_v, target);
     }
 
     #[inline(always)]
@@ -218,30 +212,30 @@ impl<A: KernelFloat, T: Tiles<A, NR>, const NR: usize> Products<A> for PanelProd
     #[inline(always)]
     fn input_gradients(&mut self, ds: &[A], keys: Range<usize>, dq: &mut [A], dk: &mut [A]) {
         let (rows, d, n) = (self.rows, self.d, keys.len());
-        let rows_by = RowTiles::<T, NR>(self.tiles);
-        let block = &mut *self.block;
-        block.ds_rows.pack_lines_by::<MR>(rows_by, ds, BK, rows, n);
-        block.ds_t.pack_steps::<MR>(ds, BK, n, rows);
+        let ds_rows = Rows::<A, BK> {
+            data: ds,
+            lines: rows,
+        };
         let target = Target {
             c: dq,
             stride: d,
             add: true,
         };
-        let (ds_rows, k) = (&block.ds_rows, &self.head.keys);
-        product(self.tiles, ds_rows, k, keys.clone(), 0..d, target);
+        product(
+            self.tiles,
+            &ds_rows,
+            &self.head.keys,
+            keys.clone(),
+            0..d,
+            target,
+        );
+        let ds_t = Columns::<A, BK> { data: ds, lines: n };
         let target = Target {
             c: &mut dk[keys.start * d..],
             stride: d,
             add: true,
         };
-        product(
-            self.tiles,
-            &block.ds_t,
-            &block.q_cols,
-            0..rows,
-            0..d,
-            target,
-        );
+        product(self.tiles, &ds_t, &self.block.q_cols, 0..rows, 0..d, target);
     }
 
     fn end_block(&mut self, _: &mut [A]) {}

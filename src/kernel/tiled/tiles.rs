@@ -159,6 +159,26 @@ pub(crate) trait Tiles<A: Copy, const NR: usize>: PackPanel<A, NR> {
     /// others may be left zero, and each row's bits are the same for every
     /// `rows` that includes it.
     fn score_tile(self, q: &[[A; MR]], k: &[[A; NR]], rows: usize) -> [[A; NR]; MR];
+    /// `C (=|+=) A·B` on one tile of `rows ≤ MR` rows, for the backward's
+    /// and the layers' products: `A(i, p) = a[i·LINE + p·STEP]` (packed lines,
+    /// `LINE = 1, STEP = MR`; or a matrix's rows or columns where it lies),
+    /// `b` one step of `NR` columns per step of the sum, `c` the tile's rows
+    /// `stride` apart (their first `NR` entries; `add`: added to). Each entry
+    /// has the bits of [`score_tile`](Self::score_tile) on the lines packed,
+    /// whatever `rows`; no line past `rows` is read.
+    ///
+    /// # Panics
+    ///
+    /// If `a` or `c` is too short for the tile.
+    fn product_tile<const LINE: usize, const STEP: usize>(
+        self,
+        a: &[A],
+        b: &[[A; NR]],
+        rows: usize,
+        c: &mut [A],
+        stride: usize,
+        add: bool,
+    );
     /// `O = α·O + P·V` on one tile, over the keys of a block: `p` holds `MR` rows
     /// of weights, `v` one row of `NR` values per key (at most `BC`). The
     /// block's product is summed on its own before it is added to the rescaled
