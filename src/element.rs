@@ -10,6 +10,7 @@ use ndarray::{Array, ArrayView, CowArray, Dimension, NdFloat};
 use rayon::prelude::*;
 
 use crate::flex::program::Program;
+use crate::kept;
 use crate::kernel::Parallelism;
 use crate::kernel::sweep::{Sweep, vectorized};
 
@@ -129,6 +130,12 @@ impl Element for f64 {
 /// of an `f32` one). Layers, gradients, traces and RoPE take [`Element`]s:
 /// convert half weights to `f32` for those.
 ///
+/// A half-precision call works on `f32` copies of its queries (and, where the
+/// kernel reads `f32`, keys and values) and an `f32` output; the thread that
+/// calls keeps up to four of those buffers of up to 8 MiB each for its next
+/// call, so that repeated calls write over memory they already have instead
+/// of faulting in fresh pages.
+///
 /// # Examples
 ///
 /// ```
@@ -161,6 +168,17 @@ pub trait Storage: Copy + Send + Sync + Debug + PartialEq + 'static + sealed::Se
     /// `f64`, rounded for the half types (as [`compute`](Self::compute)).
     #[doc(hidden)]
     fn store<D: Dimension>(x: Array<Self::Compute, D>, parallelism: Parallelism) -> Array<Self, D>;
+
+    /// `len` zeros in the compute type for a call's result, which
+    /// [`store`](Self::store) then takes (for the half types, memory the
+    /// thread kept from its calls before).
+    #[doc(hidden)]
+    fn zeros(len: usize, parallelism: Parallelism) -> Vec<Self::Compute>;
+
+    /// Done with what [`compute`](Self::compute) gave (a copy of the half
+    /// types is kept for the thread's next call).
+    #[doc(hidden)]
+    fn done<D: Dimension>(x: CowArray<'_, Self::Compute, D>);
 
     /// Calls the arm of `switch` written for this kind of type: computed in
     /// itself, or half precision (how generic code reaches the kernels that read
@@ -230,6 +248,12 @@ macro_rules! native {
                 x
             }
 
+            fn zeros(len: usize, parallelism: Parallelism) -> Vec<$t> {
+                filled(len, 0.0, parallelism, |_, _| ())
+            }
+
+            fn done<D: Dimension>(_: CowArray<'_, $t, D>) {}
+
             fn select_storage<P: Program<Self::Compute>, S: PerStorage<P>>(
                 switch: S,
             ) -> S::Output<$t> {
@@ -260,10 +284,11 @@ macro_rules! half {
                 x: ArrayView<'_, $t, D>,
                 parallelism: Parallelism,
             ) -> CowArray<'_, f32, D> {
-                // contiguous: vectorised passes
+                // contiguous: vectorised passes, into memory the thread kept
                 match x.as_slice() {
                     Some(src) => {
-                        let dst = filled(src.len(), 0.0, parallelism, |at, dst| {
+                        let mut dst = kept::take(src.len(), parallelism);
+                        chunked(&mut dst, parallelism, |at, dst| {
                             vectorized(Widen(&src[at..at + dst.len()], dst))
                         });
                         Array::from_shape_vec(x.raw_dim(), dst)
@@ -275,7 +300,7 @@ macro_rules! half {
             }
 
             fn store<D: Dimension>(x: Array<f32, D>, parallelism: Parallelism) -> Array<$t, D> {
-                match x.as_slice() {
+                let stored = match x.as_slice() {
                     Some(src) => {
                         let dst = filled(src.len(), <$t>::ZERO, parallelism, |at, dst| {
                             vectorized(Narrow(&src[at..at + dst.len()], dst))
@@ -283,6 +308,20 @@ macro_rules! half {
                         Array::from_shape_vec(x.raw_dim(), dst).expect("one value per element")
                     }
                     None => x.mapv(<$t>::from_f32),
+                };
+                kept::give(x.into_raw_vec_and_offset().0);
+                stored
+            }
+
+            fn zeros(len: usize, parallelism: Parallelism) -> Vec<f32> {
+                let mut zeros = kept::take(len, parallelism);
+                chunked(&mut zeros, parallelism, |_, chunk| chunk.fill(0.0));
+                zeros
+            }
+
+            fn done<D: Dimension>(x: CowArray<'_, f32, D>) {
+                if !x.is_view() {
+                    kept::give(x.into_owned().into_raw_vec_and_offset().0);
                 }
             }
 
@@ -360,6 +399,27 @@ pub(crate) fn filled<T: Send + Sync + Copy>(
     // SAFETY: the first `len` entries were written, chunk by chunk, above.
     unsafe { values.set_len(len) };
     values
+}
+
+/// `fill(offset, chunk)` on each chunk of `values`, on the rayon pool where
+/// `parallelism` allows and there is more than one chunk.
+fn chunked<T: Send>(
+    values: &mut [T],
+    parallelism: Parallelism,
+    fill: impl Fn(usize, &mut [T]) + Sync,
+) {
+    let fill_chunk = |(index, chunk): (usize, &mut [T])| fill(index * CONVERT_CHUNK, chunk);
+    if parallelism == Parallelism::Rayon && values.len() > CONVERT_CHUNK {
+        values
+            .par_chunks_mut(CONVERT_CHUNK)
+            .enumerate()
+            .for_each(fill_chunk);
+    } else {
+        values
+            .chunks_mut(CONVERT_CHUNK)
+            .enumerate()
+            .for_each(fill_chunk);
+    }
 }
 
 impl Half for bf16 {

@@ -90,6 +90,7 @@ mod decode;
 mod element;
 mod error;
 pub mod flex;
+mod kept;
 mod kernel;
 mod layers;
 #[cfg(feature = "load")]

@@ -275,8 +275,14 @@ fn forward_half<H: Half, P: Program<f32>>(
                 H::compute(problem.k, parallelism),
                 H::compute(problem.v, parallelism),
             );
-            let problem = problem.with_keys_values(k.view(), v.view());
-            run_plan(&problem, plan, out, parallelism);
+            run_plan(
+                &problem.with_keys_values(k.view(), v.view()),
+                plan,
+                out,
+                parallelism,
+            );
+            H::done(k);
+            H::done(v);
         }
     }
     Ok(())
@@ -308,8 +314,14 @@ fn forward_lse_half<H: Half, P: Program<f32>>(
                 H::compute(problem.k, parallelism),
                 H::compute(problem.v, parallelism),
             );
-            let problem = problem.with_keys_values(k.view(), v.view());
-            choose_forward_lse(&problem, kernel, parallelism)
+            let saved = choose_forward_lse(
+                &problem.with_keys_values(k.view(), v.view()),
+                kernel,
+                parallelism,
+            );
+            H::done(k);
+            H::done(v);
+            saved
         }
     }
 }

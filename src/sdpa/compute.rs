@@ -9,7 +9,7 @@ use ndarray::{
 use super::{AttentionOutput, ScaledDotProduct};
 use crate::core::mask;
 use crate::core::problem::{AttentionDim, Problem, lift_mut};
-use crate::element::{self, Element, Storage};
+use crate::element::{Element, Storage};
 use crate::error::Result;
 use crate::flex::program::{Plain, Program};
 use crate::kernel;
@@ -61,12 +61,7 @@ impl<'m, A: Storage> ScaledDotProduct<'m, A> {
             let shape = (batch, heads, l, problem.v.dim().3);
             // zeroed on the pool: at a few hundred rows this pass alone would
             // be several per cent of a call on two threads
-            let zeros = element::filled(
-                shape.0 * shape.1 * shape.2 * shape.3,
-                A::Compute::from_f64(0.0),
-                self.parallelism,
-                |_, _| (),
-            );
+            let zeros = A::zeros(shape.0 * shape.1 * shape.2 * shape.3, self.parallelism);
             let mut out = Array4::from_shape_vec(shape, zeros).expect("one value per element");
             kernel::forward(problem, out.view_mut(), self.kernel, self.parallelism)?;
             Ok(D::unlift(A::store(out, self.parallelism)))
@@ -88,9 +83,13 @@ impl<'m, A: Storage> ScaledDotProduct<'m, A> {
         let q = A::compute(q, self.parallelism);
         let slopes = self.slopes_in_compute();
         let attn = self.in_compute(&slopes);
-        let problem = Problem::new(q.view(), k, v, &attn.masks, attn.scale)?;
-        let program = program(problem.scores())?;
-        solve(&problem.with_program(&program))
+        let solved = {
+            let problem = Problem::new(q.view(), k, v, &attn.masks, attn.scale)?;
+            let program = program(problem.scores())?;
+            solve(&problem.with_program(&program))
+        };
+        A::done(q);
+        solved
     }
 }
 
