@@ -531,3 +531,36 @@ fn bf16_prefill_reads_its_keys_as_bf16() {
         );
     }
 }
+
+/// A thread keeps the f32 copies and output of a half-precision call for its
+/// next: a call after a larger one (over the memory it left) and after a
+/// smaller one has the bits of the same call on a thread of its own.
+#[test]
+fn a_call_after_others_on_its_thread_has_the_bits_of_a_first_call() {
+    fn x<H: Half>(n: usize, seed: usize) -> Array4<H> {
+        Array4::from_shape_fn((1, 2, n, 8), |(_, h, i, j)| {
+            H::from_compute(((h * 131 + i * 31 + j * 7 + seed) % 97) as f32 / 48.0 - 1.0)
+        })
+    }
+    fn call<H: Half>(n: usize) -> Array4<H> {
+        let (q, k, v) = (x::<H>(n, 1), x::<H>(n, 2), x::<H>(n, 3));
+        ScaledDotProduct::<H>::new()
+            .forward_batched(&q, &k, &v)
+            .expect("valid")
+    }
+    fn check<H: Half>() {
+        let first = std::thread::spawn(|| call::<H>(40)).join().expect("thread");
+        let after = std::thread::spawn(|| {
+            drop(call::<H>(300));
+            let after_larger = call::<H>(40);
+            drop(call::<H>(3));
+            (after_larger, call::<H>(40))
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(after.0, first, "{} after a larger call", H::NAME);
+        assert_eq!(after.1, first, "{} after a smaller call", H::NAME);
+    }
+    check::<bf16>();
+    check::<f16>();
+}
