@@ -82,15 +82,20 @@ impl<A: Element> Left<A> for Panels<A> {
     }
 }
 
-/// The rows of a row-major matrix `STRIDE` wide, where it lies: line `i`,
-/// step `p` at `data[i·STRIDE + p]` (no packing: its steps are the
-/// broadcasts' addresses).
-pub(crate) struct Rows<'a, A, const STRIDE: usize> {
+/// `A` where it lies: line `i`, step `p` at `data[i·LINE + p·STEP]` (no
+/// packing: the micro-kernel broadcasts each entry from there).
+pub(crate) struct Strided<'a, A, const LINE: usize, const STEP: usize> {
     pub(crate) data: &'a [A],
     pub(crate) lines: usize,
 }
 
-impl<A: Element, const STRIDE: usize> Left<A> for Rows<'_, A, STRIDE> {
+/// The rows of a row-major matrix `W` wide.
+pub(crate) type Rows<'a, A, const W: usize> = Strided<'a, A, W, 1>;
+
+/// The columns of a row-major matrix `W` wide (the rows of its transpose).
+pub(crate) type Columns<'a, A, const W: usize> = Strided<'a, A, 1, W>;
+
+impl<A: Element, const LINE: usize, const STEP: usize> Left<A> for Strided<'_, A, LINE, STEP> {
     #[inline(always)]
     fn lines(&self) -> usize {
         self.lines
@@ -104,36 +109,9 @@ impl<A: Element, const STRIDE: usize> Left<A> for Rows<'_, A, STRIDE> {
         b: &[[A; NR]],
         c: Target<'_, A>,
     ) {
-        let a = &self.data[t * MR * STRIDE..];
+        let a = &self.data[t * MR * LINE..];
         let rows = MR.min(self.lines - t * MR);
-        tiles.product_tile::<STRIDE, 1>(a, b, rows, c.c, c.stride, c.add);
-    }
-}
-
-/// The columns of a row-major matrix `STRIDE` wide (the rows of its
-/// transpose), where it lies: line `i`, step `p` at `data[p·STRIDE + i]`.
-pub(crate) struct Columns<'a, A, const STRIDE: usize> {
-    pub(crate) data: &'a [A],
-    pub(crate) lines: usize,
-}
-
-impl<A: Element, const STRIDE: usize> Left<A> for Columns<'_, A, STRIDE> {
-    #[inline(always)]
-    fn lines(&self) -> usize {
-        self.lines
-    }
-
-    #[inline(always)]
-    fn tile_product<T: Tiles<A, NR>, const NR: usize>(
-        &self,
-        tiles: T,
-        t: usize,
-        b: &[[A; NR]],
-        c: Target<'_, A>,
-    ) {
-        let a = &self.data[t * MR..];
-        let rows = MR.min(self.lines - t * MR);
-        tiles.product_tile::<1, STRIDE>(a, b, rows, c.c, c.stride, c.add);
+        tiles.product_tile::<LINE, STEP>(a, b, rows, c.c, c.stride, c.add);
     }
 }
 
