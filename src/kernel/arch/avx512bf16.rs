@@ -17,7 +17,7 @@ use super::{Dispatch, KernelArch, Op, Token};
 use crate::kernel::float::{Fused, MulAdd};
 use crate::kernel::pack::{Bf16Pair, PackPanel, PackedValues};
 use crate::kernel::params::{BC, MR};
-use crate::kernel::tiled::{KeyTiles, Tiles, Weights, accumulate};
+use crate::kernel::tiled::{KeyTiles, RowStates, Tiles, Weights, accumulate};
 
 /// Tile width: two 512-bit registers of f32 scores, as the f32 AVX-512 tiles
 /// (the direct path's micro-kernels are [`Avx512`]'s).
@@ -85,6 +85,20 @@ impl Tiles<f32, NR> for Avx512Bf16 {
     #[inline(always)]
     fn exp_and_sum<M: MulAdd>(self, row: &mut [f32], shift: f32) -> f32 {
         Tiles::<f32, NR>::exp_and_sum::<M>(self.avx512, row, shift)
+    }
+
+    /// [`Avx512`]'s: sixteen rows at a time, the weights written as f32 (what
+    /// [`KeyTiles::block_values`] reads here too).
+    #[inline(always)]
+    fn block_softmax<M: MulAdd>(
+        self,
+        s: &mut [f32],
+        width: usize,
+        rows: usize,
+        scale: Option<f32>,
+        state: RowStates<'_, f32>,
+    ) {
+        Tiles::<f32, NR>::block_softmax::<M>(self.avx512, s, width, rows, scale, state)
     }
 }
 
