@@ -118,7 +118,7 @@ const CONVERT_CHUNK: usize = 1 << 15;
 /// and there is more than one chunk: each chunk set to `zero`, then written by
 /// `fill(offset, chunk)` (a conversion: each value on its own, so the same bits
 /// either way). No pass over the whole vector runs on the calling thread alone.
-pub(crate) fn filled<T: Send + Sync + Copy>(
+pub(super) fn filled<T: Send + Sync + Copy>(
     len: usize,
     zero: T,
     parallelism: Parallelism,

@@ -10,7 +10,7 @@ use ndarray::{Array, ArrayView, CowArray, Dimension, NdFloat};
 
 use crate::flex::program::Program;
 use crate::kernel::Parallelism;
-pub(crate) use half::filled;
+use half::filled;
 
 /// A floating-point element that attention is computed in: `f32` or `f64`.
 ///

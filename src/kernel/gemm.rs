@@ -9,8 +9,9 @@
 //! (`[[_; NR]; depth]`), as the tiled forward packs its keys; `A: (m, depth)`
 //! a [`Left`] operand: packed in panels of [`MR`] rows the same way, or read
 //! where it lies ([`Rows`], [`Columns`]: the micro-kernel broadcasts each entry
-//! from memory, so a row-major block of weights needs no copy as either
-//! factor). The tiles go straight into `C` ([`Tiles::product_tile`]).
+//! from memory, so the backward's row-major block of weights, or of their
+//! gradients, serves as `A` or as `Aᵀ` without a copy). The tiles go straight
+//! into `C` ([`Tiles::product_tile`]).
 
 use std::ops::Range;
 
