@@ -75,19 +75,13 @@ macro_rules! two_register_tiles {
                 }
             }
 
-            /// Rows `first .. first + R` of a step of `MR` values.
-            #[inline(always)]
-            fn part<const R: usize>(step: &[$ty; MR], first: usize) -> &[$ty; R] {
-                step[first..first + R].try_into().expect("R values")
-            }
-
-            /// Rows `first .. first + R` of `S = Q·Kᵀ` into `out`, in registers:
-            /// each entry one accumulator, summed over the steps in order, so its
-            /// bits do not depend on `R`.
+            /// Rows `first .. first + R` of `S = Q·Kᵀ` into `out`: the product
+            /// rows of the packed queries (so each entry's bits do not depend
+            /// on `R`).
             ///
             /// # Safety
             ///
-            #[doc = concat!("The CPU must support ", $features, ".")]
+            #[doc = concat!("The CPU must support ", $features, "; `first + R ≤ MR`.")]
             #[inline(always)]
             unsafe fn score_rows<const R: usize>(
                 q: &[[$ty; MR]],
@@ -95,32 +89,22 @@ macro_rules! two_register_tiles {
                 first: usize,
                 out: &mut [[$ty; $nr]; MR],
             ) {
-                // SAFETY: the caller upholds this function's contract; every
-                // store writes one half of a `[$ty; $nr]`.
-                unsafe {
-                    let mut acc = [[$zero(); 2]; R];
-                    // two steps of the sum per trip: half the loop overhead
-                    let (q2, q_rest) = q.as_chunks::<2>();
-                    let (k2, k_rest) = k.as_chunks::<2>();
-                    for (qp, kp) in q2.iter().zip(k2) {
-                        rank1(&mut acc, part(&qp[0], first), &kp[0]);
-                        rank1(&mut acc, part(&qp[1], first), &kp[1]);
-                    }
-                    for (qp, kp) in q_rest.iter().zip(k_rest) {
-                        rank1(&mut acc, part(qp, first), kp);
-                    }
-                    for i in 0..R {
-                        let row = out[first + i].as_mut_ptr();
-                        $store(row, acc[i][0]);
-                        $store(row.add($lanes), acc[i][1]);
-                    }
+                if k.is_empty() {
+                    // a sum of no steps: `out` holds its zeros
+                    return;
                 }
+                let q = &q.as_flattened()[first..];
+                let out = &mut out.as_flattened_mut()[first * $nr..];
+                // SAFETY: the caller upholds this function's contract: with
+                // `first + R ≤ MR`, entry `(R − 1, k.len() − 1)` of the packed
+                // queries lies in `q` and row `R − 1` of the tile in `out`.
+                unsafe { product_rows::<R, 1, MR>(q, k, out, $nr, false) }
             }
 
             /// Rows `0 .. R` of `C (=|+=) A·B` straight into `c` (rows `stride`
             /// apart), `A(i, p) = a[i·LINE + p·STEP]`: each entry one
-            /// accumulator, summed over the steps in order (the bits of
-            /// `score_rows` on the same lines packed), then added to `c`'s.
+            /// accumulator, summed over the steps in order, then added to
+            /// `c`'s.
             ///
             /// # Safety
             ///
