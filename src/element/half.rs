@@ -64,9 +64,14 @@ macro_rules! half {
             }
 
             fn zeros(len: usize, parallelism: Parallelism) -> Vec<f32> {
-                let mut zeros = kept(len, parallelism);
-                chunked(&mut zeros, parallelism, |_, chunk| chunk.fill(0.0));
-                zeros
+                match kept::take(len) {
+                    Some(mut zeros) => {
+                        chunked(&mut zeros, parallelism, |_, chunk| chunk.fill(0.0));
+                        zeros
+                    }
+                    // new memory is zeroed as it is filled
+                    None => filled(len, 0.0, parallelism, |_, _| ()),
+                }
             }
 
             fn done<D: Dimension>(x: CowArray<'_, f32, D>) {
