@@ -30,18 +30,12 @@ impl<A: KernelFloat, const NR: usize> PackPanel<A, NR> for Portable {}
 
 impl<A: KernelFloat, const NR: usize> Tiles<A, NR> for Portable {
     #[inline(always)]
-    /// All `MR` rows, however few are asked for: loops of fixed length are
-    /// what the compiler vectorises.
+    /// All `MR` rows of the product tile, however few are asked for: loops of
+    /// fixed length are what the compiler vectorises.
     fn score_tile(self, q: &[[A; MR]], k: &[[A; NR]], _rows: usize) -> [[A; NR]; MR] {
-        let mut acc = [[A::zero(); NR]; MR];
-        for (qp, kp) in q.iter().zip(k) {
-            for i in 0..MR {
-                for j in 0..NR {
-                    acc[i][j] = Separate::mul_add(qp[i], kp[j], acc[i][j]);
-                }
-            }
-        }
-        acc
+        let mut out = [[A::zero(); NR]; MR];
+        self.product_tile::<1, MR>(q.as_flattened(), k, MR, out.as_flattened_mut(), NR, false);
+        out
     }
 
     #[inline(always)]
