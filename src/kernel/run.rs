@@ -10,7 +10,7 @@ use super::float::KernelFloat;
 use super::fusable::{Extent, extent_of, fusable};
 use super::ops::{AttendBlock, PackHead, TileWidth};
 use super::options::Parallelism;
-use super::pack::{Entry, PackedHead};
+use super::pack::{Entry, PackedHead, head_bytes};
 use super::params::{BC, BR, PACKED_BYTES};
 use super::report::{self, Path};
 use super::rowwise::{self, HeadRows};
@@ -92,9 +92,7 @@ pub(crate) fn tiled<A, KV, K, D, P>(
     for<'v, 'a> PackHead<'v, 'a, KV>: Op<A, K, Output = PackedHead<A, K>>,
 {
     let (s, d, d_v) = (problem.k.dim().2, problem.k.dim().3, problem.v.dim().3);
-    let key_bytes = K::depth(d) * std::mem::size_of::<K>();
-    let packed_bytes =
-        (s.next_multiple_of(BC) * (key_bytes + d_v * std::mem::size_of::<A>())).max(1);
+    let packed_bytes = head_bytes::<A, K>(s.next_multiple_of(BC), d, d_v).max(1);
     let threads = match parallelism {
         Parallelism::Sequential => 1,
         Parallelism::Rayon => rayon::current_num_threads(),

@@ -32,6 +32,11 @@ pub(crate) trait Entry<A>: Copy + Send + Sync {
     /// element, or pairs of keys' values for the AMX tiles).
     type Value: Copy + Send + Sync;
 
+    /// Keys whose values one [`Value`](Self::Value) holds, a column's (two
+    /// for the AMX tiles' pairs): a packed value is `size_of::<Value>() /
+    /// VALUE_KEYS` bytes.
+    const VALUE_KEYS: usize = 1;
+
     /// The entry of zero components: the padding.
     fn zero() -> Self;
 
@@ -88,6 +93,15 @@ pub(crate) struct PackedHead<A, K: Entry<A> = A> {
     pub(crate) values: PackedValues<K::Value>,
     pub(crate) key_extent: Extent<A>,
     pub(crate) value_extent: Extent<A>,
+}
+
+/// The bytes of one key/value head of `s` keys of `d` and values of `d_v`
+/// components packed with keys as entries `K`, but for the padding (to whole
+/// panels and steps, and the AMX tiles' values' 16 keys of slack).
+pub(crate) fn head_bytes<A, K: Entry<A>>(s: usize, d: usize, d_v: usize) -> usize {
+    let key = K::depth(d) * size_of::<K>();
+    let value = d_v * size_of::<K::Value>() / K::VALUE_KEYS;
+    s * (key + value)
 }
 
 /// Packs one key/value head for tiles `NR` wide, the keys' panels by `packer`

@@ -67,6 +67,8 @@ pub(crate) const TILE_PAIRS: usize = 16;
 impl Entry<f32> for TilePair {
     type Value = Bf16Pair;
 
+    const VALUE_KEYS: usize = 2;
+
     fn zero() -> Self {
         TilePair(Bf16Pair(0))
     }
@@ -232,6 +234,39 @@ impl PackedValues<Bf16Pair> {
 mod tests {
     use super::*;
     use crate::kernel::fusable::Scan;
+
+    /// A packed head holds the bytes [`head_bytes`] counts, but for at most
+    /// 32 keys' padding, with either pairing and the f32 and f64 elements
+    /// (the tiled kernel's waves are sized by the count).
+    #[test]
+    fn packed_heads_are_as_large_as_counted() {
+        use crate::kernel::arch::Portable;
+        use crate::kernel::pack::{PackedHead, head_bytes, pack_head};
+
+        fn check<A, K: Entry<A>>(head: &PackedHead<A, K>, (s, d, d_v): (usize, usize, usize)) {
+            let keys = head.keys.data.len() * size_of::<K>();
+            let bytes = keys + head.values.data.len() * size_of::<K::Value>();
+            let counted = head_bytes::<A, K>(s, d, d_v);
+            let padded = head_bytes::<A, K>(s + 32, d, d_v);
+            assert!(
+                (counted..=padded).contains(&bytes),
+                "{bytes} bytes, {counted} counted ({s}, {d}, {d_v})"
+            );
+        }
+        for (s, d, d_v) in [(32, 32, 32), (64, 64, 64), (96, 128, 64), (512, 64, 128)] {
+            let x = |cols: usize| {
+                ndarray::Array2::from_shape_fn((s, cols), |(i, j)| (i * 7 + j) as f32 / 100.0)
+            };
+            let (k, v) = (x(d), x(d_v));
+            let (kh, vh) = (k.mapv(bf16::from_f32), v.mapv(bf16::from_f32));
+            let (kh, vh, shape) = (kh.view(), vh.view(), (s, d, d_v));
+            check(&pack_head_pairs::<TilePair, 16>(&kh, &vh), shape);
+            check(&pack_head_pairs::<Bf16Pair, 16>(&kh, &vh), shape);
+            check(&pack_head::<f32, 16>(&k.view(), &v.view(), Portable), shape);
+            let (k, v) = (k.mapv(f64::from), v.mapv(f64::from));
+            check(&pack_head::<f64, 8>(&k.view(), &v.view(), Portable), shape);
+        }
+    }
 
     /// The extent from the bits is the extent of the widened values: every
     /// bf16 magnitude with either sign, infinity and NaN among them.
