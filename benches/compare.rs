@@ -358,8 +358,14 @@ fn main() {
     } else {
         &[128, 512, 2048]
     };
-    dtype_rows::<half::bf16>("bf16", &python, min, prefill, peak);
-    dtype_rows::<half::f16>("f16", &python, min, prefill, peak);
+    // the half types to N = 4096, the range of their targets (issue 27)
+    let half_prefill: &[usize] = if quick {
+        prefill
+    } else {
+        &[128, 512, 2048, 4096]
+    };
+    dtype_rows::<half::bf16>("bf16", &python, min, half_prefill, peak);
+    dtype_rows::<half::f16>("f16", &python, min, half_prefill, peak);
     dtype_rows::<f64>("f64", &python, min, prefill, peak);
     dtype_rows::<f32>("f32", &python, min, prefill, peak);
     int8_cache_rows(&python, min);
