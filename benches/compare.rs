@@ -36,6 +36,33 @@ fn best_seconds(min_seconds: f64, mut f: impl FnMut()) -> f64 {
     best
 }
 
+/// attn's best time (`ours(seconds)` times one contender for that long) and
+/// PyTorch's (`torch(seconds)`) over [`ROUNDS`] rounds that run both back to
+/// back, `min / ROUNDS` seconds each: a slow phase of this host (it lasts
+/// minutes) lands on both contenders of a round, not on one of them.
+fn paired_rounds(
+    min: f64,
+    mut ours: impl FnMut(f64) -> f64,
+    mut torch: impl FnMut(f64) -> Result<(f64, String), String>,
+) -> (f64, Result<(f64, String), String>) {
+    let per_round = min / ROUNDS as f64;
+    let mut best = f64::INFINITY;
+    let mut theirs: Option<Result<(f64, String), String>> = None;
+    for _ in 0..ROUNDS {
+        best = best.min(ours(per_round));
+        if matches!(theirs, Some(Err(_))) {
+            continue; // absent: no use asking again
+        }
+        let run = torch(per_round);
+        theirs = match (theirs, run) {
+            (Some(Ok(kept)), Ok(new)) if kept.0 <= new.0 => Some(Ok(kept)),
+            (Some(Ok(kept)), Err(_)) => Some(Ok(kept)),
+            (_, run) => Some(run),
+        };
+    }
+    (best, theirs.expect("at least one round"))
+}
+
 /// Queries, keys and values of `HEADS` heads of `n` tokens, all different.
 fn qkv(n: usize) -> (Array4<f32>, Array4<f32>, Array4<f32>) {
     (
@@ -439,15 +466,15 @@ fn dtype_rows<H: Storage>(name: &str, python: &str, min: f64, prefill: &[usize],
         let attn = ScaledDotProduct::new();
         for threads in [1, 2] {
             let pool = pool_of(threads);
-            let ours =
-                pool.install(|| best_seconds(min, || drop(attn.forward_batched(&q, &k, &v))));
-            let torch = torch_run_in(
-                python,
-                &[queries, n, threads, HEADS, DIM],
-                name,
-                false,
+            let sizes = [queries, n, threads, HEADS, DIM];
+            let (ours, torch) = paired_rounds(
                 min,
-                false,
+                |seconds| {
+                    pool.install(|| {
+                        best_seconds(seconds, || drop(attn.forward_batched(&q, &k, &v)))
+                    })
+                },
+                |seconds| torch_run_in(python, &sizes, name, false, seconds, false),
             );
             let flops = 4.0 * (queries * n * DIM * HEADS) as f64;
             let (case, shown): (String, Box<dyn Fn(f64) -> String>) = if queries == 1 {
@@ -502,16 +529,21 @@ fn backward_rows<H: Storage>(name: &str, python: &str, min: f64, sizes: &[usize]
             let forward = attn.forward_with_lse(&q, &k, &v).expect("valid shapes");
             for threads in [1, 2] {
                 let pool = pool_of(threads);
-                let kept = pool.install(|| {
-                    best_seconds(min, || {
-                        drop(attn.backward_with_lse(&q, &k, &v, &forward, &d_out))
-                    })
-                });
+                let sizes = [n, n, threads, HEADS, DIM];
+                let (kept, torch) = paired_rounds(
+                    min,
+                    |seconds| {
+                        pool.install(|| {
+                            best_seconds(seconds, || {
+                                drop(attn.backward_with_lse(&q, &k, &v, &forward, &d_out))
+                            })
+                        })
+                    },
+                    |seconds| torch_run_in(python, &sizes, name, causal, seconds, true),
+                );
                 let alone = pool.install(|| {
                     best_seconds(min, || drop(attn.backward_batched(&q, &k, &v, &d_out)))
                 });
-                let sizes = [n, n, threads, HEADS, DIM];
-                let torch = torch_run_in(python, &sizes, name, causal, min, true);
                 let (torch_cell, ratio) = match &torch {
                     Ok((s, _)) => (gflops(flops, *s), format!("{:.2}×", s / kept)),
                     Err(why) => (why.clone(), "–".to_string()),
