@@ -96,8 +96,8 @@ pub(crate) struct PackedHead<A, K: Entry<A> = A> {
 }
 
 /// The bytes of one key/value head of `s` keys of `d` and values of `d_v`
-/// components packed with keys as entries `K`, but for the padding (to whole
-/// panels and steps, and the AMX tiles' values' 16 keys of slack).
+/// components packed with keys as entries `K`, but for the padding (whole
+/// panels and steps; the AMX tiles' values run 16 keys past the last step).
 pub(crate) fn head_bytes<A, K: Entry<A>>(s: usize, d: usize, d_v: usize) -> usize {
     let key = K::depth(d) * size_of::<K>();
     let value = d_v * size_of::<K::Value>() / K::VALUE_KEYS;
