@@ -488,6 +488,12 @@ fn bf16_prefill_reads_its_keys_as_bf16() {
                 (2 * heads, 0, Some(arch)),
                 "{name}"
             );
+            // the forward writes each row as bf16 where its block finishes it;
+            // `forward_with_lse` keeps the f32 output and rounds it afterwards
+            let (kept, paths) =
+                attn::kernel_paths(|| attn.forward_with_lse(&q, &k, &v).expect("valid"));
+            assert_eq!((paths.tiled, paths.arch), (2 * heads, Some(arch)));
+            assert_eq!(out, kept.output, "{name}: rounded where written");
             let wide = |x: &Array4<bf16>| x.mapv(|h| h.to_compute());
             let bias32 = bias.mapv(|x| x.to_compute());
             let f32_masks: Vec<Mask<'_, f32>> = masks
@@ -519,6 +525,14 @@ fn bf16_prefill_reads_its_keys_as_bf16() {
         });
         let group = heads / kv_heads;
         assert_eq!((paths.tiled, paths.reference), (2 * heads - group, group));
+        let kept = ScaledDotProduct::new()
+            .forward_with_lse(&q, &k, &v)
+            .expect("valid");
+        assert!(
+            out.iter()
+                .zip(&kept.output)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
         assert!(
             out.slice(s![0, .., .., ..])
                 .iter()

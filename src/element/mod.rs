@@ -198,6 +198,12 @@ pub trait Half: Storage<Compute = f32> {
     /// `from_f32` does; the slices are equally long.
     fn narrow(src: &[f32], dst: &mut [Self]);
 
+    /// `len` zeros of this type for a call's output that a kernel writes in
+    /// this type, set on the rayon pool where `parallelism` allows.
+    fn zeroed(len: usize, parallelism: Parallelism) -> Vec<Self> {
+        filled(len, Self::from_compute(0.0), parallelism, |_, _| ())
+    }
+
     /// `x` as `bf16` values when this type is `bf16`, `None` for `f16`: how the
     /// kernels with bf16 dot products reach bf16 inputs from code generic over
     /// the half type.

@@ -41,7 +41,7 @@ pub(crate) mod sweep;
 mod tiled;
 mod weights;
 
-use ndarray::{ArrayView4, ArrayViewMut1, ArrayViewMut2, ArrayViewMut4, Axis};
+use ndarray::{Array4, ArrayView4, ArrayViewMut1, ArrayViewMut2, ArrayViewMut4, Axis};
 
 pub use arch::KernelArch;
 pub use options::{Kernel, Parallelism};
@@ -53,6 +53,7 @@ pub(crate) use params::{DIRECT_MAX_ROWS, PRODUCT_PARALLEL_MIN_WORK};
 use plan::Plan;
 use report::Path;
 use run::KvGroup;
+use tiled::Output;
 pub(crate) use weights::{PackedWeight, pack_weight, weight_product};
 
 use std::marker::PhantomData;
@@ -64,9 +65,9 @@ use crate::element::{Element, Half, PerElement, PerStorage, Storage};
 use crate::error::Result;
 use crate::flex::program::Program;
 
-/// Writes attention's output for every head of `problem`, whose keys and values
-/// are stored as `S` (any storage type: the kernel plans how to read them), into
-/// `out`, `(batch, heads, L, d_v)`. Its program `P` is compiled into every
+/// Attention's output for every head of `problem`, whose keys and values are
+/// stored as `S` (any storage type: the kernel plans how to read them), as
+/// `S`, `(batch, heads, L, d_v)`. Its program `P` is compiled into every
 /// kernel body.
 ///
 /// # Errors
@@ -75,11 +76,22 @@ use crate::flex::program::Program;
 /// holds an unknown value and the tiled or direct path would run.
 pub(crate) fn forward<S: Storage, P: Program<S::Compute>>(
     problem: &Problem<'_, S::Compute, S, P>,
-    out: ArrayViewMut4<'_, S::Compute>,
     kernel: Kernel,
     parallelism: Parallelism,
-) -> Result<()> {
-    (S::select_storage::<P, _>(Stored(PhantomData)).forward)(problem, out, kernel, parallelism)
+) -> Result<Array4<S>> {
+    (S::select_storage::<P, _>(Stored(PhantomData)).forward)(problem, kernel, parallelism)
+}
+
+/// The output array of `problem`, `(batch, heads, L, d_v)`, over `zeros`
+/// (`zeros(len)` gives its values).
+fn output_of<T, A, KV, P>(
+    problem: &Problem<'_, A, KV, P>,
+    zeros: impl FnOnce(usize) -> Vec<T>,
+) -> Array4<T> {
+    let (batch, heads, l, _) = problem.q.dim();
+    let shape = (batch, heads, l, problem.v.dim().3);
+    let values = zeros(shape.0 * shape.1 * shape.2 * shape.3);
+    Array4::from_shape_vec(shape, values).expect("one value per element")
 }
 
 /// The output and each row's log-sum-exp of every head of `problem`, whose keys
@@ -182,12 +194,11 @@ fn backward_half<H: Half, P: Program<f32>>(
 }
 
 /// [`forward`] compiled for one storage type.
-type ForwardFn<S, P> = for<'p, 'o> fn(
+type ForwardFn<S, P> = for<'p> fn(
     &Problem<'p, <S as Storage>::Compute, S, P>,
-    ArrayViewMut4<'o, <S as Storage>::Compute>,
     Kernel,
     Parallelism,
-) -> Result<()>;
+) -> Result<Array4<S>>;
 
 /// [`forward_lse`] compiled for one storage type.
 type ForwardLseFn<S, P> = for<'p> fn(
@@ -243,31 +254,40 @@ impl<P> PerElement<P> for Entries<P> {
     }
 }
 
-/// [`forward`] over keys and values stored in half precision, by one [`Plan`]: the direct path
-/// reads them where they lie; the tiled path packs bf16 keys as pairs for the
-/// bf16 dot products where the CPU (and `ATTN_KERNEL_ARCH`) has AVX512_BF16;
-/// every other plan widens them to `f32` once, here, and runs as `f32` does.
+/// [`forward`] over keys and values stored in half precision, by one [`Plan`]:
+/// the direct path reads them where they lie; the tiled path packs bf16 keys as
+/// pairs for the bf16 dot products or AMX tiles where the CPU (and
+/// `ATTN_KERNEL_ARCH`) has them, and writes each output row in the storage
+/// type as its block finishes it; every other plan widens the keys and values
+/// to `f32` once, here, and runs as `f32` does, its output rounded at the end.
 ///
 /// # Errors
 ///
 /// As [`forward`].
 fn forward_half<H: Half, P: Program<f32>>(
     problem: &Problem<'_, f32, H, P>,
-    out: ArrayViewMut4<'_, f32>,
     kernel: Kernel,
     parallelism: Parallelism,
-) -> Result<()> {
+) -> Result<Array4<H>> {
     let plan = Plan::of(problem, kernel)?.for_half::<H>();
+    #[cfg(target_arch = "x86_64")]
+    if let Plan::TiledBf16Pairs(_) | Plan::TiledAmx(_) = plan {
+        // each row rounded as its block finishes it: no f32 output
+        let mut out = output_of(problem, |len| H::zeroed(len, parallelism));
+        let mut outs: Vec<_> = per_head(out.view_mut()).collect();
+        tiled_bf16(problem, plan, &mut outs, None, parallelism);
+        return Ok(out);
+    }
+    let mut out = output_of(problem, |len| H::zeros(len, parallelism));
     match plan {
         Plan::Direct(arch) => {
-            let mut outs: Vec<_> = per_head(out).collect();
+            let mut outs: Vec<_> = per_head(out.view_mut()).collect();
             let mut groups = kv_groups(problem, &mut outs, None);
             run_direct::direct_half(problem, arch, &mut groups, parallelism);
         }
         #[cfg(target_arch = "x86_64")]
         Plan::TiledBf16Pairs(_) | Plan::TiledAmx(_) => {
-            let mut outs: Vec<_> = per_head(out).collect();
-            tiled_bf16(problem, plan, &mut outs, None, parallelism);
+            unreachable!("run above, their output written in the storage type")
         }
         // every other plan reads f32 keys and values
         _ => {
@@ -278,14 +298,14 @@ fn forward_half<H: Half, P: Program<f32>>(
             run_plan(
                 &problem.with_keys_values(k.view(), v.view()),
                 plan,
-                out,
+                out.view_mut(),
                 parallelism,
             );
             H::done(k);
             H::done(v);
         }
     }
-    Ok(())
+    Ok(H::store(out, parallelism))
 }
 
 /// [`forward_lse`] over keys and values stored in half precision: the tiled
@@ -330,10 +350,10 @@ fn forward_lse_half<H: Half, P: Program<f32>>(
 /// pairs (AVX512_BF16 dot products or AMX tiles): every head's output into
 /// `outs`, and its rows' log-sum-exps into `lses` if the call keeps them.
 #[cfg(target_arch = "x86_64")]
-fn tiled_bf16<'o, H: Half, P: Program<f32>>(
+fn tiled_bf16<'o, H: Half, P: Program<f32>, O: Output<f32>>(
     problem: &Problem<'_, f32, H, P>,
     plan: Plan,
-    outs: &mut [ArrayViewMut2<'o, f32>],
+    outs: &mut [ArrayViewMut2<'o, O>],
     lses: Option<&mut [ArrayViewMut1<'o, f32>]>,
     parallelism: Parallelism,
 ) {
@@ -342,7 +362,7 @@ fn tiled_bf16<'o, H: Half, P: Program<f32>>(
     };
     let problem = problem.with_keys_values(k, v);
     let mut groups = kv_groups(&problem, outs, lses);
-    let fallback = |b, h, out: ArrayViewMut2<'_, f32>, lse: Option<ArrayViewMut1<'_, f32>>| {
+    let fallback = |b, h, out: ArrayViewMut2<'_, O>, lse: Option<ArrayViewMut1<'_, f32>>| {
         run_direct::widened_reference(&problem, b, h, out, lse)
     };
     match plan {
@@ -357,11 +377,11 @@ fn tiled_bf16<'o, H: Half, P: Program<f32>>(
 /// The outputs `outs` (one per batch and query head, in that order), and their
 /// rows' log-sum-exps `lses` if the call keeps them, grouped by the key/value
 /// head they attend with: group `b·kv_heads + kv`.
-fn kv_groups<'o, 'a, A: Copy, KV, P>(
+fn kv_groups<'o, 'a, A: Copy, KV, P, O>(
     problem: &Problem<'_, A, KV, P>,
-    outs: &'o mut [ArrayViewMut2<'a, A>],
+    outs: &'o mut [ArrayViewMut2<'a, O>],
     lses: Option<&'o mut [ArrayViewMut1<'a, A>]>,
-) -> Vec<KvGroup<'o, 'a, A>> {
+) -> Vec<KvGroup<'o, 'a, A, O>> {
     let (kv_heads, group) = (problem.k.dim().1, problem.group_size());
     let mut lses = lses.map(|lses| lses.chunks_mut(group));
     outs.chunks_mut(group)
@@ -440,12 +460,13 @@ fn choose_backward<A: KernelElement, P: Program<A>>(
 /// Plans the call and runs it.
 fn choose_path<A: KernelElement, P: Program<A>>(
     problem: &Problem<'_, A, A, P>,
-    out: ArrayViewMut4<'_, A>,
     kernel: Kernel,
     parallelism: Parallelism,
-) -> Result<()> {
-    run_plan(problem, Plan::of(problem, kernel)?, out, parallelism);
-    Ok(())
+) -> Result<Array4<A>> {
+    let plan = Plan::of(problem, kernel)?;
+    let mut out = output_of(problem, |len| A::zeros(len, parallelism));
+    run_plan(problem, plan, out.view_mut(), parallelism);
+    Ok(out)
 }
 
 /// Runs every head of `problem` as `plan` says.

@@ -16,7 +16,7 @@ use super::backward::{
 use super::direct::{self, Group, Memory, PartialMut, Rows};
 use super::float::KernelFloat;
 use super::pack::{self, Entry, PackedHead, Pair};
-use super::tiled::{self, Block, KeyTiles, Scratch};
+use super::tiled::{self, Block, KeyTiles, Output, Scratch};
 use crate::flex::program::Program;
 
 /// The token's tile width (columns of a register tile), for sizing scratch.
@@ -60,15 +60,18 @@ impl<K: Pair> Op<f32, K> for PackHead<'_, '_, bf16> {
     }
 }
 
-/// [`tiled::attend_block`]: one block of query rows of the tiled kernel.
-pub(crate) struct AttendBlock<'b, 'a, A, K: Entry<A>, P> {
+/// [`tiled::attend_block`]: one block of query rows of the tiled kernel, its
+/// output written as `O`.
+pub(crate) struct AttendBlock<'b, 'a, A, K: Entry<A>, P, O> {
     pub(crate) block: &'b Block<'a, A, K, P>,
     pub(crate) scratch: &'b mut Scratch<A, K>,
-    pub(crate) out: ArrayViewMut2<'b, A>,
+    pub(crate) out: ArrayViewMut2<'b, O>,
     pub(crate) lse: Option<ArrayViewMut1<'b, A>>,
 }
 
-impl<A: KernelFloat, K: Entry<A>, P: Program<A>> Op<A, K> for AttendBlock<'_, '_, A, K, P> {
+impl<A: KernelFloat, K: Entry<A>, P: Program<A>, O: Output<A>> Op<A, K>
+    for AttendBlock<'_, '_, A, K, P, O>
+{
     type Output = bool;
 
     #[inline(always)]
@@ -79,7 +82,7 @@ impl<A: KernelFloat, K: Entry<A>, P: Program<A>> Op<A, K> for AttendBlock<'_, '_
             out,
             lse,
         } = self;
-        tiled::attend_block::<A, T::MulAdd, T, K, P, NR>(token, block, scratch, out, lse)
+        tiled::attend_block::<A, T::MulAdd, T, K, P, O, NR>(token, block, scratch, out, lse)
     }
 }
 

@@ -14,29 +14,33 @@ use super::pack::{Entry, PackedHead, head_bytes};
 use super::params::{BC, BR, PACKED_BYTES};
 use super::report::{self, Path};
 use super::rowwise::{self, HeadRows};
-use super::tiled::{Block, Scratch};
+use super::tiled::{Block, Output, Scratch};
 use crate::core::mask::Mask2;
 use crate::core::problem::Problem;
 use crate::core::scoring::Scoring;
 use crate::flex::program::Program;
 
-/// The query heads that share one key/value head, and their outputs (and each
-/// row's log-sum-exp, where the tiled path is asked for it).
-pub(crate) struct KvGroup<'o, 'a, A> {
+/// The query heads that share one key/value head, and their outputs, of
+/// elements `O` (and each row's log-sum-exp, where the tiled path is asked for
+/// it).
+pub(crate) struct KvGroup<'o, 'a, A, O = A> {
     pub(crate) b: usize,
     pub(crate) kv: usize,
-    pub(crate) outs: &'o mut [ArrayViewMut2<'a, A>],
+    pub(crate) outs: &'o mut [ArrayViewMut2<'a, O>],
     pub(crate) lses: Option<&'o mut [ArrayViewMut1<'a, A>]>,
 }
 
 /// Computes a head the fused arithmetic cannot stand for: `(b, h, out, lse)`,
 /// the log-sum-exp where the call asks for it.
-pub(crate) trait Fallback<A>:
-    Fn(usize, usize, ArrayViewMut2<'_, A>, Option<ArrayViewMut1<'_, A>>)
+pub(crate) trait Fallback<A, O>:
+    Fn(usize, usize, ArrayViewMut2<'_, O>, Option<ArrayViewMut1<'_, A>>)
 {
 }
 
-impl<A, F: Fn(usize, usize, ArrayViewMut2<'_, A>, Option<ArrayViewMut1<'_, A>>)> Fallback<A> for F {}
+impl<A, O, F> Fallback<A, O> for F where
+    F: Fn(usize, usize, ArrayViewMut2<'_, O>, Option<ArrayViewMut1<'_, A>>)
+{
+}
 
 /// Head `h` of batch `b` row by row, or by the reference path if its inputs need it.
 pub(crate) fn rowwise_head<A: KernelElement, P: Program<A>>(
@@ -72,23 +76,24 @@ pub(crate) fn rowwise_head<A: KernelElement, P: Program<A>>(
 }
 
 /// Every group by the tiled kernel, with the micro-kernels `kernel` dispatches
-/// to (over keys packed as entries `K`), packing as many key/value heads at
+/// to (over keys packed as entries `K`), its outputs written as `O`, packing as many key/value heads at
 /// a time as fit in [`PACKED_BYTES`] (but at least one per thread: a head of few
 /// query rows is only one task) and running all their blocks in one parallel
 /// region; `fallback` computes a head whose inputs the fused arithmetic cannot
 /// stand for.
-pub(crate) fn tiled<A, KV, K, D, P>(
+pub(crate) fn tiled<A, KV, K, D, P, O>(
     problem: &Problem<'_, A, KV, P>,
     kernel: D,
-    groups: &mut [KvGroup<'_, '_, A>],
+    groups: &mut [KvGroup<'_, '_, A, O>],
     parallelism: Parallelism,
-    fallback: impl Fallback<A>,
+    fallback: impl Fallback<A, O>,
 ) where
     A: KernelFloat,
     KV: Sync,
     K: Entry<A>,
     D: Dispatch<A, K>,
     P: Program<A>,
+    O: Output<A>,
     for<'v, 'a> PackHead<'v, 'a, KV>: Op<A, K, Output = PackedHead<A, K>>,
 {
     let (s, d, d_v) = (problem.k.dim().2, problem.k.dim().3, problem.v.dim().3);
@@ -100,7 +105,7 @@ pub(crate) fn tiled<A, KV, K, D, P>(
     let per_wave = (PACKED_BYTES / packed_bytes).max(threads);
     report::arch_used(kernel.kind());
     for wave in groups.chunks_mut(per_wave) {
-        let pack = |g: &KvGroup<'_, '_, A>| {
+        let pack = |g: &KvGroup<'_, '_, A, O>| {
             let (k, v) = problem.keys_values(g.b, g.kv);
             kernel.dispatch(PackHead { k: &k, v: &v })
         };
@@ -114,9 +119,9 @@ pub(crate) fn tiled<A, KV, K, D, P>(
 
 /// One block of query rows and where its output goes: query head `head` of
 /// group `group` of the wave.
-struct Task<'a, A, K: Entry<A>, P> {
+struct Task<'a, A, K: Entry<A>, P, O> {
     block: Block<'a, A, K, P>,
-    out: ArrayViewMut2<'a, A>,
+    out: ArrayViewMut2<'a, O>,
     lse: Option<ArrayViewMut1<'a, A>>,
     group: usize,
     head: usize,
@@ -125,14 +130,21 @@ struct Task<'a, A, K: Entry<A>, P> {
 /// Every block of the query heads of one wave of groups, over their key/value
 /// heads `packed` (one per group), in one parallel region; a head whose
 /// program made a score NaN or `+∞` is then computed again by `fallback`.
-fn attend_wave<A: KernelFloat, KV: Sync, K: Entry<A>, D: Dispatch<A, K>, P: Program<A>>(
+fn attend_wave<A, KV, K, D, P, O>(
     problem: &Problem<'_, A, KV, P>,
     kernel: D,
-    wave: &mut [KvGroup<'_, '_, A>],
+    wave: &mut [KvGroup<'_, '_, A, O>],
     packed: &[PackedHead<A, K>],
     parallelism: Parallelism,
-    fallback: &impl Fallback<A>,
-) {
+    fallback: &impl Fallback<A, O>,
+) where
+    A: KernelFloat,
+    KV: Sync,
+    K: Entry<A>,
+    D: Dispatch<A, K>,
+    P: Program<A>,
+    O: Output<A>,
+{
     let nr = kernel.dispatch(TileWidth);
     let masks: Vec<Vec<Vec<Mask2<'_, A>>>> = wave
         .iter()
@@ -211,7 +223,7 @@ fn attend_wave<A: KernelFloat, KV: Sync, K: Entry<A>, D: Dispatch<A, K>, P: Prog
         }
     }
     let (d, col_tiles) = (problem.k.dim().3, problem.v.dim().3.div_ceil(nr));
-    let run = |scratch: &mut Scratch<A, K>, task: Task<'_, A, K, P>| {
+    let run = |scratch: &mut Scratch<A, K>, task: Task<'_, A, K, P, O>| {
         let block = AttendBlock {
             block: &task.block,
             scratch,

@@ -13,6 +13,7 @@ use super::options::Parallelism;
 use super::params::{DIRECT_CHUNK, DIRECT_PARALLEL_MIN_WORK, DIRECT_PART};
 use super::report::{self, Path};
 use super::run::KvGroup;
+use super::tiled::Output;
 use crate::core::mask::Mask2;
 use crate::core::problem::Problem;
 use crate::element::Half;
@@ -50,19 +51,20 @@ pub(crate) fn direct_half<H: Half, P: Program<f32>>(
 }
 
 /// Head `h` of batch `b` by the reference path, its keys and values stored in
-/// half precision widened whole; each row's log-sum-exp into `lse` if asked.
-pub(crate) fn widened_reference<H: Half, P: Program<f32>>(
+/// half precision widened whole; its output written as `O`, each row's
+/// log-sum-exp into `lse` if asked.
+pub(crate) fn widened_reference<H: Half, P: Program<f32>, O: Output<f32>>(
     problem: &Problem<'_, f32, H, P>,
     b: usize,
     h: usize,
-    mut out: ArrayViewMut2<'_, f32>,
+    out: ArrayViewMut2<'_, O>,
     lse: Option<ArrayViewMut1<'_, f32>>,
 ) {
     let kv = problem.kv_head(h);
     let widened = |x: &ArrayView4<'_, H>| x.slice(s![b, kv, .., ..]).mapv(H::to_compute);
     let (keys, values) = (widened(&problem.k), widened(&problem.v));
     let (output, row_lse) = problem.lse_head(b, h, keys.view(), values.view());
-    out.assign(&output);
+    O::assign(out, output.view());
     if let Some(mut lse) = lse {
         lse.assign(&row_lse);
     }

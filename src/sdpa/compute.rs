@@ -57,14 +57,8 @@ impl<'m, A: Storage> ScaledDotProduct<'m, A> {
         program: impl FnOnce([usize; 4]) -> Result<P>,
     ) -> Result<Array<A, D>> {
         self.solve_under(q, k, v, program, |problem| {
-            let (batch, heads, l, _) = problem.q.dim();
-            let shape = (batch, heads, l, problem.v.dim().3);
-            // zeroed on the pool: at a few hundred rows this pass alone would
-            // be several per cent of a call on two threads
-            let zeros = A::zeros(shape.0 * shape.1 * shape.2 * shape.3, self.parallelism);
-            let mut out = Array4::from_shape_vec(shape, zeros).expect("one value per element");
-            kernel::forward(problem, out.view_mut(), self.kernel, self.parallelism)?;
-            Ok(D::unlift(A::store(out, self.parallelism)))
+            let out = kernel::forward(problem, self.kernel, self.parallelism)?;
+            Ok(D::unlift(out))
         })
     }
 

@@ -10,6 +10,7 @@
 //! component, or a pair for bf16 dot products); [`super::arch`] compiles it once
 //! per instruction set.
 
+mod output;
 mod tiles;
 
 use ndarray::{ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
@@ -23,6 +24,7 @@ use crate::core::scoring::Scoring;
 use crate::flex::blocks::BlockClass;
 use crate::flex::program::Program;
 
+pub(crate) use output::Output;
 pub(crate) use tiles::{
     KeyTiles, Panels, RowStates, Tiles, Weights, accumulate, scatter_queries, softmax_rows,
 };
@@ -71,16 +73,16 @@ impl<A: KernelFloat, K: Entry<A>> Scratch<A, K> {
     }
 }
 
-/// Computes one block of output rows into `out: (rows, d_v)`, and each row's
-/// log-sum-exp into `lse` if asked (`−∞` for a row that sees no key); `false`
+/// Computes one block of output rows into `out: (rows, d_v)` (rounded to `O`
+/// as each row is written), and each row's log-sum-exp into `lse` if asked (`−∞` for a row that sees no key); `false`
 /// when the program made a score NaN or `+∞` (the head is then left to the
 /// reference path).
 #[inline(always)]
-pub(crate) fn attend_block<A, M, T, K, P, const NR: usize>(
+pub(crate) fn attend_block<A, M, T, K, P, O, const NR: usize>(
     tiles: T,
     block: &Block<'_, A, K, P>,
     scratch: &mut Scratch<A, K>,
-    mut out: ArrayViewMut2<'_, A>,
+    mut out: ArrayViewMut2<'_, O>,
     lse: Option<ArrayViewMut1<'_, A>>,
 ) -> bool
 where
@@ -89,6 +91,7 @@ where
     T: Tiles<A, NR> + KeyTiles<A, K, NR>,
     K: Entry<A>,
     P: Program<A>,
+    O: Output<A>,
 {
     let rows = block.q.nrows();
     // the rows the token computes: whole tiles of its rows
@@ -158,13 +161,9 @@ where
     }
 
     let o_tiles = scratch.o.as_chunks::<NR>().0;
-    for (i, mut row) in out.axis_iter_mut(Axis(0)).enumerate() {
+    for (i, row) in out.axis_iter_mut(Axis(0)).enumerate() {
         let inverse = inverse_total(scratch.sum[i]);
-        for (ct, columns) in row.axis_chunks_iter_mut(Axis(0), NR).enumerate() {
-            for (x, &o) in columns.into_iter().zip(&o_tiles[ct * BR + i]) {
-                *x = o * inverse;
-            }
-        }
+        O::write_row(row, (o_tiles, i), inverse);
     }
     if let Some(mut lse) = lse {
         // the sum is of exp(s − max) (the sink's included)

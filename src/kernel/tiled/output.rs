@@ -1,0 +1,82 @@
+//! The type the tiled kernel writes its output in: the compute type itself, or
+//! a half type, each row rounded once as its block finishes it (no `f32` copy
+//! of the whole output to round afterwards).
+
+use ndarray::{ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
+
+use crate::element::Half;
+use crate::kernel::float::KernelFloat;
+use crate::kernel::params::BR;
+
+/// An output element of the tiled kernel computed in `A`.
+pub(crate) trait Output<A: KernelFloat>: Copy + Send + Sync {
+    /// `out[i] = values[i]`, rounded to this type; the slices are equally long.
+    fn store(values: &[A], out: &mut [Self]);
+
+    /// Writes row `i` of a block: its values are the tiles `o[ct·BR + i]`, `NR`
+    /// columns each in order (the last may run past the row), times `inverse`.
+    #[inline(always)]
+    fn write_row<const NR: usize>(
+        mut out: ArrayViewMut1<'_, Self>,
+        (o, i): (&[[A; NR]], usize),
+        inverse: A,
+    ) {
+        let Some(out) = out.as_slice_mut() else {
+            for (ct, mut columns) in out.axis_chunks_iter_mut(Axis(0), NR).enumerate() {
+                let scaled = o[ct * BR + i].map(|o| o * inverse);
+                for (x, v) in columns.iter_mut().zip(&scaled) {
+                    Self::store(std::slice::from_ref(v), std::slice::from_mut(x));
+                }
+            }
+            return;
+        };
+        // a whole tile rounded in registers (its length known), the last in part
+        let (tiles, rest) = out.as_chunks_mut::<NR>();
+        for (ct, columns) in tiles.iter_mut().enumerate() {
+            Self::store(&o[ct * BR + i].map(|o| o * inverse), columns);
+        }
+        if !rest.is_empty() {
+            let scaled = o[tiles.len() * BR + i].map(|o| o * inverse);
+            Self::store(&scaled[..rest.len()], rest);
+        }
+    }
+
+    /// `out = values`, rounded to this type, in any layout.
+    fn assign(mut out: ArrayViewMut2<'_, Self>, values: ArrayView2<'_, A>) {
+        out.zip_mut_with(&values, |x, v| {
+            Self::store(std::slice::from_ref(v), std::slice::from_mut(x))
+        });
+    }
+}
+
+/// The compute type: each row written straight from the tiles.
+impl<A: KernelFloat> Output<A> for A {
+    fn store(values: &[A], out: &mut [A]) {
+        out.copy_from_slice(values);
+    }
+
+    #[inline(always)]
+    fn write_row<const NR: usize>(
+        mut out: ArrayViewMut1<'_, A>,
+        (o, i): (&[[A; NR]], usize),
+        inverse: A,
+    ) {
+        for (ct, columns) in out.axis_chunks_iter_mut(Axis(0), NR).enumerate() {
+            for (x, &o) in columns.into_iter().zip(&o[ct * BR + i]) {
+                *x = o * inverse;
+            }
+        }
+    }
+
+    fn assign(mut out: ArrayViewMut2<'_, A>, values: ArrayView2<'_, A>) {
+        out.assign(&values);
+    }
+}
+
+/// The half types: rounded to nearest, ties to even, as `from_f32`.
+impl<H: Half> Output<f32> for H {
+    #[inline(always)]
+    fn store(values: &[f32], out: &mut [H]) {
+        H::narrow(values, out);
+    }
+}
