@@ -214,9 +214,16 @@ impl PackedValues<Bf16Pair> {
                 second
             };
             // column group by column group: `NR` pairs of one step at a time
-            let groups = first.chunks(NR).zip(second.chunks(NR));
-            for (group, (a, b)) in data.chunks_exact_mut(steps).zip(groups) {
-                for (pair, (&a, &b)) in group[r].iter_mut().zip(a.iter().zip(b)) {
+            // (whole groups at a known width, so that they vectorise)
+            let ((a_whole, a_rest), (b_whole, b_rest)) =
+                (first.as_chunks::<NR>(), second.as_chunks::<NR>());
+            let mut groups = data.chunks_exact_mut(steps);
+            // (the whole groups first: a zip stops at them without taking the last)
+            for ((a, b), group) in a_whole.iter().zip(b_whole).zip(groups.by_ref()) {
+                group[r] = std::array::from_fn(|c| Bf16Pair::new(a[c], b[c]));
+            }
+            if let Some(group) = groups.next() {
+                for (pair, (&a, &b)) in group[r].iter_mut().zip(a_rest.iter().zip(b_rest)) {
                     *pair = Bf16Pair::new(a, b);
                 }
             }
