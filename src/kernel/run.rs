@@ -76,11 +76,11 @@ pub(crate) fn rowwise_head<A: KernelElement, P: Program<A>>(
 }
 
 /// Every group by the tiled kernel, with the micro-kernels `kernel` dispatches
-/// to (over keys packed as entries `K`), its outputs written as `O`, packing as many key/value heads at
-/// a time as fit in [`PACKED_BYTES`] (but at least one per thread: a head of few
-/// query rows is only one task) and running all their blocks in one parallel
-/// region; `fallback` computes a head whose inputs the fused arithmetic cannot
-/// stand for.
+/// to (over keys packed as entries `K`), its outputs written as `O`: packing as
+/// many key/value heads at a time as fit in [`PACKED_BYTES`] (but at least one
+/// per thread: a head of few query rows is only one task) and running all their
+/// blocks in one parallel region; `fallback` computes a head whose inputs the
+/// fused arithmetic cannot stand for.
 pub(crate) fn tiled<A, KV, K, D, P, O>(
     problem: &Problem<'_, A, KV, P>,
     kernel: D,

@@ -80,3 +80,36 @@ impl<H: Half> Output<f32> for H {
         H::narrow(values, out);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use half::bf16;
+    use ndarray::Array2;
+
+    use super::*;
+
+    /// A row of 20 columns (a whole tile of 16 and 4 more) written as bf16 from
+    /// the tiles of row 3, contiguous and strided, is each value times the
+    /// inverse rounded by `from_f32`; as f32, the product itself.
+    #[test]
+    fn rows_are_the_tiles_scaled_and_rounded() {
+        const NR: usize = 16;
+        let o: Vec<[f32; NR]> = (0..2 * BR)
+            .map(|t| std::array::from_fn(|c| (t * NR + c) as f32 / 7.0 - 50.0))
+            .collect();
+        let (i, inverse) = (3, 1.0 / 3.0);
+        let want = |c: usize| o[c / NR * BR + i][c % NR] * inverse;
+
+        let mut row = [bf16::ZERO; 20];
+        bf16::write_row::<NR>((&mut row[..]).into(), (&o, i), inverse);
+        let mut strided = Array2::from_elem((20, 2), bf16::ZERO);
+        bf16::write_row::<NR>(strided.column_mut(1), (&o, i), inverse);
+        let mut wide = [0.0_f32; 20];
+        f32::write_row::<NR>((&mut wide[..]).into(), (&o, i), inverse);
+        for c in 0..20 {
+            assert_eq!(row[c], bf16::from_f32(want(c)), "column {c}");
+            assert_eq!(strided[[c, 1]], row[c], "column {c}, strided");
+            assert_eq!(wide[c], want(c), "column {c}, f32");
+        }
+    }
+}
