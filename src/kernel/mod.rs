@@ -279,31 +279,24 @@ fn forward_half<H: Half, P: Program<f32>>(
         return Ok(out);
     }
     let mut out = output_of(problem, |len| H::zeros(len, parallelism));
-    match plan {
-        Plan::Direct(arch) => {
-            let mut outs: Vec<_> = per_head(out.view_mut()).collect();
-            let mut groups = kv_groups(problem, &mut outs, None);
-            run_direct::direct_half(problem, arch, &mut groups, parallelism);
-        }
-        #[cfg(target_arch = "x86_64")]
-        Plan::TiledBf16Pairs(_) | Plan::TiledAmx(_) => {
-            unreachable!("run above, their output written in the storage type")
-        }
+    if let Plan::Direct(arch) = plan {
+        let mut outs: Vec<_> = per_head(out.view_mut()).collect();
+        let mut groups = kv_groups(problem, &mut outs, None);
+        run_direct::direct_half(problem, arch, &mut groups, parallelism);
+    } else {
         // every other plan reads f32 keys and values
-        _ => {
-            let (k, v) = (
-                H::compute(problem.k, parallelism),
-                H::compute(problem.v, parallelism),
-            );
-            run_plan(
-                &problem.with_keys_values(k.view(), v.view()),
-                plan,
-                out.view_mut(),
-                parallelism,
-            );
-            H::done(k);
-            H::done(v);
-        }
+        let (k, v) = (
+            H::compute(problem.k, parallelism),
+            H::compute(problem.v, parallelism),
+        );
+        run_plan(
+            &problem.with_keys_values(k.view(), v.view()),
+            plan,
+            out.view_mut(),
+            parallelism,
+        );
+        H::done(k);
+        H::done(v);
     }
     Ok(H::store(out, parallelism))
 }

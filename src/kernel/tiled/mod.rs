@@ -74,9 +74,9 @@ impl<A: KernelFloat, K: Entry<A>> Scratch<A, K> {
 }
 
 /// Computes one block of output rows into `out: (rows, d_v)` (rounded to `O`
-/// as each row is written), and each row's log-sum-exp into `lse` if asked (`−∞` for a row that sees no key); `false`
-/// when the program made a score NaN or `+∞` (the head is then left to the
-/// reference path).
+/// as each row is written), and each row's log-sum-exp into `lse` if asked
+/// (`−∞` for a row that sees no key); `false` when the program made a score NaN
+/// or `+∞` (the head is then left to the reference path).
 #[inline(always)]
 pub(crate) fn attend_block<A, M, T, K, P, O, const NR: usize>(
     tiles: T,
