@@ -121,7 +121,7 @@ pub(super) unsafe fn pack_query_tile_f32(
 ///
 /// The CPU must support AVX-512 F.
 #[inline(always)]
-unsafe fn transpose16(rows: [__m512; 16]) -> [__m512; 16] {
+pub(super) unsafe fn transpose16(rows: [__m512; 16]) -> [__m512; 16] {
     // SAFETY: the caller upholds this function's contract.
     unsafe {
         // t[2g], t[2g + 1]: rows 2g and 2g + 1 interleaved (low, high pairs of
