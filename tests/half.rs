@@ -75,14 +75,15 @@ fn assert_rounded<H: Half>(
     }
 }
 
-/// How far an output may move when the kernel that ran rounds the softmax's
-/// weights to bf16 before `P·V` (AMX): each weight by at most 2⁻⁸ of itself,
-/// so the weighted average of the values by at most 2⁻⁸ of the largest value
-/// (`largest`), within one bf16 spacing of it; 0 for the kernels that keep the
-/// weights in f32.
-fn rounded_weights(arch: Option<attn::KernelArch>, largest: f64) -> f64 {
+/// How far an output of type `H` may move when the kernel that ran rounds the
+/// softmax's weights to bf16 before `P·V` (bf16 on AMX tiles or with
+/// `vdpbf16ps`): each weight by at most 2⁻⁸ of itself, so the weighted average
+/// of the values by at most 2⁻⁸ of the largest value (`largest`), within one
+/// bf16 spacing of it; 0 for the kernels that keep the weights in f32.
+fn rounded_weights<H: Half>(arch: Option<attn::KernelArch>, largest: f64) -> f64 {
+    use attn::KernelArch::{Amx, Avx512Bf16};
     match arch {
-        Some(attn::KernelArch::Amx) => bf16::ulp(largest),
+        Some(Amx | Avx512Bf16) if H::NAME == "bf16" => bf16::ulp(largest),
         _ => 0.0,
     }
 }
@@ -163,7 +164,7 @@ fn masks_and_sizes<H: Half>() {
                 Some(bias64.view()),
                 causal,
             );
-            let weights = rounded_weights(paths.arch, largest(&v64));
+            let weights = rounded_weights::<H>(paths.arch, largest(&v64));
             assert_rounded::<H>(&names, &got, &want, 2.0, weights);
             // the batched call, one head: the same numbers
             let lift = |x: &ndarray::Array2<H>| {
@@ -507,7 +508,7 @@ fn bf16_prefill_reads_its_keys_as_bf16() {
             let want = with_masks(f32_masks)
                 .forward_batched(&wide(&q), &wide(&k), &wide(&v))
                 .expect("valid");
-            let weights = rounded_weights(paths.arch, largest(&to_f64(&v)));
+            let weights = rounded_weights::<bf16>(paths.arch, largest(&to_f64(&v)));
             for (a, b) in out.iter().zip(want.iter()) {
                 let (a, b) = (f64::from(a.to_compute()), f64::from(*b));
                 assert!(

@@ -332,10 +332,10 @@ fn bf16_kept_forward_keeps_its_lse_in_f32() {
     let want = f64s
         .forward_with_lse(&exact(&q), &exact(&k), &exact(&v))
         .expect("valid");
-    // AMX rounds the weights to bf16 before P·V: one more rounding of the
-    // values' average (|v| < 2)
+    // AMX and AVX512_BF16 round the weights to bf16 before P·V: one more
+    // rounding of the values' average (|v| < 2)
     let weights = match forward.arch {
-        Some(attn::KernelArch::Amx) => bf16::ulp(2.0),
+        Some(attn::KernelArch::Amx | attn::KernelArch::Avx512Bf16) => bf16::ulp(2.0),
         _ => 0.0,
     };
     for (g, w) in exact(&kept.output).iter().zip(&want.output) {

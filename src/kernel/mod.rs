@@ -255,8 +255,8 @@ impl<P> PerElement<P> for Entries<P> {
 }
 
 /// [`forward`] over keys and values stored in half precision, by one [`Plan`]:
-/// the direct path reads them where they lie; the tiled path packs bf16 keys as
-/// pairs for the bf16 dot products or AMX tiles where the CPU (and
+/// the direct path reads them where they lie; the tiled path packs bf16 keys
+/// and values as pairs for the bf16 dot products or AMX tiles where the CPU (and
 /// `ATTN_KERNEL_ARCH`) has them, and writes each output row in the storage
 /// type as its block finishes it; every other plan widens the keys and values
 /// to `f32` once, here, and runs as `f32` does, its output rounded at the end.

@@ -1,14 +1,19 @@
-//! The tiled kernel for keys stored in bf16 on CPUs with AVX512_BF16: scores by
-//! `vdpbf16ps`, which multiplies two bf16 pairs per f32 lane and adds both
-//! products to the lane, so a tile of `S = Q·Kᵀ` takes half the instructions of
-//! the f32 one. Softmax, the value products and the output stay f32 (the values
-//! are widened once, when the head is packed).
+//! The tiled kernel for keys and values stored in bf16 on CPUs with
+//! AVX512_BF16: `S = Q·Kᵀ` and `P·V` by `vdpbf16ps`, which multiplies two bf16
+//! pairs per f32 lane and adds both products to the lane, so a tile takes half
+//! the instructions of the f32 one. The softmax and the output stay f32.
 //!
 //! The products of two bf16 values are exact in f32, and each is added to the
 //! f32 lane with one rounding: the scores are as accurate as the f32 kernel's,
-//! summed in another order. Like every AVX512_BF16 instruction, `vdpbf16ps`
-//! treats subnormal inputs (below 1.2·10⁻³⁸) as zero and flushes subnormal
-//! results to zero, which moves a score by less than 10⁻³⁷.
+//! summed in another order. The softmax's weights are rounded to bf16 for
+//! `P·V`, as on the AMX tiles (and in PyTorch's CPU kernels for bf16): each by
+//! at most 2⁻⁹ of itself, so an output row moves by at most 2⁻⁸ of the largest
+//! value, within one bf16 spacing of it (the row sums stay those of the f32
+//! weights). Like every AVX512_BF16 instruction, `vdpbf16ps` treats subnormal
+//! inputs (below 1.2·10⁻³⁸) as zero and flushes subnormal results to zero,
+//! which moves a score by less than 10⁻³⁷. Rounding the weights and taking
+//! `P·V` in pairs made a bf16 call at N = 512 (Zen 5, one thread) a third
+//! faster: `P·V` 2 680 → 1 270 kcycles of a call of 5 670 → 3 860.
 
 use std::arch::x86_64::*;
 
@@ -20,10 +25,8 @@ use super::transpose::transpose16;
 use super::{Dispatch, KernelArch, Op, Token};
 use crate::kernel::float::{Fused, MulAdd};
 use crate::kernel::pack::{Bf16Pair, Entry, PackPanel, PackedValues};
-use crate::kernel::params::{BC, MR};
-use crate::kernel::tiled::{
-    KeyTiles, RowStates, Tiles, Weights, accumulate, scatter_queries, softmax_rows,
-};
+use crate::kernel::params::{BC, BR, MR};
+use crate::kernel::tiled::{KeyTiles, RowStates, Tiles, Weights, scatter_queries};
 
 /// Tile width: two 512-bit registers of f32 scores, as the f32 AVX-512 tiles
 /// (the direct path's micro-kernels are [`Avx512`]'s).
@@ -96,11 +99,12 @@ impl Tiles<f32, NR> for Avx512Bf16 {
     /// The queries are rounded to bf16 without the scale: the bands take it.
     const SCALE_IN_SOFTMAX: bool = true;
 
-    /// Sixteen rows at a time ([`softmax_bands`]), the weights written as f32
-    /// (what [`KeyTiles::block_values`] reads here too), the scale in the
-    /// argument of their `exp` where a pass of its own over the scores took
-    /// 7 % of a call (N = 512, Zen 5); the rows past the last whole band one
-    /// by one.
+    /// Sixteen rows at a time ([`softmax_bands`]), every band of the block's
+    /// rows (a band past them computes rows no output reads), the weights
+    /// rounded to bf16 as on the AMX tiles: the operand of
+    /// [`KeyTiles::block_values`]. The scale is taken in the argument of their
+    /// `exp` (a pass of its own over the scores took 7 % of a call, N = 512,
+    /// Zen 5).
     #[inline(always)]
     fn block_softmax<M: MulAdd>(
         self,
@@ -110,11 +114,18 @@ impl Tiles<f32, NR> for Avx512Bf16 {
         scale: Option<f32>,
         state: RowStates<'_, f32>,
     ) {
-        let (bands, mut state) = (rows / BAND, state);
-        // SAFETY: `self` proves AVX-512 F; a scale given here is positive
-        // (`SCALE_IN_SOFTMAX`).
-        unsafe { softmax_bands::<false>(s, width, bands, scale.unwrap_or(1.0), &mut state) };
-        softmax_rows::<f32, M, Avx512, NR>(self.avx512, s, width, bands * BAND..rows, scale, state);
+        let mut state = state;
+        // SAFETY: `self` proves AVX-512 F and AVX512_BF16; a scale given here
+        // is positive (`SCALE_IN_SOFTMAX`).
+        unsafe {
+            softmax_bands::<true>(
+                s,
+                width,
+                rows.div_ceil(BAND),
+                scale.unwrap_or(1.0),
+                &mut state,
+            )
+        };
     }
 }
 
@@ -191,16 +202,88 @@ impl KeyTiles<f32, Bf16Pair, NR> for Avx512Bf16 {
         }
     }
 
-    /// The values are widened to f32: the f32 tiles' product.
+    /// `O = α·O + P·V` by `vdpbf16ps`: the weights are bf16 (the bands'), the
+    /// values pairs of keys, so each instruction adds two keys' products to a
+    /// lane, half the f32 tiles' instructions.
     #[inline(always)]
     fn block_values(
         self,
         weights: Weights<'_, f32>,
-        values: &PackedValues<f32>,
+        values: &PackedValues<Bf16Pair>,
         j0: usize,
         o: &mut [f32],
     ) {
-        accumulate(self, weights, values, j0, o);
+        let Weights {
+            p,
+            alpha,
+            keys,
+            rows,
+            ..
+        } = weights;
+        let pairs = keys.div_ceil(2);
+        let steps = values.data.as_chunks::<NR>().0;
+        let p_rows = p.as_chunks::<BC>().0;
+        // O is stored column tile by column tile: `(col_tiles × BR) × NR`
+        let o_tiles = o.as_chunks_mut::<NR>().0;
+        for ct in 0..values.col_tiles {
+            let first = ct * values.s + j0 / 2;
+            let v = &steps[first..first + pairs];
+            for t in 0..rows / MR {
+                let w: [&[f32; BC]; MR] = std::array::from_fn(|i| &p_rows[t * MR + i]);
+                let first = ct * BR + t * MR;
+                let o_tile: &mut [[f32; NR]; MR] = (&mut o_tiles[first..first + MR])
+                    .try_into()
+                    .expect("an output tile holds MR rows");
+                let alpha: &[f32; MR] = alpha[t * MR..(t + 1) * MR]
+                    .try_into()
+                    .expect("MR factors per tile");
+                value_pairs_tile(self, &w, v, alpha, o_tile);
+            }
+        }
+    }
+}
+
+/// One tile of `O = α·O + P·V`: `w` holds `MR` rows of bf16 weights from each
+/// row's first byte (pair `r` of a row is its weights `2r`, `2r + 1`), `v` one
+/// step of `NR` pairs of values per pair of keys; the block's product summed on
+/// its own, then added to the rescaled total.
+#[inline(always)]
+fn value_pairs_tile(
+    _: Avx512Bf16,
+    w: &[&[f32; BC]; MR],
+    v: &[[Bf16Pair; NR]],
+    alpha: &[f32; MR],
+    o: &mut [[f32; NR]; MR],
+) {
+    assert!(v.len() <= BC, "a block's keys fit a row of weights");
+    // the rows' first bytes as pairs of bf16: `f32` and `u32` have one size
+    // and alignment
+    let pairs: [&[u32; BC]; MR] = w.map(|row| {
+        // SAFETY: a row of `BC` f32 is `BC` u32 of the same bytes.
+        unsafe { &*row.as_ptr().cast::<[u32; BC]>() }
+    });
+    // SAFETY: the token proves AVX-512 F and AVX512_BF16; each load reads 16
+    // of the `NR` pairs of one step of `v`, each load and store of `o` 16 of
+    // the `NR` floats of one row; `__m512i` and `__m512bh` are both 64 bytes.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        for (r, step) in v.iter().enumerate() {
+            let v0: __m512bh = std::mem::transmute(_mm512_loadu_si512(step.as_ptr().cast()));
+            let v1: __m512bh =
+                std::mem::transmute(_mm512_loadu_si512(step.as_ptr().add(16).cast()));
+            for i in 0..MR {
+                let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(pairs[i][r] as i32));
+                acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, v0);
+                acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, v1);
+            }
+        }
+        for i in 0..MR {
+            let a = _mm512_set1_ps(alpha[i]);
+            let row = o[i].as_mut_ptr();
+            _mm512_storeu_ps(row, _mm512_fmadd_ps(_mm512_loadu_ps(row), a, acc[i][0]));
+            let high = row.add(16);
+            _mm512_storeu_ps(high, _mm512_fmadd_ps(_mm512_loadu_ps(high), a, acc[i][1]));
+        }
     }
 }
 

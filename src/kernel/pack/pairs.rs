@@ -22,9 +22,12 @@ impl Bf16Pair {
 
 /// Queries are widened from bf16 to f32 before they reach the kernel (exactly),
 /// and narrowed back here (exactly again); the scale cannot ride in a bf16 query
-/// without rounding it, so the scores are scaled in f32.
+/// without rounding it, so the scores are scaled in f32. The values are pairs of
+/// keys' values, as the AMX tiles' ([`PackedValues::pack_key_pairs`]).
 impl Entry<f32> for Bf16Pair {
-    type Value = f32;
+    type Value = Bf16Pair;
+
+    const VALUE_KEYS: usize = 2;
 
     fn zero() -> Self {
         Bf16Pair(0)
@@ -118,15 +121,17 @@ pub(crate) trait Pair: Entry<f32> {
     ) -> (PackedValues<Self::Value>, Extent<f32>);
 }
 
-/// The `vdpbf16ps` scores' values are widened to f32 (`P·V` in f32).
+/// The `vdpbf16ps` tiles' values are pairs of keys too, `NR` columns a group.
 impl Pair for Bf16Pair {
     fn of(pair: Bf16Pair) -> Self {
         pair
     }
 
     #[inline(always)]
-    fn pack_values<const NR: usize>(v: &ArrayView2<'_, bf16>) -> (PackedValues<f32>, Extent<f32>) {
-        PackedValues::pack::<NR>(&v.mapv(bf16::to_f32).view())
+    fn pack_values<const NR: usize>(
+        v: &ArrayView2<'_, bf16>,
+    ) -> (PackedValues<Bf16Pair>, Extent<f32>) {
+        PackedValues::pack_key_pairs::<NR>(v)
     }
 }
 
