@@ -25,8 +25,10 @@ use super::transpose::transpose16;
 use super::{Dispatch, KernelArch, Op, Token};
 use crate::kernel::float::{Fused, MulAdd};
 use crate::kernel::pack::{Bf16Pair, Entry, PackPanel, PackedValues};
-use crate::kernel::params::{BC, BR, MR};
-use crate::kernel::tiled::{KeyTiles, RowStates, Tiles, Weights, scatter_queries};
+use crate::kernel::params::{BC, MR};
+use crate::kernel::tiled::{
+    KeyTiles, RowStates, Tiles, ValueTiles, Weights, accumulate, scatter_queries,
+};
 
 /// Tile width: two 512-bit registers of f32 scores, as the f32 AVX-512 tiles
 /// (the direct path's micro-kernels are [`Avx512`]'s).
@@ -202,9 +204,9 @@ impl KeyTiles<f32, Bf16Pair, NR> for Avx512Bf16 {
         }
     }
 
-    /// `O = α·O + P·V` by `vdpbf16ps`: the weights are bf16 (the bands'), the
-    /// values pairs of keys, so each instruction adds two keys' products to a
-    /// lane, half the f32 tiles' instructions.
+    /// `O = α·O + P·V` by `vdpbf16ps` ([`ValueTiles`]): the weights are bf16
+    /// (the bands'), the values pairs of keys, so each instruction adds two
+    /// keys' products to a lane, half the f32 tiles' instructions.
     #[inline(always)]
     fn block_values(
         self,
@@ -213,76 +215,55 @@ impl KeyTiles<f32, Bf16Pair, NR> for Avx512Bf16 {
         j0: usize,
         o: &mut [f32],
     ) {
-        let Weights {
-            p,
-            alpha,
-            keys,
-            rows,
-            ..
-        } = weights;
-        let pairs = keys.div_ceil(2);
-        let steps = values.data.as_chunks::<NR>().0;
-        let p_rows = p.as_chunks::<BC>().0;
-        // O is stored column tile by column tile: `(col_tiles × BR) × NR`
-        let o_tiles = o.as_chunks_mut::<NR>().0;
-        for ct in 0..values.col_tiles {
-            let first = ct * values.s + j0 / 2;
-            let v = &steps[first..first + pairs];
-            for t in 0..rows / MR {
-                let w: [&[f32; BC]; MR] = std::array::from_fn(|i| &p_rows[t * MR + i]);
-                let first = ct * BR + t * MR;
-                let o_tile: &mut [[f32; NR]; MR] = (&mut o_tiles[first..first + MR])
-                    .try_into()
-                    .expect("an output tile holds MR rows");
-                let alpha: &[f32; MR] = alpha[t * MR..(t + 1) * MR]
-                    .try_into()
-                    .expect("MR factors per tile");
-                value_pairs_tile(self, &w, v, alpha, o_tile);
-            }
-        }
+        accumulate(self, weights, values, j0, o);
     }
 }
 
-/// One tile of `O = α·O + P·V`: `w` holds `MR` rows of bf16 weights from each
-/// row's first byte (pair `r` of a row is its weights `2r`, `2r + 1`), `v` one
-/// step of `NR` pairs of values per pair of keys; the block's product summed on
-/// its own, then added to the rescaled total.
-#[inline(always)]
-fn value_pairs_tile(
-    _: Avx512Bf16,
-    w: &[&[f32; BC]; MR],
-    v: &[[Bf16Pair; NR]],
-    alpha: &[f32; MR],
-    o: &mut [[f32; NR]; MR],
-) {
-    assert!(v.len() <= BC, "a block's keys fit a row of weights");
-    // the rows' first bytes as pairs of bf16: `f32` and `u32` have one size
-    // and alignment
-    let pairs: [&[u32; BC]; MR] = w.map(|row| {
-        // SAFETY: a row of `BC` f32 is `BC` u32 of the same bytes.
-        unsafe { &*row.as_ptr().cast::<[u32; BC]>() }
-    });
-    // SAFETY: the token proves AVX-512 F and AVX512_BF16; each load reads 16
-    // of the `NR` pairs of one step of `v`, each load and store of `o` 16 of
-    // the `NR` floats of one row; `__m512i` and `__m512bh` are both 64 bytes.
-    unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-        for (r, step) in v.iter().enumerate() {
-            let v0: __m512bh = std::mem::transmute(_mm512_loadu_si512(step.as_ptr().cast()));
-            let v1: __m512bh =
-                std::mem::transmute(_mm512_loadu_si512(step.as_ptr().add(16).cast()));
-            for i in 0..MR {
-                let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(pairs[i][r] as i32));
-                acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, v0);
-                acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, v1);
+impl ValueTiles<f32, Bf16Pair, NR> for Avx512Bf16 {
+    const KEYS: usize = 2;
+
+    /// `w` holds `MR` rows of bf16 weights from each row's first byte (pair
+    /// `r` of a row is its weights `2r`, `2r + 1`), `v` one step of `NR` pairs
+    /// of values per pair of keys; the block's product summed on its own,
+    /// then added to the rescaled total.
+    #[inline(always)]
+    fn values_tile(
+        self,
+        w: &[&[f32; BC]; MR],
+        v: &[[Bf16Pair; NR]],
+        alpha: &[f32; MR],
+        o: &mut [[f32; NR]; MR],
+    ) {
+        assert!(v.len() <= BC, "a block's keys fit a row of weights");
+        // the rows' first bytes as pairs of bf16: `f32` and `u32` have one size
+        // and alignment
+        let pairs: [&[u32; BC]; MR] = w.map(|row| {
+            // SAFETY: a row of `BC` f32 is `BC` u32 of the same bytes.
+            unsafe { &*row.as_ptr().cast::<[u32; BC]>() }
+        });
+        // SAFETY: `self` proves AVX-512 F and AVX512_BF16; each load reads 16
+        // of the `NR` pairs of one step of `v`, each load and store of `o` 16
+        // of the `NR` floats of one row; `__m512i` and `__m512bh` are both 64
+        // bytes.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+            for (r, step) in v.iter().enumerate() {
+                let v0: __m512bh = std::mem::transmute(_mm512_loadu_si512(step.as_ptr().cast()));
+                let v1: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(step.as_ptr().add(16).cast()));
+                for i in 0..MR {
+                    let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(pairs[i][r] as i32));
+                    acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, v0);
+                    acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, v1);
+                }
             }
-        }
-        for i in 0..MR {
-            let a = _mm512_set1_ps(alpha[i]);
-            let row = o[i].as_mut_ptr();
-            _mm512_storeu_ps(row, _mm512_fmadd_ps(_mm512_loadu_ps(row), a, acc[i][0]));
-            let high = row.add(16);
-            _mm512_storeu_ps(high, _mm512_fmadd_ps(_mm512_loadu_ps(high), a, acc[i][1]));
+            for i in 0..MR {
+                let a = _mm512_set1_ps(alpha[i]);
+                let row = o[i].as_mut_ptr();
+                _mm512_storeu_ps(row, _mm512_fmadd_ps(_mm512_loadu_ps(row), a, acc[i][0]));
+                let high = row.add(16);
+                _mm512_storeu_ps(high, _mm512_fmadd_ps(_mm512_loadu_ps(high), a, acc[i][1]));
+            }
         }
     }
 }

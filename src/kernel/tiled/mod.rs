@@ -26,7 +26,8 @@ use crate::flex::program::Program;
 
 pub(crate) use output::Output;
 pub(crate) use tiles::{
-    KeyTiles, Panels, RowStates, Tiles, Weights, scatter_queries, softmax_rows,
+    KeyTiles, Panels, RowStates, Tiles, ValueTiles, Weights, accumulate, scatter_queries,
+    softmax_rows,
 };
 
 /// One block of query rows of one head, with everything it attends over; its

@@ -112,12 +112,13 @@ pub(crate) struct Weights<'a, A> {
     pub(crate) rows: usize,
 }
 
-/// `O = α·O + P·V` for keys `j0 .. j0 + keys`, tile by tile of `MR` rows.
+/// `O = α·O + P·V` for keys `j0 .. j0 + keys`, tile by tile of `MR` rows, over
+/// values stored as `V` (`T::KEYS` keys a step).
 #[inline(always)]
-pub(crate) fn accumulate<A: KernelFloat, T: Tiles<A, NR>, const NR: usize>(
+pub(crate) fn accumulate<A: KernelFloat, V, T: ValueTiles<A, V, NR>, const NR: usize>(
     tiles: T,
     weights: Weights<'_, A>,
-    values: &PackedValues<A>,
+    values: &PackedValues<V>,
     j0: usize,
     o: &mut [A],
 ) {
@@ -135,8 +136,8 @@ pub(crate) fn accumulate<A: KernelFloat, T: Tiles<A, NR>, const NR: usize>(
     let o_tiles = o.as_chunks_mut::<NR>().0;
     let col_tiles = values.col_tiles;
     for ct in 0..col_tiles {
-        let first = ct * values.s + j0;
-        let v_block = &v_rows[first..first + keys];
+        let first = ct * values.s + j0 / T::KEYS;
+        let v_block = &v_rows[first..first + keys.div_ceil(T::KEYS)];
         for t in 0..tile_rows {
             let rows: [&[A; BC]; MR] = std::array::from_fn(|i| &p_rows[t * MR + i]);
             let first = ct * BR + t * MR;
@@ -146,8 +147,35 @@ pub(crate) fn accumulate<A: KernelFloat, T: Tiles<A, NR>, const NR: usize>(
             let alpha: &[A; MR] = alpha[t * MR..(t + 1) * MR]
                 .try_into()
                 .expect("MR factors per tile");
-            tiles.value_tile(&rows, v_block, alpha, o_tile);
+            tiles.values_tile(&rows, v_block, alpha, o_tile);
         }
+    }
+}
+
+/// The value micro-kernel over values stored as `V`: the element itself (every
+/// [`Tiles`], by [`Tiles::value_tile`]), or pairs of two keys' values where a
+/// token multiplies pairs (AVX512_BF16).
+pub(crate) trait ValueTiles<A, V, const NR: usize>: Copy {
+    /// Keys whose values one step of `V` holds.
+    const KEYS: usize;
+
+    /// `O = α·O + P·V` on one tile: `p` holds `MR` rows of weights, `v` one
+    /// step of `NR` values per `KEYS` keys.
+    fn values_tile(self, p: &[&[A; BC]; MR], v: &[[V; NR]], alpha: &[A; MR], o: &mut [[A; NR]; MR]);
+}
+
+impl<A: Copy, T: Tiles<A, NR>, const NR: usize> ValueTiles<A, A, NR> for T {
+    const KEYS: usize = 1;
+
+    #[inline(always)]
+    fn values_tile(
+        self,
+        p: &[&[A; BC]; MR],
+        v: &[[A; NR]],
+        alpha: &[A; MR],
+        o: &mut [[A; NR]; MR],
+    ) {
+        self.value_tile(p, v, alpha, o)
     }
 }
 
