@@ -142,7 +142,7 @@ fn exp_and_sum_f64(_: Avx512, row: &mut [f64], shift: f64) -> f64 {
     unsafe { exp::exp_and_sum_f64(row, shift) }
 }
 
-/// [`transpose::pack_query_tile_f32`] under this token.
+/// [`transpose::pack_query_tile`] under this token.
 #[inline(always)]
 fn pack_query_tile_f32(
     _: Avx512,
@@ -151,7 +151,7 @@ fn pack_query_tile_f32(
     out: &mut [[f32; crate::kernel::params::MR]],
 ) {
     // SAFETY: `Avx512` exists, so the CPU has AVX-512 F.
-    unsafe { transpose::pack_query_tile_f32(rows, scale, out) }
+    unsafe { transpose::pack_query_tile(rows, scale, out) }
 }
 
 impl Dots<f32> for Avx512 {

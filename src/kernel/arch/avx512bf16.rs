@@ -17,18 +17,16 @@
 
 use std::arch::x86_64::*;
 
-use ndarray::{ArrayView2, s};
+use ndarray::ArrayView2;
 
 use super::avx512::Avx512;
 use super::band::{BAND, softmax_bands};
-use super::transpose::transpose16;
+use super::transpose::{QueryStep, pack_query_tile};
 use super::{Dispatch, KernelArch, Op, Token};
 use crate::kernel::float::{Fused, MulAdd};
-use crate::kernel::pack::{Bf16Pair, Entry, PackPanel, PackedValues};
+use crate::kernel::pack::{Bf16Pair, PackPanel, PackedValues};
 use crate::kernel::params::{BC, MR};
-use crate::kernel::tiled::{
-    KeyTiles, RowStates, Tiles, ValueTiles, Weights, accumulate, scatter_queries,
-};
+use crate::kernel::tiled::{KeyTiles, RowStates, Tiles, ValueTiles, Weights, accumulate};
 
 /// Tile width: two 512-bit registers of f32 scores, as the f32 AVX-512 tiles
 /// (the direct path's micro-kernels are [`Avx512`]'s).
@@ -169,39 +167,8 @@ impl KeyTiles<f32, Bf16Pair, NR> for Avx512Bf16 {
     /// their bits.
     #[inline(always)]
     fn pack_query_tile(self, rows: ArrayView2<'_, f32>, scale: f32, out: &mut [[Bf16Pair; MR]]) {
-        let mut lines: [&[f32]; MR] = [&[]; MR];
-        for (line, row) in lines.iter_mut().zip(rows.outer_iter()) {
-            match row.to_slice() {
-                Some(row) => *line = row,
-                None => return scatter_queries(rows, scale, out),
-            }
-        }
-        let (n, depth) = (rows.nrows(), out.len());
-        let whole_steps = depth.min(rows.ncols() / 2) / 16 * 16;
-        if n < MR {
-            out[whole_steps..].fill([Bf16Pair::zero(); MR]);
-        }
-        let tile_rows: __mmask16 = (1 << MR) - 1;
-        // SAFETY: `self` is the token (AVX-512 F, AVX512_BF16); each load reads
-        // 16 f32 of a line's first `2 · whole_steps`, each store writes the `MR`
-        // pairs of one step; `__m512bh` and `__m512` are both 64 bytes of lanes.
-        unsafe {
-            for p0 in (0..whole_steps).step_by(16) {
-                let mut regs = [_mm512_setzero_ps(); 16];
-                for (reg, line) in regs.iter_mut().zip(&lines[..n]) {
-                    let at = line[2 * p0..2 * p0 + 32].as_ptr();
-                    let (low, high) = (_mm512_loadu_ps(at), _mm512_loadu_ps(at.add(16)));
-                    *reg = std::mem::transmute::<__m512bh, __m512>(_mm512_cvtne2ps_pbh(high, low));
-                }
-                for (j, column) in transpose16(regs).into_iter().enumerate() {
-                    _mm512_mask_storeu_ps(out[p0 + j].as_mut_ptr().cast(), tile_rows, column);
-                }
-            }
-        }
-        for (i, row) in rows.outer_iter().enumerate() {
-            let rest = row.slice_move(s![2 * whole_steps..]);
-            Bf16Pair::pack_query(rest, scale, |p, pair| out[whole_steps + p][i] = pair);
-        }
+        // SAFETY: `self` is the token: AVX-512 F and AVX512_BF16.
+        unsafe { pack_query_tile(rows, scale, out) }
     }
 
     /// `O = α·O + P·V` by `vdpbf16ps` ([`ValueTiles`]): the weights are bf16
@@ -216,6 +183,22 @@ impl KeyTiles<f32, Bf16Pair, NR> for Avx512Bf16 {
         o: &mut [f32],
     ) {
         accumulate(self, weights, values, j0, o);
+    }
+}
+
+impl QueryStep for Bf16Pair {
+    const COMPONENTS: usize = 2;
+
+    /// AVX-512 F and AVX512_BF16: sixteen pairs by one `vcvtne2ps2bf16`; the
+    /// queries carry no scale (it would be rounded).
+    #[inline(always)]
+    unsafe fn load16(at: *const f32, _: __m512) -> __m512 {
+        // SAFETY: the caller upholds the contract; `__m512bh` and `__m512` are
+        // both 64 bytes of lanes.
+        unsafe {
+            let (low, high) = (_mm512_loadu_ps(at), _mm512_loadu_ps(at.add(16)));
+            std::mem::transmute::<__m512bh, __m512>(_mm512_cvtne2ps_pbh(high, low))
+        }
     }
 }
 
@@ -292,7 +275,11 @@ impl Dispatch<f32, Bf16Pair> for Avx512Bf16 {
 
 #[cfg(test)]
 mod tests {
+    use ndarray::s;
+
     use super::*;
+    use crate::kernel::pack::Entry;
+    use crate::kernel::tiled::scatter_queries;
 
     /// Whole tiles (with and without pairs past the last sixteen, an odd
     /// width), a short tile and rows that are not contiguous (scattered): the

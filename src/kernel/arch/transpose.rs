@@ -6,8 +6,9 @@
 
 use std::arch::x86_64::*;
 
-use ndarray::ArrayView2;
+use ndarray::{ArrayView1, ArrayView2};
 
+use crate::kernel::pack::Entry;
 use crate::kernel::params::MR;
 use crate::kernel::tiled::scatter_queries;
 
@@ -63,22 +64,54 @@ pub(super) unsafe fn pack_panel_f32(
     }
 }
 
+/// An entry of a query tile that [`pack_query_tile`] writes sixteen steps of a
+/// row at a time, as one register of sixteen 32-bit lanes: an f32 component
+/// times the scale, or a pair of components rounded to bf16.
+pub(super) trait QueryStep: Entry<f32> {
+    /// A row's components in one step.
+    const COMPONENTS: usize;
+
+    /// Steps `0 .. 16` of the row from `at` (its `16 · COMPONENTS` f32), one
+    /// a lane; `scale` is the call's in every lane.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must support the instructions the entry's impl names; the f32
+    /// at `at .. at + 16 · COMPONENTS` are readable.
+    unsafe fn load16(at: *const f32, scale: __m512) -> __m512;
+}
+
+impl QueryStep for f32 {
+    const COMPONENTS: usize = 1;
+
+    /// AVX-512 F.
+    #[inline(always)]
+    unsafe fn load16(at: *const f32, scale: __m512) -> __m512 {
+        // SAFETY: the caller upholds the contract.
+        unsafe { _mm512_mul_ps(_mm512_loadu_ps(at), scale) }
+    }
+}
+
 /// [`Tiles::pack_query_tile`](crate::kernel::tiled::Tiles::pack_query_tile)
-/// for f32: a whole tile of contiguous rows sixteen steps at a time, its `MR`
-/// rows (times the scale) and zeros transposed in registers, each step stored
-/// under a mask of `MR` lanes; the steps past the last whole sixteen, and any
-/// other tile, by the scatter.
+/// for entries of 32 bits: a tile of contiguous rows sixteen steps at a time,
+/// its rows (by [`QueryStep::load16`]) and zeros for the rows past a short
+/// tile transposed in registers, each step stored under a mask of `MR`
+/// lanes; the steps past the last whole sixteen one entry at a time
+/// ([`Entry::pack_query`]), and rows that are not contiguous by the scatter.
 ///
 /// # Safety
 ///
-/// The CPU must support AVX-512 F.
+/// The CPU must support AVX-512 F and what `K`'s [`QueryStep::load16`] names.
 #[inline(always)]
-pub(super) unsafe fn pack_query_tile_f32(
+pub(super) unsafe fn pack_query_tile<K: QueryStep>(
     rows: ArrayView2<'_, f32>,
     scale: f32,
-    out: &mut [[f32; MR]],
+    out: &mut [[K; MR]],
 ) {
-    const _: () = assert!(MR <= 16, "a tile's rows fit one transposition");
+    const {
+        assert!(MR <= 16, "a tile's rows fit one transposition");
+        assert!(size_of::<K>() == 4, "an entry is one lane");
+    }
     let mut lines: [&[f32]; MR] = [&[]; MR];
     for (line, row) in lines.iter_mut().zip(rows.outer_iter()) {
         match row.to_slice() {
@@ -86,30 +119,37 @@ pub(super) unsafe fn pack_query_tile_f32(
             None => return scatter_queries(rows, scale, out),
         }
     }
-    if rows.nrows() < MR {
-        return scatter_queries(rows, scale, out);
+    let (n, depth) = (rows.nrows(), out.len());
+    let whole_steps = depth.min(rows.ncols() / K::COMPONENTS) / 16 * 16;
+    if n < MR {
+        out[whole_steps..].fill([K::zero(); MR]);
     }
-    let depth = out.len();
-    let whole_steps = depth / 16 * 16;
-    let lanes: __mmask16 = (1 << MR) - 1;
-    // SAFETY: the caller upholds this function's contract (AVX-512 F); each load reads
-    // sixteen f32 of a line, each store writes the `MR` of one step.
+    let tile_rows: __mmask16 = (1 << MR) - 1;
+    let width = 16 * K::COMPONENTS;
+    // SAFETY: the caller upholds this function's contract; each load reads the
+    // `width` f32 of a line's first `whole_steps · COMPONENTS`, each store
+    // writes the `MR` entries (32 bits each) of one step.
     unsafe {
         let scale16 = _mm512_set1_ps(scale);
         for p0 in (0..whole_steps).step_by(16) {
+            // the tile's rows, zero past a short tile's
             let mut regs = [_mm512_setzero_ps(); 16];
-            for (reg, line) in regs.iter_mut().zip(&lines) {
-                let part = &line[p0..p0 + 16];
-                *reg = _mm512_mul_ps(_mm512_loadu_ps(part.as_ptr()), scale16);
+            for (i, (reg, line)) in regs.iter_mut().zip(&lines).enumerate() {
+                if i < n {
+                    *reg = K::load16(line[p0 * K::COMPONENTS..][..width].as_ptr(), scale16);
+                }
             }
             for (j, column) in transpose16(regs).into_iter().enumerate() {
-                _mm512_mask_storeu_ps(out[p0 + j].as_mut_ptr(), lanes, column);
+                _mm512_mask_storeu_ps(out[p0 + j].as_mut_ptr().cast(), tile_rows, column);
             }
         }
     }
-    for (i, line) in lines.iter().enumerate() {
-        for (step, &x) in out[whole_steps..].iter_mut().zip(&line[whole_steps..depth]) {
-            step[i] = x * scale;
+    // from the lines' slices: `slice_move` on each row is a call out of line,
+    // which cost a bf16 call at N = 128 a tenth of its time
+    if whole_steps < depth {
+        for (i, line) in lines[..n].iter().enumerate() {
+            let rest = ArrayView1::from(&line[whole_steps * K::COMPONENTS..]);
+            K::pack_query(rest, scale, |p, x| out[whole_steps + p][i] = x);
         }
     }
 }
@@ -121,7 +161,7 @@ pub(super) unsafe fn pack_query_tile_f32(
 ///
 /// The CPU must support AVX-512 F.
 #[inline(always)]
-pub(super) unsafe fn transpose16(rows: [__m512; 16]) -> [__m512; 16] {
+unsafe fn transpose16(rows: [__m512; 16]) -> [__m512; 16] {
     // SAFETY: the caller upholds this function's contract.
     unsafe {
         // t[2g], t[2g + 1]: rows 2g and 2g + 1 interleaved (low, high pairs of
@@ -225,7 +265,7 @@ mod tests {
             let mut fast = vec![[f32::NAN; MR]; depth];
             let mut scalar = vec![[-1.0; MR]; depth];
             // SAFETY: the CPU has AVX-512 F (checked above)
-            unsafe { pack_query_tile_f32(view, 0.125, &mut fast) };
+            unsafe { pack_query_tile(view, 0.125, &mut fast) };
             scatter_queries(view, 0.125, &mut scalar);
             assert_eq!(
                 fast, scalar,
