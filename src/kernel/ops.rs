@@ -16,7 +16,7 @@ use super::backward::{
 use super::direct::{self, Group, Memory, PartialMut, Rows};
 use super::float::KernelFloat;
 use super::pack::{self, Entry, PackedHead, Pair};
-use super::tiled::{self, Block, KeyTiles, Output, Scratch};
+use super::tiled::{self, Block, KeyTiles, Output, PairsBy, Scratch};
 use crate::flex::program::Program;
 
 /// The token's tile width (columns of a register tile), for sizing scratch.
@@ -54,9 +54,9 @@ impl<K: Pair> Op<f32, K> for PackHead<'_, '_, bf16> {
     #[inline(always)]
     fn run<T: Token<f32, NR> + KeyTiles<f32, K, NR>, const NR: usize>(
         self,
-        _: T,
+        token: T,
     ) -> PackedHead<f32, K> {
-        pack::pack_head_pairs::<K, NR>(self.k, self.v)
+        pack::pack_head_pairs::<K, NR>(self.k, self.v, PairsBy(token))
     }
 }
 

@@ -11,7 +11,10 @@ use ndarray::{ArrayView1, ArrayView2};
 use super::fusable::{Extent, Scan};
 use crate::element::Element;
 
-pub(crate) use pairs::{Bf16Pair, Pair, TILE_PAIRS, TilePair, pack_head_pairs};
+pub(crate) use pairs::{
+    Bf16Pair, PackPairPanel, Pair, TILE_PAIRS, TilePair, pack_head_pairs, scatter_key_pairs,
+    scatter_pairs,
+};
 
 /// Keys packed for the micro-kernel: panels of `NR` keys, each stored
 /// `depth × NR` (the `p`-th entries of `NR` consecutive keys side by side),

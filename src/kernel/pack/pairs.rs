@@ -5,7 +5,7 @@
 use half::bf16;
 use ndarray::{ArrayView1, ArrayView2};
 
-use super::{Entry, PackedHead, PackedKeys, PackedValues};
+use super::{Entry, PackedHead, PackedKeys, PackedValues, Scatter};
 use crate::kernel::fusable::Extent;
 
 /// Two consecutive components of a query or key in bf16, the first in the low 16
@@ -15,7 +15,7 @@ use crate::kernel::fusable::Extent;
 pub(crate) struct Bf16Pair(pub(crate) u32);
 
 impl Bf16Pair {
-    fn new(first: bf16, second: bf16) -> Self {
+    pub(crate) fn new(first: bf16, second: bf16) -> Self {
         Bf16Pair(u32::from(first.to_bits()) | (u32::from(second.to_bits()) << 16))
     }
 }
@@ -93,14 +93,15 @@ impl Entry<f32> for TilePair {
 }
 
 /// Packs one key/value head stored in bf16 for tiles `NR` wide: the keys as
-/// pairs `K`, the values as the blocks over those keys read them
+/// pairs `K`, panel by panel by `packer`, the values as the blocks over those keys read them
 /// ([`Pair::pack_values`]).
 #[inline(always)]
 pub(crate) fn pack_head_pairs<K: Pair, const NR: usize>(
     k: &ArrayView2<'_, bf16>,
     v: &ArrayView2<'_, bf16>,
+    packer: impl PackPairPanel<K, NR>,
 ) -> PackedHead<f32, K> {
-    let (keys, key_extent) = PackedKeys::pack_pairs::<NR>(k);
+    let (keys, key_extent) = PackedKeys::pack_pairs::<NR>(k, packer);
     let (values, value_extent) = K::pack_values::<NR>(v);
     PackedHead {
         keys,
@@ -151,29 +152,71 @@ impl Pair for TilePair {
 
 impl<K: Pair> PackedKeys<K> {
     /// Packs `k: (S, d)` in panels of `NR` keys, each step a pair of components
-    /// (`K::depth(d)` of them, zero past the key's end), and finds the keys'
-    /// extent (in f32) on the way.
+    /// (`K::depth(d)` of them, zero past the key's end), panel by panel by
+    /// `packer`, and finds the keys' extent (in f32) on the way.
     #[inline(always)]
-    pub(crate) fn pack_pairs<const NR: usize>(k: &ArrayView2<'_, bf16>) -> (Self, Extent<f32>) {
+    pub(crate) fn pack_pairs<const NR: usize>(
+        k: &ArrayView2<'_, bf16>,
+        packer: impl PackPairPanel<K, NR>,
+    ) -> (Self, Extent<f32>) {
         let (s, d) = k.dim();
         let k = k.as_standard_layout();
         let k = k.as_slice().expect("standard layout");
         let depth = K::depth(d);
         let mut data = vec![[K::zero(); NR]; s.div_ceil(NR) * depth];
         for (panel, steps) in data.chunks_exact_mut(depth.max(1)).enumerate() {
-            let keys = &k[(panel * NR * d).min(k.len())..((panel + 1) * NR * d).min(k.len())];
-            for (i, key) in keys.chunks_exact(d.max(1)).enumerate() {
-                let (pairs, last) = key.as_chunks::<2>();
-                for (step, &[first, second]) in steps.iter_mut().zip(pairs) {
-                    step[i] = K::of(Bf16Pair::new(first, second));
-                }
-                if let [first] = *last {
-                    steps[pairs.len()][i] = K::of(Bf16Pair::new(first, bf16::ZERO));
-                }
-            }
+            let first = panel * NR;
+            packer.pack_pair_panel(&k[first * d..], d, NR.min(s - first), steps);
         }
         let data = data.into_flattened();
         (PackedKeys { data, depth }, bf16_extent(k, s))
+    }
+}
+
+/// How one panel of keys stored in bf16 is packed as pairs `K`: `out[p][i]` =
+/// pair `p` of key `i < lines` (key `i` at `keys[i·d ..][.. d]`, the last
+/// component of an odd `d` paired with zero), the lanes past `lines` left as
+/// they are. One pair at a time by [`Scatter`]; a token with AVX-512
+/// transposes sixteen keys at a time.
+pub(crate) trait PackPairPanel<K: Pair, const W: usize>: Copy {
+    fn pack_pair_panel(self, keys: &[bf16], d: usize, lines: usize, out: &mut [[K; W]]);
+}
+
+impl<K: Pair, const W: usize> PackPairPanel<K, W> for Scatter {
+    #[inline(always)]
+    fn pack_pair_panel(self, keys: &[bf16], d: usize, lines: usize, out: &mut [[K; W]]) {
+        scatter_pairs(keys, d, lines, out);
+    }
+}
+
+/// [`PackPairPanel::pack_pair_panel`] key by key, each pair stored on its own.
+#[inline(always)]
+pub(crate) fn scatter_pairs<K: Pair, const W: usize>(
+    keys: &[bf16],
+    d: usize,
+    lines: usize,
+    out: &mut [[K; W]],
+) {
+    for (i, key) in keys.chunks_exact(d.max(1)).take(lines).enumerate() {
+        scatter_key_pairs(key, (i, 0), out);
+    }
+}
+
+/// The pairs of `key` from pair `from` on into lane `lane` of `out[from ..]`,
+/// each stored on its own (the last component of an odd width paired with
+/// zero).
+#[inline(always)]
+pub(crate) fn scatter_key_pairs<K: Pair, const W: usize>(
+    key: &[bf16],
+    (lane, from): (usize, usize),
+    out: &mut [[K; W]],
+) {
+    let (pairs, last) = key.as_chunks::<2>();
+    for (step, &[first, second]) in out.iter_mut().zip(pairs).skip(from) {
+        step[lane] = K::of(Bf16Pair::new(first, second));
+    }
+    if let [first] = *last {
+        out[pairs.len()][lane] = K::of(Bf16Pair::new(first, bf16::ZERO));
     }
 }
 
@@ -272,8 +315,8 @@ mod tests {
             let (k, v) = (x(d), x(d_v));
             let (kh, vh) = (k.mapv(bf16::from_f32), v.mapv(bf16::from_f32));
             let (kh, vh, shape) = (kh.view(), vh.view(), (s, d, d_v));
-            check(&pack_head_pairs::<TilePair, 16>(&kh, &vh), shape);
-            check(&pack_head_pairs::<Bf16Pair, 16>(&kh, &vh), shape);
+            check(&pack_head_pairs::<TilePair, 16>(&kh, &vh, Scatter), shape);
+            check(&pack_head_pairs::<Bf16Pair, 16>(&kh, &vh, Scatter), shape);
             check(&pack_head::<f32, 16>(&k.view(), &v.view(), Portable), shape);
             let (k, v) = (k.mapv(f64::from), v.mapv(f64::from));
             check(&pack_head::<f64, 8>(&k.view(), &v.view(), Portable), shape);

@@ -26,7 +26,7 @@ use crate::flex::program::Program;
 
 pub(crate) use output::Output;
 pub(crate) use tiles::{
-    KeyTiles, Panels, RowStates, Tiles, ValueTiles, Weights, accumulate, scatter_queries,
+    KeyTiles, PairsBy, Panels, RowStates, Tiles, ValueTiles, Weights, accumulate, scatter_queries,
     softmax_rows,
 };
 

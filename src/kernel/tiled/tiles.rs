@@ -7,7 +7,11 @@ use ndarray::{ArrayView2, Axis};
 
 use crate::kernel::float::{KernelFloat, MulAdd};
 use crate::kernel::online::{exp_and_sum, fold_step, rescale, row_max};
-use crate::kernel::pack::{Entry, PackPanel, PackedKeys, PackedValues};
+use half::bf16;
+
+use crate::kernel::pack::{
+    Entry, PackPairPanel, PackPanel, PackedKeys, PackedValues, Pair, scatter_pairs,
+};
 use crate::kernel::params::{BC, BR, MR};
 
 /// Packs a block's queries (times the scale, where the entries hold it) as
@@ -297,6 +301,17 @@ pub(crate) fn softmax_rows<A: KernelFloat, M: MulAdd, T: Tiles<A, NR>, const NR:
     }
 }
 
+/// A token's [`KeyTiles::pack_pair_panel`] as the packer of a head's keys.
+#[derive(Clone, Copy)]
+pub(crate) struct PairsBy<T>(pub(crate) T);
+
+impl<K: Pair, T: KeyTiles<f32, K, NR>, const NR: usize> PackPairPanel<K, NR> for PairsBy<T> {
+    #[inline(always)]
+    fn pack_pair_panel(self, keys: &[bf16], d: usize, lines: usize, out: &mut [[K; NR]]) {
+        self.0.pack_pair_panel(keys, d, lines, out);
+    }
+}
+
 /// The score micro-kernel over queries and keys packed as entries `K`: a tile of
 /// `S = Q·Kᵀ` from the `depth` entries of `MR` queries and `NR` keys. For
 /// `K = A` it is [`Tiles::score_tile`].
@@ -310,6 +325,16 @@ pub(crate) trait KeyTiles<A, K, const NR: usize>: Copy {
     const ROW_TILE: usize = MR;
 
     fn key_tile(self, q: &[[K; MR]], k: &[[K; NR]]) -> [[A; NR]; MR];
+
+    /// [`PackPairPanel::pack_pair_panel`] for keys stored in bf16 packed as
+    /// pairs `K`: one pair at a time unless the token transposes them.
+    #[inline(always)]
+    fn pack_pair_panel(self, keys: &[bf16], d: usize, lines: usize, out: &mut [[K; NR]])
+    where
+        K: Pair,
+    {
+        scatter_pairs(keys, d, lines, out);
+    }
 
     /// Packs a block's queries `q: (rows ≤ BR, d)`, `depth` entries each, into
     /// `out` (`BR · depth` entries), times `scale` where the entries hold it.

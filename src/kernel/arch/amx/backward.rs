@@ -36,7 +36,7 @@ use crate::kernel::arch::{KernelArch, Op, Token};
 use crate::kernel::backward::{
     self, HeadInputs, HeadRest, HeadTargets, Part, Pass, Products, RowScratch, Upstream,
 };
-use crate::kernel::pack::{Bf16Pair, Entry, PackedKeys, PackedValues, TilePair};
+use crate::kernel::pack::{Bf16Pair, Entry, PackedKeys, PackedValues, Scatter, TilePair};
 use crate::kernel::params::{BACKWARD_KEYS as BK, BACKWARD_QUERIES as BQ};
 use crate::kernel::tiled::KeyTiles;
 
@@ -59,8 +59,8 @@ impl PairPanels {
         let (k, v) = (k.mapv(bf16::from_f32), v.mapv(bf16::from_f32));
         let (k, v) = (k.view(), v.view());
         PairPanels {
-            keys: PackedKeys::pack_pairs::<NR>(&k).0,
-            values: PackedKeys::pack_pairs::<NR>(&v).0,
+            keys: PackedKeys::pack_pairs::<NR>(&k, Scatter).0,
+            values: PackedKeys::pack_pairs::<NR>(&v, Scatter).0,
             key_pairs: PackedValues::pack_key_pairs::<NR>(&k).0,
             value_pairs: forward.then(|| PackedValues::pack_key_pairs::<NR>(&v).0),
         }

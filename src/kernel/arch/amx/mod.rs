@@ -24,12 +24,14 @@ mod unit;
 use std::arch::x86_64::*;
 
 use block::lanes;
+use half::bf16;
 use ndarray::ArrayView2;
 use unit::{Grid, TileUnit, usable};
 
 use super::avx2::Avx2;
 use super::avx512bf16::Avx512Bf16;
 use super::band::{BAND, softmax_bands};
+use super::transpose::pack_pair_panel;
 use super::{Dispatch, KernelArch, Op, Token};
 use crate::kernel::float::{Fused, MulAdd};
 use crate::kernel::pack::{
@@ -142,6 +144,14 @@ impl Tiles<f32, NR> for Amx {
 
 impl KeyTiles<f32, TilePair, NR> for Amx {
     const ROW_TILE: usize = TILE_ROWS;
+
+    /// Sixteen keys by sixteen pairs at a time, transposed in registers
+    /// ([`pack_pair_panel`]).
+    #[inline(always)]
+    fn pack_pair_panel(self, keys: &[bf16], d: usize, lines: usize, out: &mut [[TilePair; NR]]) {
+        // SAFETY: `self` is the token: AVX-512 F.
+        unsafe { pack_pair_panel(keys, d, lines, out) }
+    }
 
     fn key_tile(self, _: &[[TilePair; MR]], _: &[[TilePair; NR]]) -> [[f32; NR]; MR] {
         unreachable!("the AMX blocks compute their scores in tiles of 16 rows")
