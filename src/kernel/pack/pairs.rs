@@ -93,8 +93,8 @@ impl Entry<f32> for TilePair {
 }
 
 /// Packs one key/value head stored in bf16 for tiles `NR` wide: the keys as
-/// pairs `K`, panel by panel by `packer`, the values as the blocks over those keys read them
-/// ([`Pair::pack_values`]).
+/// pairs `K`, panel by panel by `packer`, the values as the blocks over those
+/// keys read them ([`Pair::pack_values`]).
 #[inline(always)]
 pub(crate) fn pack_head_pairs<K: Pair, const NR: usize>(
     k: &ArrayView2<'_, bf16>,

@@ -3,12 +3,11 @@
 
 use std::ops::Range;
 
+use half::bf16;
 use ndarray::{ArrayView2, Axis};
 
 use crate::kernel::float::{KernelFloat, MulAdd};
 use crate::kernel::online::{exp_and_sum, fold_step, rescale, row_max};
-use half::bf16;
-
 use crate::kernel::pack::{
     Entry, PackPairPanel, PackPanel, PackedKeys, PackedValues, Pair, scatter_pairs,
 };
