@@ -33,16 +33,8 @@ pub(super) unsafe fn pack_panel_f32(
     let whole_lines = lines / 16 * 16;
     for first in (0..whole_lines).step_by(16) {
         for p0 in (0..whole_steps).step_by(16) {
-            // SAFETY: the caller upholds this function's contract (AVX-512 F); each load
-            // reads, each store writes, sixteen f32 (the slices hold them).
-            unsafe {
-                let mut rows = [_mm512_setzero_ps(); 16];
-                for (i, row) in rows.iter_mut().enumerate() {
-                    let line = &src[(first + i) * stride + p0..][..16];
-                    *row = _mm512_loadu_ps(line.as_ptr());
-                }
-                store_transposed(rows, (p0, first), out);
-            }
+            // SAFETY: the caller upholds this function's contract (AVX-512 F).
+            unsafe { transpose_block(src, (stride, p0), (p0, first), out) };
         }
         // this group's steps past the last whole sixteen
         let rest = &mut out[whole_steps..];
@@ -82,25 +74,13 @@ pub(super) unsafe fn pack_pair_panel<K: Pair, const W: usize>(
     lines: usize,
     out: &mut [[K; W]],
 ) {
-    const {
-        assert!(W.is_multiple_of(16), "whole groups of sixteen keys");
-        assert!(size_of::<K>() == 4, "a pair is one lane");
-    }
+    const { assert!(W.is_multiple_of(16), "whole groups of sixteen keys") };
     let whole_steps = out.len().min(d / 2) / 16 * 16;
     let whole_lines = lines / 16 * 16;
     for first in (0..whole_lines).step_by(16) {
         for p0 in (0..whole_steps).step_by(16) {
-            // SAFETY: the caller upholds this function's contract (AVX-512 F);
-            // each load reads 32 components (64 bytes, unaligned) of a key
-            // within its whole pairs, each store sixteen lanes of one step.
-            unsafe {
-                let mut rows = [_mm512_setzero_ps(); 16];
-                for (i, row) in rows.iter_mut().enumerate() {
-                    let pairs = &keys[(first + i) * d + 2 * p0..][..32];
-                    *row = _mm512_loadu_ps(pairs.as_ptr().cast());
-                }
-                store_transposed(rows, (p0, first), out);
-            }
+            // SAFETY: the caller upholds this function's contract (AVX-512 F).
+            unsafe { transpose_block(keys, (d, 2 * p0), (p0, first), out) };
         }
         // this group's pairs past the last whole sixteen
         if whole_steps < out.len() {
@@ -115,22 +95,32 @@ pub(super) unsafe fn pack_pair_panel<K: Pair, const W: usize>(
     }
 }
 
-/// Stores the transpose of `rows` (line `first + i` in `rows[i]`, sixteen
-/// steps from `p0`) into lanes `first .. first + 16` of steps `p0 .. p0 + 16`
-/// of `out`.
+/// One block of sixteen lines by sixteen steps: the 64 bytes from
+/// `src[(first + i)·stride + at ..]` for each line `i` (sixteen 32-bit
+/// entries: f32, or pairs of bf16), transposed in registers into lanes
+/// `first .. first + 16` of steps `p0 .. p0 + 16` of `out`.
 ///
 /// # Safety
 ///
-/// The CPU must support AVX-512 F; entries are 32 bits.
+/// The CPU must support AVX-512 F.
 #[inline(always)]
-unsafe fn store_transposed<E, const W: usize>(
-    rows: [__m512; 16],
+unsafe fn transpose_block<T, E, const W: usize>(
+    src: &[T],
+    (stride, at): (usize, usize),
     (p0, first): (usize, usize),
     out: &mut [[E; W]],
 ) {
-    // SAFETY: the caller upholds the contract; each store writes the sixteen
-    // lanes `first ..` of one step.
+    const { assert!(size_of::<E>() == 4, "an entry is one lane") };
+    let per_line = 64 / size_of::<T>();
+    // SAFETY: the caller upholds the contract; each load reads the 64 bytes
+    // of one line's slice (unaligned), each store writes the sixteen lanes
+    // `first ..` of one step.
     unsafe {
+        let mut rows = [_mm512_setzero_ps(); 16];
+        for (i, row) in rows.iter_mut().enumerate() {
+            let line = &src[(first + i) * stride + at..][..per_line];
+            *row = _mm512_loadu_ps(line.as_ptr().cast());
+        }
         for (j, column) in transpose16(rows).into_iter().enumerate() {
             let step = &mut out[p0 + j][first..first + 16];
             _mm512_storeu_ps(step.as_mut_ptr().cast(), column);

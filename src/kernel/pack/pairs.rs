@@ -295,7 +295,6 @@ mod tests {
     /// (the tiled kernel's waves are sized by the count).
     #[test]
     fn packed_heads_are_as_large_as_counted() {
-        use crate::kernel::arch::Portable;
         use crate::kernel::pack::{PackedHead, head_bytes, pack_head};
 
         fn check<A, K: Entry<A>>(head: &PackedHead<A, K>, (s, d, d_v): (usize, usize, usize)) {
@@ -317,9 +316,9 @@ mod tests {
             let (kh, vh, shape) = (kh.view(), vh.view(), (s, d, d_v));
             check(&pack_head_pairs::<TilePair, 16>(&kh, &vh, Scatter), shape);
             check(&pack_head_pairs::<Bf16Pair, 16>(&kh, &vh, Scatter), shape);
-            check(&pack_head::<f32, 16>(&k.view(), &v.view(), Portable), shape);
+            check(&pack_head::<f32, 16>(&k.view(), &v.view(), Scatter), shape);
             let (k, v) = (k.mapv(f64::from), v.mapv(f64::from));
-            check(&pack_head::<f64, 8>(&k.view(), &v.view(), Portable), shape);
+            check(&pack_head::<f64, 8>(&k.view(), &v.view(), Scatter), shape);
         }
     }
 
