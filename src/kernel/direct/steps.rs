@@ -185,9 +185,7 @@ pub(super) fn accumulate<A: KernelFloat, M: MulAdd, D: Dots<A>>(
     // four rows by LANES columns at a time in registers, the rest one by one
     let (tiled_rows, tiled_cols) = (rows / 4 * 4, d_v / LANES * LANES);
     for r0 in (0..tiled_rows).step_by(4) {
-        // not `array::from_fn`: a call out of line
-        let row = |u: usize| &scratch.s[(r0 + u) * chunk..][..n];
-        let p: [&[A]; 4] = [row(0), row(1), row(2), row(3)];
+        let p: [&[A]; 4] = four(|u| &scratch.s[(r0 + u) * chunk..][..n]);
         for c0 in (0..tiled_cols).step_by(LANES) {
             let tile = dots.value_rows(&p, values, d_v, c0);
             for (u, tile) in tile.iter().enumerate() {
