@@ -18,7 +18,6 @@
 use std::arch::x86_64::*;
 
 use half::bf16;
-
 use ndarray::ArrayView2;
 
 use super::avx512::Avx512;
@@ -133,8 +132,8 @@ impl Tiles<f32, NR> for Avx512Bf16 {
 
 impl KeyTiles<f32, Bf16Pair, NR> for Avx512Bf16 {
     /// Sixteen keys by sixteen pairs at a time, transposed in registers
-    /// ([`pack_pair_panel`]), where one pair at a time the keys took a fifteenth of
-    /// a bf16 call at N = 128.
+    /// ([`pack_pair_panel`]), where one pair at a time the keys took a
+    /// fifteenth of a bf16 call at N = 128.
     #[inline(always)]
     fn pack_pair_panel(self, keys: &[bf16], d: usize, lines: usize, out: &mut [[Bf16Pair; NR]]) {
         // SAFETY: `self` is the token: AVX-512 F.

@@ -202,9 +202,9 @@ pub(crate) fn scatter_pairs<K: Pair, const W: usize>(
     }
 }
 
-/// The pairs of `key` from pair `from` on into lane `lane` of `out[from ..]`,
-/// each stored on its own (the last component of an odd width paired with
-/// zero).
+/// The pairs of `key` from pair `from` on (at most its whole pairs) into lane
+/// `lane` of `out[from ..]`, each stored on its own (the last component of an
+/// odd width paired with zero).
 #[inline(always)]
 pub(crate) fn scatter_key_pairs<K: Pair, const W: usize>(
     key: &[bf16],
@@ -212,7 +212,8 @@ pub(crate) fn scatter_key_pairs<K: Pair, const W: usize>(
     out: &mut [[K; W]],
 ) {
     let (pairs, last) = key.as_chunks::<2>();
-    for (step, &[first, second]) in out.iter_mut().zip(pairs).skip(from) {
+    // slices, not `skip` (a call out of line)
+    for (step, &[first, second]) in out[from..].iter_mut().zip(&pairs[from..]) {
         step[lane] = K::of(Bf16Pair::new(first, second));
     }
     if let [first] = *last {
