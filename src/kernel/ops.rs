@@ -15,7 +15,7 @@ use super::backward::{
 };
 use super::direct::{self, Group, Memory, PartialMut, Rows};
 use super::float::KernelFloat;
-use super::pack::{self, Entry, PackedHead, Pair};
+use super::pack::{self, Entry, HeadMemory, PackedHead, Pair};
 use super::tiled::{self, Block, KeyTiles, Output, PairsBy, Scratch};
 use crate::flex::program::Program;
 
@@ -32,23 +32,25 @@ impl<A: KernelFloat, K> Op<A, K> for TileWidth {
 }
 
 /// [`pack::pack_head`] (or, for bf16 keys as pairs, [`pack::pack_head_pairs`]):
-/// one key/value head packed for the token's tiles, the transposition of the
-/// keys running with its vectors.
-pub(crate) struct PackHead<'v, 'a, KV> {
+/// one key/value head packed for the token's tiles into `memory` (keys as
+/// entries `K`, values as `V`), the transposition of the keys running with its
+/// vectors.
+pub(crate) struct PackHead<'v, 'a, KV, K, V> {
     pub(crate) k: &'v ArrayView2<'a, KV>,
     pub(crate) v: &'v ArrayView2<'a, KV>,
+    pub(crate) memory: HeadMemory<K, V>,
 }
 
-impl<A: KernelFloat> Op<A> for PackHead<'_, '_, A> {
+impl<A: KernelFloat> Op<A> for PackHead<'_, '_, A, A, A> {
     type Output = PackedHead<A>;
 
     #[inline(always)]
     fn run<T: Token<A, NR> + KeyTiles<A, A, NR>, const NR: usize>(self, token: T) -> PackedHead<A> {
-        pack::pack_head::<A, NR>(self.k, self.v, token)
+        pack::pack_head::<A, NR>(self.k, self.v, token, self.memory)
     }
 }
 
-impl<K: Pair> Op<f32, K> for PackHead<'_, '_, bf16> {
+impl<K: Pair> Op<f32, K> for PackHead<'_, '_, bf16, K, K::Value> {
     type Output = PackedHead<f32, K>;
 
     #[inline(always)]
@@ -56,7 +58,7 @@ impl<K: Pair> Op<f32, K> for PackHead<'_, '_, bf16> {
         self,
         token: T,
     ) -> PackedHead<f32, K> {
-        pack::pack_head_pairs::<K, NR>(self.k, self.v, PairsBy(token))
+        pack::pack_head_pairs::<K, NR>(self.k, self.v, PairsBy(token), self.memory)
     }
 }
 

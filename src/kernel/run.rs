@@ -10,7 +10,7 @@ use super::float::KernelFloat;
 use super::fusable::{Extent, extent_of, fusable};
 use super::ops::{AttendBlock, PackHead, TileWidth};
 use super::options::Parallelism;
-use super::pack::{Entry, PackedHead, head_bytes};
+use super::pack::{Entry, HeadMemory, PackedHead, head_bytes};
 use super::params::{BC, BR, PACKED_BYTES};
 use super::report::{self, Path};
 use super::rowwise::{self, HeadRows};
@@ -19,6 +19,7 @@ use crate::core::mask::Mask2;
 use crate::core::problem::Problem;
 use crate::core::scoring::Scoring;
 use crate::flex::program::Program;
+use crate::kept::Loan;
 
 /// The query heads that share one key/value head, and their outputs, of
 /// elements `O` (and each row's log-sum-exp, where the tiled path is asked for
@@ -94,7 +95,7 @@ pub(crate) fn tiled<A, KV, K, D, P, O>(
     D: Dispatch<A, K>,
     P: Program<A>,
     O: Output<A>,
-    for<'v, 'a> PackHead<'v, 'a, KV>: Op<A, K, Output = PackedHead<A, K>>,
+    for<'v, 'a> PackHead<'v, 'a, KV, K, K::Value>: Op<A, K, Output = PackedHead<A, K>>,
 {
     let (s, d, d_v) = (problem.k.dim().2, problem.k.dim().3, problem.v.dim().3);
     let packed_bytes = head_bytes::<A, K>(s.next_multiple_of(BC), d, d_v).max(1);
@@ -104,16 +105,30 @@ pub(crate) fn tiled<A, KV, K, D, P, O>(
     };
     let per_wave = (PACKED_BYTES / packed_bytes).max(threads);
     report::arch_used(kernel.kind());
+    // each wave packs into the memory of the one before (of the call before,
+    // for the first), so that its pages are written over, not faulted in
+    let mut memory: Loan<Vec<HeadMemory<K, K::Value>>> = Loan::take_or(Vec::new);
     for wave in groups.chunks_mut(per_wave) {
-        let pack = |g: &KvGroup<'_, '_, A, O>| {
+        let missing = wave.len().saturating_sub(memory.len());
+        memory.extend((0..missing).map(|_| HeadMemory::default()));
+        let pack = |(g, memory): (&KvGroup<'_, '_, A, O>, HeadMemory<K, K::Value>)| {
             let (k, v) = problem.keys_values(g.b, g.kv);
-            kernel.dispatch(PackHead { k: &k, v: &v })
+            kernel.dispatch(PackHead {
+                k: &k,
+                v: &v,
+                memory,
+            })
         };
+        let heads = memory.drain(..wave.len());
         let packed: Vec<PackedHead<A, K>> = match parallelism {
-            Parallelism::Sequential => wave.iter().map(pack).collect(),
-            Parallelism::Rayon => wave.par_iter().map(pack).collect(),
+            Parallelism::Sequential => wave.iter().zip(heads).map(pack).collect(),
+            Parallelism::Rayon => {
+                let heads: Vec<_> = heads.collect();
+                wave.par_iter().zip(heads).map(pack).collect()
+            }
         };
         attend_wave(problem, kernel, wave, &packed, parallelism, &fallback);
+        memory.extend(packed.into_iter().map(PackedHead::into_memory));
     }
 }
 
@@ -232,9 +247,10 @@ fn attend_wave<A, KV, K, D, P, O>(
         };
         (!kernel.dispatch(block)).then_some((task.group, task.head))
     };
+    let scratch = || Scratch::lent(d, col_tiles, nr);
     let mut bad: Vec<(usize, usize)> = match parallelism {
         Parallelism::Sequential => {
-            let mut scratch = Scratch::new(d, col_tiles, nr);
+            let mut scratch = scratch();
             tasks
                 .into_iter()
                 .filter_map(|task| run(&mut scratch, task))
@@ -242,7 +258,7 @@ fn attend_wave<A, KV, K, D, P, O>(
         }
         Parallelism::Rayon => tasks
             .into_par_iter()
-            .map_init(|| Scratch::new(d, col_tiles, nr), run)
+            .map_init(scratch, |scratch, task| run(scratch, task))
             .flatten()
             .collect(),
     };

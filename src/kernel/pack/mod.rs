@@ -10,6 +10,7 @@ use ndarray::{ArrayView1, ArrayView2};
 
 use super::fusable::{Extent, Scan};
 use crate::element::Element;
+use crate::kept::Kept;
 
 pub(crate) use pairs::{
     Bf16Pair, PackPairPanel, Pair, TILE_PAIRS, TilePair, pack_head_pairs, scatter_key_pairs,
@@ -30,10 +31,10 @@ pub(crate) struct PackedKeys<K> {
 /// What the score micro-kernel reads of each query and key: one component of the
 /// element type itself, or a pair of components ([`Bf16Pair`]) for the kernels
 /// whose instructions multiply and add two products at a time.
-pub(crate) trait Entry<A>: Copy + Send + Sync {
+pub(crate) trait Entry<A>: Copy + Send + Sync + 'static {
     /// What the values of a head packed with these keys are stored as (the
     /// element, or pairs of keys' values for the AMX tiles).
-    type Value: Copy + Send + Sync;
+    type Value: Copy + Send + Sync + 'static;
 
     /// Keys whose values one [`Value`](Self::Value) holds, a column's (two
     /// for the AMX tiles' pairs): a packed value is `size_of::<Value>() /
@@ -98,6 +99,41 @@ pub(crate) struct PackedHead<A, K: Entry<A> = A> {
     pub(crate) value_extent: Extent<A>,
 }
 
+/// The memory of one packed key/value head, for the next head packed into it
+/// (its values written over): a thread keeps a wave's from call to call.
+pub(crate) struct HeadMemory<K, V> {
+    keys: Vec<K>,
+    values: Vec<V>,
+}
+
+impl<K, V> Default for HeadMemory<K, V> {
+    fn default() -> Self {
+        HeadMemory {
+            keys: Vec::new(),
+            values: Vec::new(),
+        }
+    }
+}
+
+impl<K: 'static, V: 'static> Kept for Vec<HeadMemory<K, V>> {
+    fn bytes(&self) -> usize {
+        let head = |m: &HeadMemory<K, V>| {
+            m.keys.capacity() * size_of::<K>() + m.values.capacity() * size_of::<V>()
+        };
+        self.iter().map(head).sum()
+    }
+}
+
+impl<A, K: Entry<A>> PackedHead<A, K> {
+    /// Its memory, for another head.
+    pub(crate) fn into_memory(self) -> HeadMemory<K, K::Value> {
+        HeadMemory {
+            keys: self.keys.data,
+            values: self.values.data,
+        }
+    }
+}
+
 /// The bytes of one key/value head of `s` keys of `d` and values of `d_v`
 /// components packed with keys as entries `K`, but for the padding (whole
 /// panels and steps; the AMX tiles' values run 16 keys past the last step).
@@ -107,17 +143,18 @@ pub(crate) fn head_bytes<A, K: Entry<A>>(s: usize, d: usize, d_v: usize) -> usiz
     s * (key + value)
 }
 
-/// Packs one key/value head for tiles `NR` wide, the keys' panels by `packer`
-/// (the token); [`super::arch`] compiles it per instruction set, so the
-/// transposition of the keys runs with its vectors.
+/// Packs one key/value head for tiles `NR` wide into `memory`, the keys'
+/// panels by `packer` (the token); [`super::arch`] compiles it per instruction
+/// set, so the transposition of the keys runs with its vectors.
 #[inline(always)]
 pub(crate) fn pack_head<A: Element, const NR: usize>(
     k: &ArrayView2<'_, A>,
     v: &ArrayView2<'_, A>,
     packer: impl PackPanel<A, NR>,
+    memory: HeadMemory<A, A>,
 ) -> PackedHead<A> {
-    let (keys, key_extent) = PackedKeys::pack::<NR>(k, packer);
-    let (values, value_extent) = PackedValues::pack::<NR>(v);
+    let (keys, key_extent) = PackedKeys::pack::<NR>(k, packer, memory.keys);
+    let (values, value_extent) = PackedValues::pack::<NR>(v, memory.values);
     PackedHead {
         keys,
         values,
@@ -127,12 +164,13 @@ pub(crate) fn pack_head<A: Element, const NR: usize>(
 }
 
 impl<A: Element> PackedKeys<A> {
-    /// Packs `k: (S, d)` in panels of `NR` keys, each by `packer`, and finds
-    /// the keys' extent on the way.
+    /// Packs `k: (S, d)` in panels of `NR` keys into `memory`, each by
+    /// `packer`, and finds the keys' extent on the way.
     #[inline(always)]
     pub(crate) fn pack<const NR: usize>(
         k: &ArrayView2<'_, A>,
         packer: impl PackPanel<A, NR>,
+        memory: Vec<A>,
     ) -> (Self, Extent<A>) {
         let (s, d) = k.dim();
         let k = k.as_standard_layout();
@@ -140,7 +178,7 @@ impl<A: Element> PackedKeys<A> {
         let mut scan = Scan::new();
         scan.add(k);
         // the kernel reads whole panels of the keys it needs, never past the last
-        let mut panels = Panels::new(NR);
+        let mut panels = Panels::in_memory(memory, NR);
         panels.pack_lines_by::<NR>(packer, k, d, s, d);
         let data = panels.into_data();
         (PackedKeys { data, depth: d }, scan.extent(s))
@@ -149,15 +187,19 @@ impl<A: Element> PackedKeys<A> {
 
 impl<A: Element> PackedValues<A> {
     /// Packs `v: (S, d_v)` in column groups of `NR` (panels of `NR` value
-    /// columns, each `S` steps deep), and finds the values' extent on the way.
+    /// columns, each `S` steps deep) into `memory`, and finds the values'
+    /// extent on the way.
     #[inline(always)]
-    pub(crate) fn pack<const NR: usize>(v: &ArrayView2<'_, A>) -> (Self, Extent<A>) {
+    pub(crate) fn pack<const NR: usize>(
+        v: &ArrayView2<'_, A>,
+        memory: Vec<A>,
+    ) -> (Self, Extent<A>) {
         let (s, d_v) = v.dim();
         let v = v.as_standard_layout();
         let v = v.as_slice().expect("standard layout");
         let mut scan = Scan::new();
         scan.add(v);
-        let mut panels = Panels::new(NR);
+        let mut panels = Panels::in_memory(memory, NR);
         panels.pack_steps::<NR>(v, d_v, d_v, s);
         let packed = PackedValues {
             data: panels.into_data(),
@@ -219,8 +261,13 @@ pub(crate) struct Panels<A> {
 impl<A: Element> Panels<A> {
     /// Room for panels of `width` lines.
     pub(crate) fn new(width: usize) -> Self {
+        Self::in_memory(Vec::new(), width)
+    }
+
+    /// Panels of `width` lines packed into `data` (its values written over).
+    pub(crate) fn in_memory(data: Vec<A>, width: usize) -> Self {
         Panels {
-            data: Vec::new(),
+            data,
             lines: 0,
             depth: 0,
             width,

@@ -5,7 +5,7 @@
 use half::bf16;
 use ndarray::{ArrayView1, ArrayView2};
 
-use super::{Entry, PackedHead, PackedKeys, PackedValues, Scatter};
+use super::{Entry, HeadMemory, PackedHead, PackedKeys, PackedValues, Scatter};
 use crate::kernel::fusable::Extent;
 
 /// Two consecutive components of a query or key in bf16, the first in the low 16
@@ -100,9 +100,10 @@ pub(crate) fn pack_head_pairs<K: Pair, const NR: usize>(
     k: &ArrayView2<'_, bf16>,
     v: &ArrayView2<'_, bf16>,
     packer: impl PackPairPanel<K, NR>,
+    memory: HeadMemory<K, K::Value>,
 ) -> PackedHead<f32, K> {
-    let (keys, key_extent) = PackedKeys::pack_pairs::<NR>(k, packer);
-    let (values, value_extent) = K::pack_values::<NR>(v);
+    let (keys, key_extent) = PackedKeys::pack_pairs::<NR>(k, packer, memory.keys);
+    let (values, value_extent) = K::pack_values::<NR>(v, memory.values);
     PackedHead {
         keys,
         values,
@@ -115,10 +116,11 @@ pub(crate) fn pack_head_pairs<K: Pair, const NR: usize>(
 pub(crate) trait Pair: Entry<f32> {
     fn of(pair: Bf16Pair) -> Self;
 
-    /// Packs `v: (S, d_v)` for the blocks over keys packed as `Self`, and finds
-    /// the values' extent (in f32) on the way.
+    /// Packs `v: (S, d_v)` for the blocks over keys packed as `Self` into
+    /// `memory`, and finds the values' extent (in f32) on the way.
     fn pack_values<const NR: usize>(
         v: &ArrayView2<'_, bf16>,
+        memory: Vec<Self::Value>,
     ) -> (PackedValues<Self::Value>, Extent<f32>);
 }
 
@@ -131,8 +133,9 @@ impl Pair for Bf16Pair {
     #[inline(always)]
     fn pack_values<const NR: usize>(
         v: &ArrayView2<'_, bf16>,
+        memory: Vec<Bf16Pair>,
     ) -> (PackedValues<Bf16Pair>, Extent<f32>) {
-        PackedValues::pack_key_pairs::<NR>(v)
+        PackedValues::pack_key_pairs::<NR>(v, memory)
     }
 }
 
@@ -145,30 +148,33 @@ impl Pair for TilePair {
     #[inline(always)]
     fn pack_values<const NR: usize>(
         v: &ArrayView2<'_, bf16>,
+        memory: Vec<Bf16Pair>,
     ) -> (PackedValues<Bf16Pair>, Extent<f32>) {
-        PackedValues::pack_key_pairs::<NR>(v)
+        PackedValues::pack_key_pairs::<NR>(v, memory)
     }
 }
 
 impl<K: Pair> PackedKeys<K> {
-    /// Packs `k: (S, d)` in panels of `NR` keys, each step a pair of components
-    /// (`K::depth(d)` of them, zero past the key's end), panel by panel by
-    /// `packer`, and finds the keys' extent (in f32) on the way.
+    /// Packs `k: (S, d)` in panels of `NR` keys into `memory`, each step a
+    /// pair of components (`K::depth(d)` of them, zero past the key's end),
+    /// panel by panel by `packer`, and finds the keys' extent (in f32) on the
+    /// way.
     #[inline(always)]
     pub(crate) fn pack_pairs<const NR: usize>(
         k: &ArrayView2<'_, bf16>,
         packer: impl PackPairPanel<K, NR>,
+        memory: Vec<K>,
     ) -> (Self, Extent<f32>) {
         let (s, d) = k.dim();
         let k = k.as_standard_layout();
         let k = k.as_slice().expect("standard layout");
         let depth = K::depth(d);
-        let mut data = vec![[K::zero(); NR]; s.div_ceil(NR) * depth];
-        for (panel, steps) in data.chunks_exact_mut(depth.max(1)).enumerate() {
+        let mut data = zeroed(memory, s.div_ceil(NR) * depth * NR, K::zero());
+        let panels = data.as_chunks_mut::<NR>().0;
+        for (panel, steps) in panels.chunks_exact_mut(depth.max(1)).enumerate() {
             let first = panel * NR;
             packer.pack_pair_panel(&k[first * d..], d, NR.min(s - first), steps);
         }
-        let data = data.into_flattened();
         (PackedKeys { data, depth }, bf16_extent(k, s))
     }
 }
@@ -221,6 +227,14 @@ pub(crate) fn scatter_key_pairs<K: Pair, const W: usize>(
     }
 }
 
+/// `memory` as `len` values `zero` (the pair packers leave their padding as
+/// they find it).
+fn zeroed<T: Copy>(mut memory: Vec<T>, len: usize, zero: T) -> Vec<T> {
+    memory.clear();
+    memory.resize(len, zero);
+    memory
+}
+
 /// The [`Extent`] (in f32) of `x`, `rows` rows, from the bits: the largest
 /// `|x|` is the largest of the bits below the sign (their order is the
 /// magnitudes'), infinity `0x7f80`, NaN above it.
@@ -247,13 +261,17 @@ impl PackedValues<Bf16Pair> {
     /// on a panel of 16 keys reads 32 at a time). Finds the values' extent (in
     /// f32) on the way.
     #[inline(always)]
-    pub(crate) fn pack_key_pairs<const NR: usize>(v: &ArrayView2<'_, bf16>) -> (Self, Extent<f32>) {
+    pub(crate) fn pack_key_pairs<const NR: usize>(
+        v: &ArrayView2<'_, bf16>,
+        memory: Vec<Bf16Pair>,
+    ) -> (Self, Extent<f32>) {
         let (s, d_v) = v.dim();
         let v = v.as_standard_layout();
         let v = v.as_slice().expect("standard layout");
         let steps = s.div_ceil(2 * TILE_PAIRS) * TILE_PAIRS + TILE_PAIRS / 2;
         let col_tiles = d_v.div_ceil(NR);
-        let mut data = vec![[Bf16Pair(0); NR]; col_tiles * steps];
+        let mut packed = zeroed(memory, col_tiles * steps * NR, Bf16Pair(0));
+        let data = packed.as_chunks_mut::<NR>().0;
         let zeros = vec![bf16::ZERO; d_v];
         for (r, keys) in v.chunks(2 * d_v.max(1)).enumerate() {
             let (first, second) = keys.split_at(d_v.min(keys.len()));
@@ -278,7 +296,7 @@ impl PackedValues<Bf16Pair> {
             }
         }
         let packed = PackedValues {
-            data: data.into_flattened(),
+            data: packed,
             s: steps,
             col_tiles,
         };
@@ -315,12 +333,84 @@ mod tests {
             let (k, v) = (x(d), x(d_v));
             let (kh, vh) = (k.mapv(bf16::from_f32), v.mapv(bf16::from_f32));
             let (kh, vh, shape) = (kh.view(), vh.view(), (s, d, d_v));
-            check(&pack_head_pairs::<TilePair, 16>(&kh, &vh, Scatter), shape);
-            check(&pack_head_pairs::<Bf16Pair, 16>(&kh, &vh, Scatter), shape);
-            check(&pack_head::<f32, 16>(&k.view(), &v.view(), Scatter), shape);
+            check(
+                &pack_head_pairs::<TilePair, 16>(&kh, &vh, Scatter, HeadMemory::default()),
+                shape,
+            );
+            check(
+                &pack_head_pairs::<Bf16Pair, 16>(&kh, &vh, Scatter, HeadMemory::default()),
+                shape,
+            );
+            check(
+                &pack_head::<f32, 16>(&k.view(), &v.view(), Scatter, HeadMemory::default()),
+                shape,
+            );
             let (k, v) = (k.mapv(f64::from), v.mapv(f64::from));
-            check(&pack_head::<f64, 8>(&k.view(), &v.view(), Scatter), shape);
+            check(
+                &pack_head::<f64, 8>(&k.view(), &v.view(), Scatter, HeadMemory::default()),
+                shape,
+            );
         }
+    }
+
+    /// A head packed into the memory of another (more keys, wider, other
+    /// values) is the head packed into new memory, by every packer: no value
+    /// of the other head is left in its padding.
+    #[test]
+    fn packing_into_used_memory_writes_every_value() {
+        use crate::kernel::pack::{PackedHead, pack_head};
+        use ndarray::Array2;
+        use std::fmt::Debug;
+
+        /// Packs `(k, v)` by `pack` into new memory and into that of `used`.
+        fn check<X, A, K>(
+            pack: impl Fn(&Array2<X>, &Array2<X>, HeadMemory<K, K::Value>) -> PackedHead<A, K>,
+            used: (&Array2<X>, &Array2<X>),
+            (k, v): (&Array2<X>, &Array2<X>),
+        ) where
+            K: Entry<A> + PartialEq + Debug,
+            K::Value: PartialEq + Debug,
+        {
+            let used = pack(used.0, used.1, HeadMemory::default()).into_memory();
+            let (fresh, again) = (pack(k, v, HeadMemory::default()), pack(k, v, used));
+            assert_eq!(fresh.keys.data, again.keys.data);
+            assert_eq!(fresh.values.data, again.values.data);
+            assert_eq!(fresh.values.s, again.values.s);
+        }
+        let x = |(rows, cols): (usize, usize), at: f32| {
+            Array2::from_shape_fn((rows, cols), |(i, j)| at + (i * 7 + j) as f32 / 100.0)
+        };
+        // odd widths, a part panel of keys and of value columns
+        let used = (&x((100, 70), 9.0), &x((100, 50), 9.0));
+        let head = (&x((37, 33), -1.0), &x((37, 17), -1.0));
+        check(
+            |k, v, m| pack_head::<f32, 16>(&k.view(), &v.view(), Scatter, m),
+            used,
+            head,
+        );
+        let wide = |(k, v): (&Array2<f32>, &Array2<f32>)| (k.mapv(f64::from), v.mapv(f64::from));
+        let (used, head) = (wide(used), wide(head));
+        check(
+            |k, v, m| pack_head::<f64, 8>(&k.view(), &v.view(), Scatter, m),
+            (&used.0, &used.1),
+            (&head.0, &head.1),
+        );
+        let half = |(k, v): (Array2<f64>, Array2<f64>)| {
+            let half = |x: Array2<f64>| x.mapv(bf16::from_f64);
+            (half(k), half(v))
+        };
+        let (used, head) = (half(used), half(head));
+        let (used, head) = ((&used.0, &used.1), (&head.0, &head.1));
+        check(
+            |k, v, m| pack_head_pairs::<TilePair, 16>(&k.view(), &v.view(), Scatter, m),
+            used,
+            head,
+        );
+        check(
+            |k, v, m| pack_head_pairs::<Bf16Pair, 16>(&k.view(), &v.view(), Scatter, m),
+            used,
+            head,
+        );
     }
 
     /// The extent from the bits is the extent of the widened values (their

@@ -23,6 +23,7 @@ use crate::core::mask::Mask2;
 use crate::core::scoring::Scoring;
 use crate::flex::blocks::BlockClass;
 use crate::flex::program::Program;
+use crate::kept::{Kept, Loan};
 
 pub(crate) use output::Output;
 pub(crate) use tiles::{
@@ -61,16 +62,34 @@ pub(crate) struct Scratch<A, K = A> {
 }
 
 impl<A: KernelFloat, K: Entry<A>> Scratch<A, K> {
-    /// For queries of `d` components.
-    pub(crate) fn new(d: usize, col_tiles: usize, nr: usize) -> Self {
-        Scratch {
-            q: vec![K::zero(); BR * K::depth(d)],
-            s: vec![A::zero(); BR * BC],
-            o: vec![A::zero(); BR * col_tiles * nr],
-            max: vec![A::zero(); BR],
-            sum: vec![A::zero(); BR],
-            alpha: vec![A::zero(); BR],
+    /// For queries of `d` components and `col_tiles` tiles of `nr` value
+    /// columns: the one this thread kept from its last block ([`Loan`]), sized
+    /// anew, or a new one.
+    pub(crate) fn lent(d: usize, col_tiles: usize, nr: usize) -> Loan<Self> {
+        let mut scratch = Loan::take_or(|| Scratch {
+            q: Vec::new(),
+            s: Vec::new(),
+            o: Vec::new(),
+            max: Vec::new(),
+            sum: Vec::new(),
+            alpha: Vec::new(),
+        });
+        // every block writes what it reads of these first
+        let sized: &mut Self = &mut scratch;
+        sized.q.resize(BR * K::depth(d), K::zero());
+        sized.s.resize(BR * BC, A::zero());
+        sized.o.resize(BR * col_tiles * nr, A::zero());
+        for row_state in [&mut sized.max, &mut sized.sum, &mut sized.alpha] {
+            row_state.resize(BR, A::zero());
         }
+        scratch
+    }
+}
+
+impl<A: KernelFloat, K: Entry<A>> Kept for Scratch<A, K> {
+    fn bytes(&self) -> usize {
+        let values = self.s.capacity() + self.o.capacity() + 3 * BR;
+        self.q.capacity() * size_of::<K>() + values * size_of::<A>()
     }
 }
 

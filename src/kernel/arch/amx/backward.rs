@@ -59,10 +59,10 @@ impl PairPanels {
         let (k, v) = (k.mapv(bf16::from_f32), v.mapv(bf16::from_f32));
         let (k, v) = (k.view(), v.view());
         PairPanels {
-            keys: PackedKeys::pack_pairs::<NR>(&k, Scatter).0,
-            values: PackedKeys::pack_pairs::<NR>(&v, Scatter).0,
-            key_pairs: PackedValues::pack_key_pairs::<NR>(&k).0,
-            value_pairs: forward.then(|| PackedValues::pack_key_pairs::<NR>(&v).0),
+            keys: PackedKeys::pack_pairs::<NR>(&k, Scatter, Vec::new()).0,
+            values: PackedKeys::pack_pairs::<NR>(&v, Scatter, Vec::new()).0,
+            key_pairs: PackedValues::pack_key_pairs::<NR>(&k, Vec::new()).0,
+            value_pairs: forward.then(|| PackedValues::pack_key_pairs::<NR>(&v, Vec::new()).0),
         }
     }
 }
