@@ -396,6 +396,45 @@ fn threads_do_not_change_a_bit_at(l: usize, s: usize, path: Path) {
     assert_eq!(sequential, two.install(|| run(Parallelism::Rayon)));
 }
 
+/// A thread keeps the tiled kernel's working memory (packed keys and values,
+/// block scratch) from call to call: a call after a larger one, of other
+/// widths, gives the bits it gives on a thread that made no call before.
+#[test]
+fn memory_kept_from_a_larger_call_does_not_change_a_bit() {
+    fn check<S: Storage>() {
+        let stored = |x: f64| S::from_compute(<S::Compute as Element>::from_f64(x));
+        let x = |shape: [usize; 4], seed| {
+            let x: Array4<S> = (pseudo_random(&shape, seed).mapv(stored))
+                .into_dimensionality()
+                .expect("4-D");
+            x
+        };
+        // odd widths and part panels after whole ones
+        let (big_q, big_kv) = (x([1, 2, 200, 96], 21), x([1, 2, 300, 96], 22));
+        let (q, kv) = (x([1, 2, 70, 33], 23), x([1, 2, 101, 33], 24));
+        let attention = ScaledDotProduct::new().with_parallelism(Parallelism::Sequential);
+        let run = |q: &Array4<S>, kv: &Array4<S>, fused: usize| {
+            let (out, paths) = kernel_paths(|| attention.forward_batched(q, kv, kv));
+            assert_eq!((paths.tiled, paths.reference), (fused, 2 - fused));
+            out.expect("valid")
+        };
+        let first = std::thread::scope(|scope| {
+            scope
+                .spawn(|| run(&q, &kv, 2))
+                .join()
+                .expect("a fresh thread")
+        });
+        run(&big_q, &big_kv, 2);
+        // packed before the pre-check sends its heads to the reference path:
+        // infinities in the memory the next call packs into
+        run(&big_q, &big_kv.mapv(|_| stored(f64::INFINITY)), 0);
+        assert_eq!(run(&q, &kv, 2), first);
+    }
+    check::<f32>();
+    check::<f64>();
+    check::<bf16>();
+}
+
 #[test]
 fn batched_grouped_query_fused_equals_reference() {
     let q: Array4<f64> = pseudo_random(&[2, 6, 130, 32], 19)

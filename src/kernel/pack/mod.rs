@@ -246,6 +246,22 @@ pub(crate) fn scatter_panel<A: Copy, const W: usize>(
     }
 }
 
+/// Sizes `data` for panels of `width` lines holding `lines × depth` values,
+/// with the lanes past the last line `zero`: a packer writes every other value,
+/// so memory used before is written over, not zeroed first.
+#[inline(always)]
+fn size_panels<T: Copy>(data: &mut Vec<T>, width: usize, (lines, depth): (usize, usize), zero: T) {
+    let panels = lines.div_ceil(width);
+    data.resize(panels * width * depth, zero);
+    let used = lines - (panels.max(1) - 1) * width;
+    if panels > 0 && used < width {
+        let last = &mut data[(panels - 1) * width * depth..];
+        for step in last.chunks_exact_mut(width) {
+            step[used..].fill(zero);
+        }
+    }
+}
+
 /// An operand packed in panels of `width` lines (rows of `A`, columns of `B`),
 /// each panel `depth` steps of `width` values, zero-padded to whole panels.
 #[derive(Debug, Clone)]
@@ -279,26 +295,16 @@ impl<A: Element> Panels<A> {
         self.data
     }
 
-    /// Sizes the panels for `lines × depth`, with the lanes past the last line
-    /// zero: the packers write every other value, so a buffer used again (the
-    /// backward packs into the same panels for every block) is not zeroed first.
-    /// Inlined into the packing, so that the zeros of a new buffer are written
+    /// Sizes the panels for `lines × depth` ([`size_panels`]: the backward
+    /// packs into the same panels for every block, the forward into those of
+    /// the head before). Inlined into the packing, so that the zeros of a new buffer are written
     /// with the token's vectors (out of line: 16 bytes a store, 2.6 % of an
     /// f32 call at N = 128).
     #[inline(always)]
     fn reset(&mut self, lines: usize, depth: usize) {
         self.lines = lines;
         self.depth = depth;
-        let w = self.width;
-        let panels = lines.div_ceil(w);
-        self.data.resize(panels * w * depth, A::zero());
-        let used = lines - (panels.max(1) - 1) * w;
-        if panels > 0 && used < w {
-            let last = &mut self.data[(panels - 1) * w * depth..];
-            for step in last.chunks_exact_mut(w) {
-                step[used..].fill(A::zero());
-            }
-        }
+        size_panels(&mut self.data, self.width, (lines, depth), A::zero());
     }
 
     /// Packs `lines` lines of `depth` values each, line `l` at

@@ -5,7 +5,7 @@
 use half::bf16;
 use ndarray::{ArrayView1, ArrayView2};
 
-use super::{Entry, HeadMemory, PackedHead, PackedKeys, PackedValues, Scatter};
+use super::{Entry, HeadMemory, PackedHead, PackedKeys, PackedValues, Scatter, size_panels};
 use crate::kernel::fusable::Extent;
 
 /// Two consecutive components of a query or key in bf16, the first in the low 16
@@ -169,9 +169,12 @@ impl<K: Pair> PackedKeys<K> {
         let k = k.as_standard_layout();
         let k = k.as_slice().expect("standard layout");
         let depth = K::depth(d);
-        let mut data = zeroed(memory, s.div_ceil(NR) * depth * NR, K::zero());
+        let mut data = memory;
+        size_panels(&mut data, NR, (s, depth), K::zero());
         let panels = data.as_chunks_mut::<NR>().0;
         for (panel, steps) in panels.chunks_exact_mut(depth.max(1)).enumerate() {
+            // the steps past the keys' pairs (the AMX tiles' depth is padded)
+            steps[d.div_ceil(2).min(depth)..].fill([K::zero(); NR]);
             let first = panel * NR;
             packer.pack_pair_panel(&k[first * d..], d, NR.min(s - first), steps);
         }
@@ -227,14 +230,6 @@ pub(crate) fn scatter_key_pairs<K: Pair, const W: usize>(
     }
 }
 
-/// `memory` as `len` values `zero` (the pair packers leave their padding as
-/// they find it).
-fn zeroed<T: Copy>(mut memory: Vec<T>, len: usize, zero: T) -> Vec<T> {
-    memory.clear();
-    memory.resize(len, zero);
-    memory
-}
-
 /// The [`Extent`] (in f32) of `x`, `rows` rows, from the bits: the largest
 /// `|x|` is the largest of the bits below the sign (their order is the
 /// magnitudes'), infinity `0x7f80`, NaN above it.
@@ -270,7 +265,13 @@ impl PackedValues<Bf16Pair> {
         let v = v.as_slice().expect("standard layout");
         let steps = s.div_ceil(2 * TILE_PAIRS) * TILE_PAIRS + TILE_PAIRS / 2;
         let col_tiles = d_v.div_ceil(NR);
-        let mut packed = zeroed(memory, col_tiles * steps * NR, Bf16Pair(0));
+        let mut packed = memory;
+        size_panels(&mut packed, NR, (d_v, steps), Bf16Pair(0));
+        // the steps past the last key zero (the loop below writes the others)
+        let written = s.div_ceil(2) * NR;
+        for group in packed.chunks_exact_mut(steps * NR) {
+            group[written..].fill(Bf16Pair(0));
+        }
         let data = packed.as_chunks_mut::<NR>().0;
         let zeros = vec![bf16::ZERO; d_v];
         for (r, keys) in v.chunks(2 * d_v.max(1)).enumerate() {
@@ -360,7 +361,6 @@ mod tests {
     fn packing_into_used_memory_writes_every_value() {
         use crate::kernel::pack::{PackedHead, pack_head};
         use ndarray::Array2;
-        use std::fmt::Debug;
 
         /// Packs `(k, v)` by `pack` into new memory and into that of `used`.
         fn check<X, A, K>(
@@ -368,13 +368,23 @@ mod tests {
             used: (&Array2<X>, &Array2<X>),
             (k, v): (&Array2<X>, &Array2<X>),
         ) where
-            K: Entry<A> + PartialEq + Debug,
-            K::Value: PartialEq + Debug,
+            K: Entry<A> + PartialEq,
+            K::Value: PartialEq,
         {
             let used = pack(used.0, used.1, HeadMemory::default()).into_memory();
             let (fresh, again) = (pack(k, v, HeadMemory::default()), pack(k, v, used));
-            assert_eq!(fresh.keys.data, again.keys.data);
-            assert_eq!(fresh.values.data, again.values.data);
+            fn first_difference<T: PartialEq>(a: &[T], b: &[T]) -> Option<usize> {
+                (a.len() != b.len())
+                    .then_some(a.len().min(b.len()))
+                    .or_else(|| a.iter().zip(b).position(|(a, b)| a != b))
+            }
+            let keys = first_difference(&fresh.keys.data, &again.keys.data);
+            let values = first_difference(&fresh.values.data, &again.values.data);
+            assert_eq!(
+                (keys, values),
+                (None, None),
+                "where the keys and values differ"
+            );
             assert_eq!(fresh.values.s, again.values.s);
         }
         let x = |(rows, cols): (usize, usize), at: f32| {
