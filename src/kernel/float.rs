@@ -3,7 +3,7 @@
 
 use ndarray::NdFloat;
 
-use crate::element::Element;
+use super::fusable::Magnitude;
 
 /// How `a·b + c` is evaluated: one fused instruction, or a multiply and an add.
 ///
@@ -35,7 +35,7 @@ impl MulAdd for Separate {
 }
 
 /// An element type the fused kernels are written for.
-pub(crate) trait KernelFloat: Element + Default {
+pub(crate) trait KernelFloat: Magnitude + Default {
     /// `eˣ` for `x ≤ 0` (and `x = −∞`), written so that a loop over it vectorises:
     /// no branches, no calls. Accurate to about one unit in the last place;
     /// results below the smallest normal number are 0.

@@ -7,7 +7,6 @@ use std::borrow::Cow;
 
 use ndarray::{ArrayView1, ArrayView2};
 
-use super::params::SCAN_LANES;
 use super::sweep::{Sweep, vectorized};
 use crate::core::mask::Mask2;
 use crate::element::Element;
@@ -25,14 +24,14 @@ pub(crate) struct Extent<A> {
 
 /// Whether `x` is finite, its largest absolute entry, and its number of rows.
 #[inline]
-pub(crate) fn extent_of<A: Element>(x: &ArrayView2<'_, A>) -> Extent<A> {
+pub(crate) fn extent_of<A: Magnitude>(x: &ArrayView2<'_, A>) -> Extent<A> {
     vectorized(ExtentOf(x))
 }
 
 /// [`extent_of`] as a [`Sweep`]: compiled with the CPU's vectors.
 struct ExtentOf<'a, 'x, A>(&'a ArrayView2<'x, A>);
 
-impl<A: Element> Sweep for ExtentOf<'_, '_, A> {
+impl<A: Magnitude> Sweep for ExtentOf<'_, '_, A> {
     type Output = Extent<A>;
 
     #[inline(always)]
@@ -40,41 +39,11 @@ impl<A: Element> Sweep for ExtentOf<'_, '_, A> {
         let x = self.0;
         let mut scan = Scan::new();
         match x.as_slice_memory_order() {
-            Some(few) if few.len() < SCAN_LANES => return short_extent(few, x.nrows()),
             Some(all) => scan.add(all),
             None => x.outer_iter().for_each(|row| scan.add(&row_slice(row))),
         }
         scan.extent(x.nrows())
     }
-}
-
-/// The extent of fewer entries than [`SCAN_LANES`] (a tiny head), `rows` rows:
-/// four lanes in registers, folded at once.
-#[inline(always)]
-fn short_extent<A: Element>(values: &[A], rows: usize) -> Extent<A> {
-    let max_abs = tree_max(fold_four([A::zero(); 4], values));
-    Extent {
-        finite: max_abs.is_finite(),
-        max_abs,
-        rows,
-    }
-}
-
-/// `lanes` after the [`sticky_max`] of `|x|` for each entry of `values`, four
-/// at a time (a few entries: chains a quarter as long as sixteen lanes'). The
-/// lanes spelled out as a loop: `array::map` and `from_fn` were left as calls.
-#[inline(always)]
-fn fold_four<A: Element>(mut lanes: [A; 4], values: &[A]) -> [A; 4] {
-    let (quads, tail) = values.as_chunks::<4>();
-    for quad in quads {
-        for (m, &x) in lanes.iter_mut().zip(quad) {
-            *m = sticky_max(*m, x.abs());
-        }
-    }
-    for (m, &x) in lanes.iter_mut().zip(tail) {
-        *m = sticky_max(*m, x.abs());
-    }
-    lanes
 }
 
 /// A row as a slice: borrowed where it is contiguous, copied where it is not.
@@ -85,113 +54,91 @@ fn row_slice<A: Clone>(row: ArrayView1<'_, A>) -> Cow<'_, [A]> {
     }
 }
 
+/// A float whose magnitudes order as the integers of their bits below the
+/// sign (IEEE 754): the largest `|x|` of many is the largest of those
+/// integers, infinity's is [`INFINITY`](Self::INFINITY) and a NaN's larger.
+/// The integers are signed (their sign bit is clear), so that AVX2 compares
+/// 64-bit ones in one instruction.
+pub(crate) trait Magnitude: Element {
+    type Bits: Copy + Ord + Default;
+    const INFINITY: Self::Bits;
+
+    /// The bits of `|self|`.
+    fn magnitude(self) -> Self::Bits;
+
+    /// The float of the bits of a magnitude.
+    fn of_magnitude(bits: Self::Bits) -> Self;
+}
+
+impl Magnitude for f32 {
+    type Bits = i32;
+    const INFINITY: i32 = 0x7f80_0000;
+
+    #[inline(always)]
+    fn magnitude(self) -> i32 {
+        (self.to_bits() & 0x7fff_ffff) as i32
+    }
+
+    fn of_magnitude(bits: i32) -> f32 {
+        f32::from_bits(bits as u32)
+    }
+}
+
+impl Magnitude for f64 {
+    type Bits = i64;
+    const INFINITY: i64 = 0x7ff0_0000_0000_0000;
+
+    #[inline(always)]
+    fn magnitude(self) -> i64 {
+        (self.to_bits() & 0x7fff_ffff_ffff_ffff) as i64
+    }
+
+    fn of_magnitude(bits: i64) -> f64 {
+        f64::from_bits(bits as u64)
+    }
+}
+
 /// An [`Extent`] gathered slice by slice, so that a pass that reads the rows for
 /// another reason (packing) finds it on the way.
-pub(crate) struct Scan<A> {
-    /// The largest absolute entry so far, lane by lane, NaN entries passed over
-    /// (a lane the four-lane pass made NaN stays NaN).
-    lanes: [A; SCAN_LANES],
-    /// `x·0` summed lane by lane: 0 while every entry is finite, NaN for good
-    /// once one is not (`∞·0` and `NaN·0` are NaN).
-    spread: [A; SCAN_LANES],
-    /// Lanes that hold an entry (the others are still 0): a tiny head's few
-    /// entries take one lane, and the final fold reads only those.
-    used: usize,
+pub(crate) struct Scan<A: Magnitude> {
+    /// The largest magnitude so far: one integer maximum an entry, a reduction
+    /// the compiler runs in vector registers (the floats' maximum and a sum
+    /// of `x·0` to catch a NaN were a maximum and an addition per entry, the
+    /// sum a chain the compiler may not reorder).
+    largest: A::Bits,
 }
 
-const _: () = assert!(SCAN_LANES >= 4, "the short-slice pass uses four lanes");
-
-/// The larger of `m` and `x`, NaN once either is: a NaN `m` stays, since no `x`
-/// compares greater than it.
-#[inline(always)]
-fn sticky_max<A: Element>(m: A, x: A) -> A {
-    if x > m || x.is_nan() { x } else { m }
-}
-
-/// The larger of `m` and `x`: one `maxps` (a NaN `x` leaves `m`, a NaN `m`
-/// stays).
-#[inline(always)]
-fn larger<A: Element>(m: A, x: A) -> A {
-    if x > m { x } else { m }
-}
-
-impl<A: Element> Scan<A> {
+impl<A: Magnitude> Scan<A> {
     pub(crate) fn new() -> Self {
         Scan {
-            lanes: [A::zero(); SCAN_LANES],
-            spread: [A::zero(); SCAN_LANES],
-            used: 0,
+            largest: A::Bits::default(),
         }
     }
 
     /// Takes in the entries of `values`.
     #[inline(always)]
     pub(crate) fn add(&mut self, values: &[A]) {
-        // a maximum of |x| and a sum of x·0 per lane: two chains of one
-        // instruction each, where a NaN-sticky maximum is a chain of three
-        // (two compares and a blend) and ran at a tenth of the bytes' speed;
-        // the lanes in locals, not behind `self`, so that the compiler keeps
-        // them in registers
-        let (chunks, rest) = values.as_chunks::<SCAN_LANES>();
-        if chunks.is_empty() {
-            // fewer entries than lanes (a tiny head's rows): four lanes, and only
-            // those for `extent` to fold
-            let first: &mut [A; 4] = (&mut self.lanes[..4]).try_into().expect("four lanes");
-            *first = fold_four(*first, rest);
-            self.used = self.used.max(4);
-            return;
-        }
-        let (mut lanes, mut spread) = (self.lanes, self.spread);
-        for chunk in chunks {
-            for ((m, z), &x) in lanes.iter_mut().zip(&mut spread).zip(chunk) {
-                *m = larger(*m, x.abs());
-                *z += x * A::zero();
-            }
-        }
-        for ((m, z), &x) in lanes.iter_mut().zip(&mut spread).zip(rest) {
-            *m = larger(*m, x.abs());
-            *z += x * A::zero();
-        }
-        (self.lanes, self.spread) = (lanes, spread);
-        self.used = SCAN_LANES;
+        // a plain fold: lanes spelled out as an array of maxima made the
+        // compiler vectorise across them with gathers
+        self.largest = (values.iter()).fold(self.largest, |m, &x| m.max(x.magnitude()));
     }
 
     /// The extent of everything added, `rows` rows.
     #[inline]
     pub(crate) fn extent(&self, rows: usize) -> Extent<A> {
-        // pairwise over a fixed number of lanes (a fold over `used` lanes from
-        // memory was a chain as long as the lanes)
-        let max_abs = match self.lanes.first_chunk::<4>() {
-            Some(&four) if self.used <= 4 => tree_max(four),
-            _ => tree_max(self.lanes),
-        };
-        let spread = self.spread.iter().fold(A::zero(), |sum, &z| sum + z);
         Extent {
-            finite: max_abs.is_finite() && spread == A::zero(),
-            max_abs,
+            finite: self.largest < A::INFINITY,
+            max_abs: A::of_magnitude(self.largest),
             rows,
         }
     }
-}
-
-/// The [`sticky_max`] of `N` (a power of two) lanes, halves first.
-#[inline(always)]
-fn tree_max<A: Element, const N: usize>(mut lanes: [A; N]) -> A {
-    let mut width = N;
-    while width > 1 {
-        width /= 2;
-        for i in 0..width {
-            lanes[i] = sticky_max(lanes[i], lanes[i + width]);
-        }
-    }
-    lanes[0]
 }
 
 /// Whether the fused kernels compute this head exactly as the reference path
 /// would: every input finite, no bias of NaN or `+∞`, and no score or running
 /// sum that could overflow. `queries`: the extent of the head's queries and
 /// their width `d_k`.
-pub(crate) fn fusable<A: Element>(
+pub(crate) fn fusable<A: Magnitude>(
     (queries, depth): (Extent<A>, usize),
     masks: &[Mask2<'_, A>],
     scale: A,
@@ -221,7 +168,7 @@ mod tests {
 
     #[test]
     fn a_scan_finds_the_extent_and_every_non_finite_entry() {
-        // every position of a 5 x 7 head (lanes and tail), every kind of entry,
+        // every position of a 5 x 7 head (vectors and tail), every kind of entry,
         // contiguous and not (a view of 7 of 8 columns scans row by row)
         for at in 0..35 {
             for (bad, finite) in [
@@ -242,7 +189,7 @@ mod tests {
                 }
             }
         }
-        // a tiny head (fewer entries than lanes: the four-lane pass), then a
+        // a tiny head (fewer entries than a vector: the fold's tail), then a
         // longer one after it in the same scan (every lane)
         for at in 0..12 {
             for bad in [f32::NAN, f32::INFINITY] {
@@ -261,5 +208,18 @@ mod tests {
         let extent = extent_of(&x.view());
         assert!(extent.finite);
         assert_eq!(extent.max_abs, 119.0);
+        // every position of a head of 200 f32 entries, past the vectors' width
+        // (the vectorised loop's body), and the largest magnitude anywhere
+        for at in 0..200 {
+            let mut x = Array2::from_shape_fn((5, 40), |(i, j)| (i * 40 + j) as f32 / 1000.0);
+            for (bad, finite) in [(f32::NAN, false), (-f32::INFINITY, false), (-7.5, true)] {
+                x[(at / 40, at % 40)] = bad;
+                let extent = extent_of(&x.view());
+                assert_eq!(extent.finite, finite, "{bad} at {at}");
+                if finite {
+                    assert_eq!(extent.max_abs, 7.5, "at {at}");
+                }
+            }
+        }
     }
 }

@@ -123,17 +123,6 @@ pub(crate) const TILE_BLOCKS: usize = 8;
 /// rows ahead measured alike (a bf16/f16 step 355-432 -> 310-336 µs).
 pub(crate) const PREFETCH_ROWS: usize = 16;
 
-/// Lanes of the finiteness pre-check (`fusable::Scan`): a maximum of `|x|`
-/// and a sum of `x·0` per lane, 16 being one AVX-512 register of f32. The
-/// NaN-sticky maximum before (two compares and a blend per lane) took 102
-/// kcycles of the time-stamp counter to scan 1 MiB of f32 on Zen 5
-/// (2026-12-07), now 32–43: the queries', keys' and values' scans were 305 of
-/// 6 650 kcycles of an f32 call at N = 512 (8 heads, one thread), now 100–120,
-/// and 76 of 565 at N = 128, now 24. With 32 lanes the scan of the queries ran
-/// a fifth faster and those inside the packing three times slower (the
-/// compiler's choice in that context).
-pub(crate) const SCAN_LANES: usize = 16;
-
 /// Lanes of the softmax passes (maximum, `exp` and sum) over a row of scores in
 /// the direct path and the backward pass. With 8, the compiler left the `exp`
 /// polynomial scalar in the direct path; with 16 it vectorises: a bf16 decoding

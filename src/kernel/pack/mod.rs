@@ -8,7 +8,7 @@ use std::ops::Range;
 
 use ndarray::{ArrayView1, ArrayView2};
 
-use super::fusable::{Extent, Scan};
+use super::fusable::{Extent, Magnitude, Scan};
 use crate::element::Element;
 use crate::kept::Kept;
 
@@ -147,7 +147,7 @@ pub(crate) fn head_bytes<A, K: Entry<A>>(s: usize, d: usize, d_v: usize) -> usiz
 /// panels by `packer` (the token); [`super::arch`] compiles it per instruction
 /// set, so the transposition of the keys runs with its vectors.
 #[inline(always)]
-pub(crate) fn pack_head<A: Element, const NR: usize>(
+pub(crate) fn pack_head<A: Magnitude, const NR: usize>(
     k: &ArrayView2<'_, A>,
     v: &ArrayView2<'_, A>,
     packer: impl PackPanel<A, NR>,
@@ -163,7 +163,7 @@ pub(crate) fn pack_head<A: Element, const NR: usize>(
     }
 }
 
-impl<A: Element> PackedKeys<A> {
+impl<A: Magnitude> PackedKeys<A> {
     /// Packs `k: (S, d)` in panels of `NR` keys into `memory`, each by
     /// `packer`, and finds the keys' extent on the way.
     #[inline(always)]
@@ -185,7 +185,7 @@ impl<A: Element> PackedKeys<A> {
     }
 }
 
-impl<A: Element> PackedValues<A> {
+impl<A: Magnitude> PackedValues<A> {
     /// Packs `v: (S, d_v)` in column groups of `NR` (panels of `NR` value
     /// columns, each `S` steps deep) into `memory`, and finds the values'
     /// extent on the way.
