@@ -65,14 +65,17 @@ pub(crate) fn give(values: Vec<f32>) {
 
 /// Memory a [`Loan`] can keep: its size decides whether it is kept.
 pub(crate) trait Kept: 'static {
+    /// The most bytes a thread keeps of it: a larger value is freed.
+    const MOST_BYTES: usize = KEPT_BYTES;
+
     /// The bytes it holds (allocated, used or not).
     fn bytes(&self) -> usize;
 }
 
 /// A value of type `T` lent to the thread that made the loan: the one this
 /// thread last gave back, or a new one. Dropped, it goes back to the thread
-/// that drops it (one value of each type; one of more than [`KEPT_BYTES`] is
-/// freed).
+/// that drops it (one value of each type; one of more than
+/// [`Kept::MOST_BYTES`] is freed).
 pub(crate) struct Loan<T: Kept>(Option<T>);
 
 impl<T: Kept> Loan<T> {
@@ -107,7 +110,7 @@ impl<T: Kept> DerefMut for Loan<T> {
 impl<T: Kept> Drop for Loan<T> {
     fn drop(&mut self) {
         let Some(value) = self.0.take() else { return };
-        if value.bytes() > KEPT_BYTES {
+        if value.bytes() > T::MOST_BYTES {
             return;
         }
         // `try_with`: a loan dropped as the thread ends finds no storage

@@ -9,6 +9,7 @@ use std::ops::Range;
 use ndarray::{ArrayView1, ArrayView2};
 
 use super::fusable::{Extent, Magnitude, Scan};
+use super::params::PACKED_BYTES;
 use crate::element::Element;
 use crate::kept::Kept;
 
@@ -116,6 +117,12 @@ impl<K, V> Default for HeadMemory<K, V> {
 }
 
 impl<K: 'static, V: 'static> Kept for Vec<HeadMemory<K, V>> {
+    /// Two waves' worth: the memory of shorter sequences' heads, whose
+    /// packing weighs most beside their arithmetic (f32, head_dim 64: up to
+    /// N = 2048 on two threads, 4096 on one); a thread keeps at most this much
+    /// for each type of packed keys.
+    const MOST_BYTES: usize = 2 * PACKED_BYTES;
+
     fn bytes(&self) -> usize {
         let head = |m: &HeadMemory<K, V>| {
             m.keys.capacity() * size_of::<K>() + m.values.capacity() * size_of::<V>()
