@@ -4,6 +4,7 @@
 use ndarray::NdFloat;
 
 use super::fusable::Magnitude;
+use crate::element::Element;
 
 /// How `a·b + c` is evaluated: one fused instruction, or a multiply and an add.
 ///
@@ -35,7 +36,7 @@ impl MulAdd for Separate {
 }
 
 /// An element type the fused kernels are written for.
-pub(crate) trait KernelFloat: Magnitude + Default {
+pub(crate) trait KernelFloat: Element + Magnitude<Float = Self> + Default {
     /// `eˣ` for `x ≤ 0` (and `x = −∞`), written so that a loop over it vectorises:
     /// no branches, no calls. Accurate to about one unit in the last place;
     /// results below the smallest normal number are 0.

@@ -5,6 +5,7 @@
 
 use std::borrow::Cow;
 
+use half::bf16;
 use ndarray::{ArrayView1, ArrayView2};
 
 use super::sweep::{Sweep, vectorized};
@@ -24,14 +25,14 @@ pub(crate) struct Extent<A> {
 
 /// Whether `x` is finite, its largest absolute entry, and its number of rows.
 #[inline]
-pub(crate) fn extent_of<A: Magnitude>(x: &ArrayView2<'_, A>) -> Extent<A> {
+pub(crate) fn extent_of<A: Magnitude<Float = A>>(x: &ArrayView2<'_, A>) -> Extent<A> {
     vectorized(ExtentOf(x))
 }
 
 /// [`extent_of`] as a [`Sweep`]: compiled with the CPU's vectors.
 struct ExtentOf<'a, 'x, A>(&'a ArrayView2<'x, A>);
 
-impl<A: Magnitude> Sweep for ExtentOf<'_, '_, A> {
+impl<A: Magnitude<Float = A>> Sweep for ExtentOf<'_, '_, A> {
     type Output = Extent<A>;
 
     #[inline(always)]
@@ -55,24 +56,28 @@ fn row_slice<A: Clone>(row: ArrayView1<'_, A>) -> Cow<'_, [A]> {
 }
 
 /// A float whose magnitudes order as the integers of their bits below the
-/// sign (IEEE 754): the largest `|x|` of many is the largest of those
-/// integers, infinity's is [`INFINITY`](Self::INFINITY) and a NaN's larger.
-/// The integers are signed (their sign bit is clear), so that AVX2 compares
-/// 64-bit ones in one instruction.
-pub(crate) trait Magnitude: Element {
+/// sign (IEEE 754, and bf16 as its upper half): the largest `|x|` of many is
+/// the largest of those integers, infinity's is [`INFINITY`](Self::INFINITY)
+/// and a NaN's larger. The integers are signed (their sign bit is clear), so
+/// that AVX2 compares 64-bit ones in one instruction.
+pub(crate) trait Magnitude: Copy {
     type Bits: Copy + Ord + Default;
     const INFINITY: Self::Bits;
+
+    /// The type an [`Extent`] of these values is stated in.
+    type Float;
 
     /// The bits of `|self|`.
     fn magnitude(self) -> Self::Bits;
 
     /// The float of the bits of a magnitude.
-    fn of_magnitude(bits: Self::Bits) -> Self;
+    fn of_magnitude(bits: Self::Bits) -> Self::Float;
 }
 
 impl Magnitude for f32 {
     type Bits = i32;
     const INFINITY: i32 = 0x7f80_0000;
+    type Float = f32;
 
     #[inline(always)]
     fn magnitude(self) -> i32 {
@@ -87,6 +92,7 @@ impl Magnitude for f32 {
 impl Magnitude for f64 {
     type Bits = i64;
     const INFINITY: i64 = 0x7ff0_0000_0000_0000;
+    type Float = f64;
 
     #[inline(always)]
     fn magnitude(self) -> i64 {
@@ -95,6 +101,22 @@ impl Magnitude for f64 {
 
     fn of_magnitude(bits: i64) -> f64 {
         f64::from_bits(bits as u64)
+    }
+}
+
+/// bf16's bits are an f32's upper half: its extent is stated in f32.
+impl Magnitude for bf16 {
+    type Bits = i16;
+    const INFINITY: i16 = 0x7f80;
+    type Float = f32;
+
+    #[inline(always)]
+    fn magnitude(self) -> i16 {
+        (self.to_bits() & 0x7fff) as i16
+    }
+
+    fn of_magnitude(bits: i16) -> f32 {
+        f32::from_bits(u32::from(bits as u16) << 16)
     }
 }
 
@@ -123,9 +145,17 @@ impl<A: Magnitude> Scan<A> {
         self.largest = (values.iter()).fold(self.largest, |m, &x| m.max(x.magnitude()));
     }
 
+    /// The extent of `values`, `rows` rows.
+    #[inline(always)]
+    pub(crate) fn whole(values: &[A], rows: usize) -> Extent<A::Float> {
+        let mut scan = Scan::new();
+        scan.add(values);
+        scan.extent(rows)
+    }
+
     /// The extent of everything added, `rows` rows.
     #[inline]
-    pub(crate) fn extent(&self, rows: usize) -> Extent<A> {
+    pub(crate) fn extent(&self, rows: usize) -> Extent<A::Float> {
         Extent {
             finite: self.largest < A::INFINITY,
             max_abs: A::of_magnitude(self.largest),
@@ -138,7 +168,7 @@ impl<A: Magnitude> Scan<A> {
 /// would: every input finite, no bias of NaN or `+∞`, and no score or running
 /// sum that could overflow. `queries`: the extent of the head's queries and
 /// their width `d_k`.
-pub(crate) fn fusable<A: Magnitude>(
+pub(crate) fn fusable<A: Element>(
     (queries, depth): (Extent<A>, usize),
     masks: &[Mask2<'_, A>],
     scale: A,
@@ -219,6 +249,23 @@ mod tests {
                 if finite {
                     assert_eq!(extent.max_abs, 7.5, "at {at}");
                 }
+            }
+        }
+    }
+
+    /// The extent from the bits is the extent of the widened values (their
+    /// largest magnitude where all are finite): every bf16 magnitude with
+    /// either sign, infinity and NaN among them.
+    #[test]
+    fn a_bf16_scan_reads_the_bits_as_the_f32_scan_reads_the_values() {
+        let every: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
+        for window in every.chunks(997) {
+            let wide: Vec<f32> = window.iter().map(|x| x.to_f32()).collect();
+            let (bits, values) = (Scan::whole(window, 3), Scan::whole(&wide, 3));
+            assert_eq!(bits.finite, values.finite);
+            assert_eq!(bits.rows, values.rows);
+            if values.finite {
+                assert_eq!(bits.max_abs, values.max_abs);
             }
         }
     }

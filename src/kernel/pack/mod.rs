@@ -8,7 +8,8 @@ use std::ops::Range;
 
 use ndarray::{ArrayView1, ArrayView2};
 
-use super::fusable::{Extent, Magnitude, Scan};
+use super::float::KernelFloat;
+use super::fusable::{Extent, Scan};
 use super::params::PACKED_BYTES;
 use crate::element::Element;
 use crate::kept::Kept;
@@ -154,7 +155,7 @@ pub(crate) fn head_bytes<A, K: Entry<A>>(s: usize, d: usize, d_v: usize) -> usiz
 /// panels by `packer` (the token); [`super::arch`] compiles it per instruction
 /// set, so the transposition of the keys runs with its vectors.
 #[inline(always)]
-pub(crate) fn pack_head<A: Magnitude, const NR: usize>(
+pub(crate) fn pack_head<A: KernelFloat, const NR: usize>(
     k: &ArrayView2<'_, A>,
     v: &ArrayView2<'_, A>,
     packer: impl PackPanel<A, NR>,
@@ -170,7 +171,7 @@ pub(crate) fn pack_head<A: Magnitude, const NR: usize>(
     }
 }
 
-impl<A: Magnitude> PackedKeys<A> {
+impl<A: KernelFloat> PackedKeys<A> {
     /// Packs `k: (S, d)` in panels of `NR` keys into `memory`, each by
     /// `packer`, and finds the keys' extent on the way.
     #[inline(always)]
@@ -182,17 +183,16 @@ impl<A: Magnitude> PackedKeys<A> {
         let (s, d) = k.dim();
         let k = k.as_standard_layout();
         let k = k.as_slice().expect("standard layout");
-        let mut scan = Scan::new();
-        scan.add(k);
+        let extent = Scan::whole(k, s);
         // the kernel reads whole panels of the keys it needs, never past the last
         let mut panels = Panels::in_memory(memory, NR);
         panels.pack_lines_by::<NR>(packer, k, d, s, d);
         let data = panels.into_data();
-        (PackedKeys { data, depth: d }, scan.extent(s))
+        (PackedKeys { data, depth: d }, extent)
     }
 }
 
-impl<A: Magnitude> PackedValues<A> {
+impl<A: KernelFloat> PackedValues<A> {
     /// Packs `v: (S, d_v)` in column groups of `NR` (panels of `NR` value
     /// columns, each `S` steps deep) into `memory`, and finds the values'
     /// extent on the way.
@@ -204,8 +204,7 @@ impl<A: Magnitude> PackedValues<A> {
         let (s, d_v) = v.dim();
         let v = v.as_standard_layout();
         let v = v.as_slice().expect("standard layout");
-        let mut scan = Scan::new();
-        scan.add(v);
+        let extent = Scan::whole(v, s);
         let mut panels = Panels::in_memory(memory, NR);
         panels.pack_steps::<NR>(v, d_v, d_v, s);
         let packed = PackedValues {
@@ -213,7 +212,7 @@ impl<A: Magnitude> PackedValues<A> {
             s,
             col_tiles: d_v.div_ceil(NR),
         };
-        (packed, scan.extent(s))
+        (packed, extent)
     }
 }
 

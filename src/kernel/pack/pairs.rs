@@ -6,7 +6,7 @@ use half::bf16;
 use ndarray::{ArrayView1, ArrayView2};
 
 use super::{Entry, HeadMemory, PackedHead, PackedKeys, PackedValues, Scatter, size_panels};
-use crate::kernel::fusable::Extent;
+use crate::kernel::fusable::{Extent, Scan};
 
 /// Two consecutive components of a query or key in bf16, the first in the low 16
 /// bits: the operand of `vdpbf16ps`, which adds both products to an f32 lane.
@@ -178,7 +178,7 @@ impl<K: Pair> PackedKeys<K> {
             let first = panel * NR;
             packer.pack_pair_panel(&k[first * d..], d, NR.min(s - first), steps);
         }
-        (PackedKeys { data, depth }, bf16_extent(k, s))
+        (PackedKeys { data, depth }, Scan::whole(k, s))
     }
 }
 
@@ -227,24 +227,6 @@ pub(crate) fn scatter_key_pairs<K: Pair, const W: usize>(
     }
     if let [first] = *last {
         out[pairs.len()][lane] = K::of(Bf16Pair::new(first, bf16::ZERO));
-    }
-}
-
-/// The [`Extent`] (in f32) of `x`, `rows` rows, from the bits: the largest
-/// `|x|` is the largest of the bits below the sign (their order is the
-/// magnitudes'), infinity `0x7f80`, NaN above it.
-#[inline(always)]
-fn bf16_extent(x: &[bf16], rows: usize) -> Extent<f32> {
-    let largest = x.iter().fold(0u16, |m, x| m.max(x.to_bits() & 0x7fff));
-    let max_abs = if largest > 0x7f80 {
-        f32::NAN
-    } else {
-        f32::from_bits(u32::from(largest) << 16)
-    };
-    Extent {
-        finite: largest < 0x7f80,
-        max_abs,
-        rows,
     }
 }
 
@@ -301,14 +283,13 @@ impl PackedValues<Bf16Pair> {
             s: steps,
             col_tiles,
         };
-        (packed, bf16_extent(v, s))
+        (packed, Scan::whole(v, s))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::fusable::Scan;
 
     /// A packed head holds the bytes [`head_bytes`] counts, but for at most
     /// 32 keys' padding, with either pairing and the f32 and f64 elements
@@ -421,24 +402,5 @@ mod tests {
             used,
             head,
         );
-    }
-
-    /// The extent from the bits is the extent of the widened values (their
-    /// largest magnitude where all are finite): every bf16 magnitude with
-    /// either sign, infinity and NaN among them.
-    #[test]
-    fn bf16_extent_reads_the_bits_as_the_scan_reads_the_values() {
-        let every: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
-        for window in every.chunks(997) {
-            let wide: Vec<f32> = window.iter().map(|x| x.to_f32()).collect();
-            let mut scan = Scan::new();
-            scan.add(&wide);
-            let (bits, values) = (bf16_extent(window, 3), scan.extent(3));
-            assert_eq!(bits.finite, values.finite);
-            assert_eq!(bits.rows, values.rows);
-            if values.finite {
-                assert_eq!(bits.max_abs, values.max_abs);
-            }
-        }
     }
 }
