@@ -222,6 +222,16 @@ fn non_finite_or_overflowing_inputs_take_the_reference_path() {
     assert!(bad.q.row(4).iter().all(|x| x.is_finite()));
     d_out[[5, 1]] = f64::INFINITY;
     backward_by(false, 1, || attn.backward(&q, &k, &v, &d_out)).expect("valid");
+    // values of no width: every gradient is zero, but a NaN query's row, as
+    // the reference path gives it (found by the `gradients` fuzz target: the
+    // fused pass gave zeros)
+    let (none, none_out) = (Array2::zeros((90, 0)), Array2::zeros((70, 0)));
+    for kernel in [Kernel::Auto, Kernel::Plain] {
+        let attn = ScaledDotProduct::new().with_kernel(kernel);
+        let empty = attn.backward(&q_bad, &k, &none, &none_out).expect("valid");
+        assert!(empty.q.row(3).iter().all(|x| x.is_nan()), "{kernel:?}");
+        assert!(empty.q.row(4).iter().all(|&x| x == 0.0), "{kernel:?}");
+    }
     // scores near 1e301 are finite in f64 and no product can overflow: fused (their
     // rounding errors exceed 1, so the two paths' softmax may differ: the values
     // are not compared, as in the fuzz harness)
