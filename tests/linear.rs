@@ -83,3 +83,26 @@ fn a_column_major_weight_gives_the_same_bits() {
         );
     }
 }
+
+/// Empty products: no output column, no input row, or no input column (the
+/// sums of nothing, zero), each of any other size, on one and two threads
+/// (found by the `attention` fuzz target: no output column panicked).
+#[test]
+fn empty_products_give_empty_or_zero_outputs() {
+    for (rows, depth, cols) in [(3, 4, 0), (200, 64, 0), (0, 4, 3), (0, 0, 0), (5, 0, 3)] {
+        let layer = Linear::new(Array2::<f32>::ones((depth, cols)));
+        let x = Array2::<f32>::ones((rows, depth));
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("a pool");
+            let y = pool.install(|| layer.forward(&x)).expect("valid");
+            assert_eq!(
+                y,
+                Array2::<f32>::zeros((rows, cols)),
+                "{rows} × {depth} × {cols}"
+            );
+        }
+    }
+}

@@ -133,6 +133,10 @@ fn product_for<A: KernelElement>(
     let x = x.as_standard_layout();
     let (rows, depth) = x.dim();
     let cols = w.dim().1;
+    if rows == 0 || cols == 0 {
+        // nothing to write (and no chunk of zero width to cut)
+        return;
+    }
     if depth == 0 {
         out.fill(A::zero());
         return;
