@@ -442,3 +442,55 @@ fn padded_attend_errors_leave_the_cache_as_it_was() {
     );
     assert_eq!(cache, before);
 }
+
+/// Padding between a row's real tokens: where a step reads distances (ALiBi,
+/// a window, a sliding cache's ring) they would count that padding, so the
+/// step is an error naming the row, and the cache is left as it was; where no
+/// mask reads them, the row gives its sequence's numbers alone.
+#[test]
+fn padding_between_real_tokens_is_refused_where_distances_count() {
+    let x = Array4::from_shape_fn((2, 1, 3, 2), |(b, _, t, j)| (b + 2 * t + j) as f64 / 7.0);
+    // row 1: real, padding, then (next step) real again
+    let real = ndarray::array![[true, true, true], [true, true, false]];
+    let next = x.slice(s![.., .., ..1, ..]).to_owned();
+    let slopes = ndarray::array![0.5];
+    let alibi = [Mask::Alibi(slopes.view())];
+    let window = [Mask::SlidingWindow(2)];
+    for masks in [&alibi[..], &window[..], &[]] {
+        for mut cache in [
+            KvCache::<f64>::new(2, 1, 2, 2),
+            KvCache::sliding(2, 1, 2, 2, 8).expect("valid"),
+        ] {
+            cache
+                .attend_padded(&x, &x, &x, &real, masks)
+                .expect("one run per row");
+            let before = cache.clone();
+            let step =
+                cache.attend_padded(&next, &next, &next, &Array2::from_elem((2, 1), true), masks);
+            if masks.is_empty() && cache.window().is_none() {
+                // no distance read: row 1's tokens 0, 1 and 3 alone
+                let out = step.expect("no distance read");
+                let seq = concatenate(
+                    Axis(2),
+                    &[
+                        x.slice(s![1..2, .., ..2, ..]),
+                        next.slice(s![1..2, .., .., ..]),
+                    ],
+                )
+                .expect("same widths");
+                let alone = KvCache::<f64>::new(1, 1, 2, 2)
+                    .attend(&seq, &seq, &seq)
+                    .expect("valid");
+                let e = max_abs_diff(
+                    &out.slice(s![1..2, .., .., ..]).to_owned(),
+                    &alone.slice(s![.., .., 2.., ..]).to_owned(),
+                );
+                assert!(e < 1e-15, "{e:e}");
+            } else {
+                let err = step.expect_err("padding between real tokens");
+                assert!(err.to_string().contains("batch row 1"), "{err}");
+                assert_eq!(cache, before);
+            }
+        }
+    }
+}

@@ -730,3 +730,49 @@ fn padded_rows_equal_their_sequences_alone() {
         }
     }
 }
+
+/// A padded batch whose row has padding between its real tokens: a layer
+/// with ALiBi or a sliding window refuses it, naming the row (its distances
+/// would count the padding); a rotary layer gives the row's numbers alone.
+#[test]
+fn padding_between_real_tokens_needs_layers_that_read_no_distance() {
+    use attn::{Causality, PositionEncoding, Rope};
+    let x = random2(4, 8, 31).insert_axis(Axis(0));
+    let real = array![[true, false, true, true]];
+    let alibi = MultiHeadConfig::new(8, 2).with_positions(PositionEncoding::Alibi);
+    let window = MultiHeadConfig::new(8, 2).with_causality(Causality::SlidingWindow(2));
+    for config in [alibi, window] {
+        let mha = config
+            .random::<f64>(Init::XavierUniform, 32)
+            .expect("valid");
+        let err = mha
+            .forward_padded(&x, &real, &[])
+            .expect_err("padding between tokens");
+        assert!(
+            matches!(err, Error::InvalidConfig { .. }) && err.to_string().contains("batch row 0"),
+            "{err}"
+        );
+    }
+    let rope = MultiHeadConfig::new(8, 2)
+        .with_causality(Causality::Causal)
+        .with_positions(PositionEncoding::Rope(Rope::new(1e4)))
+        .random::<f64>(Init::XavierUniform, 33)
+        .expect("valid");
+    let plain = MultiHeadConfig::new(8, 2)
+        .random::<f64>(Init::XavierUniform, 34)
+        .expect("valid");
+    for mha in [rope, plain] {
+        let out = mha
+            .forward_padded(&x, &real, &[])
+            .expect("no distance read");
+        let seq = x.select(Axis(1), &[0, 2, 3]);
+        let alone = mha.forward_batched(&seq, &seq, &seq, &[]).expect("valid");
+        let e = max_abs_diff(&out.select(Axis(1), &[0, 2, 3]), &alone);
+        assert!(e < 1e-14, "{e:e}");
+        // a distance read by a mask of the call is refused too
+        assert!(
+            mha.forward_padded(&x, &real, &[Mask::SlidingWindow(3)])
+                .is_err()
+        );
+    }
+}

@@ -201,6 +201,12 @@ impl<'a, A> Mask<'a, A> {
         }
     }
 
+    /// Whether the mask reads the distance between a query and a key (ALiBi, a
+    /// sliding window): padding between real tokens would change it.
+    pub(crate) fn reads_distance(&self) -> bool {
+        matches!(self, Mask::SlidingWindow(_) | Mask::Alibi(_))
+    }
+
     /// The shape of a [`Mask::Bias`]'s array, `None` for other masks.
     pub(crate) fn bias_shape(&self) -> Option<&[usize]> {
         match self {

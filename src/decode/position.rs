@@ -61,6 +61,58 @@ pub fn key_padding(lengths: &[usize], s: usize) -> Result<Array4<bool>> {
     ))
 }
 
+/// Where a batch row stands in its one run of real tokens, slot by slot.
+/// Positions count real tokens, and slots all tokens: distances in slots equal
+/// distances in positions while a row's real tokens are one run (padding only
+/// before and after them), so masks that read distances (ALiBi, sliding
+/// windows) see what the sequence alone gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Run {
+    /// No real token yet.
+    Before,
+    /// Real tokens, the last slot one of them.
+    Within,
+    /// Padding after the real tokens.
+    After,
+    /// A real token after padding that followed real tokens.
+    Broken,
+}
+
+impl Run {
+    /// The run once a slot more, real or padding, is written.
+    pub(crate) fn then(self, real: bool) -> Run {
+        match (self, real) {
+            (Run::Before, false) => Run::Before,
+            (Run::Before | Run::Within, true) => Run::Within,
+            (Run::Within | Run::After, false) => Run::After,
+            (Run::After | Run::Broken, true) | (Run::Broken, false) => Run::Broken,
+        }
+    }
+}
+
+/// The first row whose real tokens stop being one run once `real`'s flags
+/// (`(batch, T)`) follow each row's `runs`, if any; as an error naming it.
+///
+/// # Errors
+///
+/// [`Error::InvalidConfig`] for that row: its distances would count the
+/// padding between its tokens.
+pub(crate) fn check_runs(runs: &[Run], real: &ArrayRef2<bool>) -> Result<()> {
+    let broken = real.rows().into_iter().zip(runs).position(|(flags, &run)| {
+        flags.iter().fold(run, |run, &flag| run.then(flag)) == Run::Broken
+    });
+    match broken {
+        None => Ok(()),
+        Some(row) => Err(Error::InvalidConfig {
+            reason: format!(
+                "batch row {row} has padding between its real tokens: with ALiBi or a \
+                 sliding window its distances would count that padding, so it would not \
+                 give its numbers alone (pad on the left or the right)"
+            ),
+        }),
+    }
+}
+
 /// T5's relative position buckets: the distance `j − i` from query `i` to key `j`
 /// falls in one of `num_buckets` buckets, exact for short distances and
 /// logarithmic up to `max_distance` (beyond, the last bucket); bidirectional

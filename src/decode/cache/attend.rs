@@ -5,6 +5,7 @@ use ndarray::{Array2, Array4, ArrayRef1, ArrayRef2, ArrayRef4, Axis};
 use super::KvCache;
 use crate::core::mask::{Mask, broadcast_all};
 use crate::core::problem::check_scale;
+use crate::decode::position::check_runs;
 use crate::element::Storage;
 use crate::error::{Error, Result};
 use crate::sdpa::{AttentionOutput, ScaledDotProduct};
@@ -142,8 +143,12 @@ impl<A: Storage> KvCache<A> {
     ///
     /// # Errors
     ///
-    /// As [`attend`](Self::attend), and [`Error::Shape`] when `real` is not
-    /// `(batch, T)`; the cache is then left as it was.
+    /// As [`attend`](Self::attend), [`Error::Shape`] when `real` is not
+    /// `(batch, T)`, and [`Error::InvalidConfig`] when a row would hold padding
+    /// between real tokens (a real token after padding that followed real
+    /// ones) and the step reads distances (a sliding cache, a
+    /// [`Mask::SlidingWindow`] or [`Mask::Alibi`]): its distances would count
+    /// the padding. The cache is then left as it was.
     ///
     /// # Examples
     ///
@@ -269,6 +274,10 @@ impl<A: Storage> KvCache<A> {
                 expected: vec![b, t],
                 found: real.shape().to_vec(),
             });
+        }
+        // distances are counted in slots: exact while each row's real tokens are one run
+        if self.window.is_some() || masks.iter().any(Mask::reads_distance) {
+            check_runs(&self.runs, real)?;
         }
         if let (Some(window), true) = (self.window, t > 1) {
             return self.chunk_in_window(window, settings, q, k_new, v_new, real, masks, weights);

@@ -10,6 +10,7 @@ use storage::{Arrays, check_sizes, constructor, filled};
 
 use ndarray::{Array2, Array4, ArrayRef4, ArrayView2, ArrayView4, s};
 
+use super::position::Run;
 use crate::element::{Element, Storage};
 use crate::error::{Error, Result};
 
@@ -63,6 +64,8 @@ pub struct KvCache<A> {
     pub(super) real: Array2<bool>,
     /// Per batch row: the real tokens appended so far.
     pub(super) positions: Vec<usize>,
+    /// Per batch row: whether its real tokens are one run so far.
+    pub(super) runs: Vec<Run>,
     /// Positions held (at most the window for a sliding cache).
     pub(super) len: usize,
     /// Positions appended in all.
@@ -127,7 +130,7 @@ impl<A: Storage> KvCache<A> {
         // no slots yet: they are allocated as positions arrive
         let storage = check_sizes::<A>(sizes, window, slots).and_then(|()| {
             Arrays::allocate(sizes, 0)
-                .zip(filled(sizes[0], 0))
+                .zip(filled(sizes[0], 0).zip(filled(sizes[0], Run::Before)))
                 .ok_or_else(|| Error::InvalidConfig {
                     reason: format!(
                         "{}: the memory cannot be allocated",
@@ -135,15 +138,16 @@ impl<A: Storage> KvCache<A> {
                     ),
                 })
         });
-        let ((storage, positions), fault) = match storage {
+        let ((storage, (positions, runs)), fault) = match storage {
             Ok(storage) => (storage, None),
-            Err(fault) => ((Arrays::empty(), Vec::new()), Some(fault)),
+            Err(fault) => ((Arrays::empty(), (Vec::new(), Vec::new())), Some(fault)),
         };
         KvCache {
             keys: storage.keys,
             values: storage.values,
             real: storage.real,
             positions,
+            runs,
             len: 0,
             seen: 0,
             window,

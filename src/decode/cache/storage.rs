@@ -49,8 +49,14 @@ impl<A: Storage> KvCache<A> {
                 self.len = (self.len + t).min(window);
             }
         }
-        for (count, row) in self.positions.iter_mut().zip(real.rows()) {
+        for ((count, run), row) in self
+            .positions
+            .iter_mut()
+            .zip(&mut self.runs)
+            .zip(real.rows())
+        {
             *count += row.iter().filter(|&&r| r).count();
+            *run = row.iter().fold(*run, |run, &r| run.then(r));
         }
         self.seen += t;
         Ok(())

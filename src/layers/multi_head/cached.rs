@@ -87,8 +87,10 @@ impl<A: Element> MultiHeadAttention<A> {
     ///
     /// # Errors
     ///
-    /// As [`forward_cached`](Self::forward_cached), and [`Error::Shape`] when `real`
-    /// is not `(B, T)`.
+    /// As [`forward_cached`](Self::forward_cached), [`Error::Shape`] when `real`
+    /// is not `(B, T)`, and [`Error::InvalidConfig`] when a row of the cache
+    /// would hold padding between real tokens and the layer reads distances
+    /// (ALiBi, a sliding window), as [`KvCache::attend_padded`] says.
     ///
     /// # Examples
     ///

@@ -4,6 +4,7 @@ use ndarray::{Array2, Array3, Array4, ArrayRef2, ArrayRef3, Axis, Ix2, Ix3};
 
 use super::{MultiHeadAttention, MultiHeadOutput, QkvHeads, batch_of_one, in_callers_shapes};
 use crate::core::mask::Mask;
+use crate::decode::position::{Run, check_runs};
 use crate::element::Element;
 use crate::error::{Error, Result};
 
@@ -170,7 +171,9 @@ impl<A: Element> MultiHeadAttention<A> {
     /// `attention_mask`, 1 = real; left or right padding). No query attends to a
     /// padding key, and rotary embeddings see each real token at its position in
     /// its own sequence (`position = real tokens before it`), so a padded row gives
-    /// the numbers of its sequence alone. Padding queries give what attention over
+    /// the numbers of its sequence alone. Padding between a row's real tokens
+    /// gives them too, unless a distance is read (ALiBi, a sliding window: it
+    /// would count the padding), which is an error. Padding queries give what attention over
     /// no key gives: 0 before `W_O` (they see none, with left padding and a causal
     /// layer) or an average (they see the real keys, otherwise); ignore them.
     ///
@@ -181,8 +184,10 @@ impl<A: Element> MultiHeadAttention<A> {
     ///
     /// # Errors
     ///
-    /// As [`forward_batched`](Self::forward_batched), and [`Error::Shape`] when
-    /// `real` is not `(B, L)`.
+    /// As [`forward_batched`](Self::forward_batched), [`Error::Shape`] when
+    /// `real` is not `(B, L)`, and [`Error::InvalidConfig`] when a row has
+    /// padding between its real tokens and the layer or a mask reads distances
+    /// (ALiBi, a sliding window).
     ///
     /// # Examples
     ///
@@ -257,6 +262,13 @@ impl<A: Element> MultiHeadAttention<A> {
                 expected: vec![b, l],
                 found: real.shape().to_vec(),
             });
+        }
+        // ALiBi and windows count distances in slots: exact while each row's
+        // real tokens are one run
+        let slopes = self.slopes();
+        let layer = self.layer_masks(&slopes);
+        if layer.iter().any(Mask::reads_distance) || masks.iter().any(Mask::reads_distance) {
+            check_runs(&vec![Run::Before; b], real)?;
         }
         let positions = positions_of(real);
         let heads = self.project_at(x, x, x, &positions, &positions)?;
