@@ -90,13 +90,13 @@ impl Run {
     }
 }
 
-/// The first row whose real tokens stop being one run once `real`'s flags
-/// (`(batch, T)`) follow each row's `runs`, if any; as an error naming it.
+/// Checks that each row's real tokens are still one run once `real`'s flags
+/// (`(batch, T)`) follow the row's `runs`.
 ///
 /// # Errors
 ///
-/// [`Error::InvalidConfig`] for that row: its distances would count the
-/// padding between its tokens.
+/// [`Error::InvalidConfig`] naming the first row they are not: its distances
+/// would count the padding between its tokens.
 pub(crate) fn check_runs(runs: &[Run], real: &ArrayRef2<bool>) -> Result<()> {
     let broken = real.rows().into_iter().zip(runs).position(|(flags, &run)| {
         flags.iter().fold(run, |run, &flag| run.then(flag)) == Run::Broken

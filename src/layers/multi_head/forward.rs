@@ -173,9 +173,10 @@ impl<A: Element> MultiHeadAttention<A> {
     /// its own sequence (`position = real tokens before it`), so a padded row gives
     /// the numbers of its sequence alone. Padding between a row's real tokens
     /// gives them too, unless a distance is read (ALiBi, a sliding window: it
-    /// would count the padding), which is an error. Padding queries give what attention over
-    /// no key gives: 0 before `W_O` (they see none, with left padding and a causal
-    /// layer) or an average (they see the real keys, otherwise); ignore them.
+    /// would count the padding), which is an error. Padding queries give what
+    /// attention over no key gives: 0 before `W_O` (they see none, with left
+    /// padding and a causal layer) or an average (they see the real keys,
+    /// otherwise); ignore them.
     ///
     /// # Shapes
     ///
