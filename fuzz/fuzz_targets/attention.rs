@@ -55,23 +55,7 @@ fuzz_target!(|data: &[u8]| {
     } else {
         Some(bytes.float())
     };
-    let build = |kernel| {
-        let mut attn = ScaledDotProduct::new().with_kernel(kernel);
-        if let Some(scale) = scale {
-            attn = attn.with_scale(scale);
-        }
-        if flags & 4 != 0 {
-            attn = attn.with_mask(Mask::keep(&keep));
-        }
-        if flags & 8 != 0 {
-            attn = attn.with_mask(Mask::bias(&bias));
-        }
-        match (flags >> 4) % 3 {
-            1 => attn.with_mask(Mask::CausalTopLeft),
-            2 => attn.with_mask(Mask::CausalBottomRight),
-            _ => attn,
-        }
-    };
+    let build = |kernel| bytes::attention(kernel, scale, flags >> 2, &keep, &bias);
     // Scores of magnitude past ~1e12 carry a rounding error (an ulp of the score)
     // that the softmax turns into O(1) changes of the weights: there the paths
     // agree only to the rounding of the scores, which this check cannot see.

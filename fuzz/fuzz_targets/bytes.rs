@@ -2,6 +2,7 @@
 //! fuzz targets (each uses part of it).
 #![allow(dead_code)]
 
+use attn::{Kernel, Mask, ScaledDotProduct};
 use ndarray::Array2;
 
 /// AddressSanitizer's defaults in every target: memory the system refuses comes
@@ -48,5 +49,32 @@ impl Bytes<'_> {
     /// One of `items`.
     pub fn pick<'t>(&mut self, items: &[&'t str]) -> &'t str {
         items[self.byte() as usize % items.len()]
+    }
+}
+
+/// Attention in f64 on `kernel`, at `scale` if given, with the masks `choice`'s
+/// bits pick: `keep` (bit 0), `bias` (bit 1), and causal (`choice >> 2`
+/// modulo 3: none, top-left, bottom-right).
+pub fn attention<'m>(
+    kernel: Kernel,
+    scale: Option<f64>,
+    choice: u8,
+    keep: &'m Array2<bool>,
+    bias: &'m Array2<f64>,
+) -> ScaledDotProduct<'m, f64> {
+    let mut attn = ScaledDotProduct::new().with_kernel(kernel);
+    if let Some(scale) = scale {
+        attn = attn.with_scale(scale);
+    }
+    if choice & 1 != 0 {
+        attn = attn.with_mask(Mask::keep(keep));
+    }
+    if choice & 2 != 0 {
+        attn = attn.with_mask(Mask::bias(bias));
+    }
+    match (choice >> 2) % 3 {
+        1 => attn.with_mask(Mask::CausalTopLeft),
+        2 => attn.with_mask(Mask::CausalBottomRight),
+        _ => attn,
     }
 }

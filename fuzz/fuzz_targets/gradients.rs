@@ -10,7 +10,7 @@
 
 use attn::flex::{BlockMask, Documents, SoftCap};
 use attn::half::bf16;
-use attn::{Kernel, Mask, ScaledDotProduct};
+use attn::{Error, Kernel, ScaledDotProduct};
 use libfuzzer_sys::fuzz_target;
 use ndarray::{Array, Array4, Dimension};
 
@@ -24,6 +24,25 @@ fn agree<D: Dimension>(got: &Array<f64, D>, want: &Array<f64, D>, slack: f64, wh
     for (x, y) in got.iter().zip(want.iter()) {
         let ok = (x.is_nan() && y.is_nan()) || x == y || (x - y).abs() <= slack * (1.0 + y.abs());
         assert!(ok, "{what}: fused {x} vs reference {y} (slack {slack:e})");
+    }
+}
+
+/// Two paths' answers: both `Ok` (then `check` compares them), or both the same
+/// error.
+fn both<T>(
+    fused: &Result<T, Error>,
+    plain: &Result<T, Error>,
+    what: &str,
+    check: impl FnOnce(&T, &T),
+) {
+    match (fused, plain) {
+        (Ok(f), Ok(p)) => check(f, p),
+        (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "{what}"),
+        (f, p) => panic!(
+            "{what}: one path failed and the other did not: {:?} vs {:?}",
+            f.as_ref().err(),
+            p.as_ref().err()
+        ),
     }
 }
 
@@ -50,23 +69,7 @@ fuzz_target!(|data: &[u8]| {
     let cap = bytes.float();
     let documents = Documents::from_offsets(&[0, s / 3, s]).expect("ordered offsets");
 
-    let build = |kernel| {
-        let mut attn = ScaledDotProduct::<f64>::new().with_kernel(kernel);
-        if let Some(scale) = scale {
-            attn = attn.with_scale(scale);
-        }
-        if flags & 2 != 0 {
-            attn = attn.with_mask(Mask::keep(&keep));
-        }
-        if flags & 4 != 0 {
-            attn = attn.with_mask(Mask::bias(&bias));
-        }
-        match (flags >> 3) % 3 {
-            1 => attn.with_mask(Mask::CausalTopLeft),
-            2 => attn.with_mask(Mask::CausalBottomRight),
-            _ => attn,
-        }
-    };
+    let build = |kernel| bytes::attention(kernel, scale, flags >> 1, &keep, &bias);
     // a score's rounding (an ulp of it) moves a weight by that much of itself:
     // past ~1e12 the paths agree only to the rounding this check cannot see
     let bound = d as f64 * largest(&q) * largest(&k) * scale.map_or(1.0, f64::abs)
@@ -89,21 +92,14 @@ fuzz_target!(|data: &[u8]| {
         fused.backward_batched(&q, &k, &v, &d_out),
         plain.backward_batched(&q, &k, &v, &d_out),
     );
-    match (&lse, &lse_plain) {
-        (Ok(f), Ok(p)) if compare => {
+    both(&lse, &lse_plain, "forward", |f, p| {
+        if compare {
             agree(&f.output, &p.output, slack, "output");
             agree(&f.lse, &p.lse, slack, "log-sum-exp");
         }
-        (Ok(_), Ok(_)) => {}
-        (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
-        _ => panic!(
-            "one path failed and the other did not: {:?} vs {:?}",
-            lse.err(),
-            lse_plain.err()
-        ),
-    }
-    match (&grads, &grads_plain) {
-        (Ok(f), Ok(p)) if compare => {
+    });
+    both(&grads, &grads_plain, "backward", |f, p| {
+        if compare {
             agree(&f.q, &p.q, slack, "dQ");
             agree(&f.k, &p.k, slack, "dK");
             agree(&f.v, &p.v, slack, "dV");
@@ -111,14 +107,7 @@ fuzz_target!(|data: &[u8]| {
                 agree(f, p, slack, "the bias's gradient");
             }
         }
-        (Ok(_), Ok(_)) => {}
-        (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
-        _ => panic!(
-            "one backward failed and the other did not: {:?} vs {:?}",
-            grads.err(),
-            grads_plain.err()
-        ),
-    }
+    });
     if let (Ok(kept), Ok(again)) = (&lse, &grads) {
         let from_kept = fused
             .backward_with_lse(&q, &k, &v, kept, &d_out)
@@ -182,25 +171,14 @@ fuzz_target!(|data: &[u8]| {
             fused.backward(&q, &k, &v, &d_out),
             plain.backward(&q, &k, &v, &d_out),
         );
-        match (&f, &p) {
-            (Ok(f), Ok(p)) if compare => {
+        both(&f, &p, "flex backward", |f, p| {
+            if compare {
                 agree(&f.q, &p.q, slack, "flex dQ");
                 agree(&f.k, &p.k, slack, "flex dK");
                 agree(&f.v, &p.v, slack, "flex dV");
-                agree(
-                    &f.score,
-                    &p.score,
-                    slack * (1.0 + bound),
-                    "the cap's gradient",
-                );
+                let cap = slack * (1.0 + bound);
+                agree(&f.score, &p.score, cap, "the cap's gradient");
             }
-            (Ok(_), Ok(_)) => {}
-            (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
-            _ => panic!(
-                "one flex backward failed and the other did not: {:?} vs {:?}",
-                f.err(),
-                p.err()
-            ),
-        }
+        });
     }
 });
