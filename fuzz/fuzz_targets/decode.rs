@@ -4,9 +4,11 @@
 //! cache and in a paged one (NaN where the other has NaN); a call that fails
 //! must leave the cache as it was, so the run goes on from there.
 //!
-//! Beside them, on the same steps (Ok or Err only): a sliding cache, paged
-//! caches in int8 (which must refuse a NaN or infinite key or value) and bf16
-//! with a window, and forks and frees of paged sequences.
+//! The first row alone must give the same numbers in a sliding cache and in a
+//! paged pool with the same window. Beside them, on the same steps (Ok or Err
+//! only): a padded sliding cache, paged caches in int8 (which must refuse a
+//! NaN or infinite key or value) and bf16 with a window, and forks and frees
+//! of paged sequences.
 #![no_main]
 
 use attn::half::bf16;
@@ -68,6 +70,14 @@ fuzz_target!(|data: &[u8]| {
         .with_window(window.max(1))
         .expect("a window of at least 1");
     let mut halves = vec![half.add_sequence()];
+    // row 0 alone in a sliding cache, and in a paged pool with the same window
+    let mut ring = KvCache::<f64>::sliding(1, kv_heads, d, d_v, window.max(1))
+        .expect("a window of at least 1");
+    let mut windowed = PagedKvCache::<f64>::new(1 + bytes.size(40), block, kv_heads, d, d_v)
+        .expect("sizes of at least 1")
+        .with_window(window.max(1))
+        .expect("a window of at least 1");
+    let mut in_window = Some(windowed.add_sequence());
     // the largest key and value magnitudes so far: paths that sum the scores
     // in other orders differ by about `d·ε·|q|·|k|` in a score, which moves
     // an output by that much of the largest value
@@ -135,6 +145,27 @@ fuzz_target!(|data: &[u8]| {
                 // the pool ran out: the sequence is left as it was and stops here
                 Err(attn::Error::Cache { .. }) => sequences[row] = None,
                 Err(e) => panic!("a paged step failed where its sequence alone did not: {e}"),
+            }
+            if let (0, Some(sequence)) = (row, in_window) {
+                let by_ring = ring.attend(&one(&q), &one(&k), &one(&v));
+                match (windowed.attend(sequence, &q, &k, &v), by_ring) {
+                    (Ok(pages), Ok(by_ring)) if compare => {
+                        let by_ring = by_ring.index_axis_move(Axis(0), 0);
+                        agree(
+                            pages.view(),
+                            by_ring.view(),
+                            slack,
+                            "a windowed paged sequence",
+                        )
+                    }
+                    (Ok(_), Ok(_)) => {}
+                    (Err(attn::Error::Cache { .. }), _) => in_window = None,
+                    (pages, by_ring) => panic!(
+                        "a windowed step: paged {:?}, sliding cache {:?}",
+                        pages.err(),
+                        by_ring.err()
+                    ),
+                }
             }
             if row == 0 {
                 let finite = k.iter().chain(v.iter()).all(|&x| (x as f32).is_finite());
