@@ -85,36 +85,34 @@ fuzz_target!(|data: &[u8]| {
         ),
     }
 
-    // each row alone: its real tokens, in order
-    let alone: Vec<Option<Array2<f64>>> = (0..batch)
-        .map(|b| {
-            let keep: Vec<usize> = (0..t).filter(|&i| real[[b, i]]).collect();
-            let row = x.index_axis(Axis(0), b).select(Axis(0), &keep);
-            let row = row.insert_axis(Axis(0));
+    // each row's real tokens, in order, and the row alone
+    let keeps: Vec<Vec<usize>> = (0..batch)
+        .map(|b| (0..t).filter(|&i| real[[b, i]]).collect())
+        .collect();
+    let rows: Vec<Array2<f64>> = (keeps.iter().enumerate())
+        .map(|(b, keep)| x.index_axis(Axis(0), b).select(Axis(0), keep))
+        .collect();
+    let alone: Vec<Option<Array2<f64>>> = rows
+        .iter()
+        .map(|row| {
+            let row = row.view().insert_axis(Axis(0));
             let out = mha.forward_batched(&row, &row, &row, &[]).ok()?;
             Some(out.index_axis_move(Axis(0), 0))
         })
         .collect();
     if let (Ok(padded), true) = (&padded, compare) {
-        for b in 0..batch {
-            let keep: Vec<usize> = (0..t).filter(|&i| real[[b, i]]).collect();
+        for (b, keep) in keeps.iter().enumerate() {
             if let (Some(alone), false) = (&alone[b], keep.is_empty()) {
-                let got = padded.index_axis(Axis(0), b).select(Axis(0), &keep);
+                let got = padded.index_axis(Axis(0), b).select(Axis(0), keep);
                 agree(got.view(), alone.view(), "a padded row");
             }
         }
     }
 
-    // a causal layer in chunks: every row's real tokens, a chunk per step
+    // a causal layer in chunks: every row's real tokens (`rows`), a chunk per step
     if config.causality() == Causality::None {
         return;
     }
-    let rows: Vec<Array2<f64>> = (0..batch)
-        .map(|b| {
-            let keep: Vec<usize> = (0..t).filter(|&i| real[[b, i]]).collect();
-            x.index_axis(Axis(0), b).select(Axis(0), &keep)
-        })
-        .collect();
     let hd = config.head_dim();
     let Ok(mut pool) = PagedKvCache::<f64>::new(64, 1 + bytes.size(4), n_kv, hd.max(1), hd.max(1))
     else {
