@@ -35,7 +35,7 @@ impl Bytes<'_> {
     /// An f32 from raw bits (NaN, ±∞ and subnormals come up often), widened.
     pub fn float(&mut self) -> f64 {
         let bits = u32::from_le_bytes([self.byte(), self.byte(), self.byte(), self.byte()]);
-        if self.byte() % 4 == 0 {
+        if self.byte().is_multiple_of(4) {
             f64::from(f32::from_bits(bits))
         } else {
             f64::from((bits % 2001) as i32 - 1000) / 250.0
