@@ -735,44 +735,67 @@ fn padded_rows_equal_their_sequences_alone() {
 /// with ALiBi or a sliding window refuses it, naming the row (its distances
 /// would count the padding); a rotary layer gives the row's numbers alone.
 #[test]
-fn padding_between_real_tokens_needs_layers_that_read_no_distance() {
+fn padding_between_real_tokens_gives_each_sequence_alone() {
     use attn::{Causality, PositionEncoding, Rope};
-    let x = random2(4, 8, 31).insert_axis(Axis(0));
-    let real = array![[true, false, true, true]];
+    // row 0 has padding between its tokens, row 1 on the right
+    let x = Array3::from_shape_vec((2, 5, 8), random2(10, 8, 31).into_raw_vec_and_offset().0)
+        .expect("10 rows of 8");
+    let real = array![
+        [true, false, true, false, true],
+        [true, true, true, false, false]
+    ];
     let alibi = MultiHeadConfig::new(8, 2).with_positions(PositionEncoding::Alibi);
     let window = MultiHeadConfig::new(8, 2).with_causality(Causality::SlidingWindow(2));
-    for config in [alibi, window] {
-        let mha = config
-            .random::<f64>(Init::XavierUniform, 32)
-            .expect("valid");
-        let err = mha
-            .forward_padded(&x, &real, &[])
-            .expect_err("padding between tokens");
-        assert!(
-            matches!(err, Error::InvalidConfig { .. }) && err.to_string().contains("batch row 0"),
-            "{err}"
-        );
-    }
     let rope = MultiHeadConfig::new(8, 2)
         .with_causality(Causality::Causal)
-        .with_positions(PositionEncoding::Rope(Rope::new(1e4)))
-        .random::<f64>(Init::XavierUniform, 33)
-        .expect("valid");
-    let plain = MultiHeadConfig::new(8, 2)
-        .random::<f64>(Init::XavierUniform, 34)
-        .expect("valid");
-    for mha in [rope, plain] {
-        let out = mha
-            .forward_padded(&x, &real, &[])
-            .expect("no distance read");
-        let seq = x.select(Axis(1), &[0, 2, 3]);
-        let alone = mha.forward_batched(&seq, &seq, &seq, &[]).expect("valid");
-        let e = max_abs_diff(&out.select(Axis(1), &[0, 2, 3]), &alone);
-        assert!(e < 1e-14, "{e:e}");
-        // a distance read by a mask of the call is refused too
-        assert!(
-            mha.forward_padded(&x, &real, &[Mask::SlidingWindow(3)])
-                .is_err()
-        );
+        .with_positions(PositionEncoding::Rope(Rope::new(1e4)));
+    let plain = MultiHeadConfig::new(8, 2);
+    // a bias of the call in the caller's slots: (B, 1, L, L), and its blocks alone
+    let bias = Array2::from_shape_fn((5, 5), |(i, j)| (i * 5 + j) as f64 / 10.0);
+    let biases = ndarray::stack(Axis(0), &[bias.view(), (-&bias).view()])
+        .expect("same shape")
+        .insert_axis(Axis(1));
+    for (n, config) in [alibi, window, rope, plain].into_iter().enumerate() {
+        let mha = config
+            .random::<f64>(Init::XavierUniform, 32 + n as u64)
+            .expect("valid");
+        for call in [
+            vec![],
+            vec![Mask::SlidingWindow(2)],
+            vec![Mask::bias(&biases)],
+        ] {
+            let out = mha
+                .forward_padded_with_weights(&x, &real, &call)
+                .expect("valid");
+            for b in 0..2 {
+                let keep: Vec<usize> = (0..5).filter(|&t| real[[b, t]]).collect();
+                let seq = x.index_axis(Axis(0), b).select(Axis(0), &keep);
+                let seq = seq.insert_axis(Axis(0));
+                let own_bias = biases
+                    .slice(s![b..=b, .., .., ..])
+                    .select(Axis(2), &keep)
+                    .select(Axis(3), &keep);
+                let alone_call: Vec<Mask<'_, f64>> = match &call[..] {
+                    [Mask::Bias(_)] => vec![Mask::Bias(own_bias.into_dyn().into())],
+                    _ => call.clone(),
+                };
+                let alone = mha
+                    .forward_batched_with_weights(&seq, &seq, &seq, &alone_call)
+                    .expect("valid");
+                let got = out.output.slice(s![b..=b, .., ..]).select(Axis(1), &keep);
+                let e = max_abs_diff(&got, &alone.output);
+                assert!(e < 1e-14, "layer {n}, row {b}: {e:e}");
+                let weights = (out.head_weights.slice(s![b..=b, .., .., ..]))
+                    .select(Axis(2), &keep)
+                    .select(Axis(3), &keep);
+                let e = max_abs_diff(&weights, &alone.head_weights);
+                assert!(e < 1e-14, "layer {n}, row {b}, weights: {e:e}");
+                // no weight on padding keys
+                for t in (0..5).filter(|&t| !real[[b, t]]) {
+                    let on_pad = out.head_weights.slice(s![b, .., .., t]);
+                    assert!(on_pad.iter().all(|&w| w == 0.0), "layer {n}, row {b}");
+                }
+            }
+        }
     }
 }

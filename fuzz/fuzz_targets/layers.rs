@@ -3,16 +3,17 @@
 //! positions, soft-cap, sinks, biases, any of them invalid) on inputs whose
 //! sizes, padding and float bits come from them too. Every call must return
 //! `Ok` or `Err`, never panic, and:
-//! - a padded row gives the numbers of its sequence alone;
+//! - a padded row gives the numbers of its sequence alone, under a bias of the
+//!   call too, and fails only where the unpadded batch fails;
 //! - a causal layer fed in chunks, through a contiguous cache or a paged one
 //!   (all rows' chunks in one call), gives the numbers of the whole sequence;
 //! - the backward answers where the forward does, with gradients shaped like
 //!   the inputs.
 #![no_main]
 
-use attn::{Causality, Init, MultiHeadConfig, PagedKvCache, PositionEncoding, Rope};
+use attn::{Causality, Init, Mask, MultiHeadConfig, PagedKvCache, PositionEncoding, Rope};
 use libfuzzer_sys::fuzz_target;
-use ndarray::{concatenate, Array2, Array3, ArrayView2, Axis};
+use ndarray::{concatenate, Array2, Array3, Array4, ArrayView2, Axis};
 
 #[path = "bytes.rs"]
 mod bytes;
@@ -66,7 +67,14 @@ fuzz_target!(|data: &[u8]| {
     // large inputs make scores whose rounding the check cannot see
     let compare = x.iter().all(|x| x.abs() <= 16.0);
 
-    let padded = mha.forward_padded(&x, &real, &[]);
+    // a bias of the call, in the caller's slots, or none
+    let bias = (bytes.byte() % 2 == 1).then(|| {
+        Array4::from_shape_simple_fn((batch, 1, t, t), || {
+            (f64::from(bytes.byte()) - 128.0) / 32.0
+        })
+    });
+    let call: Vec<Mask<'_, f64>> = bias.iter().map(|b| Mask::bias(b)).collect();
+    let padded = mha.forward_padded(&x, &real, &call);
     let d_out = Array3::from_shape_simple_fn((batch, t, d_model), || bytes.float());
     let grads = mha.backward_batched(&x, &x, &x, &[], &d_out);
     let forward = mha.forward_batched(&x, &x, &x, &[]);
@@ -84,6 +92,13 @@ fuzz_target!(|data: &[u8]| {
             grads.as_ref().err()
         ),
     }
+    assert_eq!(
+        padded.is_ok(),
+        forward.is_ok(),
+        "padded {:?}, not padded {:?}",
+        padded.as_ref().err(),
+        forward.as_ref().err()
+    );
 
     // each row's real tokens, in order, and the row alone
     let keeps: Vec<Vec<usize>> = (0..batch)
@@ -102,7 +117,18 @@ fuzz_target!(|data: &[u8]| {
         .collect();
     if let (Ok(padded), true) = (&padded, compare) {
         for (b, keep) in keeps.iter().enumerate() {
-            if let (Some(alone), false) = (&alone[b], keep.is_empty()) {
+            let row = rows[b].view().insert_axis(Axis(0));
+            let alone = match &bias {
+                None => alone[b].clone(),
+                Some(bias) => {
+                    let own = (bias.slice(ndarray::s![b..=b, .., .., ..]))
+                        .select(Axis(2), keep)
+                        .select(Axis(3), keep);
+                    let out = mha.forward_batched(&row, &row, &row, &[Mask::bias(&own)]);
+                    out.ok().map(|out| out.index_axis_move(Axis(0), 0))
+                }
+            };
+            if let (Some(alone), false) = (alone, keep.is_empty()) {
                 let got = padded.index_axis(Axis(0), b).select(Axis(0), keep);
                 agree(got.view(), alone.view(), "a padded row");
             }

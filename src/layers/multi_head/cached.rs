@@ -2,7 +2,7 @@
 
 use ndarray::{Array2, Array3, ArrayRef2, ArrayRef3, Ix3};
 
-use super::forward::positions_of;
+use super::padding::positions_of;
 use super::{MultiHeadAttention, MultiHeadOutput, alibi};
 use crate::core::mask::Mask;
 use crate::decode::cache::{KvCache, LayerStep, Settings};

@@ -4,9 +4,10 @@ use ndarray::{Array2, Array3, Array4, ArrayRef2, ArrayRef3, Axis, Ix2, Ix3};
 
 use super::{MultiHeadAttention, MultiHeadOutput, QkvHeads, batch_of_one, in_callers_shapes};
 use crate::core::mask::Mask;
-use crate::decode::position::{Run, check_runs};
 use crate::element::Element;
-use crate::error::{Error, Result};
+#[cfg(doc)]
+use crate::error::Error;
+use crate::error::Result;
 
 impl<A: Element> MultiHeadAttention<A> {
     /// Multi-head attention on 2-D inputs.
@@ -172,8 +173,9 @@ impl<A: Element> MultiHeadAttention<A> {
     /// padding key, and rotary embeddings see each real token at its position in
     /// its own sequence (`position = real tokens before it`), so a padded row gives
     /// the numbers of its sequence alone. Padding between a row's real tokens
-    /// gives them too, unless a distance is read (ALiBi, a sliding window: it
-    /// would count the padding), which is an error. Padding queries give what
+    /// gives them too: where a distance is read (ALiBi, a sliding window), which
+    /// would count the padding, the row's real tokens are first moved together,
+    /// the call's `Keep` and `Bias` arrays with them. Padding queries give what
     /// attention over no key gives: 0 before `W_O` (they see none, with left
     /// padding and a causal layer) or an average (they see the real keys,
     /// otherwise); ignore them.
@@ -185,10 +187,8 @@ impl<A: Element> MultiHeadAttention<A> {
     ///
     /// # Errors
     ///
-    /// As [`forward_batched`](Self::forward_batched), [`Error::Shape`] when
-    /// `real` is not `(B, L)`, and [`Error::InvalidConfig`] when a row has
-    /// padding between its real tokens and the layer or a mask reads distances
-    /// (ALiBi, a sliding window).
+    /// As [`forward_batched`](Self::forward_batched), and [`Error::Shape`] when
+    /// `real` is not `(B, L)`.
     ///
     /// # Examples
     ///
@@ -248,37 +248,6 @@ impl<A: Element> MultiHeadAttention<A> {
         self.padded(x, real, masks, true)
     }
 
-    /// Padded self-attention, with or without the weights.
-    fn padded(
-        &self,
-        x: &ArrayRef3<A>,
-        real: &ArrayRef2<bool>,
-        masks: &[Mask<'_, A>],
-        weights: bool,
-    ) -> Result<MultiHeadOutput<A, Ix3>> {
-        let (b, l, _) = x.dim();
-        if real.dim() != (b, l) {
-            return Err(Error::Shape {
-                what: "real (which tokens are not padding) must be (B, L)",
-                expected: vec![b, l],
-                found: real.shape().to_vec(),
-            });
-        }
-        // ALiBi and windows count distances in slots: exact while each row's
-        // real tokens are one run
-        let slopes = self.slopes();
-        let layer = self.layer_masks(&slopes);
-        if layer.iter().any(Mask::reads_distance) || masks.iter().any(Mask::reads_distance) {
-            check_runs(&vec![Run::Before; b], real)?;
-        }
-        let positions = positions_of(real);
-        let heads = self.project_at(x, x, x, &positions, &positions)?;
-        let keep = real.to_owned().insert_axis(Axis(1)).insert_axis(Axis(1));
-        let mut all = vec![Mask::keep(&keep)];
-        all.extend(masks.iter().map(Mask::reborrow));
-        self.attend(&heads, &all, weights)
-    }
-
     /// The layer's attention over projected heads, then `W_O`; the weights (and
     /// their mean) when asked for, else empty.
     pub(super) fn attend(
@@ -308,18 +277,4 @@ impl<A: Element> MultiHeadAttention<A> {
             head_weights,
         })
     }
-}
-
-/// The position of every token in its own sequence: the real tokens before it
-/// (padding takes the position of the next real token; nothing attends to it).
-pub(super) fn positions_of(real: &ArrayRef2<bool>) -> Array2<usize> {
-    let mut positions = Array2::zeros(real.dim());
-    for (mut row, flags) in positions.rows_mut().into_iter().zip(real.rows()) {
-        let mut count = 0;
-        for (p, &r) in row.iter_mut().zip(flags) {
-            *p = count;
-            count += usize::from(r);
-        }
-    }
-    positions
 }

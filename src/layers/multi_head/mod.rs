@@ -7,6 +7,7 @@ mod config;
 mod forward;
 mod heads;
 mod packed;
+mod padding;
 mod paged;
 mod settings;
 mod weights;
