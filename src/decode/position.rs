@@ -107,7 +107,8 @@ pub(crate) fn check_runs(runs: &[Run], real: &ArrayRef2<bool>) -> Result<()> {
             reason: format!(
                 "batch row {row} has padding between its real tokens: with ALiBi or a \
                  sliding window its distances would count that padding, so it would not \
-                 give its numbers alone (pad on the left or the right)"
+                 give its numbers alone (pad on the left or the right, or give each \
+                 sequence its own tokens in a PagedKvCache)"
             ),
         }),
     }

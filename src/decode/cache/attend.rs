@@ -148,7 +148,9 @@ impl<A: Storage> KvCache<A> {
     /// between real tokens (a real token after padding that followed real
     /// ones) and the step reads distances (a sliding cache, a
     /// [`Mask::SlidingWindow`] or [`Mask::Alibi`]): its distances would count
-    /// the padding. The cache is then left as it was.
+    /// the padding. The cache is then left as it was. (A
+    /// [`PagedKvCache`](crate::PagedKvCache) holds each sequence's real tokens
+    /// only, with no padding at all.)
     ///
     /// # Examples
     ///
