@@ -60,15 +60,28 @@ pub struct Table {
     pub features: Array2<f64>,
 }
 
-/// Reads `class,X0..X3` (in any column order, other columns ignored).
+/// Reads `class,X0..X3` from the file at `path` (see [`parse_table`]).
 pub fn read_table(path: &Path) -> Result<Table, CsvError> {
+    let file = std::fs::File::open(path).map_err(|e| CsvError {
+        file: path.to_path_buf(),
+        line: None,
+        column: None,
+        reason: e.to_string(),
+    })?;
+    parse_table(path, file)
+}
+
+/// Parses `class,X0..X3` (in any column order, other columns ignored) from
+/// `text`; `path` names the file in the errors. Every feature must be a finite
+/// number.
+pub fn parse_table(path: &Path, text: impl std::io::Read) -> Result<Table, CsvError> {
     let error = |line, column, reason: String| CsvError {
         file: path.to_path_buf(),
         line,
         column,
         reason,
     };
-    let mut reader = csv::Reader::from_path(path).map_err(|e| error(None, None, e.to_string()))?;
+    let mut reader = csv::Reader::from_reader(text);
     let headers = reader
         .headers()
         .map_err(|e| error(Some(1), None, e.to_string()))?
@@ -146,18 +159,44 @@ pub struct Attended {
     pub attention: Array2<f64>,
 }
 
+/// The three pairs of files, by name: `learn_NAME.csv` and `valid_NAME.csv`.
+const FILES: [&str; 3] = ["btY1", "snY2", "gmY3"];
+
 /// Runs the whole pipeline on the files in `data`.
 pub fn csv_attention(data: &Path) -> Result<Vec<Attended>, Box<dyn std::error::Error>> {
-    let files = [("btY1", "query"), ("snY2", "key"), ("gmY3", "value")];
+    let read = |kind: &str| -> Result<[Table; 3], CsvError> {
+        let [a, b, c] = FILES.map(|name| read_table(&data.join(format!("{kind}_{name}.csv"))));
+        Ok([a?, b?, c?])
+    };
+    attend_tables(read("learn")?, read("valid")?)
+}
+
+/// The pipeline on tables already read: `learn` and `valid` in the order of
+/// the files (the query, key and value learning files, then the validation file
+/// of each).
+pub fn attend_tables(
+    learn: [Table; 3],
+    valid: [Table; 3],
+) -> Result<Vec<Attended>, Box<dyn std::error::Error>> {
     let mut learned = Vec::new();
     let mut ranges = Vec::new();
-    for (name, _) in files {
-        let table = read_table(&data.join(format!("learn_{name}.csv")))?;
+    for (name, table) in FILES.into_iter().zip(&learn) {
+        if table.features.is_empty() {
+            return Err(format!("learn_{name}.csv has no rows, nothing to learn").into());
+        }
         let range = range(&table.features);
-        if range.0 >= range.1 {
+        let spread = range.1 - range.0;
+        if spread == 0.0 {
             return Err(format!(
                 "learn_{name}.csv: every value is {}, nothing to normalise",
                 range.0
+            )
+            .into());
+        }
+        if !spread.is_finite() {
+            return Err(format!(
+                "learn_{name}.csv: the values run from {} to {}, too far apart to normalise",
+                range.0, range.1
             )
             .into());
         }
@@ -173,11 +212,26 @@ pub fn csv_attention(data: &Path) -> Result<Vec<Attended>, Box<dyn std::error::E
         key.t().to_owned(),
     )?;
     let mut results = Vec::new();
-    for ((name, _), range) in files.into_iter().zip(ranges) {
-        let table = read_table(&data.join(format!("valid_{name}.csv")))?;
+    for ((name, table), range) in FILES.into_iter().zip(valid).zip(ranges) {
         // the threshold for validation data: below 0.3 → 0
         let words = normalise(&table.features, range).mapv(|v| if v < 0.3 { 0.0 } else { v });
         let attention = projection.self_attention(&words, &ScaledDotProduct::new())?;
+        // attention propagates an overflow (as PyTorch does): values far outside
+        // the learning file's range overflow the normalised scores
+        if let Some(row) = attention
+            .rows()
+            .into_iter()
+            .position(|r| r.iter().any(|v| !v.is_finite()))
+        {
+            return Err(format!(
+                "valid_{name}.csv, row {}: its values lie too far outside learn_{name}.csv's \
+                 range {} to {}, and its attention overflows",
+                row + 1,
+                range.0,
+                range.1
+            )
+            .into());
+        }
         results.push(Attended {
             name,
             classes: table.classes,

@@ -550,3 +550,36 @@ fn packed_documents_equal_each_document_alone() {
     assert_eq!(empty + partial + full, 256 * 64);
     assert!(empty > 10 * (partial + full), "{empty} {partial} {full}");
 }
+
+#[test]
+fn csv_tables_that_cannot_be_normalised_or_overflow_are_errors() {
+    use std::path::Path;
+    let table = |text: &str| {
+        csv_attention::parse_table(Path::new("t.csv"), text.as_bytes()).expect("a valid table")
+    };
+    let plain = "class,X0,X1,X2,X3\nA,0,1,2,3\nB,1,2,3,4\n";
+    let plains = || [table(plain), table(plain), table(plain)];
+    let learning = |first: &str| [table(first), table(plain), table(plain)];
+    let error = |learn, valid| match csv_attention::attend_tables(learn, valid) {
+        Ok(results) => panic!("refused, not {:?}", results[0].attention),
+        Err(e) => e.to_string(),
+    };
+    let wide = "class,X0,X1,X2,X3\nA,-1e308,1e308,0,1\n";
+    let e = error(learning(wide), plains());
+    assert!(
+        e.contains("learn_btY1.csv") && e.contains("too far apart"),
+        "{e}"
+    );
+    let e = error(learning("class,X0,X1,X2,X3\n"), plains());
+    assert!(e.contains("learn_btY1.csv has no rows"), "{e}");
+    let e = error(learning("class,X0,X1,X2,X3\nA,5,5,5,5\n"), plains());
+    assert!(e.contains("every value is 5"), "{e}");
+    let far = "class,X0,X1,X2,X3\nA,0,1,2,3\nB,1e306,2,3,4\n";
+    let e = error(plains(), [table(plain), table(far), table(plain)]);
+    assert!(
+        e.contains("valid_snY2.csv, row 2") && e.contains("overflows"),
+        "{e}"
+    );
+    // the plain tables themselves go through
+    assert!(csv_attention::attend_tables(plains(), plains()).is_ok());
+}
