@@ -7,7 +7,7 @@ use attn::{
     key_padding, rope,
 };
 use common::{max_abs_diff, pseudo_random, random2};
-use ndarray::{Array2, Array3, Array4, Axis, concatenate, s};
+use ndarray::{Array2, Array3, Array4, Axis, array, concatenate, s};
 
 fn tokens(t: usize, d: usize, seed: u64) -> Array3<f64> {
     pseudo_random(&[1, t, d], seed)
@@ -448,49 +448,87 @@ fn padded_attend_errors_leave_the_cache_as_it_was() {
 /// step is an error naming the row, and the cache is left as it was; where no
 /// mask reads them, the row gives its sequence's numbers alone.
 #[test]
-fn padding_between_real_tokens_is_refused_where_distances_count() {
-    let x = Array4::from_shape_fn((2, 1, 3, 2), |(b, _, t, j)| (b + 2 * t + j) as f64 / 7.0);
-    // row 1: real, padding, then (next step) real again
-    let real = ndarray::array![[true, true, true], [true, true, false]];
-    let next = x.slice(s![.., .., ..1, ..]).to_owned();
-    let slopes = ndarray::array![0.5];
-    let alibi = [Mask::Alibi(slopes.view())];
-    let window = [Mask::SlidingWindow(2)];
-    for masks in [&alibi[..], &window[..], &[]] {
-        for mut cache in [
-            KvCache::<f64>::new(2, 1, 2, 2),
-            KvCache::sliding(2, 1, 2, 2, 8).expect("valid"),
-        ] {
-            cache
-                .attend_padded(&x, &x, &x, &real, masks)
-                .expect("one run per row");
-            let before = cache.clone();
-            let step =
-                cache.attend_padded(&next, &next, &next, &Array2::from_elem((2, 1), true), masks);
-            if masks.is_empty() && cache.window().is_none() {
-                // no distance read: row 1's tokens 0, 1 and 3 alone
-                let out = step.expect("no distance read");
-                let seq = concatenate(
-                    Axis(2),
-                    &[
-                        x.slice(s![1..2, .., ..2, ..]),
-                        next.slice(s![1..2, .., .., ..]),
-                    ],
-                )
-                .expect("same widths");
-                let alone = KvCache::<f64>::new(1, 1, 2, 2)
-                    .attend(&seq, &seq, &seq)
+fn padding_between_real_tokens_gives_each_sequence_alone_or_is_refused_by_a_ring() {
+    // a right-padded prompt, then a step with padding between its own tokens,
+    // then one more token: two query heads over one key/value head
+    let steps = [
+        array![[true, true, true, true], [true, true, false, false]],
+        array![[true, true, true], [true, false, true]],
+        array![[true], [true]],
+    ];
+    let slopes = array![0.5, 0.25];
+    let distance_masks = [
+        vec![Mask::Alibi(slopes.view())],
+        vec![Mask::SlidingWindow(2)],
+        vec![],
+    ];
+    for (m, masks) in distance_masks.iter().enumerate() {
+        let mut cache = KvCache::<f64>::new(2, 1, 2, 2);
+        let mut alone = [KvCache::<f64>::new(1, 1, 2, 2), KvCache::new(1, 1, 2, 2)];
+        for (n, real) in steps.iter().enumerate() {
+            let t = real.ncols();
+            let x = |seed: usize| {
+                pseudo_random(&[2, 2, t, 2], seed as u64)
+                    .into_dimensionality()
+                    .expect("4-D")
+            };
+            let (q, k, v): (Array4<f64>, Array4<f64>, Array4<f64>) =
+                (x(3 * n), x(3 * n + 1), x(3 * n + 2));
+            let (k, v) = (
+                k.slice(s![.., ..1, .., ..]).to_owned(),
+                v.slice(s![.., ..1, .., ..]).to_owned(),
+            );
+            // in the second step, a keep-mask of the call hides each row's first key
+            let s_all = cache.len() + t;
+            let hide_first = Array4::from_shape_fn((2, 1, t, s_all), |(_, _, _, j)| j != 0);
+            let mut call: Vec<Mask<'_, f64>> = masks.clone();
+            if n == 1 {
+                call.push(Mask::Keep(hide_first.into_dyn().into()));
+            }
+            let out = cache
+                .attend_padded_with_weights(&q, &k, &v, real, &call)
+                .expect("a cache that keeps every position");
+            let held = cache.real().to_owned();
+            for b in 0..2 {
+                let keep: Vec<usize> = (0..t).filter(|&i| real[[b, i]]).collect();
+                let pick = |a: &Array4<f64>| a.slice(s![b..=b, .., .., ..]).select(Axis(2), &keep);
+                let s_alone = alone[b].len() + keep.len();
+                let all_real = Array2::from_elem((1, keep.len()), true);
+                let own_hide =
+                    Array4::from_shape_fn((1, 1, keep.len(), s_alone), |(_, _, _, j)| j != 0);
+                let mut own: Vec<Mask<'_, f64>> = masks.clone();
+                if n == 1 {
+                    own.push(Mask::Keep(own_hide.into_dyn().into()));
+                }
+                let want = alone[b]
+                    .attend_padded_with_weights(&pick(&q), &pick(&k), &pick(&v), &all_real, &own)
                     .expect("valid");
-                let e = max_abs_diff(
-                    &out.slice(s![1..2, .., .., ..]).to_owned(),
-                    &alone.slice(s![.., .., 2.., ..]).to_owned(),
-                );
-                assert!(e < 1e-15, "{e:e}");
-            } else {
-                let err = step.expect_err("padding between real tokens");
-                assert!(err.to_string().contains("batch row 1"), "{err}");
-                assert_eq!(cache, before);
+                let e = max_abs_diff(&pick(&out.output), &want.output);
+                assert!(e < 1e-14, "masks {m}, step {n}, row {b}: {e:e}");
+                // the weights over the row's real keys, in the order of the call
+                let mut slots: Vec<usize> = (0..held.ncols()).filter(|&j| held[[b, j]]).collect();
+                if n == 1 && b == 1 {
+                    // this step moved row 1's padding first: the call's order was
+                    // the held slots as they were, then the new ones
+                    slots = vec![0, 1, 4, 6];
+                }
+                let got = pick(&out.weights).select(Axis(3), &slots);
+                let e = max_abs_diff(&got, &want.weights);
+                assert!(e < 1e-14, "masks {m}, step {n}, row {b}, weights: {e:e}");
             }
         }
+        // a ring's slots are its window: it refuses instead, and stays as it was
+        let mut ring = KvCache::<f64>::sliding(2, 1, 2, 2, 8).expect("valid");
+        let kv =
+            |t| Array4::from_shape_fn((2, 1, t, 2), |(b, _, i, j)| (b + 2 * i + j) as f64 / 7.0);
+        let q = |t| concatenate(Axis(1), &[kv(t).view(), kv(t).view()]).expect("two heads");
+        ring.attend_padded(&q(4), &kv(4), &kv(4), &steps[0], masks)
+            .expect("one run per row");
+        let before = ring.clone();
+        let err = ring
+            .attend_padded(&q(1), &kv(1), &kv(1), &steps[2], masks)
+            .expect_err("padding between real tokens in a ring");
+        assert!(err.to_string().contains("batch row 1"), "{err}");
+        assert_eq!(ring, before);
     }
 }

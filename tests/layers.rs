@@ -731,9 +731,9 @@ fn padded_rows_equal_their_sequences_alone() {
     }
 }
 
-/// A padded batch whose row has padding between its real tokens: a layer
-/// with ALiBi or a sliding window refuses it, naming the row (its distances
-/// would count the padding); a rotary layer gives the row's numbers alone.
+/// A padded batch whose row has padding between its real tokens gives each
+/// row's numbers alone, whatever reads distances (ALiBi, a window, a mask of
+/// the call) and with the weights.
 #[test]
 fn padding_between_real_tokens_gives_each_sequence_alone() {
     use attn::{Causality, PositionEncoding, Rope};
@@ -798,4 +798,65 @@ fn padding_between_real_tokens_gives_each_sequence_alone() {
             }
         }
     }
+}
+
+/// A right-padded prompt, then decoding: through a cache that keeps every
+/// position, a layer with ALiBi (BLOOM) or a sliding window (Mistral, its window
+/// then a mask) gives each row's numbers alone at every step; the ring that
+/// `new_cache` makes for a windowed layer refuses, naming the row.
+#[test]
+fn cached_padding_between_real_tokens_gives_each_sequence_alone() {
+    use attn::{Causality, KvCache, PositionEncoding};
+    let alibi = MultiHeadConfig::new(8, 2).with_positions(PositionEncoding::Alibi);
+    let window = MultiHeadConfig::new(8, 2)
+        .with_kv_heads(1)
+        .with_causality(Causality::SlidingWindow(3));
+    let steps = [
+        array![[true, true, true, true], [true, true, false, false]],
+        array![[true, false], [true, true]],
+        array![[true], [true]],
+        array![[true], [true]],
+    ];
+    for (n, config) in [alibi, window].into_iter().enumerate() {
+        let mha = config
+            .random::<f64>(Init::XavierUniform, 40 + n as u64)
+            .expect("valid");
+        let (kv, hd) = (mha.config().n_kv_heads(), mha.config().head_dim());
+        // the layer's scale and window apply whatever the cache
+        let mut cache = KvCache::<f64>::new(2, kv, hd, hd);
+        let mut alone = [0, 1].map(|_| KvCache::<f64>::new(1, kv, hd, hd));
+        for (i, real) in steps.iter().enumerate() {
+            let t = real.ncols();
+            let x = Array3::from_shape_vec(
+                (2, t, 8),
+                random2(2 * t, 8, 50 + i as u64).into_raw_vec_and_offset().0,
+            )
+            .expect("2·t rows of 8");
+            let out = mha
+                .forward_cached_padded(&x, real, &mut cache)
+                .expect("a cache that keeps every position");
+            for b in 0..2 {
+                let keep: Vec<usize> = (0..t).filter(|&j| real[[b, j]]).collect();
+                let mine = x.slice(s![b..=b, .., ..]).select(Axis(1), &keep);
+                let want = mha.forward_cached(&mine, &mut alone[b]).expect("valid");
+                let got = out.slice(s![b..=b, .., ..]).select(Axis(1), &keep);
+                let e = common::max_abs_diff(&got, &want);
+                assert!(e < 1e-14, "layer {n}, step {i}, row {b}: {e:e}");
+            }
+        }
+    }
+    let mistral = MultiHeadConfig::new(8, 2)
+        .with_causality(Causality::SlidingWindow(3))
+        .random::<f64>(Init::XavierUniform, 42)
+        .expect("valid");
+    let mut ring = mistral.new_cache(2);
+    let x = Array3::from_shape_vec((2, 4, 8), random2(8, 8, 60).into_raw_vec_and_offset().0)
+        .expect("8 rows of 8");
+    mistral
+        .forward_cached_padded(&x, &steps[0], &mut ring)
+        .expect("one run per row");
+    let err = mistral
+        .forward_cached_padded(&x.slice(s![.., ..1, ..]), &steps[2], &mut ring)
+        .expect_err("padding between real tokens in a ring");
+    assert!(err.to_string().contains("batch row 1"), "{err}");
 }

@@ -4,6 +4,10 @@
 //! cache and in a paged one (NaN where the other has NaN); a call that fails
 //! must leave the cache as it was, so the run goes on from there.
 //!
+//! A second padded batch reads distances (ALiBi or a sliding-window mask): its
+//! rows, padding between real tokens included, must give the numbers of their
+//! sequences alone under the same mask.
+//!
 //! The first row alone must give the same numbers in a sliding cache and in a
 //! paged pool with the same window. Beside them, on the same steps (Ok or Err
 //! only): a padded sliding cache, paged caches in int8 (which must refuse a
@@ -12,9 +16,9 @@
 #![no_main]
 
 use attn::half::bf16;
-use attn::{KvCache, PagedKvCache, SequenceId};
+use attn::{KvCache, Mask, PagedKvCache, SequenceId};
 use libfuzzer_sys::fuzz_target;
-use ndarray::{s, Array2, Array3, Array4, ArrayView3, Axis};
+use ndarray::{s, Array1, Array2, Array3, Array4, ArrayView3, Axis};
 
 #[path = "bytes.rs"]
 mod bytes;
@@ -52,6 +56,17 @@ fuzz_target!(|data: &[u8]| {
     let window = bytes.size(6);
 
     let mut padded = KvCache::<f64>::new(batch, kv_heads, d, d_v);
+    // the same steps under a mask that reads distances, and each row alone
+    let slopes = Array1::from_shape_simple_fn(heads, || f64::from(bytes.byte()) / 64.0);
+    let distance = match bytes.byte() % 2 {
+        0 => Mask::Alibi(slopes.view()),
+        _ => Mask::SlidingWindow(window.max(1)),
+    };
+    let distances = [distance];
+    let mut by_distance = KvCache::<f64>::new(batch, kv_heads, d, d_v);
+    let mut alone_by_distance: Vec<KvCache<f64>> = (0..batch)
+        .map(|_| KvCache::new(1, kv_heads, d, d_v))
+        .collect();
     let mut alone: Vec<KvCache<f64>> = (0..batch)
         .map(|_| KvCache::new(1, kv_heads, d, d_v))
         .collect();
@@ -98,6 +113,7 @@ fuzz_target!(|data: &[u8]| {
             continue;
         }
         let out = padded.attend_padded(&q, &k, &v, &real, &[]);
+        let out_by_distance = by_distance.attend_padded(&q, &k, &v, &real, &distances);
         if let Ok(sliding) = sliding.as_mut() {
             let _ = sliding.attend_padded(&q, &k, &v, &real, &[]);
         }
@@ -106,6 +122,10 @@ fuzz_target!(|data: &[u8]| {
         let slack = values * (8.0 * f64::EPSILON * bound + 1e-12);
         // scores past ~1e12 overflow the check's own arithmetic
         let compare = bound.is_finite() && bound < 1e12 && slack.is_finite();
+        // ALiBi adds at most the largest slope times the longest distance
+        let biased =
+            bound + slopes.iter().fold(0.0_f64, |m, &x| m.max(x)) * by_distance.len() as f64;
+        let slack_by_distance = values * (8.0 * f64::EPSILON * biased + 1e-12);
         for row in 0..batch {
             let real = real.row(row).to_vec();
             let (q, k, v) = (
@@ -117,6 +137,29 @@ fuzz_target!(|data: &[u8]| {
                 continue;
             }
             let one = |x: &Array3<f64>| x.view().insert_axis(Axis(0)).to_owned();
+            let all_real = Array2::from_elem((1, q.dim().1), true);
+            let by_itself_by_distance = alone_by_distance[row].attend_padded(
+                &one(&q),
+                &one(&k),
+                &one(&v),
+                &all_real,
+                &distances,
+            );
+            match (&out_by_distance, by_itself_by_distance) {
+                (Ok(out), Ok(by_itself)) if compare && slack_by_distance.is_finite() => {
+                    let out = real_rows(out.index_axis(Axis(0), row), &real);
+                    let by_itself = by_itself.index_axis_move(Axis(0), 0);
+                    let what = "a padded row under a mask that reads distances";
+                    agree(out.view(), by_itself.view(), slack_by_distance, what);
+                }
+                (Ok(_), Ok(_)) | (Err(_), Err(_)) => {}
+                (out, by_itself) => panic!(
+                    "padded {:?} and alone {:?} disagree on failing under {:?}",
+                    out.as_ref().err(),
+                    by_itself.err(),
+                    distances[0]
+                ),
+            }
             let by_itself = alone[row].attend(&one(&q), &one(&k), &one(&v));
             let by_itself = match (&out, by_itself) {
                 (Ok(_), Ok(by_itself)) => by_itself,

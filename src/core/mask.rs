@@ -202,7 +202,8 @@ impl<'a, A> Mask<'a, A> {
     }
 
     /// Whether the mask reads the distance between a query and a key (ALiBi, a
-    /// sliding window): padding between real tokens would change it.
+    /// sliding window): padding between real tokens would change it, so such a
+    /// row is reordered first.
     pub(crate) fn reads_distance(&self) -> bool {
         matches!(self, Mask::SlidingWindow(_) | Mask::Alibi(_))
     }

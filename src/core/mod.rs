@@ -5,5 +5,6 @@ pub(crate) mod backward;
 pub(crate) mod mask;
 pub(crate) mod problem;
 pub(crate) mod reference;
+pub(crate) mod reorder;
 pub(crate) mod scoring;
 pub(crate) mod softmax;

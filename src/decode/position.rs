@@ -65,7 +65,9 @@ pub fn key_padding(lengths: &[usize], s: usize) -> Result<Array4<bool>> {
 /// Positions count real tokens, and slots all tokens: distances in slots equal
 /// distances in positions while a row's real tokens are one run (padding only
 /// before and after them), so masks that read distances (ALiBi, sliding
-/// windows) see what the sequence alone gives.
+/// windows) see what the sequence alone gives. A row no longer one run has its
+/// padding moved before its real tokens ([`Reorder`](crate::core::reorder::Reorder)),
+/// except in a sliding cache's ring, whose slots are its window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Run {
     /// No real token yet.
@@ -90,25 +92,31 @@ impl Run {
     }
 }
 
+/// Per row, whether its real tokens are no longer one run once `real`'s flags
+/// (`(batch, T)`) follow the row's `runs`.
+pub(crate) fn broken_runs(runs: &[Run], real: &ArrayRef2<bool>) -> Vec<bool> {
+    (real.rows().into_iter().zip(runs))
+        .map(|(flags, &run)| flags.iter().fold(run, |run, &flag| run.then(flag)) == Run::Broken)
+        .collect()
+}
+
 /// Checks that each row's real tokens are still one run once `real`'s flags
 /// (`(batch, T)`) follow the row's `runs`.
 ///
 /// # Errors
 ///
-/// [`Error::InvalidConfig`] naming the first row they are not: its distances
-/// would count the padding between its tokens.
+/// [`Error::InvalidConfig`] naming the first row they are not: in a sliding
+/// cache's ring the padding between its tokens would take slots of its window.
 pub(crate) fn check_runs(runs: &[Run], real: &ArrayRef2<bool>) -> Result<()> {
-    let broken = real.rows().into_iter().zip(runs).position(|(flags, &run)| {
-        flags.iter().fold(run, |run, &flag| run.then(flag)) == Run::Broken
-    });
-    match broken {
+    match broken_runs(runs, real).iter().position(|&broken| broken) {
         None => Ok(()),
         Some(row) => Err(Error::InvalidConfig {
             reason: format!(
-                "batch row {row} has padding between its real tokens: with ALiBi or a \
-                 sliding window its distances would count that padding, so it would not \
-                 give its numbers alone (pad on the left or the right, or give each \
-                 sequence its own tokens in a PagedKvCache)"
+                "batch row {row} has padding between its real tokens: a sliding cache \
+                 keeps a window of slots, and that padding would take some of them from \
+                 its real tokens, so it would not give its numbers alone (pad on the \
+                 left or the right, use a cache that keeps every position, or give \
+                 each sequence its own tokens in a PagedKvCache)"
             ),
         }),
     }

@@ -5,7 +5,8 @@ use ndarray::{Array2, Array4, ArrayRef1, ArrayRef2, ArrayRef4, Axis};
 use super::KvCache;
 use crate::core::mask::{Mask, broadcast_all};
 use crate::core::problem::check_scale;
-use crate::decode::position::check_runs;
+use crate::core::reorder::Reorder;
+use crate::decode::position::{broken_runs, check_runs};
 use crate::element::Storage;
 use crate::error::{Error, Result};
 use crate::sdpa::{AttentionOutput, ScaledDotProduct};
@@ -137,6 +138,16 @@ impl<A: Storage> KvCache<A> {
     /// held positions, oldest first, then the new ones (for a sliding cache and
     /// `T > 1`, the held positions before this step's).
     ///
+    /// A real token after padding that followed real tokens (a right-padded
+    /// prompt, then decoding) gives the numbers of its sequence alone too. Where
+    /// a mask reads distances ([`Mask::Alibi`], [`Mask::SlidingWindow`]), which
+    /// would count that padding, the step first moves the row's padding before
+    /// its real tokens, in the cache (for the steps after it:
+    /// [`keys`](Self::keys)) and in its own new tokens; the masks it is given
+    /// and the weights it returns keep the order of the call (the held positions
+    /// as they were, then the new ones). A sliding cache, whose ring holds a
+    /// window of slots, refuses such a step.
+    ///
     /// # Shapes
     ///
     /// As [`attend`](Self::attend), and `real: (batch, T)`.
@@ -144,13 +155,11 @@ impl<A: Storage> KvCache<A> {
     /// # Errors
     ///
     /// As [`attend`](Self::attend), [`Error::Shape`] when `real` is not
-    /// `(batch, T)`, and [`Error::InvalidConfig`] when a row would hold padding
-    /// between real tokens (a real token after padding that followed real
-    /// ones) and the step reads distances (a sliding cache, a
-    /// [`Mask::SlidingWindow`] or [`Mask::Alibi`]): its distances would count
-    /// the padding. The cache is then left as it was. (A
-    /// [`PagedKvCache`](crate::PagedKvCache) holds each sequence's real tokens
-    /// only, with no padding at all.)
+    /// `(batch, T)`, and [`Error::InvalidConfig`] when a sliding cache's row
+    /// would hold padding between real tokens (a real token after padding that
+    /// followed real ones): it would take slots of the row's window. The cache
+    /// is then left as it was. (A [`PagedKvCache`](crate::PagedKvCache) holds
+    /// each sequence's real tokens only, with no padding at all.)
     ///
     /// # Examples
     ///
@@ -277,10 +286,17 @@ impl<A: Storage> KvCache<A> {
                 found: real.shape().to_vec(),
             });
         }
-        // distances are counted in slots: exact while each row's real tokens are one run
-        if self.window.is_some() || masks.iter().any(Mask::reads_distance) {
+        // distances are counted in slots: a ring keeps a window of slots, so each
+        // row's real tokens must stay one run; a cache that keeps every position
+        // moves a row's padding before its real tokens where a mask reads distances
+        if self.window.is_some() {
             check_runs(&self.runs, real)?;
         }
+        let broken = if masks.iter().any(Mask::reads_distance) {
+            broken_runs(&self.runs, real)
+        } else {
+            vec![false; b]
+        };
         if let (Some(window), true) = (self.window, t > 1) {
             return self.chunk_in_window(window, settings, q, k_new, v_new, real, masks, weights);
         }
@@ -293,6 +309,47 @@ impl<A: Storage> KvCache<A> {
         // one new position in a ring: after writing it, every held slot is within
         // its window; so are all positions of a cache that keeps everything
         self.write(k_new, v_new, real.view())?;
+        if broken.contains(&true) {
+            return self.padding_first_step(&broken, settings, q, real, masks, weights);
+        }
+        self.attend_held(settings, q, masks, weights)
+    }
+
+    /// The step of a row whose real tokens the new ones broke into runs: its
+    /// held slots and its new queries (as `real` says) with their padding first,
+    /// the masks' arrays with them; the output and weights back in the order of
+    /// the call.
+    fn padding_first_step(
+        &mut self,
+        rows: &[bool],
+        settings: Settings<A, impl StepAttention<A>>,
+        q: &ArrayRef4<A>,
+        real: &ArrayRef2<bool>,
+        masks: &[Mask<'_, A>],
+        weights: bool,
+    ) -> Result<Step<A>> {
+        let keys = self.padding_first(rows);
+        let queries = Reorder::padding_first(real.view(), rows);
+        let masks: Vec<_> = (masks.iter())
+            .map(|mask| Reorder::mask(&queries, &keys, mask))
+            .collect();
+        let q = queries.apply(q, Axis(2));
+        let (output, step_weights) = self.attend_held(settings, &q, &masks, weights)?;
+        Ok((
+            queries.undo(&output, Axis(2)),
+            step_weights.map(|w| Reorder::undo_weights(&queries, &keys, &w)),
+        ))
+    }
+
+    /// The new queries' attention over every held position, the new ones
+    /// written: bottom-right causal, the held padding masked.
+    fn attend_held(
+        &self,
+        settings: Settings<A, impl StepAttention<A>>,
+        q: &ArrayRef4<A>,
+        masks: &[Mask<'_, A>],
+        weights: bool,
+    ) -> Result<Step<A>> {
         // the held flags as a (batch, 1, 1, S) view: a mask only where there is padding
         let keep = self.real().insert_axis(Axis(1)).insert_axis(Axis(1));
         let mut attention = scaled(settings.scale).with_mask(Mask::CausalBottomRight);

@@ -274,7 +274,9 @@ impl<A: Storage> KvCache<A> {
     }
 
     /// The cached keys, `(batch, kv_heads, len, d_k)`, oldest first (in a sliding
-    /// cache too).
+    /// cache too). A row whose padding a step moved before its real tokens (see
+    /// [`attend_padded`](Self::attend_padded)) holds its padding first, then its
+    /// real tokens, oldest first.
     ///
     /// # Examples
     ///

@@ -1,9 +1,11 @@
 //! A cache's storage: the checks on its sizes, and its arrays, which grow as
 //! positions arrive (never for sizes alone) and take new keys and values.
 
-use ndarray::{Array2, Array4, ArrayRef4, ArrayView2, s};
+use ndarray::{Array2, Array4, ArrayRef4, ArrayView2, Axis, s};
 
 use super::KvCache;
+use crate::core::reorder::Reorder;
+use crate::decode::position::Run;
 use crate::element::{Element, Storage};
 use crate::error::{Error, Result};
 
@@ -60,6 +62,28 @@ impl<A: Storage> KvCache<A> {
         }
         self.seen += t;
         Ok(())
+    }
+
+    /// Moves the padding of each row that `rows` marks before its real tokens
+    /// (both in their order), in the held keys, values and flags of a cache
+    /// that keeps every position: the row's distances between real tokens then
+    /// count real tokens only. Returns how the held slots moved.
+    pub(super) fn padding_first(&mut self, rows: &[bool]) -> Reorder {
+        debug_assert!(self.window.is_none(), "a ring's slots are its window");
+        let reorder = Reorder::padding_first(self.real(), rows);
+        let held = s![.., .., ..self.len, ..];
+        let keys = reorder.apply(&self.keys.slice(held), Axis(2));
+        self.keys.slice_mut(held).assign(&keys);
+        let values = reorder.apply(&self.values.slice(held), Axis(2));
+        self.values.slice_mut(held).assign(&values);
+        let real = reorder.apply(&self.real(), Axis(1));
+        self.real.slice_mut(s![.., ..self.len]).assign(&real);
+        for (run, &moved) in self.runs.iter_mut().zip(rows) {
+            if moved {
+                *run = Run::Within;
+            }
+        }
+        reorder
     }
 
     /// Slots for `t` more positions: where the storage has too few it grows

@@ -88,9 +88,10 @@ impl<A: Element> MultiHeadAttention<A> {
     /// # Errors
     ///
     /// As [`forward_cached`](Self::forward_cached), [`Error::Shape`] when `real`
-    /// is not `(B, T)`, and [`Error::InvalidConfig`] when a row of the cache
-    /// would hold padding between real tokens and the layer reads distances
-    /// (ALiBi, a sliding window), as [`KvCache::attend_padded`] says.
+    /// is not `(B, T)`, and [`Error::InvalidConfig`] when a row of a sliding
+    /// cache would hold padding between real tokens, as
+    /// [`KvCache::attend_padded`] says (a cache that keeps every position moves
+    /// the row's padding first instead, and gives its numbers alone).
     ///
     /// # Examples
     ///
