@@ -174,8 +174,9 @@ impl<A: Element> MultiHeadAttention<A> {
     /// its own sequence (`position = real tokens before it`), so a padded row gives
     /// the numbers of its sequence alone. Padding between a row's real tokens
     /// gives them too: where a distance is read (ALiBi, a sliding window), which
-    /// would count the padding, the row's real tokens are first moved together,
-    /// the call's `Keep` and `Bias` arrays with them. Padding queries give what
+    /// would count the padding, the row's padding is first moved before its
+    /// real tokens, the call's `Keep` and `Bias` arrays with it, and the output
+    /// and weights come back in the call's order. Padding queries give what
     /// attention over no key gives: 0 before `W_O` (they see none, with left
     /// padding and a causal layer) or an average (they see the real keys,
     /// otherwise); ignore them.
