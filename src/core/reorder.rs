@@ -87,19 +87,24 @@ impl Reorder {
     }
 }
 
-/// `a` with row `b`'s slots along `axis` taken in the order `slots.row(b)`.
+/// `a` with row `b`'s slots along `axis` taken in the order `slots.row(b)`:
+/// one copy of `a`, then the slots that move.
 fn along<T: Clone, D>(a: &ArrayRef<T, D>, axis: Axis, slots: &Array2<usize>) -> Array<T, D>
 where
     D: RemoveAxis,
     D::Smaller: RemoveAxis,
 {
+    // the axis within one batch row
+    let within = Axis(axis.index() - 1);
     let mut out = a.to_owned();
-    for (b, mut row) in out.axis_iter_mut(Axis(0)).enumerate() {
-        let taken = a.index_axis(Axis(0), b).select(
-            Axis(axis.index() - 1),
-            slots.row(b).as_slice().expect("standard layout"),
-        );
-        row.assign(&taken);
+    for ((mut row, from), order) in (out.axis_iter_mut(Axis(0)))
+        .zip(a.axis_iter(Axis(0)))
+        .zip(slots.rows())
+    {
+        for (k, &slot) in order.iter().enumerate().filter(|&(k, &slot)| k != slot) {
+            row.index_axis_mut(within, k)
+                .assign(&from.index_axis(within, slot));
+        }
     }
     out
 }

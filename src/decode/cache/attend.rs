@@ -292,14 +292,15 @@ impl<A: Storage> KvCache<A> {
         if self.window.is_some() {
             check_runs(&self.runs, real)?;
         }
+        if let (Some(window), true) = (self.window, t > 1) {
+            return self.chunk_in_window(window, settings, q, k_new, v_new, real, masks, weights);
+        }
+        // read before `write` folds the new flags into the runs
         let broken = if masks.iter().any(Mask::reads_distance) {
             broken_runs(&self.runs, real)
         } else {
             vec![false; b]
         };
-        if let (Some(window), true) = (self.window, t > 1) {
-            return self.chunk_in_window(window, settings, q, k_new, v_new, real, masks, weights);
-        }
         // the masks must fit the keys this step will see, before any is written
         let keys_seen = match self.window {
             Some(window) => (self.len + t).min(window),
