@@ -517,6 +517,44 @@ fn bf16_prefill_reads_its_keys_as_bf16() {
                 );
             }
         }
+        // the queries are read as stored: a strided view gives a contiguous
+        // array's bits; a NaN query sends its head to the reference path,
+        // which widens it, and makes its row NaN
+        let call = |q: ndarray::ArrayView4<'_, bf16>| {
+            attn::kernel_paths(|| {
+                ScaledDotProduct::new()
+                    .forward_batched(&q, &k, &v)
+                    .expect("valid")
+            })
+        };
+        let (out, paths) = call(q.view());
+        assert_eq!((paths.tiled, paths.arch), (2 * heads, Some(arch)));
+        let spread = Array4::from_shape_fn([2, heads, l, 2 * d], |(b, h, i, c)| {
+            if c % 2 == 0 {
+                q[[b, h, i, c / 2]]
+            } else {
+                bf16::NAN
+            }
+        });
+        let (strided, paths) = call(spread.slice(s![.., .., .., ..;2]));
+        assert_eq!((paths.tiled, paths.arch), (2 * heads, Some(arch)));
+        assert!(
+            strided
+                .iter()
+                .zip(&out)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        let mut bad = q.clone();
+        bad[[1, heads - 1, l / 2, d - 1]] = bf16::NAN;
+        let (with_nan, paths) = call(bad.view());
+        assert_eq!((paths.tiled, paths.reference), (2 * heads - 1, 1));
+        for ((b, h, i, c), x) in with_nan.indexed_iter() {
+            if (b, h) == (1, heads - 1) {
+                assert_eq!(x.is_nan(), i == l / 2, "the NaN query's head, row {i}");
+            } else {
+                assert_eq!(x.to_bits(), out[[b, h, i, c]].to_bits(), "another head");
+            }
+        }
         let mut k = k.clone();
         k[[1, 0, s_len / 2, 0]] = bf16::NAN;
         let (out, paths) = attn::kernel_paths(|| {

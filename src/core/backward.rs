@@ -179,7 +179,7 @@ impl<A: Element, P: Program<A>> Problem<'_, A, A, P> {
     ) -> HeadBackward<A> {
         let q = self.query(b, h);
         let (k, v) = self.keys_values(b, self.kv_head(h));
-        let head = self.attend_head(b, h, k);
+        let head = self.attend_head(b, h, q, k);
         let scaled = &head.scaled;
         let seen = |i: usize, j: usize| scaled[[i, j]] != A::neg_infinity();
         // dP at masked positions may hold anything (a NaN value row): never read

@@ -14,10 +14,12 @@ use crate::flex::program::Plain;
 /// A checked call, `(batch, heads, L, d_k)` queries against
 /// `(batch, kv_heads, S, ·)` keys and values. The keys and values are stored as
 /// `KV`: the compute type `A` itself, or a half type that the direct path widens
-/// as it reads. Its program `P` (a score modification, a block mask, sinks) is
-/// [`Plain`] unless the call has one.
-pub(crate) struct Problem<'a, A, KV = A, P = Plain> {
-    pub(crate) q: ArrayView4<'a, A>,
+/// as it reads; the queries as `Q`, the compute type unless the call's
+/// storage is half (the kernel widens them for the plans that need it). Its
+/// program `P` (a score modification, a block mask, sinks) is [`Plain`]
+/// unless the call has one.
+pub(crate) struct Problem<'a, A, KV = A, P = Plain, Q = A> {
+    pub(crate) q: ArrayView4<'a, Q>,
     pub(crate) k: ArrayView4<'a, KV>,
     pub(crate) v: ArrayView4<'a, KV>,
     pub(crate) masks: Vec<Mask4<'a, A>>,
@@ -29,7 +31,7 @@ pub(crate) struct Problem<'a, A, KV = A, P = Plain> {
     pub(crate) program: &'a P,
 }
 
-impl<'a, A: Element, KV> Problem<'a, A, KV> {
+impl<'a, A: Element, KV, Q> Problem<'a, A, KV, Plain, Q> {
     /// Checks a call in its own shape, 2-D (`q: (L, d_k)`, `k: (S, d_k)`,
     /// `v: (S, d_v)`) or batched (`q: (batch, heads, L, d_k)`,
     /// `k: (batch, kv_heads, S, d_k)`, `v: (batch, kv_heads, S, d_v)`), so that
@@ -39,7 +41,7 @@ impl<'a, A: Element, KV> Problem<'a, A, KV> {
     // `memcpy` call, and the 3 × 4 call took 0.248 µs there instead of 0.219.
     #[inline(always)]
     pub(crate) fn new<D: AttentionDim>(
-        q: ArrayView<'a, A, D>,
+        q: ArrayView<'a, Q, D>,
         k: ArrayView<'a, KV, D>,
         v: ArrayView<'a, KV, D>,
         masks: &'a [Mask<'_, A>],
@@ -63,9 +65,9 @@ impl<'a, A: Element, KV> Problem<'a, A, KV> {
     }
 }
 
-impl<'a, A, KV> Problem<'a, A, KV> {
+impl<'a, A, KV, Q> Problem<'a, A, KV, Plain, Q> {
     /// The same call under `program`.
-    pub(crate) fn with_program<P>(self, program: &'a P) -> Problem<'a, A, KV, P> {
+    pub(crate) fn with_program<P>(self, program: &'a P) -> Problem<'a, A, KV, P, Q> {
         Problem {
             q: self.q,
             k: self.k,
@@ -78,7 +80,7 @@ impl<'a, A, KV> Problem<'a, A, KV> {
     }
 }
 
-impl<'a, A: Copy, KV, P> Problem<'a, A, KV, P> {
+impl<'a, A: Copy, KV, P, Q> Problem<'a, A, KV, P, Q> {
     /// The shape of its scores, `[batch, heads, L, S]`.
     pub(crate) fn scores(&self) -> [usize; 4] {
         let (batch, heads, l, _) = self.q.dim();
@@ -103,7 +105,7 @@ impl<'a, A: Copy, KV, P> Problem<'a, A, KV, P> {
     }
 
     /// Query head `h` of batch `b`, `(L, d_k)`.
-    pub(crate) fn query(&self, b: usize, h: usize) -> ArrayView2<'_, A> {
+    pub(crate) fn query(&self, b: usize, h: usize) -> ArrayView2<'_, Q> {
         head(&self.q, b, h)
     }
 
@@ -122,11 +124,31 @@ impl<'a, A: Copy, KV, P> Problem<'a, A, KV, P> {
         &'b self,
         k: ArrayView4<'b, KV2>,
         v: ArrayView4<'b, KV2>,
-    ) -> Problem<'b, A, KV2, P> {
+    ) -> Problem<'b, A, KV2, P, Q> {
         debug_assert_eq!((k.dim(), v.dim()), (self.k.dim(), self.v.dim()));
+        self.with_inputs(self.q.view(), k, v)
+    }
+
+    /// The same call over queries `q` of the same shape, stored as `Q2` (the
+    /// same values seen through another type).
+    pub(crate) fn with_queries<'b, Q2>(
+        &'b self,
+        q: ArrayView4<'b, Q2>,
+    ) -> Problem<'b, A, KV, P, Q2> {
+        debug_assert_eq!(q.dim(), self.q.dim());
+        self.with_inputs(q, self.k.view(), self.v.view())
+    }
+
+    /// The same call over other inputs of the same shapes.
+    pub(crate) fn with_inputs<'b, KV2, Q2>(
+        &'b self,
+        q: ArrayView4<'b, Q2>,
+        k: ArrayView4<'b, KV2>,
+        v: ArrayView4<'b, KV2>,
+    ) -> Problem<'b, A, KV2, P, Q2> {
         Problem {
             program: self.program,
-            q: self.q.view(),
+            q,
             k,
             v,
             masks: self.masks.iter().map(Shaped::reborrow).collect(),

@@ -24,7 +24,7 @@ pub(crate) struct Saved<A> {
 
 impl<A: Element> Saved<A> {
     /// Zeros for every head of `problem`.
-    pub(crate) fn zeros<KV, P>(problem: &Problem<'_, A, KV, P>) -> Self {
+    pub(crate) fn zeros<KV, P, Q>(problem: &Problem<'_, A, KV, P, Q>) -> Self {
         let (batch, heads, l, _) = problem.q.dim();
         Saved {
             output: Array4::zeros((batch, heads, l, problem.v.dim().3)),
@@ -103,7 +103,7 @@ impl<A: Element, P: Program<A>> Problem<'_, A, A, P> {
         weights: Option<ArrayViewMut2<'_, A>>,
     ) {
         let (k, v) = self.keys_values(b, self.kv_head(h));
-        let head = self.attend_head(b, h, k);
+        let head = self.attend_head(b, h, self.query(b, h), k);
         if let Some(mut output) = output {
             output.assign(&weighted_values(&head, v));
         }
@@ -113,21 +113,22 @@ impl<A: Element, P: Program<A>> Problem<'_, A, A, P> {
     }
 }
 
-impl<A: Element, KV, P: Program<A>> Problem<'_, A, KV, P> {
-    /// Head `h` of batch `b` against keys `k` (the head's own, perhaps widened).
-    pub(crate) fn attend_head(&self, b: usize, h: usize, k: ArrayView2<'_, A>) -> Head<A> {
+impl<A: Element, KV, P: Program<A>, Q> Problem<'_, A, KV, P, Q> {
+    /// Head `h` of batch `b`, queries `q`, against keys `k` (the head's own,
+    /// perhaps widened).
+    pub(crate) fn attend_head(
+        &self,
+        b: usize,
+        h: usize,
+        q: ArrayView2<'_, A>,
+        k: ArrayView2<'_, A>,
+    ) -> Head<A> {
         let scoring = Scoring {
             program: self.program,
             b,
             h,
         };
-        attend_head(
-            self.query(b, h),
-            k,
-            self.scale,
-            &self.block_masks(b, h),
-            scoring,
-        )
+        attend_head(q, k, self.scale, &self.block_masks(b, h), scoring)
     }
 }
 
@@ -150,21 +151,22 @@ impl<A: Element, P: Program<A>> Problem<'_, A, A, P> {
     /// masked scores (`−∞` for a row that sees no key, NaN where a score is).
     pub(crate) fn forward_lse_head(&self, b: usize, h: usize) -> (Array2<A>, Array1<A>) {
         let (k, v) = self.keys_values(b, self.kv_head(h));
-        self.lse_head(b, h, k, v)
+        self.lse_head(b, h, self.query(b, h), k, v)
     }
 }
 
-impl<A: Element, KV, P: Program<A>> Problem<'_, A, KV, P> {
-    /// [`forward_lse_head`](Problem::forward_lse_head) against keys `k` and
-    /// values `v` (the head's own, perhaps widened).
+impl<A: Element, KV, P: Program<A>, Q> Problem<'_, A, KV, P, Q> {
+    /// [`forward_lse_head`](Problem::forward_lse_head) of queries `q` against
+    /// keys `k` and values `v` (the head's own, perhaps widened).
     pub(crate) fn lse_head(
         &self,
         b: usize,
         h: usize,
+        q: ArrayView2<'_, A>,
         k: ArrayView2<'_, A>,
         v: ArrayView2<'_, A>,
     ) -> (Array2<A>, Array1<A>) {
-        let head = self.attend_head(b, h, k);
+        let head = self.attend_head(b, h, q, k);
         let sink = self.program.sink(h);
         let lse = head.scaled.rows().into_iter().map(|row| {
             let max = row.fold(

@@ -25,18 +25,18 @@ pub(crate) struct Extent<A> {
 
 /// Whether `x` is finite, its largest absolute entry, and its number of rows.
 #[inline]
-pub(crate) fn extent_of<A: Magnitude<Float = A>>(x: &ArrayView2<'_, A>) -> Extent<A> {
+pub(crate) fn extent_of<A: Magnitude>(x: &ArrayView2<'_, A>) -> Extent<A::Float> {
     vectorized(ExtentOf(x))
 }
 
 /// [`extent_of`] as a [`Sweep`]: compiled with the CPU's vectors.
 struct ExtentOf<'a, 'x, A>(&'a ArrayView2<'x, A>);
 
-impl<A: Magnitude<Float = A>> Sweep for ExtentOf<'_, '_, A> {
-    type Output = Extent<A>;
+impl<A: Magnitude> Sweep for ExtentOf<'_, '_, A> {
+    type Output = Extent<A::Float>;
 
     #[inline(always)]
-    fn run(self) -> Extent<A> {
+    fn run(self) -> Extent<A::Float> {
         let x = self.0;
         let mut scan = Scan::new();
         match x.as_slice_memory_order() {

@@ -75,7 +75,7 @@ use crate::flex::program::Program;
 /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) when `ATTN_KERNEL_ARCH`
 /// holds an unknown value and the tiled or direct path would run.
 pub(crate) fn forward<S: Storage, P: Program<S::Compute>>(
-    problem: &Problem<'_, S::Compute, S, P>,
+    problem: &Problem<'_, S::Compute, S, P, S>,
     kernel: Kernel,
     parallelism: Parallelism,
 ) -> Result<Array4<S>> {
@@ -84,8 +84,8 @@ pub(crate) fn forward<S: Storage, P: Program<S::Compute>>(
 
 /// The output array of `problem`, `(batch, heads, L, d_v)`, over `zeros`
 /// (`zeros(len)` gives its values).
-fn output_of<T, A, KV, P>(
-    problem: &Problem<'_, A, KV, P>,
+fn output_of<T, A, KV, P, Q>(
+    problem: &Problem<'_, A, KV, P, Q>,
     zeros: impl FnOnce(usize) -> Vec<T>,
 ) -> Array4<T> {
     let (batch, heads, l, _) = problem.q.dim();
@@ -102,7 +102,7 @@ fn output_of<T, A, KV, P>(
 ///
 /// As [`forward`].
 pub(crate) fn forward_lse<S: Storage, P: Program<S::Compute>>(
-    problem: &Problem<'_, S::Compute, S, P>,
+    problem: &Problem<'_, S::Compute, S, P, S>,
     kernel: Kernel,
     parallelism: Parallelism,
 ) -> Result<Saved<S::Compute>> {
@@ -195,14 +195,14 @@ fn backward_half<H: Half, P: Program<f32>>(
 
 /// [`forward`] compiled for one storage type.
 type ForwardFn<S, P> = for<'p> fn(
-    &Problem<'p, <S as Storage>::Compute, S, P>,
+    &Problem<'p, <S as Storage>::Compute, S, P, S>,
     Kernel,
     Parallelism,
 ) -> Result<Array4<S>>;
 
 /// [`forward_lse`] compiled for one storage type.
 type ForwardLseFn<S, P> = for<'p> fn(
-    &Problem<'p, <S as Storage>::Compute, S, P>,
+    &Problem<'p, <S as Storage>::Compute, S, P, S>,
     Kernel,
     Parallelism,
 ) -> Result<Saved<<S as Storage>::Compute>>;
@@ -254,18 +254,19 @@ impl<P> PerElement<P> for Entries<P> {
     }
 }
 
-/// [`forward`] over keys and values stored in half precision, by one [`Plan`]:
-/// the direct path reads them where they lie; the tiled path packs bf16 keys
-/// and values as pairs for the bf16 dot products or AMX tiles where the CPU (and
-/// `ATTN_KERNEL_ARCH`) has them, and writes each output row in the storage
-/// type as its block finishes it; every other plan widens the keys and values
-/// to `f32` once, here, and runs as `f32` does, its output rounded at the end.
+/// [`forward`] over inputs stored in half precision, by one [`Plan`]: the
+/// direct path reads the keys and values where they lie; the tiled path packs
+/// bf16 queries, keys and values as pairs for the bf16 dot products or AMX
+/// tiles where the CPU (and `ATTN_KERNEL_ARCH`) has them, and writes each
+/// output row in the storage type as its block finishes it; every other plan
+/// widens the queries (the direct path's too), keys and values to `f32` once,
+/// here, and runs as `f32` does, its output rounded at the end.
 ///
 /// # Errors
 ///
 /// As [`forward`].
 fn forward_half<H: Half, P: Program<f32>>(
-    problem: &Problem<'_, f32, H, P>,
+    problem: &Problem<'_, f32, H, P, H>,
     kernel: Kernel,
     parallelism: Parallelism,
 ) -> Result<Array4<H>> {
@@ -279,10 +280,12 @@ fn forward_half<H: Half, P: Program<f32>>(
         return Ok(out);
     }
     let mut out = output_of(problem, |len| H::zeros(len, parallelism));
+    let q = H::compute(problem.q, parallelism);
+    let problem = problem.with_queries(q.view());
     if let Plan::Direct(arch) = plan {
         let mut outs: Vec<_> = per_head(out.view_mut()).collect();
-        let mut groups = kv_groups(problem, &mut outs, None);
-        run_direct::direct_half(problem, arch, &mut groups, parallelism);
+        let mut groups = kv_groups(&problem, &mut outs, None);
+        run_direct::direct_half(&problem, arch, &mut groups, parallelism);
     } else {
         // every other plan reads f32 keys and values
         let (k, v) = (
@@ -298,18 +301,19 @@ fn forward_half<H: Half, P: Program<f32>>(
         H::done(k);
         H::done(v);
     }
+    H::done(q);
     Ok(H::store(out, parallelism))
 }
 
-/// [`forward_lse`] over keys and values stored in half precision: the tiled
-/// plans over bf16 pairs keep each row's log-sum-exp as the `f32` kernel does;
-/// every other plan widens the keys and values once and runs as `f32` does.
+/// [`forward_lse`] over inputs stored in half precision: the tiled plans over
+/// bf16 pairs keep each row's log-sum-exp as the `f32` kernel does; every
+/// other plan widens the inputs once and runs as `f32` does.
 ///
 /// # Errors
 ///
 /// As [`forward`].
 fn forward_lse_half<H: Half, P: Program<f32>>(
-    problem: &Problem<'_, f32, H, P>,
+    problem: &Problem<'_, f32, H, P, H>,
     kernel: Kernel,
     parallelism: Parallelism,
 ) -> Result<Saved<f32>> {
@@ -323,17 +327,13 @@ fn forward_lse_half<H: Half, P: Program<f32>>(
             Ok(saved)
         }
         _ => {
-            let (k, v) = (
-                H::compute(problem.k, parallelism),
-                H::compute(problem.v, parallelism),
-            );
+            let [q, k, v] = [problem.q, problem.k, problem.v].map(|x| H::compute(x, parallelism));
             let saved = choose_forward_lse(
-                &problem.with_keys_values(k.view(), v.view()),
+                &problem.with_inputs(q.view(), k.view(), v.view()),
                 kernel,
                 parallelism,
             );
-            H::done(k);
-            H::done(v);
+            [q, k, v].into_iter().for_each(H::done);
             saved
         }
     }
@@ -344,16 +344,16 @@ fn forward_lse_half<H: Half, P: Program<f32>>(
 /// `outs`, and its rows' log-sum-exps into `lses` if the call keeps them.
 #[cfg(target_arch = "x86_64")]
 fn tiled_bf16<'o, H: Half, P: Program<f32>, O: Output<f32>>(
-    problem: &Problem<'_, f32, H, P>,
+    problem: &Problem<'_, f32, H, P, H>,
     plan: Plan,
     outs: &mut [ArrayViewMut2<'o, O>],
     lses: Option<&mut [ArrayViewMut1<'o, f32>]>,
     parallelism: Parallelism,
 ) {
-    let (Some(k), Some(v)) = (H::as_bf16(problem.k), H::as_bf16(problem.v)) else {
-        unreachable!("the plan has pairs only for bf16 keys and values")
+    let [Some(q), Some(k), Some(v)] = [problem.q, problem.k, problem.v].map(H::as_bf16) else {
+        unreachable!("the plan has pairs only for bf16 inputs")
     };
-    let problem = problem.with_keys_values(k, v);
+    let problem = problem.with_inputs(q, k, v);
     let mut groups = kv_groups(&problem, outs, lses);
     let fallback = |b, h, out: ArrayViewMut2<'_, O>, lse: Option<ArrayViewMut1<'_, f32>>| {
         run_direct::widened_reference(&problem, b, h, out, lse)
@@ -370,8 +370,8 @@ fn tiled_bf16<'o, H: Half, P: Program<f32>, O: Output<f32>>(
 /// The outputs `outs` (one per batch and query head, in that order), and their
 /// rows' log-sum-exps `lses` if the call keeps them, grouped by the key/value
 /// head they attend with: group `b·kv_heads + kv`.
-fn kv_groups<'o, 'a, A: Copy, KV, P, O>(
-    problem: &Problem<'_, A, KV, P>,
+fn kv_groups<'o, 'a, A: Copy, KV, P, Q, O>(
+    problem: &Problem<'_, A, KV, P, Q>,
     outs: &'o mut [ArrayViewMut2<'a, O>],
     lses: Option<&'o mut [ArrayViewMut1<'a, A>]>,
 ) -> Vec<KvGroup<'o, 'a, A, O>> {

@@ -40,7 +40,10 @@ impl Plan {
     /// # Errors
     ///
     /// As [`forward`](super::forward), for the fused paths.
-    pub(super) fn of<A, KV, P>(problem: &Problem<'_, A, KV, P>, kernel: Kernel) -> Result<Self> {
+    pub(super) fn of<A, KV, P, Q>(
+        problem: &Problem<'_, A, KV, P, Q>,
+        kernel: Kernel,
+    ) -> Result<Self> {
         let (batch, heads, l, d) = problem.q.dim();
         let (s, d_v) = (problem.k.dim().2, problem.v.dim().3);
         Ok(match kernel {

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use super::arch::{Dispatch, KernelElement, Op};
 use super::float::KernelFloat;
-use super::fusable::{Extent, extent_of, fusable};
+use super::fusable::{Extent, Magnitude, extent_of, fusable};
 use super::ops::{AttendBlock, PackHead, TileWidth};
 use super::options::Parallelism;
 use super::pack::{Entry, HeadMemory, PackedHead, head_bytes};
@@ -77,13 +77,14 @@ pub(crate) fn rowwise_head<A: KernelElement, P: Program<A>>(
 }
 
 /// Every group by the tiled kernel, with the micro-kernels `kernel` dispatches
-/// to (over keys packed as entries `K`), its outputs written as `O`: packing as
+/// to (over queries and keys packed as entries `K`, the queries stored as
+/// `K::Query`), its outputs written as `O`: packing as
 /// many key/value heads at a time as fit in [`PACKED_BYTES`] (but at least one
 /// per thread: a head of few query rows is only one task) and running all their
 /// blocks in one parallel region; `fallback` computes a head whose inputs the
 /// fused arithmetic cannot stand for.
 pub(crate) fn tiled<A, KV, K, D, P, O>(
-    problem: &Problem<'_, A, KV, P>,
+    problem: &Problem<'_, A, KV, P, K::Query>,
     kernel: D,
     groups: &mut [KvGroup<'_, '_, A, O>],
     parallelism: Parallelism,
@@ -91,7 +92,7 @@ pub(crate) fn tiled<A, KV, K, D, P, O>(
 ) where
     A: KernelFloat,
     KV: Sync,
-    K: Entry<A>,
+    K: Entry<A, Query: Magnitude<Float = A>>,
     D: Dispatch<A, K>,
     P: Program<A>,
     O: Output<A>,
@@ -146,7 +147,7 @@ struct Task<'a, A, K: Entry<A>, P, O> {
 /// heads `packed` (one per group), in one parallel region; a head whose
 /// program made a score NaN or `+∞` is then computed again by `fallback`.
 fn attend_wave<A, KV, K, D, P, O>(
-    problem: &Problem<'_, A, KV, P>,
+    problem: &Problem<'_, A, KV, P, K::Query>,
     kernel: D,
     wave: &mut [KvGroup<'_, '_, A, O>],
     packed: &[PackedHead<A, K>],
@@ -155,7 +156,7 @@ fn attend_wave<A, KV, K, D, P, O>(
 ) where
     A: KernelFloat,
     KV: Sync,
-    K: Entry<A>,
+    K: Entry<A, Query: Magnitude<Float = A>>,
     D: Dispatch<A, K>,
     P: Program<A>,
     O: Output<A>,

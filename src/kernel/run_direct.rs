@@ -16,7 +16,7 @@ use super::run::KvGroup;
 use super::tiled::Output;
 use crate::core::mask::Mask2;
 use crate::core::problem::Problem;
-use crate::element::Half;
+use crate::element::{Half, Storage};
 use crate::flex::program::Program;
 
 /// Every group by the direct path, its keys cut into parts of at most [`DIRECT_PART`]
@@ -51,19 +51,25 @@ pub(crate) fn direct_half<H: Half, P: Program<f32>>(
 }
 
 /// Head `h` of batch `b` by the reference path, its keys and values stored in
-/// half precision widened whole; its output written as `O`, each row's
-/// log-sum-exp into `lse` if asked.
-pub(crate) fn widened_reference<H: Half, P: Program<f32>, O: Output<f32>>(
-    problem: &Problem<'_, f32, H, P>,
+/// half precision widened whole (and its queries, if they are); its output
+/// written as `O`, each row's log-sum-exp into `lse` if asked.
+pub(crate) fn widened_reference<H, Q, P, O>(
+    problem: &Problem<'_, f32, H, P, Q>,
     b: usize,
     h: usize,
     out: ArrayViewMut2<'_, O>,
     lse: Option<ArrayViewMut1<'_, f32>>,
-) {
+) where
+    H: Half,
+    Q: Storage<Compute = f32>,
+    P: Program<f32>,
+    O: Output<f32>,
+{
     let kv = problem.kv_head(h);
     let widened = |x: &ArrayView4<'_, H>| x.slice(s![b, kv, .., ..]).mapv(H::to_compute);
     let (keys, values) = (widened(&problem.k), widened(&problem.v));
-    let (output, row_lse) = problem.lse_head(b, h, keys.view(), values.view());
+    let queries = problem.query(b, h).mapv(Q::to_compute);
+    let (output, row_lse) = problem.lse_head(b, h, queries.view(), keys.view(), values.view());
     O::assign(out, output.view());
     if let Some(mut lse) = lse {
         lse.assign(&row_lse);
@@ -74,8 +80,8 @@ pub(crate) fn widened_reference<H: Half, P: Program<f32>, O: Output<f32>>(
 type StandardHead<'p, KV> = (CowArray<'p, KV, Ix2>, CowArray<'p, KV, Ix2>);
 
 /// Each group's keys and values in standard layout (views where they are).
-fn standard_heads<'p, A: Copy, KV: Clone, P>(
-    problem: &'p Problem<'_, A, KV, P>,
+fn standard_heads<'p, A: Copy, KV: Clone, P, Q>(
+    problem: &'p Problem<'_, A, KV, P, Q>,
     groups: &[KvGroup<'_, '_, A>],
 ) -> Vec<StandardHead<'p, KV>> {
     groups

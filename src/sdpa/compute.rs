@@ -34,10 +34,9 @@ impl<'m, A: Storage> ScaledDotProduct<'m, A> {
         }
     }
 
-    /// Every forward call, 2-D or batched, in any storage type: the queries in
-    /// the compute type, the keys and values as they are stored (the kernel's
-    /// plan reads them where they lie, or widens them), the output rounded back
-    /// once.
+    /// Every forward call, 2-D or batched, in any storage type: the inputs as
+    /// they are stored (the kernel's plan reads them where they lie, or widens
+    /// them), the output rounded back once.
     pub(super) fn attend<D: AttentionDim>(
         &self,
         q: ArrayView<'_, A, D>,
@@ -64,26 +63,21 @@ impl<'m, A: Storage> ScaledDotProduct<'m, A> {
 
     /// The checked problem of a call in any storage type, under the program
     /// `program` makes from the shape of its scores, handed to `solve`: the
-    /// queries in the compute type, the keys and values as they are stored
-    /// (the kernel's plan reads them where they lie, or widens them).
+    /// queries, keys and values as they are stored (the kernel's plan reads
+    /// them where they lie, or widens them).
     pub(super) fn solve_under<D: AttentionDim, P: Program<A::Compute>, R>(
         &self,
         q: ArrayView<'_, A, D>,
         k: ArrayView<'_, A, D>,
         v: ArrayView<'_, A, D>,
         program: impl FnOnce([usize; 4]) -> Result<P>,
-        solve: impl FnOnce(&Problem<'_, A::Compute, A, P>) -> Result<R>,
+        solve: impl FnOnce(&Problem<'_, A::Compute, A, P, A>) -> Result<R>,
     ) -> Result<R> {
-        let q = A::compute(q, self.parallelism);
         let slopes = self.slopes_in_compute();
         let attn = self.in_compute(&slopes);
-        let solved = {
-            let problem = Problem::new(q.view(), k, v, &attn.masks, attn.scale)?;
-            let program = program(problem.scores())?;
-            solve(&problem.with_program(&program))
-        };
-        A::done(q);
-        solved
+        let problem = Problem::new(q, k, v, &attn.masks, attn.scale)?;
+        let program = program(problem.scores())?;
+        solve(&problem.with_program(&program))
     }
 }
 

@@ -450,7 +450,7 @@ impl<A: Element> ScaledDotProduct<'_, A> {
         v: &ArrayRef2<A>,
     ) -> Result<AttentionTrace<A>> {
         let problem = self.check(q, k, v)?;
-        let head = problem.attend_head(0, 0, problem.k.slice(ndarray::s![0, 0, .., ..]));
+        let head = problem.attend_head(0, 0, q.view(), k.view());
         let output = weighted_values(&head, v.view());
         Ok(AttentionTrace {
             scores: q.dot(&k.t()),

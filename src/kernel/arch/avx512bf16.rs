@@ -169,15 +169,12 @@ impl KeyTiles<f32, Bf16Pair, NR> for Avx512Bf16 {
         }
     }
 
-    /// Sixteen pairs of each row at a time rounded by `vcvtne2ps2bf16` and
-    /// the tile's rows transposed in registers, where one pair at a time the
-    /// rounding took a tenth of a call at N = 512 (Zen 5). The instruction
-    /// rounds as `bf16::from_f32` but for subnormal components, which it
-    /// makes zero: `vdpbf16ps` reads them as zero anyway, so the scores keep
-    /// their bits.
+    /// Sixteen pairs of each row at a time, the tile's rows transposed in
+    /// registers, where one pair at a time the packing took a tenth of a call
+    /// at N = 512 (Zen 5).
     #[inline(always)]
-    fn pack_query_tile(self, rows: ArrayView2<'_, f32>, scale: f32, out: &mut [[Bf16Pair; MR]]) {
-        // SAFETY: `self` is the token: AVX-512 F and AVX512_BF16.
+    fn pack_query_tile(self, rows: ArrayView2<'_, bf16>, scale: f32, out: &mut [[Bf16Pair; MR]]) {
+        // SAFETY: `self` is the token: AVX-512 F.
         unsafe { pack_query_tile(rows, scale, out) }
     }
 
@@ -199,16 +196,12 @@ impl KeyTiles<f32, Bf16Pair, NR> for Avx512Bf16 {
 impl QueryStep for Bf16Pair {
     const COMPONENTS: usize = 2;
 
-    /// AVX-512 F and AVX512_BF16: sixteen pairs by one `vcvtne2ps2bf16`; the
-    /// queries carry no scale (it would be rounded).
+    /// Sixteen pairs as they are stored, one a lane; the queries carry no
+    /// scale (it would be rounded).
     #[inline(always)]
-    unsafe fn load16(at: *const f32, _: __m512) -> __m512 {
-        // SAFETY: the caller upholds the contract; `__m512bh` and `__m512` are
-        // both 64 bytes of lanes.
-        unsafe {
-            let (low, high) = (_mm512_loadu_ps(at), _mm512_loadu_ps(at.add(16)));
-            std::mem::transmute::<__m512bh, __m512>(_mm512_cvtne2ps_pbh(high, low))
-        }
+    unsafe fn load16(at: *const bf16, _: __m512) -> __m512 {
+        // SAFETY: the caller upholds the contract: 64 bytes from `at`.
+        unsafe { _mm512_loadu_ps(at.cast()) }
     }
 }
 
@@ -293,7 +286,7 @@ mod tests {
 
     /// Whole tiles (with and without pairs past the last sixteen, an odd
     /// width), a short tile and rows that are not contiguous (scattered): the
-    /// pairs `scatter_queries` rounds one by one, zero in the lanes past the
+    /// pairs `scatter_queries` makes one by one, zero in the lanes past the
     /// rows.
     #[test]
     fn the_transposed_pair_tile_is_the_scattered_one() {
@@ -309,9 +302,10 @@ mod tests {
             (5, 35, false),
             (MR, 64, true),
         ] {
-            // values that round (their low 16 bits are not zero), ties among them
+            // every pair different, subnormals among them
             let x = ndarray::Array2::from_shape_fn((rows, 2 * d), |(i, p)| {
-                (i * 1000 + p) as f32 * 0.312_7 - 7.0 + if p % 5 == 0 { 2e-3 } else { 0.0 }
+                let x = (i * 1000 + p) as f32 * 0.312_7 - 7.0;
+                half::bf16::from_f32(if p % 5 == 0 { x * 1e-39 } else { x })
             });
             let view = if strided {
                 x.slice(s![.., ..;2])
@@ -324,8 +318,8 @@ mod tests {
             KeyTiles::<f32, Bf16Pair, NR>::pack_query_tile(token, view, 0.125, &mut fast);
             scatter_queries(view, 0.125, &mut scalar);
             assert_eq!(fast, scalar, "{rows} rows, d = {d}, strided {strided}");
-            let first = |i: usize| half::bf16::from_f32(view[(i, 0)]).to_bits();
-            assert_eq!(fast[0][rows - 1].0 & 0xffff, u32::from(first(rows - 1)));
+            let first = view[(rows - 1, 0)].to_bits();
+            assert_eq!(fast[0][rows - 1].0 & 0xffff, u32::from(first));
             assert!(
                 fast.iter()
                     .all(|step| step[rows..].iter().all(|p| p.0 == 0))

@@ -130,25 +130,23 @@ unsafe fn transpose_block<T, E, const W: usize>(
 
 /// An entry of a query tile that [`pack_query_tile`] writes sixteen steps of a
 /// row at a time, as one register of sixteen 32-bit lanes: an f32 component
-/// times the scale, or a pair of components rounded to bf16.
+/// times the scale, or a pair of bf16 components as they are stored.
 pub(super) trait QueryStep: Entry<f32> {
     /// A row's components in one step.
     const COMPONENTS: usize;
 
-    /// Steps `0 .. 16` of the row from `at` (its `16 · COMPONENTS` f32), one
-    /// a lane; `scale` is the call's in every lane.
+    /// Steps `0 .. 16` of the row from `at` (its `16 · COMPONENTS` stored
+    /// components, 64 bytes), one a lane; `scale` is the call's in every lane.
     ///
     /// # Safety
     ///
-    /// The CPU must support the instructions the entry's impl names; the f32
-    /// at `at .. at + 16 · COMPONENTS` are readable.
-    unsafe fn load16(at: *const f32, scale: __m512) -> __m512;
+    /// The CPU must support AVX-512 F; the 64 bytes from `at` are readable.
+    unsafe fn load16(at: *const Self::Query, scale: __m512) -> __m512;
 }
 
 impl QueryStep for f32 {
     const COMPONENTS: usize = 1;
 
-    /// AVX-512 F.
     #[inline(always)]
     unsafe fn load16(at: *const f32, scale: __m512) -> __m512 {
         // SAFETY: the caller upholds the contract.
@@ -165,18 +163,22 @@ impl QueryStep for f32 {
 ///
 /// # Safety
 ///
-/// The CPU must support AVX-512 F and what `K`'s [`QueryStep::load16`] names.
+/// The CPU must support AVX-512 F.
 #[inline(always)]
 pub(super) unsafe fn pack_query_tile<K: QueryStep>(
-    rows: ArrayView2<'_, f32>,
+    rows: ArrayView2<'_, K::Query>,
     scale: f32,
     out: &mut [[K; MR]],
 ) {
     const {
         assert!(MR <= 16, "a tile's rows fit one transposition");
         assert!(size_of::<K>() == 4, "an entry is one lane");
+        assert!(
+            16 * K::COMPONENTS * size_of::<K::Query>() == 64,
+            "a step is a register"
+        );
     }
-    let mut lines: [&[f32]; MR] = [&[]; MR];
+    let mut lines: [&[K::Query]; MR] = [&[]; MR];
     for (line, row) in lines.iter_mut().zip(rows.outer_iter()) {
         match row.to_slice() {
             Some(row) => *line = row,
@@ -191,8 +193,9 @@ pub(super) unsafe fn pack_query_tile<K: QueryStep>(
     let tile_rows: __mmask16 = (1 << MR) - 1;
     let width = 16 * K::COMPONENTS;
     // SAFETY: the caller upholds this function's contract; each load reads the
-    // `width` f32 of a line's first `whole_steps · COMPONENTS`, each store
-    // writes the `MR` entries (32 bits each) of one step.
+    // `width` components (64 bytes) of a line's first `whole_steps ·
+    // COMPONENTS`, each store writes the `MR` entries (32 bits each) of one
+    // step.
     unsafe {
         let scale16 = _mm512_set1_ps(scale);
         for p0 in (0..whole_steps).step_by(16) {

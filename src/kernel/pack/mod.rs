@@ -15,8 +15,8 @@ use crate::element::Element;
 use crate::kept::Kept;
 
 pub(crate) use pairs::{
-    Bf16Pair, PackPairPanel, Pair, TILE_PAIRS, TilePair, pack_head_pairs, scatter_key_pairs,
-    scatter_pairs,
+    Bf16Pair, PackPairPanel, Pair, TILE_PAIRS, TilePair, narrow_pairs, pack_head_pairs,
+    scatter_key_pairs, scatter_pairs,
 };
 
 /// Keys packed for the micro-kernel: panels of `NR` keys, each stored
@@ -49,9 +49,13 @@ pub(crate) trait Entry<A>: Copy + Send + Sync + 'static {
     /// Entries per query or key of `d` components.
     fn depth(d: usize) -> usize;
 
+    /// What the queries packed as these entries are stored as: the element,
+    /// or bf16 for pairs (read as they are stored, never widened).
+    type Query: Copy + Send + Sync + 'static;
+
     /// The entries of one query, `write(p, entry)` for each `p < depth(d)`; the
     /// scale is multiplied in where the entry can hold it.
-    fn pack_query(row: ArrayView1<'_, A>, scale: A, write: impl FnMut(usize, Self));
+    fn pack_query(row: ArrayView1<'_, Self::Query>, scale: A, write: impl FnMut(usize, Self));
 
     /// The factor the scores of queries packed with `scale` still need: `None`
     /// where the packed queries carry it.
@@ -60,6 +64,7 @@ pub(crate) trait Entry<A>: Copy + Send + Sync + 'static {
 
 impl<A: Element> Entry<A> for A {
     type Value = A;
+    type Query = A;
 
     fn zero() -> A {
         A::zero()

@@ -20,12 +20,13 @@ impl Bf16Pair {
     }
 }
 
-/// Queries are widened from bf16 to f32 before they reach the kernel (exactly),
-/// and narrowed back here (exactly again); the scale cannot ride in a bf16 query
-/// without rounding it, so the scores are scaled in f32. The values are pairs of
-/// keys' values, as the AMX tiles' ([`PackedValues::pack_key_pairs`]).
+/// Queries are read as they are stored, in bf16: a pair is two consecutive
+/// components. The scale cannot ride in a bf16 query without rounding it, so
+/// the scores are scaled in f32. The values are pairs of keys' values, as the
+/// AMX tiles' ([`PackedValues::pack_key_pairs`]).
 impl Entry<f32> for Bf16Pair {
     type Value = Bf16Pair;
+    type Query = bf16;
 
     const VALUE_KEYS: usize = 2;
 
@@ -38,8 +39,8 @@ impl Entry<f32> for Bf16Pair {
     }
 
     #[inline(always)]
-    fn pack_query(row: ArrayView1<'_, f32>, _: f32, write: impl FnMut(usize, Self)) {
-        narrow_pairs(row, Self::depth(row.len()), write);
+    fn pack_query(row: ArrayView1<'_, bf16>, _: f32, write: impl FnMut(usize, Self)) {
+        pairs_of(row, Self::depth(row.len()), write);
     }
 
     fn scale_after(scale: f32) -> Option<f32> {
@@ -47,9 +48,23 @@ impl Entry<f32> for Bf16Pair {
     }
 }
 
-/// The first `depth` pairs of `row` rounded to bf16 (zero past its end).
+/// The first `depth` pairs of `row` (zero past its end).
 #[inline(always)]
-fn narrow_pairs(row: ArrayView1<'_, f32>, depth: usize, mut write: impl FnMut(usize, Bf16Pair)) {
+fn pairs_of(row: ArrayView1<'_, bf16>, depth: usize, mut write: impl FnMut(usize, Bf16Pair)) {
+    let at = |i: usize| row.get(i).copied().unwrap_or(bf16::ZERO);
+    for p in 0..depth {
+        write(p, Bf16Pair::new(at(2 * p), at(2 * p + 1)));
+    }
+}
+
+/// The first `depth` pairs of the f32 `row` rounded to bf16 (zero past its
+/// end): the backward's operands, computed in f32, as the AMX tiles take them.
+#[inline(always)]
+pub(crate) fn narrow_pairs(
+    row: ArrayView1<'_, f32>,
+    depth: usize,
+    mut write: impl FnMut(usize, Bf16Pair),
+) {
     let narrow = |i: usize| row.get(i).map_or(bf16::ZERO, |&x| bf16::from_f32(x));
     for p in 0..depth {
         write(p, Bf16Pair::new(narrow(2 * p), narrow(2 * p + 1)));
@@ -69,6 +84,7 @@ pub(crate) const TILE_PAIRS: usize = 16;
 
 impl Entry<f32> for TilePair {
     type Value = Bf16Pair;
+    type Query = bf16;
 
     const VALUE_KEYS: usize = 2;
 
@@ -81,8 +97,8 @@ impl Entry<f32> for TilePair {
     }
 
     #[inline(always)]
-    fn pack_query(row: ArrayView1<'_, f32>, _: f32, mut write: impl FnMut(usize, Self)) {
-        narrow_pairs(row, Self::depth(row.len()), |p, pair| {
+    fn pack_query(row: ArrayView1<'_, bf16>, _: f32, mut write: impl FnMut(usize, Self)) {
+        pairs_of(row, Self::depth(row.len()), |p, pair| {
             write(p, TilePair(pair))
         });
     }

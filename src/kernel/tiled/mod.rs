@@ -36,8 +36,8 @@ pub(crate) use tiles::{
 pub(crate) struct Block<'a, A, K: Entry<A>, P> {
     /// The head's program (its batch row and query head).
     pub(crate) scoring: Scoring<'a, P>,
-    /// The block's query rows, `(rows ≤ BR, d)`.
-    pub(crate) q: ArrayView2<'a, A>,
+    /// The block's query rows, `(rows ≤ BR, d)`, as stored.
+    pub(crate) q: ArrayView2<'a, K::Query>,
     /// Index of the block's first row among the head's `l` queries.
     pub(crate) first_row: usize,
     /// Number of queries `L` of the head.

@@ -19,7 +19,7 @@ use crate::kernel::params::{BC, BR, MR};
 #[inline(always)]
 fn pack_queries<A, K, T, const NR: usize>(
     tiles: T,
-    block: ArrayView2<'_, A>,
+    block: ArrayView2<'_, K::Query>,
     scale: A,
     depth: usize,
     q: &mut [K],
@@ -37,7 +37,7 @@ fn pack_queries<A, K, T, const NR: usize>(
 /// [`KeyTiles::pack_query_tile`] query by query, each entry stored on its own.
 #[inline(always)]
 pub(crate) fn scatter_queries<A: Copy, K: Entry<A>>(
-    rows: ArrayView2<'_, A>,
+    rows: ArrayView2<'_, K::Query>,
     scale: A,
     out: &mut [[K; MR]],
 ) {
@@ -222,7 +222,7 @@ pub(crate) trait Tiles<A: Copy, const NR: usize>: PackPanel<A, NR> {
     #[inline(always)]
     fn pack_query_tile(self, rows: ArrayView2<'_, A>, scale: A, out: &mut [[A; MR]])
     where
-        A: Entry<A>,
+        A: Entry<A, Query = A>,
     {
         scatter_queries(rows, scale, out);
     }
@@ -335,10 +335,10 @@ pub(crate) trait KeyTiles<A, K, const NR: usize>: Copy {
         scatter_pairs(keys, d, lines, out);
     }
 
-    /// Packs a block's queries `q: (rows ≤ BR, d)`, `depth` entries each, into
+    /// Packs a block's queries `q: (rows ≤ BR, d)` as stored, `depth` entries each, into
     /// `out` (`BR · depth` entries), times `scale` where the entries hold it.
     #[inline(always)]
-    fn pack_block_queries(self, q: ArrayView2<'_, A>, scale: A, depth: usize, out: &mut [K])
+    fn pack_block_queries(self, q: ArrayView2<'_, K::Query>, scale: A, depth: usize, out: &mut [K])
     where
         A: Copy,
         K: Entry<A>,
@@ -378,7 +378,7 @@ pub(crate) trait KeyTiles<A, K, const NR: usize>: Copy {
     /// where the entries hold it), the lanes past the rows zero. For `K = A` it
     /// is [`Tiles::pack_query_tile`].
     #[inline(always)]
-    fn pack_query_tile(self, rows: ArrayView2<'_, A>, scale: A, out: &mut [[K; MR]])
+    fn pack_query_tile(self, rows: ArrayView2<'_, K::Query>, scale: A, out: &mut [[K; MR]])
     where
         A: Copy,
         K: Entry<A>,
@@ -405,10 +405,12 @@ impl<A: KernelFloat, T: Tiles<A, NR>, const NR: usize> KeyTiles<A, A, NR> for T 
     }
 
     #[inline(always)]
-    fn pack_query_tile(self, rows: ArrayView2<'_, A>, scale: A, out: &mut [[A; MR]])
-    where
-        A: Entry<A>,
-    {
+    fn pack_query_tile(
+        self,
+        rows: ArrayView2<'_, <A as Entry<A>>::Query>,
+        scale: A,
+        out: &mut [[A; MR]],
+    ) {
         Tiles::pack_query_tile(self, rows, scale, out);
     }
 }

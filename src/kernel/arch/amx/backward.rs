@@ -263,9 +263,9 @@ impl Products<f32> for PairProducts<'_> {
         self.rows = rows;
         let block = &mut *self.block;
         let amx = self.amx;
-        amx.pack_block_queries(q, 1.0, w.depth, &mut block.q);
+        amx.narrow_block(q, w.depth, &mut block.q);
         let d_out = ArrayView2::from_shape((rows, w.d_v), d_out).expect("rows of d_v");
-        amx.pack_block_queries(d_out, 1.0, w.value_depth, &mut block.d_out);
+        amx.narrow_block(d_out, w.value_depth, &mut block.d_out);
         transpose_pairs(&block.q, (rows, w.d), &mut block.q_t);
         transpose_pairs(&block.d_out, (rows, w.d_v), &mut block.d_out_t);
         block.dq.fill(0.0);

@@ -7,11 +7,11 @@
 //! and detection reads CPUID and asks Linux for the tile data
 //! (`arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)`) itself.
 //!
-//! Accuracy: the queries are rounded to bf16 (as by [`Avx512Bf16`]), and so are
-//! the weights `P = exp(S − max)` before `P·V` (each by at most 2⁻⁸ of itself,
-//! after an `exp` within 4·10⁻⁶; the row's sum, which divides, is of the f32
-//! weights), as PyTorch's CPU kernel does: an output moves by at most 2⁻⁸ of
-//! the largest value, the size of the values' own bf16 rounding
+//! Accuracy: the queries, keys and values are bf16 as stored; the weights
+//! `P = exp(S − max)` are rounded to bf16 before `P·V` (each by at most 2⁻⁸
+//! of itself, after an `exp` within 4·10⁻⁶; the row's sum, which divides, is
+//! of the f32 weights), as PyTorch's CPU kernel does: an output moves by at
+//! most 2⁻⁸ of the largest value, the size of the values' own bf16 rounding
 //! (`tests/half.rs` allows one bf16 spacing of the largest value where AMX
 //! ran).
 //! Products of bf16 pairs are exact in f32; the tile unit adds them in an order
@@ -35,7 +35,7 @@ use super::transpose::pack_pair_panel;
 use super::{Dispatch, KernelArch, Op, Token};
 use crate::kernel::float::{Fused, MulAdd};
 use crate::kernel::pack::{
-    Bf16Pair, Entry, PackPanel, PackedKeys, PackedValues, TILE_PAIRS, TilePair,
+    Bf16Pair, Entry, PackPanel, PackedKeys, PackedValues, TILE_PAIRS, TilePair, narrow_pairs,
 };
 use crate::kernel::params::{BC, BR, MR};
 use crate::kernel::tiled::{KeyTiles, Panels, RowStates, Tiles, Weights};
@@ -158,24 +158,20 @@ impl KeyTiles<f32, TilePair, NR> for Amx {
     }
 
     /// Row-major: query `i`'s pairs at `out[i·depth ..]`, so that a tile loads
-    /// 16 rows of 16 pairs; the rows past the block's zero.
+    /// 16 rows of 16 pairs (a contiguous row's are its own bytes); the rows
+    /// past the block's zero.
     #[inline(always)]
     fn pack_block_queries(
         self,
-        q: ArrayView2<'_, f32>,
+        q: ArrayView2<'_, bf16>,
         scale: f32,
         depth: usize,
         out: &mut [TilePair],
     ) {
-        let rows = q.nrows();
-        for (row, packed) in q.outer_iter().zip(out.chunks_exact_mut(depth)) {
-            match row.as_slice() {
-                Some(row) => self.narrow_row(row, packed),
-                None => TilePair::pack_query(row, scale, |p, pair| packed[p] = pair),
-            }
-        }
-        let computed = rows.next_multiple_of(TILE_ROWS);
-        out[rows * depth..computed * depth].fill(TilePair::zero());
+        row_major(q, depth, out, |row, packed| match row.as_slice() {
+            Some(row) => pairs_of_row(row, packed),
+            None => TilePair::pack_query(row, scale, |p, pair| packed[p] = pair),
+        });
     }
 
     /// Two panels of 16 keys against 32 query rows at a time (four tiles of
@@ -274,10 +270,52 @@ impl KeyTiles<f32, TilePair, NR> for Amx {
     }
 }
 
+/// The rows of `q` packed by `pack_row` as `depth` entries each, row-major,
+/// and zero rows to the next whole tile.
+#[inline(always)]
+fn row_major<Q>(
+    q: ArrayView2<'_, Q>,
+    depth: usize,
+    out: &mut [TilePair],
+    mut pack_row: impl FnMut(ndarray::ArrayView1<'_, Q>, &mut [TilePair]),
+) {
+    let rows = q.nrows();
+    for (row, packed) in q.outer_iter().zip(out.chunks_exact_mut(depth)) {
+        pack_row(row, packed);
+    }
+    let computed = rows.next_multiple_of(TILE_ROWS);
+    out[rows * depth..computed * depth].fill(TilePair::zero());
+}
+
+/// The components of `row` as pairs (its own bytes), zero past its end.
+#[inline(always)]
+fn pairs_of_row(row: &[bf16], out: &mut [TilePair]) {
+    let (pairs, last) = row.as_chunks::<2>();
+    let (whole, rest) = out.split_at_mut(pairs.len());
+    for (out, &[first, second]) in whole.iter_mut().zip(pairs) {
+        *out = TilePair(Bf16Pair::new(first, second));
+    }
+    rest.fill(TilePair::zero());
+    if let ([first], Some(out)) = (last, rest.first_mut()) {
+        *out = TilePair(Bf16Pair::new(*first, bf16::ZERO));
+    }
+}
+
 impl Amx {
-    /// A query's components `row` rounded to bf16 as pairs (as
-    /// [`TilePair::pack_query`] does one by one), 32 at a time, zero past the
-    /// row's end to the whole steps of `out`.
+    /// A block's rows computed in f32 (the backward's queries and output
+    /// gradients), rounded to bf16 pairs row-major as
+    /// [`KeyTiles::pack_block_queries`] packs stored ones.
+    #[inline(always)]
+    fn narrow_block(self, q: ArrayView2<'_, f32>, depth: usize, out: &mut [TilePair]) {
+        row_major(q, depth, out, |row, packed| match row.as_slice() {
+            Some(row) => self.narrow_row(row, packed),
+            None => narrow_pairs(row, depth, |p, pair| packed[p] = TilePair(pair)),
+        });
+    }
+
+    /// A row's components `row` rounded to bf16 as pairs (as
+    /// [`narrow_pairs`] does one by one), 32 at a time, zero past the row's
+    /// end to the whole steps of `out`.
     #[inline(always)]
     fn narrow_row(self, row: &[f32], out: &mut [TilePair]) {
         assert!(
@@ -340,6 +378,49 @@ mod tests {
     use super::*;
     use crate::kernel::arch::avx512::Avx512;
 
+    /// A contiguous bf16 row of every length to 70 gives the pairs the scalar
+    /// packing gives, in order, zero past its end; a block's rows past its
+    /// last are zero to the whole tile. (Plain Rust: runs on every CPU.)
+    #[test]
+    fn stored_queries_pack_as_one_by_one() {
+        for len in 1..=70 {
+            let row: Vec<bf16> = (0..len)
+                .map(|i| bf16::from_bits(0x3f80 + i as u16 * 0x0101))
+                .collect();
+            let depth = TilePair::depth(len);
+            let mut fast = vec![TilePair(Bf16Pair(u32::MAX)); depth];
+            pairs_of_row(&row, &mut fast);
+            let mut plain = vec![TilePair(Bf16Pair(7)); depth];
+            TilePair::pack_query(ndarray::ArrayView1::from(&row), 1.0, |p, pair| {
+                plain[p] = pair
+            });
+            assert_eq!(fast, plain, "length {len}");
+            assert_eq!(fast[0].0.0 & 0xffff, u32::from(row[0].to_bits()));
+        }
+        let block = ndarray::Array2::from_elem((3, 40), bf16::ONE);
+        let depth = TilePair::depth(40);
+        let mut out = vec![TilePair(Bf16Pair(u32::MAX)); BR * depth];
+        row_major(block.view(), depth, &mut out, |row, packed| {
+            pairs_of_row(row.as_slice().expect("contiguous"), packed)
+        });
+        let ones = TilePair(Bf16Pair::new(bf16::ONE, bf16::ONE));
+        assert!(
+            out[..3 * depth]
+                .chunks(depth)
+                .all(|row| row[..20] == [ones; 20])
+        );
+        assert!(
+            out[..3 * depth]
+                .chunks(depth)
+                .all(|row| row[20..] == [TilePair::zero(); 12])
+        );
+        assert!(
+            out[3 * depth..TILE_ROWS * depth]
+                .iter()
+                .all(|&p| p == TilePair::zero())
+        );
+    }
+
     /// Rows of every length to 70 narrowed 32 at a time give the pairs the
     /// scalar packing gives, ties to even and the padding zero.
     #[test]
@@ -363,8 +444,8 @@ mod tests {
             let mut fast = vec![TilePair(Bf16Pair(u32::MAX)); depth];
             amx.narrow_row(&row, &mut fast);
             let mut plain = vec![TilePair::zero(); depth];
-            TilePair::pack_query(ndarray::ArrayView1::from(&row), 1.0, |p, pair| {
-                plain[p] = pair
+            narrow_pairs(ndarray::ArrayView1::from(&row), depth, |p, pair| {
+                plain[p] = TilePair(pair)
             });
             assert_eq!(fast, plain, "length {len}");
         }
