@@ -6,10 +6,11 @@ use ndarray::{ArrayViewMut2, ArrayViewMut4};
 
 use super::arch::{Arch, KernelElement};
 use super::direct::{Native, Paged, Quantized, Rows, Source, Widening, integer_fits};
+use super::native::{kv_groups, per_head};
 use super::options::Parallelism;
 use super::params::DIRECT_BATCH_ROWS;
 use super::report::{self, Path};
-use super::{kv_groups, per_head, run_direct};
+use super::run_direct;
 use crate::core::problem::Problem;
 use crate::decode::paged::{CacheElement, PerCache};
 use crate::element::{Element, Half, PerElement};
