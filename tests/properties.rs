@@ -204,3 +204,66 @@ fn values_at_masked_positions_change_nothing() {
         })
         .expect("masked positions are never read");
 }
+
+/// bf16 inputs, queries transposed or not: the fused paths (on bf16 pairs
+/// where the CPU has AVX512_BF16 or AMX, reading the queries as stored) equal
+/// the reference path within the rounding of the weights to bf16 (one bf16
+/// spacing of the largest value) and of the output (one of its own), NaN
+/// where it is NaN.
+#[test]
+fn bf16_fused_paths_equal_the_reference_within_its_rounding() {
+    use attn::half::bf16;
+    // one bf16 spacing at `x`: 8 bits of precision
+    let spacing = |x: f64| match x.abs() {
+        a if a == 0.0 || !a.is_finite() => 0.0,
+        a => 2f64.powi(a.log2().floor() as i32 - 7),
+    };
+    runner()
+        .run(&case(true), |case| {
+            let half = |x: &Array2<f64>| x.mapv(bf16::from_f64);
+            let (q, k, v) = (half(&case.q), half(&case.k), half(&case.v));
+            let q_t = q.t().to_owned();
+            let bias = case.bias.as_ref().map(half);
+            let attention = |kernel| {
+                let mut attn = ScaledDotProduct::<bf16>::new().with_kernel(kernel);
+                if let Some(keep) = &case.keep {
+                    attn = attn.with_mask(Mask::keep(keep));
+                }
+                if let Some(bias) = &bias {
+                    attn = attn.with_mask(Mask::bias(bias));
+                }
+                match case.causal {
+                    1 => attn.with_mask(Mask::CausalTopLeft),
+                    2 => attn.with_mask(Mask::CausalBottomRight),
+                    _ => attn,
+                }
+            };
+            let wide = |x: &Array2<bf16>| x.mapv(f64::from);
+            let plain = wide(
+                &attention(Kernel::Plain)
+                    .forward(&q, &k, &v)
+                    .expect("valid shapes"),
+            );
+            let largest = v
+                .iter()
+                .map(|&x| f64::from(x).abs())
+                .filter(|x| x.is_finite())
+                .fold(0.0, f64::max);
+            for kernel in [Kernel::Fused, Kernel::Auto] {
+                let attn = attention(kernel);
+                let out = if case.transpose_q {
+                    attn.forward(&q_t.t(), &k, &v)
+                } else {
+                    attn.forward(&q, &k, &v)
+                }
+                .expect("valid shapes");
+                for ((idx, x), y) in wide(&out).indexed_iter().zip(plain.iter()) {
+                    let within = (x - y).abs() <= spacing(*y) + spacing(largest) + 1e-6;
+                    let same = (x.is_nan() && y.is_nan()) || x == y || within;
+                    prop_assert!(same, "{kernel:?} at {:?}: {} vs {}", idx, x, y);
+                }
+            }
+            Ok(())
+        })
+        .expect("the fused bf16 paths agree with the reference");
+}
