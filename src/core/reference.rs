@@ -130,32 +130,7 @@ impl<A: Element, KV, P: Program<A>, Q> Problem<'_, A, KV, P, Q> {
         };
         attend_head(q, k, self.scale, &self.block_masks(b, h), scoring)
     }
-}
 
-impl<A: Element, P: Program<A>> Problem<'_, A, A, P> {
-    /// Every head's output and log-sum-exp per row, by the reference path.
-    pub(crate) fn forward_lse(&self) -> Saved<A> {
-        let (batch, heads, _, _) = self.q.dim();
-        let mut saved = Saved::zeros(self);
-        for b in 0..batch {
-            for h in 0..heads {
-                let (output, lse) = self.forward_lse_head(b, h);
-                saved.output.slice_mut(s![b, h, .., ..]).assign(&output);
-                saved.lse.slice_mut(s![b, h, ..]).assign(&lse);
-            }
-        }
-        saved
-    }
-
-    /// Head `h` of batch `b`: its output and each row's log-sum-exp of the scaled,
-    /// masked scores (`−∞` for a row that sees no key, NaN where a score is).
-    pub(crate) fn forward_lse_head(&self, b: usize, h: usize) -> (Array2<A>, Array1<A>) {
-        let (k, v) = self.keys_values(b, self.kv_head(h));
-        self.lse_head(b, h, self.query(b, h), k, v)
-    }
-}
-
-impl<A: Element, KV, P: Program<A>, Q> Problem<'_, A, KV, P, Q> {
     /// [`forward_lse_head`](Problem::forward_lse_head) of queries `q` against
     /// keys `k` and values `v` (the head's own, perhaps widened).
     pub(crate) fn lse_head(
@@ -184,6 +159,29 @@ impl<A: Element, KV, P: Program<A>, Q> Problem<'_, A, KV, P, Q> {
             max + row.fold(sink, |t, &x| t + (x - max).exp()).ln()
         });
         (weighted_values(&head, v), lse.collect())
+    }
+}
+
+impl<A: Element, P: Program<A>> Problem<'_, A, A, P> {
+    /// Every head's output and log-sum-exp per row, by the reference path.
+    pub(crate) fn forward_lse(&self) -> Saved<A> {
+        let (batch, heads, _, _) = self.q.dim();
+        let mut saved = Saved::zeros(self);
+        for b in 0..batch {
+            for h in 0..heads {
+                let (output, lse) = self.forward_lse_head(b, h);
+                saved.output.slice_mut(s![b, h, .., ..]).assign(&output);
+                saved.lse.slice_mut(s![b, h, ..]).assign(&lse);
+            }
+        }
+        saved
+    }
+
+    /// Head `h` of batch `b`: its output and each row's log-sum-exp of the scaled,
+    /// masked scores (`−∞` for a row that sees no key, NaN where a score is).
+    pub(crate) fn forward_lse_head(&self, b: usize, h: usize) -> (Array2<A>, Array1<A>) {
+        let (k, v) = self.keys_values(b, self.kv_head(h));
+        self.lse_head(b, h, self.query(b, h), k, v)
     }
 }
 

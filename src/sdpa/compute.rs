@@ -2,9 +2,7 @@
 //! any storage type: inputs, masks and scale converted (nothing is copied for
 //! `f32` and `f64`), outputs rounded back.
 
-use ndarray::{
-    Array, Array2, Array4, ArrayRef, ArrayRef2, ArrayRef4, ArrayView, CowArray, Ix1, Ix2, Ix4,
-};
+use ndarray::{Array, Array2, Array4, ArrayRef, ArrayRef2, ArrayView, CowArray, Ix1};
 
 use super::{AttentionOutput, ScaledDotProduct};
 use crate::core::mask;
@@ -82,20 +80,23 @@ impl<'m, A: Storage> ScaledDotProduct<'m, A> {
 }
 
 impl<'m, A: Element> ScaledDotProduct<'m, A> {
-    pub(super) fn forward_with_weights_compute(
+    /// The output and weights of a call of any shape, by the reference path
+    /// (the only one that keeps the weights).
+    pub(super) fn with_weights_compute<D: AttentionDim>(
         &self,
-        q: &ArrayRef2<A>,
-        k: &ArrayRef2<A>,
-        v: &ArrayRef2<A>,
-    ) -> Result<AttentionOutput<A, Ix2>> {
+        q: &ArrayRef<A, D>,
+        k: &ArrayRef<A, D>,
+        v: &ArrayRef<A, D>,
+    ) -> Result<AttentionOutput<A, D>> {
         let problem = self.check(q, k, v)?;
-        let mut output = Array2::zeros((q.nrows(), v.ncols()));
-        let mut weights = Array2::zeros((q.nrows(), k.nrows()));
-        problem.solve(
-            Some(lift_mut(output.view_mut())),
-            Some(lift_mut(weights.view_mut())),
-        );
-        Ok(AttentionOutput { output, weights })
+        let [batch, heads, l, s] = problem.scores();
+        let mut output = Array4::zeros((batch, heads, l, problem.v.dim().3));
+        let mut weights = Array4::zeros((batch, heads, l, s));
+        problem.solve(Some(output.view_mut()), Some(weights.view_mut()));
+        Ok(AttentionOutput {
+            output: D::unlift(output),
+            weights: D::unlift(weights),
+        })
     }
 
     pub(super) fn weights_compute(&self, q: &ArrayRef2<A>, k: &ArrayRef2<A>) -> Result<Array2<A>> {
@@ -103,20 +104,6 @@ impl<'m, A: Element> ScaledDotProduct<'m, A> {
         let mut weights = Array2::zeros((q.nrows(), k.nrows()));
         problem.solve(None, Some(lift_mut(weights.view_mut())));
         Ok(weights)
-    }
-
-    pub(super) fn forward_batched_with_weights_compute(
-        &self,
-        q: &ArrayRef4<A>,
-        k: &ArrayRef4<A>,
-        v: &ArrayRef4<A>,
-    ) -> Result<AttentionOutput<A, Ix4>> {
-        let problem = self.check(q, k, v)?;
-        let (batch, heads, l, _) = q.dim();
-        let mut output = Array4::zeros((batch, heads, l, v.dim().3));
-        let mut weights = Array4::zeros((batch, heads, l, k.dim().2));
-        problem.solve(Some(output.view_mut()), Some(weights.view_mut()));
-        Ok(AttentionOutput { output, weights })
     }
 
     /// The checked problem of a call of any shape.

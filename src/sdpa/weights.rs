@@ -2,9 +2,10 @@
 //! the output: by the reference path, which keeps them (the fused kernels never
 //! hold more than a block of scores).
 
-use ndarray::{Array2, ArrayRef2, ArrayRef4, Dimension, Ix2, Ix4};
+use ndarray::{Array2, ArrayRef, ArrayRef2, ArrayRef4, Dimension, Ix2, Ix4};
 
 use super::ScaledDotProduct;
+use crate::core::problem::AttentionDim;
 use crate::core::reference::weighted_values;
 use crate::element::{Element, Storage};
 use crate::error::Result;
@@ -95,19 +96,7 @@ impl<A: Storage> ScaledDotProduct<'_, A> {
         k: &ArrayRef2<A>,
         v: &ArrayRef2<A>,
     ) -> Result<AttentionOutput<A, Ix2>> {
-        let (q, k, v) = (
-            A::compute(q.view(), self.parallelism),
-            A::compute(k.view(), self.parallelism),
-            A::compute(v.view(), self.parallelism),
-        );
-        let slopes = self.slopes_in_compute();
-        let out = self
-            .in_compute(&slopes)
-            .forward_with_weights_compute(&q, &k, &v)?;
-        Ok(AttentionOutput {
-            output: A::store(out.output, self.parallelism),
-            weights: A::store(out.weights, self.parallelism),
-        })
+        self.with_weights(q, k, v)
     }
 
     /// The attention weights alone: `softmax(QKᵀ·scale)`, masked.
@@ -170,15 +159,20 @@ impl<A: Storage> ScaledDotProduct<'_, A> {
         k: &ArrayRef4<A>,
         v: &ArrayRef4<A>,
     ) -> Result<AttentionOutput<A, Ix4>> {
-        let (q, k, v) = (
-            A::compute(q.view(), self.parallelism),
-            A::compute(k.view(), self.parallelism),
-            A::compute(v.view(), self.parallelism),
-        );
+        self.with_weights(q, k, v)
+    }
+
+    /// [`forward_with_weights`](Self::forward_with_weights) in any shape: the
+    /// inputs in the compute type, the output and weights rounded back.
+    fn with_weights<D: AttentionDim>(
+        &self,
+        q: &ArrayRef<A, D>,
+        k: &ArrayRef<A, D>,
+        v: &ArrayRef<A, D>,
+    ) -> Result<AttentionOutput<A, D>> {
+        let [q, k, v] = [q, k, v].map(|x| A::compute(x.view(), self.parallelism));
         let slopes = self.slopes_in_compute();
-        let out = self
-            .in_compute(&slopes)
-            .forward_batched_with_weights_compute(&q, &k, &v)?;
+        let out = self.in_compute(&slopes).with_weights_compute(&q, &k, &v)?;
         Ok(AttentionOutput {
             output: A::store(out.output, self.parallelism),
             weights: A::store(out.weights, self.parallelism),
