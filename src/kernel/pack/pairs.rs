@@ -50,11 +50,8 @@ impl Entry<f32> for Bf16Pair {
 
 /// The first `depth` pairs of `row` (zero past its end).
 #[inline(always)]
-fn pairs_of(row: ArrayView1<'_, bf16>, depth: usize, mut write: impl FnMut(usize, Bf16Pair)) {
-    let at = |i: usize| row.get(i).copied().unwrap_or(bf16::ZERO);
-    for p in 0..depth {
-        write(p, Bf16Pair::new(at(2 * p), at(2 * p + 1)));
-    }
+fn pairs_of(row: ArrayView1<'_, bf16>, depth: usize, write: impl FnMut(usize, Bf16Pair)) {
+    pairs_by(row, depth, |x| x, write);
 }
 
 /// The first `depth` pairs of the f32 `row` rounded to bf16 (zero past its
@@ -63,11 +60,23 @@ fn pairs_of(row: ArrayView1<'_, bf16>, depth: usize, mut write: impl FnMut(usize
 pub(crate) fn narrow_pairs(
     row: ArrayView1<'_, f32>,
     depth: usize,
+    write: impl FnMut(usize, Bf16Pair),
+) {
+    pairs_by(row, depth, bf16::from_f32, write);
+}
+
+/// The first `depth` pairs of `row`, each component by `to_bf16` (zero past
+/// its end).
+#[inline(always)]
+fn pairs_by<T: Copy>(
+    row: ArrayView1<'_, T>,
+    depth: usize,
+    to_bf16: impl Fn(T) -> bf16,
     mut write: impl FnMut(usize, Bf16Pair),
 ) {
-    let narrow = |i: usize| row.get(i).map_or(bf16::ZERO, |&x| bf16::from_f32(x));
+    let at = |i: usize| row.get(i).map_or(bf16::ZERO, |&x| to_bf16(x));
     for p in 0..depth {
-        write(p, Bf16Pair::new(narrow(2 * p), narrow(2 * p + 1)));
+        write(p, Bf16Pair::new(at(2 * p), at(2 * p + 1)));
     }
 }
 
