@@ -66,7 +66,8 @@ pub(crate) fn narrow_pairs(
 }
 
 /// The first `depth` pairs of `row`, each component by `to_bf16` (zero past
-/// its end).
+/// its end): a contiguous row two components at a time from its slice (the
+/// AMX queries' rows, the tails of the query tiles), any other one by index.
 #[inline(always)]
 fn pairs_by<T: Copy>(
     row: ArrayView1<'_, T>,
@@ -74,10 +75,25 @@ fn pairs_by<T: Copy>(
     to_bf16: impl Fn(T) -> bf16,
     mut write: impl FnMut(usize, Bf16Pair),
 ) {
-    let at = |i: usize| row.get(i).map_or(bf16::ZERO, |&x| to_bf16(x));
-    for p in 0..depth {
-        write(p, Bf16Pair::new(at(2 * p), at(2 * p + 1)));
+    let Some(slice) = row.as_slice() else {
+        let at = |i: usize| row.get(i).map_or(bf16::ZERO, |&x| to_bf16(x));
+        for p in 0..depth {
+            write(p, Bf16Pair::new(at(2 * p), at(2 * p + 1)));
+        }
+        return;
+    };
+    let (pairs, last) = slice.as_chunks::<2>();
+    let whole = pairs.len().min(depth);
+    for (p, &[first, second]) in pairs[..whole].iter().enumerate() {
+        write(p, Bf16Pair::new(to_bf16(first), to_bf16(second)));
     }
+    let mut rest = whole..depth;
+    if let [first] = last
+        && let Some(p) = rest.next()
+    {
+        write(p, Bf16Pair::new(to_bf16(*first), bf16::ZERO));
+    }
+    rest.for_each(|p| write(p, Bf16Pair(0)));
 }
 
 /// A [`Bf16Pair`] of a query or key for the AMX tiles, whose rows are 16 pairs:
@@ -315,6 +331,52 @@ impl PackedValues<Bf16Pair> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A contiguous row of every length to 70 gives the pairs a strided one
+    /// (taken by index) gives, stored in bf16 or rounded from f32, for both
+    /// entries' depths: its components in order, zero past its end.
+    #[test]
+    fn contiguous_rows_pair_as_strided_ones() {
+        use ndarray::{Array1, s};
+        /// The `depth` pairs `pack` writes.
+        fn collect(
+            depth: usize,
+            pack: impl FnOnce(&mut dyn FnMut(usize, Bf16Pair)),
+        ) -> Vec<Bf16Pair> {
+            let mut out = vec![Bf16Pair(u32::MAX); depth];
+            pack(&mut |p, pair| out[p] = pair);
+            out
+        }
+        for len in 1..=70 {
+            // values with bits below bf16's, ties among them
+            let x =
+                Array1::from_shape_fn(len, |i| f32::from_bits(0x3f80_8000 + (i as u32) * 0x1_0001));
+            // the same values every other entry, NaN between
+            let spread =
+                Array1::from_shape_fn(2 * len, |i| if i % 2 == 0 { x[i / 2] } else { f32::NAN });
+            let (stored, spread_stored) = (x.mapv(bf16::from_f32), spread.mapv(bf16::from_f32));
+            for depth in [Bf16Pair::depth(len), TilePair::depth(len)] {
+                let want: Vec<Bf16Pair> = (0..depth)
+                    .map(|p| {
+                        let at = |i: usize| stored.get(i).copied().unwrap_or(bf16::ZERO);
+                        Bf16Pair::new(at(2 * p), at(2 * p + 1))
+                    })
+                    .collect();
+                let every_other = s![..;2];
+                let runs = [
+                    collect(depth, |w| pairs_of(stored.view(), depth, w)),
+                    collect(depth, |w| {
+                        pairs_of(spread_stored.slice(every_other), depth, w)
+                    }),
+                    collect(depth, |w| narrow_pairs(x.view(), depth, w)),
+                    collect(depth, |w| narrow_pairs(spread.slice(every_other), depth, w)),
+                ];
+                for (run, got) in runs.iter().enumerate() {
+                    assert_eq!(*got, want, "length {len}, depth {depth}, run {run}");
+                }
+            }
+        }
+    }
 
     /// A packed head holds the bytes [`head_bytes`] counts, but for at most
     /// 32 keys' padding, with either pairing and the f32 and f64 elements

@@ -168,9 +168,8 @@ impl KeyTiles<f32, TilePair, NR> for Amx {
         depth: usize,
         out: &mut [TilePair],
     ) {
-        row_major(q, depth, out, |row, packed| match row.as_slice() {
-            Some(row) => pairs_of_row(row, packed),
-            None => TilePair::pack_query(row, scale, |p, pair| packed[p] = pair),
+        row_major(q, depth, out, |row, packed| {
+            TilePair::pack_query(row, scale, |p, pair| packed[p] = pair)
         });
     }
 
@@ -287,20 +286,6 @@ fn row_major<Q>(
     out[rows * depth..computed * depth].fill(TilePair::zero());
 }
 
-/// The components of `row` as pairs (its own bytes), zero past its end.
-#[inline(always)]
-fn pairs_of_row(row: &[bf16], out: &mut [TilePair]) {
-    let (pairs, last) = row.as_chunks::<2>();
-    let (whole, rest) = out.split_at_mut(pairs.len());
-    for (out, &[first, second]) in whole.iter_mut().zip(pairs) {
-        *out = TilePair(Bf16Pair::new(first, second));
-    }
-    rest.fill(TilePair::zero());
-    if let ([first], Some(out)) = (last, rest.first_mut()) {
-        *out = TilePair(Bf16Pair::new(*first, bf16::ZERO));
-    }
-}
-
 impl Amx {
     /// A block's rows computed in f32 (the backward's queries and output
     /// gradients), rounded to bf16 pairs row-major as
@@ -378,30 +363,15 @@ mod tests {
     use super::*;
     use crate::kernel::arch::avx512::Avx512;
 
-    /// A contiguous bf16 row of every length to 70 gives the pairs the scalar
-    /// packing gives, in order, zero past its end; a block's rows past its
-    /// last are zero to the whole tile. (Plain Rust: runs on every CPU.)
+    /// A block's stored rows as pairs, row-major; its rows past the last are
+    /// zero to the whole tile. (Plain Rust: runs on every CPU.)
     #[test]
-    fn stored_queries_pack_as_one_by_one() {
-        for len in 1..=70 {
-            let row: Vec<bf16> = (0..len)
-                .map(|i| bf16::from_bits(0x3f80 + i as u16 * 0x0101))
-                .collect();
-            let depth = TilePair::depth(len);
-            let mut fast = vec![TilePair(Bf16Pair(u32::MAX)); depth];
-            pairs_of_row(&row, &mut fast);
-            let mut plain = vec![TilePair(Bf16Pair(7)); depth];
-            TilePair::pack_query(ndarray::ArrayView1::from(&row), 1.0, |p, pair| {
-                plain[p] = pair
-            });
-            assert_eq!(fast, plain, "length {len}");
-            assert_eq!(fast[0].0.0 & 0xffff, u32::from(row[0].to_bits()));
-        }
+    fn stored_queries_pack_row_major() {
         let block = ndarray::Array2::from_elem((3, 40), bf16::ONE);
         let depth = TilePair::depth(40);
         let mut out = vec![TilePair(Bf16Pair(u32::MAX)); BR * depth];
         row_major(block.view(), depth, &mut out, |row, packed| {
-            pairs_of_row(row.as_slice().expect("contiguous"), packed)
+            TilePair::pack_query(row, 1.0, |p, pair| packed[p] = pair)
         });
         let ones = TilePair(Bf16Pair::new(bf16::ONE, bf16::ONE));
         assert!(
