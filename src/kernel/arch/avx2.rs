@@ -2,12 +2,18 @@
 //! only run-time detection constructs: a tile row is two 256-bit registers, and a
 //! 12 × 16 (f32) or 12 × 8 (f64) tile is summed as two halves of 6 rows, 12
 //! accumulators each (the tiles' body is `two_register_tiles!`, shared with the
-//! AVX-512 kernels).
+//! AVX-512 kernels). Keys' panels and queries' tiles are transposed in
+//! registers (`transpose8.rs`), and the softmax's `exp` is a table and a short
+//! polynomial (`exp8.rs`).
 
 use std::arch::x86_64::*;
 
+use ndarray::ArrayView2;
+
+use super::{exp8, transpose8};
 use crate::kernel::direct::{Dots, HalfDots, Narrow, NarrowKind, Prefetch};
-use crate::kernel::params::{LANES, TILE_BLOCKS};
+use crate::kernel::float::MulAdd;
+use crate::kernel::params::{LANES, MR, TILE_BLOCKS};
 
 /// Proof that the CPU has AVX2, FMA and F16C: [`detect`](Self::detect) is the only way
 /// to make one, so the safe methods below may run their intrinsics.
@@ -42,7 +48,7 @@ trampoline!(Avx2, "avx2,fma,f16c");
 
 /// [`Dots`] for one element type: `$regs` registers of `$half` lanes hold `LANES`.
 macro_rules! avx2_dots {
-    ($ty:ty, $regs:literal, $half:literal, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident, $add:ident, $sum4:ident) => {
+    ($ty:ty, $regs:literal, $half:literal, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident, $add:ident, $sum4:ident, $exp:ident) => {
         impl Dots<$ty> for Avx2 {
             #[inline(always)]
             fn dot4(self, q: &[[$ty; LANES]], k: &[&[[$ty; LANES]]; 4]) -> [$ty; 4] {
@@ -109,6 +115,11 @@ macro_rules! avx2_dots {
                     out
                 }
             }
+
+            #[inline(always)]
+            fn exp_and_sum<M: MulAdd>(self, row: &mut [$ty], shift: $ty) -> $ty {
+                $exp(self, row, shift)
+            }
         }
     };
 }
@@ -126,7 +137,10 @@ two_register_tiles!(
     _mm256_loadu_ps,
     _mm256_storeu_ps,
     _mm256_set1_ps,
-    _mm256_fmadd_ps
+    _mm256_fmadd_ps,
+    pack_panel = pack_panel_f32,
+    pack_query_tile = pack_query_tile_f32,
+    exp_and_sum = exp_and_sum_f32
 );
 two_register_tiles!(
     Avx2,
@@ -141,8 +155,43 @@ two_register_tiles!(
     _mm256_loadu_pd,
     _mm256_storeu_pd,
     _mm256_set1_pd,
-    _mm256_fmadd_pd
+    _mm256_fmadd_pd,
+    exp_and_sum = exp_and_sum_f64
 );
+/// [`transpose8::pack_panel_f32`] under this token.
+#[inline(always)]
+fn pack_panel_f32(
+    _: Avx2,
+    src: &[f32],
+    stride: usize,
+    lines: usize,
+    out: &mut [[f32; Avx2::F32_TILE]],
+) {
+    // SAFETY: `Avx2` exists, so the CPU has AVX2.
+    unsafe { transpose8::pack_panel_f32(src, stride, lines, out) }
+}
+
+/// [`exp8::exp_and_sum_f32`] under this token.
+#[inline(always)]
+fn exp_and_sum_f32(_: Avx2, row: &mut [f32], shift: f32) -> f32 {
+    // SAFETY: `Avx2` exists, so the CPU has AVX2 and FMA.
+    unsafe { exp8::exp_and_sum_f32(row, shift) }
+}
+
+/// [`exp8::exp_and_sum_f64`] under this token.
+#[inline(always)]
+fn exp_and_sum_f64(_: Avx2, row: &mut [f64], shift: f64) -> f64 {
+    // SAFETY: `Avx2` exists, so the CPU has AVX2 and FMA.
+    unsafe { exp8::exp_and_sum_f64(row, shift) }
+}
+
+/// [`transpose8::pack_query_tile_f32`] under this token.
+#[inline(always)]
+fn pack_query_tile_f32(_: Avx2, rows: ArrayView2<'_, f32>, scale: f32, out: &mut [[f32; MR]]) {
+    // SAFETY: `Avx2` exists, so the CPU has AVX2.
+    unsafe { transpose8::pack_query_tile_f32(rows, scale, out) }
+}
+
 avx2_dots!(
     f32,
     1,
@@ -153,7 +202,8 @@ avx2_dots!(
     _mm256_set1_ps,
     _mm256_fmadd_ps,
     _mm256_add_ps,
-    sum4_ps
+    sum4_ps,
+    exp_and_sum_f32
 );
 avx2_dots!(
     f64,
@@ -165,7 +215,8 @@ avx2_dots!(
     _mm256_set1_pd,
     _mm256_fmadd_pd,
     _mm256_add_pd,
-    sum4_pd
+    sum4_pd,
+    exp_and_sum_f64
 );
 
 /// The sums of the lanes of four registers: `[Σ a[0], Σ a[1], Σ a[2], Σ a[3]]`.

@@ -103,7 +103,7 @@ pub(super) unsafe fn exp16(x: __m512, table: __m512) -> __m512 {
 }
 
 /// `2^(j/16)` for `j = 0 .. 16`, each the nearest f64.
-const TABLE_F64: [f64; 16] = [
+pub(super) const TABLE_F64: [f64; 16] = [
     1.0,
     1.044_273_782_427_413_8,
     1.090_507_732_665_257_7,

@@ -45,9 +45,13 @@ mod band;
 pub(crate) mod cpu;
 #[cfg(target_arch = "x86_64")]
 mod exp;
+#[cfg(target_arch = "x86_64")]
+mod exp8;
 mod portable;
 #[cfg(target_arch = "x86_64")]
 mod transpose;
+#[cfg(target_arch = "x86_64")]
+mod transpose8;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
 
