@@ -19,10 +19,15 @@ use crate::kernel::tiled::scatter_queries;
 /// registers (24 shuffles for 64 values, where the scalar scatter stores each
 /// one); the lines and steps past the last whole eight by the scatter.
 ///
+/// Out of line, compiled for AVX2 on its own: inlined into the kernels'
+/// trampoline it made the backward's micro-kernels compile worse (the
+/// products' left operands went through the stack: the f32 backward 8 %
+/// slower on Zen 3); a call per panel costs nothing measurable.
+///
 /// # Safety
 ///
 /// The CPU must support AVX2.
-#[inline(always)]
+#[target_feature(enable = "avx2")]
 pub(super) unsafe fn pack_panel_f32<const W: usize>(
     src: &[f32],
     stride: usize,
@@ -74,10 +79,12 @@ pub(super) unsafe fn pack_panel_f32<const W: usize>(
 /// whole eight one entry at a time ([`Entry::pack_query`]), and rows that are
 /// not contiguous by the scatter.
 ///
+/// Out of line, as [`pack_panel_f32`].
+///
 /// # Safety
 ///
 /// The CPU must support AVX2.
-#[inline(always)]
+#[target_feature(enable = "avx2")]
 pub(super) unsafe fn pack_query_tile_f32(
     rows: ArrayView2<'_, f32>,
     scale: f32,
