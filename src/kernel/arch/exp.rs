@@ -34,7 +34,7 @@ pub(super) const TABLE: [f32; 16] = [
 
 /// Below this `eˣ` is 0 (as the generic `exp`): `e⁻⁸⁷` is just above the
 /// smallest normal f32.
-const LOWEST: f32 = -87.0;
+pub(super) const LOWEST: f32 = -87.0;
 
 /// Replaces each `x` of `row` by `exp(x − shift)` and returns their sum, for
 /// `x ≤ shift` (or `−∞`): within 2 units in the last place of the exact value
@@ -124,7 +124,7 @@ pub(super) const TABLE_F64: [f64; 16] = [
 
 /// Below this `eˣ` is 0 (as the generic `exp`): `e⁻⁷⁰⁸` is just above the
 /// smallest normal f64.
-const LOWEST_F64: f64 = -708.0;
+pub(super) const LOWEST_F64: f64 = -708.0;
 
 /// [`exp_and_sum_f32`] for f64, eight lanes at a time: within 2 units in the
 /// last place, 0 below `e⁻⁷⁰⁸`.
@@ -204,18 +204,16 @@ unsafe fn exp8(x: __m512d, low: __m512d, high: __m512d) -> __m512d {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    /// Rows of every length to 40 (the masked tail) over `[-100, 0]` and `−∞`:
-    /// each value within 2 units in the last place of `f64::exp`, 0 below
-    /// `LOWEST`, and the sum the values' sum.
-    #[test]
-    fn exp_and_sum_is_within_two_ulps() {
-        if !is_x86_feature_detected!("avx512f") {
-            eprintln!("skipped: this CPU has no AVX-512 F");
-            return;
-        }
+    /// Rows of every length to 40 (the tail) over `[-100, 0]` and `−∞`
+    /// through `exp_and_sum` (f32): each value within 2 units in the last place
+    /// of `f64::exp`, 0 below `lowest`, and the sum the values' sum.
+    pub(in crate::kernel::arch) fn assert_within_two_ulps(
+        exp_and_sum: impl Fn(&mut [f32], f32) -> f32,
+        lowest: f32,
+    ) {
         let mut worst = 0.0_f64;
         let mut state = 0x9e37_79b9_u32;
         for len in 0..=40 {
@@ -234,12 +232,11 @@ mod tests {
                     .collect();
                 let shift = -0.25;
                 let mut out = row.clone();
-                // SAFETY: checked above that the CPU has AVX-512 F.
-                let sum = unsafe { exp_and_sum_f32(&mut out, shift) };
+                let sum = exp_and_sum(&mut out, shift);
                 let mut total = 0.0_f64;
                 for (&x, &e) in row.iter().zip(&out) {
                     let x = x - shift; // as the kernel rounds it
-                    if x < LOWEST {
+                    if x < lowest {
                         assert_eq!(e, 0.0, "exp({x})");
                         continue;
                     }
@@ -255,14 +252,12 @@ mod tests {
         eprintln!("worst error {worst:.3} ulps");
     }
 
-    /// As for f32: rows of every length to 20 over `[-800, 0]` and `−∞`, within
-    /// 2 units in the last place of `f64::exp`.
-    #[test]
-    fn exp_and_sum_f64_is_within_two_ulps() {
-        if !is_x86_feature_detected!("avx512f") {
-            eprintln!("skipped: this CPU has no AVX-512 F");
-            return;
-        }
+    /// As [`assert_within_two_ulps`] for f64: rows of every length to 20 over
+    /// `[-800, 0]` and `−∞`.
+    pub(in crate::kernel::arch) fn assert_f64_within_two_ulps(
+        exp_and_sum: impl Fn(&mut [f64], f64) -> f64,
+        lowest: f64,
+    ) {
         let mut worst = 0.0_f64;
         let mut state = 0x2545_f491_4f6c_dd1d_u64;
         for len in 0..=20 {
@@ -282,12 +277,11 @@ mod tests {
                     .collect();
                 let shift = -0.25;
                 let mut out = row.clone();
-                // SAFETY: checked above that the CPU has AVX-512 F.
-                let sum = unsafe { exp_and_sum_f64(&mut out, shift) };
+                let sum = exp_and_sum(&mut out, shift);
                 let mut total = 0.0_f64;
                 for (&x, &e) in row.iter().zip(&out) {
                     let x = x - shift;
-                    if x < LOWEST_F64 {
+                    if x < lowest {
                         assert_eq!(e, 0.0, "exp({x})");
                         continue;
                     }
@@ -300,5 +294,28 @@ mod tests {
         }
         assert!(worst <= 2.0, "worst error {worst} ulps");
         eprintln!("worst error {worst:.3} ulps");
+    }
+
+    #[test]
+    fn exp_and_sum_is_within_two_ulps() {
+        if !is_x86_feature_detected!("avx512f") {
+            eprintln!("skipped: this CPU has no AVX-512 F");
+            return;
+        }
+        // SAFETY: checked above that the CPU has AVX-512 F.
+        assert_within_two_ulps(|row, shift| unsafe { exp_and_sum_f32(row, shift) }, LOWEST);
+    }
+
+    #[test]
+    fn exp_and_sum_f64_is_within_two_ulps() {
+        if !is_x86_feature_detected!("avx512f") {
+            eprintln!("skipped: this CPU has no AVX-512 F");
+            return;
+        }
+        // SAFETY: checked above that the CPU has AVX-512 F.
+        assert_f64_within_two_ulps(
+            |row, shift| unsafe { exp_and_sum_f64(row, shift) },
+            LOWEST_F64,
+        );
     }
 }

@@ -10,7 +10,7 @@
 
 use std::arch::x86_64::*;
 
-use super::exp::TABLE_F64;
+use super::exp::{LOWEST, LOWEST_F64, TABLE_F64};
 
 /// `2^(j/8)` for `j = 0 .. 8`, each the nearest f32.
 const TABLE: [f32; 8] = [
@@ -23,13 +23,6 @@ const TABLE: [f32; 8] = [
     1.681_792_9,
     1.834_008_1,
 ];
-
-/// Below this `eˣ` is 0 (as the generic `exp`): `e⁻⁸⁷` is just above the
-/// smallest normal f32.
-const LOWEST: f32 = -87.0;
-
-/// Below this `eˣ` is 0: `e⁻⁷⁰⁸` is just above the smallest normal f64.
-const LOWEST_F64: f64 = -708.0;
 
 /// Replaces each `x` of `row` by `exp(x − shift)` and returns their sum, for
 /// `x ≤ shift` (or `−∞`): within 2 units in the last place of the exact value,
@@ -209,100 +202,32 @@ unsafe fn exp4(x: __m256d) -> __m256d {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::arch::avx2::Avx2;
+    use crate::kernel::arch::exp::tests::{assert_f64_within_two_ulps, assert_within_two_ulps};
 
-    /// Rows of every length to 40 (the tail) over `[-100, 0]` and `−∞`: each
-    /// value within 2 units in the last place of `f64::exp`, 0 below `LOWEST`,
-    /// and the sum the values' sum.
-    #[test]
-    fn exp_and_sum_is_within_two_ulps() {
-        if Avx2::detect().is_none() {
+    fn has_avx2() -> bool {
+        let has = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        if !has {
             eprintln!("skipped: this CPU has no AVX2");
-            return;
         }
-        let mut worst = 0.0_f64;
-        let mut state = 0x9e37_79b9_u32;
-        for len in 0..=40 {
-            for _ in 0..2000 {
-                let row: Vec<f32> = (0..len)
-                    .map(|i| {
-                        state ^= state << 13;
-                        state ^= state >> 17;
-                        state ^= state << 5;
-                        match (state % 97, i % 3) {
-                            (0, _) => f32::NEG_INFINITY,
-                            (_, 0) => -(state as f32 / u32::MAX as f32) * 100.0,
-                            _ => -(state as f32 / u32::MAX as f32) * 3.0,
-                        }
-                    })
-                    .collect();
-                let shift = -0.25;
-                let mut out = row.clone();
-                // SAFETY: checked above that the CPU has AVX2 and FMA.
-                let sum = unsafe { exp_and_sum_f32(&mut out, shift) };
-                let mut total = 0.0_f64;
-                for (&x, &e) in row.iter().zip(&out) {
-                    let x = x - shift; // as the kernel rounds it
-                    if x < LOWEST {
-                        assert_eq!(e, 0.0, "exp({x})");
-                        continue;
-                    }
-                    let want = f64::from(x).exp();
-                    let ulp = want * f64::from(f32::EPSILON);
-                    worst = worst.max((f64::from(e) - want).abs() / ulp);
-                    total += f64::from(e);
-                }
-                assert!((f64::from(sum) - total).abs() <= 1e-6 * total.max(1.0));
-            }
-        }
-        assert!(worst <= 2.0, "worst error {worst} ulps");
-        eprintln!("worst error {worst:.3} ulps");
+        has
     }
 
-    /// As for f32: rows of every length to 20 over `[-800, 0]` and `−∞`, within
-    /// 2 units in the last place of `f64::exp`.
+    #[test]
+    fn exp_and_sum_is_within_two_ulps() {
+        if has_avx2() {
+            // SAFETY: checked above that the CPU has AVX2 and FMA.
+            assert_within_two_ulps(|row, shift| unsafe { exp_and_sum_f32(row, shift) }, LOWEST);
+        }
+    }
+
     #[test]
     fn exp_and_sum_f64_is_within_two_ulps() {
-        if Avx2::detect().is_none() {
-            eprintln!("skipped: this CPU has no AVX2");
-            return;
+        if has_avx2() {
+            // SAFETY: checked above that the CPU has AVX2 and FMA.
+            assert_f64_within_two_ulps(
+                |row, shift| unsafe { exp_and_sum_f64(row, shift) },
+                LOWEST_F64,
+            );
         }
-        let mut worst = 0.0_f64;
-        let mut state = 0x2545_f491_4f6c_dd1d_u64;
-        for len in 0..=20 {
-            for _ in 0..4000 {
-                let row: Vec<f64> = (0..len)
-                    .map(|i| {
-                        state ^= state << 13;
-                        state ^= state >> 7;
-                        state ^= state << 17;
-                        let u = (state >> 11) as f64 / (1u64 << 53) as f64;
-                        match (state % 97, i % 3) {
-                            (0, _) => f64::NEG_INFINITY,
-                            (_, 0) => -u * 800.0,
-                            _ => -u * 3.0,
-                        }
-                    })
-                    .collect();
-                let shift = -0.25;
-                let mut out = row.clone();
-                // SAFETY: checked above that the CPU has AVX2 and FMA.
-                let sum = unsafe { exp_and_sum_f64(&mut out, shift) };
-                let mut total = 0.0_f64;
-                for (&x, &e) in row.iter().zip(&out) {
-                    let x = x - shift;
-                    if x < LOWEST_F64 {
-                        assert_eq!(e, 0.0, "exp({x})");
-                        continue;
-                    }
-                    let want = x.exp();
-                    worst = worst.max((e - want).abs() / (want * f64::EPSILON));
-                    total += e;
-                }
-                assert!((sum - total).abs() <= 1e-14 * total.max(1.0));
-            }
-        }
-        assert!(worst <= 2.0, "worst error {worst} ulps");
-        eprintln!("worst error {worst:.3} ulps");
     }
 }

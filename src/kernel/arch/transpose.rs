@@ -9,7 +9,7 @@ use std::arch::x86_64::*;
 use half::bf16;
 use ndarray::{ArrayView1, ArrayView2};
 
-use crate::kernel::pack::{Entry, Pair, scatter_key_pairs};
+use crate::kernel::pack::{Entry, Pair, scatter_key_pairs, scatter_lines};
 use crate::kernel::params::MR;
 use crate::kernel::tiled::scatter_queries;
 
@@ -37,21 +37,10 @@ pub(super) unsafe fn pack_panel_f32(
             unsafe { transpose_block(src, (stride, p0), (p0, first), out) };
         }
         // this group's steps past the last whole sixteen
-        let rest = &mut out[whole_steps..];
-        for i in first..first + 16 {
-            let line = &src[i * stride + whole_steps..][..rest.len()];
-            for (step, &x) in rest.iter_mut().zip(line) {
-                step[i] = x;
-            }
-        }
+        scatter_lines(src, stride, first..first + 16, whole_steps, out);
     }
     // the lines past the last whole sixteen
-    for i in whole_lines..lines {
-        let line = &src[i * stride..][..depth];
-        for (step, &x) in out.iter_mut().zip(line) {
-            step[i] = x;
-        }
-    }
+    scatter_lines(src, stride, whole_lines..lines, 0, out);
 }
 
 /// [`KeyTiles::pack_pair_panel`](crate::kernel::tiled::KeyTiles::pack_pair_panel):

@@ -10,7 +10,7 @@ use std::arch::x86_64::*;
 
 use ndarray::{ArrayView1, ArrayView2};
 
-use crate::kernel::pack::Entry;
+use crate::kernel::pack::{Entry, scatter_lines};
 use crate::kernel::params::MR;
 use crate::kernel::tiled::scatter_queries;
 
@@ -55,21 +55,10 @@ pub(super) unsafe fn pack_panel_f32<const W: usize>(
             }
         }
         // this group's steps past the last whole eight
-        let rest = &mut out[whole_steps..];
-        for i in first..first + 8 {
-            let line = &src[i * stride + whole_steps..][..rest.len()];
-            for (step, &x) in rest.iter_mut().zip(line) {
-                step[i] = x;
-            }
-        }
+        scatter_lines(src, stride, first..first + 8, whole_steps, out);
     }
     // the lines past the last whole eight
-    for i in whole_lines..lines {
-        let line = &src[i * stride..][..depth];
-        for (step, &x) in out.iter_mut().zip(line) {
-            step[i] = x;
-        }
-    }
+    scatter_lines(src, stride, whole_lines..lines, 0, out);
 }
 
 /// [`Tiles::pack_query_tile`](crate::kernel::tiled::Tiles::pack_query_tile)
@@ -198,7 +187,6 @@ unsafe fn transpose4x8(rows: [__m256; 4]) -> [__m256; 4] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::arch::avx2::Avx2;
     use crate::kernel::pack::scatter_panel;
     use ndarray::{Array2, s};
 
@@ -208,7 +196,7 @@ mod tests {
 
     #[test]
     fn the_transposed_panel_is_the_scattered_one() {
-        if Avx2::detect().is_none() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
             eprintln!("skipped: no AVX2 on this CPU");
             return;
         }
@@ -230,7 +218,7 @@ mod tests {
 
     #[test]
     fn the_transposed_query_tile_is_the_scattered_one() {
-        if Avx2::detect().is_none() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
             eprintln!("skipped: no AVX2 on this CPU");
             return;
         }

@@ -249,9 +249,23 @@ pub(crate) fn scatter_panel<A: Copy, const W: usize>(
     lines: usize,
     out: &mut [[A; W]],
 ) {
-    for i in 0..lines {
-        let line = &src[i * stride..][..out.len()];
-        for (step, &x) in out.iter_mut().zip(line) {
+    scatter_lines(src, stride, 0..lines, 0, out);
+}
+
+/// [`scatter_panel`] for the lines `lines` from step `from` on: what a packer
+/// that transposes whole blocks in registers leaves past them.
+#[inline(always)]
+pub(crate) fn scatter_lines<A: Copy, const W: usize>(
+    src: &[A],
+    stride: usize,
+    lines: std::ops::Range<usize>,
+    from: usize,
+    out: &mut [[A; W]],
+) {
+    let rest = &mut out[from..];
+    for i in lines {
+        let line = &src[i * stride + from..][..rest.len()];
+        for (step, &x) in rest.iter_mut().zip(line) {
             step[i] = x;
         }
     }
