@@ -4,7 +4,7 @@
 //! `/ 32`) and a polynomial of degree 4 (f32) or 7 (f64) is enough where the
 //! generic [`exp_nonpositive`](crate::kernel::float::KernelFloat::exp_nonpositive)
 //! needs 7 or 13: the softmax shares the FMA ports with the micro-kernels, and
-//! its `exp` was a sixth of an f32 call's time at N = 128 on Zen 3. The power
+//! its `exp` was 15 % of an f32 call's time at N = 128 on Zen 3. The power
 //! `2^m` is built from the bits of the rounded argument with integer adds and
 //! shifts. AVX-512's sixteen-lane `exp` is in `exp.rs`.
 
@@ -156,8 +156,8 @@ pub(super) unsafe fn exp_and_sum_f64(row: &mut [f64], shift: f64) -> f64 {
 }
 
 /// `eˣ` of four lanes `x ≤ 0`: `2^(j/16)` gathered from [`TABLE_F64`], then
-/// AVX-512's polynomial (`exp8` in `exp.rs`) by powers of `r`; 0 below [`LOWEST_F64`] (and for
-/// `−∞` and NaN).
+/// AVX-512's polynomial (`exp8` in `exp.rs`) by powers of `r`; 0 below
+/// [`LOWEST_F64`] (and for `−∞` and NaN).
 ///
 /// # Safety
 ///
