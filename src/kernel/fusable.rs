@@ -23,11 +23,20 @@ pub(crate) struct Extent<A> {
     pub(crate) rows: usize,
 }
 
-/// Whether `x` is finite, its largest absolute entry, and its number of rows.
+/// Whether `x` is finite, its largest absolute entry, and its number of rows:
+/// a head of a few vectors' worth as compiled here (choosing the CPU's
+/// vectors took longer than their scan), a larger one with them.
 #[inline]
 pub(crate) fn extent_of<A: Magnitude>(x: &ArrayView2<'_, A>) -> Extent<A::Float> {
-    vectorized(ExtentOf(x))
+    if x.len() <= SMALL_SCAN {
+        ExtentOf(x).run()
+    } else {
+        vectorized(ExtentOf(x))
+    }
 }
+
+/// The entries up to which a head is scanned without choosing the CPU's vectors.
+const SMALL_SCAN: usize = 64;
 
 /// [`extent_of`] as a [`Sweep`]: compiled with the CPU's vectors.
 struct ExtentOf<'a, 'x, A>(&'a ArrayView2<'x, A>);
@@ -198,7 +207,8 @@ mod tests {
 
     #[test]
     fn a_scan_finds_the_extent_and_every_non_finite_entry() {
-        // every position of a 5 x 7 head (vectors and tail), every kind of entry,
+        // every position of a 5 x 7 head (vectors and tail; a head this small
+        // is scanned without choosing the CPU's vectors), every kind of entry,
         // contiguous and not (a view of 7 of 8 columns scans row by row)
         for at in 0..35 {
             for (bad, finite) in [
@@ -239,7 +249,9 @@ mod tests {
         assert!(extent.finite);
         assert_eq!(extent.max_abs, 119.0);
         // every position of a head of 200 f32 entries, past the vectors' width
-        // (the vectorised loop's body), and the largest magnitude anywhere
+        // (the vectorised loop's body, with the CPU's vectors: more than
+        // SMALL_SCAN entries), and the largest magnitude anywhere
+        const { assert!(SMALL_SCAN < 200 && 35 <= SMALL_SCAN) };
         for at in 0..200 {
             let mut x = Array2::from_shape_fn((5, 40), |(i, j)| (i * 40 + j) as f32 / 1000.0);
             for (bad, finite) in [(f32::NAN, false), (-f32::INFINITY, false), (-7.5, true)] {
