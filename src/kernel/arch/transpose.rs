@@ -101,18 +101,22 @@ unsafe fn transpose_block<T, E, const W: usize>(
 ) {
     const { assert!(size_of::<E>() == 4, "an entry is one lane") };
     let per_line = 64 / size_of::<T>();
-    // SAFETY: the caller upholds the contract; each load reads the 64 bytes
-    // of one line's slice (unaligned), each store writes the sixteen lanes
-    // `first ..` of one step.
+    // the bounds checked once for the block (one a load and a store spilled
+    // the addresses to the stack)
+    let lines = &src[first * stride + at..][..15 * stride + per_line];
+    let steps = &mut out[p0..p0 + 16];
+    assert!(first + 16 <= W, "sixteen lanes from `first`");
+    // SAFETY: the caller upholds the contract; load `i` reads the 64 bytes
+    // at `lines[i·stride ..]`, inside `lines` (checked above), store `j`
+    // writes lanes `first .. first + 16` of `steps[j]` (checked above).
     unsafe {
         let mut rows = [_mm512_setzero_ps(); 16];
         for (i, row) in rows.iter_mut().enumerate() {
-            let line = &src[(first + i) * stride + at..][..per_line];
-            *row = _mm512_loadu_ps(line.as_ptr().cast());
+            *row = _mm512_loadu_ps(lines.as_ptr().add(i * stride).cast());
         }
+        let at = steps.as_mut_ptr().cast::<E>().add(first);
         for (j, column) in transpose16(rows).into_iter().enumerate() {
-            let step = &mut out[p0 + j][first..first + 16];
-            _mm512_storeu_ps(step.as_mut_ptr().cast(), column);
+            _mm512_storeu_ps(at.add(j * W).cast(), column);
         }
     }
 }
