@@ -399,6 +399,30 @@ fn threads_do_not_change_a_bit_at(l: usize, s: usize, path: Path) {
 /// A thread keeps the tiled kernel's working memory (packed keys and values,
 /// block scratch) from call to call: a call after a larger one, of other
 /// widths, gives the bits it gives on a thread that made no call before.
+/// A NaN or a query whose scores could overflow in the last block of a head's
+/// queries (the first blocks fine) sends the whole head to the reference path,
+/// whose numbers it gives; the same head without it is fused.
+#[test]
+fn a_bad_query_in_a_later_block_takes_the_head_to_the_reference_path() {
+    let (k, v) = (random2(300, 16, 13), random2(300, 8, 14));
+    let run = |q: &Array2<f64>, kernel| {
+        ScaledDotProduct::new()
+            .with_kernel(kernel)
+            .forward(q, &k, &v)
+            .expect("valid")
+    };
+    let q = random2(200, 16, 12);
+    served_by(Path::Tiled, 1, || run(&q, Kernel::Fused));
+    for bad in [f64::NAN, 1e308] {
+        let mut q = q.clone();
+        q[[190, 3]] = bad;
+        let fused = served_by(Path::Reference, 1, || run(&q, Kernel::Fused));
+        let e = max_abs_diff(&run(&q, Kernel::Plain), &fused);
+        assert!(e < 1e-14, "{bad}: {e:e}");
+        assert!(fused.row(0).iter().all(|x| x.is_finite()), "{bad}");
+    }
+}
+
 #[test]
 fn memory_kept_from_a_larger_call_does_not_change_a_bit() {
     fn check<S: Storage>() {
