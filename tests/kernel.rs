@@ -396,9 +396,6 @@ fn threads_do_not_change_a_bit_at(l: usize, s: usize, path: Path) {
     assert_eq!(sequential, two.install(|| run(Parallelism::Rayon)));
 }
 
-/// A thread keeps the tiled kernel's working memory (packed keys and values,
-/// block scratch) from call to call: a call after a larger one, of other
-/// widths, gives the bits it gives on a thread that made no call before.
 /// A NaN or a query whose scores could overflow in the last block of a head's
 /// queries (the first blocks fine) sends the whole head to the reference path,
 /// whose numbers it gives; the same head without it is fused.
@@ -423,6 +420,9 @@ fn a_bad_query_in_a_later_block_takes_the_head_to_the_reference_path() {
     }
 }
 
+/// A thread keeps the tiled kernel's working memory (packed keys and values,
+/// block scratch) from call to call: a call after a larger one, of other
+/// widths, gives the bits it gives on a thread that made no call before.
 #[test]
 fn memory_kept_from_a_larger_call_does_not_change_a_bit() {
     fn check<S: Storage>() {
