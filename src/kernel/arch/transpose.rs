@@ -104,8 +104,8 @@ unsafe fn transpose_block<T, E, const W: usize>(
 ) {
     const { assert!(size_of::<E>() == 4, "an entry is one lane") };
     let per_line = 64 / size_of::<T>();
-    // the bounds checked once for the block (one a load and a store spilled
-    // the addresses to the stack)
+    // the bounds checked once for the block (a check at every load and store
+    // spilled the addresses to the stack)
     let lines = &src[first * stride + at..][..15 * stride + per_line];
     let steps = &mut out[p0..p0 + 16];
     assert!(first + 16 <= W, "sixteen lanes from `first`");
